@@ -1,0 +1,5 @@
+"""gcp-iot-bridge data plane: device registry, MQTT bridge, device SDK, operator CLI and local stack.
+
+Nothing here imports Pulumi; the Pulumi program in ``infra/`` imports only :mod:`iotbridge.spec`,
+the one description of topics, subscriptions and tables shared with the local stack.
+"""

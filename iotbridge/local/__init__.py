@@ -1,0 +1,1 @@
+"""The architecture on one machine: official emulators, Mosquitto and the local BigQuery."""

@@ -1,0 +1,234 @@
+"""Start and stop the local services on free loopback ports.
+
+Each ``start_*`` returns a :class:`Service` whose ``env`` holds the variables a client library reads
+(``PUBSUB_EMULATOR_HOST`` …). Processes run in their own session so that ``stop()`` ends the launcher
+scripts' Java children too. Used by the tests and by ``iotctl local up``.
+
+A missing prerequisite raises :class:`MissingPrerequisite` whose message says how to install it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class MissingPrerequisite(RuntimeError):
+    """A program the local stack needs is not installed; the message says how to get it."""
+
+
+class ServiceFailed(RuntimeError):
+    """A service exited or did not become healthy in time; the message ends with its log tail."""
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        stop_process_group(self.proc.pid, timeout)
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=1)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def stop_process_group(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL whatever is left after ``timeout``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        # Reap our own child if it is one, so the group can disappear.
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for_port(svc: Service, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not svc.alive():
+            raise ServiceFailed(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log_tail()}")
+        if port_open(svc.host, svc.port):
+            return
+        time.sleep(0.1)
+    svc.stop()
+    raise ServiceFailed(f"{svc.name} did not listen on {svc.address} within {timeout:.0f}s:\n{svc.log_tail()}")
+
+
+def sdk_root() -> Path:
+    """The Google Cloud SDK folder whose ``platform/`` holds the emulators."""
+    env = os.environ.get("CLOUDSDK_ROOT_DIR")
+    candidates = [Path(env)] if env else []
+    gcloud = shutil.which("gcloud")
+    if gcloud:
+        candidates.append(Path(os.path.realpath(gcloud)).parent.parent)
+    candidates += [Path("/usr/lib/google-cloud-sdk"), Path("/google-cloud-sdk"), Path.home() / "google-cloud-sdk"]
+    for c in candidates:
+        if (c / "platform").is_dir():
+            return c
+    raise MissingPrerequisite(
+        "Google Cloud SDK not found: install it (https://cloud.google.com/sdk/docs/install) with the components "
+        "pubsub-emulator, cloud-firestore-emulator and bigtable (`gcloud components install ...`)"
+    )
+
+
+def _emulator(relative: str, component: str) -> Path:
+    path = sdk_root() / "platform" / relative
+    if not path.exists():
+        raise MissingPrerequisite(f"{path} not found: run `gcloud components install {component}`")
+    return path
+
+
+def _require_java() -> None:
+    if not shutil.which("java"):
+        raise MissingPrerequisite("java not found: install Java 17+ (apt-get install -y openjdk-17-jre-headless)")
+
+
+def _spawn(
+    name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str] | None = None, host: str = LOOPBACK
+) -> Service:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir, env=full_env,
+        start_new_session=True,
+    )
+    log.close()
+    return Service(name=name, proc=proc, host=host, port=port, log_path=log_path, workdir=workdir)
+
+
+def _workdir(workdir: Path | None, name: str) -> Path:
+    return workdir if workdir is not None else Path(tempfile.mkdtemp(prefix=f"iot-{name}-"))
+
+
+def start_pubsub(workdir: Path | None = None, port: int | None = None, timeout: float = 60.0) -> Service:
+    _require_java()
+    launcher = _emulator("pubsub-emulator/bin/cloud-pubsub-emulator", "pubsub-emulator")
+    port = port or free_port()
+    wd = _workdir(workdir, "pubsub")
+    svc = _spawn("pubsub", [str(launcher), f"--host={LOOPBACK}", f"--port={port}", f"--dir={wd / 'data'}"], port, wd)
+    wait_for_port(svc, timeout)
+    svc.env = {"PUBSUB_EMULATOR_HOST": svc.address}
+    return svc
+
+
+def start_firestore(workdir: Path | None = None, port: int | None = None, timeout: float = 60.0) -> Service:
+    _require_java()
+    launcher = _emulator("cloud-firestore-emulator/cloud_firestore_emulator", "cloud-firestore-emulator")
+    port = port or free_port()
+    wd = _workdir(workdir, "firestore")
+    svc = _spawn("firestore", [str(launcher), "start", f"--host={LOOPBACK}", f"--port={port}"], port, wd)
+    wait_for_port(svc, timeout)
+    svc.env = {"FIRESTORE_EMULATOR_HOST": svc.address}
+    return svc
+
+
+def start_bigtable(workdir: Path | None = None, port: int | None = None, timeout: float = 30.0) -> Service:
+    launcher = _emulator("bigtable-emulator/cbtemulator", "bigtable")
+    port = port or free_port()
+    wd = _workdir(workdir, "bigtable")
+    svc = _spawn("bigtable", [str(launcher), f"-host={LOOPBACK}", f"-port={port}"], port, wd)
+    wait_for_port(svc, timeout)
+    svc.env = {"BIGTABLE_EMULATOR_HOST": svc.address}
+    return svc
+
+
+def bigquery_venv() -> Path:
+    return Path(os.environ.get("IOT_BQ_VENV", REPO_ROOT / ".venv-bq"))
+
+
+def start_bigquery(
+    project: str, workdir: Path | None = None, port: int | None = None, timeout: float = 90.0
+) -> Service:
+    """The local BigQuery (bqemulator on DuckDB, from its own virtual environment ``.venv-bq``)."""
+    venv = bigquery_venv()
+    exe = venv / "bin" / "bqemulator"
+    if not exe.exists():
+        raise MissingPrerequisite(f"{exe} not found: run `make setup` (it creates {venv} with bqemulator)")
+    port = port or free_port()
+    grpc_port = free_port()
+    wd = _workdir(workdir, "bigquery")
+    svc = _spawn(
+        "bigquery",
+        [str(exe), "start", "--rest-host", LOOPBACK, "--rest-port", str(port), "--grpc-host", LOOPBACK,
+         "--grpc-port", str(grpc_port), "--project", project, "--log-level", "warning"],
+        port, wd,
+        # DuckDB finds the offline spatial extension under $HOME/.duckdb (installed by `make setup`).
+        env={"HOME": str(venv / "home")},
+    )
+    wait_for_port(svc, timeout)
+    svc.env = {"BIGQUERY_EMULATOR_HOST": f"http://{svc.address}"}
+    return svc
+
+
+def mosquitto_binary() -> str:
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if not exe:
+        raise MissingPrerequisite("mosquitto not found: apt-get install -y mosquitto mosquitto-clients")
+    return exe
+
+
+def start_mosquitto(config: str, port: int, workdir: Path | None = None, timeout: float = 15.0) -> Service:
+    """Mosquitto with the given configuration text; ``port`` is the listener that health is checked on."""
+    exe = mosquitto_binary()
+    wd = _workdir(workdir, "mosquitto")
+    conf = wd / "mosquitto.conf"
+    conf.write_text(config)
+    svc = _spawn("mosquitto", [exe, "-c", str(conf)], port, wd)
+    wait_for_port(svc, timeout)
+    return svc
+
+
+def python_executable() -> str:
+    return sys.executable

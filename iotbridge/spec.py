@@ -1,0 +1,245 @@
+"""The one description of the messaging and storage topology (CONTRACTS §2, §4).
+
+The Pulumi program (``infra/``) and the local stack (``iotctl local up``) both build from this module, so the
+cloud and the laptop have the same topics, subscriptions, tables and views. Pure data: no cloud client,
+no Pulumi.
+
+Physical names derive from the stack's prefix: ``topic_name("iot-dev", "telemetry") == "iot-dev-telemetry"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# --------------------------------------------------------------------------------------------- Pub/Sub
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    key: str
+    description: str
+
+
+@dataclass(frozen=True)
+class SubscriptionSpec:
+    key: str
+    topic: str  # a TopicSpec key
+    description: str
+    kind: Literal["pull", "bigquery"] = "pull"
+    ack_deadline_seconds: int = 60
+    dead_letter: bool = True  # every pull subscription dead-letters, except the dead-letter audit itself
+    bigquery_table: str | None = None  # for kind == "bigquery": a TableSpec name
+    exactly_once: bool = False
+
+
+TOPICS: dict[str, TopicSpec] = {
+    t.key: t
+    for t in (
+        TopicSpec("telemetry", "Device telemetry from the bridge (/devices/{id}/events), IoT Core attributes."),
+        TopicSpec("state", "Device state from the bridge (/devices/{id}/state)."),
+        TopicSpec("config-requests", "Requests for a device config change (operators, the pipeline's rules)."),
+        TopicSpec("device-logs", "Device logs and edge-model inference results (/devices/{id}/events/logs)."),
+        TopicSpec("dead-letter", "Messages a subscriber failed max_delivery_attempts times."),
+        TopicSpec("device-commands", "Configs and commands fanned out to every bridge host."),
+    )
+}
+
+SUBSCRIPTIONS: dict[str, SubscriptionSpec] = {
+    s.key: s
+    for s in (
+        SubscriptionSpec("telemetry-pipeline", "telemetry", "The streaming pipeline's input."),
+        SubscriptionSpec("state-registry", "state", "Device state into the registry and for operators."),
+        SubscriptionSpec("config-requests-push", "config-requests",
+                         "Config requests to the config-push function (locally a push subscription; "
+                         "in the cloud the Eventarc trigger owns its subscription)."),
+        SubscriptionSpec("device-logs-bigquery", "device-logs", "Device logs straight into BigQuery.",
+                         kind="bigquery", bigquery_table="device_logs"),
+        SubscriptionSpec("dead-letter-audit", "dead-letter", "Keeps dead-lettered messages for inspection.",
+                         dead_letter=False, ack_deadline_seconds=600),
+    )
+}
+
+
+def topic_name(prefix: str, key: str) -> str:
+    if key not in TOPICS:
+        raise KeyError(f"unknown topic {key!r}; known: {sorted(TOPICS)}")
+    return f"{prefix}-{key}"
+
+
+def subscription_name(prefix: str, key: str) -> str:
+    if key not in SUBSCRIPTIONS:
+        raise KeyError(f"unknown subscription {key!r}; known: {sorted(SUBSCRIPTIONS)}")
+    return f"{prefix}-{key}"
+
+
+# Attribute names the bridge sets on every message (CONTRACTS §2), as IoT Core did.
+ATTRIBUTES = ("deviceId", "deviceNumId", "deviceRegistryId", "deviceRegistryLocation", "projectId", "subFolder")
+
+# -------------------------------------------------------------------------------------------- BigQuery
+
+FieldType = Literal["STRING", "BYTES", "INT64", "FLOAT64", "BOOL", "TIMESTAMP", "JSON", "RECORD"]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: FieldType
+    mode: Literal["NULLABLE", "REQUIRED", "REPEATED"] = "NULLABLE"
+    description: str = ""
+    fields: tuple[Column, ...] = ()
+
+    def to_api(self) -> dict[str, object]:
+        """The BigQuery REST/JSON schema form of this column."""
+        out: dict[str, object] = {"name": self.name, "type": self.type, "mode": self.mode}
+        if self.description:
+            out["description"] = self.description
+        if self.fields:
+            out["fields"] = [f.to_api() for f in self.fields]
+        return out
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    description: str
+    columns: tuple[Column, ...]
+    partition_field: str | None = None
+    clustering: tuple[str, ...] = ()
+
+    def schema(self) -> list[dict[str, object]]:
+        return [c.to_api() for c in self.columns]
+
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+_METRIC = Column("metrics", "RECORD", "REPEATED", "The payload's metrics, one entry per name.",
+                 (Column("name", "STRING", "REQUIRED"), Column("value", "FLOAT64", "REQUIRED")))
+
+TABLES: dict[str, TableSpec] = {
+    t.name: t
+    for t in (
+        TableSpec(
+            "telemetry_raw",
+            "One row per accepted telemetry message (CONTRACTS §3).",
+            (
+                Column("device_id", "STRING", "REQUIRED", "From the bridge's authenticated identity."),
+                Column("device_num_id", "STRING"),
+                Column("registry_id", "STRING"),
+                Column("sub_folder", "STRING"),
+                Column("event_time", "TIMESTAMP", "REQUIRED", "The payload's ts."),
+                Column("publish_time", "TIMESTAMP", "REQUIRED", "When Pub/Sub accepted the message."),
+                Column("message_id", "STRING", "REQUIRED", "Pub/Sub message id."),
+                Column("seq", "INT64", description="The device's message counter, if sent."),
+                _METRIC,
+                Column("extra", "STRING", description="Payload keys other than ts/metrics/seq, as JSON text."),
+            ),
+            partition_field="event_time",
+            clustering=("device_id",),
+        ),
+        TableSpec(
+            "telemetry_1m",
+            "Per device, metric and 1-minute event-time window.",
+            (
+                Column("device_id", "STRING", "REQUIRED"),
+                Column("metric", "STRING", "REQUIRED"),
+                Column("window_start", "TIMESTAMP", "REQUIRED"),
+                Column("window_end", "TIMESTAMP", "REQUIRED"),
+                Column("count", "INT64", "REQUIRED"),
+                Column("min", "FLOAT64", "REQUIRED"),
+                Column("max", "FLOAT64", "REQUIRED"),
+                Column("mean", "FLOAT64", "REQUIRED"),
+            ),
+            partition_field="window_start",
+            clustering=("device_id", "metric"),
+        ),
+        TableSpec(
+            "telemetry_errors",
+            "Messages the pipeline could not accept, with the reason and the raw payload.",
+            (
+                Column("error", "STRING", "REQUIRED", "Reason class, e.g. invalid_json, missing_ts."),
+                Column("detail", "STRING", description="Human-readable detail."),
+                Column("payload", "BYTES", description="The raw message data, untouched."),
+                Column("attributes", "STRING", description="The Pub/Sub attributes, as JSON text."),
+                Column("publish_time", "TIMESTAMP"),
+                Column("message_id", "STRING"),
+                Column("device_id", "STRING"),
+            ),
+            partition_field="publish_time",
+            clustering=("error",),
+        ),
+        TableSpec(
+            # Written by a Pub/Sub BigQuery subscription with write_metadata: its fixed column set.
+            "device_logs",
+            "Device logs and edge-model inference results, written by a Pub/Sub BigQuery subscription.",
+            (
+                Column("subscription_name", "STRING"),
+                Column("message_id", "STRING"),
+                Column("publish_time", "TIMESTAMP"),
+                Column("data", "STRING", description="The log record (JSON text)."),
+                Column("attributes", "STRING", description="The Pub/Sub attributes, as JSON text."),
+            ),
+            partition_field="publish_time",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    name: str
+    description: str
+    sql: str  # with {project} and {dataset} placeholders
+
+    def render(self, project: str, dataset: str) -> str:
+        return self.sql.format(project=project, dataset=dataset)
+
+
+VIEWS: dict[str, ViewSpec] = {
+    v.name: v
+    for v in (
+        ViewSpec(
+            "device_latest",
+            "Latest reading per device and metric (dashboard: fleet table).",
+            """SELECT device_id, m.name AS metric, m.value AS value, event_time
+FROM (
+  SELECT device_id, metrics, event_time,
+         ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY event_time DESC) AS rn
+  FROM `{project}.{dataset}.telemetry_raw`
+), UNNEST(metrics) AS m
+WHERE rn = 1""",
+        ),
+        ViewSpec(
+            "telemetry_hourly",
+            "Hourly aggregates per device and metric (dashboard: trends).",
+            """SELECT device_id, metric, TIMESTAMP_TRUNC(window_start, HOUR) AS hour,
+       SUM(`count`) AS readings, MIN(`min`) AS min, MAX(`max`) AS max,
+       SUM(mean * `count`) / SUM(`count`) AS mean
+FROM `{project}.{dataset}.telemetry_1m`
+GROUP BY device_id, metric, hour""",
+        ),
+        ViewSpec(
+            "errors_hourly",
+            "Rejected messages per hour and reason (dashboard: data quality).",
+            """SELECT TIMESTAMP_TRUNC(publish_time, HOUR) AS hour, error, COUNT(*) AS messages
+FROM `{project}.{dataset}.telemetry_errors`
+GROUP BY hour, error""",
+        ),
+    )
+}
+
+# -------------------------------------------------------------------------------------------- Bigtable
+
+
+@dataclass(frozen=True)
+class BigtableSpec:
+    table: str = "telemetry"
+    # m: metric name -> value (8-byte big-endian double); a: Pub/Sub attributes and ids.
+    column_families: tuple[str, ...] = ("m", "a")
+    app_profile: str = "pipeline"
+    row_key_doc: str = "{device_id}#{event_time_ms:013d}#{seq or message hash}"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+BIGTABLE = BigtableSpec()
