@@ -104,6 +104,20 @@ def wait_for_port(svc: Service, timeout: float = 60.0) -> None:
     raise ServiceFailed(f"{svc.name} did not listen on {svc.address} within {timeout:.0f}s:\n{svc.log_tail()}")
 
 
+def wait_for_log(svc: Service, needle: str, timeout: float = 30.0) -> None:
+    """Health for a process without a port: wait until its log contains ``needle``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not svc.alive():
+            raise ServiceFailed(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log_tail()}")
+        with contextlib.suppress(OSError):
+            if needle in svc.log_path.read_text(errors="replace"):
+                return
+        time.sleep(0.1)
+    svc.stop()
+    raise ServiceFailed(f"{svc.name} was not ready within {timeout:.0f}s:\n{svc.log_tail()}")
+
+
 def sdk_root() -> Path:
     """The Google Cloud SDK folder whose ``platform/`` holds the emulators."""
     env = os.environ.get("CLOUDSDK_ROOT_DIR")
@@ -133,7 +147,7 @@ def _require_java() -> None:
         raise MissingPrerequisite("java not found: install Java 17+ (apt-get install -y openjdk-17-jre-headless)")
 
 
-def _spawn(
+def spawn(
     name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str] | None = None, host: str = LOOPBACK
 ) -> Service:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +171,7 @@ def start_pubsub(workdir: Path | None = None, port: int | None = None, timeout: 
     launcher = _emulator("pubsub-emulator/bin/cloud-pubsub-emulator", "pubsub-emulator")
     port = port or free_port()
     wd = _workdir(workdir, "pubsub")
-    svc = _spawn("pubsub", [str(launcher), f"--host={LOOPBACK}", f"--port={port}", f"--dir={wd / 'data'}"], port, wd)
+    svc = spawn("pubsub", [str(launcher), f"--host={LOOPBACK}", f"--port={port}", f"--dir={wd / 'data'}"], port, wd)
     wait_for_port(svc, timeout)
     svc.env = {"PUBSUB_EMULATOR_HOST": svc.address}
     return svc
@@ -168,7 +182,7 @@ def start_firestore(workdir: Path | None = None, port: int | None = None, timeou
     launcher = _emulator("cloud-firestore-emulator/cloud_firestore_emulator", "cloud-firestore-emulator")
     port = port or free_port()
     wd = _workdir(workdir, "firestore")
-    svc = _spawn("firestore", [str(launcher), "start", f"--host={LOOPBACK}", f"--port={port}"], port, wd)
+    svc = spawn("firestore", [str(launcher), "start", f"--host={LOOPBACK}", f"--port={port}"], port, wd)
     wait_for_port(svc, timeout)
     svc.env = {"FIRESTORE_EMULATOR_HOST": svc.address}
     return svc
@@ -178,7 +192,7 @@ def start_bigtable(workdir: Path | None = None, port: int | None = None, timeout
     launcher = _emulator("bigtable-emulator/cbtemulator", "bigtable")
     port = port or free_port()
     wd = _workdir(workdir, "bigtable")
-    svc = _spawn("bigtable", [str(launcher), f"-host={LOOPBACK}", f"-port={port}"], port, wd)
+    svc = spawn("bigtable", [str(launcher), f"-host={LOOPBACK}", f"-port={port}"], port, wd)
     wait_for_port(svc, timeout)
     svc.env = {"BIGTABLE_EMULATOR_HOST": svc.address}
     return svc
@@ -199,7 +213,7 @@ def start_bigquery(
     port = port or free_port()
     grpc_port = free_port()
     wd = _workdir(workdir, "bigquery")
-    svc = _spawn(
+    svc = spawn(
         "bigquery",
         [str(exe), "start", "--rest-host", LOOPBACK, "--rest-port", str(port), "--grpc-host", LOOPBACK,
          "--grpc-port", str(grpc_port), "--project", project, "--log-level", "warning"],
@@ -225,10 +239,26 @@ def start_mosquitto(config: str, port: int, workdir: Path | None = None, timeout
     wd = _workdir(workdir, "mosquitto")
     conf = wd / "mosquitto.conf"
     conf.write_text(config)
-    svc = _spawn("mosquitto", [exe, "-c", str(conf)], port, wd)
+    svc = spawn("mosquitto", [exe, "-c", str(conf)], port, wd)
     wait_for_port(svc, timeout)
     return svc
 
 
 def python_executable() -> str:
     return sys.executable
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it has exited.
+
+    Recorded beside each PID so that ``down`` never signals a process that merely reuses a recorded PID.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may contain spaces): state is field 3, start time field 22.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie has exited; only its parent has not reaped it yet
+        return None
+    return int(fields[19])

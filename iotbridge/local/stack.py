@@ -1,0 +1,199 @@
+"""``iotctl local up | status | down``: the whole architecture on this machine.
+
+``up`` starts, on free loopback ports, the official emulators (Pub/Sub, Firestore, Bigtable), the local BigQuery,
+the device-logs forwarder and the data-plane processes, provisions the topology of :mod:`iotbridge.spec`, waits
+until each piece is healthy, and records every process (PID, its kernel start time, port, log) in
+``<state dir>/state.json`` *as soon as it is started*, so that ``down`` stops exactly what ``up`` started, even
+after ``up`` or a component crashed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from iotbridge.local import provision, services
+
+Progress = Callable[[str], None]
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("IOT_LOCAL_STATE_DIR")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return base / "gcp-iot-bridge" / "local"
+
+
+class StackError(RuntimeError):
+    """The local stack cannot be brought up or is not running; the message is one line for the operator."""
+
+
+@dataclass
+class ProcessRecord:
+    name: str
+    pid: int
+    start_ticks: int | None
+    host: str | None = None
+    port: int | None = None
+    log: str | None = None
+
+    def alive(self) -> bool:
+        return self.start_ticks is not None and services.process_start_ticks(self.pid) == self.start_ticks
+
+
+@dataclass
+class StackState:
+    names: provision.LocalNames
+    processes: dict[str, ProcessRecord] = field(default_factory=dict)
+    endpoints: dict[str, str] = field(default_factory=dict)
+    ready: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {"names": asdict(self.names), "processes": {k: asdict(v) for k, v in self.processes.items()},
+                "endpoints": self.endpoints, "ready": self.ready}
+
+    @classmethod
+    def from_json(cls, data: dict) -> StackState:
+        return cls(names=provision.LocalNames(**data["names"]),
+                   processes={k: ProcessRecord(**v) for k, v in data["processes"].items()},
+                   endpoints=dict(data.get("endpoints", {})), ready=bool(data.get("ready")))
+
+
+class LocalStack:
+    def __init__(self, state_dir: Path | None = None, names: provision.LocalNames | None = None) -> None:
+        self.state_dir = state_dir or default_state_dir()
+        self.names = names or provision.LocalNames()
+        self.state_file = self.state_dir / "state.json"
+
+    # ------------------------------------------------------------------------------------------ state
+    def load(self) -> StackState | None:
+        try:
+            return StackState.from_json(json.loads(self.state_file.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StackError(f"unreadable state file {self.state_file}: {exc}") from exc
+
+    def _save(self, state: StackState) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state.to_json(), indent=2))
+        tmp.replace(self.state_file)
+
+    def _record(self, state: StackState, svc: services.Service) -> None:
+        state.processes[svc.name] = ProcessRecord(svc.name, svc.proc.pid, services.process_start_ticks(svc.proc.pid),
+                                                  svc.host, svc.port, str(svc.log_path))
+        self._save(state)
+
+    # -------------------------------------------------------------------------------------------- up
+    def up(self, progress: Progress = lambda _m: None) -> StackState:
+        previous = self.load()
+        if previous is not None:
+            if any(p.alive() for p in previous.processes.values()):
+                raise StackError(f"a local stack is already running (state in {self.state_dir}); "
+                                 "run `iotctl local down` first")
+            self.state_file.unlink(missing_ok=True)
+        state = StackState(names=self.names)
+        self._save(state)
+        logs = self.state_dir / "logs"
+        try:
+            self._start_all(state, logs, progress)
+        except BaseException:
+            progress("start failed; stopping what was started")
+            self.down()
+            raise
+        state.ready = True
+        self._save(state)
+        return state
+
+    def _start_all(self, state: StackState, logs: Path, progress: Progress) -> None:
+        n = self.names
+        starters: list[tuple[str, Callable[[], services.Service]]] = [
+            ("pubsub", lambda: services.start_pubsub(logs / "pubsub")),
+            ("firestore", lambda: services.start_firestore(logs / "firestore")),
+            ("bigtable", lambda: services.start_bigtable(logs / "bigtable")),
+            ("bigquery", lambda: services.start_bigquery(n.project, logs / "bigquery")),
+        ]
+        for label, start in starters:
+            progress(f"starting {label}")
+            svc = start()
+            self._record(state, svc)
+            state.endpoints.update(svc.env)
+            self._save(state)
+        env = dict(state.endpoints)
+        with _environ(env):
+            progress("provisioning topics, subscriptions, tables and the Bigtable table")
+            provision.provision_pubsub(n)
+            provision.provision_bigquery(n, env["BIGQUERY_EMULATOR_HOST"])
+            provision.provision_bigtable(n)
+        progress("starting the device-logs forwarder")
+        fwd = self._spawn_python(
+            "forwarder", ["-m", "iotbridge.local.run_forwarder", "--project", n.project, "--prefix", n.prefix,
+                          "--dataset", n.dataset, "--bigquery-endpoint", env["BIGQUERY_EMULATOR_HOST"]],
+            logs / "forwarder", env)
+        self._record(state, fwd)
+        services.wait_for_log(fwd, "forwarding ", 60)
+
+    def _spawn_python(self, name: str, args: list[str], workdir: Path, env: dict[str, str],
+                      port: int | None = None) -> services.Service:
+        return services.spawn(name, [services.python_executable(), *args], port or 0, workdir, env=env)
+
+    # ------------------------------------------------------------------------------------------ down
+    def down(self, timeout: float = 15.0) -> list[str]:
+        """Stop every recorded process (in reverse start order) and forget the stack; returns their names."""
+        state = self.load()
+        if state is None:
+            return []
+        stopped = []
+        for rec in reversed(list(state.processes.values())):
+            if rec.alive():
+                services.stop_process_group(rec.pid, timeout)
+                stopped.append(rec.name)
+        self.state_file.unlink(missing_ok=True)
+        return stopped
+
+    # ---------------------------------------------------------------------------------------- status
+    def status(self) -> dict[str, object]:
+        state = self.load()
+        if state is None:
+            raise StackError("no local stack is running: start one with `iotctl local up`")
+        n = state.names
+        e = state.endpoints
+        return {
+            "project_id": n.project,
+            "region": n.region,
+            "registry_id": n.registry_id,
+            "mqtt_host": e.get("MQTT_HOST"),
+            "mqtt_port": int(e["MQTT_PORT"]) if "MQTT_PORT" in e else None,
+            "mqtt_ca_cert": e.get("MQTT_CA_CERT"),
+            "pubsub_emulator_host": e.get("PUBSUB_EMULATOR_HOST"),
+            "firestore_emulator_host": e.get("FIRESTORE_EMULATOR_HOST"),
+            "bigtable_emulator_host": e.get("BIGTABLE_EMULATOR_HOST"),
+            "bigquery_endpoint": e.get("BIGQUERY_EMULATOR_HOST"),
+            "bigquery_dataset": n.dataset,
+            "bigtable_instance": n.bigtable_instance,
+            "topic_prefix": n.prefix,
+            "ready": state.ready,
+            "healthy": all(p.alive() for p in state.processes.values()),
+            "processes": {k: {"pid": p.pid, "alive": p.alive(), "port": p.port, "log": p.log}
+                          for k, p in state.processes.items()},
+        }
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
