@@ -1,0 +1,112 @@
+"""The raw limits of the broker on this machine, measured in the same run as the bridge figures.
+
+- paho publisher → Mosquitto → paho subscriber, QoS 0 and QoS 1 (one Python process each side);
+- mosquitto_pub → Mosquitto → mosquitto_sub at QoS 1 (the C clients).
+
+Reproduce: ``.venv/bin/python -m bench broker``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from bench.core import Figure
+from iotbridge.local import services
+
+COMMAND = ".venv/bin/python -m bench broker"
+N = 20_000
+PAYLOAD = b'{"ts": 1764252000123, "metrics": {"temperature": 21.5, "rpm": 1200}, "seq": 42}'
+
+
+def broker_config(port: int, data_dir: Path) -> str:
+    return (
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest stderr\nlog_type error\n"
+    )
+
+
+def paho_rate(port: int, qos: int, n: int = N) -> tuple[float, int]:
+    """Messages/s a paho subscriber receives from a paho publisher; returns (rate, received)."""
+    received = 0
+    first: list[float] = []
+    done = threading.Event()
+
+    def on_message(_c, _u, _m):
+        nonlocal received
+        if not first:
+            first.append(time.perf_counter())
+        received += 1
+        if received >= n:
+            done.set()
+
+    subscribed = threading.Event()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-sub-{qos}")
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("raw/#", qos=qos)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-pub-{qos}")
+    pub.max_inflight_messages_set(100)
+    pub.max_queued_messages_set(0)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    if not subscribed.wait(timeout=10):
+        raise RuntimeError("raw subscriber got no SUBACK")
+    t0 = time.perf_counter()
+    for i in range(n):
+        pub.publish(f"raw/{i % 10}", PAYLOAD, qos=qos)
+    done.wait(timeout=120)
+    t1 = time.perf_counter()
+    pub.loop_stop()
+    sub.loop_stop()
+    pub.disconnect()
+    sub.disconnect()
+    return received / (t1 - t0), received
+
+
+def c_client_rate(port: int, n: int = N) -> tuple[float, int]:
+    pub_exe, sub_exe = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
+    if not pub_exe or not sub_exe:
+        raise RuntimeError("mosquitto-clients not installed")
+    base = ["-h", "127.0.0.1", "-p", str(port)]
+    # A retained marker arrives as soon as the subscription is active: the first line read means "subscribed".
+    subprocess.run([pub_exe, *base, "-t", "craw/ready", "-r", "-q", "1", "-m", "ready"], check=True, timeout=10)
+    sub = subprocess.Popen([sub_exe, *base, "-t", "craw/#", "-q", "1", "-C", str(n + 1), "-i", "craw-sub"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert sub.stdout is not None
+    if sub.stdout.readline().strip() != b"ready":
+        raise RuntimeError("mosquitto_sub did not subscribe")
+    lines = b"".join(PAYLOAD + b"\n" for _ in range(n))
+    t0 = time.perf_counter()
+    subprocess.run([pub_exe, *base, "-t", "craw/x", "-q", "1", "-l", "-i", "craw-pub"],
+                   input=lines, check=True, timeout=120)
+    out, _ = sub.communicate(timeout=120)
+    t1 = time.perf_counter()
+    return n / (t1 - t0), out.count(b"\n")
+
+
+def run() -> list[Figure]:
+    port = services.free_port()
+    with tempfile.TemporaryDirectory() as d:
+        svc = services.start_mosquitto(broker_config(port, Path(d)), port, Path(d))
+        try:
+            q0, r0 = paho_rate(port, 0)
+            q1, r1 = paho_rate(port, 1)
+            c1, rc = c_client_rate(port)
+        finally:
+            svc.stop()
+    return [
+        Figure("broker", "raw paho→Mosquitto→paho QoS 0", round(q0), "msg/s", COMMAND,
+               f"{r0}/{N} received (QoS 0 may drop)"),
+        Figure("broker", "raw paho→Mosquitto→paho QoS 1", round(q1), "msg/s", COMMAND, f"{r1}/{N} received"),
+        Figure("broker", "raw mosquitto_pub→Mosquitto→mosquitto_sub QoS 1", round(c1), "msg/s", COMMAND,
+               f"{rc}/{N} received"),
+    ]

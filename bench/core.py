@@ -1,0 +1,49 @@
+"""Figures, timing helpers and the machine description shared by the benchmark modules."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Figure:
+    section: str
+    name: str
+    value: float | int | None
+    unit: str
+    command: str
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary_ms(latencies_s: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(percentile(latencies_s, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies_s, 0.99) * 1000, 2),
+        "mean_ms": round(statistics.fmean(latencies_s) * 1000, 2) if latencies_s else float("nan"),
+    }
