@@ -31,6 +31,9 @@ class SubscriptionSpec:
     dead_letter: bool = True  # every pull subscription dead-letters, except the dead-letter audit itself
     bigquery_table: str | None = None  # for kind == "bigquery": a TableSpec name
     exactly_once: bool = False
+    # False: only the local stack creates it; in the cloud another resource owns the subscription
+    # (the config-push function's Eventarc trigger creates its own).
+    cloud: bool = True
 
 
 TOPICS: dict[str, TopicSpec] = {
@@ -52,7 +55,7 @@ SUBSCRIPTIONS: dict[str, SubscriptionSpec] = {
         SubscriptionSpec("state-registry", "state", "Device state into the registry and for operators."),
         SubscriptionSpec("config-requests-push", "config-requests",
                          "Config requests to the config-push function (locally a push subscription; "
-                         "in the cloud the Eventarc trigger owns its subscription)."),
+                         "in the cloud the Eventarc trigger owns its subscription).", cloud=False),
         SubscriptionSpec("device-logs-bigquery", "device-logs", "Device logs straight into BigQuery.",
                          kind="bigquery", bigquery_table="device_logs"),
         SubscriptionSpec("dead-letter-audit", "dead-letter", "Keeps dead-lettered messages for inspection.",
@@ -150,6 +153,8 @@ TABLES: dict[str, TableSpec] = {
                 Column("min", "FLOAT64", "REQUIRED"),
                 Column("max", "FLOAT64", "REQUIRED"),
                 Column("mean", "FLOAT64", "REQUIRED"),
+                # Panes discard what they fired: a late firing adds a row; combine the rows of one window.
+                Column("pane_timing", "STRING", description="ON_TIME or LATE: which firing wrote the row."),
             ),
             partition_field="window_start",
             clustering=("device_id", "metric"),

@@ -1,0 +1,1 @@
+"""One ``pulumi.ComponentResource`` per logical piece of the architecture; see each module's docstring."""

@@ -1,0 +1,165 @@
+"""Foundation: the project's APIs, one service account per workload, and the Google service agents.
+
+Every other component takes the ``projects.Service`` resources it needs from ``Foundation.apis`` and puts them
+in the ``depends_on`` of each resource it declares. Without that, a first ``pulumi up`` on a fresh project races
+API enablement and fails with "API has not been used in project ... before or it is disabled"
+(pulumi/pulumi-gcp#675, #574, #992); data sources race it too (pulumi/pulumi-gcp#120, #685).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pulumi
+import pulumi_gcp as gcp
+
+# Every API the stack uses, including those of components that arrive later, so that one `pulumi up` on an
+# empty project enables them in the first wave instead of failing half-way.
+APIS: tuple[str, ...] = (
+    "serviceusage.googleapis.com",
+    "cloudresourcemanager.googleapis.com",  # projects.IAMMember calls setIamPolicy through it
+    "iam.googleapis.com",
+    "iamcredentials.googleapis.com",
+    "pubsub.googleapis.com",
+    "bigquery.googleapis.com",
+    "bigtableadmin.googleapis.com",
+    "dataflow.googleapis.com",
+    "cloudfunctions.googleapis.com",
+    "run.googleapis.com",
+    "eventarc.googleapis.com",
+    "cloudbuild.googleapis.com",
+    "artifactregistry.googleapis.com",
+    "firestore.googleapis.com",
+    "secretmanager.googleapis.com",
+    "compute.googleapis.com",
+    "monitoring.googleapis.com",
+    "logging.googleapis.com",
+    "storage.googleapis.com",
+    "aiplatform.googleapis.com",
+    "notebooks.googleapis.com",
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    account_suffix: str  # service account id = "{prefix}-{suffix}", 6..30 characters
+    display_name: str
+    project_roles: tuple[str, ...]  # narrow project-level roles; resource-level grants live with the resource
+
+
+# Project-level roles are limited to what a workload cannot be granted on a single resource: writing its logs and
+# metrics, and (Dataflow) being a worker. Publishing, subscribing and table access are granted on the topic,
+# subscription, dataset or instance by the component that owns it. No basic role (owner/editor/viewer) anywhere.
+WORKLOADS: dict[str, Workload] = {
+    "bridge": Workload("bridge", "MQTT bridge hosts",
+                       ("roles/logging.logWriter", "roles/monitoring.metricWriter")),
+    "dataflow": Workload("dataflow", "Dataflow workers of the telemetry pipeline",
+                         ("roles/dataflow.worker", "roles/logging.logWriter", "roles/monitoring.metricWriter")),
+    "config-push": Workload("cfgpush", "Config-push function",
+                            ("roles/logging.logWriter", "roles/monitoring.metricWriter")),
+}
+
+# Google-managed service agents: service-{project_number}@{domain}.
+SERVICE_AGENT_DOMAINS: dict[str, str] = {
+    "pubsub.googleapis.com": "gcp-sa-pubsub.iam.gserviceaccount.com",
+    "eventarc.googleapis.com": "gcp-sa-eventarc.iam.gserviceaccount.com",
+    "dataflow.googleapis.com": "dataflow-service-producer-prod.iam.gserviceaccount.com",
+    "storage.googleapis.com": "gs-project-accounts.iam.gserviceaccount.com",
+}
+# Agents that are created lazily by Google: generating the identity up front avoids granting a role to an account
+# that does not exist yet ("Service account service-...@gcp-sa-pubsub... does not exist").
+GENERATED_IDENTITIES: tuple[str, ...] = ("pubsub.googleapis.com", "eventarc.googleapis.com")
+
+
+@dataclass(frozen=True)
+class FoundationArgs:
+    project: str
+    prefix: str
+    apis: tuple[str, ...] = APIS
+    workloads: Mapping[str, Workload] = field(default_factory=lambda: dict(WORKLOADS))
+
+
+class Foundation(pulumi.ComponentResource):
+    """APIs, workload service accounts and service agents of one project."""
+
+    apis: dict[str, gcp.projects.Service]
+    service_accounts: dict[str, gcp.serviceaccount.Account]
+    service_identities: dict[str, gcp.projects.ServiceIdentity]
+    project_number: pulumi.Output[str]
+
+    def __init__(self, name: str, args: FoundationArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("gcp-iot-bridge:index:Foundation", name, None, opts)
+        self._project = args.project
+
+        self.apis = {
+            api: gcp.projects.Service(
+                f"{name}-{api.split('.')[0]}",
+                project=args.project,
+                service=api,
+                # Destroying the stack must not switch off APIs other things in the project use.
+                disable_on_destroy=False,
+                disable_dependent_services=False,
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            for api in args.apis
+        }
+
+        crm = self.apis["cloudresourcemanager.googleapis.com"]
+        # The data source waits for the API it calls (pulumi/pulumi-gcp#120, #685).
+        project_info = gcp.organizations.get_project_output(
+            project_id=args.project, opts=pulumi.InvokeOutputOptions(parent=self, depends_on=[crm]))
+        self.project_number = project_info.number
+
+        self.service_identities = {
+            api: gcp.projects.ServiceIdentity(
+                f"{name}-{api.split('.')[0]}-agent",
+                project=args.project,
+                service=api,
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.apis[api]]),
+            )
+            for api in GENERATED_IDENTITIES
+            if api in self.apis
+        }
+
+        iam_api = self.apis["iam.googleapis.com"]
+        self.service_accounts = {}
+        for key, workload in args.workloads.items():
+            account = gcp.serviceaccount.Account(
+                f"{name}-sa-{key}",
+                project=args.project,
+                account_id=f"{args.prefix}-{workload.account_suffix}",
+                display_name=f"{workload.display_name} ({args.prefix})",
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[iam_api]),
+            )
+            self.service_accounts[key] = account
+            for role in workload.project_roles:
+                gcp.projects.IAMMember(
+                    f"{name}-sa-{key}-{role.split('/')[-1].replace('.', '-')}",
+                    project=args.project,
+                    role=role,
+                    member=account.member,
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=[crm]),
+                )
+
+        self.register_outputs({
+            "project_number": self.project_number,
+            "service_accounts": {k: a.email for k, a in self.service_accounts.items()},
+        })
+
+    def needs(self, *apis: str) -> list[pulumi.Resource]:
+        """The resources a component passes into ``depends_on`` for the APIs it calls."""
+        missing = [api for api in apis if api not in self.apis]
+        if missing:
+            raise KeyError(f"API(s) not enabled by Foundation: {missing}; add them to foundation.APIS")
+        deps: list[pulumi.Resource] = [self.apis[api] for api in apis]
+        deps += [self.service_identities[api] for api in apis if api in self.service_identities]
+        return deps
+
+    def service_agent(self, api: str) -> pulumi.Output[str]:
+        """The IAM member of Google's service agent for ``api``, e.g. ``serviceAccount:service-123@gcp-sa-pubsub...``.
+
+        Grants to it must also depend on ``needs(api)`` so that the agent exists before the grant.
+        """
+        domain = SERVICE_AGENT_DOMAINS[api]
+        return self.project_number.apply(lambda number: f"serviceAccount:service-{number}@{domain}")

@@ -1,0 +1,306 @@
+"""The stack's configuration: the one reader of ``pulumi.Config`` in this program.
+
+``load()`` reads every key this project knows, validates it with pydantic and returns one frozen
+``StackConfig``. It runs before any resource is declared, so a bad value fails ``pulumi preview`` at once with a
+single line naming the key and what is allowed (CONTRACTS §6), e.g.::
+
+    config gcp-iot-bridge:bigtableMaxNodes=0: must be >= 1; allowed: an integer 1..1000, >= bigtableMinNodes ...
+
+Keys live in the project namespace (``gcp-iot-bridge:``) except the provider's own ``gcp:project`` and
+``gcp:region``. ``Pulumi.yaml`` declares the same keys with their types and defaults; a test keeps the two in step.
+To add a key: add a ``Key`` to ``KEYS``, a field to ``StackConfig`` (same default), and the schema entry in
+``Pulumi.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import pulumi
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROJECT = "gcp-iot-bridge"
+
+# Public GCP regions (cloud.google.com/about/locations). A typo such as "us-central" or "europe-west" must fail
+# here, not 10 minutes into `pulumi up` with a 400 from the first regional API.
+GCP_REGIONS: frozenset[str] = frozenset({
+    "africa-south1",
+    "asia-east1", "asia-east2",
+    "asia-northeast1", "asia-northeast2", "asia-northeast3",
+    "asia-south1", "asia-south2",
+    "asia-southeast1", "asia-southeast2",
+    "australia-southeast1", "australia-southeast2",
+    "europe-central2", "europe-north1", "europe-north2", "europe-southwest1",
+    "europe-west1", "europe-west2", "europe-west3", "europe-west4", "europe-west6", "europe-west8",
+    "europe-west9", "europe-west10", "europe-west12",
+    "me-central1", "me-central2", "me-west1",
+    "northamerica-northeast1", "northamerica-northeast2", "northamerica-south1",
+    "southamerica-east1", "southamerica-west1",
+    "us-central1", "us-east1", "us-east4", "us-east5", "us-south1",
+    "us-west1", "us-west2", "us-west3", "us-west4",
+})
+BIGQUERY_MULTI_REGIONS = frozenset({"US", "EU"})
+
+# Physical names are "{prefix}-{suffix}". The longest suffix on a length-limited name is the config-push service
+# account ("-cfgpush", 8): service account ids allow 6..30 characters, Bigtable instance ids 6..33.
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{1,14}[a-z0-9]$")
+_PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
+_LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_ZONE_RE = re.compile(r"^(?P<region>[a-z]+-[a-z]+\d+)-(?P<zone>[a-z])$")
+
+
+class ConfigError(pulumi.RunError):
+    """Invalid stack configuration. A ``RunError`` so that Pulumi prints the one line, not a traceback."""
+
+
+Kind = Literal["string", "integer", "boolean", "array"]
+
+
+@dataclass(frozen=True)
+class Key:
+    key: str  # the full config key, e.g. "gcp-iot-bridge:bigtableMaxNodes"
+    field: str  # the StackConfig field
+    kind: Kind  # the Pulumi.yaml schema type
+    allowed: str  # what the one-line error tells the operator
+    required: bool = False
+
+
+def _p(name: str) -> str:
+    return f"{PROJECT}:{name}"
+
+
+KEYS: tuple[Key, ...] = (
+    Key("gcp:project", "project", "string", "a GCP project id (6-30 chars: lowercase letters, digits, hyphens)",
+        required=True),
+    Key("gcp:region", "region", "string", "a GCP region, e.g. us-central1, europe-west1", required=True),
+    Key(_p("prefix"), "prefix", "string",
+        "3-16 chars: lowercase letter first, then lowercase letters, digits, hyphens (e.g. iot-dev)", required=True),
+    Key(_p("deletionProtection"), "deletion_protection", "boolean",
+        "true (protect data: prod) or false (one `pulumi destroy` removes everything: dev, demo)", required=True),
+    Key(_p("labels"), "labels", "array", 'a list of "key=value" GCP labels (lowercase letters, digits, _ and -)'),
+    Key(_p("pubsubMessageRetentionSeconds"), "pubsub_message_retention_seconds", "integer",
+        "an integer 600..2678400 (10 minutes to 31 days)"),
+    Key(_p("pubsubMaxDeliveryAttempts"), "pubsub_max_delivery_attempts", "integer", "an integer 5..100"),
+    Key(_p("bigqueryDataset"), "bigquery_dataset", "string", "letters, digits and underscores (e.g. iot)"),
+    Key(_p("bigqueryLocation"), "bigquery_location", "string", "US, EU or a GCP region", required=True),
+    Key(_p("bigqueryTableExpirationDays"), "bigquery_table_expiration_days", "integer",
+        "0 (keep data) or days 1..3650 after which table data expires"),
+    Key(_p("bigtableZones"), "bigtable_zones", "array",
+        "1-4 distinct zones of the stack's region, e.g. [us-central1-b]", required=True),
+    Key(_p("bigtableStorageType"), "bigtable_storage_type", "string", "SSD or HDD"),
+    Key(_p("bigtableMinNodes"), "bigtable_min_nodes", "integer", "an integer 1..1000"),
+    Key(_p("bigtableMaxNodes"), "bigtable_max_nodes", "integer",
+        "an integer 1..1000, >= bigtableMinNodes and <= 10 x bigtableMinNodes"),
+    Key(_p("bigtableCpuTarget"), "bigtable_cpu_target", "integer", "an integer 10..80 (percent CPU)"),
+    Key(_p("bigtableGcMaxAgeDays"), "bigtable_gc_max_age_days", "integer", "an integer 1..3650 (days)"),
+)
+KEY_BY_FIELD: dict[str, Key] = {k.field: k for k in KEYS}
+KEY_BY_NAME: dict[str, Key] = {k.key: k for k in KEYS}
+
+
+class StackConfig(BaseModel):
+    """One stack's validated configuration. Components receive pieces of it through their ``*Args``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    stack: str
+    project: str
+    region: str
+    prefix: str
+    deletion_protection: bool
+    labels: dict[str, str] = Field(default_factory=dict)
+    pubsub_message_retention_seconds: int = Field(default=604800, ge=600, le=2678400)
+    pubsub_max_delivery_attempts: int = Field(default=5, ge=5, le=100)
+    bigquery_dataset: str = "iot"
+    bigquery_location: str
+    bigquery_table_expiration_days: int = Field(default=0, ge=0, le=3650)
+    bigtable_zones: tuple[str, ...]
+    bigtable_storage_type: Literal["SSD", "HDD"] = "SSD"
+    bigtable_min_nodes: int = Field(default=1, ge=1, le=1000)
+    bigtable_max_nodes: int = Field(default=3, ge=1, le=1000)
+    bigtable_cpu_target: int = Field(default=60, ge=10, le=80)
+    bigtable_gc_max_age_days: int = Field(default=30, ge=1, le=3650)
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        if not _PROJECT_RE.match(v):
+            raise ValueError("not a GCP project id")
+        return v
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if v not in GCP_REGIONS:
+            close = difflib.get_close_matches(v, sorted(GCP_REGIONS), n=1)
+            raise ValueError("not a GCP region" + (f" (did you mean {close[0]}?)" if close else ""))
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not _PREFIX_RE.match(v) or "--" in v:
+            raise ValueError("not a valid name prefix")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _LABEL_KEY_RE.match(key):
+                raise ValueError(f"label key {key!r} is not a valid GCP label key")
+            if not _LABEL_VALUE_RE.match(value):
+                raise ValueError(f"label value {value!r} is not a valid GCP label value")
+        return v
+
+    @field_validator("bigquery_dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if not _DATASET_RE.match(v):
+            raise ValueError("not a BigQuery dataset id")
+        return v
+
+    @field_validator("bigquery_location")
+    @classmethod
+    def _bq_location(cls, v: str) -> str:
+        if v not in BIGQUERY_MULTI_REGIONS and v not in GCP_REGIONS:
+            raise ValueError("not a BigQuery location")
+        return v
+
+    @field_validator("bigtable_zones")
+    @classmethod
+    def _zones(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not 1 <= len(v) <= 4:
+            raise ValueError(f"{len(v)} zones given")
+        if len(set(v)) != len(v):
+            raise ValueError("zones repeat")
+        for zone in v:
+            if not _ZONE_RE.match(zone):
+                raise ValueError(f"{zone!r} is not a zone")
+        return v
+
+    # ----------------------------------------------------------------------------------- derived values
+    @property
+    def all_labels(self) -> dict[str, str]:
+        """The operator's labels plus the ones that say where a resource came from."""
+        return {**self.labels, "app": "gcp-iot-bridge", "stack": _label_value(self.stack), "managed-by": "pulumi"}
+
+    @property
+    def bigtable_gc_max_age(self) -> str:
+        """The GC max age as the duration the Bigtable GC policy takes (hours: Go duration syntax)."""
+        return f"{self.bigtable_gc_max_age_days * 24}h"
+
+
+def _label_value(text: str) -> str:
+    return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
+
+
+def _fail(key: Key, raw: object, why: str) -> ConfigError:
+    shown = "" if raw is None else f"={raw}"
+    return ConfigError(f"config {key.key}{shown}: {why}; allowed: {key.allowed}")
+
+
+def _decode(key: Key, raw: str) -> object:
+    """The typed value of one raw config string, as the Pulumi CLI passes it (YAML scalars as text, lists as JSON)."""
+    if key.kind == "string":
+        return raw
+    if key.kind == "integer":
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise _fail(key, raw, "not an integer") from None
+    if key.kind == "boolean":
+        if raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise _fail(key, raw, "not a boolean")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise _fail(key, raw, "not a list") from None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _fail(key, raw, "not a list of strings")
+    if key.field == "labels":
+        labels: dict[str, str] = {}
+        for item in value:
+            name, sep, val = item.partition("=")
+            if not sep:
+                raise _fail(key, raw, f"{item!r} is not key=value")
+            labels[name] = val
+        return labels
+    return tuple(value)
+
+
+def parse(raw: Mapping[str, str | None], stack: str) -> StackConfig:
+    """Validate raw config values keyed by full config key (``gcp:region``, ``gcp-iot-bridge:prefix``).
+
+    Unknown keys in the project namespace are refused, so a misspelt key cannot silently fall back to a default.
+    """
+    unknown = sorted(k for k in raw if k.startswith(f"{PROJECT}:") and k not in KEY_BY_NAME)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(KEY_BY_NAME), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"config {unknown[0]}: unknown key{hint}; allowed: "
+                          + ", ".join(k.key for k in KEYS if k.key.startswith(PROJECT)))
+
+    values: dict[str, object] = {"stack": stack}
+    for key in KEYS:
+        text = raw.get(key.key)
+        if text is None or text == "":
+            if key.required:
+                raise _fail(key, None, "required but not set")
+            continue
+        values[key.field] = _decode(key, text)
+
+    try:
+        cfg = StackConfig.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        key = KEY_BY_FIELD.get(field)
+        if key is None:
+            raise ConfigError(f"config: {err['msg']}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise _fail(key, raw.get(key.key), msg) from None
+
+    # Rules that join two keys.
+    if cfg.bigtable_max_nodes < cfg.bigtable_min_nodes:
+        raise _fail(KEY_BY_FIELD["bigtable_max_nodes"], cfg.bigtable_max_nodes,
+                    f"less than bigtableMinNodes={cfg.bigtable_min_nodes}")
+    # Bigtable refuses an autoscaling range whose maximum is more than 10x its minimum.
+    if cfg.bigtable_max_nodes > 10 * cfg.bigtable_min_nodes:
+        raise _fail(KEY_BY_FIELD["bigtable_max_nodes"], cfg.bigtable_max_nodes,
+                    f"more than 10 x bigtableMinNodes={cfg.bigtable_min_nodes}")
+    for zone in cfg.bigtable_zones:
+        if not zone.startswith(f"{cfg.region}-"):
+            raise _fail(KEY_BY_FIELD["bigtable_zones"], json.dumps(list(cfg.bigtable_zones)),
+                        f"zone {zone} is not in gcp:region={cfg.region}")
+    return cfg
+
+
+def _raw_from_pulumi() -> dict[str, str | None]:
+    raw: dict[str, str | None] = {}
+    gcp = pulumi.Config("gcp")
+    project = pulumi.Config(PROJECT)
+    for key in KEYS:
+        namespace, _, name = key.key.partition(":")
+        raw[key.key] = (gcp if namespace == "gcp" else project).get(name)
+    # Every project-namespace key the engine passed, so that parse() can refuse a misspelt one. The runtime keeps
+    # them in a context variable (set by the language host) or in PULUMI_CONFIG; both are read.
+    from pulumi.runtime import config as runtime_config
+
+    for name in list(runtime_config.CONFIG.get()) + list(runtime_config.get_config_env()):
+        if name.startswith(f"{PROJECT}:") and name not in raw:
+            raw[name] = str(runtime_config.get_config(name))
+    return raw
+
+
+def load() -> StackConfig:
+    """Read and validate this stack's config. Raises ``ConfigError`` (one line) before any resource exists."""
+    return parse(_raw_from_pulumi(), pulumi.get_stack())

@@ -1,0 +1,253 @@
+"""Run the whole Pulumi program under mocks for one stack file and return what it declared.
+
+    run = run_program("dev")                                   # reads Pulumi.yaml + Pulumi.dev.yaml
+    run = run_program("dev", {"bigtableMaxNodes": 0})          # with config overrides (None removes a key)
+    run.of_type("gcp:pubsub/topic:Topic")                      # [Resource(type, name, inputs, ...)]
+    run.outputs["telemetry_topic"]                             # resolved, plain Python values
+
+Config reaches the program the way the Pulumi CLI passes it: the stack file's values as strings (lists as JSON),
+with ``Pulumi.yaml``'s schema defaults filled in for keys the stack does not set.
+
+Nothing is asserted inside an ``apply``: the harness drives the program to completion, waits for every resource
+registration and every pending output (``run_pulumi_func``), then awaits each stack output and returns plain
+values. An exception raised anywhere in the program, including inside an ``apply``, fails the run with
+``ProgramFailed`` — a mock test cannot pass while the program is broken.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import runpy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import yaml
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import settings as pulumi_settings
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+ROOT = Path(__file__).resolve().parents[2]
+PROGRAM = ROOT / "infra" / "__main__.py"
+PROJECT_NAME = "gcp-iot-bridge"
+PROJECT_NUMBER = "123456789012"
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Resource:
+    type: str
+    name: str  # logical name
+    inputs: dict[str, Any]  # as the provider receives them: camelCase keys, ints as floats
+    urn: str
+    parent: str
+    dependencies: frozenset[str]  # URNs: explicit depends_on plus every input's dependencies
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.inputs.get(key, default)
+
+
+@dataclass
+class StackRun:
+    stack: str
+    config: dict[str, str]
+    resources: list[Resource]
+    outputs: dict[str, Any]
+    by_urn: dict[str, Resource] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_urn = {r.urn: r for r in self.resources}
+
+    def of_type(self, type_: str) -> list[Resource]:
+        return [r for r in self.resources if r.type == type_]
+
+    def one(self, type_: str, name: str) -> Resource:
+        found = [r for r in self.resources if r.type == type_ and r.name == name]
+        if len(found) != 1:
+            raise LookupError(f"{len(found)} resources of type {type_} named {name}; "
+                              f"names of that type: {[r.name for r in self.of_type(type_)]}")
+        return found[0]
+
+    def depends_on(self, resource: Resource, target: Resource) -> bool:
+        """True when ``resource`` waits for ``target``: directly, or through anything it depends on.
+
+        Component resources count through their children (Pulumi expands a dependency on a component to its
+        children), so depending on a component that holds ``target`` counts too.
+        """
+        children: dict[str, list[str]] = {}
+        for r in self.resources:
+            children.setdefault(r.parent, []).append(r.urn)
+        seen: set[str] = set()
+        todo = list(resource.dependencies)
+        while todo:
+            urn = todo.pop()
+            if urn in seen:
+                continue
+            seen.add(urn)
+            if urn == target.urn:
+                return True
+            dep = self.by_urn.get(urn)
+            if dep is not None:
+                todo.extend(dep.dependencies)
+            todo.extend(children.get(urn, []))
+        return False
+
+
+class ProgramFailed(Exception):
+    """The program raised. ``resources``: what it had declared before failing; ``__cause__``: the error."""
+
+    def __init__(self, message: str, resources: list[Resource]):
+        super().__init__(message)
+        self.resources = resources
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _cli_text(value: Any) -> str:
+    """A YAML value as the Pulumi CLI hands it to the program."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _full_key(key: str) -> str:
+    return key if ":" in key else f"{PROJECT_NAME}:{key}"
+
+
+def stack_config(stack: str, overrides: Mapping[str, Any] | None = None) -> dict[str, str]:
+    project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+    path = ROOT / f"Pulumi.{stack}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no stack file {path.name}")
+    values: dict[str, Any] = dict((yaml.safe_load(path.read_text()) or {}).get("config") or {})
+    for key, schema in (project.get("config") or {}).items():
+        full = _full_key(key)
+        if isinstance(schema, dict) and "default" in schema and full not in values:
+            values[full] = schema["default"]
+    for key, value in (overrides or {}).items():
+        if value is None:
+            values.pop(_full_key(key), None)
+        else:
+            values[_full_key(key)] = value
+    return {key: _cli_text(value) for key, value in values.items()}
+
+
+# ------------------------------------------------------------------------------------------------- mocks
+
+
+class _Mocks(pulumi.runtime.Mocks):
+    """Provider stand-in: echoes inputs and fills in the computed outputs the program reads."""
+
+    def __init__(self, project: str):
+        self.project = project
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
+        state = dict(args.inputs)
+        project = state.get("project", self.project)
+        t = args.typ
+        rid = f"{args.name}-id"
+        if t == "gcp:pubsub/topic:Topic":
+            rid = f"projects/{project}/topics/{state['name']}"
+        elif t == "gcp:pubsub/subscription:Subscription":
+            rid = f"projects/{project}/subscriptions/{state['name']}"
+        elif t == "gcp:serviceaccount/account:Account":
+            email = f"{state['accountId']}@{project}.iam.gserviceaccount.com"
+            state.update(email=email, member=f"serviceAccount:{email}",
+                         name=f"projects/{project}/serviceAccounts/{email}")
+            rid = state["name"]
+        elif t == "gcp:projects/serviceIdentity:ServiceIdentity":
+            short = str(state["service"]).split(".")[0]
+            email = f"service-{PROJECT_NUMBER}@gcp-sa-{short}.iam.gserviceaccount.com"
+            state.update(email=email, member=f"serviceAccount:{email}")
+        elif t == "gcp:bigquery/dataset:Dataset":
+            rid = f"projects/{project}/datasets/{state['datasetId']}"
+        elif t == "gcp:bigquery/table:Table":
+            rid = f"projects/{project}/datasets/{state['datasetId']}/tables/{state['tableId']}"
+        elif t == "gcp:bigtable/instance:Instance":
+            rid = f"projects/{project}/instances/{state['name']}"
+        state.setdefault("project", project)
+        return rid, state
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list[tuple[str, str]] | None]:
+        if args.token == "gcp:organizations/getProject:getProject":
+            project = args.args.get("projectId") or self.project
+            return {"projectId": project, "number": PROJECT_NUMBER, "name": project, "id": f"projects/{project}"}, []
+        raise NotImplementedError(f"no mock for invoke {args.token}")
+
+
+class _RecordingMonitor(pulumi_mocks.MockMonitor):
+    """The stock mock monitor, also recording each registration's parent and dependencies."""
+
+    def __init__(self, mocks: pulumi.runtime.Mocks):
+        super().__init__(mocks)
+        self.registrations: list[Resource] = []
+
+    def RegisterResource(self, request):  # noqa: N802 - gRPC method name
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            deps = set(request.dependencies)
+            for prop in request.propertyDependencies.values():
+                deps.update(prop.urns)
+            inputs = dict(pulumi_mocks.rpc.deserialize_properties(request.object))
+            self.registrations.append(Resource(
+                type=request.type, name=request.name, inputs=inputs, urn=response.urn,
+                parent=request.parent, dependencies=frozenset(deps)))
+        return response
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+def run_program(stack: str, overrides: Mapping[str, Any] | None = None,
+                program: Callable[[], None] | None = None) -> StackRun:
+    """Run ``infra/__main__.py`` (or ``program``) for ``stack`` under mocks, to completion."""
+    raw = stack_config(stack, overrides)
+    mocks = _Mocks(project=raw.get("gcp:project", "mock-project"))
+    monitor = _RecordingMonitor(mocks)
+
+    pulumi_settings.ROOT.set(None)  # a fresh root stack resource per run
+    pulumi.runtime.set_all_config(raw)
+    pulumi.runtime.set_mocks(mocks, project=PROJECT_NAME, stack=stack, preview=False, monitor=monitor)
+    pulumi_settings.SETTINGS.outputs.clear()
+
+    def body() -> None:
+        if program is not None:
+            program()
+        else:
+            runpy.run_path(str(PROGRAM), run_name="__main__")
+
+    try:
+        _sync_await(run_pulumi_func(body))
+        outputs = _sync_await(_resolve_outputs())
+    except Exception as exc:
+        raise ProgramFailed(f"{type(exc).__name__}: {exc}", list(monitor.registrations)) from exc
+    return StackRun(stack=stack, config=raw, resources=list(monitor.registrations), outputs=outputs)
+
+
+async def _resolve_outputs() -> dict[str, Any]:
+    root = pulumi_settings.get_root_resource()
+    exported: dict[str, Any] = getattr(root, "outputs", {}) or {}
+    resolved: dict[str, Any] = {}
+    for name, value in exported.items():
+        output = pulumi.Output.from_input(value)
+        if not await output.is_known():
+            raise AssertionError(f"stack output {name} is unknown after the program ran")
+        resolved[name] = await output.future()
+    return resolved
+
+
+@functools.lru_cache(maxsize=None)
+def stack_run(stack: str) -> StackRun:
+    """``run_program(stack)`` once per test session; the result is plain data, safe to share read-only."""
+    return run_program(stack)
+
+
+STACKS = ("dev", "prod", "demo")
