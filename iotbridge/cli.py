@@ -9,20 +9,30 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from iotbridge.local.stack import LocalStack, StackError
+from iotbridge.targets import Target, TargetError, resolve
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 local_app = typer.Typer(help="The whole architecture on this machine (emulators, Mosquitto, local BigQuery).",
                         no_args_is_help=True)
 app.add_typer(local_app, name="local")
+devices_app = typer.Typer(help="The device registry: create, list, get, block, unblock, delete.",
+                          no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
 
 err = Console(stderr=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+StackOpt = Annotated[
+    str | None,
+    typer.Option("--stack", help="A deployed Pulumi stack (reads `pulumi stack output --json`); "
+                                 "default: the running local stack."),
+]
 
 
 def emit(data: Any, as_json: bool, human: str | None = None) -> None:
@@ -37,7 +47,7 @@ def fail(reason: str, as_json: bool = False, code: int = 1) -> None:
     if as_json:
         typer.echo(json.dumps({"error": reason}))
     else:
-        err.print(f"[red]error:[/red] {reason}", highlight=False)
+        typer.echo(f"error: {reason}", err=True)
     raise typer.Exit(code)
 
 
@@ -97,6 +107,114 @@ def local_down(as_json: JsonFlag = False) -> None:
     """Stop every process the local stack started (also after a crash)."""
     stopped = LocalStack().down()
     emit({"stopped": stopped}, as_json, f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+def target_or_fail(stack: str | None, as_json: bool) -> Target:
+    try:
+        t = resolve(stack)
+    except TargetError as exc:
+        fail(str(exc), as_json)
+        raise  # unreachable: fail() exits
+    t.apply_env()
+    return t
+
+
+def open_registry(stack: str | None, as_json: bool):
+    from iotbridge.registry import Registry
+
+    t = target_or_fail(stack, as_json)
+    return registry_call(as_json, Registry, t.project_id, t.registry_id, t.region)
+
+
+def device_view(d) -> dict[str, Any]:
+    """A device for display: public keys summarised, never the key material in full."""
+    return {
+        "id": d.id, "num_id": d.num_id, "registry_id": d.registry_id, "blocked": d.blocked,
+        "credentials": [{"format": c.format, "expiration_time": c.expiration_time} for c in d.credentials],
+        "metadata": d.metadata, "config_version": d.config_version,
+        "last_config_ack_time": d.last_config_ack_time, "last_event_time": d.last_event_time,
+        "last_state_time": d.last_state_time, "last_heartbeat_time": d.last_heartbeat_time,
+    }
+
+
+def registry_call(as_json: bool, fn, *args, **kwargs):
+    from iotbridge.registry import RegistryError
+
+    try:
+        return fn(*args, **kwargs)
+    except (RegistryError, ValueError) as exc:
+        fail(str(exc), as_json)
+
+
+CredentialFormatOpt = Annotated[
+    str, typer.Option("--format", help="Credential format: ES256_PEM, RSA_PEM, RSA_X509_PEM or ES256_X509_PEM.")
+]
+
+
+@devices_app.command("create")
+def devices_create(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="Device id: [a-zA-Z][a-zA-Z0-9_.~%-]{2,254}.")],
+    public_key: Annotated[Path, typer.Option("--public-key", exists=True, dir_okay=False, readable=True,
+                                             help="PEM file: public key or X.509 certificate.")],
+    fmt: CredentialFormatOpt = "ES256_PEM",
+    stack: StackOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Register a device with one credential."""
+    from iotbridge.registry import Credential
+
+    reg = open_registry(stack, as_json)
+    cred = registry_call(as_json, Credential, fmt, public_key.read_text())
+    d = registry_call(as_json, reg.create_device, device_id, [cred])
+    emit(device_view(d), as_json, f"created {d.id} (num_id {d.num_id})")
+
+
+@devices_app.command("list")
+def devices_list(stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """All devices of the registry."""
+    reg = open_registry(stack, as_json)
+    devices = registry_call(as_json, reg.list_devices)
+    if as_json:
+        emit([device_view(d) for d in devices], True)
+        return
+    for d in devices:
+        typer.echo(f"{d.id:32} num_id {d.num_id:<20} {'BLOCKED' if d.blocked else 'active':8} "
+                   f"config v{d.config_version}  last event {d.last_event_time or '-'}")
+
+
+@devices_app.command("get")
+def devices_get(device_id: Annotated[str, typer.Argument(metavar="ID")], stack: StackOpt = None,
+                as_json: JsonFlag = False) -> None:
+    """One device."""
+    reg = open_registry(stack, as_json)
+    emit(device_view(registry_call(as_json, reg.get_device, device_id)), as_json)
+
+
+@devices_app.command("block")
+def devices_block(device_id: Annotated[str, typer.Argument(metavar="ID")], stack: StackOpt = None,
+                  as_json: JsonFlag = False) -> None:
+    """Block a device: it is refused, and dropped if connected."""
+    reg = open_registry(stack, as_json)
+    d = registry_call(as_json, reg.set_blocked, device_id, True)
+    emit(device_view(d), as_json, f"blocked {device_id}")
+
+
+@devices_app.command("unblock")
+def devices_unblock(device_id: Annotated[str, typer.Argument(metavar="ID")], stack: StackOpt = None,
+                    as_json: JsonFlag = False) -> None:
+    """Allow a blocked device to connect again."""
+    reg = open_registry(stack, as_json)
+    d = registry_call(as_json, reg.set_blocked, device_id, False)
+    emit(device_view(d), as_json, f"unblocked {device_id}")
+
+
+@devices_app.command("delete")
+def devices_delete(device_id: Annotated[str, typer.Argument(metavar="ID")], stack: StackOpt = None,
+                   as_json: JsonFlag = False) -> None:
+    """Delete a device and its config versions."""
+    reg = open_registry(stack, as_json)
+    registry_call(as_json, reg.delete_device, device_id)
+    emit({"deleted": device_id}, as_json, f"deleted {device_id}")
 
 
 def main() -> None:  # pragma: no cover - console entry point
