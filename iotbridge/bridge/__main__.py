@@ -1,0 +1,111 @@
+"""python -m iotbridge.bridge — run the parts of one broker host.
+
+  init     write settings.json, secrets.json (0600), a local CA + server certificate and mosquitto.conf
+  front    the TLS front devices connect to (needs FIRESTORE_EMULATOR_HOST locally, ADC in the cloud)
+  service  the bridge service Mosquitto ⇄ Pub/Sub (needs PUBSUB_EMULATOR_HOST / FIRESTORE_EMULATOR_HOST locally)
+  run      init if needed, then Mosquitto + service + front until Ctrl-C (local use)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from iotbridge.bridge.settings import BridgeSettings
+
+
+def _registry(settings: BridgeSettings):  # noqa: ANN202
+    from iotbridge.registry import Registry
+
+    return Registry(settings.project, settings.registry_id, settings.region)
+
+
+def run_front(settings: BridgeSettings) -> None:
+    from iotbridge.bridge.front import Front, server_ssl_context
+
+    secrets = settings.secrets()
+
+    async def main() -> None:
+        front = Front(settings, _registry(settings), server_ssl_context(settings.tls_cert, settings.tls_key),
+                      front_password=secrets["front"], control_password=secrets["bridge"])
+        await front.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await front.stop()
+
+    asyncio.run(main())
+
+
+def run_service(settings: BridgeSettings) -> None:
+    from iotbridge.bridge.service import BridgeService
+
+    service = BridgeService(settings, _registry(settings), settings.secrets()["bridge"])
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    stop.wait()
+    service.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iotbridge.bridge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    init = sub.add_parser("init", help="write the settings of a local broker host")
+    run = sub.add_parser("run", help="Mosquitto + service + front on this machine until Ctrl-C")
+    for p in (init, run):
+        p.add_argument("--workdir", type=Path, required=True)
+        p.add_argument("--project", required=True)
+        p.add_argument("--region", required=True)
+        p.add_argument("--registry", required=True)
+        p.add_argument("--prefix", required=True, help="topic prefix, e.g. iot-local")
+    init.add_argument("--front-port", type=int, help="TLS port for devices (default: a free port)")
+    init.add_argument("--broker-port", type=int, help="loopback Mosquitto port (default: a free port)")
+    for name, text in (("front", "the TLS front"), ("service", "the bridge service")):
+        p = sub.add_parser(name, help=f"run {text}")
+        p.add_argument("--settings", type=Path, required=True, help="settings.json written by `init`")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("google").setLevel(logging.WARNING)
+
+    if args.cmd == "init":
+        from iotbridge.bridge.stack import init_host
+
+        s = init_host(args.workdir, args.project, args.region, args.registry, args.prefix,
+                      front_port=args.front_port, broker_port=args.broker_port)
+        print(f"wrote {args.workdir}/settings.json; devices: {s.front_host}:{s.front_port}, "
+              f"CA {args.workdir}/tls/ca.pem")
+    elif args.cmd == "front":
+        run_front(BridgeSettings.load(args.settings))
+    elif args.cmd == "service":
+        run_service(BridgeSettings.load(args.settings))
+    else:
+        import os
+
+        from iotbridge.bridge.stack import start_bridge_stack
+
+        stack = start_bridge_stack(args.workdir, args.project, args.region, args.registry, args.prefix,
+                                   env=dict(os.environ))
+        print(f"bridge up: devices connect to {stack.mqtt_host}:{stack.mqtt_port} with CA {stack.ca_cert}",
+              flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,395 @@
+"""The MQTT-aware TLS front: IoT Core device authentication in front of a loopback-only Mosquitto.
+
+Mosquitto cannot check IoT Core JWTs, so every device connection ends here first:
+
+1. TLS 1.2+ is terminated (a plaintext client never gets past the handshake).
+2. The CONNECT packet is read and checked: MQTT 3.1.1 or 5; client id
+   ``projects/{p}/locations/{r}/registries/{reg}/devices/{d}`` of this deployment; the device exists and is not
+   blocked; the password is a JWT signed by one of its unexpired credentials (:mod:`iotbridge.bridge.auth`);
+   a will message may only target the device's own telemetry/state topics.
+3. The CONNECT is re-encoded for the loopback listener: client id = device id (so Mosquitto's client-id
+   takeover keeps one live connection per device, and its ACL ``pattern`` lines on ``%c`` confine the session to
+   that device's topics), user ``front`` with the front's password, clean session (commands are not stored).
+4. Bytes are relayed both ways, packet by packet. Device→broker PUBLISH and SUBSCRIBE packets are checked
+   (own topics only, QoS ≤ 1, events ≤ 256 KB, state ≤ 64 KB); a violation closes the connection and nothing
+   of the offending packet is forwarded. A SUBSCRIBE asking QoS 2 is granted QoS 1.
+5. The session is closed at the token's ``exp``; connected devices are re-read from the registry every
+   ``recheck_interval_s`` and dropped when blocked or deleted.
+6. A config the broker delivers at QoS 1 is acknowledged in the registry when the device's PUBACK passes
+   (IoT Core recorded the ack the same way; a QoS 0 config subscription gets no ack).
+7. At connect, the front asks the bridge service (``iotbridge/sync``) to make sure the broker holds the
+   device's latest config as a retained message — so a device gets its config on whichever host it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import paho.mqtt.client as paho
+
+from iotbridge.bridge import mqtt
+from iotbridge.bridge import fanout
+from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
+from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
+from iotbridge.registry import DeviceNotFound, Registry
+
+log = logging.getLogger("iotbridge.front")
+
+CONNECT_TIMEOUT_S = 10.0
+MAX_CONNECT_BYTES = 16 * 1024
+# Largest device→broker packet read at all: a 256 KB event plus its topic and MQTT 5 properties.
+MAX_DEVICE_PACKET = EVENTS_MAX_BYTES + 70 * 1024
+MAX_BROKER_PACKET = 2 * 1024 * 1024
+SYNC_TOPIC = "iotbridge/sync"
+
+
+def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def topic_kind(topic: str, device_id: str) -> str | None:
+    """'events' or 'state' when a device may publish to ``topic``; None otherwise."""
+    base = f"/devices/{device_id}/"
+    if not topic.startswith(base):
+        return None
+    rest = topic[len(base):]
+    if rest == "state":
+        return "state"
+    if rest == "events" or (rest.startswith("events/") and len(rest) > len("events/")):
+        return None if ("+" in rest or "#" in rest) else "events"
+    return None
+
+
+def subscription_allowed(topic_filter: str, device_id: str) -> bool:
+    base = f"/devices/{device_id}/"
+    if not topic_filter.startswith(base):
+        return False
+    rest = topic_filter[len(base):]
+    if rest in ("config", "commands", "commands/#"):
+        return True
+    if rest.startswith("commands/"):
+        sub = rest[len("commands/"):]
+        head = sub[:-2] if sub.endswith("/#") else sub
+        return bool(head) and "+" not in head and "#" not in head
+    return False
+
+
+class Dropped(Exception):
+    """The front closes this session; the message is the logged reason."""
+
+
+@dataclass(eq=False)
+class Session:
+    device_id: str
+    level: int
+    expires_at: datetime
+    peer: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+    config_inflight: dict[int, str] = field(default_factory=dict)  # broker packet id -> sha256 of the config
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    presence_time: object = None
+
+    def close(self, reason: str) -> None:
+        if not self.done.is_set():
+            self.reason = reason
+            self.done.set()
+
+
+class Front:
+    def __init__(self, settings: BridgeSettings, registry: Registry, ssl_context: ssl.SSLContext,
+                 front_password: str, control_password: str | None = None):
+        self.settings = settings
+        self.registry = registry
+        self.ssl_context = ssl_context
+        self._front_password = front_password.encode()
+        self._control_password = control_password
+        self.sessions: set[Session] = set()
+        self._server: asyncio.Server | None = None
+        self._control: paho.Client | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats = {"accepted": 0, "refused": 0, "dropped": 0}
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._control_password is not None:
+            self._control = self._control_client(self._control_password)
+        self._server = await asyncio.start_server(
+            self._handle, self.settings.front_host, self.settings.front_port, ssl=self.ssl_context,
+            ssl_handshake_timeout=CONNECT_TIMEOUT_S,
+        )
+        self._spawn(self._recheck_loop())
+        log.info("front listening on %s:%d (TLS) -> broker %s:%d", self.settings.front_host,
+                 self.settings.front_port, self.settings.broker_host, self.settings.broker_port)
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.close()
+        for s in list(self.sessions):
+            s.close("front stopping")
+        for t in list(self._tasks):
+            t.cancel()
+        if self._control:
+            self._control.loop_stop()
+            self._control.disconnect()
+
+    def _spawn(self, coro) -> None:  # noqa: ANN001
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _control_client(self, password: str) -> paho.Client:
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:front:{self.settings.host_id}",
+                        clean_session=True)
+        c.username_pw_set("bridge", password)
+        c.max_queued_messages_set(0)
+        c.connect_async(self.settings.broker_host, self.settings.broker_port, keepalive=30)
+        c.loop_start()
+        return c
+
+    # ---------------------------------------------------------------------------------- one connection
+
+    async def _handle(self, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter) -> None:
+        peer = str(dwriter.get_extra_info("peername"))
+        bwriter: asyncio.StreamWriter | None = None
+        session: Session | None = None
+        try:
+            try:
+                first, body, _ = await asyncio.wait_for(mqtt.read_packet(dreader, MAX_CONNECT_BYTES),
+                                                        CONNECT_TIMEOUT_S)
+            except (TimeoutError, asyncio.IncompleteReadError, mqtt.ProtocolError, ConnectionError, ssl.SSLError):
+                self._refused(peer, "no CONNECT")
+                return
+            if first >> 4 != mqtt.CONNECT:
+                self._refused(peer, "first packet is not CONNECT")
+                return
+            try:
+                connect = mqtt.parse_connect(body)
+            except mqtt.UnsupportedProtocol as exc:
+                await self._refuse(dwriter, mqtt.MQTT_311, mqtt.REFUSE_PROTOCOL, peer, str(exc))
+                return
+            except mqtt.ProtocolError as exc:
+                self._refused(peer, f"malformed CONNECT: {exc}")
+                return
+            session, breader, bwriter = await self._authenticate(connect, dwriter, peer)
+            if session is None:
+                return
+            await self._relay(session, dreader, dwriter, breader, bwriter)
+        finally:
+            if session is not None:
+                self.sessions.discard(session)
+                if session.presence_time is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(fanout.mark_disconnected, self.registry.client,
+                                                self.registry.registry_id, session.device_id, session.presence_time)
+                log.info("device %s disconnected: %s", session.device_id, session.reason or "closed")
+            for w in (dwriter, bwriter):
+                if w is not None:
+                    w.close()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(w.wait_closed(), 2)
+
+    def _refused(self, peer: str, reason: str) -> None:
+        self.stats["refused"] += 1
+        log.warning("refused %s: %s", peer, reason)
+
+    async def _refuse(self, w: asyncio.StreamWriter, level: int, codes: dict[int, int], peer: str,
+                      reason: str) -> None:
+        self._refused(peer, reason)
+        with contextlib.suppress(Exception):
+            w.write(mqtt.connack(level, codes[level]))
+            await asyncio.wait_for(w.drain(), 2)
+
+    async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str):  # noqa: ANN202
+        level = c.level
+        s = self.settings
+        none = (None, None, None)
+        try:
+            device_id = parse_client_id(c.client_id, s.project, s.region, s.registry_id)
+        except ClientIdError as exc:
+            await self._refuse(dwriter, level, mqtt.REFUSE_CLIENT_ID, peer, str(exc))
+            return none
+        who = f"{peer} as {device_id}"
+        if not c.password:
+            await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, "no password (anonymous)")
+            return none
+        try:
+            device = await asyncio.to_thread(self.registry.get_device, device_id)
+        except DeviceNotFound:
+            await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "unknown device")
+            return none
+        except Exception as exc:  # registry unreachable: refuse, the device retries
+            await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"registry error {type(exc).__name__}")
+            return none
+        if device.blocked:
+            await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "device is blocked")
+            return none
+        try:
+            token = verify_jwt(c.password, device.credentials, audience=s.project)
+        except AuthError as exc:
+            await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, str(exc))
+            return none
+        if c.will_topic is not None:
+            kind = topic_kind(c.will_topic, device_id)
+            limit = STATE_MAX_BYTES if kind == "state" else EVENTS_MAX_BYTES
+            if kind is None or c.will_qos > 1 or len(c.will_payload) > limit:
+                await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "will message not allowed")
+                return none
+        try:
+            breader, bwriter = await asyncio.open_connection(s.broker_host, s.broker_port)
+        except OSError as exc:
+            await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"broker unreachable: {exc}")
+            return none
+        bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
+        session = Session(device_id=device_id, level=level, expires_at=token.expires_at, peer=peer)
+        self.sessions.add(session)
+        try:
+            session.presence_time = await asyncio.to_thread(
+                fanout.mark_connected, self.registry.client, s.registry_id, device_id, s.host_id, session.id,
+                token.expires_at)
+        except Exception as exc:  # presence only serves command senders; the device may still connect
+            log.warning("presence of %s not recorded: %s", device_id, exc)
+        self.stats["accepted"] += 1
+        if self._control is not None:
+            self._control.publish(SYNC_TOPIC, device_id.encode(), qos=1)
+        log.info("device %s connected from %s (%s, MQTT level %d, token until %s)", device_id, peer,
+                 token.algorithm, level, token.expires_at.isoformat())
+        return session, breader, bwriter
+
+    async def _relay(self, session: Session, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter,
+                     breader: asyncio.StreamReader, bwriter: asyncio.StreamWriter) -> None:
+        tasks = [
+            asyncio.ensure_future(self._device_to_broker(session, dreader, bwriter)),
+            asyncio.ensure_future(self._broker_to_device(session, breader, dwriter)),
+            asyncio.ensure_future(self._expire(session)),
+            asyncio.ensure_future(session.done.wait()),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if session.reason.startswith(("refused:", "token expired", "device ")):
+            self.stats["dropped"] += 1
+
+    async def _expire(self, session: Session) -> None:
+        await asyncio.sleep(max(0.0, session.expires_at.timestamp() - time.time()))
+        session.close("token expired")
+
+    async def _device_to_broker(self, session: Session, dreader: asyncio.StreamReader,
+                                bwriter: asyncio.StreamWriter) -> None:
+        dev = session.device_id
+        try:
+            while True:
+                first, body, raw = await mqtt.read_packet(dreader, MAX_DEVICE_PACKET)
+                kind = first >> 4
+                if kind == mqtt.PUBLISH:
+                    p = mqtt.parse_publish(first, body, session.level)
+                    if p.qos > 1:
+                        raise Dropped(f"QoS {p.qos} publish")
+                    if p.topic_alias is not None:
+                        raise Dropped("topic aliases are not supported")
+                    tk = topic_kind(p.topic, dev)
+                    if tk is None:
+                        raise Dropped(f"publish to {p.topic!r} not allowed")
+                    limit = STATE_MAX_BYTES if tk == "state" else EVENTS_MAX_BYTES
+                    if p.payload_len > limit:
+                        raise Dropped(f"{tk} payload of {p.payload_len} bytes exceeds {limit}")
+                elif kind == mqtt.SUBSCRIBE:
+                    sub = mqtt.parse_subscribe(body, session.level)
+                    head = len(raw) - len(body)
+                    patched = bytearray(raw)
+                    for f, opts, off in sub.filters:
+                        if not subscription_allowed(f, dev):
+                            raise Dropped(f"subscribe to {f!r} not allowed")
+                        if opts & 0x03 == 2:
+                            patched[head + off] = (opts & ~0x03) | 0x01
+                    raw = bytes(patched)
+                elif kind == mqtt.PUBACK:
+                    pid = mqtt.packet_id_of_ack(body)
+                    digest = session.config_inflight.pop(pid, None)
+                    if digest is not None:
+                        self._spawn(self._ack_config(dev, digest))
+                elif kind == mqtt.CONNECT:
+                    raise Dropped("second CONNECT")
+                elif kind in (mqtt.PUBREC, mqtt.PUBREL, mqtt.PUBCOMP):
+                    raise Dropped("QoS 2 flow")
+                bwriter.write(raw)
+                await bwriter.drain()
+                if kind == mqtt.DISCONNECT:
+                    session.close("device disconnected")
+                    return
+        except Dropped as exc:
+            log.warning("device %s refused: %s", dev, exc)
+            session.close(f"refused: {exc}")
+        except mqtt.ProtocolError as exc:
+            session.close(f"refused: protocol error: {exc}")
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            session.close("device closed the connection")
+
+    async def _broker_to_device(self, session: Session, breader: asyncio.StreamReader,
+                                dwriter: asyncio.StreamWriter) -> None:
+        config_topic = f"/devices/{session.device_id}/config"
+        try:
+            while True:
+                first, body, raw = await mqtt.read_packet(breader, MAX_BROKER_PACKET)
+                if first >> 4 == mqtt.PUBLISH and (first >> 1) & 0x03 == 1:
+                    p = mqtt.parse_publish(first, body, session.level)
+                    if p.topic == config_topic and p.packet_id is not None:
+                        session.config_inflight[p.packet_id] = hashlib.sha256(body[p.payload_offset:]).hexdigest()
+                dwriter.write(raw)
+                await dwriter.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, mqtt.ProtocolError, ssl.SSLError):
+            session.close("broker closed the connection")
+
+    async def _ack_config(self, device_id: str, digest: str) -> None:
+        def ack() -> None:
+            for cfg in self.registry.list_config_versions(device_id):
+                if hashlib.sha256(cfg.data).hexdigest() == digest:
+                    self.registry.ack_config(device_id, cfg.version, datetime.now(UTC))
+                    return
+            log.warning("device %s acked a config that matches no stored version", device_id)
+
+        try:
+            await asyncio.to_thread(ack)
+        except Exception as exc:  # the device keeps working; only the ack time is missing
+            log.warning("could not record config ack of %s: %s", device_id, exc)
+
+    # ---------------------------------------------------------------------------------- registry watch
+
+    async def _recheck_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.recheck_interval_s)
+            await self.recheck()
+
+    async def recheck(self) -> None:
+        """Drop sessions whose device is now blocked or deleted."""
+        by_device: dict[str, list[Session]] = {}
+        for s in list(self.sessions):
+            by_device.setdefault(s.device_id, []).append(s)
+        for device_id, sessions in by_device.items():
+            try:
+                device = await asyncio.to_thread(self.registry.get_device, device_id)
+                reason = "device blocked" if device.blocked else ""
+            except DeviceNotFound:
+                reason = "device deleted"
+            except Exception as exc:  # registry briefly unreachable: keep the sessions, try next round
+                log.warning("registry recheck of %s failed: %s", device_id, exc)
+                continue
+            if reason:
+                for s in sessions:
+                    log.warning("dropping %s: %s", device_id, reason)
+                    s.close(reason)

@@ -1,0 +1,347 @@
+"""The bridge service: Mosquitto ⇄ Pub/Sub, at least once (CONTRACTS §2).
+
+Device → cloud. A privileged MQTT client (user ``bridge``, client id ``iotbridge:bridge:{host}``) keeps a
+persistent session (clean session off, QoS 1) on the loopback listener, subscribed to ``/devices/+/events/#``
+(which also matches ``/devices/+/events``) and ``/devices/+/state``. Each message is published to Pub/Sub —
+telemetry to the telemetry topic or the first matching subfolder route, state to the state topic — with IoT
+Core's attributes taken from the topic's device id, which the broker's ACL guarantees is the authenticated
+device. The broker gets its PUBACK (paho manual ack) only after the Pub/Sub publish future resolved; a failed
+publish is retried until it succeeds. Killed mid-stream, the bridge loses nothing: Mosquitto redelivers every
+unacknowledged message to the persistent session when it reconnects (duplicates possible, counted downstream).
+
+Cloud → device. Configs and commands arrive on the ``device-commands`` fan-out topic; each host's bridge has
+its own subscription (``{prefix}-device-commands-{host}``) so whichever host a device is on gets them.
+Configs are published retained at QoS 1 on ``/devices/{id}/config`` (latest version only: a version not newer
+than the one this bridge last published is skipped); commands at QoS 1, not retained, on
+``/devices/{id}/commands[/{subfolder}]`` — Mosquitto delivers them only to a connected subscriber, and device
+sessions are clean, so nothing is stored. The front asks for a config sync (``iotbridge/sync``) whenever a
+device connects, which covers hosts that joined after the config was fanned out and a broker that lost state.
+
+Registry activity (last event / state) is coalesced and written every few seconds, not per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import paho.mqtt.client as paho
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+
+from iotbridge import spec
+from iotbridge.bridge.front import SYNC_TOPIC
+from iotbridge.bridge.settings import BridgeSettings
+from iotbridge.registry import DeviceNotFound, Registry
+
+log = logging.getLogger("iotbridge.bridge")
+
+FANOUT_KIND_CONFIG = "config"
+FANOUT_KIND_COMMAND = "command"
+DEVICE_CACHE_TTL_S = 300.0
+REGISTRY_FLUSH_S = 2.0
+RETRY_MAX_S = 30.0
+
+
+def fanout_subscription(prefix: str, host_id: str) -> str:
+    return f"{spec.topic_name(prefix, 'device-commands')}-{host_id}"
+
+
+@dataclass(frozen=True)
+class Parsed:
+    device_id: str
+    kind: str  # "events" | "state"
+    sub_folder: str
+
+
+def parse_topic(topic: str) -> Parsed | None:
+    parts = topic.split("/", 4)
+    # "", "devices", id, kind[, subfolder]
+    if len(parts) < 4 or parts[0] != "" or parts[1] != "devices":
+        return None
+    if parts[3] == "state" and len(parts) == 4:
+        return Parsed(parts[2], "state", "")
+    if parts[3] == "events":
+        return Parsed(parts[2], "events", parts[4] if len(parts) == 5 else "")
+    return None
+
+
+class BridgeService:
+    def __init__(self, settings: BridgeSettings, registry: Registry, password: str,
+                 publisher: pubsub_v1.PublisherClient | None = None,
+                 subscriber: pubsub_v1.SubscriberClient | None = None):
+        self.s = settings
+        self.registry = registry
+        project = settings.project
+        self.publisher = publisher or pubsub_v1.PublisherClient(
+            batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005))
+        self.subscriber = subscriber or pubsub_v1.SubscriberClient()
+        self.telemetry_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "telemetry"))
+        self.state_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "state"))
+        self.routes = {r.sub_folder: self.publisher.topic_path(project, r.topic) for r in settings.routes}
+        self.fanout_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "device-commands"))
+        self.fanout_sub = self.subscriber.subscription_path(project, fanout_subscription(settings.prefix,
+                                                                                           settings.host_id))
+        self._devices: dict[str, tuple[float, str]] = {}  # device id -> (fetched at, num id)
+        self._devices_lock = threading.Lock()
+        self._work: queue.Queue[tuple[paho.MQTTMessage, int] | None] = queue.Queue()
+        # Bumped on every broker (re)connect. An ack for a message received on an earlier connection is not
+        # sent: the broker redelivers that message with the same packet id, which could by then name another
+        # message — acking it before Pub/Sub accepted it would break at-least-once.
+        self._generation = 0
+        self._config_work: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
+        self._published_config: dict[str, int] = {}
+        self._activity_lock = threading.Lock()
+        self._events_seen: dict[str, datetime] = {}
+        self._states_seen: dict[str, tuple[bytes, datetime]] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pull_future = None
+        self.stats_lock = threading.Lock()
+        self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0}
+        self.mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
+                                clean_session=False, manual_ack=True)
+        self.mqtt.username_pw_set("bridge", password)
+        self.mqtt.max_inflight_messages_set(1000)
+        self.mqtt.max_queued_messages_set(0)
+        self.mqtt.reconnect_delay_set(0.2, 5)
+        self.mqtt.on_connect = self._on_connect
+        self.mqtt.on_message = self._on_message
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    def start(self, workers: int = 2) -> None:
+        self._ensure_fanout_subscription()
+        for i in range(workers):
+            self._thread(self._forward_loop, f"forward-{i}")
+        self._thread(self._config_loop, "configs")
+        self._thread(self._activity_loop, "registry")
+        self.mqtt.connect_async(self.s.broker_host, self.s.broker_port, keepalive=30)
+        self.mqtt.loop_start()
+        self._pull_future = self.subscriber.subscribe(
+            self.fanout_sub, self._on_fanout,
+            flow_control=pubsub_v1.types.FlowControl(max_messages=100))
+        log.info("bridge %s started: broker %s:%d, telemetry %s", self.s.host_id, self.s.broker_host,
+                 self.s.broker_port, self.telemetry_topic)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._pull_future is not None:
+            self._pull_future.cancel()
+        self.mqtt.disconnect()
+        self.mqtt.loop_stop()
+        for _ in self._threads:
+            self._work.put(None)
+            self._config_work.put(None)
+        self._flush_activity()
+
+    def _thread(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _ensure_fanout_subscription(self) -> None:
+        try:
+            self.subscriber.create_subscription(request={
+                "name": self.fanout_sub, "topic": self.fanout_topic, "ack_deadline_seconds": 60,
+                # A host that is gone for a day loses its subscription instead of piling up messages.
+                "expiration_policy": {"ttl": {"seconds": 24 * 3600}},
+            })
+            log.info("created fan-out subscription %s", self.fanout_sub)
+        except gexc.AlreadyExists:
+            pass
+
+    # ---------------------------------------------------------------------------------- device → cloud
+
+    def _on_connect(self, client: paho.Client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            log.error("broker refused the bridge: %s", reason_code)
+            return
+        # A restarted broker may have lost retained configs: let the next sync republish them.
+        self._published_config.clear()
+        self._generation += 1
+        client.subscribe([("/devices/+/events/#", 1), ("/devices/+/state", 1), (SYNC_TOPIC, 1)])
+        log.info("bridge connected to broker (session present: %s)", flags.session_present)
+
+    def _on_message(self, client: paho.Client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
+        if msg.topic == SYNC_TOPIC:
+            device_id = msg.payload.decode(errors="replace")
+            mid, qos, gen = msg.mid, msg.qos, self._generation
+            self._config_work.put((device_id, lambda: self._sync_config(device_id, mid, qos, gen)))
+            return
+        self._work.put((msg, self._generation))
+
+    def _num_id(self, device_id: str) -> str:
+        now = time.monotonic()
+        with self._devices_lock:
+            hit = self._devices.get(device_id)
+        if hit and now - hit[0] < DEVICE_CACHE_TTL_S:
+            return hit[1]
+        try:
+            num_id = self.registry.get_device(device_id).num_id
+        except DeviceNotFound:
+            # Authenticated when it was published, deleted since: still forwarded, never dropped.
+            num_id = hit[1] if hit else ""
+        with self._devices_lock:
+            self._devices[device_id] = (now, num_id)
+        return num_id
+
+    def _forward_loop(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            msg, gen = item
+            try:
+                self._forward(msg, gen)
+            except Exception:  # keep the worker alive; the message stays unacked and is redelivered
+                log.exception("forwarding %s failed", msg.topic)
+
+    def _forward(self, msg: paho.MQTTMessage, gen: int) -> None:
+        with self.stats_lock:
+            self.stats["received"] += 1
+        parsed = parse_topic(msg.topic)
+        if parsed is None:
+            log.warning("unexpected topic %r acknowledged without forwarding", msg.topic)
+            self._ack(msg.mid, msg.qos, gen)
+            return
+        attrs = {
+            "deviceId": parsed.device_id,
+            "deviceNumId": self._num_id(parsed.device_id),
+            "deviceRegistryId": self.s.registry_id,
+            "deviceRegistryLocation": self.s.region,
+            "projectId": self.s.project,
+        }
+        if parsed.kind == "state":
+            topic = self.state_topic
+        else:
+            topic = self.routes.get(parsed.sub_folder, self.telemetry_topic)
+            if parsed.sub_folder:
+                attrs["subFolder"] = parsed.sub_folder
+        payload = bytes(msg.payload)
+        now = datetime.now(UTC)
+        with self._activity_lock:
+            if parsed.kind == "state":
+                self._states_seen[parsed.device_id] = (payload, now)
+            else:
+                self._events_seen[parsed.device_id] = now
+        self._publish(topic, payload, attrs, msg.mid, msg.qos, gen, attempt=0)
+
+    def _publish(self, topic: str, data: bytes, attrs: dict[str, str], mid: int, qos: int, gen: int,
+                 attempt: int) -> None:
+        future = self.publisher.publish(topic, data, **attrs)
+
+        def done(f: Future) -> None:  # type: ignore[type-arg]
+            exc = f.exception()
+            if exc is None:
+                with self.stats_lock:
+                    self.stats["forwarded"] += 1
+                self._ack(mid, qos, gen)
+                return
+            with self.stats_lock:
+                self.stats["publish_errors"] += 1
+            if self._stop.is_set() or gen != self._generation:
+                return  # unacked: the broker redelivers it to this session or the next one
+            delay = min(RETRY_MAX_S, 0.5 * 2 ** attempt)
+            log.warning("Pub/Sub publish failed (%s); retrying in %.1fs", type(exc).__name__, delay)
+            timer = threading.Timer(delay, self._publish, (topic, data, attrs, mid, qos, gen, attempt + 1))
+            timer.daemon = True
+            timer.start()
+
+        future.add_done_callback(done)
+
+    def _ack(self, mid: int, qos: int, gen: int, count: bool = True) -> None:
+        if qos > 0 and gen == self._generation:
+            self.mqtt.ack(mid, qos)
+        if count:
+            with self.stats_lock:
+                self.stats["acked"] += 1
+
+    # ---------------------------------------------------------------------------------- registry activity
+
+    def _activity_loop(self) -> None:
+        while not self._stop.wait(REGISTRY_FLUSH_S):
+            self._flush_activity()
+
+    def _flush_activity(self) -> None:
+        with self._activity_lock:
+            events, self._events_seen = self._events_seen, {}
+            states, self._states_seen = self._states_seen, {}
+        for device_id, when in events.items():
+            try:
+                self.registry.record_event(device_id, when)
+            except Exception as exc:  # activity timestamps are best effort, like IoT Core's
+                log.debug("record_event %s: %s", device_id, exc)
+        for device_id, (data, when) in states.items():
+            try:
+                self.registry.record_state(device_id, data, when)
+            except Exception as exc:
+                log.debug("record_state %s: %s", device_id, exc)
+
+    # ---------------------------------------------------------------------------------- cloud → device
+
+    def _on_fanout(self, message) -> None:  # noqa: ANN001 - pubsub_v1 Message
+        attrs = dict(message.attributes)
+        kind, device_id = attrs.get("kind"), attrs.get("deviceId", "")
+        if kind == FANOUT_KIND_CONFIG:
+            version = int(attrs.get("version", "0"))
+            data = bytes(message.data)
+            self._config_work.put((device_id, lambda: self._deliver_config(device_id, version, data, message)))
+        elif kind == FANOUT_KIND_COMMAND:
+            topic = f"/devices/{device_id}/commands"
+            if attrs.get("subFolder"):
+                topic += f"/{attrs['subFolder']}"
+            info = self.mqtt.publish(topic, bytes(message.data), qos=1, retain=False)
+            info.wait_for_publish(timeout=30)
+            with self.stats_lock:
+                self.stats["commands"] += 1
+            message.ack()
+        else:
+            log.warning("fan-out message of unknown kind %r dropped", kind)
+            message.ack()
+
+    def _config_loop(self) -> None:
+        while True:
+            item = self._config_work.get()
+            if item is None:
+                return
+            try:
+                item[1]()
+            except Exception:
+                log.exception("config delivery for %s failed", item[0])
+
+    def _publish_config(self, device_id: str, version: int, data: bytes) -> bool:
+        if version <= self._published_config.get(device_id, 0):
+            return False
+        info = self.mqtt.publish(f"/devices/{device_id}/config", data, qos=1, retain=True)
+        info.wait_for_publish(timeout=30)
+        if not info.is_published():
+            raise TimeoutError(f"broker did not acknowledge config v{version} of {device_id}")
+        self._published_config[device_id] = version
+        with self.stats_lock:
+            self.stats["configs"] += 1
+        return True
+
+    def _deliver_config(self, device_id: str, version: int, data: bytes, message) -> None:  # noqa: ANN001
+        try:
+            self._publish_config(device_id, version, data)
+        except Exception:
+            message.nack()  # redelivered by Pub/Sub
+            raise
+        message.ack()
+
+    def _sync_config(self, device_id: str, mid: int, qos: int, gen: int) -> None:
+        try:
+            cfg = self.registry.get_config(device_id)
+            if cfg is not None:
+                self._publish_config(device_id, cfg.version, cfg.data)
+        except DeviceNotFound:
+            pass
+        finally:
+            self._ack(mid, qos, gen, count=False)

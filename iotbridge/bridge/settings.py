@@ -1,0 +1,166 @@
+"""Settings of one broker host: the TLS front, the loopback Mosquitto and the bridge service.
+
+One JSON file describes a host (``BridgeSettings.load``); secrets live in a separate 0600 JSON file
+(``secrets_file``) so that the settings can be logged and shown. In the cloud the startup script writes both,
+the secrets taken from Secret Manager.
+
+Identities on the loopback listener (Mosquitto ``password_file``):
+
+- ``front``   — every device session relayed by the front. Its client id is the authenticated device id, and
+  the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it.
+- ``bridge``  — the bridge service and the front's control connection: reads device traffic, writes configs
+  and commands.
+- ``backend`` — a backend publisher (e.g. an operator tool on the host): writes ``/devices/+/config`` and
+  ``/devices/+/commands/#`` only.
+
+Backend client ids carry a ``:``, which no device id may contain, so no device can take over their sessions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+EVENTS_MAX_BYTES = 256 * 1024
+STATE_MAX_BYTES = 64 * 1024
+MAX_ROUTES = 10
+BACKEND_USERS = ("front", "bridge", "backend")
+
+
+@dataclass(frozen=True)
+class Route:
+    sub_folder: str
+    topic: str  # a full Pub/Sub topic id within the project (e.g. "iot-dev-device-logs")
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    project: str
+    region: str
+    registry_id: str
+    prefix: str  # topic names: iotbridge.spec.topic_name(prefix, key)
+    host_id: str = "local"  # names this host's subscription to the device-commands fan-out
+    front_host: str = "127.0.0.1"
+    front_port: int = 8883
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    tls_cert: str = ""
+    tls_key: str = ""
+    secrets_file: str = ""
+    routes: tuple[Route, ...] = ()
+    recheck_interval_s: float = 5.0  # how often connected devices are re-read (blocked/deleted → dropped)
+    workdir: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.routes) > MAX_ROUTES:
+            raise ValueError(f"at most {MAX_ROUTES} subfolder routes, got {len(self.routes)}")
+
+    def dump(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> BridgeSettings:
+        raw = json.loads(Path(path).read_text())
+        raw["routes"] = tuple(Route(**r) for r in raw.get("routes", ()))
+        return cls(**raw)
+
+    def secrets(self) -> dict[str, str]:
+        return load_secrets(Path(self.secrets_file))
+
+
+def new_secrets() -> dict[str, str]:
+    return {user: secrets.token_urlsafe(24) for user in BACKEND_USERS}
+
+
+def write_secrets(path: Path, values: dict[str, str]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(values, f)
+
+
+def load_secrets(path: Path) -> dict[str, str]:
+    values = json.loads(path.read_text())
+    missing = [u for u in BACKEND_USERS if u not in values]
+    if missing:
+        raise ValueError(f"{path}: missing passwords for {missing}")
+    return values
+
+
+def mosquitto_password_line(user: str, password: str, salt: bytes | None = None) -> str:
+    """A ``password_file`` line in Mosquitto 2.0's PBKDF2-SHA512 format (what ``mosquitto_passwd`` writes)."""
+    salt = salt or secrets.token_bytes(12)
+    iterations = 101
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"{user}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+ACL = """\
+# Devices reach this listener only through the TLS front, as user `front` with client id = their
+# authenticated device id (%c). Device ids cannot contain '+', '#' or '/', so %c cannot widen a pattern.
+pattern write /devices/%c/events
+pattern write /devices/%c/events/#
+pattern write /devices/%c/state
+pattern read /devices/%c/config
+pattern read /devices/%c/commands
+pattern read /devices/%c/commands/#
+
+user bridge
+topic read /devices/+/events
+topic read /devices/+/events/#
+topic read /devices/+/state
+topic readwrite /devices/+/config
+topic write /devices/+/commands
+topic write /devices/+/commands/#
+topic readwrite iotbridge/sync
+
+user backend
+topic write /devices/+/config
+topic write /devices/+/commands
+topic write /devices/+/commands/#
+"""
+
+
+def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool = True) -> str:
+    """Write the password and ACL files into ``workdir`` and return the mosquitto.conf text."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    pw = settings.secrets()
+    passwd = workdir / "passwd"
+    fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(mosquitto_password_line(u, pw[u]) for u in BACKEND_USERS) + "\n")
+    (workdir / "acl").write_text(ACL)
+    (workdir / "data").mkdir(exist_ok=True)
+    lines = [
+        "# Generated by iotbridge.bridge.settings.mosquitto_config; devices never reach this listener directly.",
+        *(["user root"] if run_as_root else []),
+        "per_listener_settings false",
+        f"listener {settings.broker_port} {settings.broker_host}",
+        "allow_anonymous false",
+        f"password_file {passwd}",
+        f"acl_file {workdir / 'acl'}",
+        # The default (1000) drops messages silently once a slow subscriber falls behind; 0 = unlimited.
+        "max_queued_messages 0",
+        "max_queued_bytes 0",
+        # The bridge acknowledges a message only after Pub/Sub accepted it; a large window keeps many in flight.
+        "max_inflight_messages 1000",
+        # Retained configs and the bridge's persistent session (queued QoS 1 messages) survive a restart.
+        "persistence true",
+        f"persistence_location {workdir / 'data'}/",
+        "autosave_interval 5",
+        "retain_available true",
+        # Device payload limits are enforced by the front (256 KB events); this bounds anything else.
+        "max_packet_size 1048576",
+        "allow_duplicate_messages false",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        f"log_dest file {workdir / 'mosquitto.log'}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Run one broker host on this machine: Mosquitto (loopback), the TLS front and the bridge service.
+
+``start_bridge_stack(...)`` is what the local stack and the tests use. Each part is its own process (so a
+test can kill the bridge alone, and the front and the bridge do not share one GIL):
+
+    mosquitto -c {workdir}/mosquitto/mosquitto.conf        loopback listener, users front/bridge/backend
+    python -m iotbridge.bridge front   --settings ...      TLS on front_port, devices connect here
+    python -m iotbridge.bridge service --settings ...      Mosquitto ⇄ Pub/Sub
+
+The Pub/Sub and Firestore emulators are found through ``env`` (PUBSUB_EMULATOR_HOST, FIRESTORE_EMULATOR_HOST);
+the topics of :mod:`iotbridge.spec` must exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iotbridge import spec
+from iotbridge.bridge.settings import BridgeSettings, Route, mosquitto_config, new_secrets, write_secrets
+from iotbridge.bridge.tls import generate_local_tls
+from iotbridge.local import services
+
+READY_SERVICE = "bridge connected to broker"
+
+
+def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
+              front_port: int | None = None, broker_port: int | None = None, host_id: str = "local",
+              recheck_interval_s: float = 5.0) -> BridgeSettings:
+    """Write settings, secrets, TLS files and the Mosquitto config for one local host into ``workdir``."""
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tls = generate_local_tls(workdir / "tls")
+    secrets_file = workdir / "secrets.json"
+    write_secrets(secrets_file, new_secrets())
+    settings = BridgeSettings(
+        project=project, region=region, registry_id=registry_id, prefix=prefix, host_id=host_id,
+        front_port=front_port or services.free_port(), broker_port=broker_port or services.free_port(),
+        tls_cert=str(tls.server_cert), tls_key=str(tls.server_key), secrets_file=str(secrets_file),
+        routes=(Route("logs", spec.topic_name(prefix, "device-logs")),),
+        recheck_interval_s=recheck_interval_s, workdir=str(workdir),
+    )
+    settings.dump(workdir / "settings.json")
+    (workdir / "mosquitto").mkdir(exist_ok=True)
+    (workdir / "mosquitto" / "mosquitto.conf").write_text(
+        mosquitto_config(settings, workdir / "mosquitto", run_as_root=os.geteuid() == 0))
+    return settings
+
+
+@dataclass
+class BridgeStack:
+    settings: BridgeSettings
+    workdir: Path
+    env: dict[str, str]
+    ca_cert: Path
+    procs: dict[str, services.Service] = field(default_factory=dict)
+
+    @property
+    def mqtt_host(self) -> str:
+        return self.settings.front_host
+
+    @property
+    def mqtt_port(self) -> int:
+        return self.settings.front_port
+
+    def settings_file(self) -> Path:
+        return self.workdir / "settings.json"
+
+    def start_mosquitto(self) -> services.Service:
+        conf = (self.workdir / "mosquitto" / "mosquitto.conf").read_text()
+        svc = services.start_mosquitto(conf, self.settings.broker_port, self.workdir / "mosquitto")
+        self.procs["mosquitto"] = svc
+        return svc
+
+    def _start_python(self, role: str, timeout: float = 30.0) -> services.Service:
+        wd = self.workdir / role
+        wd.mkdir(exist_ok=True)
+        log_path = wd / f"{role}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "iotbridge.bridge", role, "--settings", str(self.settings_file())],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=wd,
+                env={**os.environ, **self.env}, start_new_session=True,
+            )
+        port = self.settings.front_port if role == "front" else 0
+        svc = services.Service(name=role, proc=proc, host=self.settings.front_host, port=port, log_path=log_path,
+                               workdir=wd)
+        self.procs[role] = svc
+        if role == "front":
+            services.wait_for_port(svc, timeout)
+        else:
+            _wait_for_log(svc, READY_SERVICE, timeout)
+        return svc
+
+    def start_front(self) -> services.Service:
+        return self._start_python("front")
+
+    def start_service(self) -> services.Service:
+        return self._start_python("service")
+
+    def kill(self, role: str) -> None:
+        """SIGKILL one part (fault tests): no graceful shutdown, no final acks."""
+        svc = self.procs.pop(role)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(svc.proc.pid, 9)
+        svc.proc.wait(10)
+
+    def stop_part(self, role: str) -> None:
+        svc = self.procs.pop(role, None)
+        if svc is not None:
+            svc.stop()
+
+    def stop(self) -> None:
+        for role in ("front", "service", "mosquitto"):
+            self.stop_part(role)
+
+
+def _wait_for_log(svc: services.Service, needle: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not svc.alive():
+            raise services.ServiceFailed(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log_tail()}")
+        with contextlib.suppress(OSError):
+            if needle in svc.log_path.read_text(errors="replace"):
+                return
+        time.sleep(0.05)
+    svc.stop()
+    raise services.ServiceFailed(f"{svc.name} not ready within {timeout:.0f}s:\n{svc.log_tail()}")
+
+
+def start_bridge_stack(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
+                       env: dict[str, str], recheck_interval_s: float = 5.0) -> BridgeStack:
+    """Init (if needed) and start Mosquitto, the bridge service and the front; stop with ``.stop()``."""
+    workdir = workdir.resolve()
+    if (workdir / "settings.json").exists():
+        settings = BridgeSettings.load(workdir / "settings.json")
+    else:
+        settings = init_host(workdir, project, region, registry_id, prefix, recheck_interval_s=recheck_interval_s)
+    stack = BridgeStack(settings=settings, workdir=workdir, env=dict(env), ca_cert=workdir / "tls" / "ca.pem")
+    try:
+        stack.start_mosquitto()
+        stack.start_service()
+        stack.start_front()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+

@@ -1,0 +1,176 @@
+"""A small device SDK speaking Cloud IoT Core's MQTT protocol (CONTRACTS §1), on paho-mqtt 2.x.
+
+Written the way IoT Core's own samples were: client id ``projects/{p}/locations/{r}/registries/{reg}/devices/{d}``,
+username ``unused``, a JWT password signed with the device's private key (RS256 or ES256, ``aud`` = project),
+TLS with a CA file, ``/devices/{d}/...`` topics. A device moving off IoT Core changes only host, port and CA.
+
+    dev = Device(DeviceIdentity(project, region, registry, "pump-1", key_pem, "ES256"), host, port, ca_file)
+    dev.connect()
+    dev.subscribe_config()
+    dev.publish_event(b'{"ts": 1764252000000, "metrics": {"rpm": 1200}}').wait_for_publish()
+    dev.configs.get(timeout=10)      # bytes of the latest config
+    dev.disconnect()
+
+A token expires (the bridge closes the session at ``exp``): ``connect()`` again mints a fresh one.
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jwt
+import paho.mqtt.client as paho
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+Algorithm = Literal["RS256", "ES256"]
+
+
+class ConnectError(ConnectionError):
+    """The bridge refused the connection (``reason`` is the CONNACK reason) or it timed out."""
+
+    def __init__(self, message: str, reason: Any = None):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    project: str
+    region: str
+    registry_id: str
+    device_id: str
+    private_key_pem: bytes
+    algorithm: Algorithm
+
+    @property
+    def client_id(self) -> str:
+        return (f"projects/{self.project}/locations/{self.region}/registries/{self.registry_id}"
+                f"/devices/{self.device_id}")
+
+
+def generate_key(algorithm: Algorithm) -> tuple[bytes, str]:
+    """A new device key: (private key PEM, public key PEM) — register the public one as RSA_PEM / ES256_PEM."""
+    key: Any = rsa.generate_private_key(65537, 2048) if algorithm == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return private, public
+
+
+def create_jwt(project: str, private_key_pem: bytes, algorithm: str, lifetime_s: int = 3600,
+               now: float | None = None) -> str:
+    """IoT Core's device JWT: ``iat``, ``exp`` and ``aud`` = project id."""
+    iat = int(now if now is not None else time.time())
+    return jwt.encode({"iat": iat, "exp": iat + lifetime_s, "aud": project}, private_key_pem, algorithm=algorithm)
+
+
+class Device:
+    def __init__(self, identity: DeviceIdentity, host: str, port: int, ca_certs: str | None,
+                 token_lifetime_s: int = 3600, protocol: int = paho.MQTTv311):
+        self.identity = identity
+        self.host, self.port = host, port
+        self.token_lifetime_s = token_lifetime_s
+        self.configs: queue.Queue[bytes] = queue.Queue()
+        self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._connected = threading.Event()
+        self._connack: Any = None
+        self.disconnects: queue.Queue[Any] = queue.Queue()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=identity.client_id,
+                                  protocol=protocol, reconnect_on_failure=False)
+        self.client.tls_set(ca_certs=ca_certs, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    @property
+    def config_topic(self) -> str:
+        return f"/devices/{self.identity.device_id}/config"
+
+    @property
+    def commands_topic(self) -> str:
+        return f"/devices/{self.identity.device_id}/commands/#"
+
+    def events_topic(self, sub_folder: str | None = None) -> str:
+        base = f"/devices/{self.identity.device_id}/events"
+        return f"{base}/{sub_folder}" if sub_folder else base
+
+    @property
+    def state_topic(self) -> str:
+        return f"/devices/{self.identity.device_id}/state"
+
+    # ---------------------------------------------------------------------------------- connection
+
+    def connect(self, timeout: float = 15.0, password: str | None = None) -> None:
+        """Connect with a freshly minted JWT (or ``password`` as given); ConnectError when refused."""
+        ident = self.identity
+        token = password if password is not None else create_jwt(
+            ident.project, ident.private_key_pem, ident.algorithm, self.token_lifetime_s)
+        self.client.username_pw_set("unused", token)
+        self._connected.clear()
+        self._connack = None
+        self.client.connect(self.host, self.port, keepalive=60)
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.client.loop_stop()
+            raise ConnectError(f"{ident.device_id}: no CONNACK within {timeout}s")
+        if self._connack is None or self._connack.is_failure:
+            self.client.loop_stop()
+            raise ConnectError(f"{ident.device_id}: connection refused ({self._connack})", self._connack)
+
+    def disconnect(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def is_connected(self) -> bool:
+        return self.client.is_connected()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self._connack = reason_code
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.disconnects.put(reason_code)
+        self._connected.set()  # unblock a connect() waiting on a connection closed before CONNACK
+
+    # ---------------------------------------------------------------------------------- messages
+
+    def publish_event(self, payload: bytes, sub_folder: str | None = None, qos: int = 1) -> paho.MQTTMessageInfo:
+        return self.client.publish(self.events_topic(sub_folder), payload, qos=qos)
+
+    def publish_state(self, payload: bytes, qos: int = 1) -> paho.MQTTMessageInfo:
+        return self.client.publish(self.state_topic, payload, qos=qos)
+
+    def subscribe_config(self, qos: int = 1, timeout: float = 10.0) -> None:
+        self._subscribe(self.config_topic, qos, timeout)
+
+    def subscribe_commands(self, qos: int = 1, timeout: float = 10.0) -> None:
+        self._subscribe(self.commands_topic, qos, timeout)
+
+    def _subscribe(self, topic: str, qos: int, timeout: float) -> None:
+        done = threading.Event()
+        granted: list[Any] = []
+
+        def on_subscribe(client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+            granted.extend(reason_codes)
+            done.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.subscribe(topic, qos=qos)
+        if not done.wait(timeout):
+            raise ConnectError(f"no SUBACK for {topic} within {timeout}s")
+        if any(rc.is_failure for rc in granted):
+            raise ConnectError(f"subscription to {topic} refused: {granted}")
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
+        if msg.topic == self.config_topic:
+            self.configs.put(bytes(msg.payload))
+        else:
+            self.commands.put((msg.topic, bytes(msg.payload)))

@@ -1,0 +1,166 @@
+"""Fixtures for the bridge tests: the real Pub/Sub and Firestore emulators, a real Mosquitto, the front and the
+bridge service as their own processes, and devices written the IoT Core way (iotbridge.device on paho)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+
+from iotbridge import spec
+from iotbridge.bridge.stack import BridgeStack, start_bridge_stack
+from iotbridge.device import Device, DeviceIdentity, generate_key
+from iotbridge.local import services
+from iotbridge.registry import Credential, Registry
+
+PROJECT = "local-project"
+REGION = "europe-west1"
+REGISTRY = "bridge-tests"
+PULL_TOPICS = ("telemetry", "state", "device-logs")
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class PubSubReader:
+    """Pull subscriptions on the bridge's output topics, created fresh per test (nothing stale is read)."""
+
+    project: str
+    prefix: str
+    subscriber: pubsub_v1.SubscriberClient = field(default_factory=pubsub_v1.SubscriberClient)
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def attach(self, tag: str) -> None:
+        for key in PULL_TOPICS:
+            path = self.subscriber.subscription_path(self.project, f"{self.prefix}-{key}-{tag}")
+            self.subscriber.create_subscription(request={
+                "name": path, "topic": f"projects/{self.project}/topics/{spec.topic_name(self.prefix, key)}",
+                "ack_deadline_seconds": 60})
+            self.paths[key] = path
+
+    def pull(self, key: str, n: int, timeout: float = 30.0, settle: float = 0.0) -> list[pubsub_v1.types.PubsubMessage]:
+        """At least ``n`` messages (all that arrive until ``settle`` seconds after the n-th), acked."""
+        out: list[pubsub_v1.types.PubsubMessage] = []
+        deadline = time.monotonic() + timeout
+        settle_until: float | None = None
+        while time.monotonic() < deadline:
+            if len(out) >= n and settle_until is None:
+                settle_until = time.monotonic() + settle
+            if settle_until is not None and time.monotonic() >= settle_until:
+                break
+            try:
+                resp = self.subscriber.pull(request={"subscription": self.paths[key], "max_messages": 1000},
+                                            timeout=5)
+            except gexc.DeadlineExceeded:
+                continue
+            if resp.received_messages:
+                self.subscriber.acknowledge(request={"subscription": self.paths[key],
+                                                     "ack_ids": [m.ack_id for m in resp.received_messages]})
+                out.extend(m.message for m in resp.received_messages)
+        if len(out) < n:
+            raise AssertionError(f"{key}: received {len(out)} of {n} messages within {timeout}s")
+        return out
+
+    def drain(self, key: str, wait: float = 1.0) -> list[pubsub_v1.types.PubsubMessage]:
+        """Everything that arrives within ``wait`` seconds (to prove nothing was forwarded)."""
+        return self.pull(key, 0, timeout=wait + 10, settle=wait)
+
+
+@pytest.fixture(scope="session")
+def bridge_env(pubsub_emulator, firestore_emulator) -> Iterator[dict[str, str]]:
+    env = {**pubsub_emulator.env, **firestore_emulator.env}
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    yield env
+    mp.undo()
+
+
+def create_topics(project: str, prefix: str) -> None:
+    pub = pubsub_v1.PublisherClient()
+    for key in spec.TOPICS:
+        try:
+            pub.create_topic(request={"name": pub.topic_path(project, spec.topic_name(prefix, key))})
+        except gexc.AlreadyExists:
+            pass
+
+
+@pytest.fixture(scope="session")
+def registry(bridge_env) -> Registry:
+    return Registry(PROJECT, REGISTRY, REGION)
+
+
+def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5) -> BridgeStack:
+    prefix = f"b{uuid.uuid4().hex[:8]}"
+    create_topics(PROJECT, prefix)
+    try:
+        return start_bridge_stack(tmp, PROJECT, REGION, REGISTRY, prefix, env, recheck_interval_s=recheck_interval_s)
+    except services.MissingPrerequisite as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def stack(bridge_env, tmp_path_factory) -> Iterator[BridgeStack]:
+    st = new_stack(tmp_path_factory.mktemp("bridge"), bridge_env)
+    yield st
+    st.stop()
+
+
+@pytest.fixture
+def reader(stack, request) -> PubSubReader:
+    r = PubSubReader(PROJECT, stack.settings.prefix)
+    r.attach(uuid.uuid4().hex[:8])
+    return r
+
+
+@dataclass
+class DeviceFactory:
+    registry: Registry
+    stack: BridgeStack
+    created: list[Device] = field(default_factory=list)
+
+    def register(self, algorithm: str = "ES256", device_id: str | None = None, **create) -> tuple[str, bytes]:
+        device_id = device_id or f"dev-{uuid.uuid4().hex[:10]}"
+        private, public = generate_key(algorithm)  # type: ignore[arg-type]
+        fmt = "ES256_PEM" if algorithm == "ES256" else "RSA_PEM"
+        self.registry.create_device(device_id, [Credential(fmt, public)], **create)
+        return device_id, private
+
+    def device(self, device_id: str, private: bytes, algorithm: str = "ES256", stack: BridgeStack | None = None,
+               **kw) -> Device:
+        st = stack or self.stack
+        d = Device(DeviceIdentity(PROJECT, REGION, REGISTRY, device_id, private, algorithm),  # type: ignore[arg-type]
+                   st.mqtt_host, st.mqtt_port, str(st.ca_cert), **kw)
+        self.created.append(d)
+        return d
+
+    def connected(self, algorithm: str = "ES256", **kw) -> Device:
+        device_id, private = self.register(algorithm)
+        d = self.device(device_id, private, algorithm, **kw)
+        d.connect()
+        return d
+
+
+@pytest.fixture
+def devices(registry, stack) -> Iterator[DeviceFactory]:
+    f = DeviceFactory(registry, stack)
+    yield f
+    for d in f.created:
+        try:
+            d.disconnect()
+        except Exception:
+            pass
