@@ -1,0 +1,108 @@
+"""Foundation under mocks: every API enabled (and left on at destroy), every resource waits for its API,
+one service account per workload with narrow roles."""
+
+from __future__ import annotations
+
+import pytest
+
+from components import foundation as fnd
+from tests.infra import harness
+
+SERVICE = "gcp:projects/service:Service"
+
+# Which API each resource type calls. A type missing here fails the test below: a new component must say which
+# API it needs (and depend on it) rather than race its enablement.
+API_OF_TYPE_PREFIX = {
+    "gcp:pubsub/": "pubsub.googleapis.com",
+    "gcp:bigquery/": "bigquery.googleapis.com",
+    "gcp:bigtable/": "bigtableadmin.googleapis.com",
+    "gcp:serviceaccount/": "iam.googleapis.com",
+    "gcp:projects/iAMMember": "cloudresourcemanager.googleapis.com",
+}
+
+
+@pytest.fixture(scope="module", params=harness.STACKS)
+def run(request: pytest.FixtureRequest) -> harness.StackRun:
+    return harness.stack_run(request.param)
+
+
+def test_every_api_the_stack_uses_is_enabled_and_left_on_at_destroy(run: harness.StackRun) -> None:
+    services = {s.get("service"): s for s in run.of_type(SERVICE)}
+    assert set(services) == set(fnd.APIS)
+    for needed in ("pubsub", "bigquery", "bigtableadmin", "dataflow", "cloudfunctions", "run", "eventarc",
+                   "cloudbuild", "artifactregistry", "firestore", "secretmanager", "compute", "monitoring",
+                   "iam", "storage", "logging", "aiplatform", "cloudresourcemanager"):
+        assert f"{needed}.googleapis.com" in services, needed
+    for api, s in services.items():
+        assert s.get("disableOnDestroy") is False, f"{api}: destroy would switch the API off for the project"
+        assert s.get("disableDependentServices") is False, api
+        assert s.get("project") == run.config["gcp:project"]
+
+
+def test_every_cloud_resource_waits_for_the_api_it_calls(run: harness.StackRun) -> None:
+    apis = {s.get("service"): s for s in run.of_type(SERVICE)}
+    checked = 0
+    for res in run.resources:
+        if not res.type.startswith("gcp:") or res.type in (SERVICE, "gcp:projects/serviceIdentity:ServiceIdentity"):
+            continue
+        api = next((a for p, a in API_OF_TYPE_PREFIX.items() if res.type.startswith(p)), None)
+        assert api is not None, f"{res.type}: which API does it need? add it to API_OF_TYPE_PREFIX"
+        assert run.depends_on(res, apis[api]), f"{res.type} {res.name} does not wait for {api}"
+        checked += 1
+    assert checked > 30
+
+
+def test_service_agent_identities_are_generated_after_their_api(run: harness.StackRun) -> None:
+    apis = {s.get("service"): s for s in run.of_type(SERVICE)}
+    identities = {i.get("service"): i for i in run.of_type("gcp:projects/serviceIdentity:ServiceIdentity")}
+    assert "pubsub.googleapis.com" in identities
+    for api, identity in identities.items():
+        assert run.depends_on(identity, apis[api])
+
+
+def test_agent_grants_wait_for_the_agent_to_exist(run: harness.StackRun) -> None:
+    agent = run.one("gcp:projects/serviceIdentity:ServiceIdentity", "foundation-pubsub-agent")
+    member = f"serviceAccount:service-{harness.PROJECT_NUMBER}@gcp-sa-pubsub.iam.gserviceaccount.com"
+    grants = [r for r in run.resources if r.get("member") == member]
+    assert len(grants) >= 4
+    for grant in grants:
+        assert run.depends_on(grant, agent), f"{grant.type} {grant.name} may run before the agent exists"
+
+
+def test_one_service_account_per_workload_named_from_the_prefix(run: harness.StackRun) -> None:
+    prefix = run.config["gcp-iot-bridge:prefix"]
+    accounts = {a.name: a.get("accountId") for a in run.of_type("gcp:serviceaccount/account:Account")}
+    assert accounts == {
+        "foundation-sa-bridge": f"{prefix}-bridge",
+        "foundation-sa-dataflow": f"{prefix}-dataflow",
+        "foundation-sa-config-push": f"{prefix}-cfgpush",
+    }
+    for account_id in accounts.values():
+        assert 6 <= len(account_id) <= 30
+
+
+def test_workload_roles_are_narrow(run: harness.StackRun) -> None:
+    project = run.config["gcp:project"]
+    grants = {(g.get("member"), g.get("role")) for g in run.of_type("gcp:projects/iAMMember:IAMMember")}
+    sa = f"{run.config['gcp-iot-bridge:prefix']}-dataflow@{project}.iam.gserviceaccount.com"
+    assert (f"serviceAccount:{sa}", "roles/dataflow.worker") in grants
+    allowed = {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/dataflow.worker"}
+    assert {role for _, role in grants} <= allowed
+
+
+def test_longest_prefix_still_gives_valid_account_ids() -> None:
+    prefix = "a" * 16  # the longest prefix config.py allows
+    for workload in fnd.WORKLOADS.values():
+        assert len(f"{prefix}-{workload.account_suffix}") <= 30
+        assert len(f"abc-{workload.account_suffix}") >= 6
+
+
+def test_needs_refuses_an_api_foundation_does_not_enable() -> None:
+    def program() -> None:
+        f = fnd.Foundation("f", fnd.FoundationArgs(project="p-123456", prefix="iot-t",
+                                                   apis=("cloudresourcemanager.googleapis.com",
+                                                         "iam.googleapis.com")))
+        f.needs("pubsub.googleapis.com")
+
+    with pytest.raises(harness.ProgramFailed, match="not enabled by Foundation"):
+        harness.run_program("dev", program=program)

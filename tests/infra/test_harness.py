@@ -1,0 +1,67 @@
+"""The mock harness itself: it must wait for everything and surface failures that happen inside outputs."""
+
+from __future__ import annotations
+
+import pulumi
+import pulumi_gcp as gcp
+import pytest
+
+from tests.infra import harness
+
+
+def test_an_exception_inside_an_apply_fails_the_run() -> None:
+    def program() -> None:
+        topic = gcp.pubsub.Topic("t", name="iot-x-telemetry")
+
+        def explode(name: str) -> str:
+            raise RuntimeError(f"boom in apply for {name}")
+
+        pulumi.export("broken", topic.name.apply(explode))
+
+    with pytest.raises(harness.ProgramFailed, match="boom in apply for iot-x-telemetry"):
+        harness.run_program("dev", program=program)
+
+
+def test_a_resource_declared_inside_an_apply_is_waited_for() -> None:
+    def program() -> None:
+        topic = gcp.pubsub.Topic("t", name="iot-x-telemetry")
+        topic.name.apply(lambda n: gcp.pubsub.Topic("late", name=f"{n}-late"))
+
+    run = harness.run_program("dev", program=program)
+    assert run.one("gcp:pubsub/topic:Topic", "late").get("name") == "iot-x-telemetry-late"
+
+
+def test_outputs_are_resolved_to_plain_values() -> None:
+    def program() -> None:
+        topic = gcp.pubsub.Topic("t", name="iot-x-telemetry")
+        pulumi.export("id", topic.id)
+        pulumi.export("nested", {"name": topic.name, "n": 3})
+
+    run = harness.run_program("dev", program=program)
+    assert run.outputs == {"id": "projects/my-iot-dev-project/topics/iot-x-telemetry",
+                           "nested": {"name": "iot-x-telemetry", "n": 3}}
+
+
+def test_whole_program_exports_the_contract_outputs_that_exist_so_far() -> None:
+    for stack in harness.STACKS:
+        outputs = harness.stack_run(stack).outputs
+        assert set(outputs) == {"project_id", "region", "telemetry_topic", "state_topic", "config_requests_topic",
+                                "dead_letter_topic", "device_logs_topic", "bigquery_dataset", "bigtable_instance",
+                                "bigtable_table"}
+        assert all(isinstance(v, str) and v for v in outputs.values()), outputs
+
+
+def test_runs_do_not_leak_into_each_other() -> None:
+    a = harness.run_program("dev")
+    b = harness.run_program("prod")
+    assert {r.urn.split("::")[0] for r in b.resources} == {"urn:pulumi:prod"}
+    assert len(a.resources) == len(harness.run_program("dev").resources)
+
+
+def test_config_reaches_the_program_as_the_cli_passes_it() -> None:
+    raw = harness.stack_config("prod", {"bigtableMaxNodes": 7, "labels": None})
+    assert raw["gcp-iot-bridge:bigtableMaxNodes"] == "7"
+    assert raw["gcp-iot-bridge:deletionProtection"] == "true"
+    assert raw["gcp-iot-bridge:bigtableZones"] == '["europe-west1-b", "europe-west1-c"]'
+    assert "gcp-iot-bridge:labels" not in raw
+    assert raw["gcp-iot-bridge:bigqueryDataset"] == "iot"  # a Pulumi.yaml default, as the CLI fills it in

@@ -1,0 +1,79 @@
+"""TimeSeries under mocks: Bigtable instance with autoscaling clusters, the telemetry table with GC policies,
+the pipeline's app profile."""
+
+from __future__ import annotations
+
+import pytest
+
+from iotbridge import spec
+from tests.infra import harness
+
+INSTANCE = "gcp:bigtable/instance:Instance"
+
+
+@pytest.fixture(scope="module", params=harness.STACKS)
+def run(request: pytest.FixtureRequest) -> harness.StackRun:
+    return harness.stack_run(request.param)
+
+
+def test_instance_has_one_autoscaling_cluster_per_configured_zone(run: harness.StackRun) -> None:
+    (instance,) = run.of_type(INSTANCE)
+    prefix = run.config["gcp-iot-bridge:prefix"]
+    assert instance.get("name") == f"{prefix}-tsdb" == run.outputs["bigtable_instance"]
+    zones = [c["zone"] for c in instance.get("clusters")]
+    assert zones == harness.yaml.safe_load(run.config["gcp-iot-bridge:bigtableZones"])
+    for cluster in instance.get("clusters"):
+        assert cluster["storageType"] == run.config["gcp-iot-bridge:bigtableStorageType"]
+        assert 6 <= len(cluster["clusterId"]) <= 30
+        assert cluster["autoscalingConfig"] == {
+            "minNodes": int(run.config["gcp-iot-bridge:bigtableMinNodes"]),
+            "maxNodes": int(run.config["gcp-iot-bridge:bigtableMaxNodes"]),
+            "cpuTarget": int(run.config["gcp-iot-bridge:bigtableCpuTarget"]),
+        }
+        assert "numNodes" not in cluster, "num_nodes is ignored once autoscaling is set; set one of them"
+
+
+def test_telemetry_table_with_a_gc_policy_on_every_family(run: harness.StackRun) -> None:
+    (table,) = run.of_type("gcp:bigtable/table:Table")
+    assert table.get("name") == spec.BIGTABLE.table == run.outputs["bigtable_table"] == "telemetry"
+    families = [f["family"] for f in table.get("columnFamilies")]
+    assert families == list(spec.BIGTABLE.column_families)
+    days = int(run.config["gcp-iot-bridge:bigtableGcMaxAgeDays"])
+    policies = {p.get("columnFamily"): p for p in run.of_type("gcp:bigtable/gCPolicy:GCPolicy")}
+    assert set(policies) == set(families)
+    for policy in policies.values():
+        assert policy.get("maxAge") == {"duration": f"{days * 24}h"}
+        assert policy.get("table") == "telemetry"
+        assert run.depends_on(policy, table)
+
+
+def test_pipeline_app_profile_routes_by_cluster_count(run: harness.StackRun) -> None:
+    (profile,) = run.of_type("gcp:bigtable/appProfile:AppProfile")
+    (instance,) = run.of_type(INSTANCE)
+    assert profile.get("appProfileId") == spec.BIGTABLE.app_profile
+    clusters = [c["clusterId"] for c in instance.get("clusters")]
+    if len(clusters) == 1:
+        assert profile.get("singleClusterRouting") == {"clusterId": clusters[0], "allowTransactionalWrites": False}
+        assert "multiClusterRoutingUseAny" not in profile.inputs
+    else:
+        assert run.stack == "prod"
+        assert profile.get("multiClusterRoutingUseAny") is True
+        assert "singleClusterRouting" not in profile.inputs
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"zones": ()}, "at least one zone"),
+    ({"cpu_target": 90}, "cpu_target must be 10..80"),
+    ({"min_nodes": 1, "max_nodes": 20}, "max_nodes <= 10 x min_nodes"),
+])
+def test_component_refuses_settings_bigtable_rejects(kwargs: dict, message: str) -> None:
+    from components.timeseries import TimeSeries, TimeSeriesArgs
+
+    args = {"project": "p-123456", "prefix": "iot-t", "zones": ("us-central1-b",), "deletion_protection": False}
+    args.update(kwargs)
+
+    def program() -> None:
+        TimeSeries("ts", TimeSeriesArgs(**args))
+
+    with pytest.raises(harness.ProgramFailed, match=message):
+        harness.run_program("dev", program=program)
