@@ -115,3 +115,16 @@ def test_config_error_is_a_pulumi_run_error_so_pulumi_prints_one_line() -> None:
 def test_region_list_holds_real_regions_only() -> None:
     assert {"us-central1", "europe-west1", "asia-northeast1", "australia-southeast1"} <= config.GCP_REGIONS
     assert not {"us-central", "europe-west", "us-central1-a", "global", "US"} & config.GCP_REGIONS
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (harness.ROOT / "README.md").read_text()
+    for key in config.KEYS:
+        short = key.key.removeprefix(f"{config.PROJECT}:")
+        assert f"| `{short}` |" in readme, f"README config table lacks {short}"
+
+
+def test_misspelt_key_fails_the_program_too() -> None:
+    # Through pulumi.Config and the runtime's config, not only parse(): a typo must not fall back to a default.
+    with pytest.raises(harness.ProgramFailed, match="unknown key .did you mean gcp-iot-bridge:bigtableMaxNodes"):
+        harness.run_program("dev", {"bigtableMaxNode": 5})

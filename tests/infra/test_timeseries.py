@@ -77,3 +77,15 @@ def test_component_refuses_settings_bigtable_rejects(kwargs: dict, message: str)
 
     with pytest.raises(harness.ProgramFailed, match=message):
         harness.run_program("dev", program=program)
+
+
+@pytest.mark.parametrize("prefix", ["abc", "a" * 16])
+def test_shortest_and_longest_prefix_give_valid_bigtable_ids(prefix: str) -> None:
+    # Instance ids are 6..33 characters, cluster ids 6..30; config.py bounds the prefix to 3..16.
+    run = harness.run_program("dev", {"prefix": prefix})
+    (instance,) = run.of_type(INSTANCE)
+    assert 6 <= len(instance.get("name")) <= 33
+    for cluster in instance.get("clusters"):
+        assert 6 <= len(cluster["clusterId"]) <= 30
+    for account in run.of_type("gcp:serviceaccount/account:Account"):
+        assert 6 <= len(account.get("accountId")) <= 30
