@@ -1,0 +1,460 @@
+"""Config push-back: a CloudEvent function on the config-requests topic (issue 4).
+
+Operators (``iotctl config push``) and the pipeline's rules publish a request on the config-requests topic;
+this function is the one writer of config versions. For each request it
+
+1. parses it (:func:`parse_request`) — a JSON object::
+
+       {"device_id": "pump-17", "config": {"rpm_max": 1200}}                   # a JSON object, sent as JSON
+       {"device_id": "pump-17", "binary_data": "AAEC", "version_to_update": 3}  # base64 bytes, IoT Core style
+
+   (IoT Core's camelCase names ``deviceId``, ``binaryData``, ``versionToUpdate`` are accepted too;
+   ``version_to_update`` 0 or absent means unconditional, otherwise compare-and-set);
+2. writes the new version in the device registry in one Firestore transaction (:func:`store_config`):
+   the device exists and is not blocked, at most one update per second per device, ≤ 64 KiB, server-assigned
+   monotonic version, the last 10 kept. The Pub/Sub message id is the request id, so a redelivered message
+   returns the version it already created instead of a second one;
+3. publishes it with paho-mqtt, QoS 1 and retained, on ``/devices/{id}/config`` and waits for the broker's
+   PUBACK (:class:`MqttPublisher`) — unless a newer version was stored meanwhile, which must not be
+   overtaken by this older one.
+
+Failures: a permanent one (:class:`PermanentError`: malformed, not an object, unknown or blocked device,
+too large, stale ``version_to_update``, flood) is logged with its reason, copied to the dead-letter topic with
+``error``/``errorDetail`` attributes, and acknowledged — retrying cannot fix it. A transient one (broker
+unreachable, no PUBACK, Firestore or Pub/Sub unavailable) raises, the framework answers 500 and Eventarc
+redelivers the same message later; step 2 makes that redelivery harmless.
+
+Configuration (environment; in the cloud the MQTT password is a Secret Manager secret mounted as
+``MQTT_PASSWORD`` by the function's ``secret_environment_variables``):
+
+    PROJECT_ID, REGISTRY_ID, REGION, FIRESTORE_DATABASE (optional)
+    MQTT_HOST, MQTT_PORT (8883), MQTT_TLS (true), MQTT_CA_CERT (PEM text; system CAs if empty),
+    MQTT_USERNAME, MQTT_PASSWORD, MQTT_TIMEOUT_S (10), MQTT_RETAIN (true)
+    DEAD_LETTER_TOPIC (projects/{p}/topics/{t}), CONFIG_MIN_INTERVAL_S (1.0)
+
+Run locally: ``functions-framework --source functions/config_push/main.py --target handle
+--signature-type cloudevent`` with a Pub/Sub push subscription pointed at it. Packaged for the cloud, this
+folder is zipped together with ``iotbridge/registry.py`` (see ``infra/components/config_push.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import ssl
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import functions_framework
+import paho.mqtt.client as paho
+
+from iotbridge import registry as reg
+
+MAX_CONFIG_BYTES = reg.MAX_CONFIG_BYTES
+# Pub/Sub refuses attribute values over 1024 bytes.
+MAX_ATTRIBUTE_CHARS = 1000
+ALIASES = {"deviceId": "device_id", "binaryData": "binary_data", "versionToUpdate": "version_to_update"}
+FIELDS = {"device_id", "config", "binary_data", "version_to_update"}
+
+log = logging.getLogger("config_push")
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line on stdout: Cloud Logging reads ``severity``, ``message`` and the rest as
+    ``jsonPayload`` fields. Config data and credentials are never passed to the logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"severity": record.levelname, "message": record.getMessage(), "logger": record.name,
+                 **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+if not log.handlers:
+    _handler = logging.StreamHandler(sys.stdout)
+    _handler.setFormatter(_JsonFormatter())
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+class PermanentError(Exception):
+    """The request can never succeed: acknowledge it and keep it on the dead-letter topic."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class TransientError(Exception):
+    """Worth retrying later (broker unreachable, no PUBACK): raised so that Eventarc redelivers."""
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+@dataclass(frozen=True)
+class ConfigRequest:
+    device_id: str
+    data: bytes
+    version_to_update: int = 0
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity: Python accepts them, devices' parsers do not
+
+
+def parse_request(raw: bytes) -> ConfigRequest:
+    """The request carried by one Pub/Sub message, or :class:`PermanentError` saying what is wrong."""
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PermanentError("malformed_json", f"request is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise PermanentError("not_an_object", f"request must be a JSON object, got {type(obj).__name__}")
+    req: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = ALIASES.get(key, key)
+        if name not in FIELDS:
+            raise PermanentError("invalid_request", f"unknown field {key!r}; allowed: {sorted(FIELDS)}")
+        if name in req:
+            raise PermanentError("invalid_request", f"field {name!r} given twice")
+        req[name] = value
+
+    device_id = req.get("device_id")
+    if device_id is None:
+        raise PermanentError("invalid_request", "device_id is required")
+    try:
+        reg.validate_device_id(device_id)
+    except reg.InvalidDeviceId as exc:
+        raise PermanentError("invalid_device_id", str(exc)) from None
+
+    if ("config" in req) == ("binary_data" in req):
+        raise PermanentError("invalid_request", "give exactly one of config (a JSON object) or binary_data (base64)")
+    if "config" in req:
+        if not isinstance(req["config"], dict):
+            raise PermanentError("not_an_object",
+                                 f"config must be a JSON object, got {type(req['config']).__name__}")
+        data = json.dumps(req["config"], separators=(",", ":"), ensure_ascii=False).encode()
+    else:
+        if not isinstance(req["binary_data"], str):
+            raise PermanentError("invalid_request", "binary_data must be a base64 string")
+        try:
+            data = base64.b64decode(req["binary_data"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise PermanentError("invalid_request", f"binary_data is not base64: {exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise PermanentError("config_too_large", f"config is {len(data)} bytes; at most {MAX_CONFIG_BYTES}")
+
+    version = req.get("version_to_update", 0)
+    # IoT Core's JSON carried int64 as a string; bool is an int in Python and means nothing here.
+    if isinstance(version, str) and version.isdigit():
+        version = int(version)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise PermanentError("invalid_request", f"version_to_update must be a non-negative integer, got {version!r}")
+    return ConfigRequest(device_id=device_id, data=data, version_to_update=version)
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+_PERMANENT = {
+    reg.DeviceNotFound: "unknown_device",
+    reg.DeviceBlocked: "device_blocked",
+    reg.ConfigTooLarge: "config_too_large",
+    reg.VersionConflict: "version_conflict",
+    reg.RateLimited: "rate_limited",
+    reg.InvalidDeviceId: "invalid_device_id",
+}
+
+
+def store_config(registry: reg.Registry, request: ConfigRequest, request_id: str,
+                 min_interval_s: float = 1.0) -> reg.ConfigVersion:
+    """Write the version (or find the one this request id already wrote). Registry refusals become
+    :class:`PermanentError`; anything else (Firestore unavailable) propagates and is retried."""
+    try:
+        return registry.update_config(request.device_id, request.data, version_to_update=request.version_to_update,
+                                      request_id=request_id, min_interval_s=min_interval_s)
+    except reg.RegistryError as exc:
+        for cls, reason in _PERMANENT.items():
+            if isinstance(exc, cls):
+                raise PermanentError(reason, str(exc)) from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------ MQTT
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int = 8883
+    tls: bool = True
+    ca_cert: str = ""  # PEM text; empty = the system's CAs
+    username: str = ""
+    password: str = field(default="", repr=False)
+    timeout_s: float = 10.0
+    retain: bool = True
+    # A ':' cannot occur in a device id, so no device can take this session over; the random part keeps two
+    # function instances from disconnecting each other (MQTT allows one session per client id).
+    client_id: str = field(default_factory=lambda: f"iotbridge:config-push:{secrets.token_hex(6)}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> MqttSettings:
+        if not env.get("MQTT_HOST"):
+            raise RuntimeError("MQTT_HOST is not set: the broker the configs are published to")
+        return cls(host=env["MQTT_HOST"], port=int(env.get("MQTT_PORT", "8883")),
+                   tls=_flag(env.get("MQTT_TLS", "true")), ca_cert=env.get("MQTT_CA_CERT", ""),
+                   username=env.get("MQTT_USERNAME", ""), password=env.get("MQTT_PASSWORD", ""),
+                   timeout_s=float(env.get("MQTT_TIMEOUT_S", "10")), retain=_flag(env.get("MQTT_RETAIN", "true")))
+
+
+def _flag(value: str) -> bool:
+    v = value.strip().lower()
+    if v in {"1", "true", "yes"}:
+        return True
+    if v in {"0", "false", "no", ""}:
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: bytes) -> None: ...
+
+
+class MqttPublisher:
+    """One broker connection per function instance, kept across invocations while it stays up.
+
+    ``publish`` returns once the broker acknowledged (QoS 1 PUBACK) or raises :class:`TransientError`. After a
+    failure the client is thrown away with whatever paho still queued: a stale copy sent on a later reconnect
+    could overtake a newer config.
+    """
+
+    def __init__(self, settings: MqttSettings):
+        self.s = settings
+        self._client: paho.Client | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> paho.Client:
+        s = self.s
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
+                             protocol=paho.MQTTv311)
+        if s.username or s.password:
+            client.username_pw_set(s.username, s.password)
+        if s.tls:
+            ctx = ssl.create_default_context(cadata=s.ca_cert or None)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            client.tls_set_context(ctx)
+        client.connect_timeout = s.timeout_s
+        connected = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def on_connect(_c, _u, _flags, reason_code, _props) -> None:  # noqa: ANN001 - paho callback
+            outcome["rc"] = reason_code
+            connected.set()
+
+        client.on_connect = on_connect
+        try:
+            client.connect(s.host, s.port, keepalive=60)
+        except (OSError, ssl.SSLError) as exc:
+            raise TransientError(f"broker {s.host}:{s.port} unreachable: {exc}") from None
+        client.loop_start()
+        if not connected.wait(s.timeout_s) or outcome["rc"].is_failure:
+            client.loop_stop()
+            client.disconnect()
+            why = outcome.get("rc", "no CONNACK")
+            raise TransientError(f"broker {s.host}:{s.port} refused the connection: {why}")
+        return client
+
+    def _reset(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            if self._client is None or not self._client.is_connected():
+                self._reset()
+                self._client = self._connect()
+            client = self._client
+        info = client.publish(topic, payload, qos=1, retain=self.s.retain)
+        try:
+            info.wait_for_publish(self.s.timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            with self._lock:
+                self._reset()
+            raise TransientError(f"publish to {topic} failed: {exc}") from None
+        if not info.is_published():
+            with self._lock:
+                self._reset()
+            raise TransientError(f"no PUBACK from the broker for {topic} within {self.s.timeout_s:g}s")
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+
+# ------------------------------------------------------------------------------------------ dead letters
+
+
+@dataclass(frozen=True)
+class Message:
+    """The Pub/Sub message a CloudEvent carries."""
+
+    id: str
+    data: bytes
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+class DeadLetterSink(Protocol):
+    def send(self, message: Message, error: PermanentError) -> None: ...
+
+
+class PubsubDeadLetter:
+    """Copies a refused request, untouched, to the dead-letter topic with the reason as attributes."""
+
+    def __init__(self, topic: str):
+        from google.cloud import pubsub_v1  # honours PUBSUB_EMULATOR_HOST
+
+        self.topic = topic
+        self.client = pubsub_v1.PublisherClient()
+
+    def send(self, message: Message, error: PermanentError) -> None:
+        attrs = {**message.attributes, "error": error.reason, "errorDetail": error.detail[:MAX_ATTRIBUTE_CHARS],
+                 "sourceMessageId": message.id, "failedBy": "config-push"}
+        # Raises when Pub/Sub does not take it: the request is then retried rather than lost.
+        self.client.publish(self.topic, message.data, **attrs).result(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------ the flow
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "delivered" | "superseded" | "skipped_blocked" | "rejected"
+    device_id: str = ""
+    version: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Deps:
+    registry: reg.Registry
+    publisher: Publisher
+    dead_letter: DeadLetterSink | None
+    min_interval_s: float = 1.0
+
+
+def config_topic(device_id: str) -> str:
+    return f"/devices/{device_id}/config"
+
+
+def process(message: Message, deps: Deps) -> Outcome:
+    """Handle one request end to end; see the module docstring. Raises only for transient failures."""
+    fields: dict[str, Any] = {"messageId": message.id}
+    try:
+        request = parse_request(message.data)
+        fields["deviceId"] = request.device_id
+        cfg = store_config(deps.registry, request, message.id, deps.min_interval_s)
+    except PermanentError as err:
+        fields.update(reason=err.reason, detail=err.detail, bytes=len(message.data))
+        log.warning("config request refused (%s): %s", err.reason, err.detail, extra={"fields": fields})
+        if deps.dead_letter is not None:
+            deps.dead_letter.send(message, err)
+        return Outcome("rejected", fields.get("deviceId", ""), reason=err.reason)
+
+    fields.update(version=cfg.version, bytes=len(cfg.data))
+    device = deps.registry.get_device(request.device_id)
+    if device.config_version > cfg.version:
+        log.info("config v%d of %s superseded by v%d; not published", cfg.version, request.device_id,
+                 device.config_version, extra={"fields": fields})
+        return Outcome("superseded", request.device_id, cfg.version)
+    if device.blocked:
+        log.info("device %s blocked since v%d was stored; not published", request.device_id, cfg.version,
+                 extra={"fields": fields})
+        return Outcome("skipped_blocked", request.device_id, cfg.version)
+    try:
+        deps.publisher.publish(config_topic(request.device_id), cfg.data)
+    except TransientError as exc:
+        log.error("config v%d of %s stored, not delivered (will retry): %s", cfg.version, request.device_id, exc,
+                  extra={"fields": {**fields, "reason": "broker_unavailable"}})
+        raise
+    log.info("config v%d of %s delivered to the broker", cfg.version, request.device_id, extra={"fields": fields})
+    return Outcome("delivered", request.device_id, cfg.version)
+
+
+def message_from_event(data: Mapping[str, Any], event_id: str = "") -> Message:
+    """The Pub/Sub message inside an Eventarc ``messagePublished`` event (``MessagePublishedData``)."""
+    msg = data.get("message") if isinstance(data, Mapping) else None
+    if not isinstance(msg, Mapping):
+        raise PermanentError("invalid_event", "the event carries no Pub/Sub message")
+    message_id = msg.get("messageId") or msg.get("message_id") or event_id
+    if not message_id:
+        raise PermanentError("invalid_event", "the Pub/Sub message has no id")
+    try:
+        payload = base64.b64decode(msg.get("data") or "", validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PermanentError("invalid_event", f"message data is not base64: {exc}") from None
+    attributes = {str(k): str(v) for k, v in (msg.get("attributes") or {}).items()}
+    return Message(id=str(message_id), data=payload, attributes=attributes)
+
+
+# ------------------------------------------------------------------------------------------ wiring
+
+
+_deps: Deps | None = None
+_deps_lock = threading.Lock()
+
+
+def deps_from_env(env: Mapping[str, str] = os.environ) -> Deps:
+    missing = [k for k in ("PROJECT_ID", "REGISTRY_ID") if not env.get(k)]
+    if missing:
+        raise RuntimeError(f"environment variables not set: {', '.join(missing)}")
+    registry = reg.Registry(env["PROJECT_ID"], env["REGISTRY_ID"], env.get("REGION", ""),
+                            database=env.get("FIRESTORE_DATABASE") or None)
+    dead_letter = PubsubDeadLetter(env["DEAD_LETTER_TOPIC"]) if env.get("DEAD_LETTER_TOPIC") else None
+    if dead_letter is None:
+        log.warning("DEAD_LETTER_TOPIC not set: refused requests are only logged")
+    return Deps(registry=registry, publisher=MqttPublisher(MqttSettings.from_env(env)), dead_letter=dead_letter,
+                min_interval_s=float(env.get("CONFIG_MIN_INTERVAL_S", "1.0")))
+
+
+def get_deps() -> Deps:
+    """Built once per instance on first use, so warm invocations reuse the Firestore and MQTT connections."""
+    global _deps
+    with _deps_lock:
+        if _deps is None:
+            _deps = deps_from_env()
+        return _deps
+
+
+def reset_deps() -> None:
+    global _deps
+    with _deps_lock:
+        if _deps is not None and isinstance(_deps.publisher, MqttPublisher):
+            _deps.publisher.close()
+        _deps = None
+
+
+@functions_framework.cloud_event
+def handle(cloud_event: Any) -> None:
+    deps = get_deps()
+    try:
+        message = message_from_event(cloud_event.data, cloud_event["id"])
+    except PermanentError as err:
+        log.error("event refused (%s): %s", err.reason, err.detail,
+                  extra={"fields": {"eventId": cloud_event["id"], "reason": err.reason}})
+        return
+    process(message, deps)

@@ -1,0 +1,309 @@
+"""Config push function, levels 1 and 2: the logic called directly, then the handler given CloudEvents.
+
+Level 1 runs the logic against the real registry (Firestore emulator) with a recording publisher, to reach
+orderings (a stale redelivery overtaken by a newer version) a broker cannot be made to produce on demand.
+Level 2 calls the CloudEvent handler as Eventarc would, with the Firestore and Pub/Sub emulators and a real
+Mosquitto, and a device subscribed to its config topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import queue
+import uuid
+from types import ModuleType
+
+import pytest
+from cloudevents.http import CloudEvent
+
+from iotbridge import registry as reg
+from iotbridge.local import services
+from tests.functions.conftest import DeviceClient
+
+PROJECT = "local-project"
+
+# ------------------------------------------------------------------------------------- level 1: parsing
+
+
+def req(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
+REFUSED = [
+    (b"{", "malformed_json"),
+    (b"\xff\xfe", "malformed_json"),
+    (b'{"device_id": "dev-1", "config": {"x": NaN}}', "malformed_json"),
+    (b"", "malformed_json"),
+    (b"[1, 2]", "not_an_object"),
+    (b'"dev-1"', "not_an_object"),
+    (req(device_id="dev-1", config=[1, 2]), "not_an_object"),
+    (req(device_id="dev-1", config="text"), "not_an_object"),
+    (req(device_id="dev-1", config={}, colour="red"), "invalid_request"),
+    (req(device_id="dev-1"), "invalid_request"),
+    (req(config={}), "invalid_request"),
+    (req(device_id="dev-1", config={}, binary_data="AA=="), "invalid_request"),
+    (req(device_id="dev-1", binary_data="not base64!"), "invalid_request"),
+    (req(device_id="dev-1", binary_data=12), "invalid_request"),
+    (req(device_id="dev-1", config={}, version_to_update=-1), "invalid_request"),
+    (req(device_id="dev-1", config={}, version_to_update=True), "invalid_request"),
+    (req(device_id="dev-1", config={}, version_to_update=1.5), "invalid_request"),
+    (req(device_id="dev-1", deviceId="dev-1", config={}), "invalid_request"),
+    (req(device_id="a/b/c", config={}), "invalid_device_id"),
+    (req(device_id="dev+1", config={}), "invalid_device_id"),
+    (req(device_id="dev#", config={}), "invalid_device_id"),
+    (req(device_id=7, config={}), "invalid_device_id"),
+    (req(device_id="dev-1", config={"k": "x" * (64 * 1024)}), "config_too_large"),
+    (req(device_id="dev-1", binary_data=base64.b64encode(b"x" * (64 * 1024 + 1)).decode()), "config_too_large"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason"), REFUSED)
+def test_parse_refuses_with_a_reason(cp: ModuleType, raw: bytes, reason: str) -> None:
+    with pytest.raises(cp.PermanentError) as err:
+        cp.parse_request(raw)
+    assert err.value.reason == reason
+    assert err.value.detail
+
+
+def test_parse_accepts_objects_bytes_and_iot_core_names(cp: ModuleType) -> None:
+    r = cp.parse_request(req(device_id="dev-1", config={"b": 1, "a": [1, "é"]}))
+    assert r == cp.ConfigRequest("dev-1", '{"b":1,"a":[1,"é"]}'.encode(), 0)
+    blob = bytes(range(256)) * 256  # exactly 64 KiB of binary
+    r = cp.parse_request(req(deviceId="dev-1", binaryData=base64.b64encode(blob).decode(), versionToUpdate="3"))
+    assert r == cp.ConfigRequest("dev-1", blob, 3)
+
+
+# ------------------------------------------------------------------------------------- level 1: the flow
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.fail: Exception | None = None
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append((topic, payload))
+
+
+class RecordingDeadLetter:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    def send(self, message, error) -> None:  # noqa: ANN001
+        self.sent.append((message.id, error.reason))
+
+
+@pytest.fixture
+def registry(firestore_emulator, emulator_env) -> reg.Registry:
+    emulator_env(firestore_emulator)
+    return reg.Registry(PROJECT, f"reg-{uuid.uuid4().hex[:12]}", "europe-west1")
+
+
+@pytest.fixture
+def deps(cp: ModuleType, registry: reg.Registry):
+    return cp.Deps(registry=registry, publisher=RecordingPublisher(), dead_letter=RecordingDeadLetter())
+
+
+def msg(cp: ModuleType, mid: str, **fields) -> object:
+    return cp.Message(id=mid, data=req(**fields), attributes={"origin": "test"})
+
+
+@pytest.mark.emulator
+def test_logic_stores_publishes_and_redelivery_makes_one_version(cp, deps, registry) -> None:
+    registry.create_device("pump-1")
+    out = cp.process(msg(cp, "100", device_id="pump-1", config={"rpm": 1}), deps)
+    assert out == cp.Outcome("delivered", "pump-1", 1)
+    assert deps.publisher.sent == [("/devices/pump-1/config", b'{"rpm":1}')]
+    # The same Pub/Sub message again (Eventarc redelivers after a lost ack): no second version, the same
+    # config re-sent, and no rate-limit refusal although it comes within the second.
+    again = cp.process(msg(cp, "100", device_id="pump-1", config={"rpm": 1}), deps)
+    assert again == cp.Outcome("delivered", "pump-1", 1)
+    assert [v.version for v in registry.list_config_versions("pump-1")] == [1]
+    assert deps.dead_letter.sent == []
+
+
+@pytest.mark.emulator
+def test_logic_stale_redelivery_is_not_published_over_a_newer_version(cp, deps, registry) -> None:
+    registry.create_device("pump-2")
+    deps.min_interval_s = 0
+    deps.publisher.fail = cp.TransientError("broker down")
+    with pytest.raises(cp.TransientError):
+        cp.process(msg(cp, "200", device_id="pump-2", config={"v": 1}), deps)
+    assert registry.get_config("pump-2").version == 1  # stored before the publish failed
+    deps.publisher.fail = None
+    assert cp.process(msg(cp, "201", device_id="pump-2", config={"v": 2}), deps).version == 2
+    # The retry of the first request arrives after v2 went out: it must not overwrite v2 on the device.
+    late = cp.process(msg(cp, "200", device_id="pump-2", config={"v": 1}), deps)
+    assert late == cp.Outcome("superseded", "pump-2", 1)
+    assert deps.publisher.sent == [("/devices/pump-2/config", b'{"v":2}')]
+
+
+@pytest.mark.emulator
+def test_logic_permanent_refusals_are_logged_dead_lettered_and_not_raised(cp, deps, registry, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="config_push")
+    registry.create_device("pump-3")
+    registry.create_device("pump-blocked", blocked=True)
+    cases = [
+        ("300", msg(cp, "300", device_id="nobody-here", config={}), "unknown_device"),
+        ("301", msg(cp, "301", device_id="pump-blocked", config={}), "device_blocked"),
+        ("302", cp.Message("302", b"{not json"), "malformed_json"),
+        ("303", cp.Message("303", b"[]"), "not_an_object"),
+        ("304", msg(cp, "304", device_id="pump-3", config={"k": "x" * 70000}), "config_too_large"),
+        ("305", msg(cp, "305", device_id="pump-3", config={}, version_to_update=4), "version_conflict"),
+    ]
+    for mid, m, reason in cases:
+        out = cp.process(m, deps)
+        assert out.status == "rejected" and out.reason == reason, (mid, out)
+    assert deps.dead_letter.sent == [(mid, reason) for mid, _, reason in cases]
+    logged = [r for r in caplog.records if r.name == "config_push" and r.levelno == logging.WARNING]
+    assert [r.fields["reason"] for r in logged] == [reason for *_, reason in cases]
+    assert all(r.fields["messageId"] == mid for r, (mid, *_) in zip(logged, cases))
+    assert deps.publisher.sent == []
+    assert registry.get_device("pump-3").config_version == 0
+
+
+@pytest.mark.emulator
+def test_logic_flood_for_one_device_keeps_one_update_per_second(cp, deps, registry, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="config_push")
+    registry.create_device("pump-4")
+    outcomes = [cp.process(msg(cp, f"40{i}", device_id="pump-4", config={"i": i}), deps) for i in range(5)]
+    assert outcomes[0].status == "delivered"
+    assert [o.reason for o in outcomes[1:]] == ["rate_limited"] * 4
+    assert len(deps.publisher.sent) == 1 and registry.get_device("pump-4").config_version == 1
+    assert sum("rate_limited" in r.getMessage() for r in caplog.records) == 4
+
+
+# ------------------------------------------------------------------------------------- level 2: handler
+
+
+def cloud_event(mid: str, data: bytes, topic: str = "cfg-requests") -> CloudEvent:
+    attributes = {
+        "id": mid,
+        "type": "google.cloud.pubsub.topic.v1.messagePublished",
+        "source": f"//pubsub.googleapis.com/projects/{PROJECT}/topics/{topic}",
+        "specversion": "1.0",
+    }
+    body = {"message": {"data": base64.b64encode(data).decode(), "messageId": mid, "attributes": {"k": "v"},
+                        "publishTime": "2026-11-27T14:00:00Z"},
+            "subscription": f"projects/{PROJECT}/subscriptions/eventarc-test"}
+    return CloudEvent(attributes, body)
+
+
+@pytest.fixture
+def handler_env(cp, firestore_emulator, pubsub_emulator, mosquitto, emulator_env, monkeypatch):
+    """The function's environment pointed at the emulators and the broker; a fresh registry and topics."""
+    from google.cloud import pubsub_v1
+
+    emulator_env(firestore_emulator, pubsub_emulator)
+    suffix = uuid.uuid4().hex[:10]
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    dlq = publisher.create_topic(name=f"projects/{PROJECT}/topics/dlq-{suffix}").name
+    dlq_sub = subscriber.create_subscription(name=f"projects/{PROJECT}/subscriptions/dlq-{suffix}", topic=dlq).name
+    env = {"PROJECT_ID": PROJECT, "REGISTRY_ID": f"reg-{suffix}", "REGION": "europe-west1",
+           "MQTT_HOST": mosquitto.host, "MQTT_PORT": str(mosquitto.port), "MQTT_TLS": "false",
+           "MQTT_TIMEOUT_S": "3", "DEAD_LETTER_TOPIC": dlq}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cp.reset_deps()
+    yield {"registry": reg.Registry(PROJECT, env["REGISTRY_ID"], "europe-west1"), "dlq_sub": dlq_sub,
+           "subscriber": subscriber}
+    cp.reset_deps()
+
+
+def pull_dead_letters(subscriber, subscription: str, count: int, timeout: float = 20.0) -> list:
+    import time
+
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        resp = subscriber.pull(subscription=subscription, max_messages=50, timeout=5)
+        if resp.received_messages:
+            subscriber.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in resp.received_messages])
+            got += [m.message for m in resp.received_messages]
+    return got
+
+
+@pytest.mark.emulator
+def test_handler_delivers_to_the_device_once_per_message_id(cp, handler_env, mosquitto) -> None:
+    registry = handler_env["registry"]
+    registry.create_device("valve-1")
+    device = DeviceClient(mosquitto.host, mosquitto.port, "valve-1")
+    try:
+        event = cloud_event("5001", req(device_id="valve-1", config={"open": True}))
+        cp.handle(event)
+        got = device.next()
+        assert got.topic == "/devices/valve-1/config" and got.payload == b'{"open":true}' and got.qos == 1
+        cp.handle(cloud_event("5001", req(device_id="valve-1", config={"open": True})))  # redelivery
+        assert device.next().payload == b'{"open":true}'
+        assert [v.version for v in registry.list_config_versions("valve-1")] == [1]
+    finally:
+        device.close()
+    # Retained: a device that subscribes later (reconnect) gets the latest config from the broker.
+    late = DeviceClient(mosquitto.host, mosquitto.port, "valve-1")
+    try:
+        assert late.next().payload == b'{"open":true}'
+    finally:
+        late.close()
+
+
+@pytest.mark.emulator
+def test_handler_refusals_land_on_the_dead_letter_topic(cp, handler_env, mosquitto, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="config_push")
+    registry = handler_env["registry"]
+    registry.create_device("valve-2")
+    registry.create_device("valve-3", blocked=True)
+    device = DeviceClient(mosquitto.host, mosquitto.port, "valve-2")
+    bad = {
+        "6001": (req(device_id="ghost-valve", config={}), "unknown_device"),
+        "6002": (req(device_id="valve-3", config={}), "device_blocked"),
+        "6003": (req(device_id="valve-2", config={"x": "y" * 70000}), "config_too_large"),
+        "6004": (req(device_id="valve-2", config={}, version_to_update=9), "version_conflict"),
+        "6005": (b"{oops", "malformed_json"),
+        "6006": (b"42", "not_an_object"),
+    }
+    try:
+        for mid, (data, _) in bad.items():
+            cp.handle(cloud_event(mid, data))  # returns: acknowledged, not retried
+        cp.handle(cloud_event("6007", req(device_id="valve-2", config={"n": 1})))
+        cp.handle(cloud_event("6008", req(device_id="valve-2", config={"n": 2})))  # within the second: flood
+        assert device.next().payload == b'{"n":1}'
+        with pytest.raises(queue.Empty):
+            device.next(timeout=1.0)
+    finally:
+        device.close()
+    expected = {mid: reason for mid, (_, reason) in bad.items()} | {"6008": "rate_limited"}
+    letters = pull_dead_letters(handler_env["subscriber"], handler_env["dlq_sub"], len(expected))
+    assert {m.attributes["sourceMessageId"]: m.attributes["error"] for m in letters} == expected
+    for m in letters:
+        assert m.attributes["k"] == "v" and m.attributes["errorDetail"]
+        assert m.data == (bad[m.attributes["sourceMessageId"]][0] if m.attributes["sourceMessageId"] in bad
+                          else req(device_id="valve-2", config={"n": 2}))
+    reasons = sorted(r.fields["reason"] for r in caplog.records if r.levelno == logging.WARNING)
+    assert reasons == sorted(expected.values())
+    assert registry.get_device("valve-2").config_version == 1
+
+
+@pytest.mark.emulator
+def test_handler_raises_when_the_broker_is_unreachable(cp, handler_env, monkeypatch) -> None:
+    registry = handler_env["registry"]
+    registry.create_device("valve-4")
+    monkeypatch.setenv("MQTT_PORT", str(services.free_port()))  # nothing listens there
+    cp.reset_deps()
+    with pytest.raises(cp.TransientError, match="unreachable"):
+        cp.handle(cloud_event("7001", req(device_id="valve-4", config={"a": 1})))
+    assert registry.get_config("valve-4").version == 1
+    with pytest.raises(cp.TransientError):  # the retry: still down, still the one version
+        cp.handle(cloud_event("7001", req(device_id="valve-4", config={"a": 1})))
+    assert registry.get_device("valve-4").config_version == 1
+
+
+@pytest.mark.emulator
+def test_handler_logs_and_acknowledges_an_event_without_a_message(cp, handler_env, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="config_push")
+    cp.handle(CloudEvent({"id": "8001", "type": "google.cloud.pubsub.topic.v1.messagePublished",
+                          "source": "//pubsub.googleapis.com/x", "specversion": "1.0"}, {"nothing": 1}))
+    assert [r.fields["reason"] for r in caplog.records if r.levelno == logging.ERROR] == ["invalid_event"]
