@@ -146,8 +146,9 @@ def stack_config(stack: str, overrides: Mapping[str, Any] | None = None) -> dict
 class _Mocks(pulumi.runtime.Mocks):
     """Provider stand-in: echoes inputs and fills in the computed outputs the program reads."""
 
-    def __init__(self, project: str):
+    def __init__(self, project: str, invokes: Mapping[str, Callable[[dict], dict]] | None = None):
         self.project = project
+        self.invokes = dict(invokes or {})
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
         state = dict(args.inputs)
@@ -177,10 +178,12 @@ class _Mocks(pulumi.runtime.Mocks):
         return rid, state
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list[tuple[str, str]] | None]:
+        if args.token in self.invokes:
+            return self.invokes[args.token](dict(args.args)), []
         if args.token == "gcp:organizations/getProject:getProject":
             project = args.args.get("projectId") or self.project
             return {"projectId": project, "number": PROJECT_NUMBER, "name": project, "id": f"projects/{project}"}, []
-        raise NotImplementedError(f"no mock for invoke {args.token}")
+        raise NotImplementedError(f"no mock for invoke {args.token}; pass run_program(..., invokes={{token: fn}})")
 
 
 class _RecordingMonitor(pulumi_mocks.MockMonitor):
@@ -207,10 +210,15 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
 
 
 def run_program(stack: str, overrides: Mapping[str, Any] | None = None,
-                program: Callable[[], None] | None = None) -> StackRun:
-    """Run ``infra/__main__.py`` (or ``program``) for ``stack`` under mocks, to completion."""
+                program: Callable[[], None] | None = None,
+                invokes: Mapping[str, Callable[[dict], dict]] | None = None) -> StackRun:
+    """Run ``infra/__main__.py`` (or ``program``) for ``stack`` under mocks, to completion.
+
+    ``invokes`` answers data sources beyond ``gcp.organizations.get_project``: token -> function of the invoke's
+    arguments (camelCase) returning its result.
+    """
     raw = stack_config(stack, overrides)
-    mocks = _Mocks(project=raw.get("gcp:project", "mock-project"))
+    mocks = _Mocks(project=raw.get("gcp:project", "mock-project"), invokes=invokes)
     monitor = _RecordingMonitor(mocks)
 
     pulumi_settings.ROOT.set(None)  # a fresh root stack resource per run

@@ -65,3 +65,32 @@ def test_config_reaches_the_program_as_the_cli_passes_it() -> None:
     assert raw["gcp-iot-bridge:bigtableZones"] == '["europe-west1-b", "europe-west1-c"]'
     assert "gcp-iot-bridge:labels" not in raw
     assert raw["gcp-iot-bridge:bigqueryDataset"] == "iot"  # a Pulumi.yaml default, as the CLI fills it in
+
+
+def test_other_data_sources_can_be_answered_and_unknown_ones_fail_loudly() -> None:
+    def program() -> None:
+        zones = gcp.compute.get_zones_output(region="us-central1")
+        pulumi.export("zones", zones.names)
+
+    token = "gcp:compute/getZones:getZones"
+    run = harness.run_program("dev", program=program,
+                              invokes={token: lambda args: {"names": [f"{args['region']}-a"], "id": "z"}})
+    assert run.outputs["zones"] == ["us-central1-a"]
+    with pytest.raises(harness.ProgramFailed, match="no mock for invoke gcp:compute/getZones"):
+        harness.run_program("dev", program=program)
+
+
+def test_program_imports_resolve_as_under_the_pulumi_language_host(tmp_path) -> None:
+    # Pulumi puts only the program directory (infra/) on sys.path and runs from there; iotbridge must come from
+    # the project's install, not from the repository root being on the path.
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path = [p for p in sys.path if p not in ('', %r)]; sys.path.insert(0, %r); "
+            "import config, components.foundation, components.messaging, components.warehouse, "
+            "components.timeseries, iotbridge.spec; print(iotbridge.spec.__file__)"
+            % (str(harness.ROOT), str(harness.ROOT / "infra")))
+    done = subprocess.run([sys.executable, "-c", code], cwd=harness.ROOT / "infra", capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("iotbridge/spec.py")

@@ -126,3 +126,16 @@ def test_component_refuses_a_delivery_attempt_count_pubsub_rejects() -> None:
 
     with pytest.raises(harness.ProgramFailed, match="max_delivery_attempts must be 5..100"):
         harness.run_program("dev", program=program)
+
+
+@pytest.mark.parametrize("stack", harness.STACKS)
+def test_names_and_deadlines_are_ones_pubsub_accepts(stack: str) -> None:
+    import re
+
+    run = harness.stack_run(stack)
+    valid = re.compile(r"^[A-Za-z][A-Za-z0-9._~+%-]{2,254}$")
+    for res in run.of_type(TOPIC) + run.of_type(SUB):
+        name = res.get("name")
+        assert valid.match(name) and not name.startswith("goog"), name
+    for s in run.of_type(SUB):
+        assert 10 <= s.get("ackDeadlineSeconds") <= 600
