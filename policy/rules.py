@@ -436,7 +436,7 @@ def firewall_only_mqtt_and_health_checks(r: Resource, ctx: StackContext) -> list
             continue
         if protocol == "tcp" and ports == [MQTT_TLS_PORT]:
             continue
-        if health_check_only and protocol == "tcp" and ports:
+        if health_check_only and protocol == "tcp":
             continue
         shown = f"{protocol}:{','.join(ports) or 'all ports'}"
         out.append(f"ingress allows {shown} from {[str(s) for s in _as_list(sources)] or 'tags/accounts'}: only "
