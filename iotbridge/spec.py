@@ -231,6 +231,66 @@ GROUP BY device_id, metric, hour""",
 FROM `{project}.{dataset}.telemetry_errors`
 GROUP BY hour, error""",
         ),
+        # Edge model monitoring (issue 6) over the device-logs records of iotbridge.ml.runner. The device id is
+        # the bridge's authenticated deviceId attribute, not what the payload claims.
+        ViewSpec(
+            "edge_model_hourly",
+            "Edge-model inferences per device, hour and model version: inference rate, anomaly rate, mean score.",
+            """SELECT JSON_VALUE(attributes, '$.deviceId') AS device_id,
+       TIMESTAMP_TRUNC(publish_time, HOUR) AS hour,
+       JSON_VALUE(data, '$.model_version') AS model_version,
+       COUNT(*) AS inferences,
+       COUNT(*) / 60 AS inferences_per_minute,
+       COUNTIF(JSON_VALUE(data, '$.anomaly') = 'true') AS anomalies,
+       SAFE_DIVIDE(COUNTIF(JSON_VALUE(data, '$.anomaly') = 'true'), COUNT(*)) AS anomaly_rate,
+       AVG(SAFE_CAST(JSON_VALUE(data, '$.score') AS FLOAT64)) AS mean_score
+FROM `{project}.{dataset}.device_logs`
+WHERE JSON_VALUE(data, '$.kind') = 'inference'
+GROUP BY device_id, hour, model_version""",
+        ),
+        ViewSpec(
+            "edge_model_fleet",
+            "Per device: the model version it last reported running, inferences and anomalies over 24 h, its "
+            "last refused model and why (the last 30 days of device_logs; `iotctl models status`).",
+            """WITH logs AS (
+  SELECT JSON_VALUE(attributes, '$.deviceId') AS device_id, publish_time,
+         JSON_VALUE(data, '$.kind') AS kind,
+         JSON_VALUE(data, '$.model_version') AS model_version,
+         JSON_VALUE(data, '$.requested_version') AS requested_version,
+         JSON_VALUE(data, '$.reason') AS reason,
+         JSON_VALUE(data, '$.anomaly') = 'true' AS anomaly
+  FROM `{project}.{dataset}.device_logs`
+  WHERE publish_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL 30 DAY)
+    AND JSON_VALUE(data, '$.kind') IN ('inference', 'model_loaded', 'model_rejected')
+),
+latest AS (
+  SELECT device_id, model_version, publish_time AS last_seen
+  FROM logs
+  WHERE device_id IS NOT NULL
+  QUALIFY ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY publish_time DESC) = 1
+),
+refusals AS (
+  SELECT device_id, requested_version AS last_rejected_version, reason AS last_rejected_reason,
+         publish_time AS last_rejected_time
+  FROM logs
+  WHERE kind = 'model_rejected'
+  QUALIFY ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY publish_time DESC) = 1
+),
+recent AS (
+  SELECT device_id, COUNTIF(kind = 'inference') AS inferences_24h,
+         COUNTIF(kind = 'inference' AND anomaly) AS anomalies_24h
+  FROM logs
+  WHERE publish_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL 24 HOUR)
+  GROUP BY device_id
+)
+SELECT l.device_id, l.model_version, l.last_seen,
+       IFNULL(r.inferences_24h, 0) AS inferences_24h, IFNULL(r.anomalies_24h, 0) AS anomalies_24h,
+       SAFE_DIVIDE(r.anomalies_24h, r.inferences_24h) AS anomaly_rate_24h,
+       f.last_rejected_version, f.last_rejected_reason, f.last_rejected_time
+FROM latest AS l
+LEFT JOIN recent AS r ON r.device_id = l.device_id
+LEFT JOIN refusals AS f ON f.device_id = l.device_id""",
+        ),
     )
 }
 
