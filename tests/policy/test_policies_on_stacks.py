@@ -65,3 +65,15 @@ def test_policies_catch_a_mutated_stack(stack):
     for policy_name, original, props in mutated:
         changed = [rules.Resource(r.type, r.name, props) if r is original else r for r in resources]
         assert rules.evaluate(changed, ctx)[policy_name], policy_name
+
+
+def test_flipping_the_teardown_switch_keeps_every_policy_green():
+    """dev with deletionProtection=true: the program follows the switch, so the policies still pass."""
+    run = harness.run_program("dev", {"deletionProtection": True})
+    ctx = rules.StackContext.from_config(run.config, run.stack)
+    assert ctx.protect is True
+    found = rules.evaluate(_resources(run), ctx)
+    assert {name: msgs for name, msgs in found.items() if msgs} == {}
+    # ...and the unflipped resources judged as a protected stack would fail.
+    dev = harness.stack_run("dev")
+    assert rules.evaluate(_resources(dev), ctx)["deletion-protection-follows-stack"]
