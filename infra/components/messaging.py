@@ -40,8 +40,9 @@ class MessagingArgs:
 class Messaging(pulumi.ComponentResource):
     """Pub/Sub topics for device traffic, each subscription with a dead-letter path."""
 
-    topics: dict[str, gcp.pubsub.Topic]
-    subscriptions: dict[str, gcp.pubsub.Subscription]
+    topics: dict[str, gcp.pubsub.Topic]  # spec key -> topic
+    subscriptions: dict[str, gcp.pubsub.Subscription]  # spec key -> subscription (those created in the cloud)
+    dead_letter_publisher: gcp.pubsub.TopicIAMMember
 
     def __init__(self, name: str, args: MessagingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:Messaging", name, None, opts)
@@ -63,7 +64,7 @@ class Messaging(pulumi.ComponentResource):
         dead_letter = self.topics["dead-letter"]
 
         # Publisher on the dead-letter topic: granted once, shared by every dead-lettering subscription.
-        dlq_publisher = gcp.pubsub.TopicIAMMember(
+        self.dead_letter_publisher = gcp.pubsub.TopicIAMMember(
             f"{name}-dead-letter-agent-publisher",
             project=args.project,
             topic=dead_letter.name,
@@ -137,7 +138,7 @@ class Messaging(pulumi.ComponentResource):
                     subscription=subscription.name,
                     role="roles/pubsub.subscriber",
                     member=args.pubsub_agent,
-                    opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, dlq_publisher]),
+                    opts=child,
                 )
 
         self.register_outputs({
