@@ -11,7 +11,9 @@ for the stack's physical names; it can be edited in the console, exported and pa
 The bridge writes ``custom.googleapis.com/iot/connected_devices`` (GAUGE, INT64) every 60 s, on the
 ``gce_instance`` it runs on, with metric labels ``registry_id`` and ``host``. The descriptor is declared here and
 every alert on it depends on it: Cloud Monitoring refuses an alert policy whose filter names a custom metric type
-that does not exist yet ("Cannot find metric(s) that match type"), which on a fresh project is always the case.
+that does not exist yet ("Cannot find metric(s) that match type", terraform-provider-google#11102), which on a
+fresh project is always the case. Google warns a new metric can take minutes to become visible: if the first
+``pulumi up`` still hits that 404, a second one succeeds.
 """
 
 from __future__ import annotations
