@@ -1,0 +1,443 @@
+"""The streaming telemetry pipeline: Pub/Sub → validate → dedupe → BigQuery + Bigtable → 1-minute
+aggregates → threshold rules → config-change requests back to the devices.
+
+The story, in the order the transforms run:
+
+1. **ReadTelemetry** pulls the telemetry subscription with attributes. The bridge put the device's
+   authenticated identity into the attributes (``deviceId`` …, CONTRACTS §2); the payload is the device's own
+   bytes and is never trusted for identity.
+2. **Parse** decodes and validates the payload (CONTRACTS §3) and stamps each accepted reading with its event
+   time (the payload's ``ts``). Anything else goes to the ``errors`` output with a reason class and the raw
+   payload, is counted (Beam counter ``telemetry/rejected_<reason>``) and lands in ``telemetry_errors``: the
+   pipeline never dies on input.
+3. **DropDuplicates** keeps the first reading per device id + ts + seq seen within ``--dedupe_seconds`` of
+   processing time. Pub/Sub delivers at least once and devices resend after a lost PUBACK; ``id_label`` is not
+   used because the bridge cannot give a resend the same id (and the DirectRunner rejects it).
+4. **WriteRaw** streams one ``telemetry_raw`` row per reading; **WriteBigtable** writes one Bigtable row per
+   reading whose key is ``{device_id}#{event_time_ms:013d}#{seq}`` and whose cells carry the event time as
+   their timestamp, so a replay older than the dedupe horizon overwrites the same cell versions.
+5. **AggregatePerMinute**: 1-minute event-time windows per device and metric, fired when the watermark passes
+   the window end and once more for each late reading within ``--allowed_lateness_seconds``. Panes discard
+   what they fired, so ``telemetry_1m`` holds additive partial aggregates: sum ``count``, min ``min``,
+   max ``max`` and count-weight ``mean`` over the rows of one window to get the window's figures (the
+   ``telemetry_hourly`` view does exactly that). ``pane_timing`` says which firing wrote a row.
+6. **RequestConfigChanges** checks each reading against ``--threshold_rules`` and publishes
+   ``{"device_id": ..., "config": {...}}`` to the config-requests topic, at most one per device per
+   ``--rule_min_interval_seconds`` of the device's event time.
+
+Run it on Dataflow (normally through the Flex Template that ``infra/components/pipeline.py`` builds)::
+
+    python -m dataflow_jobs.telemetry_pipeline \\
+        --input_subscription=projects/P/subscriptions/iot-dev-telemetry-pipeline \\
+        --bigquery_dataset=P.iot --bigtable_instance=projects/P/instances/iot-dev \\
+        --config_requests_topic=projects/P/topics/iot-dev-config-requests \\
+        --threshold_rules='{"temperature": {"above": 80, "config": {"fan": "max"}}}' \\
+        --runner=DataflowRunner --project=P --region=europe-west1 --temp_location=gs://B/tmp
+
+or locally against the emulators (``PUBSUB_EMULATOR_HOST`` and ``BIGTABLE_EMULATOR_HOST`` set) with
+``--runner=BundleBasedDirectRunner --bigquery_endpoint=http://127.0.0.1:PORT``. Flags this module does not
+know are passed to Beam's ``PipelineOptions``; ``--streaming`` is always on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.coders import BooleanCoder, VarIntCoder
+from apache_beam.io.gcp.bigtableio import WriteToBigTable
+from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubSub
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms import trigger, window
+from apache_beam.transforms import userstate
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from dataflow_jobs import rules as rules_mod
+from dataflow_jobs import schema, telemetry
+from dataflow_jobs.sinks import InsertRows, ToDirectRow
+
+_LOG = logging.getLogger(__name__)
+
+ERRORS_TAG = "errors"
+WINDOW_SECONDS = 60
+
+# --------------------------------------------------------------------------------------------- flags
+
+_PROJECT = r"[a-z][-a-z0-9]{4,28}[a-z0-9]"
+_PUBSUB_ID = r"[a-zA-Z][-_.~+%a-zA-Z0-9]{2,254}"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One pipeline flag; ``metadata.json`` lists exactly these (a test checks name, helpText and regex)."""
+
+    name: str
+    label: str
+    help: str
+    regex: str
+    default: str | None = None  # None: required
+
+    @property
+    def optional(self) -> bool:
+        return self.default is not None
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("input_subscription", "Telemetry subscription",
+         "Pub/Sub subscription with the bridge's telemetry, as projects/PROJECT/subscriptions/NAME.",
+         rf"^projects/{_PROJECT}/subscriptions/{_PUBSUB_ID}$"),
+    Flag("bigquery_dataset", "BigQuery dataset",
+         "Dataset holding telemetry_raw, telemetry_1m and telemetry_errors, as PROJECT.DATASET.",
+         rf"^{_PROJECT}\.[A-Za-z0-9_]{{1,1024}}$"),
+    Flag("bigtable_instance", "Bigtable instance",
+         "Bigtable instance of the telemetry table, as projects/PROJECT/instances/INSTANCE.",
+         rf"^projects/{_PROJECT}/instances/[a-z][-a-z0-9]{{4,31}}[a-z0-9]$"),
+    Flag("bigtable_table", "Bigtable table",
+         "Bigtable table id for one row per accepted message.",
+         r"^[-_.a-zA-Z0-9]{1,50}$", default=schema.BIGTABLE_TABLE),
+    Flag("config_requests_topic", "Config-requests topic",
+         "Pub/Sub topic for config-change requests, as projects/PROJECT/topics/NAME.",
+         rf"^projects/{_PROJECT}/topics/{_PUBSUB_ID}$"),
+    Flag("threshold_rules", "Threshold rules",
+         'JSON object: metric name -> {"above": N and/or "below": N, "config": {...}}; '
+         "a reading that crosses a limit requests that config for its device.",
+         r"^\s*\{.*\}\s*$", default="{}"),
+    Flag("rule_min_interval_seconds", "Config request interval",
+         "At most one config request per device per this many seconds of event time.",
+         r"^[1-9][0-9]{0,6}$", default="300"),
+    Flag("allowed_lateness_seconds", "Allowed lateness",
+         "How long after a 1-minute window closes late readings still update telemetry_1m, in seconds.",
+         r"^[0-9]{1,6}$", default="900"),
+    Flag("dedupe_seconds", "Dedupe horizon",
+         "How long, in seconds of processing time, a device id + ts + seq is remembered to drop duplicates.",
+         r"^[1-9][0-9]{0,6}$", default="600"),
+    Flag("bigquery_endpoint", "BigQuery endpoint",
+         "BigQuery API endpoint; empty for Google's. A plaintext http:// endpoint (a local BigQuery) gets "
+         "no credentials.",
+         r"^(https?://[-.a-zA-Z0-9]+(:[0-9]{1,5})?/?)?$", default=""),
+)
+
+
+def _checked(flag: Flag) -> Callable[[str], str]:
+    pattern = re.compile(flag.regex, re.DOTALL)
+
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise argparse.ArgumentTypeError(f"--{flag.name}={value[:80]!r} does not match {flag.regex}")
+        return value
+
+    return check
+
+
+def flag_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dataflow_jobs.telemetry_pipeline",
+        description="Streaming telemetry pipeline (Pub/Sub -> BigQuery + Bigtable -> config requests). "
+                    "Other flags go to Beam's PipelineOptions (--runner, --project, --region ...).")
+    for f in FLAGS:
+        parser.add_argument(f"--{f.name}", type=_checked(f), required=not f.optional, default=f.default,
+                            help=f.help)
+    return parser
+
+
+@dataclass(frozen=True)
+class Settings:
+    input_subscription: str
+    bigquery_project: str
+    bigquery_dataset: str
+    bigtable_project: str
+    bigtable_instance: str
+    bigtable_table: str
+    config_requests_topic: str
+    rules: tuple[rules_mod.ThresholdRule, ...]
+    rule_min_interval_seconds: int
+    allowed_lateness_seconds: int
+    dedupe_seconds: int
+    bigquery_endpoint: str | None
+
+    def table(self, name: str) -> str:
+        return f"{self.bigquery_project}.{self.bigquery_dataset}.{name}"
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Settings:
+        bq_project, dataset = ns.bigquery_dataset.split(".", 1)
+        _, bt_project, _, bt_instance = ns.bigtable_instance.split("/")
+        return cls(
+            input_subscription=ns.input_subscription,
+            bigquery_project=bq_project,
+            bigquery_dataset=dataset,
+            bigtable_project=bt_project,
+            bigtable_instance=bt_instance,
+            bigtable_table=ns.bigtable_table,
+            config_requests_topic=ns.config_requests_topic,
+            rules=rules_mod.parse_rules(ns.threshold_rules),
+            rule_min_interval_seconds=int(ns.rule_min_interval_seconds),
+            allowed_lateness_seconds=int(ns.allowed_lateness_seconds),
+            dedupe_seconds=int(ns.dedupe_seconds),
+            bigquery_endpoint=ns.bigquery_endpoint or None,
+        )
+
+
+# ---------------------------------------------------------------------------------------- transforms
+
+
+def _epoch_us(value: Any) -> int | None:
+    """A Pub/Sub publish time (datetime, Beam or protobuf Timestamp) as epoch microseconds."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        delta = value - datetime(1970, 1, 1, tzinfo=timezone.utc)
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    if isinstance(value, Timestamp):
+        return value.micros
+    if hasattr(value, "seconds") and hasattr(value, "nanos"):  # google.protobuf.Timestamp
+        return value.seconds * 1_000_000 + value.nanos // 1000
+    return None
+
+
+class ParseTelemetry(beam.DoFn):
+    """PubsubMessage → Reading stamped with its event time, or an error row on the ``errors`` output."""
+
+    def __init__(self) -> None:
+        self.accepted = Metrics.counter("telemetry", "accepted")
+        self.rejected = {r: Metrics.counter("telemetry", f"rejected_{r}") for r in telemetry.REASONS}
+
+    def process(self, msg: PubsubMessage, element_ts=beam.DoFn.TimestampParam) -> Iterable[Any]:
+        attributes = dict(msg.attributes or {})
+        publish_us = _epoch_us(msg.publish_time)
+        if publish_us is None:
+            # Without a timestamp attribute the element timestamp is the publish time.
+            publish_us = element_ts.micros
+        data = msg.data or b""
+        try:
+            reading = telemetry.parse(data, attributes, msg.message_id or "", publish_us)
+        except telemetry.Rejected as exc:
+            self.rejected[exc.reason].inc()
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, telemetry.error_row(
+                exc.reason, exc.detail, data, attributes, msg.message_id, publish_us))
+            return
+        self.accepted.inc()
+        yield window.TimestampedValue(reading, Timestamp(micros=reading.event_time_us))
+
+
+class FirstPerKey(beam.DoFn):
+    """Emit the first value of each key; forget the key ``seconds`` of processing time later.
+
+    Beam's ``DeduplicatePerKey`` does the same without a counter; duplicates dropped is a figure operators
+    want (a device resending after lost PUBACKs shows up here) and the emulator test waits on it.
+    """
+
+    SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
+
+    def __init__(self, seconds: int):
+        self.horizon = Duration(seconds=seconds)
+        self.dropped = Metrics.counter("telemetry", "duplicates_dropped")
+
+    def process(self, element, seen=beam.DoFn.StateParam(SEEN), expiry=beam.DoFn.TimerParam(EXPIRY)):
+        if seen.read():
+            self.dropped.inc()
+            return
+        seen.write(True)
+        expiry.set(Timestamp.now() + self.horizon)
+        yield element[1]
+
+    @userstate.on_timer(EXPIRY)
+    def expire(self, seen=beam.DoFn.StateParam(SEEN)):
+        seen.clear()
+
+
+class DropDuplicates(beam.PTransform):
+    """First reading per device id + ts + seq within ``seconds`` of processing time."""
+
+    def __init__(self, seconds: int, label: str | None = None):
+        super().__init__(label)
+        self.seconds = seconds
+
+    def expand(self, readings):
+        return (readings
+                | "KeyByIdentity" >> beam.Map(lambda r: (r.dedupe_key, r)).with_output_types(
+                    beam.typehints.Tuple[str, beam.typehints.Any])
+                | "FirstPerKey" >> beam.ParDo(FirstPerKey(self.seconds)))
+
+
+class MinMaxMean(beam.CombineFn):
+    """(count, sum, min, max) of the values of one key and window."""
+
+    def create_accumulator(self):
+        return 0, 0.0, float("inf"), float("-inf")
+
+    def add_input(self, acc, value):
+        n, s, lo, hi = acc
+        return n + 1, s + value, min(lo, value), max(hi, value)
+
+    def merge_accumulators(self, accumulators):
+        n, s, lo, hi = self.create_accumulator()
+        for an, as_, alo, ahi in accumulators:
+            n, s, lo, hi = n + an, s + as_, min(lo, alo), max(hi, ahi)
+        return n, s, lo, hi
+
+    def extract_output(self, acc):
+        return acc
+
+
+class FormatMinuteRow(beam.DoFn):
+    """((device, metric), stats) in a window → (insert id, ``telemetry_1m`` row)."""
+
+    def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        (device_id, metric), (n, total, lo, hi) = element
+        start, end = win.start.micros, win.end.micros
+        timing = {0: "EARLY", 1: "ON_TIME", 2: "LATE", 3: "UNKNOWN"}.get(int(pane.timing), "UNKNOWN")
+        row = {
+            "device_id": device_id, "metric": metric,
+            "window_start": telemetry.rfc3339(start), "window_end": telemetry.rfc3339(end),
+            "count": n, "min": lo, "max": hi, "mean": total / n, "pane_timing": timing,
+        }
+        yield f"{device_id}|{metric}|{start}|{pane.index}", row
+
+
+class AggregatePerMinute(beam.PTransform):
+    """1-minute event-time windows per device and metric → ``(insert id, telemetry_1m row)``."""
+
+    def __init__(self, allowed_lateness_seconds: int, label: str | None = None):
+        super().__init__(label)
+        self.allowed_lateness = allowed_lateness_seconds
+
+    def expand(self, readings):
+        return (readings
+                | "PerMetric" >> beam.FlatMap(lambda r: [((r.device_id, m), v) for m, v in r.metrics.items()])
+                | "Minute" >> beam.WindowInto(
+                    window.FixedWindows(WINDOW_SECONDS),
+                    # Fire at the watermark, then once per late reading (leader_board's late trigger);
+                    # discarding panes keep the rows additive.
+                    trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                    accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                    allowed_lateness=Duration(seconds=self.allowed_lateness))
+                | "Stats" >> beam.CombinePerKey(MinMaxMean())
+                | "Rows" >> beam.ParDo(FormatMinuteRow()))
+
+
+class RateLimitPerDevice(beam.DoFn):
+    """At most one request per device per ``interval`` of event time (one integer of state per device)."""
+
+    LAST = ReadModifyWriteStateSpec("last_request_us", VarIntCoder())
+
+    def __init__(self, interval_seconds: int):
+        self.interval_us = interval_seconds * 1_000_000
+        self.suppressed = Metrics.counter("rules", "config_requests_rate_limited")
+        self.sent = Metrics.counter("rules", "config_requests")
+
+    def process(self, element, ts=beam.DoFn.TimestampParam, last=beam.DoFn.StateParam(LAST)):
+        device_id, (config, fired) = element
+        previous = last.read()
+        if previous is not None and ts.micros < previous + self.interval_us:
+            self.suppressed.inc()
+            return
+        last.write(ts.micros)
+        self.sent.inc()
+        yield PubsubMessage(rules_mod.config_request(device_id, config),
+                            {"source": "telemetry-pipeline", "rules": ",".join(fired), "deviceId": device_id})
+
+
+class RequestConfigChanges(beam.PTransform):
+    """Readings that cross a threshold → config-change request messages (PubsubMessage)."""
+
+    def __init__(self, rules: tuple[rules_mod.ThresholdRule, ...], min_interval_seconds: int,
+                 label: str | None = None):
+        super().__init__(label)
+        self.rules = rules
+        self.min_interval_seconds = min_interval_seconds
+
+    def expand(self, readings):
+        rules = self.rules
+
+        def breaches(r: telemetry.Reading):
+            hit = rules_mod.evaluate(r, rules)
+            return [(r.device_id, hit)] if hit else []
+
+        return (readings
+                | "CheckThresholds" >> beam.FlatMap(breaches).with_output_types(
+                    beam.typehints.Tuple[str, beam.typehints.Any])
+                | "RateLimit" >> beam.ParDo(RateLimitPerDevice(self.min_interval_seconds)))
+
+
+class ProcessTelemetry(beam.PTransform):
+    """Everything between the Pub/Sub read and the sinks; returns a dict of the outputs.
+
+    ``raw`` (insert id, telemetry_raw row), ``bigtable`` Readings, ``minute`` (insert id, telemetry_1m row),
+    ``errors`` (insert id, telemetry_errors row), ``requests`` PubsubMessages. Tests drive it from
+    ``beam.Create`` / ``TestStream``; :func:`build` connects it to the real sources and sinks.
+    """
+
+    def __init__(self, settings: Settings, label: str | None = None):
+        super().__init__(label)
+        self.s = settings
+
+    def expand(self, messages):
+        parsed = messages | "Parse" >> beam.ParDo(ParseTelemetry()).with_outputs(ERRORS_TAG, main="readings")
+        readings = parsed.readings | "DropDuplicates" >> DropDuplicates(self.s.dedupe_seconds)
+        return {
+            "raw": readings | "RawRows" >> beam.Map(lambda r: (r.dedupe_key, telemetry.raw_row(r))),
+            "bigtable": readings,
+            "minute": readings | "AggregatePerMinute" >> AggregatePerMinute(self.s.allowed_lateness_seconds),
+            "errors": parsed[ERRORS_TAG] | "ErrorIds" >> beam.Map(
+                lambda row: (row["message_id"] or json.dumps(row, sort_keys=True)[:128], row)),
+            "requests": readings | "RequestConfigChanges" >> RequestConfigChanges(
+                self.s.rules, self.s.rule_min_interval_seconds),
+        }
+
+
+def build(p: beam.Pipeline, s: Settings) -> None:
+    """Wire the real source and sinks around :class:`ProcessTelemetry`."""
+    out = (p
+           | "ReadTelemetry" >> ReadFromPubSub(subscription=s.input_subscription, with_attributes=True)
+           | "Process" >> ProcessTelemetry(s))
+    out["raw"] | "WriteRaw" >> beam.ParDo(InsertRows(s.table(schema.RAW), s.bigquery_endpoint))
+    out["minute"] | "WriteMinute" >> beam.ParDo(InsertRows(s.table(schema.MINUTE), s.bigquery_endpoint))
+    out["errors"] | "WriteErrors" >> beam.ParDo(InsertRows(s.table(schema.ERRORS), s.bigquery_endpoint))
+    (out["bigtable"]
+     | "BigtableRows" >> beam.ParDo(ToDirectRow())
+     | "WriteBigtable" >> WriteToBigTable(project_id=s.bigtable_project, instance_id=s.bigtable_instance,
+                                          table_id=s.bigtable_table))
+    out["requests"] | "PublishConfigRequests" >> WriteToPubSub(s.config_requests_topic, with_attributes=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, PipelineOptions]:
+    parser = flag_parser()
+    ns, beam_args = parser.parse_known_args(argv)
+    try:
+        settings = Settings.from_args(ns)
+    except rules_mod.RuleError as exc:
+        parser.error(str(exc))
+    options = PipelineOptions(beam_args)
+    options.view_as(StandardOptions).streaming = True
+    return settings, options
+
+
+def run(argv: Sequence[str] | None = None) -> beam.runners.runner.PipelineResult:
+    """Build and start the pipeline; returns the runner's result without waiting (a streaming job never ends)."""
+    settings, options = parse_args(argv)
+    p = beam.Pipeline(options=options)
+    build(p, settings)
+    return p.run()
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)
+    result = run()
+    # On Dataflow (the Flex Template launcher) submitting is the whole job of this process; a local runner
+    # runs the pipeline inside it, so wait.
+    if type(result).__name__ != "DataflowPipelineResult":
+        result.wait_until_finish()
