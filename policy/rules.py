@@ -299,7 +299,7 @@ def subscription_dead_letter(r: Resource, ctx: StackContext) -> list[str]:
         return [f"subscription {name} has no deadLetterPolicy.deadLetterTopic: a poison message would be "
                 "redelivered until retention expires"]
     attempts = policy.get("maxDeliveryAttempts")
-    if _known(attempts) and not 5 <= float(attempts) <= 100:
+    if isinstance(attempts, (int, float)) and not 5 <= attempts <= 100:
         return [f"subscription {name}: maxDeliveryAttempts={attempts} outside Pub/Sub's 5..100"]
     return []
 

@@ -70,7 +70,7 @@ def build(**overrides: Any) -> tuple[list[harness.Resource], dict[str, Any]]:
     made: dict[str, Monitoring] = {}
 
     def body() -> None:
-        args = dict(project=PROJECT, prefix="iot-dev", dataflow_job_name="iot-dev-telemetry",
+        args: dict[str, Any] = dict(project=PROJECT, prefix="iot-dev", dataflow_job_name="iot-dev-telemetry",
                     config_push_function="iot-dev-config-push", mqtt_host="mqtt.iot-dev.example.com",
                     notification_email="oncall@example.com",
                     labels={"app": "gcp-iot-bridge", "stack": "dev", "managed-by": "pulumi"})
