@@ -297,10 +297,17 @@ def test_pack_validate_reports_through_the_sdk(monkeypatch):
     # The engine hands the stack's config to the pack in PULUMI_CONFIG.
     monkeypatch.setenv("PULUMI_CONFIG", '{"gcp-iot-bridge:deletionProtection": "false"}')
     monkeypatch.setenv("PULUMI_PROJECT", "gcp-iot-bridge")
-    policy = next(p for p in pack.policies() if p.name == "deletion-protection-follows-stack")
-    opts = PolicyResourceOptions(False, [], None, [], None, [])  # type: ignore[arg-type]
-    args = ResourceValidationArgs("gcp:bigquery/table:Table", unknown_checking_proxy({"tableId": "t"}),
-                                  "urn:pulumi:dev::gcp-iot-bridge::gcp:bigquery/table:Table::t", "t", opts, None)
-    reported: list[str] = []
-    policy.validate(args, lambda message, urn=None: reported.append(message))
+    # Mock runs of the program in this process leave config in the runtime; the pack process starts with none.
+    import pulumi.runtime.config as runtime_config
+
+    token = runtime_config.CONFIG.set({})
+    try:
+        policy = next(p for p in pack.policies() if p.name == "deletion-protection-follows-stack")
+        opts = PolicyResourceOptions(False, [], None, [], None, [])  # type: ignore[arg-type]
+        args = ResourceValidationArgs("gcp:bigquery/table:Table", unknown_checking_proxy({"tableId": "t"}),
+                                      "urn:pulumi:dev::gcp-iot-bridge::gcp:bigquery/table:Table::t", "t", opts, None)
+        reported: list[str] = []
+        policy.validate(args, lambda message, urn=None: reported.append(message))
+    finally:
+        runtime_config.CONFIG.reset(token)
     assert reported and "deletionProtection" in reported[0]
