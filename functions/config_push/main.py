@@ -22,7 +22,9 @@ Failures: a permanent one (:class:`PermanentError`: malformed, not an object, un
 too large, stale ``version_to_update``, flood) is logged with its reason, copied to the dead-letter topic with
 ``error``/``errorDetail`` attributes, and acknowledged — retrying cannot fix it. A transient one (broker
 unreachable, no PUBACK, Firestore or Pub/Sub unavailable) raises, the framework answers 500 and Eventarc
-redelivers the same message later; step 2 makes that redelivery harmless.
+redelivers the same message later; step 2 makes that redelivery harmless. A request still failing 23 h after
+it was published is dead-lettered with reason ``retries_exhausted`` before the trigger's subscription would drop
+it at 24 h (that subscription cannot be given a dead-letter policy; see ``MAX_RETRY_AGE_S``).
 
 Configuration (environment; in the cloud the MQTT password is a Secret Manager secret mounted as
 ``MQTT_PASSWORD`` by the function's ``secret_environment_variables``):
@@ -30,7 +32,7 @@ Configuration (environment; in the cloud the MQTT password is a Secret Manager s
     PROJECT_ID, REGISTRY_ID, REGION, FIRESTORE_DATABASE (optional)
     MQTT_HOST, MQTT_PORT (8883), MQTT_TLS (true), MQTT_CA_CERT (PEM text; system CAs if empty),
     MQTT_USERNAME, MQTT_PASSWORD, MQTT_TIMEOUT_S (10), MQTT_RETAIN (true)
-    DEAD_LETTER_TOPIC (projects/{p}/topics/{t}), CONFIG_MIN_INTERVAL_S (1.0)
+    DEAD_LETTER_TOPIC (projects/{p}/topics/{t}), CONFIG_MIN_INTERVAL_S (1.0), MAX_RETRY_AGE_S (82800)
 
 Run locally: ``functions-framework --source functions/config_push/main.py --target handle
 --signature-type cloudevent`` with a Pub/Sub push subscription pointed at it. Packaged for the cloud, this
@@ -50,6 +52,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import functions_framework
@@ -60,6 +63,10 @@ from iotbridge import registry as reg
 MAX_CONFIG_BYTES = reg.MAX_CONFIG_BYTES
 # Pub/Sub refuses attribute values over 1024 bytes.
 MAX_ATTRIBUTE_CHARS = 1000
+# The subscription Eventarc creates for the trigger keeps a message 24 h and has no dead-letter policy, which
+# neither the Eventarc API nor pulumi-gcp can set (terraform-provider-google #17697, #25069): a request still
+# failing after this age is dead-lettered by the function itself instead of being dropped silently at 24 h.
+MAX_RETRY_AGE_S = 23 * 3600.0
 ALIASES = {"deviceId": "device_id", "binaryData": "binary_data", "versionToUpdate": "version_to_update"}
 FIELDS = {"device_id", "config", "binary_data", "version_to_update"}
 
@@ -316,6 +323,12 @@ class Message:
     id: str
     data: bytes
     attributes: dict[str, str] = field(default_factory=dict)
+    publish_time: datetime | None = None
+
+    def age_s(self, now: datetime | None = None) -> float:
+        if self.publish_time is None:
+            return 0.0
+        return ((now or datetime.now(UTC)) - self.publish_time).total_seconds()
 
 
 class DeadLetterSink(Protocol):
@@ -355,6 +368,7 @@ class Deps:
     publisher: Publisher
     dead_letter: DeadLetterSink | None
     min_interval_s: float = 1.0
+    max_retry_age_s: float = MAX_RETRY_AGE_S
 
 
 def config_topic(device_id: str) -> str:
@@ -362,7 +376,22 @@ def config_topic(device_id: str) -> str:
 
 
 def process(message: Message, deps: Deps) -> Outcome:
-    """Handle one request end to end; see the module docstring. Raises only for transient failures."""
+    """Handle one request end to end; see the module docstring. Raises only for transient failures, and
+    only while the request is younger than ``deps.max_retry_age_s``; after that it is dead-lettered."""
+    try:
+        return _process(message, deps)
+    except Exception as exc:
+        age = message.age_s()
+        if age < deps.max_retry_age_s or deps.dead_letter is None:
+            raise
+        err = PermanentError("retries_exhausted", f"still failing after {age / 3600:.1f} h: {exc}")
+        log.error("config request given up (%s): %s", err.reason, err.detail,
+                  extra={"fields": {"messageId": message.id, "reason": err.reason}})
+        deps.dead_letter.send(message, err)
+        return Outcome("rejected", reason=err.reason)
+
+
+def _process(message: Message, deps: Deps) -> Outcome:
     fields: dict[str, Any] = {"messageId": message.id}
     try:
         request = parse_request(message.data)
@@ -408,7 +437,23 @@ def message_from_event(data: Mapping[str, Any], event_id: str = "") -> Message:
     except (binascii.Error, ValueError) as exc:
         raise PermanentError("invalid_event", f"message data is not base64: {exc}") from None
     attributes = {str(k): str(v) for k, v in (msg.get("attributes") or {}).items()}
-    return Message(id=str(message_id), data=payload, attributes=attributes)
+    return Message(id=str(message_id), data=payload, attributes=attributes,
+                   publish_time=_rfc3339(msg.get("publishTime") or msg.get("publish_time")))
+
+
+def _rfc3339(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.replace("Z", "+00:00")
+    if "." in text:  # Pub/Sub sends up to nanoseconds; fromisoformat takes at most microseconds
+        head, _, rest = text.partition(".")
+        digits = "".join(ch for ch in rest if ch.isdigit())
+        text = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits):]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # ------------------------------------------------------------------------------------------ wiring
@@ -428,7 +473,8 @@ def deps_from_env(env: Mapping[str, str] = os.environ) -> Deps:
     if dead_letter is None:
         log.warning("DEAD_LETTER_TOPIC not set: refused requests are only logged")
     return Deps(registry=registry, publisher=MqttPublisher(MqttSettings.from_env(env)), dead_letter=dead_letter,
-                min_interval_s=float(env.get("CONFIG_MIN_INTERVAL_S", "1.0")))
+                min_interval_s=float(env.get("CONFIG_MIN_INTERVAL_S", "1.0")),
+                max_retry_age_s=float(env.get("MAX_RETRY_AGE_S", str(MAX_RETRY_AGE_S))))
 
 
 def get_deps() -> Deps:

@@ -177,6 +177,32 @@ def test_logic_flood_for_one_device_keeps_one_update_per_second(cp, deps, regist
     assert sum("rate_limited" in r.getMessage() for r in caplog.records) == 4
 
 
+@pytest.mark.emulator
+def test_logic_gives_up_on_a_request_older_than_the_retry_window(cp, deps, registry) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    registry.create_device("pump-5")
+    deps.publisher.fail = cp.TransientError("broker down")
+    young = cp.Message("500", req(device_id="pump-5", config={}), publish_time=datetime.now(UTC))
+    with pytest.raises(cp.TransientError):
+        cp.process(young, deps)
+    old = cp.Message("500", young.data, publish_time=datetime.now(UTC) - timedelta(hours=23, minutes=1))
+    assert cp.process(old, deps) == cp.Outcome("rejected", reason="retries_exhausted")
+    assert deps.dead_letter.sent == [("500", "retries_exhausted")]
+    assert registry.get_device("pump-5").config_version == 1
+
+
+def test_event_message_fields_are_read(cp) -> None:
+    from datetime import UTC, datetime
+
+    m = cp.message_from_event({"message": {"data": "eyJhIjoxfQ==", "messageId": "91", "attributes": {"a": "b"},
+                                           "publishTime": "2026-11-27T14:00:00.123456789Z"}})
+    assert m == cp.Message("91", b'{"a":1}', {"a": "b"}, datetime(2026, 11, 27, 14, 0, 0, 123456, tzinfo=UTC))
+    assert cp.message_from_event({"message": {"messageId": "92"}}).data == b""
+    with pytest.raises(cp.PermanentError, match="no Pub/Sub message"):
+        cp.message_from_event({"data": "x"})
+
+
 # ------------------------------------------------------------------------------------- level 2: handler
 
 

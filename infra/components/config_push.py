@@ -1,0 +1,309 @@
+"""Config push: the Cloud Function (gen2) that versions device configs and pushes them over MQTT (issue 4).
+
+What it declares, and the GCP pitfall behind each choice:
+
+- Source: ``functions/config_push/`` plus ``iotbridge/registry.py`` (the function imports it as
+  ``iotbridge.registry``; the module imports nothing else from the project) zipped into a bucket object named by
+  the content hash. Cloud Functions only rebuilds when the object name changes, so a fixed name would keep
+  serving the old code after an edit (terraform-provider-google #1938).
+- ``cloudfunctionsv2.Function``, runtime python312, its own runtime service account (Foundation's
+  ``config-push`` workload), a build service account of its own: since 2024 builds default to the Compute
+  Engine default account, which organisation policy often leaves without roles, and the deploy then fails in
+  Cloud Build.
+- The backend MQTT password as a Secret Manager secret environment variable; the runtime account gets
+  ``secretAccessor`` on that one secret before the function is created, or the first revision fails to start.
+- Egress through the VPC (Direct VPC egress, or a Serverless VPC Access connector) for private ranges only, so
+  the broker hosts are reached on their internal address while Google APIs keep their direct path. Ingress is
+  internal only: Eventarc's Pub/Sub push counts as internal traffic in the same project.
+- Eventarc trigger on the config-requests topic with ``RETRY_POLICY_RETRY`` and a trigger identity of its own
+  with ``run.invoker`` on the function's Cloud Run service (``cloudfunctions.invoker`` does not cover gen2).
+  Service agents: Eventarc's keeps ``eventarc.serviceAgent`` (granted at first use, but lost if someone cleans
+  the project's IAM); Pub/Sub's gets ``iam.serviceAccountTokenCreator`` on the trigger identity, needed to mint
+  the push OIDC token in projects whose agent predates 2021-04-08.
+- Dead letters: the subscription Eventarc creates for the trigger is managed by Eventarc; neither the Eventarc
+  API nor pulumi-gcp can give it a dead-letter policy (terraform-provider-google #17697, #25069, #9748), and a
+  Python dynamic provider patching it afterwards does not load outside ``__main__`` (pulumi/pulumi#7453). So the
+  function dead-letters itself: permanent refusals at once, transient failures once the request is 23 h old
+  (before Eventarc's 24 h retention drops it). The runtime account publishes to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pulumi
+import pulumi_gcp as gcp
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FUNCTION_DIR = REPO_ROOT / "functions" / "config_push"
+REGISTRY_MODULE = REPO_ROOT / "iotbridge" / "registry.py"
+# The package marker written next to the vendored registry module. Not the project's own __init__.py: the
+# function must not depend on whatever that one may import one day.
+VENDORED_INIT = '"""gcp-iot-bridge device registry, vendored into the config-push function."""\n'
+
+RUNTIME = "python312"
+ENTRY_POINT = "handle"
+PUBSUB_EVENT = "google.cloud.pubsub.topic.v1.messagePublished"
+
+
+def archive_contents() -> dict[str, bytes]:
+    """Path inside the zip -> bytes: exactly what is deployed (and what the local tests serve)."""
+    out: dict[str, bytes] = {}
+    for path in sorted(FUNCTION_DIR.iterdir()):
+        if path.is_file() and (path.suffix == ".py" or path.name == "requirements.txt"):
+            out[path.name] = path.read_bytes()
+    out["iotbridge/__init__.py"] = VENDORED_INIT.encode()
+    out["iotbridge/registry.py"] = REGISTRY_MODULE.read_bytes()
+    return out
+
+
+def content_hash(contents: Mapping[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(contents):
+        h.update(name.encode() + b"\0" + hashlib.sha256(contents[name]).digest())
+    return h.hexdigest()[:24]
+
+
+def stage(contents: Mapping[str, bytes], dest: Path) -> Path:
+    """Write the archive's files under ``dest`` (a deployable folder)."""
+    for name, data in contents.items():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return dest
+
+
+@dataclass(frozen=True)
+class ConfigPushArgs:
+    project: str
+    region: str
+    prefix: str
+    registry_id: str
+    service_account_email: pulumi.Input[str]  # the function's runtime identity (Foundation "config-push")
+    requests_topic: pulumi.Input[str]  # projects/{p}/topics/{prefix}-config-requests
+    dead_letter_topic: pulumi.Input[str]  # projects/{p}/topics/{prefix}-dead-letter
+    mqtt_host: pulumi.Input[str]  # the broker's internal address (or DNS name in its certificate)
+    mqtt_password_secret: pulumi.Input[str]  # Secret Manager secret id (not the full name) of the password
+    pubsub_agent: pulumi.Input[str]  # "serviceAccount:service-{number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+    eventarc_agent: pulumi.Input[str]  # "serviceAccount:service-{number}@gcp-sa-eventarc.iam.gserviceaccount.com"
+    deletion_protection: bool
+    # Egress: Direct VPC (network + subnetwork) or a Serverless VPC Access connector; exactly one.
+    network: pulumi.Input[str] | None = None
+    subnetwork: pulumi.Input[str] | None = None
+    vpc_connector: pulumi.Input[str] | None = None
+    mqtt_port: int = 8883
+    mqtt_username: str = "backend"
+    mqtt_tls: bool = True
+    mqtt_ca_cert: pulumi.Input[str] = ""  # PEM of the broker's CA (public)
+    # Secret env vars are read when an instance starts; "latest" lets a rotated password reach new instances.
+    mqtt_password_version: str = "latest"
+    firestore_database: str = "(default)"
+    max_instances: int = 10  # also bounds the broker connections the function opens
+    timeout_seconds: int = 60
+    memory: str = "256Mi"
+    min_update_interval_s: float = 1.0
+    depends_on: Sequence[pulumi.Resource] = ()  # the APIs (functions, run, eventarc, cloudbuild, ...)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    sources: Mapping[str, bytes] | None = None  # default: archive_contents()
+
+
+class ConfigPush(pulumi.ComponentResource):
+    """The config-push function with its source archive, identities, grants and Eventarc trigger."""
+
+    def __init__(self, name: str, args: ConfigPushArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("gcp-iot-bridge:index:ConfigPush", name, None, opts)
+        direct_vpc = args.network is not None or args.subnetwork is not None
+        if direct_vpc == (args.vpc_connector is not None):
+            raise ValueError("config push egress: give network+subnetwork (Direct VPC) or vpc_connector, not both")
+        if direct_vpc and (args.network is None or args.subnetwork is None):
+            raise ValueError("config push egress: Direct VPC needs both network and subnetwork")
+        if not 1 <= args.timeout_seconds <= 540:
+            raise ValueError(f"timeout_seconds must be 1..540 for an event-driven function, got {args.timeout_seconds}")
+
+        deps = list(args.depends_on)
+        child = pulumi.ResourceOptions(parent=self, depends_on=deps)
+        labels = dict(args.labels)
+        runtime_member = pulumi.Output.from_input(args.service_account_email).apply(lambda e: f"serviceAccount:{e}")
+
+        # ------------------------------------------------------------------ source
+        contents = dict(args.sources) if args.sources is not None else archive_contents()
+        self.source_hash = content_hash(contents)
+        self.bucket = gcp.storage.Bucket(
+            f"{name}-source",
+            project=args.project,
+            name=f"{args.project}-{args.prefix}-fn-source",
+            location=args.region,
+            uniform_bucket_level_access=True,
+            public_access_prevention="enforced",
+            force_destroy=not args.deletion_protection,
+            labels=labels,
+            opts=child,
+        )
+        self.source_object = gcp.storage.BucketObject(
+            f"{name}-archive",
+            bucket=self.bucket.name,
+            name=f"config-push/{self.source_hash}.zip",
+            source=pulumi.AssetArchive({k: pulumi.StringAsset(v.decode()) for k, v in sorted(contents.items())}),
+            opts=child,
+        )
+
+        # ------------------------------------------------------------------ identities
+        self.build_account = gcp.serviceaccount.Account(
+            f"{name}-build-sa",
+            project=args.project,
+            account_id=f"{args.prefix}-cfgbuild",
+            display_name=f"Config-push function builds ({args.prefix})",
+            opts=child,
+        )
+        build_grant = gcp.projects.IAMMember(
+            f"{name}-build-sa-builder",
+            project=args.project,
+            role="roles/cloudbuild.builds.builder",
+            member=self.build_account.member,
+            opts=child,
+        )
+        self.trigger_account = gcp.serviceaccount.Account(
+            f"{name}-trigger-sa",
+            project=args.project,
+            account_id=f"{args.prefix}-cfgtrig",
+            display_name=f"Config-push Eventarc trigger ({args.prefix})",
+            opts=child,
+        )
+
+        # ------------------------------------------------------------------ what the function reads and writes
+        secret_access = gcp.secretmanager.SecretIamMember(
+            f"{name}-mqtt-password-accessor",
+            project=args.project,
+            secret_id=args.mqtt_password_secret,
+            role="roles/secretmanager.secretAccessor",
+            member=runtime_member,
+            opts=child,
+        )
+        database = f"projects/{args.project}/databases/{args.firestore_database}"
+        firestore_user = gcp.projects.IAMMember(
+            f"{name}-firestore-user",
+            project=args.project,
+            role="roles/datastore.user",
+            member=runtime_member,
+            # The registry database only, not every database of the project.
+            condition=gcp.projects.IAMMemberConditionArgs(
+                title="registry-database-only",
+                expression=f'resource.name == "{database}" || resource.name.startsWith("{database}/")',
+            ),
+            opts=child,
+        )
+        dead_letter_publisher = gcp.pubsub.TopicIAMMember(
+            f"{name}-dead-letter-publisher",
+            project=args.project,
+            topic=args.dead_letter_topic,
+            role="roles/pubsub.publisher",
+            member=runtime_member,
+            opts=child,
+        )
+
+        # ------------------------------------------------------------------ service agents
+        eventarc_agent = gcp.projects.IAMMember(
+            f"{name}-eventarc-agent",
+            project=args.project,
+            role="roles/eventarc.serviceAgent",
+            member=args.eventarc_agent,
+            opts=child,
+        )
+        token_creator = gcp.serviceaccount.IAMMember(
+            f"{name}-pubsub-agent-token-creator",
+            service_account_id=self.trigger_account.name,
+            role="roles/iam.serviceAccountTokenCreator",
+            member=args.pubsub_agent,
+            opts=child,
+        )
+
+        # ------------------------------------------------------------------ the function
+        env: dict[str, pulumi.Input[str]] = {
+            "PROJECT_ID": args.project,
+            "REGION": args.region,
+            "REGISTRY_ID": args.registry_id,
+            "FIRESTORE_DATABASE": args.firestore_database,
+            "MQTT_HOST": args.mqtt_host,
+            "MQTT_PORT": str(args.mqtt_port),
+            "MQTT_TLS": "true" if args.mqtt_tls else "false",
+            "MQTT_USERNAME": args.mqtt_username,
+            "MQTT_CA_CERT": args.mqtt_ca_cert,
+            "DEAD_LETTER_TOPIC": args.dead_letter_topic,
+            "CONFIG_MIN_INTERVAL_S": f"{args.min_update_interval_s:g}",
+            "LOG_EXECUTION_ID": "true",
+        }
+        self.function = gcp.cloudfunctionsv2.Function(
+            name,
+            project=args.project,
+            location=args.region,
+            name=f"{args.prefix}-config-push",
+            description="Versions device configs in the registry and publishes them over MQTT (issue 4).",
+            labels=labels,
+            build_config=gcp.cloudfunctionsv2.FunctionBuildConfigArgs(
+                runtime=RUNTIME,
+                entry_point=ENTRY_POINT,
+                service_account=self.build_account.name,
+                source=gcp.cloudfunctionsv2.FunctionBuildConfigSourceArgs(
+                    storage_source=gcp.cloudfunctionsv2.FunctionBuildConfigSourceStorageSourceArgs(
+                        bucket=self.bucket.name,
+                        object=self.source_object.name,
+                    ),
+                ),
+            ),
+            service_config=gcp.cloudfunctionsv2.FunctionServiceConfigArgs(
+                service_account_email=args.service_account_email,
+                available_memory=args.memory,
+                timeout_seconds=args.timeout_seconds,
+                min_instance_count=0,
+                max_instance_count=args.max_instances,
+                max_instance_request_concurrency=1,
+                ingress_settings="ALLOW_INTERNAL_ONLY",
+                all_traffic_on_latest_revision=True,
+                environment_variables=env,
+                secret_environment_variables=[
+                    gcp.cloudfunctionsv2.FunctionServiceConfigSecretEnvironmentVariableArgs(
+                        key="MQTT_PASSWORD",
+                        project_id=args.project,
+                        secret=args.mqtt_password_secret,
+                        version=args.mqtt_password_version,
+                    ),
+                ],
+                direct_vpc_network_interfaces=[
+                    gcp.cloudfunctionsv2.FunctionServiceConfigDirectVpcNetworkInterfaceArgs(
+                        network=args.network, subnetwork=args.subnetwork),
+                ] if direct_vpc else None,
+                direct_vpc_egress="VPC_EGRESS_PRIVATE_RANGES_ONLY" if direct_vpc else None,
+                vpc_connector=args.vpc_connector,
+                vpc_connector_egress_settings=None if direct_vpc else "PRIVATE_RANGES_ONLY",
+            ),
+            event_trigger=gcp.cloudfunctionsv2.FunctionEventTriggerArgs(
+                trigger_region=args.region,
+                event_type=PUBSUB_EVENT,
+                pubsub_topic=args.requests_topic,
+                retry_policy="RETRY_POLICY_RETRY",
+                service_account_email=self.trigger_account.email,
+            ),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=[*deps, build_grant, secret_access, firestore_user, dead_letter_publisher,
+                            eventarc_agent, token_creator],
+            ),
+        )
+        self.invoker = gcp.cloudrunv2.ServiceIamMember(
+            f"{name}-trigger-invoker",
+            project=args.project,
+            location=args.region,
+            name=self.function.name,  # a gen2 function runs as the Cloud Run service of the same name
+            role="roles/run.invoker",
+            member=self.trigger_account.member,
+            opts=child,
+        )
+
+        self.register_outputs({
+            "config_push_function": self.function.name,
+            "source_object": self.source_object.name,
+            "trigger_service_account": self.trigger_account.email,
+        })

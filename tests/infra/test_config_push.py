@@ -1,0 +1,231 @@
+"""ConfigPush under mocks, built directly (not through the stack program): the function, its source archive
+named by content hash, identities, grants to the service agents, the Eventarc trigger, egress and secrets."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components import config_push as cpc
+from tests.infra import harness
+
+PROJECT = "proj-test-123"
+PREFIX = "iot-dev"
+FUNCTION = "gcp:cloudfunctionsv2/function:Function"
+OBJECT = "gcp:storage/bucketObject:BucketObject"
+BUCKET = "gcp:storage/bucket:Bucket"
+ACCOUNT = "gcp:serviceaccount/account:Account"
+PROJECT_IAM = "gcp:projects/iAMMember:IAMMember"
+SA_IAM = "gcp:serviceaccount/iAMMember:IAMMember"
+SECRET_IAM = "gcp:secretmanager/secretIamMember:SecretIamMember"
+TOPIC_IAM = "gcp:pubsub/topicIAMMember:TopicIAMMember"
+RUN_IAM = "gcp:cloudrunv2/serviceIamMember:ServiceIamMember"
+RUNTIME_EMAIL = f"{PREFIX}-cfgpush@{PROJECT}.iam.gserviceaccount.com"
+PUBSUB_AGENT = f"serviceAccount:service-{harness.PROJECT_NUMBER}@gcp-sa-pubsub.iam.gserviceaccount.com"
+EVENTARC_AGENT = f"serviceAccount:service-{harness.PROJECT_NUMBER}@gcp-sa-eventarc.iam.gserviceaccount.com"
+REQUESTS = f"projects/{PROJECT}/topics/{PREFIX}-config-requests"
+DEAD_LETTER = f"projects/{PROJECT}/topics/{PREFIX}-dead-letter"
+
+
+def build(**overrides) -> harness.StackRun:
+    fields = dict(
+        project=PROJECT, region="europe-west1", prefix=PREFIX, registry_id="fleet",
+        service_account_email=RUNTIME_EMAIL, requests_topic=REQUESTS, dead_letter_topic=DEAD_LETTER,
+        mqtt_host="10.10.0.5", mqtt_password_secret=f"{PREFIX}-mqtt-backend-password",
+        pubsub_agent=PUBSUB_AGENT, eventarc_agent=EVENTARC_AGENT, deletion_protection=False,
+        network="projects/proj-test-123/global/networks/iot",
+        subnetwork="projects/proj-test-123/regions/europe-west1/subnetworks/iot-functions",
+        mqtt_ca_cert="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    fields.update(overrides)
+
+    def program() -> None:
+        cpc.ConfigPush("config-push", cpc.ConfigPushArgs(**fields))  # type: ignore[arg-type]
+
+    return harness.run_program("dev", program=program)
+
+
+@pytest.fixture(scope="module")
+def run() -> harness.StackRun:
+    return build()
+
+
+def the(run: harness.StackRun, type_: str) -> harness.Resource:
+    found = run.of_type(type_)
+    assert len(found) == 1, [r.name for r in found]
+    return found[0]
+
+
+def test_function_runtime_entry_point_and_own_accounts(run: harness.StackRun) -> None:
+    fn = the(run, FUNCTION)
+    assert fn.get("name") == f"{PREFIX}-config-push" and fn.get("location") == "europe-west1"
+    build_cfg, service = fn.get("buildConfig"), fn.get("serviceConfig")
+    assert build_cfg["runtime"] == "python312" and build_cfg["entryPoint"] == "handle"
+    accounts = {a.get("accountId"): a for a in run.of_type(ACCOUNT)}
+    assert set(accounts) == {f"{PREFIX}-cfgbuild", f"{PREFIX}-cfgtrig"}
+    assert all(6 <= len(a) <= 30 for a in accounts)
+    assert build_cfg["serviceAccount"] == (
+        f"projects/{PROJECT}/serviceAccounts/{PREFIX}-cfgbuild@{PROJECT}.iam.gserviceaccount.com")
+    assert service["serviceAccountEmail"] == RUNTIME_EMAIL
+    assert service["ingressSettings"] == "ALLOW_INTERNAL_ONLY"
+    assert service["maxInstanceRequestConcurrency"] == 1 and service["maxInstanceCount"] == 10
+    assert service["timeoutSeconds"] == 60
+
+
+def test_eventarc_trigger_on_the_requests_topic_with_retry_and_its_own_identity(run: harness.StackRun) -> None:
+    trigger = the(run, FUNCTION).get("eventTrigger")
+    assert trigger == {
+        "eventType": "google.cloud.pubsub.topic.v1.messagePublished",
+        "pubsubTopic": REQUESTS,
+        "retryPolicy": "RETRY_POLICY_RETRY",
+        "serviceAccountEmail": f"{PREFIX}-cfgtrig@{PROJECT}.iam.gserviceaccount.com",
+        "triggerRegion": "europe-west1",
+    }
+    invoker = the(run, RUN_IAM)
+    assert invoker.get("role") == "roles/run.invoker"
+    assert invoker.get("name") == f"{PREFIX}-config-push" and invoker.get("location") == "europe-west1"
+    assert invoker.get("member") == f"serviceAccount:{PREFIX}-cfgtrig@{PROJECT}.iam.gserviceaccount.com"
+
+
+def test_service_agent_roles(run: harness.StackRun) -> None:
+    project_roles = {(r.get("role"), r.get("member")) for r in run.of_type(PROJECT_IAM)}
+    assert ("roles/eventarc.serviceAgent", EVENTARC_AGENT) in project_roles
+    token = the(run, SA_IAM)
+    assert token.get("role") == "roles/iam.serviceAccountTokenCreator" and token.get("member") == PUBSUB_AGENT
+    assert token.get("serviceAccountId") == (
+        f"projects/{PROJECT}/serviceAccounts/{PREFIX}-cfgtrig@{PROJECT}.iam.gserviceaccount.com")
+
+
+def test_runtime_grants_are_narrow_and_exist_before_the_function(run: harness.StackRun) -> None:
+    member = f"serviceAccount:{RUNTIME_EMAIL}"
+    secret = the(run, SECRET_IAM)
+    assert (secret.get("secretId"), secret.get("role"), secret.get("member")) == (
+        f"{PREFIX}-mqtt-backend-password", "roles/secretmanager.secretAccessor", member)
+    dlq = the(run, TOPIC_IAM)
+    assert (dlq.get("topic"), dlq.get("role"), dlq.get("member")) == (DEAD_LETTER, "roles/pubsub.publisher", member)
+    firestore = [r for r in run.of_type(PROJECT_IAM) if r.get("member") == member]
+    assert [r.get("role") for r in firestore] == ["roles/datastore.user"]
+    assert f'"projects/{PROJECT}/databases/(default)"' in firestore[0].get("condition")["expression"]
+    # No broad role for any identity of this component.
+    for r in run.of_type(PROJECT_IAM):
+        assert r.get("role") not in {"roles/owner", "roles/editor", "roles/viewer"}
+    # A revision that cannot read its secret or the database fails to start: grants first.
+    fn = the(run, FUNCTION)
+    for grant in (secret, dlq, firestore[0], the(run, SA_IAM)):
+        assert run.depends_on(fn, grant), grant.name
+
+
+def test_secret_env_and_no_secret_in_plain_config(run: harness.StackRun) -> None:
+    service = the(run, FUNCTION).get("serviceConfig")
+    assert service["secretEnvironmentVariables"] == [{
+        "key": "MQTT_PASSWORD", "projectId": PROJECT, "secret": f"{PREFIX}-mqtt-backend-password",
+        "version": "latest"}]
+    env = service["environmentVariables"]
+    assert "MQTT_PASSWORD" not in env
+    assert env["MQTT_HOST"] == "10.10.0.5" and env["MQTT_PORT"] == "8883" and env["MQTT_TLS"] == "true"
+    assert env["PROJECT_ID"] == PROJECT and env["REGISTRY_ID"] == "fleet" and env["DEAD_LETTER_TOPIC"] == DEAD_LETTER
+    assert env["MQTT_CA_CERT"].startswith("-----BEGIN CERTIFICATE-----")
+    for r in run.resources:
+        assert "PRIVATE KEY" not in repr(r.inputs), r.name
+
+
+def test_egress_reaches_private_ranges_through_the_vpc(run: harness.StackRun) -> None:
+    service = the(run, FUNCTION).get("serviceConfig")
+    assert service["directVpcEgress"] == "VPC_EGRESS_PRIVATE_RANGES_ONLY"
+    assert service["directVpcNetworkInterfaces"] == [{
+        "network": "projects/proj-test-123/global/networks/iot",
+        "subnetwork": "projects/proj-test-123/regions/europe-west1/subnetworks/iot-functions"}]
+    assert "vpcConnector" not in service
+
+    with_connector = build(network=None, subnetwork=None,
+                           vpc_connector="projects/proj-test-123/locations/europe-west1/connectors/iot")
+    service = the(with_connector, FUNCTION).get("serviceConfig")
+    assert service["vpcConnector"].endswith("/connectors/iot")
+    assert service["vpcConnectorEgressSettings"] == "PRIVATE_RANGES_ONLY"
+    assert "directVpcNetworkInterfaces" not in service
+
+
+@pytest.mark.parametrize("egress", [
+    {"network": None, "subnetwork": None},
+    {"vpc_connector": "projects/p/locations/r/connectors/c"},
+    {"subnetwork": None},
+])
+def test_egress_must_be_exactly_one_way(egress: dict) -> None:
+    with pytest.raises(harness.ProgramFailed, match="egress"):
+        build(**egress)
+
+
+def test_source_archive_named_by_content_hash(run: harness.StackRun) -> None:
+    obj, bucket = the(run, OBJECT), the(run, BUCKET)
+    contents = cpc.archive_contents()
+    digest = cpc.content_hash(contents)
+    assert obj.get("name") == f"config-push/{digest}.zip"
+    assert re.fullmatch(r"[0-9a-f]{24}", digest)
+    source = the(run, FUNCTION).get("buildConfig")["source"]["storageSource"]
+    assert source == {"bucket": bucket.get("name"), "object": obj.get("name")}
+    # The same sources give the same name (previews settle); any changed byte gives a new one (a redeploy).
+    assert build().of_type(OBJECT)[0].get("name") == obj.get("name")
+    edited = dict(contents)
+    edited["main.py"] = contents["main.py"] + b"\n# changed\n"
+    assert build(sources=edited).of_type(OBJECT)[0].get("name") != obj.get("name")
+    edited = dict(contents)
+    edited["iotbridge/registry.py"] = contents["iotbridge/registry.py"] + b"\n"
+    assert build(sources=edited).of_type(OBJECT)[0].get("name") != obj.get("name")
+
+
+def test_archive_holds_the_function_and_the_vendored_registry() -> None:
+    contents = cpc.archive_contents()
+    assert set(contents) == {"main.py", "requirements.txt", "iotbridge/__init__.py", "iotbridge/registry.py"}
+    assert b"def handle(" in contents["main.py"]
+    assert contents["iotbridge/registry.py"] == (cpc.REPO_ROOT / "iotbridge" / "registry.py").read_bytes()
+
+
+def test_packaged_folder_imports_on_its_own(tmp_path: Path) -> None:
+    """The staged archive must not reach into the repository: its ``iotbridge`` is the vendored one alone."""
+    stage = cpc.stage(cpc.archive_contents(), tmp_path / "fn")
+    probe = (
+        "import importlib.util, sys\n"
+        # The development install maps the name iotbridge to the repository; a deployed function has no such
+        # finder, so it is removed here to see what the archive alone provides.
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "import main, iotbridge.registry as r\n"
+        f"assert r.__file__.startswith({str(stage)!r}), r.__file__\n"
+        "assert importlib.util.find_spec('iotbridge.local') is None, 'reached the repository package'\n"
+        "assert callable(main.handle)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=stage, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_function_requirements_match_the_lock() -> None:
+    lock = {}
+    for line in (cpc.REPO_ROOT / "requirements" / "lock.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            lock[name.strip().lower()] = version.split(";")[0].strip()
+    pins = [ln for ln in (cpc.FUNCTION_DIR / "requirements.txt").read_text().splitlines()
+            if ln and not ln.startswith("#")]
+    assert len(pins) >= 5
+    for pin in pins:
+        name, _, version = pin.partition("==")
+        assert lock.get(name.lower()) == version, f"{pin} differs from requirements/lock.txt"
+
+
+@pytest.mark.parametrize("protect", [False, True])
+def test_deletion_protection_drives_the_source_bucket(protect: bool) -> None:
+    bucket = the(build(deletion_protection=protect), BUCKET)
+    assert bucket.get("forceDestroy") is (not protect)
+    assert bucket.get("uniformBucketLevelAccess") is True
+    assert bucket.get("publicAccessPrevention") == "enforced"
+    assert bucket.get("name") == f"{PROJECT}-{PREFIX}-fn-source"
+
+
+def test_component_outputs_and_type_token(run: harness.StackRun) -> None:
+    comp = the(run, "gcp-iot-bridge:index:ConfigPush")
+    children = [r for r in run.resources if r.parent == comp.urn]
+    assert {r.type for r in children} >= {FUNCTION, OBJECT, BUCKET, ACCOUNT, RUN_IAM}
