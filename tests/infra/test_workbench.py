@@ -8,6 +8,8 @@ pass it in.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import pulumi
 import pulumi_gcp as gcp
@@ -139,3 +141,25 @@ def test_component_type_token() -> None:
     (component,) = run.of_type("gcp-iot-bridge:index:Workbench")
     assert all(r.parent == component.urn for r in run.of_type(INSTANCE))
     assert Workbench.__name__ == "Workbench"
+
+
+def test_workbench_passes_the_policy_pack() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "policy" / "rules.py"
+    spec = importlib.util.spec_from_file_location("workbench_policy_rules", path)
+    assert spec is not None and spec.loader is not None
+    rules = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = rules  # dataclasses resolve their module while the file executes
+    spec.loader.exec_module(rules)
+
+    run = _program(users=("group:analysts@example.com",))
+    resources = [rules.Resource.from_inputs(r.type, r.name, r.inputs) for r in run.resources]
+    found = rules.evaluate(resources, rules.StackContext.from_config(run.config, run.stack))
+    assert {name: msgs for name, msgs in found.items() if msgs} == {}
+    assert any(r.type == INSTANCE for r in resources)  # the instance was among what the rules saw
+
+    unlabelled = _program(labels={})
+    found = rules.evaluate([rules.Resource.from_inputs(r.type, r.name, r.inputs) for r in unlabelled.resources],
+                           rules.StackContext.from_config(unlabelled.config, unlabelled.stack))
+    assert any(INSTANCE in msg for msg in found["labels-everywhere"])  # the rules do look at the instance
