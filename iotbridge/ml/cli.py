@@ -271,7 +271,8 @@ def fleet_status(t, registry=None, client=None) -> list[dict[str, Any]]:
     client = client or _bigquery(t)
     view = spec.VIEWS["edge_model_fleet"].render(t.project_id, t.bigquery_dataset)
     reported = {r["device_id"]: dict(r) for r in
-                client.query(view, retry=None, job_retry=None, timeout=60).result(timeout=60)}
+                client.query(view, retry=None, job_retry=None,  # pyright: ignore[reportArgumentType]
+                             timeout=60).result(timeout=60)}
     rows = []
     for d in registry.list_devices():
         desired = None

@@ -126,9 +126,10 @@ class ModelRunner:
         try:
             pointer = ModelPointer.from_config(obj)
         except ArtifactError as exc:
-            raw = obj.get("model") if isinstance(obj.get("model"), dict) else {}
-            return self._reject(str(raw.get("version")) if raw.get("version") else None,
-                                str(raw.get("sha256")) if raw.get("sha256") else None, f"bad model pointer: {exc}")
+            raw = obj.get("model")
+            raw = raw if isinstance(raw, dict) else {}
+            return self._reject(str(raw["version"]) if raw.get("version") else None,
+                                str(raw["sha256"]) if raw.get("sha256") else None, f"bad model pointer: {exc}")
         if pointer is None:
             return None
         current = self._active[1] if self._active else None

@@ -167,7 +167,8 @@ def export_artifact(spec: ModelSpec, version: str, bucket: str) -> str:
     feature_info, centroids = ml_sources(spec)
     body = artifact_select(spec, version, f"bigquery-ml:{spec.model_ref}", feature_info, centroids)
     uri = f"gs://{bucket}/{artifact_prefix(version)}model-*.json"
-    return f"EXPORT DATA OPTIONS (uri = {_lit(uri)}, format = 'JSON', overwrite = true) AS\n{body}"
+    # overwrite = false: BigQuery refuses a non-empty destination, so a version, once exported, is never replaced.
+    return f"EXPORT DATA OPTIONS (uri = {_lit(uri)}, format = 'JSON', overwrite = false) AS\n{body}"
 
 
 def literal_table(rows: Sequence[dict[str, object]]) -> str:

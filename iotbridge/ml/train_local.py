@@ -125,7 +125,7 @@ def write_artifact(model: EdgeModel, out_dir: Path) -> tuple[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--metrics", required=True, help="comma-separated metric names, the model's features")
     p.add_argument("--model-version", required=True, help="version label, e.g. v1")
     p.add_argument("--out", type=Path, required=True, help="directory; writes OUT/VERSION/model.json")
