@@ -217,6 +217,62 @@ def devices_delete(device_id: Annotated[str, typer.Argument(metavar="ID")], stac
     emit({"deleted": device_id}, as_json, f"deleted {device_id}")
 
 
+def key_dir_for(t: Target) -> Path:
+    from iotbridge.local.stack import default_state_dir
+
+    base = default_state_dir().parent
+    return base / ("keys-local" if t.kind == "local" else f"keys-{t.name}")
+
+
+@app.command("simulate")
+def simulate(
+    devices: Annotated[int, typer.Option("--devices", min=1, max=10_000, help="Fleet size.")] = 20,
+    rate: Annotated[float, typer.Option("--rate", min=0.1, help="Messages per second, whole fleet.")] = 20.0,
+    duration: Annotated[float, typer.Option("--duration", min=1, help="Seconds to send for.")] = 60.0,
+    prefix: Annotated[str, typer.Option("--prefix", help="Device ids are PREFIX-0000, PREFIX-0001, ...")] = "sim",
+    stack: StackOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """A fleet speaking the device protocol: keys generated and registered on first use, QoS 1 telemetry."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from iotbridge.simulate import ConnectError, Fleet
+
+    t = target_or_fail(stack, as_json)
+    if not t.mqtt_host or not t.mqtt_port:
+        fail(f"target {t.name} has no MQTT endpoint", as_json)
+    reg = open_registry(stack, as_json)
+    try:
+        fleet = Fleet(project=t.project_id, region=t.region, registry=reg, host=t.mqtt_host or "",
+                      port=t.mqtt_port or 0, ca_certs=t.mqtt_ca_cert, key_dir=key_dir_for(t), devices=devices,
+                      prefix=prefix)
+    except ValueError as exc:
+        fail(str(exc), as_json)
+        return
+    try:
+        registered = registry_call(as_json, fleet.ensure_registered)
+        fleet.connect()
+        total = max(1, int(rate * duration))
+        with Progress(TextColumn("[bold]simulate[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total} sent"),
+                      TextColumn("{task.fields[acked]} acked"), TimeRemainingColumn(), console=err,
+                      disable=as_json) as bar:
+            task = bar.add_task("send", total=total, acked=0)
+            result = fleet.run(rate, duration, progress=lambda sent, acked: bar.update(task, completed=sent,
+                                                                                         acked=acked))
+        fleet.drain_commands()
+    except (ConnectError, OSError) as exc:
+        fail(f"device connection failed: {exc}", as_json)
+        return
+    finally:
+        fleet.close()
+    summary = result.to_json() | {"registered": registered}
+    emit(summary, as_json, f"{summary['sent']} sent, {summary['acknowledged']} acknowledged by the bridge, "
+                           f"{summary['unacknowledged']} unacknowledged, {summary['rate_msg_s']} msg/s "
+                           f"from {summary['devices']} devices ({registered} newly registered)")
+    if result.unacknowledged:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

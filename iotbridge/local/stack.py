@@ -138,6 +138,28 @@ class LocalStack:
             logs / "forwarder", env)
         self._record(state, fwd)
         services.wait_for_log(fwd, "forwarding ", 60)
+        self._start_bridge(state, logs, env, progress)
+
+    def _start_bridge(self, state: StackState, logs: Path, env: dict[str, str], progress: Progress) -> None:
+        """Mosquitto on loopback, the bridge service and the TLS front devices connect to (one broker host)."""
+        from iotbridge.bridge.stack import BridgeStack, init_host
+
+        n = self.names
+        workdir = (logs / "bridge").resolve()
+        settings = init_host(workdir, n.project, n.region, n.registry_id, n.prefix)
+        bridge = BridgeStack(settings=settings, workdir=workdir, env=dict(env), ca_cert=workdir / "tls" / "ca.pem")
+        for label, start in (("mosquitto", bridge.start_mosquitto), ("bridge service", bridge.start_service),
+                             ("TLS front", bridge.start_front)):
+            progress(f"starting {label}")
+            try:
+                start()
+            finally:
+                for svc in bridge.procs.values():  # recorded even when it failed its health check
+                    if svc.name not in state.processes:
+                        self._record(state, svc)
+        state.endpoints.update({"MQTT_HOST": bridge.mqtt_host, "MQTT_PORT": str(bridge.mqtt_port),
+                                "MQTT_CA_CERT": str(bridge.ca_cert), "BRIDGE_SETTINGS": str(bridge.settings_file())})
+        self._save(state)
 
     def _spawn_python(self, name: str, args: list[str], workdir: Path, env: dict[str, str],
                       port: int | None = None) -> services.Service:

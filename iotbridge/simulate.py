@@ -1,0 +1,204 @@
+"""A device fleet speaking the device protocol (CONTRACTS §1), for ``iotctl simulate`` and ``make demo``.
+
+Each simulated device is a :class:`iotbridge.device.Device` — the same SDK a real device uses — with its own
+key, generated and registered on first use and kept under the key folder (private keys never leave it). Devices
+send telemetry of CONTRACTS §3 (``ts``, ``metrics``, ``seq``) at QoS 1, subscribe to their config and commands,
+and answer each config by publishing their state (``{"config_sha256": ...}``), as IoT Core devices did.
+
+Signals are realistic rather than random: temperature follows a slow daily-like wave plus noise; rpm hovers
+around a set point; every ``drift_every``-th device heats up steadily until it crosses ``drift_to`` so that the
+pipeline's threshold rule fires during a short run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iotbridge.device import Algorithm, ConnectError, Device, DeviceIdentity, generate_key
+
+Progress = Callable[[int, int], None]  # (sent, acknowledged)
+
+
+@dataclass
+class SimDevice:
+    device: Device
+    index: int
+    drifting: bool
+    seq: int = 0
+    base_temp: float = 21.0
+    configs: list[bytes] = field(default_factory=list)
+    commands: list[tuple[str, bytes]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.device.identity.device_id
+
+
+@dataclass
+class FleetResult:
+    devices: int
+    sent: int
+    acknowledged: int
+    unacknowledged: int
+    duration_s: float
+    configs: dict[str, list[bytes]]
+    commands: dict[str, list[tuple[str, bytes]]]
+    records: list[dict[str, Any]]  # every message sent: device_id, seq, ts (ms), metrics
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "devices": self.devices, "sent": self.sent, "acknowledged": self.acknowledged,
+            "unacknowledged": self.unacknowledged, "duration_s": round(self.duration_s, 2),
+            "rate_msg_s": round(self.sent / self.duration_s, 1) if self.duration_s else 0.0,
+            "configs_received": sum(len(v) for v in self.configs.values()),
+            "commands_received": sum(len(v) for v in self.commands.values()),
+        }
+
+
+def load_or_create_key(key_dir: Path, device_id: str, algorithm: Algorithm) -> tuple[bytes, str, bool]:
+    """(private PEM, public PEM, created). The private key file is written 0600 and never printed."""
+    key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    priv_path, pub_path = key_dir / f"{device_id}.key.pem", key_dir / f"{device_id}.pub.pem"
+    if priv_path.exists() and pub_path.exists():
+        return priv_path.read_bytes(), pub_path.read_text(), False
+    private, public = generate_key(algorithm)
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    pub_path.write_text(public)
+    return private, public, True
+
+
+class Fleet:
+    def __init__(self, *, project: str, region: str, registry, host: str, port: int, ca_certs: str | None,
+                 key_dir: Path, devices: int, prefix: str = "sim", drift_every: int = 5, drift_to: float = 95.0,
+                 seed: int = 7) -> None:
+        if devices < 1:
+            raise ValueError("--devices must be at least 1")
+        self.project, self.region, self.registry = project, region, registry
+        self.host, self.port, self.ca_certs = host, port, ca_certs
+        self.key_dir = key_dir
+        self.drift_to = drift_to
+        self.rng = random.Random(seed)
+        self.members: list[SimDevice] = []
+        for i in range(devices):
+            device_id = f"{prefix}-{i:04d}"
+            # Half the fleet on each algorithm, as a mixed IoT Core fleet would be.
+            algorithm: Algorithm = "ES256" if i % 2 == 0 else "RS256"
+            private, _public, _ = load_or_create_key(key_dir / registry.registry_id, device_id, algorithm)
+            ident = DeviceIdentity(project, region, registry.registry_id, device_id, private, algorithm)
+            self.members.append(SimDevice(Device(ident, host, port, ca_certs), i,
+                                          drifting=drift_every > 0 and i % drift_every == 0,
+                                          base_temp=20.0 + self.rng.uniform(-2, 3)))
+
+    # ---------------------------------------------------------------------------------- set-up
+    def ensure_registered(self) -> int:
+        """Register devices the registry does not know yet; returns how many were registered."""
+        from iotbridge.registry import Credential, DeviceNotFound
+
+        made = 0
+        for m in self.members:
+            try:
+                self.registry.get_device(m.id)
+            except DeviceNotFound:
+                pub = (self.key_dir / self.registry.registry_id / f"{m.id}.pub.pem").read_text()
+                fmt = "ES256_PEM" if m.device.identity.algorithm == "ES256" else "RSA_PEM"
+                self.registry.create_device(m.id, [Credential(fmt, pub)], metadata={"simulated": "true"})
+                made += 1
+        return made
+
+    def connect(self) -> None:
+        for m in self.members:
+            m.device.connect()
+            m.device.subscribe_config()
+            m.device.subscribe_commands()
+            threading.Thread(target=self._answer_configs, args=(m,), daemon=True,
+                             name=f"config-{m.id}").start()
+
+    def _answer_configs(self, m: SimDevice) -> None:
+        dev = m.device
+        while True:
+            data = dev.configs.get()
+            if data is None:
+                return
+            m.configs.append(data)
+            state = json.dumps({"config_sha256": hashlib.sha256(data).hexdigest(), "seq": m.seq}).encode()
+            if dev.is_connected():
+                dev.publish_state(state)
+
+    # ---------------------------------------------------------------------------------- signals
+    def reading(self, m: SimDevice, elapsed: float, duration: float) -> dict[str, float]:
+        temp = m.base_temp + 3 * math.sin(elapsed / 30 + m.index) + self.rng.gauss(0, 0.3)
+        if m.drifting:
+            # Crosses drift_to two thirds of the way into the run, then stays above it.
+            temp += max(0.0, (self.drift_to + 5 - m.base_temp)) * min(1.0, elapsed / max(duration * 2 / 3, 1))
+        rpm = 1200 + 40 * math.sin(elapsed / 7 + m.index) + self.rng.gauss(0, 10)
+        vibration = 0.02 + 0.002 * (temp - 20) + abs(self.rng.gauss(0, 0.003))
+        return {"temperature": round(temp, 3), "rpm": round(rpm, 1), "vibration": round(vibration, 5)}
+
+    # ---------------------------------------------------------------------------------- run
+    def run(self, rate: float, duration: float, progress: Progress | None = None,
+            ack_timeout: float = 60.0) -> FleetResult:
+        if rate <= 0 or duration <= 0:
+            raise ValueError("--rate and --duration must be positive")
+        total = max(1, int(rate * duration))
+        infos = []
+        records: list[dict[str, Any]] = []
+        t0 = time.monotonic()
+        for i in range(total):
+            due = t0 + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing to the requested rate
+            m = self.members[i % len(self.members)]
+            m.seq += 1
+            now_ms = int(time.time() * 1000)
+            metrics = self.reading(m, time.monotonic() - t0, duration)
+            payload = json.dumps({"ts": now_ms, "metrics": metrics, "seq": m.seq}, separators=(",", ":")).encode()
+            infos.append(m.device.publish_event(payload))
+            records.append({"device_id": m.id, "seq": m.seq, "ts": now_ms, "metrics": metrics})
+            if progress and (i % 25 == 0 or i == total - 1):
+                progress(i + 1, sum(1 for x in infos if x.is_published()))
+        deadline = time.monotonic() + ack_timeout
+        for info in infos:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                info.wait_for_publish(timeout=remaining)
+            except (RuntimeError, ValueError):
+                pass  # not queued (disconnected): counted as unacknowledged below
+        acked = sum(1 for x in infos if x.is_published())
+        if progress:
+            progress(total, acked)
+        duration_s = time.monotonic() - t0
+        return FleetResult(devices=len(self.members), sent=total, acknowledged=acked,
+                           unacknowledged=total - acked, duration_s=duration_s,
+                           configs={m.id: list(m.configs) for m in self.members},
+                           commands={m.id: list(m.commands) for m in self.members}, records=records)
+
+    def drain_commands(self) -> None:
+        for m in self.members:
+            while not m.device.commands.empty():
+                m.commands.append(m.device.commands.get_nowait())
+
+    def close(self) -> None:
+        for m in self.members:
+            m.device.configs.put(None)  # type: ignore[arg-type] - stops the config thread
+            try:
+                m.device.disconnect()
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+
+
+__all__ = ["ConnectError", "Fleet", "FleetResult", "load_or_create_key"]
