@@ -73,7 +73,7 @@ def create_jwt(project: str, private_key_pem: bytes, algorithm: str, lifetime_s:
 
 class Device:
     def __init__(self, identity: DeviceIdentity, host: str, port: int, ca_certs: str | None,
-                 token_lifetime_s: int = 3600, protocol: int = paho.MQTTv311):
+                 token_lifetime_s: int = 3600, protocol: int = paho.MQTTv311, max_inflight: int = 100):
         self.identity = identity
         self.host, self.port = host, port
         self.token_lifetime_s = token_lifetime_s
@@ -86,6 +86,8 @@ class Device:
                                   protocol=protocol, reconnect_on_failure=False)
         self.client.tls_set(ca_certs=ca_certs, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self.client.max_queued_messages_set(0)
+        # QoS 1 messages awaiting PUBACK; paho's default of 20 caps a device at 20 round trips' worth.
+        self.client.max_inflight_messages_set(max_inflight)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

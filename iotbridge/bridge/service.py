@@ -22,6 +22,7 @@ Registry activity (last event / state) is coalesced and written every few second
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from google.api_core import exceptions as gexc
@@ -47,6 +49,7 @@ FANOUT_KIND_COMMAND = "command"
 DEVICE_CACHE_TTL_S = 300.0
 REGISTRY_FLUSH_S = 2.0
 RETRY_MAX_S = 30.0
+STATS_EVERY_S = 0.5
 
 
 def fanout_subscription(prefix: str, host_id: str) -> str:
@@ -122,6 +125,8 @@ class BridgeService:
             self._thread(self._forward_loop, f"forward-{i}")
         self._thread(self._config_loop, "configs")
         self._thread(self._activity_loop, "registry")
+        if self.s.workdir:
+            self._thread(self._stats_loop, "stats")
         self.mqtt.connect_async(self.s.broker_host, self.s.broker_port, keepalive=30)
         self.mqtt.loop_start()
         self._pull_future = self.subscriber.subscribe(
@@ -268,6 +273,16 @@ class BridgeService:
     def _activity_loop(self) -> None:
         while not self._stop.wait(REGISTRY_FLUSH_S):
             self._flush_activity()
+
+    def _stats_loop(self) -> None:
+        """Counters for operators and fault tests: ``{workdir}/service-stats.json``, rewritten every second."""
+        path = Path(self.s.workdir) / "service-stats.json"
+        while not self._stop.wait(STATS_EVERY_S):
+            with self.stats_lock:
+                data = json.dumps({**self.stats, "time": time.time(), "pending": self._work.qsize()})
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(data)
+            tmp.replace(path)
 
     def _flush_activity(self) -> None:
         with self._activity_lock:

@@ -14,6 +14,7 @@ the topics of :mod:`iotbridge.spec` must exist.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,13 @@ class BridgeStack:
 
     def settings_file(self) -> Path:
         return self.workdir / "settings.json"
+
+    def service_stats(self) -> dict[str, float]:
+        """The bridge service's counters (received, forwarded, acked, publish_errors, ...); {} before the first."""
+        try:
+            return json.loads((self.workdir / "service-stats.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def start_mosquitto(self) -> services.Service:
         conf = (self.workdir / "mosquitto" / "mosquitto.conf").read_text()
