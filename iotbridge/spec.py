@@ -207,12 +207,13 @@ VIEWS: dict[str, ViewSpec] = {
         ViewSpec(
             "device_latest",
             "Latest reading per device and metric (dashboard: fleet table).",
-            """SELECT device_id, m.name AS metric, m.value AS value, event_time
+            # Ranked per device AND metric: a device that sends its metrics in separate messages keeps each one.
+            """SELECT device_id, metric, value, event_time
 FROM (
-  SELECT device_id, metrics, event_time,
-         ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY event_time DESC) AS rn
-  FROM `{project}.{dataset}.telemetry_raw`
-), UNNEST(metrics) AS m
+  SELECT t.device_id, m.name AS metric, m.value AS value, t.event_time,
+         ROW_NUMBER() OVER (PARTITION BY t.device_id, m.name ORDER BY t.event_time DESC) AS rn
+  FROM `{project}.{dataset}.telemetry_raw` AS t, UNNEST(t.metrics) AS m
+)
 WHERE rn = 1""",
         ),
         ViewSpec(
