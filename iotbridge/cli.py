@@ -25,6 +25,11 @@ app.add_typer(local_app, name="local")
 devices_app = typer.Typer(help="The device registry: create, list, get, block, unblock, delete.",
                           no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
+config_app = typer.Typer(help="Device configs: push a new version (through the config-push function), get.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+commands_app = typer.Typer(help="Commands to connected devices (not stored).", no_args_is_help=True)
+app.add_typer(commands_app, name="commands")
 
 err = Console(stderr=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -215,6 +220,135 @@ def devices_delete(device_id: Annotated[str, typer.Argument(metavar="ID")], stac
     reg = open_registry(stack, as_json)
     registry_call(as_json, reg.delete_device, device_id)
     emit({"deleted": device_id}, as_json, f"deleted {device_id}")
+
+
+DataOpt = Annotated[str | None, typer.Option("--data", help="The payload: a JSON object, or any text.")]
+DataFileOpt = Annotated[Path | None, typer.Option("--data-file", exists=True, dir_okay=False, readable=True,
+                                                  help="Read the payload from a file (bytes, untouched).")]
+
+
+def read_payload(data: str | None, data_file: Path | None, as_json: bool) -> bytes:
+    if (data is None) == (data_file is None):
+        fail("give exactly one of --data or --data-file", as_json)
+    return data.encode() if data is not None else data_file.read_bytes()  # type: ignore[union-attr]
+
+
+def config_request(device_id: str, payload: bytes, version_to_update: int) -> bytes:
+    """The config-push function's request: a JSON object as ``config``, anything else as base64 ``binary_data``."""
+    import base64
+
+    request: dict[str, Any] = {"device_id": device_id}
+    try:
+        parsed = json.loads(payload)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        request["config"] = parsed
+    else:
+        request["binary_data"] = base64.b64encode(payload).decode()
+    if version_to_update:
+        request["version_to_update"] = version_to_update
+    return json.dumps(request).encode()
+
+
+def config_view(cfg) -> dict[str, Any]:
+    try:
+        data: Any = json.loads(cfg.data)
+    except ValueError:
+        import base64
+
+        data = {"binary_data": base64.b64encode(cfg.data).decode()}
+    return {"version": cfg.version, "cloud_update_time": cfg.cloud_update_time,
+            "device_ack_time": cfg.device_ack_time, "data": data}
+
+
+@config_app.command("push")
+def config_push(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    data: DataOpt = None,
+    data_file: DataFileOpt = None,
+    version_to_update: Annotated[int, typer.Option("--version-to-update", min=0,
+                                                   help="Compare-and-set: apply only if the device is at "
+                                                        "this version (0: unconditional).")] = 0,
+    wait: Annotated[float, typer.Option("--wait", min=0, help="Seconds to wait for the new version to be "
+                                                              "stored (0: don't wait).")] = 30.0,
+    stack: StackOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Ask the config-push function for a new config version; it stores it and pushes it to the device."""
+    import time
+
+    from google.cloud import pubsub_v1
+
+    payload = read_payload(data, data_file, as_json)
+    t = target_or_fail(stack, as_json)
+    reg = open_registry(stack, as_json)
+    device = registry_call(as_json, reg.get_device, device_id)  # unknown device: fail here, not in a log
+    before = device.config_version
+    try:
+        message_id = pubsub_v1.PublisherClient().publish(
+            t.topic("config-requests"), config_request(device_id, payload, version_to_update)).result(timeout=60)
+    except Exception as exc:  # noqa: BLE001 - any publish failure is one line for the operator
+        fail(f"could not publish the request: {exc}", as_json)
+        return
+    out: dict[str, Any] = {"device_id": device_id, "request_message_id": message_id, "previous_version": before}
+    deadline = time.monotonic() + wait
+    while wait and time.monotonic() < deadline:
+        cfg = registry_call(as_json, reg.get_config, device_id)
+        if cfg is not None and cfg.version > before:
+            out["config"] = config_view(cfg)
+            break
+        time.sleep(0.2)
+    else:
+        if wait:
+            fail(f"request {message_id} published, but no new version within {wait:g}s: see the function's "
+                 "log or the dead-letter topic", as_json)
+    emit(out, as_json, f"{device_id}: config version {out.get('config', {}).get('version', '?')} stored "
+                       f"(request {message_id})" if "config" in out else f"request {message_id} published")
+
+
+@config_app.command("get")
+def config_get(device_id: Annotated[str, typer.Argument(metavar="ID")],
+               history: Annotated[bool, typer.Option("--history", help="All kept versions, newest first.")] = False,
+               stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """The device's latest config (or its last 10 versions with --history)."""
+    reg = open_registry(stack, as_json)
+    if history:
+        versions = registry_call(as_json, reg.list_config_versions, device_id)
+        emit([config_view(c) for c in versions], as_json)
+        return
+    cfg = registry_call(as_json, reg.get_config, device_id)
+    if cfg is None:
+        fail(f"device {device_id!r} has no config yet", as_json)
+    emit(config_view(cfg), as_json)
+
+
+@commands_app.command("send")
+def commands_send(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    data: DataOpt = None,
+    data_file: DataFileOpt = None,
+    subfolder: Annotated[str | None, typer.Option("--subfolder", help="Sent on /devices/ID/commands/SUBFOLDER.")]
+    = None,
+    stack: StackOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Send a command to a connected device; fails if it is not connected (commands are not stored)."""
+    from google.cloud import pubsub_v1
+
+    from iotbridge.bridge.fanout import DeviceNotConnected, send_command
+
+    payload = read_payload(data, data_file, as_json)
+    t = target_or_fail(stack, as_json)
+    reg = open_registry(stack, as_json)
+    try:
+        message_id = registry_call(as_json, send_command, reg, pubsub_v1.PublisherClient(), t.prefix, device_id,
+                                   payload, subfolder)
+    except (DeviceNotConnected, TargetError) as exc:
+        fail(str(exc), as_json)
+        return
+    emit({"device_id": device_id, "message_id": message_id, "subfolder": subfolder}, as_json,
+         f"command sent to {device_id} (message {message_id})")
 
 
 def key_dir_for(t: Target) -> Path:

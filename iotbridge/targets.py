@@ -45,6 +45,14 @@ class Target:
         except KeyError:
             raise TargetError(f"target {self.name} has no {key} topic") from None
 
+    @property
+    def prefix(self) -> str:
+        """The stack's resource prefix: topic names are ``{prefix}-{key}`` (iotbridge.spec)."""
+        name = self.topic("telemetry").rsplit("/", 1)[-1]
+        if not name.endswith("-telemetry"):
+            raise TargetError(f"target {self.name}: telemetry topic {name!r} does not end in -telemetry")
+        return name[: -len("-telemetry")]
+
     def apply_env(self) -> None:
         os.environ.update(self.env)
 

@@ -76,3 +76,28 @@ def test_duplicate_device_is_refused(target, public_key):
     assert run("devices", "create", "pump-004", "--public-key", str(public_key)).exit_code == 0
     again = run("devices", "create", "pump-004", "--public-key", str(public_key), "--json")
     assert again.exit_code == 1 and "exists" in json.loads(again.stdout)["error"]
+
+
+def test_config_request_matches_what_the_function_parses():
+    import importlib.util
+    import sys
+
+    from iotbridge.local.services import REPO_ROOT
+
+    spec_ = importlib.util.spec_from_file_location("config_push_main", REPO_ROOT / "functions/config_push/main.py")
+    assert spec_ and spec_.loader
+    main = importlib.util.module_from_spec(spec_)
+    sys.modules["config_push_main"] = main
+    spec_.loader.exec_module(main)
+    as_object = main.parse_request(cli.config_request("pump-001", b'{"rpm_max": 1200}', 0))
+    assert (as_object.device_id, as_object.data, as_object.version_to_update) == ("pump-001", b'{"rpm_max":1200}', 0)
+    raw = bytes(range(256))
+    as_bytes = main.parse_request(cli.config_request("pump-001", raw, 7))
+    assert (as_bytes.data, as_bytes.version_to_update) == (raw, 7)
+    as_list = main.parse_request(cli.config_request("pump-001", b"[1, 2]", 0))
+    assert as_list.data == b"[1, 2]"  # not an object: sent untouched as bytes
+
+
+def test_push_needs_exactly_one_payload_source(target):
+    both = run("config", "push", "pump-001", "--json")
+    assert both.exit_code == 1 and "exactly one of --data or --data-file" in json.loads(both.stdout)["error"]

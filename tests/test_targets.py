@@ -30,6 +30,7 @@ def test_recorded_stack_output_parses_into_a_target(tmp_path, monkeypatch):
     assert (t.mqtt_host, t.mqtt_port) == ("34.77.10.20", 8883)
     assert t.topic("config-requests") == "projects/acme-iot-dev/topics/iot-dev-config-requests"
     assert t.bigquery_endpoint is None and t.env == {}
+    assert t.prefix == "iot-dev"
     ca = Path(t.mqtt_ca_cert or "")
     assert ca.read_text() == json.loads(RECORDED.read_text())["mqtt_ca_cert"]
 
