@@ -16,7 +16,10 @@ this function is the one writer of config versions. For each request it
    returns the version it already created instead of a second one;
 3. publishes it with paho-mqtt, QoS 1 and retained, on ``/devices/{id}/config`` and waits for the broker's
    PUBACK (:class:`MqttPublisher`) — unless a newer version was stored meanwhile, which must not be
-   overtaken by this older one.
+   overtaken by this older one. With several broker hosts, ``CONFIG_DELIVERY=fanout`` hands the version to
+   the bridge's fan-out topic instead, which every host's bridge publishes on its own broker
+   (:class:`FanoutPublisher`). The device's own PUBACK is recorded as its ack time by the bridge, which sees
+   it; the function only ever sees the broker's.
 
 Failures: a permanent one (:class:`PermanentError`: malformed, not an object, unknown or blocked device,
 too large, stale ``version_to_update``, flood) is logged with its reason, copied to the dead-letter topic with
@@ -32,6 +35,8 @@ Configuration (environment; in the cloud the MQTT password is a Secret Manager s
     PROJECT_ID, REGISTRY_ID, REGION, FIRESTORE_DATABASE (optional)
     MQTT_HOST, MQTT_PORT (8883), MQTT_TLS (true), MQTT_CA_CERT (PEM text; system CAs if empty),
     MQTT_USERNAME, MQTT_PASSWORD, MQTT_TIMEOUT_S (10), MQTT_RETAIN (true)
+    CONFIG_DELIVERY: mqtt (default: the broker above) | fanout (FANOUT_TOPIC, the bridge's device-commands
+        topic, which reaches every broker host)
     DEAD_LETTER_TOPIC (projects/{p}/topics/{t}), CONFIG_MIN_INTERVAL_S (1.0), MAX_RETRY_AGE_S (82800)
 
 Run locally: ``functions-framework --source functions/config_push/main.py --target handle
@@ -237,7 +242,9 @@ def _flag(value: str) -> bool:
 
 
 class Publisher(Protocol):
-    def publish(self, topic: str, payload: bytes) -> None: ...
+    """Delivers one stored config version towards the device; raises :class:`TransientError` to be retried."""
+
+    def deliver(self, device_id: str, version: int, payload: bytes) -> None: ...
 
 
 class MqttPublisher:
@@ -290,6 +297,9 @@ class MqttPublisher:
             client.disconnect()
             client.loop_stop()
 
+    def deliver(self, device_id: str, version: int, payload: bytes) -> None:
+        self.publish(config_topic(device_id), payload)
+
     def publish(self, topic: str, payload: bytes) -> None:
         with self._lock:
             if self._client is None or not self._client.is_connected():
@@ -311,6 +321,30 @@ class MqttPublisher:
     def close(self) -> None:
         with self._lock:
             self._reset()
+
+
+class FanoutPublisher:
+    """Delivery through the bridge's ``device-commands`` fan-out topic instead of one broker connection.
+
+    With several broker hosts a device may be connected to any of them; every host's bridge subscribes to the
+    fan-out topic and publishes the config, retained at QoS 1, on its own broker. The message format is the
+    bridge's (``iotbridge/bridge/fanout.py``): data = the config bytes; attributes ``kind=config``,
+    ``deviceId``, ``version``. Pub/Sub accepting it is the acknowledgement waited for here.
+    """
+
+    def __init__(self, topic: str, timeout_s: float = 30.0):
+        from google.cloud import pubsub_v1  # honours PUBSUB_EMULATOR_HOST
+
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.client = pubsub_v1.PublisherClient()
+
+    def deliver(self, device_id: str, version: int, payload: bytes) -> None:
+        try:
+            self.client.publish(self.topic, payload, kind="config", deviceId=device_id,
+                                version=str(version)).result(timeout=self.timeout_s)
+        except Exception as exc:  # the Pub/Sub client's errors are all worth a retry here
+            raise TransientError(f"fan-out publish of v{version} for {device_id} failed: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------ dead letters
@@ -415,7 +449,7 @@ def _process(message: Message, deps: Deps) -> Outcome:
                  extra={"fields": fields})
         return Outcome("skipped_blocked", request.device_id, cfg.version)
     try:
-        deps.publisher.publish(config_topic(request.device_id), cfg.data)
+        deps.publisher.deliver(request.device_id, cfg.version, cfg.data)
     except TransientError as exc:
         log.error("config v%d of %s stored, not delivered (will retry): %s", cfg.version, request.device_id, exc,
                   extra={"fields": {**fields, "reason": "broker_unavailable"}})
@@ -472,7 +506,17 @@ def deps_from_env(env: Mapping[str, str] = os.environ) -> Deps:
     dead_letter = PubsubDeadLetter(env["DEAD_LETTER_TOPIC"]) if env.get("DEAD_LETTER_TOPIC") else None
     if dead_letter is None:
         log.warning("DEAD_LETTER_TOPIC not set: refused requests are only logged")
-    return Deps(registry=registry, publisher=MqttPublisher(MqttSettings.from_env(env)), dead_letter=dead_letter,
+    delivery = env.get("CONFIG_DELIVERY", "mqtt")
+    publisher: Publisher
+    if delivery == "mqtt":
+        publisher = MqttPublisher(MqttSettings.from_env(env))
+    elif delivery == "fanout":
+        if not env.get("FANOUT_TOPIC"):
+            raise RuntimeError("CONFIG_DELIVERY=fanout needs FANOUT_TOPIC (projects/{p}/topics/{prefix}-device-commands)")
+        publisher = FanoutPublisher(env["FANOUT_TOPIC"])
+    else:
+        raise RuntimeError(f"CONFIG_DELIVERY must be mqtt or fanout, got {delivery!r}")
+    return Deps(registry=registry, publisher=publisher, dead_letter=dead_letter,
                 min_interval_s=float(env.get("CONFIG_MIN_INTERVAL_S", "1.0")),
                 max_retry_age_s=float(env.get("MAX_RETRY_AGE_S", str(MAX_RETRY_AGE_S))))
 

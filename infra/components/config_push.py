@@ -10,9 +10,11 @@ What it declares, and the GCP pitfall behind each choice:
   ``config-push`` workload), a build service account of its own: since 2024 builds default to the Compute
   Engine default account, which organisation policy often leaves without roles, and the deploy then fails in
   Cloud Build.
-- The backend MQTT password as a Secret Manager secret environment variable; the runtime account gets
-  ``secretAccessor`` on that one secret before the function is created, or the first revision fails to start.
-- Egress through the VPC (Direct VPC egress, or a Serverless VPC Access connector) for private ranges only, so
+- Delivery ``mqtt`` (issue 4: paho publish to a broker): the backend MQTT password as a Secret Manager secret
+  environment variable; the runtime account gets ``secretAccessor`` on that one secret before the function is
+  created, or the first revision fails to start. Delivery ``fanout``: publisher on the bridge's
+  device-commands topic instead, which reaches every broker host; no secret, no VPC.
+- Egress (``mqtt``) through the VPC (Direct VPC egress, or a Serverless VPC Access connector) for private ranges only, so
   the broker hosts are reached on their internal address while Google APIs keep their direct path. Ingress is
   internal only: Eventarc's Pub/Sub push counts as internal traffic in the same project.
 - Eventarc trigger on the config-requests topic with ``RETRY_POLICY_RETRY`` and a trigger identity of its own
@@ -33,6 +35,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pulumi
 import pulumi_gcp as gcp
@@ -85,12 +88,16 @@ class ConfigPushArgs:
     service_account_email: pulumi.Input[str]  # the function's runtime identity (Foundation "config-push")
     requests_topic: pulumi.Input[str]  # projects/{p}/topics/{prefix}-config-requests
     dead_letter_topic: pulumi.Input[str]  # projects/{p}/topics/{prefix}-dead-letter
-    mqtt_host: pulumi.Input[str]  # the broker's internal address (or DNS name in its certificate)
-    mqtt_password_secret: pulumi.Input[str]  # Secret Manager secret id (not the full name) of the password
     pubsub_agent: pulumi.Input[str]  # "serviceAccount:service-{number}@gcp-sa-pubsub.iam.gserviceaccount.com"
     eventarc_agent: pulumi.Input[str]  # "serviceAccount:service-{number}@gcp-sa-eventarc.iam.gserviceaccount.com"
     deletion_protection: bool
-    # Egress: Direct VPC (network + subnetwork) or a Serverless VPC Access connector; exactly one.
+    # "mqtt": paho publish to one broker (issue 4), which needs mqtt_host, mqtt_password_secret and VPC egress.
+    # "fanout": the bridge's device-commands topic, which reaches every broker host; needs fanout_topic only.
+    delivery: Literal["mqtt", "fanout"] = "mqtt"
+    fanout_topic: pulumi.Input[str] | None = None  # projects/{p}/topics/{prefix}-device-commands
+    mqtt_host: pulumi.Input[str] | None = None  # the broker's internal address (or DNS name in its certificate)
+    mqtt_password_secret: pulumi.Input[str] | None = None  # Secret Manager secret id (not the full name)
+    # Egress (mqtt): Direct VPC (network + subnetwork) or a Serverless VPC Access connector; exactly one.
     network: pulumi.Input[str] | None = None
     subnetwork: pulumi.Input[str] | None = None
     vpc_connector: pulumi.Input[str] | None = None
@@ -115,11 +122,24 @@ class ConfigPush(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ConfigPushArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:ConfigPush", name, None, opts)
+        mqtt = args.delivery == "mqtt"
         direct_vpc = args.network is not None or args.subnetwork is not None
-        if direct_vpc == (args.vpc_connector is not None):
-            raise ValueError("config push egress: give network+subnetwork (Direct VPC) or vpc_connector, not both")
-        if direct_vpc and (args.network is None or args.subnetwork is None):
-            raise ValueError("config push egress: Direct VPC needs both network and subnetwork")
+        if args.delivery not in ("mqtt", "fanout"):
+            raise ValueError(f"config push delivery must be mqtt or fanout, got {args.delivery!r}")
+        if mqtt:
+            if args.mqtt_host is None or args.mqtt_password_secret is None:
+                raise ValueError("config push delivery mqtt needs mqtt_host and mqtt_password_secret")
+            if direct_vpc == (args.vpc_connector is not None):
+                raise ValueError("config push egress: give network+subnetwork (Direct VPC) or vpc_connector, "
+                                 "exactly one")
+            if direct_vpc and (args.network is None or args.subnetwork is None):
+                raise ValueError("config push egress: Direct VPC needs both network and subnetwork")
+        elif args.fanout_topic is None:
+            raise ValueError("config push delivery fanout needs fanout_topic")
+        # Narrowed once the checks above passed; each is used only in its own delivery mode.
+        mqtt_host: pulumi.Input[str] = args.mqtt_host or ""
+        password_secret: pulumi.Input[str] = args.mqtt_password_secret or ""
+        fanout_topic: pulumi.Input[str] = args.fanout_topic or ""
         if not 1 <= args.timeout_seconds <= 540:
             raise ValueError(f"timeout_seconds must be 1..540 for an event-driven function, got {args.timeout_seconds}")
 
@@ -174,14 +194,25 @@ class ConfigPush(pulumi.ComponentResource):
         )
 
         # ------------------------------------------------------------------ what the function reads and writes
-        secret_access = gcp.secretmanager.SecretIamMember(
-            f"{name}-mqtt-password-accessor",
-            project=args.project,
-            secret_id=args.mqtt_password_secret,
-            role="roles/secretmanager.secretAccessor",
-            member=runtime_member,
-            opts=child,
-        )
+        grants: list[pulumi.Resource] = []
+        if mqtt:
+            grants.append(gcp.secretmanager.SecretIamMember(
+                f"{name}-mqtt-password-accessor",
+                project=args.project,
+                secret_id=password_secret,
+                role="roles/secretmanager.secretAccessor",
+                member=runtime_member,
+                opts=child,
+            ))
+        else:
+            grants.append(gcp.pubsub.TopicIAMMember(
+                f"{name}-fanout-publisher",
+                project=args.project,
+                topic=fanout_topic,
+                role="roles/pubsub.publisher",
+                member=runtime_member,
+                opts=child,
+            ))
         database = f"projects/{args.project}/databases/{args.firestore_database}"
         firestore_user = gcp.projects.IAMMember(
             f"{name}-firestore-user",
@@ -226,15 +257,21 @@ class ConfigPush(pulumi.ComponentResource):
             "REGION": args.region,
             "REGISTRY_ID": args.registry_id,
             "FIRESTORE_DATABASE": args.firestore_database,
-            "MQTT_HOST": args.mqtt_host,
-            "MQTT_PORT": str(args.mqtt_port),
-            "MQTT_TLS": "true" if args.mqtt_tls else "false",
-            "MQTT_USERNAME": args.mqtt_username,
-            "MQTT_CA_CERT": args.mqtt_ca_cert,
             "DEAD_LETTER_TOPIC": args.dead_letter_topic,
             "CONFIG_MIN_INTERVAL_S": f"{args.min_update_interval_s:g}",
+            "CONFIG_DELIVERY": args.delivery,
             "LOG_EXECUTION_ID": "true",
         }
+        if mqtt:
+            env.update({
+                "MQTT_HOST": mqtt_host,
+                "MQTT_PORT": str(args.mqtt_port),
+                "MQTT_TLS": "true" if args.mqtt_tls else "false",
+                "MQTT_USERNAME": args.mqtt_username,
+                "MQTT_CA_CERT": args.mqtt_ca_cert,
+            })
+        else:
+            env["FANOUT_TOPIC"] = fanout_topic
         self.function = gcp.cloudfunctionsv2.Function(
             name,
             project=args.project,
@@ -267,17 +304,17 @@ class ConfigPush(pulumi.ComponentResource):
                     gcp.cloudfunctionsv2.FunctionServiceConfigSecretEnvironmentVariableArgs(
                         key="MQTT_PASSWORD",
                         project_id=args.project,
-                        secret=args.mqtt_password_secret,
+                        secret=password_secret,
                         version=args.mqtt_password_version,
                     ),
-                ],
+                ] if mqtt else None,
                 direct_vpc_network_interfaces=[
                     gcp.cloudfunctionsv2.FunctionServiceConfigDirectVpcNetworkInterfaceArgs(
                         network=args.network, subnetwork=args.subnetwork),
-                ] if direct_vpc else None,
-                direct_vpc_egress="VPC_EGRESS_PRIVATE_RANGES_ONLY" if direct_vpc else None,
-                vpc_connector=args.vpc_connector,
-                vpc_connector_egress_settings=None if direct_vpc else "PRIVATE_RANGES_ONLY",
+                ] if mqtt and direct_vpc else None,
+                direct_vpc_egress="VPC_EGRESS_PRIVATE_RANGES_ONLY" if mqtt and direct_vpc else None,
+                vpc_connector=args.vpc_connector if mqtt else None,
+                vpc_connector_egress_settings="PRIVATE_RANGES_ONLY" if mqtt and not direct_vpc else None,
             ),
             event_trigger=gcp.cloudfunctionsv2.FunctionEventTriggerArgs(
                 trigger_region=args.region,
@@ -288,7 +325,7 @@ class ConfigPush(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(
                 parent=self,
-                depends_on=[*deps, build_grant, secret_access, firestore_user, dead_letter_publisher,
+                depends_on=[*deps, build_grant, *grants, firestore_user, dead_letter_publisher,
                             eventarc_agent, token_creator],
             ),
         )

@@ -105,7 +105,7 @@ def test_runtime_grants_are_narrow_and_exist_before_the_function(run: harness.St
     secret = the(run, SECRET_IAM)
     assert (secret.get("secretId"), secret.get("role"), secret.get("member")) == (
         f"{PREFIX}-mqtt-backend-password", "roles/secretmanager.secretAccessor", member)
-    dlq = the(run, TOPIC_IAM)
+    dlq = the(run, TOPIC_IAM)  # mqtt delivery: the dead-letter topic is the only topic it writes
     assert (dlq.get("topic"), dlq.get("role"), dlq.get("member")) == (DEAD_LETTER, "roles/pubsub.publisher", member)
     firestore = [r for r in run.of_type(PROJECT_IAM) if r.get("member") == member]
     assert [r.get("role") for r in firestore] == ["roles/datastore.user"]
@@ -126,6 +126,7 @@ def test_secret_env_and_no_secret_in_plain_config(run: harness.StackRun) -> None
         "version": "latest"}]
     env = service["environmentVariables"]
     assert "MQTT_PASSWORD" not in env
+    assert env["CONFIG_DELIVERY"] == "mqtt"
     assert env["MQTT_HOST"] == "10.10.0.5" and env["MQTT_PORT"] == "8883" and env["MQTT_TLS"] == "true"
     assert env["PROJECT_ID"] == PROJECT and env["REGISTRY_ID"] == "fleet" and env["DEAD_LETTER_TOPIC"] == DEAD_LETTER
     assert env["MQTT_CA_CERT"].startswith("-----BEGIN CERTIFICATE-----")
@@ -149,14 +150,35 @@ def test_egress_reaches_private_ranges_through_the_vpc(run: harness.StackRun) ->
     assert "directVpcNetworkInterfaces" not in service
 
 
-@pytest.mark.parametrize("egress", [
-    {"network": None, "subnetwork": None},
-    {"vpc_connector": "projects/p/locations/r/connectors/c"},
-    {"subnetwork": None},
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"network": None, "subnetwork": None}, "egress"),
+    ({"vpc_connector": "projects/p/locations/r/connectors/c"}, "egress"),
+    ({"subnetwork": None}, "egress"),
+    ({"mqtt_password_secret": None}, "mqtt_host and mqtt_password_secret"),
+    ({"delivery": "fanout"}, "fanout_topic"),
+    ({"delivery": "carrier-pigeon"}, "mqtt or fanout"),
+    ({"timeout_seconds": 900}, "1..540"),
 ])
-def test_egress_must_be_exactly_one_way(egress: dict) -> None:
-    with pytest.raises(harness.ProgramFailed, match="egress"):
-        build(**egress)
+def test_invalid_args_fail_before_any_resource(bad: dict, message: str) -> None:
+    with pytest.raises(harness.ProgramFailed, match=message) as err:
+        build(**bad)
+    assert [r for r in err.value.resources if r.type.startswith("gcp:")] == []
+
+
+def test_fanout_delivery_publishes_to_the_bridge_topic_without_secret_or_vpc() -> None:
+    fanout = f"projects/{PROJECT}/topics/{PREFIX}-device-commands"
+    run = build(delivery="fanout", fanout_topic=fanout, mqtt_host=None, mqtt_password_secret=None,
+                network=None, subnetwork=None)
+    service = the(run, FUNCTION).get("serviceConfig")
+    env = service["environmentVariables"]
+    assert env["CONFIG_DELIVERY"] == "fanout" and env["FANOUT_TOPIC"] == fanout
+    assert not any(k.startswith("MQTT_") for k in env)
+    for key in ("secretEnvironmentVariables", "directVpcNetworkInterfaces", "vpcConnector"):
+        assert key not in service, key
+    assert run.of_type(SECRET_IAM) == []
+    grants = {(g.get("topic"), g.get("role")) for g in run.of_type(TOPIC_IAM)
+              if g.get("member") == f"serviceAccount:{RUNTIME_EMAIL}"}
+    assert grants == {(fanout, "roles/pubsub.publisher"), (DEAD_LETTER, "roles/pubsub.publisher")}
 
 
 def test_source_archive_named_by_content_hash(run: harness.StackRun) -> None:
