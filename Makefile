@@ -20,13 +20,13 @@ system:
 $(STAMP): pyproject.toml requirements/lock.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the project into $(VENV) (first run: 2-3 minutes)"
-	@$(BIN)/pip install -q --disable-pip-version-check -c requirements/lock.txt -e '.[dev]'
+	@$(BIN)/pip install -qq --disable-pip-version-check -c requirements/lock.txt -e '.[dev]'
 	@touch $@
 
 $(BQ_STAMP): requirements/bq-emulator.txt requirements/bq-emulator.lock.txt
 	@test -x $(BQ_VENV)/bin/python || $(PYTHON) -m venv $(BQ_VENV)
 	@echo "installing the local BigQuery into $(BQ_VENV)"
-	@$(BQ_VENV)/bin/pip install -q --disable-pip-version-check -c requirements/bq-emulator.lock.txt -r requirements/bq-emulator.txt
+	@$(BQ_VENV)/bin/pip install -qq --disable-pip-version-check -c requirements/bq-emulator.lock.txt -r requirements/bq-emulator.txt
 	@mkdir -p $(BQ_HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/linux_amd64
 	@cp $$($(BQ_VENV)/bin/python -c 'import duckdb_extension_spatial, pathlib; print(next(pathlib.Path(duckdb_extension_spatial.__file__).parent.glob("extensions/v*/spatial.duckdb_extension")))') \
 	    $(BQ_HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/linux_amd64/
