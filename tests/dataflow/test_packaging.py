@@ -131,3 +131,16 @@ def test_the_files_the_image_copies_are_enough_to_run_the_pipeline(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--input_subscription" in proc.stdout and "--threshold_rules" in proc.stdout
     assert "'iotbridge.spec'" in proc.stdout
+
+
+def test_dockerignore_lets_through_exactly_what_the_image_copies():
+    """The build context is the repository root; its ignore file must not send .venv, yet keep every COPY source."""
+    import fnmatch
+
+    lines = [ln.strip() for ln in (JOBS / "Dockerfile.dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*"
+    allowed = [ln[1:] for ln in lines[1:] if ln.startswith("!")]
+    sources = [src for src, _ in copied_files()]
+    assert all(any(fnmatch.fnmatch(src, pat) for pat in allowed) for src in sources), sources
+    assert all(any(fnmatch.fnmatch(src, pat) for src in sources) for pat in allowed), allowed

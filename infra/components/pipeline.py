@@ -1,0 +1,369 @@
+"""Pipeline: the streaming telemetry job as a Dataflow Flex Template, built and launched by ``pulumi up``.
+
+- An Artifact Registry repository; the image of ``dataflow_jobs/Dockerfile`` built and pushed by
+  pulumi-docker-build (or a prebuilt image named in stack config). The same image is the launcher and the workers'
+  SDK container.
+- The template spec JSON (image + ``dataflow_jobs/metadata.json``) in a private bucket that also holds the job's
+  temp and staging files. Its object name carries the image digest, so a new build is a new spec path.
+- ``gcp.dataflow.FlexTemplateJob``: worker service account, private IPs only, Streaming Engine, max workers,
+  labels. A new spec path or new parameters make the provider *update* the running streaming job (a launch with
+  ``update=true``; Dataflow checks compatibility and moves the state over) instead of leaving the old job
+  running or cancelling it (hashicorp/terraform-provider-google#8408, google-beta PR 3069). The
+  ``create_or_update_job`` experiment makes any fresh launch under the same job name an update of a job still
+  running or draining under it (hashicorp/terraform-provider-google#20792).
+- Teardown follows ``deletion_protection``: drain (finish in-flight data) when true; cancel and do not wait
+  (``skip_wait_on_job_termination``) when false, so ``pulumi destroy`` does not hang on a job that takes minutes
+  to stop (hashicorp/terraform-provider-google#10559).
+- IAM: the worker service account (from Foundation, which holds its project roles ``dataflow.worker``, log and
+  metric writer) gets data roles on exactly the resources the job touches: subscriber + viewer on its
+  subscription, publisher on the config-requests topic, dataEditor on the three tables it writes, bigtable.user
+  on the telemetry table, objectAdmin on its bucket, reader on the image repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pulumi
+import pulumi_docker_build as docker_build
+import pulumi_gcp as gcp
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+JOBS_DIR = REPO_ROOT / "dataflow_jobs"
+DOCKERFILE = JOBS_DIR / "Dockerfile"
+METADATA_FILE = JOBS_DIR / "metadata.json"
+IMAGE_NAME = "telemetry-pipeline"
+# The tables the pipeline writes (iotbridge.spec names); it reads none.
+WRITTEN_TABLES = ("telemetry_raw", "telemetry_1m", "telemetry_errors")
+# Dataflow workers talk to each other on these ports; a custom VPC without this rule stalls the job
+# (cloud.google.com/dataflow/docs/guides/routes-firewall).
+WORKER_PORTS = "12345-12346"
+WORKER_TAG = "dataflow"  # Dataflow puts this network tag on every worker VM
+_JOB_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def metadata() -> dict:
+    return json.loads(METADATA_FILE.read_text())
+
+
+def build_inputs() -> list[Path]:
+    """The files the image is built from: the Dockerfile and what its COPY lines take from the context."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    files = [DOCKERFILE, DOCKERFILE.with_name("Dockerfile.dockerignore")]
+    for line in text.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            files += [REPO_ROOT / src for src in line.split()[1:-1]]
+    return files
+
+
+def source_hash() -> str:
+    """Content hash of the build inputs: the image tag, stable across previews, new on any code change."""
+    h = hashlib.sha256()
+    for path in build_inputs():
+        h.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def check_parameters(params: Mapping[str, str]) -> dict[str, str]:
+    """The template's own regexes, applied at deploy time: a bad value fails `pulumi up` with the flag's name
+    instead of a launcher VM failing minutes later."""
+    specs = {p["name"]: p for p in metadata()["parameters"]}
+    unknown = set(params) - set(specs)
+    if unknown:
+        raise ValueError(f"parameters not in dataflow_jobs/metadata.json: {sorted(unknown)}")
+    missing = [n for n, p in specs.items() if not p.get("isOptional") and n not in params]
+    if missing:
+        raise ValueError(f"required template parameters missing: {missing}")
+    for name, value in params.items():
+        for regex in specs[name].get("regexes", []):
+            if not re.match(regex, value, re.DOTALL):
+                raise ValueError(f"template parameter {name}={value[:80]!r} does not match {regex}")
+    return dict(params)
+
+
+@dataclass(frozen=True)
+class PipelineArgs:
+    project: str
+    region: str
+    prefix: str
+    worker_service_account: gcp.serviceaccount.Account  # Foundation's "dataflow" workload
+    subnetwork: gcp.compute.Subnetwork  # in `region`, with Private Google Access (workers have no external IP)
+    input_subscription: gcp.pubsub.Subscription  # the telemetry subscription (spec key telemetry-pipeline)
+    config_requests_topic: gcp.pubsub.Topic
+    dataset_id: pulumi.Input[str]
+    tables: Mapping[str, gcp.bigquery.Table]  # spec name -> table; WRITTEN_TABLES at least
+    bigtable_instance: pulumi.Input[str]  # instance name
+    bigtable_table: pulumi.Input[str]  # table name
+    deletion_protection: bool
+    threshold_rules: str = "{}"  # JSON, see dataflow_jobs/rules.py
+    rule_min_interval_seconds: int = 300
+    allowed_lateness_seconds: int = 900
+    dedupe_seconds: int = 600
+    max_workers: int = 3
+    num_workers: int = 1
+    machine_type: str = "n2-standard-2"
+    prebuilt_image: str | None = None  # an image ref to launch instead of building one
+    launcher_tag: str = "latest"  # tag of Google's python311 launcher base image
+    transform_name_mapping: Mapping[str, str] = field(default_factory=dict)  # renamed transforms, for updates
+    labels: Mapping[str, str] = field(default_factory=dict)
+    depends_on: Sequence[pulumi.Resource] = ()  # dataflow, artifactregistry, storage, compute APIs
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_workers <= self.max_workers <= 1000:
+            raise ValueError(f"need 1 <= num_workers <= max_workers <= 1000, got {self.num_workers}..{self.max_workers}")
+        missing = [t for t in WRITTEN_TABLES if t not in self.tables]
+        if missing:
+            raise ValueError(f"tables missing for the pipeline: {missing}")
+        try:
+            rules = json.loads(self.threshold_rules)
+        except ValueError as exc:
+            raise ValueError(f"threshold_rules is not JSON: {exc}") from None
+        if not isinstance(rules, dict):
+            raise ValueError("threshold_rules must be a JSON object keyed by metric name")
+
+
+class Pipeline(pulumi.ComponentResource):
+    """Image, template spec and the streaming Dataflow job, with the worker's data grants."""
+
+    repository: gcp.artifactregistry.Repository | None
+    image: docker_build.Image | None
+    image_ref: pulumi.Output[str]
+    bucket: gcp.storage.Bucket
+    template: gcp.storage.BucketObject
+    template_path: pulumi.Output[str]
+    job: gcp.dataflow.FlexTemplateJob
+    grants: dict[str, pulumi.Resource]
+
+    def __init__(self, name: str, args: PipelineArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("gcp-iot-bridge:index:Pipeline", name, None, opts)
+        job_name = f"{args.prefix}-telemetry"
+        if not _JOB_NAME_RE.match(job_name):
+            raise ValueError(f"Dataflow job name {job_name!r} must match {_JOB_NAME_RE.pattern}")
+        child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
+        labels = dict(args.labels)
+        member = args.worker_service_account.member
+        self.grants = {}
+
+        # ------------------------------------------------------------------------------------- image
+        if args.prebuilt_image:
+            self.repository = None
+            self.image = None
+            self.image_ref = pulumi.Output.from_input(args.prebuilt_image)
+        else:
+            self.repository = gcp.artifactregistry.Repository(
+                f"{name}-images",
+                project=args.project,
+                location=args.region,
+                repository_id=f"{args.prefix}-dataflow",
+                format="DOCKER",
+                description="Flex Template images of the telemetry pipeline.",
+                labels=labels,
+                opts=child,
+            )
+            registry = f"{args.region}-docker.pkg.dev"
+            # The short-lived token of the identity running `pulumi up`; a secret so it never reaches the state.
+            token = pulumi.Output.secret(gcp.organizations.get_client_config_output(
+                opts=pulumi.InvokeOutputOptions(parent=self)).access_token)
+            self.image = docker_build.Image(
+                f"{name}-image",
+                context=docker_build.BuildContextArgs(location=str(REPO_ROOT)),
+                dockerfile=docker_build.DockerfileArgs(location=str(DOCKERFILE)),
+                platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers are x86-64
+                build_args={"LAUNCHER_TAG": args.launcher_tag},
+                tags=[self.repository.repository_id.apply(
+                    lambda repo: f"{registry}/{args.project}/{repo}/{IMAGE_NAME}:{source_hash()}")],
+                push=True,
+                # Previews must not need a Docker daemon or push anything.
+                build_on_preview=False,
+                registries=[docker_build.RegistryArgs(address=registry, username="oauth2accesstoken",
+                                                      password=token)],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.depends_on, self.repository]),
+            )
+            # tag@sha256:digest: the spec and the workers pin the exact bytes that were pushed.
+            self.image_ref = self.image.ref
+            self.grants["artifactregistry.reader"] = gcp.artifactregistry.RepositoryIamMember(
+                f"{name}-worker-images-reader",
+                project=args.project,
+                location=args.region,
+                repository=self.repository.name,
+                role="roles/artifactregistry.reader",
+                member=member,
+                opts=child,
+            )
+
+        # ------------------------------------------------------------------------------------ bucket
+        self.bucket = gcp.storage.Bucket(
+            f"{name}-bucket",
+            project=args.project,
+            name=f"{args.project}-{args.prefix}-dataflow",
+            location=args.region,
+            uniform_bucket_level_access=True,
+            public_access_prevention="enforced",
+            force_destroy=not args.deletion_protection,
+            # Temp and staging files are only useful while a launch or update runs.
+            lifecycle_rules=[gcp.storage.BucketLifecycleRuleArgs(
+                action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
+                condition=gcp.storage.BucketLifecycleRuleConditionArgs(
+                    age=7, matches_prefixes=["tmp/", "staging/"]),
+            )],
+            labels=labels,
+            opts=child,
+        )
+        self.grants["storage.objectAdmin"] = gcp.storage.BucketIAMMember(
+            f"{name}-worker-bucket",
+            bucket=self.bucket.name,
+            role="roles/storage.objectAdmin",  # temp/staging files; the launcher reads the spec
+            member=member,
+            opts=child,
+        )
+
+        spec = pulumi.Output.all(self.image_ref).apply(lambda v: json.dumps(
+            {"image": v[0], "sdkInfo": {"language": "PYTHON"}, "metadata": metadata()}, indent=2, sort_keys=True))
+        self.template = gcp.storage.BucketObject(
+            f"{name}-template",
+            bucket=self.bucket.name,
+            # Content-addressed: a new image is a new path, which the job resource sees as a change to update.
+            name=self.image_ref.apply(
+                lambda ref: f"templates/{IMAGE_NAME}-{hashlib.sha256(ref.encode()).hexdigest()[:16]}.json"),
+            content=spec,
+            content_type="application/json",
+            opts=child,
+        )
+        self.template_path = pulumi.Output.concat("gs://", self.bucket.name, "/", self.template.output_name)
+
+        # ------------------------------------------------------------------------------- data grants
+        self.grants["pubsub.subscriber"] = gcp.pubsub.SubscriptionIAMMember(
+            f"{name}-worker-subscriber",
+            project=args.project,
+            subscription=args.input_subscription.name,
+            role="roles/pubsub.subscriber",
+            member=member,
+            opts=child,
+        )
+        # Dataflow's Pub/Sub source reads the subscription's configuration (subscriptions.get) at launch.
+        self.grants["pubsub.viewer"] = gcp.pubsub.SubscriptionIAMMember(
+            f"{name}-worker-subscription-viewer",
+            project=args.project,
+            subscription=args.input_subscription.name,
+            role="roles/pubsub.viewer",
+            member=member,
+            opts=child,
+        )
+        self.grants["pubsub.publisher"] = gcp.pubsub.TopicIAMMember(
+            f"{name}-worker-config-requests",
+            project=args.project,
+            topic=args.config_requests_topic.name,
+            role="roles/pubsub.publisher",
+            member=member,
+            opts=child,
+        )
+        for table in WRITTEN_TABLES:
+            self.grants[f"bigquery.dataEditor:{table}"] = gcp.bigquery.IamMember(
+                f"{name}-worker-{table}",
+                project=args.project,
+                dataset_id=args.tables[table].dataset_id,
+                table_id=args.tables[table].table_id,
+                role="roles/bigquery.dataEditor",  # tabledata.insertAll
+                member=member,
+                opts=child,
+            )
+        self.grants["bigtable.user"] = gcp.bigtable.TableIamMember(
+            f"{name}-worker-bigtable",
+            project=args.project,
+            instance_name=args.bigtable_instance,
+            table=args.bigtable_table,
+            role="roles/bigtable.user",
+            member=member,
+            opts=child,
+        )
+
+        # ---------------------------------------------------------------------------------- network
+        subnet = args.subnetwork
+        checked_subnet = pulumi.Output.all(subnet.self_link, subnet.region, subnet.private_ip_google_access).apply(
+            lambda v: _check_subnet(v[0], v[1], v[2], args.region))
+        self.firewall = gcp.compute.Firewall(
+            f"{name}-workers",
+            project=args.project,
+            name=f"{args.prefix}-dataflow-workers",
+            network=subnet.network,
+            description="Dataflow workers of the telemetry pipeline talk to each other.",
+            direction="INGRESS",
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[WORKER_PORTS])],
+            source_tags=[WORKER_TAG],
+            target_tags=[WORKER_TAG],
+            opts=child,
+        )
+
+        # -------------------------------------------------------------------------------------- job
+        params = pulumi.Output.all(
+            sub=args.input_subscription.id,
+            dataset=args.dataset_id,
+            instance=args.bigtable_instance,
+            table=args.bigtable_table,
+            topic=args.config_requests_topic.id,
+        ).apply(lambda v: check_parameters({
+            "input_subscription": v["sub"],
+            "bigquery_dataset": f"{args.project}.{v['dataset']}",
+            "bigtable_instance": f"projects/{args.project}/instances/{v['instance']}",
+            "bigtable_table": v["table"],
+            "config_requests_topic": v["topic"],
+            "threshold_rules": json.dumps(json.loads(args.threshold_rules), separators=(",", ":"), sort_keys=True),
+            "rule_min_interval_seconds": str(args.rule_min_interval_seconds),
+            "allowed_lateness_seconds": str(args.allowed_lateness_seconds),
+            "dedupe_seconds": str(args.dedupe_seconds),
+        }))
+        grants = list(self.grants.values())
+        self.job = gcp.dataflow.FlexTemplateJob(
+            f"{name}-job",
+            project=args.project,
+            region=args.region,
+            name=job_name,
+            container_spec_gcs_path=self.template_path,
+            sdk_container_image=self.image_ref,
+            parameters=params,
+            service_account_email=args.worker_service_account.email,
+            subnetwork=checked_subnet,
+            ip_configuration="WORKER_IP_PRIVATE",
+            enable_streaming_engine=True,
+            autoscaling_algorithm="THROUGHPUT_BASED",
+            num_workers=args.num_workers,
+            max_workers=args.max_workers,
+            machine_type=args.machine_type,
+            temp_location=self.bucket.url.apply(lambda u: f"{u}/tmp"),
+            staging_location=self.bucket.url.apply(lambda u: f"{u}/staging"),
+            additional_experiments=["create_or_update_job"],
+            transform_name_mapping=dict(args.transform_name_mapping) or None,
+            labels=labels,
+            on_delete="drain" if args.deletion_protection else "cancel",
+            skip_wait_on_job_termination=not args.deletion_protection,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                # The workers need their grants and the firewall the moment they start.
+                depends_on=[*args.depends_on, *grants, self.firewall],
+                # Immutable fields (region, max_workers, ...) force a replacement: stop the old job first, or
+                # the new launch under the same name meets it.
+                delete_before_replace=True,
+            ),
+        )
+
+        self.register_outputs({
+            "dataflow_job_name": self.job.name,
+            "dataflow_job_id": self.job.job_id,
+            "template_path": self.template_path,
+            "image": self.image_ref,
+        })
+
+
+def _check_subnet(self_link: str, region: str, private_google_access: bool | None, job_region: str) -> str:
+    if region and region != job_region:
+        raise ValueError(f"subnetwork {self_link} is in {region}; the Dataflow job runs in {job_region}")
+    if not private_google_access:
+        raise ValueError(
+            f"subnetwork {self_link} has no Private Google Access: Dataflow workers with private IPs could not reach "
+            "Pub/Sub, BigQuery or Bigtable; set private_ip_google_access=True on it")
+    return self_link
