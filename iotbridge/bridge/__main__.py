@@ -3,6 +3,7 @@
   init     write settings.json, secrets.json (0600), a local CA + server certificate and mosquitto.conf
   front    the TLS front devices connect to (needs FIRESTORE_EMULATOR_HOST locally, ADC in the cloud)
   service  the bridge service Mosquitto ⇄ Pub/Sub (needs PUBSUB_EMULATOR_HOST / FIRESTORE_EMULATOR_HOST locally)
+  mosquitto-config  write mosquitto.conf, passwd and acl for an existing settings file (broker hosts)
   run      init if needed, then Mosquitto + service + front until Ctrl-C (local use)
 """
 
@@ -22,7 +23,8 @@ from iotbridge.bridge.settings import BridgeSettings
 def _registry(settings: BridgeSettings):  # noqa: ANN202
     from iotbridge.registry import Registry
 
-    return Registry(settings.project, settings.registry_id, settings.region)
+    database = None if settings.firestore_database == "(default)" else settings.firestore_database
+    return Registry(settings.project, settings.registry_id, settings.region, database=database)
 
 
 def run_front(settings: BridgeSettings) -> None:
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("front", "the TLS front"), ("service", "the bridge service")):
         p = sub.add_parser(name, help=f"run {text}")
         p.add_argument("--settings", type=Path, required=True, help="settings.json written by `init`")
+    mconf = sub.add_parser("mosquitto-config", help="write mosquitto.conf, passwd and acl for a settings file")
+    mconf.add_argument("--settings", type=Path, required=True)
+    mconf.add_argument("--out", type=Path, required=True, help="folder for the files and the persistence data")
+    mconf.add_argument("--user", help="the user Mosquitto drops privileges to (default: root)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -86,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                       front_port=args.front_port, broker_port=args.broker_port)
         print(f"wrote {args.workdir}/settings.json; devices: {s.front_host}:{s.front_port}, "
               f"CA {args.workdir}/tls/ca.pem")
+    elif args.cmd == "mosquitto-config":
+        from iotbridge.bridge.settings import mosquitto_config
+
+        text = mosquitto_config(BridgeSettings.load(args.settings), args.out, user=args.user)
+        (args.out / "mosquitto.conf").write_text(text)
+        print(f"wrote {args.out}/mosquitto.conf")
     elif args.cmd == "front":
         run_front(BridgeSettings.load(args.settings))
     elif args.cmd == "service":

@@ -32,6 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import paho.mqtt.client as paho
 
@@ -117,6 +118,7 @@ class Front:
         self._control_password = control_password
         self.sessions: set[Session] = set()
         self._server: asyncio.Server | None = None
+        self._health: asyncio.Server | None = None
         self._control: paho.Client | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"accepted": 0, "refused": 0, "dropped": 0}
@@ -131,12 +133,16 @@ class Front:
             ssl_handshake_timeout=CONNECT_TIMEOUT_S,
         )
         self._spawn(self._recheck_loop())
+        if self.settings.health_port:
+            self._health = await asyncio.start_server(self._health_check, self.settings.front_host,
+                                                      self.settings.health_port)
         log.info("front listening on %s:%d (TLS) -> broker %s:%d", self.settings.front_host,
                  self.settings.front_port, self.settings.broker_host, self.settings.broker_port)
 
     async def stop(self) -> None:
-        if self._server:
-            self._server.close()
+        for server in (self._server, self._health):
+            if server:
+                server.close()
         for s in list(self.sessions):
             s.close("front stopping")
         for t in list(self._tasks):
@@ -367,6 +373,40 @@ class Front:
             await asyncio.to_thread(ack)
         except Exception as exc:  # the device keeps working; only the ack time is missing
             log.warning("could not record config ack of %s: %s", device_id, exc)
+
+    # ---------------------------------------------------------------------------------- health
+
+    async def healthy(self) -> tuple[bool, str]:
+        """Mosquitto accepts connections and the bridge service reported within the last 10 s."""
+        try:
+            _, w = await asyncio.wait_for(
+                asyncio.open_connection(self.settings.broker_host, self.settings.broker_port), 2)
+            w.close()
+        except (OSError, TimeoutError):
+            return False, "broker unreachable"
+        if self.settings.workdir:
+            stats = Path(self.settings.workdir) / "service-stats.json"
+            try:
+                age = time.time() - stats.stat().st_mtime
+            except OSError:
+                return False, "bridge service has not reported"
+            if age > 10:
+                return False, f"bridge service silent for {age:.0f}s"
+        return True, "ok"
+
+    async def _health_check(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            ok, detail = await self.healthy()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            body = detail.encode()
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
 
     # ---------------------------------------------------------------------------------- registry watch
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -40,7 +41,7 @@ from google.cloud import pubsub_v1
 from iotbridge import spec
 from iotbridge.bridge.front import SYNC_TOPIC
 from iotbridge.bridge.settings import BridgeSettings
-from iotbridge.registry import DeviceNotFound, Registry
+from iotbridge.registry import DEVICE_ID_RE, DeviceNotFound, Registry
 
 log = logging.getLogger("iotbridge.bridge")
 
@@ -50,6 +51,8 @@ DEVICE_CACHE_TTL_S = 300.0
 REGISTRY_FLUSH_S = 2.0
 RETRY_MAX_S = 30.0
 STATS_EVERY_S = 0.5
+LEASE_S = 90.0
+COMMAND_MAX_AGE_S = 60.0
 
 
 def fanout_subscription(prefix: str, host_id: str) -> str:
@@ -89,8 +92,7 @@ class BridgeService:
         self.state_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "state"))
         self.routes = {r.sub_folder: self.publisher.topic_path(project, r.topic) for r in settings.routes}
         self.fanout_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "device-commands"))
-        self.fanout_sub = self.subscriber.subscription_path(project, fanout_subscription(settings.prefix,
-                                                                                           settings.host_id))
+        self.fanout_sub = ""  # chosen in start(): leased (cloud) or created (local)
         self._devices: dict[str, tuple[float, str]] = {}  # device id -> (fetched at, num id)
         self._devices_lock = threading.Lock()
         self._work: queue.Queue[tuple[paho.MQTTMessage, int] | None] = queue.Queue()
@@ -106,6 +108,7 @@ class BridgeService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pull_future = None
+        self._leased = ""
         self.stats_lock = threading.Lock()
         self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0}
         self.mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
@@ -120,7 +123,13 @@ class BridgeService:
     # ---------------------------------------------------------------------------------- lifecycle
 
     def start(self, workers: int = 2) -> None:
-        self._ensure_fanout_subscription()
+        if self.s.fanout_subscriptions:
+            self.fanout_sub = self._lease_fanout_subscription()
+            self._thread(self._renew_lease_loop, "lease")
+        else:
+            self.fanout_sub = self.subscriber.subscription_path(
+                self.s.project, fanout_subscription(self.s.prefix, self.s.host_id))
+            self._ensure_fanout_subscription()
         for i in range(workers):
             self._thread(self._forward_loop, f"forward-{i}")
         self._thread(self._config_loop, "configs")
@@ -161,6 +170,51 @@ class BridgeService:
             log.info("created fan-out subscription %s", self.fanout_sub)
         except gexc.AlreadyExists:
             pass
+
+    def _lease_ref(self, subscription: str):  # noqa: ANN202
+        return (self.registry.client.collection("registries").document(self.s.registry_id)
+                .collection("bridge_hosts").document(subscription))
+
+    def _try_lease(self, subscription: str) -> bool:
+        from google.cloud import firestore
+
+        ref = self._lease_ref(subscription)
+
+        @firestore.transactional
+        def claim(tx) -> bool:  # noqa: ANN001
+            snap = ref.get(transaction=tx)
+            doc = snap.to_dict() or {}
+            now = datetime.now(UTC)
+            if snap.exists and doc.get("holder") != self.s.host_id and doc.get("until") and doc["until"] > now:
+                return False
+            tx.set(ref, {"holder": self.s.host_id, "until": now + timedelta(seconds=LEASE_S)})
+            return True
+
+        return claim(self.registry.client.transaction())
+
+    def _lease_fanout_subscription(self) -> str:
+        """Claim one of the pre-created fan-out subscriptions: one host per subscription, so every host gets
+        every config and command (a shared subscription would hand each message to one host only)."""
+        for sub in self.s.fanout_subscriptions:
+            if self._try_lease(sub):
+                self._leased = sub
+                log.info("leased fan-out subscription %s", sub)
+                return self.subscriber.subscription_path(self.s.project, sub)
+        raise RuntimeError(f"all {len(self.s.fanout_subscriptions)} fan-out subscriptions are leased by other "
+                           "hosts: raise the broker's fanout_slots")
+
+    def _renew_lease_loop(self) -> None:
+        while not self._stop.wait(LEASE_S / 3):
+            try:
+                still_mine = self._try_lease(self._leased)
+            except Exception as exc:  # Firestore briefly away: the lease still has two thirds to run
+                log.warning("lease renewal failed: %s", exc)
+                continue
+            if not still_mine:
+                # Another host took the slot while this one stalled: two hosts on one subscription would each
+                # miss half the messages. Exit; the supervisor restarts the service, which leases anew.
+                log.error("lost the lease on %s; exiting", self._leased)
+                os._exit(3)
 
     # ---------------------------------------------------------------------------------- device → cloud
 
@@ -303,15 +357,24 @@ class BridgeService:
 
     def _on_fanout(self, message) -> None:  # noqa: ANN001 - pubsub_v1 Message
         attrs = dict(message.attributes)
-        kind, device_id = attrs.get("kind"), attrs.get("deviceId", "")
+        kind, device_id, sub_folder = attrs.get("kind"), attrs.get("deviceId", ""), attrs.get("subFolder", "")
+        # Attributes become topic levels: nothing that could be a wildcard or another level may pass.
+        if not DEVICE_ID_RE.fullmatch(device_id) or any(c in sub_folder for c in "+#\x00"):
+            log.warning("fan-out message with invalid deviceId/subFolder dropped")
+            message.ack()
+            return
         if kind == FANOUT_KIND_CONFIG:
             version = int(attrs.get("version", "0"))
             data = bytes(message.data)
             self._config_work.put((device_id, lambda: self._deliver_config(device_id, version, data, message)))
         elif kind == FANOUT_KIND_COMMAND:
-            topic = f"/devices/{device_id}/commands"
-            if attrs.get("subFolder"):
-                topic += f"/{attrs['subFolder']}"
+            age = (datetime.now(UTC) - message.publish_time).total_seconds()
+            if age > COMMAND_MAX_AGE_S:
+                # IoT Core's commands were live-only: a command found in a backlog is not delivered late.
+                log.warning("command for %s dropped: %.0fs old", device_id, age)
+                message.ack()
+                return
+            topic = f"/devices/{device_id}/commands" + (f"/{sub_folder}" if sub_folder else "")
             info = self.mqtt.publish(topic, bytes(message.data), qos=1, retain=False)
             info.wait_for_publish(timeout=30)
             with self.stats_lock:
@@ -345,6 +408,14 @@ class BridgeService:
 
     def _deliver_config(self, device_id: str, version: int, data: bytes, message) -> None:  # noqa: ANN001
         try:
+            # Pub/Sub does not keep order and a slot may hold a backlog: the registry says what is latest.
+            try:
+                latest = self.registry.get_config(device_id)
+            except DeviceNotFound:
+                message.ack()
+                return
+            if latest is not None and latest.version > version:
+                version, data = latest.version, latest.data
             self._publish_config(device_id, version, data)
         except Exception:
             message.nack()  # redelivered by Pub/Sub

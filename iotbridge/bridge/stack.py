@@ -44,7 +44,7 @@ def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix
         front_port=front_port or services.free_port(), broker_port=broker_port or services.free_port(),
         tls_cert=str(tls.server_cert), tls_key=str(tls.server_key), secrets_file=str(secrets_file),
         routes=(Route("logs", spec.topic_name(prefix, "device-logs")),),
-        recheck_interval_s=recheck_interval_s, workdir=str(workdir),
+        recheck_interval_s=recheck_interval_s, workdir=str(workdir), health_port=services.free_port(),
     )
     settings.dump(workdir / "settings.json")
     (workdir / "mosquitto").mkdir(exist_ok=True)

@@ -128,7 +128,9 @@ def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack,
         dev.publish_event(json.dumps({"seq": seq}).encode()).wait_for_publish(10)
     dev.disconnect()
 
+    assert _health(own_stack) == 200
     own_stack.stop_part("mosquitto")  # SIGTERM: Mosquitto writes its persistence file
+    assert _health(own_stack) == 503  # the load balancer stops sending devices here, auto-healing may act
     own_stack.start_mosquitto()
     # Nothing has re-published it: the front and the bridge have not talked to the new broker yet.
     assert _retained(own_stack, device_id) == b"cfg-v1"
@@ -141,6 +143,37 @@ def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack,
     again.subscribe_config()
     assert again.configs.get(timeout=20) == b"cfg-v1"
     again.disconnect()
+
+
+def _health(stack) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.settings.health_port}/healthz", timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_fanout_subscription_leases_give_each_host_its_own(registry):
+    """Cloud mode: hosts lease pre-created fan-out subscriptions; two hosts never share one."""
+    from iotbridge.bridge.service import BridgeService
+    from iotbridge.bridge.settings import BridgeSettings
+
+    subs = (f"lease-a-{uuid.uuid4().hex[:6]}", f"lease-b-{uuid.uuid4().hex[:6]}")
+
+    def host(name: str) -> BridgeService:
+        s = BridgeSettings(project=PROJECT, region="r", registry_id=registry.registry_id, prefix="p",
+                           host_id=name, fanout_subscriptions=subs)
+        return BridgeService(s, registry, password="unused")
+
+    a, b, c = host("host-a"), host("host-b"), host("host-c")
+    got_a, got_b = a._lease_fanout_subscription(), b._lease_fanout_subscription()
+    assert {got_a.rsplit("/", 1)[-1], got_b.rsplit("/", 1)[-1]} == set(subs)
+    with pytest.raises(RuntimeError, match="fanout_slots"):
+        c._lease_fanout_subscription()
+    assert a._try_lease(a._leased)  # renewal by the holder succeeds
 
 
 def _try_connect(dev) -> bool:
