@@ -337,8 +337,11 @@ def deletion_protection_follows_stack(r: Resource, ctx: StackContext) -> list[st
     elif r.type in ("gcp:dataflow/job:Job", "gcp:dataflow/flexTemplateJob:FlexTemplateJob"):
         checks.append(("onDelete", p.get("onDelete", "drain"),
                        (lambda v: v == "drain") if ctx.protect else (lambda v: v == "cancel")))
-        # Waiting for a streaming job to drain can hang `pulumi up`/`destroy` for as long as the backlog lasts.
-        checks.append(("skipWaitOnJobTermination", p.get("skipWaitOnJobTermination", False), _truthy))
+        # Destroyable stacks cancel and do not wait: waiting on a streaming job can hang `pulumi destroy`
+        # (hashicorp/terraform-provider-google#10559). Protected stacks drain and wait, so that nothing the job
+        # still writes to is removed under it while the drain finishes.
+        checks.append(("skipWaitOnJobTermination", p.get("skipWaitOnJobTermination", False),
+                       (lambda v: not _truthy(v)) if ctx.protect else _truthy))
     return [f"{path}={value!r} does not fit a {want} stack (deletionProtection={str(ctx.protect).lower()})"
             for path, value, ok in checks if value != UNKNOWN and not ok(value)]
 
@@ -423,6 +426,15 @@ def firewall_only_mqtt_and_health_checks(r: Resource, ctx: StackContext) -> list
         except ValueError:
             if s != UNKNOWN:
                 return [f"sourceRanges entry {s!r} is not a CIDR"]
+    # Traffic among a workload's own VMs (source tags or accounts that are also the targets, no ranges), such as
+    # Dataflow's worker-to-worker shuffle ports, opens nothing to anyone else.
+    source_tags = {str(s) for s in _as_list(p.get("sourceTags"))}
+    target_tags = {str(s) for s in _as_list(p.get("targetTags"))}
+    source_sas = {str(s) for s in _as_list(p.get("sourceServiceAccounts"))}
+    target_sas = {str(s) for s in _as_list(p.get("targetServiceAccounts"))}
+    if not _as_list(sources) and (source_tags or source_sas) and source_tags <= target_tags \
+            and source_sas <= target_sas and UNKNOWN not in source_tags | source_sas:
+        return []
     health_check_only = (bool(source_nets) and not _as_list(p.get("sourceTags"))
                          and not _as_list(p.get("sourceServiceAccounts"))
                          and all(any(n.version == h.version and n.subnet_of(h)  # type: ignore[arg-type]
@@ -542,7 +554,8 @@ POLICIES: tuple[Policy, ...] = (
     Policy("labels-everywhere", "Every labelable resource carries the app and stack labels, all valid.",
            labels_everywhere),
     Policy("firewall-mqtt-and-health-checks-only",
-           "Ingress rules open only tcp:8883, anything else only to Google's health-check ranges.",
+           "Ingress rules open only tcp:8883; anything else only to Google's health-check ranges or among a "
+           "workload's own VMs.",
            firewall_only_mqtt_and_health_checks),
     Policy("secrets-are-pulumi-secrets", "No private key or credential in a plain (non-secret) input.",
            secrets_are_pulumi_secrets),

@@ -149,6 +149,9 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:compute/firewall:Firewall", sourceRanges=["35.191.0.0/16", "130.211.0.0/22"],
           allows=[{"protocol": "tcp", "ports": ["8080"]}]),
         R("gcp:compute/firewall:Firewall", sourceRanges=["0.0.0.0/0"], denies=[{"protocol": "all"}]),
+        # Dataflow workers talking to each other: same tag on both ends, no source range.
+        R("gcp:compute/firewall:Firewall", sourceTags=["dataflow"], targetTags=["dataflow"],
+          allows=[{"protocol": "tcp", "ports": ["12345-12346"]}]),
     ], [
         R("gcp:compute/firewall:Firewall", sourceRanges=["0.0.0.0/0"], allows=[{"protocol": "tcp", "ports": ["22"]}]),
         R("gcp:compute/firewall:Firewall", sourceRanges=["0.0.0.0/0"], allows=[{"protocol": "tcp", "ports": ["1883"]}]),
@@ -157,6 +160,11 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:compute/firewall:Firewall", sourceRanges=["35.191.0.0/16", "10.0.0.0/8"],
           allows=[{"protocol": "tcp", "ports": ["8080"]}]),
         R("gcp:compute/firewall:Firewall", sourceRanges=["35.191.0.0/16"], allows=[{"protocol": "all"}]),
+        # A tag other VMs can carry reaching this workload's VMs is not internal to it.
+        R("gcp:compute/firewall:Firewall", sourceTags=["bastion"], targetTags=["dataflow"],
+          allows=[{"protocol": "tcp", "ports": ["22"]}]),
+        R("gcp:compute/firewall:Firewall", sourceTags=["dataflow"], targetTags=["dataflow"],
+          sourceRanges=["0.0.0.0/0"], allows=[{"protocol": "tcp", "ports": ["12345-12346"]}]),
     ]),
     "secrets-are-pulumi-secrets": (DEV, [
         R("gcp:secretmanager/secretVersion:SecretVersion", secretData=SECRET),
@@ -203,8 +211,10 @@ def test_deletion_protection_in_prod_wants_the_opposite():
     assert policy(R("gcp:storage/bucket:Bucket", forceDestroy=True), PROD)
     assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel",
                     skipWaitOnJobTermination=True), PROD)
+    assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain"), PROD) == []
+    # Not waiting for the drain in prod would let the subscription and tables go while the job still writes.
     assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain",
-                    skipWaitOnJobTermination=True), PROD) == []
+                    skipWaitOnJobTermination=True), PROD)
 
 
 def test_cmek_not_required_without_kms_key():
