@@ -401,6 +401,10 @@ def labels_everywhere(r: Resource, ctx: StackContext) -> list[str]:
         # GCP rejects these at apply time; on a Dataflow job the service rewrites them, a perma-diff.
         if not _LABEL_KEY.match(str(key)) or not _LABEL_VALUE.match(str(value)):
             out.append(f"label {key}={value} is not a valid GCP label (lowercase letters, digits, _ and -)")
+        # goog- labels belong to Google: Dataflow sets goog-dataflow-provided-* itself, and the provider ignores
+        # them only when the config does not set them, so setting one diffs on every preview.
+        elif str(key).startswith("goog-"):
+            out.append(f"label {key} is reserved for Google (goog- prefix)")
     return out
 
 

@@ -141,6 +141,8 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:pubsub/topic:Topic"),
         R("gcp:pubsub/topic:Topic", labels={"app": "gcp-iot-bridge"}),
         R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", labels={**LABELS, "Owner": "Data Team"}),
+        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob",
+          labels={**LABELS, "goog-dataflow-provided-template-type": "flex"}),
         # A notification channel's `labels` are its settings; its resource labels are userLabels.
         R("gcp:monitoring/notificationChannel:NotificationChannel", labels=LABELS),
     ]),
