@@ -226,3 +226,15 @@ def test_policies_pass_on_the_component(full):
 def test_render_dashboard_refuses_a_missing_value():
     with pytest.raises(KeyError):
         render_dashboard(DASHBOARD_FILE.read_text(), {"prefix": "iot-dev"}, uptime_check=True)
+
+
+@pytest.mark.xfail(strict=True, reason="infra/__main__.py does not build Monitoring yet; remove this mark when it does")
+@pytest.mark.parametrize("stack", harness.STACKS)
+def test_every_stack_declares_the_dashboard_and_alerts_and_exports_the_url(stack: str) -> None:
+    run = harness.stack_run(stack)
+    assert run.of_type("gcp-iot-bridge:index:Monitoring")
+    assert len(run.of_type("gcp:monitoring/dashboard:Dashboard")) == 1
+    assert len(run.of_type("gcp:monitoring/alertPolicy:AlertPolicy")) == 8
+    url = run.outputs["monitoring_dashboard_url"]
+    assert url.startswith("https://console.cloud.google.com/monitoring/dashboards/builder/")
+    assert url.endswith(f"?project={run.config['gcp:project']}")
