@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,11 @@ import typer
 from rich.console import Console
 
 from iotbridge.local.stack import LocalStack, StackError
+from iotbridge.ml.cli import models_app
 from iotbridge.targets import Target, TargetError, resolve
+
+# google-cloud-bigtable warns on every client it makes against the emulator; the CLI says where it points.
+warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 local_app = typer.Typer(help="The whole architecture on this machine (emulators, Mosquitto, local BigQuery).",
@@ -30,6 +35,7 @@ config_app = typer.Typer(help="Device configs: push a new version (through the c
 app.add_typer(config_app, name="config")
 commands_app = typer.Typer(help="Commands to connected devices (not stored).", no_args_is_help=True)
 app.add_typer(commands_app, name="commands")
+app.add_typer(models_app, name="models")
 
 err = Console(stderr=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from iotbridge.device import Algorithm, ConnectError, Device, DeviceIdentity, generate_key
+from iotbridge.ml.runner import ModelRunner
 
 Progress = Callable[[int, int], None]  # (sent, acknowledged)
 
@@ -38,6 +39,8 @@ class SimDevice:
     base_temp: float = 21.0
     configs: list[bytes] = field(default_factory=list)
     commands: list[tuple[str, bytes]] = field(default_factory=list)
+    # The edge model: loaded from a config that points at one, run on every reading, reported to events/logs.
+    runner: ModelRunner | None = None
 
     @property
     def id(self) -> str:
@@ -97,9 +100,10 @@ class Fleet:
             algorithm: Algorithm = "ES256" if i % 2 == 0 else "RS256"
             private, _public, _ = load_or_create_key(key_dir / registry.registry_id, device_id, algorithm)
             ident = DeviceIdentity(project, region, registry.registry_id, device_id, private, algorithm)
-            self.members.append(SimDevice(Device(ident, host, port, ca_certs), i,
-                                          drifting=drift_every > 0 and i % drift_every == 0,
-                                          base_temp=20.0 + self.rng.uniform(-2, 3)))
+            device = Device(ident, host, port, ca_certs)
+            self.members.append(SimDevice(device, i, drifting=drift_every > 0 and i % drift_every == 0,
+                                          base_temp=20.0 + self.rng.uniform(-2, 3),
+                                          runner=ModelRunner.for_device(device)))
 
     # ---------------------------------------------------------------------------------- set-up
     def ensure_registered(self) -> int:
@@ -132,6 +136,8 @@ class Fleet:
             if data is None:
                 return
             m.configs.append(data)
+            if m.runner is not None:
+                m.runner.apply_config(data)  # a config without a model pointer leaves the model as it is
             state = json.dumps({"config_sha256": hashlib.sha256(data).hexdigest(), "seq": m.seq}).encode()
             if dev.is_connected():
                 dev.publish_state(state)
@@ -166,6 +172,8 @@ class Fleet:
             metrics = self.reading(m, time.monotonic() - t0, duration)
             payload = json.dumps({"ts": now_ms, "metrics": metrics, "seq": m.seq}, separators=(",", ":")).encode()
             infos.append(m.device.publish_event(payload))
+            if m.runner is not None:
+                m.runner.observe({"ts": now_ms, "metrics": metrics, "seq": m.seq})
             records.append({"device_id": m.id, "seq": m.seq, "ts": now_ms, "metrics": metrics})
             if progress and (i % 25 == 0 or i == total - 1):
                 progress(i + 1, sum(1 for x in infos if x.is_published()))

@@ -160,10 +160,46 @@ class LocalStack:
         state.endpoints.update({"MQTT_HOST": bridge.mqtt_host, "MQTT_PORT": str(bridge.mqtt_port),
                                 "MQTT_CA_CERT": str(bridge.ca_cert), "BRIDGE_SETTINGS": str(bridge.settings_file())})
         self._save(state)
+        self._start_function(state, logs, env, settings, progress)
+
+    def _start_function(self, state: StackState, logs: Path, env: dict[str, str], settings, progress: Progress) -> None:
+        """The config-push function on functions-framework behind the config-requests push subscription.
+
+        As in the cloud, it stores each version in the registry and publishes it with paho-mqtt (QoS 1, retained)
+        to the broker, here on the loopback listener as the broker's ``backend`` user.
+        """
+        from google.cloud import pubsub_v1
+
+        n = self.names
+        progress("starting the config-push function")
+        port = services.free_port()
+        fenv = {
+            **env, "PROJECT_ID": n.project, "REGISTRY_ID": n.registry_id, "REGION": n.region,
+            "CONFIG_DELIVERY": "mqtt", "MQTT_HOST": settings.broker_host, "MQTT_PORT": str(settings.broker_port),
+            "MQTT_TLS": "false", "MQTT_USERNAME": "backend", "MQTT_PASSWORD": settings.secrets()["backend"],
+            "DEAD_LETTER_TOPIC": n.topic("dead-letter"), "PYTHONUNBUFFERED": "1",
+        }
+        source = services.REPO_ROOT / "functions" / "config_push" / "main.py"
+        fn = self._spawn_python(
+            "config-push", ["-m", "functions_framework", "--source", str(source), "--target", "handle",
+                            "--signature-type", "cloudevent", "--host", services.LOOPBACK, "--port", str(port)],
+            logs / "config-push", fenv, port=port)
+        self._record(state, fn)
+        services.wait_for_port(fn, 60)
+        with _environ(env):
+            sub = pubsub_v1.SubscriberClient()
+            try:
+                sub.modify_push_config(request={"subscription": n.subscription("config-requests-push"),
+                                                "push_config": {"push_endpoint": f"http://{fn.address}/"}})
+            finally:
+                sub.close()
+        state.endpoints["CONFIG_PUSH_URL"] = f"http://{fn.address}/"
+        self._save(state)
 
     def _spawn_python(self, name: str, args: list[str], workdir: Path, env: dict[str, str],
                       port: int | None = None) -> services.Service:
-        return services.spawn(name, [services.python_executable(), *args], port or 0, workdir, env=env)
+        return services.spawn(name, [services.python_executable(), *args], port or 0, workdir, env=env,
+                              host=services.LOOPBACK)
 
     # ------------------------------------------------------------------------------------------ down
     def down(self, timeout: float = 15.0) -> list[str]:
