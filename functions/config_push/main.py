@@ -55,6 +55,7 @@ import secrets
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -420,19 +421,20 @@ def process(message: Message, deps: Deps) -> Outcome:
             raise
         err = PermanentError("retries_exhausted", f"still failing after {age / 3600:.1f} h: {exc}")
         log.error("config request given up (%s): %s", err.reason, err.detail,
-                  extra={"fields": {"messageId": message.id, "reason": err.reason}})
+                  extra={"fields": {"messageId": message.id, "reason": err.reason, "outcome": "given_up"}})
         deps.dead_letter.send(message, err)
         return Outcome("rejected", reason=err.reason)
 
 
 def _process(message: Message, deps: Deps) -> Outcome:
+    started = time.monotonic()
     fields: dict[str, Any] = {"messageId": message.id}
     try:
         request = parse_request(message.data)
         fields["deviceId"] = request.device_id
         cfg = store_config(deps.registry, request, message.id, deps.min_interval_s)
     except PermanentError as err:
-        fields.update(reason=err.reason, detail=err.detail, bytes=len(message.data))
+        fields.update(outcome="rejected", reason=err.reason, detail=err.detail, bytes=len(message.data))
         log.warning("config request refused (%s): %s", err.reason, err.detail, extra={"fields": fields})
         if deps.dead_letter is not None:
             deps.dead_letter.send(message, err)
@@ -442,19 +444,20 @@ def _process(message: Message, deps: Deps) -> Outcome:
     device = deps.registry.get_device(request.device_id)
     if device.config_version > cfg.version:
         log.info("config v%d of %s superseded by v%d; not published", cfg.version, request.device_id,
-                 device.config_version, extra={"fields": fields})
+                 device.config_version, extra={"fields": {**fields, "outcome": "superseded"}})
         return Outcome("superseded", request.device_id, cfg.version)
     if device.blocked:
         log.info("device %s blocked since v%d was stored; not published", request.device_id, cfg.version,
-                 extra={"fields": fields})
+                 extra={"fields": {**fields, "outcome": "skipped_blocked"}})
         return Outcome("skipped_blocked", request.device_id, cfg.version)
     try:
         deps.publisher.deliver(request.device_id, cfg.version, cfg.data)
     except TransientError as exc:
         log.error("config v%d of %s stored, not delivered (will retry): %s", cfg.version, request.device_id, exc,
-                  extra={"fields": {**fields, "reason": "broker_unavailable"}})
+                  extra={"fields": {**fields, "outcome": "retry", "reason": "delivery_failed"}})
         raise
-    log.info("config v%d of %s delivered to the broker", cfg.version, request.device_id, extra={"fields": fields})
+    fields.update(outcome="delivered", durationMs=round((time.monotonic() - started) * 1000, 1))
+    log.info("config v%d of %s delivered", cfg.version, request.device_id, extra={"fields": fields})
     return Outcome("delivered", request.device_id, cfg.version)
 
 

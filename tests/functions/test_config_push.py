@@ -20,7 +20,8 @@ from cloudevents.http import CloudEvent
 
 from iotbridge import registry as reg
 from iotbridge.local import services
-from tests.functions.conftest import DeviceClient, load_function
+from tests.functions.conftest import load_function
+from tests.functions.served import DeviceClient
 
 cp_module = load_function
 

@@ -5,24 +5,14 @@ its config topic receives what an operator requested."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from components import config_push as cpc
-from iotbridge import registry as reg
-from iotbridge.local import services
-from tests.functions.conftest import DeviceClient, mosquitto_config
+from tests.functions.served import DeviceClient, Served, serve, start_broker
 
 pytestmark = pytest.mark.emulator
-PROJECT = "local-project"
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
@@ -35,92 +25,14 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def start_broker(port: int, workdir: Path) -> services.Service:
-    where = workdir / f"mosquitto-{uuid.uuid4().hex[:6]}"
-    where.mkdir(parents=True)
-    return services.start_mosquitto(mosquitto_config(port), port, where)
-
-
-@dataclass
-class Served:
-    registry: reg.Registry
-    publisher: object
-    subscriber: object
-    requests_topic: str
-    dead_letters: str  # a pull subscription on the dead-letter topic
-    broker: services.Service
-    broker_port: int
-    function_log: Path
-    workdir: Path
-
-    def publish(self, payload: dict | bytes) -> str:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return self.publisher.publish(self.requests_topic, data, origin="e2e").result(timeout=30)  # type: ignore[attr-defined]
-
-    def log_entries(self, message_id: str) -> list[dict]:
-        out = []
-        for line in self.function_log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("messageId") == message_id:
-                    out.append(entry)
-        return out
-
-
 @pytest.fixture(scope="module")
 def served(pubsub_emulator, firestore_emulator, tmp_path_factory) -> Iterator[Served]:
-    from google.cloud import pubsub_v1
-
-    workdir = tmp_path_factory.mktemp("config-push-e2e")
-    suffix = uuid.uuid4().hex[:8]
     emulators = {**pubsub_emulator.env, **firestore_emulator.env}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in emulators.items():
             mp.setenv(k, v)
-        publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-        requests_topic = publisher.create_topic(name=f"projects/{PROJECT}/topics/cfg-requests-{suffix}").name
-        dlq_topic = publisher.create_topic(name=f"projects/{PROJECT}/topics/cfg-dead-letter-{suffix}").name
-        dead_letters = subscriber.create_subscription(
-            name=f"projects/{PROJECT}/subscriptions/cfg-dead-letter-audit-{suffix}", topic=dlq_topic).name
-
-        broker_port = services.free_port()
-        broker = start_broker(broker_port, workdir)
-
-        # Serve exactly what would be deployed: the staged archive, started from its own folder.
-        stage = cpc.stage(cpc.archive_contents(), workdir / "function")
-        port = services.free_port()
-        log_path = workdir / "function.log"
-        env = {**os.environ, **emulators, "PROJECT_ID": PROJECT, "REGISTRY_ID": f"reg-{suffix}",
-               "REGION": "local", "MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(broker_port), "MQTT_TLS": "false",
-               "MQTT_TIMEOUT_S": "2", "DEAD_LETTER_TOPIC": dlq_topic, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "functions_framework", "--source", str(stage / "main.py"),
-                 "--target", "handle", "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=stage, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        function = services.Service("config-push", proc, "127.0.0.1", port, log_path, workdir=stage)
-        served = Served(reg.Registry(PROJECT, f"reg-{suffix}", "local"), publisher, subscriber, requests_topic,
-                        dead_letters, broker, broker_port, log_path, workdir)
-        try:
-            services.wait_for_port(function, timeout=60)
-            # The push subscription Eventarc would own in the cloud, with the same dead-letter safety net.
-            subscriber.create_subscription(request={
-                "name": f"projects/{PROJECT}/subscriptions/cfg-requests-push-{suffix}",
-                "topic": requests_topic,
-                "push_config": {"push_endpoint": f"http://127.0.0.1:{port}/"},
-                "ack_deadline_seconds": 30,
-                "dead_letter_policy": {"dead_letter_topic": dlq_topic, "max_delivery_attempts": 100},
-                "retry_policy": {"minimum_backoff": "1s", "maximum_backoff": "2s"},
-            })
-            yield served
-        finally:
-            function.stop()
-            served.broker.stop()
+        with serve(emulators, tmp_path_factory.mktemp("config-push-e2e")) as s:
+            yield s
 
 
 def test_a_request_reaches_the_subscribed_device(served: Served) -> None:
@@ -134,9 +46,10 @@ def test_a_request_reaches_the_subscribed_device(served: Served) -> None:
         device.close()
     cfg = served.registry.get_config("thermo-1")
     assert cfg is not None and cfg.version == 1 and cfg.data == b'{"setpoint":21.5}'
-    delivered = wait_for(lambda: [e for e in served.log_entries(mid) if e.get("version") == 1
-                                  and "delivered" in e["message"]], 10, "the function's delivery log")
-    assert delivered[0]["deviceId"] == "thermo-1" and delivered[0]["severity"] == "INFO"
+    delivered = wait_for(lambda: [e for e in served.log_entries(mid) if e.get("outcome") == "delivered"], 10,
+                         "the function's delivery log")
+    assert delivered[0]["deviceId"] == "thermo-1" and delivered[0]["version"] == 1
+    assert delivered[0]["severity"] == "INFO" and delivered[0]["durationMs"] > 0
 
 
 def test_a_bad_request_is_acknowledged_and_dead_lettered_with_its_reason(served: Served) -> None:
@@ -144,9 +57,9 @@ def test_a_bad_request_is_acknowledged_and_dead_lettered_with_its_reason(served:
     letters: list = []
 
     def dead_lettered() -> bool:
-        resp = served.subscriber.pull(subscription=served.dead_letters, max_messages=10, timeout=5)  # type: ignore[attr-defined]
+        resp = served.subscriber.pull(subscription=served.dead_letters, max_messages=10, timeout=5)
         if resp.received_messages:
-            served.subscriber.acknowledge(subscription=served.dead_letters,  # type: ignore[attr-defined]
+            served.subscriber.acknowledge(subscription=served.dead_letters,
                                           ack_ids=[m.ack_id for m in resp.received_messages])
             letters.extend(m.message for m in resp.received_messages)
         return any(m.attributes.get("sourceMessageId") == mid for m in letters)
@@ -158,7 +71,8 @@ def test_a_bad_request_is_acknowledged_and_dead_lettered_with_its_reason(served:
     # Written by the function on the first delivery, not by the subscription after exhausting its attempts.
     assert "CloudPubSubDeadLetterSourceDeliveryCount" not in letter.attributes
     refused = served.log_entries(mid)
-    assert [e["reason"] for e in refused] == ["unknown_device"] and refused[0]["severity"] == "WARNING"
+    assert [(e["outcome"], e["reason"]) for e in refused] == [("rejected", "unknown_device")]
+    assert refused[0]["severity"] == "WARNING"
 
 
 def test_broker_outage_is_retried_and_yields_one_version(served: Served) -> None:
@@ -166,7 +80,7 @@ def test_broker_outage_is_retried_and_yields_one_version(served: Served) -> None
     served.broker.stop()
     mid = served.publish({"device_id": "thermo-2", "config": {"mode": "eco"}})
     # Each failed delivery answers 500; the subscription redelivers the same message id.
-    wait_for(lambda: len([e for e in served.log_entries(mid) if e.get("reason") == "broker_unavailable"]) >= 2,
+    wait_for(lambda: len([e for e in served.log_entries(mid) if e.get("outcome") == "retry"]) >= 2,
              60, "two failed deliveries while the broker is down", interval=0.2)
     assert served.registry.get_device("thermo-2").config_version == 1
 
@@ -177,7 +91,10 @@ def test_broker_outage_is_retried_and_yields_one_version(served: Served) -> None
         assert got.payload == b'{"mode":"eco"}'
     finally:
         device.close()
+    # The device may have its copy before the function logged the broker's PUBACK.
+    wait_for(lambda: any(e["outcome"] == "delivered" for e in served.log_entries(mid)), 10, "the delivery log")
     attempts = served.log_entries(mid)
-    assert any("delivered" in e["message"] for e in attempts)
+    assert [e["outcome"] for e in attempts].count("delivered") >= 1, attempts
+    assert all(e["outcome"] in {"retry", "delivered"} for e in attempts), attempts
     assert {e["version"] for e in attempts if "version" in e} == {1}
     assert [v.version for v in served.registry.list_config_versions("thermo-2")] == [1]
