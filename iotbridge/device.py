@@ -56,7 +56,8 @@ class DeviceIdentity:
 
 def generate_key(algorithm: Algorithm) -> tuple[bytes, str]:
     """A new device key: (private key PEM, public key PEM) — register the public one as RSA_PEM / ES256_PEM."""
-    key: Any = rsa.generate_private_key(65537, 2048) if algorithm == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    key: Any = (rsa.generate_private_key(65537, 2048) if algorithm == "RS256"
+                else ec.generate_private_key(ec.SECP256R1()))
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM,

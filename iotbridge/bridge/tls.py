@@ -17,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
+CA_NAME = "gcp-iot-bridge local CA"
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     ca_cert: Path
@@ -42,7 +45,7 @@ def generate_local_tls(directory: Path, hosts: tuple[str, ...] = ("localhost", "
     now = datetime.now(UTC) - timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
-        x509.CertificateBuilder().subject_name(_name("gcp-iot-bridge local CA")).issuer_name(_name("gcp-iot-bridge local CA"))
+        x509.CertificateBuilder().subject_name(_name(CA_NAME)).issuer_name(_name(CA_NAME))
         .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now).not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

@@ -1,0 +1,466 @@
+"""Broker: the device registry's Firestore database and the MQTT broker hosts behind a network load balancer
+(issue 10 §4, CONTRACTS §1).
+
+Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener, the TLS
+front on 8883 that authenticates devices the IoT Core way, and the bridge service that forwards to Pub/Sub
+(``iotbridge/bridge``). What it declares, and the GCP pitfall behind each choice:
+
+- Firestore database (Native mode) with ``deletion_policy`` and ``delete_protection_state`` from the one
+  ``deletion_protection`` switch: the provider's default ``ABANDON`` would leave the database behind on
+  ``pulumi destroy`` and the next ``pulumi up`` would fail with "database already exists". A TTL policy on
+  ``requests.expire_at`` removes the config-push idempotency markers.
+- TLS: a CA and a server certificate from pulumi-tls, the server certificate naming the load balancer's static
+  IP (devices verify it with ``mqtt_ca_cert``). The server's private key exists only as a Pulumi secret and in
+  Secret Manager; hosts read it at boot. The broker passwords (front/bridge/backend on the loopback listener)
+  are ``random.RandomPassword`` results kept the same way. Neither appears in metadata or outputs.
+- Instance template with ``name_prefix``: templates are immutable and a MIG keeps using its template, so a fixed
+  name cannot be replaced (the provider creates the new template before deleting the old one). Shielded VM,
+  OS Login, no external IP; a Cloud NAT gives the hosts their way out (apt, PyPI).
+- Regional MIG over the region's zones with auto-healing on an HTTP health check of the front (``/healthz`` on
+  ``health_port``: healthy only while Mosquitto and the bridge service are up) and ``initial_delay_sec`` long
+  enough for the startup script (apt + pip), or auto-healing recreates hosts forever.
+- External passthrough network load balancer, backend-service based: a regional static IP, a regional backend
+  service (``EXTERNAL``, TCP, ``CONNECTION`` balancing) with a *regional* health check (a global one is refused
+  for this load balancer type), a forwarding rule on 8883. Passthrough keeps the device's source address, so
+  the firewall allows 8883 from the device ranges, and the health-check port from Google's probe ranges only.
+- Configs and commands reach a device whichever host it is on: every host claims one of ``fanout_slots``
+  subscriptions to the ``device-commands`` topic (a lease in Firestore), declared here so that the bridge's
+  identity needs no project-wide Pub/Sub permission.
+- The bridge's service account (Foundation's ``bridge`` workload: logging.logWriter, monitoring.metricWriter)
+  gets, on the resources only: pubsub.publisher on the telemetry, state and route topics; pubsub.subscriber
+  on its fan-out subscriptions; datastore.user conditioned on this database; secretAccessor on its two secrets;
+  objectViewer on the bucket holding the bridge's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pulumi
+import pulumi_gcp as gcp
+import pulumi_random as random
+import pulumi_tls as tls
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MQTT_PORT = 8883
+BROKER_PORT = 1883  # loopback only
+# Google's health-check probe ranges (network load balancers and managed instance group auto-healing).
+HEALTH_CHECK_RANGES = ("35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22")
+# Modules the broker hosts run; nothing of the local stack or the CLI.
+CODE_FILES = ("iotbridge/__init__.py", "iotbridge/spec.py", "iotbridge/registry.py",
+              "iotbridge/bridge/__init__.py", "iotbridge/bridge/__main__.py", "iotbridge/bridge/auth.py",
+              "iotbridge/bridge/fanout.py", "iotbridge/bridge/front.py", "iotbridge/bridge/mqtt.py",
+              "iotbridge/bridge/service.py", "iotbridge/bridge/settings.py")
+HOST_REQUIREMENTS = ("paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "PyJWT", "cryptography")
+
+
+def host_requirements() -> str:
+    """The hosts' pip requirements, pinned to the versions the tests ran with (requirements/lock.txt)."""
+    pins = {}
+    for line in (REPO_ROOT / "requirements" / "lock.txt").read_text().splitlines():
+        name, sep, version = line.strip().partition("==")
+        if sep:
+            pins[name.lower()] = f"{name}=={version}"
+    return "\n".join(pins.get(r.lower(), r) for r in HOST_REQUIREMENTS) + "\n"
+
+
+def code_files() -> dict[str, str]:
+    """Path in the archive -> text: the bridge's code and its pinned requirements, as deployed."""
+    files = {rel: (REPO_ROOT / rel).read_text() for rel in CODE_FILES}
+    files["requirements.txt"] = host_requirements()
+    return files
+
+
+def content_hash(files: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel].encode()).digest())
+    return h.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class BrokerArgs:
+    project: str
+    region: str
+    prefix: str
+    registry_id: str
+    service_account_email: pulumi.Input[str]  # Foundation's "bridge" workload
+    telemetry_topic: pulumi.Input[str]  # topic ids: projects/{p}/topics/{name}
+    state_topic: pulumi.Input[str]
+    commands_topic: pulumi.Input[str]  # the device-commands fan-out topic
+    deletion_protection: bool
+    # Subfolder routes (CONTRACTS §2, at most 10): subfolder -> topic id.
+    routes: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
+    network: pulumi.Input[str] = "default"
+    subnetwork: pulumi.Input[str] | None = None
+    firestore_location: str | None = None  # default: the region
+    firestore_database: str = "(default)"
+    machine_type: str = "e2-standard-2"
+    hosts: int = 2
+    fanout_slots: int = 4  # the most hosts the group may ever run (each claims one subscription)
+    zones: Sequence[str] = ()  # default: the region's zones chosen by GCP
+    image: str = "debian-cloud/debian-12"
+    device_source_ranges: Sequence[str] = ("0.0.0.0/0",)
+    tls_dns_names: Sequence[str] = ()
+    tls_validity_hours: int = 24 * 365
+    health_port: int = 8080
+    autoheal_initial_delay_s: int = 600
+    labels: Mapping[str, str] = field(default_factory=dict)
+    depends_on: Sequence[pulumi.Resource] = ()  # APIs: compute, firestore, secretmanager, pubsub, storage
+
+
+class Broker(pulumi.ComponentResource):
+    """Firestore registry database, TLS material, broker hosts (MIG) and the network load balancer on 8883."""
+
+    def __init__(self, name: str, args: BrokerArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("gcp-iot-bridge:index:Broker", name, None, opts)
+        if len(args.routes) > 10:
+            raise ValueError(f"at most 10 subfolder routes (IoT Core's limit), got {len(args.routes)}")
+        if not 1 <= args.hosts <= args.fanout_slots:
+            raise ValueError(f"hosts must be 1..fanout_slots ({args.fanout_slots}), got {args.hosts}")
+        deps = list(args.depends_on)
+        child = pulumi.ResourceOptions(parent=self, depends_on=deps)
+        labels = dict(args.labels)
+        p = args.prefix
+        sa_member = pulumi.Output.from_input(args.service_account_email).apply(lambda e: f"serviceAccount:{e}")
+        tag = f"{p}-broker"
+
+        # ------------------------------------------------------------------ Firestore (the registry)
+        self.database = gcp.firestore.Database(
+            f"{name}-firestore",
+            project=args.project,
+            name=args.firestore_database,
+            location_id=args.firestore_location or args.region,
+            type="FIRESTORE_NATIVE",
+            deletion_policy="ABANDON" if args.deletion_protection else "DELETE",
+            delete_protection_state=("DELETE_PROTECTION_ENABLED" if args.deletion_protection
+                                     else "DELETE_PROTECTION_DISABLED"),
+            opts=child,
+        )
+        gcp.firestore.Field(
+            f"{name}-requests-ttl",
+            project=args.project,
+            database=self.database.name,
+            collection="requests",
+            field="expire_at",
+            ttl_config=gcp.firestore.FieldTtlConfigArgs(),
+            # The TTL policy would otherwise also build single-field indexes nobody queries.
+            index_config=gcp.firestore.FieldIndexConfigArgs(indexes=[]),
+            opts=child,
+        )
+
+        # ------------------------------------------------------------------ address and TLS
+        self.address = gcp.compute.Address(
+            f"{name}-ip", project=args.project, region=args.region, name=f"{p}-mqtt",
+            address_type="EXTERNAL", network_tier="PREMIUM", labels=labels, opts=child)
+
+        ca_key = tls.PrivateKey(f"{name}-ca-key", algorithm="ECDSA", ecdsa_curve="P256",
+                                opts=pulumi.ResourceOptions(parent=self))
+        self.ca_cert = tls.SelfSignedCert(
+            f"{name}-ca",
+            private_key_pem=ca_key.private_key_pem,
+            is_ca_certificate=True,
+            subject=tls.SelfSignedCertSubjectArgs(common_name=f"{p} MQTT CA", organization="gcp-iot-bridge"),
+            validity_period_hours=args.tls_validity_hours * 2,
+            allowed_uses=["cert_signing", "crl_signing", "digital_signature"],
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        server_key = tls.PrivateKey(f"{name}-server-key", algorithm="ECDSA", ecdsa_curve="P256",
+                                    opts=pulumi.ResourceOptions(parent=self))
+        csr = tls.CertRequest(
+            f"{name}-server-csr",
+            private_key_pem=server_key.private_key_pem,
+            subject=tls.CertRequestSubjectArgs(common_name=f"{p} MQTT broker", organization="gcp-iot-bridge"),
+            ip_addresses=[self.address.address],
+            dns_names=list(args.tls_dns_names),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.server_cert = tls.LocallySignedCert(
+            f"{name}-server-cert",
+            cert_request_pem=csr.cert_request_pem,
+            ca_private_key_pem=ca_key.private_key_pem,
+            ca_cert_pem=self.ca_cert.cert_pem,
+            validity_period_hours=args.tls_validity_hours,
+            early_renewal_hours=24 * 30,
+            allowed_uses=["digital_signature", "key_encipherment", "server_auth"],
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+
+        # ------------------------------------------------------------------ secrets
+        passwords = {
+            user: random.RandomPassword(f"{name}-password-{user}", length=32, special=False,
+                                        opts=pulumi.ResourceOptions(parent=self))
+            for user in ("front", "bridge", "backend")
+        }
+        secret_json = pulumi.Output.all(*(pw.result for pw in passwords.values())).apply(
+            lambda values: json.dumps(dict(zip(passwords, values, strict=True))))
+        self.tls_key_secret, tls_key_version = self._secret(name, args, "tls-key", f"{p}-broker-tls-key",
+                                                            server_key.private_key_pem, labels, child)
+        self.passwords_secret, passwords_version = self._secret(name, args, "passwords", f"{p}-broker-passwords",
+                                                                pulumi.Output.secret(secret_json), labels, child)
+        # Everything a host reads at boot; the group waits for it, or the first hosts fail their startup script
+        # and auto-healing recreates them until the grants have propagated.
+        boot_needs: list[pulumi.Resource] = [tls_key_version, passwords_version]
+        for key, secret in (("tls-key", self.tls_key_secret), ("passwords", self.passwords_secret)):
+            boot_needs.append(gcp.secretmanager.SecretIamMember(
+                f"{name}-{key}-accessor", project=args.project, secret_id=secret.id,
+                role="roles/secretmanager.secretAccessor", member=sa_member, opts=child))
+
+        # ------------------------------------------------------------------ the bridge's grants
+        publish_topics: dict[str, pulumi.Input[str]] = {"telemetry": args.telemetry_topic, "state": args.state_topic}
+        for sub_folder, topic in sorted(args.routes.items()):
+            # Two routes to one topic get one grant: two resources owning one binding would fight on destroy.
+            if not (isinstance(topic, str) and topic in publish_topics.values()):
+                publish_topics[f"route-{sub_folder}"] = topic
+        for key, topic in publish_topics.items():
+            boot_needs.append(gcp.pubsub.TopicIAMMember(
+                f"{name}-publish-{key}", project=args.project, topic=topic, role="roles/pubsub.publisher",
+                member=sa_member, opts=child))
+        self.fanout_subscriptions = {
+            i: gcp.pubsub.Subscription(
+                f"{name}-fanout-{i}",
+                project=args.project,
+                name=f"{p}-device-commands-host-{i}",
+                topic=args.commands_topic,
+                ack_deadline_seconds=60,
+                # Commands are only worth delivering live, and configs are re-read from the registry when a
+                # device connects: a slot left unclaimed need not keep a week of backlog.
+                message_retention_duration="3600s",
+                expiration_policy=gcp.pubsub.SubscriptionExpirationPolicyArgs(ttl=""),
+                labels=labels,
+                opts=child,
+            )
+            for i in range(args.fanout_slots)
+        }
+        for i, sub in self.fanout_subscriptions.items():
+            boot_needs.append(gcp.pubsub.SubscriptionIAMMember(
+                f"{name}-fanout-{i}-subscriber", project=args.project, subscription=sub.name,
+                role="roles/pubsub.subscriber", member=sa_member, opts=child))
+        boot_needs.append(gcp.projects.IAMMember(
+            f"{name}-datastore-user",
+            project=args.project,
+            role="roles/datastore.user",
+            member=sa_member,
+            condition=gcp.projects.IAMMemberConditionArgs(
+                title="registry database only",
+                expression=self.database.name.apply(
+                    lambda db: f'resource.name.startsWith("projects/{args.project}/databases/{db}")'),
+            ),
+            opts=child,
+        ))
+
+        # ------------------------------------------------------------------ code
+        files = code_files()
+        digest = content_hash(files)
+        self.bucket = gcp.storage.Bucket(
+            f"{name}-code", project=args.project, name=f"{args.project}-{p}-broker-code", location=args.region,
+            uniform_bucket_level_access=True, public_access_prevention="enforced",
+            force_destroy=not args.deletion_protection, labels=labels, opts=child)
+        # Named by content: hosts created from a new template fetch the new code, running ones keep theirs.
+        self.code = gcp.storage.BucketObject(
+            f"{name}-code-zip", bucket=self.bucket.name, name=f"bridge/{digest}.zip",
+            source=pulumi.AssetArchive({k: pulumi.StringAsset(v) for k, v in sorted(files.items())}), opts=child)
+        boot_needs.append(gcp.storage.BucketIAMMember(
+            f"{name}-code-reader", bucket=self.bucket.name, role="roles/storage.objectViewer", member=sa_member,
+            opts=child))
+
+        # ------------------------------------------------------------------ network egress and firewall
+        router = gcp.compute.Router(f"{name}-router", project=args.project, region=args.region,
+                                    name=f"{p}-broker-router", network=args.network, opts=child)
+        self.nat = gcp.compute.RouterNat(
+            f"{name}-nat", project=args.project, region=args.region, name=f"{p}-broker-nat", router=router.name,
+            nat_ip_allocate_option="AUTO_ONLY", source_subnetwork_ip_ranges_to_nat="ALL_SUBNETWORKS_ALL_IP_RANGES",
+            opts=child)
+        self.firewall_devices = gcp.compute.Firewall(
+            f"{name}-fw-mqtt", project=args.project, name=f"{p}-broker-mqtt", network=args.network,
+            direction="INGRESS", source_ranges=list(args.device_source_ranges), target_tags=[tag],
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(MQTT_PORT)])], opts=child)
+        self.firewall_health = gcp.compute.Firewall(
+            f"{name}-fw-health", project=args.project, name=f"{p}-broker-health", network=args.network,
+            direction="INGRESS", source_ranges=list(HEALTH_CHECK_RANGES), target_tags=[tag],
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(args.health_port)])], opts=child)
+
+        # ------------------------------------------------------------------ hosts
+        route_names = list(args.routes)
+        startup = pulumi.Output.all(
+            self.bucket.name, self.code.name, self.tls_key_secret.secret_id, self.passwords_secret.secret_id,
+            self.server_cert.cert_pem, self.database.name, *(args.routes[k] for k in route_names),
+        ).apply(lambda v: startup_script(
+            project=args.project, region=args.region, registry_id=args.registry_id, prefix=args.prefix,
+            code_url=f"gs://{v[0]}/{v[1]}", tls_key_secret=v[2], passwords_secret=v[3], server_cert_pem=v[4],
+            database=v[5], routes={k: _topic_id(t) for k, t in zip(route_names, v[6:], strict=True)},
+            fanout_subscriptions=[f"{p}-device-commands-host-{i}" for i in range(args.fanout_slots)],
+            health_port=args.health_port))
+        self.template = gcp.compute.InstanceTemplate(
+            f"{name}-template",
+            project=args.project,
+            region=args.region,
+            name_prefix=f"{p}-broker-",
+            machine_type=args.machine_type,
+            disks=[gcp.compute.InstanceTemplateDiskArgs(source_image=args.image, boot=True, auto_delete=True,
+                                                        disk_size_gb=20, disk_type="pd-balanced")],
+            network_interfaces=[gcp.compute.InstanceTemplateNetworkInterfaceArgs(
+                network=args.network, subnetwork=args.subnetwork)],
+            service_account=gcp.compute.InstanceTemplateServiceAccountArgs(
+                email=args.service_account_email, scopes=["https://www.googleapis.com/auth/cloud-platform"]),
+            shielded_instance_config=gcp.compute.InstanceTemplateShieldedInstanceConfigArgs(
+                enable_secure_boot=True, enable_vtpm=True, enable_integrity_monitoring=True),
+            metadata={"enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE"},
+            metadata_startup_script=startup,
+            tags=[tag],
+            labels=labels,
+            opts=child,
+        )
+        autoheal_check = gcp.compute.HealthCheck(
+            f"{name}-autoheal", project=args.project, name=f"{p}-broker-autoheal",
+            check_interval_sec=10, timeout_sec=5, healthy_threshold=2, unhealthy_threshold=3,
+            http_health_check=gcp.compute.HealthCheckHttpHealthCheckArgs(port=args.health_port,
+                                                                         request_path="/healthz"),
+            opts=child)
+        lb_check = gcp.compute.RegionHealthCheck(
+            f"{name}-lb-check", project=args.project, region=args.region, name=f"{p}-broker-lb",
+            check_interval_sec=5, timeout_sec=5, healthy_threshold=2, unhealthy_threshold=2,
+            http_health_check=gcp.compute.RegionHealthCheckHttpHealthCheckArgs(
+                port=args.health_port, request_path="/healthz"), opts=child)
+        self.group = gcp.compute.RegionInstanceGroupManager(
+            f"{name}-mig",
+            project=args.project,
+            region=args.region,
+            name=f"{p}-broker",
+            base_instance_name=f"{p}-broker",
+            versions=[gcp.compute.RegionInstanceGroupManagerVersionArgs(
+                name="bridge", instance_template=self.template.self_link_unique)],
+            target_size=args.hosts,
+            distribution_policy_zones=list(args.zones) or None,
+            auto_healing_policies=gcp.compute.RegionInstanceGroupManagerAutoHealingPoliciesArgs(
+                health_check=autoheal_check.id, initial_delay_sec=args.autoheal_initial_delay_s),
+            update_policy=gcp.compute.RegionInstanceGroupManagerUpdatePolicyArgs(
+                type="PROACTIVE", minimal_action="REPLACE", max_surge_fixed=max(3, len(args.zones)),
+                max_unavailable_fixed=0),
+            named_ports=[gcp.compute.RegionInstanceGroupManagerNamedPortArgs(name="mqtts", port=MQTT_PORT)],
+            # Hosts hold device sessions: a plan that shrinks or replaces them must not wait for "stable".
+            wait_for_instances=False,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, *boot_needs, self.nat]),
+        )
+
+        # ------------------------------------------------------------------ load balancer
+        self.backend = gcp.compute.RegionBackendService(
+            f"{name}-backend", project=args.project, region=args.region, name=f"{p}-broker",
+            load_balancing_scheme="EXTERNAL", protocol="TCP", health_checks=lb_check.id,
+            # Long-lived MQTT sessions: let devices finish on a draining host before it goes.
+            connection_draining_timeout_sec=60,
+            backends=[gcp.compute.RegionBackendServiceBackendArgs(group=self.group.instance_group,
+                                                                  balancing_mode="CONNECTION")],
+            opts=child)
+        self.forwarding_rule = gcp.compute.ForwardingRule(
+            f"{name}-mqtt", project=args.project, region=args.region, name=f"{p}-mqtt",
+            ip_address=self.address.address, ip_protocol="TCP", port_range=str(MQTT_PORT),
+            load_balancing_scheme="EXTERNAL", network_tier="PREMIUM", backend_service=self.backend.id,
+            labels=labels, opts=child)
+
+        self.mqtt_endpoint = self.address.address.apply(lambda a: f"{a}:{MQTT_PORT}")
+        self.mqtt_ca_cert = self.ca_cert.cert_pem
+        self.registry_id = pulumi.Output.from_input(args.registry_id)
+        self.register_outputs({
+            "mqtt_endpoint": self.mqtt_endpoint,
+            "mqtt_ca_cert": self.mqtt_ca_cert,
+            "registry_id": self.registry_id,
+            "firestore_database": self.database.name,
+            "broker_passwords_secret": self.passwords_secret.secret_id,
+        })
+
+    @staticmethod
+    def _secret(name: str, args: BrokerArgs, key: str, secret_id: str, data: pulumi.Input[str],
+                labels: Mapping[str, str], child: pulumi.ResourceOptions,
+                ) -> tuple[gcp.secretmanager.Secret, gcp.secretmanager.SecretVersion]:
+        secret = gcp.secretmanager.Secret(
+            f"{name}-{key}", project=args.project, secret_id=secret_id,
+            replication=gcp.secretmanager.SecretReplicationArgs(auto=gcp.secretmanager.SecretReplicationAutoArgs()),
+            deletion_protection=args.deletion_protection, labels=dict(labels), opts=child)
+        version = gcp.secretmanager.SecretVersion(
+            f"{name}-{key}-v", secret=secret.id, secret_data=pulumi.Output.secret(data),
+            opts=pulumi.ResourceOptions(parent=secret))
+        return secret, version
+
+
+def _topic_id(topic: str) -> str:
+    return topic.rsplit("/", 1)[-1]
+
+
+def startup_script(*, project: str, region: str, registry_id: str, prefix: str, code_url: str,
+                   tls_key_secret: str, passwords_secret: str, server_cert_pem: str, database: str,
+                   routes: Mapping[str, str], fanout_subscriptions: Sequence[str], health_port: int) -> str:
+    """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager."""
+    settings = {
+        "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
+        "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT,
+        "broker_host": "127.0.0.1", "broker_port": BROKER_PORT,
+        "tls_cert": "/etc/iotbridge/server.pem", "tls_key": "/etc/iotbridge/server-key.pem",
+        "secrets_file": "/etc/iotbridge/secrets.json",
+        "routes": [{"sub_folder": k, "topic": v} for k, v in sorted(routes.items())],
+        "recheck_interval_s": 30.0, "workdir": "/var/lib/iotbridge", "health_port": health_port,
+        "fanout_subscriptions": list(fanout_subscriptions), "firestore_database": database,
+    }
+    return f"""#!/bin/bash
+# Broker host boot (generated by infra/components/broker.py). Secrets come from Secret Manager at boot,
+# never from metadata. Re-running is safe: every step overwrites its own files.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q mosquitto python3-venv unzip
+systemctl disable --now mosquitto
+install -d -m 0755 /opt/iotbridge /var/lib/iotbridge
+install -d -m 0700 /etc/iotbridge
+gcloud storage cp {code_url} /opt/iotbridge/bridge.zip
+rm -rf /opt/iotbridge/app && unzip -q -o /opt/iotbridge/bridge.zip -d /opt/iotbridge/app
+python3 -m venv /opt/iotbridge/venv
+/opt/iotbridge/venv/bin/pip install -q -r /opt/iotbridge/app/requirements.txt
+umask 077
+gcloud secrets versions access latest --secret={tls_key_secret} --project={project} > /etc/iotbridge/server-key.pem
+gcloud secrets versions access latest --secret={passwords_secret} --project={project} > /etc/iotbridge/secrets.json
+umask 022
+cat > /etc/iotbridge/server.pem <<'PEM'
+{server_cert_pem.strip()}
+PEM
+cat > /etc/iotbridge/settings.json.in <<'JSON'
+{json.dumps(settings, indent=2)}
+JSON
+sed "s/__HOSTNAME__/$(hostname -s)/" /etc/iotbridge/settings.json.in > /etc/iotbridge/settings.json
+cd /opt/iotbridge/app
+/opt/iotbridge/venv/bin/python -m iotbridge.bridge mosquitto-config --settings /etc/iotbridge/settings.json \\
+    --out /var/lib/iotbridge/mosquitto --user mosquitto
+chown -R mosquitto:mosquitto /var/lib/iotbridge/mosquitto
+for role in front service; do
+cat > /etc/systemd/system/iotbridge-$role.service <<UNIT
+[Unit]
+Description=gcp-iot-bridge $role
+After=network-online.target iotbridge-mosquitto.service
+Wants=network-online.target
+[Service]
+WorkingDirectory=/opt/iotbridge/app
+ExecStart=/opt/iotbridge/venv/bin/python -m iotbridge.bridge $role --settings /etc/iotbridge/settings.json
+Restart=always
+RestartSec=2
+[Install]
+WantedBy=multi-user.target
+UNIT
+done
+cat > /etc/systemd/system/iotbridge-mosquitto.service <<UNIT
+[Unit]
+Description=Mosquitto on the loopback listener of gcp-iot-bridge
+After=network-online.target
+[Service]
+ExecStart=/usr/sbin/mosquitto -c /var/lib/iotbridge/mosquitto/mosquitto.conf
+Restart=always
+RestartSec=2
+LimitNOFILE=1048576
+[Install]
+WantedBy=multi-user.target
+UNIT
+systemctl daemon-reload
+systemctl enable --now iotbridge-mosquitto iotbridge-service iotbridge-front
+"""

@@ -1,0 +1,250 @@
+"""Broker under mocks, built directly: Firestore database, TLS and secrets, MIG with auto-healing, network load
+balancer, firewall, the bridge's least-privilege grants — and no private key or password in any output or in
+any plain input (metadata, startup script)."""
+
+from __future__ import annotations
+
+import pulumi
+import pytest
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+from components import broker as bc
+from tests.infra import harness
+
+PROJECT = "proj-test-123"
+PREFIX = "iot-dev"
+BRIDGE_EMAIL = f"{PREFIX}-bridge@{PROJECT}.iam.gserviceaccount.com"
+MEMBER = f"serviceAccount:{BRIDGE_EMAIL}"
+TOPIC = f"projects/{PROJECT}/topics/{PREFIX}-"
+FAKE_KEY = "-----BEGIN PRIVATE KEY-----\nFAKEKEYMATERIAL\n-----END PRIVATE KEY-----\n"
+FAKE_CERT = "-----BEGIN CERTIFICATE-----\nFAKECERT\n-----END CERTIFICATE-----\n"
+FAKE_PASSWORD = "pw-Sup3rSecretGeneratedValue"
+
+T = {
+    "db": "gcp:firestore/database:Database",
+    "field": "gcp:firestore/field:Field",
+    "secret": "gcp:secretmanager/secret:Secret",
+    "version": "gcp:secretmanager/secretVersion:SecretVersion",
+    "secret_iam": "gcp:secretmanager/secretIamMember:SecretIamMember",
+    "template": "gcp:compute/instanceTemplate:InstanceTemplate",
+    "mig": "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager",
+    "hc": "gcp:compute/healthCheck:HealthCheck",
+    "rhc": "gcp:compute/regionHealthCheck:RegionHealthCheck",
+    "backend": "gcp:compute/regionBackendService:RegionBackendService",
+    "rule": "gcp:compute/forwardingRule:ForwardingRule",
+    "address": "gcp:compute/address:Address",
+    "firewall": "gcp:compute/firewall:Firewall",
+    "topic_iam": "gcp:pubsub/topicIAMMember:TopicIAMMember",
+    "sub": "gcp:pubsub/subscription:Subscription",
+    "sub_iam": "gcp:pubsub/subscriptionIAMMember:SubscriptionIAMMember",
+    "project_iam": "gcp:projects/iAMMember:IAMMember",
+    "bucket_iam": "gcp:storage/bucketIAMMember:BucketIAMMember",
+}
+
+
+class _Mocks(harness._Mocks):
+    """The harness's mocks, plus what pulumi-tls and pulumi-random compute (fake, recognisable values), so that
+    a leak of key material into an output or a plain input would be visible to the assertions below."""
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        rid, state = super().new_resource(args)
+        if args.typ == "tls:index/privateKey:PrivateKey":
+            state.update(private_key_pem=FAKE_KEY, private_key_pem_pkcs8=FAKE_KEY, private_key_openssh=FAKE_KEY,
+                         public_key_pem="-----BEGIN PUBLIC KEY-----\nPUB\n-----END PUBLIC KEY-----\n")
+        elif args.typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
+            state["cert_pem"] = FAKE_CERT
+        elif args.typ == "tls:index/certRequest:CertRequest":
+            state["cert_request_pem"] = "-----BEGIN CERTIFICATE REQUEST-----\nCSR\n-----END CERTIFICATE REQUEST-----\n"
+        elif args.typ == "random:index/randomPassword:RandomPassword":
+            state["result"] = FAKE_PASSWORD
+        elif args.typ == "gcp:compute/address:Address":
+            state["address"] = "203.0.113.7"
+        elif args.typ == "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager":
+            state["instance_group"] = f"projects/{PROJECT}/regions/europe-west1/instanceGroups/{PREFIX}-broker"
+        elif args.typ == "gcp:compute/instanceTemplate:InstanceTemplate":
+            state["self_link_unique"] = f"projects/{PROJECT}/global/instanceTemplates/{PREFIX}-broker-1?uniqueId=1"
+        elif args.typ == "gcp:secretmanager/secret:Secret":
+            rid = f"projects/{PROJECT}/secrets/{state['secretId']}"
+        return rid, state
+
+
+def build(**overrides) -> harness.StackRun:
+    fields = dict(
+        project=PROJECT, region="europe-west1", prefix=PREFIX, registry_id="fleet",
+        service_account_email=BRIDGE_EMAIL, telemetry_topic=TOPIC + "telemetry", state_topic=TOPIC + "state",
+        commands_topic=TOPIC + "device-commands", deletion_protection=False,
+        routes={"logs": TOPIC + "device-logs"}, hosts=2, fanout_slots=4,
+    )
+    fields.update(overrides)
+
+    def program() -> None:
+        b = bc.Broker("broker", bc.BrokerArgs(**fields))  # type: ignore[arg-type]
+        pulumi.export("mqtt_endpoint", b.mqtt_endpoint)
+        pulumi.export("mqtt_ca_cert", b.mqtt_ca_cert)
+        pulumi.export("registry_id", b.registry_id)
+
+    # harness.run_program with these mocks (the harness takes no mocks argument).
+    raw = harness.stack_config("dev")
+    mocks = _Mocks(project=PROJECT)
+    monitor = harness._RecordingMonitor(mocks)
+    pulumi.runtime.settings.ROOT.set(None)
+    pulumi.runtime.set_all_config(raw)
+    pulumi.runtime.set_mocks(mocks, project=harness.PROJECT_NAME, stack="dev", preview=False, monitor=monitor)
+    pulumi.runtime.settings.SETTINGS.outputs.clear()
+    _sync_await(run_pulumi_func(program))
+    outputs = _sync_await(harness._resolve_outputs())
+    return harness.StackRun(stack="dev", config=raw, resources=list(monitor.registrations), outputs=outputs)
+
+
+@pytest.fixture(scope="module")
+def run() -> harness.StackRun:
+    return build()
+
+
+def the(run: harness.StackRun, key: str) -> harness.Resource:
+    found = run.of_type(T[key])
+    assert len(found) == 1, [r.name for r in found]
+    return found[0]
+
+
+def test_outputs_are_the_contract_ones_and_hold_no_secret(run):
+    assert run.outputs["mqtt_endpoint"] == "203.0.113.7:8883"
+    assert run.outputs["mqtt_ca_cert"] == FAKE_CERT
+    assert run.outputs["registry_id"] == "fleet"
+    text = repr(run.outputs)
+    assert "PRIVATE KEY" not in text and FAKE_PASSWORD not in text
+
+
+def test_no_private_key_or_password_in_any_plain_input(run):
+    """Only the secret versions (Secret Manager) and pulumi-tls itself may carry key material."""
+    allowed = {T["version"], "tls:index/selfSignedCert:SelfSignedCert", "tls:index/certRequest:CertRequest",
+               "tls:index/locallySignedCert:LocallySignedCert"}
+    versions = []
+    for r in run.resources:
+        text = repr(r.inputs)
+        if r.type == T["version"]:
+            versions.append(r)
+        if r.type in allowed:
+            continue
+        assert "PRIVATE KEY" not in text and FAKE_PASSWORD not in text, r.name
+    # The key and the passwords do reach Secret Manager (and only there).
+    data = sorted(repr(v.get("secretData")) for v in versions)
+    assert any(FAKE_KEY.strip() in d.replace("\\n", "\n") for d in data)
+    assert any(FAKE_PASSWORD in d for d in data)
+    script = the(run, "template").get("metadataStartupScript")
+    assert "gcloud secrets versions access latest --secret=iot-dev-broker-tls-key" in script
+    assert FAKE_CERT.strip() in script  # the public certificate is fine in metadata
+
+
+def test_firestore_database_follows_the_deletion_switch(run):
+    for protected, policy, state in ((False, "DELETE", "DELETE_PROTECTION_DISABLED"),
+                                     (True, "ABANDON", "DELETE_PROTECTION_ENABLED")):
+        r = build(deletion_protection=protected)
+        db = the(r, "db")
+        assert (db.get("type"), db.get("locationId"), db.get("name")) == ("FIRESTORE_NATIVE", "europe-west1",
+                                                                           "(default)")
+        assert (db.get("deletionPolicy"), db.get("deleteProtectionState")) == (policy, state)
+        assert all(s.get("deletionProtection") is protected for s in r.of_type(T["secret"]))
+    ttl = the(run, "field")
+    assert (ttl.get("collection"), ttl.get("field")) == ("requests", "expire_at")
+
+
+def test_mig_with_autohealing_on_the_front_health_check(run):
+    mig, template, hc = the(run, "mig"), the(run, "template"), the(run, "hc")
+    assert mig.get("targetSize") == 2 and mig.get("region") == "europe-west1"
+    assert mig.get("versions")[0]["instanceTemplate"].endswith("?uniqueId=1")
+    policy = mig.get("autoHealingPolicies")
+    assert policy["healthCheck"] == "broker-autoheal-id"  # the mocks' id of the global HTTP health check
+    assert policy["initialDelaySec"] >= 300  # apt + pip at boot; shorter and auto-healing loops forever
+    assert hc.get("httpHealthCheck") == {"port": 8080, "requestPath": "/healthz"}
+    assert template.get("namePrefix") == f"{PREFIX}-broker-"
+    assert template.get("serviceAccount")["email"] == BRIDGE_EMAIL
+    assert template.get("networkInterfaces")[0].get("accessConfigs") in (None, [])  # no external IP
+    assert template.get("shieldedInstanceConfig")["enableSecureBoot"] is True
+    assert "mosquitto" in template.get("metadataStartupScript")
+
+
+def test_passthrough_network_load_balancer_on_8883_with_static_ip(run):
+    address, backend, rule, rhc = the(run, "address"), the(run, "backend"), the(run, "rule"), the(run, "rhc")
+    assert (address.get("addressType"), address.get("region")) == ("EXTERNAL", "europe-west1")
+    assert (backend.get("loadBalancingScheme"), backend.get("protocol")) == ("EXTERNAL", "TCP")
+    assert backend.get("backends")[0]["group"].endswith(f"/instanceGroups/{PREFIX}-broker")
+    assert backend.get("healthChecks")  # a regional health check (global ones are refused for this LB)
+    assert rhc.get("httpHealthCheck") == {"port": 8080, "requestPath": "/healthz"}
+    assert (rule.get("ipAddress"), rule.get("portRange"), rule.get("ipProtocol")) == ("203.0.113.7", "8883", "TCP")
+    assert rule.get("loadBalancingScheme") == "EXTERNAL"
+
+
+def test_firewall_opens_8883_and_the_health_port_to_probe_ranges_only(run):
+    rules = {r.get("name"): r for r in run.of_type(T["firewall"])}
+    assert set(rules) == {f"{PREFIX}-broker-mqtt", f"{PREFIX}-broker-health"}
+    mqtt = rules[f"{PREFIX}-broker-mqtt"]
+    assert mqtt.get("allows") == [{"protocol": "tcp", "ports": ["8883"]}]
+    health = rules[f"{PREFIX}-broker-health"]
+    assert health.get("allows") == [{"protocol": "tcp", "ports": ["8080"]}]
+    assert sorted(health.get("sourceRanges")) == sorted(
+        ["35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22"])
+    for r in rules.values():
+        assert r.get("targetTags") == [f"{PREFIX}-broker"] and r.get("direction") == "INGRESS"
+
+
+def test_bridge_identity_has_least_privilege(run):
+    published = {(r.get("topic"), r.get("role")) for r in run.of_type(T["topic_iam"]) if r.get("member") == MEMBER}
+    assert published == {(TOPIC + t, "roles/pubsub.publisher") for t in ("telemetry", "state", "device-logs")}
+    subs = {r.get("name") for r in run.of_type(T["sub"])}
+    assert subs == {f"{PREFIX}-device-commands-host-{i}" for i in range(4)}
+    assert all(r.get("topic") == TOPIC + "device-commands" for r in run.of_type(T["sub"]))
+    assert {r.get("role") for r in run.of_type(T["sub_iam"])} == {"roles/pubsub.subscriber"}
+    project_roles = run.of_type(T["project_iam"])
+    assert [r.get("role") for r in project_roles] == ["roles/datastore.user"]
+    assert 'databases/(default)' in project_roles[0].get("condition")["expression"]
+    secrets = {r.get("role") for r in run.of_type(T["secret_iam"])}
+    assert secrets == {"roles/secretmanager.secretAccessor"} and len(run.of_type(T["secret_iam"])) == 2
+    assert {r.get("role") for r in run.of_type(T["bucket_iam"])} == {"roles/storage.objectViewer"}
+    for r in run.resources:
+        assert r.get("role") not in {"roles/owner", "roles/editor", "roles/viewer", "roles/pubsub.editor"}
+
+
+def test_code_archive_is_named_by_content_and_pins_its_requirements():
+    files = bc.code_files()
+    assert "iotbridge/bridge/front.py" in files and "iotbridge/local/services.py" not in files
+    reqs = files["requirements.txt"].splitlines()
+    assert all("==" in line for line in reqs), reqs
+    assert bc.content_hash(files) == bc.content_hash(dict(files))
+    changed = {**files, "iotbridge/bridge/front.py": files["iotbridge/bridge/front.py"] + "#"}
+    assert bc.content_hash(changed) != bc.content_hash(files)
+
+
+def test_invalid_arguments_fail_before_anything_is_declared():
+    with pytest.raises(Exception, match="at most 10"):
+        build(routes={f"r{i}": TOPIC + "telemetry" for i in range(11)})
+    with pytest.raises(Exception, match="hosts must be"):
+        build(hosts=5, fanout_slots=4)
+
+
+def test_hosts_boot_only_after_everything_they_read_exists(run):
+    """The startup script reads secrets, code and Firestore at once: grants and versions come first."""
+    mig = the(run, "mig")
+    needs = [*run.of_type(T["secret_iam"]), *run.of_type(T["version"]), *run.of_type(T["topic_iam"]),
+             *run.of_type(T["sub_iam"]), *run.of_type(T["project_iam"]), *run.of_type(T["bucket_iam"]),
+             *run.of_type("gcp:compute/routerNat:RouterNat")]
+    assert len(needs) == 2 + 2 + 3 + 4 + 1 + 1 + 1
+    for r in needs:
+        assert run.depends_on(mig, r), r.name
+
+
+def test_startup_script_settings_load_in_the_bridge(run, tmp_path):
+    """The settings the script writes are what ``python -m iotbridge.bridge`` reads (catches drift)."""
+    from iotbridge.bridge.settings import BridgeSettings
+
+    script = the(run, "template").get("metadataStartupScript")
+    text = script.split("settings.json.in <<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0]
+    path = tmp_path / "settings.json"
+    path.write_text(text.replace("__HOSTNAME__", "iot-dev-broker-abcd"))
+    s = BridgeSettings.load(path)
+    assert (s.project, s.registry_id, s.prefix, s.front_port, s.broker_host) == (
+        PROJECT, "fleet", PREFIX, 8883, "127.0.0.1")
+    assert [(r.sub_folder, r.topic) for r in s.routes] == [("logs", f"{PREFIX}-device-logs")]
+    assert s.fanout_subscriptions == tuple(f"{PREFIX}-device-commands-host-{i}" for i in range(4))
+    assert s.health_port == 8080 and s.host_id == "iot-dev-broker-abcd"
