@@ -74,13 +74,15 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(emulator_env: Mapping[str, str], workdir: Path, extra_env: Mapping[str, str] | None = None
-          ) -> Iterator[Served]:
+def serve(emulator_env: Mapping[str, str], workdir: Path, extra_env: Mapping[str, str] | None = None,
+          registry_id: str | None = None) -> Iterator[Served]:
     """``emulator_env``: PUBSUB_EMULATOR_HOST and FIRESTORE_EMULATOR_HOST; they must also be set in this
-    process's environment for the clients created here."""
+    process's environment for the clients created here. ``extra_env`` overrides the function's environment
+    (e.g. another broker, or CONFIG_DELIVERY=fanout)."""
     from google.cloud import pubsub_v1
 
     suffix = uuid.uuid4().hex[:8]
+    registry_id = registry_id or f"reg-{suffix}"
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
     requests_topic = publisher.create_topic(name=f"projects/{PROJECT}/topics/cfg-requests-{suffix}").name
     dlq_topic = publisher.create_topic(name=f"projects/{PROJECT}/topics/cfg-dead-letter-{suffix}").name
@@ -94,7 +96,7 @@ def serve(emulator_env: Mapping[str, str], workdir: Path, extra_env: Mapping[str
         stage = cpc.stage(cpc.archive_contents(), workdir / f"function-{suffix}")
         port = services.free_port()
         log_path = workdir / f"function-{suffix}.log"
-        env = {**os.environ, **emulator_env, "PROJECT_ID": PROJECT, "REGISTRY_ID": f"reg-{suffix}",
+        env = {**os.environ, **emulator_env, "PROJECT_ID": PROJECT, "REGISTRY_ID": registry_id,
                "REGION": "local", "MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(broker_port), "MQTT_TLS": "false",
                "MQTT_TIMEOUT_S": "2", "DEAD_LETTER_TOPIC": dlq_topic, "PYTHONUNBUFFERED": "1",
                **(extra_env or {})}
@@ -116,7 +118,7 @@ def serve(emulator_env: Mapping[str, str], workdir: Path, extra_env: Mapping[str
             "dead_letter_policy": {"dead_letter_topic": dlq_topic, "max_delivery_attempts": 100},
             "retry_policy": {"minimum_backoff": "1s", "maximum_backoff": "2s"},
         })
-        served = Served(reg.Registry(PROJECT, f"reg-{suffix}", "local"), publisher, subscriber, requests_topic,
+        served = Served(reg.Registry(PROJECT, registry_id, "local"), publisher, subscriber, requests_topic,
                         dead_letters, broker, broker_port, function, workdir)
         yield served
         broker = served.broker  # a test may have restarted it
