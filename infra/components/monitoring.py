@@ -134,7 +134,7 @@ class Monitoring(pulumi.ComponentResource):
             opts=child,
         )
 
-        cloud_subs = {k: s for k, s in spec.SUBSCRIPTIONS.items() if getattr(s, "cloud", True)}
+        cloud_subs = {k: s for k, s in spec.SUBSCRIPTIONS.items() if s.cloud}
         # The audit subscription holds dead letters by design; its growth is the dead-letter alert's business.
         watched = [spec.subscription_name(args.prefix, k) for k, s in cloud_subs.items() if s.dead_letter]
         bigquery_subs = [spec.subscription_name(args.prefix, k) for k, s in cloud_subs.items() if s.kind == "bigquery"]

@@ -171,7 +171,7 @@ def test_subscription_alerts_name_the_real_subscriptions(full):
     backlog = _filters(alerts["monitoring-pubsub-oldest-unacked"].inputs["conditions"])[0]
     named = set(re.findall(r'"(iot-dev-[a-z-]+)"', backlog))
     expected = {spec.subscription_name("iot-dev", k) for k, s in spec.SUBSCRIPTIONS.items()
-                if s.dead_letter and getattr(s, "cloud", True)}
+                if s.dead_letter and s.cloud}
     assert named == expected and expected
     assert spec.subscription_name("iot-dev", "dead-letter-audit") not in named
     bq = _filters(alerts["monitoring-bigquery-subscription-errors"].inputs["conditions"])[0]
