@@ -314,6 +314,10 @@ class Front:
                     limit = STATE_MAX_BYTES if tk == "state" else EVENTS_MAX_BYTES
                     if p.payload_len > limit:
                         raise Dropped(f"{tk} payload of {p.payload_len} bytes exceeds {limit}")
+                    if p.retain:
+                        # A retained event or state would be replayed to the bridge on every resubscribe and
+                        # forwarded again; IoT Core never kept device messages either.
+                        raw = bytes([raw[0] & ~0x01]) + raw[1:]
                 elif kind == mqtt.SUBSCRIBE:
                     sub = mqtt.parse_subscribe(body, session.level)
                     head = len(raw) - len(body)

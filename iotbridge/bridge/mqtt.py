@@ -229,9 +229,11 @@ def encode_connect(c: Connect) -> bytes:
 
 
 def rewrite_connect(c: Connect, client_id: str, username: str, password: bytes) -> Connect:
-    """The CONNECT the broker sees: the authenticated identity, a clean session (commands are not stored)."""
+    """The CONNECT the broker sees: the authenticated identity, a clean session (commands are not stored), and a
+    will that is not retained (device messages are never kept by the broker)."""
     props = tuple((pid, v) for pid, v in c.properties if pid != PROP_SESSION_EXPIRY)
-    return replace(c, client_id=client_id, username=username, password=password, clean=True, properties=props)
+    return replace(c, client_id=client_id, username=username, password=password, clean=True, properties=props,
+                   will_retain=False)
 
 
 def connack(level: int, code: int) -> bytes:

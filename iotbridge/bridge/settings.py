@@ -160,6 +160,8 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
         f"persistence_location {workdir / 'data'}/",
         "autosave_interval 5",
         "retain_available true",
+        # The front does not follow MQTT 5 topic aliases; advertising none keeps conforming clients off them.
+        "max_topic_alias 0",
         # Device payload limits are enforced by the front (256 KB events); this bounds anything else.
         "max_packet_size 1048576",
         "allow_duplicate_messages false",

@@ -343,3 +343,15 @@ def test_qos2_subscription_is_granted_qos1(devices):
     dev.client.subscribe(dev.config_topic, qos=2)
     assert done.wait(10)
     assert [rc.value for rc in granted] == [1]
+
+
+def test_device_messages_are_never_retained_by_the_broker(devices, stack, reader):
+    """A retained state would be replayed to the bridge on each resubscribe and forwarded again."""
+    dev = devices.connected("ES256")
+    dev.client.publish(dev.state_topic, b"retained?", qos=1, retain=True).wait_for_publish(10)
+    assert [m.data for m in reader.pull("state", 1)] == [b"retained?"]
+    out = subprocess.run(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(stack.settings.broker_port), "-u", "bridge", "-P",
+         stack.settings.secrets()["bridge"], "-i", "iotbridge:test-retain", "-t", dev.state_topic, "-C", "1",
+         "-W", "2", "--retained-only"], capture_output=True, timeout=10)
+    assert out.stdout == b""
