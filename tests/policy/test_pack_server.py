@@ -136,3 +136,17 @@ def test_pack_refuses_to_guess_without_the_teardown_switch():
         channel.close()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_plain_credential_in_config_fails_the_stack_when_the_engine_lists_secret_keys(monkeypatch):
+    monkeypatch.setenv("PULUMI_CONFIG_SECRET_KEYS", '["gcp-iot-bridge:apiToken"]')
+    proc, stub, channel = _start({"gcp-iot-bridge:deletionProtection": "false", "gcp-iot-bridge:mqttPassword": "x",
+                                  "gcp-iot-bridge:apiToken": "y"})
+    try:
+        response = stub.AnalyzeStack(analyzer_pb2.AnalyzeStackRequest(resources=[]), timeout=30)
+        messages = [d.message for d in response.diagnostics if d.policyName == "config-secrets-encrypted"]
+        assert len(messages) == 1 and "mqttPassword" in messages[0]
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(timeout=10)
