@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         for f in got:
             print(f"[bench]   {f.name}: {f.value} {f.unit}", flush=True)
         print(f"[bench] {name} done in {time.monotonic() - start:.1f} s", flush=True)
+    shared = sys.modules.get("bench.local")
+    if shared is not None:
+        shared.stop_all()  # the emulators the sections shared
     elapsed = time.monotonic() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(

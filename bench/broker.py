@@ -93,7 +93,18 @@ def c_client_rate(port: int, n: int = N) -> tuple[float, int]:
     return n / (t1 - t0), out.count(b"\n")
 
 
+_measured: list[Figure] | None = None
+
+
+def measured() -> tuple[list[Figure], bool]:
+    """The raw figures of this run: (figures, True) when measured now, (figures, False) when already reported."""
+    if _measured is not None:
+        return _measured, False
+    return run(), True
+
+
 def run() -> list[Figure]:
+    global _measured
     port = services.free_port()
     with tempfile.TemporaryDirectory() as d:
         svc = services.start_mosquitto(broker_config(port, Path(d)), port, Path(d))
@@ -103,10 +114,11 @@ def run() -> list[Figure]:
             c1, rc = c_client_rate(port)
         finally:
             svc.stop()
-    return [
+    _measured = [
         Figure("broker", "raw paho→Mosquitto→paho QoS 0", round(q0), "msg/s", COMMAND,
                f"{r0}/{N} received (QoS 0 may drop)"),
         Figure("broker", "raw paho→Mosquitto→paho QoS 1", round(q1), "msg/s", COMMAND, f"{r1}/{N} received"),
         Figure("broker", "raw mosquitto_pub→Mosquitto→mosquitto_sub QoS 1", round(c1), "msg/s", COMMAND,
                f"{rc}/{N} received"),
     ]
+    return _measured

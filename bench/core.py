@@ -47,3 +47,21 @@ def summary_ms(latencies_s: list[float]) -> dict[str, float]:
         "p99_ms": round(percentile(latencies_s, 0.99) * 1000, 2),
         "mean_ms": round(statistics.fmean(latencies_s) * 1000, 2) if latencies_s else float("nan"),
     }
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid`` (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12)
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick

@@ -1,0 +1,280 @@
+"""Concurrent authenticated idle device connections one broker host holds, and what each costs in memory.
+
+One broker host as ``iotbridge.bridge.stack`` starts it (Mosquitto, TLS front, bridge service) on the Pub/Sub
+and Firestore emulators. ``TARGET`` devices are registered, each with its own ES256 key. The devices are not
+paho clients (10,000 paho threads would measure paho): one asyncio loop in this process opens a TLS connection
+per device, sends an MQTT 3.1.1 CONNECT with the device's client id path and a fresh JWT, waits for CONNACK,
+and keeps the connection idle, sending PINGREQ within its keep-alive as a device would. The host authenticates
+each one exactly as for any device (registry read, JWT verification, presence write, config sync).
+
+Steps up to ``TARGET``; after each, the RSS of the front and of Mosquitto is read from /proc and a PINGREQ is
+sent on every open connection: a connection counts as held only when its PINGRESP comes back through the front
+and Mosquitto. Stops early at the first step where connections are refused or not held, and says why. The
+processes started here get a raised open-files limit (each device costs the front two descriptors).
+
+Reproduce: ``.venv/bin/python -m bench connections``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import resource
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from bench import local
+from bench.core import Figure, group_cpu_seconds
+from iotbridge.bridge import mqtt
+from iotbridge.bridge.stack import BridgeStack, start_bridge_stack
+from iotbridge.device import create_jwt
+from iotbridge.registry import Registry
+
+COMMAND = ".venv/bin/python -m bench connections"
+SECTION = "connections"
+STEPS = (1000, 2500, 5000, 7500, 10_000)
+TARGET = STEPS[-1]
+KEEPALIVE_S = 60
+CONCURRENT_CONNECTS = 64
+NOFILE = 65_536
+
+
+def raise_nofile(limit: int = NOFILE) -> int:
+    """Raise this process's open-files limit (inherited by the processes it starts); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, limit)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # not root: as far as the hard limit allows
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _nofile_of(pid: int) -> int:
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    return 0
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Conn:
+    device_id: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    pongs: int = 0
+
+
+@dataclass
+class Fleet:
+    host: str
+    port: int
+    ctx: ssl.SSLContext
+    conns: list[Conn] = field(default_factory=list)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    _pong: asyncio.Event = field(default_factory=asyncio.Event)
+    _readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def connect(self, device_id: str, token: str) -> None:
+        client_id = f"projects/{local.PROJECT}/locations/{local.REGION}/registries/{local.REGISTRY}/devices/{device_id}"
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, ssl=self.ctx), 60)
+            writer.write(mqtt.encode_connect(mqtt.Connect(level=mqtt.MQTT_311, clean=True, keepalive=KEEPALIVE_S,
+                                                          client_id=client_id, username="unused",
+                                                          password=token.encode())))
+            await writer.drain()
+            ack = await asyncio.wait_for(reader.readexactly(4), 60)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            self.errors[type(exc).__name__ + (f" {exc.errno}" if isinstance(exc, OSError) and exc.errno else "")] += 1
+            return
+        if ack[0] >> 4 != mqtt.CONNACK or ack[3] != 0:
+            self.errors[f"CONNACK code {ack[3]}"] += 1
+            writer.close()
+            return
+        conn = Conn(device_id, reader, writer)
+        self.conns.append(conn)
+        self._readers.append(asyncio.ensure_future(self._read(conn)))
+
+    async def _read(self, conn: Conn) -> None:
+        try:
+            while True:
+                first, _body, _raw = await mqtt.read_packet(conn.reader, 1 << 20)
+                if first >> 4 == mqtt.PINGRESP:
+                    conn.pongs += 1
+                    self._pong.set()
+        except (asyncio.IncompleteReadError, OSError, ssl.SSLError, mqtt.ProtocolError):
+            conn.pongs = -1  # closed by the host
+
+    async def ping_all(self, timeout: float = 60.0) -> int:
+        """PINGREQ on every connection; the number whose PINGRESP came back (the connections really held)."""
+        want = {id(c): c.pongs + 1 for c in self.conns if c.pongs >= 0}
+        for c in self.conns:
+            if c.pongs >= 0:
+                c.writer.write(bytes([mqtt.PINGREQ << 4, 0]))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            held = sum(1 for c in self.conns if c.pongs >= want.get(id(c), 1 << 30))
+            if held == len(want):
+                break
+            self._pong.clear()
+            try:
+                await asyncio.wait_for(self._pong.wait(), 1.0)
+            except TimeoutError:
+                pass
+        return sum(1 for c in self.conns if c.pongs >= want.get(id(c), 1 << 30))
+
+    async def keepalive(self) -> None:
+        """Each connection sends PINGREQ within its keep-alive (spread over the period), as paho would."""
+        while True:
+            period = KEEPALIVE_S * 0.8
+            conns = [c for c in self.conns if c.pongs >= 0]
+            if not conns:
+                await asyncio.sleep(1)
+                continue
+            gap = period / len(conns)
+            for c in conns:
+                c.writer.write(bytes([mqtt.PINGREQ << 4, 0]))
+                await asyncio.sleep(gap)
+
+    async def close(self) -> None:
+        for t in self._readers:
+            t.cancel()
+        for c in self.conns:
+            c.writer.close()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+@dataclass
+class Step:
+    target: int
+    open: int
+    held: int
+    errors: dict[str, int]
+    connect_s: float
+    rss_front_kib: int
+    rss_mosquitto_kib: int
+    front_cpu_s: float
+
+
+async def _run(stack: BridgeStack, devices: list[tuple[str, bytes]]) -> tuple[list[Step], float, int]:
+    ctx = ssl.create_default_context(cafile=str(stack.ca_cert))
+    fleet = Fleet(stack.mqtt_host, stack.mqtt_port, ctx)
+    front_pid = stack.procs["front"].proc.pid
+    mosq_pid = stack.procs["mosquitto"].proc.pid
+    steps = [Step(0, 0, 0, {}, 0.0, rss_kib(front_pid), rss_kib(mosq_pid), 0.0)]
+    sem = asyncio.Semaphore(CONCURRENT_CONNECTS)
+    pinger = asyncio.ensure_future(fleet.keepalive())
+
+    async def one(device_id: str, key: bytes) -> None:
+        async with sem:
+            token = create_jwt(local.PROJECT, key, "ES256", lifetime_s=3600)
+            await fleet.connect(device_id, token)
+
+    idle_cpu_per_s = 0.0
+    try:
+        done = 0
+        for target in STEPS:
+            cpu0, t0 = group_cpu_seconds(front_pid), time.monotonic()
+            errors_before = sum(fleet.errors.values())
+            await asyncio.gather(*(one(d, k) for d, k in devices[done:target]))
+            connect_s = time.monotonic() - t0
+            front_cpu = group_cpu_seconds(front_pid) - cpu0
+            done = target
+            held = await fleet.ping_all()
+            steps.append(Step(target, len(fleet.conns), held, dict(fleet.errors), connect_s, rss_kib(front_pid),
+                              rss_kib(mosq_pid), front_cpu))
+            if sum(fleet.errors.values()) > errors_before or held < len(fleet.conns):
+                break
+        # The idle cost of what is held: the front's CPU over 10 s with nothing but keep-alives and its
+        # registry re-check of connected devices.
+        cpu0, t0 = group_cpu_seconds(front_pid), time.monotonic()
+        await asyncio.sleep(10)
+        idle_cpu_per_s = (group_cpu_seconds(front_pid) - cpu0) / (time.monotonic() - t0)
+        final_held = await fleet.ping_all()
+    finally:
+        pinger.cancel()
+        await fleet.close()
+    return steps, idle_cpu_per_s, final_held
+
+
+def front_refusals(stack: BridgeStack) -> str:
+    """The front's most frequent refusal reasons (its log), e.g. the open-files limit."""
+    reasons: collections.Counter[str] = collections.Counter()
+    try:
+        for line in (stack.workdir / "front" / "front.log").read_text(errors="replace").splitlines():
+            if " refused " in line and ": " in line:
+                reasons[line.rsplit(": ", 1)[-1][:120]] += 1
+    except OSError:
+        return "no log"
+    return ", ".join(f"{n} × {r}" for r, n in reasons.most_common(3)) or "no refusals logged"
+
+
+def register_many(registry: Registry, n: int, tag: str, workers: int = 16) -> list[tuple[str, bytes]]:
+    chunks = [range(i, min(i + 250, n)) for i in range(0, n, 250)]
+
+    def batch(r: range) -> list[tuple[str, bytes]]:
+        return local.register_devices(registry, len(r), f"{tag}-{r.start:05d}")
+
+    with ThreadPoolExecutor(workers) as pool:
+        return [d for part in pool.map(batch, chunks) for d in part]
+
+
+def run() -> list[Figure]:
+    nofile = raise_nofile()
+    env = local.emulators()
+    prefix = local.new_prefix("bc")
+    local.create_topics(local.PROJECT, prefix)
+    registry = Registry(local.PROJECT, local.REGISTRY, local.REGION)
+    t0 = time.monotonic()
+    devices = register_many(registry, TARGET, f"{prefix}-d")
+    register_s = time.monotonic() - t0
+    stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
+                               prefix, env)
+    front_nofile = _nofile_of(stack.procs["front"].proc.pid)
+    try:
+        steps, idle_cpu, final_held = asyncio.run(_run(stack, devices))
+    finally:
+        stack.stop()
+    base, last = steps[0], steps[-1]
+    reached = max(s.held for s in steps)
+    per_conn_kib = ((last.rss_front_kib + last.rss_mosquitto_kib) - (base.rss_front_kib + base.rss_mosquitto_kib)) \
+        / max(last.open, 1)
+    front_kib = (last.rss_front_kib - base.rss_front_kib) / max(last.open, 1)
+    mosq_kib = (last.rss_mosquitto_kib - base.rss_mosquitto_kib) / max(last.open, 1)
+    accepted = sum(s.open - prev.open for prev, s in zip(steps, steps[1:], strict=False))
+    connect_s = sum(s.connect_s for s in steps[1:])
+    front_cpu = sum(s.front_cpu_s for s in steps[1:])
+    trail = "; ".join(f"{s.target}: {s.held} held, {s.connect_s:.1f} s, front {s.rss_front_kib // 1024} MiB, "
+                      f"mosquitto {s.rss_mosquitto_kib // 1024} MiB" for s in steps[1:])
+    if reached >= TARGET:
+        why = "all held"
+    else:
+        why = (f"stopped at the {last.target} step: {last.open} open, {last.held} answered PINGREQ, "
+               f"client errors {last.errors}; front says: {front_refusals(stack)}")
+    extra = {"steps": [s.__dict__ for s in steps], "open_files_limit": nofile, "register_s": round(register_s, 1),
+             "front_open_files_limit": front_nofile}
+    return [
+        Figure(SECTION, "idle authenticated connections held, 1 host", reached, "connections", COMMAND,
+               f"target {TARGET}; {why}; after 10 s idle {final_held} still answered PINGREQ; open-files limit "
+               f"{nofile} (front: {front_nofile}; it needs two per device); registering {TARGET} devices took "
+               f"{register_s:.0f} s", extra),
+        Figure(SECTION, "memory per connection (front + Mosquitto RSS)", round(per_conn_kib, 1), "KiB", COMMAND,
+               f"front {front_kib:.1f} KiB + Mosquitto {mosq_kib:.1f} KiB per connection; {trail}"),
+        Figure(SECTION, "connection rate (TLS + JWT + registry)", round(accepted / connect_s, 1) if connect_s else None,
+               "connections/s", COMMAND,
+               f"{CONCURRENT_CONNECTS} concurrent handshakes from one asyncio client in the same 2 cores; front CPU "
+               f"{1000 * front_cpu / max(accepted, 1):.2f} ms per connection"),
+        Figure(SECTION, f"front CPU while holding {last.open} idle connections", round(100 * idle_cpu, 1),
+               "% of one core", COMMAND, f"keep-alive {KEEPALIVE_S} s and the registry re-check every "
+               f"{stack.settings.recheck_interval_s:.0f} s of each connected device"),
+    ]
