@@ -335,7 +335,8 @@ def deletion_protection_follows_stack(r: Resource, ctx: StackContext) -> list[st
                        (lambda v: v == "DELETE_PROTECTION_ENABLED") if ctx.protect
                        else (lambda v: v != "DELETE_PROTECTION_ENABLED")))
     elif r.type in ("gcp:dataflow/job:Job", "gcp:dataflow/flexTemplateJob:FlexTemplateJob"):
-        checks.append(("onDelete", p.get("onDelete", "drain"),
+        # Explicit either way: the provider's default differs between classic and flex template jobs.
+        checks.append(("onDelete", p.get("onDelete"),
                        (lambda v: v == "drain") if ctx.protect else (lambda v: v == "cancel")))
         # Destroyable stacks cancel and do not wait: waiting on a streaming job can hang `pulumi destroy`
         # (hashicorp/terraform-provider-google#10559). Protected stacks drain and wait, so that nothing the job

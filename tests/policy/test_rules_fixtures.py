@@ -117,6 +117,7 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:firestore/database:Database"),
         R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain", skipWaitOnJobTermination=True),
         R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel"),
+        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", skipWaitOnJobTermination=True),
     ]),
     "cmek-when-asked": (CMEK, [
         R("gcp:pubsub/topic:Topic", kmsKeyName=KEY),
@@ -214,6 +215,7 @@ def test_deletion_protection_in_prod_wants_the_opposite():
     assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel",
                     skipWaitOnJobTermination=True), PROD)
     assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain"), PROD) == []
+    assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob"), PROD)  # onDelete left to a default
     # Not waiting for the drain in prod would let the subscription and tables go while the job still writes.
     assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain",
                     skipWaitOnJobTermination=True), PROD)
