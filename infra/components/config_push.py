@@ -47,6 +47,13 @@ REGISTRY_MODULE = REPO_ROOT / "iotbridge" / "registry.py"
 # function must not depend on whatever that one may import one day.
 VENDORED_INIT = '"""gcp-iot-bridge device registry, vendored into the config-push function."""\n'
 
+# The APIs this component's resources call; pass ``foundation.needs(*APIS)`` as ``depends_on``.
+APIS: tuple[str, ...] = (
+    "cloudfunctions.googleapis.com", "run.googleapis.com", "eventarc.googleapis.com", "cloudbuild.googleapis.com",
+    "artifactregistry.googleapis.com", "storage.googleapis.com", "secretmanager.googleapis.com",
+    "pubsub.googleapis.com", "iam.googleapis.com", "cloudresourcemanager.googleapis.com",
+    "firestore.googleapis.com",
+)
 RUNTIME = "python312"
 ENTRY_POINT = "handle"
 PUBSUB_EVENT = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -112,7 +119,7 @@ class ConfigPushArgs:
     timeout_seconds: int = 60
     memory: str = "256Mi"
     min_update_interval_s: float = 1.0
-    depends_on: Sequence[pulumi.Resource] = ()  # the APIs (functions, run, eventarc, cloudbuild, ...)
+    depends_on: Sequence[pulumi.Resource] = ()  # foundation.needs(*APIS), and the registry's Firestore database
     labels: Mapping[str, str] = field(default_factory=dict)
     sources: Mapping[str, bytes] | None = None  # default: archive_contents()
 

@@ -251,3 +251,50 @@ def test_component_outputs_and_type_token(run: harness.StackRun) -> None:
     comp = the(run, "gcp-iot-bridge:index:ConfigPush")
     children = [r for r in run.resources if r.parent == comp.urn]
     assert {r.type for r in children} >= {FUNCTION, OBJECT, BUCKET, ACCOUNT, RUN_IAM}
+
+
+# Which API each resource type of this component calls (the same rule as tests/infra/test_foundation.py).
+API_OF_TYPE_PREFIX = {
+    "gcp:storage/": "storage.googleapis.com",
+    "gcp:cloudfunctionsv2/": "cloudfunctions.googleapis.com",
+    "gcp:cloudrunv2/": "run.googleapis.com",
+    "gcp:secretmanager/": "secretmanager.googleapis.com",
+    "gcp:pubsub/": "pubsub.googleapis.com",
+    "gcp:serviceaccount/": "iam.googleapis.com",
+    "gcp:projects/iAMMember": "cloudresourcemanager.googleapis.com",
+}
+
+
+@pytest.mark.parametrize("delivery", ["mqtt", "fanout"])
+def test_wired_to_the_foundation_every_resource_waits_for_its_api(delivery: str) -> None:
+    from components.foundation import Foundation, FoundationArgs
+
+    def program() -> None:
+        foundation = Foundation("foundation", FoundationArgs(project=PROJECT, prefix=PREFIX))
+        mode = ({"delivery": "fanout", "fanout_topic": f"projects/{PROJECT}/topics/{PREFIX}-device-commands"}
+                if delivery == "fanout" else
+                {"mqtt_host": "10.0.0.2", "mqtt_password_secret": "pw", "vpc_connector": "projects/p/l/c"})
+        cpc.ConfigPush("config-push", cpc.ConfigPushArgs(
+            project=PROJECT, region="europe-west1", prefix=PREFIX, registry_id="fleet",
+            service_account_email=foundation.service_accounts["config-push"].email,
+            requests_topic=REQUESTS, dead_letter_topic=DEAD_LETTER,
+            pubsub_agent=foundation.service_agent("pubsub.googleapis.com"),
+            eventarc_agent=foundation.service_agent("eventarc.googleapis.com"),
+            deletion_protection=True, depends_on=foundation.needs(*cpc.APIS), **mode))
+
+    run = harness.run_program("dev", program=program)
+    apis = {s.get("service"): s for s in run.of_type("gcp:projects/service:Service")}
+    assert set(cpc.APIS) <= set(apis)
+    comp = the(run, "gcp-iot-bridge:index:ConfigPush")
+    mine = [r for r in run.resources if r.parent == comp.urn]
+    assert len(mine) >= 12
+    for res in mine:
+        api = next((a for prefix, a in API_OF_TYPE_PREFIX.items() if res.type.startswith(prefix)), None)
+        assert api is not None, f"{res.type}: which API does it call?"
+        assert run.depends_on(res, apis[api]), f"{res.type} {res.name} does not wait for {api}"
+    fn = the(run, FUNCTION)
+    for api in ("run.googleapis.com", "eventarc.googleapis.com", "cloudbuild.googleapis.com",
+                "artifactregistry.googleapis.com", "firestore.googleapis.com"):
+        assert run.depends_on(fn, apis[api]), api
+    assert fn.get("serviceConfig")["serviceAccountEmail"] == RUNTIME_EMAIL
+    assert fn.get("eventTrigger")["serviceAccountEmail"] != RUNTIME_EMAIL
