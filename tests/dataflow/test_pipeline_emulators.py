@@ -13,6 +13,7 @@ import base64
 import json
 import math
 import random
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -194,6 +195,7 @@ def test_pipeline_on_emulators(stack):
         f"--bigquery_endpoint={stack['bq_endpoint']}",
         "--runner=BundleBasedDirectRunner",
     ]
+    threads_before = set(threading.enumerate())
     result = telemetry_pipeline.run(argv)
     try:
         mixed: list[tuple] = goods + bads
@@ -280,6 +282,10 @@ def test_pipeline_on_emulators(stack):
         assert len(query("SELECT message_id FROM {t}.telemetry_errors")) == len(bads)
     finally:
         result.cancel()
+    # The DirectRunner's executor threads ("Thread: N, ...") end once their current pull (30 s at most) returns.
+    wait_for("the runner's threads to end", lambda: [t.name for t in set(threading.enumerate()) - threads_before
+                                                     if t.is_alive() and t.name.startswith("Thread: ")],
+             lambda v: not v, timeout=45)
 
 
 def test_bigtable_replay_after_dedupe_horizon_writes_no_new_version(bigtable_emulator, emulator_env):
