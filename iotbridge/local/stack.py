@@ -20,6 +20,10 @@ from iotbridge.local import provision, services
 
 Progress = Callable[[str], None]
 
+# The pipeline's rule on the local stack: a device running hot is asked to run its fan at full speed.
+# The fleet simulator drifts every fifth device past it (iotbridge.simulate).
+LOCAL_THRESHOLD_RULES = {"temperature": {"above": 80, "config": {"fan": "max"}}}
+
 
 def default_state_dir() -> Path:
     env = os.environ.get("IOT_LOCAL_STATE_DIR")
@@ -161,6 +165,28 @@ class LocalStack:
                                 "MQTT_CA_CERT": str(bridge.ca_cert), "BRIDGE_SETTINGS": str(bridge.settings_file())})
         self._save(state)
         self._start_function(state, logs, env, settings, progress)
+        self._start_pipeline(state, logs, env, progress)
+
+    def _start_pipeline(self, state: StackState, logs: Path, env: dict[str, str], progress: Progress) -> None:
+        """The streaming pipeline on Beam's BundleBasedDirectRunner, against the emulators and the local BigQuery.
+
+        The same code and flags as the Flex Template on Dataflow; only the runner and the endpoints differ.
+        """
+        n = self.names
+        progress("starting the streaming pipeline (DirectRunner)")
+        fn = self._spawn_python("pipeline", [
+            "-m", "dataflow_jobs.telemetry_pipeline",
+            f"--input_subscription={n.subscription('telemetry-pipeline')}",
+            f"--bigquery_dataset={n.project}.{n.dataset}",
+            f"--bigtable_instance=projects/{n.project}/instances/{n.bigtable_instance}",
+            f"--config_requests_topic={n.topic('config-requests')}",
+            f"--threshold_rules={json.dumps(LOCAL_THRESHOLD_RULES)}",
+            f"--bigquery_endpoint={env['BIGQUERY_EMULATOR_HOST']}",
+            "--runner=BundleBasedDirectRunner",
+            f"--project={n.project}",
+        ], logs / "pipeline", {**env, "PYTHONUNBUFFERED": "1"})
+        self._record(state, fn)
+        services.wait_for_log(fn, "Running pipeline", 120)
 
     def _start_function(self, state: StackState, logs: Path, env: dict[str, str], settings, progress: Progress) -> None:
         """The config-push function on functions-framework behind the config-requests push subscription.
