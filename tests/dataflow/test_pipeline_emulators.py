@@ -9,7 +9,6 @@ and checks that nothing new was written, then cancels the pipeline.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import random
