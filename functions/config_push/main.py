@@ -501,27 +501,27 @@ _deps_lock = threading.Lock()
 
 
 def deps_from_env(env: Mapping[str, str] = os.environ) -> Deps:
+    """Everything checked before any client is created, so a misconfigured deployment says what is wrong."""
     missing = [k for k in ("PROJECT_ID", "REGISTRY_ID") if not env.get(k)]
     if missing:
         raise RuntimeError(f"environment variables not set: {', '.join(missing)}")
+    delivery = env.get("CONFIG_DELIVERY", "mqtt")
+    if delivery not in ("mqtt", "fanout"):
+        raise RuntimeError(f"CONFIG_DELIVERY must be mqtt or fanout, got {delivery!r}")
+    if delivery == "fanout" and not env.get("FANOUT_TOPIC"):
+        raise RuntimeError("CONFIG_DELIVERY=fanout needs FANOUT_TOPIC (projects/{p}/topics/{prefix}-device-commands)")
+    mqtt = MqttSettings.from_env(env) if delivery == "mqtt" else None
+    min_interval_s = float(env.get("CONFIG_MIN_INTERVAL_S", "1.0"))
+    max_retry_age_s = float(env.get("MAX_RETRY_AGE_S", str(MAX_RETRY_AGE_S)))
+
     registry = reg.Registry(env["PROJECT_ID"], env["REGISTRY_ID"], env.get("REGION", ""),
                             database=env.get("FIRESTORE_DATABASE") or None)
     dead_letter = PubsubDeadLetter(env["DEAD_LETTER_TOPIC"]) if env.get("DEAD_LETTER_TOPIC") else None
     if dead_letter is None:
         log.warning("DEAD_LETTER_TOPIC not set: refused requests are only logged")
-    delivery = env.get("CONFIG_DELIVERY", "mqtt")
-    publisher: Publisher
-    if delivery == "mqtt":
-        publisher = MqttPublisher(MqttSettings.from_env(env))
-    elif delivery == "fanout":
-        if not env.get("FANOUT_TOPIC"):
-            raise RuntimeError("CONFIG_DELIVERY=fanout needs FANOUT_TOPIC (projects/{p}/topics/{prefix}-device-commands)")
-        publisher = FanoutPublisher(env["FANOUT_TOPIC"])
-    else:
-        raise RuntimeError(f"CONFIG_DELIVERY must be mqtt or fanout, got {delivery!r}")
-    return Deps(registry=registry, publisher=publisher, dead_letter=dead_letter,
-                min_interval_s=float(env.get("CONFIG_MIN_INTERVAL_S", "1.0")),
-                max_retry_age_s=float(env.get("MAX_RETRY_AGE_S", str(MAX_RETRY_AGE_S))))
+    publisher: Publisher = MqttPublisher(mqtt) if mqtt is not None else FanoutPublisher(env["FANOUT_TOPIC"])
+    return Deps(registry=registry, publisher=publisher, dead_letter=dead_letter, min_interval_s=min_interval_s,
+                max_retry_age_s=max_retry_age_s)
 
 
 def get_deps() -> Deps:

@@ -78,6 +78,32 @@ def test_parse_accepts_objects_bytes_and_iot_core_names(cp: ModuleType) -> None:
     assert r == cp.ConfigRequest("dev-1", blob, 3)
 
 
+def test_requests_written_by_iotctl_parse_to_the_operator_bytes(cp: ModuleType) -> None:
+    from iotbridge.cli import config_request
+
+    assert cp.parse_request(config_request("dev-1", b'{"a": 1, "b": [true]}', 0)) == cp.ConfigRequest(
+        "dev-1", b'{"a":1,"b":[true]}', 0)
+    blob = b"\x00\xffnot json"
+    assert cp.parse_request(config_request("dev-1", blob, 7)) == cp.ConfigRequest("dev-1", blob, 7)
+
+
+def test_settings_from_env_refuse_bad_values_and_hide_the_password(cp: ModuleType) -> None:
+    s = cp.MqttSettings.from_env({"MQTT_HOST": "10.0.0.2", "MQTT_PASSWORD": "hunter2-secret", "MQTT_TLS": "no"})
+    assert (s.host, s.port, s.tls, s.retain) == ("10.0.0.2", 8883, False, True)
+    assert "hunter2-secret" not in repr(s)
+    assert s.client_id.startswith("iotbridge:config-push:") and ":" not in s.client_id[-12:]
+    with pytest.raises(RuntimeError, match="MQTT_HOST"):
+        cp.MqttSettings.from_env({})
+    with pytest.raises(ValueError, match="true/false"):
+        cp.MqttSettings.from_env({"MQTT_HOST": "h", "MQTT_TLS": "maybe"})
+    with pytest.raises(RuntimeError, match="REGISTRY_ID"):
+        cp.deps_from_env({"PROJECT_ID": "p"})
+    with pytest.raises(RuntimeError, match="mqtt or fanout"):
+        cp.deps_from_env({"PROJECT_ID": "p", "REGISTRY_ID": "reg", "CONFIG_DELIVERY": "smoke-signals"})
+    with pytest.raises(RuntimeError, match="FANOUT_TOPIC"):
+        cp.deps_from_env({"PROJECT_ID": "p", "REGISTRY_ID": "reg", "CONFIG_DELIVERY": "fanout"})
+
+
 # ------------------------------------------------------------------------------------- level 1: the flow
 
 

@@ -86,3 +86,5 @@ def test_a_request_reaches_a_bridged_device_and_its_ack_is_recorded(system, deli
         assert cfg.version == 1 and cfg.device_ack_time >= cfg.cloud_update_time
         assert served.registry.get_device(device_id).last_config_ack_time == cfg.device_ack_time
         assert [e["outcome"] for e in served.log_entries(mid)] == ["delivered"]
+        log_text = served.function.log_path.read_text()
+    assert s.secrets()["backend"] not in log_text
