@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import sys
 from datetime import datetime, timezone
 
 import apache_beam as beam
@@ -267,3 +268,22 @@ def test_config_requests_rate_limited_per_device():
             ({"device_id": "dev-2", "config": {"fan": "max"}}, "temperature>80"),
             ({"device_id": "dev-1", "config": {"fan": "max"}}, "temperature>80"),
         ]))
+
+
+def test_config_requests_are_what_the_config_push_function_accepts(monkeypatch):
+    """The loop-back contract: the pipeline's request body parses in functions/config_push/main.py unchanged."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "functions" / "config_push" / "main.py"
+    spec = importlib.util.spec_from_file_location("config_push_main_for_pipeline_test", path)
+    assert spec and spec.loader
+    fn = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fn)  # its dataclasses look their module up there
+    spec.loader.exec_module(fn)
+    rs = rules.parse_rules('{"temperature": {"above": 80, "config": {"fan": "max", "limits": {"rpm": 900}}}}')
+    r = telemetry.parse(json.dumps(reading(T0, 1, temperature=99.0)).encode(), ATTRS, "m", 0)
+    config, _ = rules.evaluate(r, rs)
+    req = fn.parse_request(rules.config_request(r.device_id, config))
+    assert req.device_id == "dev-1"
+    assert json.loads(req.data) == {"fan": "max", "limits": {"rpm": 900}}
