@@ -74,7 +74,8 @@ def create_jwt(project: str, private_key_pem: bytes, algorithm: str, lifetime_s:
 
 class Device:
     def __init__(self, identity: DeviceIdentity, host: str, port: int, ca_certs: str | None,
-                 token_lifetime_s: int = 3600, protocol: int = paho.MQTTv311, max_inflight: int = 100):
+                 token_lifetime_s: int = 3600, protocol: int = paho.MQTTv311, max_inflight: int = 100,
+                 client_cert: str | None = None, client_key: str | None = None):
         self.identity = identity
         self.host, self.port = host, port
         self.token_lifetime_s = token_lifetime_s
@@ -85,7 +86,9 @@ class Device:
         self.disconnects: queue.Queue[Any] = queue.Queue()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=identity.client_id,
                                   protocol=protocol, reconnect_on_failure=False)
-        self.client.tls_set(ca_certs=ca_certs, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        # With client_cert/client_key the device may authenticate by mTLS instead: connect(use_jwt=False).
+        self.client.tls_set(ca_certs=ca_certs, certfile=client_cert, keyfile=client_key,
+                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self.client.max_queued_messages_set(0)
         # QoS 1 messages awaiting PUBACK; paho's default of 20 caps a device at 20 round trips' worth.
         self.client.max_inflight_messages_set(max_inflight)
@@ -111,11 +114,16 @@ class Device:
 
     # ---------------------------------------------------------------------------------- connection
 
-    def connect(self, timeout: float = 15.0, password: str | None = None) -> None:
-        """Connect with a freshly minted JWT (or ``password`` as given); ConnectError when refused."""
+    def connect(self, timeout: float = 15.0, password: str | None = None, use_jwt: bool = True) -> None:
+        """Connect with a freshly minted JWT (or ``password`` as given, or none with ``use_jwt=False`` for mTLS);
+        ConnectError when refused."""
         ident = self.identity
-        token = password if password is not None else create_jwt(
-            ident.project, ident.private_key_pem, ident.algorithm, self.token_lifetime_s)
+        if not use_jwt:
+            token = None
+        elif password is not None:
+            token = password
+        else:
+            token = create_jwt(ident.project, ident.private_key_pem, ident.algorithm, self.token_lifetime_s)
         self.client.username_pw_set("unused", token)
         self._connected.clear()
         self._connack = None

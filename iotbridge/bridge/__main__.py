@@ -33,8 +33,9 @@ def run_front(settings: BridgeSettings) -> None:
     secrets = settings.secrets()
 
     async def main() -> None:
-        front = Front(settings, _registry(settings), server_ssl_context(settings.tls_cert, settings.tls_key),
-                      front_password=secrets["front"], control_password=secrets["bridge"])
+        ssl_context = server_ssl_context(settings.tls_cert, settings.tls_key, settings.client_ca)
+        front = Front(settings, _registry(settings), ssl_context, front_password=secrets["front"],
+                      control_password=secrets["bridge"])
         await front.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

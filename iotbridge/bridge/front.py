@@ -5,8 +5,9 @@ Mosquitto cannot check IoT Core JWTs, so every device connection ends here first
 1. TLS 1.2+ is terminated (a plaintext client never gets past the handshake).
 2. The CONNECT packet is read and checked: MQTT 3.1.1 or 5; client id
    ``projects/{p}/locations/{r}/registries/{reg}/devices/{d}`` of this deployment; the device exists and is not
-   blocked; the password is a JWT signed by one of its unexpired credentials (:mod:`iotbridge.bridge.auth`);
-   a will message may only target the device's own telemetry/state topics.
+   blocked; the password is a JWT signed by one of its unexpired credentials (:mod:`iotbridge.bridge.auth`) —
+   or, without a password, the TLS client certificate (issued by ``client_ca``) carries the key of one of its
+   unexpired X.509 credentials; a will message may only target the device's own telemetry/state topics.
 3. The CONNECT is re-encoded for the loopback listener: client id = device id (so Mosquitto's client-id
    takeover keeps one live connection per device, and its ACL ``pattern`` lines on ``%c`` confine the session to
    that device's topics), user ``front`` with the front's password, clean session (commands are not stored).
@@ -35,6 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as paho
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from iotbridge.bridge import mqtt
 from iotbridge.bridge import fanout
@@ -52,11 +55,35 @@ MAX_BROKER_PACKET = 2 * 1024 * 1024
 SYNC_TOPIC = "iotbridge/sync"
 
 
-def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+def server_ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
+    """TLS 1.2+ with the server certificate; with ``client_ca``, a device may also present a client certificate
+    issued by that CA (IoT Core's registry CA certificates) instead of a JWT."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(client_ca)
     return ctx
+
+
+def _spki(public_key) -> bytes:  # noqa: ANN001
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def verify_client_certificate(cert_der: bytes, credentials, now: datetime | None = None):  # noqa: ANN001, ANN201
+    """The TLS layer verified the chain; here the certificate must carry the key of one of the device's
+    unexpired X.509 credentials. Returns when the session must end (certificate or credential expiry)."""
+    now = now or datetime.now(UTC)
+    cert = x509.load_der_x509_certificate(cert_der)
+    presented = _spki(cert.public_key())
+    for cred in credentials:
+        if not cred.format.endswith("_X509_PEM") or (cred.expiration_time and cred.expiration_time <= now):
+            continue
+        if _spki(cred.public_key()) == presented:
+            ends = [cert.not_valid_after_utc] + ([cred.expiration_time] if cred.expiration_time else [])
+            return min(ends)
+    raise AuthError("client certificate matches no unexpired X.509 credential of this device")
 
 
 def topic_kind(topic: str, device_id: str) -> str | None:
@@ -228,7 +255,9 @@ class Front:
             await self._refuse(dwriter, level, mqtt.REFUSE_CLIENT_ID, peer, str(exc))
             return none
         who = f"{peer} as {device_id}"
-        if not c.password:
+        ssl_object = dwriter.get_extra_info("ssl_object")
+        client_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not c.password and not client_cert:
             await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, "no password (anonymous)")
             return none
         try:
@@ -243,8 +272,12 @@ class Front:
             await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "device is blocked")
             return none
         try:
-            token = verify_jwt(c.password, device.credentials, audience=s.project)
-        except AuthError as exc:
+            if c.password or client_cert is None:
+                token = verify_jwt(c.password or b"", device.credentials, audience=s.project)
+                method, expires_at = token.algorithm, token.expires_at
+            else:
+                method, expires_at = "mTLS", verify_client_certificate(client_cert, device.credentials)
+        except (AuthError, ValueError) as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, str(exc))
             return none
         if c.will_topic is not None:
@@ -259,19 +292,19 @@ class Front:
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"broker unreachable: {exc}")
             return none
         bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
-        session = Session(device_id=device_id, level=level, expires_at=token.expires_at, peer=peer)
+        session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer)
         self.sessions.add(session)
         try:
             session.presence_time = await asyncio.to_thread(
                 fanout.mark_connected, self.registry.client, s.registry_id, device_id, s.host_id, session.id,
-                token.expires_at)
+                expires_at)
         except Exception as exc:  # presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
         self.stats["accepted"] += 1
         if self._control is not None:
             self._control.publish(SYNC_TOPIC, device_id.encode(), qos=1)
-        log.info("device %s connected from %s (%s, MQTT level %d, token until %s)", device_id, peer,
-                 token.algorithm, level, token.expires_at.isoformat())
+        log.info("device %s connected from %s (%s, MQTT level %d, until %s)", device_id, peer, method, level,
+                 expires_at.isoformat())
         return session, breader, bwriter
 
     async def _relay(self, session: Session, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter,

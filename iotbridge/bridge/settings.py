@@ -52,6 +52,7 @@ class BridgeSettings:
     tls_cert: str = ""
     tls_key: str = ""
     secrets_file: str = ""
+    client_ca: str = ""  # PEM file of the CA(s) issuing device client certificates; empty: mTLS off
     routes: tuple[Route, ...] = ()
     recheck_interval_s: float = 5.0  # how often connected devices are re-read (blocked/deleted → dropped)
     workdir: str = ""  # the service writes service-stats.json here; the front's /healthz reads it

@@ -32,7 +32,7 @@ READY_SERVICE = "bridge connected to broker"
 
 def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
               front_port: int | None = None, broker_port: int | None = None, host_id: str = "local",
-              recheck_interval_s: float = 5.0) -> BridgeSettings:
+              recheck_interval_s: float = 5.0, client_ca: Path | None = None) -> BridgeSettings:
     """Write settings, secrets, TLS files and the Mosquitto config for one local host into ``workdir``."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -43,6 +43,7 @@ def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix
         project=project, region=region, registry_id=registry_id, prefix=prefix, host_id=host_id,
         front_port=front_port or services.free_port(), broker_port=broker_port or services.free_port(),
         tls_cert=str(tls.server_cert), tls_key=str(tls.server_key), secrets_file=str(secrets_file),
+        client_ca=str(client_ca) if client_ca else "",
         routes=(Route("logs", spec.topic_name(prefix, "device-logs")),),
         recheck_interval_s=recheck_interval_s, workdir=str(workdir), health_port=services.free_port(),
     )
@@ -142,13 +143,15 @@ def _wait_for_log(svc: services.Service, needle: str, timeout: float) -> None:
 
 
 def start_bridge_stack(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
-                       env: dict[str, str], recheck_interval_s: float = 5.0) -> BridgeStack:
+                       env: dict[str, str], recheck_interval_s: float = 5.0,
+                       client_ca: Path | None = None) -> BridgeStack:
     """Init (if needed) and start Mosquitto, the bridge service and the front; stop with ``.stop()``."""
     workdir = workdir.resolve()
     if (workdir / "settings.json").exists():
         settings = BridgeSettings.load(workdir / "settings.json")
     else:
-        settings = init_host(workdir, project, region, registry_id, prefix, recheck_interval_s=recheck_interval_s)
+        settings = init_host(workdir, project, region, registry_id, prefix, recheck_interval_s=recheck_interval_s,
+                             client_ca=client_ca)
     stack = BridgeStack(settings=settings, workdir=workdir, env=dict(env), ca_cert=workdir / "tls" / "ca.pem")
     try:
         stack.start_mosquitto()

@@ -106,18 +106,67 @@ def registry(bridge_env) -> Registry:
     return Registry(PROJECT, REGISTRY, REGION)
 
 
-def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5) -> BridgeStack:
+class DeviceCA:
+    """A registry CA that issues device client certificates (the optional mTLS way in)."""
+
+    def __init__(self, directory: Path):
+        from datetime import UTC, datetime, timedelta
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self._x509, self._hashes, self._ser, self._ec, self._oid = x509, hashes, serialization, ec, NameOID
+        self._now = datetime.now(UTC) - timedelta(minutes=5)
+        self._td = timedelta
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device CA")])
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
+                     .serial_number(x509.random_serial_number()).not_valid_before(self._now)
+                     .not_valid_after(self._now + timedelta(days=2))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "device-ca.pem"
+        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, device_id: str) -> tuple[str, Path, Path]:
+        """(certificate PEM, cert file, key file) for a new device key signed by this CA."""
+        x509, ser = self._x509, self._ser
+        key = self._ec.generate_private_key(self._ec.SECP256R1())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(self._oid.COMMON_NAME, device_id)]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(self._now)
+                .not_valid_after(self._now + self._td(days=1)).sign(self.key, self._hashes.SHA256()))
+        pem = cert.public_bytes(ser.Encoding.PEM)
+        cert_file, key_file = self.directory / f"{device_id}.pem", self.directory / f"{device_id}-key.pem"
+        cert_file.write_bytes(pem)
+        key_file.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+        return pem.decode(), cert_file, key_file
+
+
+def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5,
+              client_ca: Path | None = None) -> BridgeStack:
     prefix = f"b{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
     try:
-        return start_bridge_stack(tmp, PROJECT, REGION, REGISTRY, prefix, env, recheck_interval_s=recheck_interval_s)
+        return start_bridge_stack(tmp, PROJECT, REGION, REGISTRY, prefix, env, recheck_interval_s=recheck_interval_s,
+                                  client_ca=client_ca)
     except services.MissingPrerequisite as exc:
         pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
-def stack(bridge_env, tmp_path_factory) -> Iterator[BridgeStack]:
-    st = new_stack(tmp_path_factory.mktemp("bridge"), bridge_env)
+def device_ca(tmp_path_factory) -> DeviceCA:
+    return DeviceCA(tmp_path_factory.mktemp("device-ca"))
+
+
+@pytest.fixture(scope="session")
+def stack(bridge_env, tmp_path_factory, device_ca) -> Iterator[BridgeStack]:
+    st = new_stack(tmp_path_factory.mktemp("bridge"), bridge_env, client_ca=device_ca.path)
     yield st
     st.stop()
 

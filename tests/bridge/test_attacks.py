@@ -355,3 +355,40 @@ def test_device_messages_are_never_retained_by_the_broker(devices, stack, reader
          stack.settings.secrets()["bridge"], "-i", "iotbridge:test-retain", "-t", dev.state_topic, "-C", "1",
          "-W", "2", "--retained-only"], capture_output=True, timeout=10)
     assert out.stdout == b""
+
+
+# ------------------------------------------------------------------------------------------- mTLS
+
+
+def test_mtls_device_with_registered_certificate_connects_without_jwt(devices, registry, device_ca, reader):
+    device_id = f"dev-{uuid.uuid4().hex[:10]}"
+    pem, cert_file, key_file = device_ca.issue(device_id)
+    registry.create_device(device_id, [Credential("ES256_X509_PEM", pem)])
+    dev = devices.device(device_id, key_file.read_bytes(), client_cert=str(cert_file), client_key=str(key_file))
+    dev.connect(use_jwt=False)
+    dev.publish_event(b"over mTLS").wait_for_publish(10)
+    got = reader.pull("telemetry", 1)
+    assert [(m.data, m.attributes["deviceId"]) for m in got] == [(b"over mTLS", device_id)]
+
+
+def test_mtls_certificate_of_another_device_is_refused(devices, registry, device_ca):
+    """Issued by the registry CA, but not registered for this device: the CA alone does not authenticate."""
+    victim_id, _ = devices.register("ES256")
+    pem, cert_file, key_file = device_ca.issue("someone-else")
+    dev = devices.device(victim_id, key_file.read_bytes(), client_cert=str(cert_file), client_key=str(key_file))
+    expect_refused(lambda: dev.connect(use_jwt=False))
+
+
+def test_mtls_certificate_from_an_unknown_ca_fails_the_handshake(devices, registry, tmp_path):
+    from .conftest import DeviceCA
+
+    rogue = DeviceCA(tmp_path / "rogue")
+    device_id = f"dev-{uuid.uuid4().hex[:10]}"
+    pem, cert_file, key_file = rogue.issue(device_id)
+    registry.create_device(device_id, [Credential("ES256_X509_PEM", pem)])  # even when registered
+    dev = devices.device(device_id, key_file.read_bytes(), client_cert=str(cert_file), client_key=str(key_file))
+    # TLS 1.3 checks the client certificate after the client has sent its Finished: the server's alert then
+    # closes the connection before any CONNACK (TLS 1.2 would fail inside the handshake instead).
+    with pytest.raises((ConnectError, ssl.SSLError)) as err:
+        dev.connect(use_jwt=False, timeout=5)
+    assert getattr(err.value, "reason", None) is None  # no MQTT answer at all, not even a refusal
