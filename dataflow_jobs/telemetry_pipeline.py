@@ -139,9 +139,20 @@ def _checked(flag: Flag) -> Callable[[str], str]:
     return check
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Shows an optional flag's default after its help (the help text itself is metadata.json's helpText)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)r)"
+        return text
+
+
 def flag_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dataflow_jobs.telemetry_pipeline",
+        formatter_class=_DefaultsShown,
         description="Streaming telemetry pipeline (Pub/Sub -> BigQuery + Bigtable -> config requests). "
                     "Other flags go to Beam's PipelineOptions (--runner, --project, --region ...).")
     for f in FLAGS:
