@@ -287,3 +287,21 @@ def test_config_requests_are_what_the_config_push_function_accepts(monkeypatch):
     req = fn.parse_request(rules.config_request(r.device_id, config))
     assert req.device_id == "dev-1"
     assert json.loads(req.data) == {"fan": "max", "limits": {"rpm": 900}}
+
+
+def test_rows_have_exactly_the_columns_of_the_shared_spec():
+    from apache_beam.transforms.window import IntervalWindow
+    from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
+
+    from dataflow_jobs.telemetry_pipeline import FormatMinuteRow
+    from iotbridge.spec import TABLES
+
+    r = telemetry.parse(json.dumps({**reading(T0, 1, t=1.0), "fw": "1"}).encode(), ATTRS, "m", 0)
+    assert list(telemetry.raw_row(r)) == TABLES["telemetry_raw"].column_names()
+    err = telemetry.error_row("bad_ts", "x", b"{}", ATTRS, "m", 0)
+    assert list(err) == TABLES["telemetry_errors"].column_names()
+    pane = PaneInfo(True, True, PaneInfoTiming.ON_TIME, 0, 0)
+    ((_, row),) = FormatMinuteRow().process((("dev-1", "t"), (2, 3.0, 1.0, 2.0)),
+                                            win=IntervalWindow(T0 / 1000, T0 / 1000 + 60), pane=pane)
+    assert list(row) == TABLES["telemetry_1m"].column_names()
+    assert (row["count"], row["mean"], row["pane_timing"]) == (2, 1.5, "ON_TIME")
