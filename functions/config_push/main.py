@@ -219,6 +219,10 @@ class MqttSettings:
     password: str = field(default="", repr=False)
     timeout_s: float = 10.0
     retain: bool = True
+    keepalive_s: int = 60
+    # Between requests a function instance gets no CPU, so paho cannot answer the broker's keepalive and the
+    # connection may be dead while paho still believes it up; one idle this long is replaced before use.
+    idle_reconnect_s: float = 45.0
     # A ':' cannot occur in a device id, so no device can take this session over; the random part keeps two
     # function instances from disconnecting each other (MQTT allows one session per client id).
     client_id: str = field(default_factory=lambda: f"iotbridge:config-push:{secrets.token_hex(6)}")
@@ -249,7 +253,7 @@ class Publisher(Protocol):
 
 
 class MqttPublisher:
-    """One broker connection per function instance, kept across invocations while it stays up.
+    """One broker connection per function instance, kept across invocations while it stays up and recently used.
 
     ``publish`` returns once the broker acknowledged (QoS 1 PUBACK) or raises :class:`TransientError`. After a
     failure the client is thrown away with whatever paho still queued: a stale copy sent on a later reconnect
@@ -259,6 +263,7 @@ class MqttPublisher:
     def __init__(self, settings: MqttSettings):
         self.s = settings
         self._client: paho.Client | None = None
+        self._last_used = 0.0
         self._lock = threading.Lock()
 
     def _connect(self) -> paho.Client:
@@ -281,7 +286,7 @@ class MqttPublisher:
 
         client.on_connect = on_connect
         try:
-            client.connect(s.host, s.port, keepalive=60)
+            client.connect(s.host, s.port, keepalive=s.keepalive_s)
         except (OSError, ssl.SSLError) as exc:
             raise TransientError(f"broker {s.host}:{s.port} unreachable: {exc}") from None
         client.loop_start()
@@ -292,7 +297,10 @@ class MqttPublisher:
             raise TransientError(f"broker {s.host}:{s.port} refused the connection: {why}")
         return client
 
-    def _reset(self) -> None:
+    def _reset(self, only: paho.Client | None = None) -> None:
+        """Drop the current client (or ``only`` that one, if it is still the current one)."""
+        if only is not None and self._client is not only:
+            return
         client, self._client = self._client, None
         if client is not None:
             client.disconnect()
@@ -303,7 +311,8 @@ class MqttPublisher:
 
     def publish(self, topic: str, payload: bytes) -> None:
         with self._lock:
-            if self._client is None or not self._client.is_connected():
+            idle = time.monotonic() - self._last_used
+            if self._client is None or not self._client.is_connected() or idle > self.s.idle_reconnect_s:
                 self._reset()
                 self._client = self._connect()
             client = self._client
@@ -312,12 +321,14 @@ class MqttPublisher:
             info.wait_for_publish(self.s.timeout_s)
         except (RuntimeError, ValueError) as exc:
             with self._lock:
-                self._reset()
+                self._reset(only=client)
             raise TransientError(f"publish to {topic} failed: {exc}") from None
         if not info.is_published():
             with self._lock:
-                self._reset()
+                self._reset(only=client)
             raise TransientError(f"no PUBACK from the broker for {topic} within {self.s.timeout_s:g}s")
+        with self._lock:
+            self._last_used = time.monotonic()
 
     def close(self) -> None:
         with self._lock:

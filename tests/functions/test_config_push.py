@@ -198,6 +198,7 @@ def test_logic_permanent_refusals_are_logged_dead_lettered_and_not_raised(cp, de
 @pytest.mark.emulator
 def test_logic_flood_for_one_device_keeps_one_update_per_second(cp, deps, registry, caplog) -> None:
     caplog.set_level(logging.INFO, logger="config_push")
+    deps.min_interval_s = 60.0  # a slow machine must not space the five requests out past the window
     registry.create_device("pump-4")
     outcomes = [cp.process(msg(cp, f"40{i}", device_id="pump-4", config={"i": i}), deps) for i in range(5)]
     assert outcomes[0].status == "delivered"
@@ -306,8 +307,9 @@ def test_handler_delivers_to_the_device_once_per_message_id(cp, handler_env, mos
 
 
 @pytest.mark.emulator
-def test_handler_refusals_land_on_the_dead_letter_topic(cp, handler_env, mosquitto, caplog) -> None:
+def test_handler_refusals_land_on_the_dead_letter_topic(cp, handler_env, mosquitto, caplog, monkeypatch) -> None:
     caplog.set_level(logging.INFO, logger="config_push")
+    monkeypatch.setenv("CONFIG_MIN_INTERVAL_S", "60")  # 6008 must fall inside the window however slow the machine
     registry = handler_env["registry"]
     registry.create_device("valve-2")
     registry.create_device("valve-3", blocked=True)
@@ -401,3 +403,25 @@ def test_handler_fanout_delivery_speaks_the_bridge_format(cp, handler_env, monke
 
     fanout.publish_config(Capture(), PROJECT, "iot", "valve-9", registry.get_config("valve-9"))
     assert sent == {"data": ours.data, "attrs": dict(ours.attributes)}
+
+
+@pytest.mark.emulator
+def test_publisher_reuses_a_warm_connection_and_replaces_an_idle_one(cp, mosquitto) -> None:
+    device = DeviceClient(mosquitto.host, mosquitto.port, "valve-idle")
+    try:
+        warm = cp.MqttPublisher(cp.MqttSettings(host=mosquitto.host, port=mosquitto.port, tls=False))
+        warm.deliver("valve-idle", 1, b"one")
+        first = warm._client
+        warm.deliver("valve-idle", 2, b"two")
+        assert warm._client is first
+        idle = cp.MqttPublisher(cp.MqttSettings(host=mosquitto.host, port=mosquitto.port, tls=False,
+                                                idle_reconnect_s=0.0))
+        idle.deliver("valve-idle", 3, b"three")
+        before = idle._client
+        idle.deliver("valve-idle", 4, b"four")
+        assert idle._client is not before and before is not None and not before.is_connected()
+        assert [device.next().payload for _ in range(4)] == [b"one", b"two", b"three", b"four"]
+        warm.close()
+        idle.close()
+    finally:
+        device.close()
