@@ -5,8 +5,9 @@ persistent session (clean session off, QoS 1) on the loopback listener, subscrib
 (which also matches ``/devices/+/events``) and ``/devices/+/state``. Each message is published to Pub/Sub —
 telemetry to the telemetry topic or the first matching subfolder route, state to the state topic — with IoT
 Core's attributes taken from the topic's device id, which the broker's ACL guarantees is the authenticated
-device. The broker gets its PUBACK (paho manual ack) only after the Pub/Sub publish future resolved; a failed
-publish is retried until it succeeds. Killed mid-stream, the bridge loses nothing: Mosquitto redelivers every
+device. Messages are batched per topic (:mod:`iotbridge.bridge.batching`); the broker gets each message's PUBACK
+(paho manual ack) only after the Pub/Sub publish request holding it succeeded; a failed request is retried
+until it succeeds. Killed mid-stream, the bridge loses nothing: Mosquitto redelivers every
 unacknowledged message to the persistent session when it reconnects (duplicates possible, counted downstream).
 
 Cloud → device. Configs and commands arrive on the ``device-commands`` fan-out topic; each host's bridge has
@@ -29,7 +30,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +39,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from iotbridge import spec
+from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.front import SYNC_TOPIC
 from iotbridge.bridge.settings import BridgeSettings
 from iotbridge.registry import DEVICE_ID_RE, DeviceNotFound, Registry
@@ -119,6 +120,8 @@ class BridgeService:
         self.mqtt.reconnect_delay_set(0.2, 5)
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_message = self._on_message
+        # Device → cloud publishing: raw protobuf batches, the broker acked per batch (see batching.py).
+        self.batcher = Batcher(self.publisher.api.publish, self._on_batch_sent, self._on_batch_failed)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -150,6 +153,7 @@ class BridgeService:
             self._pull_future.cancel()
         self.mqtt.disconnect()
         self.mqtt.loop_stop()
+        self.batcher.stop()
         for _ in self._threads:
             self._work.put(None)
             self._config_work.put(None)
@@ -253,18 +257,25 @@ class BridgeService:
 
     def _forward_loop(self) -> None:
         while True:
-            item = self._work.get()
-            if item is None:
+            items = [self._work.get()]
+            # Take what else is queued in one go: one stats update per chunk instead of per message.
+            while len(items) < 500:
+                try:
+                    items.append(self._work.get_nowait())
+                except queue.Empty:
+                    break
+            work = [i for i in items if i is not None]
+            with self.stats_lock:
+                self.stats["received"] += len(work)
+            for msg, gen in work:
+                try:
+                    self._forward(msg, gen)
+                except Exception:  # keep the worker alive; the message stays unacked and is redelivered
+                    log.exception("forwarding %s failed", msg.topic)
+            if len(work) < len(items):
                 return
-            msg, gen = item
-            try:
-                self._forward(msg, gen)
-            except Exception:  # keep the worker alive; the message stays unacked and is redelivered
-                log.exception("forwarding %s failed", msg.topic)
 
     def _forward(self, msg: paho.MQTTMessage, gen: int) -> None:
-        with self.stats_lock:
-            self.stats["received"] += 1
         parsed = parse_topic(msg.topic)
         if parsed is None:
             log.warning("unexpected topic %r acknowledged without forwarding", msg.topic)
@@ -290,30 +301,27 @@ class BridgeService:
                 self._states_seen[parsed.device_id] = (payload, now)
             else:
                 self._events_seen[parsed.device_id] = now
-        self._publish(topic, payload, attrs, msg.mid, msg.qos, gen, attempt=0)
+        self.batcher.add(topic, raw_message(payload, attrs), (msg.mid, msg.qos, gen))
 
-    def _publish(self, topic: str, data: bytes, attrs: dict[str, str], mid: int, qos: int, gen: int,
-                 attempt: int) -> None:
-        future = self.publisher.publish(topic, data, **attrs)
+    def _on_batch_sent(self, batch: Batch) -> None:
+        for mid, qos, gen in batch.tokens:
+            self._ack(mid, qos, gen, count=False)
+        with self.stats_lock:
+            self.stats["forwarded"] += len(batch.tokens)
+            self.stats["acked"] += len(batch.tokens)
 
-        def done(f: Future) -> None:  # type: ignore[type-arg]
-            exc = f.exception()
-            if exc is None:
-                with self.stats_lock:
-                    self.stats["forwarded"] += 1
-                self._ack(mid, qos, gen)
-                return
-            with self.stats_lock:
-                self.stats["publish_errors"] += 1
-            if self._stop.is_set() or gen != self._generation:
-                return  # unacked: the broker redelivers it to this session or the next one
-            delay = min(RETRY_MAX_S, 0.5 * 2 ** attempt)
-            log.warning("Pub/Sub publish failed (%s); retrying in %.1fs", type(exc).__name__, delay)
-            timer = threading.Timer(delay, self._publish, (topic, data, attrs, mid, qos, gen, attempt + 1))
-            timer.daemon = True
-            timer.start()
-
-        future.add_done_callback(done)
+    def _on_batch_failed(self, batch: Batch, exc: BaseException) -> None:
+        with self.stats_lock:
+            self.stats["publish_errors"] += len(batch.tokens)
+        if self._stop.is_set() or all(gen != self._generation for _, _, gen in batch.tokens):
+            return  # unacked: the broker redelivers it to this session or the next one
+        delay = min(RETRY_MAX_S, 0.5 * 2 ** batch.attempt)
+        batch.attempt += 1
+        log.warning("Pub/Sub publish of %d messages failed (%s); retrying in %.1fs", len(batch.tokens),
+                    type(exc).__name__, delay)
+        timer = threading.Timer(delay, self.batcher.send, (batch,))
+        timer.daemon = True
+        timer.start()
 
     def _ack(self, mid: int, qos: int, gen: int, count: bool = True) -> None:
         if qos > 0 and gen == self._generation:

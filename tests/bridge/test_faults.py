@@ -185,30 +185,31 @@ def _try_connect(dev) -> bool:
 
 
 def test_failed_publish_is_retried_and_acked_only_after_success(tmp_path):
-    """The error path the emulator cannot show without racing its restart: a publish that fails (here with
-    NotFound, which the client library does not retry itself) is retried; the broker is acked once, after."""
-    from concurrent.futures import Future
-
+    """The error path the emulator cannot show without racing its restart: a publish request that fails (here
+    with NotFound, which the client library does not retry itself) is retried; the broker is acked once, after."""
     from google.api_core import exceptions as gexc
 
     from iotbridge.bridge import service as svc_mod
+    from iotbridge.bridge.batching import raw_message
     from iotbridge.bridge.settings import BridgeSettings
+
+    class FlakyApi:
+        def __init__(self):
+            self.calls = 0
+            self.sent: list = []
+
+        def publish(self, request, timeout):
+            self.calls += 1
+            if self.calls <= 2:
+                raise gexc.NotFound("topic not found")
+            self.sent.append(request)
 
     class FlakyPublisher:
         def __init__(self):
-            self.calls = 0
+            self.api = FlakyApi()
 
         def topic_path(self, project, topic):
             return f"projects/{project}/topics/{topic}"
-
-        def publish(self, topic, data, **attrs):
-            self.calls += 1
-            f: Future = Future()
-            if self.calls <= 2:
-                f.set_exception(gexc.NotFound("topic not found"))
-            else:
-                f.set_result(str(self.calls))
-            return f
 
     class Sub:
         def subscription_path(self, project, sub):
@@ -222,9 +223,13 @@ def test_failed_publish_is_retried_and_acked_only_after_success(tmp_path):
     orig = svc_mod.RETRY_MAX_S
     svc_mod.RETRY_MAX_S = 0.01
     try:
-        bridge._publish("projects/p/topics/pre-telemetry", b"x", {"deviceId": "dev-1"}, 7, 1, 0, attempt=0)
+        bridge.batcher.add("projects/p/topics/pre-telemetry", raw_message(b"x", {"deviceId": "dev-1"}), (7, 1, 0))
         wait_until(lambda: acks, 10, "ack after retries")
     finally:
         svc_mod.RETRY_MAX_S = orig
-    assert publisher.calls == 3 and acks == [(7, 1)]
+        bridge.batcher.stop()
+    assert publisher.api.calls == 3 and acks == [(7, 1)]
+    [request] = publisher.api.sent
+    assert request.topic == "projects/p/topics/pre-telemetry"
+    assert [(m.data, dict(m.attributes)) for m in request.messages] == [(b"x", {"deviceId": "dev-1"})]
     assert bridge.stats["publish_errors"] == 2 and bridge.stats["forwarded"] == 1
