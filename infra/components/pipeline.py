@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -171,8 +172,10 @@ class Pipeline(pulumi.ComponentResource):
                 opts=pulumi.InvokeOutputOptions(parent=self)).access_token)
             self.image = docker_build.Image(
                 f"{name}-image",
-                context=docker_build.BuildContextArgs(location=str(REPO_ROOT)),
-                dockerfile=docker_build.DockerfileArgs(location=str(DOCKERFILE)),
+                # Paths relative to where `pulumi` runs: absolute ones would differ between checkouts and show
+                # a diff on every other operator's machine.
+                context=docker_build.BuildContextArgs(location=os.path.relpath(REPO_ROOT)),
+                dockerfile=docker_build.DockerfileArgs(location=os.path.relpath(DOCKERFILE)),
                 platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers are x86-64
                 build_args={"LAUNCHER_TAG": args.launcher_tag},
                 tags=[self.repository.repository_id.apply(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from typing import Any
 
@@ -23,7 +24,7 @@ from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
 from components.foundation import Foundation, FoundationArgs
-from components.pipeline import WRITTEN_TABLES, Pipeline, PipelineArgs, metadata, source_hash
+from components.pipeline import REPO_ROOT, WRITTEN_TABLES, Pipeline, PipelineArgs, metadata, source_hash
 from tests.infra import harness
 
 PROJECT = "my-iot-dev-project"
@@ -178,7 +179,10 @@ def test_image_built_and_pushed_to_our_repository_and_pinned_by_digest(dev: harn
     (image,) = dev.of_type(IMAGE)
     assert image.get("push") is True and image.get("buildOnPreview") is False
     assert image.get("tags") == [f"{REGION}-docker.pkg.dev/{PROJECT}/iot-dev-dataflow/telemetry-pipeline:{source_hash()}"]
-    assert image.get("dockerfile")["location"].endswith("dataflow_jobs/Dockerfile")
+    # Relative paths (from where pulumi runs): no diff between checkouts.
+    assert image.get("dockerfile")["location"] == os.path.relpath(REPO_ROOT / "dataflow_jobs" / "Dockerfile")
+    assert image.get("context")["location"] == os.path.relpath(REPO_ROOT)
+    assert not os.path.isabs(image.get("context")["location"])
     assert image.get("platforms") == ["linux/amd64"]
     # The access token makes the registry credentials a secret: encrypted in the state, masked in diffs.
     registries = image.get("registries")
