@@ -15,7 +15,8 @@ Mosquitto cannot check IoT Core JWTs, so every device connection ends here first
    (own topics only, QoS ≤ 1, events ≤ 256 KB, state ≤ 64 KB); a violation closes the connection and nothing
    of the offending packet is forwarded. A SUBSCRIBE asking QoS 2 is granted QoS 1.
 5. The session is closed at the token's ``exp``; connected devices are re-read from the registry every
-   ``recheck_interval_s`` and dropped when blocked or deleted.
+   ``recheck_interval_s`` and dropped when blocked or deleted; their latest PINGREQ is written as
+   ``last_heartbeat_time`` in the same round.
 6. A config the broker delivers at QoS 1 is acknowledged in the registry when the device's PUBACK passes
    (IoT Core recorded the ack the same way; a QoS 0 config subscription gets no ack).
 7. At connect, the front asks the bridge service (``iotbridge/sync``) to make sure the broker holds the
@@ -128,6 +129,8 @@ class Session:
     config_inflight: dict[int, str] = field(default_factory=dict)  # broker packet id -> sha256 of the config
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     presence_time: object = None
+    last_ping: datetime | None = None  # the device's latest PINGREQ (IoT Core's lastHeartbeatTime)
+    ping_recorded: datetime | None = None
 
     def close(self, reason: str) -> None:
         if not self.done.is_set():
@@ -366,6 +369,8 @@ class Front:
                     digest = session.config_inflight.pop(pid, None)
                     if digest is not None:
                         self._spawn(self._ack_config(dev, digest))
+                elif kind == mqtt.PINGREQ:
+                    session.last_ping = datetime.now(UTC)
                 elif kind == mqtt.CONNECT:
                     raise Dropped("second CONNECT")
                 elif kind in (mqtt.PUBREC, mqtt.PUBREL, mqtt.PUBCOMP):
@@ -453,11 +458,19 @@ class Front:
             await self.recheck()
 
     async def recheck(self) -> None:
-        """Drop sessions whose device is now blocked or deleted."""
+        """Drop sessions whose device is now blocked or deleted; record heartbeats (coalesced per round)."""
         by_device: dict[str, list[Session]] = {}
         for s in list(self.sessions):
             by_device.setdefault(s.device_id, []).append(s)
         for device_id, sessions in by_device.items():
+            for s in sessions:
+                ping = s.last_ping
+                if ping is not None and ping != s.ping_recorded:
+                    try:
+                        await asyncio.to_thread(self.registry.record_heartbeat, device_id, ping)
+                        s.ping_recorded = ping
+                    except Exception as exc:  # best effort, like IoT Core's heartbeat time
+                        log.debug("heartbeat of %s not recorded: %s", device_id, exc)
             try:
                 device = await asyncio.to_thread(self.registry.get_device, device_id)
                 reason = "device blocked" if device.blocked else ""

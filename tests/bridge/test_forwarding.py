@@ -128,3 +128,9 @@ def test_mqtt5_device_and_mosquitto_pub_as_foreign_client(devices, reader, regis
          "-m", "from mosquitto_pub"], check=True, timeout=20, env={**os.environ})
     got = {m.data: m.attributes["deviceId"] for m in reader.pull("telemetry", 2)}
     assert got == {b"v5": dev.identity.device_id, b"from mosquitto_pub": device_id}
+
+
+def test_heartbeat_is_recorded_from_pingreq(devices, registry):
+    dev = devices.connected("ES256", keepalive=1)  # paho pings every second while idle
+    wait_until(lambda: registry.get_device(dev.identity.device_id).last_heartbeat_time is not None, 15,
+               "last_heartbeat_time")
