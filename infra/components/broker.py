@@ -50,11 +50,10 @@ MQTT_PORT = 8883
 BROKER_PORT = 1883  # loopback only
 # Google's health-check probe ranges (network load balancers and managed instance group auto-healing).
 HEALTH_CHECK_RANGES = ("35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22")
-# Modules the broker hosts run; nothing of the local stack or the CLI.
-CODE_FILES = ("iotbridge/__init__.py", "iotbridge/spec.py", "iotbridge/registry.py",
-              "iotbridge/bridge/__init__.py", "iotbridge/bridge/__main__.py", "iotbridge/bridge/auth.py",
-              "iotbridge/bridge/fanout.py", "iotbridge/bridge/front.py", "iotbridge/bridge/mqtt.py",
-              "iotbridge/bridge/service.py", "iotbridge/bridge/settings.py")
+# What the broker hosts run: the bridge package and the three modules it imports; not the local stack (which
+# starts emulators and makes a throw-away CA) nor the CLI.
+CODE_ROOT_FILES = ("iotbridge/__init__.py", "iotbridge/spec.py", "iotbridge/registry.py")
+LOCAL_ONLY = ("iotbridge/bridge/stack.py", "iotbridge/bridge/tls.py")
 HOST_REQUIREMENTS = ("paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "PyJWT", "cryptography")
 
 
@@ -70,7 +69,9 @@ def host_requirements() -> str:
 
 def code_files() -> dict[str, str]:
     """Path in the archive -> text: the bridge's code and its pinned requirements, as deployed."""
-    files = {rel: (REPO_ROOT / rel).read_text() for rel in CODE_FILES}
+    bridge = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "iotbridge" / "bridge").glob("*.py"))
+    rels = [*CODE_ROOT_FILES, *(r for r in bridge if r not in LOCAL_ONLY)]
+    files = {rel: (REPO_ROOT / rel).read_text() for rel in rels}
     files["requirements.txt"] = host_requirements()
     return files
 
@@ -413,8 +414,11 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q mosquitto python3-venv unzip
 systemctl disable --now mosquitto
-install -d -m 0755 /opt/iotbridge /var/lib/iotbridge
-install -d -m 0700 /etc/iotbridge
+# The front and the bridge service run unprivileged (8883 needs no root); Mosquitto drops to its own user.
+id iotbridge >/dev/null 2>&1 || useradd --system --home-dir /var/lib/iotbridge --shell /usr/sbin/nologin iotbridge
+install -d -m 0755 /opt/iotbridge
+install -d -m 0750 -o iotbridge -g iotbridge /var/lib/iotbridge
+install -d -m 0700 -o iotbridge -g iotbridge /etc/iotbridge
 gcloud storage cp {code_url} /opt/iotbridge/bridge.zip
 rm -rf /opt/iotbridge/app && unzip -q -o /opt/iotbridge/bridge.zip -d /opt/iotbridge/app
 python3 -m venv /opt/iotbridge/venv
@@ -434,6 +438,7 @@ cd /opt/iotbridge/app
 /opt/iotbridge/venv/bin/python -m iotbridge.bridge mosquitto-config --settings /etc/iotbridge/settings.json \\
     --out /var/lib/iotbridge/mosquitto --user mosquitto
 chown -R mosquitto:mosquitto /var/lib/iotbridge/mosquitto
+chown iotbridge:iotbridge /etc/iotbridge/*
 for role in front service; do
 cat > /etc/systemd/system/iotbridge-$role.service <<UNIT
 [Unit]
@@ -441,8 +446,13 @@ Description=gcp-iot-bridge $role
 After=network-online.target iotbridge-mosquitto.service
 Wants=network-online.target
 [Service]
+User=iotbridge
 WorkingDirectory=/opt/iotbridge/app
 ExecStart=/opt/iotbridge/venv/bin/python -m iotbridge.bridge $role --settings /etc/iotbridge/settings.json
+LimitNOFILE=1048576
+NoNewPrivileges=true
+ProtectSystem=strict
+ReadWritePaths=/var/lib/iotbridge
 Restart=always
 RestartSec=2
 [Install]

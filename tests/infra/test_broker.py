@@ -162,7 +162,8 @@ def test_mig_with_autohealing_on_the_front_health_check(run):
     assert template.get("serviceAccount")["email"] == BRIDGE_EMAIL
     assert template.get("networkInterfaces")[0].get("accessConfigs") in (None, [])  # no external IP
     assert template.get("shieldedInstanceConfig")["enableSecureBoot"] is True
-    assert "mosquitto" in template.get("metadataStartupScript")
+    script = template.get("metadataStartupScript")
+    assert "apt-get install -y -q mosquitto" in script and "User=iotbridge" in script
 
 
 def test_passthrough_network_load_balancer_on_8883_with_static_ip(run):
@@ -248,3 +249,21 @@ def test_startup_script_settings_load_in_the_bridge(run, tmp_path):
     assert [(r.sub_folder, r.topic) for r in s.routes] == [("logs", f"{PREFIX}-device-logs")]
     assert s.fanout_subscriptions == tuple(f"{PREFIX}-device-commands-host-{i}" for i in range(4))
     assert s.health_port == 8080 and s.host_id == "iot-dev-broker-abcd"
+
+
+def test_code_archive_imports_on_its_own(tmp_path):
+    """What a host unpacks must be complete: the front and the service import from the archive alone."""
+    import subprocess
+    import sys
+
+    for rel, text in bc.code_files().items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    modules = sorted(r[:-3].replace("/", ".") for r in bc.code_files() if r.endswith(".py"))
+    assert "iotbridge.bridge.batching" in modules and "iotbridge.bridge.stack" not in modules
+    probe = (f"import sys, importlib; sys.path.insert(0, {str(tmp_path)!r}); "
+             f"[importlib.import_module(m) for m in {modules!r}]; import iotbridge.bridge.__main__ as m; "
+             f"assert m.__file__.startswith({str(tmp_path)!r}), m.__file__; "
+             "assert not any(k.startswith('iotbridge.local') for k in sys.modules), 'local stack imported'")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
