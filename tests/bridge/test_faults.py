@@ -119,6 +119,7 @@ def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack,
     fanout.push_config(registry, pubsub_v1.PublisherClient(), own_stack.settings.prefix, device_id, b"cfg-v1")
     wait_until(lambda: _retained(own_stack, device_id) == b"cfg-v1", 20, "retained config")
 
+    wait_until(lambda: _health(own_stack) == 200, 10, "/healthz 200")
     # Messages queued for the bridge's persistent session while the bridge is away.
     reader = _reader(own_stack)
     own_stack.stop_part("service")
@@ -128,7 +129,6 @@ def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack,
         dev.publish_event(json.dumps({"seq": seq}).encode()).wait_for_publish(10)
     dev.disconnect()
 
-    assert _health(own_stack) == 200
     own_stack.stop_part("mosquitto")  # SIGTERM: Mosquitto writes its persistence file
     assert _health(own_stack) == 503  # the load balancer stops sending devices here, auto-healing may act
     own_stack.start_mosquitto()

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 
@@ -81,8 +82,8 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
             else:
                 services.wait_for_port(svc, 30)
         assert "leased fan-out subscription " + slots[0] in (tmp_path / "service.log").read_text()
-        with urllib.request.urlopen(f"http://127.0.0.1:{settings['health_port']}/healthz", timeout=10) as r:
-            assert r.status == 200
+        # Healthy once the service has written its first stats (half a second after it started).
+        wait_until(lambda: _health(settings["health_port"]) == 200, 10, "/healthz 200")
 
         reader = PubSubReader(PROJECT, prefix)
         reader.attach(uuid.uuid4().hex[:6])
@@ -101,3 +102,11 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+def _health(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
