@@ -7,15 +7,18 @@ devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate loa
 - Maximum rate, QoS 0 and QoS 1: ``N`` messages sent as fast as the devices' clients take them; the rate is
   ``N / (last Pub/Sub publish_time − first send)``. Afterwards every message is pulled from a subscription on the
   telemetry topic and checked: lost (a (device, seq) never seen) and duplicates are reported, and a QoS 1 loss
-  fails the section.
+  fails the section. Two loads: the device SDK (paho in one Python process, as the raw paho→paho figure), and
+  ``mosquitto_pub`` processes acting as IoT Core devices (TLS, client id path, JWT password), as the raw
+  "mosquitto_pub → paho subscriber" figure — the like-for-like comparison with one Python subscriber's limit.
 - The same with N broker hosts. The bridge service of a host holds one persistent MQTT session
   (``iotbridge:bridge:{host}``) subscribed to every device's topics, so a second service process on the same
   Mosquitto would take over that session or, with another client id, forward every message twice: the unit of
   scale-out is the host (Mosquitto + front + service behind the load balancer). N hosts here share the 2 cores.
-- Latency at 50% and 90% of the measured QoS 1 maximum: paced open-loop publishers; latency = the message's
-  Pub/Sub ``publish_time`` (set by the emulator when it accepted the bridge's publish) − the device's send time
-  embedded in the payload. Same machine, same clock.
-- Ratios bridge / raw against :mod:`bench.broker` (paho → Mosquitto → paho), measured in the same run.
+- Latency at 50% and 90% of the measured QoS 1 maximum (device SDK): paced open-loop publishers; latency = the
+  message's Pub/Sub ``publish_time`` (set by the emulator when it accepted the bridge's publish) − the device's
+  send time embedded in the payload. Same machine, same clock.
+- Ratios bridge / raw against :mod:`bench.broker`, measured in the same run, and the CPU each process spent per
+  message (from /proc), which says where the 2 cores go.
 
 Reproduce: ``.venv/bin/python -m bench bridge`` (runs the broker section first for the ratios).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,13 +38,16 @@ from pathlib import Path
 
 from bench import broker, local
 from bench.core import Figure, group_cpu_seconds, summary_ms
+from bench.loadgen import payload
 from iotbridge.bridge.stack import BridgeStack, init_host, start_bridge_stack
+from iotbridge.device import create_jwt
 from iotbridge.registry import Registry
 
 COMMAND = ".venv/bin/python -m bench bridge"
 SECTION = "bridge"
 N = 20_000
 DEVICES = 10
+C_DEVICES = 4
 PACED_S = 8.0
 STALL_S = 20.0
 HOSTS = 2
@@ -120,22 +127,55 @@ class Bench:
                                           cwd=ROOT, env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)}))
         return procs
 
-    def run(self, qos: int, total: int, rate: float = 0.0) -> Run:
+    def _c_devices(self, per_device: int, qos: int, run: str, devices: int) -> list[subprocess.Popen[bytes]]:
+        """mosquitto_pub as IoT Core devices (TLS, client id path, JWT password): the C client as load."""
+        exe = shutil.which("mosquitto_pub")
+        if not exe:
+            raise RuntimeError("mosquitto_pub not installed (mosquitto-clients)")
+        procs = []
+        for i, (device_id, key) in enumerate(self.devices[:devices]):
+            st = self.stacks[i % len(self.stacks)]
+            client_id = (f"projects/{local.PROJECT}/locations/{local.REGION}/registries/{local.REGISTRY}"
+                         f"/devices/{device_id}")
+            token = create_jwt(local.PROJECT, key, "ES256")
+            lines = local.workdir() / f"{run}-{device_id}.lines"
+            lines.write_bytes(b"".join(payload(i, seq, run) + b"\n" for seq in range(per_device)))
+            procs.append((client_id, device_id, token, st, lines))
+        started = []
+        for client_id, device_id, token, st, lines in procs:
+            with open(lines, "rb") as stdin:
+                started.append(subprocess.Popen(
+                    [exe, "-h", st.mqtt_host, "-p", str(st.mqtt_port), "--cafile", str(st.ca_cert), "-i", client_id,
+                     "-u", "unused", "-P", token, "-t", f"/devices/{device_id}/events", "-q", str(qos), "-l",
+                     "-M", "100"], stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        return started
+
+    def run(self, qos: int, total: int, rate: float = 0.0, c_devices: int = 0) -> Run:
         self.runs += 1
         tag = f"r{self.runs}"
         per_device = total // len(self.devices)
         total = per_device * len(self.devices)
         # Devices split evenly over the hosts, as the load balancer would spread them.
         split = [(st, self.devices[i::len(self.stacks)]) for i, st in enumerate(self.stacks)]
+        if c_devices:
+            per_device = total // c_devices
+            total = per_device * c_devices
         before = self.forwarded()
         cpu0 = self._cpu()
-        procs = self._loadgen(split, per_device, qos, rate, tag)
         results = []
-        for p in procs:
-            out, _ = p.communicate(timeout=600)
-            if p.returncode != 0:
-                raise RuntimeError(f"load generator exited with {p.returncode}")
-            results.append(json.loads(out.decode().strip().splitlines()[-1]))
+        if c_devices:
+            t0 = time.time()
+            for p in self._c_devices(per_device, qos, tag, c_devices):
+                _, err = p.communicate(timeout=600)
+                if p.returncode != 0:
+                    raise RuntimeError(f"mosquitto_pub exited with {p.returncode}: {err.decode(errors='replace')}")
+            results.append({"t0": t0, "unacked": 0})
+        else:
+            for p in self._loadgen(split, per_device, qos, rate, tag):
+                out, _ = p.communicate(timeout=600)
+                if p.returncode != 0:
+                    raise RuntimeError(f"load generator exited with {p.returncode}")
+                results.append(json.loads(out.decode().strip().splitlines()[-1]))
         # Wait until the bridge forwarded everything it got (or stopped making progress), then count on Pub/Sub.
         last, last_change = self.forwarded(), time.monotonic()
         while self.forwarded() - before < total and time.monotonic() - last_change < STALL_S:
@@ -194,40 +234,53 @@ def _loss_note(r: Run) -> str:
             + (f", {r.unacked} never PUBACKed to the device" if r.unacked else ""))
 
 
+def _figure(name: str, r: Run, load: str) -> Figure:
+    return Figure(SECTION, name, round(r.rate), "msg/s", COMMAND, f"device→Pub/Sub, {load}; {_loss_note(r)}; "
+                  f"{r.cpu_note()}", {"received": r.received, "lost": r.lost, "duplicates": r.duplicates,
+                                      "cpu_s": r.cpu})
+
+
+def _ratio(name: str, num: float, den: float, extra: str = "") -> Figure:
+    return Figure(SECTION, name, round(num / den, 3) if den else None, "ratio", COMMAND,
+                  f"{round(num)} / {round(den)} msg/s{extra}")
+
+
 def run() -> list[Figure]:
     raw_figures, fresh = broker.measured()
     raw = {f.name: float(f.value or 0) for f in raw_figures}
     raw_q0 = raw["raw paho→Mosquitto→paho QoS 0"]
     raw_q1 = raw["raw paho→Mosquitto→paho QoS 1"]
+    raw_sub = raw["raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1"]
     # Run alone, the section reports the raw limits its ratios divide by.
     figures: list[Figure] = list(raw_figures) if fresh else []
+    sdk = f"{DEVICES} devices on the device SDK (paho, TLS, one load process)"
+    cload = f"{C_DEVICES} mosquitto_pub devices (TLS, JWT)"
     one = Bench(hosts=1)
     try:
         # Warm-up: TLS sessions, JWT checks, Pub/Sub channels and the device cache are not the subject.
         one.run(1, 1000)
         q0 = one.run(0, N)
         q1 = one.run(1, N)
-        if q1.lost:
-            raise AssertionError(f"bridge lost {q1.lost} QoS 1 messages: {_loss_note(q1)}")
+        c1 = one.run(1, N, c_devices=C_DEVICES)
+        for r in (q1, c1):
+            if r.lost:
+                raise AssertionError(f"bridge lost {r.lost} QoS 1 messages: {_loss_note(r)}")
         paced = {share: one.run(1, int(q1.rate * share * PACED_S), rate=q1.rate * share) for share in (0.5, 0.9)}
     finally:
         one.stop()
     figures += [
-        Figure(SECTION, "bridge QoS 0, 1 host", round(q0.rate), "msg/s", COMMAND,
-               f"device→Pub/Sub, {DEVICES} devices; {_loss_note(q0)}",
-               {"received": q0.received, "lost": q0.lost, "duplicates": q0.duplicates}),
-        Figure(SECTION, "bridge QoS 1, 1 host", round(q1.rate), "msg/s", COMMAND,
-               f"device→Pub/Sub, {DEVICES} devices; {_loss_note(q1)}",
-               {"received": q1.received, "lost": q1.lost, "duplicates": q1.duplicates}),
-        Figure(SECTION, "ratio bridge/raw paho QoS 0, 1 host", round(q0.rate / raw_q0, 3), "ratio", COMMAND,
-               f"{round(q0.rate)} / {raw_q0} msg/s"),
-        Figure(SECTION, "ratio bridge/raw paho QoS 1, 1 host", round(q1.rate / raw_q1, 3), "ratio", COMMAND,
-               f"{round(q1.rate)} / {raw_q1} msg/s; target ≥ 0.8"),
+        _figure("bridge QoS 0, 1 host", q0, sdk),
+        _figure("bridge QoS 1, 1 host", q1, sdk),
+        _figure("bridge QoS 1, 1 host, C devices", c1, cload),
+        _ratio("ratio bridge/raw paho→paho QoS 0, 1 host", q0.rate, raw_q0),
+        _ratio("ratio bridge/raw paho→paho QoS 1, 1 host", q1.rate, raw_q1, "; Python publisher on both sides"),
+        _ratio("ratio bridge/raw paho subscriber QoS 1, 1 host", c1.rate, raw_sub,
+               "; C publishers on both sides (issue #7 target ≥ 0.8)"),
     ]
     for share, r in paced.items():
         s = summary_ms(r.latencies)
         pct = int(share * 100)
-        note = f"paced at {r.sent / PACED_S:.0f} msg/s for {PACED_S:.0f} s; {_loss_note(r)}"
+        note = f"paced at {r.sent / PACED_S:.0f} msg/s for {PACED_S:.0f} s, {sdk}; {_loss_note(r)}"
         figures += [
             Figure(SECTION, f"latency p50 QoS 1 at {pct}% of max", s["p50_ms"], "ms", COMMAND, note, s),
             Figure(SECTION, f"latency p99 QoS 1 at {pct}% of max", s["p99_ms"], "ms", COMMAND, note, s),
@@ -235,16 +288,14 @@ def run() -> list[Figure]:
     multi = Bench(hosts=HOSTS)
     try:
         multi.run(1, 1000)
-        qn = multi.run(1, N)
+        cn = multi.run(1, N, c_devices=C_DEVICES)
     finally:
         multi.stop()
-    if qn.lost:
-        raise AssertionError(f"bridge lost {qn.lost} QoS 1 messages with {HOSTS} hosts: {_loss_note(qn)}")
+    if cn.lost:
+        raise AssertionError(f"bridge lost {cn.lost} QoS 1 messages with {HOSTS} hosts: {_loss_note(cn)}")
     figures += [
-        Figure(SECTION, f"bridge QoS 1, {HOSTS} hosts", round(qn.rate), "msg/s", COMMAND,
-               f"{HOSTS} × (Mosquitto + front + service) on the same cores; {_loss_note(qn)}",
-               {"received": qn.received, "lost": qn.lost, "duplicates": qn.duplicates}),
-        Figure(SECTION, f"ratio bridge/raw paho QoS 1, {HOSTS} hosts", round(qn.rate / raw_q1, 3), "ratio",
-               COMMAND, f"{round(qn.rate)} / {raw_q1} msg/s"),
+        _figure(f"bridge QoS 1, {HOSTS} hosts, C devices", cn,
+                f"{HOSTS} × (Mosquitto + front + service) on the same 2 cores, {cload} split over them"),
+        _ratio(f"ratio {HOSTS} hosts/1 host QoS 1", cn.rate, c1.rate),
     ]
     return figures

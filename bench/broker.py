@@ -8,6 +8,7 @@ Reproduce: ``.venv/bin/python -m bench broker``.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from bench.core import Figure
+from bench.core import Figure, group_cpu_seconds
 from iotbridge.local import services
 
 COMMAND = ".venv/bin/python -m bench broker"
@@ -32,8 +33,13 @@ def broker_config(port: int, data_dir: Path) -> str:
     )
 
 
-def paho_rate(port: int, qos: int, n: int = N) -> tuple[float, int]:
-    """Messages/s a paho subscriber receives from a paho publisher; returns (rate, received)."""
+def _self_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def paho_rate(port: int, qos: int, n: int = N, broker_pid: int = 0) -> tuple[float, int, str]:
+    """Messages/s a paho subscriber receives from a paho publisher; returns (rate, received, CPU note)."""
     received = 0
     first: list[float] = []
     done = threading.Event()
@@ -60,16 +66,64 @@ def paho_rate(port: int, qos: int, n: int = N) -> tuple[float, int]:
     pub.loop_start()
     if not subscribed.wait(timeout=10):
         raise RuntimeError("raw subscriber got no SUBACK")
+    cpu0, broker0 = _self_cpu(), group_cpu_seconds(broker_pid) if broker_pid else 0.0
     t0 = time.perf_counter()
     for i in range(n):
         pub.publish(f"raw/{i % 10}", PAYLOAD, qos=qos)
     done.wait(timeout=120)
     t1 = time.perf_counter()
+    clients_ms = 1000 * (_self_cpu() - cpu0) / max(received, 1)
+    broker_ms = 1000 * ((group_cpu_seconds(broker_pid) if broker_pid else 0.0) - broker0) / max(received, 1)
     pub.loop_stop()
     sub.loop_stop()
     pub.disconnect()
     sub.disconnect()
-    return received / (t1 - t0), received
+    return received / (t1 - t0), received, f"CPU ms per message: paho publisher + subscriber {clients_ms:.3f}, " \
+        f"mosquitto {broker_ms:.3f}"
+
+
+def paho_subscriber_rate(port: int, n: int = N, publishers: int = 4) -> tuple[float, int, str]:
+    """The paho subscriber alone (QoS 1, auto-ack), fed by ``publishers`` mosquitto_pub processes: the limit of
+    one Python MQTT subscriber, which is what the bridge service is, without a Python publisher sharing its GIL."""
+    pub_exe = shutil.which("mosquitto_pub")
+    if not pub_exe:
+        raise RuntimeError("mosquitto-clients not installed")
+    received = 0
+    done, subscribed = threading.Event(), threading.Event()
+
+    def on_message(_c, _u, _m):
+        nonlocal received
+        received += 1
+        if received >= n:
+            done.set()
+
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-sub-alone")
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("psub/#", qos=1)
+    sub.loop_start()
+    if not subscribed.wait(timeout=10):
+        raise RuntimeError("raw subscriber got no SUBACK")
+    per = n // publishers
+    lines = b"".join(PAYLOAD + b"\n" for _ in range(per))
+    cpu0 = _self_cpu()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([pub_exe, "-h", "127.0.0.1", "-p", str(port), "-t", f"psub/{i}", "-q", "1", "-l",
+                               "-M", "100", "-i", f"psub-pub-{i}"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(publishers)]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(lines)
+        p.stdin.close()
+    done.wait(timeout=120)
+    t1 = time.perf_counter()
+    for p in procs:
+        p.wait(timeout=30)
+    sub_ms = 1000 * (_self_cpu() - cpu0) / max(received, 1)
+    sub.loop_stop()
+    sub.disconnect()
+    return received / (t1 - t0), received, f"CPU ms per message: paho subscriber {sub_ms:.3f}"
 
 
 def c_client_rate(port: int, n: int = N) -> tuple[float, int]:
@@ -109,16 +163,19 @@ def run() -> list[Figure]:
     with tempfile.TemporaryDirectory() as d:
         svc = services.start_mosquitto(broker_config(port, Path(d)), port, Path(d))
         try:
-            q0, r0 = paho_rate(port, 0)
-            q1, r1 = paho_rate(port, 1)
+            q0, r0, cpu0 = paho_rate(port, 0, broker_pid=svc.proc.pid)
+            q1, r1, cpu1 = paho_rate(port, 1, broker_pid=svc.proc.pid)
             c1, rc = c_client_rate(port)
+            s1, rs, cpus = paho_subscriber_rate(port)
         finally:
             svc.stop()
     _measured = [
         Figure("broker", "raw paho→Mosquitto→paho QoS 0", round(q0), "msg/s", COMMAND,
-               f"{r0}/{N} received (QoS 0 may drop)"),
-        Figure("broker", "raw paho→Mosquitto→paho QoS 1", round(q1), "msg/s", COMMAND, f"{r1}/{N} received"),
+               f"{r0}/{N} received (QoS 0 may drop); {cpu0}"),
+        Figure("broker", "raw paho→Mosquitto→paho QoS 1", round(q1), "msg/s", COMMAND, f"{r1}/{N} received; {cpu1}"),
         Figure("broker", "raw mosquitto_pub→Mosquitto→mosquitto_sub QoS 1", round(c1), "msg/s", COMMAND,
                f"{rc}/{N} received"),
+        Figure("broker", "raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1", round(s1), "msg/s", COMMAND,
+               f"{rs}/{N} received; the subscriber alone in its process; {cpus}"),
     ]
     return _measured
