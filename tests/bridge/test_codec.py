@@ -27,7 +27,13 @@ def _read(raw: bytes, max_size: int = 1 << 20) -> tuple[int, bytes, bytes]:
         r.feed_eof()
         return await mqtt.read_packet(r, max_size)
 
-    return asyncio.run(go())
+    # Not asyncio.run: it leaves the main thread without a current loop, which Pulumi's mocks (tests/infra,
+    # same session) then fail on.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(go())
+    finally:
+        loop.close()
 
 
 def _paho_connect(protocol: int, will: bool) -> bytes:
