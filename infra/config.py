@@ -15,6 +15,7 @@ To add a key: add a ``Key`` to ``KEYS``, a field to ``StackConfig`` (same defaul
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -53,6 +54,8 @@ _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
 _LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_REGISTRY_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}$")
+_MEMBER_RE = re.compile(r"^(user|group|serviceAccount|domain):[^\s:]+$")
 _ZONE_RE = re.compile(r"^(?P<region>[a-z]+-[a-z]+\d+)-(?P<zone>[a-z])$")
 
 
@@ -100,6 +103,22 @@ KEYS: tuple[Key, ...] = (
         "an integer 1..1000, >= bigtableMinNodes and <= 10 x bigtableMinNodes"),
     Key(_p("bigtableCpuTarget"), "bigtable_cpu_target", "integer", "an integer 10..80 (percent CPU)"),
     Key(_p("bigtableGcMaxAgeDays"), "bigtable_gc_max_age_days", "integer", "an integer 1..3650 (days)"),
+    Key(_p("registryId"), "registry_id", "string", 'a device registry id ([a-zA-Z][a-zA-Z0-9_.~%-]{2,254}); empty: {prefix}-registry'),
+    Key(_p("brokerHosts"), "broker_hosts", "integer", 'an integer 1..4 (broker hosts in the managed instance group)'),
+    Key(_p("brokerMachineType"), "broker_machine_type", "string", 'a Compute Engine machine type, e.g. e2-standard-2'),
+    Key(_p("brokerDeviceSourceRanges"), "broker_device_source_ranges", "array", 'a list of CIDR ranges devices connect from'),
+    Key(_p("pipelineThresholdRules"), "pipeline_threshold_rules", "string", 'a JSON object: metric -> {"above"/"below": N, "config": {...}}'),
+    Key(_p("pipelineMaxWorkers"), "pipeline_max_workers", "integer", 'an integer 1..1000'),
+    Key(_p("pipelineMachineType"), "pipeline_machine_type", "string", 'a Compute Engine machine type'),
+    Key(_p("pipelineImage"), "pipeline_image", "string", 'an image reference; empty: build and push the Flex Template image'),
+    Key(_p("workbenchEnabled"), "workbench_enabled", "boolean", 'true or false'),
+    Key(_p("workbenchZone"), "workbench_zone", "string", 'a zone in gcp:region (required when workbenchEnabled)'),
+    Key(_p("workbenchIdleTimeoutMinutes"), "workbench_idle_timeout_minutes", "integer", 'an integer 10..1440 (minutes)'),
+    Key(_p("workbenchUsers"), "workbench_users", "array", 'IAM members (user:, group:, serviceAccount:, domain:)'),
+    Key(_p("edgeMlTrain"), "edge_ml_train", "boolean", 'true or false (KMEANS fails on an empty telemetry_raw)'),
+    Key(_p("edgeMlModelVersion"), "edge_ml_model_version", "string", "letters, digits, '.', '_', '-' (up to 63)"),
+    Key(_p("edgeMlSigners"), "edge_ml_signers", "array", 'IAM members allowed to mint signed URLs for model artifacts'),
+    Key(_p("alertEmail"), "alert_email", "string", 'an email address, or empty for no notification channel'),
 )
 KEY_BY_FIELD: dict[str, Key] = {k.field: k for k in KEYS}
 KEY_BY_NAME: dict[str, Key] = {k.key: k for k in KEYS}
@@ -127,6 +146,22 @@ class StackConfig(BaseModel):
     bigtable_max_nodes: int = Field(default=3, ge=1, le=1000)
     bigtable_cpu_target: int = Field(default=60, ge=10, le=80)
     bigtable_gc_max_age_days: int = Field(default=30, ge=1, le=3650)
+    registry_id: str = ""
+    broker_hosts: int = Field(default=2, ge=1, le=4)
+    broker_machine_type: str = "e2-standard-2"
+    broker_device_source_ranges: tuple[str, ...] = ("0.0.0.0/0",)
+    pipeline_threshold_rules: str = "{}"
+    pipeline_max_workers: int = Field(default=3, ge=1, le=1000)
+    pipeline_machine_type: str = "n2-standard-2"
+    pipeline_image: str = ""
+    workbench_enabled: bool = False
+    workbench_zone: str = ""
+    workbench_idle_timeout_minutes: int = Field(default=60, ge=10, le=1440)
+    workbench_users: tuple[str, ...] = ()
+    edge_ml_train: bool = False
+    edge_ml_model_version: str = "v1"
+    edge_ml_signers: tuple[str, ...] = ()
+    alert_email: str = ""
 
     @field_validator("project")
     @classmethod
@@ -186,11 +221,79 @@ class StackConfig(BaseModel):
                 raise ValueError(f"{zone!r} is not a zone")
         return v
 
+    @field_validator("registry_id")
+    @classmethod
+    def _registry_id(cls, v: str) -> str:
+        if v and not _REGISTRY_RE.match(v):
+            raise ValueError("not a registry id")
+        return v
+
+    @field_validator("broker_device_source_ranges")
+    @classmethod
+    def _ranges(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("no range given: no device could connect")
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR range") from None
+        return v
+
+    @field_validator("pipeline_threshold_rules")
+    @classmethod
+    def _rules(cls, v: str) -> str:
+        try:
+            rules = json.loads(v)
+        except json.JSONDecodeError:
+            raise ValueError("not JSON") from None
+        if not isinstance(rules, dict):
+            raise ValueError("not a JSON object")
+        for metric, rule in rules.items():
+            if not isinstance(rule, dict) or not ({"above", "below"} & set(rule)) or not isinstance(
+                    rule.get("config"), dict):
+                raise ValueError(f"rule for {metric!r} needs above and/or below and a config object")
+        return v
+
+    @field_validator("workbench_zone")
+    @classmethod
+    def _wb_zone(cls, v: str) -> str:
+        if v and not _ZONE_RE.match(v):
+            raise ValueError(f"{v!r} is not a zone")
+        return v
+
+    @field_validator("workbench_users", "edge_ml_signers")
+    @classmethod
+    def _members(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for member in v:
+            if not _MEMBER_RE.match(member):
+                raise ValueError(f"{member!r} is not an IAM member (user:, group:, serviceAccount:, domain:)")
+        return v
+
+    @field_validator("edge_ml_model_version")
+    @classmethod
+    def _model_version(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", v):
+            raise ValueError("not a model version name")
+        return v
+
+    @field_validator("alert_email")
+    @classmethod
+    def _email(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", v):
+            raise ValueError("not an email address")
+        return v
+
     # ----------------------------------------------------------------------------------- derived values
     @property
     def all_labels(self) -> dict[str, str]:
         """The operator's labels plus the ones that say where a resource came from."""
         return {**self.labels, "app": "gcp-iot-bridge", "stack": _label_value(self.stack), "managed-by": "pulumi"}
+
+    @property
+    def registry(self) -> str:
+        """The device registry id: ``registryId``, or ``{prefix}-registry``."""
+        return self.registry_id or f"{self.prefix}-registry"
 
     @property
     def bigtable_gc_max_age(self) -> str:
@@ -277,6 +380,10 @@ def parse(raw: Mapping[str, str | None], stack: str) -> StackConfig:
     if cfg.bigtable_max_nodes > 10 * cfg.bigtable_min_nodes:
         raise _fail(KEY_BY_FIELD["bigtable_max_nodes"], cfg.bigtable_max_nodes,
                     f"more than 10 x bigtableMinNodes={cfg.bigtable_min_nodes}")
+    if cfg.workbench_enabled and not cfg.workbench_zone:
+        raise _fail(KEY_BY_FIELD["workbench_zone"], None, "required when workbenchEnabled is true")
+    if cfg.workbench_zone and not cfg.workbench_zone.startswith(f"{cfg.region}-"):
+        raise _fail(KEY_BY_FIELD["workbench_zone"], cfg.workbench_zone, f"not in gcp:region={cfg.region}")
     for zone in cfg.bigtable_zones:
         if not zone.startswith(f"{cfg.region}-"):
             raise _fail(KEY_BY_FIELD["bigtable_zones"], json.dumps(list(cfg.bigtable_zones)),

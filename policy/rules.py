@@ -328,9 +328,10 @@ def deletion_protection_follows_stack(r: Resource, ctx: StackContext) -> list[st
         checks.append(("forceDestroy", p.get("forceDestroy", False),
                        (lambda v: not _truthy(v)) if ctx.protect else (lambda v: _truthy(v))))
     elif r.type == "gcp:firestore/database:Database":
-        # The provider's default deletionPolicy ABANDON leaves the database behind on destroy.
-        checks.append(("deletionPolicy", p.get("deletionPolicy", "ABANDON"),
-                       (lambda v: v == "ABANDON") if ctx.protect else (lambda v: v == "DELETE")))
+        # The provider's default deletionPolicy ABANDON leaves the database behind on destroy, and the next
+        # `pulumi up` fails with "already exists". DELETE always: a protected stack relies on the database's
+        # own delete protection, which makes `pulumi destroy` fail loudly instead of skipping it silently.
+        checks.append(("deletionPolicy", p.get("deletionPolicy", "ABANDON"), lambda v: v == "DELETE"))
         checks.append(("deleteProtectionState", p.get("deleteProtectionState"),
                        (lambda v: v == "DELETE_PROTECTION_ENABLED") if ctx.protect
                        else (lambda v: v != "DELETE_PROTECTION_ENABLED")))

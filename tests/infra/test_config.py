@@ -49,7 +49,7 @@ def test_pulumi_yaml_schema_matches_config_py() -> None:
         if key.field == "labels":
             assert entry["default"] == [f"{k}={v}" for k, v in default.items()]
         else:
-            assert entry["default"] == default, name
+            assert entry["default"] == (list(default) if isinstance(default, tuple) else default), name
 
 
 def test_stack_files_only_use_known_keys() -> None:

@@ -18,6 +18,17 @@ API_OF_TYPE_PREFIX = {
     "gcp:bigtable/": "bigtableadmin.googleapis.com",
     "gcp:serviceaccount/": "iam.googleapis.com",
     "gcp:projects/iAMMember": "cloudresourcemanager.googleapis.com",
+    "gcp:compute/": "compute.googleapis.com",
+    "gcp:storage/": "storage.googleapis.com",
+    "gcp:cloudfunctionsv2/": "cloudfunctions.googleapis.com",
+    "gcp:cloudrunv2/": "run.googleapis.com",
+    "gcp:secretmanager/": "secretmanager.googleapis.com",
+    "gcp:firestore/": "firestore.googleapis.com",
+    "gcp:artifactregistry/": "artifactregistry.googleapis.com",
+    "gcp:dataflow/": "dataflow.googleapis.com",
+    "gcp:monitoring/": "monitoring.googleapis.com",
+    "gcp:eventarc/": "eventarc.googleapis.com",
+    "gcp:workbench/": "notebooks.googleapis.com",
 }
 
 
@@ -76,6 +87,10 @@ def test_one_service_account_per_workload_named_from_the_prefix(run: harness.Sta
         "foundation-sa-bridge": f"{prefix}-bridge",
         "foundation-sa-dataflow": f"{prefix}-dataflow",
         "foundation-sa-config-push": f"{prefix}-cfgpush",
+        # Identities the components own: the function's build and Eventarc trigger, the model-URL signer.
+        "config-push-build-sa": f"{prefix}-cfgbuild",
+        "config-push-trigger-sa": f"{prefix}-cfgtrig",
+        "edge-ml-signer": f"{prefix}-models-signer",
     }
     for account_id in accounts.values():
         assert 6 <= len(account_id) <= 30
@@ -86,8 +101,25 @@ def test_workload_roles_are_narrow(run: harness.StackRun) -> None:
     grants = {(g.get("member"), g.get("role")) for g in run.of_type("gcp:projects/iAMMember:IAMMember")}
     sa = f"{run.config['gcp-iot-bridge:prefix']}-dataflow@{project}.iam.gserviceaccount.com"
     assert (f"serviceAccount:{sa}", "roles/dataflow.worker") in grants
-    allowed = {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/dataflow.worker"}
-    assert {role for _, role in grants} <= allowed
+    prefix = run.config["gcp-iot-bridge:prefix"]
+
+    def account(suffix: str) -> str:
+        return f"serviceAccount:{prefix}-{suffix}@{project}.iam.gserviceaccount.com"
+
+    observability = {"roles/logging.logWriter", "roles/monitoring.metricWriter"}
+    # Every project-level role, by who holds it. Data roles are granted on single resources, not here.
+    allowed = {
+        account("dataflow"): observability | {"roles/dataflow.worker"},
+        account("bridge"): observability | {"roles/datastore.user"},  # conditioned on the registry database
+        account("cfgpush"): observability | {"roles/datastore.user"},  # conditioned on the registry database
+        account("cfgbuild"): {"roles/cloudbuild.builds.builder"},
+        "serviceAccount:service-123456789012@gcp-sa-eventarc.iam.gserviceaccount.com": {"roles/eventarc.serviceAgent"},
+    }
+    for member, role in grants:
+        assert role in allowed.get(member, set()), f"{member} holds {role} on the whole project"
+    for g in run.of_type("gcp:projects/iAMMember:IAMMember"):
+        if g.get("role") == "roles/datastore.user":
+            assert g.get("condition"), f"{g.name}: datastore.user must be conditioned on the registry database"
 
 
 def test_longest_prefix_still_gives_valid_account_ids() -> None:

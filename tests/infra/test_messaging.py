@@ -112,7 +112,9 @@ def test_subscriptions_owned_elsewhere_in_the_cloud_are_not_created(run: harness
 
 def test_retention_comes_from_config(run: harness.StackRun) -> None:
     seconds = run.config["gcp-iot-bridge:pubsubMessageRetentionSeconds"]
-    for s in run.of_type(SUB):
+    subs = [s for s in run.of_type(SUB) if "gcp-iot-bridge:index:Messaging" in s.parent]
+    assert len(subs) == len([k for k, v in spec.SUBSCRIPTIONS.items() if v.cloud])
+    for s in subs:
         assert s.get("messageRetentionDuration") == f"{seconds}s"
 
 

@@ -228,7 +228,6 @@ def test_render_dashboard_refuses_a_missing_value():
         render_dashboard(DASHBOARD_FILE.read_text(), {"prefix": "iot-dev"}, uptime_check=True)
 
 
-@pytest.mark.xfail(strict=True, reason="infra/__main__.py does not build Monitoring yet; remove this mark when it does")
 @pytest.mark.parametrize("stack", harness.STACKS)
 def test_every_stack_declares_the_dashboard_and_alerts_and_exports_the_url(stack: str) -> None:
     run = harness.stack_run(stack)

@@ -63,7 +63,9 @@ def test_enabled_instance_is_private_shielded_self_stopping_and_destroyable() ->
     assert inst.get("name") == "iot-dev-workbench"
     assert inst.get("location") == "us-central1-a"
     assert gce["disablePublicIp"] is True
-    assert [(n["network"], n["subnet"]) for n in gce["networkInterfaces"]] == [("vpc-id", "subnet-id")]
+    assert [(n["network"], n["subnet"]) for n in gce["networkInterfaces"]] == [
+        ("projects/my-iot-dev-project/global/networks/iot-dev-vpc",
+         "projects/my-iot-dev-project/regions/us-central1/subnetworks/iot-dev-subnet")]
     assert run.depends_on(inst, subnet) and run.depends_on(inst, network)
     assert not any(n.get("accessConfigs") for n in gce["networkInterfaces"])  # no NAT IP either
     assert inst.get("disableProxyAccess") is False  # the proxy is the only way in

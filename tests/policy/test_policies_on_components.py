@@ -18,11 +18,8 @@ from tests.infra import harness
 
 LABELS = {"app": "gcp-iot-bridge", "stack": "dev", "managed-by": "pulumi"}
 
-# Violations already reported and awaiting a decision in the component; anything else fails.
-# The broker's per-host fan-out subscriptions of the device-commands topic have no dead-letter policy.
-KNOWN = {
-    ("Broker", "pubsub-dead-letter"): re.compile(r"broker-fanout-\d+: subscription \S+-device-commands-host-\d+ "),
-}
+# Violations accepted in a component, with the reason; anything else fails. None at present.
+KNOWN: dict[tuple[str, str], re.Pattern[str]] = {}
 
 
 def _component_resources(run: harness.StackRun, component_type: str) -> list[rules.Resource]:
