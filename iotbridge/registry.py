@@ -346,6 +346,19 @@ class Registry:
     def get_device(self, device_id: str) -> Device:
         return Device.from_doc(self._load(device_id)[1])
 
+    def blocked_flags(self, device_ids: Sequence[str], chunk: int = 300) -> dict[str, bool]:
+        """Device id -> blocked, for those of ``device_ids`` that exist (a deleted device is absent). Batched
+        reads of the one field (a round trip per ``chunk`` devices, no credential parsing): the front re-checks
+        every connected device this way each few seconds, thousands per host."""
+        found: dict[str, bool] = {}
+        ids = list(dict.fromkeys(device_ids))
+        for i in range(0, len(ids), chunk):
+            refs = [self._device_ref(d) for d in ids[i:i + chunk]]
+            for snap in self.client.get_all(refs, field_paths=["blocked"]):
+                if snap.exists:
+                    found[snap.id] = bool((snap.to_dict() or {}).get("blocked", False))
+        return found
+
     def get_device_by_num_id(self, num_id: str) -> Device:
         snap = self._num_ids.document(str(num_id)).get()
         if not snap.exists:

@@ -26,6 +26,7 @@ Mosquitto cannot check IoT Core JWTs, so every device connection ends here first
 from __future__ import annotations
 
 import asyncio
+from asyncio import sslproto
 import contextlib
 import hashlib
 import logging
@@ -54,6 +55,7 @@ MAX_CONNECT_BYTES = 16 * 1024
 MAX_DEVICE_PACKET = EVENTS_MAX_BYTES + 70 * 1024
 MAX_BROKER_PACKET = 2 * 1024 * 1024
 SYNC_TOPIC = "iotbridge/sync"
+TLS_READ_BUFFER = 32 * 1024
 
 
 def server_ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -156,6 +158,10 @@ class Front:
     # ---------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        # asyncio gives each TLS connection a 256 KiB read buffer (SSLProtocol.max_size), zero-filled and so
+        # resident: 2.5 GiB of the front's 3 GiB at 10,000 idle devices (bench/connections.py, issue #7). A TLS
+        # record carries at most 16 KiB of plaintext, so a 32 KiB buffer costs no throughput.
+        sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         if self._control_password is not None:
             self._control = self._control_client(self._control_password)
         self._server = await asyncio.start_server(
@@ -471,14 +477,18 @@ class Front:
                         s.ping_recorded = ping
                     except Exception as exc:  # best effort, like IoT Core's heartbeat time
                         log.debug("heartbeat of %s not recorded: %s", device_id, exc)
-            try:
-                device = await asyncio.to_thread(self.registry.get_device, device_id)
-                reason = "device blocked" if device.blocked else ""
-            except DeviceNotFound:
-                reason = "device deleted"
-            except Exception as exc:  # registry briefly unreachable: keep the sessions, try next round
-                log.warning("registry recheck of %s failed: %s", device_id, exc)
-                continue
+        if not by_device:
+            return
+        # One batched read of the blocked flags of all connected devices: read one device at a time, the re-check
+        # of 10,000 idle devices kept the front at about half a core (bench/connections.py, issue #7).
+        try:
+            flags = await asyncio.to_thread(self.registry.blocked_flags, list(by_device))
+        except Exception as exc:  # registry briefly unreachable: keep the sessions, try next round
+            log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
+            return
+        for device_id, sessions in by_device.items():
+            blocked = flags.get(device_id)
+            reason = "device deleted" if blocked is None else "device blocked" if blocked else ""
             if reason:
                 for s in sessions:
                     log.warning("dropping %s: %s", device_id, reason)
