@@ -1,4 +1,5 @@
-"""Registry.blocked_flags: the batched read the front's re-check of connected devices uses (issue #7)."""
+"""Registry.blocked_flags and record_heartbeats: the batched calls of the front's re-check of connected devices
+(issue #7)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def test_blocked_flags_in_chunks_with_deleted_and_unknown_devices_absent(registr
     registry.set_blocked("dev-b", False)
     assert registry.blocked_flags(["dev-b"]) == {"dev-b": False}
     assert registry.blocked_flags([]) == {}
+
+
+def test_record_heartbeats_batched_skips_a_deleted_device(registry):
+    from datetime import UTC, datetime, timedelta
+
+    for device_id in ("hb-a", "hb-b", "hb-c", "hb-gone"):
+        registry.create_device(device_id)
+    registry.delete_device("hb-gone")
+    t = datetime(2026, 11, 27, 14, 0, tzinfo=UTC)
+    times = {"hb-a": t, "hb-b": t + timedelta(seconds=1), "hb-gone": t, "hb-c": t + timedelta(seconds=2)}
+    # chunk=2: the batch holding the deleted device fails as a whole and is written one by one.
+    assert registry.record_heartbeats(times, chunk=2) == 3
+    assert [registry.get_device(d).last_heartbeat_time for d in ("hb-a", "hb-b", "hb-c")] == [
+        t, t + timedelta(seconds=1), t + timedelta(seconds=2)]
+    assert registry.record_heartbeats({}) == 0

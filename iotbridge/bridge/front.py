@@ -468,19 +468,20 @@ class Front:
         by_device: dict[str, list[Session]] = {}
         for s in list(self.sessions):
             by_device.setdefault(s.device_id, []).append(s)
-        for device_id, sessions in by_device.items():
-            for s in sessions:
-                ping = s.last_ping
-                if ping is not None and ping != s.ping_recorded:
-                    try:
-                        await asyncio.to_thread(self.registry.record_heartbeat, device_id, ping)
-                        s.ping_recorded = ping
-                    except Exception as exc:  # best effort, like IoT Core's heartbeat time
-                        log.debug("heartbeat of %s not recorded: %s", device_id, exc)
+        pings = [(s, s.last_ping) for s in list(self.sessions) if s.last_ping is not None
+                 and s.last_ping != s.ping_recorded]
+        if pings:
+            # Batched writes: one write per device and keep-alive was most of an idle front's CPU (issue #7).
+            try:
+                await asyncio.to_thread(self.registry.record_heartbeats,
+                                        {s.device_id: ping for s, ping in pings})
+                for s, ping in pings:
+                    s.ping_recorded = ping
+            except Exception as exc:  # best effort, like IoT Core's heartbeat time
+                log.debug("heartbeats of %d devices not recorded: %s", len(pings), exc)
         if not by_device:
             return
-        # One batched read of the blocked flags of all connected devices: read one device at a time, the re-check
-        # of 10,000 idle devices kept the front at about half a core (bench/connections.py, issue #7).
+        # One batched read of the blocked flags of all connected devices instead of a round trip per device.
         try:
             flags = await asyncio.to_thread(self.registry.blocked_flags, list(by_device))
         except Exception as exc:  # registry briefly unreachable: keep the sessions, try next round
