@@ -25,8 +25,11 @@ from components.workbench import Workbench, WorkbenchArgs
 
 cfg = config.load()
 labels = cfg.all_labels
+# CMEK (kmsKeyName): Foundation grants the key to each Google agent that encrypts with it; every store below gets
+# the key and waits for its agent's grant (foundation.key_grants, empty without a key).
+kms_key = cfg.kms_key_name or None
 
-foundation = Foundation("foundation", FoundationArgs(project=cfg.project, prefix=cfg.prefix))
+foundation = Foundation("foundation", FoundationArgs(project=cfg.project, prefix=cfg.prefix, kms_key_name=kms_key))
 network = Network("network", NetworkArgs(
     project=cfg.project, region=cfg.region, prefix=cfg.prefix,
     depends_on=foundation.needs("compute.googleapis.com"),
@@ -40,7 +43,8 @@ warehouse = Warehouse("warehouse", WarehouseArgs(
     deletion_protection=cfg.deletion_protection,
     data_expiration_days=cfg.bigquery_table_expiration_days,
     labels=labels,
-    depends_on=foundation.needs("bigquery.googleapis.com"),
+    kms_key_name=kms_key,
+    depends_on=[*foundation.needs("bigquery.googleapis.com"), *foundation.key_grants("bigquery.googleapis.com")],
 ))
 
 timeseries = TimeSeries("timeseries", TimeSeriesArgs(
@@ -54,7 +58,9 @@ timeseries = TimeSeries("timeseries", TimeSeriesArgs(
     cpu_target=cfg.bigtable_cpu_target,
     gc_max_age=cfg.bigtable_gc_max_age,
     labels=labels,
-    depends_on=foundation.needs("bigtableadmin.googleapis.com"),
+    kms_key_name=kms_key,
+    depends_on=[*foundation.needs("bigtableadmin.googleapis.com"),
+                *foundation.key_grants("bigtableadmin.googleapis.com")],
 ))
 
 messaging = Messaging("messaging", MessagingArgs(
@@ -66,7 +72,9 @@ messaging = Messaging("messaging", MessagingArgs(
     message_retention_seconds=cfg.pubsub_message_retention_seconds,
     max_delivery_attempts=cfg.pubsub_max_delivery_attempts,
     labels=labels,
-    depends_on=foundation.needs("pubsub.googleapis.com", "bigquery.googleapis.com"),
+    kms_key_name=kms_key,
+    depends_on=[*foundation.needs("pubsub.googleapis.com", "bigquery.googleapis.com"),
+                *foundation.key_grants("pubsub.googleapis.com")],
 ))
 
 # Devices → broker hosts (registry in Firestore, TLS front, Mosquitto, bridge) → telemetry and state topics.
@@ -90,10 +98,12 @@ broker = Broker("broker", BrokerArgs(
     pubsub_agent=foundation.service_agent("pubsub.googleapis.com"),
     max_delivery_attempts=cfg.pubsub_max_delivery_attempts,
     labels=labels,
+    kms_key_name=kms_key,
     # cloudresourcemanager: its datastore.user grant is a project IAM binding.
-    depends_on=foundation.needs("compute.googleapis.com", "firestore.googleapis.com",
-                                "secretmanager.googleapis.com", "pubsub.googleapis.com", "storage.googleapis.com",
-                                "cloudresourcemanager.googleapis.com"),
+    depends_on=[*foundation.needs("compute.googleapis.com", "firestore.googleapis.com",
+                                  "secretmanager.googleapis.com", "pubsub.googleapis.com", "storage.googleapis.com",
+                                  "cloudresourcemanager.googleapis.com"),
+                *foundation.key_grants("storage.googleapis.com")],
 ))
 
 # Telemetry → the streaming pipeline → BigQuery, Bigtable, and config requests when a rule fires.
@@ -115,8 +125,10 @@ pipeline = Pipeline("pipeline", PipelineArgs(
     machine_type=cfg.pipeline_machine_type,
     prebuilt_image=cfg.pipeline_image or None,
     labels=labels,
-    depends_on=foundation.needs("dataflow.googleapis.com", "artifactregistry.googleapis.com",
-                                "storage.googleapis.com", "compute.googleapis.com"),
+    kms_key_name=kms_key,
+    depends_on=[*foundation.needs("dataflow.googleapis.com", "artifactregistry.googleapis.com",
+                                  "storage.googleapis.com", "compute.googleapis.com"),
+                *foundation.key_grants("storage.googleapis.com", "dataflow.googleapis.com", "compute.googleapis.com")],
 ))
 
 # Config requests (operators, the pipeline's rules) → the function → the registry → every broker host (fan-out),
@@ -135,7 +147,8 @@ config_push = ConfigPush("config-push", ConfigPushArgs(
     eventarc_agent=foundation.service_agent("eventarc.googleapis.com"),
     deletion_protection=cfg.deletion_protection,
     labels=labels,
-    depends_on=[*foundation.needs(*CONFIG_PUSH_APIS), broker.database],
+    kms_key_name=kms_key,
+    depends_on=[*foundation.needs(*CONFIG_PUSH_APIS), broker.database, *foundation.key_grants("storage.googleapis.com")],
 ))
 
 # Cloud to edge: a model trained on the warehouse, exported small, rolled out through device configs.
@@ -149,8 +162,10 @@ edge_ml = EdgeMl("edge-ml", EdgeMlArgs(
     train=cfg.edge_ml_train,
     signer_members=cfg.edge_ml_signers,
     labels=labels,
+    kms_key_name=kms_key,
     depends_on=[*foundation.needs("bigquery.googleapis.com", "storage.googleapis.com", "iam.googleapis.com",
-                                  "iamcredentials.googleapis.com"), warehouse.tables["telemetry_raw"]],
+                                  "iamcredentials.googleapis.com"), warehouse.tables["telemetry_raw"],
+                *foundation.key_grants("storage.googleapis.com")],
 ))
 
 # What operators look at.

@@ -57,6 +57,9 @@ _LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _REGISTRY_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}$")
 _MEMBER_RE = re.compile(r"^(user|group|serviceAccount|domain):[^\s:]+$")
 _ZONE_RE = re.compile(r"^(?P<region>[a-z]+-[a-z]+\d+)-(?P<zone>[a-z])$")
+# A CryptoKey's full resource name, as Cloud KMS and every CMEK field take it (the project part as _PROJECT_RE).
+_KMS_KEY_RE = re.compile(r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/locations/(?P<location>[a-z0-9-]+)"
+                         r"/keyRings/[A-Za-z0-9_-]{1,63}/cryptoKeys/[A-Za-z0-9_-]{1,63}$")
 
 
 class ConfigError(pulumi.RunError):
@@ -119,6 +122,9 @@ KEYS: tuple[Key, ...] = (
     Key(_p("edgeMlModelVersion"), "edge_ml_model_version", "string", "letters, digits, '.', '_', '-' (up to 63)"),
     Key(_p("edgeMlSigners"), "edge_ml_signers", "array", 'IAM members allowed to mint signed URLs for model artifacts'),
     Key(_p("alertEmail"), "alert_email", "string", 'an email address, or empty for no notification channel'),
+    Key(_p("kmsKeyName"), "kms_key_name", "string",
+        "empty (Google-managed keys) or projects/P/locations/L/keyRings/R/cryptoKeys/K with L = gcp:region "
+        "(and bigqueryLocation = gcp:region)"),
 )
 KEY_BY_FIELD: dict[str, Key] = {k.field: k for k in KEYS}
 KEY_BY_NAME: dict[str, Key] = {k.key: k for k in KEYS}
@@ -162,6 +168,7 @@ class StackConfig(BaseModel):
     edge_ml_model_version: str = "v1"
     edge_ml_signers: tuple[str, ...] = ()
     alert_email: str = ""
+    kms_key_name: str = ""
 
     @field_validator("project")
     @classmethod
@@ -284,6 +291,13 @@ class StackConfig(BaseModel):
             raise ValueError("not an email address")
         return v
 
+    @field_validator("kms_key_name")
+    @classmethod
+    def _kms_key(cls, v: str) -> str:
+        if v and not _KMS_KEY_RE.match(v):
+            raise ValueError("not a Cloud KMS CryptoKey name")
+        return v
+
     # ----------------------------------------------------------------------------------- derived values
     @property
     def all_labels(self) -> dict[str, str]:
@@ -299,6 +313,12 @@ class StackConfig(BaseModel):
     def bigtable_gc_max_age(self) -> str:
         """The GC max age as the duration the Bigtable GC policy takes (hours: Go duration syntax)."""
         return f"{self.bigtable_gc_max_age_days * 24}h"
+
+    @property
+    def kms_key_location(self) -> str | None:
+        """The location of ``kmsKeyName`` (e.g. ``us-central1``), or None when the stack uses Google-managed keys."""
+        found = _KMS_KEY_RE.match(self.kms_key_name)
+        return found.group("location") if found else None
 
 
 def _label_value(text: str) -> str:
@@ -388,6 +408,17 @@ def parse(raw: Mapping[str, str | None], stack: str) -> StackConfig:
         if not zone.startswith(f"{cfg.region}-"):
             raise _fail(KEY_BY_FIELD["bigtable_zones"], json.dumps(list(cfg.bigtable_zones)),
                         f"zone {zone} is not in gcp:region={cfg.region}")
+    # One key serves every store, so it must sit where all of them are: Bigtable takes only a key in its clusters'
+    # region, BigQuery only one in the dataset's location, Cloud Storage one in the bucket's location. A key
+    # elsewhere fails `pulumi up` half-way, after some stores exist with it and others do not.
+    if cfg.kms_key_location is not None:
+        if cfg.kms_key_location != cfg.region:
+            raise _fail(KEY_BY_FIELD["kms_key_name"], cfg.kms_key_name,
+                        f"key location {cfg.kms_key_location} is not gcp:region={cfg.region}")
+        if cfg.bigquery_location.lower() != cfg.region:
+            raise _fail(KEY_BY_FIELD["kms_key_name"], cfg.kms_key_name,
+                        f"bigqueryLocation={cfg.bigquery_location} is not gcp:region={cfg.region}, and the dataset "
+                        "needs a key in its own location")
     return cfg
 
 

@@ -117,6 +117,7 @@ class BrokerArgs:
     max_delivery_attempts: int = 5
     labels: Mapping[str, str] = field(default_factory=dict)
     depends_on: Sequence[pulumi.Resource] = ()  # APIs: compute, firestore, secretmanager, pubsub, storage
+    kms_key_name: str | None = None  # CMEK for the code bucket; depends_on must hold the Storage agent's grant
 
 
 class Broker(pulumi.ComponentResource):
@@ -278,7 +279,9 @@ class Broker(pulumi.ComponentResource):
         self.bucket = gcp.storage.Bucket(
             f"{name}-code", project=args.project, name=f"{args.project}-{p}-broker-code", location=args.region,
             uniform_bucket_level_access=True, public_access_prevention="enforced",
-            force_destroy=not args.deletion_protection, labels=labels, opts=child)
+            force_destroy=not args.deletion_protection, labels=labels, opts=child,
+            encryption=gcp.storage.BucketEncryptionArgs(
+                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None)
         # Named by content: hosts created from a new template fetch the new code, running ones keep theirs.
         self.code = gcp.storage.BucketObject(
             f"{name}-code-zip", bucket=self.bucket.name, name=f"bridge/{digest}.zip",

@@ -122,6 +122,7 @@ class ConfigPushArgs:
     depends_on: Sequence[pulumi.Resource] = ()  # foundation.needs(*APIS), and the registry's Firestore database
     labels: Mapping[str, str] = field(default_factory=dict)
     sources: Mapping[str, bytes] | None = None  # default: archive_contents()
+    kms_key_name: str | None = None  # CMEK for the source bucket; depends_on must hold the Storage agent's grant
 
 
 class ConfigPush(pulumi.ComponentResource):
@@ -166,6 +167,8 @@ class ConfigPush(pulumi.ComponentResource):
             uniform_bucket_level_access=True,
             public_access_prevention="enforced",
             force_destroy=not args.deletion_protection,
+            encryption=gcp.storage.BucketEncryptionArgs(
+                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None,
             labels=labels,
             opts=child,
         )

@@ -73,6 +73,7 @@ class EdgeMlArgs:
     noncurrent_retention_days: int = 90
     labels: Mapping[str, str] = field(default_factory=dict)
     depends_on: Sequence[pulumi.Resource] = ()  # APIs, and the warehouse's telemetry_raw table
+    kms_key_name: str | None = None  # CMEK for the models bucket; depends_on must hold the Storage agent's grant
 
     def __post_init__(self) -> None:
         self.model_spec()  # validates metrics, clusters, window, contamination
@@ -127,6 +128,8 @@ class EdgeMl(pulumi.ComponentResource):
                     days_since_noncurrent_time=args.noncurrent_retention_days, with_state="ARCHIVED"),
             )],
             force_destroy=not args.deletion_protection,
+            encryption=gcp.storage.BucketEncryptionArgs(
+                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None,
             labels=labels,
             opts=child,
         )

@@ -4,6 +4,11 @@ Every other component takes the ``projects.Service`` resources it needs from ``F
 in the ``depends_on`` of each resource it declares. Without that, a first ``pulumi up`` on a fresh project races
 API enablement and fails with "API has not been used in project ... before or it is disabled"
 (pulumi/pulumi-gcp#675, #574, #992); data sources race it too (pulumi/pulumi-gcp#120, #685).
+
+With a customer-managed key (``kms_key_name``), Foundation also grants Cloud KMS CryptoKey Encrypter/Decrypter on
+that key to each Google service agent that encrypts the stack's data with it. The grants live here, once per agent,
+because one agent serves several components (the Cloud Storage agent encrypts every bucket); each component passes
+``key_grants(api)`` into its ``depends_on``, since creating a CMEK resource before its agent may use the key fails.
 """
 
 from __future__ import annotations
@@ -66,10 +71,23 @@ SERVICE_AGENT_DOMAINS: dict[str, str] = {
     "eventarc.googleapis.com": "gcp-sa-eventarc.iam.gserviceaccount.com",
     "dataflow.googleapis.com": "dataflow-service-producer-prod.iam.gserviceaccount.com",
     "storage.googleapis.com": "gs-project-accounts.iam.gserviceaccount.com",
+    "bigtableadmin.googleapis.com": "gcp-sa-bigtable.iam.gserviceaccount.com",
+    "compute.googleapis.com": "compute-system.iam.gserviceaccount.com",
 }
 # Agents that are created lazily by Google: generating the identity up front avoids granting a role to an account
 # that does not exist yet ("Service account service-...@gcp-sa-pubsub... does not exist").
 GENERATED_IDENTITIES: tuple[str, ...] = ("pubsub.googleapis.com", "eventarc.googleapis.com")
+
+KMS_API = "cloudkms.googleapis.com"
+KEY_ROLE = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+# The services whose Google agent encrypts the stack's data with the key (cloud.google.com/iam/docs/service-agents):
+# Pub/Sub topics, the BigQuery dataset, Bigtable clusters, Cloud Storage buckets, and the Dataflow job, whose
+# workers' persistent disks the Compute Engine agent encrypts.
+KEY_USERS: tuple[str, ...] = ("pubsub.googleapis.com", "bigquery.googleapis.com", "bigtableadmin.googleapis.com",
+                              "storage.googleapis.com", "dataflow.googleapis.com", "compute.googleapis.com")
+# Of those, the agents Google creates lazily that `services identity create` can generate: a Bigtable CMEK cluster
+# cannot be created before its agent exists (cloud.google.com/bigtable/docs/use-cmek).
+KEY_USER_IDENTITIES: tuple[str, ...] = ("bigtableadmin.googleapis.com",)
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,7 @@ class FoundationArgs:
     prefix: str
     apis: tuple[str, ...] = APIS
     workloads: Mapping[str, Workload] = field(default_factory=lambda: dict(WORKLOADS))
+    kms_key_name: str | None = None  # projects/P/locations/L/keyRings/R/cryptoKeys/K; None: Google-managed keys
 
 
 class Foundation(pulumi.ComponentResource):
@@ -87,10 +106,15 @@ class Foundation(pulumi.ComponentResource):
     service_accounts: dict[str, gcp.serviceaccount.Account]
     service_identities: dict[str, gcp.projects.ServiceIdentity]
     project_number: pulumi.Output[str]
+    kms_grants: dict[str, gcp.kms.CryptoKeyIAMMember]  # API -> its agent's role on the key; empty without a key
 
     def __init__(self, name: str, args: FoundationArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:Foundation", name, None, opts)
         self._project = args.project
+        apis = tuple(args.apis)
+        # Cloud KMS only when the stack asks for a key: the grants below call it; a stack without one has no use for it.
+        if args.kms_key_name and KMS_API not in apis:
+            apis += (KMS_API,)
 
         self.apis = {
             api: gcp.projects.Service(
@@ -102,7 +126,7 @@ class Foundation(pulumi.ComponentResource):
                 disable_dependent_services=False,
                 opts=pulumi.ResourceOptions(parent=self),
             )
-            for api in args.apis
+            for api in apis
         }
 
         crm = self.apis["cloudresourcemanager.googleapis.com"]
@@ -118,7 +142,7 @@ class Foundation(pulumi.ComponentResource):
                 service=api,
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[self.apis[api]]),
             )
-            for api in GENERATED_IDENTITIES
+            for api in GENERATED_IDENTITIES + (KEY_USER_IDENTITIES if args.kms_key_name else ())
             if api in self.apis
         }
 
@@ -142,10 +166,47 @@ class Foundation(pulumi.ComponentResource):
                     opts=pulumi.ResourceOptions(parent=self, depends_on=[crm]),
                 )
 
+        self.kms_grants = self._key_grants(name, args.kms_key_name) if args.kms_key_name else {}
+
         self.register_outputs({
             "project_number": self.project_number,
             "service_accounts": {k: a.email for k, a in self.service_accounts.items()},
         })
+
+    def _key_grants(self, name: str, key: str) -> dict[str, gcp.kms.CryptoKeyIAMMember]:
+        missing = [api for api in KEY_USERS if api not in self.apis]
+        if missing:
+            raise KeyError(f"a key is given but the API(s) of its users are not enabled: {missing}")
+        members: dict[str, pulumi.Input[str]] = {
+            api: self.service_agent(api) for api in KEY_USERS if api in SERVICE_AGENT_DOMAINS
+        }
+        # The BigQuery encryption agent (bq-{number}@bigquery-encryption) and the Cloud Storage agent exist only
+        # once their service is asked for them; these data sources ask, so the grant never names a missing account.
+        members["bigquery.googleapis.com"] = gcp.bigquery.get_default_service_account_output(
+            project=self._project, opts=pulumi.InvokeOutputOptions(
+                parent=self, depends_on=[self.apis["bigquery.googleapis.com"]])).member
+        members["storage.googleapis.com"] = gcp.storage.get_project_service_account_output(
+            project=self._project, opts=pulumi.InvokeOutputOptions(
+                parent=self, depends_on=[self.apis["storage.googleapis.com"]])).member
+        return {
+            api: gcp.kms.CryptoKeyIAMMember(
+                f"{name}-key-{api.split('.')[0]}",
+                crypto_key_id=key,
+                role=KEY_ROLE,
+                member=members[api],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.apis[KMS_API], *self.needs(api)]),
+            )
+            for api in KEY_USERS
+        }
+
+    def key_grants(self, *apis: str) -> list[pulumi.Resource]:
+        """The key grants of the agents of ``apis``, for ``depends_on``; empty when the stack has no key."""
+        if not self.kms_grants:
+            return []
+        unknown = [api for api in apis if api not in self.kms_grants]
+        if unknown:
+            raise KeyError(f"no key grant for {unknown}; key users are {list(KEY_USERS)}")
+        return [self.kms_grants[api] for api in apis]
 
     def needs(self, *apis: str) -> list[pulumi.Resource]:
         """The resources a component passes into ``depends_on`` for the APIs it calls."""

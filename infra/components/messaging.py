@@ -35,6 +35,7 @@ class MessagingArgs:
     max_delivery_attempts: int = 5  # Pub/Sub allows 5..100
     minimum_backoff: str = "10s"
     maximum_backoff: str = "600s"
+    kms_key_name: str | None = None  # CMEK for every topic; depends_on must hold the Pub/Sub agent's key grant
 
 
 class Messaging(pulumi.ComponentResource):
@@ -56,6 +57,7 @@ class Messaging(pulumi.ComponentResource):
                 f"{name}-{key}",
                 project=args.project,
                 name=spec.topic_name(args.prefix, key),
+                kms_key_name=args.kms_key_name,
                 labels=dict(args.labels),
                 opts=child,
             )

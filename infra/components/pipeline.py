@@ -113,6 +113,9 @@ class PipelineArgs:
     transform_name_mapping: Mapping[str, str] = field(default_factory=dict)  # renamed transforms, for updates
     labels: Mapping[str, str] = field(default_factory=dict)
     depends_on: Sequence[pulumi.Resource] = ()  # dataflow, artifactregistry, storage, compute APIs
+    # CMEK for the bucket and the job (its state and the workers' disks); depends_on must hold the key grants of the
+    # Cloud Storage, Dataflow and Compute Engine agents.
+    kms_key_name: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_workers <= self.max_workers <= 1000:
@@ -214,6 +217,8 @@ class Pipeline(pulumi.ComponentResource):
                 condition=gcp.storage.BucketLifecycleRuleConditionArgs(
                     age=7, matches_prefixes=["tmp/", "staging/"]),
             )],
+            encryption=gcp.storage.BucketEncryptionArgs(
+                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None,
             labels=labels,
             opts=child,
         )
@@ -340,6 +345,7 @@ class Pipeline(pulumi.ComponentResource):
             temp_location=self.bucket.url.apply(lambda u: f"{u}/tmp"),
             staging_location=self.bucket.url.apply(lambda u: f"{u}/staging"),
             additional_experiments=["create_or_update_job"],
+            kms_key_name=args.kms_key_name,
             transform_name_mapping=dict(args.transform_name_mapping) or None,
             labels=labels,
             on_delete="drain" if args.deletion_protection else "cancel",

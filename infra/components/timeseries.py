@@ -31,6 +31,9 @@ class TimeSeriesArgs:
     max_nodes: int = 3
     cpu_target: int = 60  # percent, 10..80
     gc_max_age: str = "720h"  # Go duration, as the GC policy takes it
+    # CMEK for every cluster (one key for all clusters, in their region). Changing it later recreates the whole
+    # instance, so set it when the stack is created. depends_on must hold the Bigtable agent's key grant.
+    kms_key_name: str | None = None
 
 
 class TimeSeries(pulumi.ComponentResource):
@@ -63,6 +66,7 @@ class TimeSeries(pulumi.ComponentResource):
                     cluster_id=cluster_id,
                     zone=zone,
                     storage_type=args.storage_type,
+                    kms_key_name=args.kms_key_name,
                     autoscaling_config=gcp.bigtable.InstanceClusterAutoscalingConfigArgs(
                         min_nodes=args.min_nodes, max_nodes=args.max_nodes, cpu_target=args.cpu_target),
                 )

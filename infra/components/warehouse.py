@@ -33,6 +33,9 @@ class WarehouseArgs:
     depends_on: Sequence[pulumi.Resource] = ()  # the BigQuery API
     labels: Mapping[str, str] = field(default_factory=dict)
     data_expiration_days: int = 0  # 0: keep data
+    # CMEK: the dataset's default key, so every table, view and model created in it is encrypted with it. Tables
+    # that already exist keep their key. depends_on must hold the BigQuery encryption agent's key grant.
+    kms_key_name: str | None = None
 
 
 class Warehouse(pulumi.ComponentResource):
@@ -56,6 +59,8 @@ class Warehouse(pulumi.ComponentResource):
             description="IoT telemetry warehouse (gcp-iot-bridge).",
             labels=dict(args.labels),
             default_partition_expiration_ms=expiration_ms,
+            default_encryption_configuration=gcp.bigquery.DatasetDefaultEncryptionConfigurationArgs(
+                kms_key_name=args.kms_key_name) if args.kms_key_name else None,
             delete_contents_on_destroy=not args.deletion_protection,
             opts=child,
         )

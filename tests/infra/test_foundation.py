@@ -29,6 +29,7 @@ API_OF_TYPE_PREFIX = {
     "gcp:monitoring/": "monitoring.googleapis.com",
     "gcp:eventarc/": "eventarc.googleapis.com",
     "gcp:workbench/": "notebooks.googleapis.com",
+    "gcp:kms/": "cloudkms.googleapis.com",
 }
 
 
