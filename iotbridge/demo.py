@@ -96,7 +96,7 @@ def plot(path: Path, raw: list[dict[str, Any]], means: list[dict[str, Any]], pus
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(13, 5.5), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, dev in enumerate(device_ids):
         c = colors[i % len(colors)]
@@ -122,7 +122,7 @@ def plot(path: Path, raw: list[dict[str, Any]], means: list[dict[str, Any]], pus
     ax.set_xlabel("event time (UTC)")
     ax.set_ylabel("temperature (°C)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.autofmt_xdate()
     fig.tight_layout()
     fig.savefig(path)
