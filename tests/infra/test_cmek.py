@@ -258,3 +258,20 @@ def test_key_is_parsed_with_its_location() -> None:
     cfg = config.parse(harness.stack_config("prod", {"kmsKeyName": key, "bigqueryLocation": region}), "prod")
     assert (cfg.kms_key_name, cfg.kms_key_location) == (key, "europe-west1")
     assert config.parse(harness.stack_config("prod"), "prod").kms_key_location is None
+
+
+def test_key_grants_are_empty_without_a_key_and_refuse_an_agent_that_holds_none() -> None:
+    seen: dict[str, Any] = {}
+
+    def program() -> None:
+        plain = fnd.Foundation("plain", fnd.FoundationArgs(project="p-123456", prefix="iot-t"))
+        seen["plain"] = plain.key_grants("pubsub.googleapis.com", "storage.googleapis.com")
+        keyed = fnd.Foundation("keyed", fnd.FoundationArgs(project="p-123456", prefix="iot-k",
+                                                           kms_key_name=STACK_KEYS["dev"][0]))
+        seen["keyed"] = keyed.key_grants("storage.googleapis.com")
+        keyed.key_grants("firestore.googleapis.com")
+
+    with pytest.raises(harness.ProgramFailed, match="no key grant for .'firestore.googleapis.com'."):
+        harness.run_program("dev", program=program, invokes=INVOKES)
+    assert seen["plain"] == []
+    assert len(seen["keyed"]) == 1
