@@ -205,18 +205,20 @@ def devices_get(device_id: Annotated[str, typer.Argument(metavar="ID")], stack: 
 def devices_block(device_id: Annotated[str, typer.Argument(metavar="ID")], stack: StackOpt = None,
                   as_json: JsonFlag = False) -> None:
     """Block a device: it is refused, and dropped if connected."""
-    reg = open_registry(stack, as_json)
-    d = registry_call(as_json, reg.set_blocked, device_id, True)
-    emit(device_view(d), as_json, f"blocked {device_id}")
+    set_blocked(device_id, True, stack, as_json)
 
 
 @devices_app.command("unblock")
 def devices_unblock(device_id: Annotated[str, typer.Argument(metavar="ID")], stack: StackOpt = None,
                     as_json: JsonFlag = False) -> None:
     """Allow a blocked device to connect again."""
+    set_blocked(device_id, False, stack, as_json)
+
+
+def set_blocked(device_id: str, blocked: bool, stack: str | None, as_json: bool) -> None:
     reg = open_registry(stack, as_json)
-    d = registry_call(as_json, reg.set_blocked, device_id, False)
-    emit(device_view(d), as_json, f"unblocked {device_id}")
+    d = registry_call(as_json, reg.set_blocked, device_id, blocked)
+    emit(device_view(d), as_json, f"{'blocked' if blocked else 'unblocked'} {device_id}")
 
 
 @devices_app.command("delete")
