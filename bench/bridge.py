@@ -17,8 +17,10 @@ devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate loa
 - Latency at 50% and 90% of the measured QoS 1 maximum (device SDK): paced open-loop publishers; latency = the
   message's Pub/Sub ``publish_time`` (set by the emulator when it accepted the bridge's publish) − the device's
   send time embedded in the payload. Same machine, same clock.
-- Ratios bridge / raw against :mod:`bench.broker`, measured in the same run, and the CPU each process spent per
-  message (from /proc), which says where the 2 cores go.
+- Ratios bridge / raw against :mod:`bench.broker`'s raw limits, measured in the same run: at QoS 1 each bridge
+  run is paired with its raw counterpart measured just before it, ``ROUNDS`` times, and the ratio is of the
+  medians (the 2 cores are shared, so the machine's load drifts between minutes). Each figure also gives the CPU
+  each process spent per message (from /proc), which says where the 2 cores go.
 
 Reproduce: ``.venv/bin/python -m bench bridge`` (runs the broker section first for the ratios).
 """
@@ -29,6 +31,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,7 @@ C_DEVICES = 4
 PACED_S = 8.0
 STALL_S = 20.0
 HOSTS = 2
+ROUNDS = 3
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -234,6 +238,10 @@ def _loss_note(r: Run) -> str:
             + (f", {r.unacked} never PUBACKed to the device" if r.unacked else ""))
 
 
+def _median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+
+
 def _figure(name: str, r: Run, load: str) -> Figure:
     return Figure(SECTION, name, round(r.rate), "msg/s", COMMAND, f"device→Pub/Sub, {load}; {_loss_note(r)}; "
                   f"{r.cpu_note()}", {"received": r.received, "lost": r.lost, "duplicates": r.duplicates,
@@ -247,35 +255,51 @@ def _ratio(name: str, num: float, den: float, extra: str = "") -> Figure:
 
 def run() -> list[Figure]:
     raw_figures, fresh = broker.measured()
-    raw = {f.name: float(f.value or 0) for f in raw_figures}
-    raw_q0 = raw["raw paho→Mosquitto→paho QoS 0"]
-    raw_q1 = raw["raw paho→Mosquitto→paho QoS 1"]
-    raw_sub = raw["raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1"]
-    # Run alone, the section reports the raw limits its ratios divide by.
+    raw_q0 = float(next(f.value for f in raw_figures if f.name == "raw paho→Mosquitto→paho QoS 0") or 0)
+    # Run alone, the section reports the raw limits of the broker section too.
     figures: list[Figure] = list(raw_figures) if fresh else []
     sdk = f"{DEVICES} devices on the device SDK (paho, TLS, one load process)"
     cload = f"{C_DEVICES} mosquitto_pub devices (TLS, JWT)"
+    raw_pp: list[float] = []
+    raw_sub: list[float] = []
+    sdk_runs: list[Run] = []
+    c_runs: list[Run] = []
     one = Bench(hosts=1)
     try:
         # Warm-up: TLS sessions, JWT checks, Pub/Sub channels and the device cache are not the subject.
         one.run(1, 1000)
         q0 = one.run(0, N)
-        q1 = one.run(1, N)
-        c1 = one.run(1, N, c_devices=C_DEVICES)
-        for r in (q1, c1):
+        # The machine is shared: each bridge run is paired with its raw counterpart measured right before it,
+        # ROUNDS times, and the ratios are of the medians.
+        with broker.plain_broker() as (port, pid):
+            for _ in range(ROUNDS):
+                raw_pp.append(broker.paho_rate(port, 1, broker_pid=pid)[0])
+                sdk_runs.append(one.run(1, N))
+                raw_sub.append(broker.paho_subscriber_rate(port)[0])
+                c_runs.append(one.run(1, N, c_devices=C_DEVICES))
+        for r in sdk_runs + c_runs:
             if r.lost:
                 raise AssertionError(f"bridge lost {r.lost} QoS 1 messages: {_loss_note(r)}")
+        q1, c1 = _median_run(sdk_runs), _median_run(c_runs)
         paced = {share: one.run(1, int(q1.rate * share * PACED_S), rate=q1.rate * share) for share in (0.5, 0.9)}
     finally:
         one.stop()
+    pairs_pp = ", ".join(f"{round(b.rate)}/{round(r)}" for b, r in zip(sdk_runs, raw_pp, strict=True))
+    pairs_sub = ", ".join(f"{round(b.rate)}/{round(r)}" for b, r in zip(c_runs, raw_sub, strict=True))
     figures += [
         _figure("bridge QoS 0, 1 host", q0, sdk),
-        _figure("bridge QoS 1, 1 host", q1, sdk),
-        _figure("bridge QoS 1, 1 host, C devices", c1, cload),
-        _ratio("ratio bridge/raw paho→paho QoS 0, 1 host", q0.rate, raw_q0),
-        _ratio("ratio bridge/raw paho→paho QoS 1, 1 host", q1.rate, raw_q1, "; Python publisher on both sides"),
-        _ratio("ratio bridge/raw paho subscriber QoS 1, 1 host", c1.rate, raw_sub,
-               "; C publishers on both sides (issue #7 target ≥ 0.8)"),
+        _figure("bridge QoS 1, 1 host", q1, f"{sdk}, median of {ROUNDS}"),
+        _figure("bridge QoS 1, 1 host, C devices", c1, f"{cload}, median of {ROUNDS}"),
+        Figure(SECTION, "raw paho→Mosquitto→paho QoS 1, interleaved", round(statistics.median(raw_pp)), "msg/s",
+               COMMAND, f"median of {ROUNDS}, each right before a bridge run"),
+        Figure(SECTION, "raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1, interleaved",
+               round(statistics.median(raw_sub)), "msg/s", COMMAND,
+               f"median of {ROUNDS}, each right before a bridge run"),
+        _ratio("ratio bridge/raw paho→paho QoS 0, 1 host", q0.rate, raw_q0, "; raw from the broker section"),
+        _ratio("ratio bridge/raw paho→paho QoS 1, 1 host", q1.rate, statistics.median(raw_pp),
+               f"; Python publisher on both sides; rounds bridge/raw: {pairs_pp}"),
+        _ratio("ratio bridge/raw paho subscriber QoS 1, 1 host", c1.rate, statistics.median(raw_sub),
+               f"; C publishers on both sides (issue #7 target ≥ 0.8); rounds bridge/raw: {pairs_sub}"),
     ]
     for share, r in paced.items():
         s = summary_ms(r.latencies)

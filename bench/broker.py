@@ -8,12 +8,14 @@ Reproduce: ``.venv/bin/python -m bench broker``.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -157,18 +159,25 @@ def measured() -> tuple[list[Figure], bool]:
     return run(), True
 
 
-def run() -> list[Figure]:
-    global _measured
+@contextlib.contextmanager
+def plain_broker() -> Iterator[tuple[int, int]]:
+    """A Mosquitto of the raw figures on a free port: yields (port, pid), stopped on exit."""
     port = services.free_port()
     with tempfile.TemporaryDirectory() as d:
         svc = services.start_mosquitto(broker_config(port, Path(d)), port, Path(d))
         try:
-            q0, r0, cpu0 = paho_rate(port, 0, broker_pid=svc.proc.pid)
-            q1, r1, cpu1 = paho_rate(port, 1, broker_pid=svc.proc.pid)
-            c1, rc = c_client_rate(port)
-            s1, rs, cpus = paho_subscriber_rate(port)
+            yield port, svc.proc.pid
         finally:
             svc.stop()
+
+
+def run() -> list[Figure]:
+    global _measured
+    with plain_broker() as (port, pid):
+        q0, r0, cpu0 = paho_rate(port, 0, broker_pid=pid)
+        q1, r1, cpu1 = paho_rate(port, 1, broker_pid=pid)
+        c1, rc = c_client_rate(port)
+        s1, rs, cpus = paho_subscriber_rate(port)
     _measured = [
         Figure("broker", "raw paho→Mosquitto→paho QoS 0", round(q0), "msg/s", COMMAND,
                f"{r0}/{N} received (QoS 0 may drop); {cpu0}"),
