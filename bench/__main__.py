@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name} done in {time.monotonic() - start:.1f} s", flush=True)
     shared = sys.modules.get("bench.local")
     if shared is not None:
-        shared.stop_all()  # the emulators the sections shared
+        # The emulators the sections shared; a failed section's logs are kept.
+        shared.stop_all(keep_workdir=bool(failures))
     elapsed = time.monotonic() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
          "failures": failures}, indent=2) + "\n")
     (args.out / "results.md").write_text(render_markdown(figures, info, elapsed))
     print(f"[bench] wrote {args.out / 'results.json'} and {args.out / 'results.md'} in {elapsed:.0f} s")
+    if failures and shared is not None and shared._workdir is not None:
+        print(f"[bench] logs of the failed sections: {shared._workdir}")
     return 1 if failures else 0
 
 

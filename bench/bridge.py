@@ -145,13 +145,24 @@ class Bench:
             lines = local.workdir() / f"{run}-{device_id}.lines"
             lines.write_bytes(b"".join(payload(i, seq, run) + b"\n" for seq in range(per_device)))
             procs.append((client_id, device_id, token, st, lines))
-        started = []
-        for client_id, device_id, token, st, lines in procs:
-            with open(lines, "rb") as stdin:
-                started.append(subprocess.Popen(
-                    [exe, "-h", st.mqtt_host, "-p", str(st.mqtt_port), "--cafile", str(st.ca_cert), "-i", client_id,
-                     "-u", "unused", "-P", token, "-t", f"/devices/{device_id}/events", "-q", str(qos), "-l",
-                     "-M", "100"], stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        started: list[subprocess.Popen[bytes]] = []
+        try:
+            for client_id, device_id, token, st, lines in procs:
+                # The JWT goes in mosquitto_pub's options file, not on its command line (visible to `ps`).
+                conf = local.workdir() / f"{run}-{device_id}-conf"
+                conf.mkdir(mode=0o700)
+                fd = os.open(conf / "mosquitto_pub", os.O_WRONLY | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"-u unused\n-P {token}\n")
+                with open(lines, "rb") as stdin:
+                    started.append(subprocess.Popen(
+                        [exe, "-h", st.mqtt_host, "-p", str(st.mqtt_port), "--cafile", str(st.ca_cert),
+                         "-i", client_id, "-t", f"/devices/{device_id}/events", "-q", str(qos), "-l", "-M", "100"],
+                        stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        env={**os.environ, "XDG_CONFIG_HOME": str(conf)}))
+        except BaseException:
+            _kill(started)
+            raise
         return started
 
     def run(self, qos: int, total: int, rate: float = 0.0, c_devices: int = 0) -> Run:
@@ -167,19 +178,19 @@ class Bench:
         before = self.forwarded()
         cpu0 = self._cpu()
         results = []
-        if c_devices:
-            t0 = time.time()
-            for p in self._c_devices(per_device, qos, tag, c_devices):
-                _, err = p.communicate(timeout=600)
+        t0 = time.time()
+        procs = (self._c_devices(per_device, qos, tag, c_devices) if c_devices
+                 else self._loadgen(split, per_device, qos, rate, tag))
+        try:
+            for p in procs:
+                out, err = p.communicate(timeout=600)
                 if p.returncode != 0:
-                    raise RuntimeError(f"mosquitto_pub exited with {p.returncode}: {err.decode(errors='replace')}")
-            results.append({"t0": t0, "unacked": 0})
-        else:
-            for p in self._loadgen(split, per_device, qos, rate, tag):
-                out, _ = p.communicate(timeout=600)
-                if p.returncode != 0:
-                    raise RuntimeError(f"load generator exited with {p.returncode}")
-                results.append(json.loads(out.decode().strip().splitlines()[-1]))
+                    raise RuntimeError(f"load process exited with {p.returncode}: "
+                                       f"{(err or b'').decode(errors='replace')[-500:]}")
+                results.append({"t0": t0, "unacked": 0} if c_devices
+                               else json.loads(out.decode().strip().splitlines()[-1]))
+        finally:
+            _kill(procs)
         # Wait until the bridge forwarded everything it got (or stopped making progress), then count on Pub/Sub.
         last, last_change = self.forwarded(), time.monotonic()
         while self.forwarded() - before < total and time.monotonic() - last_change < STALL_S:
@@ -236,6 +247,13 @@ class Bench:
 def _loss_note(r: Run) -> str:
     return (f"{r.received}/{r.sent} arrived on Pub/Sub, {r.lost} lost, {r.duplicates} duplicates"
             + (f", {r.unacked} never PUBACKed to the device" if r.unacked else ""))
+
+
+def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
 
 
 def _median_run(runs: list[Run]) -> Run:

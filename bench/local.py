@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -48,13 +49,18 @@ def pubsub_pid() -> int:
     return _running["pubsub"].proc.pid
 
 
-def stop_all() -> None:
+def stop_all(keep_workdir: bool = False) -> None:
+    """Stop the emulators; remove the work folder (logs, keys, data) unless ``keep_workdir``."""
+    global _workdir
     while _running:
         _, svc = _running.popitem()
         svc.stop()
+    if _workdir is not None and not keep_workdir:
+        shutil.rmtree(_workdir, ignore_errors=True)
+        _workdir = None
 
 
-atexit.register(stop_all)
+atexit.register(stop_all, keep_workdir=True)
 
 
 def new_prefix(tag: str) -> str:
