@@ -169,6 +169,7 @@ class Front:
             ssl_handshake_timeout=CONNECT_TIMEOUT_S,
         )
         self._spawn(self._recheck_loop())
+        self._spawn(self._metrics_loop())
         if self.settings.health_port:
             self._health = await asyncio.start_server(self._health_check, self.settings.front_host,
                                                       self.settings.health_port)
@@ -455,6 +456,32 @@ class Front:
             pass
         finally:
             writer.close()
+
+    # ---------------------------------------------------------------------------------- metrics
+
+    def connected_devices(self) -> int:
+        return len({s.device_id for s in self.sessions})
+
+    async def _metrics_loop(self) -> None:
+        """The connected-devices gauge, once a minute (Cloud Monitoring in the cloud, the log locally)."""
+        from iotbridge.bridge import metrics
+
+        loop = asyncio.get_running_loop()
+        reporter = None
+        if self.settings.connected_devices_metric == "cloud":
+            resource = await loop.run_in_executor(None, metrics.gce_instance_labels)
+            reporter = metrics.ConnectedDevicesReporter(self.settings.project, self.settings.registry_id,
+                                                        self.settings.host_id, resource)
+        while True:
+            count = self.connected_devices()
+            if reporter is None:
+                log.info("connected devices: %d", count)
+            else:
+                try:
+                    await loop.run_in_executor(None, reporter.report, count)
+                except Exception as exc:  # noqa: BLE001 - a lost point must not stop the front
+                    log.warning("connected-devices metric not written: %s", exc)
+            await asyncio.sleep(metrics.INTERVAL_S)
 
     # ---------------------------------------------------------------------------------- registry watch
 

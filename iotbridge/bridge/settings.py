@@ -61,8 +61,13 @@ class BridgeSettings:
     # service creates "{prefix}-device-commands-{host_id}" itself (local).
     fanout_subscriptions: tuple[str, ...] = ()
     firestore_database: str = "(default)"
+    # "cloud": the front writes the connected-devices gauge to Cloud Monitoring (iotbridge/bridge/metrics.py);
+    # "log": it only logs the count (local).
+    connected_devices_metric: str = "log"
 
     def __post_init__(self) -> None:
+        if self.connected_devices_metric not in ("cloud", "log"):
+            raise ValueError(f"connected_devices_metric must be cloud or log, got {self.connected_devices_metric!r}")
         if len(self.routes) > MAX_ROUTES:
             raise ValueError(f"at most {MAX_ROUTES} subfolder routes, got {len(self.routes)}")
 

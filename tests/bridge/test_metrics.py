@@ -1,0 +1,64 @@
+"""The connected-devices gauge the monitoring component alerts on (custom.googleapis.com/iot/connected_devices)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iotbridge.bridge import metrics
+from iotbridge.bridge.settings import BridgeSettings
+
+
+class FakeMetricClient:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list]] = []
+
+    def create_time_series(self, name: str, time_series: list) -> None:
+        self.calls.append((name, time_series))
+
+
+def test_reporter_writes_one_gauge_point_on_the_gce_instance():
+    client = FakeMetricClient()
+    reporter = metrics.ConnectedDevicesReporter("acme-iot", "fleet", "iot-prod-broker-x1z",
+                                                {"instance_id": "123", "zone": "europe-west1-b"}, client=client)
+    reporter.report(42, now=1764252000.5)
+    ((name, (ts,)),) = client.calls
+    assert name == "projects/acme-iot"
+    assert ts.metric.type == "custom.googleapis.com/iot/connected_devices"
+    assert dict(ts.metric.labels) == {"registry_id": "fleet", "host": "iot-prod-broker-x1z"}
+    assert ts.resource.type == "gce_instance"
+    assert dict(ts.resource.labels) == {"project_id": "acme-iot", "instance_id": "123", "zone": "europe-west1-b"}
+    (point,) = ts.points
+    assert point.value.int64_value == 42
+    assert point.interval.end_time.timestamp() == pytest.approx(1764252000.5)
+
+
+def test_instance_labels_come_from_the_metadata_server():
+    answers = {"id": "4711", "zone": "projects/123456789012/zones/us-central1-b"}
+    assert metrics.gce_instance_labels(fetch=answers.__getitem__) == {"instance_id": "4711", "zone": "us-central1-b"}
+
+
+def test_the_metric_matches_what_the_monitoring_component_declares():
+    from components import monitoring
+
+    assert monitoring.CONNECTED_DEVICES_METRIC == metrics.METRIC_TYPE
+
+
+def test_cloud_hosts_write_the_gauge():
+    from components import broker
+
+    script = broker.startup_script(
+        project="p-1", region="europe-west1", registry_id="fleet", prefix="iot", code_url="gs://b/code.zip",
+        tls_key_secret="k", passwords_secret="s", server_cert_pem="PEM", database="(default)", routes={},
+        fanout_subscriptions=["iot-device-commands-host-0"], health_port=8080)
+    settings = json.loads(script.split("settings.json.in <<'JSON'\n", 1)[1].split("\nJSON", 1)[0])
+    assert settings["connected_devices_metric"] == "cloud"
+    assert "google-cloud-monitoring==" in broker.host_requirements()
+
+
+def test_settings_accept_cloud_or_log_only():
+    base = dict(project="p", region="r", registry_id="reg", prefix="iot")
+    assert BridgeSettings(**base, connected_devices_metric="cloud").connected_devices_metric == "cloud"
+    with pytest.raises(ValueError, match="cloud or log"):
+        BridgeSettings(**base, connected_devices_metric="stdout")
