@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +102,7 @@ class BridgeStack:
         if role == "front":
             services.wait_for_port(svc, timeout)
         else:
-            _wait_for_log(svc, READY_SERVICE, timeout)
+            services.wait_for_log(svc, READY_SERVICE, timeout)
         return svc
 
     def start_front(self) -> services.Service:
@@ -127,19 +126,6 @@ class BridgeStack:
     def stop(self) -> None:
         for role in ("front", "service", "mosquitto"):
             self.stop_part(role)
-
-
-def _wait_for_log(svc: services.Service, needle: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not svc.alive():
-            raise services.ServiceFailed(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log_tail()}")
-        with contextlib.suppress(OSError):
-            if needle in svc.log_path.read_text(errors="replace"):
-                return
-        time.sleep(0.05)
-    svc.stop()
-    raise services.ServiceFailed(f"{svc.name} not ready within {timeout:.0f}s:\n{svc.log_tail()}")
 
 
 def start_bridge_stack(workdir: Path, project: str, region: str, registry_id: str, prefix: str,

@@ -19,7 +19,7 @@ from components import broker as bc
 from iotbridge import spec
 from iotbridge.bridge import fanout
 from iotbridge.bridge.settings import new_secrets, write_secrets
-from iotbridge.bridge.stack import READY_SERVICE, _wait_for_log
+from iotbridge.bridge.stack import READY_SERVICE
 from iotbridge.bridge.tls import generate_local_tls
 from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
@@ -78,7 +78,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
             svc = services.Service(role, proc, "127.0.0.1", settings["front_port"], log)
             procs.append(svc)
             if role == "service":
-                _wait_for_log(svc, READY_SERVICE, 30)
+                services.wait_for_log(svc, READY_SERVICE, 30)
             else:
                 services.wait_for_port(svc, 30)
         assert "leased fan-out subscription " + slots[0] in (tmp_path / "service.log").read_text()
