@@ -1,12 +1,13 @@
 """Cloud-to-edge ML end to end on the real local stack (issue 6, "Done when").
 
 ``LocalStack.up()`` (Pub/Sub, Firestore, Bigtable emulators, local BigQuery, device-logs forwarder, Mosquitto,
-bridge service, TLS front) plus the config-push function served by functions-framework behind the stack's
-config-requests push subscription (fan-out delivery through the bridge). Devices are the device SDK over TLS,
-each with a :class:`ModelRunner`.
+bridge service, TLS front, config-push function, pipeline). The stack's config-requests push subscription is then
+pointed at a second config-push function in fan-out delivery, the cloud's path through the bridge (the stack's own
+function publishes to the loopback broker). Devices are the device SDK over TLS, each with a
+:class:`ModelRunner`.
 
-1. Training data goes into ``telemetry_raw`` directly (rows as the pipeline writes them: the streaming pipeline
-   is not part of this test), then ``iotctl models train`` trains v1 on the local BigQuery.
+1. Training data goes into ``telemetry_raw`` directly (rows as the pipeline writes them, so the training set is
+   known exactly), then ``iotctl models train`` trains v1 on the local BigQuery.
 2. ``iotctl models deploy --all`` → config requests → function → registry → fan-out → bridge → devices; every
    device loads v1 and reports inferences to ``events/logs`` → device-logs topic → forwarder → ``device_logs``;
    ``iotctl models status --expect v1`` sees every device on v1.
