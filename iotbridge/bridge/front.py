@@ -11,9 +11,10 @@ Mosquitto cannot check IoT Core JWTs, so every device connection ends here first
 3. The CONNECT is re-encoded for the loopback listener: client id = device id (so Mosquitto's client-id
    takeover keeps one live connection per device, and its ACL ``pattern`` lines on ``%c`` confine the session to
    that device's topics), user ``front`` with the front's password, clean session (commands are not stored).
-4. Bytes are relayed both ways, packet by packet. Device→broker PUBLISH and SUBSCRIBE packets are checked
-   (own topics only, QoS ≤ 1, events ≤ 256 KB, state ≤ 64 KB); a violation closes the connection and nothing
-   of the offending packet is forwarded. A SUBSCRIBE asking QoS 2 is granted QoS 1.
+4. Bytes are relayed both ways, cut into packets on whole socket reads and written once per read. Each
+   device→broker PUBLISH and SUBSCRIBE packet is checked (own topics only, QoS ≤ 1, events ≤ 256 KB, state
+   ≤ 64 KB); a violation closes the connection and nothing of the offending packet, nor anything after it, is
+   forwarded. A SUBSCRIBE asking QoS 2 is granted QoS 1.
 5. The session is closed at the token's ``exp``; connected devices are re-read from the registry every
    ``recheck_interval_s`` and dropped when blocked or deleted; their latest PINGREQ is written as
    ``last_heartbeat_time`` in the same round.
@@ -56,6 +57,17 @@ MAX_DEVICE_PACKET = EVENTS_MAX_BYTES + 70 * 1024
 MAX_BROKER_PACKET = 2 * 1024 * 1024
 SYNC_TOPIC = "iotbridge/sync"
 TLS_READ_BUFFER = 32 * 1024
+RELAY_READ = 64 * 1024
+
+
+async def _forward(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write, and wait only when the transport's buffer is above its high-water mark (or it is closing, so a
+    closed peer still surfaces as an error): awaiting ``drain`` after every write was a measurable share of the
+    relay's CPU (issue #7)."""
+    writer.write(data)
+    transport = writer.transport
+    if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
+        await writer.drain()
 
 
 def server_ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -340,75 +352,101 @@ class Front:
 
     async def _device_to_broker(self, session: Session, dreader: asyncio.StreamReader,
                                 bwriter: asyncio.StreamWriter) -> None:
-        dev = session.device_id
+        # Framed on whole socket reads, one write per read: relaying packet by packet (three reads, a parse and a
+        # send() each) was the front's CPU in the profile (issue #7). Every packet is still checked on its own.
+        framer = mqtt.Framer(MAX_DEVICE_PACKET)
         try:
             while True:
-                first, body, raw = await mqtt.read_packet(dreader, MAX_DEVICE_PACKET)
-                kind = first >> 4
-                if kind == mqtt.PUBLISH:
-                    p = mqtt.parse_publish(first, body, session.level)
-                    if p.qos > 1:
-                        raise Dropped(f"QoS {p.qos} publish")
-                    if p.topic_alias is not None:
-                        raise Dropped("topic aliases are not supported")
-                    tk = topic_kind(p.topic, dev)
-                    if tk is None:
-                        raise Dropped(f"publish to {p.topic!r} not allowed")
-                    limit = STATE_MAX_BYTES if tk == "state" else EVENTS_MAX_BYTES
-                    if p.payload_len > limit:
-                        raise Dropped(f"{tk} payload of {p.payload_len} bytes exceeds {limit}")
-                    if p.retain:
-                        # A retained event or state would be replayed to the bridge on every resubscribe and
-                        # forwarded again; IoT Core never kept device messages either.
-                        raw = bytes([raw[0] & ~0x01]) + raw[1:]
-                elif kind == mqtt.SUBSCRIBE:
-                    sub = mqtt.parse_subscribe(body, session.level)
-                    head = len(raw) - len(body)
-                    patched = bytearray(raw)
-                    for f, opts, off in sub.filters:
-                        if not subscription_allowed(f, dev):
-                            raise Dropped(f"subscribe to {f!r} not allowed")
-                        if opts & 0x03 == 2:
-                            patched[head + off] = (opts & ~0x03) | 0x01
-                    raw = bytes(patched)
-                elif kind == mqtt.PUBACK:
-                    pid = mqtt.packet_id_of_ack(body)
-                    digest = session.config_inflight.pop(pid, None)
-                    if digest is not None:
-                        self._spawn(self._ack_config(dev, digest))
-                elif kind == mqtt.PINGREQ:
-                    session.last_ping = datetime.now(UTC)
-                elif kind == mqtt.CONNECT:
-                    raise Dropped("second CONNECT")
-                elif kind in (mqtt.PUBREC, mqtt.PUBREL, mqtt.PUBCOMP):
-                    raise Dropped("QoS 2 flow")
-                bwriter.write(raw)
-                await bwriter.drain()
-                if kind == mqtt.DISCONNECT:
-                    session.close("device disconnected")
+                data = await dreader.read(RELAY_READ)
+                if not data:
+                    session.close("device closed the connection")
                     return
+                out: list[bytes] = []
+                try:
+                    for first, body, raw in framer.feed(data):
+                        out.append(self._checked(session, first, body, raw))
+                        if first >> 4 == mqtt.DISCONNECT:
+                            session.close("device disconnected")
+                            return
+                finally:
+                    # The packets before an offending one passed their checks, as they would have in an earlier
+                    # read; the offending packet and everything after it are never forwarded.
+                    if out:
+                        await _forward(bwriter, b"".join(out))
         except Dropped as exc:
-            log.warning("device %s refused: %s", dev, exc)
+            log.warning("device %s refused: %s", session.device_id, exc)
             session.close(f"refused: {exc}")
         except mqtt.ProtocolError as exc:
             session.close(f"refused: protocol error: {exc}")
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        except (ConnectionError, ssl.SSLError):
             session.close("device closed the connection")
+
+    def _checked(self, session: Session, first: int, body: bytes, raw: bytes) -> bytes:
+        """The bytes to forward for one device→broker packet; ``Dropped`` when the device may not send it."""
+        dev = session.device_id
+        kind = first >> 4
+        if kind == mqtt.PUBLISH:
+            p = mqtt.parse_publish(first, body, session.level)
+            if p.qos > 1:
+                raise Dropped(f"QoS {p.qos} publish")
+            if p.topic_alias is not None:
+                raise Dropped("topic aliases are not supported")
+            tk = topic_kind(p.topic, dev)
+            if tk is None:
+                raise Dropped(f"publish to {p.topic!r} not allowed")
+            limit = STATE_MAX_BYTES if tk == "state" else EVENTS_MAX_BYTES
+            if p.payload_len > limit:
+                raise Dropped(f"{tk} payload of {p.payload_len} bytes exceeds {limit}")
+            if p.retain:
+                # A retained event or state would be replayed to the bridge on every resubscribe and
+                # forwarded again; IoT Core never kept device messages either.
+                raw = bytes([raw[0] & ~0x01]) + raw[1:]
+        elif kind == mqtt.SUBSCRIBE:
+            sub = mqtt.parse_subscribe(body, session.level)
+            head = len(raw) - len(body)
+            patched = bytearray(raw)
+            for f, opts, off in sub.filters:
+                if not subscription_allowed(f, dev):
+                    raise Dropped(f"subscribe to {f!r} not allowed")
+                if opts & 0x03 == 2:
+                    patched[head + off] = (opts & ~0x03) | 0x01
+            raw = bytes(patched)
+        elif kind == mqtt.PUBACK:
+            pid = mqtt.packet_id_of_ack(body)
+            digest = session.config_inflight.pop(pid, None)
+            if digest is not None:
+                self._spawn(self._ack_config(dev, digest))
+        elif kind == mqtt.PINGREQ:
+            session.last_ping = datetime.now(UTC)
+        elif kind == mqtt.CONNECT:
+            raise Dropped("second CONNECT")
+        elif kind in (mqtt.PUBREC, mqtt.PUBREL, mqtt.PUBCOMP):
+            raise Dropped("QoS 2 flow")
+        return raw
 
     async def _broker_to_device(self, session: Session, breader: asyncio.StreamReader,
                                 dwriter: asyncio.StreamWriter) -> None:
+        # Same framing as the other direction: several packets per TLS record and send() (issue #7).
         config_topic = f"/devices/{session.device_id}/config"
+        framer = mqtt.Framer(MAX_BROKER_PACKET)
         try:
             while True:
-                first, body, raw = await mqtt.read_packet(breader, MAX_BROKER_PACKET)
-                if first >> 4 == mqtt.PUBLISH and (first >> 1) & 0x03 == 1:
-                    p = mqtt.parse_publish(first, body, session.level)
-                    if p.topic == config_topic and p.packet_id is not None:
-                        session.config_inflight[p.packet_id] = hashlib.sha256(body[p.payload_offset:]).hexdigest()
-                dwriter.write(raw)
-                await dwriter.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, mqtt.ProtocolError, ssl.SSLError):
-            session.close("broker closed the connection")
+                data = await breader.read(RELAY_READ)
+                if not data:
+                    break
+                out: list[bytes] = []
+                for first, body, raw in framer.feed(data):
+                    if first >> 4 == mqtt.PUBLISH and (first >> 1) & 0x03 == 1:
+                        p = mqtt.parse_publish(first, body, session.level)
+                        if p.topic == config_topic and p.packet_id is not None:
+                            session.config_inflight[p.packet_id] = hashlib.sha256(
+                                body[p.payload_offset:]).hexdigest()
+                    out.append(raw)
+                if out:
+                    await _forward(dwriter, b"".join(out))
+        except (ConnectionError, mqtt.ProtocolError, ssl.SSLError):
+            pass
+        session.close("broker closed the connection")
 
     async def _ack_config(self, device_id: str, digest: str) -> None:
         def ack() -> None:

@@ -392,3 +392,94 @@ def test_mtls_certificate_from_an_unknown_ca_fails_the_handshake(devices, regist
     with pytest.raises((ConnectError, ssl.SSLError)) as err:
         dev.connect(use_jwt=False, timeout=5)
     assert getattr(err.value, "reason", None) is None  # no MQTT answer at all, not even a refusal
+
+
+# ------------------------------------------------------------------------------------------- framing
+
+
+class RawDevice:
+    """A device speaking MQTT 3.1.1 by hand over TLS, to decide exactly which bytes share one TLS write."""
+
+    def __init__(self, stack, device_id: str, private: bytes):
+        ctx = ssl.create_default_context(cafile=str(stack.ca_cert))
+        self.sock = ctx.wrap_socket(socket.create_connection((stack.mqtt_host, stack.mqtt_port), timeout=10),
+                                    server_hostname="localhost")
+        self.framer = mqtt.Framer(1 << 20)
+        self.pending: list[tuple[int, bytes, bytes]] = []
+        self.device_id = device_id
+        client_id = f"projects/{PROJECT}/locations/{REGION}/registries/{REGISTRY}/devices/{device_id}"
+        self.sock.sendall(mqtt.encode_connect(mqtt.Connect(
+            level=mqtt.MQTT_311, clean=True, keepalive=60, client_id=client_id, username="unused",
+            password=create_jwt(PROJECT, private, "ES256").encode())))
+        first, body, _ = self.packet()
+        assert (first >> 4, body) == (mqtt.CONNACK, b"\x00\x00")
+
+    def publish(self, payload: bytes, packet_id: int, topic: str | None = None) -> bytes:
+        topic = topic or f"/devices/{self.device_id}/events"
+        body = _bin(topic.encode()) + packet_id.to_bytes(2, "big") + payload
+        return bytes([mqtt.PUBLISH << 4 | 0x02]) + mqtt.encode_varint(len(body)) + body
+
+    def packet(self) -> tuple[int, bytes, bytes]:
+        """The next packet from the front; ``EOFError`` when it closed the connection."""
+        while not self.pending:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.pending.extend(self.framer.feed(data))
+        return self.pending.pop(0)
+
+    def pubacks(self, n: int) -> list[int]:
+        acks = []
+        for _ in range(n):
+            first, body, _ = self.packet()
+            assert first >> 4 == mqtt.PUBACK
+            acks.append(mqtt.packet_id_of_ack(body))
+        return acks
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _bin(b: bytes) -> bytes:
+    return len(b).to_bytes(2, "big") + b
+
+
+@pytest.fixture
+def raw_device(devices, stack):
+    made: list[RawDevice] = []
+
+    def make() -> RawDevice:
+        d = RawDevice(stack, *devices.register("ES256"))
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def test_packets_in_one_write_and_split_across_writes_are_all_forwarded(raw_device, spy):
+    dev = raw_device()
+    payloads = [b"batch-" + uuid.uuid4().bytes for _ in range(4)]
+    dev.sock.sendall(b"".join(dev.publish(p, i + 1) for i, p in enumerate(payloads[:3])))  # one TLS record
+    assert sorted(dev.pubacks(3)) == [1, 2, 3]
+    split = dev.publish(payloads[3], 4)
+    dev.sock.sendall(split[:3])  # inside the topic: the front must wait for the rest
+    dev.sock.sendall(split[3:])
+    assert dev.pubacks(1) == [4]
+    wait_until(lambda: all(p in [q for _, q in spy.seen] for p in payloads), 10, "all four at the spy")
+
+
+def test_nothing_after_an_offending_packet_in_the_same_read_is_forwarded(raw_device, devices, spy):
+    dev = raw_device()
+    before, forged, after = (f"{tag}-{uuid.uuid4().hex}".encode() for tag in ("before", "forged", "after"))
+    dev.sock.sendall(dev.publish(before, 1) + dev.publish(forged, 2, topic="/devices/someone-else/events")
+                     + dev.publish(after, 3))  # one TLS record, so one read at the front
+    acks = []
+    with pytest.raises((EOFError, ConnectionResetError, ssl.SSLError)):
+        while True:
+            acks += dev.pubacks(1)
+    assert acks in ([], [1])  # at most the packet before the offending one
+    wait_until(lambda: any(p == before for _, p in spy.seen), 10, "the packet before the offending one")
+    marker_roundtrip(devices, spy)
+    assert not [p for _, p in spy.seen if p in (forged, after)]

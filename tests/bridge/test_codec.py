@@ -191,3 +191,41 @@ def test_jwt_credential_selection(es256):
     with pytest.raises(AuthError, match="no unexpired RS256"):
         verify_jwt(jwt.encode({"iat": int(now), "exp": int(now) + 60, "aud": "proj"}, rsa_private, algorithm="RS256"),
                    [cred], "proj")
+
+
+def _publish(topic: str, payload: bytes, packet_id: int = 1, first: int = 0x32) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic.encode() + packet_id.to_bytes(2, "big") + payload
+    return bytes([first]) + mqtt.encode_varint(len(body)) + body
+
+
+def test_framer_yields_every_packet_of_one_read():
+    packets = [_publish("/devices/d/events", b"a" * n, packet_id=n + 1) for n in (0, 1, 200, 20_000)]
+    packets.append(bytes([mqtt.PINGREQ << 4, 0]))
+    got = list(mqtt.Framer(1 << 20).feed(b"".join(packets)))
+    assert [raw for _, _, raw in got] == packets
+    assert [first for first, _, _ in got] == [0x32] * 4 + [0xC0]
+    assert [body for _, body, _ in got][-2:] == [packets[3][4:], b""]  # 20 kB body: 3-byte remaining length
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_framer_joins_packets_split_across_reads(step):
+    packets = [_publish("/devices/d/events", bytes([i]) * 150, packet_id=i + 1) for i in range(5)]
+    packets.append(_publish("/devices/d/state", b"s" * 70_000))
+    stream = b"".join(packets)
+    framer = mqtt.Framer(1 << 20)
+    got = [raw for i in range(0, len(stream), step) for _, _, raw in framer.feed(stream[i:i + step])]
+    assert got == packets
+    assert list(framer.feed(b"")) == []  # nothing left over
+
+
+def test_framer_yields_the_packets_before_a_bad_header_then_fails():
+    ok = _publish("/devices/d/events", b"ok")
+    framer = mqtt.Framer(1000)
+    seen = []
+    with pytest.raises(mqtt.PacketTooLarge):
+        # The size is refused from the header alone: the 2000-byte body never has to arrive.
+        for _, _, raw in framer.feed(ok + bytes([0x30]) + mqtt.encode_varint(2000) + b"x" * 10 + ok):
+            seen.append(raw)
+    assert seen == [ok]
+    with pytest.raises(mqtt.ProtocolError):
+        list(mqtt.Framer(1000).feed(bytes([0x10, 0xFF, 0xFF, 0xFF, 0xFF])))  # five length bytes, no sixth needed
