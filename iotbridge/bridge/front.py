@@ -507,9 +507,12 @@ class Front:
         loop = asyncio.get_running_loop()
         reporter = None
         if self.settings.connected_devices_metric == "cloud":
-            resource = await loop.run_in_executor(None, metrics.gce_instance_labels)
-            reporter = metrics.ConnectedDevicesReporter(self.settings.project, self.settings.registry_id,
-                                                        self.settings.host_id, resource)
+            try:
+                resource = await loop.run_in_executor(None, metrics.gce_instance_labels)
+                reporter = metrics.ConnectedDevicesReporter(self.settings.project, self.settings.registry_id,
+                                                            self.settings.host_id, resource)
+            except Exception as exc:  # noqa: BLE001 - not on Compute Engine, or no credentials
+                log.warning("connected-devices gauge goes to the log only: %s", exc)
         while True:
             count = self.connected_devices()
             if reporter is None:

@@ -154,6 +154,8 @@ def _health(stack) -> int:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code
+    except urllib.error.URLError:
+        return 0  # not listening (yet)
 
 
 def test_fanout_subscription_leases_give_each_host_its_own(registry):

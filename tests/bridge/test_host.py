@@ -110,3 +110,5 @@ def _health(port: int) -> int:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code
+    except urllib.error.URLError:
+        return 0  # not listening yet: the front opens its device port before its health port
