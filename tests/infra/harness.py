@@ -213,7 +213,10 @@ class _Mocks(pulumi.runtime.Mocks):
         elif t == "tls:index/privateKey:PrivateKey":
             # Stand-in key material: a test can then prove it never reaches an output in plain text.
             state.update(private_key_pem=MOCK_PRIVATE_KEY_PEM, private_key_pem_pkcs8=MOCK_PRIVATE_KEY_PEM,
+                         private_key_openssh=MOCK_PRIVATE_KEY_PEM,
                          public_key_pem="-----BEGIN PUBLIC KEY-----\nMOCK\n-----END PUBLIC KEY-----\n")
+        elif t == "tls:index/certRequest:CertRequest":
+            state["cert_request_pem"] = "-----BEGIN CERTIFICATE REQUEST-----\nCSR\n-----END CERTIFICATE REQUEST-----\n"
         elif t == "gcp:monitoring/uptimeCheckConfig:UptimeCheckConfig":
             state["uptimeCheckId"] = f"{args.name}-check"
             rid = f"projects/{project}/uptimeCheckConfigs/{args.name}-check"

@@ -17,9 +17,11 @@ PREFIX = "iot-dev"
 BRIDGE_EMAIL = f"{PREFIX}-bridge@{PROJECT}.iam.gserviceaccount.com"
 MEMBER = f"serviceAccount:{BRIDGE_EMAIL}"
 TOPIC = f"projects/{PROJECT}/topics/{PREFIX}-"
-FAKE_KEY = "-----BEGIN PRIVATE KEY-----\nFAKEKEYMATERIAL\n-----END PRIVATE KEY-----\n"
-FAKE_CERT = "-----BEGIN CERTIFICATE-----\nFAKECERT\n-----END CERTIFICATE-----\n"
-FAKE_PASSWORD = "pw-Sup3rSecretGeneratedValue"
+# The recognisable stand-ins the harness's mocked pulumi-tls and pulumi-random return, so that a leak of key
+# material into an output or a plain input is visible to the assertions below.
+FAKE_KEY = harness.MOCK_PRIVATE_KEY_PEM
+FAKE_CERT = harness.MOCK_CERT_PEM
+FAKE_PASSWORD = harness.MOCK_PASSWORD
 
 T = {
     "db": "gcp:firestore/database:Database",
@@ -41,32 +43,6 @@ T = {
     "project_iam": "gcp:projects/iAMMember:IAMMember",
     "bucket_iam": "gcp:storage/bucketIAMMember:BucketIAMMember",
 }
-
-
-class _Mocks(harness._Mocks):
-    """The harness's mocks, plus what pulumi-tls and pulumi-random compute (fake, recognisable values), so that
-    a leak of key material into an output or a plain input would be visible to the assertions below."""
-
-    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
-        rid, state = super().new_resource(args)
-        if args.typ == "tls:index/privateKey:PrivateKey":
-            state.update(private_key_pem=FAKE_KEY, private_key_pem_pkcs8=FAKE_KEY, private_key_openssh=FAKE_KEY,
-                         public_key_pem="-----BEGIN PUBLIC KEY-----\nPUB\n-----END PUBLIC KEY-----\n")
-        elif args.typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
-            state["cert_pem"] = FAKE_CERT
-        elif args.typ == "tls:index/certRequest:CertRequest":
-            state["cert_request_pem"] = "-----BEGIN CERTIFICATE REQUEST-----\nCSR\n-----END CERTIFICATE REQUEST-----\n"
-        elif args.typ == "random:index/randomPassword:RandomPassword":
-            state["result"] = FAKE_PASSWORD
-        elif args.typ == "gcp:compute/address:Address":
-            state["address"] = "203.0.113.7"
-        elif args.typ == "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager":
-            state["instance_group"] = f"projects/{PROJECT}/regions/europe-west1/instanceGroups/{PREFIX}-broker"
-        elif args.typ == "gcp:compute/instanceTemplate:InstanceTemplate":
-            state["self_link_unique"] = f"projects/{PROJECT}/global/instanceTemplates/{PREFIX}-broker-1?uniqueId=1"
-        elif args.typ == "gcp:secretmanager/secret:Secret":
-            rid = f"projects/{PROJECT}/secrets/{state['secretId']}"
-        return rid, state
 
 
 PUBSUB_AGENT = "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com"
@@ -104,7 +80,7 @@ def build(**overrides) -> harness.StackRun:
 
     # harness.run_program with these mocks (the harness takes no mocks argument).
     raw = harness.stack_config("dev")
-    mocks = _Mocks(project=PROJECT)
+    mocks = harness._Mocks(project=PROJECT)
     monitor = harness._RecordingMonitor(mocks)
     pulumi.runtime.settings.ROOT.set(None)
     pulumi.runtime.set_all_config(raw)

@@ -31,42 +31,12 @@ PROJECT = "my-iot-dev-project"
 REGION = "europe-west1"
 JOB = "gcp:dataflow/flexTemplateJob:FlexTemplateJob"
 IMAGE = "docker-build:index:Image"
-TOKEN = "ya29.mock-access-token"
-
-
-class Mocks(harness._Mocks):
-    """The harness's provider stand-in plus the computed outputs this component reads."""
-
-    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
-        rid, state = super().new_resource(args)
-        t = args.typ
-        if t == "gcp:storage/bucket:Bucket":
-            state["url"] = f"gs://{state['name']}"
-        elif t == "gcp:storage/bucketObject:BucketObject":
-            state["outputName"] = state["name"]
-        elif t == "gcp:compute/subnetwork:Subnetwork":
-            state["selfLink"] = (f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/regions/"
-                                 f"{state['region']}/subnetworks/{state['name']}")
-        elif t == "gcp:compute/network:Network":
-            rid = f"projects/{PROJECT}/global/networks/{state['name']}"
-        elif t == "gcp:artifactregistry/repository:Repository":
-            state["name"] = state["repositoryId"]
-        elif t == IMAGE:
-            digest = "sha256:" + hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
-            state.update(digest=digest, ref=f"{state['tags'][0]}@{digest}")
-        elif t == JOB:
-            state["jobId"] = "2026-11-27_00_00_00-123"
-        return rid, state
-
-    def call(self, args: pulumi.runtime.MockCallArgs):
-        if args.token == "gcp:organizations/getClientConfig:getClientConfig":
-            return {"accessToken": TOKEN, "project": PROJECT, "region": REGION, "zone": "", "id": "x"}, []
-        return super().call(args)
+TOKEN = harness.MOCK_ACCESS_TOKEN  # what the harness answers getClientConfig with
 
 
 def run(**overrides: Any) -> harness.StackRun:
     """Build Foundation + Pipeline under mocks with ``PipelineArgs`` overrides; await everything."""
-    mocks = Mocks(project=PROJECT)
+    mocks = harness._Mocks(project=PROJECT)
     monitor = harness._RecordingMonitor(mocks)
     pulumi_settings.ROOT.set(None)
     pulumi.runtime.set_all_config({"gcp:project": PROJECT})
