@@ -1,4 +1,4 @@
-# The two commands: `make test` and `make demo` (CONTRACTS §8). Each sets itself up on a fresh machine.
+# The two commands: `make test` and `make demo`. Each sets itself up on a fresh machine.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -38,8 +38,10 @@ typecheck: $(STAMP)
 test: setup typecheck
 	$(BIN)/pytest
 
-# Unit tiers only, for a quick loop while developing.
+# Unit tiers only, for a quick loop while developing: no emulator, broker or local BigQuery, no pyright.
 test-fast: $(STAMP)
+	@echo "test-fast leaves out the emulator tier (tests that start the Pub/Sub, Firestore and Bigtable emulators," \
+	      "Mosquitto or the local BigQuery; pytest counts them as deselected) and pyright: make test runs everything"
 	$(BIN)/pytest -m "not emulator"
 
 bench: setup

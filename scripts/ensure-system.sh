@@ -17,5 +17,5 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto
   systemctl stop mosquitto || true
 fi
 command -v java >/dev/null 2>&1 || { echo "missing: java (Java 17+): apt-get install -y openjdk-17-jre-headless" >&2; exit 1; }
-command -v gcloud >/dev/null 2>&1 || { echo "missing: the Google Cloud SDK with its emulators (pubsub, firestore, bigtable): https://cloud.google.com/sdk/docs/install" >&2; exit 1; }
-exit 0
+
+exec bash "$(dirname "$0")/check-emulators.sh"

@@ -36,7 +36,8 @@ def _rows(client, view: str) -> list[dict]:
     return [dict(r) for r in job.result(timeout=60)]
 
 
-HOUR = dt.datetime(2026, 11, 27, 14, tzinfo=dt.timezone.utc)
+# The top of an hour yesterday: real BigQuery refuses streamed rows far from today in a partitioned table.
+HOUR = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
 
 
 def test_device_latest_keeps_each_metrics_latest_value(client) -> None:
@@ -65,12 +66,13 @@ def test_telemetry_hourly_weights_means_by_count(client) -> None:
 
     _insert(client, "telemetry_1m", [window(0, 3, 10.0, 30.0, 20.0), window(1, 1, 60.0, 60.0, 60.0),
                                      window(61, 2, 5.0, 7.0, 6.0)])
-    got = {r["hour"].hour: r for r in _rows(client, "telemetry_hourly")}
-    assert sorted(got) == [14, 15]
-    first = got[14]
+    got = {r["hour"]: r for r in _rows(client, "telemetry_hourly")}
+    next_hour = HOUR + dt.timedelta(hours=1)
+    assert sorted(got) == [HOUR, next_hour]
+    first = got[HOUR]
     assert (first["readings"], first["min"], first["max"]) == (4, 10.0, 60.0)
     assert first["mean"] == pytest.approx((3 * 20.0 + 60.0) / 4)  # 30, not the plain mean of means (40)
-    assert (got[15]["readings"], got[15]["mean"]) == (2, 6.0)
+    assert (got[next_hour]["readings"], got[next_hour]["mean"]) == (2, 6.0)
 
 
 def test_errors_hourly_counts_per_hour_and_reason(client) -> None:
@@ -79,5 +81,6 @@ def test_errors_hourly_counts_per_hour_and_reason(client) -> None:
 
     _insert(client, "telemetry_errors", [err("invalid_json", 1), err("invalid_json", 59), err("missing_ts", 30),
                                          err("invalid_json", 60)])
-    got = {(r["hour"].hour, r["error"]): r["messages"] for r in _rows(client, "errors_hourly")}
-    assert got == {(14, "invalid_json"): 2, (14, "missing_ts"): 1, (15, "invalid_json"): 1}
+    got = {(r["hour"], r["error"]): r["messages"] for r in _rows(client, "errors_hourly")}
+    next_hour = HOUR + dt.timedelta(hours=1)
+    assert got == {(HOUR, "invalid_json"): 2, (HOUR, "missing_ts"): 1, (next_hour, "invalid_json"): 1}

@@ -97,13 +97,17 @@ def test_bad_credentials_are_refused(keys):
         with pytest.raises(reg.InvalidCredential, match=message):
             Credential(fmt, pem)  # type: ignore[arg-type]
     with pytest.raises(reg.InvalidCredential, match="timezone"):
-        Credential("ES256_PEM", ec_pub, datetime(2030, 1, 1))
+        Credential("ES256_PEM", ec_pub, datetime.now() + timedelta(days=1))  # naive: refused
 
 
-def test_credential_expiry(creds):
-    past = Credential("ES256_PEM", creds["ES256_PEM"].public_key_pem, datetime.now(UTC) - timedelta(seconds=1))
-    future = Credential("ES256_PEM", creds["ES256_PEM"].public_key_pem, datetime.now(UTC) + timedelta(hours=1))
-    assert past.expired() and not future.expired() and not creds["ES256_PEM"].expired()
+def test_credential_expiry(creds, clock):
+    now = clock.now()
+    past = Credential("ES256_PEM", creds["ES256_PEM"].public_key_pem, now - timedelta(seconds=1))
+    future = Credential("ES256_PEM", creds["ES256_PEM"].public_key_pem, now + timedelta(hours=1))
+    assert past.expired(now) and not future.expired(now) and not creds["ES256_PEM"].expired(now)
+    assert past.expired(now - timedelta(seconds=2)) is False  # expiry is judged at the time asked, not today
+    device = reg.Device(id="d", num_id="1", registry_id="r", credentials=(past, future, creds["ES256_PEM"]))
+    assert device.valid_credentials(now) == (future, creds["ES256_PEM"])
 
 
 # ------------------------------------------------------------------------------------- Firestore emulator
@@ -118,7 +122,7 @@ def registry(firestore_emulator, emulator_env) -> Registry:
 
 @pytest.mark.emulator
 def test_create_get_list_delete(registry, creds):
-    expiry = datetime(2031, 1, 1, tzinfo=UTC)
+    expiry = (datetime.now(UTC) + timedelta(days=365)).replace(microsecond=0)
     es_with_expiry = Credential("ES256_PEM", creds["ES256_PEM"].public_key_pem, expiry)
     d = registry.create_device("sensor-1", [es_with_expiry, creds["RSA_X509_PEM"]], metadata={"site": "lyon"})
     assert d.id == "sensor-1" and d.registry_id == registry.registry_id
@@ -343,7 +347,7 @@ def test_ack_state_event_heartbeat(registry):
     registry.create_device("dev-ack")
     registry.update_config("dev-ack", b"1", min_interval_s=0)
     registry.update_config("dev-ack", b"2", min_interval_s=0)
-    t = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
+    t = (datetime.now(UTC) - timedelta(minutes=5)).replace(microsecond=0)
     registry.ack_config("dev-ack", 2, when=t)
     assert registry.get_config("dev-ack").device_ack_time == t
     assert registry.list_config_versions("dev-ack")[1].device_ack_time is None

@@ -40,7 +40,7 @@ def test_record_heartbeats_batched_skips_a_deleted_device(registry):
     for device_id in ("hb-a", "hb-b", "hb-c", "hb-gone"):
         registry.create_device(device_id)
     registry.delete_device("hb-gone")
-    t = datetime(2026, 11, 27, 14, 0, tzinfo=UTC)
+    t = (datetime.now(UTC) - timedelta(minutes=5)).replace(microsecond=0)
     times = {"hb-a": t, "hb-b": t + timedelta(seconds=1), "hb-gone": t, "hb-c": t + timedelta(seconds=2)}
     # chunk=2: the batch holding the deleted device fails as a whole and is written one by one.
     assert registry.record_heartbeats(times, chunk=2) == 3

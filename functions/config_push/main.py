@@ -56,7 +56,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -415,6 +415,7 @@ class Deps:
     dead_letter: DeadLetterSink | None
     min_interval_s: float = 1.0
     max_retry_age_s: float = MAX_RETRY_AGE_S
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))  # a request's age is taken by it
 
 
 def config_topic(device_id: str) -> str:
@@ -427,7 +428,7 @@ def process(message: Message, deps: Deps) -> Outcome:
     try:
         return _process(message, deps)
     except Exception as exc:
-        age = message.age_s()
+        age = message.age_s(deps.clock())
         if age < deps.max_retry_age_s or deps.dead_letter is None:
             raise
         err = PermanentError("retries_exhausted", f"still failing after {age / 3600:.1f} h: {exc}")

@@ -88,16 +88,17 @@ def verify_jwt(token: bytes | str, credentials: Iterable[CredentialLike], audien
     for cred in candidates:
         try:
             claims = jwt.decode(
-                token, cred.public_key(), algorithms=[alg], audience=audience, leeway=CLOCK_SKEW_S,
-                options={"require": ["iat", "exp", "aud"], "verify_exp": False, "verify_iat": True},
+                token, cred.public_key(), algorithms=[alg], audience=audience,
+                # Every time claim is judged below against ``now``, the bridge's clock: PyJWT's own checks read
+                # the process clock and would ignore it.
+                options={"require": ["iat", "exp", "aud"], "verify_exp": False, "verify_iat": False,
+                         "verify_nbf": False},
             )
         except jwt.InvalidSignatureError as exc:
             last = exc
             continue
         except jwt.InvalidAudienceError:
             raise AuthError("JWT aud is not this project") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("JWT iat lies in the future beyond the allowed clock skew") from None
         except jwt.PyJWTError as exc:
             raise AuthError(f"JWT rejected: {type(exc).__name__}") from None
         iat, exp = claims["iat"], claims["exp"]
@@ -107,6 +108,11 @@ def verify_jwt(token: bytes | str, credentials: Iterable[CredentialLike], audien
             raise AuthError("JWT lifetime exp - iat exceeds 24 h")
         if exp <= iat:
             raise AuthError("JWT exp is not after iat")
+        if iat > now.timestamp() + CLOCK_SKEW_S:
+            raise AuthError("JWT iat lies in the future beyond the allowed clock skew")
+        nbf = claims.get("nbf")
+        if nbf is not None and (not isinstance(nbf, int | float) or nbf > now.timestamp() + CLOCK_SKEW_S):
+            raise AuthError("JWT nbf lies in the future beyond the allowed clock skew")
         if exp <= now.timestamp():
             raise AuthError("JWT expired")
         return Token(alg, datetime.fromtimestamp(iat, UTC), datetime.fromtimestamp(exp, UTC))

@@ -136,9 +136,13 @@ def sdk_root() -> Path:
 
 
 def _emulator(relative: str, component: str) -> Path:
-    path = sdk_root() / "platform" / relative
+    root = sdk_root()
+    path = root / "platform" / relative
     if not path.exists():
-        raise MissingPrerequisite(f"{path} not found: run `gcloud components install {component}`")
+        # An SDK from Google's apt repository has no component manager: its emulators are Debian packages.
+        how = (f"apt-get install -y google-cloud-cli-{component.removeprefix('cloud-').removesuffix('-emulator')}"
+               "-emulator" if root == Path("/usr/lib/google-cloud-sdk") else f"gcloud components install {component}")
+        raise MissingPrerequisite(f"{path} not found: run `{how}`")
     return path
 
 

@@ -156,7 +156,7 @@ def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5,
         return start_bridge_stack(tmp, PROJECT, REGION, REGISTRY, prefix, env, recheck_interval_s=recheck_interval_s,
                                   client_ca=client_ca)
     except services.MissingPrerequisite as exc:
-        pytest.skip(str(exc))
+        pytest.fail(f"prerequisite missing: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -67,11 +67,19 @@ def spy(stack):
     s.close()
 
 
-def expect_refused(connect) -> None:
-    """The front answered with a refusing CONNACK (not a timeout, not a dropped socket)."""
+# The CONNACK refusals the front answers with (MQTT 3.1.1 codes as paho names them).
+CLIENT_ID_REJECTED = "Client identifier not valid"  # 2
+BAD_CREDENTIALS = "Bad user name or password"  # 4
+NOT_AUTHORIZED = "Not authorized"  # 5
+
+
+def expect_refused(connect, reason: str) -> None:
+    """The front answered with the refusing CONNACK ``reason`` (not a timeout, not a dropped socket, not another
+    refusal)."""
     with pytest.raises(ConnectError) as err:
         connect()
-    assert err.value.reason is not None and err.value.reason.is_failure, err.value
+    assert err.value.reason is not None, f"no CONNACK: {err.value}"
+    assert str(err.value.reason) == reason, err.value
 
 
 def assert_dropped(dev, timeout: float = 10.0) -> None:
@@ -135,7 +143,7 @@ def test_will_message_to_another_device_is_refused(devices):
     device_id, private = devices.register("ES256")
     dev = devices.device(device_id, private)
     dev.client.will_set(f"/devices/{victim_id}/events", b"forged will", qos=1)
-    expect_refused(lambda: dev.connect())
+    expect_refused(lambda: dev.connect(), NOT_AUTHORIZED)
 
 
 def test_publish_to_config_or_commands_topic_is_refused(devices):
@@ -152,10 +160,12 @@ def test_client_id_takeover_with_other_credentials_is_refused(devices):
     attacker_id, attacker_key = devices.register("ES256")
     # The attacker's own valid JWT, but the victim's client id.
     impostor = devices.device(victim.identity.device_id, attacker_key)
-    expect_refused(lambda: impostor.connect())
-    assert victim.is_connected()
+    # The JWT is signed by a key the victim does not have: refused as bad credentials, the victim undisturbed.
+    expect_refused(lambda: impostor.connect(), BAD_CREDENTIALS)
+    assert victim.is_connected() and victim.disconnects.empty()
     victim.publish_event(b"still here").wait_for_publish(10)
-    assert attacker_id != victim.identity.device_id
+    # The attacker's own key still works for the attacker's own id: the refusal was about the pairing.
+    devices.device(attacker_id, attacker_key).connect()
 
 
 def test_second_connection_of_the_same_device_replaces_the_first(devices):
@@ -176,9 +186,7 @@ def test_client_id_of_another_deployment_is_refused(devices, stack, case):
     identity = dataclasses.replace(devices.device(device_id, private).identity, **other)
     d = Device(identity, stack.mqtt_host, stack.mqtt_port, str(stack.ca_cert))
     devices.created.append(d)
-    with pytest.raises(ConnectError) as err:
-        d.connect()
-    assert err.value.reason is not None and err.value.reason.is_failure  # a CONNACK refusal, not a timeout
+    expect_refused(d.connect, CLIENT_ID_REJECTED)
 
 
 def test_client_id_that_is_not_a_device_path_is_refused(devices, stack):
@@ -188,6 +196,7 @@ def test_client_id_that_is_not_a_device_path_is_refused(devices, stack):
          "-i", device_id, "-u", "unused", "-P", create_jwt(PROJECT, private, "ES256"), "-q", "1",
          "-t", f"/devices/{device_id}/events", "-m", "x"], capture_output=True, timeout=20)
     assert out.returncode != 0, out
+    assert b"identifier rejected" in out.stderr, out.stderr  # CONNACK 2, as mosquitto_pub names it
 
 
 def _claims(now: float, **over) -> dict:
@@ -207,9 +216,7 @@ def test_bad_jwt_is_refused(devices, case):
         "garbage": None,
     }[case]
     token = "not.a.jwt" if claims is None else jwt.encode(claims, private, algorithm="ES256")
-    with pytest.raises(ConnectError) as err:
-        devices.device(device_id, private).connect(password=token)
-    assert err.value.reason is not None and err.value.reason.is_failure
+    expect_refused(lambda: devices.device(device_id, private).connect(password=token), BAD_CREDENTIALS)
 
 
 def test_clock_skew_within_ten_minutes_is_accepted(devices):
@@ -226,14 +233,14 @@ def test_alg_none_and_hs256_are_refused(devices, registry, alg):
     # HS256 keyed with the device's *public* key: the classic algorithm-confusion forgery.
     token = hand_made_jwt({"alg": alg, "typ": "JWT"}, _claims(time.time()),
                           hmac_key=public_pem if alg == "HS256" else None)
-    expect_refused(lambda: devices.device(device_id, private, "RS256").connect(password=token))
+    expect_refused(lambda: devices.device(device_id, private, "RS256").connect(password=token), BAD_CREDENTIALS)
 
 
 def test_unknown_key_and_unknown_device_are_refused(devices):
     device_id, _ = devices.register("ES256")
     other_private, _ = generate_key("ES256")
-    expect_refused(lambda: devices.device(device_id, other_private).connect())
-    expect_refused(lambda: devices.device(f"ghost-{uuid.uuid4().hex[:8]}", other_private).connect())
+    expect_refused(lambda: devices.device(device_id, other_private).connect(), BAD_CREDENTIALS)
+    expect_refused(lambda: devices.device(f"ghost-{uuid.uuid4().hex[:8]}", other_private).connect(), NOT_AUTHORIZED)
 
 
 def test_expired_credential_is_refused_and_unexpired_one_accepted(devices, registry):
@@ -244,7 +251,7 @@ def test_expired_credential_is_refused_and_unexpired_one_accepted(devices, regis
         Credential("ES256_PEM", old_public, expiration_time=datetime.now(UTC) - timedelta(minutes=1)),
         Credential("RSA_PEM", new_public, expiration_time=datetime.now(UTC) + timedelta(days=1)),
     ])
-    expect_refused(lambda: devices.device(device_id, old_private, "ES256").connect())
+    expect_refused(lambda: devices.device(device_id, old_private, "ES256").connect(), BAD_CREDENTIALS)
     devices.device(device_id, new_private, "RS256").connect()
 
 
@@ -253,8 +260,8 @@ def test_anonymous_is_refused(stack):
     out = subprocess.run(
         ["mosquitto_pub", "-h", "localhost", "-p", str(stack.mqtt_port), "--cafile", str(stack.ca_cert), "-i",
          client_id, "-t", "/devices/nobody-here/events", "-m", "x"], capture_output=True, timeout=20)
-    assert out.returncode != 0
-    assert b"not authorised" in out.stderr.lower() or b"bad user" in out.stderr.lower() or out.stderr
+    assert out.returncode != 0, out
+    assert b"bad user name or password" in out.stderr.lower(), out.stderr  # CONNACK 4: no password at all
 
 
 def test_plaintext_gets_no_connack(stack):
@@ -281,9 +288,11 @@ def test_tls_below_1_2_is_refused(stack):
     except ssl.SSLError:
         pass
     with socket.create_connection((stack.mqtt_host, stack.mqtt_port), timeout=5) as raw:
-        with pytest.raises(ssl.SSLError):
+        with pytest.raises(ssl.SSLError) as err:
             with ctx.wrap_socket(raw, server_hostname="localhost"):
                 pass
+    # The server's protocol_version alert: not a local refusal to offer TLS 1.1, not a certificate error.
+    assert err.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", err.value
 
 
 # ------------------------------------------------------------------------------------------- blocked
@@ -291,14 +300,14 @@ def test_tls_below_1_2_is_refused(stack):
 
 def test_blocked_device_is_refused(devices, registry):
     device_id, private = devices.register("ES256", blocked=True)
-    expect_refused(lambda: devices.device(device_id, private).connect())
+    expect_refused(lambda: devices.device(device_id, private).connect(), NOT_AUTHORIZED)
 
 
 def test_device_blocked_or_deleted_while_connected_is_dropped(devices, registry):
     dev = devices.connected("ES256")
     registry.set_blocked(dev.identity.device_id, True)
     assert_dropped(dev, timeout=15)
-    expect_refused(lambda: dev.connect())
+    expect_refused(lambda: dev.connect(), NOT_AUTHORIZED)
     other = devices.connected("ES256")
     registry.delete_device(other.identity.device_id)
     assert_dropped(other, timeout=15)
@@ -376,7 +385,7 @@ def test_mtls_certificate_of_another_device_is_refused(devices, registry, device
     victim_id, _ = devices.register("ES256")
     pem, cert_file, key_file = device_ca.issue("someone-else")
     dev = devices.device(victim_id, key_file.read_bytes(), client_cert=str(cert_file), client_key=str(key_file))
-    expect_refused(lambda: dev.connect(use_jwt=False))
+    expect_refused(lambda: dev.connect(use_jwt=False), BAD_CREDENTIALS)
 
 
 def test_mtls_certificate_from_an_unknown_ca_fails_the_handshake(devices, registry, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from datetime import UTC, datetime, timedelta
 
 import jwt
@@ -15,7 +14,7 @@ from paho.mqtt.properties import Properties
 
 from iotbridge.bridge import mqtt
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
-from iotbridge.bridge.front import subscription_allowed, topic_kind
+from iotbridge.bridge.front import subscription_allowed, topic_kind, verify_client_certificate
 from iotbridge.device import generate_key
 from iotbridge.registry import Credential
 
@@ -158,39 +157,74 @@ def _token(private: bytes, iat: float, exp: float, aud: str = "proj") -> str:
     return jwt.encode({"iat": int(iat), "exp": int(exp), "aud": aud}, private, algorithm="ES256")
 
 
-def test_jwt_window_rules(es256):
+def test_jwt_window_rules(es256, clock):
     private, cred = es256
-    now = time.time()
-    ok = verify_jwt(_token(private, now, now + 3600), [cred], "proj")
+    now = clock.time()
+    at = clock.now()  # the bridge's clock: every window rule is judged against it, not the process's
+
+    def verify(token: str):  # noqa: ANN202
+        return verify_jwt(token, [cred], "proj", now=at)
+
+    ok = verify(_token(private, now, now + 3600))
     assert ok.algorithm == "ES256" and abs(ok.expires_at.timestamp() - (now + 3600)) < 2
-    verify_jwt(_token(private, now + 590, now + 3600), [cred], "proj")  # iat 9m50s ahead: skew allowed
-    verify_jwt(_token(private, now - 10, now + 24 * 3600 - 10), [cred], "proj")  # exactly 24 h
+    verify(_token(private, now + 590, now + 3600))  # iat 9m50s ahead: skew allowed
+    verify(_token(private, now - 10, now + 24 * 3600 - 10))  # exactly 24 h
     for token, reason in (
         (_token(private, now + 700, now + 3600), "future"),
         (_token(private, now - 7200, now - 1), "expired"),
         (_token(private, now, now + 24 * 3600 + 1), "24 h"),
         (_token(private, now, now + 3600, aud="other"), "aud"),
+        (jwt.encode({"iat": int(now), "nbf": int(now) + 700, "exp": int(now) + 3600, "aud": "proj"}, private,
+                    algorithm="ES256"), "nbf"),
     ):
         with pytest.raises(AuthError, match=reason):
-            verify_jwt(token, [cred], "proj")
+            verify(token)
 
 
-def test_jwt_credential_selection(es256):
+def test_jwt_credential_selection(es256, clock):
     private, cred = es256
-    now = time.time()
+    now, at = clock.time(), clock.now()
     token = _token(private, now, now + 600)
-    expired = Credential("ES256_PEM", cred.public_key_pem, expiration_time=datetime.now(UTC) - timedelta(seconds=1))
+    expired = Credential("ES256_PEM", cred.public_key_pem, expiration_time=at - timedelta(seconds=1))
     with pytest.raises(AuthError, match="no unexpired"):
-        verify_jwt(token, [expired], "proj")
+        verify_jwt(token, [expired], "proj", now=at)
+    valid = Credential("ES256_PEM", cred.public_key_pem, expiration_time=at + timedelta(hours=1))
+    assert verify_jwt(token, [expired, valid], "proj", now=at).algorithm == "ES256"
     other_private, other_public = generate_key("ES256")
     # The right key among several is found; a token from another key matches none.
-    assert verify_jwt(token, [Credential("ES256_PEM", other_public), cred], "proj").algorithm == "ES256"
+    assert verify_jwt(token, [Credential("ES256_PEM", other_public), cred], "proj", now=at).algorithm == "ES256"
     with pytest.raises(AuthError, match="signature"):
-        verify_jwt(_token(other_private, now, now + 600), [cred], "proj")
+        verify_jwt(_token(other_private, now, now + 600), [cred], "proj", now=at)
     rsa_private, rsa_public = generate_key("RS256")
     with pytest.raises(AuthError, match="no unexpired RS256"):
         verify_jwt(jwt.encode({"iat": int(now), "exp": int(now) + 60, "aud": "proj"}, rsa_private, algorithm="RS256"),
-                   [cred], "proj")
+                   [cred], "proj", now=at)
+
+
+def test_client_certificate_session_ends_at_the_earlier_of_certificate_and_credential_expiry(clock):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    at = clock.now()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")])
+    not_after = (at + timedelta(days=30)).replace(microsecond=0)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(at - timedelta(minutes=1))
+            .not_valid_after(not_after).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert verify_client_certificate(der, [Credential("ES256_X509_PEM", pem)], now=at) == not_after
+    soon = at + timedelta(hours=1)
+    assert verify_client_certificate(der, [Credential("ES256_X509_PEM", pem, soon)], now=at) == soon
+    with pytest.raises(AuthError, match="no unexpired"):
+        verify_client_certificate(der, [Credential("ES256_X509_PEM", pem, at - timedelta(seconds=1))], now=at)
+    other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    with pytest.raises(AuthError, match="no unexpired"):  # a raw key is not an X.509 credential
+        verify_client_certificate(der, [Credential("ES256_PEM", other)], now=at)
 
 
 def _publish(topic: str, payload: bytes, packet_id: int = 1, first: int = 0x32) -> bytes:

@@ -6,6 +6,7 @@ import base64
 import json
 import struct
 import sys
+import time
 from datetime import datetime, timezone
 
 import apache_beam as beam
@@ -24,7 +25,14 @@ from dataflow_jobs.telemetry_pipeline import ProcessTelemetry, Settings, parse_a
 
 ATTRS = {"deviceId": "dev-1", "deviceNumId": "101", "deviceRegistryId": "fleet", "deviceRegistryLocation": "local",
          "projectId": "local-project"}
-T0 = 1_795_000_020_000  # ms, a minute boundary: T0 % 60_000 == 0
+
+
+def minute_boundary_ms(now_s: float) -> int:
+    """The start of the minute ``now_s`` lies in, in epoch ms (``% 60_000 == 0``)."""
+    return int(now_s // 60) * 60_000
+
+
+T0 = minute_boundary_ms(time.time())  # ms; the streaming tests take theirs from the test clock instead
 
 
 def settings(**overrides: str) -> Settings:
@@ -215,10 +223,11 @@ def minute_row(device: str, metric: str, start_ms: int, values: list[float], tim
             "pane_timing": timing}
 
 
-def test_windows_on_time_late_and_too_late_with_duplicates_and_disorder():
+def test_windows_on_time_late_and_too_late_with_duplicates_and_disorder(clock):
     """Allowed lateness 120 s. Window [T0, T0+60s) gets on-time readings out of order and a duplicate, fires at the
     watermark, then a late reading (within the lateness) fires a LATE pane with that reading alone; a reading
     after the lateness has expired is dropped from the aggregates but still lands in telemetry_raw."""
+    T0 = minute_boundary_ms(clock.time())  # noqa: N806 - the event-time origin this run's watermark starts at
     s = settings()
     stream = (TestStream()
               .advance_watermark_to(T0 / 1000)
@@ -249,8 +258,9 @@ def test_windows_on_time_late_and_too_late_with_duplicates_and_disorder():
                     label="insert ids")
 
 
-def test_config_requests_rate_limited_per_device():
+def test_config_requests_rate_limited_per_device(clock):
     """Rule temperature > 80, interval 60 s of event time: per device one request per minute of its readings."""
+    T0 = minute_boundary_ms(clock.time())  # noqa: N806 - the event-time origin of this run
     other = {**ATTRS, "deviceId": "dev-2"}
     stream = (TestStream()
               .advance_watermark_to(T0 / 1000)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from types import ModuleType
 import pytest
 
 from iotbridge.local import services
+from tests.conftest import require
 from tests.functions.served import mosquitto_config
 
 FUNCTION_DIR = Path(__file__).resolve().parents[2] / "functions" / "config_push"
@@ -36,12 +36,7 @@ def cp() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.Service]:
-    try:
-        port = services.free_port()
-        svc = services.start_mosquitto(mosquitto_config(port), port, tmp_path_factory.mktemp("mosquitto"))
-    except services.MissingPrerequisite as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"prerequisite missing in CI: {exc}")
-        pytest.skip(f"prerequisite missing: {exc}")
+    port = services.free_port()
+    svc = require(services.start_mosquitto, mosquitto_config(port), port, tmp_path_factory.mktemp("mosquitto"))
     yield svc
     svc.stop()

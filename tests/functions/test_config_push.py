@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import uuid
+from datetime import UTC, datetime
 from types import ModuleType
 
 import pytest
@@ -208,26 +209,31 @@ def test_logic_flood_for_one_device_keeps_one_update_per_second(cp, deps, regist
 
 
 @pytest.mark.emulator
-def test_logic_gives_up_on_a_request_older_than_the_retry_window(cp, deps, registry) -> None:
-    from datetime import UTC, datetime, timedelta
+def test_logic_gives_up_on_a_request_older_than_the_retry_window(cp, deps, registry, clock) -> None:
+    from datetime import timedelta
 
+    deps.clock = clock.now  # the function's age check reads this clock, not the process's
     registry.create_device("pump-5")
     deps.publisher.fail = cp.TransientError("broker down")
-    young = cp.Message("500", req(device_id="pump-5", config={}), publish_time=datetime.now(UTC))
+    young = cp.Message("500", req(device_id="pump-5", config={}), publish_time=clock.now())
     with pytest.raises(cp.TransientError):
         cp.process(young, deps)
-    old = cp.Message("500", young.data, publish_time=datetime.now(UTC) - timedelta(hours=23, minutes=1))
+    almost = cp.Message("500", young.data, publish_time=clock.now() - timedelta(hours=22, minutes=59))
+    with pytest.raises(cp.TransientError):  # still inside the 23 h window: retried, not given up
+        cp.process(almost, deps)
+    assert deps.dead_letter.sent == []
+    old = cp.Message("500", young.data, publish_time=clock.now() - timedelta(hours=23, minutes=1))
     assert cp.process(old, deps) == cp.Outcome("rejected", reason="retries_exhausted")
     assert deps.dead_letter.sent == [("500", "retries_exhausted")]
     assert registry.get_device("pump-5").config_version == 1
 
 
 def test_event_message_fields_are_read(cp) -> None:
-    from datetime import UTC, datetime
-
+    t = datetime.now(UTC).replace(microsecond=123456)
+    nanos = t.strftime("%Y-%m-%dT%H:%M:%S.") + "123456789Z"  # Pub/Sub's publishTime carries nanoseconds
     m = cp.message_from_event({"message": {"data": "eyJhIjoxfQ==", "messageId": "91", "attributes": {"a": "b"},
-                                           "publishTime": "2026-11-27T14:00:00.123456789Z"}})
-    assert m == cp.Message("91", b'{"a":1}', {"a": "b"}, datetime(2026, 11, 27, 14, 0, 0, 123456, tzinfo=UTC))
+                                           "publishTime": nanos}})
+    assert m == cp.Message("91", b'{"a":1}', {"a": "b"}, t)
     assert cp.message_from_event({"message": {"messageId": "92"}}).data == b""
     with pytest.raises(cp.PermanentError, match="no Pub/Sub message"):
         cp.message_from_event({"data": "x"})
@@ -236,7 +242,9 @@ def test_event_message_fields_are_read(cp) -> None:
 # ------------------------------------------------------------------------------------- level 2: handler
 
 
-def cloud_event(mid: str, data: bytes, topic: str = "cfg-requests") -> CloudEvent:
+def cloud_event(mid: str, data: bytes, topic: str = "cfg-requests", published: datetime | None = None) -> CloudEvent:
+    """A CloudEvent as Eventarc delivers it; the message was published at ``published`` (default: just now)."""
+    published = published or datetime.now(UTC)
     attributes = {
         "id": mid,
         "type": "google.cloud.pubsub.topic.v1.messagePublished",
@@ -244,7 +252,7 @@ def cloud_event(mid: str, data: bytes, topic: str = "cfg-requests") -> CloudEven
         "specversion": "1.0",
     }
     body = {"message": {"data": base64.b64encode(data).decode(), "messageId": mid, "attributes": {"k": "v"},
-                        "publishTime": "2026-11-27T14:00:00Z"},
+                        "publishTime": published.strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
             "subscription": f"projects/{PROJECT}/subscriptions/eventarc-test"}
     return CloudEvent(attributes, body)
 
@@ -345,16 +353,17 @@ def test_handler_refusals_land_on_the_dead_letter_topic(cp, handler_env, mosquit
 
 
 @pytest.mark.emulator
-def test_handler_raises_when_the_broker_is_unreachable(cp, handler_env, monkeypatch) -> None:
+def test_handler_raises_when_the_broker_is_unreachable(cp, handler_env, monkeypatch, clock) -> None:
     registry = handler_env["registry"]
     registry.create_device("valve-4")
     monkeypatch.setenv("MQTT_PORT", str(services.free_port()))  # nothing listens there
     cp.reset_deps()
+    cp.get_deps().clock = clock.now
     with pytest.raises(cp.TransientError, match="unreachable"):
-        cp.handle(cloud_event("7001", req(device_id="valve-4", config={"a": 1})))
+        cp.handle(cloud_event("7001", req(device_id="valve-4", config={"a": 1}), published=clock.now()))
     assert registry.get_config("valve-4").version == 1
     with pytest.raises(cp.TransientError):  # the retry: still down, still the one version
-        cp.handle(cloud_event("7001", req(device_id="valve-4", config={"a": 1})))
+        cp.handle(cloud_event("7001", req(device_id="valve-4", config={"a": 1}), published=clock.now()))
     assert registry.get_device("valve-4").config_version == 1
 
 
@@ -386,7 +395,7 @@ def test_handler_fanout_delivery_speaks_the_bridge_format(cp, handler_env, monke
 
     # What the bridge's own publisher would send for the same version (it derives the topic from the prefix,
     # so a stand-in client captures the call): the same data and attributes.
-    fanout = pytest.importorskip("iotbridge.bridge.fanout")
+    from iotbridge.bridge import fanout
     sent: dict = {}
 
     class Capture:

@@ -51,7 +51,7 @@ def system(pubsub_emulator, firestore_emulator, tmp_path_factory) -> Iterator[tu
             stack = start_bridge_stack(tmp_path_factory.mktemp("bridge"), PROJECT, REGION,
                                        f"reg-{uuid.uuid4().hex[:8]}", prefix, env)
         except services.MissingPrerequisite as exc:
-            pytest.skip(str(exc))
+            pytest.fail(f"prerequisite missing: {exc}", pytrace=False)
         try:
             yield stack, env
         finally:

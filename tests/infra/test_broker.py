@@ -206,7 +206,11 @@ def test_code_archive_is_named_by_content_and_pins_its_requirements():
     assert "iotbridge/bridge/front.py" in files and "iotbridge/local/services.py" not in files
     reqs = files["requirements.txt"].splitlines()
     assert all("==" in line for line in reqs), reqs
-    assert bc.content_hash(files) == bc.content_hash(dict(files))
+    # The name depends on content and paths alone, not on the order the files were listed in.
+    assert list(dict(reversed(files.items()))) != list(files)
+    assert bc.content_hash(dict(reversed(files.items()))) == bc.content_hash(files)
+    moved = {("x/" + k if k == "iotbridge/bridge/front.py" else k): v for k, v in files.items()}
+    assert bc.content_hash(moved) != bc.content_hash(files)
     changed = {**files, "iotbridge/bridge/front.py": files["iotbridge/bridge/front.py"] + "#"}
     assert bc.content_hash(changed) != bc.content_hash(files)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -37,10 +38,13 @@ def config(uri: str, version: str, sha: str, **extra) -> bytes:
     return json.dumps({"model": {"uri": uri, "version": version, "sha256": sha}, **extra}).encode()
 
 
+NOW = float(int(time.time()))  # the runner's injected clock: whole seconds, so its ms timestamps are exact
+
+
 @pytest.fixture
 def runner() -> tuple[ModelRunner, Logs]:
     logs = Logs()
-    return ModelRunner("pump-1", logs, clock=lambda: 1764252000.0), logs
+    return ModelRunner("pump-1", logs, clock=lambda: NOW), logs
 
 
 def test_load_then_infer(runner, tmp_path):
@@ -49,7 +53,7 @@ def test_load_then_infer(runner, tmp_path):
     rec = r.apply_config(config(uri, "v1", sha))
     assert rec == logs.records[-1]
     assert rec["kind"] == "model_loaded" and rec["model_version"] == "v1" and rec["model_sha256"] == sha
-    assert rec["previous_version"] is None and rec["device_id"] == "pump-1" and rec["ts"] == 1764252000000
+    assert rec["previous_version"] is None and rec["device_id"] == "pump-1" and rec["ts"] == int(NOW) * 1000
     inf = r.observe({"ts": 1, "seq": 7, "metrics": {"temperature": 20.0, "rpm": 1000.0}})
     assert inf == logs.records[-1]
     assert (inf["kind"], inf["model_version"], inf["seq"], inf["anomaly"], inf["cluster"]) == \
