@@ -75,8 +75,10 @@ def create_jwt(project: str, private_key_pem: bytes, algorithm: str, lifetime_s:
 class Device:
     def __init__(self, identity: DeviceIdentity, host: str, port: int, ca_certs: str | None,
                  token_lifetime_s: int = 3600, protocol: int = paho.MQTTv311, max_inflight: int = 100,
-                 client_cert: str | None = None, client_key: str | None = None, keepalive: int = 60):
+                 client_cert: str | None = None, client_key: str | None = None, keepalive: int = 60,
+                 bind_address: str = ""):
         self.identity = identity
+        self.bind_address = bind_address  # the local address to connect from ("" = the system's choice)
         self.host, self.port = host, port
         self.token_lifetime_s = token_lifetime_s
         self.keepalive = keepalive
@@ -128,7 +130,7 @@ class Device:
         self.client.username_pw_set("unused", token)
         self._connected.clear()
         self._connack = None
-        self.client.connect(self.host, self.port, keepalive=self.keepalive)
+        self.client.connect(self.host, self.port, keepalive=self.keepalive, bind_address=self.bind_address)
         self.client.loop_start()
         if not self._connected.wait(timeout):
             self.client.loop_stop()

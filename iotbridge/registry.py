@@ -200,6 +200,16 @@ class ConfigVersion:
 
 
 @dataclass(frozen=True)
+class Grant:
+    """A device's blocked flag, numeric id and credentials (public key PEM -> expiration time), as read for the
+    sessions already connected on its behalf."""
+
+    num_id: str
+    blocked: bool
+    credentials: dict[str, datetime | None]
+
+
+@dataclass(frozen=True)
 class Device:
     id: str
     num_id: str
@@ -214,6 +224,8 @@ class Device:
     last_state_time: datetime | None = None
     last_heartbeat_time: datetime | None = None
     state: bytes | None = None
+    last_error_time: datetime | None = None
+    last_error_status: str = ""
 
     def valid_credentials(self, now: datetime | None = None) -> tuple[Credential, ...]:
         return tuple(c for c in self.credentials if not c.expired(now))
@@ -231,6 +243,7 @@ class Device:
             last_event_time=doc.get("last_event_time"), last_state_time=doc.get("last_state_time"),
             last_heartbeat_time=doc.get("last_heartbeat_time"),
             state=bytes(state) if state is not None else None,
+            last_error_time=doc.get("last_error_time"), last_error_status=str(doc.get("last_error_status") or ""),
         )
 
 
@@ -346,18 +359,27 @@ class Registry:
     def get_device(self, device_id: str) -> Device:
         return Device.from_doc(self._load(device_id)[1])
 
-    def blocked_flags(self, device_ids: Sequence[str], chunk: int = 300) -> dict[str, bool]:
-        """Device id -> blocked, for those of ``device_ids`` that exist (a deleted device is absent). Batched
-        reads of the one field (a round trip per ``chunk`` devices, no credential parsing): the front re-checks
-        every connected device this way each few seconds, thousands per host."""
-        found: dict[str, bool] = {}
+    def session_grants(self, device_ids: Sequence[str], chunk: int = 300) -> dict[str, Grant]:
+        """Device id -> what its sessions' right to stay connected rests on, for those of ``device_ids`` that
+        exist. Batched reads of three fields (no key parsing): the front re-checks every connected device this way
+        each few seconds and ends the sessions that their device's blocked flag, numeric id (a device deleted and
+        created again gets a new one) or credentials no longer allow."""
+        found: dict[str, Grant] = {}
         ids = list(dict.fromkeys(device_ids))
         for i in range(0, len(ids), chunk):
             refs = [self._device_ref(d) for d in ids[i:i + chunk]]
-            for snap in self.client.get_all(refs, field_paths=["blocked"]):
+            for snap in self.client.get_all(refs, field_paths=["blocked", "num_id", "credentials"]):
                 if snap.exists:
-                    found[snap.id] = bool((snap.to_dict() or {}).get("blocked", False))
+                    doc = snap.to_dict() or {}
+                    found[snap.id] = Grant(
+                        num_id=str(doc.get("num_id", "")), blocked=bool(doc.get("blocked", False)),
+                        credentials={str(c.get("public_key_pem", "")): c.get("expiration_time")
+                                     for c in doc.get("credentials", ())})
         return found
+
+    def record_error(self, device_id: str, message: str, when: datetime | None = None) -> None:
+        """Something the device did was refused or limited (IoT Core's ``lastErrorTime``/``lastErrorStatus``)."""
+        self._update(device_id, {"last_error_time": _utc(when), "last_error_status": str(message)[:1024]})
 
     def get_device_by_num_id(self, num_id: str) -> Device:
         snap = self._num_ids.document(str(num_id)).get()

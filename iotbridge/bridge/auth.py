@@ -44,6 +44,7 @@ class Token:
     algorithm: str
     issued_at: datetime
     expires_at: datetime
+    credential: Any = None  # the registered credential whose key signed it
 
 
 def parse_client_id(client_id: str, project: str, region: str, registry_id: str) -> str:
@@ -115,5 +116,5 @@ def verify_jwt(token: bytes | str, credentials: Iterable[CredentialLike], audien
             raise AuthError("JWT nbf lies in the future beyond the allowed clock skew")
         if exp <= now.timestamp():
             raise AuthError("JWT expired")
-        return Token(alg, datetime.fromtimestamp(iat, UTC), datetime.fromtimestamp(exp, UTC))
+        return Token(alg, datetime.fromtimestamp(iat, UTC), datetime.fromtimestamp(exp, UTC), cred)
     raise AuthError("JWT signature does not match any registered credential") from last

@@ -30,13 +30,17 @@ import asyncio
 from asyncio import sslproto
 import contextlib
 import hashlib
+import json
 import logging
 import ssl
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 from cryptography import x509
@@ -45,8 +49,11 @@ from cryptography.hazmat.primitives import serialization
 from iotbridge.bridge import mqtt
 from iotbridge.bridge import fanout
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
+from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
-from iotbridge.registry import DeviceNotFound, Registry
+from iotbridge.registry import DeviceNotFound, Grant, Registry
+
+T = TypeVar("T")
 
 log = logging.getLogger("iotbridge.front")
 
@@ -58,6 +65,37 @@ MAX_BROKER_PACKET = 2 * 1024 * 1024
 SYNC_TOPIC = "iotbridge/sync"
 TLS_READ_BUFFER = 32 * 1024
 RELAY_READ = 64 * 1024
+
+# ---- limits (README "Security" lists each, with what a device sees when it reaches it)
+MAX_SESSION = timedelta(hours=24)  # IoT Core's longest connection; mTLS sessions too
+# Before authentication, BridgeSettings bounds how many connections may await their CONNECT
+# (max_pending_connects) and what one source address may cost the registry (auth_failures_per_s,
+# auth_failure_burst): a refused CONNECT costs a token; a spent address is answered "server unavailable"
+# without a registry read until it earns one back.
+MAX_TRACKED_ADDRESSES = 50_000
+UNKNOWN_DEVICE_TTL_S = 10.0  # a device id the registry did not know is not looked up again for this long
+MAX_UNKNOWN_DEVICES = 50_000
+AUTH_WORKERS = 8  # registry reads of CONNECTs; nothing an authenticated device sends runs on these threads
+REGISTRY_WORKERS = 4  # config acks, presence, heartbeats, re-checks
+# Per device session (IoT Core's limits: 100 messages/s per connection, 512 KB/s per device, state 1/s). A device
+# over a limit is slowed: the front stops reading its socket until the limit allows the next packet.
+EVENTS_PER_S = 100.0
+STATE_PER_S = 1.0
+BYTES_PER_S = 512 * 1024
+SUBSCRIBES_PER_S = 1.0
+SUBSCRIBE_BURST = 10
+MAX_FILTERS_PER_SUBSCRIBE = 8
+MAX_SUBSCRIPTIONS = 16  # distinct filters one session may hold: config, commands, commands/# and subfolders
+LIMIT_REPORT_S = 60.0  # a slowed device is logged and recorded in the registry at most once a minute
+# A session the front ends because the device is no longer allowed leaves without its will: Mosquitto would
+# otherwise publish the will of a revoked identity as its telemetry.
+MQTT_DISCONNECT = bytes([mqtt.DISCONNECT << 4, 0])
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Device-supplied text made safe for one log line: control characters escaped, length capped."""
+    out = text.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 async def _forward(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -88,7 +126,7 @@ def _spki(public_key) -> bytes:  # noqa: ANN001
 
 def verify_client_certificate(cert_der: bytes, credentials, now: datetime | None = None):  # noqa: ANN001, ANN201
     """The TLS layer verified the chain; here the certificate must carry the key of one of the device's
-    unexpired X.509 credentials. Returns when the session must end (certificate or credential expiry)."""
+    unexpired X.509 credentials. Returns (the certificate's notAfter, the matching credential)."""
     now = now or datetime.now(UTC)
     cert = x509.load_der_x509_certificate(cert_der)
     presented = _spki(cert.public_key())
@@ -96,9 +134,17 @@ def verify_client_certificate(cert_der: bytes, credentials, now: datetime | None
         if not cred.format.endswith("_X509_PEM") or (cred.expiration_time and cred.expiration_time <= now):
             continue
         if _spki(cred.public_key()) == presented:
-            ends = [cert.not_valid_after_utc] + ([cred.expiration_time] if cred.expiration_time else [])
-            return min(ends)
+            return cert.not_valid_after_utc, cred
     raise AuthError("client certificate matches no unexpired X.509 credential of this device")
+
+
+def session_deadline(now: datetime, proof_expires_at: datetime, credential_expires_at: datetime | None) -> datetime:
+    """When a session must end whatever else happens: its proof (the JWT's ``exp``, the client certificate's
+    notAfter), its credential's expiration, and at most 24 h after it began (IoT Core's longest JWT)."""
+    ends = [proof_expires_at, now + MAX_SESSION]
+    if credential_expires_at is not None:
+        ends.append(credential_expires_at)
+    return min(ends)
 
 
 def topic_kind(topic: str, device_id: str) -> str | None:
@@ -132,23 +178,53 @@ class Dropped(Exception):
     """The front closes this session; the message is the logged reason."""
 
 
+def revoked_reason(num_id: str, credential_pem: str, grant: Grant | None, now: datetime) -> str:
+    """Why a session authenticated as device ``num_id`` with ``credential_pem`` may no longer stay, given what
+    the registry holds now (``grant``; None when the device is gone); "" when it may."""
+    if grant is None or grant.num_id != num_id:
+        return "device deleted"  # a device deleted and created again is another device, with another numeric id
+    if grant.blocked:
+        return "device blocked"
+    if credential_pem not in grant.credentials:
+        return "credential removed"
+    expires = grant.credentials[credential_pem]
+    if expires is not None and expires <= now:
+        return "credential expired"
+    return ""
+
+
 @dataclass(eq=False)
 class Session:
     device_id: str
     level: int
     expires_at: datetime
     peer: str
+    num_id: str = ""
+    credential_pem: str = ""  # the registered credential this session authenticated with
     done: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
+    drop_will: bool = False
     config_inflight: dict[int, str] = field(default_factory=dict)  # broker packet id -> sha256 of the config
+    acks_running: set[str] = field(default_factory=set)
+    subscriptions: set[str] = field(default_factory=set)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     presence_time: object = None
     last_ping: datetime | None = None  # the device's latest PINGREQ (IoT Core's lastHeartbeatTime)
     ping_recorded: datetime | None = None
+    limits: dict[str, TokenBucket] = field(default_factory=dict)
+    limit_reported: float = float("-inf")
 
-    def close(self, reason: str) -> None:
+    def __post_init__(self) -> None:
+        now = time.monotonic()
+        self.limits = {"events": TokenBucket(EVENTS_PER_S, EVENTS_PER_S, now),
+                       "state": TokenBucket(STATE_PER_S, 1, now),
+                       "bytes": TokenBucket(BYTES_PER_S, BYTES_PER_S, now),
+                       "subscribe": TokenBucket(SUBSCRIBES_PER_S, SUBSCRIBE_BURST, now)}
+
+    def close(self, reason: str, drop_will: bool = False) -> None:
         if not self.done.is_set():
             self.reason = reason
+            self.drop_will = drop_will
             self.done.set()
 
 
@@ -165,7 +241,19 @@ class Front:
         self._health: asyncio.Server | None = None
         self._control: paho.Client | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.stats = {"accepted": 0, "refused": 0, "dropped": 0}
+        self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "registry_lookups": 0, "config_acks": 0,
+                      "address_limited": 0, "pending_limited": 0, "device_slowed": 0}
+        # Registry reads that authenticate CONNECTs run on threads of their own, so that nothing an authenticated
+        # device can trigger (config acks, presence, heartbeats) delays another device's connect.
+        self._auth_pool = ThreadPoolExecutor(AUTH_WORKERS, thread_name_prefix="front-auth")
+        self._registry_pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="front-registry")
+        self._pending = 0
+        self._unknown = ExpiringSet(UNKNOWN_DEVICE_TTL_S, MAX_UNKNOWN_DEVICES)
+        self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
+        self._acked: dict[str, str] = {}  # device id -> sha256 of the config last acknowledged in the registry
+
+    async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -196,6 +284,8 @@ class Front:
             s.close("front stopping")
         for t in list(self._tasks):
             t.cancel()
+        for pool in (self._auth_pool, self._registry_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         if self._control:
             self._control.loop_stop()
             self._control.disconnect()
@@ -217,10 +307,18 @@ class Front:
     # ---------------------------------------------------------------------------------- one connection
 
     async def _handle(self, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter) -> None:
-        peer = str(dwriter.get_extra_info("peername"))
+        peername = dwriter.get_extra_info("peername")
+        peer = str(peername)
+        address = str(peername[0]) if isinstance(peername, tuple) and peername else peer
         bwriter: asyncio.StreamWriter | None = None
         session: Session | None = None
+        pending = self._pending < self.settings.max_pending_connects
         try:
+            if not pending:  # bounded count (and, by CONNECT_TIMEOUT_S and MAX_CONNECT_BYTES, time and memory)
+                self.stats["pending_limited"] += 1
+                self._refused(peer, f"{self._pending} connections already awaiting CONNECT")
+                return
+            self._pending += 1
             try:
                 first, body, _ = await asyncio.wait_for(mqtt.read_packet(dreader, MAX_CONNECT_BYTES),
                                                         CONNECT_TIMEOUT_S)
@@ -238,17 +336,28 @@ class Front:
             except mqtt.ProtocolError as exc:
                 self._refused(peer, f"malformed CONNECT: {exc}")
                 return
-            session, breader, bwriter = await self._authenticate(connect, dwriter, peer)
+            session, breader, bwriter = await self._authenticate(connect, dwriter, peer, address)
+            self._pending -= 1
+            pending = False
             if session is None:
                 return
             await self._relay(session, dreader, dwriter, breader, bwriter)
         finally:
+            if pending:
+                self._pending -= 1
             if session is not None:
                 self.sessions.discard(session)
+                if session.drop_will and bwriter is not None:
+                    # DISCONNECT first: the broker then discards the will instead of publishing it.
+                    with contextlib.suppress(Exception):
+                        bwriter.write(MQTT_DISCONNECT)
+                        await asyncio.wait_for(bwriter.drain(), 2)
                 if session.presence_time is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.to_thread(fanout.mark_disconnected, self.registry.client,
-                                                self.registry.registry_id, session.device_id, session.presence_time)
+                        await self._on(self._registry_pool, fanout.mark_disconnected, self.registry.client,
+                                       self.registry.registry_id, session.device_id, session.presence_time)
+                if not any(s.device_id == session.device_id for s in self.sessions):
+                    self._acked.pop(session.device_id, None)
                 log.info("device %s disconnected: %s", session.device_id, session.reason or "closed")
             for w in (dwriter, bwriter):
                 if w is not None:
@@ -258,7 +367,7 @@ class Front:
 
     def _refused(self, peer: str, reason: str) -> None:
         self.stats["refused"] += 1
-        log.warning("refused %s: %s", peer, reason)
+        log.warning("refused %s: %s", peer, printable(reason))
 
     async def _refuse(self, w: asyncio.StreamWriter, level: int, codes: dict[int, int], peer: str,
                       reason: str) -> None:
@@ -267,7 +376,11 @@ class Front:
             w.write(mqtt.connack(level, codes[level]))
             await asyncio.wait_for(w.drain(), 2)
 
-    async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str):  # noqa: ANN202
+    async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str,  # noqa: ANN202
+                            address: str):
+        """Unknown device, wrong key, expired credential, bad token: all answered "bad user name or password",
+        so that device ids cannot be enumerated. Only a device that proved its identity learns that it is blocked
+        ("not authorized")."""
         level = c.level
         s = self.settings
         none = (None, None, None)
@@ -277,30 +390,45 @@ class Front:
             await self._refuse(dwriter, level, mqtt.REFUSE_CLIENT_ID, peer, str(exc))
             return none
         who = f"{peer} as {device_id}"
+        now = time.monotonic()
+        if self._failures.exhausted(address, now):
+            self.stats["address_limited"] += 1
+            await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who,
+                               f"too many failed connects from {address}; retry later")
+            return none
+
+        async def bad_credentials(reason: str):  # noqa: ANN202
+            self._failures.charge(address, time.monotonic())
+            await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, reason)
+            return none
+
         ssl_object = dwriter.get_extra_info("ssl_object")
         client_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not c.password and not client_cert:
-            await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, "no password (anonymous)")
-            return none
+            return await bad_credentials("no password (anonymous)")
+        if self._unknown.has(device_id, now):
+            return await bad_credentials("unknown device (remembered)")
         try:
-            device = await asyncio.to_thread(self.registry.get_device, device_id)
+            self.stats["registry_lookups"] += 1
+            device = await self._on(self._auth_pool, self.registry.get_device, device_id)
         except DeviceNotFound:
-            await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "unknown device")
-            return none
+            self._unknown.add(device_id, time.monotonic())
+            return await bad_credentials("unknown device")
         except Exception as exc:  # registry unreachable: refuse, the device retries
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"registry error {type(exc).__name__}")
             return none
-        if device.blocked:
-            await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "device is blocked")
-            return none
+        at = datetime.now(UTC)
         try:
             if c.password or client_cert is None:
-                token = verify_jwt(c.password or b"", device.credentials, audience=s.project)
-                method, expires_at = token.algorithm, token.expires_at
+                token = verify_jwt(c.password or b"", device.credentials, audience=s.project, now=at)
+                method, proof_expires, credential = token.algorithm, token.expires_at, token.credential
             else:
-                method, expires_at = "mTLS", verify_client_certificate(client_cert, device.credentials)
+                method = "mTLS"
+                proof_expires, credential = verify_client_certificate(client_cert, device.credentials, now=at)
         except (AuthError, ValueError) as exc:
-            await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, str(exc))
+            return await bad_credentials(str(exc))
+        if device.blocked:
+            await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "device is blocked")
             return none
         if c.will_topic is not None:
             kind = topic_kind(c.will_topic, device_id)
@@ -314,12 +442,14 @@ class Front:
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"broker unreachable: {exc}")
             return none
         bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
-        session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer)
+        expires_at = session_deadline(at, proof_expires, credential.expiration_time)
+        session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer, num_id=device.num_id,
+                          credential_pem=credential.public_key_pem)
         self.sessions.add(session)
         try:
-            session.presence_time = await asyncio.to_thread(
-                fanout.mark_connected, self.registry.client, s.registry_id, device_id, s.host_id, session.id,
-                expires_at)
+            session.presence_time = await self._on(
+                self._auth_pool, fanout.mark_connected, self.registry.client, s.registry_id, device_id, s.host_id,
+                session.id, expires_at)
         except Exception as exc:  # presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
         self.stats["accepted"] += 1
@@ -343,12 +473,12 @@ class Front:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if session.reason.startswith(("refused:", "token expired", "device ")):
+        if session.reason.startswith(("refused:", "session expired", "device ", "credential ")):
             self.stats["dropped"] += 1
 
     async def _expire(self, session: Session) -> None:
         await asyncio.sleep(max(0.0, session.expires_at.timestamp() - time.time()))
-        session.close("token expired")
+        session.close("session expired (token, certificate or credential expiry, or 24 h)", drop_will=True)
 
     async def _device_to_broker(self, session: Session, dreader: asyncio.StreamReader,
                                 bwriter: asyncio.StreamWriter) -> None:
@@ -364,7 +494,16 @@ class Front:
                 out: list[bytes] = []
                 try:
                     for first, body, raw in framer.feed(data):
-                        out.append(self._checked(session, first, body, raw))
+                        checked, wait = self._checked(session, first, body, raw)
+                        if wait > 0:
+                            # Over a rate limit: what passed goes now, this packet when the limit allows it, and
+                            # the device's socket is not read meanwhile.
+                            if out:
+                                await _forward(bwriter, b"".join(out))
+                                out = []
+                            self._slowed(session, wait)
+                            await asyncio.sleep(wait)
+                        out.append(checked)
                         if first >> 4 == mqtt.DISCONNECT:
                             session.close("device disconnected")
                             return
@@ -381,10 +520,30 @@ class Front:
         except (ConnectionError, ssl.SSLError):
             session.close("device closed the connection")
 
-    def _checked(self, session: Session, first: int, body: bytes, raw: bytes) -> bytes:
-        """The bytes to forward for one device→broker packet; ``Dropped`` when the device may not send it."""
+    def _slowed(self, session: Session, wait: float) -> None:
+        self.stats["device_slowed"] += 1
+        now = time.monotonic()
+        if now - session.limit_reported < LIMIT_REPORT_S:
+            return
+        session.limit_reported = now
+        message = (f"rate limit: over {EVENTS_PER_S:.0f} messages/s, {BYTES_PER_S // 1024} KiB/s or "
+                   f"{STATE_PER_S:.0f} state update/s; slowed by {wait:.2f}s")
+        log.warning("device %s slowed: %s", session.device_id, message)
+        self._spawn(self._record_error(session.device_id, message))
+
+    async def _record_error(self, device_id: str, message: str) -> None:
+        try:
+            await self._on(self._registry_pool, self.registry.record_error, device_id, message)
+        except Exception as exc:  # the limit holds either way; only the registry's note is missing
+            log.warning("could not record the error of %s: %s", device_id, exc)
+
+    def _checked(self, session: Session, first: int, body: bytes, raw: bytes) -> tuple[bytes, float]:
+        """The bytes to forward for one device→broker packet, and how long to wait before reading on (its rate
+        limits); ``Dropped`` when the device may not send it."""
         dev = session.device_id
         kind = first >> 4
+        now = time.monotonic()
+        wait = session.limits["bytes"].take(len(raw), now)
         if kind == mqtt.PUBLISH:
             p = mqtt.parse_publish(first, body, session.level)
             if p.qos > 1:
@@ -397,12 +556,20 @@ class Front:
             limit = STATE_MAX_BYTES if tk == "state" else EVENTS_MAX_BYTES
             if p.payload_len > limit:
                 raise Dropped(f"{tk} payload of {p.payload_len} bytes exceeds {limit}")
+            wait = max(wait, session.limits[tk].take(1, now))
             if p.retain:
                 # A retained event or state would be replayed to the bridge on every resubscribe and
                 # forwarded again; IoT Core never kept device messages either.
                 raw = bytes([raw[0] & ~0x01]) + raw[1:]
         elif kind == mqtt.SUBSCRIBE:
             sub = mqtt.parse_subscribe(body, session.level)
+            # Mosquitto answers every filter of a SUBSCRIBE with the retained config, copies included: the count
+            # of filters and of distinct subscriptions is bounded, and a copy is a protocol violation.
+            names = [f for f, _, _ in sub.filters]
+            if len(names) > MAX_FILTERS_PER_SUBSCRIBE:
+                raise Dropped(f"SUBSCRIBE with {len(names)} filters; at most {MAX_FILTERS_PER_SUBSCRIBE}")
+            if len(set(names)) != len(names):
+                raise Dropped("SUBSCRIBE names the same filter more than once")
             head = len(raw) - len(body)
             patched = bytearray(raw)
             for f, opts, off in sub.filters:
@@ -410,19 +577,27 @@ class Front:
                     raise Dropped(f"subscribe to {f!r} not allowed")
                 if opts & 0x03 == 2:
                     patched[head + off] = (opts & ~0x03) | 0x01
+            held = session.subscriptions | set(names)
+            if len(held) > MAX_SUBSCRIPTIONS:
+                raise Dropped(f"more than {MAX_SUBSCRIPTIONS} distinct subscriptions")
+            session.subscriptions = held
+            wait = max(wait, session.limits["subscribe"].take(1, now))
             raw = bytes(patched)
         elif kind == mqtt.PUBACK:
             pid = mqtt.packet_id_of_ack(body)
             digest = session.config_inflight.pop(pid, None)
-            if digest is not None:
-                self._spawn(self._ack_config(dev, digest))
+            # One registry ack per config version: a device acknowledging the same retained config again (after
+            # each re-subscribe) costs nothing more.
+            if digest is not None and self._acked.get(dev) != digest and digest not in session.acks_running:
+                session.acks_running.add(digest)
+                self._spawn(self._ack_config(session, digest))
         elif kind == mqtt.PINGREQ:
             session.last_ping = datetime.now(UTC)
         elif kind == mqtt.CONNECT:
             raise Dropped("second CONNECT")
         elif kind in (mqtt.PUBREC, mqtt.PUBREL, mqtt.PUBCOMP):
             raise Dropped("QoS 2 flow")
-        return raw
+        return raw, wait
 
     async def _broker_to_device(self, session: Session, breader: asyncio.StreamReader,
                                 dwriter: asyncio.StreamWriter) -> None:
@@ -448,18 +623,25 @@ class Front:
             pass
         session.close("broker closed the connection")
 
-    async def _ack_config(self, device_id: str, digest: str) -> None:
+    async def _ack_config(self, session: Session, digest: str) -> None:
+        device_id = session.device_id
+
         def ack() -> None:
             for cfg in self.registry.list_config_versions(device_id):
                 if hashlib.sha256(cfg.data).hexdigest() == digest:
                     self.registry.ack_config(device_id, cfg.version, datetime.now(UTC))
+                    log.info("device %s acknowledged config v%d", device_id, cfg.version)
                     return
             log.warning("device %s acked a config that matches no stored version", device_id)
 
         try:
-            await asyncio.to_thread(ack)
+            self.stats["config_acks"] += 1
+            await self._on(self._registry_pool, ack)
+            self._acked[device_id] = digest
         except Exception as exc:  # the device keeps working; only the ack time is missing
             log.warning("could not record config ack of %s: %s", device_id, exc)
+        finally:
+            session.acks_running.discard(digest)
 
     # ---------------------------------------------------------------------------------- health
 
@@ -483,10 +665,13 @@ class Front:
 
     async def _health_check(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            ok, detail = await self.healthy()
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if request.startswith(b"GET /stats "):  # counters for operators, tests and bench/
+                ok, body = True, json.dumps(self.counters()).encode()
+            else:
+                ok, detail = await self.healthy()
+                body = detail.encode()
             status = "200 OK" if ok else "503 Service Unavailable"
-            body = detail.encode()
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
@@ -499,6 +684,10 @@ class Front:
 
     def connected_devices(self) -> int:
         return len({s.device_id for s in self.sessions})
+
+    def counters(self) -> dict[str, int]:
+        return {**self.stats, "connected": self.connected_devices(), "pending": self._pending,
+                "unknown_remembered": len(self._unknown), "addresses_tracked": len(self._failures)}
 
     async def _metrics_loop(self) -> None:
         """The connected-devices gauge, once a minute (Cloud Monitoring in the cloud, the log locally)."""
@@ -532,33 +721,34 @@ class Front:
             await self.recheck()
 
     async def recheck(self) -> None:
-        """Drop sessions whose device is now blocked or deleted; record heartbeats (coalesced per round)."""
+        """End the sessions their device no longer allows (blocked, deleted or created again, credential removed,
+        rotated or expired); record heartbeats (coalesced per round)."""
         by_device: dict[str, list[Session]] = {}
         for s in list(self.sessions):
             by_device.setdefault(s.device_id, []).append(s)
         pings = [(s, s.last_ping) for s in list(self.sessions) if s.last_ping is not None
                  and s.last_ping != s.ping_recorded]
         if pings:
-            # Batched writes: one write per device and keep-alive was most of an idle front's CPU (issue #7).
+            # Batched writes: one write per device and keep-alive was most of an idle front's CPU.
             try:
-                await asyncio.to_thread(self.registry.record_heartbeats,
-                                        {s.device_id: ping for s, ping in pings})
+                await self._on(self._registry_pool, self.registry.record_heartbeats,
+                               {s.device_id: ping for s, ping in pings})
                 for s, ping in pings:
                     s.ping_recorded = ping
             except Exception as exc:  # best effort, like IoT Core's heartbeat time
                 log.debug("heartbeats of %d devices not recorded: %s", len(pings), exc)
         if not by_device:
             return
-        # One batched read of the blocked flags of all connected devices instead of a round trip per device.
+        # One batched read of what every connected device's sessions rest on, instead of a round trip per device.
         try:
-            flags = await asyncio.to_thread(self.registry.blocked_flags, list(by_device))
+            grants = await self._on(self._registry_pool, self.registry.session_grants, list(by_device))
         except Exception as exc:  # registry briefly unreachable: keep the sessions, try next round
             log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
             return
+        now = datetime.now(UTC)
         for device_id, sessions in by_device.items():
-            blocked = flags.get(device_id)
-            reason = "device deleted" if blocked is None else "device blocked" if blocked else ""
-            if reason:
-                for s in sessions:
+            for s in sessions:
+                reason = revoked_reason(s.num_id, s.credential_pem, grants.get(device_id), now)
+                if reason:
                     log.warning("dropping %s: %s", device_id, reason)
-                    s.close(reason)
+                    s.close(reason, drop_will=True)

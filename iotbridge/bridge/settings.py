@@ -55,6 +55,12 @@ class BridgeSettings:
     client_ca: str = ""  # PEM file of the CA(s) issuing device client certificates; empty: mTLS off
     routes: tuple[Route, ...] = ()
     recheck_interval_s: float = 5.0  # how often connected devices are re-read (blocked/deleted → dropped)
+    # Refused CONNECTs one source address may make (a burst, then this many a second) before it is answered
+    # "server unavailable" without a registry read. Raise both for fleets behind one NAT address.
+    auth_failures_per_s: float = 2.0
+    auth_failure_burst: int = 20
+    # TLS connections that have not yet sent their CONNECT (each for at most 10 s); more are closed at once.
+    max_pending_connects: int = 1000
     workdir: str = ""  # the service writes service-stats.json here; the front's /healthz reads it
     health_port: int = 0  # HTTP /healthz on front_host for load balancer and auto-healing checks; 0 = off
     # Pre-created subscriptions to the device-commands topic; the service leases one (cloud). Empty: the

@@ -18,8 +18,10 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from iotbridge import spec
 from iotbridge.bridge.settings import BridgeSettings, Route, mosquitto_config, new_secrets, write_secrets
@@ -31,7 +33,8 @@ READY_SERVICE = "bridge connected to broker"
 
 def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
               front_port: int | None = None, broker_port: int | None = None, host_id: str = "local",
-              recheck_interval_s: float = 5.0, client_ca: Path | None = None) -> BridgeSettings:
+              recheck_interval_s: float = 5.0, client_ca: Path | None = None,
+              **overrides: Any) -> BridgeSettings:
     """Write settings, secrets, TLS files and the Mosquitto config for one local host into ``workdir``."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +48,7 @@ def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix
         client_ca=str(client_ca) if client_ca else "",
         routes=(Route("logs", spec.topic_name(prefix, "device-logs")),),
         recheck_interval_s=recheck_interval_s, workdir=str(workdir), health_port=services.free_port(),
+        **overrides,
     )
     settings.dump(workdir / "settings.json")
     (workdir / "mosquitto").mkdir(exist_ok=True)
@@ -78,6 +82,16 @@ class BridgeStack:
             return json.loads((self.workdir / "service-stats.json").read_text())
         except (OSError, ValueError):
             return {}
+
+    def front_stats(self) -> dict[str, int]:
+        """The front's counters (accepted, refused, registry_lookups, config_acks, address_limited, ...)."""
+        url = f"http://{self.settings.front_host}:{self.settings.health_port}/stats"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+
+    def log_text(self, role: str) -> str:
+        """What one part (front, service, mosquitto) has logged so far."""
+        return self.procs[role].log_path.read_text(errors="replace")
 
     def start_mosquitto(self) -> services.Service:
         conf = (self.workdir / "mosquitto" / "mosquitto.conf").read_text()
@@ -130,14 +144,14 @@ class BridgeStack:
 
 def start_bridge_stack(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
                        env: dict[str, str], recheck_interval_s: float = 5.0,
-                       client_ca: Path | None = None) -> BridgeStack:
+                       client_ca: Path | None = None, **overrides: Any) -> BridgeStack:
     """Init (if needed) and start Mosquitto, the bridge service and the front; stop with ``.stop()``."""
     workdir = workdir.resolve()
     if (workdir / "settings.json").exists():
         settings = BridgeSettings.load(workdir / "settings.json")
     else:
         settings = init_host(workdir, project, region, registry_id, prefix, recheck_interval_s=recheck_interval_s,
-                             client_ca=client_ca)
+                             client_ca=client_ca, **overrides)
     stack = BridgeStack(settings=settings, workdir=workdir, env=dict(env), ca_cert=workdir / "tls" / "ca.pem")
     try:
         stack.start_mosquitto()

@@ -14,7 +14,7 @@ from paho.mqtt.properties import Properties
 
 from iotbridge.bridge import mqtt
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
-from iotbridge.bridge.front import subscription_allowed, topic_kind, verify_client_certificate
+from iotbridge.bridge.front import session_deadline, subscription_allowed, topic_kind, verify_client_certificate
 from iotbridge.device import generate_key
 from iotbridge.registry import Credential
 
@@ -201,7 +201,7 @@ def test_jwt_credential_selection(es256, clock):
                    [cred], "proj", now=at)
 
 
-def test_client_certificate_session_ends_at_the_earlier_of_certificate_and_credential_expiry(clock):
+def test_client_certificate_session_ends_at_the_earliest_of_certificate_credential_and_24_hours(clock):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -216,9 +216,13 @@ def test_client_certificate_session_ends_at_the_earlier_of_certificate_and_crede
             .not_valid_after(not_after).sign(key, hashes.SHA256()))
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     der = cert.public_bytes(serialization.Encoding.DER)
-    assert verify_client_certificate(der, [Credential("ES256_X509_PEM", pem)], now=at) == not_after
-    soon = at + timedelta(hours=1)
-    assert verify_client_certificate(der, [Credential("ES256_X509_PEM", pem, soon)], now=at) == soon
+    plain, expiring = Credential("ES256_X509_PEM", pem), Credential("ES256_X509_PEM", pem, at + timedelta(hours=1))
+    assert verify_client_certificate(der, [plain], now=at) == (not_after, plain)
+    assert verify_client_certificate(der, [expiring], now=at) == (not_after, expiring)
+    # The session ends at the earliest of: the certificate's notAfter, the credential's expiry, 24 h from now.
+    assert session_deadline(at, not_after, None) == at + timedelta(hours=24)
+    assert session_deadline(at, not_after, expiring.expiration_time) == at + timedelta(hours=1)
+    assert session_deadline(at, at + timedelta(minutes=5), expiring.expiration_time) == at + timedelta(minutes=5)
     with pytest.raises(AuthError, match="no unexpired"):
         verify_client_certificate(der, [Credential("ES256_X509_PEM", pem, at - timedelta(seconds=1))], now=at)
     other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(

@@ -1,0 +1,290 @@
+"""One device, authenticated or not, cannot stall the host, flood the registry or outlive its identity: each
+attack against the running bridge (front + Mosquitto + bridge service, the Pub/Sub and Firestore emulators).
+
+The module's stack keeps the front's default per-address limits; the tests that fail CONNECTs on purpose do it
+from addresses of their own in 127.0.0.0/8, so the limits of 127.0.0.1 stay untouched for the others."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from iotbridge.bridge.stack import BridgeStack
+from iotbridge.device import Device, generate_key
+from iotbridge.registry import Credential
+
+from .conftest import PROJECT, DeviceFactory, new_stack, wait_until
+from .test_attacks import BAD_CREDENTIALS, NOT_AUTHORIZED, assert_dropped, expect_refused
+
+pytestmark = pytest.mark.emulator
+
+DEFAULT_ADDRESS_LIMIT = {"auth_failures_per_s": 2.0, "auth_failure_burst": 20}
+
+
+@pytest.fixture(scope="module")
+def hstack(bridge_env, tmp_path_factory) -> Iterator[BridgeStack]:
+    st = new_stack(tmp_path_factory.mktemp("hardening"), bridge_env, max_pending_connects=5,
+                   **DEFAULT_ADDRESS_LIMIT)
+    yield st
+    st.stop()
+
+
+@pytest.fixture
+def hdevices(registry, hstack) -> Iterator[DeviceFactory]:
+    f = DeviceFactory(registry, hstack)
+    yield f
+    for d in f.created:
+        try:
+            d.disconnect()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def hreader(hstack):
+    from .conftest import PubSubReader
+
+    r = PubSubReader(PROJECT, hstack.settings.prefix)
+    r.attach(uuid.uuid4().hex[:8])
+    return r
+
+
+def counter(stack: BridgeStack, name: str) -> int:
+    return int(stack.front_stats()[name])
+
+
+def push_config(stack: BridgeStack, registry, device_id: str, data: bytes) -> None:  # noqa: ANN001
+    """Store a config version and fan it out to the host, as the config-push function does."""
+    from google.cloud import pubsub_v1
+
+    from iotbridge.bridge import fanout
+
+    fanout.push_config(registry, pubsub_v1.PublisherClient(), stack.settings.prefix, device_id, data, min_interval_s=0)
+
+
+def with_config(devices: DeviceFactory, registry, data: bytes) -> Device:  # noqa: ANN001
+    """A connected device whose config the broker already holds, retained (the front syncs it at connect)."""
+    device_id, private = devices.register("ES256")
+    registry.update_config(device_id, data, min_interval_s=0)
+    dev = devices.device(device_id, private)
+    dev.connect()
+    return dev
+
+
+# ------------------------------------------------------------------------------------------- SUBSCRIBE flood
+
+
+@pytest.mark.parametrize("copies", [2, 3000])
+def test_subscribe_naming_one_filter_many_times_is_refused_before_the_broker_sees_it(hdevices, hstack, registry,
+                                                                                      copies):
+    dev = with_config(hdevices, registry, b'{"v":1}')
+    acks = counter(hstack, "config_acks")
+    dev.client.subscribe([(dev.config_topic, 1)] * copies)
+    assert_dropped(dev)
+    reason = "more than once" if copies <= 8 else f"SUBSCRIBE with {copies} filters"
+    wait_until(lambda: reason in hstack.log_text("front"), 10, "the refusal in the front's log")
+    # Nothing reached Mosquitto: the retained config was never sent back, so the device acknowledged none. The
+    # same device, subscribing once, does get it: the check above could have seen it.
+    assert dev.configs.empty() and counter(hstack, "config_acks") == acks
+    dev.connect()
+    dev.subscribe_config()
+    assert dev.configs.get(timeout=10) == b'{"v":1}'
+
+
+def test_more_distinct_subscriptions_than_allowed_are_refused(hdevices):
+    dev = hdevices.connected("ES256")
+    base = f"/devices/{dev.identity.device_id}/commands"
+    dev.client.subscribe([(f"{base}/s{i}", 1) for i in range(8)])  # 8 in one packet: the most allowed
+    time.sleep(0.5)
+    assert dev.is_connected()
+    dev.client.subscribe([(f"{base}/t{i}", 1) for i in range(8)])  # 16 held: still allowed
+    time.sleep(0.5)
+    assert dev.is_connected()
+    dev.client.subscribe([(f"{base}/u0", 1)])  # the 17th distinct filter
+    assert_dropped(dev)
+
+
+def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redelivered(hdevices, hstack, registry):
+    dev = with_config(hdevices, registry, b'{"v":"once"}')
+    device_id = dev.identity.device_id
+    dev.subscribe_config()
+    assert dev.configs.get(timeout=10) == b'{"v":"once"}'
+    wait_until(lambda: registry.get_config(device_id).device_ack_time is not None, 10, "the first ack")
+    acks = counter(hstack, "config_acks")
+    for _ in range(9):  # every re-subscribe makes Mosquitto send the retained config again, and the device ack it
+        dev.subscribe_config()
+        assert dev.configs.get(timeout=10) == b'{"v":"once"}'
+    time.sleep(1.0)
+    assert counter(hstack, "config_acks") == acks  # nine more PUBACKs, no more registry work
+    push_config(hstack, registry, device_id, b'{"v":"twice"}')  # a new version is acked again
+    assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
+    wait_until(lambda: counter(hstack, "config_acks") == acks + 1, 10, "the new version's ack")
+
+
+# ------------------------------------------------------------------------------------------- revocation
+
+
+def test_removing_or_rotating_the_credential_ends_the_session(hdevices, registry):
+    dev = hdevices.connected("ES256")
+    _, new_public = generate_key("ES256")
+    registry.set_credentials(dev.identity.device_id, [Credential("ES256_PEM", new_public)])
+    assert_dropped(dev, timeout=10)
+    expect_refused(lambda: dev.connect(), BAD_CREDENTIALS)
+
+
+def test_a_device_deleted_and_created_again_with_another_key_loses_the_old_session(hdevices, registry):
+    dev = hdevices.connected("ES256")
+    device_id = dev.identity.device_id
+    _, new_public = generate_key("ES256")
+    registry.delete_device(device_id)
+    registry.create_device(device_id, [Credential("ES256_PEM", new_public)])
+    assert_dropped(dev, timeout=10)
+
+
+def test_a_jwt_session_ends_when_its_credential_expires(hdevices, registry):
+    private, public = generate_key("ES256")
+    device_id = f"dev-{uuid.uuid4().hex[:10]}"
+    registry.create_device(device_id, [
+        Credential("ES256_PEM", public, expiration_time=datetime.now(UTC) + timedelta(seconds=5))])
+    dev = hdevices.device(device_id, private)
+    dev.connect()  # its JWT is valid for an hour; the credential for five seconds
+    assert_dropped(dev, timeout=15)
+    expect_refused(lambda: dev.connect(), BAD_CREDENTIALS)
+
+
+# ------------------------------------------------------------------------------------------- will
+
+
+def test_a_revoked_device_leaves_without_its_will_and_a_lost_one_with_it(hdevices, hreader, registry):
+    revoked = hdevices.device(*hdevices.register("ES256"))
+    revoked.client.will_set(revoked.events_topic(), b"will-of-revoked", qos=1)
+    revoked.connect()
+    lost = hdevices.device(*hdevices.register("ES256"))
+    lost.client.will_set(lost.events_topic(), b"will-of-lost", qos=1)
+    lost.connect()
+
+    registry.set_blocked(revoked.identity.device_id, True)
+    assert_dropped(revoked, timeout=10)
+    # The network goes away under the other device: no DISCONNECT, so its will is published, as MQTT promises.
+    sock = lost.client.socket()
+    assert sock is not None
+    lost.client.loop_stop()
+    sock.close()
+
+    got = [m.data for m in hreader.pull("telemetry", 1, timeout=30, settle=3.0)]
+    assert got == [b"will-of-lost"]
+
+
+# ------------------------------------------------------------------------------------------- before authentication
+
+
+def test_only_a_device_that_proved_its_identity_learns_that_it_is_blocked(hdevices):
+    device_id, private = hdevices.register("ES256", blocked=True)
+    other_private, _ = generate_key("ES256")
+    expect_refused(lambda: hdevices.device(device_id, other_private).connect(), BAD_CREDENTIALS)
+    expect_refused(lambda: hdevices.device(device_id, private).connect(), NOT_AUTHORIZED)
+
+
+def test_an_unknown_device_is_looked_up_once_then_remembered_briefly(hdevices, hstack):
+    private, _ = generate_key("ES256")
+    ghost = f"ghost-{uuid.uuid4().hex[:8]}"
+    lookups = counter(hstack, "registry_lookups")
+    for _ in range(10):
+        expect_refused(lambda: hdevices.device(ghost, private, bind_address="127.0.0.3").connect(), BAD_CREDENTIALS)
+    assert counter(hstack, "registry_lookups") == lookups + 1
+
+
+def test_an_address_that_keeps_failing_is_cut_off_and_others_are_not(hdevices, hstack):
+    private, _ = generate_key("ES256")
+    limited, lookups = counter(hstack, "address_limited"), counter(hstack, "registry_lookups")
+    reasons = []
+    for i in range(30):  # distinct unknown ids: every one would cost a registry read
+        d = hdevices.device(f"probe-{uuid.uuid4().hex[:8]}-{i}", private, bind_address="127.0.0.2")
+        with pytest.raises(Exception) as err:
+            d.connect()
+        reasons.append(str(getattr(err.value, "reason", "")))
+    # The burst of 20 failures is answered "bad user name or password", then the address is cut off: answered
+    # "server unavailable" without a registry read, but for the token it earns back every half second.
+    assert reasons[:20] == [BAD_CREDENTIALS] * 20
+    assert set(reasons) == {BAD_CREDENTIALS, "Server unavailable"}
+    cut = reasons.count("Server unavailable")
+    assert cut >= 5 and counter(hstack, "address_limited") - limited == cut
+    assert counter(hstack, "registry_lookups") - lookups == len(reasons) - cut
+    hdevices.connected("ES256")  # a device from another address connects as usual
+
+
+def test_control_characters_in_the_client_id_are_escaped_in_the_log(hdevices, hstack):
+    device_id, private = hdevices.register("ES256")
+    marker = f"INJECTED-{uuid.uuid4().hex[:6]}"
+    d = hdevices.device(device_id, private)
+    evil = dataclasses.replace(d.identity, project=f"x\n{marker} forged log line")
+    dev = Device(evil, hstack.mqtt_host, hstack.mqtt_port, str(hstack.ca_cert))
+    hdevices.created.append(dev)
+    with pytest.raises(Exception):
+        dev.connect()
+    wait_until(lambda: marker in hstack.log_text("front"), 10, "the refusal in the log")
+    lines = hstack.log_text("front").splitlines()
+    assert not [line for line in lines if line.startswith(marker)]
+    assert any(f"x\\n{marker}" in line for line in lines)
+
+
+def test_connections_that_never_send_connect_are_capped(hdevices, hstack):
+    ctx = ssl.create_default_context(cafile=str(hstack.ca_cert))
+    idle: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(5):  # the module's stack allows 5 connections awaiting CONNECT
+            idle.append(ctx.wrap_socket(socket.create_connection((hstack.mqtt_host, hstack.mqtt_port), timeout=5),
+                                        server_hostname="localhost"))
+        wait_until(lambda: counter(hstack, "pending") == 5, 10, "5 pending connections")
+        before = counter(hstack, "pending_limited")
+        with pytest.raises(Exception):
+            hdevices.connected("ES256")
+        assert counter(hstack, "pending_limited") == before + 1
+    finally:
+        for s in idle:
+            s.close()
+    wait_until(lambda: counter(hstack, "pending") == 0, 15, "the idle connections gone")
+    hdevices.connected("ES256")
+
+
+# ------------------------------------------------------------------------------------------- per-device limits
+
+
+def _publish_all(dev: Device, payloads: list[bytes], state: bool = False) -> float:
+    start = time.monotonic()
+    infos = [(dev.publish_state if state else dev.publish_event)(p) for p in payloads]
+    for info in infos:
+        info.wait_for_publish(60)
+    return time.monotonic() - start
+
+
+def test_a_device_over_its_message_rate_is_slowed_and_told_others_are_not(hdevices, hstack, registry):
+    fast = hdevices.connected("ES256", max_inflight=300)
+    other = hdevices.connected("ES256")
+    # 300 events at once: the first 100 pass (the burst), the other 200 at 100 a second: at least 2 s.
+    elapsed = _publish_all(fast, [b"m%d" % i for i in range(300)])
+    assert elapsed >= 1.9, elapsed
+    _publish_all(other, [b"o%d" % i for i in range(50)])
+    log_text = hstack.log_text("front")
+    assert f"device {fast.identity.device_id} slowed: rate limit" in log_text
+    assert f"device {other.identity.device_id} slowed" not in log_text
+    wait_until(lambda: registry.get_device(fast.identity.device_id).last_error_status.startswith("rate limit"),
+               10, "the limit recorded in the registry")
+
+
+def test_state_updates_are_held_to_one_a_second(hdevices):
+    dev = hdevices.connected("ES256")
+    assert _publish_all(dev, [b"s1", b"s2", b"s3"], state=True) >= 1.9
+
+
+def test_throughput_is_held_to_512_kib_a_second(hdevices):
+    dev = hdevices.connected("ES256")
+    # 1 MiB in four 256 KiB events: the first 512 KiB pass at once, the rest at 512 KiB/s.
+    assert _publish_all(dev, [bytes(256 * 1024)] * 4) >= 0.9
