@@ -1,0 +1,15 @@
+"""Infra test session hooks: the API schema conformance test's count of checked inputs, shown in every run's
+summary (``make test`` included), so a mapping that silently stops matching shows as a smaller number."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.infra import test_api_schema
+
+    if test_api_schema.CHECKED:
+        counts = ", ".join(f"{stack} {n}" for stack, n in test_api_schema.CHECKED.items())
+        total = sum(test_api_schema.CHECKED.values())
+        terminalreporter.write_sep("-", f"API schema conformance: {total} resource inputs checked ({counts})")
