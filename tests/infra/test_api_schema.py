@@ -166,3 +166,31 @@ def test_the_dropped_field_check_finds_defaults() -> None:
         "mosaicLayout.tiles[0].xPos=0",
         "mosaicLayout.tiles[0].widget.xyChart.dataSets[0].timeSeriesQuery.timeSeriesFilter.aggregation.groupByFields=[]",
         "mosaicLayout.tiles[0].widget.xyChart.yAxis.scale=\"SCALE_UNSPECIFIED\""]
+
+
+def _longest(pattern: Any) -> int:
+    return max(n for n in range(1, 200) if pattern.match("a" * n))
+
+
+def _shortest(pattern: Any) -> int:
+    return min(n for n in range(1, 200) if pattern.match("a" * n))
+
+
+@pytest.mark.parametrize("extreme", ["longest", "shortest"])
+def test_every_name_fits_the_api_at_the_longest_and_shortest_prefix_and_project(extreme: str) -> None:
+    """Physical names are "{prefix}-{suffix}" (buckets "{project}-{prefix}-{suffix}"): the longest prefix and project
+    id config.py accepts, and the shortest, must still give names every API accepts. The lengths come from
+    config.py's own patterns, not from a hand-kept number."""
+    import config
+
+    pick = _longest if extreme == "longest" else _shortest
+    prefix, project = "a" * pick(config._PREFIX_RE), "b" * pick(config._PROJECT_RE)
+    result = harness.run_program("prod", {**ALL_FEATURES, "prefix": prefix, "gcp:project": project,
+                                          "kmsKeyName": KEY.replace("iot-keys-123", project)}, invokes=INVOKES)
+    report = schema.Report()
+    for r in result.resources:
+        schema.check_resource(r.type, r.name, r.inputs, report)
+    assert report.violations == [], "\n".join(map(str, report.violations))
+    assert report.checked >= MIN_CHECKED
+    accounts = [a.get("accountId") for a in result.of_type("gcp:serviceaccount/account:Account")]
+    assert accounts and all(a.startswith(f"{prefix}-") for a in accounts)
