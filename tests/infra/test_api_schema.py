@@ -70,6 +70,13 @@ def test_every_declared_resource_type_is_mapped_or_listed_with_a_reason(run: tup
     assert all(reason.strip() for reason in schema.NOT_COVERED.values())
 
 
+def test_every_input_of_a_mapped_type_is_checked_or_said_to_need_no_check(run: tuple[str, harness.StackRun]) -> None:
+    _, result = run
+    found = {f"{r.type} {key}" for r in result.resources if r.type in schema.MAPPING
+             for key in schema.unaccounted_inputs(r.type, r.inputs)}
+    assert sorted(found) == [], "map these inputs in api_schema.MAPPING, or say why not in UNMAPPED_INPUTS"
+
+
 def test_the_all_features_stack_turns_every_optional_part_on() -> None:
     result = stack_run("all-features")
     for rtype in ("gcp:workbench/instance:Instance", "gcp:bigquery/job:Job", "gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember",
@@ -194,3 +201,8 @@ def test_every_name_fits_the_api_at_the_longest_and_shortest_prefix_and_project(
     assert report.checked >= MIN_CHECKED
     accounts = [a.get("accountId") for a in result.of_type("gcp:serviceaccount/account:Account")]
     assert accounts and all(a.startswith(f"{prefix}-") for a in accounts)
+
+
+def test_a_new_input_is_reported_until_it_is_mapped_or_explained() -> None:
+    inputs = {"name": "iot-dev-telemetry", "project": "p", "messageStoragePolicy": {"allowedPersistenceRegions": []}}
+    assert schema.unaccounted_inputs("gcp:pubsub/topic:Topic", inputs) == ["messageStoragePolicy"]
