@@ -11,11 +11,12 @@
   running or cancelling it (hashicorp/terraform-provider-google#8408, google-beta PR 3069). The
   ``create_or_update_job`` experiment makes any fresh launch under the same job name an update of a job still
   running or draining under it (hashicorp/terraform-provider-google#20792).
-- Autoscaling: a streaming job on Streaming Engine scales horizontally by default, between ``num_workers`` and
-  ``max_workers``. ``autoscaling_algorithm`` is left unset: the launch API's enum
-  (``FlexTemplateRuntimeEnvironment.autoscalingAlgorithm``) has no ``THROUGHPUT_BASED``, and sending it fails the
-  launch with HTTP 400 (hashicorp/terraform-provider-google#17570, #18001); ``AUTOSCALING_ALGORITHM_BASIC`` is the
-  batch algorithm and ``NONE`` pins the job at ``num_workers``.
+- Autoscaling: a streaming job on Streaming Engine has horizontal autoscaling on by default, up to
+  ``max_workers`` (cloud.google.com/dataflow/docs/horizontal-autoscaling), so ``autoscaling_algorithm`` is left
+  unset. The pipeline option's name ``THROUGHPUT_BASED`` is not a value of the launch API's enum
+  (``FlexTemplateRuntimeEnvironment.autoscalingAlgorithm``: ``AUTOSCALING_ALGORITHM_UNKNOWN|NONE|BASIC``), and
+  sending it fails the launch with HTTP 400 (hashicorp/terraform-provider-google#17570, #18001); ``NONE`` would
+  pin the job at ``num_workers``.
 - Teardown follows ``deletion_protection``: drain (finish in-flight data) when true, cancel when false, and in
   both cases the provider waits until the job has stopped (``skip_wait_on_job_termination=False``). Pulumi deletes
   the job before what it depends on (subnetwork, firewall, bucket, subscription, tables), so nothing the workers

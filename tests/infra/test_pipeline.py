@@ -95,6 +95,9 @@ def test_job_is_private_streaming_engine_with_the_worker_account(dev: harness.St
     assert job.get("ipConfiguration") == "WORKER_IP_PRIVATE"
     assert job.get("enableStreamingEngine") is True
     assert job.get("maxWorkers") == 4 and job.get("numWorkers") == 1
+    # Streaming Engine autoscales by default; the launch API has no THROUGHPUT_BASED (test_api_schema holds any
+    # value sent to its enum).
+    assert "autoscalingAlgorithm" not in job.inputs
     assert job.get("serviceAccountEmail") == f"iot-dev-dataflow@{PROJECT}.iam.gserviceaccount.com"
     assert job.get("subnetwork").endswith(f"/regions/{REGION}/subnetworks/iot-dev-subnet")
     assert job.get("labels") == {"app": "gcp-iot-bridge", "stack": "dev"}
