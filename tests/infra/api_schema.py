@@ -464,7 +464,7 @@ PROVIDER_INPUTS: dict[str, str] = {
                           "Secret Manager); only Bigtable's table variant reaches an API field, as a boolean",
     "forceDestroy": "the provider's own switch: delete a bucket's objects before the bucket",
     "deleteContentsOnDestroy": "the provider's own switch: delete a dataset's tables with it",
-    "deletionPolicy": "the provider's own switch: what destroy does (delete or abandon)",
+    "deletionPolicy": "the provider's own switch: what destroy does (delete, abandon or refuse)",
 }
 UNMAPPED_INPUTS: dict[str, dict[str, str]] = {
     "gcp:dataflow/flexTemplateJob:FlexTemplateJob": {
