@@ -126,8 +126,10 @@ pipeline = Pipeline("pipeline", PipelineArgs(
     prebuilt_image=cfg.pipeline_image or None,
     labels=labels,
     kms_key_name=kms_key,
+    # The workers call the data APIs of Pub/Sub, BigQuery and Bigtable from their first bundle.
     depends_on=[*foundation.needs("dataflow.googleapis.com", "artifactregistry.googleapis.com",
-                                  "storage.googleapis.com", "compute.googleapis.com"),
+                                  "storage.googleapis.com", "compute.googleapis.com", "pubsub.googleapis.com",
+                                  "bigquery.googleapis.com", "bigtable.googleapis.com"),
                 *foundation.key_grants("storage.googleapis.com", "dataflow.googleapis.com", "compute.googleapis.com")],
 ))
 

@@ -47,8 +47,10 @@ GCP_REGIONS: frozenset[str] = frozenset({
 })
 BIGQUERY_MULTI_REGIONS = frozenset({"US", "EU"})
 
-# Physical names are "{prefix}-{suffix}". The longest suffix on a length-limited name is the config-push service
-# account ("-cfgpush", 8): service account ids allow 6..30 characters, Bigtable instance ids 6..33.
+# Physical names are "{prefix}-{suffix}". The tightest fit is the model signer's service account id,
+# "{prefix}-models-signer": with the longest prefix (16) it is exactly the 30 characters service account ids allow.
+# tests/infra/test_api_schema.py builds the whole program at the longest and the shortest prefix and project id
+# these patterns accept, and holds every name against its API's rules.
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{1,14}[a-z0-9]$")
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")

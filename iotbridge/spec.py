@@ -303,7 +303,6 @@ class BigtableSpec:
     table: str = "telemetry"
     # m: metric name -> value (8-byte big-endian double); a: Pub/Sub attributes and ids.
     column_families: tuple[str, ...] = ("m", "a")
-    app_profile: str = "pipeline"
     row_key_doc: str = "{device_id}#{event_time_ms:013d}#{seq or message hash}"
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -339,11 +339,12 @@ def deletion_protection_follows_stack(r: Resource, ctx: StackContext) -> list[st
         # Explicit either way: the provider's default differs between classic and flex template jobs.
         checks.append(("onDelete", p.get("onDelete"),
                        (lambda v: v == "drain") if ctx.protect else (lambda v: v == "cancel")))
-        # Destroyable stacks cancel and do not wait: waiting on a streaming job can hang `pulumi destroy`
-        # (hashicorp/terraform-provider-google#10559). Protected stacks drain and wait, so that nothing the job
-        # still writes to is removed under it while the drain finishes.
+        # Every stack waits for the job to stop. Without the wait, destroy removes the subnetwork and bucket the
+        # workers still use, and the next launch under the same name meets the job that is still cancelling
+        # ("There is already an active job named ..."). A cancel takes minutes; the hours-long waits of
+        # hashicorp/terraform-provider-google#10559 are drains, which only protected stacks do.
         checks.append(("skipWaitOnJobTermination", p.get("skipWaitOnJobTermination", False),
-                       (lambda v: not _truthy(v)) if ctx.protect else _truthy))
+                       lambda v: not _truthy(v)))
     return [f"{path}={value!r} does not fit a {want} stack (deletionProtection={str(ctx.protect).lower()})"
             for path, value, ok in checks if value != UNKNOWN and not ok(value)]
 

@@ -29,6 +29,7 @@ APIS: tuple[str, ...] = (
     "pubsub.googleapis.com",
     "bigquery.googleapis.com",
     "bigtableadmin.googleapis.com",
+    "bigtable.googleapis.com",  # the data API: the pipeline's writes (bigtableadmin only creates instances, tables)
     "dataflow.googleapis.com",
     "cloudfunctions.googleapis.com",
     "run.googleapis.com",

@@ -11,9 +11,20 @@
   running or cancelling it (hashicorp/terraform-provider-google#8408, google-beta PR 3069). The
   ``create_or_update_job`` experiment makes any fresh launch under the same job name an update of a job still
   running or draining under it (hashicorp/terraform-provider-google#20792).
-- Teardown follows ``deletion_protection``: drain (finish in-flight data) when true; cancel and do not wait
-  (``skip_wait_on_job_termination``) when false, so ``pulumi destroy`` does not hang on a job that takes minutes
-  to stop (hashicorp/terraform-provider-google#10559).
+- Autoscaling: a streaming job on Streaming Engine has horizontal autoscaling on by default, up to
+  ``max_workers`` (cloud.google.com/dataflow/docs/horizontal-autoscaling), so ``autoscaling_algorithm`` is left
+  unset. The pipeline option's name ``THROUGHPUT_BASED`` is not a value of the launch API's enum
+  (``FlexTemplateRuntimeEnvironment.autoscalingAlgorithm``: ``AUTOSCALING_ALGORITHM_UNKNOWN|NONE|BASIC``), and
+  sending it fails the launch with HTTP 400 (hashicorp/terraform-provider-google#17570, #18001); ``NONE`` would
+  pin the job at ``num_workers``.
+- Teardown follows ``deletion_protection``: drain (finish in-flight data) when true, cancel when false, and in
+  both cases the provider waits until the job has stopped (``skip_wait_on_job_termination=False``). Pulumi deletes
+  the job before what it depends on (subnetwork, firewall, bucket, subscription, tables), so nothing the workers
+  still use is removed under them, and the job's name is free again when ``destroy`` returns: Dataflow refuses a
+  launch under the name of a job that is still active ("There is already an active job named ...", 409), and a
+  cancelling job is active but neither running nor draining, so ``create_or_update_job`` cannot turn that launch
+  into an update. A cancel takes minutes; the hours-long waits of hashicorp/terraform-provider-google#10559 are
+  drains, which only protected stacks do.
 - IAM: the worker service account (from Foundation, which holds its project roles ``dataflow.worker``, log and
   metric writer) gets data roles on exactly the resources the job touches: subscriber + viewer on its
   subscription, publisher on the config-requests topic, dataEditor on the three tables it writes, bigtable.user
@@ -338,7 +349,6 @@ class Pipeline(pulumi.ComponentResource):
             subnetwork=checked_subnet,
             ip_configuration="WORKER_IP_PRIVATE",
             enable_streaming_engine=True,
-            autoscaling_algorithm="THROUGHPUT_BASED",
             num_workers=args.num_workers,
             max_workers=args.max_workers,
             machine_type=args.machine_type,
@@ -349,7 +359,8 @@ class Pipeline(pulumi.ComponentResource):
             transform_name_mapping=dict(args.transform_name_mapping) or None,
             labels=labels,
             on_delete="drain" if args.deletion_protection else "cancel",
-            skip_wait_on_job_termination=not args.deletion_protection,
+            # Wait for the job to stop: see the module docstring (teardown).
+            skip_wait_on_job_termination=False,
             opts=pulumi.ResourceOptions(
                 parent=self,
                 # The workers need their grants and the firewall the moment they start.

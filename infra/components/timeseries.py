@@ -1,5 +1,8 @@
-"""Time-series store: a Bigtable instance with autoscaling clusters, the ``telemetry`` table of ``iotbridge.spec``
-with a max-age GC policy on each column family, and an app profile for the pipeline.
+"""Time-series store: a Bigtable instance with autoscaling clusters and the ``telemetry`` table of ``iotbridge.spec``
+with a max-age GC policy on each column family.
+
+No app profile is declared: the pipeline writes with Beam's Python ``WriteToBigTable``, which takes no app profile
+id, so its writes go through the instance's ``default`` profile, and a profile nothing uses would only be clutter.
 
 Teardown: pulumi-gcp defaults the instance's ``deletion_protection`` to true, so it is always set from the stack's
 switch; the table's own protection (``PROTECTED`` forbids deleting the table, its column families and the
@@ -37,12 +40,11 @@ class TimeSeriesArgs:
 
 
 class TimeSeries(pulumi.ComponentResource):
-    """Bigtable instance, the ``telemetry`` table with GC policies, and the pipeline's app profile."""
+    """Bigtable instance and the ``telemetry`` table with GC policies."""
 
     instance: gcp.bigtable.Instance
     table: gcp.bigtable.Table
     gc_policies: dict[str, gcp.bigtable.GCPolicy]
-    app_profile: gcp.bigtable.AppProfile
 
     def __init__(self, name: str, args: TimeSeriesArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:TimeSeries", name, None, opts)
@@ -104,25 +106,7 @@ class TimeSeries(pulumi.ComponentResource):
             for family in table_spec.column_families
         }
 
-        # Single-cluster routing keeps the pipeline's writes and reads consistent on one cluster; with replicas
-        # any cluster may serve (eventual consistency across clusters is acceptable for idempotent writes).
-        replicated = len(cluster_ids) > 1
-        self.app_profile = gcp.bigtable.AppProfile(
-            f"{name}-{table_spec.app_profile}-profile",
-            project=args.project,
-            instance=self.instance.name,
-            app_profile_id=table_spec.app_profile,
-            description="The telemetry pipeline's writes.",
-            single_cluster_routing=None if replicated else gcp.bigtable.AppProfileSingleClusterRoutingArgs(
-                cluster_id=cluster_ids[0], allow_transactional_writes=False),
-            multi_cluster_routing_use_any=True if replicated else None,
-            # Creating an app profile warns (and fails without this) when routing could cause conflicting writes.
-            ignore_warnings=True,
-            opts=child,
-        )
-
         self.register_outputs({
             "bigtable_instance": self.instance.name,
             "bigtable_table": self.table.name,
-            "app_profile": self.app_profile.app_profile_id,
         })

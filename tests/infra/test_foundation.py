@@ -41,7 +41,7 @@ def run(request: pytest.FixtureRequest) -> harness.StackRun:
 def test_every_api_the_stack_uses_is_enabled_and_left_on_at_destroy(run: harness.StackRun) -> None:
     services = {s.get("service"): s for s in run.of_type(SERVICE)}
     assert set(services) == set(fnd.APIS)
-    for needed in ("pubsub", "bigquery", "bigtableadmin", "dataflow", "cloudfunctions", "run", "eventarc",
+    for needed in ("pubsub", "bigquery", "bigtableadmin", "bigtable", "dataflow", "cloudfunctions", "run", "eventarc",
                    "cloudbuild", "artifactregistry", "firestore", "secretmanager", "compute", "monitoring",
                    "iam", "storage", "logging", "aiplatform", "cloudresourcemanager"):
         assert f"{needed}.googleapis.com" in services, needed
@@ -62,6 +62,24 @@ def test_every_cloud_resource_waits_for_the_api_it_calls(run: harness.StackRun) 
         assert run.depends_on(res, apis[api]), f"{res.type} {res.name} does not wait for {api}"
         checked += 1
     assert checked > 30
+
+
+# Data APIs a resource's workload calls once it runs, beyond the API that creates the resource: the Dataflow
+# workers read Pub/Sub and write BigQuery and Bigtable (the Bigtable data API is bigtable.googleapis.com;
+# bigtableadmin only creates instances and tables).
+RUNTIME_APIS_OF_TYPE = {
+    "gcp:dataflow/flexTemplateJob:FlexTemplateJob": (
+        "pubsub.googleapis.com", "bigquery.googleapis.com", "bigtable.googleapis.com"),
+}
+
+
+def test_workloads_wait_for_the_data_apis_they_call(run: harness.StackRun) -> None:
+    apis = {s.get("service"): s for s in run.of_type(SERVICE)}
+    for rtype, needed in RUNTIME_APIS_OF_TYPE.items():
+        (resource,) = run.of_type(rtype)
+        for api in needed:
+            assert api in apis, f"{api} is not enabled"
+            assert run.depends_on(resource, apis[api]), f"{rtype} does not wait for {api}"
 
 
 def test_service_agent_identities_are_generated_after_their_api(run: harness.StackRun) -> None:

@@ -133,7 +133,7 @@ def test_dashboard_is_the_repo_json_filled_for_the_stack(full):
     assert 'resource.labels.job_name = "iot-dev-telemetry"' in filters
     assert 'resource.labels.service_name = "iot-dev-config-push"' in filters
     assert f'metric.labels.check_id = "{UPTIME_ID}"' in filters
-    assert all(t["xPos"] + t["width"] <= doc["mosaicLayout"]["columns"] for t in tiles)
+    assert all(t.get("xPos", 0) + t["width"] <= doc["mosaicLayout"]["columns"] for t in tiles)  # 0: left out
     assert outputs["monitoring_dashboard_url"] == (
         f"https://console.cloud.google.com/monitoring/dashboards/builder/{DASHBOARD_ID}?project={PROJECT}")
 

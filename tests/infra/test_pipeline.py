@@ -95,6 +95,9 @@ def test_job_is_private_streaming_engine_with_the_worker_account(dev: harness.St
     assert job.get("ipConfiguration") == "WORKER_IP_PRIVATE"
     assert job.get("enableStreamingEngine") is True
     assert job.get("maxWorkers") == 4 and job.get("numWorkers") == 1
+    # Streaming Engine autoscales by default; the launch API has no THROUGHPUT_BASED (test_api_schema holds any
+    # value sent to its enum).
+    assert "autoscalingAlgorithm" not in job.inputs
     assert job.get("serviceAccountEmail") == f"iot-dev-dataflow@{PROJECT}.iam.gserviceaccount.com"
     assert job.get("subnetwork").endswith(f"/regions/{REGION}/subnetworks/iot-dev-subnet")
     assert job.get("labels") == {"app": "gcp-iot-bridge", "stack": "dev"}
@@ -104,10 +107,13 @@ def test_job_is_private_streaming_engine_with_the_worker_account(dev: harness.St
     assert "create_or_update_job" in job.get("additionalExperiments")
 
 
-def test_teardown_follows_the_switch(dev: harness.StackRun, prod: harness.StackRun) -> None:
+def test_teardown_follows_the_switch_and_always_waits_for_the_job_to_stop(dev: harness.StackRun,
+                                                                        prod: harness.StackRun) -> None:
     (dev_job,) = dev.of_type(JOB)
     (prod_job,) = prod.of_type(JOB)
-    assert (dev_job.get("onDelete"), dev_job.get("skipWaitOnJobTermination")) == ("cancel", True)
+    # Skipping the wait would let destroy remove the subnetwork and bucket under a cancelling job, and make the
+    # next launch under the same name fail while the old job is still active.
+    assert (dev_job.get("onDelete"), dev_job.get("skipWaitOnJobTermination")) == ("cancel", False)
     assert (prod_job.get("onDelete"), prod_job.get("skipWaitOnJobTermination")) == ("drain", False)
     dev_bucket = dev.one("gcp:storage/bucket:Bucket", "pipeline-bucket")
     prod_bucket = prod.one("gcp:storage/bucket:Bucket", "pipeline-bucket")

@@ -84,3 +84,32 @@ def test_one_switch_drives_every_knob() -> None:
 def test_destroy_leaves_project_apis_on(stack: str) -> None:
     for service in harness.stack_run(stack).of_type("gcp:projects/service:Service"):
         assert service.get("disableOnDestroy") is False
+
+
+@pytest.mark.parametrize("stack", DESTROYABLE)
+def test_destroy_stops_the_dataflow_job_before_removing_what_it_runs_on(stack: str) -> None:
+    """One `pulumi destroy` converges: the job is cancelled and waited for, and Pulumi deletes a resource only after
+    everything that depends on it, so the job has stopped before its network, bucket and data go. Its name, fixed,
+    is then free for the next `pulumi up`."""
+    run = harness.stack_run(stack)
+    (job,) = run.of_type("gcp:dataflow/flexTemplateJob:FlexTemplateJob")
+    assert (job.get("onDelete"), job.get("skipWaitOnJobTermination")) == ("cancel", False)
+    prefix = run.config["gcp-iot-bridge:prefix"]
+    used = {
+        "subnetwork": run.of_type("gcp:compute/subnetwork:Subnetwork"),
+        "network": run.of_type("gcp:compute/network:Network"),
+        "worker firewall": [run.one("gcp:compute/firewall:Firewall", "pipeline-workers")],
+        "bucket (template, temp, staging)": [run.one("gcp:storage/bucket:Bucket", "pipeline-bucket")],
+        "input subscription": [s for s in run.of_type("gcp:pubsub/subscription:Subscription")
+                               if s.get("name") == f"{prefix}-telemetry-pipeline"],
+        "config-requests topic": [t for t in run.of_type("gcp:pubsub/topic:Topic")
+                                  if t.get("name") == f"{prefix}-config-requests"],
+        "tables": [t for t in run.of_type("gcp:bigquery/table:Table")
+                   if t.get("tableId") in ("telemetry_raw", "telemetry_1m", "telemetry_errors")],
+        "Bigtable": run.of_type("gcp:bigtable/instance:Instance") + run.of_type("gcp:bigtable/table:Table"),
+        "worker account": [run.one("gcp:serviceaccount/account:Account", "foundation-sa-dataflow")],
+    }
+    assert [k for k, found in used.items() if not found] == []
+    assert len(used["tables"]) == 3
+    late = [f"{what}: {r.name}" for what, found in used.items() for r in found if not run.depends_on(job, r)]
+    assert late == [], "destroy could delete these while the job still runs"

@@ -92,10 +92,10 @@ def test_good_resource_passes_and_unknowns_do_not_fail_a_preview(pack):
     labels = {"app": "gcp-iot-bridge", "stack": "dev"}
     assert _analyze(pack, "gcp:dataflow/flexTemplateJob:FlexTemplateJob", {
         "ipConfiguration": "WORKER_IP_PRIVATE", "serviceAccountEmail": UNKNOWN_STRING, "labels": labels,
-        "onDelete": "cancel", "skipWaitOnJobTermination": True}) == {}
+        "onDelete": "cancel", "skipWaitOnJobTermination": False}) == {}
     found = _analyze(pack, "gcp:dataflow/flexTemplateJob:FlexTemplateJob", {
         "ipConfiguration": "WORKER_IP_PUBLIC", "serviceAccountEmail": UNKNOWN_STRING, "labels": labels,
-        "onDelete": "cancel", "skipWaitOnJobTermination": True})
+        "onDelete": "cancel", "skipWaitOnJobTermination": False})
     assert set(found) == {"dataflow-private-workers"}
 
 

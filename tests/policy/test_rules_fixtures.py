@@ -26,7 +26,7 @@ def R(type_: str, name: str = "r", **props: object) -> Resource:
 
 BUCKET_OK = dict(uniformBucketLevelAccess=True, publicAccessPrevention="enforced", labels=LABELS, forceDestroy=True)
 DATAFLOW_OK = dict(ipConfiguration="WORKER_IP_PRIVATE", serviceAccountEmail=SA, labels=LABELS, onDelete="cancel",
-                   skipWaitOnJobTermination=True)
+                   skipWaitOnJobTermination=False)
 SECRET = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",
           "value": "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n"}
 
@@ -106,7 +106,8 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:storage/bucket:Bucket", forceDestroy=True),
         R("gcp:firestore/database:Database", deletionPolicy="DELETE",
           deleteProtectionState="DELETE_PROTECTION_DISABLED"),
-        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel", skipWaitOnJobTermination=True),
+        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel", skipWaitOnJobTermination=False),
+        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel"),  # the provider's default: wait
     ], [
         # Provider defaults (deletion protection on) make `pulumi destroy` of a dev stack fail.
         R("gcp:bigquery/table:Table"),
@@ -115,9 +116,11 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:bigtable/table:Table", deletionProtection="PROTECTED"),
         R("gcp:storage/bucket:Bucket"),
         R("gcp:firestore/database:Database"),
-        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain", skipWaitOnJobTermination=True),
-        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel"),
-        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", skipWaitOnJobTermination=True),
+        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain", skipWaitOnJobTermination=False),
+        # Not waiting: destroy removes the subnetwork and bucket under the cancelling job, and the next launch
+        # under its name fails while it is still active.
+        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel", skipWaitOnJobTermination=True),
+        R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", skipWaitOnJobTermination=False),
     ]),
     "cmek-when-asked": (CMEK, [
         R("gcp:pubsub/topic:Topic", kmsKeyName=KEY),
