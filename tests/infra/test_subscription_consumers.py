@@ -102,16 +102,14 @@ def test_each_kind_of_consumer_is_there_to_be_found(run: harness.StackRun) -> No
 
 def test_an_orphaned_subscription_is_caught() -> None:
     """A subscription on the state topic that nothing reads, added to the stack, fails the check."""
-    import pulumi
+    import runpy
+
     import pulumi_gcp as gcp
 
     def program() -> None:
-        import runpy
-
         runpy.run_path(str(harness.PROGRAM), run_name="__main__")
         gcp.pubsub.Subscription("orphan", project="p-123456", name="iot-dev-state-archive",
-                                topic="projects/p-123456/topics/iot-dev-state",
-                                opts=pulumi.ResourceOptions())
+                                topic="projects/p-123456/topics/iot-dev-state")
 
     mutated = harness.run_program("dev", program=program)
     orphan = mutated.one(SUB, "orphan")
