@@ -28,12 +28,23 @@ class SubscriptionSpec:
     description: str
     kind: Literal["pull", "bigquery"] = "pull"
     ack_deadline_seconds: int = 60
-    dead_letter: bool = True  # every pull subscription dead-letters, except the dead-letter audit itself
+    # Pub/Sub forwards a message to the dead-letter topic after max_delivery_attempts. Every subscription does,
+    # except the dead-letter audit itself and a subscription Dataflow reads (see ``dataflow``).
+    dead_letter: bool = True
     bigquery_table: str | None = None  # for kind == "bigquery": a TableSpec name
     exactly_once: bool = False
     # False: only the local stack creates it; in the cloud another resource owns the subscription
     # (the config-push function's Eventarc trigger creates its own).
     cloud: bool = True
+    # Read by a Dataflow job's Pub/Sub source. The runner holds messages and extends their deadlines itself, so
+    # delivery attempts climb on healthy messages: Pub/Sub documents dead-letter topics and exponential-backoff
+    # retry policies as unsupported with Dataflow. Such a subscription has neither; the pipeline dead-letters
+    # what it cannot accept into its own table (telemetry_errors).
+    dataflow: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dataflow and self.dead_letter:
+            raise ValueError(f"subscription {self.key}: Dataflow does not support a dead-letter policy on its input")
 
 
 TOPICS: dict[str, TopicSpec] = {
@@ -51,8 +62,10 @@ TOPICS: dict[str, TopicSpec] = {
 SUBSCRIPTIONS: dict[str, SubscriptionSpec] = {
     s.key: s
     for s in (
-        SubscriptionSpec("telemetry-pipeline", "telemetry", "The streaming pipeline's input."),
-        SubscriptionSpec("state-registry", "state", "Device state into the registry and for operators."),
+        SubscriptionSpec("telemetry-pipeline", "telemetry", "The streaming pipeline's input.",
+                         dead_letter=False, dataflow=True),
+        # The state topic has no subscription of the stack's: the bridge writes each device's last state into the
+        # registry itself. Whoever wants the stream of states subscribes to the topic, as with IoT Core.
         SubscriptionSpec("config-requests-push", "config-requests",
                          "Config requests to the config-push function (locally a push subscription; "
                          "in the cloud the Eventarc trigger owns its subscription).", cloud=False),

@@ -41,8 +41,12 @@ BASIC_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
 PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
 
 # Subscriptions that must not dead-letter: the audit subscription on the dead-letter topic itself
-# (iotbridge.spec: dead_letter=False; a test keeps the two in step).
+# (iotbridge.spec: dead_letter=False; a test keeps the two in step). A subscription a Dataflow job reads is exempt
+# too, found from the job's parameters rather than by name (see subscription_dead_letter).
 DEAD_LETTER_EXEMPT_SUFFIXES = ("-dead-letter-audit",)
+
+DATAFLOW_JOB_TYPES = ("gcp:dataflow/job:Job", "gcp:dataflow/flexTemplateJob:FlexTemplateJob")
+_SUBSCRIPTION_PATH = re.compile(r"^projects/[^/]+/subscriptions/([^/]+)$")
 
 _DEFAULT_SA = re.compile(r"(^default$|^\d+-compute@developer\.gserviceaccount\.com$|@appspot\.gserviceaccount\.com$)")
 
@@ -286,22 +290,60 @@ def function_internal_only(r: Resource, ctx: StackContext) -> list[str]:
     return [f"{path}={setting!r}: ingress must be {want!r}"]
 
 
-def subscription_dead_letter(r: Resource, ctx: StackContext) -> list[str]:
-    if r.type != "gcp:pubsub/subscription:Subscription":
-        return []
-    name = str(r.props.get("name") or r.name)
-    if name.endswith(DEAD_LETTER_EXEMPT_SUFFIXES):
-        return []
-    policy = r.props.get("deadLetterPolicy")
-    if policy == UNKNOWN:
-        return []
-    if not isinstance(policy, Mapping) or not _get(policy, "deadLetterTopic"):
-        return [f"subscription {name} has no deadLetterPolicy.deadLetterTopic: a poison message would be "
-                "redelivered until retention expires"]
-    attempts = policy.get("maxDeliveryAttempts")
-    if isinstance(attempts, (int, float)) and not 5 <= attempts <= 100:
-        return [f"subscription {name}: maxDeliveryAttempts={attempts} outside Pub/Sub's 5..100"]
-    return []
+def dataflow_subscriptions(resources: Sequence[Resource]) -> tuple[set[str], bool]:
+    """Names of the subscriptions Dataflow jobs read (a parameter ``projects/P/subscriptions/NAME``), and whether
+    some job's parameters are unknown during this preview (then the set may be incomplete)."""
+    names: set[str] = set()
+    unknown = False
+    for r in resources:
+        if r.type not in DATAFLOW_JOB_TYPES:
+            continue
+        params = r.props.get("parameters")
+        if params == UNKNOWN:
+            unknown = True
+            continue
+        for value in (params or {}).values() if isinstance(params, Mapping) else ():
+            if value == UNKNOWN:
+                unknown = True
+            elif isinstance(value, str) and (m := _SUBSCRIPTION_PATH.match(value)):
+                names.add(m.group(1))
+    return names, unknown
+
+
+def subscription_dead_letter(resources: Sequence[Resource], ctx: StackContext) -> list[str]:
+    """Every subscription dead-letters, except the dead-letter audit and those a Dataflow job reads.
+
+    Pub/Sub documents dead-letter topics and exponential-backoff retry policies as unsupported on a subscription
+    Dataflow reads: the runner holds messages and extends their deadlines, so delivery attempts climb and healthy
+    messages get dead-lettered. There the pipeline dead-letters itself, and the subscription must have neither.
+    """
+    read_by_dataflow, inputs_unknown = dataflow_subscriptions(resources)
+    out: list[str] = []
+    for r in resources:
+        if r.type != "gcp:pubsub/subscription:Subscription":
+            continue
+        name = str(r.props.get("name") or r.name)
+        if name.endswith(DEAD_LETTER_EXEMPT_SUFFIXES):
+            continue
+        policy = r.props.get("deadLetterPolicy")
+        if name in read_by_dataflow:
+            for field_name in ("deadLetterPolicy", "retryPolicy"):
+                if _known(r.props.get(field_name)):
+                    out.append(f"subscription {name} is read by Dataflow, which does not support its {field_name}: "
+                               "dead-letter inside the pipeline instead")
+            continue
+        if policy == UNKNOWN:
+            continue
+        if not isinstance(policy, Mapping) or not _get(policy, "deadLetterTopic"):
+            # During a preview, a Dataflow job whose input is not known yet may be reading this one.
+            if not inputs_unknown:
+                out.append(f"subscription {name} has no deadLetterPolicy.deadLetterTopic: a poison message would "
+                           "be redelivered until retention expires")
+            continue
+        attempts = policy.get("maxDeliveryAttempts")
+        if isinstance(attempts, (int, float)) and not 5 <= attempts <= 100:
+            out.append(f"subscription {name}: maxDeliveryAttempts={attempts} outside Pub/Sub's 5..100")
+    return out
 
 
 def deletion_protection_follows_stack(r: Resource, ctx: StackContext) -> list[str]:
@@ -551,8 +593,6 @@ POLICIES: tuple[Policy, ...] = (
     Policy("dataflow-private-workers", "Dataflow workers run without public IPs.", dataflow_private_workers),
     Policy("function-internal-only", "Cloud Functions take internal traffic only and have no public invoker.",
            function_internal_only),
-    Policy("pubsub-dead-letter", "Every subscription but the dead-letter audit has a dead-letter policy.",
-           subscription_dead_letter),
     Policy("deletion-protection-follows-stack",
            "BigQuery, Bigtable, buckets, Firestore and Dataflow teardown knobs follow deletionProtection.",
            deletion_protection_follows_stack),
@@ -569,6 +609,9 @@ POLICIES: tuple[Policy, ...] = (
 )
 
 STACK_POLICIES: tuple[StackPolicy, ...] = (
+    StackPolicy("pubsub-dead-letter",
+                "Every subscription but the dead-letter audit has a dead-letter policy; one a Dataflow job reads "
+                "has neither a dead-letter nor a retry policy.", subscription_dead_letter),
     StackPolicy("workload-service-accounts-not-shared", "No two workload kinds share one service account.",
                 service_accounts_not_shared),
 )

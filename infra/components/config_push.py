@@ -27,6 +27,11 @@ What it declares, and the GCP pitfall behind each choice:
   Python dynamic provider patching it afterwards does not load outside ``__main__`` (pulumi/pulumi#7453). So the
   function dead-letters itself: permanent refusals at once, transient failures once the request is 23 h old
   (before Eventarc's 24 h retention drops it). The runtime account publishes to the dead-letter topic.
+- Waits on a fresh project: the function is created only after two ``pulumiverse_time.Sleep`` resources, because
+  GCP answers before what it was asked has propagated. The Eventarc trigger is refused with "Permission denied
+  while using the Eventarc Service Agent" for minutes after the agent is created and granted
+  (terraform-provider-google #25294, #14584); the build fails while the new build account's role, and the
+  revision while the runtime account's grants, have not propagated (IAM: typically 2 minutes).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Literal
 
 import pulumi
 import pulumi_gcp as gcp
+import pulumiverse_time as time
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FUNCTION_DIR = REPO_ROOT / "functions" / "config_push"
@@ -55,6 +61,9 @@ APIS: tuple[str, ...] = (
     "firestore.googleapis.com",
 )
 RUNTIME = "python312"
+# How long the first `up` waits for GCP to propagate what the function needs (see "Waits" above).
+EVENTARC_AGENT_WAIT = "180s"
+IAM_PROPAGATION_WAIT = "120s"
 ENTRY_POINT = "handle"
 PUBSUB_EVENT = "google.cloud.pubsub.topic.v1.messagePublished"
 
@@ -204,7 +213,7 @@ class ConfigPush(pulumi.ComponentResource):
         )
 
         # ------------------------------------------------------------------ what the function reads and writes
-        grants: list[pulumi.Resource] = []
+        grants: list[pulumi.CustomResource] = []
         if mqtt:
             grants.append(gcp.secretmanager.SecretIamMember(
                 f"{name}-mqtt-password-accessor",
@@ -259,6 +268,29 @@ class ConfigPush(pulumi.ComponentResource):
             role="roles/iam.serviceAccountTokenCreator",
             member=args.pubsub_agent,
             opts=child,
+        )
+
+        # ------------------------------------------------------------------ waits for propagation
+        # The Eventarc agent is created lazily and its role propagates for minutes: until then creating the
+        # function's trigger fails with "Permission denied while using the Eventarc Service Agent. If you recently
+        # started to use Eventarc, it may take a few minutes ..." (terraform-provider-google #25294, #14584; the
+        # workarounds there wait 2-3 minutes). Pub/Sub's token creator on the trigger identity goes with it.
+        self.eventarc_wait = time.Sleep(
+            f"{name}-eventarc-agent-wait",
+            create_duration=EVENTARC_AGENT_WAIT,
+            triggers={"eventarc_agent": eventarc_agent.id, "token_creator": token_creator.id},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, eventarc_agent, token_creator]),
+        )
+        # A role granted to the new build account, and the runtime account's grants, take effect only once IAM has
+        # propagated them (typically 2 minutes, cloud.google.com/iam/docs/access-change-propagation): before that
+        # Cloud Build refuses the build and the first revision cannot read its secret or the registry.
+        self.grants_wait = time.Sleep(
+            f"{name}-grants-wait",
+            create_duration=IAM_PROPAGATION_WAIT,
+            triggers={"build": build_grant.id, "firestore": firestore_user.id,
+                      "dead_letter": dead_letter_publisher.id, **{f"grant{i}": g.id for i, g in enumerate(grants)}},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, build_grant, *grants, firestore_user,
+                                                                 dead_letter_publisher]),
         )
 
         # ------------------------------------------------------------------ the function
@@ -336,7 +368,7 @@ class ConfigPush(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self,
                 depends_on=[*deps, build_grant, *grants, firestore_user, dead_letter_publisher,
-                            eventarc_agent, token_creator],
+                            eventarc_agent, token_creator, self.eventarc_wait, self.grants_wait],
             ),
         )
         self.invoker = gcp.cloudrunv2.ServiceIamMember(

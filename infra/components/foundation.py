@@ -9,6 +9,8 @@ With a customer-managed key (``kms_key_name``), Foundation also grants Cloud KMS
 that key to each Google service agent that encrypts the stack's data with it. The grants live here, once per agent,
 because one agent serves several components (the Cloud Storage agent encrypts every bucket); each component passes
 ``key_grants(api)`` into its ``depends_on``, since creating a CMEK resource before its agent may use the key fails.
+A grant is not effective the moment it is made (IAM propagates it in typically 2 minutes), so ``key_grants`` also
+returns a wait that starts after every key grant.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_gcp as gcp
+import pulumiverse_time as time
 
 # Every API the stack uses, including those of components that arrive later, so that one `pulumi up` on an
 # empty project enables them in the first wave instead of failing half-way.
@@ -89,6 +92,10 @@ KEY_USERS: tuple[str, ...] = ("pubsub.googleapis.com", "bigquery.googleapis.com"
 # Of those, the agents Google creates lazily that `services identity create` can generate: a Bigtable CMEK cluster
 # cannot be created before its agent exists (cloud.google.com/bigtable/docs/use-cmek).
 KEY_USER_IDENTITIES: tuple[str, ...] = ("bigtableadmin.googleapis.com",)
+# Until a key grant has propagated, creating a store with the key fails ("Cloud Pub/Sub did not have the necessary
+# permissions configured ... was granted the Cloud KMS CryptoKey Encrypter/Decrypter role",
+# terraform-provider-google #18911). IAM: "typically 2 minutes" (cloud.google.com/iam/docs/access-change-propagation).
+KEY_GRANTS_WAIT = "120s"
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,15 @@ class Foundation(pulumi.ComponentResource):
                 )
 
         self.kms_grants = self._key_grants(name, args.kms_key_name) if args.kms_key_name else {}
+        self.kms_grants_wait: time.Sleep | None = None
+        if self.kms_grants:
+            # The stores encrypted with the key wait for their agents' grants to propagate (see KEY_GRANTS_WAIT).
+            self.kms_grants_wait = time.Sleep(
+                f"{name}-key-grants-wait",
+                create_duration=KEY_GRANTS_WAIT,
+                triggers={api.split(".")[0]: grant.id for api, grant in self.kms_grants.items()},
+                opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.kms_grants.values())),
+            )
 
         self.register_outputs({
             "project_number": self.project_number,
@@ -201,13 +217,14 @@ class Foundation(pulumi.ComponentResource):
         }
 
     def key_grants(self, *apis: str) -> list[pulumi.Resource]:
-        """The key grants of the agents of ``apis``, for ``depends_on``; empty when the stack has no key."""
-        if not self.kms_grants:
+        """The key grants of the agents of ``apis`` and the wait for them to propagate, for ``depends_on``; empty
+        when the stack has no key."""
+        if not self.kms_grants or self.kms_grants_wait is None:
             return []
         unknown = [api for api in apis if api not in self.kms_grants]
         if unknown:
             raise KeyError(f"no key grant for {unknown}; key users are {list(KEY_USERS)}")
-        return [self.kms_grants[api] for api in apis]
+        return [*(self.kms_grants[api] for api in apis), self.kms_grants_wait]
 
     def needs(self, *apis: str) -> list[pulumi.Resource]:
         """The resources a component passes into ``depends_on`` for the APIs it calls."""

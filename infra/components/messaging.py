@@ -1,6 +1,9 @@
-"""Messaging: the Pub/Sub topics and subscriptions of ``iotbridge.spec``, each with a dead-letter path.
+"""Messaging: the Pub/Sub topics and subscriptions of ``iotbridge.spec``, with their dead-letter paths.
 
-Built from the shared spec, so the cloud and the local stack have the same topology. Every subscription that
+Built from the shared spec, so the cloud and the local stack have the same topology. The subscription the Dataflow
+job reads has no dead-letter policy and no retry policy: Pub/Sub documents both as unsupported with Dataflow, whose
+runner holds messages and extends their deadlines itself, so delivery attempts climb and healthy messages would be
+dead-lettered. The pipeline writes what it cannot accept to ``telemetry_errors`` instead. Every subscription that
 dead-letters needs two grants to the Pub/Sub service agent (service-{number}@gcp-sa-pubsub): publisher on the
 dead-letter topic and subscriber on the source subscription. Without them dead-lettering silently never happens
 and a poison message is redelivered forever (terraform-google-pubsub PR #34, issue #107, PR #146 for BigQuery
@@ -8,7 +11,9 @@ subscriptions).
 
 The device-logs BigQuery subscription writes straight into the warehouse's ``device_logs`` table; the agent needs
 BigQuery dataEditor (to insert) and metadataViewer (to read the table's schema) before the subscription can be
-created, or the create call fails with a permission error.
+created, or the create call fails with a permission error. Granted is not yet effective: the create call answers
+"403 The caller does not have permission" while the grants propagate (terraform-provider-google #17397), so the
+subscription also waits a while after them.
 """
 
 from __future__ import annotations
@@ -18,8 +23,13 @@ from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_gcp as gcp
+import pulumiverse_time as time
 
 from iotbridge import spec
+
+# How long the BigQuery subscription waits after its agent's dataset grants: IAM propagates a change "typically
+# in 2 minutes" (cloud.google.com/iam/docs/access-change-propagation).
+BIGQUERY_GRANTS_WAIT = "120s"
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,7 @@ class MessagingArgs:
 
 
 class Messaging(pulumi.ComponentResource):
-    """Pub/Sub topics for device traffic, each subscription with a dead-letter path."""
+    """Pub/Sub topics for device traffic and their subscriptions, dead-lettering where Pub/Sub supports it."""
 
     topics: dict[str, gcp.pubsub.Topic]  # spec key -> topic
     subscriptions: dict[str, gcp.pubsub.Subscription]  # spec key -> subscription (those created in the cloud)
@@ -76,8 +86,9 @@ class Messaging(pulumi.ComponentResource):
         )
 
         bq_grants: list[pulumi.Resource] = []
+        self.bigquery_grants_wait: time.Sleep | None = None
         if any(s.kind == "bigquery" and s.cloud for s in spec.SUBSCRIPTIONS.values()):
-            bq_grants = [
+            granted = [
                 gcp.bigquery.DatasetIamMember(
                     f"{name}-bq-agent-{role.split('.')[-1].lower()}",
                     project=args.project,
@@ -88,6 +99,15 @@ class Messaging(pulumi.ComponentResource):
                 )
                 for role in ("roles/bigquery.dataEditor", "roles/bigquery.metadataViewer")
             ]
+            # Pub/Sub checks the agent's access to the table when the subscription is created; until the grants
+            # have propagated it answers 403 (terraform-provider-google #17397).
+            self.bigquery_grants_wait = time.Sleep(
+                f"{name}-bq-agent-wait",
+                create_duration=BIGQUERY_GRANTS_WAIT,
+                triggers={f"grant{i}": g.id for i, g in enumerate(granted)},
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, *granted]),
+            )
+            bq_grants = [*granted, self.bigquery_grants_wait]
 
         self.subscriptions = {}
         for key, sub in spec.SUBSCRIPTIONS.items():
@@ -110,7 +130,7 @@ class Messaging(pulumi.ComponentResource):
                     write_metadata=True,
                 )
                 sub_deps += bq_grants
-            else:
+            elif not sub.dataflow:
                 retry_policy = gcp.pubsub.SubscriptionRetryPolicyArgs(
                     minimum_backoff=args.minimum_backoff,
                     maximum_backoff=args.maximum_backoff,

@@ -10,10 +10,12 @@ for the stack's physical names; it can be edited in the console, exported and pa
 
 The bridge writes ``custom.googleapis.com/iot/connected_devices`` (GAUGE, INT64) every 60 s, on the
 ``gce_instance`` it runs on, with metric labels ``registry_id`` and ``host``. The descriptor is declared here and
-every alert on it depends on it: Cloud Monitoring refuses an alert policy whose filter names a custom metric type
-that does not exist yet ("Cannot find metric(s) that match type", terraform-provider-google#11102), which on a
-fresh project is always the case. Google warns a new metric can take minutes to become visible: if the first
-``pulumi up`` still hits that 404, a second one succeeds.
+every alert on it waits for it: Cloud Monitoring refuses an alert policy whose filter names a custom metric type
+that does not exist yet, which on a fresh project is always the case. Creating the descriptor is not enough
+either: the API creates it asynchronously, and for a while alerts on it still fail with "404 Cannot find metric(s)
+that match type ... If a metric was created recently, it could take up to 10 minutes to become available"
+(terraform-provider-google#11102). So those alerts also wait ``METRIC_DESCRIPTOR_WAIT`` after the descriptor,
+on the first ``up`` only (the wait runs again only if the descriptor is replaced).
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from typing import Any
 
 import pulumi
 import pulumi_gcp as gcp
+import pulumiverse_time as time
 
 from iotbridge import spec
 
 DASHBOARD_FILE = pathlib.Path(__file__).resolve().parents[1] / "dashboards" / "iot.json"
 
 CONNECTED_DEVICES_METRIC = "custom.googleapis.com/iot/connected_devices"
+# "it could take up to 10 minutes to become available" (Monitoring's own 404, terraform-provider-google#11102). The
+# wait runs beside the Dataflow launch and the image build, so the first `up` is rarely longer for it.
+METRIC_DESCRIPTOR_WAIT = "600s"
 
 # Every metric type the dashboard and the alerts use, as listed in Google's metrics reference
 # (cloud.google.com/monitoring/api/metrics_gcp). A test checks nothing else appears in a filter.
@@ -133,13 +139,25 @@ class Monitoring(pulumi.ComponentResource):
             ],
             opts=child,
         )
+        # Alerts on the custom metric wait for the descriptor to become visible (see the module docstring).
+        self.connected_devices_wait = time.Sleep(
+            f"{name}-connected-devices-wait",
+            create_duration=METRIC_DESCRIPTOR_WAIT,
+            triggers={"descriptor": self.connected_devices.id},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, self.connected_devices]),
+        )
 
         cloud_subs = {k: s for k, s in spec.SUBSCRIPTIONS.items() if s.cloud}
-        # The audit subscription holds dead letters by design; its growth is the dead-letter alert's business.
-        watched = [spec.subscription_name(args.prefix, k) for k, s in cloud_subs.items() if s.dead_letter]
+        # Backlog: every subscription a consumer drains. The audit subscription holds dead letters by design; its
+        # growth is the dead-letter alert's business.
+        drained = [spec.subscription_name(args.prefix, k) for k, s in cloud_subs.items() if s.topic != "dead-letter"]
+        # Dead letters: the subscriptions with a dead-letter policy (not the one Dataflow reads: it has none).
+        dead_lettering = [spec.subscription_name(args.prefix, k) for k, s in cloud_subs.items() if s.dead_letter]
         bigquery_subs = [spec.subscription_name(args.prefix, k) for k, s in cloud_subs.items() if s.kind == "bigquery"]
-        sub_filter = (f'resource.type = "pubsub_subscription" AND '
-                      f'resource.labels.subscription_id = one_of({_quoted(watched)})')
+
+        def sub_filter(names: Sequence[str]) -> str:
+            return (f'resource.type = "pubsub_subscription" AND '
+                    f'resource.labels.subscription_id = one_of({_quoted(names)})')
 
         def alert(key: str, display: str, documentation: str, conditions: list[gcp.monitoring.AlertPolicyConditionArgs],
                   severity: str = "ERROR", extra_deps: Sequence[pulumi.Resource] = ()) -> gcp.monitoring.AlertPolicy:
@@ -185,7 +203,8 @@ class Monitoring(pulumi.ComponentResource):
             f"{args.oldest_unacked_seconds} s. Check the Dataflow job and the device-logs BigQuery subscription; "
             "messages are lost once they outlive the subscription's retention.",
             [threshold("oldest unacked message age",
-                       f'metric.type = "pubsub.googleapis.com/subscription/oldest_unacked_message_age" AND {sub_filter}',
+                       f'metric.type = "pubsub.googleapis.com/subscription/oldest_unacked_message_age" AND '
+                       f'{sub_filter(drained)}',
                        "ALIGN_MAX", args.oldest_unacked_seconds, "300s",
                        reducer="REDUCE_MAX", group_by=["resource.labels.subscription_id"])])
         self.alerts["pubsub-dead-letters"] = alert(
@@ -193,7 +212,8 @@ class Monitoring(pulumi.ComponentResource):
             "A message failed every delivery attempt and went to the dead-letter topic. Inspect it with the "
             f"`{spec.subscription_name(args.prefix, 'dead-letter-audit')}` subscription.",
             [threshold("dead-lettered messages",
-                       f'metric.type = "pubsub.googleapis.com/subscription/dead_letter_message_count" AND {sub_filter}',
+                       f'metric.type = "pubsub.googleapis.com/subscription/dead_letter_message_count" AND '
+                       f'{sub_filter(dead_lettering)}',
                        "ALIGN_DELTA", 0, "0s", period="300s",
                        reducer="REDUCE_SUM", group_by=["resource.labels.subscription_id"])],
             severity="WARNING")
@@ -275,14 +295,14 @@ class Monitoring(pulumi.ComponentResource):
             "A bridge host stopped reporting its heartbeat (the connected-devices metric) or the MQTT endpoint "
             f"stopped accepting TCP connections on {args.mqtt_port}. Devices reconnect to the remaining hosts; "
             "check the managed instance group's autohealing and the host's serial console.",
-            broker_conditions, severity="CRITICAL", extra_deps=[self.connected_devices])
+            broker_conditions, severity="CRITICAL", extra_deps=[self.connected_devices, self.connected_devices_wait])
         self.alerts["connected-devices"] = alert(
             "connected-devices", "Devices disconnected",
             f"Fewer than {args.min_connected_devices} devices are connected across all bridge hosts for 10 "
             "minutes: a fleet-wide outage (network, CA or JWT audience change) rather than one device.",
             [threshold("connected devices (all hosts)", devices_filter, "ALIGN_MEAN", args.min_connected_devices,
                        "600s", reducer="REDUCE_SUM", comparison="COMPARISON_LT")],
-            severity="WARNING", extra_deps=[self.connected_devices])
+            severity="WARNING", extra_deps=[self.connected_devices, self.connected_devices_wait])
 
         template = DASHBOARD_FILE.read_text(encoding="utf-8")
         uptime_id: pulumi.Input[str] = self.uptime_check.uptime_check_id if self.uptime_check else ""

@@ -45,8 +45,8 @@ def test_every_pull_subscription_dead_letters_and_retries(run: harness.StackRun)
     attempts = int(run.config["gcp-iot-bridge:pubsubMaxDeliveryAttempts"])
     dead_letter_id = f"projects/{project}/topics/{p}-dead-letter"
     subs = subs_by_name(run)
-    pull = [s for s in spec.SUBSCRIPTIONS.values() if s.kind == "pull" and s.cloud]
-    assert len(pull) >= 3
+    pull = [s for s in spec.SUBSCRIPTIONS.values() if s.kind == "pull" and s.cloud and not s.dataflow]
+    assert pull
     for s in pull:
         res = subs[spec.subscription_name(p, s.key)]
         assert res.get("topic") == f"projects/{project}/topics/{p}-{s.topic}"
@@ -55,6 +55,28 @@ def test_every_pull_subscription_dead_letters_and_retries(run: harness.StackRun)
             assert "deadLetterPolicy" not in res.inputs, "the dead-letter audit must not dead-letter into itself"
             continue
         assert res.get("deadLetterPolicy") == {"deadLetterTopic": dead_letter_id, "maxDeliveryAttempts": attempts}
+
+
+def test_the_subscription_dataflow_reads_has_no_dead_letter_or_retry_policy(run: harness.StackRun) -> None:
+    """Pub/Sub documents both as unsupported with Dataflow: its runner holds messages and extends their deadlines,
+    so delivery attempts climb and healthy telemetry would be dead-lettered. The pipeline keeps its own dead
+    letters (telemetry_errors)."""
+    project = run.config["gcp:project"]
+    (job,) = run.of_type("gcp:dataflow/flexTemplateJob:FlexTemplateJob")
+    read = job.get("parameters")["input_subscription"]
+    by_path = {f"projects/{project}/subscriptions/{s.get('name')}": s for s in run.of_type(SUB)}
+    sub = by_path[read]
+    assert "deadLetterPolicy" not in sub.inputs, f"{sub.get('name')}: Dataflow does not support a dead-letter policy"
+    assert "retryPolicy" not in sub.inputs, f"{sub.get('name')}: Dataflow does not support an exponential backoff"
+    # Nothing to forward from it, so the Pub/Sub agent gets no subscriber grant on it either.
+    agent_subs = {g.get("subscription") for g in run.of_type(SUB_IAM) if g.get("member") == AGENT}
+    assert sub.get("name") not in agent_subs
+    assert "telemetry_errors" in {t.get("tableId") for t in run.of_type("gcp:bigquery/table:Table")}
+
+
+def test_spec_refuses_a_dataflow_subscription_that_dead_letters() -> None:
+    with pytest.raises(ValueError, match="Dataflow does not support"):
+        spec.SubscriptionSpec("x", "telemetry", "x", dataflow=True)
 
 
 def test_dead_letter_topic_has_a_subscription_so_nothing_dead_lettered_is_lost(run: harness.StackRun) -> None:

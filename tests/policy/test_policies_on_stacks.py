@@ -53,11 +53,16 @@ def test_policies_catch_a_mutated_stack(stack):
     run, ctx = stack
     resources = _resources(run)
     sub = next(r for r in resources if r.type == "gcp:pubsub/subscription:Subscription"
-               and not str(r.props.get("name")).endswith(rules.DEAD_LETTER_EXEMPT_SUFFIXES))
+               and "deadLetterPolicy" in r.props)
+    read_by_dataflow, _ = rules.dataflow_subscriptions(resources)
+    (pipeline_input,) = [r for r in resources if r.type == "gcp:pubsub/subscription:Subscription"
+                         and r.props.get("name") in read_by_dataflow]
     table = next(r for r in resources if r.type == "gcp:bigquery/table:Table")
     topic = next(r for r in resources if r.type == "gcp:pubsub/topic:Topic")
     mutated = [
         ("pubsub-dead-letter", sub, {k: v for k, v in sub.props.items() if k != "deadLetterPolicy"}),
+        ("pubsub-dead-letter", pipeline_input,
+         {**pipeline_input.props, "deadLetterPolicy": sub.props["deadLetterPolicy"]}),
         ("deletion-protection-follows-stack", table,
          {**table.props, "deletionProtection": not ctx.protect}),
         ("labels-everywhere", topic, {k: v for k, v in topic.props.items() if k != "labels"}),

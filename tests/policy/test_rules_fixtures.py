@@ -89,15 +89,6 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:cloudfunctionsv2/function:Function", serviceConfig={}),
         R("gcp:cloudrunv2/serviceIamMember:ServiceIamMember", role="roles/run.invoker", member="allUsers"),
     ]),
-    "pubsub-dead-letter": (DEV, [
-        R("gcp:pubsub/subscription:Subscription", name="iot-dev-telemetry-pipeline", labels=LABELS,
-          deadLetterPolicy={"deadLetterTopic": "projects/p/topics/iot-dev-dead-letter", "maxDeliveryAttempts": 5}),
-        R("gcp:pubsub/subscription:Subscription", name="iot-dev-dead-letter-audit", labels=LABELS),
-    ], [
-        R("gcp:pubsub/subscription:Subscription", name="iot-dev-telemetry-pipeline", labels=LABELS),
-        R("gcp:pubsub/subscription:Subscription", name="iot-dev-state-registry",
-          deadLetterPolicy={"deadLetterTopic": "projects/p/topics/iot-dev-dead-letter", "maxDeliveryAttempts": 3}),
-    ]),
     "deletion-protection-follows-stack": (DEV, [
         R("gcp:bigquery/table:Table", deletionProtection=False),
         R("gcp:bigquery/dataset:Dataset", deleteContentsOnDestroy=True),
@@ -249,6 +240,54 @@ def test_shared_service_account_fails_the_stack_rule():
               serviceConfig={"serviceAccountEmail": "iot-dev-cfgpush@p.iam.gserviceaccount.com"})
     assert rules.service_accounts_not_shared([job, fn], DEV)
     assert rules.service_accounts_not_shared([job, other], DEV) == []
+
+
+DLQ = {"deadLetterTopic": "projects/p/topics/iot-dev-dead-letter", "maxDeliveryAttempts": 5}
+RETRY = {"minimumBackoff": "10s", "maximumBackoff": "600s"}
+
+
+def _job_reading(subscription: object) -> Resource:
+    return R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", **DATAFLOW_OK,
+             parameters={"input_subscription": subscription, "bigquery_dataset": "p.iot"})
+
+
+def _sub(name: str, **props: object) -> Resource:
+    return R("gcp:pubsub/subscription:Subscription", name=name, labels=LABELS, **props)
+
+
+def test_dead_letter_rule_wants_a_dead_letter_topic_except_on_the_audit_subscription():
+    rule = rules.subscription_dead_letter
+    assert rule([_sub("iot-dev-device-logs-bigquery", deadLetterPolicy=DLQ),
+                 _sub("iot-dev-dead-letter-audit", retryPolicy=RETRY)], DEV) == []
+    assert rule([_sub("iot-dev-device-logs-bigquery")], DEV)
+    assert rule([_sub("iot-dev-fanout", deadLetterPolicy={**DLQ, "maxDeliveryAttempts": 3})], DEV)
+    # A job that reads another subscription exempts nothing else.
+    assert rule([_sub("iot-dev-fanout"), _job_reading("projects/p/subscriptions/iot-dev-telemetry-pipeline")], DEV)
+
+
+def test_dead_letter_rule_exempts_what_dataflow_reads_and_refuses_its_policies_there():
+    """Pub/Sub does not support dead-letter topics or exponential backoff on a subscription Dataflow reads."""
+    rule = rules.subscription_dead_letter
+    job = _job_reading("projects/p/subscriptions/iot-dev-telemetry-pipeline")
+    assert rule([_sub("iot-dev-telemetry-pipeline"), job], DEV) == []
+    with_dlq = rule([_sub("iot-dev-telemetry-pipeline", deadLetterPolicy=DLQ), job], DEV)
+    assert len(with_dlq) == 1 and "deadLetterPolicy" in with_dlq[0] and "Dataflow" in with_dlq[0]
+    with_retry = rule([_sub("iot-dev-telemetry-pipeline", retryPolicy=RETRY), job], DEV)
+    assert len(with_retry) == 1 and "retryPolicy" in with_retry[0]
+    # The classic Dataflow job type reads its parameters the same way.
+    classic = R("gcp:dataflow/job:Job", parameters={"inputSubscription": "projects/p/subscriptions/iot-dev-in"})
+    assert rule([_sub("iot-dev-in"), classic], DEV) == []
+    assert rule([_sub("iot-dev-in", deadLetterPolicy=DLQ, retryPolicy=RETRY), classic], DEV)
+
+
+def test_dead_letter_rule_never_fails_on_a_dataflow_input_unknown_during_preview():
+    rule = rules.subscription_dead_letter
+    assert rule([_sub("iot-dev-telemetry-pipeline"), _job_reading(UNKNOWN)], DEV) == []
+    assert rule([_sub("iot-dev-telemetry-pipeline"),
+                 R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", **DATAFLOW_OK, parameters=UNKNOWN)], DEV) == []
+    assert rule([_sub("iot-dev-x", deadLetterPolicy=UNKNOWN)], DEV) == []
+    # What is known to be wrong still fails.
+    assert rule([_sub("iot-dev-x", deadLetterPolicy={**DLQ, "maxDeliveryAttempts": 200}), _job_reading(UNKNOWN)], DEV)
 
 
 def test_plain_secret_config_fails():
