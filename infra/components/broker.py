@@ -467,6 +467,7 @@ export DEBIAN_FRONTEND=noninteractive
 # host test runs this very script on a test machine.
 ROOT=${{IOTBRIDGE_ROOT:-}}
 OPT=$ROOT/opt/iotbridge VAR=$ROOT/var/lib/iotbridge ETC=$ROOT/etc/iotbridge UNITS=$ROOT/etc/systemd/system
+MQ=$ROOT/var/lib/iotbridge-mosquitto
 apt-get update -q
 apt-get install -y -q mosquitto python3-venv unzip
 systemctl disable --now mosquitto
@@ -475,8 +476,13 @@ id iotbridge >/dev/null 2>&1 || useradd --system --home-dir /var/lib/iotbridge -
 install -d -m 0755 "$OPT" "$UNITS"
 install -d -m 0750 -o iotbridge -g iotbridge "$VAR"
 install -d -m 0700 -o iotbridge -g iotbridge "$ETC"
+# Mosquitto (Debian 12's 2.0) drops to its user before it opens its log, password and ACL files, and autosaves
+# its retained messages and the bridge's queued QoS 1 session as that user: its folder is its own, not the bridge's.
+install -d -m 0750 -o mosquitto -g mosquitto "$MQ"
 gcloud storage cp {code_url} "$OPT/bridge.zip"
 rm -rf "$OPT/app" && unzip -q -o "$OPT/bridge.zip" -d "$OPT/app"
+# Pulumi zips an archive with no Unix modes, which unzip turns into 0600: the services' user must read the code.
+chmod -R u=rwX,go=rX "$OPT/app"
 python3 -m venv "$OPT/venv"
 # The versions the tests ran: the top-level pins, every other package of their closure held by the constraints.
 "$OPT/venv/bin/pip" install -q -r "$OPT/app/requirements.txt" -c "$OPT/app/constraints.txt"
@@ -493,8 +499,8 @@ JSON
 sed -e "s/__HOSTNAME__/$(hostname -s)/" -e "s|__ROOT__|$ROOT|g" "$ETC/settings.json.in" > "$ETC/settings.json"
 cd "$OPT/app"
 "$OPT/venv/bin/python" -m iotbridge.bridge mosquitto-config --settings "$ETC/settings.json" \\
-    --out "$VAR/mosquitto" --user mosquitto
-chown -R mosquitto:mosquitto "$VAR/mosquitto"
+    --out "$MQ" --user mosquitto
+chown -R mosquitto:mosquitto "$MQ"
 chown iotbridge:iotbridge "$ETC"/*
 for role in front service; do
 cat > "$UNITS/iotbridge-$role.service" <<UNIT
@@ -521,7 +527,7 @@ cat > "$UNITS/iotbridge-mosquitto.service" <<UNIT
 Description=Mosquitto on the loopback listener of gcp-iot-bridge
 After=network-online.target
 [Service]
-ExecStart=/usr/sbin/mosquitto -c $VAR/mosquitto/mosquitto.conf
+ExecStart=/usr/sbin/mosquitto -c $MQ/mosquitto.conf
 Restart=always
 RestartSec=2
 LimitNOFILE=1048576
