@@ -3,7 +3,9 @@
 
 Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener, the TLS
 front on 8883 that authenticates devices the IoT Core way, and the bridge service that forwards to Pub/Sub
-(``iotbridge/bridge``). What it declares, and the GCP pitfall behind each choice:
+(``iotbridge/bridge``). Mosquitto starts as root and drops to ``mosquitto``, which owns its files; the front and
+the service run as ``iotbridge`` (``startup_script``; tests/bridge/test_simulated_host.py boots a host from it).
+What it declares, and the GCP pitfall behind each choice:
 
 - Firestore database (Native mode) with ``deletion_policy`` and ``delete_protection_state`` from the one
   ``deletion_protection`` switch: the provider's default ``ABANDON`` would leave the database behind on
