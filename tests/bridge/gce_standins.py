@@ -64,7 +64,7 @@ class GoogleStandIns:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
-                if self.path.startswith("/computeMetadata/"):
+                if self.path == "/" or self.path.startswith("/computeMetadata/"):
                     self.send_header("Metadata-Flavor", "Google")
                 self.end_headers()
                 self.wfile.write(body)
@@ -112,6 +112,8 @@ class GoogleStandIns:
     def _answer(self, raw_path: str, headers) -> tuple[int, str, bytes]:  # noqa: ANN001
         url = urllib.parse.urlsplit(raw_path)
         path, query = urllib.parse.unquote(url.path), urllib.parse.parse_qs(url.query)
+        if path == "/" and headers.get("Metadata-Flavor") == "Google":  # google-auth's "am I on GCE" probe
+            return 200, "application/text", b"computeMetadata/\n"
         if path.startswith("/computeMetadata/v1/"):
             if headers.get("Metadata-Flavor") != "Google":
                 return 403, "text/plain", b"Missing Metadata-Flavor:Google header."

@@ -316,6 +316,7 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         wait_until(lambda: _health(health_port) == 200, 15, "/healthz 200")
         # The front labelled its gauge from the metadata server; the write itself was refused at the proxy.
         wait_until(lambda: google.seen("GET", "/computeMetadata/v1/instance/zone"), 15, "the front's metadata read")
+        wait_until(lambda: google.seen("CONNECT", "monitoring.googleapis.com:443"), 15, "the gauge's write")
 
         # A device: TLS with the CA that signed the host's certificate, a JWT, telemetry to Pub/Sub.
         reader = PubSubReader(PROJECT, prefix)
