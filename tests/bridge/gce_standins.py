@@ -143,11 +143,11 @@ class GoogleStandIns:
             sa + "default/scopes": "https://www.googleapis.com/auth/cloud-platform\n",
             sa + "default/aliases": "default\n",
         }
-        if key.rstrip("/") in ("instance/service-accounts/default", f"instance/service-accounts/{self.service_account}"):
-            if query.get("recursive") == ["true"]:
-                return 200, "application/json", json.dumps({
-                    "aliases": ["default"], "email": self.service_account,
-                    "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}).encode()
+        accounts = (sa + "default", sa + self.service_account)
+        if key.rstrip("/") in accounts and query.get("recursive") == ["true"]:
+            return 200, "application/json", json.dumps({
+                "aliases": ["default"], "email": self.service_account,
+                "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}).encode()
         if key.endswith("/token") and key.startswith(sa):
             return 200, "application/json", json.dumps(
                 {"access_token": TOKEN, "expires_in": 3599, "token_type": "Bearer"}).encode()

@@ -33,7 +33,6 @@ session; Mosquitto is restarted; the retained config and the queued event surviv
 from __future__ import annotations
 
 import configparser
-import grp
 import hashlib
 import io
 import json
@@ -80,7 +79,8 @@ echo "apt-get $*" >> "$SIMHOST_JOURNAL"
 [ "$1" = update ] && exit 0
 for p in "$@"; do
   case "$p" in -*|install) continue ;; esac
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || { echo "E: $p is not installed" >&2; exit 100; }
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \\
+    || { echo "E: $p is not installed" >&2; exit 100; }
 done
 """
 SYSTEMCTL = """#!/bin/bash
