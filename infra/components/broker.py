@@ -3,7 +3,9 @@
 
 Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener, the TLS
 front on 8883 that authenticates devices the IoT Core way, and the bridge service that forwards to Pub/Sub
-(``iotbridge/bridge``). What it declares, and the GCP pitfall behind each choice:
+(``iotbridge/bridge``). Mosquitto starts as root and drops to ``mosquitto``, which owns its files; the front and
+the service run as ``iotbridge`` (``startup_script``; tests/bridge/test_simulated_host.py boots a host from it).
+What it declares, and the GCP pitfall behind each choice:
 
 - Firestore database (Native mode) with ``deletion_policy`` and ``delete_protection_state`` from the one
   ``deletion_protection`` switch: the provider's default ``ABANDON`` would leave the database behind on
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,24 +59,52 @@ CODE_ROOT_FILES = ("iotbridge/__init__.py", "iotbridge/spec.py", "iotbridge/regi
 LOCAL_ONLY = ("iotbridge/bridge/stack.py", "iotbridge/bridge/tls.py")
 HOST_REQUIREMENTS = ("paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "PyJWT",
                      "cryptography")
+LOCK = REPO_ROOT / "requirements" / "lock.txt"
+# Every package the hosts install (HOST_REQUIREMENTS and all they pull in) at requirements/lock.txt's version,
+# shipped as the archive's constraints.txt: without it grpcio, protobuf and the rest would resolve anew at every
+# boot. A test keeps it equal to the closure; the lock alone would also pin the dev tools, and any change to those
+# would replace every host.
+HOST_CONSTRAINTS = REPO_ROOT / "requirements" / "broker-host.txt"
+
+
+def canonical_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins(text: str | None = None) -> dict[str, str]:
+    """Canonical name -> ``Name==version`` line of requirements/lock.txt (or of ``text`` in its format)."""
+    pins = {}
+    for line in (LOCK.read_text() if text is None else text).splitlines():
+        name, sep, _ = line.strip().partition("==")
+        if sep and not name.startswith("#"):
+            pins[canonical_name(name)] = line.strip()
+    return pins
 
 
 def host_requirements() -> str:
     """The hosts' pip requirements, pinned to the versions the tests ran with (requirements/lock.txt)."""
-    pins = {}
-    for line in (REPO_ROOT / "requirements" / "lock.txt").read_text().splitlines():
-        name, sep, version = line.strip().partition("==")
-        if sep:
-            pins[name.lower()] = f"{name}=={version}"
-    return "\n".join(pins.get(r.lower(), r) for r in HOST_REQUIREMENTS) + "\n"
+    pins = lock_pins()
+    return "\n".join(pins.get(canonical_name(r), r) for r in HOST_REQUIREMENTS) + "\n"
+
+
+def host_constraints() -> str:
+    """requirements/broker-host.txt, refused if any line differs from the lock (a deploy never ships a stale one)."""
+    lock = lock_pins()
+    lines = list(lock_pins(HOST_CONSTRAINTS.read_text()).values())
+    stale = [line for line in lines if lock.get(canonical_name(line.partition("==")[0])) != line]
+    if stale:
+        raise ValueError(f"{HOST_CONSTRAINTS} differs from {LOCK} on {stale}: regenerate it "
+                         "(tests/infra/test_broker.py::test_hosts_install_the_locked_closure prints it)")
+    return "\n".join(lines) + "\n"
 
 
 def code_files() -> dict[str, str]:
-    """Path in the archive -> text: the bridge's code and its pinned requirements, as deployed."""
+    """Path in the archive -> text: the bridge's code, its pinned requirements and their constraints, as deployed."""
     bridge = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "iotbridge" / "bridge").glob("*.py"))
     rels = [*CODE_ROOT_FILES, *(r for r in bridge if r not in LOCAL_ONLY)]
     files = {rel: (REPO_ROOT / rel).read_text() for rel in rels}
     files["requirements.txt"] = host_requirements()
+    files["constraints.txt"] = host_constraints()
     return files
 
 
@@ -422,10 +453,10 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
         "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
         "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT,
         "broker_host": "127.0.0.1", "broker_port": BROKER_PORT,
-        "tls_cert": "/etc/iotbridge/server.pem", "tls_key": "/etc/iotbridge/server-key.pem",
-        "secrets_file": "/etc/iotbridge/secrets.json",
+        "tls_cert": "__ROOT__/etc/iotbridge/server.pem", "tls_key": "__ROOT__/etc/iotbridge/server-key.pem",
+        "secrets_file": "__ROOT__/etc/iotbridge/secrets.json",
         "routes": [{"sub_folder": k, "topic": v} for k, v in sorted(routes.items())],
-        "recheck_interval_s": 30.0, "workdir": "/var/lib/iotbridge", "health_port": health_port,
+        "recheck_interval_s": 30.0, "workdir": "__ROOT__/var/lib/iotbridge", "health_port": health_port,
         "fanout_subscriptions": list(fanout_subscriptions), "firestore_database": database,
         "connected_devices_metric": "cloud",
     }
@@ -434,60 +465,71 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
 # never from metadata. Re-running is safe: every step overwrites its own files.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+# The production paths. IOTBRIDGE_ROOT (unset on a host) moves them under a throw-away folder: the simulated
+# host test runs this very script on a test machine.
+ROOT=${{IOTBRIDGE_ROOT:-}}
+OPT=$ROOT/opt/iotbridge VAR=$ROOT/var/lib/iotbridge ETC=$ROOT/etc/iotbridge UNITS=$ROOT/etc/systemd/system
+MQ=$ROOT/var/lib/iotbridge-mosquitto
 apt-get update -q
 apt-get install -y -q mosquitto python3-venv unzip
 systemctl disable --now mosquitto
 # The front and the bridge service run unprivileged (8883 needs no root); Mosquitto drops to its own user.
 id iotbridge >/dev/null 2>&1 || useradd --system --home-dir /var/lib/iotbridge --shell /usr/sbin/nologin iotbridge
-install -d -m 0755 /opt/iotbridge
-install -d -m 0750 -o iotbridge -g iotbridge /var/lib/iotbridge
-install -d -m 0700 -o iotbridge -g iotbridge /etc/iotbridge
-gcloud storage cp {code_url} /opt/iotbridge/bridge.zip
-rm -rf /opt/iotbridge/app && unzip -q -o /opt/iotbridge/bridge.zip -d /opt/iotbridge/app
-python3 -m venv /opt/iotbridge/venv
-/opt/iotbridge/venv/bin/pip install -q -r /opt/iotbridge/app/requirements.txt
+install -d -m 0755 "$OPT" "$UNITS"
+install -d -m 0750 -o iotbridge -g iotbridge "$VAR"
+install -d -m 0700 -o iotbridge -g iotbridge "$ETC"
+# Mosquitto (Debian 12's 2.0) drops to its user before it opens its log, password and ACL files, and autosaves
+# its retained messages and the bridge's queued QoS 1 session as that user: its folder is its own, not the bridge's.
+install -d -m 0750 -o mosquitto -g mosquitto "$MQ"
+gcloud storage cp {code_url} "$OPT/bridge.zip"
+rm -rf "$OPT/app" && unzip -q -o "$OPT/bridge.zip" -d "$OPT/app"
+# Pulumi zips an archive with no Unix modes, which unzip turns into 0600: the services' user must read the code.
+chmod -R u=rwX,go=rX "$OPT/app"
+python3 -m venv "$OPT/venv"
+# The versions the tests ran: the top-level pins, every other package of their closure held by the constraints.
+"$OPT/venv/bin/pip" install -q -r "$OPT/app/requirements.txt" -c "$OPT/app/constraints.txt"
 umask 077
-gcloud secrets versions access latest --secret={tls_key_secret} --project={project} > /etc/iotbridge/server-key.pem
-gcloud secrets versions access latest --secret={passwords_secret} --project={project} > /etc/iotbridge/secrets.json
+gcloud secrets versions access latest --secret={tls_key_secret} --project={project} > "$ETC/server-key.pem"
+gcloud secrets versions access latest --secret={passwords_secret} --project={project} > "$ETC/secrets.json"
 umask 022
-cat > /etc/iotbridge/server.pem <<'PEM'
+cat > "$ETC/server.pem" <<'PEM'
 {server_cert_pem.strip()}
 PEM
-cat > /etc/iotbridge/settings.json.in <<'JSON'
+cat > "$ETC/settings.json.in" <<'JSON'
 {json.dumps(settings, indent=2)}
 JSON
-sed "s/__HOSTNAME__/$(hostname -s)/" /etc/iotbridge/settings.json.in > /etc/iotbridge/settings.json
-cd /opt/iotbridge/app
-/opt/iotbridge/venv/bin/python -m iotbridge.bridge mosquitto-config --settings /etc/iotbridge/settings.json \\
-    --out /var/lib/iotbridge/mosquitto --user mosquitto
-chown -R mosquitto:mosquitto /var/lib/iotbridge/mosquitto
-chown iotbridge:iotbridge /etc/iotbridge/*
+sed -e "s/__HOSTNAME__/$(hostname -s)/" -e "s|__ROOT__|$ROOT|g" "$ETC/settings.json.in" > "$ETC/settings.json"
+cd "$OPT/app"
+"$OPT/venv/bin/python" -m iotbridge.bridge mosquitto-config --settings "$ETC/settings.json" \\
+    --out "$MQ" --user mosquitto
+chown -R mosquitto:mosquitto "$MQ"
+chown iotbridge:iotbridge "$ETC"/*
 for role in front service; do
-cat > /etc/systemd/system/iotbridge-$role.service <<UNIT
+cat > "$UNITS/iotbridge-$role.service" <<UNIT
 [Unit]
 Description=gcp-iot-bridge $role
 After=network-online.target iotbridge-mosquitto.service
 Wants=network-online.target
 [Service]
 User=iotbridge
-WorkingDirectory=/opt/iotbridge/app
-ExecStart=/opt/iotbridge/venv/bin/python -m iotbridge.bridge $role --settings /etc/iotbridge/settings.json
+WorkingDirectory=$OPT/app
+ExecStart=$OPT/venv/bin/python -m iotbridge.bridge $role --settings $ETC/settings.json
 LimitNOFILE=1048576
 NoNewPrivileges=true
 ProtectSystem=strict
-ReadWritePaths=/var/lib/iotbridge
+ReadWritePaths=$VAR
 Restart=always
 RestartSec=2
 [Install]
 WantedBy=multi-user.target
 UNIT
 done
-cat > /etc/systemd/system/iotbridge-mosquitto.service <<UNIT
+cat > "$UNITS/iotbridge-mosquitto.service" <<UNIT
 [Unit]
 Description=Mosquitto on the loopback listener of gcp-iot-bridge
 After=network-online.target
 [Service]
-ExecStart=/usr/sbin/mosquitto -c /var/lib/iotbridge/mosquitto/mosquitto.conf
+ExecStart=/usr/sbin/mosquitto -c $MQ/mosquitto.conf
 Restart=always
 RestartSec=2
 LimitNOFILE=1048576

@@ -9,6 +9,7 @@ account has ``roles/monitoring.metricWriter``. Locally (no Cloud Monitoring) the
 from __future__ import annotations
 
 import logging
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -16,7 +17,9 @@ from typing import Any
 
 METRIC_TYPE = "custom.googleapis.com/iot/connected_devices"
 INTERVAL_S = 60.0  # Cloud Monitoring accepts at most one point per 5 s per series; a minute is the alerts' grain
-METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance/"
+# The metadata server; GCE_METADATA_HOST (google-auth's variable, which the client libraries here obey too) names
+# another one, as the simulated host test does. Unset on a host.
+METADATA_HOST = "metadata.google.internal"
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +28,10 @@ def gce_instance_labels(fetch: Callable[[str], str] | None = None) -> dict[str, 
     """``instance_id`` and ``zone`` of this VM, from the metadata server (the monitored resource's labels)."""
 
     def from_metadata(path: str) -> str:
-        req = urllib.request.Request(METADATA_URL + path, headers={"Metadata-Flavor": "Google"})
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - the fixed metadata server URL
+        host = os.environ.get("GCE_METADATA_HOST") or METADATA_HOST
+        req = urllib.request.Request(f"http://{host}/computeMetadata/v1/instance/{path}",
+                                     headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - the metadata server
             return resp.read().decode()
 
     get = fetch or from_metadata

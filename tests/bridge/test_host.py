@@ -47,7 +47,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
         project=PROJECT, region=REGION, registry_id=REGISTRY, prefix=prefix, code_url="gs://unused/x.zip",
         tls_key_secret="k", passwords_secret="p", server_cert_pem="unused", database="(default)",
         routes={"logs": spec.topic_name(prefix, "device-logs")}, fanout_subscriptions=slots, health_port=8080)
-    settings = json.loads(script.split("settings.json.in <<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0])
+    settings = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0])
     tls = generate_local_tls(tmp_path / "tls")
     write_secrets(tmp_path / "secrets.json", new_secrets())
     (tmp_path / "var").mkdir()

@@ -215,6 +215,60 @@ def test_code_archive_is_named_by_content_and_pins_its_requirements():
     assert bc.content_hash(changed) != bc.content_hash(files)
 
 
+def installed_closure(roots) -> dict[str, str]:
+    """Canonical name -> version of ``roots`` and everything they require, as installed in this environment (the
+    one the tests run in, installed from requirements/lock.txt); markers evaluated here (Debian 12's Python 3.11
+    on the hosts, the same minor version the lock is made for)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    found: dict[str, str] = {}
+    done: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(r) for r in roots]
+    while todo:
+        req = todo.pop()
+        name, extras = bc.canonical_name(req.name), frozenset(req.extras)
+        if (name, extras) in done:
+            continue
+        done.add((name, extras))
+        dist = metadata.distribution(name)
+        found[name] = dist.version
+        for line in dist.requires or []:
+            dep = Requirement(line)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in (extras or {""})):
+                todo.append(dep)
+    return found
+
+
+def test_hosts_install_the_locked_closure():
+    """Every package a host installs is pinned at the version the tests ran: the top-level ones by requirements.txt,
+    the rest (grpcio, protobuf, google-auth, ...) by the archive's constraints.txt, which the script passes to pip."""
+    lock = bc.lock_pins()
+    closure = installed_closure(bc.HOST_REQUIREMENTS)
+    assert closure == {n: lock[n].partition("==")[2] for n in closure}, "this environment is not the lock's"
+    files = bc.code_files()
+    pinned = {**bc.lock_pins(files.get("constraints.txt", "")), **bc.lock_pins(files["requirements.txt"])}
+    expected = "\n".join(lock[n] for n in sorted(closure)) + "\n"
+    assert {n: pinned.get(n) for n in closure} == {n: lock[n] for n in closure}, (
+        f"the archive leaves part of the hosts' closure to resolve at boot; {bc.HOST_CONSTRAINTS} should read:\n"
+        + expected)
+    assert set(pinned) == set(closure), f"pins nothing installs: {sorted(set(pinned) - set(closure))}"
+    script = bc.startup_script(
+        project=PROJECT, region="europe-west1", registry_id="fleet", prefix=PREFIX, code_url="gs://b/o.zip",
+        tls_key_secret="k", passwords_secret="p", server_cert_pem="c", database="(default)", routes={},
+        fanout_subscriptions=[], health_port=8080)
+    assert '-r "$OPT/app/requirements.txt" -c "$OPT/app/constraints.txt"' in script
+
+
+def test_a_stale_host_constraints_file_stops_the_deploy(tmp_path, monkeypatch):
+    stale = tmp_path / "broker-host.txt"
+    stale.write_text("grpcio==0.0.1\n")
+    monkeypatch.setattr(bc, "HOST_CONSTRAINTS", stale)
+    with pytest.raises(ValueError, match="grpcio==0.0.1"):
+        bc.code_files()
+
+
 def test_invalid_arguments_fail_before_anything_is_declared():
     with pytest.raises(Exception, match="at most 10"):
         build(routes={f"r{i}": TOPIC + "telemetry" for i in range(11)})
@@ -239,10 +293,13 @@ def test_startup_script_settings_load_in_the_bridge(run, tmp_path):
     from iotbridge.bridge.settings import BridgeSettings
 
     script = the(run, "template").get("metadataStartupScript")
-    text = script.split("settings.json.in <<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0]
+    text = script.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0]
     path = tmp_path / "settings.json"
-    path.write_text(text.replace("__HOSTNAME__", "iot-dev-broker-abcd"))
+    # What the script's sed makes of it on a host (IOTBRIDGE_ROOT unset there).
+    path.write_text(text.replace("__HOSTNAME__", "iot-dev-broker-abcd").replace("__ROOT__", ""))
     s = BridgeSettings.load(path)
+    assert (s.tls_key, s.secrets_file, s.workdir) == (
+        "/etc/iotbridge/server-key.pem", "/etc/iotbridge/secrets.json", "/var/lib/iotbridge")
     assert (s.project, s.registry_id, s.prefix, s.front_port, s.broker_host) == (
         PROJECT, "fleet", PREFIX, 8883, "127.0.0.1")
     assert [(r.sub_folder, r.topic) for r in s.routes] == [("logs", f"{PREFIX}-device-logs")]
