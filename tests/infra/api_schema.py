@@ -531,6 +531,7 @@ NOT_COVERED: dict[str, str] = {
     "tls:index/privateKey:PrivateKey": "not a GCP API call: key material made by the TLS provider locally",
     "tls:index/selfSignedCert:SelfSignedCert": "not a GCP API call: made by the TLS provider locally",
     "tls:index/certRequest:CertRequest": "not a GCP API call: made by the TLS provider locally",
+    "time:index/sleep:Sleep": "not a GCP API call: a wait the time provider keeps locally, for what GCP propagates",
     "tls:index/locallySignedCert:LocallySignedCert": "not a GCP API call: made by the TLS provider locally",
     "random:index/randomPassword:RandomPassword": "not a GCP API call: made by the random provider locally",
 }
