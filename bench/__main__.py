@@ -21,6 +21,7 @@ SECTIONS = {
     "bridge": "bench.bridge",
     "config_push": "bench.config_push",
     "connections": "bench.connections",
+    "attacks": "bench.attacks",
 }
 HERE = Path(__file__).parent
 

@@ -77,11 +77,8 @@ UNKNOWN_DEVICE_TTL_S = 10.0  # a device id the registry did not know is not look
 MAX_UNKNOWN_DEVICES = 50_000
 AUTH_WORKERS = 8  # registry reads of CONNECTs; nothing an authenticated device sends runs on these threads
 REGISTRY_WORKERS = 4  # config acks, presence, heartbeats, re-checks
-# Per device session (IoT Core's limits: 100 messages/s per connection, 512 KB/s per device, state 1/s). A device
-# over a limit is slowed: the front stops reading its socket until the limit allows the next packet.
-EVENTS_PER_S = 100.0
-STATE_PER_S = 1.0
-BYTES_PER_S = 512 * 1024
+# Per device session: messages, bytes and state updates a second are BridgeSettings' (IoT Core's limits by default).
+# A device over a limit is slowed: the front stops reading its socket until the limit allows the next packet.
 SUBSCRIBES_PER_S = 1.0
 SUBSCRIBE_BURST = 10
 MAX_FILTERS_PER_SUBSCRIBE = 8
@@ -214,13 +211,6 @@ class Session:
     limits: dict[str, TokenBucket] = field(default_factory=dict)
     limit_reported: float = float("-inf")
 
-    def __post_init__(self) -> None:
-        now = time.monotonic()
-        self.limits = {"events": TokenBucket(EVENTS_PER_S, EVENTS_PER_S, now),
-                       "state": TokenBucket(STATE_PER_S, 1, now),
-                       "bytes": TokenBucket(BYTES_PER_S, BYTES_PER_S, now),
-                       "subscribe": TokenBucket(SUBSCRIBES_PER_S, SUBSCRIBE_BURST, now)}
-
     def close(self, reason: str, drop_will: bool = False) -> None:
         if not self.done.is_set():
             self.reason = reason
@@ -264,10 +254,9 @@ class Front:
         sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         if self._control_password is not None:
             self._control = self._control_client(self._control_password)
-        self._server = await asyncio.start_server(
-            self._handle, self.settings.front_host, self.settings.front_port, ssl=self.ssl_context,
-            ssl_handshake_timeout=CONNECT_TIMEOUT_S,
-        )
+        # Plain TCP first, TLS started per connection in _handle: an address that keeps failing is turned away
+        # before the TLS handshake, the most expensive step of a connection for the front's one thread.
+        self._server = await asyncio.start_server(self._handle, self.settings.front_host, self.settings.front_port)
         self._spawn(self._recheck_loop())
         self._spawn(self._metrics_loop())
         if self.settings.health_port:
@@ -319,6 +308,15 @@ class Front:
                 self._refused(peer, f"{self._pending} connections already awaiting CONNECT")
                 return
             self._pending += 1
+            if self._failures.exhausted(address, time.monotonic()):
+                self.stats["address_limited"] += 1
+                self._refused(peer, f"too many failed connects from {address}; closed before TLS")
+                return
+            try:
+                await dwriter.start_tls(self.ssl_context, ssl_handshake_timeout=CONNECT_TIMEOUT_S)
+            except (TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
+                self._refused(peer, f"TLS handshake failed: {type(exc).__name__}")
+                return
             try:
                 first, body, _ = await asyncio.wait_for(mqtt.read_packet(dreader, MAX_CONNECT_BYTES),
                                                         CONNECT_TIMEOUT_S)
@@ -444,7 +442,7 @@ class Front:
         bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
         expires_at = session_deadline(at, proof_expires, credential.expiration_time)
         session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer, num_id=device.num_id,
-                          credential_pem=credential.public_key_pem)
+                          credential_pem=credential.public_key_pem, limits=self._device_limits())
         self.sessions.add(session)
         try:
             session.presence_time = await self._on(
@@ -520,14 +518,22 @@ class Front:
         except (ConnectionError, ssl.SSLError):
             session.close("device closed the connection")
 
+    def _device_limits(self) -> dict[str, TokenBucket]:
+        s, now = self.settings, time.monotonic()
+        return {"events": TokenBucket(s.device_messages_per_s, s.device_messages_per_s, now),
+                "state": TokenBucket(s.device_state_per_s, 1, now),
+                "bytes": TokenBucket(s.device_bytes_per_s, s.device_bytes_per_s, now),
+                "subscribe": TokenBucket(SUBSCRIBES_PER_S, SUBSCRIBE_BURST, now)}
+
     def _slowed(self, session: Session, wait: float) -> None:
         self.stats["device_slowed"] += 1
         now = time.monotonic()
         if now - session.limit_reported < LIMIT_REPORT_S:
             return
         session.limit_reported = now
-        message = (f"rate limit: over {EVENTS_PER_S:.0f} messages/s, {BYTES_PER_S // 1024} KiB/s or "
-                   f"{STATE_PER_S:.0f} state update/s; slowed by {wait:.2f}s")
+        s = self.settings
+        message = (f"rate limit: over {s.device_messages_per_s:g} messages/s, {s.device_bytes_per_s / 1024:g} KiB/s "
+                   f"or {s.device_state_per_s:g} state updates/s; slowed by {wait:.2f}s")
         log.warning("device %s slowed: %s", session.device_id, message)
         self._spawn(self._record_error(session.device_id, message))
 

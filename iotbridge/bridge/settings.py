@@ -61,6 +61,11 @@ class BridgeSettings:
     auth_failure_burst: int = 20
     # TLS connections that have not yet sent their CONNECT (each for at most 10 s); more are closed at once.
     max_pending_connects: int = 1000
+    # Per device connection, IoT Core's limits: messages a second (after a burst of as many), bytes a second, state
+    # updates a second. A device over a limit is slowed, not refused.
+    device_messages_per_s: float = 100.0
+    device_bytes_per_s: float = 512 * 1024
+    device_state_per_s: float = 1.0
     workdir: str = ""  # the service writes service-stats.json here; the front's /healthz reads it
     health_port: int = 0  # HTTP /healthz on front_host for load balancer and auto-healing checks; 0 = off
     # Pre-created subscriptions to the device-commands topic; the service leases one (cloud). Empty: the
@@ -76,6 +81,10 @@ class BridgeSettings:
             raise ValueError(f"connected_devices_metric must be cloud or log, got {self.connected_devices_metric!r}")
         if len(self.routes) > MAX_ROUTES:
             raise ValueError(f"at most {MAX_ROUTES} subfolder routes, got {len(self.routes)}")
+        for name in ("auth_failures_per_s", "auth_failure_burst", "max_pending_connects", "device_messages_per_s",
+                     "device_bytes_per_s", "device_state_per_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
