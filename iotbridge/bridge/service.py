@@ -6,9 +6,17 @@ persistent session (clean session off, QoS 1) on the loopback listener, subscrib
 telemetry to the telemetry topic or the first matching subfolder route, state to the state topic — with IoT
 Core's attributes taken from the topic's device id, which the broker's ACL guarantees is the authenticated
 device. Messages are batched per topic (:mod:`iotbridge.bridge.batching`); the broker gets each message's PUBACK
-(paho manual ack) only after the Pub/Sub publish request holding it succeeded; a failed request is retried
-until it succeeds. Killed mid-stream, the bridge loses nothing: Mosquitto redelivers every
+(paho manual ack) only after the Pub/Sub publish request holding it succeeded; a request that failed for a
+passing reason is retried until it succeeds. Killed mid-stream, the bridge loses nothing: Mosquitto redelivers every
 unacknowledged message to the persistent session when it reconnects (duplicates possible, counted downstream).
+
+A message Pub/Sub can never accept (an attribute over its limits, :mod:`iotbridge.bridge.limits`) is not retried:
+it would hold its batch mates and, redelivered by the persistent session, the broker's in-flight window forever.
+Such a message is checked before it joins any publish request, and a message Pub/Sub refuses anyway
+(INVALID_ARGUMENT, isolated from its batch mates by the batcher) is treated alike: it goes to the stack's
+``dead-letter`` topic with its data untouched, its attributes cut to fit, and the reason as ``error`` /
+``errorDetail`` / ``failedBy`` / ``mqttTopic`` attributes — and is acknowledged to the broker only once the
+dead-letter topic has it.
 
 Cloud → device. Configs and commands arrive on the ``device-commands`` fan-out topic; each host's bridge has
 its own subscription (``{prefix}-device-commands-{host}``) so whichever host a device is on gets them.
@@ -39,6 +47,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from iotbridge import spec
+from iotbridge.bridge import limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.front import SYNC_TOPIC
 from iotbridge.bridge.settings import BridgeSettings
@@ -54,6 +63,8 @@ RETRY_MAX_S = 30.0
 STATS_EVERY_S = 0.5
 LEASE_S = 90.0
 COMMAND_MAX_AGE_S = 60.0
+DEAD_LETTERED_BY = "bridge"
+PUBSUB_REFUSED = "pubsub_invalid_argument"
 
 
 def fanout_subscription(prefix: str, host_id: str) -> str:
@@ -93,6 +104,7 @@ class BridgeService:
         self.state_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "state"))
         self.routes = {r.sub_folder: self.publisher.topic_path(project, r.topic) for r in settings.routes}
         self.fanout_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "device-commands"))
+        self.dead_letter_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "dead-letter"))
         self.fanout_sub = ""  # chosen in start(): leased (cloud) or created (local)
         self._devices: dict[str, tuple[float, str]] = {}  # device id -> (fetched at, num id)
         self._devices_lock = threading.Lock()
@@ -111,7 +123,8 @@ class BridgeService:
         self._pull_future = None
         self._leased = ""
         self.stats_lock = threading.Lock()
-        self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0}
+        self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0,
+                      "dead_lettered": 0, "dead_letter_refused": 0}
         self.mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
                                 clean_session=False, manual_ack=True)
         self.mqtt.username_pw_set("bridge", password)
@@ -121,7 +134,8 @@ class BridgeService:
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_message = self._on_message
         # Device → cloud publishing: raw protobuf batches, the broker acked per batch (see batching.py).
-        self.batcher = Batcher(self.publisher.api.publish, self._on_batch_sent, self._on_batch_failed)
+        self.batcher = Batcher(self.publisher.api.publish, self._on_batch_sent, self._on_batch_failed,
+                               self._on_batch_rejected)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -317,13 +331,57 @@ class BridgeService:
             if parsed.sub_folder:
                 attrs["subFolder"] = parsed.sub_folder
         payload = bytes(msg.payload)
+        token = (msg.mid, msg.qos, gen)
+        refused = limits.message_violation(payload, attrs)
+        if refused is not None:
+            self._dead_letter(payload, attrs, msg.topic, refused, token)
+            return
         now = datetime.now(UTC)
         with self._activity_lock:
             if parsed.kind == "state":
                 self._states_seen[parsed.device_id] = (payload, now)
             else:
                 self._events_seen[parsed.device_id] = now
-        self.batcher.add(topic, raw_message(payload, attrs), (msg.mid, msg.qos, gen))
+        self.batcher.add(topic, raw_message(payload, attrs), token)
+
+    def _dead_letter(self, data: bytes, attrs: dict[str, str], mqtt_topic: str, why: tuple[str, str],
+                     token: tuple[int, int, int]) -> None:
+        """Send a message Pub/Sub cannot take to the dead-letter topic, in a form it can take; the broker gets the
+        PUBACK once the dead-letter topic has it (``_on_batch_sent``)."""
+        reason, detail = why
+        cap = limits.MAX_ATTRIBUTE_VALUE_BYTES
+        out = {limits.clip_utf8(k, limits.MAX_ATTRIBUTE_KEY_BYTES): limits.clip_utf8(v, cap)
+               for k, v in list(attrs.items())[:limits.MAX_ATTRIBUTES - 5]}
+        out.update(error=reason, errorDetail=limits.clip_utf8(detail, cap), failedBy=DEAD_LETTERED_BY,
+                   mqttTopic=limits.clip_utf8(mqtt_topic, cap))
+        room = limits.MAX_MESSAGE_BYTES - sum(len(k.encode()) + len(v.encode()) for k, v in out.items()) - 64
+        if len(data) > room:
+            out["dataTruncatedFrom"] = str(len(data))
+            data = data[:room]
+        with self.stats_lock:
+            self.stats["dead_lettered"] += 1
+        log.warning("message of device %s on %.120r dead-lettered: %s (%s)", attrs.get("deviceId", "?"),
+                    mqtt_topic, reason, detail)
+        self.batcher.add(self.dead_letter_topic, raw_message(data, out), token)
+
+    def _on_batch_rejected(self, batch: Batch, exc: BaseException) -> None:
+        """Pub/Sub refused this one message for good (its batch mates went on without it)."""
+        message, token = batch.messages[0], batch.tokens[0]
+        if batch.topic == self.dead_letter_topic:
+            # Even the cut-down copy was refused: nothing left to retry; say so loudly and release the broker.
+            log.error("dead-letter topic refused the copy of a message of device %s (%s); acknowledged without "
+                      "forwarding", message.attributes.get("deviceId", "?"), exc)
+            with self.stats_lock:
+                self.stats["dead_letter_refused"] += 1
+            self._ack(*token)
+            return
+        attrs = dict(message.attributes)
+        device = attrs.get("deviceId", "")
+        if batch.topic == self.state_topic:
+            mqtt_topic = f"/devices/{device}/state"
+        else:
+            mqtt_topic = f"/devices/{device}/events" + (f"/{attrs['subFolder']}" if attrs.get("subFolder") else "")
+        self._dead_letter(bytes(message.data), attrs, mqtt_topic, (PUBSUB_REFUSED, str(exc)), token)
 
     def _on_batch_sent(self, batch: Batch) -> None:
         for mid, qos, gen in batch.tokens:

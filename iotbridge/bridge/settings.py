@@ -64,6 +64,9 @@ class BridgeSettings:
     # "cloud": the front writes the connected-devices gauge to Cloud Monitoring (iotbridge/bridge/metrics.py);
     # "log": it only logs the count (local).
     connected_devices_metric: str = "log"
+    # "module:callable" returning the bridge service's Pub/Sub PublisherClient. Empty (production): the client
+    # library's own. Tests name a stand-in that refuses what real Pub/Sub refuses (the emulator checks no limits).
+    publisher_factory: str = ""
 
     def __post_init__(self) -> None:
         if self.connected_devices_metric not in ("cloud", "log"):

@@ -3,6 +3,7 @@ bridge service as their own processes, and devices written the IoT Core way (iot
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from iotbridge import spec
-from iotbridge.bridge.stack import BridgeStack, start_bridge_stack
+from iotbridge.bridge.stack import BridgeStack, init_host, start_bridge_stack
 from iotbridge.device import Device, DeviceIdentity, generate_key
 from iotbridge.local import services
 from iotbridge.registry import Credential, Registry
@@ -23,6 +24,7 @@ PROJECT = "local-project"
 REGION = "europe-west1"
 REGISTRY = "bridge-tests"
 PULL_TOPICS = ("telemetry", "state", "device-logs")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
@@ -44,8 +46,8 @@ class PubSubReader:
     subscriber: pubsub_v1.SubscriberClient = field(default_factory=pubsub_v1.SubscriberClient)
     paths: dict[str, str] = field(default_factory=dict)
 
-    def attach(self, tag: str) -> None:
-        for key in PULL_TOPICS:
+    def attach(self, tag: str, keys: tuple[str, ...] = PULL_TOPICS) -> None:
+        for key in keys:
             path = self.subscriber.subscription_path(self.project, f"{self.prefix}-{key}-{tag}")
             self.subscriber.create_subscription(request={
                 "name": path, "topic": f"projects/{self.project}/topics/{spec.topic_name(self.prefix, key)}",
@@ -149,9 +151,16 @@ class DeviceCA:
 
 
 def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5,
-              client_ca: Path | None = None) -> BridgeStack:
+              client_ca: Path | None = None, publisher_factory: str = "") -> BridgeStack:
+    """A fresh host. ``publisher_factory`` ("module:callable", importable from the repository root) replaces the
+    bridge service's Pub/Sub publisher."""
     prefix = f"b{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
+    if publisher_factory:
+        settings = init_host(tmp, PROJECT, REGION, REGISTRY, prefix, recheck_interval_s=recheck_interval_s,
+                             client_ca=client_ca)
+        dataclasses.replace(settings, publisher_factory=publisher_factory).dump(Path(settings.workdir) / "settings.json")
+        env = {**env, "PYTHONPATH": str(REPO_ROOT)}
     try:
         return start_bridge_stack(tmp, PROJECT, REGION, REGISTRY, prefix, env, recheck_interval_s=recheck_interval_s,
                                   client_ca=client_ca)
