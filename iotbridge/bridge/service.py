@@ -27,6 +27,13 @@ sessions are clean, so nothing is stored. The front asks for a config sync (``io
 device connects, which covers hosts that joined after the config was fanned out and a broker that lost state.
 
 Registry activity (last event / state) is coalesced and written every few seconds, not per message.
+
+The broker's queues are bounded (``max_queued_messages`` / ``max_queued_bytes``): during a long Pub/Sub outage the
+bridge's own session is the one that fills, and Mosquitto then drops messages it has already acknowledged to
+devices. The service follows the broker's ``$SYS`` tree: ``broker_stored_messages`` / ``broker_stored_bytes``
+(the fill level; a warning once they pass half the bound), ``broker_dropped_messages`` (Mosquitto's own counter)
+and, for each "Outgoing messages are being dropped for client X" notice, an error line naming the client and the
+``broker_queue_full`` counter — in ``service-stats.json`` and the log.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from iotbridge import spec
 from iotbridge.bridge import limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.front import SYNC_TOPIC
-from iotbridge.bridge.settings import BridgeSettings
+from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
 from iotbridge.registry import DEVICE_ID_RE, DeviceNotFound, Registry
 
 log = logging.getLogger("iotbridge.bridge")
@@ -63,6 +70,13 @@ RETRY_MAX_S = 30.0
 STATS_EVERY_S = 0.5
 LEASE_S = 90.0
 COMMAND_MAX_AGE_S = 60.0
+SYS_LOG_NOTICE = "$SYS/broker/log/N"
+SYS_GAUGES = {
+    "$SYS/broker/store/messages/count": "broker_stored_messages",
+    "$SYS/broker/store/messages/bytes": "broker_stored_bytes",
+    "$SYS/broker/publish/messages/dropped": "broker_dropped_messages",
+}
+QUEUE_WARN_FRACTION = 0.5
 DEAD_LETTERED_BY = "bridge"
 PUBSUB_REFUSED = "pubsub_invalid_argument"
 
@@ -124,7 +138,9 @@ class BridgeService:
         self._leased = ""
         self.stats_lock = threading.Lock()
         self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0,
-                      "dead_lettered": 0, "dead_letter_refused": 0}
+                      "dead_lettered": 0, "dead_letter_refused": 0, "broker_queue_full": 0,
+                      "broker_stored_messages": 0, "broker_stored_bytes": 0, "broker_dropped_messages": 0}
+        self._queue_warned = False
         self.mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
                                 clean_session=False, manual_ack=True)
         self.mqtt.username_pw_set("bridge", password)
@@ -243,10 +259,15 @@ class BridgeService:
         # A restarted broker may have lost retained configs: let the next sync republish them.
         self._published_config.clear()
         self._generation += 1
-        client.subscribe([("/devices/+/events/#", 1), ("/devices/+/state", 1), (SYNC_TOPIC, 1)])
+        client.subscribe([("/devices/+/events/#", 1), ("/devices/+/state", 1), (SYNC_TOPIC, 1),
+                          # QoS 0: the broker's own reports are not worth queueing for a later session.
+                          (SYS_LOG_NOTICE, 0), *((t, 0) for t in SYS_GAUGES)])
         log.info("bridge connected to broker (session present: %s)", flags.session_present)
 
     def _on_message(self, client: paho.Client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
+        if msg.topic.startswith("$SYS/"):
+            self._on_broker_report(msg.topic, msg.payload.decode(errors="replace"))
+            return
         if msg.topic == SYNC_TOPIC:
             device_id = msg.payload.decode(errors="replace")
             mid, qos, gen = msg.mid, msg.qos, self._generation
@@ -267,6 +288,29 @@ class BridgeService:
             self._forward(msg, gen, parsed, num_id)
         except Exception:  # paho would stop its loop; the message stays unacked and is redelivered
             log.exception("forwarding %s failed", msg.topic)
+
+    def _on_broker_report(self, topic: str, text: str) -> None:
+        if topic == SYS_LOG_NOTICE:
+            _, found, client = text.partition(DROPPING_NOTICE)
+            if found:
+                with self.stats_lock:
+                    self.stats["broker_queue_full"] += 1
+                # Mosquitto says it once per episode, until that client's queue has room again.
+                log.error("broker queue full: Mosquitto is dropping queued QoS 1 messages for client %r "
+                          "(max_queued_messages %d, max_queued_bytes %d); devices already had their PUBACK",
+                          client.strip().rstrip("."), self.s.max_queued_messages, self.s.max_queued_bytes)
+            return
+        key = SYS_GAUGES.get(topic)
+        if key is None or not text.strip().isdigit():
+            return
+        with self.stats_lock:
+            self.stats[key] = int(text)
+            messages, size = self.stats["broker_stored_messages"], self.stats["broker_stored_bytes"]
+        fill = max(messages / self.s.max_queued_messages, size / self.s.max_queued_bytes)
+        if fill >= QUEUE_WARN_FRACTION and not self._queue_warned:
+            log.warning("broker holds %d messages (%d bytes): %.0f%% of a client's queue bound; at 100%% the bridge's "
+                        "session loses messages (Pub/Sub unreachable?)", messages, size, 100 * fill)
+        self._queue_warned = fill >= QUEUE_WARN_FRACTION
 
     def _cached_num_id(self, device_id: str) -> str | None:
         with self._devices_lock:

@@ -27,6 +27,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 EVENTS_MAX_BYTES = 256 * 1024
+# Per client, QoS 1 messages the broker holds beyond those in flight. What matters is the bridge service's persistent
+# session during a Pub/Sub outage (it acks nothing, so everything devices send waits here): a million messages
+# cover 16 minutes at 1,000 msg/s per host, 2.8 hours at 100 msg/s; 1 GiB of payload caps the broker's memory
+# (plus ~250 bytes of bookkeeping per message) on an 8 GB e2-standard-2. Past either bound Mosquitto drops
+# messages it already acknowledged to the device: the bridge service reports the fill level and every drop.
+MAX_QUEUED_MESSAGES = 1_000_000
+MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+# The broker's $SYS/broker/log/N line for a client whose queue is full (Mosquitto 2.0 src/database.c).
+DROPPING_NOTICE = "Outgoing messages are being dropped for client "
 STATE_MAX_BYTES = 64 * 1024
 MAX_ROUTES = 10
 BACKEND_USERS = ("front", "bridge", "backend")
@@ -67,10 +76,15 @@ class BridgeSettings:
     # "module:callable" returning the bridge service's Pub/Sub PublisherClient. Empty (production): the client
     # library's own. Tests name a stand-in that refuses what real Pub/Sub refuses (the emulator checks no limits).
     publisher_factory: str = ""
+    # Mosquitto's max_queued_messages / max_queued_bytes (see MAX_QUEUED_MESSAGES); tests make them small.
+    max_queued_messages: int = MAX_QUEUED_MESSAGES
+    max_queued_bytes: int = MAX_QUEUED_BYTES
 
     def __post_init__(self) -> None:
         if self.connected_devices_metric not in ("cloud", "log"):
             raise ValueError(f"connected_devices_metric must be cloud or log, got {self.connected_devices_metric!r}")
+        if self.max_queued_messages < 1 or self.max_queued_bytes < 1:
+            raise ValueError("max_queued_messages and max_queued_bytes must be positive: 0 means unbounded")
         if len(self.routes) > MAX_ROUTES:
             raise ValueError(f"at most {MAX_ROUTES} subfolder routes, got {len(self.routes)}")
 
@@ -132,6 +146,11 @@ topic readwrite /devices/+/config
 topic write /devices/+/commands
 topic write /devices/+/commands/#
 topic readwrite iotbridge/sync
+# The broker's notices (a client's queue full) and store size: the service turns them into metrics and log lines.
+topic read $SYS/broker/log/N
+topic read $SYS/broker/store/messages/count
+topic read $SYS/broker/store/messages/bytes
+topic read $SYS/broker/publish/messages/dropped
 
 user backend
 topic write /devices/+/config
@@ -159,9 +178,12 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
         "allow_anonymous false",
         f"password_file {passwd}",
         f"acl_file {workdir / 'acl'}",
-        # The default (1000) drops messages silently once a slow subscriber falls behind; 0 = unlimited.
-        "max_queued_messages 0",
-        "max_queued_bytes 0",
+        # Bounded per client (0 would let one stalled subscriber grow the broker until the host dies); a client
+        # over the bound loses messages, which the broker announces on $SYS/broker/log/N (log_dest topic) and the
+        # bridge service reports.
+        f"max_queued_messages {settings.max_queued_messages}",
+        f"max_queued_bytes {settings.max_queued_bytes}",
+        "sys_interval 5",
         # The bridge acknowledges a message only after Pub/Sub accepted it; a large window keeps many in flight.
         "max_inflight_messages 1000",
         # Retained configs and the bridge's persistent session (queued QoS 1 messages) survive a restart.
@@ -179,6 +201,7 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
         "log_type notice",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         f"log_dest file {workdir / 'mosquitto.log'}",
+        "log_dest topic",
         "",
     ]
     return "\n".join(lines)

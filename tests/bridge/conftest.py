@@ -3,13 +3,14 @@ bridge service as their own processes, and devices written the IoT Core way (iot
 
 from __future__ import annotations
 
-import dataclasses
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
@@ -151,21 +152,41 @@ class DeviceCA:
 
 
 def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5,
-              client_ca: Path | None = None, publisher_factory: str = "") -> BridgeStack:
-    """A fresh host. ``publisher_factory`` ("module:callable", importable from the repository root) replaces the
-    bridge service's Pub/Sub publisher."""
+              client_ca: Path | None = None, **settings: object) -> BridgeStack:
+    """A fresh host; ``settings`` are further BridgeSettings fields, e.g. ``publisher_factory`` ("module:callable",
+    importable from the repository root) to replace the bridge service's Pub/Sub publisher."""
     prefix = f"b{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
-    if publisher_factory:
-        settings = init_host(tmp, PROJECT, REGION, REGISTRY, prefix, recheck_interval_s=recheck_interval_s,
-                             client_ca=client_ca)
-        dataclasses.replace(settings, publisher_factory=publisher_factory).dump(Path(settings.workdir) / "settings.json")
+    if settings:
+        init_host(tmp, PROJECT, REGION, REGISTRY, prefix, recheck_interval_s=recheck_interval_s,
+                  client_ca=client_ca, **settings)
         env = {**env, "PYTHONPATH": str(REPO_ROOT)}
     try:
         return start_bridge_stack(tmp, PROJECT, REGION, REGISTRY, prefix, env, recheck_interval_s=recheck_interval_s,
                                   client_ca=client_ca)
     except services.MissingPrerequisite as exc:
         pytest.fail(f"prerequisite missing: {exc}", pytrace=False)
+
+
+def broker_session(stack: BridgeStack, user: str, client_id: str, max_inflight: int = 20) -> paho.Client:
+    """A connected client on the loopback listener (e.g. as the front relays a device: user ``front``, client id =
+    device id); AssertionError when the broker refuses it."""
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    c.username_pw_set(user, stack.settings.secrets()[user])
+    c.max_inflight_messages_set(max_inflight)
+    accepted = threading.Event()
+
+    def on_connect(cl, ud, flags, rc, props) -> None:  # noqa: ANN001
+        if not rc.is_failure:
+            accepted.set()
+
+    c.on_connect = on_connect
+    c.connect(stack.settings.broker_host, stack.settings.broker_port)
+    c.loop_start()
+    if not accepted.wait(10):
+        c.loop_stop()
+        raise AssertionError(f"broker refused {user} as {client_id}")
+    return c
 
 
 @pytest.fixture(scope="session")

@@ -80,3 +80,16 @@ class EnforcingPublisher:
 def make_publisher() -> EnforcingPublisher:
     return EnforcingPublisher(pubsub_v1.PublisherClient(
         batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005)))
+
+
+class UnavailableApi:
+    """Pub/Sub out of reach: every publish request fails with UNAVAILABLE (a passing error, retried)."""
+
+    def publish(self, request: Any = None, **kwargs: Any) -> Any:
+        raise gexc.ServiceUnavailable("stand-in Pub/Sub outage")
+
+
+def make_unavailable_publisher() -> EnforcingPublisher:
+    publisher = make_publisher()
+    publisher.api = UnavailableApi()  # type: ignore[assignment]
+    return publisher

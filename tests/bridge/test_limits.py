@@ -8,7 +8,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-import paho.mqtt.client as paho
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
@@ -17,7 +16,7 @@ from iotbridge.bridge import limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.stack import BridgeStack
 
-from .conftest import PROJECT, DeviceFactory, PubSubReader, new_stack, wait_until
+from .conftest import PROJECT, DeviceFactory, PubSubReader, broker_session, new_stack, wait_until
 from .pubsub_limits import REFUSED, EnforcingPublisher
 
 pytestmark = pytest.mark.emulator
@@ -37,24 +36,6 @@ def enforcing_stack(bridge_env, tmp_path_factory) -> Iterator[BridgeStack]:
     st.stop()
 
 
-def broker_session(stack: BridgeStack, user: str, client_id: str) -> paho.Client:
-    """A client on the loopback listener, as the front relays a device (user ``front``, client id = device id)."""
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
-    c.username_pw_set(user, stack.settings.secrets()[user])
-    c.max_inflight_messages_set(POISON_MESSAGES)
-    accepted = threading.Event()
-
-    def on_connect(cl, ud, flags, rc, props) -> None:  # noqa: ANN001
-        if not rc.is_failure:
-            accepted.set()
-
-    c.on_connect = on_connect
-    c.connect(stack.settings.broker_host, stack.settings.broker_port)
-    c.loop_start()
-    assert accepted.wait(10), f"broker refused {user} as {client_id}"
-    return c
-
-
 def test_poison_subfolder_is_dead_lettered_and_other_devices_get_through(enforcing_stack, registry):
     stack = enforcing_stack
     reader = PubSubReader(PROJECT, stack.settings.prefix)
@@ -64,7 +45,7 @@ def test_poison_subfolder_is_dead_lettered_and_other_devices_get_through(enforci
     sub_folder = "s" * 1100  # a 1,100-byte subFolder attribute: real Pub/Sub refuses the whole request
     # Straight to the broker as the front relays a device: what the bridge service does with a message that got
     # this far is under test here, whatever the front lets through.
-    session = broker_session(stack, "front", poisoner)
+    session = broker_session(stack, "front", poisoner, max_inflight=POISON_MESSAGES)
     try:
         infos = [session.publish(f"/devices/{poisoner}/events/{sub_folder}", f"poison-{i}".encode(), qos=1)
                  for i in range(POISON_MESSAGES)]
