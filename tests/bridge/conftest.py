@@ -174,18 +174,20 @@ def broker_session(stack: BridgeStack, user: str, client_id: str, max_inflight: 
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
     c.username_pw_set(user, stack.settings.secrets()[user])
     c.max_inflight_messages_set(max_inflight)
-    accepted = threading.Event()
+    answered = threading.Event()
+    outcome: list[object] = []
 
     def on_connect(cl, ud, flags, rc, props) -> None:  # noqa: ANN001
-        if not rc.is_failure:
-            accepted.set()
+        outcome.append(rc)
+        answered.set()
 
     c.on_connect = on_connect
     c.connect(stack.settings.broker_host, stack.settings.broker_port)
     c.loop_start()
-    if not accepted.wait(10):
+    if not answered.wait(10) or getattr(outcome[0], "is_failure", True):
         c.loop_stop()
-        raise AssertionError(f"broker refused {user} as {client_id}")
+        c.disconnect()
+        raise AssertionError(f"broker refused {user} as {client_id}: {outcome or 'no CONNACK'}")
     return c
 
 
