@@ -16,7 +16,8 @@ Such a message is checked before it joins any publish request, and a message Pub
 (INVALID_ARGUMENT, isolated from its batch mates by the batcher) is treated alike: it goes to the stack's
 ``dead-letter`` topic with its data untouched, its attributes cut to fit, and the reason as ``error`` /
 ``errorDetail`` / ``failedBy`` / ``mqttTopic`` attributes — and is acknowledged to the broker only once the
-dead-letter topic has it.
+dead-letter topic has it. Should the dead-letter topic refuse that copy too, it gets the record without the data
+(``dataDroppedBytes``); only if it refuses even that is the message acknowledged with nothing but an error line.
 
 Cloud → device. Configs and commands arrive on the ``device-commands`` fan-out topic; each host's bridge has
 its own subscription (``{prefix}-device-commands-{host}``) so whichever host a device is on gets them.
@@ -412,8 +413,14 @@ class BridgeService:
         """Pub/Sub refused this one message for good (its batch mates went on without it)."""
         message, token = batch.messages[0], batch.tokens[0]
         if batch.topic == self.dead_letter_topic:
-            # Even the cut-down copy was refused: nothing left to retry; say so loudly and release the broker.
-            log.error("dead-letter topic refused the copy of a message of device %s (%s); acknowledged without "
+            if message.data:
+                # Refused for what it carries: keep the record of it (who, where, why, how much) without the data.
+                attrs = {**message.attributes, "dataDroppedBytes": str(len(message.data)),
+                         "dataDroppedBecause": limits.clip_utf8(str(exc), limits.MAX_ATTRIBUTE_VALUE_BYTES)}
+                self.batcher.add(self.dead_letter_topic, raw_message(b"", attrs), token)
+                return
+            # Even the bare record was refused: nothing left to retry; say so loudly and release the broker.
+            log.error("dead-letter topic refused the record of a message of device %s (%s); acknowledged without "
                       "forwarding", message.attributes.get("deviceId", "?"), exc)
             with self.stats_lock:
                 self.stats["dead_letter_refused"] += 1

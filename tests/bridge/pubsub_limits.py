@@ -82,6 +82,39 @@ def make_publisher() -> EnforcingPublisher:
         batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005)))
 
 
+# A rule Pub/Sub might add that the bridge does not know of: how the bridge copes with a refusal it did not foresee.
+UNFORESEEN_MARKER = b"refused-for-an-unforeseen-reason"
+
+
+class PickyApi(EnforcingApi):
+    """Also refuses any request holding a message whose data contains ``UNFORESEEN_MARKER``: on the device-facing
+    topics only (as a schema on the telemetry topic would), or, ``everywhere``, on the dead-letter topic too."""
+
+    def __init__(self, api: Any, everywhere: bool = False):
+        super().__init__(api)
+        self.everywhere = everywhere
+
+    def publish(self, request: Any = None, **kwargs: Any) -> Any:
+        raw = PublishRequest.pb(request) if isinstance(request, PublishRequest) else request
+        judged = self.everywhere or not raw.topic.endswith("-dead-letter")
+        if judged and any(UNFORESEEN_MARKER in m.data for m in raw.messages):
+            why = "A message in the request breaks a rule the bridge does not check."
+            self.refused.append(why)
+            log.warning("%s: %s", REFUSED, why)
+            raise gexc.InvalidArgument(why)
+        return super().publish(request=request, **kwargs)
+
+
+def make_picky_publisher(everywhere: bool = False) -> EnforcingPublisher:
+    publisher = make_publisher()
+    publisher.api = PickyApi(publisher.api._api, everywhere)
+    return publisher
+
+
+def make_pickier_publisher() -> EnforcingPublisher:
+    return make_picky_publisher(everywhere=True)
+
+
 class UnavailableApi:
     """Pub/Sub out of reach: every publish request fails with UNAVAILABLE (a passing error, retried)."""
 

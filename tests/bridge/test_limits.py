@@ -17,7 +17,7 @@ from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.stack import BridgeStack
 
 from .conftest import PROJECT, DeviceFactory, PubSubReader, broker_session, new_stack, wait_until
-from .pubsub_limits import REFUSED, EnforcingPublisher
+from .pubsub_limits import REFUSED, UNFORESEEN_MARKER, EnforcingPublisher
 
 pytestmark = pytest.mark.emulator
 
@@ -76,6 +76,43 @@ def test_poison_subfolder_is_dead_lettered_and_other_devices_get_through(enforci
     wait_until(lambda: stack.service_stats().get("dead_lettered", 0) >= POISON_MESSAGES, 10, "dead-letter count")
     assert reader.drain("telemetry", wait=1.0) == []
     assert REFUSED not in stack.procs["service"].log_path.read_text()
+
+
+@pytest.mark.parametrize("factory", ["make_picky_publisher", "make_pickier_publisher"])
+def test_message_pubsub_refuses_unforeseen_is_isolated_dead_lettered_and_acked(bridge_env, tmp_path, registry,
+                                                                                factory):
+    """A refusal the bridge's own checks did not predict: only that message leaves the batch, for the dead-letter
+    topic with Pub/Sub's reason (without its data if the dead-letter topic refuses that too); the broker gets its
+    PUBACK (nothing is redelivered)."""
+    stack = new_stack(tmp_path, bridge_env, publisher_factory=f"tests.bridge.pubsub_limits:{factory}")
+    try:
+        reader = PubSubReader(PROJECT, stack.settings.prefix)
+        reader.attach(uuid.uuid4().hex[:8], keys=("telemetry", "dead-letter"))
+        device_id, _ = DeviceFactory(registry, stack).register("ES256")
+        session = broker_session(stack, "front", device_id, max_inflight=100)
+        try:
+            # Sent back to back, most of them share the refused message's publish request.
+            payloads = [f"ok-{i}".encode() for i in range(40)]
+            payloads.insert(20, UNFORESEEN_MARKER)
+            infos = [session.publish(f"/devices/{device_id}/events", p, qos=1) for p in payloads]
+            infos[-1].wait_for_publish(10)
+        finally:
+            session.disconnect()
+            session.loop_stop()
+        got = reader.pull("telemetry", 40, timeout=DELIVERY_TIMEOUT_S)
+        assert {m.data for m in got} == {f"ok-{i}".encode() for i in range(40)}
+        dead = reader.pull("dead-letter", 1, timeout=DELIVERY_TIMEOUT_S, settle=1.0)
+        attrs = dict(dead[0].attributes)
+        if factory == "make_picky_publisher":
+            assert [m.data for m in dead] == [UNFORESEEN_MARKER] and "dataDroppedBytes" not in attrs
+        else:
+            assert [m.data for m in dead] == [b""] and attrs["dataDroppedBytes"] == str(len(UNFORESEEN_MARKER))
+        assert attrs["error"] == "pubsub_invalid_argument" and "does not check" in attrs["errorDetail"]
+        assert attrs["mqttTopic"] == f"/devices/{device_id}/events" and attrs["deviceId"] == device_id
+        stats = wait_until(lambda: (s := stack.service_stats()).get("acked", 0) >= 41 and s, 10, "every PUBACK")
+        assert isinstance(stats, dict) and stats["dead_lettered"] == 1
+    finally:
+        stack.stop()
 
 
 # ------------------------------------------------------------------------------------------- the batcher
