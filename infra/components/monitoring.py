@@ -13,7 +13,10 @@ The bridge writes ``custom.googleapis.com/iot/connected_devices`` (GAUGE, INT64)
 every alert on it depends on it: Cloud Monitoring refuses an alert policy whose filter names a custom metric type
 that does not exist yet ("Cannot find metric(s) that match type", terraform-provider-google#11102), which on a
 fresh project is always the case. Google warns a new metric can take minutes to become visible: if the first
-``pulumi up`` still hits that 404, a second one succeeds.
+``pulumi up`` still hits that 404, a second one succeeds. The bridge service writes two more gauges the same way:
+``broker_stored_messages`` (what Mosquitto holds: the bridge's queue while Pub/Sub is unreachable) and
+``broker_dropped_messages`` (messages Mosquitto dropped for a client over its queue bound, per minute); they
+alert at half the queue bound and at the first drop.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import pulumi
 import pulumi_gcp as gcp
 
 from iotbridge import spec
+from iotbridge.bridge.metrics import BROKER_DROPPED_METRIC, BROKER_STORED_METRIC
+from iotbridge.bridge.settings import MAX_QUEUED_MESSAGES
 
 DASHBOARD_FILE = pathlib.Path(__file__).resolve().parents[1] / "dashboards" / "iot.json"
 
@@ -48,6 +53,8 @@ METRIC_TYPES: frozenset[str] = frozenset({
     "compute.googleapis.com/instance/cpu/utilization",
     "monitoring.googleapis.com/uptime_check/check_passed",
     CONNECTED_DEVICES_METRIC,
+    BROKER_STORED_METRIC,
+    BROKER_DROPPED_METRIC,
 })
 
 
@@ -116,23 +123,36 @@ class Monitoring(pulumi.ComponentResource):
             )
             channels.append(self.channel.name)
 
-        self.connected_devices = gcp.monitoring.MetricDescriptor(
-            f"{name}-connected-devices",
-            project=args.project,
-            type=CONNECTED_DEVICES_METRIC,
-            metric_kind="GAUGE",
-            value_type="INT64",
-            unit="1",
-            display_name="IoT connected devices",
-            description="Devices with a live MQTT session on one bridge host, reported by the bridge every 60 s.",
-            labels=[
-                gcp.monitoring.MetricDescriptorLabelArgs(key="registry_id", value_type="STRING",
-                                                         description="The device registry."),
-                gcp.monitoring.MetricDescriptorLabelArgs(key="host", value_type="STRING",
-                                                         description="The bridge host's name."),
-            ],
-            opts=child,
-        )
+        def host_gauge(key: str, metric_type: str, display: str, description: str) -> gcp.monitoring.MetricDescriptor:
+            return gcp.monitoring.MetricDescriptor(
+                f"{name}-{key}",
+                project=args.project,
+                type=metric_type,
+                metric_kind="GAUGE",
+                value_type="INT64",
+                unit="1",
+                display_name=display,
+                description=description,
+                labels=[
+                    gcp.monitoring.MetricDescriptorLabelArgs(key="registry_id", value_type="STRING",
+                                                             description="The device registry."),
+                    gcp.monitoring.MetricDescriptorLabelArgs(key="host", value_type="STRING",
+                                                             description="The bridge host's name."),
+                ],
+                opts=child,
+            )
+
+        self.connected_devices = host_gauge(
+            "connected-devices", CONNECTED_DEVICES_METRIC, "IoT connected devices",
+            "Devices with a live MQTT session on one bridge host, reported by the bridge every 60 s.")
+        self.broker_stored = host_gauge(
+            "broker-stored-messages", BROKER_STORED_METRIC, "IoT broker stored messages",
+            "Messages the broker of one bridge host holds (queued for its bridge service while Pub/Sub is "
+            "unreachable), reported by the bridge service every 60 s.")
+        self.broker_dropped = host_gauge(
+            "broker-dropped-messages", BROKER_DROPPED_METRIC, "IoT broker dropped messages",
+            "Messages the broker of one bridge host dropped for a client over its queue bound since the previous "
+            "point, reported by the bridge service every 60 s.")
 
         cloud_subs = {k: s for k, s in spec.SUBSCRIPTIONS.items() if s.cloud}
         # The audit subscription holds dead letters by design; its growth is the dead-letter alert's business.
@@ -283,6 +303,26 @@ class Monitoring(pulumi.ComponentResource):
             [threshold("connected devices (all hosts)", devices_filter, "ALIGN_MEAN", args.min_connected_devices,
                        "600s", reducer="REDUCE_SUM", comparison="COMPARISON_LT")],
             severity="WARNING", extra_deps=[self.connected_devices])
+
+        host_filter = 'resource.type = "gce_instance"'
+        self.alerts["broker-queue-filling"] = alert(
+            "broker-queue-filling", "Broker queue filling",
+            f"A bridge host's broker holds over {MAX_QUEUED_MESSAGES // 2:,} messages, half of a client's queue "
+            "bound: its bridge service is not getting messages into Pub/Sub (check the service's log for publish "
+            "errors, the host's Pub/Sub grants and quotas). At the bound the broker drops messages devices were "
+            "already acknowledged for.",
+            [threshold("stored messages (one host)", f'metric.type = "{BROKER_STORED_METRIC}" AND {host_filter}',
+                       "ALIGN_MAX", MAX_QUEUED_MESSAGES // 2, "0s", reducer="REDUCE_MAX",
+                       group_by=["metric.labels.host"])],
+            severity="WARNING", extra_deps=[self.broker_stored])
+        self.alerts["broker-queue-full"] = alert(
+            "broker-queue-full", "Broker dropped device messages",
+            "A bridge host's broker dropped queued messages for a client over its queue bound; devices had "
+            "already been acknowledged for them, so they are lost. The host's bridge service log names the client "
+            "('broker queue full'); for the bridge's own session, Pub/Sub has been unreachable for long.",
+            [threshold("dropped messages (one host)", f'metric.type = "{BROKER_DROPPED_METRIC}" AND {host_filter}',
+                       "ALIGN_MAX", 0, "0s", reducer="REDUCE_MAX", group_by=["metric.labels.host"])],
+            severity="CRITICAL", extra_deps=[self.broker_dropped])
 
         template = DASHBOARD_FILE.read_text(encoding="utf-8")
         uptime_id: pulumi.Input[str] = self.uptime_check.uptime_check_id if self.uptime_check else ""

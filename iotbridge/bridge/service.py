@@ -170,6 +170,8 @@ class BridgeService:
         self._thread(self._activity_loop, "registry")
         if self.s.workdir:
             self._thread(self._stats_loop, "stats")
+        if self.s.connected_devices_metric == "cloud":
+            self._thread(self._metrics_loop, "metrics")
         self.mqtt.connect_async(self.s.broker_host, self.s.broker_port, keepalive=30)
         self.mqtt.loop_start()
         self._pull_future = self.subscriber.subscribe(
@@ -476,6 +478,24 @@ class BridgeService:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(data)
             tmp.replace(path)
+
+    def _metrics_loop(self) -> None:
+        """The broker's queue gauges to Cloud Monitoring, once a minute (iotbridge.bridge.metrics)."""
+        from iotbridge.bridge import metrics
+
+        try:
+            reporter = metrics.BrokerQueueReporter(metrics.ConnectedDevicesReporter(
+                self.s.project, self.s.registry_id, self.s.host_id, metrics.gce_instance_labels()))
+        except Exception as exc:  # noqa: BLE001 - not on Compute Engine, or no credentials
+            log.warning("broker queue gauges go to service-stats.json and the log only: %s", exc)
+            return
+        while not self._stop.wait(metrics.INTERVAL_S):
+            with self.stats_lock:
+                stats = dict(self.stats)
+            try:
+                reporter.report(stats)
+            except Exception as exc:  # noqa: BLE001 - a lost point must not stop the bridge
+                log.warning("broker queue gauges not written: %s", exc)
 
     def _flush_activity(self) -> None:
         with self._activity_lock:
