@@ -41,6 +41,21 @@ def _over(text: str, limit: int) -> bool:
 
 def message_violation(data: bytes, attributes: Mapping[str, str]) -> tuple[str, str] | None:
     """``(reason, detail)`` when Pub/Sub would refuse a message with this data and these attributes, else None."""
+    # The bridge checks every device message: first in characters (at most 4 UTF-8 bytes each), which settles the
+    # usual message without encoding anything; only a message near a limit is measured in bytes.
+    chars = 0
+    for key, value in attributes.items():
+        if (len(key) > MAX_ATTRIBUTE_KEY_BYTES // 4 or len(value) > MAX_ATTRIBUTE_VALUE_BYTES // 4
+                or key.startswith(RESERVED_KEY_PREFIX)):
+            break
+        chars += len(key) + len(value)
+    else:
+        if (data or attributes) and len(attributes) <= MAX_ATTRIBUTES and len(data) + 4 * chars <= MAX_MESSAGE_BYTES:
+            return None
+    return _violation(data, attributes)
+
+
+def _violation(data: bytes, attributes: Mapping[str, str]) -> tuple[str, str] | None:
     if len(attributes) > MAX_ATTRIBUTES:
         return TOO_MANY_ATTRIBUTES, f"{len(attributes)} attributes, at most {MAX_ATTRIBUTES}"
     size = len(data)
