@@ -168,11 +168,13 @@ def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5,
         pytest.fail(f"prerequisite missing: {exc}", pytrace=False)
 
 
-def broker_session(stack: BridgeStack, user: str, client_id: str, max_inflight: int = 20) -> paho.Client:
+def broker_session(stack: BridgeStack, user: str, client_id: str, max_inflight: int = 20,
+                   password: str | None = None) -> paho.Client:
     """A connected client on the loopback listener (e.g. as the front relays a device: user ``front``, client id =
-    device id); AssertionError when the broker refuses it."""
+    device id), with the user's password from the host's secrets unless given; AssertionError when the broker
+    refuses it."""
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
-    c.username_pw_set(user, stack.settings.secrets()[user])
+    c.username_pw_set(user, password if password is not None else stack.settings.secrets()[user])
     c.max_inflight_messages_set(max_inflight)
     answered = threading.Event()
     outcome: list[object] = []

@@ -4,6 +4,7 @@ patterns) nor the bridge service's persistent session, and cannot publish a devi
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 
@@ -73,3 +74,20 @@ def test_backend_cannot_publish_a_devices_events_but_still_writes_configs(stack,
         assert [m for m in reader.drain("telemetry", wait=1.0) if m.data == b"forged"] == []
     finally:
         spy.close()
+
+
+@pytest.mark.parametrize("user", ["front", "bridge", "backend"])
+def test_no_broker_user_can_reconfigure_the_dynamic_security_plugin(stack, user):
+    """The plugin takes commands on $CONTROL/dynamic-security/v1 from whoever may publish there: nobody may."""
+    client_id = backend_client_id(stack.settings) if user == "backend" else f"iotbridge:test-{user}"
+    session = broker_session(stack, user, client_id)
+    intruder = f"intruder-{user}"
+    command = {"commands": [{"command": "createClient", "username": intruder, "password": "pw"}]}
+    try:
+        session.publish("$CONTROL/dynamic-security/v1", json.dumps(command), qos=1).wait_for_publish(10)
+    finally:
+        session.disconnect()
+        session.loop_stop()
+    time.sleep(0.5)
+    with pytest.raises(AssertionError, match="refused"):
+        broker_session(stack, intruder, "iotbridge:intruder", password="pw")
