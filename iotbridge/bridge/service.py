@@ -300,7 +300,8 @@ class BridgeService:
                     self.stats["broker_queue_full"] += 1
                 # Mosquitto says it once per episode, until that client's queue has room again.
                 log.error("broker queue full: Mosquitto is dropping queued QoS 1 messages for client %r "
-                          "(max_queued_messages %d, max_queued_bytes %d); devices already had their PUBACK",
+                          "(max_queued_messages %d, max_queued_bytes %d); for the bridge's own session these are device "
+                          "messages the devices already had their PUBACK for",
                           client.strip().rstrip("."), self.s.max_queued_messages, self.s.max_queued_bytes)
             return
         key = SYS_GAUGES.get(topic)
