@@ -32,6 +32,7 @@ from pathlib import Path
 from bench import local
 from bench.core import Figure, summary_ms
 from iotbridge import spec
+from iotbridge.bridge.settings import backend_client_id
 from iotbridge.bridge.stack import start_bridge_stack
 from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
@@ -132,7 +133,8 @@ def run() -> list[Figure]:
                        "FANOUT_TOPIC": publisher.topic_path(local.PROJECT, spec.topic_name(prefix, "device-commands"))},
             "mqtt": {"CONFIG_DELIVERY": "mqtt", "MQTT_HOST": stack.settings.broker_host,
                      "MQTT_PORT": str(stack.settings.broker_port), "MQTT_TLS": "false",
-                     "MQTT_USERNAME": "backend", "MQTT_PASSWORD": secrets["backend"]},
+                     "MQTT_USERNAME": "backend", "MQTT_PASSWORD": secrets["backend"],
+                     "MQTT_CLIENT_ID": backend_client_id(stack.settings)},
         }
         for mode, extra in deliveries.items():
             fn_env = {**env, "PROJECT_ID": local.PROJECT, "REGISTRY_ID": registry_id, "REGION": local.REGION,

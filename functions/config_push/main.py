@@ -34,7 +34,8 @@ Configuration (environment; in the cloud the MQTT password is a Secret Manager s
 
     PROJECT_ID, REGISTRY_ID, REGION, FIRESTORE_DATABASE (optional)
     MQTT_HOST, MQTT_PORT (8883), MQTT_TLS (true), MQTT_CA_CERT (PEM text; system CAs if empty),
-    MQTT_USERNAME, MQTT_PASSWORD, MQTT_TIMEOUT_S (10), MQTT_RETAIN (true)
+    MQTT_USERNAME, MQTT_PASSWORD, MQTT_TIMEOUT_S (10), MQTT_RETAIN (true),
+    MQTT_CLIENT_ID (default: ``iotbridge:config-push:{random}``; a broker host's ``backend`` user takes only its own)
     CONFIG_DELIVERY: mqtt (default: the broker above) | fanout (FANOUT_TOPIC, the bridge's device-commands
         topic, which reaches every broker host)
     DEAD_LETTER_TOPIC (projects/{p}/topics/{t}), CONFIG_MIN_INTERVAL_S (1.0), MAX_RETRY_AGE_S (82800)
@@ -234,7 +235,9 @@ class MqttSettings:
         return cls(host=env["MQTT_HOST"], port=int(env.get("MQTT_PORT", "8883")),
                    tls=_flag(env.get("MQTT_TLS", "true")), ca_cert=env.get("MQTT_CA_CERT", ""),
                    username=env.get("MQTT_USERNAME", ""), password=env.get("MQTT_PASSWORD", ""),
-                   timeout_s=float(env.get("MQTT_TIMEOUT_S", "10")), retain=_flag(env.get("MQTT_RETAIN", "true")))
+                   timeout_s=float(env.get("MQTT_TIMEOUT_S", "10")), retain=_flag(env.get("MQTT_RETAIN", "true")),
+                   # A broker host binds its backend user to one client id (iotbridge.bridge.settings).
+                   **({"client_id": env["MQTT_CLIENT_ID"]} if env.get("MQTT_CLIENT_ID") else {}))
 
 
 def _flag(value: str) -> bool:

@@ -29,7 +29,8 @@ What it declares, and the GCP pitfall behind each choice:
   subscriptions to the ``device-commands`` topic (a lease in Firestore), declared here so that the bridge's
   identity needs no project-wide Pub/Sub permission.
 - The bridge's service account (Foundation's ``bridge`` workload: logging.logWriter, monitoring.metricWriter)
-  gets, on the resources only: pubsub.publisher on the telemetry, state and route topics; pubsub.subscriber
+  gets, on the resources only: pubsub.publisher on the telemetry, state and route topics and on the
+  dead-letter topic (a device's message Pub/Sub can never accept goes there, with the reason); pubsub.subscriber
   on its fan-out subscriptions; datastore.user conditioned on this database; secretAccessor on its two secrets;
   objectViewer on the bucket holding the bridge's code.
 """
@@ -257,6 +258,9 @@ class Broker(pulumi.ComponentResource):
             # Two routes to one topic get one grant: two resources owning one binding would fight on destroy.
             if not (isinstance(topic, str) and topic in publish_topics.values()):
                 publish_topics[f"route-{sub_folder}"] = topic
+        if args.dead_letter_topic is not None:
+            # The bridge dead-letters a device's message Pub/Sub can never accept (iotbridge.bridge.service).
+            publish_topics["dead-letter"] = args.dead_letter_topic
         for key, topic in publish_topics.items():
             boot_needs.append(gcp.pubsub.TopicIAMMember(
                 f"{name}-publish-{key}", project=args.project, topic=topic, role="roles/pubsub.publisher",

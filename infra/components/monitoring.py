@@ -16,6 +16,10 @@ either: the API creates it asynchronously, and for a while alerts on it still fa
 that match type ... If a metric was created recently, it could take up to 10 minutes to become available"
 (terraform-provider-google#11102). So those alerts also wait ``METRIC_DESCRIPTOR_WAIT`` after the descriptor,
 on the first ``up`` only (the wait runs again only if the descriptor is replaced).
+The bridge service writes two more gauges the same way, and their alerts wait alike:
+``broker_stored_messages`` (what Mosquitto holds: the bridge's queue while Pub/Sub is unreachable) and
+``broker_dropped_messages`` (messages Mosquitto dropped for a client over its queue bound, per minute); they
+alert at half the queue bound and at the first drop.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import pulumi_gcp as gcp
 import pulumiverse_time as time
 
 from iotbridge import spec
+from iotbridge.bridge.metrics import BROKER_DROPPED_METRIC, BROKER_STORED_METRIC
+from iotbridge.bridge.settings import MAX_QUEUED_MESSAGES
 
 DASHBOARD_FILE = pathlib.Path(__file__).resolve().parents[1] / "dashboards" / "iot.json"
 
@@ -54,6 +60,8 @@ METRIC_TYPES: frozenset[str] = frozenset({
     "compute.googleapis.com/instance/cpu/utilization",
     "monitoring.googleapis.com/uptime_check/check_passed",
     CONNECTED_DEVICES_METRIC,
+    BROKER_STORED_METRIC,
+    BROKER_DROPPED_METRIC,
 })
 
 
@@ -122,29 +130,44 @@ class Monitoring(pulumi.ComponentResource):
             )
             channels.append(self.channel.name)
 
-        self.connected_devices = gcp.monitoring.MetricDescriptor(
-            f"{name}-connected-devices",
-            project=args.project,
-            type=CONNECTED_DEVICES_METRIC,
-            metric_kind="GAUGE",
-            value_type="INT64",
-            unit="1",
-            display_name="IoT connected devices",
-            description="Devices with a live MQTT session on one bridge host, reported by the bridge every 60 s.",
-            labels=[
-                gcp.monitoring.MetricDescriptorLabelArgs(key="registry_id", value_type="STRING",
-                                                         description="The device registry."),
-                gcp.monitoring.MetricDescriptorLabelArgs(key="host", value_type="STRING",
-                                                         description="The bridge host's name."),
-            ],
-            opts=child,
-        )
-        # Alerts on the custom metric wait for the descriptor to become visible (see the module docstring).
+        def host_gauge(key: str, metric_type: str, display: str, description: str) -> gcp.monitoring.MetricDescriptor:
+            return gcp.monitoring.MetricDescriptor(
+                f"{name}-{key}",
+                project=args.project,
+                type=metric_type,
+                metric_kind="GAUGE",
+                value_type="INT64",
+                unit="1",
+                display_name=display,
+                description=description,
+                labels=[
+                    gcp.monitoring.MetricDescriptorLabelArgs(key="registry_id", value_type="STRING",
+                                                             description="The device registry."),
+                    gcp.monitoring.MetricDescriptorLabelArgs(key="host", value_type="STRING",
+                                                             description="The bridge host's name."),
+                ],
+                opts=child,
+            )
+
+        self.connected_devices = host_gauge(
+            "connected-devices", CONNECTED_DEVICES_METRIC, "IoT connected devices",
+            "Devices with a live MQTT session on one bridge host, reported by the bridge every 60 s.")
+        self.broker_stored = host_gauge(
+            "broker-stored-messages", BROKER_STORED_METRIC, "IoT broker stored messages",
+            "Messages the broker of one bridge host holds (queued for its bridge service while Pub/Sub is "
+            "unreachable), reported by the bridge service every 60 s.")
+        self.broker_dropped = host_gauge(
+            "broker-dropped-messages", BROKER_DROPPED_METRIC, "IoT broker dropped messages",
+            "Messages the broker of one bridge host dropped for a client over its queue bound since the previous "
+            "point, reported by the bridge service every 60 s.")
+        # Alerts on the custom metrics wait for their descriptors to become visible (see the module docstring).
         self.connected_devices_wait = time.Sleep(
             f"{name}-connected-devices-wait",
             create_duration=METRIC_DESCRIPTOR_WAIT,
-            triggers={"descriptor": self.connected_devices.id},
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, self.connected_devices]),
+            triggers={"connected": self.connected_devices.id, "stored": self.broker_stored.id,
+                      "dropped": self.broker_dropped.id},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, self.connected_devices, self.broker_stored,
+                                                                  self.broker_dropped]),
         )
 
         cloud_subs = {k: s for k, s in spec.SUBSCRIPTIONS.items() if s.cloud}
@@ -303,6 +326,26 @@ class Monitoring(pulumi.ComponentResource):
             [threshold("connected devices (all hosts)", devices_filter, "ALIGN_MEAN", args.min_connected_devices,
                        "600s", reducer="REDUCE_SUM", comparison="COMPARISON_LT")],
             severity="WARNING", extra_deps=[self.connected_devices, self.connected_devices_wait])
+
+        host_filter = 'resource.type = "gce_instance"'
+        self.alerts["broker-queue-filling"] = alert(
+            "broker-queue-filling", "Broker queue filling",
+            f"A bridge host's broker holds over {MAX_QUEUED_MESSAGES // 2:,} messages, half of a client's queue "
+            "bound: its bridge service is not getting messages into Pub/Sub (check the service's log for publish "
+            "errors, the host's Pub/Sub grants and quotas). At the bound the broker drops messages devices were "
+            "already acknowledged for.",
+            [threshold("stored messages (one host)", f'metric.type = "{BROKER_STORED_METRIC}" AND {host_filter}',
+                       "ALIGN_MAX", MAX_QUEUED_MESSAGES // 2, "0s", reducer="REDUCE_MAX",
+                       group_by=["metric.labels.host"])],
+            severity="WARNING", extra_deps=[self.broker_stored, self.connected_devices_wait])
+        self.alerts["broker-queue-full"] = alert(
+            "broker-queue-full", "Broker dropped device messages",
+            "A bridge host's broker dropped queued messages for a client over its queue bound; devices had "
+            "already been acknowledged for them, so they are lost. The host's bridge service log names the client "
+            "('broker queue full'); for the bridge's own session, Pub/Sub has been unreachable for long.",
+            [threshold("dropped messages (one host)", f'metric.type = "{BROKER_DROPPED_METRIC}" AND {host_filter}',
+                       "ALIGN_MAX", 0, "0s", reducer="REDUCE_MAX", group_by=["metric.labels.host"])],
+            severity="CRITICAL", extra_deps=[self.broker_dropped, self.connected_devices_wait])
 
         template = DASHBOARD_FILE.read_text(encoding="utf-8")
         uptime_id: pulumi.Input[str] = self.uptime_check.uptime_check_id if self.uptime_check else ""

@@ -50,7 +50,13 @@ def run_front(settings: BridgeSettings) -> None:
 def run_service(settings: BridgeSettings) -> None:
     from iotbridge.bridge.service import BridgeService
 
-    service = BridgeService(settings, _registry(settings), settings.secrets()["bridge"])
+    publisher = None
+    if settings.publisher_factory:
+        import importlib
+
+        module, _, name = settings.publisher_factory.partition(":")
+        publisher = getattr(importlib.import_module(module), name)()
+    service = BridgeService(settings, _registry(settings), settings.secrets()["bridge"], publisher=publisher)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

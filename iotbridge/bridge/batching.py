@@ -10,6 +10,11 @@ timeout) from a small pool of threads, and the outcome is reported once per batc
 
 A batch is sent when it reaches ``max_messages`` or ``max_bytes`` or when its first message is ``max_latency``
 seconds old, whichever comes first (the library's batching rules, without its per-message cost).
+
+Pub/Sub refuses a whole request with INVALID_ARGUMENT when one message in it breaks a limit
+(:mod:`iotbridge.bridge.limits`). Retrying such a request can never succeed, and every other message in it would
+wait forever: a request refused permanently is split in halves, each sent again, until the refused message is
+alone — ``on_rejected(batch, exc)`` gets it, and the others are sent as usual (log2 of the batch size rounds).
 """
 
 from __future__ import annotations
@@ -21,13 +26,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.api_core import exceptions as gexc
 from google.pubsub_v1.types import PublishRequest, PubsubMessage
+
+from iotbridge.bridge import limits
 
 RawMessage = PubsubMessage.pb()
 _RawRequest = PublishRequest.pb()
-# Pub/Sub refuses a publish request over 10 MB or 1,000 messages.
-MAX_REQUEST_BYTES = 9_000_000
-MAX_REQUEST_MESSAGES = 1000
+# Pub/Sub refuses a publish request over 10 MB or 1,000 messages; the request's own framing needs some room.
+MAX_REQUEST_BYTES = limits.MAX_REQUEST_BYTES - 1_000_000
+MAX_REQUEST_MESSAGES = limits.MAX_REQUEST_MESSAGES
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Pub/Sub refused the request's content: sending the same messages again can never succeed. Everything else
+    (unavailable, deadline, quota, a missing topic or grant an operator can fix) is worth retrying."""
+    return isinstance(exc, gexc.InvalidArgument)
 
 
 @dataclass
@@ -44,16 +58,34 @@ def raw_message(data: bytes, attributes: dict[str, str]) -> Any:
     return RawMessage(data=data, attributes=attributes)
 
 
+def framed_size(message: Any) -> int:
+    return message.ByteSize() + 8  # the repeated field's tag and length prefix
+
+
+def split(batch: Batch) -> tuple[Batch, Batch]:
+    """The two halves of a batch, each a fresh batch (no retry attempts yet)."""
+    mid = len(batch.messages) // 2
+    halves = []
+    for sl in (slice(None, mid), slice(mid, None)):
+        messages = batch.messages[sl]
+        halves.append(Batch(batch.topic, batch.started, messages, batch.tokens[sl],
+                            sum(framed_size(m) for m in messages)))
+    return halves[0], halves[1]
+
+
 class Batcher:
     """``add(topic, raw_message, token)``; ``on_sent(batch)`` or ``on_failed(batch, exc)`` per batch, from a pool
-    thread. ``send(batch)`` sends a batch again (retries are the caller's: it knows whether they still matter)."""
+    thread, and ``on_rejected(batch, exc)`` for a batch of one message Pub/Sub refused permanently (its batch mates
+    are sent without it). ``send(batch)`` sends a batch again (retries are the caller's: it knows whether they still
+    matter)."""
 
     def __init__(self, publish: Callable[..., Any], on_sent: Callable[[Batch], None],
-                 on_failed: Callable[[Batch, BaseException], None], max_messages: int = 250,
+                 on_failed: Callable[[Batch, BaseException], None],
+                 on_rejected: Callable[[Batch, BaseException], None], max_messages: int = 250,
                  max_bytes: int = MAX_REQUEST_BYTES, max_latency: float = 0.005, rpc_threads: int = 8,
                  timeout: float = 60.0):
         self._publish = publish
-        self._on_sent, self._on_failed = on_sent, on_failed
+        self._on_sent, self._on_failed, self._on_rejected = on_sent, on_failed, on_rejected
         self.max_messages = min(max_messages, MAX_REQUEST_MESSAGES)
         self.max_bytes = min(max_bytes, MAX_REQUEST_BYTES)
         self.max_latency = max_latency
@@ -66,7 +98,7 @@ class Batcher:
         self._flusher.start()
 
     def add(self, topic: str, message: Any, token: Any) -> None:
-        size = message.ByteSize() + 8  # the repeated field's tag and length prefix
+        size = framed_size(message)
         with self._cond:
             batch = self._open.get(topic)
             if batch is not None and batch.size + size > self.max_bytes:
@@ -92,7 +124,13 @@ class Batcher:
         try:
             self._publish(request=request, timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001 - reported to the owner, who retries or lets the broker redeliver
-            self._on_failed(batch, exc)
+            if not is_permanent(exc):
+                self._on_failed(batch, exc)
+            elif len(batch.messages) == 1:
+                self._on_rejected(batch, exc)
+            else:
+                for half in split(batch):
+                    self.send(half)
             return
         self._on_sent(batch)
 

@@ -47,7 +47,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from iotbridge.bridge import mqtt
-from iotbridge.bridge import fanout
+from iotbridge.bridge import fanout, limits
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
@@ -559,6 +559,9 @@ class Front:
             tk = topic_kind(p.topic, dev)
             if tk is None:
                 raise Dropped(f"publish to {p.topic!r} not allowed")
+            if tk == "events" and (violation := limits.event_topic_violation(p.topic, dev)) is not None:
+                # Pub/Sub would refuse the message whole (its subFolder attribute): it can never be forwarded.
+                raise Dropped(f"{violation[0]}: {violation[1]}")
             limit = STATE_MAX_BYTES if tk == "state" else EVENTS_MAX_BYTES
             if p.payload_len > limit:
                 raise Dropped(f"{tk} payload of {p.payload_len} bytes exceeds {limit}")

@@ -1,9 +1,14 @@
-"""The connected-devices gauge: how many devices a broker host holds, written to Cloud Monitoring.
+"""The connected-devices gauge: how many devices a broker host holds, written to Cloud Monitoring; and the broker's
+queue gauges, written by the bridge service the same way.
 
 The monitoring component (``infra/components/monitoring.py``) declares the metric descriptor and alerts on it:
 a host that stops writing it is down, and a fleet whose sum drops below a floor pages. The front writes one point a
 minute on the ``gce_instance`` it runs on, with metric labels ``registry_id`` and ``host``; the bridge's service
 account has ``roles/monitoring.metricWriter``. Locally (no Cloud Monitoring) the front only logs the count.
+
+The bridge service writes, on the same resource and labels, ``broker_stored_messages`` (what Mosquitto holds, the
+bridge's queue during a Pub/Sub outage) and ``broker_dropped_messages`` (messages Mosquitto dropped for a client
+over its queue bound since the previous point): the monitoring component alerts on both.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 METRIC_TYPE = "custom.googleapis.com/iot/connected_devices"
+BROKER_STORED_METRIC = "custom.googleapis.com/iot/broker_stored_messages"
+BROKER_DROPPED_METRIC = "custom.googleapis.com/iot/broker_dropped_messages"
 INTERVAL_S = 60.0  # Cloud Monitoring accepts at most one point per 5 s per series; a minute is the alerts' grain
 # The metadata server; GCE_METADATA_HOST (google-auth's variable, which the client libraries here obey too) names
 # another one, as the simulated host test does. Unset on a host.
@@ -39,11 +46,11 @@ def gce_instance_labels(fetch: Callable[[str], str] | None = None) -> dict[str, 
 
 
 def time_series(project: str, registry_id: str, host: str, resource: Mapping[str, str], count: int,
-                now: float | None = None) -> Any:
+                now: float | None = None, metric_type: str = METRIC_TYPE) -> Any:
     from google.cloud import monitoring_v3
 
     ts = monitoring_v3.TimeSeries()
-    ts.metric.type = METRIC_TYPE
+    ts.metric.type = metric_type
     ts.metric.labels["registry_id"] = registry_id
     ts.metric.labels["host"] = host
     ts.resource.type = "gce_instance"
@@ -73,5 +80,26 @@ class ConnectedDevicesReporter:
         self.resource = dict(resource)
 
     def report(self, count: int, now: float | None = None) -> None:
-        series = time_series(self.project, self.registry_id, self.host, self.resource, count, now)
-        self.client.create_time_series(name=f"projects/{self.project}", time_series=[series])
+        self.report_many({METRIC_TYPE: count}, now)
+
+    def report_many(self, values: Mapping[str, int], now: float | None = None) -> None:
+        series = [time_series(self.project, self.registry_id, self.host, self.resource, v, now, metric_type)
+                  for metric_type, v in values.items()]
+        self.client.create_time_series(name=f"projects/{self.project}", time_series=series)
+
+
+class BrokerQueueReporter:
+    """The broker's queue gauges from the bridge service's counters: what Mosquitto holds now, and how many
+    messages it dropped since the previous point (Mosquitto's own counter runs since the broker started)."""
+
+    def __init__(self, reporter: ConnectedDevicesReporter):
+        self.reporter = reporter
+        self._dropped_before = 0
+
+    def report(self, stats: Mapping[str, Any], now: float | None = None) -> None:
+        dropped = int(stats.get("broker_dropped_messages", 0))
+        # A restarted broker starts its counter again from zero.
+        fresh = dropped - self._dropped_before if dropped >= self._dropped_before else dropped
+        self.reporter.report_many({BROKER_STORED_METRIC: int(stats.get("broker_stored_messages", 0)),
+                                   BROKER_DROPPED_METRIC: fresh}, now)
+        self._dropped_before = dropped

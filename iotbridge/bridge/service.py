@@ -6,9 +6,18 @@ persistent session (clean session off, QoS 1) on the loopback listener, subscrib
 telemetry to the telemetry topic or the first matching subfolder route, state to the state topic — with IoT
 Core's attributes taken from the topic's device id, which the broker's ACL guarantees is the authenticated
 device. Messages are batched per topic (:mod:`iotbridge.bridge.batching`); the broker gets each message's PUBACK
-(paho manual ack) only after the Pub/Sub publish request holding it succeeded; a failed request is retried
-until it succeeds. Killed mid-stream, the bridge loses nothing: Mosquitto redelivers every
+(paho manual ack) only after the Pub/Sub publish request holding it succeeded; a request that failed for a
+passing reason is retried until it succeeds. Killed mid-stream, the bridge loses nothing: Mosquitto redelivers every
 unacknowledged message to the persistent session when it reconnects (duplicates possible, counted downstream).
+
+A message Pub/Sub can never accept (an attribute over its limits, :mod:`iotbridge.bridge.limits`) is not retried:
+it would hold its batch mates and, redelivered by the persistent session, the broker's in-flight window forever.
+Such a message is checked before it joins any publish request, and a message Pub/Sub refuses anyway
+(INVALID_ARGUMENT, isolated from its batch mates by the batcher) is treated alike: it goes to the stack's
+``dead-letter`` topic with its data untouched, its attributes cut to fit, and the reason as ``error`` /
+``errorDetail`` / ``failedBy`` / ``mqttTopic`` attributes — and is acknowledged to the broker only once the
+dead-letter topic has it. Should the dead-letter topic refuse that copy too, it gets the record without the data
+(``dataDroppedBytes``); only if it refuses even that is the message acknowledged with nothing but an error line.
 
 Cloud → device. Configs and commands arrive on the ``device-commands`` fan-out topic; each host's bridge has
 its own subscription (``{prefix}-device-commands-{host}``) so whichever host a device is on gets them.
@@ -19,6 +28,13 @@ sessions are clean, so nothing is stored. The front asks for a config sync (``io
 device connects, which covers hosts that joined after the config was fanned out and a broker that lost state.
 
 Registry activity (last event / state) is coalesced and written every few seconds, not per message.
+
+The broker's queues are bounded (``max_queued_messages`` / ``max_queued_bytes``): during a long Pub/Sub outage the
+bridge's own session is the one that fills, and Mosquitto then drops messages it has already acknowledged to
+devices. The service follows the broker's ``$SYS`` tree: ``broker_stored_messages`` / ``broker_stored_bytes``
+(the fill level; a warning once they pass half the bound), ``broker_dropped_messages`` (Mosquitto's own counter)
+and, for each "Outgoing messages are being dropped for client X" notice, an error line naming the client and the
+``broker_queue_full`` counter — in ``service-stats.json`` and the log.
 """
 
 from __future__ import annotations
@@ -39,9 +55,10 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from iotbridge import spec
+from iotbridge.bridge import limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.front import SYNC_TOPIC
-from iotbridge.bridge.settings import BridgeSettings
+from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
 from iotbridge.registry import DEVICE_ID_RE, DeviceNotFound, Registry
 
 log = logging.getLogger("iotbridge.bridge")
@@ -54,6 +71,15 @@ RETRY_MAX_S = 30.0
 STATS_EVERY_S = 0.5
 LEASE_S = 90.0
 COMMAND_MAX_AGE_S = 60.0
+SYS_LOG_NOTICE = "$SYS/broker/log/N"
+SYS_GAUGES = {
+    "$SYS/broker/store/messages/count": "broker_stored_messages",
+    "$SYS/broker/store/messages/bytes": "broker_stored_bytes",
+    "$SYS/broker/publish/messages/dropped": "broker_dropped_messages",
+}
+QUEUE_WARN_FRACTION = 0.5
+DEAD_LETTERED_BY = "bridge"
+PUBSUB_REFUSED = "pubsub_invalid_argument"
 
 
 def fanout_subscription(prefix: str, host_id: str) -> str:
@@ -93,6 +119,7 @@ class BridgeService:
         self.state_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "state"))
         self.routes = {r.sub_folder: self.publisher.topic_path(project, r.topic) for r in settings.routes}
         self.fanout_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "device-commands"))
+        self.dead_letter_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "dead-letter"))
         self.fanout_sub = ""  # chosen in start(): leased (cloud) or created (local)
         self._devices: dict[str, tuple[float, str]] = {}  # device id -> (fetched at, num id)
         self._devices_lock = threading.Lock()
@@ -111,7 +138,10 @@ class BridgeService:
         self._pull_future = None
         self._leased = ""
         self.stats_lock = threading.Lock()
-        self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0}
+        self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0,
+                      "dead_lettered": 0, "dead_letter_refused": 0, "broker_queue_full": 0,
+                      "broker_stored_messages": 0, "broker_stored_bytes": 0, "broker_dropped_messages": 0}
+        self._queue_warned = False
         self.mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
                                 clean_session=False, manual_ack=True)
         self.mqtt.username_pw_set("bridge", password)
@@ -121,7 +151,8 @@ class BridgeService:
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_message = self._on_message
         # Device → cloud publishing: raw protobuf batches, the broker acked per batch (see batching.py).
-        self.batcher = Batcher(self.publisher.api.publish, self._on_batch_sent, self._on_batch_failed)
+        self.batcher = Batcher(self.publisher.api.publish, self._on_batch_sent, self._on_batch_failed,
+                               self._on_batch_rejected)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -139,6 +170,8 @@ class BridgeService:
         self._thread(self._activity_loop, "registry")
         if self.s.workdir:
             self._thread(self._stats_loop, "stats")
+        if self.s.connected_devices_metric == "cloud":
+            self._thread(self._metrics_loop, "metrics")
         self.mqtt.connect_async(self.s.broker_host, self.s.broker_port, keepalive=30)
         self.mqtt.loop_start()
         self._pull_future = self.subscriber.subscribe(
@@ -229,10 +262,15 @@ class BridgeService:
         # A restarted broker may have lost retained configs: let the next sync republish them.
         self._published_config.clear()
         self._generation += 1
-        client.subscribe([("/devices/+/events/#", 1), ("/devices/+/state", 1), (SYNC_TOPIC, 1)])
+        client.subscribe([("/devices/+/events/#", 1), ("/devices/+/state", 1), (SYNC_TOPIC, 1),
+                          # QoS 0: the broker's own reports are not worth queueing for a later session.
+                          (SYS_LOG_NOTICE, 0), *((t, 0) for t in SYS_GAUGES)])
         log.info("bridge connected to broker (session present: %s)", flags.session_present)
 
     def _on_message(self, client: paho.Client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
+        if msg.topic.startswith("$SYS/"):
+            self._on_broker_report(msg.topic, msg.payload.decode(errors="replace"))
+            return
         if msg.topic == SYNC_TOPIC:
             device_id = msg.payload.decode(errors="replace")
             mid, qos, gen = msg.mid, msg.qos, self._generation
@@ -253,6 +291,30 @@ class BridgeService:
             self._forward(msg, gen, parsed, num_id)
         except Exception:  # paho would stop its loop; the message stays unacked and is redelivered
             log.exception("forwarding %s failed", msg.topic)
+
+    def _on_broker_report(self, topic: str, text: str) -> None:
+        if topic == SYS_LOG_NOTICE:
+            _, found, client = text.partition(DROPPING_NOTICE)
+            if found:
+                with self.stats_lock:
+                    self.stats["broker_queue_full"] += 1
+                # Mosquitto says it once per episode, until that client's queue has room again.
+                log.error("broker queue full: Mosquitto is dropping queued QoS 1 messages for client %r "
+                          "(max_queued_messages %d, max_queued_bytes %d); for the bridge's own session these are device "
+                          "messages the devices already had their PUBACK for",
+                          client.strip().rstrip("."), self.s.max_queued_messages, self.s.max_queued_bytes)
+            return
+        key = SYS_GAUGES.get(topic)
+        if key is None or not text.strip().isdigit():
+            return
+        with self.stats_lock:
+            self.stats[key] = int(text)
+            messages, size = self.stats["broker_stored_messages"], self.stats["broker_stored_bytes"]
+        fill = max(messages / self.s.max_queued_messages, size / self.s.max_queued_bytes)
+        if fill >= QUEUE_WARN_FRACTION and not self._queue_warned:
+            log.warning("broker holds %d messages (%d bytes): %.0f%% of a client's queue bound; at 100%% the bridge's "
+                        "session loses messages (Pub/Sub unreachable?)", messages, size, 100 * fill)
+        self._queue_warned = fill >= QUEUE_WARN_FRACTION
 
     def _cached_num_id(self, device_id: str) -> str | None:
         with self._devices_lock:
@@ -317,13 +379,63 @@ class BridgeService:
             if parsed.sub_folder:
                 attrs["subFolder"] = parsed.sub_folder
         payload = bytes(msg.payload)
+        token = (msg.mid, msg.qos, gen)
+        refused = limits.message_violation(payload, attrs)
+        if refused is not None:
+            self._dead_letter(payload, attrs, msg.topic, refused, token)
+            return
         now = datetime.now(UTC)
         with self._activity_lock:
             if parsed.kind == "state":
                 self._states_seen[parsed.device_id] = (payload, now)
             else:
                 self._events_seen[parsed.device_id] = now
-        self.batcher.add(topic, raw_message(payload, attrs), (msg.mid, msg.qos, gen))
+        self.batcher.add(topic, raw_message(payload, attrs), token)
+
+    def _dead_letter(self, data: bytes, attrs: dict[str, str], mqtt_topic: str, why: tuple[str, str],
+                     token: tuple[int, int, int]) -> None:
+        """Send a message Pub/Sub cannot take to the dead-letter topic, in a form it can take; the broker gets the
+        PUBACK once the dead-letter topic has it (``_on_batch_sent``)."""
+        reason, detail = why
+        cap = limits.MAX_ATTRIBUTE_VALUE_BYTES
+        out = {limits.clip_utf8(k, limits.MAX_ATTRIBUTE_KEY_BYTES): limits.clip_utf8(v, cap)
+               for k, v in list(attrs.items())[:limits.MAX_ATTRIBUTES - 5]}
+        out.update(error=reason, errorDetail=limits.clip_utf8(detail, cap), failedBy=DEAD_LETTERED_BY,
+                   mqttTopic=limits.clip_utf8(mqtt_topic, cap))
+        room = limits.MAX_MESSAGE_BYTES - sum(len(k.encode()) + len(v.encode()) for k, v in out.items()) - 64
+        if len(data) > room:
+            out["dataTruncatedFrom"] = str(len(data))
+            data = data[:room]
+        with self.stats_lock:
+            self.stats["dead_lettered"] += 1
+        log.warning("message of device %s on %.120r dead-lettered: %s (%s)", attrs.get("deviceId", "?"),
+                    mqtt_topic, reason, detail)
+        self.batcher.add(self.dead_letter_topic, raw_message(data, out), token)
+
+    def _on_batch_rejected(self, batch: Batch, exc: BaseException) -> None:
+        """Pub/Sub refused this one message for good (its batch mates went on without it)."""
+        message, token = batch.messages[0], batch.tokens[0]
+        if batch.topic == self.dead_letter_topic:
+            if message.data:
+                # Refused for what it carries: keep the record of it (who, where, why, how much) without the data.
+                attrs = {**message.attributes, "dataDroppedBytes": str(len(message.data)),
+                         "dataDroppedBecause": limits.clip_utf8(str(exc), limits.MAX_ATTRIBUTE_VALUE_BYTES)}
+                self.batcher.add(self.dead_letter_topic, raw_message(b"", attrs), token)
+                return
+            # Even the bare record was refused: nothing left to retry; say so loudly and release the broker.
+            log.error("dead-letter topic refused the record of a message of device %s (%s); acknowledged without "
+                      "forwarding", message.attributes.get("deviceId", "?"), exc)
+            with self.stats_lock:
+                self.stats["dead_letter_refused"] += 1
+            self._ack(*token)
+            return
+        attrs = dict(message.attributes)
+        device = attrs.get("deviceId", "")
+        if batch.topic == self.state_topic:
+            mqtt_topic = f"/devices/{device}/state"
+        else:
+            mqtt_topic = f"/devices/{device}/events" + (f"/{attrs['subFolder']}" if attrs.get("subFolder") else "")
+        self._dead_letter(bytes(message.data), attrs, mqtt_topic, (PUBSUB_REFUSED, str(exc)), token)
 
     def _on_batch_sent(self, batch: Batch) -> None:
         for mid, qos, gen in batch.tokens:
@@ -367,6 +479,24 @@ class BridgeService:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(data)
             tmp.replace(path)
+
+    def _metrics_loop(self) -> None:
+        """The broker's queue gauges to Cloud Monitoring, once a minute (iotbridge.bridge.metrics)."""
+        from iotbridge.bridge import metrics
+
+        try:
+            reporter = metrics.BrokerQueueReporter(metrics.ConnectedDevicesReporter(
+                self.s.project, self.s.registry_id, self.s.host_id, metrics.gce_instance_labels()))
+        except Exception as exc:  # noqa: BLE001 - not on Compute Engine, or no credentials
+            log.warning("broker queue gauges go to service-stats.json and the log only: %s", exc)
+            return
+        while not self._stop.wait(metrics.INTERVAL_S):
+            with self.stats_lock:
+                stats = dict(self.stats)
+            try:
+                reporter.report(stats)
+            except Exception as exc:  # noqa: BLE001 - a lost point must not stop the bridge
+                log.warning("broker queue gauges not written: %s", exc)
 
     def _flush_activity(self) -> None:
         with self._activity_lock:

@@ -4,14 +4,22 @@ One JSON file describes a host (``BridgeSettings.load``); secrets live in a sepa
 (``secrets_file``) so that the settings can be logged and shown. In the cloud the startup script writes both,
 the secrets taken from Secret Manager.
 
-Identities on the loopback listener (Mosquitto ``password_file``):
+Identities on the loopback listener:
 
 - ``front``   — every device session relayed by the front. Its client id is the authenticated device id, and
   the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it.
 - ``bridge``  — the bridge service and the front's control connection: reads device traffic, writes configs
   and commands.
-- ``backend`` — a backend publisher (e.g. an operator tool on the host): writes ``/devices/+/config`` and
-  ``/devices/+/commands/#`` only.
+- ``backend`` — a backend publisher (e.g. the config-push function or an operator tool on the host): writes
+  ``/devices/+/config`` and ``/devices/+/commands/#`` only, under one client id, ``iotbridge:backend:{host}``.
+
+The ACL's ``pattern`` lines apply to every user, and Mosquitto lets any user pick any client id: a ``backend``
+connecting as a device's client id would disconnect the device and, through the patterns, publish as it; as the
+bridge's client id it would take the bridge's persistent session and its queued telemetry. So ``backend`` is not
+in the ``password_file``: Mosquitto's dynamic security plugin authenticates it and refuses any client id but its
+own (``backend_client_id``), and its topics stay in the ACL file (the plugin grants it nothing). ``front`` and
+``bridge`` are the host's own processes, whose passwords sit in the same 0600 file; the plugin binds at most one
+client id per user, which neither fits (every device id; the service and the front's control connection).
 
 Backend client ids carry a ``:``, which no device id may contain, so no device can take over their sessions.
 """
@@ -27,9 +35,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 EVENTS_MAX_BYTES = 256 * 1024
+# Per client, QoS 1 messages the broker holds beyond those in flight. What matters is the bridge service's persistent
+# session during a Pub/Sub outage (it acks nothing, so everything devices send waits here): a million messages
+# cover 16 minutes at 1,000 msg/s per host, 2.8 hours at 100 msg/s; 1 GiB of payload caps the broker's memory
+# (plus ~250 bytes of bookkeeping per message) on an 8 GB e2-standard-2. Past either bound Mosquitto drops
+# messages it already acknowledged to the device: the bridge service reports the fill level and every drop.
+MAX_QUEUED_MESSAGES = 1_000_000
+MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+# The broker's $SYS/broker/log/N line for a client whose queue is full (Mosquitto 2.0 src/database.c).
+DROPPING_NOTICE = "Outgoing messages are being dropped for client "
 STATE_MAX_BYTES = 64 * 1024
 MAX_ROUTES = 10
 BACKEND_USERS = ("front", "bridge", "backend")
+PASSWORD_FILE_USERS = ("front", "bridge")  # backend: the dynamic security plugin, bound to one client id
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+DYNSEC_PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib")
 
 
 @dataclass(frozen=True)
@@ -75,10 +95,18 @@ class BridgeSettings:
     # "cloud": the front writes the connected-devices gauge to Cloud Monitoring (iotbridge/bridge/metrics.py);
     # "log": it only logs the count (local).
     connected_devices_metric: str = "log"
+    # "module:callable" returning the bridge service's Pub/Sub PublisherClient. Empty (production): the client
+    # library's own. Tests name a stand-in that refuses what real Pub/Sub refuses (the emulator checks no limits).
+    publisher_factory: str = ""
+    # Mosquitto's max_queued_messages / max_queued_bytes (see MAX_QUEUED_MESSAGES); tests make them small.
+    max_queued_messages: int = MAX_QUEUED_MESSAGES
+    max_queued_bytes: int = MAX_QUEUED_BYTES
 
     def __post_init__(self) -> None:
         if self.connected_devices_metric not in ("cloud", "log"):
             raise ValueError(f"connected_devices_metric must be cloud or log, got {self.connected_devices_metric!r}")
+        if self.max_queued_messages < 1 or self.max_queued_bytes < 1:
+            raise ValueError("max_queued_messages and max_queued_bytes must be positive: 0 means unbounded")
         if len(self.routes) > MAX_ROUTES:
             raise ValueError(f"at most {MAX_ROUTES} subfolder routes, got {len(self.routes)}")
         for name in ("auth_failures_per_s", "auth_failure_burst", "max_pending_connects", "device_messages_per_s",
@@ -105,9 +133,13 @@ def new_secrets() -> dict[str, str]:
 
 
 def write_secrets(path: Path, values: dict[str, str]) -> None:
+    _write_private(path, json.dumps(values))
+
+
+def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(values, f)
+        f.write(text)
 
 
 def load_secrets(path: Path) -> dict[str, str]:
@@ -118,12 +150,48 @@ def load_secrets(path: Path) -> dict[str, str]:
     return values
 
 
+PBKDF2_ITERATIONS = 101
+
+
+def _pbkdf2(password: str, salt: bytes) -> tuple[str, str]:
+    """(base64 salt, base64 PBKDF2-SHA512 digest) as Mosquitto 2.0 stores them."""
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+    return base64.b64encode(salt).decode(), base64.b64encode(digest).decode()
+
+
 def mosquitto_password_line(user: str, password: str, salt: bytes | None = None) -> str:
     """A ``password_file`` line in Mosquitto 2.0's PBKDF2-SHA512 format (what ``mosquitto_passwd`` writes)."""
-    salt = salt or secrets.token_bytes(12)
-    iterations = 101
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    return f"{user}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+    b64_salt, b64_digest = _pbkdf2(password, salt or secrets.token_bytes(12))
+    return f"{user}:$7${PBKDF2_ITERATIONS}${b64_salt}${b64_digest}"
+
+
+def backend_client_id(settings: BridgeSettings) -> str:
+    """The one client id the ``backend`` user may connect with."""
+    return f"iotbridge:backend:{settings.host_id}"
+
+
+def dynamic_security_config(settings: BridgeSettings, password: str, salt: bytes | None = None) -> dict[str, object]:
+    """The dynamic security plugin's file: ``backend`` with its password and its one client id, no roles (its
+    topics are the ACL file's), and nothing allowed by default."""
+    b64_salt, b64_digest = _pbkdf2(password, salt or secrets.token_bytes(12))
+    return {
+        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
+                             "unsubscribe": True},
+        "clients": [{"username": "backend", "textname": "backend publisher (configs and commands)",
+                     "clientid": backend_client_id(settings), "password": b64_digest, "salt": b64_salt,
+                     "iterations": PBKDF2_ITERATIONS, "roles": []}],
+        "groups": [],
+        "roles": [],
+    }
+
+
+def dynsec_plugin_path() -> str:
+    for d in DYNSEC_PLUGIN_DIRS:
+        path = Path(d) / DYNSEC_PLUGIN
+        if path.exists():
+            return str(path)
+    raise FileNotFoundError(f"{DYNSEC_PLUGIN} not found in {', '.join(DYNSEC_PLUGIN_DIRS)}: Debian's mosquitto "
+                            "package ships it; without it the backend user could take any client id")
 
 
 ACL = """\
@@ -144,6 +212,11 @@ topic readwrite /devices/+/config
 topic write /devices/+/commands
 topic write /devices/+/commands/#
 topic readwrite iotbridge/sync
+# The broker's notices (a client's queue full) and store size: the service turns them into metrics and log lines.
+topic read $SYS/broker/log/N
+topic read $SYS/broker/store/messages/count
+topic read $SYS/broker/store/messages/bytes
+topic read $SYS/broker/publish/messages/dropped
 
 user backend
 topic write /devices/+/config
@@ -158,9 +231,9 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
     workdir.mkdir(parents=True, exist_ok=True)
     pw = settings.secrets()
     passwd = workdir / "passwd"
-    fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(mosquitto_password_line(u, pw[u]) for u in BACKEND_USERS) + "\n")
+    _write_private(passwd, "\n".join(mosquitto_password_line(u, pw[u]) for u in PASSWORD_FILE_USERS) + "\n")
+    dynsec = workdir / "dynamic-security.json"
+    _write_private(dynsec, json.dumps(dynamic_security_config(settings, pw["backend"]), indent=2))
     (workdir / "acl").write_text(ACL)
     (workdir / "data").mkdir(exist_ok=True)
     lines = [
@@ -171,9 +244,15 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
         "allow_anonymous false",
         f"password_file {passwd}",
         f"acl_file {workdir / 'acl'}",
-        # The default (1000) drops messages silently once a slow subscriber falls behind; 0 = unlimited.
-        "max_queued_messages 0",
-        "max_queued_bytes 0",
+        # Users not in the password file (backend) are the plugin's: their password and their one client id.
+        f"plugin {dynsec_plugin_path()}",
+        f"plugin_opt_config_file {dynsec}",
+        # Bounded per client (0 would let one stalled subscriber grow the broker until the host dies); a client
+        # over the bound loses messages, which the broker announces on $SYS/broker/log/N (log_dest topic) and the
+        # bridge service reports.
+        f"max_queued_messages {settings.max_queued_messages}",
+        f"max_queued_bytes {settings.max_queued_bytes}",
+        "sys_interval 5",
         # The bridge acknowledges a message only after Pub/Sub accepted it; a large window keeps many in flight.
         "max_inflight_messages 1000",
         # Retained configs and the bridge's persistent session (queued QoS 1 messages) survive a restart.
@@ -191,6 +270,7 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
         "log_type notice",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         f"log_dest file {workdir / 'mosquitto.log'}",
+        "log_dest topic",
         "",
     ]
     return "\n".join(lines)

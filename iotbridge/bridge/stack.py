@@ -33,9 +33,9 @@ READY_SERVICE = "bridge connected to broker"
 
 def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
               front_port: int | None = None, broker_port: int | None = None, host_id: str = "local",
-              recheck_interval_s: float = 5.0, client_ca: Path | None = None,
-              **overrides: Any) -> BridgeSettings:
-    """Write settings, secrets, TLS files and the Mosquitto config for one local host into ``workdir``."""
+              recheck_interval_s: float = 5.0, client_ca: Path | None = None, **fields: Any) -> BridgeSettings:
+    """Write settings, secrets, TLS files and the Mosquitto config for one local host into ``workdir``; ``fields``
+    are further :class:`BridgeSettings` fields (tests: small queue bounds, a stand-in publisher)."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tls = generate_local_tls(workdir / "tls")
@@ -47,8 +47,7 @@ def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix
         tls_cert=str(tls.server_cert), tls_key=str(tls.server_key), secrets_file=str(secrets_file),
         client_ca=str(client_ca) if client_ca else "",
         routes=(Route("logs", spec.topic_name(prefix, "device-logs")),),
-        recheck_interval_s=recheck_interval_s, workdir=str(workdir), health_port=services.free_port(),
-        **overrides,
+        recheck_interval_s=recheck_interval_s, workdir=str(workdir), health_port=services.free_port(), **fields,
     )
     settings.dump(workdir / "settings.json")
     (workdir / "mosquitto").mkdir(exist_ok=True)

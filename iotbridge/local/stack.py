@@ -196,6 +196,8 @@ class LocalStack:
         """
         from google.cloud import pubsub_v1
 
+        from iotbridge.bridge.settings import backend_client_id
+
         n = self.names
         progress("starting the config-push function")
         port = services.free_port()
@@ -203,6 +205,7 @@ class LocalStack:
             **env, "PROJECT_ID": n.project, "REGISTRY_ID": n.registry_id, "REGION": n.region,
             "CONFIG_DELIVERY": "mqtt", "MQTT_HOST": settings.broker_host, "MQTT_PORT": str(settings.broker_port),
             "MQTT_TLS": "false", "MQTT_USERNAME": "backend", "MQTT_PASSWORD": settings.secrets()["backend"],
+            "MQTT_CLIENT_ID": backend_client_id(settings),
             "DEAD_LETTER_TOPIC": n.topic("dead-letter"), "PYTHONUNBUFFERED": "1",
         }
         source = services.REPO_ROOT / "functions" / "config_push" / "main.py"

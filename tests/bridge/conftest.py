@@ -3,12 +3,14 @@ bridge service as their own processes, and devices written the IoT Core way (iot
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
@@ -23,6 +25,7 @@ PROJECT = "local-project"
 REGION = "europe-west1"
 REGISTRY = "bridge-tests"
 PULL_TOPICS = ("telemetry", "state", "device-logs")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
@@ -44,8 +47,8 @@ class PubSubReader:
     subscriber: pubsub_v1.SubscriberClient = field(default_factory=pubsub_v1.SubscriberClient)
     paths: dict[str, str] = field(default_factory=dict)
 
-    def attach(self, tag: str) -> None:
-        for key in PULL_TOPICS:
+    def attach(self, tag: str, keys: tuple[str, ...] = PULL_TOPICS) -> None:
+        for key in keys:
             path = self.subscriber.subscription_path(self.project, f"{self.prefix}-{key}-{tag}")
             self.subscriber.create_subscription(request={
                 "name": path, "topic": f"projects/{self.project}/topics/{spec.topic_name(self.prefix, key)}",
@@ -154,14 +157,44 @@ GENEROUS_ADDRESS_LIMIT = {"auth_failures_per_s": 1000.0, "auth_failure_burst": 1
 
 
 def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5,
-              client_ca: Path | None = None, **overrides) -> BridgeStack:
+              client_ca: Path | None = None, **settings: object) -> BridgeStack:
+    """A fresh host; ``settings`` are further BridgeSettings fields, e.g. ``publisher_factory`` ("module:callable",
+    importable from the repository root) to replace the bridge service's Pub/Sub publisher. Unless they say
+    otherwise, the loopback address gets generous per-address limits."""
     prefix = f"b{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
+    if settings:
+        env = {**env, "PYTHONPATH": str(REPO_ROOT)}
     try:
         return start_bridge_stack(tmp, PROJECT, REGION, REGISTRY, prefix, env, recheck_interval_s=recheck_interval_s,
-                                  client_ca=client_ca, **{**GENEROUS_ADDRESS_LIMIT, **overrides})
+                                  client_ca=client_ca, **{**GENEROUS_ADDRESS_LIMIT, **settings})
     except services.MissingPrerequisite as exc:
         pytest.fail(f"prerequisite missing: {exc}", pytrace=False)
+
+
+def broker_session(stack: BridgeStack, user: str, client_id: str, max_inflight: int = 20,
+                   password: str | None = None) -> paho.Client:
+    """A connected client on the loopback listener (e.g. as the front relays a device: user ``front``, client id =
+    device id), with the user's password from the host's secrets unless given; AssertionError when the broker
+    refuses it."""
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    c.username_pw_set(user, password if password is not None else stack.settings.secrets()[user])
+    c.max_inflight_messages_set(max_inflight)
+    answered = threading.Event()
+    outcome: list[object] = []
+
+    def on_connect(cl, ud, flags, rc, props) -> None:  # noqa: ANN001
+        outcome.append(rc)
+        answered.set()
+
+    c.on_connect = on_connect
+    c.connect(stack.settings.broker_host, stack.settings.broker_port)
+    c.loop_start()
+    if not answered.wait(10) or getattr(outcome[0], "is_failure", True):
+        c.loop_stop()
+        c.disconnect()
+        raise AssertionError(f"broker refused {user} as {client_id}: {outcome or 'no CONNACK'}")
+    return c
 
 
 @pytest.fixture(scope="session")

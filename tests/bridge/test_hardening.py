@@ -178,7 +178,8 @@ def test_a_revoked_device_leaves_without_its_will_and_a_lost_one_with_it(hdevice
     lost.client.loop_stop()
     sock.close()
 
-    got = [m.data for m in hreader.pull("telemetry", 1, timeout=30, settle=3.0)]
+    ours = {revoked.identity.device_id, lost.identity.device_id}
+    got = [m.data for m in hreader.pull("telemetry", 1, timeout=30, settle=3.0) if m.attributes["deviceId"] in ours]
     assert got == [b"will-of-lost"]
 
 
@@ -293,3 +294,18 @@ def test_throughput_is_held_to_512_kib_a_second(hdevices):
     dev = hdevices.connected("ES256")
     # 1 MiB in four 256 KiB events: the first 512 KiB pass at once, the rest at 512 KiB/s.
     assert _publish_all(dev, [bytes(256 * 1024)] * 4) >= 0.9
+
+
+# ------------------------------------------------------------------------------------------- Pub/Sub's limits at the front
+
+
+def test_an_event_whose_subfolder_pubsub_would_refuse_closes_the_connection(hdevices, hreader, hstack):
+    dev = hdevices.connected("ES256")
+    dev.publish_event(b"fits", sub_folder="s" * 1024).wait_for_publish(10)  # exactly Pub/Sub's 1,024 bytes
+    dev.publish_event(b"poison", sub_folder="s" * 1025)
+    assert_dropped(dev)
+    wait_until(lambda: "attribute_value_too_long" in hstack.log_text("front"), 10, "the refusal in the log")
+    got = hreader.pull("telemetry", 1, timeout=30, settle=2.0)
+    # (Earlier tests' devices share this host: only this device's messages are judged.)
+    mine = [m for m in got if m.attributes["deviceId"] == dev.identity.device_id]
+    assert [(m.data, len(m.attributes["subFolder"])) for m in mine] == [(b"fits", 1024)]

@@ -64,3 +64,17 @@ def test_settings_accept_cloud_or_log_only():
     assert BridgeSettings(**base, connected_devices_metric="cloud").connected_devices_metric == "cloud"
     with pytest.raises(ValueError, match="cloud or log"):
         BridgeSettings(**base, connected_devices_metric="stdout")
+
+
+def test_broker_queue_gauges_report_what_the_broker_holds_and_the_drops_since_the_previous_point():
+    client = FakeMetricClient()
+    reporter = metrics.BrokerQueueReporter(metrics.ConnectedDevicesReporter(
+        "acme-iot", "fleet", "iot-prod-broker-x1z", {"instance_id": "123", "zone": "europe-west1-b"}, client=client))
+    now = time.time()
+    for stored, dropped in ((1200, 0), (1100, 250), (1100, 250), (900, 40)):  # the last: the broker restarted
+        reporter.report({"broker_stored_messages": stored, "broker_dropped_messages": dropped}, now=now)
+    points = [{ts.metric.type: ts.points[0].value.int64_value for ts in series} for _, series in client.calls]
+    assert points == [{metrics.BROKER_STORED_METRIC: s, metrics.BROKER_DROPPED_METRIC: d}
+                      for s, d in ((1200, 0), (1100, 250), (1100, 0), (900, 40))]
+    assert all(dict(ts.metric.labels) == {"registry_id": "fleet", "host": "iot-prod-broker-x1z"}
+               for _, series in client.calls for ts in series)

@@ -14,6 +14,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from iotbridge import spec
+from iotbridge.bridge.settings import backend_client_id
 from iotbridge.bridge.stack import BridgeStack, start_bridge_stack
 from iotbridge.device import Device, DeviceIdentity, generate_key
 from iotbridge.local import services
@@ -67,7 +68,7 @@ def test_a_request_reaches_a_bridged_device_and_its_ack_is_recorded(system, deli
                  "FANOUT_TOPIC": f"projects/{PROJECT}/topics/{spec.topic_name(s.prefix, 'device-commands')}"}
     else:  # paho straight to the host's Mosquitto as its `backend` user (write-only on configs and commands)
         extra = {"MQTT_HOST": s.broker_host, "MQTT_PORT": str(s.broker_port), "MQTT_USERNAME": "backend",
-                 "MQTT_PASSWORD": s.secrets()["backend"]}
+                 "MQTT_PASSWORD": s.secrets()["backend"], "MQTT_CLIENT_ID": backend_client_id(s)}
     with serve(env, tmp_path, extra, registry_id=s.registry_id) as served:
         device_id = f"dev-{delivery}-{uuid.uuid4().hex[:6]}"
         private, public = generate_key("ES256")

@@ -186,7 +186,8 @@ def test_firewall_opens_8883_and_the_health_port_to_probe_ranges_only(run):
 
 def test_bridge_identity_has_least_privilege(run):
     published = {(r.get("topic"), r.get("role")) for r in run.of_type(T["topic_iam"]) if r.get("member") == MEMBER}
-    assert published == {(TOPIC + t, "roles/pubsub.publisher") for t in ("telemetry", "state", "device-logs")}
+    assert published == {(TOPIC + t, "roles/pubsub.publisher")
+                         for t in ("telemetry", "state", "device-logs", "dead-letter")}
     subs = {r.get("name") for r in run.of_type(T["sub"])}
     assert subs == {f"{PREFIX}-device-commands-host-{i}" for i in range(4)}
     assert all(r.get("topic") == TOPIC + "device-commands" for r in run.of_type(T["sub"]))
@@ -283,7 +284,7 @@ def test_hosts_boot_only_after_everything_they_read_exists(run):
              *[g for g in run.of_type(T["sub_iam"]) if g.get("member") != PUBSUB_AGENT],  # the bridge's own
              *run.of_type(T["project_iam"]), *run.of_type(T["bucket_iam"]),
              *run.of_type("gcp:compute/routerNat:RouterNat")]
-    assert len(needs) == 2 + 2 + 3 + 4 + 1 + 1 + 1
+    assert len(needs) == 2 + 2 + 4 + 4 + 1 + 1 + 1  # topic grants: telemetry, state, the route, dead-letter
     for r in needs:
         assert run.depends_on(mig, r), r.name
 

@@ -25,6 +25,8 @@ from components.monitoring import (
     render_dashboard,
 )
 from iotbridge import spec
+from iotbridge.bridge.metrics import BROKER_DROPPED_METRIC, BROKER_STORED_METRIC
+from iotbridge.bridge.settings import MAX_QUEUED_MESSAGES
 from tests.infra import harness
 
 PROJECT = "my-iot-dev-project"
@@ -40,6 +42,8 @@ RESOURCE_OF_METRIC = {
     "compute.googleapis.com/instance/": "gce_instance",
     "monitoring.googleapis.com/uptime_check/": "uptime_url",
     CONNECTED_DEVICES_METRIC: "gce_instance",
+    BROKER_STORED_METRIC: "gce_instance",
+    BROKER_DROPPED_METRIC: "gce_instance",
 }
 
 
@@ -143,7 +147,8 @@ def test_alert_policies_cover_what_operators_need(full):
     alerts = {r.name.removeprefix("monitoring-"): r for r in _of(resources, "gcp:monitoring/alertPolicy:AlertPolicy")}
     assert set(alerts) == {"pubsub-oldest-unacked", "pubsub-dead-letters", "dataflow-system-lag",
                            "dataflow-data-freshness", "function-errors", "bigquery-subscription-errors",
-                           "broker-host-health", "connected-devices"}
+                           "broker-host-health", "connected-devices", "broker-queue-filling",
+                           "broker-queue-full"}
     assert set(outputs["alert_names"]) == set(alerts)
     (channel,) = _of(resources, "gcp:monitoring/notificationChannel:NotificationChannel")
     assert channel.inputs["type"] == "email" and channel.inputs["labels"] == {"email_address": "oncall@example.com"}
@@ -163,6 +168,12 @@ def test_alert_policies_cover_what_operators_need(full):
     assert metric_of_alert["broker-host-health"] == {CONNECTED_DEVICES_METRIC,
                                                      "monitoring.googleapis.com/uptime_check/check_passed"}
     assert metric_of_alert["connected-devices"] == {CONNECTED_DEVICES_METRIC}
+    assert metric_of_alert["broker-queue-filling"] == {BROKER_STORED_METRIC}
+    assert metric_of_alert["broker-queue-full"] == {BROKER_DROPPED_METRIC}
+    filling = alerts["broker-queue-filling"].inputs["conditions"][0]["conditionThreshold"]
+    assert filling["thresholdValue"] == MAX_QUEUED_MESSAGES // 2  # well before the broker starts dropping
+    full = alerts["broker-queue-full"].inputs["conditions"][0]["conditionThreshold"]
+    assert (full["thresholdValue"], full["comparison"]) == (0, "COMPARISON_GT")  # the first dropped message
 
 
 def test_subscription_alerts_name_the_real_subscriptions(full):
@@ -186,13 +197,14 @@ def test_subscription_alerts_name_the_real_subscriptions(full):
 def test_custom_metric_exists_before_any_alert_on_it(full):
     """Monitoring refuses an alert on a custom metric type that has no descriptor yet (fresh project)."""
     resources, _ = full
-    (descriptor,) = _of(resources, "gcp:monitoring/metricDescriptor:MetricDescriptor")
-    assert descriptor.inputs["type"] == CONNECTED_DEVICES_METRIC
-    assert descriptor.inputs["metricKind"] == "GAUGE" and descriptor.inputs["valueType"] == "INT64"
-    assert {label["key"] for label in descriptor.inputs["labels"]} == {"registry_id", "host"}
-    for policy in _of(resources, "gcp:monitoring/alertPolicy:AlertPolicy"):
-        if CONNECTED_DEVICES_METRIC in json.dumps(policy.inputs["conditions"]):
-            assert descriptor.urn in policy.dependencies, policy.name
+    descriptors = {d.inputs["type"]: d for d in _of(resources, "gcp:monitoring/metricDescriptor:MetricDescriptor")}
+    assert set(descriptors) == {CONNECTED_DEVICES_METRIC, BROKER_STORED_METRIC, BROKER_DROPPED_METRIC}
+    for metric_type, descriptor in descriptors.items():
+        assert descriptor.inputs["metricKind"] == "GAUGE" and descriptor.inputs["valueType"] == "INT64"
+        assert {label["key"] for label in descriptor.inputs["labels"]} == {"registry_id", "host"}
+        for policy in _of(resources, "gcp:monitoring/alertPolicy:AlertPolicy"):
+            if metric_type in json.dumps(policy.inputs["conditions"]):
+                assert descriptor.urn in policy.dependencies, policy.name
 
 
 def test_uptime_check_probes_the_mqtt_port(full):
@@ -208,7 +220,7 @@ def test_without_endpoint_or_email_the_rest_still_stands():
     assert _of(resources, "gcp:monitoring/notificationChannel:NotificationChannel") == []
     assert _of(resources, "gcp:monitoring/uptimeCheckConfig:UptimeCheckConfig") == []
     alerts = _of(resources, "gcp:monitoring/alertPolicy:AlertPolicy")
-    assert len(alerts) == 8
+    assert len(alerts) == 10
     assert all(not a.inputs.get("notificationChannels") for a in alerts)
     (dashboard,) = _of(resources, "gcp:monitoring/dashboard:Dashboard")
     assert "uptime_check" not in dashboard.inputs["dashboardJson"]
@@ -238,7 +250,7 @@ def test_every_stack_declares_the_dashboard_and_alerts_and_exports_the_url(stack
     run = harness.stack_run(stack)
     assert run.of_type("gcp-iot-bridge:index:Monitoring")
     assert len(run.of_type("gcp:monitoring/dashboard:Dashboard")) == 1
-    assert len(run.of_type("gcp:monitoring/alertPolicy:AlertPolicy")) == 8
+    assert len(run.of_type("gcp:monitoring/alertPolicy:AlertPolicy")) == 10
     url = run.outputs["monitoring_dashboard_url"]
     assert url.startswith("https://console.cloud.google.com/monitoring/dashboards/builder/")
     assert url.endswith(f"?project={run.config['gcp:project']}")
