@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
 import pytest
+import typer
 import typer.main
 from typer.testing import CliRunner
 
@@ -82,10 +82,14 @@ def first_code(rows: list[list[str]], column: int = 0) -> list[str]:
 def literal(path: Path, name: str) -> Any:
     """The value of a module-level ``NAME = <literal>`` of ``path``, read without importing it."""
     for node in ast.parse(path.read_text()).body:
-        targets_ = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets_):
-            assert node.value is not None
-            return ast.literal_eval(node.value)
+        if isinstance(node, ast.Assign):
+            names, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            names, value = [node.target], node.value
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == name for t in names):
+            return ast.literal_eval(value)
     raise AssertionError(f"{path} defines no {name}")
 
 
@@ -178,9 +182,10 @@ def test_topics_and_subscriptions_are_the_specs():
     assert first_code(table(text, "Topic key")) == list(spec.TOPICS)
     rows = table(text, "Subscription key")
     assert first_code(rows) == list(spec.SUBSCRIPTIONS)
-    for key, topic, kind, dead_letter, *_ in rows:
+    for key, topic, kind, dead_letter, deadline, _ in rows:
         s = spec.SUBSCRIPTIONS[code(key)[0]]
-        assert (code(topic)[0], kind, dead_letter) == (s.topic, s.kind, "yes" if s.dead_letter else "no"), s.key
+        assert (code(topic)[0], kind, dead_letter, deadline) == \
+               (s.topic, s.kind, "yes" if s.dead_letter else "no", f"{s.ack_deadline_seconds} s"), s.key
 
 
 def _forwarded_attributes() -> set[str]:
@@ -334,10 +339,11 @@ stack.
 """
 
 
-def _commands() -> list[tuple[list[str], click.Command]]:
+def _commands() -> list[tuple[list[str], Any]]:
+    """(["iotctl", "devices", "create"], its click command) for the app and every group and command in it."""
     out = []
 
-    def walk(cmd: click.Command, path: list[str]) -> None:
+    def walk(cmd: Any, path: list[str]) -> None:
         out.append((path, cmd))
         for name, sub in getattr(cmd, "commands", {}).items():
             walk(sub, [*path, name])
@@ -355,7 +361,7 @@ def _cell(text: str) -> str:
 def render_cli_reference() -> str:
     parts = [CLI_PREAMBLE]
     for path, cmd in _commands():
-        ctx = click.Context(cmd, info_name=" ".join(path))
+        ctx = typer.Context(cmd, info_name=" ".join(path))
         parts.append(f"## `{' '.join(path)}`\n")
         parts.append(f"```\nUsage: {' '.join(path)} {' '.join(cmd.collect_usage_pieces(ctx))}\n```\n")
         parts.append(inspect.cleandoc(cmd.help or "") + "\n")
@@ -392,6 +398,12 @@ def test_cli_reference_names_what_help_shows(path: list[str]):
 
 
 # ------------------------------------------------------------------------------------------ docs/ as a whole
+
+
+def test_the_architecture_page_names_every_component():
+    text = section(page("architecture.md"), "## The parts")
+    documented = set(re.findall(r"^  - `(\w+\.py)`:", text, re.M))
+    assert documented == {p.name for p in (ROOT / "infra" / "components").glob("*.py")} - {"__init__.py"}
 
 
 def test_the_index_links_every_page():
