@@ -321,7 +321,7 @@ def run() -> list[Figure]:
         _ratio("ratio bridge/raw paho→paho QoS 1, 1 host", q1.rate, statistics.median(raw_pp),
                f"; Python publisher on both sides; rounds bridge/raw: {pairs_pp}"),
         _ratio("ratio bridge/raw paho subscriber QoS 1, 1 host", c1.rate, statistics.median(raw_sub),
-               f"; C publishers on both sides (issue #7 target ≥ 0.8); rounds bridge/raw: {pairs_sub}"),
+               f"; C publishers on both sides (target ≥ 0.8); rounds bridge/raw: {pairs_sub}"),
     ]
     for share, r in paced.items():
         s = summary_ms(r.latencies)

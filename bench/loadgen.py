@@ -4,8 +4,8 @@ with the devices): ``python -m bench.loadgen SPEC.json`` prints one JSON line of
 SPEC: ``{"host", "port", "ca", "project", "region", "registry", "devices": [[id, private key PEM], ...],
 "per_device": n, "qos": 0|1, "rate": total msg/s or 0 for as fast as possible, "run": tag}``.
 
-The devices are :class:`iotbridge.device.Device` (paho-mqtt over TLS, IoT Core JWT). Each payload is a CONTRACTS
-§3 telemetry message with two extra keys the benchmark reads back from Pub/Sub: ``sent`` (epoch seconds when the
+The devices are :class:`iotbridge.device.Device` (paho-mqtt over TLS, IoT Core JWT). Each payload is a telemetry
+message (docs/messages.md) with two extra keys the benchmark reads back from Pub/Sub: ``sent`` (epoch seconds when the
 device handed it to its MQTT client) and ``dev`` (the device's index), so loss, duplicates and latency are
 computed from what arrived.
 """

@@ -2,7 +2,7 @@
 
 The floor is ``json.loads`` of each payload: no pipeline can accept a JSON message for less. The path is what the
 pipeline does per message before any I/O: :func:`dataflow_jobs.telemetry.parse` (UTF-8 + JSON decode, every
-check of CONTRACTS §3, identity from the attributes), then the ``telemetry_raw`` row and the Bigtable cells.
+check of the telemetry payload, identity from the attributes), then the ``telemetry_raw`` row and the Bigtable cells.
 A third figure adds the DoFn wrapper (``ParseTelemetry.process`` on a ``PubsubMessage``, no runner).
 
 CPU time (``time.process_time_ns``) over whole batches, rounds interleaved so that both sides see the same

@@ -1,6 +1,6 @@
-"""Decode, validate and shape one telemetry message (CONTRACTS §3) — plain Python, no Beam.
+"""Decode, validate and shape one telemetry message (docs/messages.md) — plain Python, no Beam.
 
-Identity comes from the Pub/Sub attributes the bridge sets from the authenticated session (CONTRACTS §2),
+Identity comes from the Pub/Sub attributes the bridge sets from the authenticated session,
 never from the payload: a device cannot write rows in another device's name by putting a ``deviceId`` in its
 JSON. Every way a message can be wrong has a reason class (:data:`REASONS`); :func:`parse` raises
 :class:`Rejected` with one of them and the pipeline routes the message to ``telemetry_errors``.
@@ -36,7 +36,7 @@ REASONS: dict[str, str] = {
     "bad_seq": "seq is not a non-negative integer",
 }
 
-# CONTRACTS §1 device id rule.
+# The device id rule (docs/device-protocol.md), the registry's: the pipeline's image does not carry the registry.
 DEVICE_ID_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}")
 # Row keys carry event time as 13 zero-padded digits of epoch milliseconds, so they sort by time
 # lexicographically; that bounds ts to [1970, 2286).
@@ -78,7 +78,7 @@ class Reading:
 
     @property
     def dedupe_key(self) -> str:
-        """Device id + ts + seq (CONTRACTS §3); the payload digest when there is no seq."""
+        """Device id + ts + seq; the payload digest when there is no seq."""
         return f"{self.device_id}#{self.event_time_ms:013d}#{self._discriminator}"
 
     @property

@@ -4,9 +4,9 @@ aggregates → threshold rules → config-change requests back to the devices.
 The story, in the order the transforms run:
 
 1. **ReadTelemetry** pulls the telemetry subscription with attributes. The bridge put the device's
-   authenticated identity into the attributes (``deviceId`` …, CONTRACTS §2); the payload is the device's own
+   authenticated identity into the attributes (``deviceId`` …, docs/messages.md); the payload is the device's own
    bytes and is never trusted for identity.
-2. **Parse** decodes and validates the payload (CONTRACTS §3) and stamps each accepted reading with its event
+2. **Parse** decodes and validates the payload (docs/messages.md) and stamps each accepted reading with its event
    time (the payload's ``ts``). Anything else goes to the ``errors`` output with a reason class and the raw
    payload, is counted (Beam counter ``telemetry/rejected_<reason>``) and lands in ``telemetry_errors``: the
    pipeline never dies on input.

@@ -198,7 +198,7 @@ if cfg.workbench_enabled:
     ))
     pulumi.export("workbench_proxy_uri", workbench.proxy_uri)
 
-# CONTRACTS §5.
+# Every stack's outputs (docs/outputs.md).
 pulumi.export("project_id", cfg.project)
 pulumi.export("region", cfg.region)
 pulumi.export("registry_id", broker.registry_id)

@@ -2,7 +2,7 @@
 
 ``load()`` reads every key this project knows, validates it with pydantic and returns one frozen
 ``StackConfig``. It runs before any resource is declared, so a bad value fails ``pulumi preview`` at once with a
-single line naming the key and what is allowed (CONTRACTS §6), e.g.::
+single line naming the key and what is allowed, e.g.::
 
     config gcp-iot-bridge:bigtableMaxNodes=0: must be >= 1; allowed: an integer 1..1000, >= bigtableMinNodes ...
 

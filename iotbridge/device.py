@@ -1,4 +1,4 @@
-"""A small device SDK speaking Cloud IoT Core's MQTT protocol (CONTRACTS §1), on paho-mqtt 2.x.
+"""A small device SDK speaking Cloud IoT Core's MQTT protocol (docs/device-protocol.md), on paho-mqtt 2.x.
 
 Written the way IoT Core's own samples were: client id ``projects/{p}/locations/{r}/registries/{reg}/devices/{d}``,
 username ``unused``, a JWT password signed with the device's private key (RS256 or ES256, ``aud`` = project),

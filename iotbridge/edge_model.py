@@ -2,7 +2,8 @@
 
 Model choice
 ------------
-A k-means anomaly detector over a device's reading, one feature per metric (CONTRACTS §3 ``metrics``):
+A k-means anomaly detector over a device's reading, one feature per metric (the payload's
+``metrics``, docs/messages.md):
 
 * Cloud trainer: BigQuery ML ``KMEANS`` (``standardize_features = TRUE``) over ``telemetry_raw``, one training row
   per accepted message. It needs no labels — the fleet has no failure labels — and k clusters capture the operating

@@ -11,7 +11,7 @@ Layout (one registry per deployment)::
     registries/{registry_id}/devices/{device_id}/requests/{msg_id}    idempotency markers (TTL field expire_at)
     registries/{registry_id}/num_ids/{num_id}                         reserves a numeric id (unique)
 
-Config versions are written in one transaction per update (CONTRACTS §1, issue 4): server-assigned,
+Config versions are written in one transaction per update, as IoT Core versioned them: server-assigned,
 monotonic, compare-and-set on ``version_to_update``, at most one update per second per device, and a request
 id (the Pub/Sub message id) that was already applied returns the version it created instead of a new one.
 
@@ -551,7 +551,8 @@ class Registry:
     def record_heartbeats(self, times: Mapping[str, datetime], chunk: int = 500) -> int:
         """``record_heartbeat`` for many devices in batched writes (Firestore allows 500 per batch); a device
         deleted meanwhile is skipped. Returns the number written. A host's front records the PINGREQs of all
-        its devices this way: one write per device and keep-alive was most of an idle front's CPU (issue #7)."""
+        its devices this way: one write per device and keep-alive was most of an idle front's CPU
+        (``make bench``, section connections)."""
         from google.api_core.exceptions import NotFound
 
         written = 0

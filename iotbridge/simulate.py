@@ -1,8 +1,8 @@
-"""A device fleet speaking the device protocol (CONTRACTS §1), for ``iotctl simulate`` and ``make demo``.
+"""A device fleet speaking the device protocol (docs/device-protocol.md), for ``iotctl simulate`` and ``make demo``.
 
 Each simulated device is a :class:`iotbridge.device.Device` — the same SDK a real device uses — with its own
 key, generated and registered on first use and kept under the key folder (private keys never leave it). Devices
-send telemetry of CONTRACTS §3 (``ts``, ``metrics``, ``seq``) at QoS 1, subscribe to their config and commands,
+send telemetry (``ts``, ``metrics``, ``seq``: docs/messages.md) at QoS 1, subscribe to their config and commands,
 and answer each config by publishing their state (``{"config_sha256": ...}``), as IoT Core devices did.
 
 Signals are realistic rather than random: temperature follows a slow daily-like wave plus noise; rpm hovers

@@ -1,4 +1,4 @@
-"""The one description of the messaging and storage topology (CONTRACTS §2, §4).
+"""The one description of the messaging and storage topology (docs/messages.md, docs/storage.md).
 
 The Pulumi program (``infra/``) and the local stack (``iotctl local up``) both build from this module, so the
 cloud and the laptop have the same topics, subscriptions, tables and views. Pure data: no cloud client,
@@ -89,7 +89,7 @@ def subscription_name(prefix: str, key: str) -> str:
     return f"{prefix}-{key}"
 
 
-# Attribute names the bridge sets on every message (CONTRACTS §2), as IoT Core did.
+# Attribute names the bridge sets on every message, as IoT Core did (docs/messages.md).
 ATTRIBUTES = ("deviceId", "deviceNumId", "deviceRegistryId", "deviceRegistryLocation", "projectId", "subFolder")
 
 # -------------------------------------------------------------------------------------------- BigQuery
@@ -138,7 +138,7 @@ TABLES: dict[str, TableSpec] = {
     for t in (
         TableSpec(
             "telemetry_raw",
-            "One row per accepted telemetry message (CONTRACTS §3).",
+            "One row per accepted telemetry message.",
             (
                 Column("device_id", "STRING", "REQUIRED", "From the bridge's authenticated identity."),
                 Column("device_num_id", "STRING"),
@@ -245,7 +245,7 @@ GROUP BY device_id, metric, hour""",
 FROM `{project}.{dataset}.telemetry_errors`
 GROUP BY hour, error""",
         ),
-        # Edge model monitoring (issue 6) over the device-logs records of iotbridge.ml.runner. The device id is
+        # Edge model monitoring over the device-logs records of iotbridge.ml.runner. The device id is
         # the bridge's authenticated deviceId attribute, not what the payload claims.
         ViewSpec(
             "edge_model_hourly",

@@ -1,6 +1,6 @@
 """Where an ``iotctl`` command acts: the running local stack, or a deployed Pulumi stack (``--stack NAME``).
 
-A deployed stack is read from ``pulumi stack output --json --stack NAME`` (CONTRACTS §5). Outputs marked secret
+A deployed stack is read from ``pulumi stack output --json --stack NAME`` (docs/outputs.md). Outputs marked secret
 are never requested (no ``--show-secrets``): the CLI needs none of them.
 """
 

@@ -1,4 +1,4 @@
-"""Config push-back: a CloudEvent function on the config-requests topic (issue 4).
+"""Config push-back: a CloudEvent function on the config-requests topic (docs/messages.md).
 
 Operators (``iotctl config push``) and the pipeline's rules publish a request on the config-requests topic;
 this function is the one writer of config versions. For each request it

@@ -1,5 +1,5 @@
 """Broker: the device registry's Firestore database and the MQTT broker hosts behind a network load balancer
-(issue 10 §4, CONTRACTS §1).
+(docs/device-protocol.md).
 
 Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener, the TLS
 front on 8883 that authenticates devices the IoT Core way, and the bridge service that forwards to Pub/Sub
@@ -127,7 +127,7 @@ class BrokerArgs:
     state_topic: pulumi.Input[str]
     commands_topic: pulumi.Input[str]  # the device-commands fan-out topic
     deletion_protection: bool
-    # Subfolder routes (CONTRACTS §2, at most 10): subfolder -> topic id.
+    # Subfolder routes (IoT Core allowed at most 10): subfolder -> topic id.
     routes: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     network: pulumi.Input[str] = "default"
     subnetwork: pulumi.Input[str] | None = None

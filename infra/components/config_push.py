@@ -1,4 +1,4 @@
-"""Config push: the Cloud Function (gen2) that versions device configs and pushes them over MQTT (issue 4).
+"""Config push: the Cloud Function (gen2) that versions device configs and pushes them to devices.
 
 What it declares, and the GCP pitfall behind each choice:
 
@@ -10,7 +10,7 @@ What it declares, and the GCP pitfall behind each choice:
   ``config-push`` workload), a build service account of its own: since 2024 builds default to the Compute
   Engine default account, which organisation policy often leaves without roles, and the deploy then fails in
   Cloud Build.
-- Delivery ``mqtt`` (issue 4: paho publish to a broker): the backend MQTT password as a Secret Manager secret
+- Delivery ``mqtt`` (paho publish to a broker): the backend MQTT password as a Secret Manager secret
   environment variable; the runtime account gets ``secretAccessor`` on that one secret before the function is
   created, or the first revision fails to start. Delivery ``fanout``: publisher on the bridge's
   device-commands topic instead, which reaches every broker host; no secret, no VPC.
@@ -107,7 +107,7 @@ class ConfigPushArgs:
     pubsub_agent: pulumi.Input[str]  # "serviceAccount:service-{number}@gcp-sa-pubsub.iam.gserviceaccount.com"
     eventarc_agent: pulumi.Input[str]  # "serviceAccount:service-{number}@gcp-sa-eventarc.iam.gserviceaccount.com"
     deletion_protection: bool
-    # "mqtt": paho publish to one broker (issue 4), which needs mqtt_host, mqtt_password_secret and VPC egress.
+    # "mqtt": paho publish to one broker, which needs mqtt_host, mqtt_password_secret and VPC egress.
     # "fanout": the bridge's device-commands topic, which reaches every broker host; needs fanout_topic only.
     delivery: Literal["mqtt", "fanout"] = "mqtt"
     fanout_topic: pulumi.Input[str] | None = None  # projects/{p}/topics/{prefix}-device-commands
@@ -319,7 +319,7 @@ class ConfigPush(pulumi.ComponentResource):
             project=args.project,
             location=args.region,
             name=f"{args.prefix}-config-push",
-            description="Versions device configs in the registry and publishes them over MQTT (issue 4).",
+            description="Versions device configs in the registry and publishes them over MQTT.",
             labels=labels,
             build_config=gcp.cloudfunctionsv2.FunctionBuildConfigArgs(
                 runtime=RUNTIME,

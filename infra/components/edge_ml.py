@@ -1,5 +1,5 @@
 """Edge ML: the models bucket, the BigQuery ML anomaly model trained on the telemetry, its exports, and who may
-read them (issue 6).
+read them.
 
 The model is a BigQuery ML ``KMEANS`` detector over the per-message metrics of ``telemetry_raw`` (why: see
 ``iotbridge/edge_model.py``). Three BigQuery jobs, in order:

@@ -6,8 +6,8 @@ runner holds messages and extends their deadlines itself, so delivery attempts c
 dead-lettered. The pipeline writes what it cannot accept to ``telemetry_errors`` instead. Every subscription that
 dead-letters needs two grants to the Pub/Sub service agent (service-{number}@gcp-sa-pubsub): publisher on the
 dead-letter topic and subscriber on the source subscription. Without them dead-lettering silently never happens
-and a poison message is redelivered forever (terraform-google-pubsub PR #34, issue #107, PR #146 for BigQuery
-subscriptions).
+and a poison message is redelivered forever (terraform-google-modules/terraform-google-pubsub #34, #107, and #146 for
+BigQuery subscriptions).
 
 The device-logs BigQuery subscription writes straight into the warehouse's ``device_logs`` table; the agent needs
 BigQuery dataEditor (to insert) and metadataViewer (to read the table's schema) before the subscription can be

@@ -1,4 +1,5 @@
-"""Warehouse: the BigQuery dataset, the tables of CONTRACTS §4 and the dashboard views, from ``iotbridge.spec``.
+"""Warehouse: the BigQuery dataset, the tables and the dashboard views of ``iotbridge.spec``
+(docs/storage.md).
 
 Teardown: ``deletion_protection`` drives both BigQuery knobs. pulumi-gcp defaults a table's own
 ``deletion_protection`` to true, so a dev stack that forgot it could never be destroyed; it is always set

@@ -1,4 +1,4 @@
-"""Device authentication the way Cloud IoT Core did it (CONTRACTS §1): client id path + JWT password.
+"""Device authentication the way Cloud IoT Core did it (docs/device-protocol.md): client id path + JWT password.
 
 ``verify_jwt`` checks a password against a device's registered credentials; ``parse_client_id`` checks the
 client id names this deployment's project, region and registry. Both raise :class:`AuthError` with a reason

@@ -1,7 +1,7 @@
 """Cloud → device: configs and commands through the ``device-commands`` fan-out topic, and device presence.
 
 Every broker host's bridge service has its own subscription to ``device-commands``, so a message published
-here reaches whichever host the device is connected to (issue 10 §4). Message format:
+here reaches whichever host the device is connected to. Message format (docs/messages.md):
 
 - data = the config or command payload, untouched;
 - attributes ``kind`` = ``config`` | ``command``, ``deviceId``, and ``version`` (config) or ``subFolder``

@@ -1,7 +1,7 @@
 """Just enough MQTT 3.1.1 / 5 packet codec for the TLS front: framing, CONNECT, PUBLISH and SUBSCRIBE.
 
 The front never builds a broker: it reads whole packets from the device, looks at the few fields the device
-protocol restricts (CONTRACTS §1), and forwards the original bytes — except CONNECT, which it re-encodes with
+protocol restricts (docs/device-protocol.md), and forwards the original bytes — except CONNECT, which it re-encodes with
 the authenticated identity. Spec references: MQTT 3.1.1 §2-3, MQTT 5.0 §2-3.
 """
 
@@ -89,7 +89,7 @@ class Framer:
     """Cuts a byte stream, fed one socket read at a time, into whole packets.
 
     The relay reads whatever the socket holds rather than one packet at a time (three small reads per packet and
-    a write per packet were most of the front's CPU, issue #7); this keeps the incomplete tail between reads.
+    a write per packet were most of the front's CPU in a py-spy profile); this keeps the incomplete tail between reads.
     ``feed`` yields ``(first byte, body, raw bytes)`` of each complete packet in order. A malformed or oversized
     header raises ``ProtocolError`` at its place in the stream, after the packets before it were yielded; the
     stream is unusable after that (the caller closes the connection). The size limit is checked on the header,

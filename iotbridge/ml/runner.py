@@ -158,7 +158,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ readings
     def observe(self, reading: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Run the model on one telemetry reading (CONTRACTS §3); publish and return the inference record.
+        """Run the model on one telemetry reading (docs/messages.md); publish and return the inference record.
         None without a model, or when the reading carries none of the model's metrics."""
         active = self._active
         metrics = reading.get("metrics")

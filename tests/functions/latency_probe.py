@@ -1,4 +1,4 @@
-"""Request → device latency of the config-push function, warm, on this machine (issue 4's measurement).
+"""Request → device latency of the config-push function, warm, on this machine.
 
     .venv/bin/python -m tests.functions.latency_probe [--requests 200] [--devices 20]
 

@@ -33,7 +33,7 @@ PROJECT = "local-project"
 
 def mosquitto_config(port: int) -> str:
     # Anonymous plaintext on loopback: this broker stands for the backend listener the function publishes to,
-    # not for the device-facing endpoint (which is TLS + JWT, issue 10).
+    # not for the device-facing endpoint (which is TLS + JWT, docs/device-protocol.md).
     return (f"listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n"
             "max_queued_messages 100000\n")
 

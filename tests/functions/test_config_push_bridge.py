@@ -1,6 +1,6 @@
 """Config push through the whole local architecture: the function (served from its archive behind a push
 subscription) → the bridge's broker host (TLS front with IoT Core JWT auth, loopback Mosquitto, bridge service)
-→ a device written the IoT Core way, whose PUBACK the front records as the config's ack time (issue 4's
+→ a device written the IoT Core way, whose PUBACK the front records as the config's ack time (IoT Core's
 "after the device acknowledges, its ack time")."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Cloud-to-edge ML end to end on the real local stack (issue 6, "Done when").
+"""Cloud-to-edge ML end to end on the real local stack (model trained, deployed through configs,
+run on devices, monitored in the views).
 
 ``LocalStack.up()`` (Pub/Sub, Firestore, Bigtable emulators, local BigQuery, device-logs forwarder, Mosquitto,
 bridge service, TLS front, config-push function, pipeline). The stack's config-requests push subscription is then
