@@ -321,3 +321,13 @@ class BigtableSpec:
 
 
 BIGTABLE = BigtableSpec()
+
+
+# Custom metrics a broker host writes every minute (on its gce_instance, labels registry_id and host), which the
+# stack declares, alerts on and charts.
+CONNECTED_DEVICES_METRIC = "custom.googleapis.com/iot/connected_devices"  # the front's live sessions
+BROKER_STORED_METRIC = "custom.googleapis.com/iot/broker_stored_messages"  # what Mosquitto holds
+BROKER_DROPPED_METRIC = "custom.googleapis.com/iot/broker_dropped_messages"  # dropped over a queue bound, per minute
+# Mosquitto's per-client queue bound (max_queued_messages): the bridge's persistent session fills during a Pub/Sub
+# outage; the stack alerts at half of it.
+BROKER_MAX_QUEUED_MESSAGES = 1_000_000

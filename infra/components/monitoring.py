@@ -36,12 +36,13 @@ import pulumi_gcp as gcp
 import pulumiverse_time as time
 
 from iotbridge import spec
-from iotbridge.bridge.metrics import BROKER_DROPPED_METRIC, BROKER_STORED_METRIC
-from iotbridge.bridge.settings import MAX_QUEUED_MESSAGES
 
 DASHBOARD_FILE = pathlib.Path(__file__).resolve().parents[1] / "dashboards" / "iot.json"
 
-CONNECTED_DEVICES_METRIC = "custom.googleapis.com/iot/connected_devices"
+CONNECTED_DEVICES_METRIC = spec.CONNECTED_DEVICES_METRIC
+BROKER_STORED_METRIC = spec.BROKER_STORED_METRIC
+BROKER_DROPPED_METRIC = spec.BROKER_DROPPED_METRIC
+MAX_QUEUED_MESSAGES = spec.BROKER_MAX_QUEUED_MESSAGES
 # "it could take up to 10 minutes to become available" (Monitoring's own 404, terraform-provider-google#11102). The
 # wait runs beside the Dataflow launch and the image build, so the first `up` is rarely longer for it.
 METRIC_DESCRIPTOR_WAIT = "600s"

@@ -1,7 +1,7 @@
 """Batched Pub/Sub publishing for the bridge service: raw protobuf messages, one callback per batch.
 
 The client library's ``PublisherClient.publish`` costs the bridge more CPU per message than everything else it
-does (py-spy, ``bench/`` issue #7): each call wraps the message in proto-plus types, builds a throw-away
+does (py-spy, ``bench/``): each call wraps the message in proto-plus types, builds a throw-away
 ``PublishRequest`` to measure its size, passes flow control and a sequencer, and creates a ``Future`` (with its
 ``threading.Condition``) and a done-callback. The bridge needs none of that per message: it acknowledges the
 broker per batch anyway. Here a message is a raw ``PubsubMessage`` protobuf (built in C), batches are kept per

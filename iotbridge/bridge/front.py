@@ -98,7 +98,7 @@ def printable(text: str, limit: int = 300) -> str:
 async def _forward(writer: asyncio.StreamWriter, data: bytes) -> None:
     """Write, and wait only when the transport's buffer is above its high-water mark (or it is closing, so a
     closed peer still surfaces as an error): awaiting ``drain`` after every write was a measurable share of the
-    relay's CPU (issue #7)."""
+    relay's CPU (bench/)."""
     writer.write(data)
     transport = writer.transport
     if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
@@ -249,7 +249,7 @@ class Front:
 
     async def start(self) -> None:
         # asyncio gives each TLS connection a 256 KiB read buffer (SSLProtocol.max_size), zero-filled and so
-        # resident: 2.5 GiB of the front's 3 GiB at 10,000 idle devices (bench/connections.py, issue #7). A TLS
+        # resident: 2.5 GiB of the front's 3 GiB at 10,000 idle devices (bench/connections.py). A TLS
         # record carries at most 16 KiB of plaintext, so a 32 KiB buffer costs no throughput.
         sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         if self._control_password is not None:
@@ -481,7 +481,7 @@ class Front:
     async def _device_to_broker(self, session: Session, dreader: asyncio.StreamReader,
                                 bwriter: asyncio.StreamWriter) -> None:
         # Framed on whole socket reads, one write per read: relaying packet by packet (three reads, a parse and a
-        # send() each) was the front's CPU in the profile (issue #7). Every packet is still checked on its own.
+        # send() each) was the front's CPU in the profile (bench/). Every packet is still checked on its own.
         framer = mqtt.Framer(MAX_DEVICE_PACKET)
         try:
             while True:
@@ -610,7 +610,7 @@ class Front:
 
     async def _broker_to_device(self, session: Session, breader: asyncio.StreamReader,
                                 dwriter: asyncio.StreamWriter) -> None:
-        # Same framing as the other direction: several packets per TLS record and send() (issue #7).
+        # Same framing as the other direction: several packets per TLS record and send().
         config_topic = f"/devices/{session.device_id}/config"
         framer = mqtt.Framer(MAX_BROKER_PACKET)
         try:

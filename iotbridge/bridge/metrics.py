@@ -20,9 +20,11 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-METRIC_TYPE = "custom.googleapis.com/iot/connected_devices"
-BROKER_STORED_METRIC = "custom.googleapis.com/iot/broker_stored_messages"
-BROKER_DROPPED_METRIC = "custom.googleapis.com/iot/broker_dropped_messages"
+from iotbridge import spec
+
+METRIC_TYPE = spec.CONNECTED_DEVICES_METRIC
+BROKER_STORED_METRIC = spec.BROKER_STORED_METRIC
+BROKER_DROPPED_METRIC = spec.BROKER_DROPPED_METRIC
 INTERVAL_S = 60.0  # Cloud Monitoring accepts at most one point per 5 s per series; a minute is the alerts' grain
 # The metadata server; GCE_METADATA_HOST (google-auth's variable, which the client libraries here obey too) names
 # another one, as the simulated host test does. Unset on a host.

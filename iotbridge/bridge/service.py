@@ -1,4 +1,4 @@
-"""The bridge service: Mosquitto ⇄ Pub/Sub, at least once (CONTRACTS §2).
+"""The bridge service: Mosquitto ⇄ Pub/Sub, at least once (the message formats: docs/messages.md).
 
 Device → cloud. A privileged MQTT client (user ``bridge``, client id ``iotbridge:bridge:{host}``) keeps a
 persistent session (clean session off, QoS 1) on the loopback listener, subscribed to ``/devices/+/events/#``
@@ -283,7 +283,7 @@ class BridgeService:
             # Needs a registry read, which must not stall the MQTT network thread: a worker does it.
             self._work.put((msg, gen))
             return
-        # Known device: forwarded right here, without a hand-over to another thread (issue #7: the queue
+        # Known device: forwarded right here, without a hand-over to another thread (the queue
         # hop was a sixth of the service's CPU per message).
         with self.stats_lock:
             self.stats["received"] += 1

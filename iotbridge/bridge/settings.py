@@ -34,13 +34,15 @@ import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from iotbridge import spec
+
 EVENTS_MAX_BYTES = 256 * 1024
 # Per client, QoS 1 messages the broker holds beyond those in flight. What matters is the bridge service's persistent
 # session during a Pub/Sub outage (it acks nothing, so everything devices send waits here): a million messages
 # cover 16 minutes at 1,000 msg/s per host, 2.8 hours at 100 msg/s; 1 GiB of payload caps the broker's memory
 # (plus ~250 bytes of bookkeeping per message) on an 8 GB e2-standard-2. Past either bound Mosquitto drops
 # messages it already acknowledged to the device: the bridge service reports the fill level and every drop.
-MAX_QUEUED_MESSAGES = 1_000_000
+MAX_QUEUED_MESSAGES = spec.BROKER_MAX_QUEUED_MESSAGES
 MAX_QUEUED_BYTES = 1024 * 1024 * 1024
 # The broker's $SYS/broker/log/N line for a client whose queue is full (Mosquitto 2.0 src/database.c).
 DROPPING_NOTICE = "Outgoing messages are being dropped for client "

@@ -1,4 +1,4 @@
-"""Every attack of the reliability list is refused (issue 10), against the real front, Mosquitto and emulators."""
+"""Every attack on identity, topics and framing is refused, against the real front, Mosquitto and emulators."""
 
 from __future__ import annotations
 
