@@ -99,7 +99,8 @@ class Reading:
 
     @property
     def dedupe_key(self) -> str:
-        """Device id + ts + seq (CONTRACTS §3); the payload digest when there is no seq."""
+        """Device id + event time + seq; the payload digest when there is no seq, the message id when the event
+        time is the publish time."""
         return f"{self.device_id}#{self.event_time_ms:013d}#{self._discriminator}"
 
     @property

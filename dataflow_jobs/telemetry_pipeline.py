@@ -7,16 +7,17 @@ The story, in the order the transforms run:
    authenticated identity into the attributes (``deviceId`` …, CONTRACTS §2); the payload is the device's own
    bytes and is never trusted for identity.
 2. **Parse** reads the payload with the payload profiles of its registry / subfolder (``--payload_profiles``:
-   ``telemetry-v1``, ``json``, ``raw``, tried in order) and stamps each accepted reading with its event time (the
-   payload's own, or the publish time for a payload that has none). Anything else goes to the ``errors`` output with a reason class and the raw
-   payload, is counted (Beam counter ``telemetry/rejected_<reason>``) and lands in ``telemetry_errors``: the
-   pipeline never dies on input.
-3. **DropDuplicates** keeps the first reading per device id + ts + seq seen within ``--dedupe_seconds`` of
-   processing time. Pub/Sub delivers at least once and devices resend after a lost PUBACK; ``id_label`` is not
-   used because the bridge cannot give a resend the same id (and the DirectRunner rejects it).
+   ``telemetry-v1``, ``json``, ``raw``, tried in order) and stamps each accepted reading with its event time
+   (the payload's own, or the publish time for a payload that has none). Anything else goes to the ``errors``
+   output with a reason class and the raw payload, is counted (Beam counter ``telemetry/rejected_<reason>``) and
+   lands in ``telemetry_errors``: the pipeline never dies on input.
+3. **DropDuplicates** keeps the first reading per device id + event time + seq (a payload hash without seq; the
+   Pub/Sub message id for a payload without a time) seen within ``--dedupe_seconds`` of processing time.
+   Pub/Sub delivers at least once and devices resend after a lost PUBACK; ``id_label`` is not used because the
+   bridge cannot give a resend the same id (and the DirectRunner rejects it).
 4. **WriteRaw** streams one ``telemetry_raw`` row per reading; **WriteBigtable** writes one Bigtable row per
-   reading whose key is ``{device_id}#{event_time_ms:013d}#{seq}`` and whose cells carry the event time as
-   their timestamp, so a replay older than the dedupe horizon overwrites the same cell versions.
+   reading whose key is ``{device_id}#{event_time_ms:013d}#{seq or its stand-in}`` and whose cells carry the
+   event time as their timestamp, so a replay older than the dedupe horizon overwrites the same cell versions.
 5. **AggregatePerMinute**: 1-minute event-time windows per device and metric, fired when the watermark passes
    the window end and once more for each late reading within ``--allowed_lateness_seconds``. Panes discard
    what they fired, so ``telemetry_1m`` holds additive partial aggregates: sum ``count``, min ``min``,
@@ -129,7 +130,8 @@ FLAGS: tuple[Flag, ...] = (
          "How long after a 1-minute window closes late readings still update telemetry_1m, in seconds.",
          r"^[0-9]{1,6}$", default="900"),
     Flag("dedupe_seconds", "Dedupe horizon",
-         "How long, in seconds of processing time, a device id + ts + seq is remembered to drop duplicates.",
+         "How long, in seconds of processing time, a reading's identity (device id + event time + seq or payload "
+         "hash; the message id for a payload without a time) is remembered to drop duplicates.",
          r"^[1-9][0-9]{0,6}$", default="600"),
     Flag("payload_profiles", "Payload profiles",
          'JSON object: the payload profiles (telemetry-v1, json, raw) tried in order, as {"default": [...], '
@@ -314,7 +316,7 @@ class FirstPerKey(beam.DoFn):
 
 
 class DropDuplicates(beam.PTransform):
-    """First reading per device id + ts + seq within ``seconds`` of processing time."""
+    """First reading per :attr:`telemetry.Reading.dedupe_key` within ``seconds`` of processing time."""
 
     def __init__(self, seconds: int, label: str | None = None):
         super().__init__(label)
@@ -440,7 +442,8 @@ class ProcessTelemetry(beam.PTransform):
         self.s = settings
 
     def expand(self, messages):
-        parsed = messages | "Parse" >> beam.ParDo(ParseTelemetry(self.s.profiles)).with_outputs(ERRORS_TAG, main="readings")
+        parsed = messages | "Parse" >> beam.ParDo(ParseTelemetry(self.s.profiles)).with_outputs(
+            ERRORS_TAG, main="readings")
         readings = parsed.readings | "DropDuplicates" >> DropDuplicates(self.s.dedupe_seconds)
         return {
             "raw": readings | "RawRows" >> beam.Map(lambda r: (r.dedupe_key, telemetry.raw_row(r))),

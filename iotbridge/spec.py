@@ -152,7 +152,8 @@ class PayloadProfiles:
         return self.default
 
     def all(self) -> list[Profile]:
-        return [*self.default, *(p for _, ps in self.registries for p in ps), *(p for _, ps in self.subfolders for p in ps)]
+        listed = [*self.registries, *self.subfolders]
+        return [*self.default, *(p for _, ps in listed for p in ps)]
 
     def to_json(self) -> str:
         """Canonical JSON text: what the pipeline flag carries."""

@@ -157,8 +157,8 @@ def test_mixed_fleet_on_emulators(stack):
         # Pub/Sub redelivery of it, same message id, is dropped: tests/dataflow/test_profiles.py).
         publish_all(stack["publisher"], stack["telemetry_topic"], [(g["data"], g["attrs"]) for g in goods])
         late_ms = base_ms + 60 * STEP_MS
-        sentinels = [(json.dumps({"ts": late_ms, "seq": 999, "metrics": {"done": 1}}).encode(), attrs("v1", f"v1-{d:02d}"))
-                     for d in range(GROUPS["v1"][0])]
+        sentinels = [(json.dumps({"ts": late_ms, "seq": 999, "metrics": {"done": 1}}).encode(),
+                      attrs("v1", f"v1-{d:02d}")) for d in range(GROUPS["v1"][0])]
         publish_all(stack["publisher"], stack["telemetry_topic"], sentinels)
         untimed = sum(1 for g in goods if g["event_ms"] is None)
         total = n + untimed + len(sentinels)
