@@ -1,4 +1,5 @@
-"""Pipeline: CPU per message of the decode → validate → rows path, against ``json.loads`` of the same payloads.
+"""Pipeline: CPU per message of the decode → validate → rows path, against ``json.loads`` of the same payloads,
+for each payload profile (telemetry-v1, json flat and nested, raw kept and raw through a protobuf decoder).
 
 The floor is ``json.loads`` of each payload: no pipeline can accept a JSON message for less. The path is what the
 pipeline does per message before any I/O: :func:`dataflow_jobs.telemetry.parse` (UTF-8 + JSON decode, every
@@ -19,7 +20,9 @@ import random
 import statistics
 import sys
 import time
+from collections import defaultdict
 from datetime import datetime, timezone
+from typing import Any
 
 from bench.core import Figure
 
@@ -57,21 +60,87 @@ def cpu_us_per_message(fn, items) -> float:
     return (time.process_time_ns() - t0) / 1000 / len(items)
 
 
+def _readings(msgs: list[tuple[bytes, dict[str, str]]]) -> list[dict[str, Any]]:
+    """The fleet's readings as plain JSON objects, the shape every other profile's payload is made from."""
+    out = []
+    for data, _ in msgs:
+        doc = json.loads(data)
+        out.append({"metrics": doc["metrics"], "ts_ms": doc["ts"] if isinstance(doc["ts"], int) else None})
+    return out
+
+
+def decode_struct(data: bytes) -> dict[str, Any]:
+    """A raw-profile decoder as a protobuf fleet would write one: google.protobuf.Struct bytes -> dict."""
+    from google.protobuf import json_format, struct_pb2
+
+    msg = struct_pb2.Struct()
+    msg.ParseFromString(data)
+    return json_format.MessageToDict(msg)
+
+
+DECODER = "bench.pipeline_cost:decode_struct"
+
+
+def profile_sets(msgs: list[tuple[bytes, dict[str, str]]]) -> dict[str, tuple[str, list[tuple[bytes, dict[str, str]]],
+                                                                              list[bytes]]]:
+    """name -> (profiles JSON, messages, the same readings as JSON text: what json.loads is timed on).
+
+    The same readings in each firmware's encoding: telemetry-v1 as is; flat JSON without a time (read by the
+    default list, after telemetry-v1 has looked at it); nested JSON with an RFC 3339 field; protobuf kept as bytes;
+    protobuf through a decoder.
+    """
+    from google.protobuf import struct_pb2
+
+    def struct_bytes(doc: dict[str, Any]) -> bytes:
+        msg = struct_pb2.Struct()
+        msg.update(doc)
+        return msg.SerializeToString()
+
+    base_ms = 1_795_000_020_000
+    flat, nested, proto = [], [], []
+    for i, ((_, attrs), r) in enumerate(zip(msgs, _readings(msgs))):
+        ms = r["ts_ms"] or base_ms + i * 250
+        at = datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat().replace("+00:00", "Z")
+        flat.append(json.dumps(r["metrics"]).encode())
+        motor = {k: v for k, v in r["metrics"].items() if k != "temperature"}
+        nested.append(json.dumps({"meta": {"sampled_at": at, "fw": "1.4.2"},
+                                  "temperature": r["metrics"]["temperature"], "motor": motor}).encode())
+        proto.append(({"at": at, **r["metrics"]}, attrs))
+    proto_json = [json.dumps(d).encode() for d, _ in proto]
+    proto_bytes = [(struct_bytes(d), a) for d, a in proto]
+    attrs_of = [a for _, a in msgs]
+    return {
+        "telemetry-v1": ('{"default": ["telemetry-v1", "json"]}', msgs, [d for d, _ in msgs]),
+        "json flat, publish time": ('{"default": ["telemetry-v1", "json"]}', list(zip(flat, attrs_of)), flat),
+        "json nested, RFC 3339 field": (
+            '{"default": [{"profile": "json", "time_field": "meta.sampled_at"}]}', list(zip(nested, attrs_of)),
+            nested),
+        "raw bytes": ('{"default": ["raw"]}', proto_bytes, proto_json),
+        "raw + protobuf decoder": (
+            json.dumps({"default": [{"profile": "raw", "decoder": DECODER, "time_field": "at"}]}), proto_bytes,
+            proto_json),
+    }
+
+
 def run() -> list[Figure]:
     from apache_beam.io.gcp.pubsub import PubsubMessage
 
     from dataflow_jobs import telemetry
     from dataflow_jobs.telemetry_pipeline import ParseTelemetry
+    from iotbridge import spec
 
     msgs = payloads(MESSAGES)
     publish_us = 1_795_000_030_000_000
+    sets = profile_sets(msgs)
 
-    def floor(m):
-        return json.loads(m[0])
+    def floor(data: bytes):
+        return json.loads(data)
 
-    def path(m):
-        r = telemetry.parse(m[0], m[1], "1234567890", publish_us)
-        return telemetry.raw_row(r), telemetry.bigtable_cells(r)
+    def path_of(profiles: tuple[spec.Profile, ...]):
+        def path(m):
+            r = telemetry.read(m[0], m[1], "1234567890", publish_us, profiles)
+            return telemetry.raw_row(r), telemetry.bigtable_cells(r)
+        return path
 
     dofn = ParseTelemetry()
     pubsub = [PubsubMessage(d, a, message_id="1234567890",
@@ -85,31 +154,44 @@ def run() -> list[Figure]:
             r = out.value
             telemetry.raw_row(r), telemetry.bigtable_cells(r)
 
-    for fn, items in ((floor, msgs), (path, msgs), (with_dofn, pubsub)):  # warm-up
-        cpu_us_per_message(fn, items[:2000])
-    rounds: dict[str, list[float]] = {"floor": [], "path": [], "dofn": []}
+    paths = {name: path_of(spec.parse_payload_profiles(text).default) for name, (text, _, _) in sets.items()}
+    for name, (_, items, texts) in sets.items():  # warm-up
+        cpu_us_per_message(floor, texts[:2000])
+        cpu_us_per_message(paths[name], items[:2000])
+    cpu_us_per_message(with_dofn, pubsub[:2000])
+    rounds: dict[str, list[float]] = defaultdict(list)
     for _ in range(ROUNDS):
-        rounds["floor"].append(cpu_us_per_message(floor, msgs))
-        rounds["path"].append(cpu_us_per_message(path, msgs))
+        for name, (_, items, texts) in sets.items():
+            rounds[f"floor {name}"].append(cpu_us_per_message(floor, texts))
+            rounds[f"path {name}"].append(cpu_us_per_message(paths[name], items))
         rounds["dofn"].append(cpu_us_per_message(with_dofn, pubsub))
     med = {k: statistics.median(v) for k, v in rounds.items()}
     sizes = [len(d) for d, _ in msgs]
     note = f"{MESSAGES} payloads, {min(sizes)}-{max(sizes)} B, median of {ROUNDS} interleaved rounds, CPU time"
-    return [
-        Figure("pipeline", "json.loads (floor)", round(med["floor"], 2), "µs CPU/msg", COMMAND, note),
-        Figure("pipeline", "parse+validate+rows", round(med["path"], 2), "µs CPU/msg", COMMAND,
-               "telemetry.parse + raw_row + bigtable_cells"),
-        Figure("pipeline", "ratio path/floor", round(med["path"] / med["floor"], 2), "x", COMMAND,
-               "CPU of the accepted-message path over json.loads of the same payloads"),
+    figures = [
+        Figure("pipeline", "json.loads (floor)", round(med["floor telemetry-v1"], 2), "µs CPU/msg", COMMAND, note),
+        Figure("pipeline", "parse+validate+rows", round(med["path telemetry-v1"], 2), "µs CPU/msg", COMMAND,
+               "telemetry.read (default profiles) + raw_row + bigtable_cells"),
+        Figure("pipeline", "ratio path/floor", round(med["path telemetry-v1"] / med["floor telemetry-v1"], 2), "x",
+               COMMAND, "CPU of the accepted-message path over json.loads of the same payloads"),
         Figure("pipeline", "ParseTelemetry DoFn + rows", round(med["dofn"], 2), "µs CPU/msg", COMMAND,
                "the DoFn's process() on a PubsubMessage (counters, timestamping), no runner",
                extra={"rounds_us": {k: [round(x, 2) for x in v] for k, v in rounds.items()}}),
     ]
+    for name, (text, items, _) in sets.items():
+        size = statistics.mean(len(d) for d, _ in items)
+        figures.append(Figure(
+            "pipeline", f"profile {name}", round(med[f"path {name}"], 2), "µs CPU/msg", COMMAND,
+            f"read + rows with {text}; json.loads of the same readings as JSON: {med[f'floor {name}']:.2f} µs "
+            f"(x{med[f'path {name}'] / med[f'floor {name}']:.2f}); payload {size:.0f} B on average",
+            extra={"floor_us": round(med[f"floor {name}"], 2),
+                   "ratio": round(med[f"path {name}"] / med[f"floor {name}"], 2)}))
+    return figures
 
 
 def main() -> int:
     for f in run():
-        print(f"{f.name:30} {f.value:>8} {f.unit:11} {f.note}")
+        print(f"{f.name:36} {f.value:>8} {f.unit:11} {f.note}")
     return 0
 
 

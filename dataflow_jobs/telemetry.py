@@ -1,5 +1,9 @@
 """Decode, validate and shape one telemetry message (docs/messages.md) — plain Python, no Beam.
 
+A message is read by the payload profiles of its registry or subfolder (``iotbridge.spec.PayloadProfiles``), in
+order: ``telemetry-v1`` (:func:`parse`), ``json`` (any object, :func:`flatten`) and ``raw`` (the bytes, optionally
+through a user's decoder). :func:`read` is the entry point.
+
 Identity comes from the Pub/Sub attributes the bridge sets from the authenticated session,
 never from the payload: a device cannot write rows in another device's name by putting a ``deviceId`` in its
 JSON. Every way a message can be wrong has a reason class (:data:`REASONS`); :func:`parse` raises
@@ -14,13 +18,16 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import importlib
 import json
 import math
 import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from iotbridge.spec import DEFAULT_PROFILES, Profile
 
 # Reason classes written to telemetry_errors.error; one Beam counter each.
 REASONS: dict[str, str] = {
@@ -35,6 +42,13 @@ REASONS: dict[str, str] = {
     "bad_metric_value": "a metric is not a finite number",
     "bad_seq": "seq is not a non-negative integer",
 }
+# What the other profiles add. telemetry_errors.error holds the first profile's reason, detail every profile's.
+PROFILE_REASONS: dict[str, str] = {
+    "missing_event_time": "the payload lacks the profile's time_field",
+    "bad_event_time": "the time_field is neither RFC 3339 with an offset nor epoch s/ms/us in range",
+    "decoder_failed": "the raw profile's decoder raised or returned no JSON object",
+}
+ALL_REASONS: dict[str, str] = {**REASONS, **PROFILE_REASONS}
 
 # The device id rule (docs/device-protocol.md), the registry's: the pipeline's image does not carry the registry.
 DEVICE_ID_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}")
@@ -48,11 +62,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 class Rejected(ValueError):
     """The message is not acceptable telemetry; ``reason`` is a key of :data:`REASONS`."""
 
-    def __init__(self, reason: str, detail: str):
-        assert reason in REASONS, reason
+    def __init__(self, reason: str, detail: str, claimed: bool = False):
+        assert reason in ALL_REASONS, reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        # The payload is this profile's shape but broken: later profiles must not read it in another way.
+        self.claimed = claimed
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,11 @@ class Reading:
     extra: dict[str, Any] = field(default_factory=dict)
     # Stands in for seq in the dedupe key and row key when the device sends none: same payload, same digest.
     payload_digest: str = ""
+    profile: str = "telemetry-v1"
+    # "payload": the device's time; "publish_time": Pub/Sub's, for payloads that carry none.
+    event_time_source: str = "payload"
+    labels: dict[str, str] = field(default_factory=dict)
+    payload: bytes = b""
 
     @property
     def event_time_ms(self) -> int:
@@ -78,7 +99,8 @@ class Reading:
 
     @property
     def dedupe_key(self) -> str:
-        """Device id + ts + seq; the payload digest when there is no seq."""
+        """Device id + event time + seq; the payload digest when there is no seq, the message id when the event
+        time is the publish time."""
         return f"{self.device_id}#{self.event_time_ms:013d}#{self._discriminator}"
 
     @property
@@ -88,17 +110,23 @@ class Reading:
 
     @property
     def _discriminator(self) -> str:
-        return f"{self.seq:010d}" if self.seq is not None else f"h{self.payload_digest}"
+        if self.seq is not None:
+            return f"{self.seq:010d}"
+        if self.event_time_source == "publish_time":
+            # Without a device time every resend has a new publish time; what identifies a Pub/Sub redelivery is its
+            # message id. A device resending the same bytes is, without time or seq, a new reading.
+            return f"m{self.message_id}"
+        return f"h{self.payload_digest}"
 
 
-def _ts_from_rfc3339(text: str) -> int:
+def _ts_from_rfc3339(text: str, reason: str = "bad_ts", name: str = "ts") -> int:
     try:
         # RFC 3339 allows a lower-case 'z' and a space for 'T'; fromisoformat (3.11) takes the rest.
         dt = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError as exc:
-        raise Rejected("bad_ts", f"ts {text[:64]!r} is not RFC 3339 ({exc})") from None
+        raise Rejected(reason, f"{name} {text[:64]!r} is not RFC 3339 ({exc})") from None
     if dt.tzinfo is None:
-        raise Rejected("bad_ts", f"ts {text[:64]!r} has no UTC offset (RFC 3339 requires one)")
+        raise Rejected(reason, f"{name} {text[:64]!r} has no UTC offset (RFC 3339 requires one)")
     delta = dt - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
@@ -141,42 +169,212 @@ def _reject_constant(token: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def parse(data: bytes, attributes: Mapping[str, str], message_id: str, publish_time_us: int) -> Reading:
-    """Validate one message; raise :class:`Rejected` with the reason class when it is not telemetry."""
+def device_identity(attributes: Mapping[str, str]) -> str:
+    """The deviceId attribute the bridge set from the authenticated session, checked."""
     device_id = attributes.get("deviceId")
     if not device_id:
         raise Rejected("missing_device_id", "the message has no deviceId attribute")
     if not DEVICE_ID_RE.fullmatch(device_id):
         raise Rejected("bad_device_id", f"deviceId {device_id[:64]!r} does not match {DEVICE_ID_RE.pattern}")
+    return device_id
+
+
+def decode_json(data: bytes) -> Any:
     try:
-        doc = _DECODER.decode(data.decode("utf-8"))
+        return _DECODER.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise Rejected("invalid_json", str(exc)[:200]) from None
+
+
+def parse(data: bytes, attributes: Mapping[str, str], message_id: str, publish_time_us: int) -> Reading:
+    """Read one message as ``telemetry-v1``; raise :class:`Rejected` with the reason class when it is not."""
+    device_id = device_identity(attributes)
+    return _read_v1(decode_json(data), data, device_id, attributes, message_id, publish_time_us)
+
+
+def _read_v1(doc: Any, data: bytes, device_id: str, attributes: Mapping[str, str], message_id: str,
+             publish_time_us: int) -> Reading:
     if not isinstance(doc, dict):
         raise Rejected("not_an_object", f"payload is a JSON {type(doc).__name__}")
-    if "ts" not in doc:
-        raise Rejected("missing_ts", "payload has no ts")
-    event_time_us = parse_ts(doc["ts"])
-    if "metrics" not in doc:
-        raise Rejected("missing_metrics", "payload has no metrics")
-    metrics = _metrics(doc["metrics"])
-    seq = doc.get("seq")
-    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 10**10):
-        raise Rejected("bad_seq", f"seq {str(seq)[:32]!r} is not an integer in 0..9999999999")
+    # ts and metrics are this profile's keys: a payload with either is a telemetry-v1 message, and if it is a broken
+    # one, the firmware's bug shows in telemetry_errors instead of another profile reading it in another way.
+    claimed = "ts" in doc or "metrics" in doc
+    try:
+        if "ts" not in doc:
+            raise Rejected("missing_ts", "payload has no ts")
+        event_time_us = parse_ts(doc["ts"])
+        if "metrics" not in doc:
+            raise Rejected("missing_metrics", "payload has no metrics")
+        metrics = _metrics(doc["metrics"])
+        seq = doc.get("seq")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 10**10):
+            raise Rejected("bad_seq", f"seq {str(seq)[:32]!r} is not an integer in 0..9999999999")
+    except Rejected as exc:
+        exc.claimed = claimed
+        raise
     extra = {k: v for k, v in doc.items() if k not in ("ts", "metrics", "seq")}
-    return Reading(
-        device_id=device_id,
-        event_time_us=event_time_us,
-        publish_time_us=publish_time_us,
-        message_id=message_id,
-        metrics=metrics,
-        seq=seq,
-        device_num_id=attributes.get("deviceNumId"),
-        registry_id=attributes.get("deviceRegistryId"),
-        sub_folder=attributes.get("subFolder"),
-        extra=extra,
-        payload_digest="" if seq is not None else hashlib.sha256(data).hexdigest()[:16],
-    )
+    return _reading(data, device_id, attributes, message_id, publish_time_us, event_time_us=event_time_us,
+                    metrics=metrics, seq=seq, extra=extra, payload_digest="" if seq is not None else _digest(data))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _reading(data: bytes, device_id: str, attributes: Mapping[str, str], message_id: str, publish_time_us: int,
+             **fields: Any) -> Reading:
+    """A Reading with the identity the bridge set and the payload kept; ``fields`` are what the profile read."""
+    return Reading(device_id=device_id, publish_time_us=publish_time_us, message_id=message_id,
+                   device_num_id=attributes.get("deviceNumId"), registry_id=attributes.get("deviceRegistryId"),
+                   sub_folder=attributes.get("subFolder"), payload=data, **fields)
+
+
+# ------------------------------------------------------------------------------------ json and raw profiles
+
+# Epoch numbers without a unit: by magnitude. Seconds reach 1e11 in the year 5138, milliseconds 1e14 in 5138 too;
+# microseconds of any time after 1973 are above 1e14.
+_AUTO_UNIT_LIMITS = ((1e11, 1_000_000), (1e14, 1_000))
+_UNIT_US = {"s": 1_000_000, "ms": 1_000, "us": 1}
+
+
+def parse_event_time(value: Any, unit: str, name: str) -> int:
+    """A profile's time field as epoch microseconds: RFC 3339 text, or an epoch number in ``unit``."""
+    if isinstance(value, str) and unit in ("auto", "rfc3339"):
+        us = _ts_from_rfc3339(value, "bad_event_time", name)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and unit != "rfc3339" \
+            and math.isfinite(value):
+        factor = _UNIT_US.get(unit) or next((f for limit, f in _AUTO_UNIT_LIMITS if abs(value) < limit), 1)
+        us = int(value * factor) if isinstance(value, float) else value * factor
+    else:
+        raise Rejected("bad_event_time", f"{name} is {type(value).__name__} {str(value)[:40]!r}, not "
+                       + ("RFC 3339 text" if unit == "rfc3339" else f"an epoch number ({unit})" if unit != "auto"
+                          else "RFC 3339 text or an epoch number"))
+    if not 0 <= us // 1000 <= MAX_EVENT_MS:
+        raise Rejected("bad_event_time", f"{name} {value!r} is outside 1970-01-01 .. 2286-11-20")
+    return us
+
+
+def flatten(doc: Mapping[str, Any], skip: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """Numeric leaves (booleans as 0/1) as metrics, string leaves as labels, each named by its dotted path.
+
+    Array items are named by their index (``fans.0``); nulls and paths longer than a metric name may be are not
+    extracted (the row's payload column keeps them); ``skip`` is the time field's path.
+    """
+    metrics: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in reversed(doc.items())]
+    while stack:
+        path, v = stack.pop()
+        if path == skip:
+            continue
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}", c) for k, c in reversed(v.items()))
+        elif isinstance(v, list):
+            stack.extend((f"{path}.{i}", c) for i, c in reversed(list(enumerate(v))))
+        elif len(path) > MAX_METRIC_NAME:
+            continue
+        elif isinstance(v, bool):
+            metrics[path] = 1.0 if v else 0.0
+        elif isinstance(v, (int, float)):
+            try:
+                f = float(v)
+            except OverflowError:  # an integer beyond a double: the payload keeps it
+                continue
+            if math.isfinite(f):
+                metrics[path] = f
+        elif isinstance(v, str):
+            labels[path] = v
+    return metrics, labels
+
+
+def _lookup(doc: Mapping[str, Any], path: str) -> Any:
+    node: Any = doc
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise Rejected("missing_event_time", f"payload has no {path}")
+    return node
+
+
+def _read_object(doc: Any, data: bytes, profile: Profile, device_id: str, attributes: Mapping[str, str],
+                 message_id: str, publish_time_us: int) -> Reading:
+    """A JSON object (or a decoder's dict) as the ``json`` profile reads it."""
+    if not isinstance(doc, dict):
+        raise Rejected("not_an_object", f"payload is a JSON {type(doc).__name__}")
+    if profile.time_field:
+        event_time_us = parse_event_time(_lookup(doc, profile.time_field), profile.time_unit, profile.time_field)
+        source = "payload"
+    else:
+        event_time_us, source = publish_time_us, "publish_time"
+    metrics, labels = flatten(doc, profile.time_field)
+    return _reading(data, device_id, attributes, message_id, publish_time_us, event_time_us=event_time_us,
+                    metrics=metrics, labels=labels, payload_digest=_digest(data), profile=profile.name,
+                    event_time_source=source)
+
+
+@functools.lru_cache(maxsize=64)
+def load_decoder(path: str) -> Callable[[bytes], Any]:
+    """The raw profile's decoder ``module:function``; ImportError/AttributeError when it is not there."""
+    module, _, name = path.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    if not callable(fn):
+        raise TypeError(f"decoder {path} is not callable")
+    return fn
+
+
+def _read_raw(data: bytes, profile: Profile, device_id: str, attributes: Mapping[str, str], message_id: str,
+              publish_time_us: int) -> Reading:
+    if profile.decoder is None:
+        return _reading(data, device_id, attributes, message_id, publish_time_us, event_time_us=publish_time_us,
+                        metrics={}, payload_digest=_digest(data), profile="raw", event_time_source="publish_time")
+    try:
+        doc = load_decoder(profile.decoder)(data)
+    except Exception as exc:  # noqa: BLE001 - user code: whatever it raises, the message is unreadable by it
+        raise Rejected("decoder_failed", f"{profile.decoder}: {type(exc).__name__}: {str(exc)[:160]}") from None
+    if not isinstance(doc, dict):
+        raise Rejected("decoder_failed", f"{profile.decoder} returned {type(doc).__name__}, not a dict")
+    return _read_object(doc, data, profile, device_id, attributes, message_id, publish_time_us)
+
+
+_UNDECODED = object()
+
+
+def read(data: bytes, attributes: Mapping[str, str], message_id: str, publish_time_us: int,
+         profiles: tuple[Profile, ...] = DEFAULT_PROFILES) -> Reading:
+    """Read one message with the first of ``profiles`` that can; :class:`Rejected` when none can.
+
+    The rejection carries the first profile's reason, and its detail every profile's. A telemetry-v1 payload that
+    is broken (it has ``ts`` or ``metrics``) is rejected at once rather than read by a later profile.
+    """
+    device_id = device_identity(attributes)
+    doc: Any = _UNDECODED
+    failures: list[tuple[str, Rejected]] = []
+    for profile in profiles:
+        try:
+            if profile.name == "raw":
+                return _read_raw(data, profile, device_id, attributes, message_id, publish_time_us)
+            if doc is _UNDECODED:
+                try:
+                    doc = decode_json(data)
+                except Rejected as exc:
+                    doc = exc
+            if isinstance(doc, Rejected):
+                raise doc
+            if profile.name == "telemetry-v1":
+                return _read_v1(doc, data, device_id, attributes, message_id, publish_time_us)
+            return _read_object(doc, data, profile, device_id, attributes, message_id, publish_time_us)
+        except Rejected as exc:
+            if exc.claimed:
+                raise
+            failures.append((profile.name, exc))
+    first = failures[0][1]
+    if len(failures) == 1:
+        raise first
+    detail = "; ".join(f"{name}: {exc.reason}: {exc.detail}" for name, exc in failures)
+    raise Rejected(first.reason, detail[:1000])
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -207,6 +405,10 @@ def raw_row(r: Reading) -> dict[str, Any]:
         "seq": r.seq,
         "metrics": [{"name": k, "value": v} for k, v in r.metrics.items()],
         "extra": json.dumps(r.extra, separators=(",", ":"), sort_keys=True) if r.extra else None,
+        "labels": [{"name": k, "value": v} for k, v in r.labels.items()],
+        "profile": r.profile,
+        "event_time_source": r.event_time_source,
+        "payload": base64.b64encode(r.payload).decode("ascii"),
     }
 
 
@@ -222,8 +424,12 @@ def bigtable_cells(r: Reading) -> tuple[bytes, list[Cell]]:
     ts = r.event_time_ms * 1000
     cells: list[Cell] = [("m", name.encode(), struct.pack(">d", v), ts) for name, v in r.metrics.items()]
     attrs = {"device_num_id": r.device_num_id, "registry_id": r.registry_id, "sub_folder": r.sub_folder,
-             "seq": None if r.seq is None else str(r.seq)}
+             "seq": None if r.seq is None else str(r.seq), "profile": r.profile,
+             "event_time_source": r.event_time_source}
     cells += [("a", k.encode(), v.encode(), ts) for k, v in attrs.items() if v is not None]
+    cells += [("l", k.encode(), v.encode(), ts) for k, v in r.labels.items()]
+    if r.profile == "raw":
+        cells.append(("p", b"raw", r.payload, ts))
     return r.row_key.encode(), cells
 
 

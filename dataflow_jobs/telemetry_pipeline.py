@@ -6,16 +6,18 @@ The story, in the order the transforms run:
 1. **ReadTelemetry** pulls the telemetry subscription with attributes. The bridge put the device's
    authenticated identity into the attributes (``deviceId`` …, docs/messages.md); the payload is the device's own
    bytes and is never trusted for identity.
-2. **Parse** decodes and validates the payload (docs/messages.md) and stamps each accepted reading with its event
-   time (the payload's ``ts``). Anything else goes to the ``errors`` output with a reason class and the raw
-   payload, is counted (Beam counter ``telemetry/rejected_<reason>``) and lands in ``telemetry_errors``: the
-   pipeline never dies on input.
-3. **DropDuplicates** keeps the first reading per device id + ts + seq seen within ``--dedupe_seconds`` of
-   processing time. Pub/Sub delivers at least once and devices resend after a lost PUBACK; ``id_label`` is not
-   used because the bridge cannot give a resend the same id (and the DirectRunner rejects it).
+2. **Parse** reads the payload with the payload profiles of its registry / subfolder (``--payload_profiles``:
+   ``telemetry-v1``, ``json``, ``raw``, tried in order) and stamps each accepted reading with its event time
+   (the payload's own, or the publish time for a payload that has none). Anything else goes to the ``errors``
+   output with a reason class and the raw payload, is counted (Beam counter ``telemetry/rejected_<reason>``) and
+   lands in ``telemetry_errors``: the pipeline never dies on input.
+3. **DropDuplicates** keeps the first reading per device id + event time + seq (a payload hash without seq; the
+   Pub/Sub message id for a payload without a time) seen within ``--dedupe_seconds`` of processing time.
+   Pub/Sub delivers at least once and devices resend after a lost PUBACK; ``id_label`` is not used because the
+   bridge cannot give a resend the same id (and the DirectRunner rejects it).
 4. **WriteRaw** streams one ``telemetry_raw`` row per reading; **WriteBigtable** writes one Bigtable row per
-   reading whose key is ``{device_id}#{event_time_ms:013d}#{seq}`` and whose cells carry the event time as
-   their timestamp, so a replay older than the dedupe horizon overwrites the same cell versions.
+   reading whose key is ``{device_id}#{event_time_ms:013d}#{seq or its stand-in}`` and whose cells carry the
+   event time as their timestamp, so a replay older than the dedupe horizon overwrites the same cell versions.
 5. **AggregatePerMinute**: 1-minute event-time windows per device and metric, fired when the watermark passes
    the window end and once more for each late reading within ``--allowed_lateness_seconds``. Panes discard
    what they fired, so ``telemetry_1m`` holds additive partial aggregates: sum ``count``, min ``min``,
@@ -65,6 +67,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from dataflow_jobs import rules as rules_mod
 from dataflow_jobs import schema, telemetry
 from dataflow_jobs.sinks import InsertRows, ToDirectRow
+from iotbridge import spec
 
 _LOG = logging.getLogger(__name__)
 
@@ -86,16 +89,24 @@ class Flag:
     help: str
     regex: str
     default: str | None = None  # None: required
+    param_type: str | None = None  # the Flex Template paramType, for the console's resource pickers
 
     @property
     def optional(self) -> bool:
         return self.default is not None
 
+    def metadata(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "label": self.label, "helpText": self.help,
+                               "regexes": [self.regex], "isOptional": self.optional}
+        if self.param_type:
+            out["paramType"] = self.param_type
+        return out
+
 
 FLAGS: tuple[Flag, ...] = (
     Flag("input_subscription", "Telemetry subscription",
          "Pub/Sub subscription with the bridge's telemetry, as projects/PROJECT/subscriptions/NAME.",
-         rf"^projects/{_PROJECT}/subscriptions/{_PUBSUB_ID}$"),
+         rf"^projects/{_PROJECT}/subscriptions/{_PUBSUB_ID}$", param_type="PUBSUB_SUBSCRIPTION"),
     Flag("bigquery_dataset", "BigQuery dataset",
          "Dataset holding telemetry_raw, telemetry_1m and telemetry_errors, as PROJECT.DATASET.",
          rf"^{_PROJECT}\.[A-Za-z0-9_]{{1,1024}}$"),
@@ -107,7 +118,7 @@ FLAGS: tuple[Flag, ...] = (
          r"^[-_.a-zA-Z0-9]{1,50}$", default=schema.BIGTABLE_TABLE),
     Flag("config_requests_topic", "Config-requests topic",
          "Pub/Sub topic for config-change requests, as projects/PROJECT/topics/NAME.",
-         rf"^projects/{_PROJECT}/topics/{_PUBSUB_ID}$"),
+         rf"^projects/{_PROJECT}/topics/{_PUBSUB_ID}$", param_type="PUBSUB_TOPIC"),
     Flag("threshold_rules", "Threshold rules",
          'JSON object: metric name -> {"above": N and/or "below": N, "config": {...}}; '
          "a reading that crosses a limit requests that config for its device.",
@@ -119,13 +130,37 @@ FLAGS: tuple[Flag, ...] = (
          "How long after a 1-minute window closes late readings still update telemetry_1m, in seconds.",
          r"^[0-9]{1,6}$", default="900"),
     Flag("dedupe_seconds", "Dedupe horizon",
-         "How long, in seconds of processing time, a device id + ts + seq is remembered to drop duplicates.",
+         "How long, in seconds of processing time, a reading's identity (device id + event time + seq or payload "
+         "hash; the message id for a payload without a time) is remembered to drop duplicates.",
          r"^[1-9][0-9]{0,6}$", default="600"),
+    Flag("payload_profiles", "Payload profiles",
+         'JSON object: the payload profiles (telemetry-v1, json, raw) tried in order, as {"default": [...], '
+         '"registries": {"REGISTRY": [...]}, "subfolders": {"REGISTRY/SUBFOLDER": [...]}}.',
+         r"^\s*\{.*\}\s*$", default=spec.PayloadProfiles().to_json()),
     Flag("bigquery_endpoint", "BigQuery endpoint",
          "BigQuery API endpoint; empty for Google's. A plaintext http:// endpoint (a local BigQuery) gets "
          "no credentials.",
          r"^(https?://[-.a-zA-Z0-9]+(:[0-9]{1,5})?/?)?$", default=""),
 )
+
+
+TEMPLATE_NAME = "gcp-iot-bridge telemetry pipeline"
+TEMPLATE_DESCRIPTION = (
+    "Streaming: device telemetry from Pub/Sub, validated with the bridge's identity attributes, into BigQuery "
+    "(telemetry_raw, telemetry_1m, telemetry_errors) and Bigtable (telemetry); threshold rules publish "
+    "config-change requests.")
+
+
+def template_metadata() -> dict[str, Any]:
+    """``metadata.json``, generated from :data:`FLAGS`: ``python -m dataflow_jobs.telemetry_pipeline
+    --write-metadata`` rewrites the file (a test fails while it differs)."""
+    return {"name": TEMPLATE_NAME, "description": TEMPLATE_DESCRIPTION, "streaming": True,
+            "parameters": [f.metadata() for f in FLAGS]}
+
+
+def write_metadata(path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(template_metadata(), indent=2, ensure_ascii=False) + "\n")
 
 
 def _checked(flag: Flag) -> Callable[[str], str]:
@@ -175,6 +210,7 @@ class Settings:
     allowed_lateness_seconds: int
     dedupe_seconds: int
     bigquery_endpoint: str | None
+    profiles: spec.PayloadProfiles = spec.PayloadProfiles()
 
     def table(self, name: str) -> str:
         return f"{self.bigquery_project}.{self.bigquery_dataset}.{name}"
@@ -196,6 +232,7 @@ class Settings:
             allowed_lateness_seconds=int(ns.allowed_lateness_seconds),
             dedupe_seconds=int(ns.dedupe_seconds),
             bigquery_endpoint=ns.bigquery_endpoint or None,
+            profiles=spec.parse_payload_profiles(ns.payload_profiles),
         )
 
 
@@ -219,11 +256,17 @@ def _epoch_us(value: Any) -> int | None:
 
 
 class ParseTelemetry(beam.DoFn):
-    """PubsubMessage → Reading stamped with its event time, or an error row on the ``errors`` output."""
+    """PubsubMessage → Reading stamped with its event time, or an error row on the ``errors`` output.
 
-    def __init__(self) -> None:
+    Each message is read by the profiles of its registry / subfolder (``deviceRegistryId`` / ``subFolder``
+    attributes, set by the bridge); ``accepted_<profile>`` counts what each profile read.
+    """
+
+    def __init__(self, profiles: spec.PayloadProfiles | None = None) -> None:
+        self.profiles = profiles or spec.PayloadProfiles()
         self.accepted = Metrics.counter("telemetry", "accepted")
-        self.rejected = {r: Metrics.counter("telemetry", f"rejected_{r}") for r in telemetry.REASONS}
+        self.by_profile = {p: Metrics.counter("telemetry", f"accepted_{p}") for p in spec.PROFILE_NAMES}
+        self.rejected = {r: Metrics.counter("telemetry", f"rejected_{r}") for r in telemetry.ALL_REASONS}
 
     def process(self, msg: PubsubMessage, element_ts=beam.DoFn.TimestampParam) -> Iterable[Any]:
         attributes = dict(msg.attributes or {})
@@ -233,13 +276,15 @@ class ParseTelemetry(beam.DoFn):
             publish_us = element_ts.micros
         data = msg.data or b""
         try:
-            reading = telemetry.parse(data, attributes, msg.message_id or "", publish_us)
+            profiles = self.profiles.for_message(attributes.get("deviceRegistryId"), attributes.get("subFolder"))
+            reading = telemetry.read(data, attributes, msg.message_id or "", publish_us, profiles)
         except telemetry.Rejected as exc:
             self.rejected[exc.reason].inc()
             yield beam.pvalue.TaggedOutput(ERRORS_TAG, telemetry.error_row(
                 exc.reason, exc.detail, data, attributes, msg.message_id, publish_us))
             return
         self.accepted.inc()
+        self.by_profile[reading.profile].inc()
         yield window.TimestampedValue(reading, Timestamp(micros=reading.event_time_us))
 
 
@@ -271,7 +316,7 @@ class FirstPerKey(beam.DoFn):
 
 
 class DropDuplicates(beam.PTransform):
-    """First reading per device id + ts + seq within ``seconds`` of processing time."""
+    """First reading per :attr:`telemetry.Reading.dedupe_key` within ``seconds`` of processing time."""
 
     def __init__(self, seconds: int, label: str | None = None):
         super().__init__(label)
@@ -397,7 +442,8 @@ class ProcessTelemetry(beam.PTransform):
         self.s = settings
 
     def expand(self, messages):
-        parsed = messages | "Parse" >> beam.ParDo(ParseTelemetry()).with_outputs(ERRORS_TAG, main="readings")
+        parsed = messages | "Parse" >> beam.ParDo(ParseTelemetry(self.s.profiles)).with_outputs(
+            ERRORS_TAG, main="readings")
         readings = parsed.readings | "DropDuplicates" >> DropDuplicates(self.s.dedupe_seconds)
         return {
             "raw": readings | "RawRows" >> beam.Map(lambda r: (r.dedupe_key, telemetry.raw_row(r))),
@@ -432,6 +478,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, PipelineOptions]:
         settings = Settings.from_args(ns)
     except rules_mod.RuleError as exc:
         parser.error(str(exc))
+    except spec.ProfileError as exc:
+        parser.error(f"--payload_profiles: {exc}")
+    for profile in settings.profiles.all():
+        if profile.decoder:
+            # The launcher imports what the workers will: a decoder missing from the image fails the launch.
+            try:
+                telemetry.load_decoder(profile.decoder)
+            except (ImportError, AttributeError, TypeError) as exc:
+                parser.error(f"--payload_profiles: decoder {profile.decoder} cannot be loaded: {exc}")
     options = PipelineOptions(beam_args)
     options.view_as(StandardOptions).streaming = True
     return settings, options
@@ -446,6 +501,12 @@ def run(argv: Sequence[str] | None = None) -> beam.runners.runner.PipelineResult
 
 
 if __name__ == "__main__":
+    import os
+    import sys
+
+    if sys.argv[1:] == ["--write-metadata"]:
+        write_metadata(os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata.json"))
+        sys.exit(0)
     logging.getLogger().setLevel(logging.INFO)
     result = run()
     # On Dataflow (the Flex Template launcher) submitting is the whole job of this process; a local runner

@@ -121,6 +121,7 @@ pipeline = Pipeline("pipeline", PipelineArgs(
     bigtable_table=timeseries.table.name,
     deletion_protection=cfg.deletion_protection,
     threshold_rules=cfg.pipeline_threshold_rules,
+    payload_profiles=cfg.pipeline_payload_profiles,
     max_workers=cfg.pipeline_max_workers,
     machine_type=cfg.pipeline_machine_type,
     prebuilt_image=cfg.pipeline_image or None,

@@ -25,6 +25,8 @@ from typing import Literal
 import pulumi
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from iotbridge import spec
+
 PROJECT = "gcp-iot-bridge"
 
 # Public GCP regions (cloud.google.com/about/locations). A typo such as "us-central" or "europe-west" must fail
@@ -62,6 +64,10 @@ _ZONE_RE = re.compile(r"^(?P<region>[a-z]+-[a-z]+\d+)-(?P<zone>[a-z])$")
 # A CryptoKey's full resource name, as Cloud KMS and every CMEK field take it (the project part as _PROJECT_RE).
 _KMS_KEY_RE = re.compile(r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/locations/(?P<location>[a-z0-9-]+)"
                          r"/keyRings/[A-Za-z0-9_-]{1,63}/cryptoKeys/[A-Za-z0-9_-]{1,63}$")
+
+
+# The pipeline reads telemetry-v1, then any JSON object (iotbridge.spec.DEFAULT_PROFILES).
+DEFAULT_PAYLOAD_PROFILES = spec.PayloadProfiles().to_json()
 
 
 class ConfigError(pulumi.RunError):
@@ -113,6 +119,9 @@ KEYS: tuple[Key, ...] = (
     Key(_p("brokerMachineType"), "broker_machine_type", "string", 'a Compute Engine machine type, e.g. e2-standard-2'),
     Key(_p("brokerDeviceSourceRanges"), "broker_device_source_ranges", "array", 'a list of CIDR ranges devices connect from'),
     Key(_p("pipelineThresholdRules"), "pipeline_threshold_rules", "string", 'a JSON object: metric -> {"above"/"below": N, "config": {...}}'),
+    Key(_p("pipelinePayloadProfiles"), "pipeline_payload_profiles", "string",
+        'a JSON object: {"default": [...], "registries": {"REGISTRY": [...]}, "subfolders": {"REGISTRY/SUB": [...]}} '
+        'of profiles telemetry-v1, json, raw (a name or {"profile", "time_field", "time_unit", "decoder"})'),
     Key(_p("pipelineMaxWorkers"), "pipeline_max_workers", "integer", 'an integer 1..1000'),
     Key(_p("pipelineMachineType"), "pipeline_machine_type", "string", 'a Compute Engine machine type'),
     Key(_p("pipelineImage"), "pipeline_image", "string", 'an image reference; empty: build and push the Flex Template image'),
@@ -159,6 +168,7 @@ class StackConfig(BaseModel):
     broker_machine_type: str = "e2-standard-2"
     broker_device_source_ranges: tuple[str, ...] = ("0.0.0.0/0",)
     pipeline_threshold_rules: str = "{}"
+    pipeline_payload_profiles: str = DEFAULT_PAYLOAD_PROFILES
     pipeline_max_workers: int = Field(default=3, ge=1, le=1000)
     pipeline_machine_type: str = "n2-standard-2"
     pipeline_image: str = ""
@@ -262,6 +272,15 @@ class StackConfig(BaseModel):
             if not isinstance(rule, dict) or not ({"above", "below"} & set(rule)) or not isinstance(
                     rule.get("config"), dict):
                 raise ValueError(f"rule for {metric!r} needs above and/or below and a config object")
+        return v
+
+    @field_validator("pipeline_payload_profiles")
+    @classmethod
+    def _payload_profiles(cls, v: str) -> str:
+        try:
+            spec.parse_payload_profiles(v)
+        except spec.ProfileError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("workbench_zone")

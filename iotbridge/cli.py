@@ -11,7 +11,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -53,7 +53,7 @@ def emit(data: Any, as_json: bool, human: str | None = None) -> None:
         typer.echo(human if human is not None else json.dumps(data, indent=2, default=str))
 
 
-def fail(reason: str, as_json: bool = False, code: int = 1) -> None:
+def fail(reason: str, as_json: bool = False, code: int = 1) -> NoReturn:
     reason = " ".join(str(reason).split())  # one line
     if as_json:
         typer.echo(json.dumps({"error": reason}))
@@ -66,9 +66,16 @@ def fail(reason: str, as_json: bool = False, code: int = 1) -> None:
 def local_up(
     detach: Annotated[bool, typer.Option("--detach", help="Start in the background and return.")] = False,
     as_json: JsonFlag = False,
+    payload_profiles: Annotated[str, typer.Option(
+        "--payload-profiles", envvar="IOT_LOCAL_PAYLOAD_PROFILES",
+        help="The pipeline's payload profiles, JSON as the pipelinePayloadProfiles stack key; "
+             "empty: telemetry-v1 then json.")] = "",
 ) -> None:
     """Start the local stack; without --detach, run until Ctrl-C, then stop it."""
-    stack = LocalStack()
+    try:
+        stack = LocalStack(payload_profiles=payload_profiles)
+    except StackError as exc:
+        fail(str(exc), as_json)
     try:
         with err.status("starting the local stack") as status:
             stack.up(progress=lambda m: status.update(m))

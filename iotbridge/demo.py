@@ -5,7 +5,8 @@
    devices drifting past the pipeline's temperature rule so that it asks for config pushes; a few malformed
    messages go in too, to show the errors path;
 3. pushes a config to one device the operator's way (config-requests topic → function → MQTT) and sends a
-   command to another;
+   command to another; the drifting devices that cross the pipeline's rule get ``{"fan": "max"}`` and cool down
+   (the closed loop, counted from telemetry_raw as ``closed_loops``);
 4. waits until the pipeline has written every accepted message, then counts BigQuery rows, Bigtable rows,
    error rows and the duplicates the pipeline dropped;
 5. prints a summary table, writes ``demo-report.json`` and ``demo-plot.png``, and stops everything it started.
@@ -31,9 +32,11 @@ from rich.console import Console
 from rich.table import Table
 
 from iotbridge.local.provision import bigquery_client
-from iotbridge.local.stack import LocalStack
+from iotbridge.local.stack import LOCAL_THRESHOLD_RULES, LocalStack
 
 console = Console(stderr=True)
+# The local pipeline's rule: above 80 °C, {"fan": "max"}; the simulated devices cool at full fan.
+RULE = LOCAL_THRESHOLD_RULES["temperature"]
 
 
 def log(msg: str) -> None:
@@ -89,6 +92,42 @@ def bigtable_row_keys(project: str, instance: str, table: str, prefix: str) -> s
     return {r.row_key.decode() for r in t.read_rows(row_set=rows)}
 
 
+def rule_config_times(versions, rule_config: dict[str, Any]) -> list[datetime]:
+    """When the registry stored a config version that is the rule's config (what the pipeline asked for)."""
+    out = []
+    for v in versions:
+        try:
+            doc = json.loads(v.data)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc and all(doc.get(k) == val for k, val in rule_config.items()):
+            out.append(v.cloud_update_time)
+    return sorted(out)
+
+
+def closed_loops(temperatures: dict[str, list[tuple[datetime, float]]], rule_times: dict[str, list[datetime]],
+                 threshold: float) -> dict[str, dict[str, Any]]:
+    """Devices whose loop closed, read from the data: telemetry_raw shows the device above ``threshold`` before
+    the registry stored its rule-triggered config, and its last reading after that config below the threshold
+    again. A device that never got the config, or kept heating, is not counted."""
+    out: dict[str, dict[str, Any]] = {}
+    for device, times in rule_times.items():
+        if not times:
+            continue
+        pushed = times[0]
+        pts = sorted(temperatures.get(device, []))
+        before = [v for t, v in pts if t <= pushed]
+        after = [(t, v) for t, v in pts if t > pushed]
+        if not before or max(before) <= threshold or len(after) < 2:
+            continue
+        peak = max([before[-1], *(v for _, v in after)])
+        last_time, last = after[-1]
+        if last < threshold:
+            out[device] = {"config_time": pushed.isoformat(), "hot_before": round(max(before), 2),
+                           "peak": round(peak, 2), "last": round(last, 2), "last_time": last_time.isoformat()}
+    return out
+
+
 def plot(path: Path, raw: list[dict[str, Any]], means: list[dict[str, Any]], push_time: datetime | None,
          device_ids: list[str], push_target: str = "", rule_pushes: dict[str, list[datetime]] | None = None) -> None:
     import matplotlib
@@ -112,8 +151,8 @@ def plot(path: Path, raw: list[dict[str, Any]], means: list[dict[str, Any]], pus
     for i, dev in enumerate(device_ids):
         for when in (rule_pushes or {}).get(dev, []):
             ax.axvline(when, color=colors[i % len(colors)], ls=":", lw=1.2)
-            ax.annotate(f"pipeline rule → config to {dev}", (when, ax.get_ylim()[0]), xytext=(4, 8),
-                        textcoords="offset points", fontsize=8, color=colors[i % len(colors)])
+            ax.annotate(f'pipeline rule → {{"fan": "max"}} to {dev}: it cools', (when, ax.get_ylim()[0]),
+                        xytext=(4, 8), textcoords="offset points", fontsize=8, color=colors[i % len(colors)])
     if push_time is not None:
         ax.axvline(push_time, color="black", ls="--", lw=1.2)
         ax.annotate(f"operator config push to {push_target}", (push_time, ax.get_ylim()[1]), xytext=(4, -14),
@@ -262,20 +301,25 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
         ok = (lost == 0 and bq_rows == len(sent_keys) and len(bt_keys) == len(sent_keys)
               and delivered == pushes and operator_push_arrived and commands_delivered >= 1
               and error_rows == len(bad))
-        # The plot: a few devices, drifting ones included.
-        shown = ids[: min(4, len(ids))]
-        raw = [dict(r) for r in bq.query(
-            f"SELECT device_id, event_time, m.value AS value FROM {table}, UNNEST(metrics) AS m "
-            f"WHERE m.name = 'temperature' AND device_id IN UNNEST(@ids)",
-            job_config=_ids_param(shown)).result(60)]
+        # Versions the pipeline's threshold rule asked for (LOCAL_THRESHOLD_RULES: "fan": "max" above 80 °C), and
+        # the loops they closed, counted from telemetry_raw: hot before the config, cooled below the limit after.
+        rule_pushes = {dev: rule_config_times(registry.list_config_versions(dev), RULE["config"]) for dev in ids}
+        temps: dict[str, list[tuple[datetime, float]]] = {}
+        for r in temperature_rows(bq, table, [d for d, t in rule_pushes.items() if t]):
+            temps.setdefault(r["device_id"], []).append((r["event_time"], float(r["value"])))
+        loops = closed_loops(temps, rule_pushes, RULE["above"])
+        report["closed_loops"] = len(loops)
+        report["closed_loop_devices"] = loops
+        ok = ok and len(loops) >= 1
+        # The plot: a device whose loop closed first, then the others.
+        shown = ([d for d in ids if d in loops][:1] + [d for d in ids if d not in loops])[: min(4, len(ids))]
+        raw = temperature_rows(bq, table, shown)
         means = [dict(r) for r in bq.query(
             f"SELECT device_id, window_start, SUM(mean * `count`) / SUM(`count`) AS mean "
             f"FROM `{project}.{n.dataset}.telemetry_1m` WHERE metric = 'temperature' AND device_id IN UNNEST(@ids) "
             f"GROUP BY device_id, window_start", job_config=_ids_param(shown)).result(60)]
-        # Versions the pipeline's threshold rule asked for (its config is LOCAL_THRESHOLD_RULES' "fan": "max").
-        rule_pushes = {dev: [v.cloud_update_time for v in registry.list_config_versions(dev) if b'"fan"' in v.data]
-                       for dev in shown}
-        plot(out_dir / "demo-plot.png", raw, means, events.get("push_time"), shown, push_target, rule_pushes)
+        plot(out_dir / "demo-plot.png", raw, means, events.get("push_time"), shown, push_target,
+             {d: rule_pushes.get(d, []) for d in shown})
     finally:
         if fleet is not None:
             fleet.close()
@@ -295,6 +339,13 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
     Console().print(summary)
     log(f"wrote {out_dir / 'demo-report.json'} and {out_dir / 'demo-plot.png'}")
     return 0 if ok else 1
+
+
+def temperature_rows(bq, table: str, ids: list[str]) -> list[dict[str, Any]]:
+    """Every temperature reading of ``ids`` in telemetry_raw: device_id, event_time, value."""
+    return [dict(r) for r in bq.query(
+        f"SELECT device_id, event_time, m.value AS value FROM {table}, UNNEST(metrics) AS m "
+        f"WHERE m.name = 'temperature' AND device_id IN UNNEST(@ids)", job_config=_ids_param(ids)).result(60)]
 
 
 def _ids_param(ids: list[str]):

@@ -7,7 +7,8 @@ and answer each config by publishing their state (``{"config_sha256": ...}``), a
 
 Signals are realistic rather than random: temperature follows a slow daily-like wave plus noise; rpm hovers
 around a set point; every ``drift_every``-th device heats up steadily until it crosses ``drift_to`` so that the
-pipeline's threshold rule fires during a short run.
+pipeline's threshold rule fires during a short run. Devices obey their config: ``{"fan": "max"}`` (what the
+pipeline's rule asks for) cools the device back towards its resting temperature — the closed loop.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class SimDevice:
     commands: list[tuple[str, bytes]] = field(default_factory=list)
     # The edge model: loaded from a config that points at one, run on every reading, reported to events/logs.
     runner: ModelRunner | None = None
+    # The device's fan, as its config sets it ({"fan": "max"}: full speed, the device cools; anything else: auto).
+    fan: str = "auto"
+    fan_since: float | None = None  # seconds into the run when the fan went to max
+    temp_at_fan: float | None = None  # the temperature then, where the cooling starts from
+    last_temp: float | None = None
 
     @property
     def id(self) -> str:
@@ -85,13 +91,15 @@ def load_or_create_key(key_dir: Path, device_id: str, algorithm: Algorithm) -> t
 class Fleet:
     def __init__(self, *, project: str, region: str, registry, host: str, port: int, ca_certs: str | None,
                  key_dir: Path, devices: int, prefix: str = "sim", drift_every: int = 5, drift_to: float = 95.0,
-                 seed: int = 7) -> None:
+                 seed: int = 7, cooling_s: float = 4.0) -> None:
         if devices < 1:
             raise ValueError("--devices must be at least 1")
         self.project, self.region, self.registry = project, region, registry
         self.host, self.port, self.ca_certs = host, port, ca_certs
         self.key_dir = key_dir
         self.drift_to = drift_to
+        self.cooling_s = cooling_s  # time constant of a device cooling at full fan
+        self.t0 = time.monotonic()  # the run's start; run() resets it
         self.rng = random.Random(seed)
         self.members: list[SimDevice] = []
         for i in range(devices):
@@ -136,18 +144,39 @@ class Fleet:
             if data is None:
                 return
             m.configs.append(data)
+            self.apply_fan(m, data)
             if m.runner is not None:
                 m.runner.apply_config(data)  # a config without a model pointer leaves the model as it is
             state = json.dumps({"config_sha256": hashlib.sha256(data).hexdigest(), "seq": m.seq}).encode()
             if dev.is_connected():
                 dev.publish_state(state)
 
+    def apply_fan(self, m: SimDevice, data: bytes, elapsed: float | None = None) -> None:
+        """A config's ``fan``: ``max`` starts the cooling from the device's current temperature; a config without
+        it (a config is the device's whole desired state) puts the fan back to auto."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return  # not a JSON config: nothing this firmware understands
+        fan = str(doc.get("fan", "auto")) if isinstance(doc, dict) else "auto"
+        if fan == m.fan:
+            return
+        if fan == "max":
+            m.temp_at_fan = m.last_temp
+            m.fan_since = elapsed if elapsed is not None else time.monotonic() - self.t0
+        m.fan = fan
+
     # ---------------------------------------------------------------------------------- signals
     def reading(self, m: SimDevice, elapsed: float, duration: float) -> dict[str, float]:
         temp = m.base_temp + 3 * math.sin(elapsed / 30 + m.index) + self.rng.gauss(0, 0.3)
-        if m.drifting:
+        if m.fan == "max" and m.fan_since is not None and m.temp_at_fan is not None:
+            # Full fan: from where it was, the temperature falls exponentially towards the device's resting one.
+            start = m.temp_at_fan - m.base_temp
+            temp += start * math.exp(-max(0.0, elapsed - m.fan_since) / self.cooling_s)
+        elif m.drifting:
             # Crosses drift_to two thirds of the way into the run, then stays above it.
             temp += max(0.0, (self.drift_to + 5 - m.base_temp)) * min(1.0, elapsed / max(duration * 2 / 3, 1))
+        m.last_temp = temp
         rpm = 1200 + 40 * math.sin(elapsed / 7 + m.index) + self.rng.gauss(0, 10)
         vibration = 0.02 + 0.002 * (temp - 20) + abs(self.rng.gauss(0, 0.003))
         return {"temperature": round(temp, 3), "rpm": round(rpm, 1), "vibration": round(vibration, 5)}
@@ -160,7 +189,7 @@ class Fleet:
         total = max(1, int(rate * duration))
         infos = []
         records: list[dict[str, Any]] = []
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
         for i in range(total):
             due = t0 + i / rate
             delay = due - time.monotonic()

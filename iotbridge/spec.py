@@ -9,6 +9,8 @@ Physical names derive from the stack's prefix: ``topic_name("iot-dev", "telemetr
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,6 +94,151 @@ def subscription_name(prefix: str, key: str) -> str:
 # Attribute names the bridge sets on every message, as IoT Core did (docs/messages.md).
 ATTRIBUTES = ("deviceId", "deviceNumId", "deviceRegistryId", "deviceRegistryLocation", "projectId", "subFolder")
 
+# ----------------------------------------------------------------------------------------- payloads
+
+# How the pipeline reads a device's message. Devices keep their firmware: a registry, or one subfolder of it,
+# names the profiles its payloads may follow, tried in order; the first that reads a message writes the row.
+PROFILE_NAMES = ("telemetry-v1", "json", "raw")
+TIME_UNITS = ("auto", "s", "ms", "us", "rfc3339")
+_DECODER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+_PROFILE_REGISTRY_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}")
+
+
+class ProfileError(ValueError):
+    """A payload-profile description is invalid; the message names the entry at fault."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One entry of a profile list.
+
+    ``telemetry-v1``: ``{ts, metrics, seq}``. ``json``: any JSON object, numeric leaves as metrics named by their
+    path; event time from ``time_field`` (a dotted path) or, without one, the Pub/Sub publish time. ``raw``: the
+    bytes as they came; with ``decoder`` (``module:function``, importable on the workers) the bytes are decoded to
+    a JSON-shaped dict that is then read as ``json`` reads an object.
+    """
+
+    name: Literal["telemetry-v1", "json", "raw"]
+    time_field: str | None = None
+    time_unit: Literal["auto", "s", "ms", "us", "rfc3339"] = "auto"
+    decoder: str | None = None
+
+    def to_json(self) -> str | dict[str, str]:
+        extra = {k: v for k, v in (("time_field", self.time_field), ("decoder", self.decoder)) if v}
+        if self.time_unit != "auto":
+            extra["time_unit"] = self.time_unit
+        return {"profile": self.name, **extra} if extra else self.name
+
+
+DEFAULT_PROFILES: tuple[Profile, ...] = (Profile("telemetry-v1"), Profile("json"))
+
+
+@dataclass(frozen=True)
+class PayloadProfiles:
+    """The profile lists of a stack: a default, per registry, and per ``registry/subfolder`` (most specific wins)."""
+
+    default: tuple[Profile, ...] = DEFAULT_PROFILES
+    registries: tuple[tuple[str, tuple[Profile, ...]], ...] = ()
+    subfolders: tuple[tuple[str, tuple[Profile, ...]], ...] = ()  # key "registry/subfolder"
+
+    def for_message(self, registry_id: str | None, sub_folder: str | None) -> tuple[Profile, ...]:
+        if registry_id and sub_folder:
+            for key, profiles in self.subfolders:
+                if key == f"{registry_id}/{sub_folder}":
+                    return profiles
+        for key, profiles in self.registries:
+            if key == registry_id:
+                return profiles
+        return self.default
+
+    def all(self) -> list[Profile]:
+        listed = [*self.registries, *self.subfolders]
+        return [*self.default, *(p for _, ps in listed for p in ps)]
+
+    def to_json(self) -> str:
+        """Canonical JSON text: what the pipeline flag carries."""
+        doc: dict[str, object] = {"default": [p.to_json() for p in self.default]}
+        if self.registries:
+            doc["registries"] = {k: [p.to_json() for p in ps] for k, ps in self.registries}
+        if self.subfolders:
+            doc["subfolders"] = {k: [p.to_json() for p in ps] for k, ps in self.subfolders}
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def _profile(value: object, where: str) -> Profile:
+    if isinstance(value, str):
+        value = {"profile": value}
+    if not isinstance(value, dict):
+        raise ProfileError(f"{where}: a profile is a name or an object with \"profile\"")
+    unknown = sorted(set(value) - {"profile", "time_field", "time_unit", "decoder"})
+    if unknown:
+        raise ProfileError(f"{where}: unknown keys {unknown}; allowed: profile, time_field, time_unit, decoder")
+    name = value.get("profile")
+    if name not in PROFILE_NAMES:
+        raise ProfileError(f"{where}: profile {name!r} is not one of {', '.join(PROFILE_NAMES)}")
+    time_field, unit, decoder = value.get("time_field"), value.get("time_unit", "auto"), value.get("decoder")
+    if name == "telemetry-v1" and len(value) > 1:
+        raise ProfileError(f"{where}: telemetry-v1 takes no options (its time is always ts)")
+    if time_field is not None and (not isinstance(time_field, str) or not time_field or
+                                   any(not part for part in time_field.split("."))):
+        raise ProfileError(f"{where}: time_field must be a dotted path such as \"meta.sampled_at\"")
+    if unit not in TIME_UNITS:
+        raise ProfileError(f"{where}: time_unit {unit!r} is not one of {', '.join(TIME_UNITS)}")
+    if unit != "auto" and time_field is None:
+        raise ProfileError(f"{where}: time_unit needs a time_field")
+    if decoder is not None:
+        if name != "raw":
+            raise ProfileError(f"{where}: only the raw profile takes a decoder")
+        if not isinstance(decoder, str) or not _DECODER_RE.fullmatch(decoder):
+            raise ProfileError(f"{where}: decoder {decoder!r} is not an import path module:function")
+    if name == "raw" and decoder is None and time_field is not None:
+        raise ProfileError(f"{where}: a raw profile reads a time_field only through its decoder")
+    return Profile(name, time_field, unit, decoder)
+
+
+def _profile_list(value: object, where: str) -> tuple[Profile, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ProfileError(f"{where}: must be a non-empty list of profiles")
+    profiles = tuple(_profile(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if len({p.name for p in profiles}) != len(profiles):
+        raise ProfileError(f"{where}: a profile appears twice")
+    return profiles
+
+
+def parse_payload_profiles(text: str) -> PayloadProfiles:
+    """Parse the JSON description; :class:`ProfileError` names the entry at fault::
+
+        {"default": ["telemetry-v1", "json"],
+         "registries": {"plant": [{"profile": "json", "time_field": "meta.sampled_at"}]},
+         "subfolders": {"plant/vibration": [{"profile": "raw", "decoder": "decoders.vibration:decode"}]}}
+    """
+    try:
+        doc = json.loads(text or "{}")
+    except ValueError as exc:
+        raise ProfileError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProfileError("must be a JSON object with default, registries and/or subfolders")
+    unknown = sorted(set(doc) - {"default", "registries", "subfolders"})
+    if unknown:
+        raise ProfileError(f"unknown keys {unknown}; allowed: default, registries, subfolders")
+    default = _profile_list(doc["default"], "default") if "default" in doc else DEFAULT_PROFILES
+    sections: dict[str, list[tuple[str, tuple[Profile, ...]]]] = {"registries": [], "subfolders": []}
+    for section, out in sections.items():
+        entries = doc.get(section, {})
+        if not isinstance(entries, dict):
+            raise ProfileError(f"{section}: must be an object keyed by "
+                               + ("registry id" if section == "registries" else "registry/subfolder"))
+        for key, value in sorted(entries.items()):
+            registry, slash, sub = key.partition("/")
+            if not _PROFILE_REGISTRY_RE.fullmatch(registry) or (section == "subfolders") != bool(slash and sub):
+                raise ProfileError(f"{section}: {key!r} is not "
+                                   + ("a registry id" if section == "registries" else "registry/subfolder"))
+            out.append((key, _profile_list(value, f"{section}.{key}")))
+    return PayloadProfiles(default, tuple(sections["registries"]), tuple(sections["subfolders"]))
+
+
 # -------------------------------------------------------------------------------------------- BigQuery
 
 FieldType = Literal["STRING", "BYTES", "INT64", "FLOAT64", "BOOL", "TIMESTAMP", "JSON", "RECORD"]
@@ -144,12 +291,22 @@ TABLES: dict[str, TableSpec] = {
                 Column("device_num_id", "STRING"),
                 Column("registry_id", "STRING"),
                 Column("sub_folder", "STRING"),
-                Column("event_time", "TIMESTAMP", "REQUIRED", "The payload's ts."),
+                Column("event_time", "TIMESTAMP", "REQUIRED",
+                       "From the payload (telemetry-v1 ts, a profile's time_field) or the publish time: "
+                       "event_time_source says which."),
                 Column("publish_time", "TIMESTAMP", "REQUIRED", "When Pub/Sub accepted the message."),
                 Column("message_id", "STRING", "REQUIRED", "Pub/Sub message id."),
                 Column("seq", "INT64", description="The device's message counter, if sent."),
                 _METRIC,
                 Column("extra", "STRING", description="Payload keys other than ts/metrics/seq, as JSON text."),
+                # Nullable, appended: a deployed table takes the new columns as an in-place schema update.
+                Column("labels", "RECORD", "REPEATED", "String leaves of a json payload, named by their path.",
+                       (Column("name", "STRING", "REQUIRED"), Column("value", "STRING", "REQUIRED"))),
+                Column("profile", "STRING", description="The payload profile that read the message: "
+                                                        "telemetry-v1, json or raw."),
+                Column("event_time_source", "STRING",
+                       description="payload (the device's own time) or publish_time (Pub/Sub's)."),
+                Column("payload", "BYTES", description="The message data as the device sent it."),
             ),
             partition_field="event_time",
             clustering=("device_id",),
@@ -314,9 +471,10 @@ LEFT JOIN refusals AS f ON f.device_id = l.device_id""",
 @dataclass(frozen=True)
 class BigtableSpec:
     table: str = "telemetry"
-    # m: metric name -> value (8-byte big-endian double); a: Pub/Sub attributes and ids.
-    column_families: tuple[str, ...] = ("m", "a")
-    row_key_doc: str = "{device_id}#{event_time_ms:013d}#{seq or message hash}"
+    # m: metric name -> value (8-byte big-endian double); a: Pub/Sub attributes, ids and the profile;
+    # l: label name -> text (json strings); p: the payload of a raw-profile message, as it came.
+    column_families: tuple[str, ...] = ("m", "a", "l", "p")
+    row_key_doc: str = "{device_id}#{event_time_ms:013d}#{seq, h+payload hash, or m+message id}"
     extra: dict[str, str] = field(default_factory=dict)
 
 

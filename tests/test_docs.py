@@ -214,6 +214,7 @@ def test_telemetry_example_is_accepted_and_reject_reasons_are_the_pipelines():
     reading = telemetry.parse(example[1].encode(), {"deviceId": "pump-1"}, "m-1", 0)
     assert reading.seq == 42 and set(reading.metrics) == {"temperature", "rpm"}
     assert first_code(table(text, "Reason")) == list(telemetry.REASONS)
+    assert first_code(table(text, "Profile reason")) == list(telemetry.PROFILE_REASONS)
 
 
 def test_config_request_fields_are_the_functions():

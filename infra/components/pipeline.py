@@ -45,6 +45,8 @@ import pulumi
 import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 
+from iotbridge.spec import ProfileError, parse_payload_profiles
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBS_DIR = REPO_ROOT / "dataflow_jobs"
 DOCKERFILE = JOBS_DIR / "Dockerfile"
@@ -113,6 +115,7 @@ class PipelineArgs:
     bigtable_table: pulumi.Input[str]  # table name
     deletion_protection: bool
     threshold_rules: str = "{}"  # JSON, see dataflow_jobs/rules.py
+    payload_profiles: str = ""  # JSON, see iotbridge.spec.parse_payload_profiles; empty: the default profiles
     rule_min_interval_seconds: int = 300
     allowed_lateness_seconds: int = 900
     dedupe_seconds: int = 600
@@ -140,6 +143,10 @@ class PipelineArgs:
             raise ValueError(f"threshold_rules is not JSON: {exc}") from None
         if not isinstance(rules, dict):
             raise ValueError("threshold_rules must be a JSON object keyed by metric name")
+        try:
+            parse_payload_profiles(self.payload_profiles)
+        except ProfileError as exc:
+            raise ValueError(f"payload_profiles: {exc}") from None
 
 
 class Pipeline(pulumi.ComponentResource):
@@ -335,6 +342,8 @@ class Pipeline(pulumi.ComponentResource):
             "rule_min_interval_seconds": str(args.rule_min_interval_seconds),
             "allowed_lateness_seconds": str(args.allowed_lateness_seconds),
             "dedupe_seconds": str(args.dedupe_seconds),
+            # Canonical text: the same profiles give the same job parameter, whatever the config's spacing.
+            "payload_profiles": parse_payload_profiles(args.payload_profiles).to_json(),
         }))
         grants = list(self.grants.values())
         self.job = gcp.dataflow.FlexTemplateJob(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from iotbridge import spec
 from iotbridge.local import provision, services
 
 Progress = Callable[[str], None]
@@ -68,11 +69,35 @@ class StackState:
                    endpoints=dict(data.get("endpoints", {})), ready=bool(data.get("ready")))
 
 
+def pipeline_flags(names: provision.LocalNames, bigquery_endpoint: str, payload_profiles: str = "") -> list[str]:
+    """The pipeline's flags on the local stack: the Flex Template's, with local names and endpoints."""
+    flags = [
+        f"--input_subscription={names.subscription('telemetry-pipeline')}",
+        f"--bigquery_dataset={names.project}.{names.dataset}",
+        f"--bigtable_instance=projects/{names.project}/instances/{names.bigtable_instance}",
+        f"--config_requests_topic={names.topic('config-requests')}",
+        f"--threshold_rules={json.dumps(LOCAL_THRESHOLD_RULES)}",
+        f"--bigquery_endpoint={bigquery_endpoint}",
+    ]
+    if payload_profiles:
+        flags.append(f"--payload_profiles={spec.parse_payload_profiles(payload_profiles).to_json()}")
+    return flags
+
+
 class LocalStack:
-    def __init__(self, state_dir: Path | None = None, names: provision.LocalNames | None = None) -> None:
+    def __init__(self, state_dir: Path | None = None, names: provision.LocalNames | None = None,
+                 payload_profiles: str = "") -> None:
+        """``payload_profiles``: the pipeline's profiles (``iotbridge.spec.parse_payload_profiles`` JSON, as the
+        ``pipelinePayloadProfiles`` stack key); empty: the default profiles. Checked here, before anything starts."""
         self.state_dir = state_dir or default_state_dir()
         self.names = names or provision.LocalNames()
         self.state_file = self.state_dir / "state.json"
+        if payload_profiles:
+            try:
+                spec.parse_payload_profiles(payload_profiles)
+            except spec.ProfileError as exc:
+                raise StackError(f"payload profiles: {exc}") from None
+        self.payload_profiles = payload_profiles
 
     # ------------------------------------------------------------------------------------------ state
     def load(self) -> StackState | None:
@@ -176,12 +201,7 @@ class LocalStack:
         progress("starting the streaming pipeline (DirectRunner)")
         fn = self._spawn_python("pipeline", [
             "-m", "dataflow_jobs.telemetry_pipeline",
-            f"--input_subscription={n.subscription('telemetry-pipeline')}",
-            f"--bigquery_dataset={n.project}.{n.dataset}",
-            f"--bigtable_instance=projects/{n.project}/instances/{n.bigtable_instance}",
-            f"--config_requests_topic={n.topic('config-requests')}",
-            f"--threshold_rules={json.dumps(LOCAL_THRESHOLD_RULES)}",
-            f"--bigquery_endpoint={env['BIGQUERY_EMULATOR_HOST']}",
+            *pipeline_flags(n, env["BIGQUERY_EMULATOR_HOST"], self.payload_profiles),
             "--runner=BundleBasedDirectRunner",
             f"--project={n.project}",
         ], logs / "pipeline", {**env, "PYTHONUNBUFFERED": "1"})

@@ -14,7 +14,7 @@ from pathlib import Path
 import apache_beam
 import pytest
 
-from dataflow_jobs.telemetry_pipeline import FLAGS, flag_parser
+from dataflow_jobs.telemetry_pipeline import FLAGS, flag_parser, template_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = ROOT / "dataflow_jobs"
@@ -66,6 +66,12 @@ def test_metadata_parameters_match_the_flags_exactly():
     assert METADATA["streaming"] is True
 
 
+def test_metadata_json_is_generated_from_the_flags():
+    """Regenerate with ``python -m dataflow_jobs.telemetry_pipeline --write-metadata`` after changing a flag."""
+    assert METADATA == template_metadata()
+    assert [p["name"] for p in METADATA["parameters"]][-2:] == ["payload_profiles", "bigquery_endpoint"]
+
+
 @pytest.mark.parametrize("name,good,bad", [
     ("input_subscription", "projects/my-project/subscriptions/iot-dev-telemetry-pipeline",
      "my-project/iot-dev-telemetry-pipeline"),
@@ -75,6 +81,7 @@ def test_metadata_parameters_match_the_flags_exactly():
     ("rule_min_interval_seconds", "300", "0"),
     ("allowed_lateness_seconds", "0", "-5"),
     ("bigquery_endpoint", "http://127.0.0.1:9050", "ftp://x"),
+    ("payload_profiles", '{"default": ["json", "raw"]}', '["json"]'),
 ])
 def test_template_regex_and_flag_parser_agree(name, good, bad):
     regex = next(p for p in METADATA["parameters"] if p["name"] == name)["regexes"][0]

@@ -168,12 +168,53 @@ def publish_all(publisher, topic: str, messages) -> list[str]:
     return [f.result(timeout=30) for f in futures]
 
 
-def test_pipeline_on_emulators(stack):
+def querier(stack: dict[str, Any]) -> Callable[[str], list[dict[str, Any]]]:
+    """``query(sql)`` on the test's dataset; ``{t}`` in the SQL is the dataset."""
     bq, ds = stack["bq"], stack["dataset"]
 
     def query(sql: str) -> list[dict[str, Any]]:
         job = bq.query(sql.format(t=f"`{PROJECT}.{ds}`"), retry=None, timeout=30)
         return [dict(r) for r in job.result(timeout=30)]
+
+    return query
+
+
+def pipeline_argv(stack: dict[str, Any], *flags: str) -> list[str]:
+    """The pipeline's flags against the test's topics, tables and endpoints, plus ``flags``."""
+    return [
+        f"--input_subscription={stack['pipeline_sub']}",
+        f"--bigquery_dataset={PROJECT}.{stack['dataset']}",
+        f"--bigtable_instance=projects/{PROJECT}/instances/{INSTANCE}",
+        f"--bigtable_table={stack['table_id']}",
+        f"--config_requests_topic={stack['requests_topic']}",
+        *flags,
+        "--allowed_lateness_seconds=3600",
+        f"--bigquery_endpoint={stack['bq_endpoint']}",
+        "--runner=BundleBasedDirectRunner",
+    ]
+
+
+def combined_minutes(query: Callable[[str], list[dict[str, Any]]]) -> dict[tuple[str, str, int], tuple]:
+    """telemetry_1m's rows of each (device, metric, window start ms) combined: (count, min, max, mean)."""
+    combined: dict[tuple[str, str, int], list[Any]] = {}
+    for r in query("SELECT device_id, metric, window_start, `count` AS c, `min` AS lo, `max` AS hi, "
+                   "mean FROM {t}.telemetry_1m"):
+        k = (r["device_id"], r["metric"], round(r["window_start"].timestamp() * 1000))
+        c = combined.setdefault(k, [0, math.inf, -math.inf, 0.0])
+        c[0] += r["c"]
+        c[1], c[2], c[3] = min(c[1], r["lo"]), max(c[2], r["hi"]), c[3] + r["mean"] * r["c"]
+    return {k: (c[0], c[1], c[2], c[3] / c[0]) for k, c in combined.items()}
+
+
+def wait_for_runner_threads_to_end(threads_before: set[threading.Thread]) -> None:
+    # The DirectRunner's executor threads ("Thread: N, ...") end once their current pull (30 s at most) returns.
+    wait_for("the runner's threads to end", lambda: [t.name for t in set(threading.enumerate()) - threads_before
+                                                     if t.is_alive() and t.name.startswith("Thread: ")],
+             lambda v: not v, timeout=45)
+
+
+def test_pipeline_on_emulators(stack):
+    query = querier(stack)
 
     # All event times at least 70 s in the past: the DirectRunner's Pub/Sub watermark is the wall clock, so the
     # windows are already closed and fire as soon as their readings arrive (on-time vs late panes are the
@@ -182,18 +223,8 @@ def test_pipeline_on_emulators(stack):
     goods = good_messages(base_ms)
     bads = bad_messages(base_ms)
     n = len(goods)
-    argv = [
-        f"--input_subscription={stack['pipeline_sub']}",
-        f"--bigquery_dataset={PROJECT}.{ds}",
-        f"--bigtable_instance=projects/{PROJECT}/instances/{INSTANCE}",
-        f"--bigtable_table={stack['table_id']}",
-        f"--config_requests_topic={stack['requests_topic']}",
-        '--threshold_rules={"temperature": {"above": 80, "config": {"fan": "max"}}}',
-        f"--rule_min_interval_seconds={RULE_INTERVAL_S}",
-        "--allowed_lateness_seconds=3600",
-        f"--bigquery_endpoint={stack['bq_endpoint']}",
-        "--runner=BundleBasedDirectRunner",
-    ]
+    argv = pipeline_argv(stack, '--threshold_rules={"temperature": {"above": 80, "config": {"fan": "max"}}}',
+                         f"--rule_min_interval_seconds={RULE_INTERVAL_S}")
     threads_before = set(threading.enumerate())
     result = telemetry_pipeline.run(argv)
     try:
@@ -221,14 +252,7 @@ def test_pipeline_on_emulators(stack):
         want = expected_minutes(goods)
 
         def minutes():
-            combined: dict[tuple[str, str, int], list[Any]] = {}
-            for r in query("SELECT device_id, metric, window_start, `count` AS c, `min` AS lo, `max` AS hi, "
-                           "mean FROM {t}.telemetry_1m"):
-                k = (r["device_id"], r["metric"], int(r["window_start"].timestamp() * 1000))
-                c = combined.setdefault(k, [0, math.inf, -math.inf, 0.0])
-                c[0] += r["c"]
-                c[1], c[2], c[3] = min(c[1], r["lo"]), max(c[2], r["hi"]), c[3] + r["mean"] * r["c"]
-            return {k: (c[0], c[1], c[2], c[3] / c[0]) for k, c in combined.items()}
+            return combined_minutes(query)
 
         got = wait_for("telemetry_1m aggregates", minutes,
                        lambda v: {k: c[0] for k, c in v.items()} == {k: c[0] for k, c in want.items()})
@@ -281,10 +305,7 @@ def test_pipeline_on_emulators(stack):
         assert len(query("SELECT message_id FROM {t}.telemetry_errors")) == len(bads)
     finally:
         result.cancel()
-    # The DirectRunner's executor threads ("Thread: N, ...") end once their current pull (30 s at most) returns.
-    wait_for("the runner's threads to end", lambda: [t.name for t in set(threading.enumerate()) - threads_before
-                                                     if t.is_alive() and t.name.startswith("Thread: ")],
-             lambda v: not v, timeout=45)
+    wait_for_runner_threads_to_end(threads_before)
 
 
 def test_bigtable_replay_after_dedupe_horizon_writes_no_new_version(bigtable_emulator, emulator_env):

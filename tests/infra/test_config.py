@@ -87,6 +87,11 @@ def test_stack_files_only_use_known_keys() -> None:
     ({"labels": ["Env=dev"]}, "gcp-iot-bridge:labels", "not a valid GCP label key"),
     ({"labels": ["env"]}, "gcp-iot-bridge:labels", "is not key=value"),
     ({"bigtableMaxNode": 5}, "gcp-iot-bridge:bigtableMaxNode", "did you mean gcp-iot-bridge:bigtableMaxNodes"),
+    ({"pipelinePayloadProfiles": '{"default": ["xml"]}'}, "gcp-iot-bridge:pipelinePayloadProfiles",
+     "default[0]: profile 'xml' is not one of telemetry-v1, json, raw"),
+    ({"pipelinePayloadProfiles": '{"subfolders": {"fleet": ["raw"]}}'}, "gcp-iot-bridge:pipelinePayloadProfiles",
+     "subfolders: 'fleet' is not registry/subfolder"),
+    ({"pipelinePayloadProfiles": "json"}, "gcp-iot-bridge:pipelinePayloadProfiles", "not JSON"),
 ])
 def test_bad_value_fails_in_one_line_naming_the_key(override: dict, key: str, fragment: str) -> None:
     with pytest.raises(config.ConfigError) as err:

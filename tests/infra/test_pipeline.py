@@ -25,6 +25,8 @@ from pulumi.runtime.sync_await import _sync_await
 
 from components.foundation import Foundation, FoundationArgs
 from components.pipeline import REPO_ROOT, WRITTEN_TABLES, Pipeline, PipelineArgs, metadata, source_hash
+from dataflow_jobs.telemetry_pipeline import parse_args
+from iotbridge import spec
 from tests.infra import harness
 
 PROJECT = "my-iot-dev-project"
@@ -133,10 +135,28 @@ def test_parameters_are_the_templates_own_and_pass_its_regexes(dev: harness.Stac
         "rule_min_interval_seconds": "300",
         "allowed_lateness_seconds": "900",
         "dedupe_seconds": "600",
+        "payload_profiles": '{"default":["telemetry-v1","json"]}',
     }
     specs = {p["name"]: p for p in metadata()["parameters"]}
     for name, value in params.items():
         assert all(re.match(r, value) for r in specs[name]["regexes"]), name
+
+
+def test_payload_profiles_reach_the_job_as_the_pipelines_flag() -> None:
+    text = '{"registries": {"plant": [{"profile": "json", "time_field": "meta.at"}]}, "default": ["json"]}'
+    (job,) = run(payload_profiles=text).of_type(JOB)
+    value = job.get("parameters")["payload_profiles"]
+    assert value == '{"default":["json"],"registries":{"plant":[{"profile":"json","time_field":"meta.at"}]}}'
+    settings, _ = parse_args([f"--{k}={v}" for k, v in job.get("parameters").items()])
+    assert settings.profiles.for_message("plant", None) == (spec.Profile("json", "meta.at"),)
+    with pytest.raises(harness.ProgramFailed, match=r"payload_profiles: default\[0\]: profile 'csv'"):
+        run(payload_profiles='{"default": ["csv"]}')
+
+
+def test_the_stack_config_key_reaches_the_job() -> None:
+    text = '{"subfolders": {"iot-dev-registry/blobs": ["raw"]}}'
+    (job,) = harness.run_program("dev", {"gcp-iot-bridge:pipelinePayloadProfiles": text}).of_type(JOB)
+    assert json.loads(job.get("parameters")["payload_profiles"])["subfolders"] == {"iot-dev-registry/blobs": ["raw"]}
 
 
 def test_bad_parameter_fails_the_deploy_naming_it() -> None:

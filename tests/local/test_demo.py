@@ -44,6 +44,10 @@ def test_short_demo_loses_nothing_and_leaves_nothing_behind(tmp_path):
     assert report["error_rows"] == report["bad_messages_sent"] == 5
     assert report["config_pushes"] >= 2 and report["configs_delivered"] == report["config_pushes"]
     assert report["commands_delivered"] == 1
+    # The closed loop: a device ran hot, the pipeline's rule pushed {"fan": "max"}, the device cooled below it.
+    assert report["closed_loops"] >= 1
+    for loop in report["closed_loop_devices"].values():
+        assert loop["hot_before"] > 80 > loop["last"] and loop["last_time"] > loop["config_time"]
     png = (tmp_path / "demo-plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert processes_mentioning(str(state)) == []
