@@ -74,6 +74,10 @@ MAX_SESSION = timedelta(hours=24)  # IoT Core's longest connection; mTLS session
 # without a registry read until it earns one back.
 MAX_TRACKED_ADDRESSES = 50_000
 UNKNOWN_DEVICE_TTL_S = 10.0  # a device id the registry did not know is not looked up again for this long
+# A device the front disconnected for a protocol violation may not reconnect for this long: each reconnect costs a
+# TLS handshake, a JWT verification and a registry read, and a firmware that loops on the violation would spend
+# them as fast as it can.
+VIOLATION_BACKOFF_S = 5.0
 MAX_UNKNOWN_DEVICES = 50_000
 AUTH_WORKERS = 8  # registry reads of CONNECTs; nothing an authenticated device sends runs on these threads
 REGISTRY_WORKERS = 4  # config acks, presence, heartbeats, re-checks
@@ -232,13 +236,15 @@ class Front:
         self._control: paho.Client | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "registry_lookups": 0, "config_acks": 0,
-                      "address_limited": 0, "pending_limited": 0, "device_slowed": 0}
+                      "address_limited": 0, "pending_limited": 0, "device_slowed": 0,
+                      "violation_backoff": 0}
         # Registry reads that authenticate CONNECTs run on threads of their own, so that nothing an authenticated
         # device can trigger (config acks, presence, heartbeats) delays another device's connect.
         self._auth_pool = ThreadPoolExecutor(AUTH_WORKERS, thread_name_prefix="front-auth")
         self._registry_pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="front-registry")
         self._pending = 0
         self._unknown = ExpiringSet(UNKNOWN_DEVICE_TTL_S, MAX_UNKNOWN_DEVICES)
+        self._violators = ExpiringSet(VIOLATION_BACKOFF_S, MAX_UNKNOWN_DEVICES)
         self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
         self._acked: dict[str, str] = {}  # device id -> sha256 of the config last acknowledged in the registry
 
@@ -389,6 +395,11 @@ class Front:
             return none
         who = f"{peer} as {device_id}"
         now = time.monotonic()
+        if self._violators.has(device_id, now):
+            self.stats["violation_backoff"] += 1
+            await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who,
+                               f"disconnected for a protocol violation less than {VIOLATION_BACKOFF_S:g}s ago")
+            return none
         if self._failures.exhausted(address, now):
             self.stats["address_limited"] += 1
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who,
@@ -513,8 +524,10 @@ class Front:
         except Dropped as exc:
             log.warning("device %s refused: %s", session.device_id, exc)
             session.close(f"refused: {exc}")
+            self._violators.add(session.device_id, time.monotonic())
         except mqtt.ProtocolError as exc:
             session.close(f"refused: protocol error: {exc}")
+            self._violators.add(session.device_id, time.monotonic())
         except (ConnectionError, ssl.SSLError):
             session.close("device closed the connection")
 
