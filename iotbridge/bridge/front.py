@@ -30,11 +30,13 @@ import asyncio
 from asyncio import sslproto
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import ssl
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,6 +75,8 @@ MAX_SESSION = timedelta(hours=24)  # IoT Core's longest connection; mTLS session
 # auth_failure_burst): a refused CONNECT costs a token; a spent address is answered "server unavailable"
 # without a registry read until it earns one back.
 MAX_TRACKED_ADDRESSES = 50_000
+MAX_TRACKED_DEVICES = 100_000  # rate-limit buckets kept per device id, across its reconnects
+REFUSAL_LOG_S = 10.0  # refusals of one address before TLS are logged at most this often
 UNKNOWN_DEVICE_TTL_S = 10.0  # a device id the registry did not know is not looked up again for this long
 # A device the front disconnected for a protocol violation may not reconnect for this long: each reconnect costs a
 # TLS handshake, a JWT verification and a registry read, and a firmware that loops on the violation would spend
@@ -91,6 +95,19 @@ LIMIT_REPORT_S = 60.0  # a slowed device is logged and recorded in the registry 
 # A session the front ends because the device is no longer allowed leaves without its will: Mosquitto would
 # otherwise publish the will of a revoked identity as its telemetry.
 MQTT_DISCONNECT = bytes([mqtt.DISCONNECT << 4, 0])
+
+
+def address_key(host: str) -> str:
+    """What the per-address limits count by: the IPv4 address, or the /64 of an IPv6 one (one subscriber's)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def printable(text: str, limit: int = 300) -> str:
@@ -205,7 +222,8 @@ class Session:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
     drop_will: bool = False
-    config_inflight: dict[int, str] = field(default_factory=dict)  # broker packet id -> sha256 of the config
+    # broker packet id -> (sha256 of the config, whether the broker sent it as a retained replay on a SUBSCRIBE)
+    config_inflight: dict[int, tuple[str, bool]] = field(default_factory=dict)
     acks_running: set[str] = field(default_factory=set)
     subscriptions: set[str] = field(default_factory=set)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -243,6 +261,9 @@ class Front:
         self._auth_pool = ThreadPoolExecutor(AUTH_WORKERS, thread_name_prefix="front-auth")
         self._registry_pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="front-registry")
         self._pending = 0
+        self._pending_by_address: dict[str, int] = {}
+        self._device_limits_by_id: OrderedDict[str, dict[str, TokenBucket]] = OrderedDict()
+        self._refusal_logged = ExpiringSet(REFUSAL_LOG_S, MAX_TRACKED_ADDRESSES)
         self._unknown = ExpiringSet(UNKNOWN_DEVICE_TTL_S, MAX_UNKNOWN_DEVICES)
         self._violators = ExpiringSet(VIOLATION_BACKOFF_S, MAX_UNKNOWN_DEVICES)
         self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
@@ -304,29 +325,34 @@ class Front:
     async def _handle(self, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter) -> None:
         peername = dwriter.get_extra_info("peername")
         peer = str(peername)
-        address = str(peername[0]) if isinstance(peername, tuple) and peername else peer
+        address = address_key(str(peername[0])) if isinstance(peername, tuple) and peername else peer
         bwriter: asyncio.StreamWriter | None = None
         session: Session | None = None
-        pending = self._pending < self.settings.max_pending_connects
+        pending = (self._pending < self.settings.max_pending_connects
+                   and self._pending_by_address.get(address, 0) < self.settings.max_pending_per_address)
         try:
             if not pending:  # bounded count (and, by CONNECT_TIMEOUT_S and MAX_CONNECT_BYTES, time and memory)
                 self.stats["pending_limited"] += 1
-                self._refused(peer, f"{self._pending} connections already awaiting CONNECT")
+                self._refused_quietly(address, peer, f"{self._pending} connections awaiting CONNECT "
+                                      f"({self._pending_by_address.get(address, 0)} from {address})")
                 return
             self._pending += 1
+            self._pending_by_address[address] = self._pending_by_address.get(address, 0) + 1
             if self._failures.exhausted(address, time.monotonic()):
                 self.stats["address_limited"] += 1
-                self._refused(peer, f"too many failed connects from {address}; closed before TLS")
+                self._refused_quietly(address, peer, f"too many failed connects from {address}; closed before TLS")
                 return
             try:
                 await dwriter.start_tls(self.ssl_context, ssl_handshake_timeout=CONNECT_TIMEOUT_S)
             except (TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
+                self._failures.charge(address, time.monotonic())
                 self._refused(peer, f"TLS handshake failed: {type(exc).__name__}")
                 return
             try:
                 first, body, _ = await asyncio.wait_for(mqtt.read_packet(dreader, MAX_CONNECT_BYTES),
                                                         CONNECT_TIMEOUT_S)
             except (TimeoutError, asyncio.IncompleteReadError, mqtt.ProtocolError, ConnectionError, ssl.SSLError):
+                self._failures.charge(address, time.monotonic())
                 self._refused(peer, "no CONNECT")
                 return
             if first >> 4 != mqtt.CONNECT:
@@ -341,14 +367,14 @@ class Front:
                 self._refused(peer, f"malformed CONNECT: {exc}")
                 return
             session, breader, bwriter = await self._authenticate(connect, dwriter, peer, address)
-            self._pending -= 1
+            self._end_pending(address)
             pending = False
             if session is None:
                 return
             await self._relay(session, dreader, dwriter, breader, bwriter)
         finally:
             if pending:
-                self._pending -= 1
+                self._end_pending(address)
             if session is not None:
                 self.sessions.discard(session)
                 if session.drop_will and bwriter is not None:
@@ -368,6 +394,23 @@ class Front:
                     w.close()
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(w.wait_closed(), 2)
+
+    def _end_pending(self, address: str) -> None:
+        self._pending -= 1
+        left = self._pending_by_address.get(address, 1) - 1
+        if left > 0:
+            self._pending_by_address[address] = left
+        else:
+            self._pending_by_address.pop(address, None)
+
+    def _refused_quietly(self, address: str, peer: str, reason: str) -> None:
+        """A refusal that an attack repeats thousands of times a second: counted always, logged once per
+        address every REFUSAL_LOG_S."""
+        if self._refusal_logged.has(address, time.monotonic()):
+            self.stats["refused"] += 1
+            return
+        self._refusal_logged.add(address, time.monotonic())
+        self._refused(peer, reason + f" (further refusals of {address} for {REFUSAL_LOG_S:g}s are counted only)")
 
     def _refused(self, peer: str, reason: str) -> None:
         self.stats["refused"] += 1
@@ -453,7 +496,7 @@ class Front:
         bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
         expires_at = session_deadline(at, proof_expires, credential.expiration_time)
         session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer, num_id=device.num_id,
-                          credential_pem=credential.public_key_pem, limits=self._device_limits())
+                          credential_pem=credential.public_key_pem, limits=self._device_limits(device_id))
         self.sessions.add(session)
         try:
             session.presence_time = await self._on(
@@ -508,8 +551,8 @@ class Front:
                             # Over a rate limit: what passed goes now, this packet when the limit allows it, and
                             # the device's socket is not read meanwhile.
                             if out:
-                                await _forward(bwriter, b"".join(out))
-                                out = []
+                                passed, out = b"".join(out), []
+                                await _forward(bwriter, passed)
                             self._slowed(session, wait)
                             await asyncio.sleep(wait)
                         out.append(checked)
@@ -522,21 +565,31 @@ class Front:
                     if out:
                         await _forward(bwriter, b"".join(out))
         except Dropped as exc:
-            log.warning("device %s refused: %s", session.device_id, exc)
-            session.close(f"refused: {exc}")
+            log.warning("device %s refused: %s", session.device_id, printable(str(exc)))
+            session.close(f"refused: {printable(str(exc))}")
             self._violators.add(session.device_id, time.monotonic())
         except mqtt.ProtocolError as exc:
-            session.close(f"refused: protocol error: {exc}")
+            session.close(f"refused: protocol error: {printable(str(exc))}")
             self._violators.add(session.device_id, time.monotonic())
         except (ConnectionError, ssl.SSLError):
             session.close("device closed the connection")
 
-    def _device_limits(self) -> dict[str, TokenBucket]:
+    def _device_limits(self, device_id: str) -> dict[str, TokenBucket]:
+        """The device's buckets: kept per device id (at most MAX_TRACKED_DEVICES, least recently connected
+        forgotten first), so a reconnect does not bring a fresh burst."""
+        known = self._device_limits_by_id.get(device_id)
+        if known is not None:
+            self._device_limits_by_id.move_to_end(device_id)
+            return known
         s, now = self.settings, time.monotonic()
-        return {"events": TokenBucket(s.device_messages_per_s, s.device_messages_per_s, now),
-                "state": TokenBucket(s.device_state_per_s, 1, now),
-                "bytes": TokenBucket(s.device_bytes_per_s, s.device_bytes_per_s, now),
-                "subscribe": TokenBucket(SUBSCRIBES_PER_S, SUBSCRIBE_BURST, now)}
+        buckets = {"messages": TokenBucket(s.device_messages_per_s, s.device_messages_per_s, now),
+                   "state": TokenBucket(s.device_state_per_s, 1, now),
+                   "bytes": TokenBucket(s.device_bytes_per_s, s.device_bytes_per_s, now),
+                   "subscribe": TokenBucket(SUBSCRIBES_PER_S, SUBSCRIBE_BURST, now)}
+        self._device_limits_by_id[device_id] = buckets
+        while len(self._device_limits_by_id) > MAX_TRACKED_DEVICES:
+            self._device_limits_by_id.popitem(last=False)
+        return buckets
 
     def _slowed(self, session: Session, wait: float) -> None:
         self.stats["device_slowed"] += 1
@@ -562,7 +615,8 @@ class Front:
         dev = session.device_id
         kind = first >> 4
         now = time.monotonic()
-        wait = session.limits["bytes"].take(len(raw), now)
+        # Every packet counts, PINGREQ and PUBACK included: a cheap packet still costs the front a parse and a relay.
+        wait = max(session.limits["bytes"].take(len(raw), now), session.limits["messages"].take(1, now))
         if kind == mqtt.PUBLISH:
             p = mqtt.parse_publish(first, body, session.level)
             if p.qos > 1:
@@ -578,7 +632,8 @@ class Front:
             limit = STATE_MAX_BYTES if tk == "state" else EVENTS_MAX_BYTES
             if p.payload_len > limit:
                 raise Dropped(f"{tk} payload of {p.payload_len} bytes exceeds {limit}")
-            wait = max(wait, session.limits[tk].take(1, now))
+            if tk == "state":
+                wait = max(wait, session.limits["state"].take(1, now))
             if p.retain:
                 # A retained event or state would be replayed to the bridge on every resubscribe and
                 # forwarded again; IoT Core never kept device messages either.
@@ -607,12 +662,15 @@ class Front:
             raw = bytes(patched)
         elif kind == mqtt.PUBACK:
             pid = mqtt.packet_id_of_ack(body)
-            digest = session.config_inflight.pop(pid, None)
-            # One registry ack per config version: a device acknowledging the same retained config again (after
-            # each re-subscribe) costs nothing more.
-            if digest is not None and self._acked.get(dev) != digest and digest not in session.acks_running:
-                session.acks_running.add(digest)
-                self._spawn(self._ack_config(session, digest))
+            inflight = session.config_inflight.pop(pid, None)
+            # One registry ack per config version: the retained replay of a config already acknowledged (Mosquitto
+            # sends one on every re-subscribe) costs nothing more. A config delivered live is a new version, even
+            # with the same bytes, and is acknowledged.
+            if inflight is not None:
+                digest, replay = inflight
+                if not (replay and self._acked.get(dev) == digest) and digest not in session.acks_running:
+                    session.acks_running.add(digest)
+                    self._spawn(self._ack_config(session, digest))
         elif kind == mqtt.PINGREQ:
             session.last_ping = datetime.now(UTC)
         elif kind == mqtt.CONNECT:
@@ -636,8 +694,8 @@ class Front:
                     if first >> 4 == mqtt.PUBLISH and (first >> 1) & 0x03 == 1:
                         p = mqtt.parse_publish(first, body, session.level)
                         if p.topic == config_topic and p.packet_id is not None:
-                            session.config_inflight[p.packet_id] = hashlib.sha256(
-                                body[p.payload_offset:]).hexdigest()
+                            session.config_inflight[p.packet_id] = (
+                                hashlib.sha256(body[p.payload_offset:]).hexdigest(), p.retain)
                     out.append(raw)
                 if out:
                     await _forward(dwriter, b"".join(out))
@@ -659,7 +717,8 @@ class Front:
         try:
             self.stats["config_acks"] += 1
             await self._on(self._registry_pool, ack)
-            self._acked[device_id] = digest
+            if session in self.sessions:  # not for a device that has gone meanwhile: nothing would remove it
+                self._acked[device_id] = digest
         except Exception as exc:  # the device keeps working; only the ack time is missing
             log.warning("could not record config ack of %s: %s", device_id, exc)
         finally:
@@ -740,7 +799,10 @@ class Front:
     async def _recheck_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.recheck_interval_s)
-            await self.recheck()
+            try:
+                await self.recheck()
+            except Exception:  # revocation and heartbeats must go on: log and try again next round
+                log.exception("registry recheck failed")
 
     async def recheck(self) -> None:
         """End the sessions their device no longer allows (blocked, deleted or created again, credential removed,

@@ -83,6 +83,7 @@ class BridgeSettings:
     auth_failure_burst: int = 20
     # TLS connections that have not yet sent their CONNECT (each for at most 10 s); more are closed at once.
     max_pending_connects: int = 1000
+    max_pending_per_address: int = 20  # of those, from one address (an IPv6 /64): one address cannot fill them all
     # Per device connection, IoT Core's limits: messages a second (after a burst of as many), bytes a second, state
     # updates a second. A device over a limit is slowed, not refused.
     device_messages_per_s: float = 100.0
@@ -111,7 +112,8 @@ class BridgeSettings:
             raise ValueError("max_queued_messages and max_queued_bytes must be positive: 0 means unbounded")
         if len(self.routes) > MAX_ROUTES:
             raise ValueError(f"at most {MAX_ROUTES} subfolder routes, got {len(self.routes)}")
-        for name in ("auth_failures_per_s", "auth_failure_burst", "max_pending_connects", "device_messages_per_s",
+        for name in ("auth_failures_per_s", "auth_failure_burst", "max_pending_connects", "max_pending_per_address",
+                     "device_messages_per_s",
                      "device_bytes_per_s", "device_state_per_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -32,7 +32,7 @@ DEFAULT_ADDRESS_LIMIT = {"auth_failures_per_s": 2.0, "auth_failure_burst": 20}
 @pytest.fixture(scope="module")
 def hstack(bridge_env, tmp_path_factory) -> Iterator[BridgeStack]:
     st = new_stack(tmp_path_factory.mktemp("hardening"), bridge_env, max_pending_connects=5,
-                   **DEFAULT_ADDRESS_LIMIT)
+                   max_pending_per_address=3, **DEFAULT_ADDRESS_LIMIT)
     yield st
     st.stop()
 
@@ -245,18 +245,31 @@ def test_control_characters_in_the_client_id_are_escaped_in_the_log(hdevices, hs
     assert any(f"x\\n{marker}" in line for line in lines)
 
 
-def test_connections_that_never_send_connect_are_capped(hdevices, hstack):
-    ctx = ssl.create_default_context(cafile=str(hstack.ca_cert))
+def _idle(stack: BridgeStack, source: str) -> ssl.SSLSocket:
+    """A TLS connection from ``source`` that never sends its CONNECT."""
+    ctx = ssl.create_default_context(cafile=str(stack.ca_cert))
+    raw = socket.create_connection((stack.mqtt_host, stack.mqtt_port), timeout=5, source_address=(source, 0))
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_connections_that_never_send_connect_are_capped_per_address_and_in_all(hdevices, hstack):
+    # The module's stack allows 5 connections awaiting CONNECT, 3 of them from one address.
     idle: list[ssl.SSLSocket] = []
     try:
-        for _ in range(5):  # the module's stack allows 5 connections awaiting CONNECT
-            idle.append(ctx.wrap_socket(socket.create_connection((hstack.mqtt_host, hstack.mqtt_port), timeout=5),
-                                        server_hostname="localhost"))
-        wait_until(lambda: counter(hstack, "pending") == 5, 10, "5 pending connections")
+        idle += [_idle(hstack, "127.0.0.4") for _ in range(3)]
+        wait_until(lambda: counter(hstack, "pending") == 3, 10, "3 pending connections")
         before = counter(hstack, "pending_limited")
+        with pytest.raises((ssl.SSLError, OSError)):  # a 4th from the same address: closed before TLS
+            idle.append(_idle(hstack, "127.0.0.4"))
+            idle[-1].recv(1)
+        assert counter(hstack, "pending_limited") == before + 1
+        hdevices.connected("ES256")  # another address is not affected
+
+        idle += [_idle(hstack, "127.0.0.5") for _ in range(2)]  # 5 in all: the host's cap
+        wait_until(lambda: counter(hstack, "pending") == 5, 10, "5 pending connections")
         with pytest.raises(Exception):
             hdevices.connected("ES256")
-        assert counter(hstack, "pending_limited") == before + 1
+        assert counter(hstack, "pending_limited") == before + 2
     finally:
         for s in idle:
             s.close()
@@ -281,6 +294,10 @@ def test_a_device_over_its_message_rate_is_slowed_and_told_others_are_not(hdevic
     # 300 events at once: the first 100 pass (the burst), the other 200 at 100 a second: at least 2 s.
     elapsed = _publish_all(fast, [b"m%d" % i for i in range(300)])
     assert elapsed >= 1.9, elapsed
+    # Reconnecting brings no fresh burst: the limit is the device's, not the connection's.
+    fast.disconnect()
+    fast.connect()
+    assert _publish_all(fast, [b"r%d" % i for i in range(100)]) >= 0.5
     _publish_all(other, [b"o%d" % i for i in range(50)])
     log_text = hstack.log_text("front")
     assert f"device {fast.identity.device_id} slowed: rate limit" in log_text

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from iotbridge.bridge.front import revoked_reason
+from iotbridge.bridge.front import address_key, revoked_reason
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.registry import Grant
 
@@ -76,3 +76,11 @@ def test_revoked_reason_for_every_change_of_the_registry(clock) -> None:
     assert revoked_reason("1", pem, Grant("1", False, {pem: now - timedelta(seconds=1)}), now) == \
         "credential expired"
     assert revoked_reason("1", pem, Grant("1", False, {pem: now + timedelta(seconds=1)}), now) == ""
+
+
+def test_addresses_are_counted_per_ipv4_address_and_per_ipv6_64() -> None:
+    assert address_key("203.0.113.7") == "203.0.113.7"
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("not-an-ip") == "not-an-ip"
