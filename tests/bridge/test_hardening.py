@@ -130,6 +130,11 @@ def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redel
     push_config(hstack, registry, device_id, b'{"v":"twice"}')  # a new version is acked again
     assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
     wait_until(lambda: counter(hstack, "config_acks") == acks + 1, 10, "the new version's ack")
+    # A new version with the same bytes is a version of its own: acknowledged too.
+    push_config(hstack, registry, device_id, b'{"v":"twice"}')
+    assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
+    wait_until(lambda: registry.get_config(device_id).device_ack_time is not None, 10, "the same bytes' ack")
+    assert counter(hstack, "config_acks") == acks + 2
 
 
 # ------------------------------------------------------------------------------------------- revocation
