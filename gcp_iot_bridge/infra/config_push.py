@@ -46,9 +46,10 @@ import pulumi
 import pulumi_gcp as gcp
 import pulumiverse_time as time
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-FUNCTION_DIR = REPO_ROOT / "functions" / "config_push"
-REGISTRY_MODULE = REPO_ROOT / "iotbridge" / "registry.py"
+from gcp_iot_bridge.infra.sources import SOURCE_ROOT
+
+FUNCTION_DIR = SOURCE_ROOT / "functions" / "config_push"
+REGISTRY_MODULE = SOURCE_ROOT / "iotbridge" / "registry.py"
 # The package marker written next to the vendored registry module. Not the project's own __init__.py: the
 # function must not depend on whatever that one may import one day.
 VENDORED_INIT = '"""gcp-iot-bridge device registry, vendored into the config-push function."""\n'
