@@ -9,9 +9,10 @@ network, its own dataset) builds those pieces itself (examples/byo_network_and_d
 The pieces keep the logical names the program gave them before this component existed ("foundation", "broker",
 ...), with an alias to the stack root as their former parent, so a stack deployed before moves under
 ``IotBridge`` without replacing anything. Those fixed names make one ``IotBridge`` per stack.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations``: the component provider (provider.py) reads the outputs' annotations
+as objects.
+"""
 
 from dataclasses import dataclass
 
@@ -56,7 +57,6 @@ class IotBridge(pulumi.ComponentResource):
     ``messaging``, ``broker``, ``pipeline``, ``config_push``, ``edge_ml``, ``monitoring``, ``workbench``).
     """
 
-    workbench: Workbench | None
     registry_id: pulumi.Output[str]
     mqtt_endpoint: pulumi.Output[str]
     mqtt_ca_cert: pulumi.Output[str]
@@ -72,7 +72,7 @@ class IotBridge(pulumi.ComponentResource):
     monitoring_dashboard_url: pulumi.Output[str]
     workbench_proxy_uri: pulumi.Output[str] | None
 
-    def __init__(self, name: str, args: IotBridgeArgs, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: IotBridgeArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("gcp-iot-bridge:index:IotBridge", name, None, opts)
         cfg = args.config
         labels = cfg.all_labels
@@ -237,7 +237,7 @@ class IotBridge(pulumi.ComponentResource):
         ), opts=child)
 
         if cfg.workbench_enabled:
-            self.workbench = Workbench("workbench", WorkbenchArgs(
+            self.workbench: Workbench | None = Workbench("workbench", WorkbenchArgs(
                 project=cfg.project,
                 prefix=cfg.prefix,
                 zone=cfg.workbench_zone,
