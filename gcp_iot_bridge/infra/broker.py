@@ -156,6 +156,26 @@ class BrokerArgs:
 class Broker(pulumi.ComponentResource):
     """Firestore registry database, TLS material, broker hosts (MIG) and the network load balancer on 8883."""
 
+    # What devices and the rest of the stack use.
+    registry_id: pulumi.Output[str]
+    mqtt_endpoint: pulumi.Output[str]  # "{load balancer address}:8883"
+    mqtt_ca_cert: pulumi.Output[str]  # PEM of the CA devices verify the broker with
+    address: gcp.compute.Address  # the load balancer's static IP
+    database: gcp.firestore.Database  # the registry's Firestore database (ConfigPush depends on it)
+    fanout_subscriptions: dict[int, gcp.pubsub.Subscription]  # slot -> the device-commands subscription it claims
+    # The resources themselves, for a program that adds to them.
+    ca_cert: tls.SelfSignedCert
+    server_cert: tls.LocallySignedCert
+    bucket: gcp.storage.Bucket  # the bridge's code
+    code: gcp.storage.BucketObject
+    template: gcp.compute.InstanceTemplate
+    group: gcp.compute.RegionInstanceGroupManager
+    backend: gcp.compute.RegionBackendService
+    forwarding_rule: gcp.compute.ForwardingRule
+    firewall_devices: gcp.compute.Firewall
+    firewall_health: gcp.compute.Firewall
+    nat: gcp.compute.RouterNat
+
     def __init__(self, name: str, args: BrokerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:Broker", name, None, opts)
         if len(args.routes) > 10:

@@ -138,6 +138,16 @@ class ConfigPushArgs:
 class ConfigPush(pulumi.ComponentResource):
     """The config-push function with its source archive, identities, grants and Eventarc trigger."""
 
+    function: gcp.cloudfunctionsv2.Function  # its name is the stack output config_push_function
+    source_hash: str  # content hash of the deployed archive (archive_contents())
+    bucket: gcp.storage.Bucket
+    source_object: gcp.storage.BucketObject
+    build_account: gcp.serviceaccount.Account
+    trigger_account: gcp.serviceaccount.Account
+    invoker: gcp.cloudrunv2.ServiceIamMember
+    eventarc_wait: time.Sleep
+    grants_wait: time.Sleep
+
     def __init__(self, name: str, args: ConfigPushArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:ConfigPush", name, None, opts)
         mqtt = args.delivery == "mqtt"
