@@ -1,7 +1,7 @@
 """Config push latency: a request published on the config-requests topic → the device has the config.
 
 The whole path runs for real on loopback: the Pub/Sub emulator's push subscription (the one Eventarc owns in the
-cloud) → functions-framework serving the staged deployment archive (``infra/components/config_push.py``), warm
+cloud) → functions-framework serving the staged deployment archive (``gcp_iot_bridge/infra/config_push.py``), warm
 → the registry transaction on the Firestore emulator → delivery → one broker host (Mosquitto, TLS front, bridge
 service) → a device on the device SDK (paho over TLS, JWT), subscribed to its config topic at QoS 1.
 
@@ -48,11 +48,8 @@ MIN_GAP_S = 1.1  # per device: the function refuses more than one update per sec
 
 
 def stage_function(dest: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "infra"))
-    try:
-        from components import config_push as cpc
-    finally:
-        sys.path.remove(str(ROOT / "infra"))
+    from gcp_iot_bridge.infra import config_push as cpc
+
     return cpc.stage(cpc.archive_contents(), dest)
 
 

@@ -40,7 +40,7 @@ print(json.dumps({{"import_s": t1 - t0, "first_s": t2 - t1, "second_s": t3 - t2,
 
 
 def run() -> list[Figure]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "infra")])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", _CHILD.format(stack=STACK)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:

@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # Top-level folders holding the project's Python code (everything else is tooling: .venv, notebooks, scripts).
-PACKAGES = ("iotbridge", "dataflow_jobs", "functions", "infra", "policy", "bench", "tests")
+PACKAGES = ("iotbridge", "dataflow_jobs", "functions", "gcp_iot_bridge", "infra", "provider", "examples", "policy", "bench",
+            "tests")
 # Programs that run with their own folder on sys.path and import their siblings by bare name.
 PROGRAM_DIRS = (ROOT / "infra", ROOT / "policy", *sorted(p for p in (ROOT / "functions").iterdir() if p.is_dir()))
 
@@ -199,8 +200,8 @@ def _literal(source: Path, name: str) -> tuple[str, ...]:
 
 
 def broker_archive() -> set[str]:
-    """The modules the broker archive ships, from the two lists infra/components/broker.py packages by."""
-    broker = ROOT / "infra" / "components" / "broker.py"
+    """The modules the broker archive ships, from the two lists gcp_iot_bridge/infra/broker.py packages by."""
+    broker = ROOT / "gcp_iot_bridge" / "infra" / "broker.py"
     local_only = set(_literal(broker, "LOCAL_ONLY"))
     files = {*_literal(broker, "CODE_ROOT_FILES"),
              *(str(p.relative_to(ROOT)) for p in (ROOT / "iotbridge" / "bridge").glob("*.py"))} - local_only
@@ -224,8 +225,12 @@ def test_what_a_broker_host_runs_imports_only_what_it_ships_with():
     ("dataflow_jobs.telemetry_pipeline", "iotbridge.local.stack", False),
     ("functions.config_push.main", "iotbridge.registry", True),
     ("functions.config_push.main", "iotbridge.local.provision", False),
-    ("infra.components.warehouse", "iotbridge.spec", True),
-    ("infra.components.broker", "iotbridge.bridge.front", False),
+    ("gcp_iot_bridge.infra.warehouse", "iotbridge.spec", True),
+    ("gcp_iot_bridge.infra.broker", "iotbridge.bridge.front", False),
+    ("infra.__main__", "gcp_iot_bridge.infra.iot_bridge", True),
+    ("gcp_iot_bridge.infra.iot_bridge", "infra.__main__", False),
+    ("examples.byo_network_and_dataset.__main__", "gcp_iot_bridge.infra.broker", True),
+    ("examples.byo_network_and_dataset.__main__", "iotbridge.local", False),
     ("iotbridge.registry", "iotbridge.spec", False),
     ("iotbridge.local.stack", "iotbridge.bridge.stack", True),
     ("iotbridge.bridge.front", "iotbridge.cli", False),
@@ -237,8 +242,8 @@ def test_the_rules_allow_and_refuse(importer: str, imported: str, allowed: bool)
 
 def test_imports_are_resolved_the_way_python_does():
     main = ROOT / "infra" / "__main__.py"
-    assert ("components.broker", "infra.components.broker") in imports_of(main)
-    assert ("config", "infra.config") in imports_of(main)
+    assert ("gcp_iot_bridge.infra.config", "gcp_iot_bridge.infra.config") in imports_of(main)
+    assert ("gcp_iot_bridge.infra.iot_bridge", "gcp_iot_bridge.infra.iot_bridge") in imports_of(main)
     assert ("pulumi", None) in imports_of(main)
     assert ("rules", "policy.rules") in imports_of(ROOT / "policy" / "__main__.py")
     # `from iotbridge import registry as reg` is the module, found even inside a function body.

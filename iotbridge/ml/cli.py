@@ -2,7 +2,7 @@
 device runs which version.
 
 * ``train`` — the local trainer (:mod:`iotbridge.ml.train_local`) against the running local stack's BigQuery.
-  In the cloud, the model is trained and exported by the Pulumi program (``infra/components/edge_ml.py``).
+  In the cloud, the model is trained and exported by the Pulumi program (``gcp_iot_bridge/infra/edge_ml.py``).
 * ``deploy`` — a config push per device (a request on the config-requests topic, applied by the config-push
   function) whose config carries ``{"model": {"uri", "version", "sha256"}}`` merged into the device's current
   config, compare-and-set on its current version. The digest is computed from the artifact itself, which must

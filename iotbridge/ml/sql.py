@@ -1,4 +1,4 @@
-"""The edge model's SQL, rendered once for BigQuery (``infra/components/edge_ml.py``) and the local engine
+"""The edge model's SQL, rendered once for BigQuery (``gcp_iot_bridge/infra/edge_ml.py``) and the local engine
 (:mod:`iotbridge.ml.train_local`). Pure text, like :mod:`iotbridge.spec`: no client, no Pulumi.
 
 Three statements:

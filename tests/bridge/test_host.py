@@ -15,7 +15,7 @@ import uuid
 import pytest
 from google.cloud import pubsub_v1
 
-from components import broker as bc
+from gcp_iot_bridge.infra import broker as bc
 from iotbridge import spec
 from iotbridge.bridge import fanout
 from iotbridge.bridge.settings import new_secrets, write_secrets

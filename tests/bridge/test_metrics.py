@@ -42,13 +42,13 @@ def test_instance_labels_come_from_the_metadata_server():
 
 
 def test_the_metric_matches_what_the_monitoring_component_declares():
-    from components import monitoring
+    from gcp_iot_bridge.infra import monitoring
 
     assert monitoring.CONNECTED_DEVICES_METRIC == metrics.METRIC_TYPE
 
 
 def test_cloud_hosts_write_the_gauge():
-    from components import broker
+    from gcp_iot_bridge.infra import broker
 
     script = broker.startup_script(
         project="p-1", region="europe-west1", registry_id="fleet", prefix="iot", code_url="gs://b/code.zip",

@@ -55,7 +55,7 @@ import paho.mqtt.client as paho
 import pytest
 from google.cloud import pubsub_v1
 
-from components import broker as bc
+from gcp_iot_bridge.infra import broker as bc
 from iotbridge import spec
 from iotbridge.bridge import fanout
 from iotbridge.bridge.stack import READY_SERVICE

@@ -21,11 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# pytest puts infra/ on the path (pyproject pythonpath); a plain run needs it for components.config_push.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "infra"))
-
-from iotbridge.local import services  # noqa: E402
-from tests.functions.served import DeviceClient, serve  # noqa: E402
+from iotbridge.local import services
+from tests.functions.served import DeviceClient, serve
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -1,6 +1,6 @@
 """The config-push function served as it would be deployed, on this machine.
 
-``serve(pubsub_env, firestore_env, workdir)`` stages the deployment archive (``infra/components/config_push.py``),
+``serve(pubsub_env, firestore_env, workdir)`` stages the deployment archive (``gcp_iot_bridge/infra/config_push.py``),
 starts functions-framework on it from its own folder on a free loopback port, starts a Mosquitto for it to
 publish to, creates the config-requests and dead-letter topics in the Pub/Sub emulator, and a push subscription
 that feeds the function — the subscription Eventarc owns in the cloud. Used by the end-to-end tests and by
@@ -24,7 +24,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from components import config_push as cpc
+from gcp_iot_bridge.infra import config_push as cpc
 from iotbridge import registry as reg
 from iotbridge.local import services
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import pulumi
 import yaml
+from google.protobuf import json_format
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import settings as pulumi_settings
 from pulumi.runtime.stack import run_pulumi_func
@@ -49,6 +50,8 @@ class Resource:
     urn: str
     parent: str
     dependencies: frozenset[str]  # URNs: explicit depends_on plus every input's dependencies
+    # Alias specs as the engine receives them, e.g. {"spec": {"noParent": True}}: where the resource was before.
+    aliases: tuple[dict[str, Any], ...] = ()
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.inputs.get(key, default)
@@ -258,7 +261,8 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
             inputs = dict(pulumi_mocks.rpc.deserialize_properties(request.object))
             self.registrations.append(Resource(
                 type=request.type, name=request.name, inputs=inputs, urn=response.urn,
-                parent=request.parent, dependencies=frozenset(deps)))
+                parent=request.parent, dependencies=frozenset(deps),
+                aliases=tuple(json_format.MessageToDict(alias) for alias in request.aliases)))
         return response
 
 

@@ -188,7 +188,7 @@ def test_every_name_fits_the_api_at_the_longest_and_shortest_prefix_and_project(
     """Physical names are "{prefix}-{suffix}" (buckets "{project}-{prefix}-{suffix}"): the longest prefix and project
     id config.py accepts, and the shortest, must still give names every API accepts. The lengths come from
     config.py's own patterns, not from a hand-kept number."""
-    import config
+    from gcp_iot_bridge.infra import config
 
     pick = _longest if extreme == "longest" else _shortest
     prefix, project = "a" * pick(config._PREFIX_RE), "b" * pick(config._PROJECT_RE)

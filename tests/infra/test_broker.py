@@ -9,7 +9,7 @@ import pytest
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
-from components import broker as bc
+from gcp_iot_bridge.infra import broker as bc
 from tests.infra import harness
 
 PROJECT = "proj-test-123"

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-import config
-from components import foundation as fnd
+from gcp_iot_bridge.infra import config
+from gcp_iot_bridge.infra import foundation as fnd
 from iotbridge import spec
 from tests.infra import harness
 from tests.infra.test_foundation import API_OF_TYPE_PREFIX

@@ -1,11 +1,11 @@
-"""infra/config.py: typed, validated stack config; bad values fail before any resource, in one line naming the key."""
+"""gcp_iot_bridge/infra/config.py: typed, validated stack config; bad values fail before any resource, in one line naming the key."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-import config
+from gcp_iot_bridge.infra import config
 from tests.infra import harness
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from components import config_push as cpc
+from gcp_iot_bridge.infra import config_push as cpc
 from tests.infra import harness
 
 PROJECT = "proj-test-123"
@@ -203,7 +203,7 @@ def test_archive_holds_the_function_and_the_vendored_registry() -> None:
     contents = cpc.archive_contents()
     assert set(contents) == {"main.py", "requirements.txt", "iotbridge/__init__.py", "iotbridge/registry.py"}
     assert b"def handle(" in contents["main.py"]
-    assert contents["iotbridge/registry.py"] == (cpc.REPO_ROOT / "iotbridge" / "registry.py").read_bytes()
+    assert contents["iotbridge/registry.py"] == (cpc.SOURCE_ROOT / "iotbridge" / "registry.py").read_bytes()
 
 
 def test_packaged_folder_imports_on_its_own(tmp_path: Path) -> None:
@@ -226,7 +226,7 @@ def test_packaged_folder_imports_on_its_own(tmp_path: Path) -> None:
 
 def test_function_requirements_match_the_lock() -> None:
     lock = {}
-    for line in (cpc.REPO_ROOT / "requirements" / "lock.txt").read_text().splitlines():
+    for line in (cpc.SOURCE_ROOT / "requirements" / "lock.txt").read_text().splitlines():
         if "==" in line and not line.startswith("#"):
             name, _, version = line.partition("==")
             lock[name.strip().lower()] = version.split(";")[0].strip()
@@ -267,7 +267,7 @@ API_OF_TYPE_PREFIX = {
 
 @pytest.mark.parametrize("delivery", ["mqtt", "fanout"])
 def test_wired_to_the_foundation_every_resource_waits_for_its_api(delivery: str) -> None:
-    from components.foundation import Foundation, FoundationArgs
+    from gcp_iot_bridge.infra.foundation import Foundation, FoundationArgs
 
     def program() -> None:
         foundation = Foundation("foundation", FoundationArgs(project=PROJECT, prefix=PREFIX))

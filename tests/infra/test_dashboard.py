@@ -7,8 +7,8 @@ from urllib.parse import parse_qs, urlsplit
 import pulumi
 import pytest
 
-from components.dashboard import dashboard_url
-from components.warehouse import Warehouse, WarehouseArgs
+from gcp_iot_bridge.infra.dashboard import dashboard_url
+from gcp_iot_bridge.infra.warehouse import Warehouse, WarehouseArgs
 from tests.infra.harness import ProgramFailed, run_program
 
 PROJECT = "my-iot-dev-project"

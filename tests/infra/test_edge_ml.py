@@ -13,7 +13,7 @@ from pathlib import Path
 import pulumi
 import pytest
 
-from components.edge_ml import EdgeMl, EdgeMlArgs, job_id
+from gcp_iot_bridge.infra.edge_ml import EdgeMl, EdgeMlArgs, job_id
 from tests.infra.harness import StackRun, run_program
 
 BUCKET = "gcp:storage/bucket:Bucket"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from components import foundation as fnd
+from gcp_iot_bridge.infra import foundation as fnd
 from tests.infra import harness
 
 SERVICE = "gcp:projects/service:Service"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from components.monitoring import CONNECTED_DEVICES_METRIC
+from gcp_iot_bridge.infra.monitoring import CONNECTED_DEVICES_METRIC
 from tests.infra import harness
 from tests.infra.test_cmek import AGENTS, GRANT, STACK_KEYS, STORE_AGENTS, cmek_run
 

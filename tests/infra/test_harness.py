@@ -96,8 +96,8 @@ def test_program_imports_resolve_as_under_the_pulumi_language_host(tmp_path) -> 
     import sys
 
     code = ("import sys; sys.path = [p for p in sys.path if p not in ('', %r)]; sys.path.insert(0, %r); "
-            "import config, components.foundation, components.messaging, components.warehouse, "
-            "components.timeseries, iotbridge.spec; print(iotbridge.spec.__file__)"
+            "import gcp_iot_bridge.infra.config, gcp_iot_bridge.infra.iot_bridge, iotbridge.spec; "
+            "print(iotbridge.spec.__file__)"
             % (str(harness.ROOT), str(harness.ROOT / "infra")))
     done = subprocess.run([sys.executable, "-c", code], cwd=harness.ROOT / "infra", capture_output=True,
                           text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})

@@ -141,7 +141,7 @@ def test_retention_comes_from_config(run: harness.StackRun) -> None:
 
 
 def test_component_refuses_a_delivery_attempt_count_pubsub_rejects() -> None:
-    from components.messaging import Messaging, MessagingArgs
+    from gcp_iot_bridge.infra.messaging import Messaging, MessagingArgs
 
     def program() -> None:
         Messaging("m", MessagingArgs(project="p-123456", prefix="iot-t", pubsub_agent=AGENT,

@@ -16,7 +16,7 @@ from pulumi.runtime import settings as pulumi_settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
-from components.monitoring import (
+from gcp_iot_bridge.infra.monitoring import (
     CONNECTED_DEVICES_METRIC,
     DASHBOARD_FILE,
     METRIC_TYPES,

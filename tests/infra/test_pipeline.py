@@ -23,8 +23,8 @@ from pulumi.runtime import settings as pulumi_settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
-from components.foundation import Foundation, FoundationArgs
-from components.pipeline import REPO_ROOT, WRITTEN_TABLES, Pipeline, PipelineArgs, metadata, source_hash
+from gcp_iot_bridge.infra.foundation import Foundation, FoundationArgs
+from gcp_iot_bridge.infra.pipeline import SOURCE_ROOT, WRITTEN_TABLES, Pipeline, PipelineArgs, metadata, source_hash
 from dataflow_jobs.telemetry_pipeline import parse_args
 from iotbridge import spec
 from tests.infra import harness
@@ -176,8 +176,8 @@ def test_image_built_and_pushed_to_our_repository_and_pinned_by_digest(dev: harn
     assert image.get("push") is True and image.get("buildOnPreview") is False
     assert image.get("tags") == [f"{REGION}-docker.pkg.dev/{PROJECT}/iot-dev-dataflow/telemetry-pipeline:{source_hash()}"]
     # Relative paths (from where pulumi runs): no diff between checkouts.
-    assert image.get("dockerfile")["location"] == os.path.relpath(REPO_ROOT / "dataflow_jobs" / "Dockerfile")
-    assert image.get("context")["location"] == os.path.relpath(REPO_ROOT)
+    assert image.get("dockerfile")["location"] == os.path.relpath(SOURCE_ROOT / "dataflow_jobs" / "Dockerfile")
+    assert image.get("context")["location"] == os.path.relpath(SOURCE_ROOT)
     assert not os.path.isabs(image.get("context")["location"])
     assert image.get("platforms") == ["linux/amd64"]
     # The access token makes the registry credentials a secret: encrypted in the state, masked in diffs.

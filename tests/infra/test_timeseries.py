@@ -63,7 +63,7 @@ def test_no_app_profile_that_nothing_uses(run: harness.StackRun) -> None:
     ({"min_nodes": 1, "max_nodes": 20}, "max_nodes <= 10 x min_nodes"),
 ])
 def test_component_refuses_settings_bigtable_rejects(kwargs: dict, message: str) -> None:
-    from components.timeseries import TimeSeries, TimeSeriesArgs
+    from gcp_iot_bridge.infra.timeseries import TimeSeries, TimeSeriesArgs
 
     args = {"project": "p-123456", "prefix": "iot-t", "zones": ("us-central1-b",), "deletion_protection": False}
     args.update(kwargs)

@@ -15,7 +15,7 @@ import pulumi
 import pulumi_gcp as gcp
 import pytest
 
-from components.workbench import Workbench, WorkbenchArgs, declare_workbench
+from gcp_iot_bridge.infra.workbench import Workbench, WorkbenchArgs, declare_workbench
 from tests.infra.harness import ProgramFailed, StackRun, run_program
 
 INSTANCE = "gcp:workbench/instance:Instance"

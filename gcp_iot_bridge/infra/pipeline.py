@@ -45,10 +45,10 @@ import pulumi
 import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 
+from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 from iotbridge.spec import ProfileError, parse_payload_profiles
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-JOBS_DIR = REPO_ROOT / "dataflow_jobs"
+JOBS_DIR = SOURCE_ROOT / "dataflow_jobs"
 DOCKERFILE = JOBS_DIR / "Dockerfile"
 METADATA_FILE = JOBS_DIR / "metadata.json"
 IMAGE_NAME = "telemetry-pipeline"
@@ -71,7 +71,7 @@ def build_inputs() -> list[Path]:
     files = [DOCKERFILE, DOCKERFILE.with_name("Dockerfile.dockerignore")]
     for line in text.splitlines():
         if line.startswith("COPY ") and "--from=" not in line:
-            files += [REPO_ROOT / src for src in line.split()[1:-1]]
+            files += [SOURCE_ROOT / src for src in line.split()[1:-1]]
     return files
 
 
@@ -79,7 +79,7 @@ def source_hash() -> str:
     """Content hash of the build inputs: the image tag, stable across previews, new on any code change."""
     h = hashlib.sha256()
     for path in build_inputs():
-        h.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(path.relative_to(SOURCE_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -195,7 +195,7 @@ class Pipeline(pulumi.ComponentResource):
                 f"{name}-image",
                 # Paths relative to where `pulumi` runs: absolute ones would differ between checkouts and show
                 # a diff on every other operator's machine.
-                context=docker_build.BuildContextArgs(location=os.path.relpath(REPO_ROOT)),
+                context=docker_build.BuildContextArgs(location=os.path.relpath(SOURCE_ROOT)),
                 dockerfile=docker_build.DockerfileArgs(location=os.path.relpath(DOCKERFILE)),
                 platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers are x86-64
                 build_args={"LAUNCHER_TAG": args.launcher_tag},

@@ -46,9 +46,10 @@ import pulumi
 import pulumi_gcp as gcp
 import pulumiverse_time as time
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-FUNCTION_DIR = REPO_ROOT / "functions" / "config_push"
-REGISTRY_MODULE = REPO_ROOT / "iotbridge" / "registry.py"
+from gcp_iot_bridge.infra.sources import SOURCE_ROOT
+
+FUNCTION_DIR = SOURCE_ROOT / "functions" / "config_push"
+REGISTRY_MODULE = SOURCE_ROOT / "iotbridge" / "registry.py"
 # The package marker written next to the vendored registry module. Not the project's own __init__.py: the
 # function must not depend on whatever that one may import one day.
 VENDORED_INIT = '"""gcp-iot-bridge device registry, vendored into the config-push function."""\n'
@@ -136,6 +137,16 @@ class ConfigPushArgs:
 
 class ConfigPush(pulumi.ComponentResource):
     """The config-push function with its source archive, identities, grants and Eventarc trigger."""
+
+    function: gcp.cloudfunctionsv2.Function  # its name is the stack output config_push_function
+    source_hash: str  # content hash of the deployed archive (archive_contents())
+    bucket: gcp.storage.Bucket
+    source_object: gcp.storage.BucketObject
+    build_account: gcp.serviceaccount.Account
+    trigger_account: gcp.serviceaccount.Account
+    invoker: gcp.cloudrunv2.ServiceIamMember
+    eventarc_wait: time.Sleep
+    grants_wait: time.Sleep
 
     def __init__(self, name: str, args: ConfigPushArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:ConfigPush", name, None, opts)

@@ -42,14 +42,14 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pulumi
 import pulumi_gcp as gcp
 import pulumi_random as random
 import pulumi_tls as tls
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from gcp_iot_bridge.infra.sources import SOURCE_ROOT
+
 MQTT_PORT = 8883
 BROKER_PORT = 1883  # loopback only
 # Google's health-check probe ranges (network load balancers and managed instance group auto-healing).
@@ -60,12 +60,12 @@ CODE_ROOT_FILES = ("iotbridge/__init__.py", "iotbridge/spec.py", "iotbridge/regi
 LOCAL_ONLY = ("iotbridge/bridge/stack.py", "iotbridge/bridge/tls.py")
 HOST_REQUIREMENTS = ("paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "PyJWT",
                      "cryptography")
-LOCK = REPO_ROOT / "requirements" / "lock.txt"
+LOCK = SOURCE_ROOT / "requirements" / "lock.txt"
 # Every package the hosts install (HOST_REQUIREMENTS and all they pull in) at requirements/lock.txt's version,
 # shipped as the archive's constraints.txt: without it grpcio, protobuf and the rest would resolve anew at every
 # boot. A test keeps it equal to the closure; the lock alone would also pin the dev tools, and any change to those
 # would replace every host.
-HOST_CONSTRAINTS = REPO_ROOT / "requirements" / "broker-host.txt"
+HOST_CONSTRAINTS = SOURCE_ROOT / "requirements" / "broker-host.txt"
 
 
 def canonical_name(name: str) -> str:
@@ -101,9 +101,9 @@ def host_constraints() -> str:
 
 def code_files() -> dict[str, str]:
     """Path in the archive -> text: the bridge's code, its pinned requirements and their constraints, as deployed."""
-    bridge = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "iotbridge" / "bridge").glob("*.py"))
+    bridge = sorted(str(p.relative_to(SOURCE_ROOT)) for p in (SOURCE_ROOT / "iotbridge" / "bridge").glob("*.py"))
     rels = [*CODE_ROOT_FILES, *(r for r in bridge if r not in LOCAL_ONLY)]
-    files = {rel: (REPO_ROOT / rel).read_text() for rel in rels}
+    files = {rel: (SOURCE_ROOT / rel).read_text() for rel in rels}
     files["requirements.txt"] = host_requirements()
     files["constraints.txt"] = host_constraints()
     return files
@@ -155,6 +155,26 @@ class BrokerArgs:
 
 class Broker(pulumi.ComponentResource):
     """Firestore registry database, TLS material, broker hosts (MIG) and the network load balancer on 8883."""
+
+    # What devices and the rest of the stack use.
+    registry_id: pulumi.Output[str]
+    mqtt_endpoint: pulumi.Output[str]  # "{load balancer address}:8883"
+    mqtt_ca_cert: pulumi.Output[str]  # PEM of the CA devices verify the broker with
+    address: gcp.compute.Address  # the load balancer's static IP
+    database: gcp.firestore.Database  # the registry's Firestore database (ConfigPush depends on it)
+    fanout_subscriptions: dict[int, gcp.pubsub.Subscription]  # slot -> the device-commands subscription it claims
+    # The resources themselves, for a program that adds to them.
+    ca_cert: tls.SelfSignedCert
+    server_cert: tls.LocallySignedCert
+    bucket: gcp.storage.Bucket  # the bridge's code
+    code: gcp.storage.BucketObject
+    template: gcp.compute.InstanceTemplate
+    group: gcp.compute.RegionInstanceGroupManager
+    backend: gcp.compute.RegionBackendService
+    forwarding_rule: gcp.compute.ForwardingRule
+    firewall_devices: gcp.compute.Firewall
+    firewall_health: gcp.compute.Firewall
+    nat: gcp.compute.RouterNat
 
     def __init__(self, name: str, args: BrokerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:Broker", name, None, opts)

@@ -37,6 +37,16 @@ class WarehouseArgs:
     # CMEK: the dataset's default key, so every table, view and model created in it is encrypted with it. Tables
     # that already exist keep their key. depends_on must hold the BigQuery encryption agent's key grant.
     kms_key_name: str | None = None
+    # A dataset of the user's own (declared in their program, or ``gcp.bigquery.Dataset.get`` of one outside it):
+    # the tables and views go into it and the warehouse declares no dataset. ``dataset_id`` must name it (the views'
+    # queries name it); its location, expiry default and key stay the user's (``location`` and ``kms_key_name`` are
+    # then not used).
+    dataset: gcp.bigquery.Dataset | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset is not None and self.kms_key_name:
+            raise ValueError("kms_key_name sets the key of the dataset the warehouse declares; with your own dataset, "
+                             "set its default_encryption_configuration instead")
 
 
 class Warehouse(pulumi.ComponentResource):
@@ -52,7 +62,7 @@ class Warehouse(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
         expiration_ms = args.data_expiration_days * _DAY_MS if args.data_expiration_days else None
 
-        self.dataset = gcp.bigquery.Dataset(
+        self.dataset = args.dataset or gcp.bigquery.Dataset(
             f"{name}-dataset",
             project=args.project,
             dataset_id=args.dataset_id,

@@ -36,6 +36,9 @@ class NetworkArgs:
 class Network(pulumi.ComponentResource):
     """A custom-mode VPC and one subnet with Private Google Access in the stack's region."""
 
+    vpc: gcp.compute.Network
+    subnet: gcp.compute.Subnetwork  # what BrokerArgs (its id), PipelineArgs and WorkbenchArgs take
+
     def __init__(self, name: str, args: NetworkArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:Network", name, None, opts)
         child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))

@@ -5,7 +5,7 @@ hosts (an uptime check on the MQTT endpoint and the bridge's own heartbeat), Pub
 dead-lettered messages, the Dataflow job's system lag and data freshness, the config-push function's errors, and
 the device-logs BigQuery subscription's write errors.
 
-The dashboard is ``infra/dashboards/iot.json``, a Cloud Monitoring dashboard document with ``${...}`` placeholders
+The dashboard is ``gcp_iot_bridge/infra/dashboards/iot.json``, a Cloud Monitoring dashboard document with ``${...}`` placeholders
 for the stack's physical names; it can be edited in the console, exported and pasted back.
 
 The bridge writes ``custom.googleapis.com/iot/connected_devices`` (GAUGE, INT64) every 60 s, on the
@@ -37,7 +37,7 @@ import pulumiverse_time as time
 
 from iotbridge import spec
 
-DASHBOARD_FILE = pathlib.Path(__file__).resolve().parents[1] / "dashboards" / "iot.json"
+DASHBOARD_FILE = pathlib.Path(__file__).resolve().parent / "dashboards" / "iot.json"
 
 CONNECTED_DEVICES_METRIC = spec.CONNECTED_DEVICES_METRIC
 BROKER_STORED_METRIC = spec.BROKER_STORED_METRIC

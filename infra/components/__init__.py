@@ -1,1 +1,0 @@
-"""One ``pulumi.ComponentResource`` per logical piece of the architecture; see each module's docstring."""

@@ -1,0 +1,28 @@
+"""IotBridge: the whole architecture as one component, over the pieces the program used to declare itself."""
+
+from __future__ import annotations
+
+from tests.infra import harness
+
+BRIDGE = "gcp-iot-bridge:index:IotBridge"
+
+
+def test_every_piece_is_a_child_of_the_bridge_that_keeps_its_former_urn():
+    run = harness.stack_run("dev")
+    (bridge,) = run.of_type(BRIDGE)
+    pieces = [r for r in run.resources if r.parent == bridge.urn]
+    assert {r.type.rpartition(":")[2] for r in pieces} == {
+        "Foundation", "Network", "Warehouse", "TimeSeries", "Messaging", "Broker", "Pipeline", "ConfigPush", "EdgeMl",
+        "Monitoring"}
+    for piece in pieces:
+        # Before IotBridge, each piece was the stack's child, with the URN urn:pulumi:<stack>::<project>::<type>::<name>.
+        # An alias without a parent (and the same name and type) names exactly that URN, so a deployed stack moves
+        # its pieces, and with them every resource under them, without replacing one.
+        assert piece.aliases == ({"spec": {"noParent": True}},), piece.name
+
+
+def test_the_program_exports_what_the_bridge_outputs():
+    run = harness.stack_run("dev")
+    assert run.outputs["telemetry_topic"] == run.one("gcp:pubsub/topic:Topic", "messaging-telemetry").get("name")
+    assert run.outputs["bigquery_dataset"] == run.one("gcp:bigquery/dataset:Dataset", "warehouse-dataset").get(
+        "datasetId")
