@@ -27,7 +27,7 @@ The story, in the order the transforms run:
    ``{"device_id": ..., "config": {...}}`` to the config-requests topic, at most one per device per
    ``--rule_min_interval_seconds`` of the device's event time.
 
-Run it on Dataflow (normally through the Flex Template that ``infra/components/pipeline.py`` builds)::
+Run it on Dataflow (normally through the Flex Template that ``gcp_iot_bridge/infra/pipeline.py`` builds)::
 
     python -m dataflow_jobs.telemetry_pipeline \\
         --input_subscription=projects/P/subscriptions/iot-dev-telemetry-pipeline \\

@@ -42,7 +42,7 @@ Configuration (environment; in the cloud the MQTT password is a Secret Manager s
 
 Run locally: ``functions-framework --source functions/config_push/main.py --target handle
 --signature-type cloudevent`` with a Pub/Sub push subscription pointed at it. Packaged for the cloud, this
-folder is zipped together with ``iotbridge/registry.py`` (see ``infra/components/config_push.py``).
+folder is zipped together with ``iotbridge/registry.py`` (see ``gcp_iot_bridge/infra/config_push.py``).
 """
 
 from __future__ import annotations

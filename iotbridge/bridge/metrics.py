@@ -1,7 +1,7 @@
 """The connected-devices gauge: how many devices a broker host holds, written to Cloud Monitoring; and the broker's
 queue gauges, written by the bridge service the same way.
 
-The monitoring component (``infra/components/monitoring.py``) declares the metric descriptor and alerts on it:
+The monitoring component (``gcp_iot_bridge/infra/monitoring.py``) declares the metric descriptor and alerts on it:
 a host that stops writing it is down, and a fleet whose sum drops below a floor pages. The front writes one point a
 minute on the ``gce_instance`` it runs on, with metric labels ``registry_id`` and ``host``; the bridge's service
 account has ``roles/monitoring.metricWriter``. Locally (no Cloud Monitoring) the front only logs the count.
