@@ -52,7 +52,8 @@ N = 20_000
 DEVICES = 10
 # The host's capacity is measured with a few devices sending as fast as they can, far over the per-device limits
 # (100 messages/s, 512 KiB/s): those are lifted here, so the figures are the host's, not the limiter's.
-UNLIMITED_DEVICES = {"device_messages_per_s": 1e9, "device_bytes_per_s": 1e12}
+UNLIMITED_MESSAGES_PER_S = 1e9
+UNLIMITED_BYTES_PER_S = 1e12
 C_DEVICES = 4
 PACED_S = 8.0
 STALL_S = 20.0
@@ -89,7 +90,7 @@ class Bench:
             for i in range(hosts):
                 wd = local.workdir() / f"{self.prefix}-host{i}"
                 init_host(wd, local.PROJECT, local.REGION, local.REGISTRY, self.prefix, host_id=f"h{i}",
-                          **UNLIMITED_DEVICES)
+                          device_messages_per_s=UNLIMITED_MESSAGES_PER_S, device_bytes_per_s=UNLIMITED_BYTES_PER_S)
                 self.stacks.append(start_bridge_stack(wd, local.PROJECT, local.REGION, local.REGISTRY, self.prefix,
                                                       self.env))
             self.devices = local.register_devices(self.registry, DEVICES, f"{self.prefix}-d")

@@ -124,6 +124,7 @@ def profile_sets(msgs: list[tuple[bytes, dict[str, str]]]) -> dict[str, tuple[st
 
 def run() -> list[Figure]:
     from apache_beam.io.gcp.pubsub import PubsubMessage
+    from apache_beam.utils.timestamp import Timestamp
 
     from dataflow_jobs import telemetry
     from dataflow_jobs.telemetry_pipeline import ParseTelemetry
@@ -146,13 +147,13 @@ def run() -> list[Figure]:
     pubsub = [PubsubMessage(d, a, message_id="1234567890",
                             publish_time=datetime.fromtimestamp(publish_us / 1e6, timezone.utc)) for d, a in msgs]
 
-    class _Ts:  # what the runner passes as TimestampParam when the message has a publish time
-        micros = publish_us
+    element_ts = Timestamp(micros=publish_us)  # what the runner passes as TimestampParam: the publish time
 
     def with_dofn(m):
-        for out in dofn.process(m, _Ts):
+        for out in dofn.process(m, element_ts):
             r = out.value
-            telemetry.raw_row(r), telemetry.bigtable_cells(r)
+            telemetry.raw_row(r)
+            telemetry.bigtable_cells(r)
 
     paths = {name: path_of(spec.parse_payload_profiles(text).default) for name, (text, _, _) in sets.items()}
     for name, (_, items, texts) in sets.items():  # warm-up

@@ -21,7 +21,7 @@ import logging
 from typing import Any, Iterable
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import Metrics
 
 from dataflow_jobs import telemetry
 

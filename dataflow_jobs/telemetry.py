@@ -254,7 +254,7 @@ def parse_event_time(value: Any, unit: str, name: str) -> int:
     return us
 
 
-def flatten(doc: Mapping[str, Any], skip: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
+def flatten(doc: dict[str, Any], skip: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """Numeric leaves (booleans as 0/1) as metrics, string leaves as labels, each named by its dotted path.
 
     Array items are named by their index (``fans.0``); nulls and paths longer than a metric name may be are not

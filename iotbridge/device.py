@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import jwt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -74,7 +75,7 @@ def create_jwt(project: str, private_key_pem: bytes, algorithm: str, lifetime_s:
 
 class Device:
     def __init__(self, identity: DeviceIdentity, host: str, port: int, ca_certs: str | None,
-                 token_lifetime_s: int = 3600, protocol: int = paho.MQTTv311, max_inflight: int = 100,
+                 token_lifetime_s: int = 3600, protocol: MQTTProtocolVersion = paho.MQTTv311, max_inflight: int = 100,
                  client_cert: str | None = None, client_key: str | None = None, keepalive: int = 60,
                  bind_address: str = ""):
         self.identity = identity
@@ -87,7 +88,7 @@ class Device:
         self._connected = threading.Event()
         self._connack: Any = None
         self.disconnects: queue.Queue[Any] = queue.Queue()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=identity.client_id,
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=identity.client_id,
                                   protocol=protocol, reconnect_on_failure=False)
         # With client_cert/client_key the device may authenticate by mTLS instead: connect(use_jwt=False).
         self.client.tls_set(ca_certs=ca_certs, certfile=client_cert, keyfile=client_key,

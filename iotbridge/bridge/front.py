@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -285,7 +286,7 @@ class Front:
         task.add_done_callback(self._tasks.discard)
 
     def _control_client(self, password: str) -> paho.Client:
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:front:{self.settings.host_id}",
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:front:{self.settings.host_id}",
                         clean_session=True)
         c.username_pw_set("bridge", password)
         c.max_queued_messages_set(0)
@@ -334,11 +335,12 @@ class Front:
             except mqtt.ProtocolError as exc:
                 self._refused(peer, f"malformed CONNECT: {exc}")
                 return
-            session, breader, bwriter = await self._authenticate(connect, dwriter, peer, address)
+            accepted = await self._authenticate(connect, dwriter, peer, address)
             self._pending -= 1
             pending = False
-            if session is None:
+            if accepted is None:
                 return
+            session, breader, bwriter = accepted
             await self._relay(session, dreader, dwriter, breader, bwriter)
         finally:
             if pending:
@@ -374,31 +376,29 @@ class Front:
             w.write(mqtt.connack(level, codes[level]))
             await asyncio.wait_for(w.drain(), 2)
 
-    async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str,  # noqa: ANN202
-                            address: str):
+    async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str, address: str,
+                            ) -> tuple[Session, asyncio.StreamReader, asyncio.StreamWriter] | None:
         """Unknown device, wrong key, expired credential, bad token: all answered "bad user name or password",
         so that device ids cannot be enumerated. Only a device that proved its identity learns that it is blocked
-        ("not authorized")."""
+        ("not authorized"). Returns the session and its broker connection, or None when refused."""
         level = c.level
         s = self.settings
-        none = (None, None, None)
         try:
             device_id = parse_client_id(c.client_id, s.project, s.region, s.registry_id)
         except ClientIdError as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_CLIENT_ID, peer, str(exc))
-            return none
+            return None
         who = f"{peer} as {device_id}"
         now = time.monotonic()
         if self._failures.exhausted(address, now):
             self.stats["address_limited"] += 1
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who,
                                f"too many failed connects from {address}; retry later")
-            return none
+            return None
 
-        async def bad_credentials(reason: str):  # noqa: ANN202
+        async def bad_credentials(reason: str) -> None:
             self._failures.charge(address, time.monotonic())
             await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, reason)
-            return none
 
         ssl_object = dwriter.get_extra_info("ssl_object")
         client_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -414,7 +414,7 @@ class Front:
             return await bad_credentials("unknown device")
         except Exception as exc:  # registry unreachable: refuse, the device retries
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"registry error {type(exc).__name__}")
-            return none
+            return None
         at = datetime.now(UTC)
         try:
             if c.password or client_cert is None:
@@ -427,18 +427,18 @@ class Front:
             return await bad_credentials(str(exc))
         if device.blocked:
             await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "device is blocked")
-            return none
+            return None
         if c.will_topic is not None:
             kind = topic_kind(c.will_topic, device_id)
             limit = STATE_MAX_BYTES if kind == "state" else EVENTS_MAX_BYTES
             if kind is None or c.will_qos > 1 or len(c.will_payload) > limit:
                 await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "will message not allowed")
-                return none
+                return None
         try:
             breader, bwriter = await asyncio.open_connection(s.broker_host, s.broker_port)
         except OSError as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"broker unreachable: {exc}")
-            return none
+            return None
         bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
         expires_at = session_deadline(at, proof_expires, credential.expiration_time)
         session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer, num_id=device.num_id,

@@ -49,10 +49,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as paho
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
+from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import spec
 from iotbridge.bridge import limits
@@ -142,12 +144,13 @@ class BridgeService:
                       "dead_lettered": 0, "dead_letter_refused": 0, "broker_queue_full": 0,
                       "broker_stored_messages": 0, "broker_stored_bytes": 0, "broker_dropped_messages": 0}
         self._queue_warned = False
-        self.mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
+        self.mqtt = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
                                 clean_session=False, manual_ack=True)
         self.mqtt.username_pw_set("bridge", password)
         self.mqtt.max_inflight_messages_set(1000)
         self.mqtt.max_queued_messages_set(0)
-        self.mqtt.reconnect_delay_set(0.2, 5)
+        # paho annotates the delays as int, but any number of seconds works: it adds them to time.monotonic().
+        self.mqtt.reconnect_delay_set(cast(int, 0.2), 5)
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_message = self._on_message
         # Device → cloud publishing: raw protobuf batches, the broker acked per batch (see batching.py).

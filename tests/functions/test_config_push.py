@@ -105,6 +105,14 @@ def test_settings_from_env_refuse_bad_values_and_hide_the_password(cp: ModuleTyp
         cp.deps_from_env({"PROJECT_ID": "p", "REGISTRY_ID": "reg", "CONFIG_DELIVERY": "fanout"})
 
 
+def test_settings_from_env_take_the_client_id_a_broker_host_binds_the_backend_user_to(cp: ModuleType) -> None:
+    env = {"MQTT_HOST": "h", "MQTT_PORT": "1883", "MQTT_TIMEOUT_S": "2.5", "MQTT_RETAIN": "false"}
+    s = cp.MqttSettings.from_env({**env, "MQTT_CLIENT_ID": "iotbridge:config-push:h1"})
+    assert (s.client_id, s.port, s.timeout_s, s.retain) == ("iotbridge:config-push:h1", 1883, 2.5, False)
+    # Without one, each instance takes a random id of its own.
+    assert cp.MqttSettings.from_env(env).client_id != cp.MqttSettings.from_env(env).client_id
+
+
 # ------------------------------------------------------------------------------------- level 1: the flow
 
 
