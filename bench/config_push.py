@@ -21,6 +21,7 @@ Reproduce: ``.venv/bin/python -m bench config_push``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -148,10 +149,8 @@ def run() -> list[Figure]:
                     "retry_policy": {"minimum_backoff": "1s", "maximum_backoff": "2s"}})
                 latencies, missing = measure(publisher, topic, devices, mode)
             finally:
-                try:
+                with contextlib.suppress(gexc.NotFound):
                     subscriber.delete_subscription(request={"subscription": push})
-                except gexc.NotFound:
-                    pass
                 fn.stop()
             if missing:
                 raise AssertionError(f"config push ({mode}): {missing} of {WARMUP + SAMPLES} configs never reached "
@@ -166,9 +165,7 @@ def run() -> list[Figure]:
             ]
     finally:
         for d in devices:
-            try:
+            with contextlib.suppress(Exception):  # best effort at teardown
                 d.disconnect()
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
         stack.stop()
     return figures

@@ -79,7 +79,7 @@ def run() -> list[Figure]:
                                                                "sha256": digest}}).encode())
         assert loaded is not None and loaded["kind"] == "model_loaded", loaded
         observe_us = time_calls(runner.observe, readings)
-        load_us = time_calls(lambda d: EdgeModel.load_verified(d, digest, "v1"), [data] * 200)
+        load_us = time_calls(lambda d, digest=digest: EdgeModel.load_verified(d, digest, "v1"), [data] * 200)
         anomalies = sum(1 for m in metrics if model.infer(m).anomaly)  # type: ignore[union-attr]
         note = f"k={k} clusters, n={n} metrics"
         figures += [

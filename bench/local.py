@@ -5,6 +5,7 @@ the end, and at exit if a section raised)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -72,10 +73,8 @@ def create_topics(project: str, prefix: str) -> None:
 
     pub = pubsub_v1.PublisherClient()
     for key in spec.TOPICS:
-        try:
+        with contextlib.suppress(gexc.AlreadyExists):
             pub.create_topic(request={"name": pub.topic_path(project, spec.topic_name(prefix, key))})
-        except gexc.AlreadyExists:
-            pass
 
 
 def create_pull_subscription(project: str, prefix: str, key: str, tag: str) -> str:

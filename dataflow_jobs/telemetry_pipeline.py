@@ -49,7 +49,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import apache_beam as beam
@@ -63,8 +63,12 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.runner import PipelineResult
 from apache_beam.transforms import trigger, userstate, window
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import (ReadModifyWriteRuntimeState, ReadModifyWriteStateSpec, RuntimeTimer,
-                                              TimerSpec)
+from apache_beam.transforms.userstate import (
+    ReadModifyWriteRuntimeState,
+    ReadModifyWriteStateSpec,
+    RuntimeTimer,
+    TimerSpec,
+)
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo
 
@@ -267,8 +271,8 @@ def _epoch_us(value: Any) -> int | None:
         return None
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        delta = value - datetime(1970, 1, 1, tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
+        delta = value - datetime(1970, 1, 1, tzinfo=UTC)
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     if isinstance(value, Timestamp):
         return value.micros

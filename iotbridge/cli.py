@@ -402,9 +402,9 @@ def simulate(
         registered = registry_call(as_json, fleet.ensure_registered)
         fleet.connect()
         total = max(1, int(rate * duration))
-        with Progress(TextColumn("[bold]simulate[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total} sent"),
-                      TextColumn("{task.fields[acked]} acked"), TimeRemainingColumn(), console=err,
-                      disable=as_json) as bar:
+        with Progress(TextColumn("[bold]simulate[/bold]"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} sent"), TextColumn("{task.fields[acked]} acked"),
+                      TimeRemainingColumn(), console=err, disable=as_json) as bar:
             task = bar.add_task("send", total=total, acked=0)
             result = fleet.run(rate, duration, progress=lambda sent, acked: bar.update(task, completed=sent,
                                                                                          acked=acked))

@@ -17,6 +17,7 @@ Exit status 0 only when nothing was lost and every push and command arrived.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -71,10 +72,8 @@ class Audit:
 
     def close(self) -> None:
         self._future.cancel()
-        try:
+        with contextlib.suppress(Exception):  # cancelled
             self._future.result(timeout=10)
-        except Exception:  # noqa: BLE001 - cancelled
-            pass
         self.sub.close()
 
 
@@ -207,8 +206,10 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
         fleet = Fleet(project=project, region=n.region, registry=registry, host=target.mqtt_host,
                       port=target.mqtt_port, ca_certs=target.mqtt_ca_cert,
                       key_dir=state_dir / "keys", devices=devices, prefix="demo")
-        log(f"registering {devices} devices"); fleet.ensure_registered()
-        log("connecting the fleet"); fleet.connect()
+        log(f"registering {devices} devices")
+        fleet.ensure_registered()
+        log("connecting the fleet")
+        fleet.connect()
         ids = [m.id for m in fleet.members]
         push_target, command_target = ids[1 % len(ids)], ids[2 % len(ids)]
         pushed_config = {"sampling_interval_s": 5, "note": "set by make demo"}
@@ -292,8 +293,8 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
             if delivered >= pushes or time.monotonic() > wait_until:
                 break
             time.sleep(0.5)
-        operator_push_arrived = any(json.loads(c) == pushed_config for c in fleet.members[ids.index(push_target)].configs
-                                    if c.startswith(b"{"))
+        push_configs = fleet.members[ids.index(push_target)].configs
+        operator_push_arrived = any(json.loads(c) == pushed_config for c in push_configs if c.startswith(b"{"))
         fleet.drain_commands()
         commands_delivered = sum(len(m.commands) for m in fleet.members)
         lost = len(sent_keys - rows_keys)

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import jwt
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 Algorithm = Literal["RS256", "ES256"]
 

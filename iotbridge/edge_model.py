@@ -196,7 +196,7 @@ class EdgeModel:
         best_id, best = 0, math.inf
         for cid, cz in self._cz:  # type: ignore[attr-defined]
             d = 0.0
-            for a, b in zip(xz, cz):
+            for a, b in zip(xz, cz, strict=True):
                 d += (a - b) * (a - b)
             if d < best:
                 best_id, best = cid, d

@@ -27,7 +27,6 @@ Mosquitto cannot check IoT Core JWTs, so every device connection ends here first
 from __future__ import annotations
 
 import asyncio
-from asyncio import sslproto
 import contextlib
 import hashlib
 import json
@@ -35,6 +34,7 @@ import logging
 import ssl
 import time
 import uuid
+from asyncio import sslproto
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,12 +43,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from paho.mqtt.enums import CallbackAPIVersion
 
-from iotbridge.bridge import mqtt
-from iotbridge.bridge import fanout, limits
+from iotbridge.bridge import fanout, limits, mqtt
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
@@ -412,7 +411,7 @@ class Front:
         except DeviceNotFound:
             self._unknown.add(device_id, time.monotonic())
             return await bad_credentials("unknown device")
-        except Exception as exc:  # registry unreachable: refuse, the device retries
+        except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"registry error {type(exc).__name__}")
             return None
         at = datetime.now(UTC)
@@ -448,7 +447,7 @@ class Front:
             session.presence_time = await self._on(
                 self._auth_pool, fanout.mark_connected, self.registry.client, s.registry_id, device_id, s.host_id,
                 session.id, expires_at)
-        except Exception as exc:  # presence only serves command senders; the device may still connect
+        except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
         self.stats["accepted"] += 1
         if self._control is not None:
@@ -540,7 +539,7 @@ class Front:
     async def _record_error(self, device_id: str, message: str) -> None:
         try:
             await self._on(self._registry_pool, self.registry.record_error, device_id, message)
-        except Exception as exc:  # the limit holds either way; only the registry's note is missing
+        except Exception as exc:  # noqa: BLE001 - the limit holds either way; only the registry's note is missing
             log.warning("could not record the error of %s: %s", device_id, exc)
 
     def _checked(self, session: Session, first: int, body: bytes, raw: bytes) -> tuple[bytes, float]:
@@ -647,7 +646,7 @@ class Front:
             self.stats["config_acks"] += 1
             await self._on(self._registry_pool, ack)
             self._acked[device_id] = digest
-        except Exception as exc:  # the device keeps working; only the ack time is missing
+        except Exception as exc:  # noqa: BLE001 - the device keeps working; only the ack time is missing
             log.warning("could not record config ack of %s: %s", device_id, exc)
         finally:
             session.acks_running.discard(digest)
@@ -744,14 +743,14 @@ class Front:
                                {s.device_id: ping for s, ping in pings})
                 for s, ping in pings:
                     s.ping_recorded = ping
-            except Exception as exc:  # best effort, like IoT Core's heartbeat time
+            except Exception as exc:  # noqa: BLE001 - best effort, like IoT Core's heartbeat time
                 log.debug("heartbeats of %d devices not recorded: %s", len(pings), exc)
         if not by_device:
             return
         # One batched read of what every connected device's sessions rest on, instead of a round trip per device.
         try:
             grants = await self._on(self._registry_pool, self.registry.session_grants, list(by_device))
-        except Exception as exc:  # registry briefly unreachable: keep the sessions, try next round
+        except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: keep the sessions, try next round
             log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
             return
         now = datetime.now(UTC)

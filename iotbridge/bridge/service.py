@@ -247,7 +247,7 @@ class BridgeService:
         while not self._stop.wait(LEASE_S / 3):
             try:
                 still_mine = self._try_lease(self._leased)
-            except Exception as exc:  # Firestore briefly away: the lease still has two thirds to run
+            except Exception as exc:  # noqa: BLE001 - Firestore briefly away: the lease still has two thirds to run
                 log.warning("lease renewal failed: %s", exc)
                 continue
             if not still_mine:
@@ -303,8 +303,8 @@ class BridgeService:
                     self.stats["broker_queue_full"] += 1
                 # Mosquitto says it once per episode, until that client's queue has room again.
                 log.error("broker queue full: Mosquitto is dropping queued QoS 1 messages for client %r "
-                          "(max_queued_messages %d, max_queued_bytes %d); for the bridge's own session these are device "
-                          "messages the devices already had their PUBACK for",
+                          "(max_queued_messages %d, max_queued_bytes %d); for the bridge's own session these are "
+                          "device messages the devices already had their PUBACK for",
                           client.strip().rstrip("."), self.s.max_queued_messages, self.s.max_queued_bytes)
             return
         key = SYS_GAUGES.get(topic)
@@ -508,12 +508,12 @@ class BridgeService:
         for device_id, when in events.items():
             try:
                 self.registry.record_event(device_id, when)
-            except Exception as exc:  # activity timestamps are best effort, like IoT Core's
+            except Exception as exc:  # noqa: BLE001 - activity timestamps are best effort, like IoT Core's
                 log.debug("record_event %s: %s", device_id, exc)
         for device_id, (data, when) in states.items():
             try:
                 self.registry.record_state(device_id, data, when)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the same for the last state
                 log.debug("record_state %s: %s", device_id, exc)
 
     # ---------------------------------------------------------------------------------- cloud → device

@@ -9,6 +9,7 @@ is redelivered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -69,8 +70,6 @@ class BigQueryForwarder:
     def stop(self) -> None:
         if self._future is not None:
             self._future.cancel()
-            try:
+            with contextlib.suppress(Exception):  # cancelled futures raise on result()
                 self._future.result(timeout=10)
-            except Exception:  # noqa: BLE001 - cancelled futures raise on result()
-                pass
         self._subscriber.close()

@@ -199,7 +199,7 @@ def test_logic_permanent_refusals_are_logged_dead_lettered_and_not_raised(cp, de
     assert deps.dead_letter.sent == [(mid, reason) for mid, _, reason in cases]
     logged = [r for r in caplog.records if r.name == "config_push" and r.levelno == logging.WARNING]
     assert [r.fields["reason"] for r in logged] == [reason for *_, reason in cases]
-    assert all(r.fields["messageId"] == mid for r, (mid, *_) in zip(logged, cases))
+    assert all(r.fields["messageId"] == mid for r, (mid, *_) in zip(logged, cases, strict=True))
     assert deps.publisher.sent == []
     assert registry.get_device("pump-3").config_version == 0
 
