@@ -37,7 +37,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 from bench import broker, local
 from bench.core import Figure, group_cpu_seconds, summary_ms
@@ -243,7 +245,8 @@ class Bench:
                     dups += 1
                     continue
                 seen.add(key)
-                published = m.message.publish_time.timestamp()  # type: ignore[attr-defined] - proto-plus datetime
+                # The pubsub_v1 types annotate publish_time as a protobuf Timestamp; proto-plus returns a datetime.
+                published = cast(datetime, m.message.publish_time).timestamp()
                 latencies.append(published - body["sent"])
                 last_publish = max(last_publish, published)
         return seen, dups, latencies, last_publish

@@ -243,9 +243,11 @@ DataFileOpt = Annotated[Path | None, typer.Option("--data-file", exists=True, di
 
 
 def read_payload(data: str | None, data_file: Path | None, as_json: bool) -> bytes:
-    if (data is None) == (data_file is None):
-        fail("give exactly one of --data or --data-file", as_json)
-    return data.encode() if data is not None else data_file.read_bytes()  # type: ignore[union-attr]
+    if data is not None and data_file is None:
+        return data.encode()
+    if data is None and data_file is not None:
+        return data_file.read_bytes()
+    fail("give exactly one of --data or --data-file", as_json)
 
 
 def config_request(device_id: str, payload: bytes, version_to_update: int) -> bytes:
