@@ -93,6 +93,8 @@ def measure(publisher, topic: str, devices: list[Device], tag: str) -> tuple[lis
                 data = dev.configs.get(timeout=max(0.01, deadline - time.perf_counter()))
             except queue.Empty:
                 break
+            if data is None:  # no more configs
+                break
             if json.loads(data) == json.loads(want):
                 got = time.perf_counter()
                 break

@@ -114,7 +114,7 @@ def local_status(as_json: JsonFlag = False) -> None:
     for k, v in info.items():
         if k != "processes":
             typer.echo(f"{k:26} {v}")
-    for name, p in info["processes"].items():  # type: ignore[union-attr]
+    for name, p in info["processes"].items():
         typer.echo(f"  {name:14} pid {p['pid']:<8} {'up' if p['alive'] else 'DOWN'}  port {p['port']}")
     if not info["healthy"]:
         raise typer.Exit(1)

@@ -83,7 +83,7 @@ class Device:
         self.host, self.port = host, port
         self.token_lifetime_s = token_lifetime_s
         self.keepalive = keepalive
-        self.configs: queue.Queue[bytes] = queue.Queue()
+        self.configs: queue.Queue[bytes | None] = queue.Queue()  # None: no more configs, a reader's cue to stop
         self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._connected = threading.Event()
         self._connack: Any = None

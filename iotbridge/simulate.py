@@ -231,7 +231,7 @@ class Fleet:
 
     def close(self) -> None:
         for m in self.members:
-            m.device.configs.put(None)  # type: ignore[arg-type] - stops the config thread
+            m.device.configs.put(None)  # stops the config thread
             with contextlib.suppress(Exception):  # best effort on shutdown
                 m.device.disconnect()
 
