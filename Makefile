@@ -10,7 +10,7 @@ BQ_STAMP := $(BQ_VENV)/.installed
 BQ_HOME := $(BQ_VENV)/home
 DUCKDB_VERSION := 1.5.5
 
-.PHONY: setup system test test-fast typecheck bench demo clean
+.PHONY: setup system test test-fast typecheck lint bench demo clean
 
 setup: system $(STAMP) $(BQ_STAMP)
 
@@ -35,15 +35,18 @@ $(BQ_STAMP): requirements/bq-emulator.txt requirements/bq-emulator.lock.txt
 typecheck: $(STAMP)
 	$(BIN)/pyright
 
-test: setup typecheck
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: setup typecheck lint
 	$(BIN)/pytest
 
 # Unit tiers only, for a quick loop while developing: no emulator, broker or local BigQuery, no fresh virtualenv,
-# no pyright.
+# no pyright or ruff.
 test-fast: $(STAMP)
 	@echo "test-fast leaves out the emulator tier (tests that start the Pub/Sub, Firestore and Bigtable emulators," \
 	      "Mosquitto or the local BigQuery), the installed-package test (a fresh virtualenv; pytest counts them as" \
-	      "deselected) and pyright: make test runs everything"
+	      "deselected), pyright and ruff: make test runs everything"
 	$(BIN)/pytest -m "not emulator and not installed"
 
 bench: setup
@@ -54,4 +57,4 @@ demo: setup
 	$(BIN)/python -m iotbridge.demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(BQ_VENV) .pytest_cache
+	rm -rf $(VENV) $(BQ_VENV) .pytest_cache .ruff_cache

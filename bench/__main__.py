@@ -44,7 +44,8 @@ def render_markdown(figures: list[Figure], info: dict, elapsed: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("sections", nargs="*", metavar="SECTION", help=f"sections to run (default: all): {', '.join(SECTIONS)}")
+    p.add_argument("sections", nargs="*", metavar="SECTION",
+                   help=f"sections to run (default: all): {', '.join(SECTIONS)}")
     p.add_argument("--out", type=Path, default=HERE, help="folder for results.json and results.md")
     args = p.parse_args(argv)
     chosen = args.sections or list(SECTIONS)

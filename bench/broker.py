@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.core import Figure, group_cpu_seconds
 from iotbridge.local import services
@@ -55,13 +56,13 @@ def paho_rate(port: int, qos: int, n: int = N, broker_pid: int = 0) -> tuple[flo
             done.set()
 
     subscribed = threading.Event()
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-sub-{qos}")
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-sub-{qos}")
     sub.on_message = on_message
     sub.on_subscribe = lambda *_a: subscribed.set()
     sub.connect("127.0.0.1", port)
     sub.subscribe("raw/#", qos=qos)
     sub.loop_start()
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-pub-{qos}")
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-pub-{qos}")
     pub.max_inflight_messages_set(100)
     pub.max_queued_messages_set(0)
     pub.connect("127.0.0.1", port)
@@ -99,7 +100,7 @@ def paho_subscriber_rate(port: int, n: int = N, publishers: int = 4) -> tuple[fl
         if received >= n:
             done.set()
 
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-sub-alone")
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-sub-alone")
     sub.on_message = on_message
     sub.on_subscribe = lambda *_a: subscribed.set()
     sub.connect("127.0.0.1", port)

@@ -21,6 +21,7 @@ Reproduce: ``.venv/bin/python -m bench config_push``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -89,6 +90,8 @@ def measure(publisher, topic: str, devices: list[Device], tag: str) -> tuple[lis
                 data = dev.configs.get(timeout=max(0.01, deadline - time.perf_counter()))
             except queue.Empty:
                 break
+            if data is None:  # no more configs
+                break
             if json.loads(data) == json.loads(want):
                 got = time.perf_counter()
                 break
@@ -145,10 +148,8 @@ def run() -> list[Figure]:
                     "retry_policy": {"minimum_backoff": "1s", "maximum_backoff": "2s"}})
                 latencies, missing = measure(publisher, topic, devices, mode)
             finally:
-                try:
+                with contextlib.suppress(gexc.NotFound):
                     subscriber.delete_subscription(request={"subscription": push})
-                except gexc.NotFound:
-                    pass
                 fn.stop()
             if missing:
                 raise AssertionError(f"config push ({mode}): {missing} of {WARMUP + SAMPLES} configs never reached "
@@ -163,9 +164,7 @@ def run() -> list[Figure]:
             ]
     finally:
         for d in devices:
-            try:
+            with contextlib.suppress(Exception):  # best effort at teardown
                 d.disconnect()
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
         stack.stop()
     return figures

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import resource
 import ssl
 import time
@@ -53,16 +54,18 @@ def raise_nofile(limit: int = NOFILE) -> int:
 
 
 def _nofile_of(pid: int) -> int:
-    for line in open(f"/proc/{pid}/limits"):
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
     return 0
 
 
 def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
     return 0
 
 
@@ -127,10 +130,8 @@ class Fleet:
             if held == len(want):
                 break
             self._pong.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pong.wait(), 1.0)
-            except TimeoutError:
-                pass
         return sum(1 for c in self.conns if c.pongs >= want.get(id(c), 1 << 30))
 
     async def keepalive(self) -> None:

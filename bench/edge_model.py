@@ -79,8 +79,8 @@ def run() -> list[Figure]:
                                                                "sha256": digest}}).encode())
         assert loaded is not None and loaded["kind"] == "model_loaded", loaded
         observe_us = time_calls(runner.observe, readings)
-        load_us = time_calls(lambda d: EdgeModel.load_verified(d, digest, "v1"), [data] * 200)
-        anomalies = sum(1 for m in metrics if model.infer(m).anomaly)  # type: ignore[union-attr]
+        load_us = time_calls(lambda d, digest=digest: EdgeModel.load_verified(d, digest, "v1"), [data] * 200)
+        anomalies = sum(1 for m in metrics if (inference := model.infer(m)) is not None and inference.anomaly)
         note = f"k={k} clusters, n={n} metrics"
         figures += [
             Figure("edge_model", f"artifact size ({case})", len(data), "bytes", COMMAND,

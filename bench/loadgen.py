@@ -12,6 +12,7 @@ computed from what arrived.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -26,7 +27,8 @@ def payload(dev: int, seq: int, run: str) -> bytes:
 
 
 def main(spec_path: str) -> int:
-    spec = json.loads(open(spec_path).read())
+    with open(spec_path) as f:
+        spec = json.load(f)
     devices = []
     for device_id, key in spec["devices"]:
         d = Device(DeviceIdentity(spec["project"], spec["region"], spec["registry"], device_id, key.encode(),
@@ -52,10 +54,8 @@ def main(spec_path: str) -> int:
     t_published = time.time()
     unacked = 0
     for info in infos:
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):
             info.wait_for_publish(timeout=120)
-        except (RuntimeError, ValueError):
-            pass
         unacked += not info.is_published()
     t_acked = time.time()
     for d in devices:

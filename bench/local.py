@@ -5,6 +5,7 @@ the end, and at exit if a section raised)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -14,9 +15,9 @@ from pathlib import Path
 from google.api_core import exceptions as gexc
 
 from iotbridge import spec
-from iotbridge.device import generate_key
+from iotbridge.device import Algorithm, generate_key
 from iotbridge.local import services
-from iotbridge.registry import Credential, Registry
+from iotbridge.registry import Credential, CredentialFormat, Registry
 
 PROJECT = "bench-project"
 REGION = "europe-west1"
@@ -72,10 +73,8 @@ def create_topics(project: str, prefix: str) -> None:
 
     pub = pubsub_v1.PublisherClient()
     for key in spec.TOPICS:
-        try:
+        with contextlib.suppress(gexc.AlreadyExists):
             pub.create_topic(request={"name": pub.topic_path(project, spec.topic_name(prefix, key))})
-        except gexc.AlreadyExists:
-            pass
 
 
 def create_pull_subscription(project: str, prefix: str, key: str, tag: str) -> str:
@@ -88,13 +87,14 @@ def create_pull_subscription(project: str, prefix: str, key: str, tag: str) -> s
     return path
 
 
-def register_devices(registry: Registry, n: int, tag: str, algorithm: str = "ES256") -> list[tuple[str, bytes]]:
+def register_devices(registry: Registry, n: int, tag: str,
+                     algorithm: Algorithm = "ES256") -> list[tuple[str, bytes]]:
     """``n`` new devices with their own keys: [(device id, private key PEM)]."""
     out = []
-    fmt = "ES256_PEM" if algorithm == "ES256" else "RSA_PEM"
+    fmt: CredentialFormat = "ES256_PEM" if algorithm == "ES256" else "RSA_PEM"
     for i in range(n):
         device_id = f"{tag}-{i:05d}"
-        private, public = generate_key(algorithm)  # type: ignore[arg-type]
-        registry.create_device(device_id, [Credential(fmt, public)])  # type: ignore[arg-type]
+        private, public = generate_key(algorithm)
+        registry.create_device(device_id, [Credential(fmt, public)])
         out.append((device_id, private))
     return out

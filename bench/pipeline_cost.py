@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from bench.core import Figure
@@ -41,7 +41,7 @@ def payloads(n: int, seed: int = 11) -> list[tuple[bytes, dict[str, str]]]:
         for k in range(rnd.choice((0, 0, 2, 6))):
             metrics[f"m{k}"] = round(rnd.uniform(0, 100), 3)
         ms = base_ms + i * 250
-        doc: dict = {"ts": ms if i % 2 else datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat()
+        doc: dict = {"ts": ms if i % 2 else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
                      .replace("+00:00", "Z"), "metrics": metrics}
         if i % 4:
             doc["seq"] = i
@@ -98,9 +98,9 @@ def profile_sets(msgs: list[tuple[bytes, dict[str, str]]]) -> dict[str, tuple[st
 
     base_ms = 1_795_000_020_000
     flat, nested, proto = [], [], []
-    for i, ((_, attrs), r) in enumerate(zip(msgs, _readings(msgs))):
+    for i, ((_, attrs), r) in enumerate(zip(msgs, _readings(msgs), strict=True)):
         ms = r["ts_ms"] or base_ms + i * 250
-        at = datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat().replace("+00:00", "Z")
+        at = datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
         flat.append(json.dumps(r["metrics"]).encode())
         motor = {k: v for k, v in r["metrics"].items() if k != "temperature"}
         nested.append(json.dumps({"meta": {"sampled_at": at, "fw": "1.4.2"},
@@ -111,10 +111,11 @@ def profile_sets(msgs: list[tuple[bytes, dict[str, str]]]) -> dict[str, tuple[st
     attrs_of = [a for _, a in msgs]
     return {
         "telemetry-v1": ('{"default": ["telemetry-v1", "json"]}', msgs, [d for d, _ in msgs]),
-        "json flat, publish time": ('{"default": ["telemetry-v1", "json"]}', list(zip(flat, attrs_of)), flat),
+        "json flat, publish time": (
+            '{"default": ["telemetry-v1", "json"]}', list(zip(flat, attrs_of, strict=True)), flat),
         "json nested, RFC 3339 field": (
-            '{"default": [{"profile": "json", "time_field": "meta.sampled_at"}]}', list(zip(nested, attrs_of)),
-            nested),
+            '{"default": [{"profile": "json", "time_field": "meta.sampled_at"}]}',
+            list(zip(nested, attrs_of, strict=True)), nested),
         "raw bytes": ('{"default": ["raw"]}', proto_bytes, proto_json),
         "raw + protobuf decoder": (
             json.dumps({"default": [{"profile": "raw", "decoder": DECODER, "time_field": "at"}]}), proto_bytes,
@@ -124,6 +125,7 @@ def profile_sets(msgs: list[tuple[bytes, dict[str, str]]]) -> dict[str, tuple[st
 
 def run() -> list[Figure]:
     from apache_beam.io.gcp.pubsub import PubsubMessage
+    from apache_beam.utils.timestamp import Timestamp
 
     from dataflow_jobs import telemetry
     from dataflow_jobs.telemetry_pipeline import ParseTelemetry
@@ -144,15 +146,15 @@ def run() -> list[Figure]:
 
     dofn = ParseTelemetry()
     pubsub = [PubsubMessage(d, a, message_id="1234567890",
-                            publish_time=datetime.fromtimestamp(publish_us / 1e6, timezone.utc)) for d, a in msgs]
+                            publish_time=datetime.fromtimestamp(publish_us / 1e6, UTC)) for d, a in msgs]
 
-    class _Ts:  # what the runner passes as TimestampParam when the message has a publish time
-        micros = publish_us
+    element_ts = Timestamp(micros=publish_us)  # what the runner passes as TimestampParam: the publish time
 
     def with_dofn(m):
-        for out in dofn.process(m, _Ts):
+        for out in dofn.process(m, element_ts):
             r = out.value
-            telemetry.raw_row(r), telemetry.bigtable_cells(r)
+            telemetry.raw_row(r)
+            telemetry.bigtable_cells(r)
 
     paths = {name: path_of(spec.parse_payload_profiles(text).default) for name, (text, _, _) in sets.items()}
     for name, (_, items, texts) in sets.items():  # warm-up

@@ -18,10 +18,11 @@ Bigtable is written by Beam's own ``WriteToBigTable`` (the Python client path, w
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import Metrics
 
 from dataflow_jobs import telemetry
 
@@ -116,6 +117,6 @@ class ToDirectRow(beam.DoFn):
 
 
 def _micros_to_datetime(us: int):
-    from datetime import datetime, timedelta, timezone
+    from datetime import UTC, datetime, timedelta
 
-    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=us)
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)

@@ -23,9 +23,10 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from iotbridge.spec import DEFAULT_PROFILES, Profile
 
@@ -56,7 +57,7 @@ DEVICE_ID_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}")
 # lexicographically; that bounds ts to [1970, 2286).
 MAX_EVENT_MS = 10**13 - 1
 MAX_METRIC_NAME = 128
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Rejected(ValueError):
@@ -254,7 +255,7 @@ def parse_event_time(value: Any, unit: str, name: str) -> int:
     return us
 
 
-def flatten(doc: Mapping[str, Any], skip: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
+def flatten(doc: dict[str, Any], skip: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """Numeric leaves (booleans as 0/1) as metrics, string leaves as labels, each named by its dotted path.
 
     Array items are named by their index (``fans.0``); nulls and paths longer than a metric name may be are not
@@ -383,7 +384,7 @@ def read(data: bytes, attributes: Mapping[str, str], message_id: str, publish_ti
 @functools.lru_cache(maxsize=8192)
 def _utc_second(secs: int) -> str:
     # Readings of a bundle share their seconds: formatting each second once saves most of the cost.
-    return datetime.fromtimestamp(secs, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def rfc3339(us: int) -> str:

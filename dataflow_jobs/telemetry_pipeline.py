@@ -49,20 +49,28 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import apache_beam as beam
+from apache_beam import typehints
 from apache_beam.coders import BooleanCoder, VarIntCoder
 from apache_beam.io.gcp.bigtableio import WriteToBigTable
 from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubSub
-from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.transforms import trigger, window
-from apache_beam.transforms import userstate
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.runners.runner import PipelineResult
+from apache_beam.transforms import trigger, userstate, window
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
+from apache_beam.transforms.userstate import (
+    ReadModifyWriteRuntimeState,
+    ReadModifyWriteStateSpec,
+    RuntimeTimer,
+    TimerSpec,
+)
 from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.windowed_value import PaneInfo
 
 from dataflow_jobs import rules as rules_mod
 from dataflow_jobs import schema, telemetry
@@ -73,6 +81,24 @@ _LOG = logging.getLogger(__name__)
 
 ERRORS_TAG = "errors"
 WINDOW_SECONDS = 60
+
+# Beam's DoFn parameter defaults are sentinels the runner replaces with the value they name, but its annotations
+# give them the sentinel's own type (``_DoFnParam``, ``StateParam``, ``TimerParam``), so a parameter defaulting to
+# one would be typed as the sentinel. These are the same objects (Beam recognises them by equality), typed as what
+# ``process`` actually receives.
+TIMESTAMP = cast(Timestamp, beam.DoFn.TimestampParam)
+WINDOW = cast(window.IntervalWindow, beam.DoFn.WindowParam)
+PANE = cast(PaneInfo, beam.DoFn.PaneInfoParam)
+
+
+def state(spec: ReadModifyWriteStateSpec) -> ReadModifyWriteRuntimeState:
+    """The ``StateParam`` sentinel for ``spec``, typed as the state the runner passes."""
+    return cast(ReadModifyWriteRuntimeState, beam.DoFn.StateParam(spec))
+
+
+def timer(spec: TimerSpec) -> RuntimeTimer:
+    """The ``TimerParam`` sentinel for ``spec``, typed as the timer the runner passes."""
+    return cast(RuntimeTimer, beam.DoFn.TimerParam(spec))
 
 # --------------------------------------------------------------------------------------------- flags
 
@@ -245,8 +271,8 @@ def _epoch_us(value: Any) -> int | None:
         return None
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        delta = value - datetime(1970, 1, 1, tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
+        delta = value - datetime(1970, 1, 1, tzinfo=UTC)
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     if isinstance(value, Timestamp):
         return value.micros
@@ -268,7 +294,7 @@ class ParseTelemetry(beam.DoFn):
         self.by_profile = {p: Metrics.counter("telemetry", f"accepted_{p}") for p in spec.PROFILE_NAMES}
         self.rejected = {r: Metrics.counter("telemetry", f"rejected_{r}") for r in telemetry.ALL_REASONS}
 
-    def process(self, msg: PubsubMessage, element_ts=beam.DoFn.TimestampParam) -> Iterable[Any]:
+    def process(self, msg: PubsubMessage, element_ts: Timestamp = TIMESTAMP) -> Iterable[Any]:
         attributes = dict(msg.attributes or {})
         publish_us = _epoch_us(msg.publish_time)
         if publish_us is None:
@@ -280,7 +306,7 @@ class ParseTelemetry(beam.DoFn):
             reading = telemetry.read(data, attributes, msg.message_id or "", publish_us, profiles)
         except telemetry.Rejected as exc:
             self.rejected[exc.reason].inc()
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, telemetry.error_row(
+            yield TaggedOutput(ERRORS_TAG, telemetry.error_row(
                 exc.reason, exc.detail, data, attributes, msg.message_id, publish_us))
             return
         self.accepted.inc()
@@ -302,7 +328,7 @@ class FirstPerKey(beam.DoFn):
         self.horizon = Duration(seconds=seconds)
         self.dropped = Metrics.counter("telemetry", "duplicates_dropped")
 
-    def process(self, element, seen=beam.DoFn.StateParam(SEEN), expiry=beam.DoFn.TimerParam(EXPIRY)):
+    def process(self, element, seen: ReadModifyWriteRuntimeState = state(SEEN), expiry: RuntimeTimer = timer(EXPIRY)):
         if seen.read():
             self.dropped.inc()
             return
@@ -311,7 +337,7 @@ class FirstPerKey(beam.DoFn):
         yield element[1]
 
     @userstate.on_timer(EXPIRY)
-    def expire(self, seen=beam.DoFn.StateParam(SEEN)):
+    def expire(self, seen: ReadModifyWriteRuntimeState = state(SEEN)):
         seen.clear()
 
 
@@ -322,10 +348,10 @@ class DropDuplicates(beam.PTransform):
         super().__init__(label)
         self.seconds = seconds
 
-    def expand(self, readings):
-        return (readings
+    def expand(self, input_or_inputs):
+        return (input_or_inputs
                 | "KeyByIdentity" >> beam.Map(lambda r: (r.dedupe_key, r)).with_output_types(
-                    beam.typehints.Tuple[str, beam.typehints.Any])
+                    typehints.Tuple[str, typehints.Any])
                 | "FirstPerKey" >> beam.ParDo(FirstPerKey(self.seconds)))
 
 
@@ -352,7 +378,7 @@ class MinMaxMean(beam.CombineFn):
 class FormatMinuteRow(beam.DoFn):
     """((device, metric), stats) in a window → (insert id, ``telemetry_1m`` row)."""
 
-    def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+    def process(self, element, win: window.IntervalWindow = WINDOW, pane: PaneInfo = PANE):
         (device_id, metric), (n, total, lo, hi) = element
         start, end = win.start.micros, win.end.micros
         timing = {0: "EARLY", 1: "ON_TIME", 2: "LATE", 3: "UNKNOWN"}.get(int(pane.timing), "UNKNOWN")
@@ -371,8 +397,8 @@ class AggregatePerMinute(beam.PTransform):
         super().__init__(label)
         self.allowed_lateness = allowed_lateness_seconds
 
-    def expand(self, readings):
-        return (readings
+    def expand(self, input_or_inputs):
+        return (input_or_inputs
                 | "PerMetric" >> beam.FlatMap(lambda r: [((r.device_id, m), v) for m, v in r.metrics.items()])
                 | "Minute" >> beam.WindowInto(
                     window.FixedWindows(WINDOW_SECONDS),
@@ -380,7 +406,7 @@ class AggregatePerMinute(beam.PTransform):
                     # discarding panes keep the rows additive.
                     trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
-                    allowed_lateness=Duration(seconds=self.allowed_lateness))
+                    allowed_lateness=self.allowed_lateness)
                 | "Stats" >> beam.CombinePerKey(MinMaxMean())
                 | "Rows" >> beam.ParDo(FormatMinuteRow()))
 
@@ -395,7 +421,7 @@ class RateLimitPerDevice(beam.DoFn):
         self.suppressed = Metrics.counter("rules", "config_requests_rate_limited")
         self.sent = Metrics.counter("rules", "config_requests")
 
-    def process(self, element, ts=beam.DoFn.TimestampParam, last=beam.DoFn.StateParam(LAST)):
+    def process(self, element, ts: Timestamp = TIMESTAMP, last: ReadModifyWriteRuntimeState = state(LAST)):
         device_id, (config, fired) = element
         previous = last.read()
         if previous is not None and ts.micros < previous + self.interval_us:
@@ -416,16 +442,16 @@ class RequestConfigChanges(beam.PTransform):
         self.rules = rules
         self.min_interval_seconds = min_interval_seconds
 
-    def expand(self, readings):
+    def expand(self, input_or_inputs):
         rules = self.rules
 
         def breaches(r: telemetry.Reading):
             hit = rules_mod.evaluate(r, rules)
             return [(r.device_id, hit)] if hit else []
 
-        return (readings
+        return (input_or_inputs
                 | "CheckThresholds" >> beam.FlatMap(breaches).with_output_types(
-                    beam.typehints.Tuple[str, beam.typehints.Any])
+                    typehints.Tuple[str, typehints.Any])
                 | "RateLimit" >> beam.ParDo(RateLimitPerDevice(self.min_interval_seconds)))
 
 
@@ -441,8 +467,8 @@ class ProcessTelemetry(beam.PTransform):
         super().__init__(label)
         self.s = settings
 
-    def expand(self, messages):
-        parsed = messages | "Parse" >> beam.ParDo(ParseTelemetry(self.s.profiles)).with_outputs(
+    def expand(self, input_or_inputs):
+        parsed = input_or_inputs | "Parse" >> beam.ParDo(ParseTelemetry(self.s.profiles)).with_outputs(
             ERRORS_TAG, main="readings")
         readings = parsed.readings | "DropDuplicates" >> DropDuplicates(self.s.dedupe_seconds)
         return {
@@ -461,14 +487,15 @@ def build(p: beam.Pipeline, s: Settings) -> None:
     out = (p
            | "ReadTelemetry" >> ReadFromPubSub(subscription=s.input_subscription, with_attributes=True)
            | "Process" >> ProcessTelemetry(s))
-    out["raw"] | "WriteRaw" >> beam.ParDo(InsertRows(s.table(schema.RAW), s.bigquery_endpoint))
-    out["minute"] | "WriteMinute" >> beam.ParDo(InsertRows(s.table(schema.MINUTE), s.bigquery_endpoint))
-    out["errors"] | "WriteErrors" >> beam.ParDo(InsertRows(s.table(schema.ERRORS), s.bigquery_endpoint))
-    (out["bigtable"]
-     | "BigtableRows" >> beam.ParDo(ToDirectRow())
-     | "WriteBigtable" >> WriteToBigTable(project_id=s.bigtable_project, instance_id=s.bigtable_instance,
-                                          table_id=s.bigtable_table))
-    out["requests"] | "PublishConfigRequests" >> WriteToPubSub(s.config_requests_topic, with_attributes=True)
+    # Applying a sink adds it to the pipeline; what it returns is not used.
+    _ = out["raw"] | "WriteRaw" >> beam.ParDo(InsertRows(s.table(schema.RAW), s.bigquery_endpoint))
+    _ = out["minute"] | "WriteMinute" >> beam.ParDo(InsertRows(s.table(schema.MINUTE), s.bigquery_endpoint))
+    _ = out["errors"] | "WriteErrors" >> beam.ParDo(InsertRows(s.table(schema.ERRORS), s.bigquery_endpoint))
+    _ = (out["bigtable"]
+         | "BigtableRows" >> beam.ParDo(ToDirectRow())
+         | "WriteBigtable" >> WriteToBigTable(project_id=s.bigtable_project, instance_id=s.bigtable_instance,
+                                              table_id=s.bigtable_table))
+    _ = out["requests"] | "PublishConfigRequests" >> WriteToPubSub(s.config_requests_topic, with_attributes=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, PipelineOptions]:
@@ -492,7 +519,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, PipelineOptions]:
     return settings, options
 
 
-def run(argv: Sequence[str] | None = None) -> beam.runners.runner.PipelineResult:
+def run(argv: Sequence[str] | None = None) -> PipelineResult:
     """Build and start the pipeline; returns the runner's result without waiting (a streaming job never ends)."""
     settings, options = parse_args(argv)
     p = beam.Pipeline(options=options)

@@ -114,7 +114,7 @@ def local_status(as_json: JsonFlag = False) -> None:
     for k, v in info.items():
         if k != "processes":
             typer.echo(f"{k:26} {v}")
-    for name, p in info["processes"].items():  # type: ignore[union-attr]
+    for name, p in info["processes"].items():
         typer.echo(f"  {name:14} pid {p['pid']:<8} {'up' if p['alive'] else 'DOWN'}  port {p['port']}")
     if not info["healthy"]:
         raise typer.Exit(1)
@@ -243,9 +243,11 @@ DataFileOpt = Annotated[Path | None, typer.Option("--data-file", exists=True, di
 
 
 def read_payload(data: str | None, data_file: Path | None, as_json: bool) -> bytes:
-    if (data is None) == (data_file is None):
-        fail("give exactly one of --data or --data-file", as_json)
-    return data.encode() if data is not None else data_file.read_bytes()  # type: ignore[union-attr]
+    if data is not None and data_file is None:
+        return data.encode()
+    if data is None and data_file is not None:
+        return data_file.read_bytes()
+    fail("give exactly one of --data or --data-file", as_json)
 
 
 def config_request(device_id: str, payload: bytes, version_to_update: int) -> bytes:
@@ -402,9 +404,9 @@ def simulate(
         registered = registry_call(as_json, fleet.ensure_registered)
         fleet.connect()
         total = max(1, int(rate * duration))
-        with Progress(TextColumn("[bold]simulate[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total} sent"),
-                      TextColumn("{task.fields[acked]} acked"), TimeRemainingColumn(), console=err,
-                      disable=as_json) as bar:
+        with Progress(TextColumn("[bold]simulate[/bold]"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} sent"), TextColumn("{task.fields[acked]} acked"),
+                      TimeRemainingColumn(), console=err, disable=as_json) as bar:
             task = bar.add_task("send", total=total, acked=0)
             result = fleet.run(rate, duration, progress=lambda sent, acked: bar.update(task, completed=sent,
                                                                                          acked=acked))

@@ -17,6 +17,7 @@ Exit status 0 only when nothing was lost and every push and command arrived.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,13 +27,14 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 from rich.table import Table
 
 from iotbridge.local.provision import bigquery_client
 from iotbridge.local.stack import LOCAL_THRESHOLD_RULES, LocalStack
+from iotbridge.targets import from_local
 
 console = Console(stderr=True)
 # The local pipeline's rule: above 80 °C, {"fan": "max"}; the simulated devices cool at full fan.
@@ -70,10 +72,8 @@ class Audit:
 
     def close(self) -> None:
         self._future.cancel()
-        try:
+        with contextlib.suppress(Exception):  # cancelled
             self._future.result(timeout=10)
-        except Exception:  # noqa: BLE001 - cancelled
-            pass
         self.sub.close()
 
 
@@ -128,6 +128,12 @@ def closed_loops(temperatures: dict[str, list[tuple[datetime, float]]], rule_tim
     return out
 
 
+def _x(when: datetime) -> float:
+    """``when`` as an x value on the plot's time axis. matplotlib's stubs type ``axvline``'s x as float, but it
+    takes any value its units machinery converts, datetimes included (the other calls get them unconverted)."""
+    return cast(float, when)
+
+
 def plot(path: Path, raw: list[dict[str, Any]], means: list[dict[str, Any]], push_time: datetime | None,
          device_ids: list[str], push_target: str = "", rule_pushes: dict[str, list[datetime]] | None = None) -> None:
     import matplotlib
@@ -150,11 +156,11 @@ def plot(path: Path, raw: list[dict[str, Any]], means: list[dict[str, Any]], pus
             ax.plot([], [], color=c, lw=3, label=f"{dev} 1-minute mean")
     for i, dev in enumerate(device_ids):
         for when in (rule_pushes or {}).get(dev, []):
-            ax.axvline(when, color=colors[i % len(colors)], ls=":", lw=1.2)
+            ax.axvline(_x(when), color=colors[i % len(colors)], ls=":", lw=1.2)
             ax.annotate(f'pipeline rule → {{"fan": "max"}} to {dev}: it cools', (when, ax.get_ylim()[0]),
                         xytext=(4, 8), textcoords="offset points", fontsize=8, color=colors[i % len(colors)])
     if push_time is not None:
-        ax.axvline(push_time, color="black", ls="--", lw=1.2)
+        ax.axvline(_x(push_time), color="black", ls="--", lw=1.2)
         ax.annotate(f"operator config push to {push_target}", (push_time, ax.get_ylim()[1]), xytext=(4, -14),
                     textcoords="offset points")
     ax.set_title("Telemetry in BigQuery: temperature per device (telemetry_raw) and 1-minute means (telemetry_1m)")
@@ -188,19 +194,22 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
         log("bringing the local stack up")
         stack.up(progress=lambda m: log(f"  {m}"))
         status = stack.status()
-        os.environ.update({"PUBSUB_EMULATOR_HOST": status["pubsub_emulator_host"],
-                           "FIRESTORE_EMULATOR_HOST": status["firestore_emulator_host"],
-                           "BIGTABLE_EMULATOR_HOST": status["bigtable_emulator_host"]})
+        target = from_local(status)
+        if not (target.mqtt_host and target.mqtt_port and target.mqtt_ca_cert):
+            raise RuntimeError("the local stack is up without an MQTT endpoint")
+        os.environ.update(target.env)
         n = stack.names
         project = n.project
         registry = Registry(project, n.registry_id, n.region)
         publisher = pubsub_v1.PublisherClient()
         audit = Audit(project, n.topic("telemetry"), f"{n.prefix}-demo-audit")
-        fleet = Fleet(project=project, region=n.region, registry=registry, host=str(status["mqtt_host"]),
-                      port=int(status["mqtt_port"]), ca_certs=str(status["mqtt_ca_cert"]),
+        fleet = Fleet(project=project, region=n.region, registry=registry, host=target.mqtt_host,
+                      port=target.mqtt_port, ca_certs=target.mqtt_ca_cert,
                       key_dir=state_dir / "keys", devices=devices, prefix="demo")
-        log(f"registering {devices} devices"); fleet.ensure_registered()
-        log("connecting the fleet"); fleet.connect()
+        log(f"registering {devices} devices")
+        fleet.ensure_registered()
+        log("connecting the fleet")
+        fleet.connect()
         ids = [m.id for m in fleet.members]
         push_target, command_target = ids[1 % len(ids)], ids[2 % len(ids)]
         pushed_config = {"sampling_interval_s": 5, "note": "set by make demo"}
@@ -284,8 +293,8 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
             if delivered >= pushes or time.monotonic() > wait_until:
                 break
             time.sleep(0.5)
-        operator_push_arrived = any(json.loads(c) == pushed_config for c in fleet.members[ids.index(push_target)].configs
-                                    if c.startswith(b"{"))
+        push_configs = fleet.members[ids.index(push_target)].configs
+        operator_push_arrived = any(json.loads(c) == pushed_config for c in push_configs if c.startswith(b"{"))
         fleet.drain_commands()
         commands_delivered = sum(len(m.commands) for m in fleet.members)
         lost = len(sent_keys - rows_keys)

@@ -27,6 +27,7 @@ import jwt
 import paho.mqtt.client as paho
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 Algorithm = Literal["RS256", "ES256"]
 
@@ -74,7 +75,7 @@ def create_jwt(project: str, private_key_pem: bytes, algorithm: str, lifetime_s:
 
 class Device:
     def __init__(self, identity: DeviceIdentity, host: str, port: int, ca_certs: str | None,
-                 token_lifetime_s: int = 3600, protocol: int = paho.MQTTv311, max_inflight: int = 100,
+                 token_lifetime_s: int = 3600, protocol: MQTTProtocolVersion = paho.MQTTv311, max_inflight: int = 100,
                  client_cert: str | None = None, client_key: str | None = None, keepalive: int = 60,
                  bind_address: str = ""):
         self.identity = identity
@@ -82,12 +83,12 @@ class Device:
         self.host, self.port = host, port
         self.token_lifetime_s = token_lifetime_s
         self.keepalive = keepalive
-        self.configs: queue.Queue[bytes] = queue.Queue()
+        self.configs: queue.Queue[bytes | None] = queue.Queue()  # None: no more configs, a reader's cue to stop
         self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._connected = threading.Event()
         self._connack: Any = None
         self.disconnects: queue.Queue[Any] = queue.Queue()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=identity.client_id,
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=identity.client_id,
                                   protocol=protocol, reconnect_on_failure=False)
         # With client_cert/client_key the device may authenticate by mTLS instead: connect(use_jwt=False).
         self.client.tls_set(ca_certs=ca_certs, certfile=client_cert, keyfile=client_key,

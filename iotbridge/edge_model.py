@@ -44,7 +44,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT = "iotbridge-edge-model"
@@ -99,6 +99,11 @@ class EdgeModel:
     trained_at: str = ""
     source: str = ""
     training_rows: int = 0
+    # Derived from the fields above in __post_init__, for inference.
+    _inv_std: tuple[float, ...] = field(init=False, repr=False, compare=False, default=())
+    _means: tuple[float, ...] = field(init=False, repr=False, compare=False, default=())
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
+    _cz: tuple[tuple[int, tuple[float, ...]], ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -175,16 +180,16 @@ class EdgeModel:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return self._names  # type: ignore[attr-defined,no-any-return]
+        return self._names
 
     # ----------------------------------------------------------------------------------------- inference
     def infer(self, metrics: Mapping[str, Any]) -> Inference | None:
         """Score one reading's ``metrics``; None when it carries none of the model's features."""
-        inv: tuple[float, ...] = self._inv_std  # type: ignore[attr-defined]
-        means: tuple[float, ...] = self._means  # type: ignore[attr-defined]
+        inv = self._inv_std
+        means = self._means
         xz = []
         present = 0
-        for name, mean, s in zip(self._names, means, inv, strict=True):  # type: ignore[attr-defined]
+        for name, mean, s in zip(self._names, means, inv, strict=True):
             v = metrics.get(name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 present += 1
@@ -194,9 +199,9 @@ class EdgeModel:
         if present == 0:
             return None
         best_id, best = 0, math.inf
-        for cid, cz in self._cz:  # type: ignore[attr-defined]
+        for cid, cz in self._cz:
             d = 0.0
-            for a, b in zip(xz, cz):
+            for a, b in zip(xz, cz, strict=True):
                 d += (a - b) * (a - b)
             if d < best:
                 best_id, best = cid, d

@@ -13,6 +13,7 @@ pipeline's rule asks for) cools the device back towards its resting temperature 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -211,10 +212,9 @@ class Fleet:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            try:
+            # Not queued (disconnected): counted as unacknowledged below.
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=remaining)
-            except (RuntimeError, ValueError):
-                pass  # not queued (disconnected): counted as unacknowledged below
         acked = sum(1 for x in infos if x.is_published())
         if progress:
             progress(total, acked)
@@ -231,11 +231,9 @@ class Fleet:
 
     def close(self) -> None:
         for m in self.members:
-            m.device.configs.put(None)  # type: ignore[arg-type] - stops the config thread
-            try:
+            m.device.configs.put(None)  # stops the config thread
+            with contextlib.suppress(Exception):  # best effort on shutdown
                 m.device.disconnect()
-            except Exception:  # noqa: BLE001 - best effort on shutdown
-                pass
 
 
 __all__ = ["ConnectError", "Fleet", "FleetResult", "load_or_create_key"]

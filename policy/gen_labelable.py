@@ -45,8 +45,9 @@ def installed() -> dict[str, str]:
 
 
 def render(types: dict[str, str]) -> str:
-    import pulumi_gcp  # noqa: F401  (the version goes into the file)
     from importlib.metadata import version
+
+    import pulumi_gcp  # noqa: F401  (the version goes into the file)
 
     return json.dumps({"pulumi_gcp": version("pulumi_gcp"), "types": dict(sorted(types.items()))}, indent=1) + "\n"
 

@@ -284,7 +284,7 @@ def function_internal_only(r: Resource, ctx: StackContext) -> list[str]:
                 for role, member in _iam_entries(r) if member in PUBLIC_MEMBERS]
     else:
         return []
-    if setting == UNKNOWN or setting == want:
+    if setting in (UNKNOWN, want):
         return []
     # Unset means ALLOW_ALL for functions and INGRESS_TRAFFIC_ALL for Cloud Run.
     return [f"{path}={setting!r}: ingress must be {want!r}"]

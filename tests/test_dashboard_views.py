@@ -37,7 +37,7 @@ def _rows(client, view: str) -> list[dict]:
 
 
 # The top of an hour yesterday: real BigQuery refuses streamed rows far from today in a partitioned table.
-HOUR = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
+HOUR = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
 
 
 def test_device_latest_keeps_each_metrics_latest_value(client) -> None:

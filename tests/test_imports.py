@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # Top-level folders holding the project's Python code (everything else is tooling: .venv, notebooks, scripts).
-PACKAGES = ("iotbridge", "dataflow_jobs", "functions", "gcp_iot_bridge", "infra", "provider", "examples", "policy", "bench",
-            "tests")
+PACKAGES = ("iotbridge", "dataflow_jobs", "functions", "gcp_iot_bridge", "infra", "provider", "examples", "policy",
+            "bench", "tests")
 # Programs that run with their own folder on sys.path and import their siblings by bare name.
 PROGRAM_DIRS = (ROOT / "infra", ROOT / "policy", *sorted(p for p in (ROOT / "functions").iterdir() if p.is_dir()))
 

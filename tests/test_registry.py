@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 import pytest
 from cryptography import x509
@@ -339,7 +340,7 @@ def test_concurrent_updates_respect_the_rate_limit(registry):
     # Whatever the interleaving (a retried transaction may run more than a second later), accepted versions
     # are at least a second apart.
     times = [v.cloud_update_time for v in reversed(registry.list_config_versions("dev-flood"))]
-    assert all((b - a).total_seconds() >= 1.0 for a, b in zip(times, times[1:]))
+    assert all((b - a).total_seconds() >= 1.0 for a, b in pairwise(times))
 
 
 @pytest.mark.emulator

@@ -58,12 +58,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import functions_framework
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import registry as reg
 
@@ -232,12 +233,15 @@ class MqttSettings:
     def from_env(cls, env: Mapping[str, str]) -> MqttSettings:
         if not env.get("MQTT_HOST"):
             raise RuntimeError("MQTT_HOST is not set: the broker the configs are published to")
-        return cls(host=env["MQTT_HOST"], port=int(env.get("MQTT_PORT", "8883")),
-                   tls=_flag(env.get("MQTT_TLS", "true")), ca_cert=env.get("MQTT_CA_CERT", ""),
-                   username=env.get("MQTT_USERNAME", ""), password=env.get("MQTT_PASSWORD", ""),
-                   timeout_s=float(env.get("MQTT_TIMEOUT_S", "10")), retain=_flag(env.get("MQTT_RETAIN", "true")),
-                   # A broker host binds its backend user to one client id (iotbridge.bridge.settings).
-                   **({"client_id": env["MQTT_CLIENT_ID"]} if env.get("MQTT_CLIENT_ID") else {}))
+        settings = cls(host=env["MQTT_HOST"], port=int(env.get("MQTT_PORT", "8883")),
+                       tls=_flag(env.get("MQTT_TLS", "true")), ca_cert=env.get("MQTT_CA_CERT", ""),
+                       username=env.get("MQTT_USERNAME", ""), password=env.get("MQTT_PASSWORD", ""),
+                       timeout_s=float(env.get("MQTT_TIMEOUT_S", "10")),
+                       retain=_flag(env.get("MQTT_RETAIN", "true")))
+        if env.get("MQTT_CLIENT_ID"):
+            # A broker host binds its backend user to one client id (iotbridge.bridge.settings).
+            settings = replace(settings, client_id=env["MQTT_CLIENT_ID"])
+        return settings
 
 
 def _flag(value: str) -> bool:
@@ -271,7 +275,7 @@ class MqttPublisher:
 
     def _connect(self) -> paho.Client:
         s = self.s
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
                              protocol=paho.MQTTv311)
         if s.username or s.password:
             client.username_pw_set(s.username, s.password)

@@ -14,7 +14,8 @@ What it declares, and the GCP pitfall behind each choice:
   environment variable; the runtime account gets ``secretAccessor`` on that one secret before the function is
   created, or the first revision fails to start. Delivery ``fanout``: publisher on the bridge's
   device-commands topic instead, which reaches every broker host; no secret, no VPC.
-- Egress (``mqtt``) through the VPC (Direct VPC egress, or a Serverless VPC Access connector) for private ranges only, so
+- Egress (``mqtt``) through the VPC (Direct VPC egress, or a Serverless VPC Access connector) for private ranges
+  only, so
   the broker hosts are reached on their internal address while Google APIs keep their direct path. Ingress is
   internal only: Eventarc's Pub/Sub push counts as internal traffic in the same project.
 - Eventarc trigger on the config-requests topic with ``RETRY_POLICY_RETRY`` and a trigger identity of its own

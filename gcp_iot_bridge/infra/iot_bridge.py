@@ -82,7 +82,8 @@ class IotBridge(pulumi.ComponentResource):
         # The pieces were children of the stack itself before; the alias keeps their URNs' history.
         child = pulumi.ResourceOptions(parent=self, aliases=[pulumi.Alias(parent=pulumi.ROOT_STACK_RESOURCE)])
 
-        self.foundation = Foundation("foundation", FoundationArgs(project=cfg.project, prefix=cfg.prefix, kms_key_name=kms_key), opts=child)
+        self.foundation = Foundation(
+            "foundation", FoundationArgs(project=cfg.project, prefix=cfg.prefix, kms_key_name=kms_key), opts=child)
         self.network = Network("network", NetworkArgs(
             project=cfg.project, region=cfg.region, prefix=cfg.prefix,
             depends_on=self.foundation.needs("compute.googleapis.com"),
@@ -97,7 +98,8 @@ class IotBridge(pulumi.ComponentResource):
             data_expiration_days=cfg.bigquery_table_expiration_days,
             labels=labels,
             kms_key_name=kms_key,
-            depends_on=[*self.foundation.needs("bigquery.googleapis.com"), *self.foundation.key_grants("bigquery.googleapis.com")],
+            depends_on=[*self.foundation.needs("bigquery.googleapis.com"),
+                        *self.foundation.key_grants("bigquery.googleapis.com")],
         ), opts=child)
 
         self.timeseries = TimeSeries("timeseries", TimeSeriesArgs(
@@ -154,8 +156,8 @@ class IotBridge(pulumi.ComponentResource):
             kms_key_name=kms_key,
             # cloudresourcemanager: its datastore.user grant is a project IAM binding.
             depends_on=[*self.foundation.needs("compute.googleapis.com", "firestore.googleapis.com",
-                                          "secretmanager.googleapis.com", "pubsub.googleapis.com", "storage.googleapis.com",
-                                          "cloudresourcemanager.googleapis.com"),
+                                          "secretmanager.googleapis.com", "pubsub.googleapis.com",
+                                          "storage.googleapis.com", "cloudresourcemanager.googleapis.com"),
                         *self.foundation.key_grants("storage.googleapis.com")],
         ), opts=child)
 
@@ -184,7 +186,8 @@ class IotBridge(pulumi.ComponentResource):
             depends_on=[*self.foundation.needs("dataflow.googleapis.com", "artifactregistry.googleapis.com",
                                           "storage.googleapis.com", "compute.googleapis.com", "pubsub.googleapis.com",
                                           "bigquery.googleapis.com", "bigtable.googleapis.com"),
-                        *self.foundation.key_grants("storage.googleapis.com", "dataflow.googleapis.com", "compute.googleapis.com")],
+                        *self.foundation.key_grants("storage.googleapis.com", "dataflow.googleapis.com",
+                                                    "compute.googleapis.com")],
         ), opts=child)
 
         # Config requests (operators, the pipeline's rules) → the function → the registry → every broker host (fan-out),
@@ -204,7 +207,8 @@ class IotBridge(pulumi.ComponentResource):
             deletion_protection=cfg.deletion_protection,
             labels=labels,
             kms_key_name=kms_key,
-            depends_on=[*self.foundation.needs(*CONFIG_PUSH_APIS), self.broker.database, *self.foundation.key_grants("storage.googleapis.com")],
+            depends_on=[*self.foundation.needs(*CONFIG_PUSH_APIS), self.broker.database,
+                        *self.foundation.key_grants("storage.googleapis.com")],
         ), opts=child)
 
         # Cloud to edge: a model trained on the warehouse, exported small, rolled out through device configs.
@@ -219,7 +223,8 @@ class IotBridge(pulumi.ComponentResource):
             signer_members=cfg.edge_ml_signers,
             labels=labels,
             kms_key_name=kms_key,
-            depends_on=[*self.foundation.needs("bigquery.googleapis.com", "storage.googleapis.com", "iam.googleapis.com",
+            depends_on=[*self.foundation.needs("bigquery.googleapis.com", "storage.googleapis.com",
+                                          "iam.googleapis.com",
                                           "iamcredentials.googleapis.com"), self.warehouse.tables["telemetry_raw"],
                         *self.foundation.key_grants("storage.googleapis.com")],
         ), opts=child)

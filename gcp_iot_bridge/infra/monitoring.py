@@ -5,7 +5,8 @@ hosts (an uptime check on the MQTT endpoint and the bridge's own heartbeat), Pub
 dead-lettered messages, the Dataflow job's system lag and data freshness, the config-push function's errors, and
 the device-logs BigQuery subscription's write errors.
 
-The dashboard is ``gcp_iot_bridge/infra/dashboards/iot.json``, a Cloud Monitoring dashboard document with ``${...}`` placeholders
+The dashboard is ``gcp_iot_bridge/infra/dashboards/iot.json``, a Cloud Monitoring dashboard document with
+``${...}`` placeholders
 for the stack's physical names; it can be edited in the console, exported and pasted back.
 
 The bridge writes ``custom.googleapis.com/iot/connected_devices`` (GAUGE, INT64) every 60 s, on the

@@ -133,7 +133,8 @@ class PipelineArgs:
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_workers <= self.max_workers <= 1000:
-            raise ValueError(f"need 1 <= num_workers <= max_workers <= 1000, got {self.num_workers}..{self.max_workers}")
+            raise ValueError(
+                f"need 1 <= num_workers <= max_workers <= 1000, got {self.num_workers}..{self.max_workers}")
         missing = [t for t in WRITTEN_TABLES if t not in self.tables]
         if missing:
             raise ValueError(f"tables missing for the pipeline: {missing}")

@@ -11,7 +11,7 @@ No ``from __future__ import annotations`` here: the analyzer reads annotations a
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Optional, Required, TypedDict
+from typing import TYPE_CHECKING, Any, Required, TypedDict
 
 import pulumi
 
@@ -47,7 +47,7 @@ class IotBridge(_IotBridge):
     """The whole gcp-iot-bridge architecture (MQTT bridge, Pub/Sub, Dataflow, BigQuery, Bigtable, config push,
     edge ML, monitoring) from the stack configuration keys of gcp-iot-bridge."""
 
-    def __init__(self, name: str, args: IotBridgeConfig, opts: Optional[pulumi.ResourceOptions] = None) -> None:
+    def __init__(self, name: str, args: IotBridgeConfig, opts: pulumi.ResourceOptions | None = None) -> None:
         raw = {config.KEY_BY_FIELD[field].key: _text(value) for field, value in dict(args).items()
                if value is not None}
         super().__init__(name, IotBridgeArgs(config=config.parse(raw, pulumi.get_stack())), opts)

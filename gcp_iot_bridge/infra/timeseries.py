@@ -53,7 +53,8 @@ class TimeSeries(pulumi.ComponentResource):
         if not 10 <= args.cpu_target <= 80:
             raise ValueError(f"cpu_target must be 10..80, got {args.cpu_target}")
         if not 1 <= args.min_nodes <= args.max_nodes <= 10 * args.min_nodes:
-            raise ValueError(f"need 1 <= min_nodes <= max_nodes <= 10 x min_nodes, got {args.min_nodes}..{args.max_nodes}")
+            raise ValueError(
+                f"need 1 <= min_nodes <= max_nodes <= 10 x min_nodes, got {args.min_nodes}..{args.max_nodes}")
         child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
 
         # Cluster ids must be unique per project and 6..30 characters: "{prefix}-c-{zone letter}".

@@ -32,7 +32,8 @@ class ClientIdError(AuthError):
 
 
 class CredentialLike(Protocol):
-    expiration_time: datetime | None
+    @property
+    def expiration_time(self) -> datetime | None: ...  # read-only: the registry's credentials are frozen
 
     def algorithm(self) -> str: ...
 

@@ -15,6 +15,7 @@ connect and removed on disconnect; ``send_command`` refuses a device that is not
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,10 +70,8 @@ def mark_disconnected(client: firestore.Client, registry_id: str, device_id: str
     """Remove the presence document unless a newer session of the device has replaced it."""
     from google.api_core import exceptions as gexc
 
-    try:
+    with contextlib.suppress(gexc.FailedPrecondition, gexc.NotFound):
         _presence(client, registry_id, device_id).delete(option=client.write_option(last_update_time=update_time))
-    except (gexc.FailedPrecondition, gexc.NotFound):
-        pass
 
 
 def is_connected(client: firestore.Client, registry_id: str, device_id: str) -> bool:

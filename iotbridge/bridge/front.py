@@ -27,7 +27,6 @@ Mosquitto cannot check IoT Core JWTs, so every device connection ends here first
 from __future__ import annotations
 
 import asyncio
-from asyncio import sslproto
 import contextlib
 import hashlib
 import ipaddress
@@ -36,6 +35,7 @@ import logging
 import ssl
 import time
 import uuid
+from asyncio import sslproto
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,9 +47,9 @@ from typing import Any, TypeVar
 import paho.mqtt.client as paho
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from paho.mqtt.enums import CallbackAPIVersion
 
-from iotbridge.bridge import mqtt
-from iotbridge.bridge import fanout, limits
+from iotbridge.bridge import fanout, limits, mqtt
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
@@ -312,7 +312,7 @@ class Front:
         task.add_done_callback(self._tasks.discard)
 
     def _control_client(self, password: str) -> paho.Client:
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:front:{self.settings.host_id}",
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:front:{self.settings.host_id}",
                         clean_session=True)
         c.username_pw_set("bridge", password)
         c.max_queued_messages_set(0)
@@ -366,11 +366,12 @@ class Front:
             except mqtt.ProtocolError as exc:
                 self._refused(peer, f"malformed CONNECT: {exc}")
                 return
-            session, breader, bwriter = await self._authenticate(connect, dwriter, peer, address)
+            accepted = await self._authenticate(connect, dwriter, peer, address)
             self._end_pending(address)
             pending = False
-            if session is None:
+            if accepted is None:
                 return
+            session, breader, bwriter = accepted
             await self._relay(session, dreader, dwriter, breader, bwriter)
         finally:
             if pending:
@@ -423,36 +424,34 @@ class Front:
             w.write(mqtt.connack(level, codes[level]))
             await asyncio.wait_for(w.drain(), 2)
 
-    async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str,  # noqa: ANN202
-                            address: str):
+    async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str, address: str,
+                            ) -> tuple[Session, asyncio.StreamReader, asyncio.StreamWriter] | None:
         """Unknown device, wrong key, expired credential, bad token: all answered "bad user name or password",
         so that device ids cannot be enumerated. Only a device that proved its identity learns that it is blocked
-        ("not authorized")."""
+        ("not authorized"). Returns the session and its broker connection, or None when refused."""
         level = c.level
         s = self.settings
-        none = (None, None, None)
         try:
             device_id = parse_client_id(c.client_id, s.project, s.region, s.registry_id)
         except ClientIdError as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_CLIENT_ID, peer, str(exc))
-            return none
+            return None
         who = f"{peer} as {device_id}"
         now = time.monotonic()
         if self._violators.has(device_id, now):
             self.stats["violation_backoff"] += 1
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who,
                                f"disconnected for a protocol violation less than {VIOLATION_BACKOFF_S:g}s ago")
-            return none
+            return None
         if self._failures.exhausted(address, now):
             self.stats["address_limited"] += 1
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who,
                                f"too many failed connects from {address}; retry later")
-            return none
+            return None
 
-        async def bad_credentials(reason: str):  # noqa: ANN202
+        async def bad_credentials(reason: str) -> None:
             self._failures.charge(address, time.monotonic())
             await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, reason)
-            return none
 
         ssl_object = dwriter.get_extra_info("ssl_object")
         client_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -466,9 +465,9 @@ class Front:
         except DeviceNotFound:
             self._unknown.add(device_id, time.monotonic())
             return await bad_credentials("unknown device")
-        except Exception as exc:  # registry unreachable: refuse, the device retries
+        except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"registry error {type(exc).__name__}")
-            return none
+            return None
         at = datetime.now(UTC)
         try:
             if c.password or client_cert is None:
@@ -481,18 +480,18 @@ class Front:
             return await bad_credentials(str(exc))
         if device.blocked:
             await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "device is blocked")
-            return none
+            return None
         if c.will_topic is not None:
             kind = topic_kind(c.will_topic, device_id)
             limit = STATE_MAX_BYTES if kind == "state" else EVENTS_MAX_BYTES
             if kind is None or c.will_qos > 1 or len(c.will_payload) > limit:
                 await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "will message not allowed")
-                return none
+                return None
         try:
             breader, bwriter = await asyncio.open_connection(s.broker_host, s.broker_port)
         except OSError as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"broker unreachable: {exc}")
-            return none
+            return None
         bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
         expires_at = session_deadline(at, proof_expires, credential.expiration_time)
         session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer, num_id=device.num_id,
@@ -502,7 +501,7 @@ class Front:
             session.presence_time = await self._on(
                 self._auth_pool, fanout.mark_connected, self.registry.client, s.registry_id, device_id, s.host_id,
                 session.id, expires_at)
-        except Exception as exc:  # presence only serves command senders; the device may still connect
+        except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
         self.stats["accepted"] += 1
         if self._control is not None:
@@ -606,7 +605,7 @@ class Front:
     async def _record_error(self, device_id: str, message: str) -> None:
         try:
             await self._on(self._registry_pool, self.registry.record_error, device_id, message)
-        except Exception as exc:  # the limit holds either way; only the registry's note is missing
+        except Exception as exc:  # noqa: BLE001 - the limit holds either way; only the registry's note is missing
             log.warning("could not record the error of %s: %s", device_id, exc)
 
     def _checked(self, session: Session, first: int, body: bytes, raw: bytes) -> tuple[bytes, float]:
@@ -719,7 +718,7 @@ class Front:
             await self._on(self._registry_pool, ack)
             if session in self.sessions:  # not for a device that has gone meanwhile: nothing would remove it
                 self._acked[device_id] = digest
-        except Exception as exc:  # the device keeps working; only the ack time is missing
+        except Exception as exc:  # noqa: BLE001 - the device keeps working; only the ack time is missing
             log.warning("could not record config ack of %s: %s", device_id, exc)
         finally:
             session.acks_running.discard(digest)
@@ -819,14 +818,14 @@ class Front:
                                {s.device_id: ping for s, ping in pings})
                 for s, ping in pings:
                     s.ping_recorded = ping
-            except Exception as exc:  # best effort, like IoT Core's heartbeat time
+            except Exception as exc:  # noqa: BLE001 - best effort, like IoT Core's heartbeat time
                 log.debug("heartbeats of %d devices not recorded: %s", len(pings), exc)
         if not by_device:
             return
         # One batched read of what every connected device's sessions rest on, instead of a round trip per device.
         try:
             grants = await self._on(self._registry_pool, self.registry.session_grants, list(by_device))
-        except Exception as exc:  # registry briefly unreachable: keep the sessions, try next round
+        except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: keep the sessions, try next round
             log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
             return
         now = datetime.now(UTC)

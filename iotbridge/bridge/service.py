@@ -49,10 +49,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as paho
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
+from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import spec
 from iotbridge.bridge import limits
@@ -142,12 +144,13 @@ class BridgeService:
                       "dead_lettered": 0, "dead_letter_refused": 0, "broker_queue_full": 0,
                       "broker_stored_messages": 0, "broker_stored_bytes": 0, "broker_dropped_messages": 0}
         self._queue_warned = False
-        self.mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
+        self.mqtt = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
                                 clean_session=False, manual_ack=True)
         self.mqtt.username_pw_set("bridge", password)
         self.mqtt.max_inflight_messages_set(1000)
         self.mqtt.max_queued_messages_set(0)
-        self.mqtt.reconnect_delay_set(0.2, 5)
+        # paho annotates the delays as int, but any number of seconds works: it adds them to time.monotonic().
+        self.mqtt.reconnect_delay_set(cast(int, 0.2), 5)
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_message = self._on_message
         # Device → cloud publishing: raw protobuf batches, the broker acked per batch (see batching.py).
@@ -244,7 +247,7 @@ class BridgeService:
         while not self._stop.wait(LEASE_S / 3):
             try:
                 still_mine = self._try_lease(self._leased)
-            except Exception as exc:  # Firestore briefly away: the lease still has two thirds to run
+            except Exception as exc:  # noqa: BLE001 - Firestore briefly away: the lease still has two thirds to run
                 log.warning("lease renewal failed: %s", exc)
                 continue
             if not still_mine:
@@ -300,8 +303,8 @@ class BridgeService:
                     self.stats["broker_queue_full"] += 1
                 # Mosquitto says it once per episode, until that client's queue has room again.
                 log.error("broker queue full: Mosquitto is dropping queued QoS 1 messages for client %r "
-                          "(max_queued_messages %d, max_queued_bytes %d); for the bridge's own session these are device "
-                          "messages the devices already had their PUBACK for",
+                          "(max_queued_messages %d, max_queued_bytes %d); for the bridge's own session these are "
+                          "device messages the devices already had their PUBACK for",
                           client.strip().rstrip("."), self.s.max_queued_messages, self.s.max_queued_bytes)
             return
         key = SYS_GAUGES.get(topic)
@@ -505,12 +508,12 @@ class BridgeService:
         for device_id, when in events.items():
             try:
                 self.registry.record_event(device_id, when)
-            except Exception as exc:  # activity timestamps are best effort, like IoT Core's
+            except Exception as exc:  # noqa: BLE001 - activity timestamps are best effort, like IoT Core's
                 log.debug("record_event %s: %s", device_id, exc)
         for device_id, (data, when) in states.items():
             try:
                 self.registry.record_state(device_id, data, when)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the same for the last state
                 log.debug("record_state %s: %s", device_id, exc)
 
     # ---------------------------------------------------------------------------------- cloud → device

@@ -9,18 +9,20 @@ is redelivered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 
 from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.subscriber.message import Message
 
-from iotbridge.local.provision import LocalNames, bigquery_client
+from iotbridge.local.provision import NO_RETRY, LocalNames, bigquery_client
 
 log = logging.getLogger(__name__)
 
 
-def row_for(message: pubsub_v1.subscriber.message.Message, subscription: str) -> dict[str, object]:
+def row_for(message: Message, subscription: str) -> dict[str, object]:
     """The row a BigQuery subscription with write_metadata writes for ``message``."""
     return {
         "subscription_name": subscription,
@@ -47,7 +49,7 @@ class BigQueryForwarder:
     def _callback(self, message) -> None:
         try:
             errors = self._bq.insert_rows_json(self.table, [row_for(message, self.subscription)],
-                                               retry=None, timeout=30)
+                                               retry=NO_RETRY, timeout=30)
         except Exception as exc:  # noqa: BLE001 - any failure means: redeliver
             log.warning("device_logs insert failed, message %s will be redelivered: %s", message.message_id, exc)
             message.nack()
@@ -68,8 +70,6 @@ class BigQueryForwarder:
     def stop(self) -> None:
         if self._future is not None:
             self._future.cancel()
-            try:
+            with contextlib.suppress(Exception):  # cancelled futures raise on result()
                 self._future.result(timeout=10)
-            except Exception:  # noqa: BLE001 - cancelled futures raise on result()
-                pass
         self._subscriber.close()

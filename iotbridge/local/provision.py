@@ -12,9 +12,11 @@ subscription would (``write_metadata``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
+from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
 
 from iotbridge import spec
@@ -35,6 +37,11 @@ class LocalNames:
 
     def subscription(self, key: str) -> str:
         return f"projects/{self.project}/subscriptions/{spec.subscription_name(self.prefix, key)}"
+
+
+# google-cloud-bigquery's methods annotate ``retry`` as a Retry, but the client wraps a call only ``if retry``:
+# None is how a caller asks for a single attempt.
+NO_RETRY = cast(Retry, None)
 
 
 def bigquery_client(project: str, endpoint: str):
@@ -85,7 +92,7 @@ def provision_bigquery(names: LocalNames, endpoint: str) -> list[str]:
     from google.cloud import bigquery
 
     client = bigquery_client(names.project, endpoint)
-    client.create_dataset(f"{names.project}.{names.dataset}", exists_ok=True, retry=None, timeout=30)
+    client.create_dataset(f"{names.project}.{names.dataset}", exists_ok=True, retry=NO_RETRY, timeout=30)
     made = []
     for t in spec.TABLES.values():
         table = bigquery.Table(f"{names.project}.{names.dataset}.{t.name}",
@@ -95,13 +102,13 @@ def provision_bigquery(names: LocalNames, endpoint: str) -> list[str]:
         if t.clustering:
             table.clustering_fields = list(t.clustering)
         table.description = t.description
-        client.create_table(table, exists_ok=True, retry=None, timeout=30)
+        client.create_table(table, exists_ok=True, retry=NO_RETRY, timeout=30)
         made.append(t.name)
     for v in spec.VIEWS.values():
         view = bigquery.Table(f"{names.project}.{names.dataset}.{v.name}")
         view.view_query = v.render(names.project, names.dataset)
         try:
-            client.create_table(view, exists_ok=True, retry=None, timeout=30)
+            client.create_table(view, exists_ok=True, retry=NO_RETRY, timeout=30)
             made.append(v.name)
         except gexc.GoogleAPICallError:
             # The local engine may not know every BigQuery function a view uses; the tables still work.

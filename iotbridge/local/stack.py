@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from iotbridge import spec
 from iotbridge.local import provision, services
@@ -49,6 +50,34 @@ class ProcessRecord:
 
     def alive(self) -> bool:
         return self.start_ticks is not None and services.process_start_ticks(self.pid) == self.start_ticks
+
+
+class ProcessStatus(TypedDict):
+    pid: int
+    alive: bool
+    port: int | None
+    log: str | None
+
+
+class StackStatus(TypedDict):
+    """What ``iotctl local status --json`` prints: the endpoints (None until the stack brought them up)."""
+
+    project_id: str
+    region: str
+    registry_id: str
+    mqtt_host: str | None
+    mqtt_port: int | None
+    mqtt_ca_cert: str | None
+    pubsub_emulator_host: str | None
+    firestore_emulator_host: str | None
+    bigtable_emulator_host: str | None
+    bigquery_endpoint: str | None
+    bigquery_dataset: str
+    bigtable_instance: str
+    topic_prefix: str
+    ready: bool
+    healthy: bool
+    processes: dict[str, ProcessStatus]
 
 
 @dataclass
@@ -265,7 +294,7 @@ class LocalStack:
         return stopped
 
     # ---------------------------------------------------------------------------------------- status
-    def status(self) -> dict[str, object]:
+    def status(self) -> StackStatus:
         state = self.load()
         if state is None:
             raise StackError("no local stack is running: start one with `iotctl local up`")

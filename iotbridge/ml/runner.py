@@ -8,7 +8,8 @@ it, and swap it in. Anything wrong — unreachable, too large, digest mismatch, 
 model is refused: the runner keeps the model it had (or none) and publishes a ``model_rejected`` log record with
 the reason. Log records (JSON, one per message)::
 
-    {"kind": "model_loaded",   "device_id": ..., "model_version": "v2", "model_sha256": ..., "previous_version": "v1", "ts": ...}
+    {"kind": "model_loaded",   "device_id": ..., "model_version": "v2", "model_sha256": ..., "previous_version": "v1",
+     "ts": ...}
     {"kind": "model_rejected", "device_id": ..., "model_version": "v1", "model_sha256": ..., "requested_version": "v2",
      "requested_sha256": ..., "reason": "digest mismatch: ...", "ts": ...}
     {"kind": "inference",      "device_id": ..., "model_version": "v1", "seq": 42, "ts": ..., "score": 0.83,

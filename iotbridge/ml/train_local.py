@@ -72,7 +72,7 @@ def fit_kmeans(x: np.ndarray, k: int, max_iterations: int = 20, seed: int = 0) -
         centers.append(distinct[rng.choice(len(distinct), p=d2 / d2.sum())])
     c = np.asarray(centers, dtype=float)
     it = 0
-    for it in range(1, max_iterations + 1):
+    for it in range(1, max_iterations + 1):  # noqa: B007 - the count of iterations is read after the loop
         labels = np.argmin(((z[:, None, :] - c[None, :, :]) ** 2).sum(-1), axis=1)
         new = np.array([z[labels == j].mean(axis=0) if (labels == j).any() else c[j] for j in range(k)])
         if np.allclose(new, c):
@@ -102,8 +102,9 @@ def train(client: Any, spec: sql.ModelSpec, version: str, seed: int = 0, timeout
     fitted = fit_kmeans(training_matrix(rows, spec.metrics), spec.num_clusters, spec.max_iterations, seed)
     feature_info = sql.literal_table([{"input": m, "mean": float(fitted.means[i]), "stddev": float(fitted.stddevs[i])}
                                       for i, m in enumerate(spec.metrics)])
-    centroids = sql.literal_table([{"centroid_id": j + 1, "feature": m, "numerical_value": float(fitted.centroids[j, i])}
-                                   for j in range(len(fitted.centroids)) for i, m in enumerate(spec.metrics)])
+    centroids = sql.literal_table([
+        {"centroid_id": j + 1, "feature": m, "numerical_value": float(fitted.centroids[j, i])}
+        for j in range(len(fitted.centroids)) for i, m in enumerate(spec.metrics)])
     out = run(sql.artifact_select(spec, version, f"local-trainer:{spec.model_ref}", feature_info, centroids))
     if len(out) != 1:
         raise TrainingError(f"artifact query returned {len(out)} rows, expected 1")

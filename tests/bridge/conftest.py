@@ -3,6 +3,7 @@ bridge service as their own processes, and devices written the IoT Core way (iot
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -98,10 +99,8 @@ def bridge_env(pubsub_emulator, firestore_emulator) -> Iterator[dict[str, str]]:
 def create_topics(project: str, prefix: str) -> None:
     pub = pubsub_v1.PublisherClient()
     for key in spec.TOPICS:
-        try:
+        with contextlib.suppress(gexc.AlreadyExists):
             pub.create_topic(request={"name": pub.topic_path(project, spec.topic_name(prefix, key))})
-        except gexc.AlreadyExists:
-            pass
 
 
 @pytest.fixture(scope="session")
@@ -249,7 +248,5 @@ def devices(registry, stack) -> Iterator[DeviceFactory]:
     f = DeviceFactory(registry, stack)
     yield f
     for d in f.created:
-        try:
+        with contextlib.suppress(Exception):
             d.disconnect()
-        except Exception:
-            pass

@@ -305,17 +305,17 @@ def test_tls_below_1_2_is_refused(stack):
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    with socket.create_connection(listener.getsockname(), timeout=5) as raw:
-        with _tls_1_1_client(stack).wrap_socket(raw, server_hostname="localhost") as tls:
-            assert tls.version() == "TLSv1.1"
+    with (socket.create_connection(listener.getsockname(), timeout=5) as raw,
+          _tls_1_1_client(stack).wrap_socket(raw, server_hostname="localhost") as tls):
+        assert tls.version() == "TLSv1.1"
     server.join(5)
     listener.close()
     assert served == ["TLSv1.1"]
 
-    with socket.create_connection((stack.mqtt_host, stack.mqtt_port), timeout=5) as raw:
-        with pytest.raises(ssl.SSLError) as err:
-            with _tls_1_1_client(stack).wrap_socket(raw, server_hostname="localhost"):
-                pass
+    with (socket.create_connection((stack.mqtt_host, stack.mqtt_port), timeout=5) as raw,
+          pytest.raises(ssl.SSLError) as err,
+          _tls_1_1_client(stack).wrap_socket(raw, server_hostname="localhost")):
+        pass
     # The front ends the handshake: with a protocol_version alert, or by closing before it is flushed (asyncio's
     # TLS layer may drop the alert) -- never a certificate or cipher error, which would mean something else failed.
     assert err.value.reason in ("TLSV1_ALERT_PROTOCOL_VERSION", "UNEXPECTED_EOF_WHILE_READING"), err.value

@@ -17,7 +17,7 @@ from google.cloud import pubsub_v1
 from iotbridge.bridge import fanout
 from iotbridge.local import services
 
-from .conftest import PROJECT, DeviceFactory, PubSubReader, create_topics, new_stack, wait_until
+from .conftest import PROJECT, DeviceFactory, PubSubReader, new_stack, wait_until
 
 pytestmark = pytest.mark.emulator
 
@@ -182,7 +182,7 @@ def _try_connect(dev) -> bool:
     try:
         dev.connect(timeout=5)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever stops the connect, the device is not connected
         return False
 
 

@@ -231,7 +231,7 @@ def test_pipeline_on_emulators(stack):
         mixed: list[tuple] = goods + bads
         random.Random(3).shuffle(mixed)  # out of order, bad ones interleaved
         ids = publish_all(stack["publisher"], stack["telemetry_topic"], mixed)
-        want_errors = {mid: (m[2], m[0]) for mid, m in zip(ids, mixed) if isinstance(m[2], str)}
+        want_errors = {mid: (m[2], m[0]) for mid, m in zip(ids, mixed, strict=True) if isinstance(m[2], str)}
 
         # telemetry_raw: exactly N rows, one per good message.
         wait_for("N rows in telemetry_raw", lambda: query("SELECT COUNT(*) AS n FROM {t}.telemetry_raw")[0]["n"],

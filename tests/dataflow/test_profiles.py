@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import apache_beam as beam
 import pytest
@@ -230,7 +230,7 @@ PIPELINE_PROFILES = json.dumps({
 
 
 def rfc3339_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def test_every_profile_in_one_pipeline_on_create():

@@ -18,8 +18,17 @@ import pytest
 from dataflow_jobs import telemetry_pipeline
 from iotbridge.spec import VIEWS
 from tests.dataflow import proto_decoder
-from tests.dataflow.test_pipeline_emulators import (PROJECT, combined_minutes, pipeline_argv, publish_all, querier,
-                                                    rfc3339_ms, stack, wait_for, wait_for_runner_threads_to_end)
+from tests.dataflow.test_pipeline_emulators import (
+    PROJECT,
+    combined_minutes,
+    pipeline_argv,
+    publish_all,
+    querier,
+    rfc3339_ms,
+    stack,
+    wait_for,
+    wait_for_runner_threads_to_end,
+)
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
 __all__ = ["stack"]  # the fixture, imported for this module's test
@@ -97,8 +106,8 @@ def test_mixed_fleet_on_emulators(stack):
         mixed: list[Any] = [(g["data"], g["attrs"], g) for g in goods] + bads
         random.Random(5).shuffle(mixed)
         ids = publish_all(stack["publisher"], stack["telemetry_topic"], mixed)
-        by_id = {mid: m[2] for mid, m in zip(ids, mixed) if isinstance(m[2], dict)}
-        want_errors = {mid: (m[2], m[0]) for mid, m in zip(ids, mixed) if isinstance(m[2], str)}
+        by_id = {mid: m[2] for mid, m in zip(ids, mixed, strict=True) if isinstance(m[2], dict)}
+        want_errors = {mid: (m[2], m[0]) for mid, m in zip(ids, mixed, strict=True) if isinstance(m[2], str)}
         n = len(goods)
 
         rows_sql = ("SELECT message_id, device_id, profile, event_time_source, event_time, publish_time, payload, "

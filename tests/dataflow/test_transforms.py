@@ -7,7 +7,7 @@ import json
 import struct
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import apache_beam as beam
 import pytest
@@ -53,7 +53,7 @@ def settings(**overrides: str) -> Settings:
 def msg(doc: object, mid: str, attrs: dict[str, str] | None = None, publish_ms: int = T0) -> PubsubMessage:
     data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     return PubsubMessage(data, dict(ATTRS if attrs is None else attrs), message_id=mid,
-                         publish_time=datetime.fromtimestamp(publish_ms / 1000, timezone.utc))
+                         publish_time=datetime.fromtimestamp(publish_ms / 1000, UTC))
 
 
 def reading(ts_ms: int, seq: int | None, **metrics: float) -> dict[str, object]:
@@ -121,7 +121,7 @@ def test_parse_takes_identity_from_attributes_and_keeps_extras():
            b'"deviceId": "someone-else", "fw": "1.2"}'
     r = telemetry.parse(data, {**ATTRS, "subFolder": "engine"}, "m1", 5_000_000)
     assert (r.device_id, r.device_num_id, r.registry_id, r.sub_folder) == ("dev-1", "101", "fleet", "engine")
-    assert r.event_time_us == int(datetime(2026, 11, 27, 13, 0, 0, 123000, timezone.utc).timestamp()) * 10**6 + 123000
+    assert r.event_time_us == int(datetime(2026, 11, 27, 13, 0, 0, 123000, UTC).timestamp()) * 10**6 + 123000
     assert r.metrics == {"t": 21.0, "rpm": 1200.5} and r.seq == 42
     assert r.extra == {"deviceId": "someone-else", "fw": "1.2"}  # kept in the raw row, never used as identity
     row = telemetry.raw_row(r)
@@ -218,7 +218,8 @@ def test_errors_and_counters_on_create():
 
 def minute_row(device: str, metric: str, start_ms: int, values: list[float], timing: str) -> dict[str, object]:
     return {"device_id": device, "metric": metric,
-            "window_start": telemetry.rfc3339(start_ms * 1000), "window_end": telemetry.rfc3339((start_ms + 60_000) * 1000),
+            "window_start": telemetry.rfc3339(start_ms * 1000),
+            "window_end": telemetry.rfc3339((start_ms + 60_000) * 1000),
             "count": len(values), "min": min(values), "max": max(values), "mean": sum(values) / len(values),
             "pane_timing": timing}
 

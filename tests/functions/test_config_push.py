@@ -105,6 +105,14 @@ def test_settings_from_env_refuse_bad_values_and_hide_the_password(cp: ModuleTyp
         cp.deps_from_env({"PROJECT_ID": "p", "REGISTRY_ID": "reg", "CONFIG_DELIVERY": "fanout"})
 
 
+def test_settings_from_env_take_the_client_id_a_broker_host_binds_the_backend_user_to(cp: ModuleType) -> None:
+    env = {"MQTT_HOST": "h", "MQTT_PORT": "1883", "MQTT_TIMEOUT_S": "2.5", "MQTT_RETAIN": "false"}
+    s = cp.MqttSettings.from_env({**env, "MQTT_CLIENT_ID": "iotbridge:config-push:h1"})
+    assert (s.client_id, s.port, s.timeout_s, s.retain) == ("iotbridge:config-push:h1", 1883, 2.5, False)
+    # Without one, each instance takes a random id of its own.
+    assert cp.MqttSettings.from_env(env).client_id != cp.MqttSettings.from_env(env).client_id
+
+
 # ------------------------------------------------------------------------------------- level 1: the flow
 
 
@@ -191,7 +199,7 @@ def test_logic_permanent_refusals_are_logged_dead_lettered_and_not_raised(cp, de
     assert deps.dead_letter.sent == [(mid, reason) for mid, _, reason in cases]
     logged = [r for r in caplog.records if r.name == "config_push" and r.levelno == logging.WARNING]
     assert [r.fields["reason"] for r in logged] == [reason for *_, reason in cases]
-    assert all(r.fields["messageId"] == mid for r, (mid, *_) in zip(logged, cases))
+    assert all(r.fields["messageId"] == mid for r, (mid, *_) in zip(logged, cases, strict=True))
     assert deps.publisher.sent == []
     assert registry.get_device("pump-3").config_version == 0
 

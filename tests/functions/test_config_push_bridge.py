@@ -5,6 +5,7 @@ subscription) → the bridge's broker host (TLS front with IoT Core JWT auth, lo
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,10 +45,8 @@ def system(pubsub_emulator, firestore_emulator, tmp_path_factory) -> Iterator[tu
         prefix = f"cp{uuid.uuid4().hex[:8]}"
         publisher = pubsub_v1.PublisherClient()
         for key in spec.TOPICS:
-            try:
+            with contextlib.suppress(gexc.AlreadyExists):
                 publisher.create_topic(name=publisher.topic_path(PROJECT, spec.topic_name(prefix, key)))
-            except gexc.AlreadyExists:
-                pass
         try:
             stack = start_bridge_stack(tmp_path_factory.mktemp("bridge"), PROJECT, REGION,
                                        f"reg-{uuid.uuid4().hex[:8]}", prefix, env)

@@ -27,7 +27,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -414,7 +414,8 @@ MAPPING: dict[str, dict[str, Target]] = {
         "lifecycleRules[].condition.matchesPrefixes": (
             "storage.v1", "Bucket", "lifecycle.rule[].condition.matchesPrefix"),
     },
-    "gcp:storage/bucketIAMMember:BucketIAMMember": _iam("storage.v1", "Policy", "bindings[].", bucket=("storage.v1", "Bucket", "name")),
+    "gcp:storage/bucketIAMMember:BucketIAMMember": _iam("storage.v1", "Policy", "bindings[].",
+                                                        bucket=("storage.v1", "Bucket", "name")),
     "gcp:storage/bucketObject:BucketObject": {
         "name": ("storage.v1", "Object", "name"),
         "bucket": ("storage.v1", "Object", "bucket"),
@@ -565,7 +566,8 @@ _LABELS = Limit(labels=True, source="cloud.google.com/resource-manager/docs/labe
 # Pub/Sub topic and subscription ids.
 _PUBSUB_ID = Limit(quote="must start with a letter, and contain only letters", last_segment=True,
                    regex=r"(?!goog)[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
-_IAM_ROLE = Limit(source="cloud.google.com/iam/docs/roles-overview", regex=r"roles/[A-Za-z0-9_.]+|projects/[^/]+/roles/.+")
+_IAM_ROLE = Limit(source="cloud.google.com/iam/docs/roles-overview",
+                  regex=r"roles/[A-Za-z0-9_.]+|projects/[^/]+/roles/.+")
 _IAM_MEMBER = Limit(quote="`serviceAccount:{emailid}`",
                     regex=r"(user|group|serviceAccount|domain):[^\s:]+|allUsers|allAuthenticatedUsers")
 
@@ -617,7 +619,8 @@ LIMITS: dict[Target, Limit] = {
                "(cloud.google.com/bigtable/docs/creating-instance)"),
     ("bigtableadmin.v2", "Instance", "displayName"): Limit(
         quote="Can be changed at any time, but should be kept globally unique to avoid confusion.",
-        regex=r".{4,30}", source="display names are 4-30 characters (cloud.google.com/bigtable/docs/creating-instance)"),
+        regex=r".{4,30}",
+        source="display names are 4-30 characters (cloud.google.com/bigtable/docs/creating-instance)"),
     ("bigtableadmin.v2", "Instance", "labels"): Limit(
         quote="Label keys must be between 1 and 63 characters long", labels=True),
     ("bigtableadmin.v2", "CreateClusterRequest", "clusterId"): Limit(
@@ -698,7 +701,7 @@ LIMITS.update({t: _IAM_ROLE if t[2].endswith("role") else _GCS_IAM_MEMBER if t[0
 # ------------------------------------------------------------------------------------------ documents
 
 
-@lru_cache(maxsize=None)
+@cache
 def document(name: str) -> dict[str, Any]:
     return json.loads((DOCUMENTS / f"{name}.json").read_text())
 
@@ -819,10 +822,10 @@ def check_value(doc_name: str, prop: dict[str, Any], value: Any, where: str, tar
         if "pattern" in prop and not re.fullmatch(prop["pattern"], value):
             yield bad(f"{value!r} does not match {prop['pattern']}")
     elif kind == "integer":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-            if not (isinstance(value, str) and re.fullmatch(r"-?\d+", value)):
-                yield bad(f"{value!r} is not an integer")
-                return
+        not_a_number = isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer()
+        if not_a_number and not (isinstance(value, str) and re.fullmatch(r"-?\d+", value)):
+            yield bad(f"{value!r} is not an integer")
+            return
         number = int(float(value))
         if prop.get("format") == "int32" and not -(2**31) <= number < 2**31:
             yield bad(f"{number} does not fit an int32")

@@ -16,9 +16,8 @@ values. An exception raised anywhere in the program, including inside an ``apply
 
 from __future__ import annotations
 
-import hashlib
-
 import functools
+import hashlib
 import json
 import runpy
 from collections.abc import Callable, Mapping
@@ -312,7 +311,7 @@ async def _resolve_outputs() -> dict[str, Any]:
     return resolved
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stack_run(stack: str) -> StackRun:
     """``run_program(stack)`` once per test session; the result is plain data, safe to share read-only."""
     return run_program(stack)

@@ -79,7 +79,8 @@ def test_every_input_of_a_mapped_type_is_checked_or_said_to_need_no_check(run: t
 
 def test_the_all_features_stack_turns_every_optional_part_on() -> None:
     result = stack_run("all-features")
-    for rtype in ("gcp:workbench/instance:Instance", "gcp:bigquery/job:Job", "gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember",
+    for rtype in ("gcp:workbench/instance:Instance", "gcp:bigquery/job:Job",
+                  "gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember",
                   "gcp:monitoring/notificationChannel:NotificationChannel"):
         assert result.of_type(rtype), rtype
 

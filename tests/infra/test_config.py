@@ -1,4 +1,5 @@
-"""gcp_iot_bridge/infra/config.py: typed, validated stack config; bad values fail before any resource, in one line naming the key."""
+"""gcp_iot_bridge/infra/config.py: typed, validated stack config; bad values fail before any resource, in one line
+naming the key."""
 
 from __future__ import annotations
 

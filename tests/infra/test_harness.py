@@ -95,10 +95,10 @@ def test_program_imports_resolve_as_under_the_pulumi_language_host(tmp_path) -> 
     import subprocess
     import sys
 
-    code = ("import sys; sys.path = [p for p in sys.path if p not in ('', %r)]; sys.path.insert(0, %r); "
+    root, infra = str(harness.ROOT), str(harness.ROOT / "infra")
+    code = (f"import sys; sys.path = [p for p in sys.path if p not in ('', {root!r})]; sys.path.insert(0, {infra!r}); "
             "import gcp_iot_bridge.infra.config, gcp_iot_bridge.infra.iot_bridge, iotbridge.spec; "
-            "print(iotbridge.spec.__file__)"
-            % (str(harness.ROOT), str(harness.ROOT / "infra")))
+            "print(iotbridge.spec.__file__)")
     done = subprocess.run([sys.executable, "-c", code], cwd=harness.ROOT / "infra", capture_output=True,
                           text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr

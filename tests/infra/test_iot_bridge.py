@@ -15,7 +15,8 @@ def test_every_piece_is_a_child_of_the_bridge_that_keeps_its_former_urn():
         "Foundation", "Network", "Warehouse", "TimeSeries", "Messaging", "Broker", "Pipeline", "ConfigPush", "EdgeMl",
         "Monitoring"}
     for piece in pieces:
-        # Before IotBridge, each piece was the stack's child, with the URN urn:pulumi:<stack>::<project>::<type>::<name>.
+        # Before IotBridge, each piece was the stack's child, with the URN
+        # urn:pulumi:<stack>::<project>::<type>::<name>.
         # An alias without a parent (and the same name and type) names exactly that URN, so a deployed stack moves
         # its pieces, and with them every resource under them, without replacing one.
         assert piece.aliases == ({"spec": {"noParent": True}},), piece.name

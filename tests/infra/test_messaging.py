@@ -93,7 +93,8 @@ def test_no_subscription_expires(run: harness.StackRun) -> None:
 
 def test_pubsub_agent_may_forward_to_the_dead_letter_topic(run: harness.StackRun) -> None:
     grants = [g for g in run.of_type(TOPIC_IAM) if g.get("member") == AGENT]
-    assert [(g.get("topic"), g.get("role")) for g in grants] == [(f"{prefix(run)}-dead-letter", "roles/pubsub.publisher")]
+    assert [(g.get("topic"), g.get("role")) for g in grants] == [
+        (f"{prefix(run)}-dead-letter", "roles/pubsub.publisher")]
 
 
 def test_pubsub_agent_may_ack_on_every_dead_lettering_subscription(run: harness.StackRun) -> None:

@@ -23,9 +23,9 @@ from pulumi.runtime import settings as pulumi_settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
+from dataflow_jobs.telemetry_pipeline import parse_args
 from gcp_iot_bridge.infra.foundation import Foundation, FoundationArgs
 from gcp_iot_bridge.infra.pipeline import SOURCE_ROOT, WRITTEN_TABLES, Pipeline, PipelineArgs, metadata, source_hash
-from dataflow_jobs.telemetry_pipeline import parse_args
 from iotbridge import spec
 from tests.infra import harness
 
@@ -171,10 +171,12 @@ def test_subnet_without_private_google_access_fails_the_deploy() -> None:
 
 def test_image_built_and_pushed_to_our_repository_and_pinned_by_digest(dev: harness.StackRun) -> None:
     repo = dev.one("gcp:artifactregistry/repository:Repository", "pipeline-images")
-    assert (repo.get("repositoryId"), repo.get("format"), repo.get("location")) == ("iot-dev-dataflow", "DOCKER", REGION)
+    assert (repo.get("repositoryId"), repo.get("format"), repo.get("location")) == (
+        "iot-dev-dataflow", "DOCKER", REGION)
     (image,) = dev.of_type(IMAGE)
     assert image.get("push") is True and image.get("buildOnPreview") is False
-    assert image.get("tags") == [f"{REGION}-docker.pkg.dev/{PROJECT}/iot-dev-dataflow/telemetry-pipeline:{source_hash()}"]
+    assert image.get("tags") == [
+        f"{REGION}-docker.pkg.dev/{PROJECT}/iot-dev-dataflow/telemetry-pipeline:{source_hash()}"]
     # Relative paths (from where pulumi runs): no diff between checkouts.
     assert image.get("dockerfile")["location"] == os.path.relpath(SOURCE_ROOT / "dataflow_jobs" / "Dockerfile")
     assert image.get("context")["location"] == os.path.relpath(SOURCE_ROOT)

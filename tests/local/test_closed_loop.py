@@ -4,6 +4,7 @@ data shows it (hot before the rule's config, cooled below the limit after)."""
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
@@ -41,7 +42,7 @@ def test_a_hot_device_cools_at_full_fan_and_only_then(fleet):
     assert (hot.fan, hot.fan_since) == ("max", 40.0) and hot.temp_at_fan > RULE["above"]
     cooling = temps(fleet, hot, 40, DURATION)
     assert cooling[0] > RULE["above"] and cooling[-1] < 30
-    assert all(b < a + 1.5 for a, b in zip(cooling, cooling[1:]))  # falls, give or take the noise
+    assert all(b < a + 1.5 for a, b in pairwise(cooling))  # falls, give or take the noise
     # A later config without a fan setting puts the fan back to auto: the drift takes over again.
     fleet.apply_fan(hot, b'{"sampling_interval_s": 5}', elapsed=DURATION)
     assert hot.fan == "auto" and fleet.reading(hot, DURATION, DURATION)["temperature"] > RULE["above"]

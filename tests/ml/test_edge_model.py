@@ -49,7 +49,6 @@ def test_bigquery_json_export_shape_is_read():
 
 
 def reference_score(m: EdgeModel, metrics: dict[str, float]) -> tuple[float, int]:
-    mean = np.array([f.mean for f in m.features])
     sd = np.array([f.stddev for f in m.features])
     x = np.array([metrics.get(f.name, f.mean) for f in m.features])
     c = np.array([v for _, v in m.centroids])

@@ -125,7 +125,8 @@ def test_status_joins_desired_and_running(env, tmp_path):
     registry.update_config("pump-2", json.dumps({"model": {"uri": path.as_uri(), "version": "v2",
                                                            "sha256": sha}}).encode())
     now = datetime.now(UTC)
-    rows = [{"subscription_name": "s", "message_id": f"m{i}", "publish_time": (now - timedelta(seconds=10 - i)).isoformat(),
+    rows = [{"subscription_name": "s", "message_id": f"m{i}",
+             "publish_time": (now - timedelta(seconds=10 - i)).isoformat(),
              "data": json.dumps(rec), "attributes": json.dumps({"deviceId": dev})}
             for i, (dev, rec) in enumerate([
                 ("pump-2", {"kind": "model_loaded", "model_version": "v2"}),

@@ -76,7 +76,7 @@ def test_threshold_is_the_training_quantile_the_device_would_compute(trained):
         [{"temperature": next(m["value"] for m in r["metrics"] if m["name"] == "temperature"),
           "rpm": next((m["value"] for m in r["metrics"] if m["name"] == "rpm"), None)}
          for r in telemetry_rows(200)[:200]], spec.metrics)
-    scores = sorted(model.infer({k: v for k, v in zip(spec.metrics, row) if not np.isnan(v)}).score  # type: ignore[union-attr]
+    scores = sorted(model.infer({k: v for k, v in zip(spec.metrics, row, strict=True) if not np.isnan(v)}).score  # type: ignore[union-attr]
                     for row in x)
     exact = float(np.quantile(scores, 1 - spec.contamination))
     assert model.threshold == pytest.approx(exact, rel=0.05)  # APPROX_QUANTILES vs the exact quantile

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from iotbridge import spec
 from iotbridge.edge_model import EdgeModel, Feature, sha256_hex
 from iotbridge.local.provision import LocalNames, bigquery_client, provision_bigquery
 from iotbridge.ml.runner import ModelRunner
@@ -58,7 +57,8 @@ def test_views_report_versions_rates_and_refusals(warehouse, tmp_path):
                          "publish_time": (now - timedelta(seconds=len(records) - i)).isoformat(),
                          "data": json.dumps(rec), "attributes": json.dumps({"deviceId": device, "subFolder": "logs"})})
     # A record whose payload claims another device: the view trusts the bridge's attribute.
-    rows.append({"subscription_name": "s", "message_id": "spoof", "publish_time": (now - timedelta(hours=2)).isoformat(),
+    rows.append({"subscription_name": "s", "message_id": "spoof",
+                 "publish_time": (now - timedelta(hours=2)).isoformat(),
                  "data": json.dumps({"kind": "inference", "device_id": "pump-2", "model_version": "evil",
                                      "anomaly": False}),
                  "attributes": json.dumps({"deviceId": "pump-3"})})

@@ -167,7 +167,7 @@ def _provision(endpoint: str, dataset: str):
 def test_notebook_runs_against_the_local_bigquery(bigquery_emulator, monkeypatch, tmp_path) -> None:
     endpoint = bigquery_emulator.env["BIGQUERY_EMULATOR_HOST"]
     client = _provision(endpoint, DATASET)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     raw, one_minute = _telemetry(now)
     _insert(client, DATASET, "telemetry_raw", raw)
     _insert(client, DATASET, "telemetry_1m", one_minute)
@@ -214,7 +214,7 @@ def test_without_pipeline_windows_the_means_come_from_raw_readings(bigquery_emul
     endpoint = bigquery_emulator.env["BIGQUERY_EMULATOR_HOST"]
     dataset = f"{DATASET}_raw_only"
     client = _provision(endpoint, dataset)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     raw, _ = _telemetry(now)
     _insert(client, dataset, "telemetry_raw", raw)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import gen_labelable
-import rules
 import yaml
 
+import gen_labelable
+import rules
 from iotbridge import spec
 
 

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-import rules
 from google.protobuf import empty_pb2, struct_pb2
 from pulumi.runtime.proto import analyzer_pb2, analyzer_pb2_grpc
 
+import rules
 from tests.infra import harness
 
 PACK = harness.ROOT / "policy" / "__main__.py"
@@ -36,7 +36,8 @@ def _start(config: dict[str, str]) -> tuple[subprocess.Popen[bytes], analyzer_pb
     line = proc.stdout.readline().decode().strip()  # the pack prints its port first, then serves
     if not line.isdigit():
         proc.kill()
-        raise AssertionError(f"pack did not print a port: {line!r} {proc.stderr.read().decode() if proc.stderr else ''}")
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        raise AssertionError(f"pack did not print a port: {line!r} {stderr}")
     channel = grpc.insecure_channel(f"127.0.0.1:{line}")
     grpc.channel_ready_future(channel).result(timeout=30)
     return proc, analyzer_pb2_grpc.AnalyzerStub(channel), channel

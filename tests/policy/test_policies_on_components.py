@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import rules
 
+import rules
 from tests.infra import harness
 
 LABELS = {"app": "gcp-iot-bridge", "stack": "dev", "managed-by": "pulumi"}

@@ -7,9 +7,9 @@ still marked); the stack context from the same stack file the program read.
 from __future__ import annotations
 
 import pytest
-import rules
 import yaml
 
+import rules
 from tests.infra import harness
 
 

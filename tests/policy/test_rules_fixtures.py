@@ -9,6 +9,7 @@ import importlib.util
 import pathlib
 
 import pytest
+
 import rules
 from rules import UNKNOWN, Resource, StackContext
 
@@ -20,7 +21,7 @@ LABELS = {"app": "gcp-iot-bridge", "stack": "dev", "managed-by": "pulumi"}
 SA = "iot-dev-pipeline@p.iam.gserviceaccount.com"
 
 
-def R(type_: str, name: str = "r", **props: object) -> Resource:
+def R(type_: str, name: str = "r", **props: object) -> Resource:  # noqa: N802 - short, for the fixture tables
     return Resource.from_inputs(type_, name, props)
 
 
@@ -172,7 +173,8 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
           serviceConfig={"environmentVariables": {"SECRET_ID": "iot-dev-broker-key"},
                          "secretEnvironmentVariables": [{"key": "DB_PASSWORD", "secret": "db-password"}]}),
     ], [
-        R("gcp:compute/instanceTemplate:InstanceTemplate", metadata={"startup-script": "echo '" + SECRET["value"] + "'"}),
+        R("gcp:compute/instanceTemplate:InstanceTemplate",
+          metadata={"startup-script": "echo '" + SECRET["value"] + "'"}),
         R("gcp:cloudfunctionsv2/function:Function",
           serviceConfig={"environmentVariables": {"MQTT_PASSWORD": "hunter2"}}),
         R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", parameters={"api_key": "AIzaSyD-not-a-real-key"}),
@@ -330,7 +332,8 @@ def test_pack_adapter_turns_preview_unknowns_into_the_sentinel():
     assert spec and spec.loader
     pack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pack)
-    proxied = unknown_checking_proxy({"serviceAccountEmail": UNKNOWN_STRING_VALUE, "ipConfiguration": "WORKER_IP_PUBLIC",
+    proxied = unknown_checking_proxy({"serviceAccountEmail": UNKNOWN_STRING_VALUE,
+                                      "ipConfiguration": "WORKER_IP_PUBLIC",
                                       "labels": {"app": "x", "stack": UNKNOWN_STRING_VALUE}})
     props = pack.plain(proxied)
     assert props == {"serviceAccountEmail": UNKNOWN, "ipConfiguration": "WORKER_IP_PUBLIC",
