@@ -387,8 +387,8 @@ class Front:
                     with contextlib.suppress(Exception):
                         await self._on(self._registry_pool, fanout.mark_disconnected, self.registry.client,
                                        self.registry.registry_id, session.device_id, session.presence_time)
-                if not any(s.device_id == session.device_id for s in self.sessions):
-                    self._acked.pop(session.device_id, None)
+                # Forgotten with the session (a takeover's other session then acks its next replay once more).
+                self._acked.pop(session.device_id, None)
                 log.info("device %s disconnected: %s", session.device_id, session.reason or "closed")
             for w in (dwriter, bwriter):
                 if w is not None:

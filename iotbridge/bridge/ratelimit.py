@@ -88,8 +88,5 @@ class ExpiringSet:
             return False
         return True
 
-    def discard(self, key: str) -> None:
-        self._until.pop(key, None)
-
     def __len__(self) -> int:
         return len(self._until)

@@ -6,7 +6,6 @@ from addresses of their own in 127.0.0.0/8, so the limits of 127.0.0.1 stay unto
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import socket
 import ssl
@@ -22,7 +21,7 @@ from iotbridge.bridge.stack import BridgeStack
 from iotbridge.device import ConnectError, Device, generate_key
 from iotbridge.registry import Credential
 
-from .conftest import PROJECT, DeviceFactory, new_stack, wait_until
+from .conftest import DeviceFactory, new_stack, wait_until
 from .test_attacks import BAD_CREDENTIALS, NOT_AUTHORIZED, assert_dropped, expect_refused
 
 pytestmark = pytest.mark.emulator
@@ -31,29 +30,13 @@ DEFAULT_ADDRESS_LIMIT = {"auth_failures_per_s": 2.0, "auth_failure_burst": 20}
 
 
 @pytest.fixture(scope="module")
-def hstack(bridge_env, tmp_path_factory) -> Iterator[BridgeStack]:
+def stack(bridge_env, tmp_path_factory) -> Iterator[BridgeStack]:
+    """This module's host (the conftest's `devices` and `reader` use it): the default per-address failure limits,
+    and small caps on connections awaiting CONNECT."""
     st = new_stack(tmp_path_factory.mktemp("hardening"), bridge_env, max_pending_connects=5,
                    max_pending_per_address=3, **DEFAULT_ADDRESS_LIMIT)
     yield st
     st.stop()
-
-
-@pytest.fixture
-def hdevices(registry, hstack) -> Iterator[DeviceFactory]:
-    f = DeviceFactory(registry, hstack)
-    yield f
-    for d in f.created:
-        with contextlib.suppress(Exception):
-            d.disconnect()
-
-
-@pytest.fixture
-def hreader(hstack):
-    from .conftest import PubSubReader
-
-    r = PubSubReader(PROJECT, hstack.settings.prefix)
-    r.attach(uuid.uuid4().hex[:8])
-    return r
 
 
 def counter(stack: BridgeStack, name: str) -> int:
@@ -82,18 +65,18 @@ def with_config(devices: DeviceFactory, registry, data: bytes) -> Device:  # noq
 
 
 @pytest.mark.parametrize("copies", [2, 3000])
-def test_subscribe_naming_one_filter_many_times_is_refused_before_the_broker_sees_it(hdevices, hstack, registry,
+def test_subscribe_naming_one_filter_many_times_is_refused_before_the_broker_sees_it(devices, stack, registry,
                                                                                       copies):
-    dev = with_config(hdevices, registry, b'{"v":1}')
-    acks = counter(hstack, "config_acks")
+    dev = with_config(devices, registry, b'{"v":1}')
+    acks = counter(stack, "config_acks")
     dev.client.subscribe([(dev.config_topic, 1)] * copies)
     assert_dropped(dev)
     reason = "more than once" if copies <= 8 else f"SUBSCRIBE with {copies} filters"
-    wait_until(lambda: reason in hstack.log_text("front"), 10, "the refusal in the front's log")
+    wait_until(lambda: reason in stack.log_text("front"), 10, "the refusal in the front's log")
     # Nothing reached Mosquitto: the retained config was never sent back, so the device acknowledged none. The
     # same device, subscribing once, does get it: the check above could have seen it. (It reconnects once its
     # backoff after the violation has passed.)
-    assert dev.configs.empty() and counter(hstack, "config_acks") == acks
+    assert dev.configs.empty() and counter(stack, "config_acks") == acks
     expect_refused(lambda: dev.connect(), "Server unavailable")
     time.sleep(VIOLATION_BACKOFF_S)
     dev.connect()
@@ -101,8 +84,8 @@ def test_subscribe_naming_one_filter_many_times_is_refused_before_the_broker_see
     assert dev.configs.get(timeout=10) == b'{"v":1}'
 
 
-def test_more_distinct_subscriptions_than_allowed_are_refused(hdevices):
-    dev = hdevices.connected("ES256")
+def test_more_distinct_subscriptions_than_allowed_are_refused(devices):
+    dev = devices.connected("ES256")
     base = f"/devices/{dev.identity.device_id}/commands"
     dev.client.subscribe([(f"{base}/s{i}", 1) for i in range(8)])  # 8 in one packet: the most allowed
     time.sleep(0.5)
@@ -114,41 +97,41 @@ def test_more_distinct_subscriptions_than_allowed_are_refused(hdevices):
     assert_dropped(dev)
 
 
-def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redelivered(hdevices, hstack, registry):
-    dev = with_config(hdevices, registry, b'{"v":"once"}')
+def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redelivered(devices, stack, registry):
+    dev = with_config(devices, registry, b'{"v":"once"}')
     device_id = dev.identity.device_id
     dev.subscribe_config()
     assert dev.configs.get(timeout=10) == b'{"v":"once"}'
     wait_until(lambda: registry.get_config(device_id).device_ack_time is not None, 10, "the first ack")
-    acks = counter(hstack, "config_acks")
+    acks = counter(stack, "config_acks")
     for _ in range(9):  # every re-subscribe makes Mosquitto send the retained config again, and the device ack it
         dev.subscribe_config()
         assert dev.configs.get(timeout=10) == b'{"v":"once"}'
     time.sleep(1.0)
-    assert counter(hstack, "config_acks") == acks  # nine more PUBACKs, no more registry work
-    push_config(hstack, registry, device_id, b'{"v":"twice"}')  # a new version is acked again
+    assert counter(stack, "config_acks") == acks  # nine more PUBACKs, no more registry work
+    push_config(stack, registry, device_id, b'{"v":"twice"}')  # a new version is acked again
     assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
-    wait_until(lambda: counter(hstack, "config_acks") == acks + 1, 10, "the new version's ack")
+    wait_until(lambda: counter(stack, "config_acks") == acks + 1, 10, "the new version's ack")
     # A new version with the same bytes is a version of its own: acknowledged too.
-    push_config(hstack, registry, device_id, b'{"v":"twice"}')
+    push_config(stack, registry, device_id, b'{"v":"twice"}')
     assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
     wait_until(lambda: registry.get_config(device_id).device_ack_time is not None, 10, "the same bytes' ack")
-    assert counter(hstack, "config_acks") == acks + 2
+    assert counter(stack, "config_acks") == acks + 2
 
 
 # ------------------------------------------------------------------------------------------- revocation
 
 
-def test_removing_or_rotating_the_credential_ends_the_session(hdevices, registry):
-    dev = hdevices.connected("ES256")
+def test_removing_or_rotating_the_credential_ends_the_session(devices, registry):
+    dev = devices.connected("ES256")
     _, new_public = generate_key("ES256")
     registry.set_credentials(dev.identity.device_id, [Credential("ES256_PEM", new_public)])
     assert_dropped(dev, timeout=10)
     expect_refused(lambda: dev.connect(), BAD_CREDENTIALS)
 
 
-def test_a_device_deleted_and_created_again_with_another_key_loses_the_old_session(hdevices, registry):
-    dev = hdevices.connected("ES256")
+def test_a_device_deleted_and_created_again_with_another_key_loses_the_old_session(devices, registry):
+    dev = devices.connected("ES256")
     device_id = dev.identity.device_id
     _, new_public = generate_key("ES256")
     registry.delete_device(device_id)
@@ -156,12 +139,12 @@ def test_a_device_deleted_and_created_again_with_another_key_loses_the_old_sessi
     assert_dropped(dev, timeout=10)
 
 
-def test_a_jwt_session_ends_when_its_credential_expires(hdevices, registry):
+def test_a_jwt_session_ends_when_its_credential_expires(devices, registry):
     private, public = generate_key("ES256")
     device_id = f"dev-{uuid.uuid4().hex[:10]}"
     registry.create_device(device_id, [
         Credential("ES256_PEM", public, expiration_time=datetime.now(UTC) + timedelta(seconds=5))])
-    dev = hdevices.device(device_id, private)
+    dev = devices.device(device_id, private)
     dev.connect()  # its JWT is valid for an hour; the credential for five seconds
     assert_dropped(dev, timeout=15)
     expect_refused(lambda: dev.connect(), BAD_CREDENTIALS)
@@ -170,11 +153,11 @@ def test_a_jwt_session_ends_when_its_credential_expires(hdevices, registry):
 # ------------------------------------------------------------------------------------------- will
 
 
-def test_a_revoked_device_leaves_without_its_will_and_a_lost_one_with_it(hdevices, hreader, registry):
-    revoked = hdevices.device(*hdevices.register("ES256"))
+def test_a_revoked_device_leaves_without_its_will_and_a_lost_one_with_it(devices, reader, registry):
+    revoked = devices.device(*devices.register("ES256"))
     revoked.client.will_set(revoked.events_topic(), b"will-of-revoked", qos=1)
     revoked.connect()
-    lost = hdevices.device(*hdevices.register("ES256"))
+    lost = devices.device(*devices.register("ES256"))
     lost.client.will_set(lost.events_topic(), b"will-of-lost", qos=1)
     lost.connect()
 
@@ -187,35 +170,35 @@ def test_a_revoked_device_leaves_without_its_will_and_a_lost_one_with_it(hdevice
     sock.close()
 
     ours = {revoked.identity.device_id, lost.identity.device_id}
-    got = [m.data for m in hreader.pull("telemetry", 1, timeout=30, settle=3.0) if m.attributes["deviceId"] in ours]
+    got = [m.data for m in reader.pull("telemetry", 1, timeout=30, settle=3.0) if m.attributes["deviceId"] in ours]
     assert got == [b"will-of-lost"]
 
 
 # ------------------------------------------------------------------------------------------- before authentication
 
 
-def test_only_a_device_that_proved_its_identity_learns_that_it_is_blocked(hdevices):
-    device_id, private = hdevices.register("ES256", blocked=True)
+def test_only_a_device_that_proved_its_identity_learns_that_it_is_blocked(devices):
+    device_id, private = devices.register("ES256", blocked=True)
     other_private, _ = generate_key("ES256")
-    expect_refused(lambda: hdevices.device(device_id, other_private).connect(), BAD_CREDENTIALS)
-    expect_refused(lambda: hdevices.device(device_id, private).connect(), NOT_AUTHORIZED)
+    expect_refused(lambda: devices.device(device_id, other_private).connect(), BAD_CREDENTIALS)
+    expect_refused(lambda: devices.device(device_id, private).connect(), NOT_AUTHORIZED)
 
 
-def test_an_unknown_device_is_looked_up_once_then_remembered_briefly(hdevices, hstack):
+def test_an_unknown_device_is_looked_up_once_then_remembered_briefly(devices, stack):
     private, _ = generate_key("ES256")
     ghost = f"ghost-{uuid.uuid4().hex[:8]}"
-    lookups = counter(hstack, "registry_lookups")
+    lookups = counter(stack, "registry_lookups")
     for _ in range(10):
-        expect_refused(lambda: hdevices.device(ghost, private, bind_address="127.0.0.3").connect(), BAD_CREDENTIALS)
-    assert counter(hstack, "registry_lookups") == lookups + 1
+        expect_refused(lambda: devices.device(ghost, private, bind_address="127.0.0.3").connect(), BAD_CREDENTIALS)
+    assert counter(stack, "registry_lookups") == lookups + 1
 
 
-def test_an_address_that_keeps_failing_is_cut_off_and_others_are_not(hdevices, hstack):
+def test_an_address_that_keeps_failing_is_cut_off_and_others_are_not(devices, stack):
     private, _ = generate_key("ES256")
-    limited, lookups = counter(hstack, "address_limited"), counter(hstack, "registry_lookups")
+    limited, lookups = counter(stack, "address_limited"), counter(stack, "registry_lookups")
     outcomes = []
     for i in range(30):  # distinct unknown ids: every one would cost a registry read
-        d = hdevices.device(f"probe-{uuid.uuid4().hex[:8]}-{i}", private, bind_address="127.0.0.2")
+        d = devices.device(f"probe-{uuid.uuid4().hex[:8]}-{i}", private, bind_address="127.0.0.2")
         try:
             d.connect()
             outcomes.append("connected")
@@ -229,22 +212,22 @@ def test_an_address_that_keeps_failing_is_cut_off_and_others_are_not(hdevices, h
     assert outcomes[:20] == [BAD_CREDENTIALS] * 20
     assert set(outcomes) <= {BAD_CREDENTIALS, "closed", "Server unavailable"}, outcomes
     cut = len(outcomes) - outcomes.count(BAD_CREDENTIALS)
-    assert cut >= 5 and counter(hstack, "address_limited") - limited == cut
-    assert counter(hstack, "registry_lookups") - lookups == outcomes.count(BAD_CREDENTIALS)
-    hdevices.connected("ES256")  # a device from another address connects as usual
+    assert cut >= 5 and counter(stack, "address_limited") - limited == cut
+    assert counter(stack, "registry_lookups") - lookups == outcomes.count(BAD_CREDENTIALS)
+    devices.connected("ES256")  # a device from another address connects as usual
 
 
-def test_control_characters_in_the_client_id_are_escaped_in_the_log(hdevices, hstack):
-    device_id, private = hdevices.register("ES256")
+def test_control_characters_in_the_client_id_are_escaped_in_the_log(devices, stack):
+    device_id, private = devices.register("ES256")
     marker = f"INJECTED-{uuid.uuid4().hex[:6]}"
-    d = hdevices.device(device_id, private)
+    d = devices.device(device_id, private)
     evil = dataclasses.replace(d.identity, project=f"x\n{marker} forged log line")
-    dev = Device(evil, hstack.mqtt_host, hstack.mqtt_port, str(hstack.ca_cert))
-    hdevices.created.append(dev)
+    dev = Device(evil, stack.mqtt_host, stack.mqtt_port, str(stack.ca_cert))
+    devices.created.append(dev)
     with pytest.raises(Exception):  # noqa: B017 - refused before or at CONNACK: either way, not connected
         dev.connect()
-    wait_until(lambda: marker in hstack.log_text("front"), 10, "the refusal in the log")
-    lines = hstack.log_text("front").splitlines()
+    wait_until(lambda: marker in stack.log_text("front"), 10, "the refusal in the log")
+    lines = stack.log_text("front").splitlines()
     assert not [line for line in lines if line.startswith(marker)]
     assert any(f"x\\n{marker}" in line for line in lines)
 
@@ -256,29 +239,29 @@ def _idle(stack: BridgeStack, source: str) -> ssl.SSLSocket:
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
-def test_connections_that_never_send_connect_are_capped_per_address_and_in_all(hdevices, hstack):
+def test_connections_that_never_send_connect_are_capped_per_address_and_in_all(devices, stack):
     # The module's stack allows 5 connections awaiting CONNECT, 3 of them from one address.
     idle: list[ssl.SSLSocket] = []
     try:
-        idle += [_idle(hstack, "127.0.0.4") for _ in range(3)]
-        wait_until(lambda: counter(hstack, "pending") == 3, 10, "3 pending connections")
-        before = counter(hstack, "pending_limited")
+        idle += [_idle(stack, "127.0.0.4") for _ in range(3)]
+        wait_until(lambda: counter(stack, "pending") == 3, 10, "3 pending connections")
+        before = counter(stack, "pending_limited")
         with pytest.raises((ssl.SSLError, OSError)):  # a 4th from the same address: closed before TLS
-            idle.append(_idle(hstack, "127.0.0.4"))
+            idle.append(_idle(stack, "127.0.0.4"))
             idle[-1].recv(1)
-        assert counter(hstack, "pending_limited") == before + 1
-        hdevices.connected("ES256")  # another address is not affected
+        assert counter(stack, "pending_limited") == before + 1
+        devices.connected("ES256")  # another address is not affected
 
-        idle += [_idle(hstack, "127.0.0.5") for _ in range(2)]  # 5 in all: the host's cap
-        wait_until(lambda: counter(hstack, "pending") == 5, 10, "5 pending connections")
+        idle += [_idle(stack, "127.0.0.5") for _ in range(2)]  # 5 in all: the host's cap
+        wait_until(lambda: counter(stack, "pending") == 5, 10, "5 pending connections")
         with pytest.raises(Exception):  # noqa: B017 - the front closes the socket: TLS, socket or CONNACK error
-            hdevices.connected("ES256")
-        assert counter(hstack, "pending_limited") == before + 2
+            devices.connected("ES256")
+        assert counter(stack, "pending_limited") == before + 2
     finally:
         for s in idle:
             s.close()
-    wait_until(lambda: counter(hstack, "pending") == 0, 15, "the idle connections gone")
-    hdevices.connected("ES256")
+    wait_until(lambda: counter(stack, "pending") == 0, 15, "the idle connections gone")
+    devices.connected("ES256")
 
 
 # ------------------------------------------------------------------------------------------- per-device limits
@@ -292,9 +275,9 @@ def _publish_all(dev: Device, payloads: list[bytes], state: bool = False) -> flo
     return time.monotonic() - start
 
 
-def test_a_device_over_its_message_rate_is_slowed_and_told_others_are_not(hdevices, hstack, registry):
-    fast = hdevices.connected("ES256", max_inflight=300)
-    other = hdevices.connected("ES256")
+def test_a_device_over_its_message_rate_is_slowed_and_told_others_are_not(devices, stack, registry):
+    fast = devices.connected("ES256", max_inflight=300)
+    other = devices.connected("ES256")
     # 300 events at once: the first 100 pass (the burst), the other 200 at 100 a second: at least 2 s.
     elapsed = _publish_all(fast, [b"m%d" % i for i in range(300)])
     assert elapsed >= 1.9, elapsed
@@ -303,20 +286,20 @@ def test_a_device_over_its_message_rate_is_slowed_and_told_others_are_not(hdevic
     fast.connect()
     assert _publish_all(fast, [b"r%d" % i for i in range(100)]) >= 0.5
     _publish_all(other, [b"o%d" % i for i in range(50)])
-    log_text = hstack.log_text("front")
+    log_text = stack.log_text("front")
     assert f"device {fast.identity.device_id} slowed: rate limit" in log_text
     assert f"device {other.identity.device_id} slowed" not in log_text
     wait_until(lambda: registry.get_device(fast.identity.device_id).last_error_status.startswith("rate limit"),
                10, "the limit recorded in the registry")
 
 
-def test_state_updates_are_held_to_one_a_second(hdevices):
-    dev = hdevices.connected("ES256")
+def test_state_updates_are_held_to_one_a_second(devices):
+    dev = devices.connected("ES256")
     assert _publish_all(dev, [b"s1", b"s2", b"s3"], state=True) >= 1.9
 
 
-def test_throughput_is_held_to_512_kib_a_second(hdevices):
-    dev = hdevices.connected("ES256")
+def test_throughput_is_held_to_512_kib_a_second(devices):
+    dev = devices.connected("ES256")
     # 1 MiB in four 256 KiB events: the first 512 KiB pass at once, the rest at 512 KiB/s.
     assert _publish_all(dev, [bytes(256 * 1024)] * 4) >= 0.9
 
@@ -324,13 +307,13 @@ def test_throughput_is_held_to_512_kib_a_second(hdevices):
 # ---------------------------------------------------------------------------------------- Pub/Sub's limits at the front
 
 
-def test_an_event_whose_subfolder_pubsub_would_refuse_closes_the_connection(hdevices, hreader, hstack):
-    dev = hdevices.connected("ES256")
+def test_an_event_whose_subfolder_pubsub_would_refuse_closes_the_connection(devices, reader, stack):
+    dev = devices.connected("ES256")
     dev.publish_event(b"fits", sub_folder="s" * 1024).wait_for_publish(10)  # exactly Pub/Sub's 1,024 bytes
     dev.publish_event(b"poison", sub_folder="s" * 1025)
     assert_dropped(dev)
-    wait_until(lambda: "attribute_value_too_long" in hstack.log_text("front"), 10, "the refusal in the log")
-    got = hreader.pull("telemetry", 1, timeout=30, settle=2.0)
+    wait_until(lambda: "attribute_value_too_long" in stack.log_text("front"), 10, "the refusal in the log")
+    got = reader.pull("telemetry", 1, timeout=30, settle=2.0)
     # (Earlier tests' devices share this host: only this device's messages are judged.)
     mine = [m for m in got if m.attributes["deviceId"] == dev.identity.device_id]
     assert [(m.data, len(m.attributes["subFolder"])) for m in mine] == [(b"fits", 1024)]
