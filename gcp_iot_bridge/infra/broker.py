@@ -57,7 +57,6 @@ HEALTH_CHECK_RANGES = ("35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "20
 # What the broker hosts run: the bridge package and the three modules it imports; not the local stack (which
 # starts emulators and makes a throw-away CA) nor the CLI.
 CODE_ROOT_FILES = ("iotbridge/__init__.py", "iotbridge/spec.py", "iotbridge/registry.py")
-LOCAL_ONLY = ("iotbridge/bridge/stack.py", "iotbridge/bridge/tls.py")
 HOST_REQUIREMENTS = ("paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "PyJWT",
                      "cryptography")
 LOCK = SOURCE_ROOT / "requirements" / "lock.txt"
@@ -102,7 +101,7 @@ def host_constraints() -> str:
 def code_files() -> dict[str, str]:
     """Path in the archive -> text: the bridge's code, its pinned requirements and their constraints, as deployed."""
     bridge = sorted(str(p.relative_to(SOURCE_ROOT)) for p in (SOURCE_ROOT / "iotbridge" / "bridge").glob("*.py"))
-    rels = [*CODE_ROOT_FILES, *(r for r in bridge if r not in LOCAL_ONLY)]
+    rels = [*CODE_ROOT_FILES, *bridge]
     files = {rel: (SOURCE_ROOT / rel).read_text() for rel in rels}
     files["requirements.txt"] = host_requirements()
     files["constraints.txt"] = host_constraints()

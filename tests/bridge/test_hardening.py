@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from iotbridge.bridge.front import VIOLATION_BACKOFF_S
-from iotbridge.bridge.stack import BridgeStack
 from iotbridge.device import ConnectError, Device, generate_key
+from iotbridge.local.broker_host import BridgeStack
 from iotbridge.registry import Credential
 
 from .conftest import DeviceFactory, new_stack, wait_until

@@ -19,10 +19,10 @@ from gcp_iot_bridge.infra import broker as bc
 from iotbridge import spec
 from iotbridge.bridge import fanout
 from iotbridge.bridge.settings import new_secrets, write_secrets
-from iotbridge.bridge.stack import READY_SERVICE
-from iotbridge.bridge.tls import generate_local_tls
 from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
+from iotbridge.local.broker_host import READY_SERVICE
+from iotbridge.local.tls import generate_local_tls
 
 from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics, wait_until
 

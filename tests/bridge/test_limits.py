@@ -14,7 +14,7 @@ from google.cloud import pubsub_v1
 
 from iotbridge.bridge import limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
-from iotbridge.bridge.stack import BridgeStack
+from iotbridge.local.broker_host import BridgeStack
 
 from .conftest import PROJECT, DeviceFactory, PubSubReader, broker_session, new_stack, wait_until
 from .pubsub_limits import REFUSED, UNFORESEEN_MARKER, EnforcingPublisher

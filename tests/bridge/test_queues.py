@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from iotbridge.bridge.stack import BridgeStack
+from iotbridge.local.broker_host import BridgeStack
 
 from .conftest import DeviceFactory, broker_session, new_stack, wait_until
 

@@ -16,9 +16,9 @@ from google.cloud import pubsub_v1
 
 from iotbridge import spec
 from iotbridge.bridge.settings import backend_client_id
-from iotbridge.bridge.stack import BridgeStack, start_bridge_stack
 from iotbridge.device import Device, DeviceIdentity, generate_key
 from iotbridge.local import services
+from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from iotbridge.registry import Credential
 from tests.functions.served import PROJECT, serve
 
