@@ -176,19 +176,11 @@ def test_the_data_plane_never_imports_pulumi():
     assert not offenders, f"Pulumi imported outside the parts allowed to: {offenders}"
 
 
-def _literal(source: Path, name: str) -> tuple[str, ...]:
-    for node in ast.parse(source.read_text()).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return tuple(ast.literal_eval(node.value))
-    raise AssertionError(f"{source} defines no {name}")
-
-
 def broker_archive() -> set[str]:
-    """The modules the broker archive ships, from the two lists gcp_iot_bridge/infra/broker.py packages by."""
-    broker = ROOT / "gcp_iot_bridge" / "infra" / "broker.py"
-    files = {*_literal(broker, "CODE_ROOT_FILES"),
-             *(str(p.relative_to(ROOT)) for p in (ROOT / "iotbridge" / "bridge").glob("*.py"))}
-    return {FILES[ROOT / f] for f in files}
+    """The modules the broker archive ships (gcp_iot_bridge/infra/packaging.py derives them from its imports)."""
+    from gcp_iot_bridge.infra import packaging
+
+    return set(packaging.BROKER.package().modules())
 
 
 def test_what_a_broker_host_runs_imports_only_what_it_ships_with():

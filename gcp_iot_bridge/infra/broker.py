@@ -37,9 +37,7 @@ What it declares, and the GCP pitfall behind each choice:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -48,71 +46,27 @@ import pulumi_gcp as gcp
 import pulumi_random as random
 import pulumi_tls as tls
 
-from gcp_iot_bridge.infra.sources import SOURCE_ROOT
+from gcp_iot_bridge.infra import packaging
 
 MQTT_PORT = 8883
 BROKER_PORT = 1883  # loopback only
 # Google's health-check probe ranges (network load balancers and managed instance group auto-healing).
 HEALTH_CHECK_RANGES = ("35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22")
-# What the broker hosts run: the bridge package and the three modules it imports; not the local stack (which
-# starts emulators and makes a throw-away CA) nor the CLI.
-CODE_ROOT_FILES = ("iotbridge/__init__.py", "iotbridge/spec.py", "iotbridge/registry.py")
-HOST_REQUIREMENTS = ("paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "PyJWT",
-                     "cryptography")
-LOCK = SOURCE_ROOT / "requirements" / "lock.txt"
-# Every package the hosts install (HOST_REQUIREMENTS and all they pull in) at requirements/lock.txt's version,
-# shipped as the archive's constraints.txt: without it grpcio, protobuf and the rest would resolve anew at every
-# boot. A test keeps it equal to the closure; the lock alone would also pin the dev tools, and any change to those
-# would replace every host.
-HOST_CONSTRAINTS = SOURCE_ROOT / "requirements" / "broker-host.txt"
-
-
-def canonical_name(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def lock_pins(text: str | None = None) -> dict[str, str]:
-    """Canonical name -> ``Name==version`` line of requirements/lock.txt (or of ``text`` in its format)."""
-    pins = {}
-    for line in (LOCK.read_text() if text is None else text).splitlines():
-        name, sep, _ = line.strip().partition("==")
-        if sep and not name.startswith("#"):
-            pins[canonical_name(name)] = line.strip()
-    return pins
-
-
-def host_requirements() -> str:
-    """The hosts' pip requirements, pinned to the versions the tests ran with (requirements/lock.txt)."""
-    pins = lock_pins()
-    return "\n".join(pins.get(canonical_name(r), r) for r in HOST_REQUIREMENTS) + "\n"
-
-
-def host_constraints() -> str:
-    """requirements/broker-host.txt, refused if any line differs from the lock (a deploy never ships a stale one)."""
-    lock = lock_pins()
-    lines = list(lock_pins(HOST_CONSTRAINTS.read_text()).values())
-    stale = [line for line in lines if lock.get(canonical_name(line.partition("==")[0])) != line]
-    if stale:
-        raise ValueError(f"{HOST_CONSTRAINTS} differs from {LOCK} on {stale}: regenerate it "
-                         "(tests/infra/test_broker.py::test_hosts_install_the_locked_closure prints it)")
-    return "\n".join(lines) + "\n"
 
 
 def code_files() -> dict[str, str]:
-    """Path in the archive -> text: the bridge's code, its pinned requirements and their constraints, as deployed."""
-    bridge = sorted(str(p.relative_to(SOURCE_ROOT)) for p in (SOURCE_ROOT / "iotbridge" / "bridge").glob("*.py"))
-    rels = [*CODE_ROOT_FILES, *bridge]
-    files = {rel: (SOURCE_ROOT / rel).read_text() for rel in rels}
-    files["requirements.txt"] = host_requirements()
-    files["constraints.txt"] = host_constraints()
-    return files
+    """Path in the archive -> text, as deployed: the closure of ``python -m iotbridge.bridge``'s imports, its
+    lock-pinned requirements.txt and the constraints.txt of everything they pull in
+    (gcp_iot_bridge/infra/packaging.py). The startup script installs both (``-r requirements.txt -c constraints.txt``).
+    """
+    package = packaging.BROKER.package()
+    return {**{rel: data.decode() for rel, data in package.files.items()},
+            "requirements.txt": package.requirements_txt, "constraints.txt": package.constraints_txt}
 
 
 def content_hash(files: Mapping[str, str]) -> str:
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel].encode()).digest())
-    return h.hexdigest()[:24]
+    """Names the archive's object: new on any change to a shipped file or pin."""
+    return packaging.content_hash({rel: text.encode() for rel, text in files.items()})
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,11 @@
 
 What it declares, and the GCP pitfall behind each choice:
 
-- Source: ``functions/config_push/`` plus ``iotbridge/registry.py`` (the function imports it as
-  ``iotbridge.registry``; the module imports nothing else from the project) zipped into a bucket object named by
-  the content hash. Cloud Functions only rebuilds when the object name changes, so a fixed name would keep
-  serving the old code after an edit (terraform-provider-google #1938).
+- Source: ``main.py`` and the closure of its imports (``iotbridge/registry.py`` and its package), with a
+  requirements.txt of the distributions they import at requirements/lock.txt's versions, all derived by
+  gcp_iot_bridge/infra/packaging.py, zipped into a bucket object named by the content hash. Cloud Functions
+  only rebuilds when the object name changes, so a fixed name would keep serving the old code after an edit
+  (terraform-provider-google #1938).
 - ``cloudfunctionsv2.Function``, runtime python312, its own runtime service account (Foundation's
   ``config-push`` workload), a build service account of its own: since 2024 builds default to the Compute
   Engine default account, which organisation policy often leaves without roles, and the deploy then fails in
@@ -37,23 +38,15 @@ What it declares, and the GCP pitfall behind each choice:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import pulumi
 import pulumi_gcp as gcp
 import pulumiverse_time as time
 
-from gcp_iot_bridge.infra.sources import SOURCE_ROOT
-
-FUNCTION_DIR = SOURCE_ROOT / "functions" / "config_push"
-REGISTRY_MODULE = SOURCE_ROOT / "iotbridge" / "registry.py"
-# The package marker written next to the vendored registry module. Not the project's own __init__.py: the
-# function must not depend on whatever that one may import one day.
-VENDORED_INIT = '"""gcp-iot-bridge device registry, vendored into the config-push function."""\n'
+from gcp_iot_bridge.infra import packaging
 
 # The APIs this component's resources call; pass ``foundation.needs(*APIS)`` as ``depends_on``.
 APIS: tuple[str, ...] = (
@@ -71,30 +64,15 @@ PUBSUB_EVENT = "google.cloud.pubsub.topic.v1.messagePublished"
 
 
 def archive_contents() -> dict[str, bytes]:
-    """Path inside the zip -> bytes: exactly what is deployed (and what the local tests serve)."""
-    out: dict[str, bytes] = {}
-    for path in sorted(FUNCTION_DIR.iterdir()):
-        if path.is_file() and (path.suffix == ".py" or path.name == "requirements.txt"):
-            out[path.name] = path.read_bytes()
-    out["iotbridge/__init__.py"] = VENDORED_INIT.encode()
-    out["iotbridge/registry.py"] = REGISTRY_MODULE.read_bytes()
-    return out
+    """Path inside the zip -> bytes: exactly what is deployed (and what the local tests serve). The requirements
+    pin the distributions the code imports; the rest of their closure resolves at build time, because the runtime
+    (Python 3.12) is not the one the lock is made for."""
+    package = packaging.CONFIG_PUSH.package()
+    return {**package.files, "requirements.txt": package.requirements_txt.encode()}
 
 
-def content_hash(contents: Mapping[str, bytes]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(contents):
-        h.update(name.encode() + b"\0" + hashlib.sha256(contents[name]).digest())
-    return h.hexdigest()[:24]
-
-
-def stage(contents: Mapping[str, bytes], dest: Path) -> Path:
-    """Write the archive's files under ``dest`` (a deployable folder)."""
-    for name, data in contents.items():
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return dest
+content_hash = packaging.content_hash
+stage = packaging.stage
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,17 @@ import pulumi
 import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 
+from gcp_iot_bridge.infra import packaging
 from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 from iotbridge.spec import ProfileError, parse_payload_profiles
 
 JOBS_DIR = SOURCE_ROOT / "dataflow_jobs"
 DOCKERFILE = JOBS_DIR / "Dockerfile"
 METADATA_FILE = JOBS_DIR / "metadata.json"
+# Where the build context is staged: inside the source root, so its path relative to where pulumi runs is the same
+# in every checkout (.gitignore'd).
+BUILD_DIR = SOURCE_ROOT / ".build" / "pipeline-image"
+PIPELINE_DISTRIBUTION = "iot-telemetry-pipeline"
 IMAGE_NAME = "telemetry-pipeline"
 # The tables the pipeline writes (iotbridge.spec names); it reads none.
 WRITTEN_TABLES = ("telemetry_raw", "telemetry_1m", "telemetry_errors")
@@ -65,22 +71,25 @@ def metadata() -> dict:
     return json.loads(METADATA_FILE.read_text())
 
 
-def build_inputs() -> list[Path]:
-    """The files the image is built from: the Dockerfile and what its COPY lines take from the context."""
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    files = [DOCKERFILE, DOCKERFILE.with_name("Dockerfile.dockerignore")]
-    for line in text.splitlines():
-        if line.startswith("COPY ") and "--from=" not in line:
-            files += [SOURCE_ROOT / src for src in line.split()[1:-1]]
-    return files
+def build_context() -> dict[str, bytes]:
+    """Path -> bytes of the image's build context (gcp_iot_bridge/infra/packaging.py): the closure of the
+    pipeline's imports, its lock-pinned requirements.txt and constraints.txt, and the pyproject.toml that makes the
+    code the installable package ``iot-telemetry-pipeline``, which the Dockerfile installs."""
+    package = packaging.PIPELINE.package()
+    return {**package.files, "requirements.txt": package.requirements_txt.encode(),
+            "constraints.txt": package.constraints_txt.encode(),
+            "pyproject.toml": packaging.pyproject(PIPELINE_DISTRIBUTION, package).encode()}
 
 
 def source_hash() -> str:
-    """Content hash of the build inputs: the image tag, stable across previews, new on any code change."""
-    h = hashlib.sha256()
-    for path in build_inputs():
-        h.update(path.relative_to(SOURCE_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    """The image tag: of the build context and the Dockerfile, stable across previews, new on any change to either."""
+    return packaging.content_hash({**build_context(), "Dockerfile": DOCKERFILE.read_bytes()})[:16]
+
+
+def staged_context() -> Path:
+    """The build context written out afresh (``BUILD_DIR``): the folder pulumi-docker-build sends, nothing else."""
+    shutil.rmtree(BUILD_DIR, ignore_errors=True)
+    return packaging.stage(build_context(), BUILD_DIR)
 
 
 def check_parameters(params: Mapping[str, str]) -> dict[str, str]:
@@ -196,7 +205,7 @@ class Pipeline(pulumi.ComponentResource):
                 f"{name}-image",
                 # Paths relative to where `pulumi` runs: absolute ones would differ between checkouts and show
                 # a diff on every other operator's machine.
-                context=docker_build.BuildContextArgs(location=os.path.relpath(SOURCE_ROOT)),
+                context=docker_build.BuildContextArgs(location=os.path.relpath(staged_context())),
                 dockerfile=docker_build.DockerfileArgs(location=os.path.relpath(DOCKERFILE)),
                 platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers are x86-64
                 build_args={"LAUNCHER_TAG": args.launcher_tag},

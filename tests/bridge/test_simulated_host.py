@@ -56,6 +56,7 @@ import pytest
 from google.cloud import pubsub_v1
 
 from gcp_iot_bridge.infra import broker as bc
+from gcp_iot_bridge.infra import packaging
 from iotbridge import spec
 from iotbridge.bridge import fanout
 from iotbridge.device import Device, DeviceIdentity
@@ -295,8 +296,8 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         venv = host_root / "opt/iotbridge/venv/bin/python"
         listed = subprocess.run([str(venv), "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
                                 env={"PATH": HOST_PATH, "PIP_CONFIG_FILE": os.devnull}, check=True, timeout=60)
-        installed = {bc.canonical_name(p["name"]): p["version"] for p in json.loads(listed.stdout)}
-        lock = {n: line.partition("==")[2] for n, line in bc.lock_pins().items()}
+        installed = {packaging.canonical_name(p["name"]): p["version"] for p in json.loads(listed.stdout)}
+        lock = {n: line.partition("==")[2] for n, line in packaging.lock_pins().items()}
         seeded = {"pip", "setuptools"}  # what `python3 -m venv` puts there before pip installs anything
         assert {n: v for n, v in installed.items() if n not in seeded and lock.get(n) != v} == {}
         assert {"grpcio", "protobuf", "google-auth"} <= set(installed)

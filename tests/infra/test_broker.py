@@ -13,6 +13,7 @@ from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
 from gcp_iot_bridge.infra import broker as bc
+from gcp_iot_bridge.infra import packaging
 from tests.infra import harness
 
 PROJECT = "proj-test-123"
@@ -219,55 +220,24 @@ def test_code_archive_is_named_by_content_and_pins_its_requirements():
     assert bc.content_hash(changed) != bc.content_hash(files)
 
 
-def installed_closure(roots) -> dict[str, str]:
-    """Canonical name -> version of ``roots`` and everything they require, as installed in this environment (the
-    one the tests run in, installed from requirements/lock.txt); markers evaluated here (Debian 12's Python 3.11
-    on the hosts, the same minor version the lock is made for)."""
+def test_hosts_install_the_locked_closure():
+    """Every package a host installs is pinned at the version the tests ran: the distributions the bridge imports
+    by requirements.txt, the rest (grpcio, protobuf, google-auth, ...) by the archive's constraints.txt, which the
+    script passes to pip."""
     from importlib import metadata
 
-    from packaging.requirements import Requirement
-
-    found: dict[str, str] = {}
-    done: set[tuple[str, frozenset[str]]] = set()
-    todo = [Requirement(r) for r in roots]
-    while todo:
-        req = todo.pop()
-        name, extras = bc.canonical_name(req.name), frozenset(req.extras)
-        if (name, extras) in done:
-            continue
-        done.add((name, extras))
-        dist = metadata.distribution(name)
-        found[name] = dist.version
-        for line in dist.requires or []:
-            dep = Requirement(line)
-            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in (extras or {""})):
-                todo.append(dep)
-    return found
-
-
-def test_hosts_install_the_locked_closure():
-    """Every package a host installs is pinned at the version the tests ran: the top-level ones by requirements.txt,
-    the rest (grpcio, protobuf, google-auth, ...) by the archive's constraints.txt, which the script passes to pip."""
-    lock = bc.lock_pins()
-    closure = installed_closure(bc.HOST_REQUIREMENTS)
-    assert closure == {n: lock[n].partition("==")[2] for n in closure}, "this environment is not the lock's"
+    lock = packaging.lock_pins()
     files = bc.code_files()
-    pinned = {**bc.lock_pins(files.get("constraints.txt", "")), **bc.lock_pins(files["requirements.txt"])}
-    expected = "\n".join(lock[n] for n in sorted(closure)) + "\n"
-    assert {n: pinned.get(n) for n in closure} == {n: lock[n] for n in closure}, (
-        f"the archive leaves part of the hosts' closure to resolve at boot; {bc.HOST_CONSTRAINTS} should read:\n"
-        + expected)
-    assert set(pinned) == set(closure), f"pins nothing installs: {sorted(set(pinned) - set(closure))}"
-    script = _host_script()
-    assert '-r "$OPT/app/requirements.txt" -c "$OPT/app/constraints.txt"' in script
-
-
-def test_a_stale_host_constraints_file_stops_the_deploy(tmp_path, monkeypatch):
-    stale = tmp_path / "broker-host.txt"
-    stale.write_text("grpcio==0.0.1\n")
-    monkeypatch.setattr(bc, "HOST_CONSTRAINTS", stale)
-    with pytest.raises(ValueError, match="grpcio==0.0.1"):
-        bc.code_files()
+    requirements = files["requirements.txt"].splitlines()
+    assert {packaging.canonical_name(r.partition("[")[0].partition("==")[0]) for r in requirements} == {
+        "paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "google-api-core",
+        "pyjwt", "cryptography"}
+    closure = packaging.installed_closure(r.partition("==")[0] for r in requirements)
+    assert {n: metadata.version(n) for n in closure} == {n: lock[n].partition("==")[2] for n in closure}, (
+        "this environment is not the lock's")
+    assert files["constraints.txt"].splitlines() == [lock[n] for n in sorted(closure)]
+    assert {"grpcio", "protobuf", "google-auth"} <= closure
+    assert '-r "$OPT/app/requirements.txt" -c "$OPT/app/constraints.txt"' in _host_script()
 
 
 def test_invalid_arguments_fail_before_anything_is_declared():
@@ -325,9 +295,10 @@ def test_a_host_runs_the_bridge_from_the_archive_alone(tmp_path):
     from iotbridge.bridge.settings import new_secrets, write_secrets
     from tests.infra import archives
 
-    app = archives.unpack(bc.code_files(), tmp_path / "app")
-    python = archives.isolated_python(app, tmp_path / "venv")
-    assert archives.probe(python, app) == []
+    files = bc.code_files()
+    app = archives.unpack(files, tmp_path / "app")
+    python = archives.isolated_python(tmp_path / "venv", app)
+    assert archives.probe(python, files, tmp_path) == []
     host = [str(python), "-I", "-m", "iotbridge.bridge"]
     usage = subprocess.run([*host, "--help"], capture_output=True, text=True, cwd=app, timeout=60, check=True).stdout
     listed = re.search(r"\{([\w,-]+)\}", usage)
