@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from typer.testing import CliRunner
 
+from iotbridge import cliutil
 from iotbridge.edge_model import EdgeModel, Feature, sha256_hex
 from iotbridge.local.provision import LocalNames, bigquery_client, provision_bigquery
 from iotbridge.ml import cli as mcli
@@ -48,7 +49,7 @@ def env(pubsub_emulator, firestore_emulator, bigquery_emulator, emulator_env, mo
     t = Target(kind="local", name="local", project_id=project, region="us-central1", registry_id=f"reg-{run}",
                mqtt_host=None, mqtt_port=None, mqtt_ca_cert=None, topics={"config-requests": topic},
                bigquery_dataset=names.dataset, bigquery_endpoint=endpoint, env={})
-    monkeypatch.setattr(mcli, "_target", lambda stack: t)
+    monkeypatch.setattr(cliutil, "resolve", lambda stack: t)
     registry = Registry(project, t.registry_id, t.region)
     for d in ("pump-1", "pump-2"):
         registry.create_device(d)
