@@ -33,6 +33,7 @@ session; Mosquitto is restarted; the retained config and the queued event surviv
 from __future__ import annotations
 
 import configparser
+import contextlib
 import hashlib
 import io
 import json
@@ -63,8 +64,9 @@ from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
 from iotbridge.local.broker_host import READY_SERVICE
 from iotbridge.local.tls import generate_local_tls
+from tests.waiting import TimedOut, wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics, wait_until
+from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics
 from .gce_standins import GoogleStandIns
 from .test_host import _health
 
@@ -209,9 +211,8 @@ def _read_retained(port: int, password: str, topic: str, timeout: float = 10.0) 
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        deadline = time.monotonic() + timeout
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(TimedOut):  # nothing retained: None, and the caller shows Mosquitto's log
+            wait_for(f"the retained message on {topic}", lambda: got, timeout=timeout)
     finally:
         client.loop_stop()
         client.disconnect()
@@ -314,10 +315,11 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
             proc = init.units[name].proc
             assert proc is not None
             assert _uid(proc.pid) == (uid, uid), f"{name} runs as {_uid(proc.pid)}, not {uid}"
-        wait_until(lambda: _health(health_port) == 200, 15, "/healthz 200")
+        wait_for("/healthz 200", lambda: _health(health_port) == 200, timeout=15)
         # The front labelled its gauge from the metadata server; the write itself was refused at the proxy.
-        wait_until(lambda: google.seen("GET", "/computeMetadata/v1/instance/zone"), 15, "the front's metadata read")
-        wait_until(lambda: google.seen("CONNECT", "monitoring.googleapis.com:443"), 15, "the gauge's write")
+        wait_for("the front's metadata read", lambda: google.seen("GET", "/computeMetadata/v1/instance/zone"),
+                 timeout=15)
+        wait_for("the gauge's write", lambda: google.seen("CONNECT", "monitoring.googleapis.com:443"), timeout=15)
 
         # A device: TLS with the CA that signed the host's certificate, a JWT, telemetry to Pub/Sub.
         reader = PubSubReader(PROJECT, prefix)
