@@ -61,14 +61,19 @@ def engine_urns(run: harness.StackRun) -> dict[str, str]:
 
 
 def _translate(urn: str, engine: dict[str, str]) -> str:
-    """A URN the program computed under the mocks (an alias's parent) as the engine's."""
+    """A URN the program computed under the mocks (an alias's parent, from ``pulumi.create_urn`` or a resource) as
+    the engine's. Such a URN is its parent's mock type, ``$``, its own type: the parent's type is rewritten to the
+    engine's of the resources that have it (a URN names its parent's type chain, never the parent's name)."""
     if urn in engine:
         return engine[urn]
     stack, project, qualified, name = _split(urn)
-    types = [t for t in qualified.split("$") if t != ROOT_STACK_TYPE]
-    if len(types) == 1:  # top level: the mocks and the engine agree
-        return create_urn(name, types[0], "", project, stack)
-    raise ValueError(f"cannot tell the engine's URN of {urn}: its parent is not a resource of this program")
+    parent_type, _, type_ = qualified.rpartition("$")
+    if parent_type in ("", ROOT_STACK_TYPE):  # top level: the mocks and the engine agree
+        return create_urn(name, type_, "", project, stack)
+    found = {_split(engine[mock])[2] for mock in engine if _split(mock)[2] == parent_type}
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the engine's URN of {urn}: {len(found)} parents of type {parent_type}")
+    return f"urn:pulumi:{stack}::{project}::{found.pop()}${type_}::{name}"
 
 
 def _collapse(r: harness.Resource, alias: dict[str, Any], parent: str, engine: dict[str, str]) -> str:
