@@ -1,5 +1,5 @@
-"""Broker: the device registry's Firestore database and the MQTT broker hosts behind a network load balancer
-(docs/device-protocol.md).
+"""Broker: the MQTT broker hosts behind a network load balancer (docs/device-protocol.md), over the device
+registry's Firestore database (``RegistryDatabase``, an input).
 
 Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener, the TLS
 front on 8883 that authenticates devices the IoT Core way, and the bridge service that forwards to Pub/Sub
@@ -7,10 +7,6 @@ front on 8883 that authenticates devices the IoT Core way, and the bridge servic
 the service run as ``iotbridge`` (``startup_script``; tests/bridge/test_simulated_host.py boots a host from it).
 What it declares, and the GCP pitfall behind each choice:
 
-- Firestore database (Native mode) with ``deletion_policy`` and ``delete_protection_state`` from the one
-  ``deletion_protection`` switch: the provider's default ``ABANDON`` would leave the database behind on
-  ``pulumi destroy`` and the next ``pulumi up`` would fail with "database already exists". A TTL policy on
-  ``requests.expire_at`` removes the config-push idempotency markers.
 - TLS: a CA and a server certificate from pulumi-tls, the server certificate naming the load balancer's static
   IP (devices verify it with ``mqtt_ca_cert``). The server's private key exists only as a Pulumi secret and in
   Secret Manager; hosts read it at boot. The broker passwords (front/bridge/backend on the loopback listener)
@@ -47,6 +43,8 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.buckets import private_bucket
+from gcp_iot_bridge.infra.registry_database import RegistryDatabase
 
 MQTT_PORT = 8883
 BROKER_PORT = 1883  # loopback only
@@ -80,12 +78,11 @@ class BrokerArgs:
     state_topic: pulumi.Input[str]
     commands_topic: pulumi.Input[str]  # the device-commands fan-out topic
     deletion_protection: bool
+    registry: RegistryDatabase  # the registry's Firestore database the hosts read and write
     # Subfolder routes (IoT Core allowed at most 10): subfolder -> topic id.
     routes: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     network: pulumi.Input[str] = "default"
     subnetwork: pulumi.Input[str] | None = None
-    firestore_location: str | None = None  # default: the region
-    firestore_database: str = "(default)"
     machine_type: str = "e2-standard-2"
     hosts: int = 2
     fanout_slots: int = 4  # the most hosts the group may ever run (each claims one subscription)
@@ -107,18 +104,25 @@ class BrokerArgs:
 
 
 class Broker(pulumi.ComponentResource):
-    """Firestore registry database, TLS material, broker hosts (MIG) and the network load balancer on 8883."""
+    """TLS material and secrets, the bridge's grants, broker hosts (MIG) and the network load balancer on 8883.
+
+    Each part of the constructor is one private method, in the order the resources depend on each other: the
+    address and TLS, the secrets, the bridge's grants and fan-out subscriptions, the code, egress and firewall,
+    the hosts, the load balancer. The ones before the hosts return what a host reads at boot (``boot_needs``).
+    """
 
     # What devices and the rest of the stack use.
     registry_id: pulumi.Output[str]
     mqtt_endpoint: pulumi.Output[str]  # "{load balancer address}:8883"
     mqtt_ca_cert: pulumi.Output[str]  # PEM of the CA devices verify the broker with
     address: gcp.compute.Address  # the load balancer's static IP
-    database: gcp.firestore.Database  # the registry's Firestore database (ConfigPush depends on it)
+    registry: RegistryDatabase  # the registry's database (an input: RegistryDatabase)
     fanout_subscriptions: dict[int, gcp.pubsub.Subscription]  # slot -> the device-commands subscription it claims
     # The resources themselves, for a program that adds to them.
     ca_cert: tls.SelfSignedCert
     server_cert: tls.LocallySignedCert
+    tls_key_secret: gcp.secretmanager.Secret
+    passwords_secret: gcp.secretmanager.Secret
     bucket: gcp.storage.Bucket  # the bridge's code
     code: gcp.storage.BucketObject
     template: gcp.compute.InstanceTemplate
@@ -135,43 +139,43 @@ class Broker(pulumi.ComponentResource):
             raise ValueError(f"at most 10 subfolder routes (IoT Core's limit), got {len(args.routes)}")
         if not 1 <= args.hosts <= args.fanout_slots:
             raise ValueError(f"hosts must be 1..fanout_slots ({args.fanout_slots}), got {args.hosts}")
-        deps = list(args.depends_on)
-        child = pulumi.ResourceOptions(parent=self, depends_on=deps)
-        labels = dict(args.labels)
-        p = args.prefix
-        sa_member = pulumi.Output.from_input(args.service_account_email).apply(lambda e: f"serviceAccount:{e}")
-        tag = f"{p}-broker"
+        if args.dead_letter_topic is not None and args.pubsub_agent is None:
+            raise ValueError("dead_letter_topic needs pubsub_agent: the agent must be able to ack the source")
+        self._name = name
+        self._args = args
+        self._child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
+        self._labels = dict(args.labels)
+        self._member = pulumi.Output.from_input(args.service_account_email).apply(lambda e: f"serviceAccount:{e}")
+        self._tag = f"{args.prefix}-broker"
+        self.registry = args.registry
 
-        # ------------------------------------------------------------------ Firestore (the registry)
-        self.database = gcp.firestore.Database(
-            f"{name}-firestore",
-            project=args.project,
-            name=args.firestore_database,
-            location_id=args.firestore_location or args.region,
-            type="FIRESTORE_NATIVE",
-            # Protection is the database's own delete protection: `pulumi destroy` then fails loudly on it.
-            # ABANDON would leave it behind silently and the next `pulumi up` would fail with "already exists".
-            deletion_policy="DELETE",
-            delete_protection_state=("DELETE_PROTECTION_ENABLED" if args.deletion_protection
-                                     else "DELETE_PROTECTION_DISABLED"),
-            opts=child,
-        )
-        gcp.firestore.Field(
-            f"{name}-requests-ttl",
-            project=args.project,
-            database=self.database.name,
-            collection="requests",
-            field="expire_at",
-            ttl_config=gcp.firestore.FieldTtlConfigArgs(),
-            # The TTL policy would otherwise also build single-field indexes nobody queries.
-            index_config=gcp.firestore.FieldIndexConfigArgs(indexes=[]),
-            opts=child,
-        )
+        server_key = self._address_and_tls()
+        # Everything a host reads at boot; the group waits for it, or the first hosts fail their startup script
+        # and auto-healing recreates them until the grants have propagated.
+        boot_needs = [*self._secrets(server_key), *self._bridge_grants(), *self._code()]
+        self._egress_and_firewall()
+        self._hosts(boot_needs)
+        self._load_balancer()
 
-        # ------------------------------------------------------------------ address and TLS
+        self.mqtt_endpoint = self.address.address.apply(lambda a: f"{a}:{MQTT_PORT}")
+        self.mqtt_ca_cert = self.ca_cert.cert_pem
+        self.registry_id = pulumi.Output.from_input(args.registry_id)
+        self.register_outputs({
+            "mqtt_endpoint": self.mqtt_endpoint,
+            "mqtt_ca_cert": self.mqtt_ca_cert,
+            "registry_id": self.registry_id,
+            "firestore_database": self.registry.name,
+            "broker_passwords_secret": self.passwords_secret.secret_id,
+        })
+
+    def _address_and_tls(self) -> tls.PrivateKey:
+        """The load balancer's static IP, the CA devices verify, and the server certificate naming that IP.
+
+        Returns the server's private key, which only its Secret Manager version receives."""
+        name, args, p = self._name, self._args, self._args.prefix
         self.address = gcp.compute.Address(
             f"{name}-ip", project=args.project, region=args.region, name=f"{p}-mqtt",
-            address_type="EXTERNAL", network_tier="PREMIUM", labels=labels, opts=child)
+            address_type="EXTERNAL", network_tier="PREMIUM", labels=self._labels, opts=self._child)
 
         ca_key = tls.PrivateKey(f"{name}-ca-key", algorithm="ECDSA", ecdsa_curve="P256",
                                 opts=pulumi.ResourceOptions(parent=self))
@@ -204,8 +208,12 @@ class Broker(pulumi.ComponentResource):
             allowed_uses=["digital_signature", "key_encipherment", "server_auth"],
             opts=pulumi.ResourceOptions(parent=self),
         )
+        return server_key
 
-        # ------------------------------------------------------------------ secrets
+    def _secrets(self, server_key: tls.PrivateKey) -> list[pulumi.Resource]:
+        """The server's TLS key and the loopback listener's passwords (front, bridge, backend) in Secret Manager,
+        with the bridge's access to both. Returns the versions and grants a host needs at boot."""
+        name, p = self._name, self._args.prefix
         passwords = {
             user: random.RandomPassword(f"{name}-password-{user}", length=32, special=False,
                                         opts=pulumi.ResourceOptions(parent=self))
@@ -213,19 +221,36 @@ class Broker(pulumi.ComponentResource):
         }
         secret_json = pulumi.Output.all(*(pw.result for pw in passwords.values())).apply(
             lambda values: json.dumps(dict(zip(passwords, values, strict=True))))
-        self.tls_key_secret, tls_key_version = self._secret(name, args, "tls-key", f"{p}-broker-tls-key",
-                                                            server_key.private_key_pem, labels, child)
-        self.passwords_secret, passwords_version = self._secret(name, args, "passwords", f"{p}-broker-passwords",
-                                                                pulumi.Output.secret(secret_json), labels, child)
-        # Everything a host reads at boot; the group waits for it, or the first hosts fail their startup script
-        # and auto-healing recreates them until the grants have propagated.
-        boot_needs: list[pulumi.Resource] = [tls_key_version, passwords_version]
+        self.tls_key_secret, tls_key_version = self._secret("tls-key", f"{p}-broker-tls-key",
+                                                            server_key.private_key_pem)
+        self.passwords_secret, passwords_version = self._secret("passwords", f"{p}-broker-passwords",
+                                                                pulumi.Output.secret(secret_json))
+        needs: list[pulumi.Resource] = [tls_key_version, passwords_version]
         for key, secret in (("tls-key", self.tls_key_secret), ("passwords", self.passwords_secret)):
-            boot_needs.append(gcp.secretmanager.SecretIamMember(
-                f"{name}-{key}-accessor", project=args.project, secret_id=secret.id,
-                role="roles/secretmanager.secretAccessor", member=sa_member, opts=child))
+            needs.append(gcp.secretmanager.SecretIamMember(
+                f"{name}-{key}-accessor", project=self._args.project, secret_id=secret.id,
+                role="roles/secretmanager.secretAccessor", member=self._member, opts=self._child))
+        return needs
 
-        # ------------------------------------------------------------------ the bridge's grants
+    def _secret(self, key: str, secret_id: str, data: pulumi.Input[str],
+                ) -> tuple[gcp.secretmanager.Secret, gcp.secretmanager.SecretVersion]:
+        """One Secret Manager secret (auto replication, deletion protection from the stack) and its version."""
+        args = self._args
+        secret = gcp.secretmanager.Secret(
+            f"{self._name}-{key}", project=args.project, secret_id=secret_id,
+            replication=gcp.secretmanager.SecretReplicationArgs(auto=gcp.secretmanager.SecretReplicationAutoArgs()),
+            deletion_protection=args.deletion_protection, labels=dict(self._labels), opts=self._child)
+        version = gcp.secretmanager.SecretVersion(
+            f"{self._name}-{key}-v", secret=secret.id, secret_data=pulumi.Output.secret(data),
+            opts=pulumi.ResourceOptions(parent=secret))
+        return secret, version
+
+    def _bridge_grants(self) -> list[pulumi.Resource]:
+        """The bridge's least privilege on the resources it uses: publisher on its topics, the fan-out
+        subscriptions it reads (and the Pub/Sub agent's right to dead-letter them), datastore.user conditioned on
+        the registry's database. Returns the bridge's grants."""
+        name, args = self._name, self._args
+        needs: list[pulumi.Resource] = []
         publish_topics: dict[str, pulumi.Input[str]] = {"telemetry": args.telemetry_topic, "state": args.state_topic}
         for sub_folder, topic in sorted(args.routes.items()):
             # Two routes to one topic get one grant: two resources owning one binding would fight on destroy.
@@ -235,14 +260,28 @@ class Broker(pulumi.ComponentResource):
             # The bridge dead-letters a device's message Pub/Sub can never accept (iotbridge.bridge.service).
             publish_topics["dead-letter"] = args.dead_letter_topic
         for key, topic in publish_topics.items():
-            boot_needs.append(gcp.pubsub.TopicIAMMember(
+            needs.append(gcp.pubsub.TopicIAMMember(
                 f"{name}-publish-{key}", project=args.project, topic=topic, role="roles/pubsub.publisher",
-                member=sa_member, opts=child))
+                member=self._member, opts=self._child))
+        self._fanout_subscriptions()
+        for i, sub in self.fanout_subscriptions.items():
+            needs.append(gcp.pubsub.SubscriptionIAMMember(
+                f"{name}-fanout-{i}-subscriber", project=args.project, subscription=sub.name,
+                role="roles/pubsub.subscriber", member=self._member, opts=self._child))
+        needs.append(self.registry.user_grant(
+            f"{name}-datastore-user", self._member, self._child, title="registry database only",
+            condition=lambda db: f'resource.name.startsWith("{db}")'))
+        return needs
+
+    def _fanout_subscriptions(self) -> None:
+        """One device-commands subscription per fan-out slot (each host claims one), dead-lettered when the stack
+        has a dead-letter topic, with the Pub/Sub agent's subscriber grant that dead-lettering needs."""
+        name, args = self._name, self._args
         self.fanout_subscriptions = {
             i: gcp.pubsub.Subscription(
                 f"{name}-fanout-{i}",
                 project=args.project,
-                name=f"{p}-device-commands-host-{i}",
+                name=f"{args.prefix}-device-commands-host-{i}",
                 topic=args.commands_topic,
                 ack_deadline_seconds=60,
                 # Commands are only worth delivering live, and configs are re-read from the registry when a
@@ -253,73 +292,62 @@ class Broker(pulumi.ComponentResource):
                     dead_letter_topic=args.dead_letter_topic, max_delivery_attempts=args.max_delivery_attempts,
                 ) if args.dead_letter_topic is not None else None,
                 retry_policy=gcp.pubsub.SubscriptionRetryPolicyArgs(minimum_backoff="1s", maximum_backoff="60s"),
-                labels=labels,
-                opts=child,
+                labels=self._labels,
+                opts=self._child,
             )
             for i in range(args.fanout_slots)
         }
-        if args.dead_letter_topic is not None:
-            if args.pubsub_agent is None:
-                raise ValueError("dead_letter_topic needs pubsub_agent: the agent must be able to ack the source")
+        if args.pubsub_agent is not None and args.dead_letter_topic is not None:
             for i, sub in self.fanout_subscriptions.items():
                 gcp.pubsub.SubscriptionIAMMember(
                     f"{name}-fanout-{i}-agent", project=args.project, subscription=sub.name,
-                    role="roles/pubsub.subscriber", member=args.pubsub_agent, opts=child)
-        for i, sub in self.fanout_subscriptions.items():
-            boot_needs.append(gcp.pubsub.SubscriptionIAMMember(
-                f"{name}-fanout-{i}-subscriber", project=args.project, subscription=sub.name,
-                role="roles/pubsub.subscriber", member=sa_member, opts=child))
-        boot_needs.append(gcp.projects.IAMMember(
-            f"{name}-datastore-user",
-            project=args.project,
-            role="roles/datastore.user",
-            member=sa_member,
-            condition=gcp.projects.IAMMemberConditionArgs(
-                title="registry database only",
-                expression=self.database.name.apply(
-                    lambda db: f'resource.name.startsWith("projects/{args.project}/databases/{db}")'),
-            ),
-            opts=child,
-        ))
+                    role="roles/pubsub.subscriber", member=args.pubsub_agent, opts=self._child)
 
-        # ------------------------------------------------------------------ code
+    def _code(self) -> list[pulumi.Resource]:
+        """The bridge's code (``code_files()``) as a zip named by its content in a private bucket, and the bridge's
+        right to read it. Returns that grant."""
+        name, args = self._name, self._args
         files = code_files()
         digest = content_hash(files)
-        self.bucket = gcp.storage.Bucket(
-            f"{name}-code", project=args.project, name=f"{args.project}-{p}-broker-code", location=args.region,
-            uniform_bucket_level_access=True, public_access_prevention="enforced",
-            force_destroy=not args.deletion_protection, labels=labels, opts=child,
-            encryption=gcp.storage.BucketEncryptionArgs(
-                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None)
+        self.bucket = private_bucket(
+            f"{name}-code", project=args.project, name=f"{args.project}-{args.prefix}-broker-code",
+            location=args.region, deletion_protection=args.deletion_protection, labels=self._labels,
+            kms_key_name=args.kms_key_name, opts=self._child)
         # Named by content: hosts created from a new template fetch the new code, running ones keep theirs.
         self.code = gcp.storage.BucketObject(
             f"{name}-code-zip", bucket=self.bucket.name, name=f"bridge/{digest}.zip",
-            source=pulumi.AssetArchive({k: pulumi.StringAsset(v) for k, v in sorted(files.items())}), opts=child)
-        boot_needs.append(gcp.storage.BucketIAMMember(
-            f"{name}-code-reader", bucket=self.bucket.name, role="roles/storage.objectViewer", member=sa_member,
-            opts=child))
+            source=pulumi.AssetArchive({k: pulumi.StringAsset(v) for k, v in sorted(files.items())}), opts=self._child)
+        return [gcp.storage.BucketIAMMember(
+            f"{name}-code-reader", bucket=self.bucket.name, role="roles/storage.objectViewer", member=self._member,
+            opts=self._child)]
 
-        # ------------------------------------------------------------------ network egress and firewall
+    def _egress_and_firewall(self) -> None:
+        """Cloud NAT (the hosts have no external IP; apt and PyPI at boot) and the two ingress rules: 8883 from the
+        device ranges, the health port from Google's probe ranges."""
+        name, args, p = self._name, self._args, self._args.prefix
         router = gcp.compute.Router(f"{name}-router", project=args.project, region=args.region,
-                                    name=f"{p}-broker-router", network=args.network, opts=child)
+                                    name=f"{p}-broker-router", network=args.network, opts=self._child)
         self.nat = gcp.compute.RouterNat(
             f"{name}-nat", project=args.project, region=args.region, name=f"{p}-broker-nat", router=router.name,
             nat_ip_allocate_option="AUTO_ONLY", source_subnetwork_ip_ranges_to_nat="ALL_SUBNETWORKS_ALL_IP_RANGES",
-            opts=child)
+            opts=self._child)
         self.firewall_devices = gcp.compute.Firewall(
             f"{name}-fw-mqtt", project=args.project, name=f"{p}-broker-mqtt", network=args.network,
-            direction="INGRESS", source_ranges=list(args.device_source_ranges), target_tags=[tag],
-            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(MQTT_PORT)])], opts=child)
+            direction="INGRESS", source_ranges=list(args.device_source_ranges), target_tags=[self._tag],
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(MQTT_PORT)])], opts=self._child)
         self.firewall_health = gcp.compute.Firewall(
             f"{name}-fw-health", project=args.project, name=f"{p}-broker-health", network=args.network,
-            direction="INGRESS", source_ranges=list(HEALTH_CHECK_RANGES), target_tags=[tag],
-            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(args.health_port)])], opts=child)
+            direction="INGRESS", source_ranges=list(HEALTH_CHECK_RANGES), target_tags=[self._tag],
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(args.health_port)])], opts=self._child)
 
-        # ------------------------------------------------------------------ hosts
+    def _hosts(self, boot_needs: Sequence[pulumi.Resource]) -> None:
+        """The instance template (its startup script: ``startup_script``), the health checks of auto-healing and of
+        the load balancer, and the regional managed instance group, created once ``boot_needs`` exist."""
+        name, args, p = self._name, self._args, self._args.prefix
         route_names = list(args.routes)
         startup = pulumi.Output.all(
             self.bucket.name, self.code.name, self.tls_key_secret.secret_id, self.passwords_secret.secret_id,
-            self.server_cert.cert_pem, self.database.name, *(args.routes[k] for k in route_names),
+            self.server_cert.cert_pem, self.registry.name, *(args.routes[k] for k in route_names),
         ).apply(lambda v: startup_script(
             project=args.project, region=args.region, registry_id=args.registry_id, prefix=args.prefix,
             code_url=f"gs://{v[0]}/{v[1]}", tls_key_secret=v[2], passwords_secret=v[3], server_cert_pem=v[4],
@@ -342,21 +370,21 @@ class Broker(pulumi.ComponentResource):
                 enable_secure_boot=True, enable_vtpm=True, enable_integrity_monitoring=True),
             metadata={"enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE"},
             metadata_startup_script=startup,
-            tags=[tag],
-            labels=labels,
-            opts=child,
+            tags=[self._tag],
+            labels=self._labels,
+            opts=self._child,
         )
         autoheal_check = gcp.compute.HealthCheck(
             f"{name}-autoheal", project=args.project, name=f"{p}-broker-autoheal",
             check_interval_sec=10, timeout_sec=5, healthy_threshold=2, unhealthy_threshold=3,
             http_health_check=gcp.compute.HealthCheckHttpHealthCheckArgs(port=args.health_port,
                                                                          request_path="/healthz"),
-            opts=child)
-        lb_check = gcp.compute.RegionHealthCheck(
+            opts=self._child)
+        self._lb_check = gcp.compute.RegionHealthCheck(
             f"{name}-lb-check", project=args.project, region=args.region, name=f"{p}-broker-lb",
             check_interval_sec=5, timeout_sec=5, healthy_threshold=2, unhealthy_threshold=2,
             http_health_check=gcp.compute.RegionHealthCheckHttpHealthCheckArgs(
-                port=args.health_port, request_path="/healthz"), opts=child)
+                port=args.health_port, request_path="/healthz"), opts=self._child)
         self.group = gcp.compute.RegionInstanceGroupManager(
             f"{name}-mig",
             project=args.project,
@@ -375,47 +403,26 @@ class Broker(pulumi.ComponentResource):
             named_ports=[gcp.compute.RegionInstanceGroupManagerNamedPortArgs(name="mqtts", port=MQTT_PORT)],
             # Hosts hold device sessions: a plan that shrinks or replaces them must not wait for "stable".
             wait_for_instances=False,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, *boot_needs, self.nat]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*self._args.depends_on, *boot_needs, self.nat]),
         )
 
-        # ------------------------------------------------------------------ load balancer
+    def _load_balancer(self) -> None:
+        """The external passthrough network load balancer: a regional backend service over the group (TCP,
+        CONNECTION balancing, a regional health check) and the forwarding rule on 8883 at the static IP."""
+        name, args, p = self._name, self._args, self._args.prefix
         self.backend = gcp.compute.RegionBackendService(
             f"{name}-backend", project=args.project, region=args.region, name=f"{p}-broker",
-            load_balancing_scheme="EXTERNAL", protocol="TCP", health_checks=lb_check.id,
+            load_balancing_scheme="EXTERNAL", protocol="TCP", health_checks=self._lb_check.id,
             # Long-lived MQTT sessions: let devices finish on a draining host before it goes.
             connection_draining_timeout_sec=60,
             backends=[gcp.compute.RegionBackendServiceBackendArgs(group=self.group.instance_group,
                                                                   balancing_mode="CONNECTION")],
-            opts=child)
+            opts=self._child)
         self.forwarding_rule = gcp.compute.ForwardingRule(
             f"{name}-mqtt", project=args.project, region=args.region, name=f"{p}-mqtt",
             ip_address=self.address.address, ip_protocol="TCP", port_range=str(MQTT_PORT),
             load_balancing_scheme="EXTERNAL", network_tier="PREMIUM", backend_service=self.backend.id,
-            labels=labels, opts=child)
-
-        self.mqtt_endpoint = self.address.address.apply(lambda a: f"{a}:{MQTT_PORT}")
-        self.mqtt_ca_cert = self.ca_cert.cert_pem
-        self.registry_id = pulumi.Output.from_input(args.registry_id)
-        self.register_outputs({
-            "mqtt_endpoint": self.mqtt_endpoint,
-            "mqtt_ca_cert": self.mqtt_ca_cert,
-            "registry_id": self.registry_id,
-            "firestore_database": self.database.name,
-            "broker_passwords_secret": self.passwords_secret.secret_id,
-        })
-
-    @staticmethod
-    def _secret(name: str, args: BrokerArgs, key: str, secret_id: str, data: pulumi.Input[str],
-                labels: Mapping[str, str], child: pulumi.ResourceOptions,
-                ) -> tuple[gcp.secretmanager.Secret, gcp.secretmanager.SecretVersion]:
-        secret = gcp.secretmanager.Secret(
-            f"{name}-{key}", project=args.project, secret_id=secret_id,
-            replication=gcp.secretmanager.SecretReplicationArgs(auto=gcp.secretmanager.SecretReplicationAutoArgs()),
-            deletion_protection=args.deletion_protection, labels=dict(labels), opts=child)
-        version = gcp.secretmanager.SecretVersion(
-            f"{name}-{key}-v", secret=secret.id, secret_data=pulumi.Output.secret(data),
-            opts=pulumi.ResourceOptions(parent=secret))
-        return secret, version
+            labels=self._labels, opts=self._child)
 
 
 def _topic_id(topic: str) -> str:

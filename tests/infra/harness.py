@@ -17,6 +17,7 @@ values. An exception raised anywhere in the program, including inside an ``apply
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import runpy
@@ -296,6 +297,11 @@ def run_program(stack: str, overrides: Mapping[str, Any] | None = None,
         outputs = _sync_await(_resolve_outputs())
     except Exception as exc:
         raise ProgramFailed(f"{type(exc).__name__}: {exc}", list(monitor.registrations)) from exc
+    finally:
+        # A failed program leaves futures whose exception nobody retrieved; asyncio logs them from __del__. Left
+        # to a later garbage collection, that can run inside another test's ast.parse, which CPython 3.11 then
+        # fails with "AST constructor recursion depth mismatch". Collect them here, where they belong.
+        gc.collect()
     return StackRun(stack=stack, config=raw, resources=list(monitor.registrations), outputs=outputs)
 
 

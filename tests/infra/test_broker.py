@@ -1,4 +1,4 @@
-"""Broker under mocks, built directly: Firestore database, TLS and secrets, MIG with auto-healing, network load
+"""Broker under mocks, built directly over a registry database: TLS and secrets, MIG with auto-healing, network load
 balancer, firewall, the bridge's least-privilege grants — and no private key or password in any output or in
 any plain input (metadata, startup script)."""
 
@@ -14,6 +14,7 @@ from pulumi.runtime.sync_await import _sync_await
 
 from gcp_iot_bridge.infra import broker as bc
 from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.registry_database import RegistryDatabase, RegistryDatabaseArgs
 from tests.infra import harness
 
 PROJECT = "proj-test-123"
@@ -77,7 +78,9 @@ def build(**overrides) -> harness.StackRun:
     fields.update(overrides)
 
     def program() -> None:
-        b = bc.Broker("broker", bc.BrokerArgs(**fields))  # type: ignore[arg-type]
+        registry = RegistryDatabase("registry", RegistryDatabaseArgs(
+            project=PROJECT, location="europe-west1", deletion_protection=bool(fields["deletion_protection"])))
+        b = bc.Broker("broker", bc.BrokerArgs(registry=registry, **fields))  # type: ignore[arg-type]
         pulumi.export("mqtt_endpoint", b.mqtt_endpoint)
         pulumi.export("mqtt_ca_cert", b.mqtt_ca_cert)
         pulumi.export("registry_id", b.registry_id)
@@ -135,17 +138,10 @@ def test_no_private_key_or_password_in_any_plain_input(run):
     assert FAKE_CERT.strip() in script  # the public certificate is fine in metadata
 
 
-def test_firestore_database_follows_the_deletion_switch(run):
-    for protected, policy, state in ((False, "DELETE", "DELETE_PROTECTION_DISABLED"),
-                                     (True, "DELETE", "DELETE_PROTECTION_ENABLED")):
-        r = build(deletion_protection=protected)
-        db = the(r, "db")
-        assert (db.get("type"), db.get("locationId"), db.get("name")) == ("FIRESTORE_NATIVE", "europe-west1",
-                                                                           "(default)")
-        assert (db.get("deletionPolicy"), db.get("deleteProtectionState")) == (policy, state)
-        assert all(s.get("deletionProtection") is protected for s in r.of_type(T["secret"]))
-    ttl = the(run, "field")
-    assert (ttl.get("collection"), ttl.get("field")) == ("requests", "expire_at")
+def test_secrets_follow_the_deletion_switch():
+    for protected in (False, True):
+        secrets = build(deletion_protection=protected).of_type(T["secret"])
+        assert len(secrets) == 2 and all(s.get("deletionProtection") is protected for s in secrets)
 
 
 def test_mig_with_autohealing_on_the_front_health_check(run):

@@ -9,6 +9,7 @@ import pytest
 
 from gcp_iot_bridge.infra import config_push as cpc
 from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.registry_database import RegistryDatabase, RegistryDatabaseArgs
 from tests.infra import harness
 
 PROJECT = "proj-test-123"
@@ -42,7 +43,9 @@ def build(**overrides) -> harness.StackRun:
     fields.update(overrides)
 
     def program() -> None:
-        cpc.ConfigPush("config-push", cpc.ConfigPushArgs(**fields))  # type: ignore[arg-type]
+        registry = RegistryDatabase("registry", RegistryDatabaseArgs(
+            project=PROJECT, location="europe-west1", deletion_protection=bool(fields["deletion_protection"])))
+        cpc.ConfigPush("config-push", cpc.ConfigPushArgs(registry=registry, **fields))  # type: ignore[arg-type]
 
     return harness.run_program("dev", program=program)
 
@@ -160,7 +163,9 @@ def test_egress_reaches_private_ranges_through_the_vpc(run: harness.StackRun) ->
 def test_invalid_args_fail_before_any_resource(bad: dict, message: str) -> None:
     with pytest.raises(harness.ProgramFailed, match=message) as err:
         build(**bad)
-    assert [r for r in err.value.resources if r.type.startswith("gcp:")] == []
+    # The registry's database is the test program's own, declared before the function.
+    assert [r.name for r in err.value.resources if r.type.startswith("gcp:")] == [
+        "registry-firestore", "registry-requests-ttl"]
 
 
 def test_fanout_delivery_publishes_to_the_bridge_topic_without_secret_or_vpc() -> None:
@@ -256,7 +261,10 @@ def test_wired_to_the_foundation_every_resource_waits_for_its_api(delivery: str)
             requests_topic=REQUESTS, dead_letter_topic=DEAD_LETTER,
             pubsub_agent=foundation.service_agent("pubsub.googleapis.com"),
             eventarc_agent=foundation.service_agent("eventarc.googleapis.com"),
-            deletion_protection=True, depends_on=foundation.needs(*cpc.APIS), **mode))
+            deletion_protection=True, depends_on=foundation.needs(*cpc.APIS), **mode,
+            registry=RegistryDatabase("registry", RegistryDatabaseArgs(
+                project=PROJECT, location="europe-west1", deletion_protection=True,
+                depends_on=foundation.needs("firestore.googleapis.com")))))
 
     run = harness.run_program("dev", program=program)
     apis = {s.get("service"): s for s in run.of_type("gcp:projects/service:Service")}
