@@ -17,6 +17,10 @@ What it declares, and the GCP pitfall behind each choice:
 - Regional MIG over the region's zones with auto-healing on an HTTP health check of the front (``/healthz`` on
   ``health_port``: healthy only while Mosquitto and the bridge service are up) and ``initial_delay_sec`` long
   enough for the startup script (apt + pip), or auto-healing recreates hosts forever.
+- Autoscaler between ``min_hosts`` and ``max_hosts`` (at most 2000, a regional group's limit) on connected devices
+  per host and CPU; the group has no target size of its own. Updates replace one host per zone at a time, never
+  below the group's size (a regional group takes a fixed surge of 0 or at least its zones). Each host's units and
+  kernel are sized for what its machine type carries (``host_sizing``; docs/broker-scaling.md).
 - External passthrough network load balancer, backend-service based: a regional static IP, a regional backend
   service (``EXTERNAL``, TCP, ``CONNECTION`` balancing) with a *regional* health check (a global one is refused
   for this load balancer type), a forwarding rule on 8883. Passthrough keeps the device's source address, so
