@@ -17,6 +17,10 @@ What it declares, and the GCP pitfall behind each choice:
 - Regional MIG over the region's zones with auto-healing on an HTTP health check of the front (``/healthz`` on
   ``health_port``: healthy only while Mosquitto and the bridge service are up) and ``initial_delay_sec`` long
   enough for the startup script (apt + pip), or auto-healing recreates hosts forever.
+- Autoscaler between ``min_hosts`` and ``max_hosts`` (at most 2000, a regional group's limit) on connected devices
+  per host and CPU; the group has no target size of its own. Updates replace one host per zone at a time, never
+  below the group's size (a regional group takes a fixed surge of 0 or at least its zones). Each host's units and
+  kernel are sized for what its machine type carries (``host_sizing``; docs/broker-scaling.md).
 - External passthrough network load balancer, backend-service based: a regional static IP, a regional backend
   service (``EXTERNAL``, TCP, ``CONNECTION`` balancing) with a *regional* health check (a global one is refused
   for this load balancer type), a forwarding rule on 8883. Passthrough keeps the device's source address, so
@@ -44,7 +48,9 @@ import pulumi_tls as tls
 
 from gcp_iot_bridge.infra import packaging
 from gcp_iot_bridge.infra.buckets import private_bucket
+from gcp_iot_bridge.infra.host_sizing import MAX_HOSTS, HostSizing, sizing
 from gcp_iot_bridge.infra.registry_database import RegistryDatabase
+from iotbridge.spec import CONNECTED_DEVICES_METRIC
 
 MQTT_PORT = 8883
 BROKER_PORT = 1883  # loopback only
@@ -83,10 +89,16 @@ class BrokerArgs:
     routes: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     network: pulumi.Input[str] = "default"
     subnetwork: pulumi.Input[str] | None = None
-    machine_type: str = "e2-standard-2"
-    hosts: int = 2
-    fanout_slots: int = 4  # the most hosts the group may ever run (each claims one subscription)
-    zones: Sequence[str] = ()  # default: the region's zones chosen by GCP
+    machine_type: str = "e2-standard-2"  # a type host_sizing knows: the hosts' limits are sized from its memory
+    # Bounds of the autoscaler (up to MAX_HOSTS, a regional managed instance group's limit).
+    min_hosts: int = 2
+    max_hosts: int = 10
+    # Device-commands subscriptions the hosts claim, one each; default max_hosts, so every host has one.
+    fanout_slots: int | None = None
+    # Connected devices per host the autoscaler keeps; default: host_sizing's target for machine_type.
+    devices_per_host: int | None = None
+    cpu_target: float = 0.6  # the second signal: CPU utilisation, (0, 1]
+    zones: Sequence[str] = ()  # default: three of the region's zones, chosen by GCP
     image: str = "debian-cloud/debian-12"
     device_source_ranges: Sequence[str] = ("0.0.0.0/0",)
     tls_dns_names: Sequence[str] = ()
@@ -127,6 +139,8 @@ class Broker(pulumi.ComponentResource):
     code: gcp.storage.BucketObject
     template: gcp.compute.InstanceTemplate
     group: gcp.compute.RegionInstanceGroupManager
+    autoscaler: gcp.compute.RegionAutoscaler
+    sizing: HostSizing  # what one host carries, and its units' and kernel's limits
     backend: gcp.compute.RegionBackendService
     forwarding_rule: gcp.compute.ForwardingRule
     firewall_devices: gcp.compute.Firewall
@@ -137,8 +151,20 @@ class Broker(pulumi.ComponentResource):
         super().__init__("gcp-iot-bridge:index:Broker", name, None, opts)
         if len(args.routes) > 10:
             raise ValueError(f"at most 10 subfolder routes (IoT Core's limit), got {len(args.routes)}")
-        if not 1 <= args.hosts <= args.fanout_slots:
-            raise ValueError(f"hosts must be 1..fanout_slots ({args.fanout_slots}), got {args.hosts}")
+        if not 1 <= args.min_hosts <= args.max_hosts <= MAX_HOSTS:
+            raise ValueError(f"hosts must be 1 <= min_hosts <= max_hosts <= {MAX_HOSTS} (a regional managed instance "
+                             f"group's limit), got {args.min_hosts}..{args.max_hosts}")
+        self._slots = args.max_hosts if args.fanout_slots is None else args.fanout_slots
+        if self._slots < args.max_hosts:
+            raise ValueError(f"fanout_slots ({self._slots}) must cover max_hosts ({args.max_hosts}): a host without a "
+                             "slot would receive no config or command")
+        if not 0 < args.cpu_target <= 1:
+            raise ValueError(f"cpu_target must be in (0, 1], got {args.cpu_target}")
+        self.sizing = sizing(args.machine_type)
+        self._devices_per_host = args.devices_per_host or self.sizing.autoscale_target
+        if not 0 < self._devices_per_host <= self.sizing.devices:
+            raise ValueError(f"devices_per_host must be 1..{self.sizing.devices} (what one {args.machine_type} "
+                             f"carries), got {self._devices_per_host}")
         if args.dead_letter_topic is not None and args.pubsub_agent is None:
             raise ValueError("dead_letter_topic needs pubsub_agent: the agent must be able to ack the source")
         self._name = name
@@ -155,6 +181,7 @@ class Broker(pulumi.ComponentResource):
         boot_needs = [*self._secrets(server_key), *self._bridge_grants(), *self._code()]
         self._egress_and_firewall()
         self._hosts(boot_needs)
+        self._autoscaler()
         self._load_balancer()
 
         self.mqtt_endpoint = self.address.address.apply(lambda a: f"{a}:{MQTT_PORT}")
@@ -295,7 +322,7 @@ class Broker(pulumi.ComponentResource):
                 labels=self._labels,
                 opts=self._child,
             )
-            for i in range(args.fanout_slots)
+            for i in range(self._slots)
         }
         if args.pubsub_agent is not None and args.dead_letter_topic is not None:
             for i, sub in self.fanout_subscriptions.items():
@@ -352,8 +379,8 @@ class Broker(pulumi.ComponentResource):
             project=args.project, region=args.region, registry_id=args.registry_id, prefix=args.prefix,
             code_url=f"gs://{v[0]}/{v[1]}", tls_key_secret=v[2], passwords_secret=v[3], server_cert_pem=v[4],
             database=v[5], routes={k: _topic_id(t) for k, t in zip(route_names, v[6:], strict=True)},
-            fanout_subscriptions=[f"{p}-device-commands-host-{i}" for i in range(args.fanout_slots)],
-            health_port=args.health_port))
+            fanout_subscriptions=[f"{p}-device-commands-host-{i}" for i in range(self._slots)],
+            health_port=args.health_port, machine_type=args.machine_type))
         self.template = gcp.compute.InstanceTemplate(
             f"{name}-template",
             project=args.project,
@@ -393,17 +420,57 @@ class Broker(pulumi.ComponentResource):
             base_instance_name=f"{p}-broker",
             versions=[gcp.compute.RegionInstanceGroupManagerVersionArgs(
                 name="bridge", instance_template=self.template.self_link_unique)],
-            target_size=args.hosts,
+            # No target size: the autoscaler owns it (a size set here would fight it on every `up`).
             distribution_policy_zones=list(args.zones) or None,
             auto_healing_policies=gcp.compute.RegionInstanceGroupManagerAutoHealingPoliciesArgs(
                 health_check=autoheal_check.id, initial_delay_sec=args.autoheal_initial_delay_s),
-            update_policy=gcp.compute.RegionInstanceGroupManagerUpdatePolicyArgs(
-                type="PROACTIVE", minimal_action="REPLACE", max_surge_fixed=max(3, len(args.zones)),
-                max_unavailable_fixed=0),
+            update_policy=self._update_policy(),
             named_ports=[gcp.compute.RegionInstanceGroupManagerNamedPortArgs(name="mqtts", port=MQTT_PORT)],
             # Hosts hold device sessions: a plan that shrinks or replaces them must not wait for "stable".
             wait_for_instances=False,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[*self._args.depends_on, *boot_needs, self.nat]),
+        )
+
+    def _update_policy(self) -> gcp.compute.RegionInstanceGroupManagerUpdatePolicyArgs:
+        """Roll new code or config out one host per zone at a time, never below the group's size.
+
+        A regional group takes a fixed ``maxUnavailable`` or ``maxSurge`` only as 0 or at least its number of zones
+        (three unless ``zones`` names others). So nothing is unavailable (0) and one new host per zone is created
+        first (surge = zones): an old host is deleted only once its substitute passes the health check, and at
+        most one host per zone drops its devices at a time; they reconnect through the load balancer."""
+        zones = len(self._args.zones) or 3
+        return gcp.compute.RegionInstanceGroupManagerUpdatePolicyArgs(
+            type="PROACTIVE", minimal_action="REPLACE", most_disruptive_allowed_action="REPLACE",
+            replacement_method="SUBSTITUTE", instance_redistribution_type="PROACTIVE",
+            max_surge_fixed=zones, max_unavailable_fixed=0)
+
+    def _autoscaler(self) -> None:
+        """The group's autoscaler between ``min_hosts`` and ``max_hosts``: connected devices per host (the gauge
+        each host's bridge reports) and CPU; GCP sizes the group for whichever signal asks for more hosts. Scale-in
+        removes at most one host per ten minutes, so its devices reconnect to the others before the next goes."""
+        name, args = self._name, self._args
+        self.autoscaler = gcp.compute.RegionAutoscaler(
+            f"{name}-autoscaler",
+            project=args.project,
+            region=args.region,
+            name=f"{args.prefix}-broker",
+            target=self.group.id,
+            autoscaling_policy=gcp.compute.RegionAutoscalerAutoscalingPolicyArgs(
+                min_replicas=args.min_hosts,
+                max_replicas=args.max_hosts,
+                mode="ON",
+                # A host's signals count once it has booted (apt and pip at boot: auto-healing's delay).
+                cooldown_period=args.autoheal_initial_delay_s,
+                metrics=[gcp.compute.RegionAutoscalerAutoscalingPolicyMetricArgs(
+                    name=CONNECTED_DEVICES_METRIC, target=self._devices_per_host, type="GAUGE")],
+                cpu_utilization=gcp.compute.RegionAutoscalerAutoscalingPolicyCpuUtilizationArgs(
+                    target=args.cpu_target),
+                scale_in_control=gcp.compute.RegionAutoscalerAutoscalingPolicyScaleInControlArgs(
+                    max_scaled_in_replicas=gcp.compute.RegionAutoscalerAutoscalingPolicyScaleInControlMaxScaledInReplicasArgs(
+                        fixed=1),
+                    time_window_sec=600),
+            ),
+            opts=self._child,
         )
 
     def _load_balancer(self) -> None:
@@ -431,8 +498,11 @@ def _topic_id(topic: str) -> str:
 
 def startup_script(*, project: str, region: str, registry_id: str, prefix: str, code_url: str,
                    tls_key_secret: str, passwords_secret: str, server_cert_pem: str, database: str,
-                   routes: Mapping[str, str], fanout_subscriptions: Sequence[str], health_port: int) -> str:
-    """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager."""
+                   routes: Mapping[str, str], fanout_subscriptions: Sequence[str], health_port: int,
+                   machine_type: str = "e2-standard-2") -> str:
+    """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager, the
+    kernel and the units' open-files limits sized for what a ``machine_type`` host carries (host_sizing)."""
+    size = sizing(machine_type)
     settings = {
         "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
         "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT,
@@ -488,7 +558,16 @@ cd "$OPT/app"
     --out "$MQ" --user mosquitto
 chown -R mosquitto:mosquitto "$MQ"
 chown iotbridge:iotbridge "$ETC"/*
+# Kernel limits for {size.devices} device connections (gcp_iot_bridge/infra/host_sizing.py).
+install -d -m 0755 "$ROOT/etc/sysctl.d"
+cat > "$ROOT/etc/sysctl.d/60-iotbridge.conf" <<'SYSCTL'
+{size.sysctl_conf().strip()}
+SYSCTL
+systemctl restart systemd-sysctl
+# Open files: the front holds two per device, Mosquitto one, the bridge service a fixed set.
+NOFILE_front={size.front_nofile} NOFILE_service={size.service_nofile}
 for role in front service; do
+nofile=NOFILE_$role
 cat > "$UNITS/iotbridge-$role.service" <<UNIT
 [Unit]
 Description=gcp-iot-bridge $role
@@ -498,7 +577,7 @@ Wants=network-online.target
 User=iotbridge
 WorkingDirectory=$OPT/app
 ExecStart=$OPT/venv/bin/python -m iotbridge.bridge $role --settings $ETC/settings.json
-LimitNOFILE=1048576
+LimitNOFILE=${{!nofile}}
 NoNewPrivileges=true
 ProtectSystem=strict
 ReadWritePaths=$VAR
@@ -516,7 +595,7 @@ After=network-online.target
 ExecStart=/usr/sbin/mosquitto -c $MQ/mosquitto.conf
 Restart=always
 RestartSec=2
-LimitNOFILE=1048576
+LimitNOFILE={size.broker_nofile}
 [Install]
 WantedBy=multi-user.target
 UNIT

@@ -195,6 +195,7 @@ class _Mocks(pulumi.runtime.Mocks):
             state["address"] = "203.0.113.7"
         elif t == "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager":
             state["instanceGroup"] = f"projects/{project}/regions/{state.get('region')}/instanceGroups/{state['name']}"
+            rid = f"projects/{project}/regions/{state.get('region')}/instanceGroupManagers/{state['name']}"
         elif t == "gcp:compute/instanceTemplate:InstanceTemplate":
             name = state.get("name") or f"{state.get('namePrefix', 'template-')}1"
             state["selfLinkUnique"] = f"projects/{project}/global/instanceTemplates/{name}?uniqueId=1"

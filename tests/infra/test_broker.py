@@ -56,7 +56,7 @@ PUBSUB_AGENT = "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceac
 def test_fanout_subscriptions_dead_letter_and_the_agent_may_ack_them():
     run = build()
     subs = [s for s in run.resources if s.type == "gcp:pubsub/subscription:Subscription"]
-    assert len(subs) == 4
+    assert len(subs) == 4  # one per host the group may run (max_hosts)
     for sub in subs:
         assert sub.get("deadLetterPolicy") == {"deadLetterTopic": TOPIC + "dead-letter", "maxDeliveryAttempts": 5}
     agent_grants = {g.get("subscription") for g in run.resources
@@ -72,7 +72,7 @@ def build(**overrides) -> harness.StackRun:
         project=PROJECT, region="europe-west1", prefix=PREFIX, registry_id="fleet",
         service_account_email=BRIDGE_EMAIL, telemetry_topic=TOPIC + "telemetry", state_topic=TOPIC + "state",
         commands_topic=TOPIC + "device-commands", deletion_protection=False,
-        routes={"logs": TOPIC + "device-logs"}, hosts=2, fanout_slots=4,
+        routes={"logs": TOPIC + "device-logs"}, min_hosts=2, max_hosts=4,
         dead_letter_topic=TOPIC + "dead-letter", pubsub_agent=PUBSUB_AGENT,
     )
     fields.update(overrides)
@@ -146,7 +146,8 @@ def test_secrets_follow_the_deletion_switch():
 
 def test_mig_with_autohealing_on_the_front_health_check(run):
     mig, template, hc = the(run, "mig"), the(run, "template"), the(run, "hc")
-    assert mig.get("targetSize") == 2 and mig.get("region") == "europe-west1"
+    # The autoscaler owns the size: a target size here would fight it.
+    assert mig.get("targetSize") is None and mig.get("region") == "europe-west1"
     assert mig.get("versions")[0]["instanceTemplate"].endswith("?uniqueId=1")
     policy = mig.get("autoHealingPolicies")
     assert policy["healthCheck"] == "broker-autoheal-id"  # the mocks' id of the global HTTP health check
@@ -239,8 +240,15 @@ def test_hosts_install_the_locked_closure():
 def test_invalid_arguments_fail_before_anything_is_declared():
     with pytest.raises(Exception, match="at most 10"):
         build(routes={f"r{i}": TOPIC + "telemetry" for i in range(11)})
-    with pytest.raises(Exception, match="hosts must be"):
-        build(hosts=5, fanout_slots=4)
+    for bad in ({"min_hosts": 0}, {"min_hosts": 5, "max_hosts": 4}, {"max_hosts": 2001}):
+        with pytest.raises(Exception, match="hosts must be 1 <= min_hosts <= max_hosts <= 2000"):
+            build(**bad)
+    with pytest.raises(Exception, match="must cover max_hosts"):
+        build(max_hosts=6, fanout_slots=4)
+    with pytest.raises(Exception, match="unknown machine type 'n9-mega-2'"):
+        build(machine_type="n9-mega-2")
+    with pytest.raises(Exception, match=r"devices_per_host must be 1\.\.55536"):
+        build(devices_per_host=60000)
 
 
 def test_hosts_boot_only_after_everything_they_read_exists(run):
@@ -315,3 +323,53 @@ def test_a_host_runs_the_bridge_from_the_archive_alone(tmp_path):
                    cwd=app, timeout=60, check=True, capture_output=True)
     assert {p.name for p in out.iterdir()} >= {"mosquitto.conf", "passwd", "acl"}
     assert f"listener {bc.BROKER_PORT} 127.0.0.1" in (out / "mosquitto.conf").read_text()
+
+
+def test_autoscaler_on_connected_devices_per_host_and_cpu_within_the_bounds(run):
+    (autoscaler,) = run.of_type("gcp:compute/regionAutoscaler:RegionAutoscaler")
+    mig = the(run, "mig")
+    assert autoscaler.get("target") == f"projects/{PROJECT}/regions/europe-west1/instanceGroupManagers/{PREFIX}-broker"
+    assert run.depends_on(autoscaler, mig)
+    policy = autoscaler.get("autoscalingPolicy")
+    assert (policy["minReplicas"], policy["maxReplicas"], policy["mode"]) == (2, 4, "ON")
+    # The gauge every host's bridge reports, per instance; its target what an e2-standard-2 carries x 0.7.
+    assert policy["metrics"] == [{"name": "custom.googleapis.com/iot/connected_devices", "target": 38875,
+                                  "type": "GAUGE"}]
+    assert policy["cpuUtilization"] == {"target": 0.6}
+    assert policy["cooldownPeriod"] == 600  # hosts boot (apt, pip) before their signals count
+    assert policy["scaleInControl"] == {"maxScaledInReplicas": {"fixed": 1}, "timeWindowSec": 600}
+    bigger = build(min_hosts=3, max_hosts=2000, machine_type="e2-standard-8", devices_per_host=20000)
+    (scaled,) = bigger.of_type("gcp:compute/regionAutoscaler:RegionAutoscaler")
+    assert (scaled.get("autoscalingPolicy")["minReplicas"], scaled.get("autoscalingPolicy")["maxReplicas"]) == (3, 2000)
+    assert scaled.get("autoscalingPolicy")["metrics"][0]["target"] == 20000
+    assert len(bigger.of_type(T["sub"])) == 2000  # a fan-out slot for every host the group may run
+
+
+def test_updates_roll_one_host_per_zone_without_going_below_the_group_size(run):
+    policy = the(run, "mig").get("updatePolicy")
+    assert policy == {"type": "PROACTIVE", "minimalAction": "REPLACE", "mostDisruptiveAllowedAction": "REPLACE",
+                      "replacementMethod": "SUBSTITUTE", "instanceRedistributionType": "PROACTIVE",
+                      "maxSurgeFixed": 3, "maxUnavailableFixed": 0}
+    two_zones = build(zones=["europe-west1-b", "europe-west1-c"])
+    # A regional group takes a fixed surge of 0 or at least its zones: one new host per zone.
+    assert the(two_zones, "mig").get("updatePolicy")["maxSurgeFixed"] == 2
+
+
+def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run):
+    from gcp_iot_bridge.infra import host_sizing
+
+    script = the(run, "template").get("metadataStartupScript")
+    size = host_sizing.sizing("e2-standard-2")
+    # 8 GiB less 2 GiB kept back, at 73 KiB per device: 86,184; the ephemeral ports (10000-65535) bound it first.
+    assert (size.devices_by_memory, size.devices_by_ports, size.devices) == (86184, 55536, 55536)
+    units = script.split("<<UNIT")
+    assert "LimitNOFILE=${!nofile}" in units[1] and "NOFILE_front=115168 NOFILE_service=65536" in script
+    assert "LimitNOFILE=59632" in units[2]  # Mosquitto: one per device
+    conf = script.split("<<'SYSCTL'\n", 1)[1].split("\nSYSCTL\n", 1)[0]
+    assert conf.splitlines()[1:] == [
+        "fs.file-max = 1048576", "net.core.somaxconn = 65535", "net.ipv4.tcp_max_syn_backlog = 65535",
+        "net.ipv4.ip_local_port_range = 10000 65535", "net.ipv4.tcp_mem = 262144 393216 524288"]
+    assert "systemctl restart systemd-sysctl" in script
+    small = host_sizing.sizing("e2-micro")  # 1 GiB: memory bounds it
+    assert (small.devices, small.autoscale_target, small.front_nofile) == (7182, 5027, 18460)
+    assert host_sizing.sizing("n2-custom-4-16384").memory_mib == 16384

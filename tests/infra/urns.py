@@ -9,6 +9,9 @@ holds the URNs of the dev, prod and demo stacks as they were before the componen
 
     .venv/bin/python -m tests.infra.urns           # print today's URNs of every stack, as the fixtures hold them
     .venv/bin/python -m tests.infra.urns --write   # rewrite the fixtures (only from code whose URNs are the baseline)
+
+A change that removes a resource on purpose (a deployed stack loses it on the next ``up``) rewrites the fixtures
+and says so in its commit; a change that moves or renames one gives the new resource an alias instead.
 """
 
 from __future__ import annotations
