@@ -52,7 +52,8 @@ def test_bridge_killed_mid_stream_loses_nothing(own_stack, registry):
                                                    "seq": seq}).encode()))
         if seq == n // 2:
             # Kill once Pub/Sub has really received part of the stream, so the kill lands mid-flight.
-            wait_for("first forwards", lambda: own_stack.service_stats().get("forwarded", 0) > 1000, timeout=60)
+            wait_for("first forwards", lambda: own_stack.service_stats().get("forwarded", 0),
+                     lambda v: v > 1000, timeout=60)
             own_stack.kill("service")
     for info in infos:
         info.wait_for_publish(60)  # every message acknowledged by the broker (PUBACK through the front)
@@ -80,14 +81,14 @@ def test_pubsub_outage_stops_acks_then_delivers_everything(bridge_env, tmp_path,
         reader = _reader(stack)
         dev = DeviceFactory(registry, stack).connected("ES256")
         dev.publish_event(json.dumps({"seq": -1}).encode()).wait_for_publish(10)
-        wait_for("first ack", lambda: stack.service_stats().get("acked") == 1, timeout=20)
+        wait_for("first ack", lambda: stack.service_stats().get("acked"), lambda v: v == 1, timeout=20)
 
         os.killpg(pubsub.proc.pid, signal.SIGSTOP)
         n = 300
         for seq in range(n):
             dev.publish_event(json.dumps({"seq": seq}).encode()).wait_for_publish(10)
         # The broker holds them (the device got every PUBACK) and handed them to the bridge ...
-        wait_for("bridge received all", lambda: stack.service_stats().get("received") == n + 1, timeout=20)
+        wait_for("bridge received all", lambda: stack.service_stats().get("received"), lambda v: v == n + 1, timeout=20)
         stats = stack.service_stats()
         # ... which has acknowledged none of them while Pub/Sub is away.
         assert stats["acked"] == 1 and stats["forwarded"] == 1, stats
@@ -95,7 +96,7 @@ def test_pubsub_outage_stops_acks_then_delivers_everything(bridge_env, tmp_path,
         os.killpg(pubsub.proc.pid, signal.SIGCONT)
         got = _seqs(reader.pull("telemetry", n + 1, timeout=120))
         assert set(got) == set(range(-1, n))
-        wait_for("all acked", lambda: stack.service_stats().get("acked") == n + 1, timeout=30)
+        wait_for("all acked", lambda: stack.service_stats().get("acked"), lambda v: v == n + 1, timeout=30)
         dev.disconnect()
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
@@ -118,9 +119,9 @@ def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack,
     factory = DeviceFactory(registry, own_stack)
     device_id, private = factory.register("ES256")
     fanout.push_config(registry, pubsub_v1.PublisherClient(), own_stack.settings.prefix, device_id, b"cfg-v1")
-    wait_for("retained config", lambda: _retained(own_stack, device_id) == b"cfg-v1", timeout=20)
+    wait_for("retained config", lambda: _retained(own_stack, device_id), lambda v: v == b"cfg-v1", timeout=20)
 
-    wait_for("/healthz 200", lambda: _health(own_stack) == 200, timeout=10)
+    wait_for("/healthz 200", lambda: _health(own_stack), lambda v: v == 200, timeout=10)
     # Messages queued for the bridge's persistent session while the bridge is away.
     reader = _reader(own_stack)
     own_stack.stop_part("service")

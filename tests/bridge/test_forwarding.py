@@ -52,7 +52,8 @@ def test_device_telemetry_and_state_reach_pubsub_byte_identical(devices, reader,
     assert [m.data for m in state] == [b'{"firmware": "1.2"}'] and _attrs(state[0]) == base
 
     # Registry activity is written (coalesced) by the bridge.
-    wait_for("state in registry", lambda: registry.get_device(device_id).state == b'{"firmware": "1.2"}', timeout=15)
+    wait_for("state in registry", lambda: registry.get_device(device_id).state,
+             lambda v: v == b'{"firmware": "1.2"}', timeout=15)
     assert registry.get_device(device_id).last_event_time is not None
 
 
@@ -64,7 +65,7 @@ def test_config_reaches_device_also_after_reconnect_and_ack_is_recorded(devices,
     publisher = pubsub_v1.PublisherClient()
     cfg = fanout.push_config(registry, publisher, stack.settings.prefix, device_id, b'{"rate": 5}')
     assert dev.configs.get(timeout=20) == b'{"rate": 5}'
-    wait_for("config ack", lambda: registry.list_config_versions(device_id)[0].device_ack_time is not None,
+    wait_for("config ack", lambda: registry.list_config_versions(device_id)[0].device_ack_time,
              timeout=15)
     assert registry.get_device(device_id).last_config_ack_time is not None
     assert registry.get_config(device_id).version == cfg.version
@@ -78,7 +79,7 @@ def test_config_reaches_device_also_after_reconnect_and_ack_is_recorded(devices,
     again.connect()
     again.subscribe_config()
     assert again.configs.get(timeout=20) == b'{"rate": 7}'
-    wait_for("ack of v2", lambda: registry.list_config_versions(device_id)[0].device_ack_time is not None, timeout=15)
+    wait_for("ack of v2", lambda: registry.list_config_versions(device_id)[0].device_ack_time, timeout=15)
 
 
 def stack_has_retained(stack, device_id: str, expected: bytes) -> bool:
@@ -135,4 +136,4 @@ def test_mqtt5_device_and_mosquitto_pub_as_foreign_client(devices, reader, regis
 def test_heartbeat_is_recorded_from_pingreq(devices, registry):
     dev = devices.connected("ES256", keepalive=1)  # paho pings every second while idle
     wait_for("last_heartbeat_time",
-             lambda: registry.get_device(dev.identity.device_id).last_heartbeat_time is not None, timeout=15)
+             lambda: registry.get_device(dev.identity.device_id).last_heartbeat_time, timeout=15)

@@ -103,7 +103,7 @@ def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redel
     device_id = dev.identity.device_id
     dev.subscribe_config()
     assert dev.configs.get(timeout=10) == b'{"v":"once"}'
-    wait_for("the first ack", lambda: registry.get_config(device_id).device_ack_time is not None, timeout=10)
+    wait_for("the first ack", lambda: registry.get_config(device_id).device_ack_time, timeout=10)
     acks = counter(stack, "config_acks")
     for _ in range(9):  # every re-subscribe makes Mosquitto send the retained config again, and the device ack it
         dev.subscribe_config()
@@ -112,11 +112,11 @@ def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redel
     assert counter(stack, "config_acks") == acks  # nine more PUBACKs, no more registry work
     push_config(stack, registry, device_id, b'{"v":"twice"}')  # a new version is acked again
     assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
-    wait_for("the new version's ack", lambda: counter(stack, "config_acks") == acks + 1, timeout=10)
+    wait_for("the new version's ack", lambda: counter(stack, "config_acks"), lambda v: v == acks + 1, timeout=10)
     # A new version with the same bytes is a version of its own: acknowledged too.
     push_config(stack, registry, device_id, b'{"v":"twice"}')
     assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
-    wait_for("the same bytes' ack", lambda: registry.get_config(device_id).device_ack_time is not None, timeout=10)
+    wait_for("the same bytes' ack", lambda: registry.get_config(device_id).device_ack_time, timeout=10)
     assert counter(stack, "config_acks") == acks + 2
 
 
@@ -245,7 +245,7 @@ def test_connections_that_never_send_connect_are_capped_per_address_and_in_all(d
     idle: list[ssl.SSLSocket] = []
     try:
         idle += [_idle(stack, "127.0.0.4") for _ in range(3)]
-        wait_for("3 pending connections", lambda: counter(stack, "pending") == 3, timeout=10)
+        wait_for("3 pending connections", lambda: counter(stack, "pending"), lambda v: v == 3, timeout=10)
         before = counter(stack, "pending_limited")
         with pytest.raises((ssl.SSLError, OSError)):  # a 4th from the same address: closed before TLS
             idle.append(_idle(stack, "127.0.0.4"))
@@ -254,14 +254,14 @@ def test_connections_that_never_send_connect_are_capped_per_address_and_in_all(d
         devices.connected("ES256")  # another address is not affected
 
         idle += [_idle(stack, "127.0.0.5") for _ in range(2)]  # 5 in all: the host's cap
-        wait_for("5 pending connections", lambda: counter(stack, "pending") == 5, timeout=10)
+        wait_for("5 pending connections", lambda: counter(stack, "pending"), lambda v: v == 5, timeout=10)
         with pytest.raises(Exception):  # noqa: B017 - the front closes the socket: TLS, socket or CONNACK error
             devices.connected("ES256")
         assert counter(stack, "pending_limited") == before + 2
     finally:
         for s in idle:
             s.close()
-    wait_for("the idle connections gone", lambda: counter(stack, "pending") == 0, timeout=15)
+    wait_for("the idle connections gone", lambda: counter(stack, "pending"), lambda v: v == 0, timeout=15)
     devices.connected("ES256")
 
 

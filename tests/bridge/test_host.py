@@ -84,7 +84,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
                 services.wait_for_port(svc, 30)
         assert "leased fan-out subscription " + slots[0] in (tmp_path / "service.log").read_text()
         # Healthy once the service has written its first stats (half a second after it started).
-        wait_for("/healthz 200", lambda: _health(settings["health_port"]) == 200, timeout=10)
+        wait_for("/healthz 200", lambda: _health(settings["health_port"]), lambda v: v == 200, timeout=10)
 
         reader = PubSubReader(PROJECT, prefix)
         reader.attach(uuid.uuid4().hex[:6])
@@ -98,7 +98,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
         assert [m.data for m in reader.pull("device-logs", 1)] == [b"from the cloud layout"]
         fanout.push_config(registry, pubsub_v1.PublisherClient(), prefix, device_id, b"cfg")
         assert dev.configs.get(timeout=20) == b"cfg"
-        wait_for("ack", lambda: registry.list_config_versions(device_id)[0].device_ack_time is not None, timeout=15)
+        wait_for("ack", lambda: registry.list_config_versions(device_id)[0].device_ack_time, timeout=15)
         dev.disconnect()
     finally:
         for p in reversed(procs):

@@ -74,7 +74,7 @@ def test_poison_subfolder_is_dead_lettered_and_other_devices_get_through(enforci
     assert sample["subFolder"] == sub_folder[:limits.MAX_ATTRIBUTE_VALUE_BYTES]
     assert sample["mqttTopic"].startswith(f"/devices/{poisoner}/events/sss")
     # Acknowledged to the broker: nothing of it is redelivered, and no invalid request ever reached Pub/Sub.
-    wait_for("dead-letter count", lambda: stack.service_stats().get("dead_lettered", 0) >= POISON_MESSAGES,
+    wait_for("dead-letter count", lambda: stack.service_stats().get("dead_lettered", 0), lambda v: v >= POISON_MESSAGES,
              timeout=10)
     assert reader.drain("telemetry", wait=1.0) == []
     assert REFUSED not in stack.procs["service"].log_path.read_text()

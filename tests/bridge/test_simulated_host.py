@@ -318,7 +318,7 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
             proc = init.units[name].proc
             assert proc is not None
             assert _uid(proc.pid) == (uid, uid), f"{name} runs as {_uid(proc.pid)}, not {uid}"
-        wait_for("/healthz 200", lambda: _health(health_port) == 200, timeout=15)
+        wait_for("/healthz 200", lambda: _health(health_port), lambda v: v == 200, timeout=15)
         # The front labelled its gauge from the metadata server; the write itself was refused at the proxy.
         wait_for("the front's metadata read", lambda: google.seen("GET", "/computeMetadata/v1/instance/zone"),
                  timeout=15)

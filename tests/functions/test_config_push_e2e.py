@@ -73,7 +73,8 @@ def test_broker_outage_is_retried_and_yields_one_version(served: Served) -> None
     mid = served.publish({"device_id": "thermo-2", "config": {"mode": "eco"}})
     # Each failed delivery answers 500; the subscription redelivers the same message id.
     wait_for("two failed deliveries while the broker is down",
-             lambda: len([e for e in served.log_entries(mid) if e.get("outcome") == "retry"]) >= 2, timeout=60,
+             lambda: len([e for e in served.log_entries(mid) if e.get("outcome") == "retry"]),
+             lambda v: v >= 2, timeout=60,
              interval=0.2)
     assert served.registry.get_device("thermo-2").config_version == 1
 

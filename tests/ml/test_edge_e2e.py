@@ -216,7 +216,8 @@ def test_train_rollout_monitor_and_refuse_tampered_model(stack, tmp_path, monkey
         assert all(fleet_status[f"edge-{i}"]["running_version"] == "v1" for i in range(DEVICES))
         assert all(fleet_status[f"edge-{i}"]["desired_version"] == "v1" for i in range(DEVICES))
         wait_for("every inference in device_logs",
-                 lambda: sum(1 for r in device_logs(status) if r["kind"] == "inference") >= 5 * DEVICES + 1,
+                 lambda: sum(1 for r in device_logs(status) if r["kind"] == "inference"),
+                 lambda v: v >= 5 * DEVICES + 1,
                  timeout=60)
         logs = device_logs(status)
         # What a device says about itself matches the identity the bridge authenticated.
