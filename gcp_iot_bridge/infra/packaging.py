@@ -129,11 +129,24 @@ def imported_names(module: str, is_package: bool, tree: ast.Module) -> list[str]
 
 @dataclass(frozen=True)
 class Deployable:
-    """A deployable by its entry modules and the folders its modules come from, first match wins."""
+    """A deployable by its entry modules and the folders its modules come from, first match wins. Every module of
+    the ``whole_packages`` is an entry point too (the pipeline's package: decoders named only in configuration)."""
     name: str
     entry_points: tuple[str, ...]
     sources: tuple[Source, ...] = (Source(),)
+    whole_packages: tuple[str, ...] = ()
     root: Path = SOURCE_ROOT
+
+    def entries(self) -> list[str]:
+        out = list(self.entry_points)
+        for package in self.whole_packages:
+            found = self.resolve(package)
+            if found is None:
+                raise FileNotFoundError(f"{self.name}: package {package} is not in {self.sources}")
+            folder = found[0].parent
+            out += sorted(module_name(f"{package.replace('.', '/')}/{p.relative_to(folder).as_posix()}")
+                          for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+        return out
 
     def resolve(self, module: str) -> tuple[Path, str] | None:
         """(file, path in the archive) of a project module, or None when it is not the project's."""
@@ -149,7 +162,8 @@ class Deployable:
         """(path in the archive -> file) of every project module reached, and the other modules they import."""
         files: dict[str, Path] = {}
         external: set[str] = set()
-        todo = list(self.entry_points)
+        entry_modules = set(self.entries())
+        todo = sorted(entry_modules)
         while todo:
             module = todo.pop()
             parts = module.split(".")
@@ -157,7 +171,7 @@ class Deployable:
             for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
                 found = self.resolve(name)
                 if found is None:
-                    if name == module and module in self.entry_points:
+                    if name == module and module in entry_modules:
                         raise FileNotFoundError(f"{self.name}: entry point {module} is not in {self.sources}")
                     if name == ".".join(parts[:1]) and not self._is_project(name):
                         external.add(module)
@@ -304,4 +318,4 @@ def stage(files: Mapping[str, bytes | str], dest: Path) -> Path:
 # The stack's deployables, by the modules their targets start.
 BROKER = Deployable("the broker archive", ("iotbridge.bridge.__main__",))
 CONFIG_PUSH = Deployable("the config-push function", ("main",), sources=(Source("functions/config_push"), Source()))
-PIPELINE = Deployable("the pipeline image", ("dataflow_jobs.telemetry_pipeline",))
+PIPELINE = Deployable("the pipeline image", ("dataflow_jobs.telemetry_pipeline",), whole_packages=("dataflow_jobs",))
