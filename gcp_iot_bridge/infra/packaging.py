@@ -2,8 +2,8 @@
 the pipeline's Flex Template build context.
 
 A deployable is named by its entry points, the modules its target starts (``iotbridge.bridge.__main__`` on a
-broker host, the function's ``main``, ``dataflow_jobs.telemetry_pipeline`` in the image). What it ships is derived,
-never listed by hand:
+broker host, the function's ``main``, ``dataflow_jobs.telemetry_pipeline`` and the rest of its package in the
+image). What it ships is derived, never listed by hand:
 
 - **Files**: the closure of the project's imports from the entry points, read with ``ast`` (imports inside
   functions count, a lazy import fails on a host just the same; those under ``if TYPE_CHECKING:`` never run), with
@@ -223,8 +223,14 @@ def _project_extras() -> dict[str, str]:
     """Canonical name -> ``[extras]`` of the project's own dependencies (``apache-beam[gcp]``)."""
     from packaging.requirements import Requirement
 
+    try:
+        declared = metadata.requires(PROJECT_DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed: its pyproject.toml
+        import tomllib
+
+        declared = tomllib.loads((SOURCE_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     out = {}
-    for line in metadata.requires(PROJECT_DISTRIBUTION) or []:
+    for line in declared:
         req = Requirement(line)
         if req.extras and req.marker is None:
             out[canonical_name(req.name)] = "[" + ",".join(sorted(req.extras)) + "]"
