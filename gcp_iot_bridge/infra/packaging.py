@@ -2,8 +2,8 @@
 the pipeline's Flex Template build context.
 
 A deployable is named by its entry points, the modules its target starts (``iotbridge.bridge.__main__`` on a
-broker host, the function's ``main``, ``dataflow_jobs.telemetry_pipeline`` in the image). What it ships is derived,
-never listed by hand:
+broker host, the function's ``main``, ``dataflow_jobs.telemetry_pipeline`` and the rest of its package in the
+image). What it ships is derived, never listed by hand:
 
 - **Files**: the closure of the project's imports from the entry points, read with ``ast`` (imports inside
   functions count, a lazy import fails on a host just the same; those under ``if TYPE_CHECKING:`` never run), with
@@ -129,11 +129,24 @@ def imported_names(module: str, is_package: bool, tree: ast.Module) -> list[str]
 
 @dataclass(frozen=True)
 class Deployable:
-    """A deployable by its entry modules and the folders its modules come from, first match wins."""
+    """A deployable by its entry modules and the folders its modules come from, first match wins. Every module of
+    the ``whole_packages`` is an entry point too (the pipeline's package: decoders named only in configuration)."""
     name: str
     entry_points: tuple[str, ...]
     sources: tuple[Source, ...] = (Source(),)
+    whole_packages: tuple[str, ...] = ()
     root: Path = SOURCE_ROOT
+
+    def entries(self) -> list[str]:
+        out = list(self.entry_points)
+        for package in self.whole_packages:
+            found = self.resolve(package)
+            if found is None:
+                raise FileNotFoundError(f"{self.name}: package {package} is not in {self.sources}")
+            folder = found[0].parent
+            out += sorted(module_name(f"{package.replace('.', '/')}/{p.relative_to(folder).as_posix()}")
+                          for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+        return out
 
     def resolve(self, module: str) -> tuple[Path, str] | None:
         """(file, path in the archive) of a project module, or None when it is not the project's."""
@@ -149,7 +162,8 @@ class Deployable:
         """(path in the archive -> file) of every project module reached, and the other modules they import."""
         files: dict[str, Path] = {}
         external: set[str] = set()
-        todo = list(self.entry_points)
+        entry_modules = set(self.entries())
+        todo = sorted(entry_modules)
         while todo:
             module = todo.pop()
             parts = module.split(".")
@@ -157,7 +171,7 @@ class Deployable:
             for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
                 found = self.resolve(name)
                 if found is None:
-                    if name == module and module in self.entry_points:
+                    if name == module and module in entry_modules:
                         raise FileNotFoundError(f"{self.name}: entry point {module} is not in {self.sources}")
                     if name == ".".join(parts[:1]) and not self._is_project(name):
                         external.add(module)
@@ -209,8 +223,14 @@ def _project_extras() -> dict[str, str]:
     """Canonical name -> ``[extras]`` of the project's own dependencies (``apache-beam[gcp]``)."""
     from packaging.requirements import Requirement
 
+    try:
+        declared = metadata.requires(PROJECT_DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed: its pyproject.toml
+        import tomllib
+
+        declared = tomllib.loads((SOURCE_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     out = {}
-    for line in metadata.requires(PROJECT_DISTRIBUTION) or []:
+    for line in declared:
         req = Requirement(line)
         if req.extras and req.marker is None:
             out[canonical_name(req.name)] = "[" + ",".join(sorted(req.extras)) + "]"
@@ -304,4 +324,4 @@ def stage(files: Mapping[str, bytes | str], dest: Path) -> Path:
 # The stack's deployables, by the modules their targets start.
 BROKER = Deployable("the broker archive", ("iotbridge.bridge.__main__",))
 CONFIG_PUSH = Deployable("the config-push function", ("main",), sources=(Source("functions/config_push"), Source()))
-PIPELINE = Deployable("the pipeline image", ("dataflow_jobs.telemetry_pipeline",))
+PIPELINE = Deployable("the pipeline image", ("dataflow_jobs.telemetry_pipeline",), whole_packages=("dataflow_jobs",))

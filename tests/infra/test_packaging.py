@@ -25,7 +25,7 @@ def found_by_modulefinder(deployable: Deployable) -> set[str]:
     nested functions included): a second reading of the imports, independent of packaging's ``ast`` walk."""
     folders = [str(deployable.root / s.folder) for s in deployable.sources]
     finder = modulefinder.ModuleFinder(path=folders)  # only the project: third-party names stay unresolved
-    for entry in deployable.entry_points:
+    for entry in deployable.entries():
         finder.import_hook(entry)
     return {name for name, m in finder.modules.items() if m.__file__}
 
@@ -80,6 +80,21 @@ def test_the_hash_changes_with_a_shipped_file_and_not_with_another(source_copy: 
     finally:
         (source_copy / shipped).write_text(original)
     assert deployable.package().hash == before.hash
+
+
+def test_every_module_of_the_pipelines_package_ships(source_copy: Path):
+    """A payload decoder is named in configuration only, never imported: the pipeline's whole package ships."""
+    deployable = dataclasses.replace(PIPELINE, root=source_copy)
+    decoder = source_copy / "dataflow_jobs" / "decoders" / "vendor.py"
+    decoder.parent.mkdir()
+    (decoder.parent / "__init__.py").write_text("")
+    decoder.write_text("from iotbridge import registry\n\n\ndef decode(data):\n    return registry\n")
+    try:
+        files = deployable.package().files
+        assert {"dataflow_jobs/decoders/__init__.py", "dataflow_jobs/decoders/vendor.py",
+                "iotbridge/registry.py"} <= set(files)
+    finally:
+        shutil.rmtree(decoder.parent)
 
 
 def test_a_new_import_ships_the_module_it_names(source_copy: Path):
