@@ -56,7 +56,7 @@ def test_cloud_hosts_write_the_gauge():
         fanout_subscriptions=["iot-device-commands-host-0"], health_port=8080)
     settings = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON", 1)[0])
     assert settings["connected_devices_metric"] == "cloud"
-    assert "google-cloud-monitoring==" in broker.host_requirements()
+    assert "google-cloud-monitoring==" in broker.code_files()["requirements.txt"]
 
 
 def test_settings_accept_cloud_or_log_only():
