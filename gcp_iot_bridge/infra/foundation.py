@@ -138,7 +138,7 @@ class Foundation(pulumi.ComponentResource):
         }
 
         crm = self.apis["cloudresourcemanager.googleapis.com"]
-        # The data source waits for the API it calls: a plain invoke runs at once, whatever it depends on.
+        # The data source waits for the API it calls: a plain invoke runs at once, before any resource exists.
         project_info = gcp.organizations.get_project_output(
             project_id=args.project, opts=pulumi.InvokeOutputOptions(parent=self, depends_on=[crm]))
         self.project_number = project_info.number
