@@ -1,8 +1,7 @@
 """The Looker Studio report over the warehouse's dashboard views, as a Linking API URL.
 
 Looker Studio (formerly Data Studio) has no resource API a stack could declare a report with, but its Linking API
-opens a report, a copy of a template or a blank one, whose data sources are configured by the URL itself
-(https://developers.google.com/looker-studio/integrate/linking-api)::
+opens a report, a copy of a template or a blank one, whose data sources are configured by the URL itself::
 
     https://lookerstudio.google.com/reporting/create?c.reportId=...&r.reportName=...
         &ds.ds0.connector=bigQuery&ds.ds0.type=TABLE&ds.ds0.projectId=P&ds.ds0.datasetId=D&ds.ds0.tableId=device_latest

@@ -31,8 +31,7 @@ _SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 
 REQUIRED_LABELS = ("app", "stack")
 
-# Google's health-check and network-load-balancer probe ranges
-# (cloud.google.com/load-balancing/docs/health-check-concepts#ip-ranges).
+# Google's health-check and network-load-balancer probe ranges: every probe comes from one of these.
 HEALTH_CHECK_RANGES = tuple(ipaddress.ip_network(r) for r in (
     "35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22"))
 MQTT_TLS_PORT = "8883"
@@ -409,8 +408,8 @@ def deletion_protection_follows_stack(r: Resource, ctx: StackContext) -> list[st
                        (lambda v: v == "drain") if ctx.protect else (lambda v: v == "cancel")))
         # Every stack waits for the job to stop. Without the wait, destroy removes the subnetwork and bucket the
         # workers still use, and the next launch under the same name meets the job that is still cancelling
-        # ("There is already an active job named ..."). A cancel takes minutes; the hours-long waits of
-        # hashicorp/terraform-provider-google#10559 are drains, which only protected stacks do.
+        # ("There is already an active job named ..."). A cancel takes minutes; a drain of a streaming job can
+        # keep the provider waiting for hours, and only protected stacks drain.
         checks.append(("skipWaitOnJobTermination", p.get("skipWaitOnJobTermination", False),
                        lambda v: not _truthy(v)))
     return [f"{path}={value!r} does not fit a {want} stack (deletionProtection={str(ctx.protect).lower()})"

@@ -9,7 +9,7 @@ import pytest
 
 from iotbridge import dashboards, spec
 
-# Parameter names the Linking API documents (developers.google.com/looker-studio/integrate/linking-api):
+# Parameter names Looker Studio's Linking API documents:
 # control, report, and the data source parameters of the BigQuery connector. A misspelt name ("datasetID") is
 # ignored by Looker Studio without an error, so the test holds the URL to this list.
 DOCUMENTED = {"c.reportId", "c.pageId", "c.mode", "c.explain", "r.reportName", "r.measurementId",

@@ -72,7 +72,7 @@ MAX_CONFIG_BYTES = reg.MAX_CONFIG_BYTES
 # Pub/Sub refuses attribute values over 1024 bytes.
 MAX_ATTRIBUTE_CHARS = 1000
 # The subscription Eventarc creates for the trigger keeps a message 24 h and has no dead-letter policy, which
-# neither the Eventarc API nor pulumi-gcp can set (terraform-provider-google #17697, #25069): a request still
+# neither the Eventarc API nor pulumi-gcp can set: a request still
 # failing after this age is dead-lettered by the function itself instead of being dropped silently at 24 h.
 MAX_RETRY_AGE_S = 23 * 3600.0
 ALIASES = {"deviceId": "device_id", "binaryData": "binary_data", "versionToUpdate": "version_to_update"}

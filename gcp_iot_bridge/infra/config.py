@@ -30,7 +30,7 @@ from iotbridge import spec
 
 PROJECT = "gcp-iot-bridge"
 
-# Public GCP regions (cloud.google.com/about/locations). A typo such as "us-central" or "europe-west" must fail
+# Public GCP regions. A typo such as "us-central" or "europe-west" must fail
 # here, not 10 minutes into `pulumi up` with a 400 from the first regional API.
 GCP_REGIONS: frozenset[str] = frozenset({
     "africa-south1",

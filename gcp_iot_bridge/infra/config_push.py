@@ -6,7 +6,7 @@ What it declares, and the GCP pitfall behind each choice:
   requirements.txt of the distributions they import at requirements/lock.txt's versions, all derived by
   gcp_iot_bridge/infra/packaging.py, zipped into a bucket object named by the content hash. Cloud Functions
   only rebuilds when the object name changes, so a fixed name would keep serving the old code after an edit
-  (terraform-provider-google #1938).
+  (the function's inputs would be unchanged, so nothing would be redeployed).
 - ``cloudfunctionsv2.Function``, runtime python312, its own runtime service account (Foundation's
   ``config-push`` workload), a build service account of its own: since 2024 builds default to the Compute
   Engine default account, which organisation policy often leaves without roles, and the deploy then fails in
@@ -25,14 +25,14 @@ What it declares, and the GCP pitfall behind each choice:
   the project's IAM); Pub/Sub's gets ``iam.serviceAccountTokenCreator`` on the trigger identity, needed to mint
   the push OIDC token in projects whose agent predates 2021-04-08.
 - Dead letters: the subscription Eventarc creates for the trigger is managed by Eventarc; neither the Eventarc
-  API nor pulumi-gcp can give it a dead-letter policy (terraform-provider-google #17697, #25069, #9748), and a
-  Python dynamic provider patching it afterwards does not load outside ``__main__`` (pulumi/pulumi#7453). So the
+  API nor pulumi-gcp can give it a dead-letter policy (neither the trigger nor the function has a field for it),
+  and a Python dynamic provider patching it afterwards does not load outside ``__main__``. So the
   function dead-letters itself: permanent refusals at once, transient failures once the request is 23 h old
   (before Eventarc's 24 h retention drops it). The runtime account publishes to the dead-letter topic.
 - Waits on a fresh project: the function is created only after two ``pulumiverse_time.Sleep`` resources, because
   GCP answers before what it was asked has propagated. The Eventarc trigger is refused with "Permission denied
-  while using the Eventarc Service Agent" for minutes after the agent is created and granted
-  (terraform-provider-google #25294, #14584); the build fails while the new build account's role, and the
+  while using the Eventarc Service Agent" for minutes after the agent is created and granted;
+  the build fails while the new build account's role, and the
   revision while the runtime account's grants, have not propagated (IAM: typically 2 minutes).
 """
 
@@ -270,8 +270,8 @@ class ConfigPush(pulumi.ComponentResource):
         eventarc_agent, token_creator = agents
         # The Eventarc agent is created lazily and its role propagates for minutes: until then creating the
         # function's trigger fails with "Permission denied while using the Eventarc Service Agent. If you recently
-        # started to use Eventarc, it may take a few minutes ..." (terraform-provider-google #25294, #14584; the
-        # workarounds there wait 2-3 minutes). Pub/Sub's token creator on the trigger identity goes with it.
+        # started to use Eventarc, it may take a few minutes ..." (waiting 2-3 minutes after the grant is
+        # enough). Pub/Sub's token creator on the trigger identity goes with it.
         self.eventarc_wait = time.Sleep(
             f"{name}-eventarc-agent-wait",
             create_duration=EVENTARC_AGENT_WAIT,
@@ -279,7 +279,7 @@ class ConfigPush(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, eventarc_agent, token_creator]),
         )
         # A role granted to the new build account, and the runtime account's grants, take effect only once IAM has
-        # propagated them (typically 2 minutes, cloud.google.com/iam/docs/access-change-propagation): before that
+        # propagated them (typically 2 minutes): before that
         # Cloud Build refuses the build and the first revision cannot read its secret or the registry.
         delivery, firestore_user, dead_letter_publisher = grants
         self.grants_wait = time.Sleep(

@@ -17,8 +17,8 @@ artifact, computes its SHA-256, and pushes configs carrying a V4 signed URL mint
 GCP pitfalls handled here:
 
 - A query job with a DDL statement (and EXPORT DATA) fails with "Cannot set create/write disposition" unless both
-  dispositions are set to the empty string (pulumi/pulumi-gcp#632). The REST API defaults ``useLegacySql`` to true
-  for jobs: set false explicitly.
+  dispositions are set to the empty string (pulumi-gcp sends defaults otherwise). The REST API defaults
+  ``useLegacySql`` to true for jobs: set false explicitly.
 - Jobs are immutable and their ids are unique in a project forever, also after the job resource is gone. Job ids
   here are deterministic — the stack prefix, the version and a hash of the job's own statement — so a change in
   the SQL or the version is a new job and an unchanged program is no change. They also carry the bucket's
@@ -183,7 +183,7 @@ class EdgeMl(pulumi.ComponentResource):
                 query=gcp.bigquery.JobQueryArgs(
                     query=statement,
                     use_legacy_sql=False,
-                    create_disposition="",  # DDL / EXPORT DATA refuse any disposition (pulumi-gcp#632)
+                    create_disposition="",  # DDL / EXPORT DATA refuse any disposition, even the provider's defaults
                     write_disposition="",
                 ),
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, *after]),

@@ -3,7 +3,7 @@
 Every other component takes the ``projects.Service`` resources it needs from ``Foundation.apis`` and puts them
 in the ``depends_on`` of each resource it declares. Without that, a first ``pulumi up`` on a fresh project races
 API enablement and fails with "API has not been used in project ... before or it is disabled"
-(pulumi/pulumi-gcp#675, #574, #992); data sources race it too (pulumi/pulumi-gcp#120, #685).
+(``pulumi preview`` does not notice a disabled API); data sources race it too, unless they wait for it.
 
 With a customer-managed key (``kms_key_name``), Foundation also grants Cloud KMS CryptoKey Encrypter/Decrypter on
 that key to each Google service agent that encrypts the stack's data with it. The grants live here, once per agent,
@@ -84,17 +84,17 @@ GENERATED_IDENTITIES: tuple[str, ...] = ("pubsub.googleapis.com", "eventarc.goog
 
 KMS_API = "cloudkms.googleapis.com"
 KEY_ROLE = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
-# The services whose Google agent encrypts the stack's data with the key (cloud.google.com/iam/docs/service-agents):
+# The services whose Google agent encrypts the stack's data with the key:
 # Pub/Sub topics, the BigQuery dataset, Bigtable clusters, Cloud Storage buckets, and the Dataflow job, whose
 # workers' persistent disks the Compute Engine agent encrypts.
 KEY_USERS: tuple[str, ...] = ("pubsub.googleapis.com", "bigquery.googleapis.com", "bigtableadmin.googleapis.com",
                               "storage.googleapis.com", "dataflow.googleapis.com", "compute.googleapis.com")
 # Of those, the agents Google creates lazily that `services identity create` can generate: a Bigtable CMEK cluster
-# cannot be created before its agent exists (cloud.google.com/bigtable/docs/use-cmek).
+# cannot be created before its agent exists.
 KEY_USER_IDENTITIES: tuple[str, ...] = ("bigtableadmin.googleapis.com",)
 # Until a key grant has propagated, creating a store with the key fails ("Cloud Pub/Sub did not have the necessary
-# permissions configured ... was granted the Cloud KMS CryptoKey Encrypter/Decrypter role",
-# terraform-provider-google #18911). IAM: "typically 2 minutes" (cloud.google.com/iam/docs/access-change-propagation).
+# permissions configured ... was granted the Cloud KMS CryptoKey Encrypter/Decrypter role").
+# IAM propagates a grant in typically 2 minutes.
 KEY_GRANTS_WAIT = "120s"
 
 
@@ -138,7 +138,7 @@ class Foundation(pulumi.ComponentResource):
         }
 
         crm = self.apis["cloudresourcemanager.googleapis.com"]
-        # The data source waits for the API it calls (pulumi/pulumi-gcp#120, #685).
+        # The data source waits for the API it calls: a plain invoke runs at once, before any resource exists.
         project_info = gcp.organizations.get_project_output(
             project_id=args.project, opts=pulumi.InvokeOutputOptions(parent=self, depends_on=[crm]))
         self.project_number = project_info.number

@@ -6,13 +6,12 @@ runner holds messages and extends their deadlines itself, so delivery attempts c
 dead-lettered. The pipeline writes what it cannot accept to ``telemetry_errors`` instead. Every subscription that
 dead-letters needs two grants to the Pub/Sub service agent (service-{number}@gcp-sa-pubsub): publisher on the
 dead-letter topic and subscriber on the source subscription. Without them dead-lettering silently never happens
-and a poison message is redelivered forever (terraform-google-modules/terraform-google-pubsub #34, #107, and #146 for
-BigQuery subscriptions).
+and a poison message is redelivered forever; a BigQuery subscription that dead-letters needs them too.
 
 The device-logs BigQuery subscription writes straight into the warehouse's ``device_logs`` table; the agent needs
 BigQuery dataEditor (to insert) and metadataViewer (to read the table's schema) before the subscription can be
 created, or the create call fails with a permission error. Granted is not yet effective: the create call answers
-"403 The caller does not have permission" while the grants propagate (terraform-provider-google #17397), so the
+"403 The caller does not have permission" while the grants propagate, so the
 subscription also waits a while after them.
 """
 
@@ -27,8 +26,8 @@ import pulumiverse_time as time
 
 from iotbridge import spec
 
-# How long the BigQuery subscription waits after its agent's dataset grants: IAM propagates a change "typically
-# in 2 minutes" (cloud.google.com/iam/docs/access-change-propagation).
+# How long the BigQuery subscription waits after its agent's dataset grants: IAM propagates a change typically
+# in 2 minutes.
 BIGQUERY_GRANTS_WAIT = "120s"
 
 
@@ -100,7 +99,7 @@ class Messaging(pulumi.ComponentResource):
                 for role in ("roles/bigquery.dataEditor", "roles/bigquery.metadataViewer")
             ]
             # Pub/Sub checks the agent's access to the table when the subscription is created; until the grants
-            # have propagated it answers 403 (terraform-provider-google #17397).
+            # have propagated it answers "403 The caller does not have permission".
             self.bigquery_grants_wait = time.Sleep(
                 f"{name}-bq-agent-wait",
                 create_duration=BIGQUERY_GRANTS_WAIT,

@@ -14,8 +14,8 @@ The bridge writes ``custom.googleapis.com/iot/connected_devices`` (GAUGE, INT64)
 every alert on it waits for it: Cloud Monitoring refuses an alert policy whose filter names a custom metric type
 that does not exist yet, which on a fresh project is always the case. Creating the descriptor is not enough
 either: the API creates it asynchronously, and for a while alerts on it still fail with "404 Cannot find metric(s)
-that match type ... If a metric was created recently, it could take up to 10 minutes to become available"
-(terraform-provider-google#11102). So those alerts also wait ``METRIC_DESCRIPTOR_WAIT`` after the descriptor,
+that match type ... If a metric was created recently, it could take up to 10 minutes to become available".
+So those alerts also wait ``METRIC_DESCRIPTOR_WAIT`` after the descriptor,
 on the first ``up`` only (the wait runs again only if the descriptor is replaced).
 The bridge service writes two more gauges the same way, and their alerts wait alike:
 ``broker_stored_messages`` (what Mosquitto holds: the bridge's queue while Pub/Sub is unreachable) and
@@ -44,12 +44,12 @@ CONNECTED_DEVICES_METRIC = spec.CONNECTED_DEVICES_METRIC
 BROKER_STORED_METRIC = spec.BROKER_STORED_METRIC
 BROKER_DROPPED_METRIC = spec.BROKER_DROPPED_METRIC
 MAX_QUEUED_MESSAGES = spec.BROKER_MAX_QUEUED_MESSAGES
-# "it could take up to 10 minutes to become available" (Monitoring's own 404, terraform-provider-google#11102). The
+# "it could take up to 10 minutes to become available" (Monitoring's own 404). The
 # wait runs beside the Dataflow launch and the image build, so the first `up` is rarely longer for it.
 METRIC_DESCRIPTOR_WAIT = "600s"
 
-# Every metric type the dashboard and the alerts use, as listed in Google's metrics reference
-# (cloud.google.com/monitoring/api/metrics_gcp). A test checks nothing else appears in a filter.
+# Every metric type the dashboard and the alerts use, each spelt as Cloud Monitoring names it. A test checks
+# nothing else appears in a filter.
 METRIC_TYPES: frozenset[str] = frozenset({
     "pubsub.googleapis.com/subscription/oldest_unacked_message_age",
     "pubsub.googleapis.com/subscription/num_undelivered_messages",

@@ -8,14 +8,14 @@
 - ``gcp.dataflow.FlexTemplateJob``: worker service account, private IPs only, Streaming Engine, max workers,
   labels. A new spec path or new parameters make the provider *update* the running streaming job (a launch with
   ``update=true``; Dataflow checks compatibility and moves the state over) instead of leaving the old job
-  running or cancelling it (hashicorp/terraform-provider-google#8408, google-beta PR 3069). The
+  running or cancelling it. The
   ``create_or_update_job`` experiment makes any fresh launch under the same job name an update of a job still
-  running or draining under it (hashicorp/terraform-provider-google#20792).
+  running or draining under it.
 - Autoscaling: a streaming job on Streaming Engine has horizontal autoscaling on by default, up to
-  ``max_workers`` (cloud.google.com/dataflow/docs/horizontal-autoscaling), so ``autoscaling_algorithm`` is left
+  ``max_workers``, so ``autoscaling_algorithm`` is left
   unset. The pipeline option's name ``THROUGHPUT_BASED`` is not a value of the launch API's enum
   (``FlexTemplateRuntimeEnvironment.autoscalingAlgorithm``: ``AUTOSCALING_ALGORITHM_UNKNOWN|NONE|BASIC``), and
-  sending it fails the launch with HTTP 400 (hashicorp/terraform-provider-google#17570, #18001); ``NONE`` would
+  sending it fails the launch with HTTP 400; ``NONE`` would
   pin the job at ``num_workers``.
 - Teardown follows ``deletion_protection``: drain (finish in-flight data) when true, cancel when false, and in
   both cases the provider waits until the job has stopped (``skip_wait_on_job_termination=False``). Pulumi deletes
@@ -23,8 +23,8 @@
   still use is removed under them, and the job's name is free again when ``destroy`` returns: Dataflow refuses a
   launch under the name of a job that is still active ("There is already an active job named ...", 409), and a
   cancelling job is active but neither running nor draining, so ``create_or_update_job`` cannot turn that launch
-  into an update. A cancel takes minutes; the hours-long waits of hashicorp/terraform-provider-google#10559 are
-  drains, which only protected stacks do.
+  into an update. A cancel takes minutes; a drain of a streaming job can keep the provider waiting for hours,
+  and only protected stacks drain.
 - IAM: the worker service account (from Foundation, which holds its project roles ``dataflow.worker``, log and
   metric writer) gets data roles on exactly the resources the job touches: subscriber + viewer on its
   subscription, publisher on the config-requests topic, dataEditor on the three tables it writes, bigtable.user
@@ -61,8 +61,7 @@ PIPELINE_DISTRIBUTION = "iot-telemetry-pipeline"
 IMAGE_NAME = "telemetry-pipeline"
 # The tables the pipeline writes (iotbridge.spec names); it reads none.
 WRITTEN_TABLES = ("telemetry_raw", "telemetry_1m", "telemetry_errors")
-# Dataflow workers talk to each other on these ports; a custom VPC without this rule stalls the job
-# (cloud.google.com/dataflow/docs/guides/routes-firewall).
+# Dataflow workers talk to each other on these ports; a custom VPC without this rule stalls the job.
 WORKER_PORTS = "12345-12346"
 WORKER_TAG = "dataflow"  # Dataflow puts this network tag on every worker VM
 _JOB_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")

@@ -7,7 +7,7 @@ explicitly here, on tables and views alike.
 
 Data expiry (demo stacks) is a partition expiration, not the dataset's ``default_table_expiration_ms``: that one
 would give the managed tables an expiration time, BigQuery would drop them (and the BigQuery subscription's
-target with them) and the provider cannot clear it again (hashicorp/terraform-provider-google#6509, #26193).
+target with them) and the provider cannot clear it again (setting 0 leaves the expiration in place).
 All tables here are partitioned, so partition expiration ages out the data and keeps the tables.
 """
 

@@ -18,7 +18,7 @@ a running one its machine. Restrictions, each a GCP pitfall or a least-privilege
 - Teardown: ``deletion_protection`` drives the API's deletion protection and the provider's deletion policy, so a
   dev/demo stack goes with one ``pulumi destroy`` and prod refuses to delete the notebooks' data disk.
 - Creating a Workbench instance routinely takes 10-20 minutes (the provider raised its own create timeout to
-  20 min, GoogleCloudPlatform/magic-modules#11769): the create timeout here is longer still.
+  20 min for that reason): the create timeout here is longer still.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pub/Sub's documented per-message and per-request limits, as pure functions.
 
-Pub/Sub refuses a whole publish request with INVALID_ARGUMENT when any message in it breaks one of these
-(https://cloud.google.com/pubsub/quotas#resource_limits); the emulator checks none of them. The bridge service
+Pub/Sub refuses a whole publish request with INVALID_ARGUMENT when any message in it breaks one of these;
+the emulator checks none of them. The bridge service
 checks every message here before it joins a publish request, and the front can refuse a device's PUBLISH whose
 topic alone could never become a valid message (:func:`event_topic_violation`).
 

@@ -2,7 +2,7 @@
 
 Real Pub/Sub answers a publish request with INVALID_ARGUMENT, for the whole request, when one of its messages has
 more than 100 attributes, an attribute key over 256 bytes or a value over 1,024 bytes, more than 10 MB, or when
-the request holds more than 1,000 messages or 10 MB (https://cloud.google.com/pubsub/quotas#resource_limits).
+the request holds more than 1,000 messages or 10 MB.
 Written apart from ``iotbridge.bridge.limits`` on purpose: the code under test must not grade itself.
 
 ``make_publisher`` is what a bridge service started by the tests loads through its ``publisher_factory`` setting;

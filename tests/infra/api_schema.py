@@ -569,8 +569,8 @@ NOT_COVERED: dict[str, str] = {
 @dataclass(frozen=True)
 class Limit:
     """A documented constraint on one API field. ``quote`` is a sentence of the field's description (or of
-    ``quoted_from``'s) that states it; ``source`` names where the rule is documented when the discovery document
-    only points to it."""
+    ``quoted_from``'s) that states it; ``source`` states the rule in this file's words when the discovery
+    document only points elsewhere for it."""
 
     quote: str | None = None
     source: str | None = None
@@ -584,14 +584,15 @@ class Limit:
 
 
 # Labels on every GCP resource: keys 1-63 characters, lowercase letter first, lowercase letters, digits, _ and -;
-# values 0-63 of the same characters (cloud.google.com/resource-manager/docs/labels-overview#requirements).
+# values 0-63 of the same characters.
 LABEL_KEY = r"[a-z][a-z0-9_-]{0,62}"
 LABEL_VALUE = r"[a-z0-9_-]{0,63}"
-_LABELS = Limit(labels=True, source="cloud.google.com/resource-manager/docs/labels-overview#requirements")
+_LABELS = Limit(labels=True, source="GCP labels: keys 1-63 characters, a lowercase letter first, then lowercase "
+                "letters, digits, _ and -; values 0-63 of the same")
 # Pub/Sub topic and subscription ids.
 _PUBSUB_ID = Limit(quote="must start with a letter, and contain only letters", last_segment=True,
                    regex=r"(?!goog)[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
-_IAM_ROLE = Limit(source="cloud.google.com/iam/docs/roles-overview",
+_IAM_ROLE = Limit(source="a role is roles/NAME (predefined) or projects/P/roles/NAME (a project's custom role)",
                   regex=r"roles/[A-Za-z0-9_.]+|projects/[^/]+/roles/.+")
 _IAM_MEMBER = Limit(quote="`serviceAccount:{emailid}`",
                     regex=r"(user|group|serviceAccount|domain):[^\s:]+|allUsers|allAuthenticatedUsers")
@@ -640,17 +641,16 @@ LIMITS: dict[Target, Limit] = {
         regex=r"[A-Za-z0-9_-]{1,1024}"),
     ("bigtableadmin.v2", "CreateInstanceRequest", "instanceId"): Limit(
         regex=r"[a-z][a-z0-9-]{4,31}[a-z0-9]",
-        source="instance ids are 6-33 characters: lowercase letters, digits and hyphens, a letter first "
-               "(cloud.google.com/bigtable/docs/creating-instance)"),
+        source="instance ids are 6-33 characters: lowercase letters, digits and hyphens, a letter first"),
     ("bigtableadmin.v2", "Instance", "displayName"): Limit(
         quote="Can be changed at any time, but should be kept globally unique to avoid confusion.",
         regex=r".{4,30}",
-        source="display names are 4-30 characters (cloud.google.com/bigtable/docs/creating-instance)"),
+        source="display names are 4-30 characters"),
     ("bigtableadmin.v2", "Instance", "labels"): Limit(
         quote="Label keys must be between 1 and 63 characters long", labels=True),
     ("bigtableadmin.v2", "CreateClusterRequest", "clusterId"): Limit(
         regex=r"[a-z][-a-z0-9]{4,28}[a-z0-9]",
-        source="cluster ids are 6-30 characters (cloud.google.com/bigtable/docs/creating-instance)"),
+        source="cluster ids are 6-30 characters"),
     ("bigtableadmin.v2", "Cluster",
      "clusterConfig.clusterAutoscalingConfig.autoscalingTargets.cpuUtilizationPercent"): Limit(
         quote="This number is on a scale from 0 (no utilization) to 100 (total utilization), and is limited between "
@@ -666,7 +666,7 @@ LIMITS: dict[Target, Limit] = {
     ("compute.v1", "InstanceTemplate", "properties.labels"): _LABELS,
     ("compute.v1", "HealthCheck", "checkIntervalSec"): Limit(
         quote="How often (in seconds) to send a health check.", minimum=1, maximum=300,
-        source="1-300 s (cloud.google.com/load-balancing/docs/health-check-concepts)"),
+        source="a health check runs every 1-300 s"),
     ("compute.v1", "Autoscaler", "autoscalingPolicy.minNumReplicas"): Limit(
         quote="This cannot be less than 0.", minimum=0, maximum=2000,
         source="a regional managed instance group holds up to 2000 VMs (compute.v1 "
@@ -689,7 +689,7 @@ LIMITS: dict[Target, Limit] = {
         quote="The value of the field must be in [0, 1].", minimum=0, maximum=1),
     ("cloudfunctions.v2", "method:projects.locations.functions.create", "functionId"): Limit(
         quote="This value should be 4-63 characters, and valid characters are /a-z-/.", regex=r"[a-z][-a-z0-9]{3,62}",
-        source="digits are accepted too (cloud.google.com/functions/docs/deploy#basics)"),
+        source="digits are accepted too: Cloud Functions takes a-z, 0-9 and -, a letter first"),
     ("firestore.v1", "method:projects.databases.create", "databaseId"): Limit(
         quote="\"(default)\" database ID is also valid", regex=r"\(default\)|[a-z][a-z0-9-]{2,61}[a-z0-9]"),
     ("monitoring.v3", "AlertPolicy", "userLabels"): Limit(
@@ -721,8 +721,7 @@ LIMITS: dict[Target, Limit] = {
     ("iam.v1", "CreateServiceAccountRequest", "serviceAccount.displayName"): Limit(
         quote="The maximum length is 100 UTF-8 bytes.", regex=r".{0,100}"),
     ("storage.v1", "Bucket", "name"): Limit(
-        source="3-63 characters: lowercase letters, digits, -, _ and ., starting and ending with a letter or digit "
-               "(cloud.google.com/storage/docs/buckets#naming)",
+        source="3-63 characters: lowercase letters, digits, -, _ and ., starting and ending with a letter or digit",
         regex=r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]"),
     ("storage.v1", "Bucket", "labels"): _LABELS,
     ("storage.v1", "Bucket", "iamConfiguration.publicAccessPrevention"): Limit(

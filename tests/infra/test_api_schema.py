@@ -103,8 +103,7 @@ def test_every_limit_quotes_its_field_description_or_names_its_source(target: sc
 
 
 def test_the_flex_template_autoscaling_algorithm_is_held_to_the_launch_api_enum() -> None:
-    # The value the pipeline used to send: the Dataflow launch API refuses it with HTTP 400
-    # (hashicorp/terraform-provider-google#17570, #18001).
+    # The value the pipeline used to send: the Dataflow launch API refuses it with HTTP 400.
     report = schema.Report()
     schema.check_resource("gcp:dataflow/flexTemplateJob:FlexTemplateJob", "job",
                           {"autoscalingAlgorithm": "THROUGHPUT_BASED"}, report)
@@ -157,7 +156,7 @@ def _dropped_by_the_api(node: Any, path: str = "") -> list[str]:
 
 def test_the_dashboard_carries_nothing_the_monitoring_api_drops(run: tuple[str, harness.StackRun]) -> None:
     # pulumi-gcp compares the dashboard it sent with the one it reads back, ignoring only the fields the API adds
-    # (hashicorp/terraform-provider-google#7242, #16173): a field the API leaves out, such as a tile's xPos 0 or an
+    # to it: a field the API leaves out, such as a tile's xPos 0 or an
     # empty groupByFields, reads back as a change on every `pulumi up`.
     _, result = run
     (dashboard,) = result.of_type("gcp:monitoring/dashboard:Dashboard")

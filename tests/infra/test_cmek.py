@@ -31,7 +31,7 @@ BIGTABLE = "gcp:bigtable/instance:Instance"
 BUCKET = "gcp:storage/bucket:Bucket"
 JOB = "gcp:dataflow/flexTemplateJob:FlexTemplateJob"
 
-# The agents of cloud.google.com/iam/docs/service-agents that encrypt this stack's data.
+# The Google service agents that encrypt this stack's data.
 AGENTS = {
     "pubsub.googleapis.com": f"serviceAccount:service-{N}@gcp-sa-pubsub.iam.gserviceaccount.com",
     "bigquery.googleapis.com": f"serviceAccount:bq-{N}@bigquery-encryption.iam.gserviceaccount.com",

@@ -104,7 +104,7 @@ def test_train_job_is_a_ddl_query_job_in_the_dataset_location():
     assert "model_type = 'KMEANS'" in q["query"] and "num_clusters = 4" in q["query"]
     assert "FROM `my-iot-dev-project.iot.telemetry_raw`" in q["query"]
     assert q["useLegacySql"] is False  # the jobs API defaults to legacy SQL
-    assert q["createDisposition"] == "" and q["writeDisposition"] == ""  # pulumi-gcp#632
+    assert q["createDisposition"] == "" and q["writeDisposition"] == ""  # not the provider's defaults
     assert j.get("location") == "EU" and j.get("project") == PROJECT
     assert j.get("labels")["model-version"] == "v3" and j.get("labels")["step"] == "train"
 

@@ -3,7 +3,7 @@ for a while after the grant, agent or descriptor they need was created, because 
 such resource must wait, through a ``pulumiverse_time.Sleep`` that starts after what it needs, long enough for the
 first ``pulumi up`` to converge in one run.
 
-The table below is the list of those pairs, each with its source. Dependencies are read under mocks the way
+The table below is the list of those pairs, each with its evidence. Dependencies are read under mocks the way
 ``test_foundation.py`` checks API enablement (``harness.StackRun.depends_on``: explicit ``depends_on``, input
 dependencies, and components through their children).
 """
@@ -56,31 +56,31 @@ FRESH_PROJECT: tuple[Propagation, ...] = (
         "the gen2 function's Eventarc trigger", FUNCTION,
         "the Eventarc service agent, created on first use",
         of_type("gcp:projects/serviceIdentity:ServiceIdentity", service="eventarc.googleapis.com"), 120,
-        "terraform-provider-google #14584 (agent takes time to create; trigger precondition fails), #25294 "
-        "(workaround: create the agents, then wait 1 min + 1 min)"),
+        "the agent takes time to be created and the trigger's precondition check fails meanwhile; waiting 1 min "
+        "after creating the agents and 1 min after granting them gets through"),
     Propagation(
         "the gen2 function's Eventarc trigger", FUNCTION,
         "the Eventarc agent's roles/eventarc.serviceAgent",
         of_type("gcp:projects/iAMMember:IAMMember", role="roles/eventarc.serviceAgent"), 120,
-        "terraform-provider-google #25294: 'Permission denied while using the Eventarc Service Agent. If you "
+        "the trigger is refused: 'Permission denied while using the Eventarc Service Agent. If you "
         "recently started to use Eventarc, it may take a few minutes before all necessary permissions are "
         "propagated'"),
     Propagation(
         "the function's build in Cloud Build", FUNCTION,
         "the new build account's roles/cloudbuild.builds.builder",
         of_type("gcp:projects/iAMMember:IAMMember", role="roles/cloudbuild.builds.builder"), 120,
-        "cloud.google.com/iam/docs/access-change-propagation: a policy change typically propagates in 2 minutes"),
+        "IAM: a policy change typically propagates in 2 minutes"),
     Propagation(
         "an alert policy on the bridge's custom metric", alert_on_metric(CONNECTED_DEVICES_METRIC),
         "the metric descriptor, created asynchronously",
         of_type("gcp:monitoring/metricDescriptor:MetricDescriptor", type=CONNECTED_DEVICES_METRIC), 600,
-        "terraform-provider-google #11102: '404 Cannot find metric(s) that match type ... If a metric was created "
+        "Monitoring answers '404 Cannot find metric(s) that match type ... If a metric was created "
         "recently, it could take up to 10 minutes to become available'"),
     Propagation(
         "the device-logs BigQuery subscription", bigquery_subscription,
         "the Pub/Sub agent's dataEditor and metadataViewer on the dataset (it writes rows and reads the schema)",
         of_type("gcp:bigquery/datasetIamMember:DatasetIamMember", member=PUBSUB_AGENT), 120,
-        "terraform-provider-google #17397: creating a BigQuery subscription fails '403 The caller does not have "
+        "creating a BigQuery subscription fails '403 The caller does not have "
         "permission' (35% of runs) right after the grants"),
 )
 
@@ -89,9 +89,9 @@ WITH_KEY: tuple[Propagation, ...] = tuple(
     Propagation(
         f"a {store.split(':')[-1]} encrypted with the key", of_type(store),
         f"the {api.split('.')[0]} agent's Encrypter/Decrypter on the key", of_type(GRANT, member=AGENTS[api]), 120,
-        "terraform-provider-google #18911: 'Cloud Pub/Sub did not have the necessary permissions configured ... "
+        "the create call fails: 'Cloud Pub/Sub did not have the necessary permissions configured ... "
         "verify that the service account ... was granted the Cloud KMS CryptoKey Encrypter/Decrypter role'; "
-        "cloud.google.com/iam/docs/access-change-propagation (typically 2 minutes)")
+        "IAM propagates a grant in typically 2 minutes")
     for store, apis in STORE_AGENTS.items() for api in apis
 )
 

@@ -86,7 +86,7 @@ def test_views_wait_for_the_tables_they_read(run: harness.StackRun) -> None:
 def test_only_demo_data_expires_and_as_partition_expiration(run: harness.StackRun) -> None:
     days = int(run.config["gcp-iot-bridge:bigqueryTableExpirationDays"])
     (dataset,) = run.of_type(DATASET)
-    # Never a table expiration: BigQuery would drop the managed tables (terraform-provider-google#6509).
+    # Never a table expiration: BigQuery would drop the managed tables, and the provider cannot unset it.
     assert "defaultTableExpirationMs" not in dataset.inputs
     for table in run.of_type(TABLE):
         assert "expirationTime" not in table.inputs
