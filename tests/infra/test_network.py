@@ -48,7 +48,8 @@ def test_workbench_joins_the_stack_subnet_when_enabled() -> None:
     ({"gcp-iot-bridge:workbenchEnabled": "true"}, "workbenchZone.*required when workbenchEnabled"),
     ({"gcp-iot-bridge:workbenchEnabled": "true", "gcp-iot-bridge:workbenchZone": "europe-west1-b"},
      "workbenchZone=europe-west1-b: not in gcp:region"),
-    ({"gcp-iot-bridge:pipelineThresholdRules": '{"temperature": {"above": 80}}'}, "needs above and/or below and a"),
+    ({"gcp-iot-bridge:pipelineThresholdRules": '{"temperature": {"above": 80}}'},
+     "temperature.config must be a non-empty"),
     ({"gcp-iot-bridge:brokerDeviceSourceRanges": '["10.0.0.0/33"]'}, "not a CIDR range"),
     ({"gcp-iot-bridge:brokerHosts": "0"}, "brokerHosts=0"),
 ])
