@@ -324,9 +324,9 @@ class FirstPerKey(beam.DoFn):
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
 
-    def __init__(self, seconds: int):
+    def __init__(self, seconds: int, counter: str = "duplicates_dropped"):
         self.horizon = Duration(seconds=seconds)
-        self.dropped = Metrics.counter("telemetry", "duplicates_dropped")
+        self.dropped = Metrics.counter("telemetry", counter)
 
     def process(self, element, seen: ReadModifyWriteRuntimeState = state(SEEN), expiry: RuntimeTimer = timer(EXPIRY)):
         if seen.read():
@@ -455,6 +455,12 @@ class RequestConfigChanges(beam.PTransform):
                 | "RateLimit" >> beam.ParDo(RateLimitPerDevice(self.min_interval_seconds)))
 
 
+def _error_id(row: dict[str, Any]) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """An error row keyed by its insert id (the message id), the pair itself the value FirstPerKey passes on."""
+    rid = row["message_id"] or json.dumps(row, sort_keys=True)[:128]
+    return rid, (rid, row)
+
+
 class ProcessTelemetry(beam.PTransform):
     """Everything between the Pub/Sub read and the sinks; returns a dict of the outputs.
 
@@ -475,8 +481,11 @@ class ProcessTelemetry(beam.PTransform):
             "raw": readings | "RawRows" >> beam.Map(lambda r: (r.dedupe_key, telemetry.raw_row(r))),
             "bigtable": readings,
             "minute": readings | "AggregatePerMinute" >> AggregatePerMinute(self.s.allowed_lateness_seconds),
-            "errors": parsed[ERRORS_TAG] | "ErrorIds" >> beam.Map(
-                lambda row: (row["message_id"] or json.dumps(row, sort_keys=True)[:128], row)),
+            # A Pub/Sub redelivery or replay (seek) of an unreadable message has its message id: one error row.
+            "errors": (parsed[ERRORS_TAG]
+                       | "ErrorIds" >> beam.Map(_error_id).with_output_types(typehints.Tuple[str, typehints.Any])
+                       | "FirstErrorPerId" >> beam.ParDo(
+                           FirstPerKey(self.s.dedupe_seconds, "error_duplicates_dropped"))),
             "requests": readings | "RequestConfigChanges" >> RequestConfigChanges(
                 self.s.rules, self.s.rule_min_interval_seconds),
         }
