@@ -144,10 +144,11 @@ def _ts_from_rfc3339(text: str, reason: str = "bad_ts", name: str = "ts") -> int
 
 def parse_ts(value: Any) -> int:
     """The payload's ts as epoch microseconds."""
-    if isinstance(value, str):
-        us = _ts_from_rfc3339(value)
-    elif isinstance(value, int) and not isinstance(value, bool):
+    t = type(value)
+    if t is int:
         us = value * 1000
+    elif t is str:
+        us = _ts_from_rfc3339(value)
     else:
         raise Rejected("bad_ts", f"ts must be an RFC 3339 string or integer epoch ms, not {type(value).__name__}")
     if not 0 <= us // 1000 <= MAX_EVENT_MS:

@@ -290,6 +290,8 @@ class ParseTelemetry(beam.DoFn):
 
     def __init__(self, profiles: spec.PayloadProfiles | None = None) -> None:
         self.profiles = profiles or spec.PayloadProfiles()
+        # (registry, subfolder) -> its profile list: looked up once per pair, not per message.
+        self._lists: dict[tuple[str | None, str | None], tuple[spec.Profile, ...]] = {}
         self.accepted = Metrics.counter("telemetry", "accepted")
         self.by_profile = {p: Metrics.counter("telemetry", f"accepted_{p}") for p in spec.PROFILE_NAMES}
         self.rejected = {r: Metrics.counter("telemetry", f"rejected_{r}") for r in telemetry.ALL_REASONS}
@@ -302,7 +304,12 @@ class ParseTelemetry(beam.DoFn):
             publish_us = element_ts.micros
         data = msg.data or b""
         try:
-            profiles = self.profiles.for_message(attributes.get("deviceRegistryId"), attributes.get("subFolder"))
+            where = (attributes.get("deviceRegistryId"), attributes.get("subFolder"))
+            profiles = self._lists.get(where)
+            if profiles is None:
+                if len(self._lists) >= 4096:  # subfolders are the devices' to name: the cache stays bounded
+                    self._lists.clear()
+                profiles = self._lists[where] = self.profiles.for_message(*where)
             reading = telemetry.read(data, attributes, msg.message_id or "", publish_us, profiles)
         except telemetry.Rejected as exc:
             self.rejected[exc.reason].inc()
