@@ -13,66 +13,24 @@ order. The request is the config-push function's input: ``{"device_id": ..., "co
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from typing import Any
 
 from dataflow_jobs.telemetry import Reading
+from iotbridge.spec import RuleError, ThresholdRule, parse_threshold_rules
 
-
-class RuleError(ValueError):
-    """The --threshold_rules value is not a valid rule set."""
-
-
-@dataclass(frozen=True)
-class ThresholdRule:
-    metric: str
-    config: dict[str, Any]
-    above: float | None = None
-    below: float | None = None
-
-    def breached(self, value: float) -> bool:
-        return (self.above is not None and value > self.above) or (self.below is not None and value < self.below)
-
-    def describe(self) -> str:
-        parts = [f"{self.metric}>{self.above:g}" if self.above is not None else "",
-                 f"{self.metric}<{self.below:g}" if self.below is not None else ""]
-        return "|".join(p for p in parts if p)
-
-
-def _limit(metric: str, spec: dict[str, Any], key: str) -> float | None:
-    v = spec.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise RuleError(f"--threshold_rules: {metric}.{key} must be a finite number, got {v!r}")
-    return float(v)
+__all__ = ["RuleError", "ThresholdRule", "config_request", "evaluate", "parse_rules"]
 
 
 def parse_rules(text: str) -> tuple[ThresholdRule, ...]:
-    """Parse and check the flag's JSON; the error names the metric and the key at fault."""
+    """The ``--threshold_rules`` flag's rules; :class:`RuleError` names the flag, the metric and the key at fault.
+
+    The schema is the shared description's (``iotbridge.spec.parse_threshold_rules``), the one the stack's config
+    checks too: a rule set ``pulumi preview`` accepts is one the pipeline launches with.
+    """
     try:
-        doc = json.loads(text or "{}")
-    except ValueError as exc:
-        raise RuleError(f"--threshold_rules is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise RuleError("--threshold_rules must be a JSON object keyed by metric name")
-    rules = []
-    for metric, spec in sorted(doc.items()):
-        if not isinstance(spec, dict):
-            raise RuleError(f"--threshold_rules: {metric} must be an object with above/below and config")
-        unknown = set(spec) - {"above", "below", "config"}
-        if unknown:
-            raise RuleError(f"--threshold_rules: {metric} has unknown keys {sorted(unknown)}; "
-                            "allowed: above, below, config")
-        above, below = _limit(metric, spec, "above"), _limit(metric, spec, "below")
-        if above is None and below is None:
-            raise RuleError(f"--threshold_rules: {metric} needs 'above' or 'below'")
-        config = spec.get("config")
-        if not isinstance(config, dict) or not config:
-            raise RuleError(f"--threshold_rules: {metric}.config must be a non-empty JSON object")
-        rules.append(ThresholdRule(metric, config, above, below))
-    return tuple(rules)
+        return parse_threshold_rules(text)
+    except RuleError as exc:
+        raise RuleError(f"--threshold_rules: {exc}") from None
 
 
 def evaluate(reading: Reading, rules: tuple[ThresholdRule, ...]) -> tuple[dict[str, Any], list[str]] | None:

@@ -290,6 +290,8 @@ class ParseTelemetry(beam.DoFn):
 
     def __init__(self, profiles: spec.PayloadProfiles | None = None) -> None:
         self.profiles = profiles or spec.PayloadProfiles()
+        # (registry, subfolder) -> its profile list: looked up once per pair, not per message.
+        self._lists: dict[tuple[str | None, str | None], tuple[spec.Profile, ...]] = {}
         self.accepted = Metrics.counter("telemetry", "accepted")
         self.by_profile = {p: Metrics.counter("telemetry", f"accepted_{p}") for p in spec.PROFILE_NAMES}
         self.rejected = {r: Metrics.counter("telemetry", f"rejected_{r}") for r in telemetry.ALL_REASONS}
@@ -302,7 +304,12 @@ class ParseTelemetry(beam.DoFn):
             publish_us = element_ts.micros
         data = msg.data or b""
         try:
-            profiles = self.profiles.for_message(attributes.get("deviceRegistryId"), attributes.get("subFolder"))
+            where = (attributes.get("deviceRegistryId"), attributes.get("subFolder"))
+            profiles = self._lists.get(where)
+            if profiles is None:
+                if len(self._lists) >= 4096:  # subfolders are the devices' to name: the cache stays bounded
+                    self._lists.clear()
+                profiles = self._lists[where] = self.profiles.for_message(*where)
             reading = telemetry.read(data, attributes, msg.message_id or "", publish_us, profiles)
         except telemetry.Rejected as exc:
             self.rejected[exc.reason].inc()
@@ -324,9 +331,9 @@ class FirstPerKey(beam.DoFn):
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
 
-    def __init__(self, seconds: int):
+    def __init__(self, seconds: int, counter: str = "duplicates_dropped"):
         self.horizon = Duration(seconds=seconds)
-        self.dropped = Metrics.counter("telemetry", "duplicates_dropped")
+        self.dropped = Metrics.counter("telemetry", counter)
 
     def process(self, element, seen: ReadModifyWriteRuntimeState = state(SEEN), expiry: RuntimeTimer = timer(EXPIRY)):
         if seen.read():
@@ -455,6 +462,12 @@ class RequestConfigChanges(beam.PTransform):
                 | "RateLimit" >> beam.ParDo(RateLimitPerDevice(self.min_interval_seconds)))
 
 
+def _error_id(row: dict[str, Any]) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """An error row keyed by its insert id (the message id), the pair itself the value FirstPerKey passes on."""
+    rid = row["message_id"] or json.dumps(row, sort_keys=True)[:128]
+    return rid, (rid, row)
+
+
 class ProcessTelemetry(beam.PTransform):
     """Everything between the Pub/Sub read and the sinks; returns a dict of the outputs.
 
@@ -475,8 +488,11 @@ class ProcessTelemetry(beam.PTransform):
             "raw": readings | "RawRows" >> beam.Map(lambda r: (r.dedupe_key, telemetry.raw_row(r))),
             "bigtable": readings,
             "minute": readings | "AggregatePerMinute" >> AggregatePerMinute(self.s.allowed_lateness_seconds),
-            "errors": parsed[ERRORS_TAG] | "ErrorIds" >> beam.Map(
-                lambda row: (row["message_id"] or json.dumps(row, sort_keys=True)[:128], row)),
+            # A Pub/Sub redelivery or replay (seek) of an unreadable message has its message id: one error row.
+            "errors": (parsed[ERRORS_TAG]
+                       | "ErrorIds" >> beam.Map(_error_id).with_output_types(typehints.Tuple[str, typehints.Any])
+                       | "FirstErrorPerId" >> beam.ParDo(
+                           FirstPerKey(self.s.dedupe_seconds, "error_duplicates_dropped"))),
             "requests": readings | "RequestConfigChanges" >> RequestConfigChanges(
                 self.s.rules, self.s.rule_min_interval_seconds),
         }

@@ -10,6 +10,7 @@ Physical names derive from the stack's prefix: ``topic_name("iot-dev", "telemetr
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -207,6 +208,17 @@ def _profile_list(value: object, where: str) -> tuple[Profile, ...]:
     return profiles
 
 
+def _json_object(text: str, error: type[ValueError], shape: str) -> dict[str, object]:
+    """A stack-config value that must be a JSON object (empty text: ``{}``); ``error`` says what is wrong."""
+    try:
+        doc = json.loads(text or "{}")
+    except ValueError as exc:
+        raise error(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise error(f"must be a JSON object {shape}")
+    return doc
+
+
 def parse_payload_profiles(text: str) -> PayloadProfiles:
     """Parse the JSON description; :class:`ProfileError` names the entry at fault::
 
@@ -214,12 +226,7 @@ def parse_payload_profiles(text: str) -> PayloadProfiles:
          "registries": {"plant": [{"profile": "json", "time_field": "meta.sampled_at"}]},
          "subfolders": {"plant/vibration": [{"profile": "raw", "decoder": "decoders.vibration:decode"}]}}
     """
-    try:
-        doc = json.loads(text or "{}")
-    except ValueError as exc:
-        raise ProfileError(f"not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ProfileError("must be a JSON object with default, registries and/or subfolders")
+    doc = _json_object(text, ProfileError, "with default, registries and/or subfolders")
     unknown = sorted(set(doc) - {"default", "registries", "subfolders"})
     if unknown:
         raise ProfileError(f"unknown keys {unknown}; allowed: default, registries, subfolders")
@@ -237,6 +244,69 @@ def parse_payload_profiles(text: str) -> PayloadProfiles:
                                    + ("a registry id" if section == "registries" else "registry/subfolder"))
             out.append((key, _profile_list(value, f"{section}.{key}")))
     return PayloadProfiles(default, tuple(sections["registries"]), tuple(sections["subfolders"]))
+
+
+# ------------------------------------------------------------------------------------ threshold rules
+
+# The pipeline's threshold rules (stack config ``pipelineThresholdRules``, pipeline flag ``--threshold_rules``): a
+# JSON object keyed by metric name, each rule ``{"above": N and/or "below": N, "config": {...}}``. The stack's
+# config, the Pulumi component and the pipeline all check them with :func:`parse_threshold_rules`, so a rule set
+# ``pulumi preview`` accepts is one the pipeline launches with.
+RULE_KEYS = ("above", "below", "config")
+MAX_RULE_METRIC = 128  # a metric name is 1..128 characters (docs/messages.md): a longer one could never fire
+
+
+class RuleError(ValueError):
+    """A threshold-rule set is invalid; the message names the metric and the key at fault."""
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """One rule: a reading of ``metric`` strictly above ``above`` or below ``below`` requests ``config``."""
+
+    metric: str
+    config: dict[str, object]
+    above: float | None = None
+    below: float | None = None
+
+    def breached(self, value: float) -> bool:
+        return (self.above is not None and value > self.above) or (self.below is not None and value < self.below)
+
+    def describe(self) -> str:
+        parts = [f"{self.metric}>{self.above:g}" if self.above is not None else "",
+                 f"{self.metric}<{self.below:g}" if self.below is not None else ""]
+        return "|".join(p for p in parts if p)
+
+
+def _rule_limit(metric: str, rule: dict[str, object], key: str) -> float | None:
+    v = rule.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise RuleError(f"{metric}.{key} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def parse_threshold_rules(text: str) -> tuple[ThresholdRule, ...]:
+    """The rules of a JSON rule set, sorted by metric; :class:`RuleError` names the metric and key at fault."""
+    doc = _json_object(text, RuleError, "keyed by metric name")
+    rules = []
+    for metric, rule in sorted(doc.items()):
+        if not 1 <= len(metric) <= MAX_RULE_METRIC:
+            raise RuleError(f"metric name {metric[:64]!r} must have 1..{MAX_RULE_METRIC} characters")
+        if not isinstance(rule, dict):
+            raise RuleError(f"{metric} must be an object with above/below and config")
+        unknown = sorted(set(rule) - set(RULE_KEYS))
+        if unknown:
+            raise RuleError(f"{metric} has unknown keys {unknown}; allowed: {', '.join(RULE_KEYS)}")
+        above, below = _rule_limit(metric, rule, "above"), _rule_limit(metric, rule, "below")
+        if above is None and below is None:
+            raise RuleError(f"{metric} needs 'above' or 'below'")
+        config = rule.get("config")
+        if not isinstance(config, dict) or not config:
+            raise RuleError(f"{metric}.config must be a non-empty JSON object")
+        rules.append(ThresholdRule(metric, config, above, below))
+    return tuple(rules)
 
 
 # -------------------------------------------------------------------------------------------- BigQuery

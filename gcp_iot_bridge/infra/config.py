@@ -287,16 +287,11 @@ class StackConfig(BaseModel):
     @field_validator("pipeline_threshold_rules")
     @classmethod
     def _rules(cls, v: str) -> str:
+        # The pipeline's own schema (iotbridge.spec): a rule set accepted here is one the pipeline launches with.
         try:
-            rules = json.loads(v)
-        except json.JSONDecodeError:
-            raise ValueError("not JSON") from None
-        if not isinstance(rules, dict):
-            raise ValueError("not a JSON object")
-        for metric, rule in rules.items():
-            if not isinstance(rule, dict) or not ({"above", "below"} & set(rule)) or not isinstance(
-                    rule.get("config"), dict):
-                raise ValueError(f"rule for {metric!r} needs above and/or below and a config object")
+            spec.parse_threshold_rules(v)
+        except spec.RuleError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("pipeline_payload_profiles")

@@ -49,7 +49,7 @@ import pulumi_gcp as gcp
 from gcp_iot_bridge.infra import packaging
 from gcp_iot_bridge.infra.buckets import private_bucket
 from gcp_iot_bridge.infra.sources import SOURCE_ROOT
-from iotbridge.spec import ProfileError, parse_payload_profiles
+from iotbridge.spec import ProfileError, RuleError, parse_payload_profiles, parse_threshold_rules
 
 JOBS_DIR = SOURCE_ROOT / "dataflow_jobs"
 DOCKERFILE = JOBS_DIR / "Dockerfile"
@@ -148,11 +148,9 @@ class PipelineArgs:
         if missing:
             raise ValueError(f"tables missing for the pipeline: {missing}")
         try:
-            rules = json.loads(self.threshold_rules)
-        except ValueError as exc:
-            raise ValueError(f"threshold_rules is not JSON: {exc}") from None
-        if not isinstance(rules, dict):
-            raise ValueError("threshold_rules must be a JSON object keyed by metric name")
+            parse_threshold_rules(self.threshold_rules)
+        except RuleError as exc:
+            raise ValueError(f"threshold_rules: {exc}") from None
         try:
             parse_payload_profiles(self.payload_profiles)
         except ProfileError as exc:

@@ -49,7 +49,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
-from iotbridge.bridge import fanout, limits, mqtt
+from iotbridge.bridge import fanout, limits, mqtt, resends
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
@@ -232,6 +232,7 @@ class Session:
     ping_recorded: datetime | None = None
     limits: dict[str, TokenBucket] = field(default_factory=dict)
     limit_reported: float = float("-inf")
+    dwriter: asyncio.StreamWriter | None = None  # the device's connection, for the PUBACKs the front answers itself
 
     def close(self, reason: str, drop_will: bool = False) -> None:
         if not self.done.is_set():
@@ -255,7 +256,7 @@ class Front:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "registry_lookups": 0, "config_acks": 0,
                       "address_limited": 0, "pending_limited": 0, "device_slowed": 0,
-                      "violation_backoff": 0}
+                      "violation_backoff": 0, "resends_answered": 0, "resends_held": 0}
         # Registry reads that authenticate CONNECTs run on threads of their own, so that nothing an authenticated
         # device can trigger (config acks, presence, heartbeats) delays another device's connect.
         self._auth_pool = ThreadPoolExecutor(AUTH_WORKERS, thread_name_prefix="front-auth")
@@ -268,6 +269,7 @@ class Front:
         self._violators = ExpiringSet(VIOLATION_BACKOFF_S, MAX_UNKNOWN_DEVICES)
         self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
         self._acked: dict[str, str] = {}  # device id -> sha256 of the config last acknowledged in the registry
+        self._resends = resends.Resends()  # QoS 1 publishes per device, to recognise a resend (DUP) of one
 
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -512,6 +514,7 @@ class Front:
 
     async def _relay(self, session: Session, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter,
                      breader: asyncio.StreamReader, bwriter: asyncio.StreamWriter) -> None:
+        session.dwriter = dwriter
         tasks = [
             asyncio.ensure_future(self._device_to_broker(session, dreader, bwriter)),
             asyncio.ensure_future(self._broker_to_device(session, breader, dwriter)),
@@ -637,6 +640,14 @@ class Front:
                 # A retained event or state would be replayed to the bridge on every resubscribe and
                 # forwarded again; IoT Core never kept device messages either.
                 raw = bytes([raw[0] & ~0x01]) + raw[1:]
+            if p.packet_id is not None:  # QoS 1: a resend (DUP) of a publish the broker holds is not forwarded again
+                verdict = self._resends.publish(dev, session.id, p.packet_id, bool(first & 0x08), resends.digest(
+                    p.topic, memoryview(body)[p.payload_offset:]))
+                if verdict != "forward":
+                    self.stats[f"resends_{verdict}"] += 1
+                    if verdict == "answered" and session.dwriter is not None:
+                        session.dwriter.write(resends.puback(p.packet_id))
+                    return b"", wait
         elif kind == mqtt.SUBSCRIBE:
             sub = mqtt.parse_subscribe(body, session.level)
             # Mosquitto answers every filter of a SUBSCRIBE with the retained config, copies included: the count
@@ -690,7 +701,9 @@ class Front:
                     break
                 out: list[bytes] = []
                 for first, body, raw in framer.feed(data):
-                    if first >> 4 == mqtt.PUBLISH and (first >> 1) & 0x03 == 1:
+                    if first >> 4 == mqtt.PUBACK:
+                        self._resends.acknowledged(session.device_id, mqtt.packet_id_of_ack(body))
+                    elif first >> 4 == mqtt.PUBLISH and (first >> 1) & 0x03 == 1:
                         p = mqtt.parse_publish(first, body, session.level)
                         if p.topic == config_topic and p.packet_id is not None:
                             session.config_inflight[p.packet_id] = (

@@ -450,10 +450,11 @@ class RawDevice:
         first, body, _ = self.packet()
         assert (first >> 4, body) == (mqtt.CONNACK, b"\x00\x00")
 
-    def publish(self, payload: bytes, packet_id: int, topic: str | None = None) -> bytes:
+    def publish(self, payload: bytes, packet_id: int, topic: str | None = None, dup: bool = False) -> bytes:
+        """A QoS 1 PUBLISH; ``dup``: with the DUP flag, as a device resends one it holds no PUBACK for."""
         topic = topic or f"/devices/{self.device_id}/events"
         body = _bin(topic.encode()) + packet_id.to_bytes(2, "big") + payload
-        return bytes([mqtt.PUBLISH << 4 | 0x02]) + mqtt.encode_varint(len(body)) + body
+        return bytes([mqtt.PUBLISH << 4 | 0x02 | (0x08 if dup else 0)]) + mqtt.encode_varint(len(body)) + body
 
     def packet(self) -> tuple[int, bytes, bytes]:
         """The next packet from the front; ``EOFError`` when it closed the connection."""

@@ -305,3 +305,32 @@ def test_bigtable_cells_say_which_profile_read_the_message():
     ts = PUBLISH_US // 1000 * 1000
     assert ("a", b"profile", b"json", ts) in cells and ("a", b"event_time_source", b"publish_time", ts) in cells
     assert ("m", b"motor.rpm", struct.pack(">d", 5.0), ts) in cells and ("l", b"site", b"x", ts) in cells
+
+
+# ------------------------------------------------------------------------- decoding edge cases (orjson, then json)
+
+
+def test_a_payload_nested_deeper_than_any_decoder_goes_is_invalid_json_not_a_crash():
+    deep = b"[" * 5000 + b"]" * 5000
+    assert rejected(deep).reason == "invalid_json"
+    assert rejected(b'{"a": ' * 5000 + b"1" + b"}" * 5000).reason == "invalid_json"
+
+
+def test_numbers_orjson_refuses_are_decided_as_the_standard_library_does():
+    # 1e999 is a JSON number beyond a double: the standard library reads it as infinity, which no metric may be.
+    assert rejected(b'{"ts": 1795000020000, "metrics": {"t": 1e999}}').reason == "bad_metric_value"
+    # An integer beyond a double's range is not a metric the json profile can keep; the payload column keeps it.
+    r = read(b'{"big": ' + b"9" * 400 + b', "t": 2}')
+    assert (r.metrics, r.payload[:8]) == ({"t": 2.0}, b'{"big": ')
+    assert rejected(b'{"ts": 1795000020000, "metrics": {"t": ' + b"9" * 400 + b"}}").reason == "bad_metric_value"
+    # NaN and Infinity are not JSON (RFC 8259), whichever decoder reads them.
+    assert rejected(b'{"ts": 1795000020000, "metrics": {"t": NaN}}').reason == "invalid_json"
+    assert rejected(b'{"t": Infinity}').reason == "invalid_json"
+
+
+def test_a_float_subclass_from_a_decoder_is_a_metric_like_a_float():
+    class Reading(float):
+        pass
+
+    metrics, labels = telemetry.flatten({"a": {"b": Reading(2.5)}, "c": [True, "x", None]})
+    assert (metrics, labels) == ({"a.b": 2.5, "c.0": 1.0}, {"c.1": "x"})
