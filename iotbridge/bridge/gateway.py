@@ -32,7 +32,7 @@ from iotbridge import spec
 from iotbridge.bridge import fanout, limits, mqtt
 from iotbridge.bridge.ratelimit import TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES
-from iotbridge.registry import DEVICE_ID_RE, Device, DeviceNotFound, Grant
+from iotbridge.registry import DEVICE_ID_RE, DeviceNotFound, Grant
 
 if TYPE_CHECKING:
     from iotbridge.bridge.front import Front, Session
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("iotbridge.gateway")
 
 MAX_ATTACHED = 500  # devices one gateway session may have attached at once
+# Auth methods that ask the attach message for the device's own JWT.
+TOKEN_METHODS = frozenset({"DEVICE_AUTH_TOKEN_ONLY", "ASSOCIATION_AND_DEVICE_AUTH_TOKEN"})
 # IoT Core's error types on the errors topic.
 ATTACHMENT_ERROR = "GATEWAY_ATTACHMENT_ERROR"
 DEVICE_NOT_ATTACHED = "GATEWAY_DEVICE_NOT_FOUND"
@@ -217,17 +219,19 @@ class GatewayRelay:
             except ValueError:
                 self.error(session, ATTACHMENT_ERROR, device_id, "attach payload is not JSON", packet_id)
                 return
-        needs_token = gw.auth_method in ("DEVICE_AUTH_TOKEN_ONLY", "ASSOCIATION_AND_DEVICE_AUTH_TOKEN")
         try:
+            # The gateway's auth method, made stricter by the device's own when it names one; the device's
+            # ``gateway_auth_method`` is read first, so that only a bound device's settings can ask for a token.
+            device = await front.on_registry(front.registry.get_device, device_id)
+            needs_token = bool({gw.auth_method, device.gateway_config.gateway_auth_method} & TOKEN_METHODS)
             if needs_token:
                 if not token:
                     raise Refusal(Refusal.BAD_CREDENTIALS, f"{gw.auth_method} needs the device's JWT in "
                                                            '{"authorization": ...}')
                 proof = await front.verify_device(device_id, token, None, session.address)
-                device: Device = proof.device
+                device = proof.device
                 credential_pem = proof.credential.public_key_pem
             else:
-                device = await front.on_registry(front.registry.get_device, device_id)
                 credential_pem = ""
                 if device.blocked:
                     raise Refusal(Refusal.BLOCKED, "device is blocked")
@@ -240,6 +244,9 @@ class GatewayRelay:
             reason = ("the device's JWT is missing or invalid, or the device is not bound to this gateway"
                       if exc.kind == Refusal.BAD_CREDENTIALS else exc.reason)
             self.error(session, ATTACHMENT_ERROR, device_id, f"attach refused: {reason}", packet_id)
+            return
+        except Exception as exc:  # noqa: BLE001 - registry unreachable: the gateway may attach again
+            self.error(session, ATTACHMENT_ERROR, device_id, f"registry error {type(exc).__name__}", packet_id)
             return
         # Every auth method asks for the binding (docs/device-protocol.md): a gateway never acts for a device that
         # is not bound to it.
