@@ -104,7 +104,7 @@ class Device:
         self.configs: queue.Queue[bytes | None] = queue.Queue()  # None: no more configs, a reader's cue to stop
         self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.errors: queue.Queue[dict[str, Any]] = queue.Queue()  # a gateway's errors topic, parsed
-        self._attached_configs: dict[str, queue.Queue[bytes]] = {}
+        self._attached_configs: dict[str, queue.Queue[bytes | None]] = {}
         self._attached_commands: dict[str, queue.Queue[tuple[str, bytes]]] = {}
         self._connected = threading.Event()
         self._connack: Any = None
@@ -211,7 +211,7 @@ class Device:
         """The gateway's errors topic (QoS 0): refusals of what it did for attached devices land in ``errors``."""
         self._subscribe(spec.device_topic(self.identity.device_id, spec.ERRORS), 0, timeout)
 
-    def configs_of(self, device_id: str) -> queue.Queue[bytes]:
+    def configs_of(self, device_id: str) -> queue.Queue[bytes | None]:
         """Configs received for an attached device (after ``subscribe_config(device_id=...)``)."""
         return self._attached_configs.setdefault(device_id, queue.Queue())
 
