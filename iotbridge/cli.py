@@ -433,8 +433,8 @@ def simulate(
     stack: StackOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """A fleet speaking the device protocol: keys generated and registered on first use, QoS 1 telemetry (or, with
-    --http, one HTTP request per message)."""
+    """A fleet speaking the device protocol: keys generated and registered on first use, QoS 1 telemetry, each
+    device on its own, all through one gateway, or over the HTTP bridge."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from iotbridge.simulate import ConnectError, Fleet

@@ -51,7 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge.bridge import fanout, limits, mqtt
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
-from iotbridge.bridge.gateway import GatewayRelay, GatewaySession
+from iotbridge.bridge.gateway import MAX_ATTACHED, GatewayRelay, GatewaySession
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
 from iotbridge.registry import DeviceNotFound, Grant, Registry
@@ -92,6 +92,7 @@ SUBSCRIBES_PER_S = 1.0
 SUBSCRIBE_BURST = 10
 MAX_FILTERS_PER_SUBSCRIBE = 8
 MAX_SUBSCRIPTIONS = 16  # distinct filters one session may hold: config, commands, commands/# and subfolders
+GATEWAY_MAX_SUBSCRIPTIONS = MAX_SUBSCRIPTIONS + 2 * MAX_ATTACHED  # a gateway's: config and commands/# per device
 LIMIT_REPORT_S = 60.0  # a slowed device is logged and recorded in the registry at most once a minute
 # A session the front ends because the device is no longer allowed leaves without its will: Mosquitto would
 # otherwise publish the will of a revoked identity as its telemetry.
@@ -727,8 +728,9 @@ class Front:
                 if opts & 0x03 == 2:
                     patched[head + off] = (opts & ~0x03) | 0x01
             held = session.subscriptions | set(names)
-            if len(held) > MAX_SUBSCRIPTIONS:
-                raise Dropped(f"more than {MAX_SUBSCRIPTIONS} distinct subscriptions")
+            most = MAX_SUBSCRIPTIONS if session.gateway is None else GATEWAY_MAX_SUBSCRIPTIONS
+            if len(held) > most:
+                raise Dropped(f"more than {most} distinct subscriptions")
             session.subscriptions = held
             wait = max(wait, session.limits["subscribe"].take(1, now))
             raw = bytes(patched)
