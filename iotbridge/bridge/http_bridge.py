@@ -7,6 +7,10 @@ memory, JWT against the registry's credentials, blocked), and is charged to the 
 the device's MQTT session, so a device is held to one set of limits whichever protocol it speaks. Over a limit, the
 request is answered 429 ``RESOURCE_EXHAUSTED`` at once (an HTTP device cannot be slowed by not reading its socket).
 
+A JWT that passed is remembered (by its hash) for ``recheck_interval_s``, bounded by its ``exp``: a device that
+reuses its token is re-read from the registry at most that often, the same window in which the front drops the
+MQTT session of a device blocked, deleted or stripped of its credential.
+
 Events and states are published to the loopback Mosquitto on the device's own topics (user ``bridge``, client id
 ``iotbridge:http:{host}``), QoS 1: the request is answered 200 only after the broker acknowledged the message,
 which then reaches Pub/Sub through the bridge service exactly as an MQTT device's message does — the same topics,
@@ -26,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +54,7 @@ log = logging.getLogger("iotbridge.http")
 # The largest request body read at all: a 256 KB event, base64-encoded (4/3), plus its JSON and subfolder.
 MAX_BODY_BYTES = EVENTS_MAX_BYTES * 4 // 3 + 8 * 1024
 PUBLISH_TIMEOUT_S = 10.0
+MAX_REMEMBERED_TOKENS = 100_000
 _PATH_RE = re.compile(r"/v1/projects/([^/]+)/locations/([^/]+)/registries/([^/]+)/devices/([^/:]+)"
                       r"(:publishEvent|:setState|/config)")
 _METHODS = {":publishEvent": "POST", ":setState": "POST", "/config": "GET"}
@@ -97,6 +104,10 @@ class HttpBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._limit_reported: dict[str, float] = {}
+        # sha256 of (device id, JWT) -> (monotonic time until which it counts as verified, the JWT's exp): a device
+        # that reuses its JWT is not re-read from the registry for every request, but at most every
+        # recheck_interval_s — the window within which an MQTT session of a blocked device is dropped.
+        self._verified: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
         self.stats = {"requests": 0, "published": 0, "refused": 0, "rate_limited": 0}
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -221,15 +232,22 @@ class HttpBridge:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         address = address_key(request.remote or "")
+        key = hashlib.sha256(f"{device_id}\n{token.strip()}".encode()).digest()
+        known = self._verified.get(key)
+        if known is not None and time.monotonic() < known[0] and time.time() < known[1]:
+            return
         try:
             if scheme.lower() != "bearer" or not token.strip():
                 raise Refusal(Refusal.BAD_CREDENTIALS, "no Authorization: Bearer <JWT> header")
-            await self.front.verify_device(device_id, token.strip().encode(), None, address)
+            proof = await self.front.verify_device(device_id, token.strip().encode(), None, address)
         except Refusal as exc:
             log.warning("HTTP request of %s from %s refused: %s", device_id, address, printable(exc.reason))
             message = {Refusal.BAD_CREDENTIALS: "the JWT is missing, invalid or expired, or names no device",
                        Refusal.BLOCKED: f"the device {device_id} is blocked"}.get(exc.kind, exc.reason)
             raise HttpError(_REFUSAL_CODE[exc.kind], message) from None
+        self._verified[key] = (time.monotonic() + self.settings.recheck_interval_s, proof.expires_at.timestamp())
+        while len(self._verified) > MAX_REMEMBERED_TOKENS:
+            self._verified.popitem(last=False)
 
     def _charge(self, device_id: str, nbytes: int, state: bool) -> None:
         """Charge one request to the device's buckets (shared with its MQTT sessions), or refuse it with 429
