@@ -26,8 +26,8 @@ from google.cloud import pubsub_v1
 from bench import local
 from bench.core import Figure, summary_ms
 from bench.loadgen import payload
-from iotbridge.bridge.stack import init_host, start_bridge_stack
 from iotbridge.device import Device, DeviceIdentity, create_jwt
+from iotbridge.local.broker_host import init_host, start_bridge_stack
 from iotbridge.registry import Registry
 
 COMMAND = ".venv/bin/python -m bench http"

@@ -5,7 +5,6 @@ topic, and can never act for a device that is not bound to it or not attached.""
 from __future__ import annotations
 
 import queue
-import time
 
 import pytest
 from google.cloud import pubsub_v1
@@ -13,25 +12,27 @@ from google.cloud import pubsub_v1
 from iotbridge.bridge import fanout
 from iotbridge.device import create_jwt
 from iotbridge.registry import GatewayAuthMethod, GatewayConfig
+from tests.waiting import wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY, wait_until
+from .conftest import PROJECT, REGION, REGISTRY
 
 pytestmark = pytest.mark.emulator
 
 
 def _error(gw, device_id: str, timeout: float = 15.0) -> dict:
-    """The next error the gateway received about ``device_id`` (others are skipped)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no error about {device_id} on the gateway's errors topic")
+    """The next error the gateway received about ``device_id`` (errors about other devices are skipped)."""
+
+    def next_error() -> dict | None:
         try:
-            err = gw.errors.get(timeout=left)
+            err = gw.errors.get(timeout=0.1)
         except queue.Empty:
-            continue
-        if err.get("device_id") == device_id:
-            return err
+            return None
+        return err if err.get("device_id") == device_id else None
+
+    found = wait_for(f"an error about {device_id} on the gateway's errors topic", next_error, timeout=timeout,
+                     interval=0)
+    assert found is not None
+    return found
 
 
 @pytest.fixture
@@ -74,7 +75,8 @@ def test_gateway_speaks_for_three_bound_devices(gateway_setup, registry, reader,
         gw.subscribe_commands(device_id=d)
     for d in ids:
         assert gw.configs_of(d).get(timeout=20) == f"config of {d}".encode()
-    wait_until(lambda: all(fanout.is_connected(registry.client, REGISTRY, d) for d in ids), 15, "presence")
+    wait_for("the attached devices' presence", lambda: [fanout.is_connected(registry.client, REGISTRY, d) for d in ids],
+             all, timeout=15)
     publisher = pubsub_v1.PublisherClient()
     for d in ids:
         fanout.send_command(registry, publisher, stack.settings.prefix, d, f"cmd {d}".encode())

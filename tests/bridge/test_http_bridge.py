@@ -14,8 +14,9 @@ import requests
 
 from iotbridge.device import Algorithm, create_jwt, generate_key
 from iotbridge.registry import Credential
+from tests.waiting import wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY, wait_until
+from .conftest import PROJECT, REGION, REGISTRY
 
 pytestmark = pytest.mark.emulator
 
@@ -81,7 +82,8 @@ def test_events_and_state_reach_pubsub_with_the_mqtt_attributes(stack, registry,
     assert [(m.data, dict(m.attributes)) for m in logs] == [(b"log line", {**base, "subFolder": "logs"})]
     state = reader.pull("state", 1)
     assert [(m.data, dict(m.attributes)) for m in state] == [(b'{"fw": "2"}', base)]
-    wait_until(lambda: registry.get_device(dev.id).state == b'{"fw": "2"}', 15, "state in the registry")
+    wait_for("the state in the registry", lambda: registry.get_device(dev.id).state,
+             lambda state: state == b'{"fw": "2"}', timeout=15)
 
 
 def test_config_by_local_version(stack, registry, http_device):
@@ -133,7 +135,8 @@ def test_refusals_carry_iot_core_status_codes(stack, registry, reader, http_devi
     registry.set_blocked(dev.id, True)
     _error(dev.post(":publishEvent", ok), 403, "PERMISSION_DENIED")
     during = {"binary_data": _b64(b"within the re-check interval")}
-    wait_until(lambda: dev.post(":publishEvent", during, token=kept).status_code == 403, 10, "remembered token refused")
+    wait_for("the remembered token refused", lambda: dev.post(":publishEvent", during, token=kept).status_code,
+             lambda code: code == 403, timeout=10)
     _error(dev.config(0), 403, "PERMISSION_DENIED")
     # Nothing refused was forwarded (what the remembered token sent before its re-check was accepted, and arrives).
     forwarded = [m.data for m in reader.pull("telemetry", 1, settle=1.0) if m.attributes["deviceId"] == dev.id]
@@ -152,6 +155,7 @@ def test_over_the_device_limits_is_429(bridge_env, tmp_path, registry):
         r = dev.post(":publishEvent", {"binary_data": _b64(b"x")})
         message = _error(r, 429, "RESOURCE_EXHAUSTED")
         assert "rate limit" in message
-        wait_until(lambda: "rate limit" in registry.get_device(dev.id).last_error_status, 15, "error recorded")
+        wait_for("the rate limit recorded", lambda: registry.get_device(dev.id).last_error_status,
+                 lambda status: "rate limit" in status, timeout=15)
     finally:
         st.stop()
