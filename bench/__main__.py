@@ -19,6 +19,7 @@ SECTIONS = {
     "edge_model": "bench.edge_model",
     "broker": "bench.broker",
     "bridge": "bench.bridge",
+    "http": "bench.http_bridge",
     "config_push": "bench.config_push",
     "connections": "bench.connections",
     "attacks": "bench.attacks",

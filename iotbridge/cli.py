@@ -121,6 +121,7 @@ def device_view(d) -> dict[str, Any]:
         "metadata": d.metadata, "config_version": d.config_version,
         "last_config_ack_time": d.last_config_ack_time, "last_event_time": d.last_event_time,
         "last_state_time": d.last_state_time, "last_heartbeat_time": d.last_heartbeat_time,
+        "gateway_config": d.gateway_config.to_doc(), "bound_gateways": list(d.bound_gateways),
     }
 
 
@@ -141,15 +142,22 @@ def devices_create(
     public_key: Annotated[Path, typer.Option("--public-key", exists=True, dir_okay=False, readable=True,
                                              help="PEM file: public key or X.509 certificate.")],
     fmt: CredentialFormatOpt = "ES256_PEM",
+    gateway: Annotated[bool, typer.Option("--gateway", help="Make it a gateway (gateway_type GATEWAY).")] = False,
+    auth_method: Annotated[str | None, typer.Option(
+        "--gateway-auth-method", help="ASSOCIATION_ONLY, DEVICE_AUTH_TOKEN_ONLY or ASSOCIATION_AND_DEVICE_AUTH_TOKEN: "
+        "how devices attached through a gateway prove themselves (a gateway's default: ASSOCIATION_ONLY; on a "
+        "bound device, it can only make its gateway's method stricter).")] = None,
     stack: StackOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Register a device with one credential."""
-    from iotbridge.registry import Credential
+    """Register a device with one credential (with --gateway: a gateway)."""
+    from iotbridge.registry import Credential, GatewayConfig
 
     reg = open_registry(stack, as_json)
     cred = registry_call(as_json, Credential, fmt, public_key.read_text())
-    d = registry_call(as_json, reg.create_device, device_id, [cred])
+    method = auth_method or ("ASSOCIATION_ONLY" if gateway else None)
+    gateway_config = registry_call(as_json, GatewayConfig, "GATEWAY" if gateway else "NON_GATEWAY", method)
+    d = registry_call(as_json, reg.create_device, device_id, [cred], gateway_config=gateway_config)
     emit(device_view(d), as_json, f"created {d.id} (num_id {d.num_id})")
 
 
@@ -192,6 +200,41 @@ def set_blocked(device_id: str, blocked: bool, stack: str | None, as_json: bool)
     reg = open_registry(stack, as_json)
     d = registry_call(as_json, reg.set_blocked, device_id, blocked)
     emit(device_view(d), as_json, f"{'blocked' if blocked else 'unblocked'} {device_id}")
+
+
+GatewayArg = Annotated[str, typer.Argument(metavar="GATEWAY")]
+BoundDeviceArg = Annotated[str, typer.Argument(metavar="DEVICE")]
+
+
+@devices_app.command("bind")
+def devices_bind(gateway_id: GatewayArg, device_id: BoundDeviceArg, stack: StackOpt = None,
+                 as_json: JsonFlag = False) -> None:
+    """Bind a device to a gateway, which may then attach it (idempotent)."""
+    change_binding(gateway_id, device_id, True, stack, as_json)
+
+
+@devices_app.command("unbind")
+def devices_unbind(gateway_id: GatewayArg, device_id: BoundDeviceArg, stack: StackOpt = None,
+                   as_json: JsonFlag = False) -> None:
+    """Unbind a device from a gateway; an attached device is detached within the bridge's re-check interval."""
+    change_binding(gateway_id, device_id, False, stack, as_json)
+
+
+def change_binding(gateway_id: str, device_id: str, bind: bool, stack: str | None, as_json: bool) -> None:
+    reg = open_registry(stack, as_json)
+    registry_call(as_json, reg.bind_device_to_gateway if bind else reg.unbind_device_from_gateway, gateway_id,
+                  device_id)
+    word = "bound" if bind else "unbound"
+    emit({"gateway": gateway_id, word: device_id}, as_json,
+         f"{word} {device_id} {'to' if bind else 'from'} gateway {gateway_id}")
+
+
+@devices_app.command("bound")
+def devices_bound(gateway_id: GatewayArg, stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """The devices bound to a gateway."""
+    reg = open_registry(stack, as_json)
+    ids = [d.id for d in registry_call(as_json, reg.devices_bound_to, gateway_id)]
+    emit({"gateway": gateway_id, "devices": ids}, as_json, "\n".join(ids) or f"no device is bound to {gateway_id}")
 
 
 @devices_app.command("delete")
@@ -347,22 +390,32 @@ def simulate(
     rate: Annotated[float, typer.Option("--rate", min=0.1, help="Messages per second, whole fleet.")] = 20.0,
     duration: Annotated[float, typer.Option("--duration", min=1, help="Seconds to send for.")] = 60.0,
     prefix: Annotated[str, typer.Option("--prefix", help="Device ids are PREFIX-0000, PREFIX-0001, ...")] = "sim",
+    gateway: Annotated[bool, typer.Option(
+        "--gateway", help="Speak through one gateway, PREFIX-gw (created and bound to every device on first use), "
+        "that attaches the devices and publishes for them on its one connection.")] = False,
+    http: Annotated[bool, typer.Option(
+        "--http", help="Speak IoT Core's HTTP bridge instead of MQTT (publishEvent, setState, configs polled).",
+    )] = False,
     stack: StackOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """A fleet speaking the device protocol: keys generated and registered on first use, QoS 1 telemetry."""
+    """A fleet speaking the device protocol: keys generated and registered on first use, QoS 1 telemetry, each
+    device on its own, all through one gateway, or over the HTTP bridge."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from iotbridge.simulate import ConnectError, Fleet
 
     t = target_or_fail(stack, as_json)
-    if not t.mqtt_host or not t.mqtt_port:
+    if gateway and http:
+        fail("--gateway and --http exclude each other (a gateway speaks MQTT)", as_json)
+    if not http and (not t.mqtt_host or not t.mqtt_port):
         fail(f"target {t.name} has no MQTT endpoint", as_json)
     reg = open_registry(stack, as_json)
     try:
         fleet = Fleet(project=t.project_id, region=t.region, registry=reg, host=t.mqtt_host or "",
                       port=t.mqtt_port or 0, ca_certs=t.mqtt_ca_cert, key_dir=key_dir_for(t), devices=devices,
-                      prefix=prefix)
+                      prefix=prefix, mode="gateway" if gateway else "http" if http else "mqtt",
+                      http_url=t.http_bridge_url or "")
     except ValueError as exc:
         fail(str(exc), as_json)
         return

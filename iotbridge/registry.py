@@ -102,6 +102,10 @@ class InvalidMetadata(RegistryError, ValueError):
     pass
 
 
+class InvalidBinding(RegistryError, ValueError):
+    """A binding IoT Core refused: the gateway is not a GATEWAY, or the device to bind is one."""
+
+
 def validate_device_id(device_id: object) -> str:
     if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise InvalidDeviceId(
@@ -207,6 +211,48 @@ class Grant:
     num_id: str
     blocked: bool
     credentials: dict[str, datetime | None]
+    bound_gateways: tuple[str, ...] = ()
+
+
+GatewayType = Literal["GATEWAY", "NON_GATEWAY"]
+GatewayAuthMethod = Literal["ASSOCIATION_ONLY", "DEVICE_AUTH_TOKEN_ONLY", "ASSOCIATION_AND_DEVICE_AUTH_TOKEN"]
+GATEWAY_AUTH_METHODS: tuple[str, ...] = get_args(GatewayAuthMethod)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """IoT Core's ``gatewayConfig``: whether the device is a gateway, how the devices it attaches prove themselves
+    (only the binding, a JWT of the device's own in the attach message, or both), and the last gateway a device
+    was attached through."""
+
+    gateway_type: GatewayType = "NON_GATEWAY"
+    gateway_auth_method: GatewayAuthMethod | None = None
+    last_accessed_gateway_id: str | None = None
+    last_accessed_gateway_time: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.gateway_type not in ("GATEWAY", "NON_GATEWAY"):
+            raise InvalidBinding(f"unknown gateway type {self.gateway_type!r}; allowed: GATEWAY, NON_GATEWAY")
+        if self.gateway_auth_method is not None and self.gateway_auth_method not in GATEWAY_AUTH_METHODS:
+            raise InvalidBinding(f"unknown gateway auth method {self.gateway_auth_method!r}; allowed: "
+                                 f"{list(GATEWAY_AUTH_METHODS)}")
+
+    @property
+    def is_gateway(self) -> bool:
+        return self.gateway_type == "GATEWAY"
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"gateway_type": self.gateway_type, "gateway_auth_method": self.gateway_auth_method,
+                "last_accessed_gateway_id": self.last_accessed_gateway_id,
+                "last_accessed_gateway_time": self.last_accessed_gateway_time}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> GatewayConfig:
+        doc = doc or {}
+        return cls(gateway_type=doc.get("gateway_type") or "NON_GATEWAY",
+                   gateway_auth_method=doc.get("gateway_auth_method"),
+                   last_accessed_gateway_id=doc.get("last_accessed_gateway_id"),
+                   last_accessed_gateway_time=doc.get("last_accessed_gateway_time"))
 
 
 @dataclass(frozen=True)
@@ -226,6 +272,8 @@ class Device:
     state: bytes | None = None
     last_error_time: datetime | None = None
     last_error_status: str = ""
+    gateway_config: GatewayConfig = field(default_factory=GatewayConfig)
+    bound_gateways: tuple[str, ...] = ()  # the gateways this device is bound to (IoT Core's bindings)
 
     def valid_credentials(self, now: datetime | None = None) -> tuple[Credential, ...]:
         return tuple(c for c in self.credentials if not c.expired(now))
@@ -244,6 +292,8 @@ class Device:
             last_heartbeat_time=doc.get("last_heartbeat_time"),
             state=bytes(state) if state is not None else None,
             last_error_time=doc.get("last_error_time"), last_error_status=str(doc.get("last_error_status") or ""),
+            gateway_config=GatewayConfig.from_doc(doc.get("gateway_config")),
+            bound_gateways=tuple(doc.get("bound_gateways") or ()),
         )
 
 
@@ -324,8 +374,10 @@ class Registry:
     # ----------------------------------------------------------------------------- devices
 
     def create_device(self, device_id: str, credentials: Sequence[Credential] = (),
-                      metadata: Mapping[str, str] | None = None, blocked: bool = False) -> Device:
+                      metadata: Mapping[str, str] | None = None, blocked: bool = False,
+                      gateway_config: GatewayConfig | None = None) -> Device:
         ref = self._device_ref(device_id)
+        gateway = gateway_config or GatewayConfig()
         _check_credentials(credentials)
         meta = _check_metadata(metadata)
         # Random 63-bit numbers, as IoT Core's were opaque; reserving it in num_ids makes it unique without a
@@ -336,6 +388,7 @@ class Registry:
                 "id": device_id, "num_id": num_id, "registry_id": self.registry_id,
                 "credentials": [c.to_doc() for c in credentials], "blocked": bool(blocked), "metadata": meta,
                 "config_version": 0, "created_time": firestore.SERVER_TIMESTAMP,
+                "gateway_config": gateway.to_doc(), "bound_gateways": [],
             }
 
             @firestore.transactional
@@ -368,13 +421,14 @@ class Registry:
         ids = list(dict.fromkeys(device_ids))
         for i in range(0, len(ids), chunk):
             refs = [self._device_ref(d) for d in ids[i:i + chunk]]
-            for snap in self.client.get_all(refs, field_paths=["blocked", "num_id", "credentials"]):
+            for snap in self.client.get_all(refs, field_paths=["blocked", "num_id", "credentials", "bound_gateways"]):
                 if snap.exists:
                     doc = snap.to_dict() or {}
                     found[snap.id] = Grant(
                         num_id=str(doc.get("num_id", "")), blocked=bool(doc.get("blocked", False)),
                         credentials={str(c.get("public_key_pem", "")): c.get("expiration_time")
-                                     for c in doc.get("credentials", ())})
+                                     for c in doc.get("credentials", ())},
+                        bound_gateways=tuple(doc.get("bound_gateways") or ()))
         return found
 
     def record_error(self, device_id: str, message: str, when: datetime | None = None) -> None:
@@ -397,6 +451,50 @@ class Registry:
     def set_metadata(self, device_id: str, metadata: Mapping[str, str]) -> Device:
         self._update(device_id, {"metadata": _check_metadata(metadata)})
         return self.get_device(device_id)
+
+    # ----------------------------------------------------------------------------- gateways
+
+    def bind_device_to_gateway(self, gateway_id: str, device_id: str) -> None:
+        """Bind ``device_id`` to ``gateway_id`` (IoT Core's ``bindDeviceToGateway``): the gateway may then attach
+        it. Idempotent. DeviceNotFound if either is missing; InvalidBinding if the gateway is not a GATEWAY or the
+        device is one."""
+        device_ref = self._device_ref(device_id)
+
+        @firestore.transactional
+        def bind(tx: Any) -> None:
+            _, gateway = self._load(gateway_id, tx)
+            _, device = self._load(device_id, tx)
+            if not GatewayConfig.from_doc(gateway.get("gateway_config")).is_gateway:
+                raise InvalidBinding(f"device {gateway_id!r} is not a gateway (gateway_type GATEWAY)")
+            if GatewayConfig.from_doc(device.get("gateway_config")).is_gateway:
+                raise InvalidBinding(f"device {device_id!r} is a gateway; a gateway cannot be bound to another")
+            # The binding lives on the bound device's document: listed with array_contains, one write per binding.
+            tx.update(device_ref, {"bound_gateways": firestore.ArrayUnion([gateway_id])})
+
+        with self._device_lock(device_id):
+            bind(self.client.transaction(max_attempts=TRANSACTION_ATTEMPTS))
+
+    def unbind_device_from_gateway(self, gateway_id: str, device_id: str) -> None:
+        """Remove the binding (IoT Core's ``unbindDeviceFromGateway``); idempotent. DeviceNotFound if the device
+        is missing."""
+        validate_device_id(gateway_id)
+        self._update(device_id, {"bound_gateways": firestore.ArrayRemove([gateway_id])})
+
+    def devices_bound_to(self, gateway_id: str) -> list[Device]:
+        """The devices bound to ``gateway_id``, by id."""
+        validate_device_id(gateway_id)
+        query = self._devices.where(filter=firestore.FieldFilter("bound_gateways", "array_contains", gateway_id))
+        return sorted((Device.from_doc(s.to_dict() or {}) for s in query.stream()), key=lambda d: d.id)
+
+    def is_bound(self, gateway_id: str, device_id: str) -> bool:
+        """Whether ``device_id`` exists and is bound to ``gateway_id``."""
+        snap = self._device_ref(device_id).get(field_paths=["bound_gateways"])
+        return snap.exists and gateway_id in ((snap.to_dict() or {}).get("bound_gateways") or ())
+
+    def record_gateway_access(self, device_id: str, gateway_id: str, when: datetime | None = None) -> None:
+        """A gateway attached ``device_id`` (``gatewayConfig.lastAccessedGatewayId`` / ``...Time``)."""
+        self._update(device_id, {"gateway_config.last_accessed_gateway_id": gateway_id,
+                                 "gateway_config.last_accessed_gateway_time": _utc(when)})
 
     def delete_device(self, device_id: str) -> None:
         ref, doc = self._load(device_id)

@@ -9,6 +9,11 @@ Signals are realistic rather than random: temperature follows a slow daily-like 
 around a set point; every ``drift_every``-th device heats up steadily until it crosses ``drift_to`` so that the
 pipeline's threshold rule fires during a short run. Devices obey their config: ``{"fan": "max"}`` (what the
 pipeline's rule asks for) cools the device back towards its resting temperature — the closed loop.
+
+The fleet speaks one of three ways (``mode``): ``mqtt``, each device on its own connection; ``gateway``, one
+gateway (``{prefix}-gw``, created as a GATEWAY when missing) with the fleet's devices bound to it, attaching each
+and speaking for it on one connection; ``http``, each device on IoT Core's HTTP bridge (events and state by
+``publishEvent``/``setState``, its config polled with ``config?local_version``; HTTP devices get no commands).
 """
 
 from __future__ import annotations
@@ -18,23 +23,108 @@ import hashlib
 import json
 import math
 import os
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from iotbridge.device import Algorithm, ConnectError, Device, DeviceIdentity, generate_key
+from iotbridge.device import Algorithm, ConnectError, Device, DeviceIdentity, HttpDevice, HttpError, generate_key
 from iotbridge.ml.runner import ModelRunner
 
 Progress = Callable[[int, int], None]  # (sent, acknowledged)
+Mode = Literal["mqtt", "gateway", "http"]
+HTTP_CONFIG_POLL_S = 2.0
+
+
+class _Done:
+    """What an HTTP request leaves behind, shaped like paho's MQTTMessageInfo: answered 200 or not."""
+
+    def __init__(self, ok: bool):
+        self.ok = ok
+
+    def is_published(self) -> bool:
+        return self.ok
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        return None
+
+
+class AttachedLink:
+    """A device spoken for by a gateway: the Device methods the fleet uses, through the gateway's connection."""
+
+    def __init__(self, gateway: Device, identity: DeviceIdentity):
+        self.gateway, self.identity = gateway, identity
+        self.configs = gateway.configs_of(identity.device_id)
+        self.commands = gateway.commands_of(identity.device_id)
+
+    def connect(self) -> None:
+        self.gateway.attach(self.identity.device_id).wait_for_publish(30)
+        self.gateway.subscribe_config(device_id=self.identity.device_id)
+        self.gateway.subscribe_commands(device_id=self.identity.device_id)
+
+    def publish_event(self, payload: bytes, sub_folder: str | None = None) -> Any:
+        return self.gateway.publish_event(payload, sub_folder, device_id=self.identity.device_id)
+
+    def publish_state(self, payload: bytes) -> Any:
+        return self.gateway.publish_state(payload, device_id=self.identity.device_id)
+
+    def is_connected(self) -> bool:
+        return self.gateway.is_connected()
+
+    def disconnect(self) -> None:
+        with contextlib.suppress(Exception):
+            self.gateway.detach(self.identity.device_id)
+
+
+class HttpLink:
+    """A device on the HTTP bridge: the Device methods the fleet uses, each a request; configs polled."""
+
+    def __init__(self, http: HttpDevice):
+        self.http, self.identity = http, http.identity
+        self.configs: Any = queue.Queue()
+        self.commands: Any = queue.Queue()  # stays empty: the HTTP bridge has no commands
+        self._stop = threading.Event()
+
+    def connect(self) -> None:
+        threading.Thread(target=self._poll, daemon=True, name=f"poll-{self.identity.device_id}").start()
+
+    def _poll(self) -> None:
+        version = 0
+        while not self._stop.is_set():
+            with contextlib.suppress(HttpError, OSError):
+                latest, data = self.http.get_config(version)
+                if data is not None:
+                    version = latest
+                    self.configs.put(data)
+            self._stop.wait(HTTP_CONFIG_POLL_S)
+
+    def _send(self, fn: Callable[[], None]) -> _Done:
+        try:
+            fn()
+            return _Done(True)
+        except (HttpError, OSError):
+            return _Done(False)
+
+    def publish_event(self, payload: bytes, sub_folder: str | None = None) -> _Done:
+        return self._send(lambda: self.http.publish_event(payload, sub_folder))
+
+    def publish_state(self, payload: bytes) -> _Done:
+        return self._send(lambda: self.http.set_state(payload))
+
+    def is_connected(self) -> bool:
+        return not self._stop.is_set()
+
+    def disconnect(self) -> None:
+        self._stop.set()
 
 
 @dataclass
 class SimDevice:
-    device: Device
+    device: Any  # a Device (mqtt), an AttachedLink (gateway) or an HttpLink (http)
     index: int
     drifting: bool
     seq: int = 0
@@ -92,9 +182,18 @@ def load_or_create_key(key_dir: Path, device_id: str, algorithm: Algorithm) -> t
 class Fleet:
     def __init__(self, *, project: str, region: str, registry, host: str, port: int, ca_certs: str | None,
                  key_dir: Path, devices: int, prefix: str = "sim", drift_every: int = 5, drift_to: float = 95.0,
-                 seed: int = 7, cooling_s: float = 4.0) -> None:
+                 seed: int = 7, cooling_s: float = 4.0, mode: Mode = "mqtt", http_url: str = "") -> None:
         if devices < 1:
             raise ValueError("--devices must be at least 1")
+        if mode == "http" and not http_url:
+            raise ValueError("this target has no HTTP bridge (http_bridge_url)")
+        self.mode = mode
+        self.gateway: Device | None = None
+        self.gateway_id = f"{prefix}-gw"
+        if mode == "gateway":
+            private, _public, _ = load_or_create_key(key_dir / registry.registry_id, self.gateway_id, "ES256")
+            self.gateway = Device(DeviceIdentity(project, region, registry.registry_id, self.gateway_id, private,
+                                                 "ES256"), host, port, ca_certs)
         self.project, self.region, self.registry = project, region, registry
         self.host, self.port, self.ca_certs = host, port, ca_certs
         self.key_dir = key_dir
@@ -109,17 +208,33 @@ class Fleet:
             algorithm: Algorithm = "ES256" if i % 2 == 0 else "RS256"
             private, _public, _ = load_or_create_key(key_dir / registry.registry_id, device_id, algorithm)
             ident = DeviceIdentity(project, region, registry.registry_id, device_id, private, algorithm)
-            device = Device(ident, host, port, ca_certs)
+            device: Any
+            if self.gateway is not None:
+                device = AttachedLink(self.gateway, ident)
+            elif mode == "http":
+                device = HttpLink(HttpDevice(ident, http_url, ca_certs))
+            else:
+                device = Device(ident, host, port, ca_certs)
             self.members.append(SimDevice(device, i, drifting=drift_every > 0 and i % drift_every == 0,
                                           base_temp=20.0 + self.rng.uniform(-2, 3),
                                           runner=ModelRunner.for_device(device)))
 
     # ---------------------------------------------------------------------------------- set-up
     def ensure_registered(self) -> int:
-        """Register devices the registry does not know yet; returns how many were registered."""
-        from iotbridge.registry import Credential, DeviceNotFound
+        """Register devices the registry does not know yet (in gateway mode, the gateway too, and bind every device
+        to it); returns how many were registered."""
+        from iotbridge.registry import Credential, DeviceNotFound, GatewayConfig
 
         made = 0
+        if self.gateway is not None:
+            try:
+                self.registry.get_device(self.gateway_id)
+            except DeviceNotFound:
+                pub = (self.key_dir / self.registry.registry_id / f"{self.gateway_id}.pub.pem").read_text()
+                self.registry.create_device(self.gateway_id, [Credential("ES256_PEM", pub)],
+                                            metadata={"simulated": "true"},
+                                            gateway_config=GatewayConfig("GATEWAY", "ASSOCIATION_ONLY"))
+                made += 1
         for m in self.members:
             try:
                 self.registry.get_device(m.id)
@@ -128,13 +243,19 @@ class Fleet:
                 fmt = "ES256_PEM" if m.device.identity.algorithm == "ES256" else "RSA_PEM"
                 self.registry.create_device(m.id, [Credential(fmt, pub)], metadata={"simulated": "true"})
                 made += 1
+            if self.gateway is not None:
+                self.registry.bind_device_to_gateway(self.gateway_id, m.id)
         return made
 
     def connect(self) -> None:
+        if self.gateway is not None:
+            self.gateway.connect()
+            self.gateway.subscribe_errors()
         for m in self.members:
             m.device.connect()
-            m.device.subscribe_config()
-            m.device.subscribe_commands()
+            if isinstance(m.device, Device):
+                m.device.subscribe_config()
+                m.device.subscribe_commands()
             threading.Thread(target=self._answer_configs, args=(m,), daemon=True,
                              name=f"config-{m.id}").start()
 
@@ -234,6 +355,9 @@ class Fleet:
             m.device.configs.put(None)  # stops the config thread
             with contextlib.suppress(Exception):  # best effort on shutdown
                 m.device.disconnect()
+        if self.gateway is not None:
+            with contextlib.suppress(Exception):
+                self.gateway.disconnect()
 
 
 __all__ = ["ConnectError", "Fleet", "FleetResult", "load_or_create_key"]

@@ -93,7 +93,74 @@ def subscription_name(prefix: str, key: str) -> str:
 
 
 # Attribute names the bridge sets on every message, as IoT Core did (docs/messages.md).
-ATTRIBUTES = ("deviceId", "deviceNumId", "deviceRegistryId", "deviceRegistryLocation", "projectId", "subFolder")
+ATTRIBUTES = ("deviceId", "deviceNumId", "deviceRegistryId", "deviceRegistryLocation", "projectId", "subFolder",
+              "gatewayId")
+
+# ----------------------------------------------------------------------------------------- MQTT topics
+
+# The MQTT topic layout devices see, as IoT Core defined it (docs/device-protocol.md): every topic of a device is
+# ``/devices/{device_id}/{kind}``, events optionally with a subfolder (``/devices/{d}/events/{sub}``) and
+# commands with one (``/devices/{d}/commands/{sub}``). Devices publish events and state; they receive config and
+# commands; a gateway publishes attach and detach for the devices bound to it, and receives errors on its own.
+EVENTS = "events"
+STATE = "state"
+CONFIG = "config"
+COMMANDS = "commands"
+ATTACH = "attach"
+DETACH = "detach"
+ERRORS = "errors"
+DEVICE_PUBLISHES = (EVENTS, STATE)  # what a device (or a gateway for an attached device) may publish
+GATEWAY_PUBLISHES = (ATTACH, DETACH)  # what a gateway publishes for a bound device
+DEVICE_RECEIVES = (CONFIG, COMMANDS)  # what a device (or a gateway for an attached device) may subscribe to
+TOPIC_KINDS = (EVENTS, STATE, CONFIG, COMMANDS, ATTACH, DETACH, ERRORS)
+
+
+def device_topic(device_id: str, kind: str, sub_folder: str = "") -> str:
+    """``/devices/{device_id}/{kind}[/{sub_folder}]``; a subfolder only for events and commands."""
+    if kind not in TOPIC_KINDS:
+        raise ValueError(f"unknown topic kind {kind!r}; known: {list(TOPIC_KINDS)}")
+    if sub_folder and kind not in (EVENTS, COMMANDS):
+        raise ValueError(f"{kind} topics have no subfolder")
+    return f"/devices/{device_id}/{kind}" + (f"/{sub_folder}" if sub_folder else "")
+
+
+def parse_device_topic(topic: str) -> tuple[str, str, str] | None:
+    """``(device_id, kind, sub_folder)`` of a topic of the layout above; None for any other topic. The device id
+    is not validated here (the registry's rule is the caller's)."""
+    parts = topic.split("/", 4)
+    if len(parts) < 4 or parts[0] != "" or parts[1] != "devices" or not parts[2]:
+        return None
+    kind = parts[3]
+    if len(parts) == 5:
+        return (parts[2], kind, parts[4]) if kind in (EVENTS, COMMANDS) and parts[4] else None
+    return (parts[2], kind, "") if kind in TOPIC_KINDS else None
+
+
+# Inside a broker host only (never a device's topic): the front republishes what a gateway publishes for an attached
+# device under ``iotbridge/gateway/{gateway_id}/devices/{device_id}/{events|state}[/{sub}]``, so that the bridge
+# service learns the gateway (the ``gatewayId`` attribute) from the topic, as it learns the device.
+GATEWAY_RELAY_PREFIX = "iotbridge/gateway"
+
+
+def relayed_topic(gateway_id: str, device_id: str, kind: str, sub_folder: str = "") -> str:
+    return f"{GATEWAY_RELAY_PREFIX}/{gateway_id}{device_topic(device_id, kind, sub_folder)}"
+
+
+def parse_relayed_topic(topic: str) -> tuple[str, str, str, str] | None:
+    """``(gateway_id, device_id, kind, sub_folder)`` of a relayed topic; None for any other topic."""
+    head = GATEWAY_RELAY_PREFIX + "/"
+    if not topic.startswith(head):
+        return None
+    gateway_id, sep, rest = topic[len(head):].partition("/")
+    parsed = parse_device_topic("/" + rest) if sep and gateway_id else None
+    return (gateway_id, *parsed) if parsed is not None else None
+
+
+def valid_sub_folder(sub_folder: str) -> bool:
+    """A subfolder a topic may carry: no MQTT wildcard, no NUL, no empty level at either end ("" is no subfolder)."""
+    return not any(c in sub_folder for c in "+#\x00") and not sub_folder.startswith("/") and not sub_folder.endswith(
+        "/")
+
 
 # ----------------------------------------------------------------------------------------- payloads
 

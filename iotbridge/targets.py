@@ -38,6 +38,7 @@ class Target:
     bigquery_dataset: str
     bigquery_endpoint: str | None = None  # None: the real BigQuery
     env: dict[str, str] = field(default_factory=dict)  # emulator hosts for client libraries
+    http_bridge_url: str | None = None  # the HTTP device bridge (TLS with mqtt_ca_cert)
 
     def topic(self, key: str) -> str:
         try:
@@ -97,7 +98,8 @@ def from_stack_outputs(name: str, outputs: Mapping[str, Any], cache: Path | None
     }
     return Target(kind="stack", name=name, project_id=project, region=str(outputs["region"]),
                   registry_id=str(outputs["registry_id"]), mqtt_host=host, mqtt_port=port,
-                  mqtt_ca_cert=str(ca_file), topics=topics, bigquery_dataset=str(outputs["bigquery_dataset"]))
+                  mqtt_ca_cert=str(ca_file), topics=topics, bigquery_dataset=str(outputs["bigquery_dataset"]),
+                  http_bridge_url=str(outputs["http_bridge_url"]) if outputs.get("http_bridge_url") else None)
 
 
 Runner = Callable[[list[str]], str]
@@ -138,7 +140,8 @@ def from_local(status: Mapping[str, Any]) -> Target:
                   mqtt_port=status.get("mqtt_port"), mqtt_ca_cert=status.get("mqtt_ca_cert"),
                   topics={k: f"projects/{project}/topics/{spec.topic_name(prefix, k)}" for k in spec.TOPICS},
                   bigquery_dataset=str(status["bigquery_dataset"]),
-                  bigquery_endpoint=status.get("bigquery_endpoint"), env=env)
+                  bigquery_endpoint=status.get("bigquery_endpoint"), env=env,
+                  http_bridge_url=status.get("http_bridge_url"))
 
 
 def resolve(stack: str | None) -> Target:

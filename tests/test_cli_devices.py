@@ -101,3 +101,23 @@ def test_config_request_matches_what_the_function_parses():
 def test_push_needs_exactly_one_payload_source(target):
     both = run("config", "push", "pump-001", "--json")
     assert both.exit_code == 1 and "exactly one of --data or --data-file" in json.loads(both.stdout)["error"]
+
+
+def test_gateway_create_bind_list_unbind(target, public_key):
+    gw = run("devices", "create", "gw-001", "--public-key", str(public_key), "--gateway", "--json")
+    assert gw.exit_code == 0, gw.output
+    assert json.loads(gw.stdout)["gateway_config"]["gateway_type"] == "GATEWAY"
+    assert json.loads(gw.stdout)["gateway_config"]["gateway_auth_method"] == "ASSOCIATION_ONLY"
+    dev = run("devices", "create", "sensor-001", "--public-key", str(public_key), "--gateway-auth-method",
+              "DEVICE_AUTH_TOKEN_ONLY", "--json")
+    assert json.loads(dev.stdout)["gateway_config"]["gateway_auth_method"] == "DEVICE_AUTH_TOKEN_ONLY"
+    assert run("devices", "bind", "gw-001", "sensor-001", "--json").exit_code == 0
+    assert json.loads(run("devices", "bound", "gw-001", "--json").stdout)["devices"] == ["sensor-001"]
+    assert json.loads(run("devices", "get", "sensor-001", "--json").stdout)["bound_gateways"] == ["gw-001"]
+    wrong = run("devices", "bind", "sensor-001", "gw-001", "--json")  # the other way round
+    assert wrong.exit_code == 1 and "not a gateway" in json.loads(wrong.stdout)["error"]
+    bad = run("devices", "create", "x-001", "--public-key", str(public_key), "--gateway-auth-method", "NONE",
+              "--json")
+    assert bad.exit_code == 1 and "auth method" in json.loads(bad.stdout)["error"]
+    assert run("devices", "unbind", "gw-001", "sensor-001", "--json").exit_code == 0
+    assert json.loads(run("devices", "bound", "gw-001", "--json").stdout)["devices"] == []

@@ -53,6 +53,7 @@ from gcp_iot_bridge.infra.registry_database import RegistryDatabase
 from iotbridge.spec import CONNECTED_DEVICES_METRIC
 
 MQTT_PORT = 8883
+HTTP_BRIDGE_PORT = 8443  # IoT Core's HTTP device bridge (iotbridge/bridge/http_bridge.py), TLS like MQTT
 BROKER_PORT = 1883  # loopback only
 # Google's health-check probe ranges (network load balancers and managed instance group auto-healing).
 HEALTH_CHECK_RANGES = ("35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22")
@@ -126,6 +127,7 @@ class Broker(pulumi.ComponentResource):
     # What devices and the rest of the stack use.
     registry_id: pulumi.Output[str]
     mqtt_endpoint: pulumi.Output[str]  # "{load balancer address}:8883"
+    http_bridge_url: pulumi.Output[str]  # "https://{load balancer address}:8443"
     mqtt_ca_cert: pulumi.Output[str]  # PEM of the CA devices verify the broker with
     address: gcp.compute.Address  # the load balancer's static IP
     registry: RegistryDatabase  # the registry's database (an input: RegistryDatabase)
@@ -143,6 +145,7 @@ class Broker(pulumi.ComponentResource):
     sizing: HostSizing  # what one host carries, and its units' and kernel's limits
     backend: gcp.compute.RegionBackendService
     forwarding_rule: gcp.compute.ForwardingRule
+    http_forwarding_rule: gcp.compute.ForwardingRule  # the HTTP bridge's port on the same address and hosts
     firewall_devices: gcp.compute.Firewall
     firewall_health: gcp.compute.Firewall
     nat: gcp.compute.RouterNat
@@ -185,10 +188,12 @@ class Broker(pulumi.ComponentResource):
         self._load_balancer()
 
         self.mqtt_endpoint = self.address.address.apply(lambda a: f"{a}:{MQTT_PORT}")
+        self.http_bridge_url = self.address.address.apply(lambda a: f"https://{a}:{HTTP_BRIDGE_PORT}")
         self.mqtt_ca_cert = self.ca_cert.cert_pem
         self.registry_id = pulumi.Output.from_input(args.registry_id)
         self.register_outputs({
             "mqtt_endpoint": self.mqtt_endpoint,
+            "http_bridge_url": self.http_bridge_url,
             "mqtt_ca_cert": self.mqtt_ca_cert,
             "registry_id": self.registry_id,
             "firestore_database": self.registry.name,
@@ -361,7 +366,8 @@ class Broker(pulumi.ComponentResource):
         self.firewall_devices = gcp.compute.Firewall(
             f"{name}-fw-mqtt", project=args.project, name=f"{p}-broker-mqtt", network=args.network,
             direction="INGRESS", source_ranges=list(args.device_source_ranges), target_tags=[self._tag],
-            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(MQTT_PORT)])], opts=self._child)
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(MQTT_PORT), str(HTTP_BRIDGE_PORT)])],
+            opts=self._child)
         self.firewall_health = gcp.compute.Firewall(
             f"{name}-fw-health", project=args.project, name=f"{p}-broker-health", network=args.network,
             direction="INGRESS", source_ranges=list(HEALTH_CHECK_RANGES), target_tags=[self._tag],
@@ -490,6 +496,13 @@ class Broker(pulumi.ComponentResource):
             ip_address=self.address.address, ip_protocol="TCP", port_range=str(MQTT_PORT),
             load_balancing_scheme="EXTERNAL", network_tier="PREMIUM", backend_service=self.backend.id,
             labels=self._labels, opts=self._child)
+        # A second rule on the same address and hosts rather than a port list on the first: the MQTT rule, which
+        # devices already use, is not replaced.
+        self.http_forwarding_rule = gcp.compute.ForwardingRule(
+            f"{name}-http", project=args.project, region=args.region, name=f"{p}-http",
+            ip_address=self.address.address, ip_protocol="TCP", port_range=str(HTTP_BRIDGE_PORT),
+            load_balancing_scheme="EXTERNAL", network_tier="PREMIUM", backend_service=self.backend.id,
+            labels=self._labels, opts=self._child)
 
 
 def _topic_id(topic: str) -> str:
@@ -505,7 +518,7 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
     size = sizing(machine_type)
     settings = {
         "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
-        "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT,
+        "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT, "http_port": HTTP_BRIDGE_PORT,
         "broker_host": "127.0.0.1", "broker_port": BROKER_PORT,
         "tls_cert": "__ROOT__/etc/iotbridge/server.pem", "tls_key": "__ROOT__/etc/iotbridge/server-key.pem",
         "secrets_file": "__ROOT__/etc/iotbridge/secrets.json",

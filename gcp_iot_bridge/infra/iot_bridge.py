@@ -47,7 +47,8 @@ class IotBridge(pulumi.ComponentResource):
 
     Outputs (the stack outputs of docs/outputs.md are built from these):
 
-    - ``registry_id``, ``mqtt_endpoint`` (host:8883), ``mqtt_ca_cert`` (PEM devices verify the broker with);
+    - ``registry_id``, ``mqtt_endpoint`` (host:8883), ``http_bridge_url`` (``https://host:8443``, the HTTP device
+      bridge), ``mqtt_ca_cert`` (PEM devices verify the broker with);
     - ``topics``: spec key -> topic name (``telemetry``, ``state``, ``config-requests``, ``dead-letter``, ...);
     - ``bigquery_dataset``, ``bigtable_instance``, ``bigtable_table``;
     - ``dataflow_job_name``, ``config_push_function``, ``models_bucket``, ``models_signer``;
@@ -61,6 +62,7 @@ class IotBridge(pulumi.ComponentResource):
 
     registry_id: pulumi.Output[str]
     mqtt_endpoint: pulumi.Output[str]
+    http_bridge_url: pulumi.Output[str]
     mqtt_ca_cert: pulumi.Output[str]
     topics: dict[str, pulumi.Output[str]]
     bigquery_dataset: pulumi.Output[str]
@@ -276,6 +278,7 @@ class IotBridge(pulumi.ComponentResource):
 
         self.registry_id = self.broker.registry_id
         self.mqtt_endpoint = self.broker.mqtt_endpoint
+        self.http_bridge_url = self.broker.http_bridge_url
         self.mqtt_ca_cert = self.broker.mqtt_ca_cert
         self.topics = {key: topic.name for key, topic in self.messaging.topics.items()}
         self.bigquery_dataset = self.warehouse.dataset.dataset_id
@@ -291,6 +294,7 @@ class IotBridge(pulumi.ComponentResource):
         self.register_outputs({
             "registry_id": self.registry_id,
             "mqtt_endpoint": self.mqtt_endpoint,
+            "http_bridge_url": self.http_bridge_url,
             "topics": self.topics,
             "bigquery_dataset": self.bigquery_dataset,
             "bigtable_instance": self.bigtable_instance,

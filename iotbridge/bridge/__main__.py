@@ -37,11 +37,19 @@ def run_front(settings: BridgeSettings) -> None:
         front = Front(settings, _registry(settings), ssl_context, front_password=secrets["front"],
                       control_password=secrets["bridge"])
         await front.start()
+        http = None
+        if settings.http_port:
+            from iotbridge.bridge.http_bridge import HttpBridge
+
+            http = HttpBridge(front, secrets["bridge"])
+            await http.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        if http is not None:
+            await http.stop()
         await front.stop()
 
     asyncio.run(main())

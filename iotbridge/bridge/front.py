@@ -51,6 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge.bridge import fanout, limits, mqtt, resends
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
+from iotbridge.bridge.gateway import MAX_ATTACHED, GatewayRelay, GatewaySession
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
 from iotbridge.registry import DeviceNotFound, Grant, Registry
@@ -91,6 +92,7 @@ SUBSCRIBES_PER_S = 1.0
 SUBSCRIBE_BURST = 10
 MAX_FILTERS_PER_SUBSCRIBE = 8
 MAX_SUBSCRIPTIONS = 16  # distinct filters one session may hold: config, commands, commands/# and subfolders
+GATEWAY_MAX_SUBSCRIPTIONS = MAX_SUBSCRIPTIONS + 2 * MAX_ATTACHED  # a gateway's: config and commands/# per device
 LIMIT_REPORT_S = 60.0  # a slowed device is logged and recorded in the registry at most once a minute
 # A session the front ends because the device is no longer allowed leaves without its will: Mosquitto would
 # otherwise publish the will of a revoked identity as its telemetry.
@@ -192,6 +194,31 @@ def subscription_allowed(topic_filter: str, device_id: str) -> bool:
     return False
 
 
+class Refusal(Exception):
+    """A device's proof of identity refused by :meth:`Front.verify_device`: ``kind`` says how each protocol answers
+    (MQTT CONNACK code, HTTP status), ``reason`` is safe to log."""
+
+    BAD_CREDENTIALS = "bad_credentials"  # unknown device, bad token or certificate: indistinguishable on purpose
+    BLOCKED = "blocked"  # only a device that proved its identity learns it is blocked
+    ADDRESS_LIMITED = "address_limited"  # the source address spent its failed attempts
+    UNAVAILABLE = "unavailable"  # the registry is unreachable
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+@dataclass(frozen=True)
+class Proof:
+    """A device that proved its identity: how (``RS256``/``ES256``/``mTLS``), until when, with which credential."""
+
+    device: Any
+    method: str
+    expires_at: datetime
+    credential: Any
+    at: datetime
+
+
 class Dropped(Exception):
     """The front closes this session; the message is the logged reason."""
 
@@ -233,6 +260,8 @@ class Session:
     limits: dict[str, TokenBucket] = field(default_factory=dict)
     limit_reported: float = float("-inf")
     dwriter: asyncio.StreamWriter | None = None  # the device's connection, for the PUBACKs the front answers itself
+    address: str = ""  # what the per-address limits count this session's source as
+    gateway: GatewaySession | None = None  # set when the device is a gateway (iotbridge/bridge/gateway.py)
 
     def close(self, reason: str, drop_will: bool = False) -> None:
         if not self.done.is_set():
@@ -270,9 +299,19 @@ class Front:
         self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
         self._acked: dict[str, str] = {}  # device id -> sha256 of the config last acknowledged in the registry
         self._resends = resends.Resends()  # QoS 1 publishes per device, to recognise a resend (DUP) of one
+        self.gateways = GatewayRelay(self)
 
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def on_registry(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a registry call on the front's registry threads (never on the event loop)."""
+        return await self._on(self._registry_pool, fn, *args)
+
+    def request_config_sync(self, device_id: str) -> None:
+        """Ask the bridge service to make sure the broker holds the device's latest config (retained)."""
+        if self._control is not None:
+            self._control.publish(SYNC_TOPIC, device_id.encode(), qos=1)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -380,6 +419,8 @@ class Front:
                 self._end_pending(address)
             if session is not None:
                 self.sessions.discard(session)
+                with contextlib.suppress(Exception):
+                    await self.gateways.closed(session)
                 if session.drop_will and bwriter is not None:
                     # DISCONNECT first: the broker then discards the will instead of publishing it.
                     with contextlib.suppress(Exception):
@@ -426,6 +467,46 @@ class Front:
             w.write(mqtt.connack(level, codes[level]))
             await asyncio.wait_for(w.drain(), 2)
 
+    async def verify_device(self, device_id: str, password: bytes | None, client_cert: bytes | None,
+                            address: str) -> Proof:
+        """The checks every way in shares (MQTT CONNECT, HTTP bridge request, gateway attach): the address has
+        failures to spare, the device exists, the JWT (or, without one, the client certificate) proves it, and it
+        is not blocked. ``Refusal`` says why not; a failed proof costs ``address`` a token."""
+        now = time.monotonic()
+        if self._failures.exhausted(address, now):
+            self.stats["address_limited"] += 1
+            raise Refusal(Refusal.ADDRESS_LIMITED, f"too many failed connects from {address}; retry later")
+
+        def bad_credentials(reason: str) -> Refusal:
+            self._failures.charge(address, time.monotonic())
+            return Refusal(Refusal.BAD_CREDENTIALS, reason)
+
+        if not password and not client_cert:
+            raise bad_credentials("no password (anonymous)")
+        if self._unknown.has(device_id, now):
+            raise bad_credentials("unknown device (remembered)")
+        try:
+            self.stats["registry_lookups"] += 1
+            device = await self._on(self._auth_pool, self.registry.get_device, device_id)
+        except DeviceNotFound:
+            self._unknown.add(device_id, time.monotonic())
+            raise bad_credentials("unknown device") from None
+        except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
+            raise Refusal(Refusal.UNAVAILABLE, f"registry error {type(exc).__name__}") from None
+        at = datetime.now(UTC)
+        try:
+            if password or client_cert is None:
+                token = verify_jwt(password or b"", device.credentials, audience=self.settings.project, now=at)
+                proof = Proof(device, token.algorithm, token.expires_at, token.credential, at)
+            else:
+                expires_at, credential = verify_client_certificate(client_cert, device.credentials, now=at)
+                proof = Proof(device, "mTLS", expires_at, credential, at)
+        except (AuthError, ValueError) as exc:
+            raise bad_credentials(str(exc)) from None
+        if device.blocked:
+            raise Refusal(Refusal.BLOCKED, "device is blocked")
+        return proof
+
     async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str, address: str,
                             ) -> tuple[Session, asyncio.StreamReader, asyncio.StreamWriter] | None:
         """Unknown device, wrong key, expired credential, bad token: all answered "bad user name or password",
@@ -445,44 +526,18 @@ class Front:
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who,
                                f"disconnected for a protocol violation less than {VIOLATION_BACKOFF_S:g}s ago")
             return None
-        if self._failures.exhausted(address, now):
-            self.stats["address_limited"] += 1
-            await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who,
-                               f"too many failed connects from {address}; retry later")
-            return None
-
-        async def bad_credentials(reason: str) -> None:
-            self._failures.charge(address, time.monotonic())
-            await self._refuse(dwriter, level, mqtt.REFUSE_BAD_PASSWORD, who, reason)
-
         ssl_object = dwriter.get_extra_info("ssl_object")
         client_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        if not c.password and not client_cert:
-            return await bad_credentials("no password (anonymous)")
-        if self._unknown.has(device_id, now):
-            return await bad_credentials("unknown device (remembered)")
         try:
-            self.stats["registry_lookups"] += 1
-            device = await self._on(self._auth_pool, self.registry.get_device, device_id)
-        except DeviceNotFound:
-            self._unknown.add(device_id, time.monotonic())
-            return await bad_credentials("unknown device")
-        except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
-            await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"registry error {type(exc).__name__}")
+            proof = await self.verify_device(device_id, c.password, client_cert, address)
+        except Refusal as exc:
+            codes = {Refusal.BAD_CREDENTIALS: mqtt.REFUSE_BAD_PASSWORD, Refusal.BLOCKED: mqtt.REFUSE_NOT_AUTHORIZED,
+                     Refusal.ADDRESS_LIMITED: mqtt.REFUSE_UNAVAILABLE, Refusal.UNAVAILABLE: mqtt.REFUSE_UNAVAILABLE,
+                     }[exc.kind]
+            await self._refuse(dwriter, level, codes, who, exc.reason)
             return None
-        at = datetime.now(UTC)
-        try:
-            if c.password or client_cert is None:
-                token = verify_jwt(c.password or b"", device.credentials, audience=s.project, now=at)
-                method, proof_expires, credential = token.algorithm, token.expires_at, token.credential
-            else:
-                method = "mTLS"
-                proof_expires, credential = verify_client_certificate(client_cert, device.credentials, now=at)
-        except (AuthError, ValueError) as exc:
-            return await bad_credentials(str(exc))
-        if device.blocked:
-            await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "device is blocked")
-            return None
+        device, method, proof_expires, credential = proof.device, proof.method, proof.expires_at, proof.credential
+        at = proof.at
         if c.will_topic is not None:
             kind = topic_kind(c.will_topic, device_id)
             limit = STATE_MAX_BYTES if kind == "state" else EVENTS_MAX_BYTES
@@ -494,10 +549,19 @@ class Front:
         except OSError as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"broker unreachable: {exc}")
             return None
-        bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
+        gateway = device.gateway_config.is_gateway and self._control_password is not None
+        # A gateway's loopback session reads the config and commands of the devices it attaches: user bridge, whose
+        # ACL allows them; the front filters what reaches the gateway (iotbridge/bridge/gateway.py).
+        user, password = ("bridge", (self._control_password or "").encode()) if gateway else (
+            "front", self._front_password)
+        bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, user, password)))
         expires_at = session_deadline(at, proof_expires, credential.expiration_time)
         session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer, num_id=device.num_id,
-                          credential_pem=credential.public_key_pem, limits=self._device_limits(device_id))
+                          credential_pem=credential.public_key_pem, limits=self._device_limits(device_id),
+                          address=address)
+        if gateway:
+            session.gateway = GatewaySession(device_id, device.gateway_config.gateway_auth_method
+                                             or "ASSOCIATION_ONLY", dwriter, bwriter)
         self.sessions.add(session)
         try:
             session.presence_time = await self._on(
@@ -506,8 +570,7 @@ class Front:
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
         self.stats["accepted"] += 1
-        if self._control is not None:
-            self._control.publish(SYNC_TOPIC, device_id.encode(), qos=1)
+        self.request_config_sync(device_id)
         log.info("device %s connected from %s (%s, MQTT level %d, until %s)", device_id, peer, method, level,
                  expires_at.isoformat())
         return session, breader, bwriter
@@ -548,7 +611,10 @@ class Front:
                 out: list[bytes] = []
                 try:
                     for first, body, raw in framer.feed(data):
-                        checked, wait = self._checked(session, first, body, raw)
+                        relayed = None
+                        if session.gateway is not None and first >> 4 == mqtt.PUBLISH:
+                            relayed = await self.gateways.publish(session, first, body, raw)
+                        checked, wait = relayed or self._checked(session, first, body, raw)
                         if wait > 0:
                             # Over a rate limit: what passed goes now, this packet when the limit allows it, and
                             # the device's socket is not read meanwhile.
@@ -575,6 +641,10 @@ class Front:
             self._violators.add(session.device_id, time.monotonic())
         except (ConnectionError, ssl.SSLError):
             session.close("device closed the connection")
+
+    def device_limits(self, device_id: str) -> dict[str, TokenBucket]:
+        """The per-device buckets every protocol charges (MQTT sessions, HTTP requests)."""
+        return self._device_limits(device_id)
 
     def _device_limits(self, device_id: str) -> dict[str, TokenBucket]:
         """The device's buckets: kept per device id (at most MAX_TRACKED_DEVICES, least recently connected
@@ -604,6 +674,10 @@ class Front:
                    f"or {s.device_state_per_s:g} state updates/s; slowed by {wait:.2f}s")
         log.warning("device %s slowed: %s", session.device_id, message)
         self._spawn(self._record_error(session.device_id, message))
+
+    async def record_error(self, device_id: str, message: str) -> None:
+        """Note a refusal or limit in the registry (IoT Core's ``lastErrorStatus``), best effort."""
+        await self._record_error(device_id, message)
 
     async def _record_error(self, device_id: str, message: str) -> None:
         try:
@@ -660,13 +734,14 @@ class Front:
             head = len(raw) - len(body)
             patched = bytearray(raw)
             for f, opts, off in sub.filters:
-                if not subscription_allowed(f, dev):
+                if not subscription_allowed(f, dev) and not self.gateways.may_subscribe(session, f):
                     raise Dropped(f"subscribe to {f!r} not allowed")
                 if opts & 0x03 == 2:
                     patched[head + off] = (opts & ~0x03) | 0x01
             held = session.subscriptions | set(names)
-            if len(held) > MAX_SUBSCRIPTIONS:
-                raise Dropped(f"more than {MAX_SUBSCRIPTIONS} distinct subscriptions")
+            most = MAX_SUBSCRIPTIONS if session.gateway is None else GATEWAY_MAX_SUBSCRIPTIONS
+            if len(held) > most:
+                raise Dropped(f"more than {most} distinct subscriptions")
             session.subscriptions = held
             wait = max(wait, session.limits["subscribe"].take(1, now))
             raw = bytes(patched)
@@ -701,6 +776,10 @@ class Front:
                     break
                 out: list[bytes] = []
                 for first, body, raw in framer.feed(data):
+                    if session.gateway is not None and first >> 4 == mqtt.PUBLISH and not self.gateways.delivers(
+                            session, mqtt.parse_publish(first, body, session.level).topic):
+                        self.gateways.drop_delivery(session, first, body)
+                        continue
                     if first >> 4 == mqtt.PUBACK:
                         self._resends.acknowledged(session.device_id, mqtt.packet_id_of_ack(body))
                     elif first >> 4 == mqtt.PUBLISH and (first >> 1) & 0x03 == 1:
@@ -820,8 +899,10 @@ class Front:
         """End the sessions their device no longer allows (blocked, deleted or created again, credential removed,
         rotated or expired); record heartbeats (coalesced per round)."""
         by_device: dict[str, list[Session]] = {}
+        gateways = [s for s in list(self.sessions) if s.gateway is not None]
         for s in list(self.sessions):
             by_device.setdefault(s.device_id, []).append(s)
+        attached = {d for s in gateways for d in self.gateways.attached_ids(s)}
         pings = [(s, s.last_ping) for s in list(self.sessions) if s.last_ping is not None
                  and s.last_ping != s.ping_recorded]
         if pings:
@@ -837,7 +918,8 @@ class Front:
             return
         # One batched read of what every connected device's sessions rest on, instead of a round trip per device.
         try:
-            grants = await self._on(self._registry_pool, self.registry.session_grants, list(by_device))
+            grants = await self._on(self._registry_pool, self.registry.session_grants,
+                                    list(by_device) + sorted(attached - set(by_device)))
         except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: keep the sessions, try next round
             log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
             return
@@ -848,3 +930,5 @@ class Front:
                 if reason:
                     log.warning("dropping %s: %s", device_id, reason)
                     s.close(reason, drop_will=True)
+        for s in gateways:
+            await self.gateways.recheck(s, grants, now)

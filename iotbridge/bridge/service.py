@@ -93,18 +93,22 @@ class Parsed:
     device_id: str
     kind: str  # "events" | "state"
     sub_folder: str
+    gateway_id: str = ""  # the gateway that published it for the device (a relayed topic), else ""
 
 
 def parse_topic(topic: str) -> Parsed | None:
-    parts = topic.split("/", 4)
-    # "", "devices", id, kind[, subfolder]
-    if len(parts) < 4 or parts[0] != "" or parts[1] != "devices":
+    """A device's events or state topic, or the relayed topic of a gateway's (iotbridge.spec's topic layout)."""
+    relayed = spec.parse_relayed_topic(topic)
+    if relayed is not None:
+        gateway_id, device_id, kind, sub_folder = relayed
+    else:
+        plain = spec.parse_device_topic(topic)
+        if plain is None:
+            return None
+        gateway_id, (device_id, kind, sub_folder) = "", plain
+    if kind not in spec.DEVICE_PUBLISHES:
         return None
-    if parts[3] == "state" and len(parts) == 4:
-        return Parsed(parts[2], "state", "")
-    if parts[3] == "events":
-        return Parsed(parts[2], "events", parts[4] if len(parts) == 5 else "")
-    return None
+    return Parsed(device_id, kind, sub_folder, gateway_id)
 
 
 class BridgeService:
@@ -265,7 +269,9 @@ class BridgeService:
         # A restarted broker may have lost retained configs: let the next sync republish them.
         self._published_config.clear()
         self._generation += 1
+        relayed = spec.relayed_topic("+", "+", spec.EVENTS)
         client.subscribe([("/devices/+/events/#", 1), ("/devices/+/state", 1), (SYNC_TOPIC, 1),
+                          (relayed + "/#", 1), (spec.relayed_topic("+", "+", spec.STATE), 1),
                           # QoS 0: the broker's own reports are not worth queueing for a later session.
                           (SYS_LOG_NOTICE, 0), *((t, 0) for t in SYS_GAUGES)])
         log.info("bridge connected to broker (session present: %s)", flags.session_present)
@@ -375,6 +381,8 @@ class BridgeService:
             "deviceRegistryLocation": self.s.region,
             "projectId": self.s.project,
         }
+        if parsed.gateway_id:
+            attrs["gatewayId"] = parsed.gateway_id
         if parsed.kind == "state":
             topic = self.state_topic
         else:

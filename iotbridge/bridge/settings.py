@@ -9,7 +9,9 @@ Identities on the loopback listener:
 - ``front``   — every device session relayed by the front. Its client id is the authenticated device id, and
   the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it.
 - ``bridge``  — the bridge service and the front's control connection: reads device traffic, writes configs
-  and commands.
+  and commands. Also the HTTP bridge (publishes an authenticated HTTP device's events and state) and a
+  gateway's session (client id = the gateway's id; reads the config and commands of the devices it attaches,
+  and the front lets through only those of its attached devices).
 - ``backend`` — a backend publisher (e.g. the config-push function or an operator tool on the host): writes
   ``/devices/+/config`` and ``/devices/+/commands/#`` only, under one client id, ``iotbridge:backend:{host}``.
 
@@ -90,6 +92,9 @@ class BridgeSettings:
     device_bytes_per_s: float = 512 * 1024
     device_state_per_s: float = 1.0
     workdir: str = ""  # the service writes service-stats.json here; the front's /healthz reads it
+    # The HTTP device bridge (iotbridge/bridge/http_bridge.py), TLS on front_host with the front's certificate;
+    # 0 = off.
+    http_port: int = 0
     health_port: int = 0  # HTTP /healthz on front_host for load balancer and auto-healing checks; 0 = off
     # Pre-created subscriptions to the device-commands topic; the service leases one (cloud). Empty: the
     # service creates "{prefix}-device-commands-{host_id}" itself (local).
@@ -207,15 +212,29 @@ pattern write /devices/%c/state
 pattern read /devices/%c/config
 pattern read /devices/%c/commands
 pattern read /devices/%c/commands/#
+pattern read /devices/%c/errors
+# A gateway's session (client id = the gateway's id) republishes what it sends for an attached device here; the
+# bridge service reads the gateway's id from the topic (the gatewayId attribute), which %c makes the session's own.
+pattern write iotbridge/gateway/%c/devices/+/events
+pattern write iotbridge/gateway/%c/devices/+/events/#
+pattern write iotbridge/gateway/%c/devices/+/state
 
 user bridge
 topic read /devices/+/events
 topic read /devices/+/events/#
 topic read /devices/+/state
 topic readwrite /devices/+/config
-topic write /devices/+/commands
-topic write /devices/+/commands/#
+topic readwrite /devices/+/commands
+topic readwrite /devices/+/commands/#
 topic readwrite iotbridge/sync
+topic read iotbridge/gateway/+/devices/+/events
+topic read iotbridge/gateway/+/devices/+/events/#
+topic read iotbridge/gateway/+/devices/+/state
+# The HTTP bridge (in the front's process, client id iotbridge:http:{host}) publishes what an authenticated HTTP
+# device sends, on that device's own topics, after the front's checks.
+topic write /devices/+/events
+topic write /devices/+/events/#
+topic write /devices/+/state
 # The broker's notices (a client's queue full) and store size: the service turns them into metrics and log lines.
 topic read $SYS/broker/log/N
 topic read $SYS/broker/store/messages/count

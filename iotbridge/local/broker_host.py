@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -53,7 +54,8 @@ def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix
         tls_cert=str(tls.server_cert), tls_key=str(tls.server_key), secrets_file=str(secrets_file),
         client_ca=str(client_ca) if client_ca else "",
         routes=(Route("logs", spec.topic_name(prefix, "device-logs")),),
-        recheck_interval_s=recheck_interval_s, workdir=str(workdir), health_port=services.free_port(), **fields,
+        recheck_interval_s=recheck_interval_s, workdir=str(workdir), health_port=services.free_port(),
+        **{"http_port": services.free_port(), **fields},
     )
     settings.dump(workdir / "settings.json")
     (workdir / "mosquitto").mkdir(exist_ok=True)
@@ -77,6 +79,11 @@ class BridgeStack:
     @property
     def mqtt_port(self) -> int:
         return self.settings.front_port
+
+    @property
+    def http_bridge_url(self) -> str:
+        """The HTTP device bridge's base URL (TLS with ``ca_cert``, as MQTT); devices append ``/v1/projects/...``."""
+        return f"https://{self.settings.front_host}:{self.settings.http_port}"
 
     def settings_file(self) -> Path:
         return self.workdir / "settings.json"
@@ -120,6 +127,8 @@ class BridgeStack:
         self.procs[role] = svc
         if role == "front":
             services.wait_for_port(svc, timeout)
+            if self.settings.http_port:  # the HTTP bridge listens once the front does
+                services.wait_for_port(dataclasses.replace(svc, port=self.settings.http_port), timeout)
         else:
             services.wait_for_log(svc, READY_SERVICE, timeout)
         return svc

@@ -68,6 +68,7 @@ class StackStatus(TypedDict):
     mqtt_host: str | None
     mqtt_port: int | None
     mqtt_ca_cert: str | None
+    http_bridge_url: str | None  # the HTTP device bridge, TLS with mqtt_ca_cert
     pubsub_emulator_host: str | None
     firestore_emulator_host: str | None
     bigtable_emulator_host: str | None
@@ -216,7 +217,8 @@ class LocalStack:
                     if svc.name not in state.processes:
                         self._record(state, svc)
         state.endpoints.update({"MQTT_HOST": bridge.mqtt_host, "MQTT_PORT": str(bridge.mqtt_port),
-                                "MQTT_CA_CERT": str(bridge.ca_cert), "BRIDGE_SETTINGS": str(bridge.settings_file())})
+                                "MQTT_CA_CERT": str(bridge.ca_cert), "BRIDGE_SETTINGS": str(bridge.settings_file()),
+                                "HTTP_BRIDGE_URL": bridge.http_bridge_url})
         self._save(state)
         self._start_function(state, logs, env, settings, progress)
         self._start_pipeline(state, logs, env, progress)
@@ -307,6 +309,7 @@ class LocalStack:
             "mqtt_host": e.get("MQTT_HOST"),
             "mqtt_port": int(e["MQTT_PORT"]) if "MQTT_PORT" in e else None,
             "mqtt_ca_cert": e.get("MQTT_CA_CERT"),
+            "http_bridge_url": e.get("HTTP_BRIDGE_URL"),
             "pubsub_emulator_host": e.get("PUBSUB_EMULATOR_HOST"),
             "firestore_emulator_host": e.get("FIRESTORE_EMULATOR_HOST"),
             "bigtable_emulator_host": e.get("BIGTABLE_EMULATOR_HOST"),

@@ -82,6 +82,7 @@ def build(**overrides) -> harness.StackRun:
             project=PROJECT, location="europe-west1", deletion_protection=bool(fields["deletion_protection"])))
         b = bc.Broker("broker", bc.BrokerArgs(registry=registry, **fields))  # type: ignore[arg-type]
         pulumi.export("mqtt_endpoint", b.mqtt_endpoint)
+        pulumi.export("http_bridge_url", b.http_bridge_url)
         pulumi.export("mqtt_ca_cert", b.mqtt_ca_cert)
         pulumi.export("registry_id", b.registry_id)
 
@@ -111,6 +112,7 @@ def the(run: harness.StackRun, key: str) -> harness.Resource:
 
 def test_outputs_are_the_contract_ones_and_hold_no_secret(run):
     assert run.outputs["mqtt_endpoint"] == "203.0.113.7:8883"
+    assert run.outputs["http_bridge_url"] == "https://203.0.113.7:8443"
     assert run.outputs["mqtt_ca_cert"] == FAKE_CERT
     assert run.outputs["registry_id"] == "fleet"
     text = repr(run.outputs)
@@ -161,8 +163,14 @@ def test_mig_with_autohealing_on_the_front_health_check(run):
     assert "apt-get install -y -q mosquitto" in script and "User=iotbridge" in script
 
 
-def test_passthrough_network_load_balancer_on_8883_with_static_ip(run):
-    address, backend, rule, rhc = the(run, "address"), the(run, "backend"), the(run, "rule"), the(run, "rhc")
+def test_passthrough_network_load_balancer_on_8883_and_8443_with_static_ip(run):
+    address, backend, rhc = the(run, "address"), the(run, "backend"), the(run, "rhc")
+    rules = {r.get("name"): r for r in run.of_type(T["rule"])}
+    assert set(rules) == {f"{PREFIX}-mqtt", f"{PREFIX}-http"}
+    rule, http = rules[f"{PREFIX}-mqtt"], rules[f"{PREFIX}-http"]
+    # The HTTP device bridge: the same address and hosts, its own port.
+    assert (http.get("ipAddress"), http.get("portRange"), http.get("backendService")) == (
+        "203.0.113.7", "8443", rule.get("backendService"))
     assert (address.get("addressType"), address.get("region")) == ("EXTERNAL", "europe-west1")
     assert (backend.get("loadBalancingScheme"), backend.get("protocol")) == ("EXTERNAL", "TCP")
     assert backend.get("backends")[0]["group"].endswith(f"/instanceGroups/{PREFIX}-broker")
@@ -176,7 +184,7 @@ def test_firewall_opens_8883_and_the_health_port_to_probe_ranges_only(run):
     rules = {r.get("name"): r for r in run.of_type(T["firewall"])}
     assert set(rules) == {f"{PREFIX}-broker-mqtt", f"{PREFIX}-broker-health"}
     mqtt = rules[f"{PREFIX}-broker-mqtt"]
-    assert mqtt.get("allows") == [{"protocol": "tcp", "ports": ["8883"]}]
+    assert mqtt.get("allows") == [{"protocol": "tcp", "ports": ["8883", "8443"]}]
     health = rules[f"{PREFIX}-broker-health"]
     assert health.get("allows") == [{"protocol": "tcp", "ports": ["8080"]}]
     assert sorted(health.get("sourceRanges")) == sorted(
@@ -228,7 +236,7 @@ def test_hosts_install_the_locked_closure():
     requirements = files["requirements.txt"].splitlines()
     assert {packaging.canonical_name(r.partition("[")[0].partition("==")[0]) for r in requirements} == {
         "paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "google-api-core",
-        "pyjwt", "cryptography"}
+        "pyjwt", "cryptography", "aiohttp"}
     closure = packaging.installed_closure(r.partition("==")[0] for r in requirements)
     assert {n: metadata.version(n) for n in closure} == {n: lock[n].partition("==")[2] for n in closure}, (
         "this environment is not the lock's")
@@ -280,6 +288,7 @@ def test_startup_script_settings_load_in_the_bridge(run, tmp_path):
     assert [(r.sub_folder, r.topic) for r in s.routes] == [("logs", f"{PREFIX}-device-logs")]
     assert s.fanout_subscriptions == tuple(f"{PREFIX}-device-commands-host-{i}" for i in range(4))
     assert s.health_port == 8080 and s.host_id == "iot-dev-broker-abcd"
+    assert s.http_port == 8443
 
 
 def _host_script() -> str:

@@ -43,10 +43,10 @@ def test_outputs_are_resolved_to_plain_values() -> None:
 
 
 CONTRACT_OUTPUTS = {  # docs/outputs.md
-    "project_id", "region", "registry_id", "mqtt_endpoint", "mqtt_ca_cert", "telemetry_topic", "state_topic",
-    "config_requests_topic", "dead_letter_topic", "device_logs_topic", "bigquery_dataset", "bigtable_instance",
-    "bigtable_table", "dataflow_job_name", "config_push_function", "models_bucket", "dashboard_url",
-    "monitoring_dashboard_url",
+    "project_id", "region", "registry_id", "mqtt_endpoint", "http_bridge_url", "mqtt_ca_cert", "telemetry_topic",
+    "state_topic", "config_requests_topic", "dead_letter_topic", "device_logs_topic", "bigquery_dataset",
+    "bigtable_instance", "bigtable_table", "dataflow_job_name", "config_push_function", "models_bucket",
+    "dashboard_url", "monitoring_dashboard_url",
 }
 
 
@@ -57,6 +57,7 @@ def test_whole_program_exports_every_contract_output() -> None:
         assert set(outputs) - CONTRACT_OUTPUTS == {"models_signer"}
         assert all(isinstance(v, str) and v for v in outputs.values()), outputs
         assert outputs["mqtt_endpoint"].endswith(":8883")
+        assert outputs["http_bridge_url"].startswith("https://") and outputs["http_bridge_url"].endswith(":8443")
         assert outputs["registry_id"] == f"{harness.stack_config(stack)['gcp-iot-bridge:prefix']}-registry"
 
 

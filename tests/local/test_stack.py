@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+import requests
 from typer.testing import CliRunner
 
 from iotbridge.cli import app
@@ -16,7 +17,8 @@ from iotbridge.local.stack import LocalStack
 pytestmark = pytest.mark.emulator
 
 STATUS_FIELDS = {
-    "project_id", "region", "registry_id", "mqtt_host", "mqtt_port", "mqtt_ca_cert", "pubsub_emulator_host",
+    "project_id", "region", "registry_id", "mqtt_host", "mqtt_port", "mqtt_ca_cert", "http_bridge_url",
+    "pubsub_emulator_host",
     "firestore_emulator_host", "bigtable_emulator_host", "bigquery_endpoint", "bigquery_dataset", "bigtable_instance",
 }
 
@@ -38,6 +40,11 @@ def test_up_status_kill_one_down_leaves_nothing(state_dir):
     info = json.loads(status.stdout)
     assert STATUS_FIELDS <= set(info)
     assert info["healthy"] is True
+    # The HTTP bridge answers over TLS with the MQTT CA file (a request without a JWT: 401, IoT Core's body).
+    refused = requests.post(f"{info['http_bridge_url']}/v1/projects/{info['project_id']}/locations/{info['region']}"
+                            f"/registries/{info['registry_id']}/devices/nobody:publishEvent", json={},
+                            verify=info["mqtt_ca_cert"], timeout=30)
+    assert refused.status_code == 401 and refused.json()["error"]["status"] == "UNAUTHENTICATED"
     procs = info["processes"]
     ports = [p["port"] for p in procs.values() if p["port"]]
     assert all(services.port_open("127.0.0.1", port) for port in ports)
