@@ -192,6 +192,7 @@ def one_line_error(args: list[str]) -> str:
     (["--devices", "10", "--rate", "0"], "--rate=0.0: expected messages per second per device"),
     (["--devices", "10", "--rate", "1", "--payload-bytes", "300000"], "--payload-bytes=300000"),
     (["--devices", "1.5", "--rate", "1"], "expected a whole number"),
+    (["--rate", "1"], "--devices and --rate are required"),
     (["--devices", "10", "--rate", "1", "--stack-config", "/nonexistent/Pulumi.x.yaml"], "cannot read stack config"),
 ])
 @pytest.mark.parametrize("command", ["capacity", "cost"])
