@@ -36,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.core import Figure, group_cpu_seconds
 from bench.loadgen import payload
+from iotbridge.bridge.settings import MAX_INFLIGHT_MESSAGES
 from iotbridge.local import services
 
 COMMAND = ".venv/bin/python -m bench broker"
@@ -47,9 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def broker_config(port: int, data_dir: Path) -> str:
+    # The bridge's Mosquitto window of unacknowledged messages per client: the raw subscriber gets the same as the
+    # bridge service does (a smaller one would lower the raw limit and flatter the ratios).
     return (
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest stderr\nlog_type error\n"
+        f"max_queued_messages 1000000\nmax_inflight_messages {MAX_INFLIGHT_MESSAGES}\nlog_dest stderr\n"
+        "log_type error\n"
     )
 
 

@@ -50,3 +50,19 @@ def test_each_figure_is_compared_with_the_reference(tmp_path: Path) -> None:
 def test_the_machine_is_described() -> None:
     m = machine()
     assert m["cores"] >= 1 and m["cpu_model"] and m["memory_gib"] > 0 and len(m["load_at_start"]) == 3
+
+
+def _setting(config: str, name: str) -> str:
+    return next(line.split()[1] for line in config.splitlines() if line.startswith(f"{name} "))
+
+
+def test_the_raw_broker_gives_its_subscriber_the_window_the_bridge_service_gets(tmp_path: Path) -> None:
+    from iotbridge.bridge.settings import BridgeSettings, mosquitto_config, new_secrets, write_secrets
+
+    write_secrets(tmp_path / "secrets.json", new_secrets())
+    settings = BridgeSettings(project="p", region="r", registry_id="reg", prefix="pre",
+                              secrets_file=str(tmp_path / "secrets.json"))
+    bridge = mosquitto_config(settings, tmp_path / "broker")
+    raw = broker.broker_config(1883, tmp_path)
+    # A smaller window on the raw side lowers the raw limit, and the bridge/raw ratio with it.
+    assert _setting(raw, "max_inflight_messages") == _setting(bridge, "max_inflight_messages")
