@@ -208,21 +208,20 @@ def paho_subscriber_rate(port: int, n: int = N, publishers: int = C_PUBLISHERS) 
     sub = RawSubscriber(port, "psub/#", 1, f"raw-sub-alone-{run}")
     cpu0 = _self_cpu()
     with tempfile.TemporaryDirectory() as d:
-        # The debug lines (one per PUBACK) go to files: a pipe read one process after another would stall the rest.
+        # Each publisher reads its payloads from a file of its own, as the bridge's mosquitto_pub devices do: fed
+        # through pipes written one after the other, each publisher waited for the one before it to drain its pipe.
+        # The debug lines (one per PUBACK) go to files too: pipes read in turn would stall the other publishers.
         logs = [Path(d) / f"pub{i}.log" for i in range(publishers)]
-        lines = [payload_lines(i, per, run) for i in range(publishers)]
+        inputs = [Path(d) / f"pub{i}.lines" for i in range(publishers)]
+        for i, path in enumerate(inputs):
+            path.write_bytes(payload_lines(i, per, run))
         t0 = time.time()
         procs = []
-        for i, log in enumerate(logs):
-            with open(log, "wb") as out:
+        for i, (log, lines) in enumerate(zip(logs, inputs, strict=True)):
+            with open(log, "wb") as out, open(lines, "rb") as stdin:
                 procs.append(subprocess.Popen(
                     [pub_exe, "-h", "127.0.0.1", "-p", str(port), "-t", f"psub/{i}", "-q", "1", "-l", "-M", "100",
-                     "-d", "-i", f"psub-pub-{run}-{i}"], stdin=subprocess.PIPE, stdout=out,
-                    stderr=subprocess.DEVNULL))
-        for i, p in enumerate(procs):
-            assert p.stdin is not None
-            p.stdin.write(lines[i])
-            p.stdin.close()
+                     "-d", "-i", f"psub-pub-{run}-{i}"], stdin=stdin, stdout=out, stderr=subprocess.DEVNULL))
         for p in procs:
             p.wait(timeout=120)
         acked = sum(puback_count(log.read_bytes()) for log in logs)
