@@ -432,7 +432,7 @@ RateOpt = Annotated[str | None, typer.Option("--rate", metavar="MSG_PER_S",
                                                   "(required).")]
 PayloadOpt = Annotated[str, typer.Option("--payload-bytes", metavar="B", help="Bytes of each message's payload.")]
 MetricsOpt = Annotated[str, typer.Option("--metrics", metavar="M", help="Metrics in each message.")]
-PushesOpt = Annotated[str, typer.Option("--config-pushes-per-device-day", metavar="K",
+PushesOpt = Annotated[str, typer.Option("--pushes-per-day", metavar="K",
                                         help="Config pushes per device and day (the config-push function).")]
 StackConfigOpt = Annotated[Path, typer.Option("--stack-config", metavar="PULUMI_STACK_YAML",
                                               help="The stack's config file: region, machine types, Bigtable "

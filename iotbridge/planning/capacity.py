@@ -118,7 +118,7 @@ class Fleet:
         _int("--payload-bytes", self.payload_bytes, 1, EVENTS_MAX_BYTES)
         _int("--metrics", self.metrics_per_message, 0, 1000)
         if not (math.isfinite(self.config_pushes_per_device_day) and self.config_pushes_per_device_day >= 0):
-            raise PlanningError(f"--config-pushes-per-device-day={self.config_pushes_per_device_day}: expected >= 0")
+            raise PlanningError(f"--pushes-per-day={self.config_pushes_per_device_day}: expected >= 0")
 
     @classmethod
     def parse(cls, devices: str, rate: str, payload_bytes: str = "100", metrics: str = "2",
@@ -140,7 +140,7 @@ class Fleet:
             return int(value)
 
         return cls(integer("--devices", devices), number("--rate", rate), integer("--payload-bytes", payload_bytes),
-                   integer("--metrics", metrics), number("--config-pushes-per-device-day", pushes))
+                   integer("--metrics", metrics), number("--pushes-per-day", pushes))
 
     @property
     def messages_per_s(self) -> float:
