@@ -53,7 +53,7 @@ def test_known_fleet_capacity(known: capacity.Capacity) -> None:
     month = 2.628e9
     # One host: 14,000 msg/s on the reference's 2 cores = 7,000 per vCPU; e2-standard-2 has 2 vCPUs; planned at
     # half: 7,000 msg/s. 1,000 msg/s needs 1 host; 10,000 devices at 10,000 held per host need 1; the stack's
-    # default brokerHosts is 2, so 2 hosts.
+    # default brokerMinHosts is 2, so 2 hosts.
     assert c.host_msgs_per_s == pytest.approx(7000)
     assert (c.hosts_for_rate, c.hosts_for_connections, c.broker_hosts) == (1, 1, 2)
     # Every device reconnecting: 10,000 / (2 hosts x 250 connections/s) = 20 s.
@@ -152,10 +152,17 @@ def test_egress_tiers_are_applied_in_order() -> None:
 
 
 def test_a_fleet_over_the_stack_limits_says_so(stack_file: Path) -> None:
-    # 1,000,000 devices need 100 hosts for their connections (10,000 held each); brokerHosts allows 4.
+    # 1,000,000 devices need 100 hosts for their connections (10,000 held each); brokerMaxHosts is 10.
     c = capacity.plan(Fleet(1_000_000, 1 / 60), capacity.read_stack(stack_file), FIGURES)
     assert c.hosts_for_connections == 100
-    assert any("needs 100 broker hosts" in n for n in c.notes)
+    assert any("needs 100 broker hosts; the stack's brokerMaxHosts is 10" in n for n in c.notes)
+
+
+def test_the_deprecated_fixed_host_count_is_read_as_equal_bounds(tmp_path: Path) -> None:
+    p = tmp_path / "Pulumi.fixed.yaml"
+    p.write_text(STACK_YAML + "  gcp-iot-bridge:brokerHosts: 3\n")
+    s = capacity.read_stack(p)
+    assert (s.broker_min_hosts, s.broker_max_hosts) == (3, 3)
 
 
 def test_planning_defaults_are_the_stack_configs() -> None:

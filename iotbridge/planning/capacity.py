@@ -72,7 +72,8 @@ FUNCTION_VCPU = 1 / 6
 
 # Pulumi.yaml defaults of the keys planning reads (tests/test_planning.py holds them equal to StackConfig's).
 STACK_DEFAULTS: dict[str, Any] = {
-    "broker_hosts": 2,
+    "broker_min_hosts": 2,
+    "broker_max_hosts": 10,
     "broker_machine_type": "e2-standard-2",
     "pipeline_max_workers": 3,
     "pipeline_machine_type": "n2-standard-2",
@@ -159,7 +160,8 @@ class StackShape:
     region: str
     bigquery_location: str
     bigtable_clusters: int
-    broker_hosts: int
+    broker_min_hosts: int
+    broker_max_hosts: int
     broker_machine_type: str
     pipeline_max_workers: int
     pipeline_machine_type: str
@@ -193,12 +195,16 @@ def read_stack(path: Path) -> StackShape:
     if not isinstance(zones, list) or not zones:
         raise PlanningError(f"stack config {path}: gcp-iot-bridge:bigtableZones is not a list of zones")
     values: dict[str, Any] = {}
+    fixed = get("brokerHosts")  # deprecated: a fixed count, read as equal bounds
     for key, default in STACK_DEFAULTS.items():
         raw = get(_CAMEL[key], default)
         if isinstance(default, int):
             values[key] = _int(f"gcp-iot-bridge:{_CAMEL[key]}", raw, 0, 1_000_000)
         else:
             values[key] = str(raw)
+    if fixed is not None:
+        values["broker_min_hosts"] = values["broker_max_hosts"] = _int("gcp-iot-bridge:brokerHosts", fixed, 1,
+                                                                       1_000_000)
     if values["bigtable_storage_type"] not in BIGTABLE_WRITES_PER_NODE:
         raise PlanningError(f"gcp-iot-bridge:bigtableStorageType={values['bigtable_storage_type']}: expected SSD "
                             "or HDD")
@@ -274,7 +280,7 @@ class Capacity:
     host_msgs_per_s: float  # planned capacity of one host (measured max x vCPU share x utilization)
     hosts_for_rate: int
     hosts_for_connections: int
-    broker_hosts: int  # what the fleet needs (at least the stack's brokerHosts)
+    broker_hosts: int  # what the fleet needs (at least the stack's brokerMinHosts)
     reconnect_storm_s: float  # every device reconnecting at once, spread over the hosts
     lb_inbound_gib_month: float
     egress_gib_month: float
@@ -322,10 +328,11 @@ def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
     host_rate = figures.qos1_msgs_per_s / figures.cores * vcpus * PLANNED_UTILIZATION
     hosts_for_rate = math.ceil(rate / host_rate)
     hosts_for_connections = math.ceil(fleet.devices / figures.connections_held)
-    hosts = max(1, hosts_for_rate, hosts_for_connections, stack.broker_hosts)
-    if hosts > 4:
-        notes.append(f"needs {hosts} broker hosts; the stack's brokerHosts allows 1..4 (one managed instance "
-                     "group): a fleet this size needs several groups or larger hosts")
+    hosts = max(1, hosts_for_rate, hosts_for_connections, stack.broker_min_hosts)
+    if hosts > stack.broker_max_hosts:
+        notes.append(f"needs {hosts} broker hosts; the stack's brokerMaxHosts is {stack.broker_max_hosts}")
+    notes.append(f"connections per host are the {figures.connections_held:,} one reference host held (the bench "
+                 "container's open-files limit stopped it there); memory alone allows more (docs/broker-scaling.md)")
     storm_s = fleet.devices / (hosts * figures.connections_per_s)
     keepalives = fleet.devices * SECONDS_PER_MONTH / KEEPALIVE_S
     lb_in = (month * (fleet.payload_bytes + MQTT_IN_OVERHEAD) + keepalives * PING_BYTES) / GIB
@@ -396,8 +403,8 @@ def render(c: Capacity) -> str:
         f"payloads, {f.metrics_per_message} metrics each; stack {c.stack.name} ({c.stack.region})",
         f"broker hosts ({c.stack.broker_machine_type}): {c.broker_hosts} (rate needs {c.hosts_for_rate} at "
         f"{c.host_msgs_per_s:,.0f} msg/s each, connections need {c.hosts_for_connections} at "
-        f"{c.figures.connections_held:,} each, the stack sets {c.stack.broker_hosts}); every device reconnecting "
-        f"at once takes {c.reconnect_storm_s:,.0f} s",
+        f"{c.figures.connections_held:,} each, the stack keeps {c.stack.broker_min_hosts}.."
+        f"{c.stack.broker_max_hosts}); every device reconnecting at once takes {c.reconnect_storm_s:,.0f} s",
         f"Pub/Sub: {c.pubsub_message_bytes} B per message, published once and delivered {c.pubsub_deliveries}x: "
         f"{c.pubsub_tib_month:,.3f} TiB/month",
         f"Dataflow workers ({c.stack.pipeline_machine_type}): {c.dataflow_workers} ({c.dataflow_vcpus_needed:.2f} "

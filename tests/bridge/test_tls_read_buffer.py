@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from iotbridge.bridge import front
-from iotbridge.bridge.tls import generate_local_tls
+from iotbridge.local.tls import generate_local_tls
 
 CONNECTIONS = 5
 CHUNKS = 40
