@@ -33,8 +33,6 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,7 +41,6 @@ from typing import cast
 
 from bench import broker, local
 from bench.core import Figure, group_cpu_seconds, summary_ms
-from bench.loadgen import payload
 from iotbridge.device import create_jwt
 from iotbridge.local.broker_host import BridgeStack, init_host, start_bridge_stack
 from iotbridge.registry import Registry
@@ -125,18 +122,11 @@ class Bench:
 
     def _loadgen(self, stack_devices: list[tuple[BridgeStack, list[tuple[str, bytes]]]], per_device: int, qos: int,
                  rate: float, run: str) -> list[subprocess.Popen[bytes]]:
-        procs = []
-        for st, devs in stack_devices:
-            spec = {"host": st.mqtt_host, "port": st.mqtt_port, "ca": str(st.ca_cert), "project": local.PROJECT,
-                    "region": local.REGION, "registry": local.REGISTRY, "per_device": per_device, "qos": qos,
-                    "rate": rate / len(stack_devices), "run": run,
-                    "devices": [[d, k.decode()] for d, k in devs]}
-            fd, path = tempfile.mkstemp(suffix=".json", dir=local.workdir())
-            with os.fdopen(fd, "w") as f:
-                json.dump(spec, f)
-            procs.append(subprocess.Popen([sys.executable, "-m", "bench.loadgen", path], stdout=subprocess.PIPE,
-                                          cwd=ROOT, env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)}))
-        return procs
+        return [broker.spawn_loadgen(
+            {"host": st.mqtt_host, "port": st.mqtt_port, "ca": str(st.ca_cert), "project": local.PROJECT,
+             "region": local.REGION, "registry": local.REGISTRY, "per_device": per_device, "qos": qos,
+             "rate": rate / len(stack_devices), "run": run, "devices": [[d, k.decode()] for d, k in devs]},
+            local.workdir(), self.env) for st, devs in stack_devices]
 
     def _c_devices(self, per_device: int, qos: int, run: str, devices: int) -> list[subprocess.Popen[bytes]]:
         """mosquitto_pub as IoT Core devices (TLS, client id path, JWT password): the C client as load."""
@@ -150,7 +140,7 @@ class Bench:
                          f"/devices/{device_id}")
             token = create_jwt(local.PROJECT, key, "ES256")
             lines = local.workdir() / f"{run}-{device_id}.lines"
-            lines.write_bytes(b"".join(payload(i, seq, run) + b"\n" for seq in range(per_device)))
+            lines.write_bytes(broker.payload_lines(i, per_device, run))
             procs.append((client_id, device_id, token, st, lines))
         started: list[subprocess.Popen[bytes]] = []
         try:
@@ -161,11 +151,12 @@ class Bench:
                 fd = os.open(conf / "mosquitto_pub", os.O_WRONLY | os.O_CREAT, 0o600)
                 with os.fdopen(fd, "w") as f:
                     f.write(f"-u unused\n-P {token}\n")
-                with open(lines, "rb") as stdin:
+                # -d: a debug line per PUBACK (to a file, read when it is done): the unacked count is measured.
+                with open(lines, "rb") as stdin, open(_debug_log(run, device_id), "wb") as out:
                     started.append(subprocess.Popen(
                         [exe, "-h", st.mqtt_host, "-p", str(st.mqtt_port), "--cafile", str(st.ca_cert),
-                         "-i", client_id, "-t", f"/devices/{device_id}/events", "-q", str(qos), "-l", "-M", "100"],
-                        stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         "-i", client_id, "-t", f"/devices/{device_id}/events", "-q", str(qos), "-l", "-M", "100",
+                         "-d"], stdin=stdin, stdout=out, stderr=subprocess.PIPE,
                         env={**os.environ, "XDG_CONFIG_HOME": str(conf)}))
         except BaseException:
             _kill(started)
@@ -189,13 +180,16 @@ class Bench:
         procs = (self._c_devices(per_device, qos, tag, c_devices) if c_devices
                  else self._loadgen(split, per_device, qos, rate, tag))
         try:
-            for p in procs:
-                out, err = p.communicate(timeout=600)
-                if p.returncode != 0:
-                    raise RuntimeError(f"load process exited with {p.returncode}: "
-                                       f"{(err or b'').decode(errors='replace')[-500:]}")
-                results.append({"t0": t0, "unacked": 0} if c_devices
-                               else json.loads(out.decode().strip().splitlines()[-1]))
+            if c_devices:
+                for p in procs:
+                    _, err = p.communicate(timeout=600)
+                    if p.returncode != 0:
+                        raise RuntimeError(f"mosquitto_pub exited with {p.returncode}: "
+                                           f"{(err or b'').decode(errors='replace')[-500:]}")
+                acked = sum(broker.puback_count(_debug_log(tag, d).read_bytes()) for d, _ in self.devices[:c_devices])
+                results.append({"t0": t0, "unacked": total - acked if qos else 0})
+            else:
+                results.extend(broker.loadgen_result(p) for p in procs)
         finally:
             _kill(procs)
         # Wait until the bridge forwarded everything it got (or stopped making progress), then count on Pub/Sub.
@@ -252,9 +246,13 @@ class Bench:
         return seen, dups, latencies, last_publish
 
 
+def _debug_log(run: str, device_id: str) -> Path:
+    return local.workdir() / f"{run}-{device_id}.debug"
+
+
 def _loss_note(r: Run) -> str:
     return (f"{r.received}/{r.sent} arrived on Pub/Sub, {r.lost} lost, {r.duplicates} duplicates"
-            + (f", {r.unacked} never PUBACKed to the device" if r.unacked else ""))
+            + (f", {r.unacked} never PUBACKed to the device" if r.qos else ""))
 
 
 def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -281,50 +279,60 @@ def _ratio(name: str, num: float, den: float, extra: str = "") -> Figure:
 
 def run() -> list[Figure]:
     raw_figures, fresh = broker.measured()
-    raw_q0 = float(next(f.value for f in raw_figures if f.name == "raw paho→Mosquitto→paho QoS 0") or 0)
     # Run alone, the section reports the raw limits of the broker section too.
     figures: list[Figure] = list(raw_figures) if fresh else []
     sdk = f"{DEVICES} devices on the device SDK (paho, TLS, one load process)"
     cload = f"{C_DEVICES} mosquitto_pub devices (TLS, JWT)"
-    raw_pp: list[float] = []
-    raw_sub: list[float] = []
+    raw_pp: list[broker.Counted] = []
+    raw_sub: list[broker.Counted] = []
     sdk_runs: list[Run] = []
     c_runs: list[Run] = []
     one = Bench(hosts=1)
     try:
         # Warm-up: TLS sessions, JWT checks, Pub/Sub channels and the device cache are not the subject.
         one.run(1, 1000)
-        q0 = one.run(0, N)
         # The machine is shared: each bridge run is paired with its raw counterpart measured right before it,
-        # ROUNDS times, and the ratios are of the medians.
+        # ROUNDS times at QoS 1, and the ratios are of the medians.
         with broker.plain_broker() as (port, pid):
+            raw_q0 = broker.paho_rate(port, 0, broker_pid=pid)
+            q0 = one.run(0, N)
             for _ in range(ROUNDS):
-                raw_pp.append(broker.paho_rate(port, 1, broker_pid=pid)[0])
+                raw_pp.append(broker.paho_rate(port, 1, broker_pid=pid))
                 sdk_runs.append(one.run(1, N))
-                raw_sub.append(broker.paho_subscriber_rate(port)[0])
+                raw_sub.append(broker.paho_subscriber_rate(port))
                 c_runs.append(one.run(1, N, c_devices=C_DEVICES))
         for r in sdk_runs + c_runs:
             if r.lost:
                 raise AssertionError(f"bridge lost {r.lost} QoS 1 messages: {_loss_note(r)}")
         q1, c1 = _median_run(sdk_runs), _median_run(c_runs)
         paced = {share: one.run(1, int(q1.rate * share * PACED_S), rate=q1.rate * share) for share in (0.5, 0.9)}
+        # A message that never arrives has no latency: it would drop out of p99 unseen. A loss fails the section.
+        for share, r in paced.items():
+            if r.lost:
+                raise AssertionError(f"bridge lost {r.lost} QoS 1 messages paced at {share:.0%} of max: "
+                                     f"{_loss_note(r)}")
     finally:
         one.stop()
-    pairs_pp = ", ".join(f"{round(b.rate)}/{round(r)}" for b, r in zip(sdk_runs, raw_pp, strict=True))
-    pairs_sub = ", ".join(f"{round(b.rate)}/{round(r)}" for b, r in zip(c_runs, raw_sub, strict=True))
+    pairs_pp = ", ".join(f"{round(b.rate)}/{round(r.rate)}" for b, r in zip(sdk_runs, raw_pp, strict=True))
+    pairs_sub = ", ".join(f"{round(b.rate)}/{round(r.rate)}" for b, r in zip(c_runs, raw_sub, strict=True))
+    raw_lost = ", ".join(f"{r.lost}/{r.unacked}" for r in raw_pp + raw_sub)
     figures += [
         _figure("bridge QoS 0, 1 host", q0, sdk),
         _figure("bridge QoS 1, 1 host", q1, f"{sdk}, median of {ROUNDS}"),
         _figure("bridge QoS 1, 1 host, C devices", c1, f"{cload}, median of {ROUNDS}"),
-        Figure(SECTION, "raw paho→Mosquitto→paho QoS 1, interleaved", round(statistics.median(raw_pp)), "msg/s",
-               COMMAND, f"median of {ROUNDS}, each right before a bridge run"),
+        Figure(SECTION, "raw paho→Mosquitto→paho QoS 1, interleaved", round(statistics.median(r.rate for r in raw_pp)),
+               "msg/s", COMMAND, f"median of {ROUNDS}, each right before a bridge run; the publisher in a process "
+               f"of its own; lost/unacked of each raw run (both pairs): {raw_lost}"),
         Figure(SECTION, "raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1, interleaved",
-               round(statistics.median(raw_sub)), "msg/s", COMMAND,
-               f"median of {ROUNDS}, each right before a bridge run"),
-        _ratio("ratio bridge/raw paho→paho QoS 0, 1 host", q0.rate, raw_q0, "; raw from the broker section"),
-        _ratio("ratio bridge/raw paho→paho QoS 1, 1 host", q1.rate, statistics.median(raw_pp),
+               round(statistics.median(r.rate for r in raw_sub)), "msg/s", COMMAND,
+               f"median of {ROUNDS}, each right before a bridge run; lost/unacked of each raw run: {raw_lost}"),
+        Figure(SECTION, "raw paho→Mosquitto→paho QoS 0, interleaved", round(raw_q0.rate), "msg/s", COMMAND,
+               f"right before the bridge's QoS 0 run; {raw_q0.note()}"),
+        _ratio("ratio bridge/raw paho→paho QoS 0, 1 host", q0.rate, raw_q0.rate,
+               f"; the raw run right before the bridge's; lost: bridge {q0.lost}, raw {raw_q0.lost}"),
+        _ratio("ratio bridge/raw paho→paho QoS 1, 1 host", q1.rate, statistics.median(r.rate for r in raw_pp),
                f"; Python publisher on both sides; rounds bridge/raw: {pairs_pp}"),
-        _ratio("ratio bridge/raw paho subscriber QoS 1, 1 host", c1.rate, statistics.median(raw_sub),
+        _ratio("ratio bridge/raw paho subscriber QoS 1, 1 host", c1.rate, statistics.median(r.rate for r in raw_sub),
                f"; C publishers on both sides (target ≥ 0.8); rounds bridge/raw: {pairs_sub}"),
     ]
     for share, r in paced.items():

@@ -1,7 +1,16 @@
 """The raw limits of the broker on this machine, measured in the same run as the bridge figures.
 
-- paho publisher → Mosquitto → paho subscriber, QoS 0 and QoS 1 (one Python process each side);
-- mosquitto_pub → Mosquitto → mosquitto_sub at QoS 1 (the C clients).
+- paho publisher → Mosquitto → paho subscriber, QoS 0 and QoS 1;
+- mosquitto_pub → Mosquitto → mosquitto_sub at QoS 1 (the C clients);
+- mosquitto_pub ×4 → Mosquitto → one paho subscriber alone at QoS 1.
+
+Same layout and timing as the bridge runs (:mod:`bench.bridge`), so a ratio compares like with like: the
+publishers run in processes of their own (the paho publisher is :mod:`bench.loadgen` with ``"raw": true``, the
+process the bridge's devices run in) and the subscriber in this process; the payloads are the bridge's
+(``loadgen.payload``: device index, sequence number and run tag), so what arrived is counted per (device, seq):
+lost and duplicate messages are reported, and the rate is the unique messages that arrived divided by the time
+from the first send to the last arrival (a lost message neither stretches nor shortens it). The subscriber only
+keeps each payload and its arrival time in the callback and parses them afterwards, so counting does not slow it.
 
 Reproduce: ``.venv/bin/python -m bench broker``.
 """
@@ -9,30 +18,42 @@ Reproduce: ``.venv/bin/python -m bench broker``.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.core import Figure, group_cpu_seconds
+from bench.loadgen import payload
+from iotbridge.bridge.settings import MAX_INFLIGHT_MESSAGES
 from iotbridge.local import services
 
 COMMAND = ".venv/bin/python -m bench broker"
 N = 20_000
-PAYLOAD = b'{"ts": 1764252000123, "metrics": {"temperature": 21.5, "rpm": 1200}, "seq": 42}'
+DEVICES = 10  # paho publisher clients in the one load process, as the bridge's SDK devices
+C_PUBLISHERS = 4
+STALL_S = 20.0
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def broker_config(port: int, data_dir: Path) -> str:
+    # The bridge's Mosquitto window of unacknowledged messages per client: the raw subscriber gets the same as the
+    # bridge service does (a smaller one would lower the raw limit and flatter the ratios).
     return (
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest stderr\nlog_type error\n"
+        f"max_queued_messages 1000000\nmax_inflight_messages {MAX_INFLIGHT_MESSAGES}\nlog_dest stderr\n"
+        "log_type error\n"
     )
 
 
@@ -41,114 +62,203 @@ def _self_cpu() -> float:
     return u.ru_utime + u.ru_stime
 
 
-def paho_rate(port: int, qos: int, n: int = N, broker_pid: int = 0) -> tuple[float, int, str]:
-    """Messages/s a paho subscriber receives from a paho publisher; returns (rate, received, CPU note)."""
-    received = 0
-    first: list[float] = []
-    done = threading.Event()
-
-    def on_message(_c, _u, _m):
-        nonlocal received
-        if not first:
-            first.append(time.perf_counter())
-        received += 1
-        if received >= n:
-            done.set()
-
-    subscribed = threading.Event()
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-sub-{qos}")
-    sub.on_message = on_message
-    sub.on_subscribe = lambda *_a: subscribed.set()
-    sub.connect("127.0.0.1", port)
-    sub.subscribe("raw/#", qos=qos)
-    sub.loop_start()
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-pub-{qos}")
-    pub.max_inflight_messages_set(100)
-    pub.max_queued_messages_set(0)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    if not subscribed.wait(timeout=10):
-        raise RuntimeError("raw subscriber got no SUBACK")
-    cpu0, broker0 = _self_cpu(), group_cpu_seconds(broker_pid) if broker_pid else 0.0
-    t0 = time.perf_counter()
-    for i in range(n):
-        pub.publish(f"raw/{i % 10}", PAYLOAD, qos=qos)
-    done.wait(timeout=120)
-    t1 = time.perf_counter()
-    clients_ms = 1000 * (_self_cpu() - cpu0) / max(received, 1)
-    broker_ms = 1000 * ((group_cpu_seconds(broker_pid) if broker_pid else 0.0) - broker0) / max(received, 1)
-    pub.loop_stop()
-    sub.loop_stop()
-    pub.disconnect()
-    sub.disconnect()
-    return received / (t1 - t0), received, f"CPU ms per message: paho publisher + subscriber {clients_ms:.3f}, " \
-        f"mosquitto {broker_ms:.3f}"
+def _children_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
 
 
-def paho_subscriber_rate(port: int, n: int = N, publishers: int = 4) -> tuple[float, int, str]:
+@dataclass
+class Counted:
+    """What arrived of one run, counted per (device, seq) as :meth:`bench.bridge.Bench._drain` does."""
+
+    sent: int
+    received: int  # unique (dev, seq) of the run
+    duplicates: int
+    lost: int
+    unacked: int  # QoS 1 publishes the publishers never got a PUBACK for (measured by them)
+    rate: float  # unique received / (last arrival − first send)
+    cpu_note: str
+
+    def note(self) -> str:
+        return (f"{self.received}/{self.sent} arrived, {self.lost} lost, {self.duplicates} duplicates, "
+                f"{self.unacked} never PUBACKed to the publisher; {self.cpu_note}")
+
+
+def count_arrivals(payloads: list[bytes], run: str) -> tuple[set[tuple[int, int]], int]:
+    """(unique (dev, seq) of run ``run``, duplicates) among ``payloads``."""
+    seen: set[tuple[int, int]] = set()
+    dups = 0
+    for data in payloads:
+        body = json.loads(data)
+        if body.get("run") != run:
+            continue
+        key = (body["dev"], body["seq"])
+        if key in seen:
+            dups += 1
+        seen.add(key)
+    return seen, dups
+
+
+def puback_count(debug_output: bytes) -> int:
+    """PUBACKs a ``mosquitto_pub -d`` received, from its debug lines."""
+    return debug_output.count(b" received PUBACK ")
+
+
+class RawSubscriber:
+    """One paho subscriber in this process; the callback keeps each payload and the time it arrived."""
+
+    def __init__(self, port: int, topic: str, qos: int, client_id: str):
+        self.payloads: list[bytes] = []
+        self.last_arrival = 0.0
+        subscribed = threading.Event()
+
+        def on_message(_c, _u, m):
+            self.payloads.append(m.payload)
+            self.last_arrival = time.time()
+
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client.on_message = on_message
+        self.client.on_subscribe = lambda *_a: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topic, qos=qos)
+        self.client.loop_start()
+        if not subscribed.wait(timeout=10):
+            raise RuntimeError("raw subscriber got no SUBACK")
+
+    def wait(self, n: int, stall_s: float = STALL_S) -> None:
+        """Until ``n`` messages arrived or none arrived for ``stall_s``."""
+        last, last_change = len(self.payloads), time.monotonic()
+        while len(self.payloads) < n and time.monotonic() - last_change < stall_s:
+            time.sleep(0.05)
+            if len(self.payloads) != last:
+                last, last_change = len(self.payloads), time.monotonic()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def spawn_loadgen(spec: dict, workdir: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start :mod:`bench.loadgen` on ``spec`` in a process of its own (stdout: its one JSON line)."""
+    fd, path = tempfile.mkstemp(suffix=".json", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    return subprocess.Popen([sys.executable, "-m", "bench.loadgen", path], stdout=subprocess.PIPE,
+                            cwd=ROOT, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
+
+
+def loadgen_result(proc: subprocess.Popen[bytes], timeout: float = 600) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load process exited with {proc.returncode}: "
+                           f"{(err or b'').decode(errors='replace')[-500:]}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def payload_lines(dev: int, per_device: int, run: str) -> bytes:
+    """``per_device`` payloads of device ``dev`` for ``mosquitto_pub -l``, one a line."""
+    return b"".join(payload(dev, seq, run) + b"\n" for seq in range(per_device))
+
+
+_runs = 0
+
+
+def _tag() -> str:
+    global _runs
+    _runs += 1
+    return f"raw{_runs}"
+
+
+def paho_rate(port: int, qos: int, n: int = N, broker_pid: int = 0) -> Counted:
+    """paho publishers (one load process) → Mosquitto → a paho subscriber in this process."""
+    run = _tag()
+    per_device = n // DEVICES
+    sub = RawSubscriber(port, "raw/#", qos, f"raw-sub-{run}")
+    with tempfile.TemporaryDirectory() as d:
+        cpu0, broker0, children0 = _self_cpu(), group_cpu_seconds(broker_pid) if broker_pid else 0.0, _children_cpu()
+        proc = spawn_loadgen({"host": "127.0.0.1", "port": port, "raw": True, "per_device": per_device, "qos": qos,
+                              "rate": 0, "run": run, "devices": [[f"raw{i}", ""] for i in range(DEVICES)]}, Path(d))
+        try:
+            result = loadgen_result(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        sub.wait(per_device * DEVICES)
+    sub.close()
+    sub_ms = 1000 * (_self_cpu() - cpu0)
+    pub_ms = 1000 * (_children_cpu() - children0)
+    broker_ms = 1000 * ((group_cpu_seconds(broker_pid) if broker_pid else 0.0) - broker0)
+    seen, dups = count_arrivals(sub.payloads, run)
+    sent = per_device * DEVICES
+    got = max(len(seen), 1)
+    return Counted(sent, len(seen), dups, sent - len(seen), result["unacked"],
+                   len(seen) / (sub.last_arrival - result["t0"]) if seen else 0.0,
+                   f"CPU ms per message: paho publisher {pub_ms / got:.3f}, paho subscriber {sub_ms / got:.3f}, "
+                   f"mosquitto {broker_ms / got:.3f}")
+
+
+def paho_subscriber_rate(port: int, n: int = N, publishers: int = C_PUBLISHERS) -> Counted:
     """The paho subscriber alone (QoS 1, auto-ack), fed by ``publishers`` mosquitto_pub processes: the limit of
     one Python MQTT subscriber, which is what the bridge service is, without a Python publisher sharing its GIL."""
     pub_exe = shutil.which("mosquitto_pub")
     if not pub_exe:
         raise RuntimeError("mosquitto-clients not installed")
-    received = 0
-    done, subscribed = threading.Event(), threading.Event()
-
-    def on_message(_c, _u, _m):
-        nonlocal received
-        received += 1
-        if received >= n:
-            done.set()
-
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-sub-alone")
-    sub.on_message = on_message
-    sub.on_subscribe = lambda *_a: subscribed.set()
-    sub.connect("127.0.0.1", port)
-    sub.subscribe("psub/#", qos=1)
-    sub.loop_start()
-    if not subscribed.wait(timeout=10):
-        raise RuntimeError("raw subscriber got no SUBACK")
+    run = _tag()
     per = n // publishers
-    lines = b"".join(PAYLOAD + b"\n" for _ in range(per))
+    sub = RawSubscriber(port, "psub/#", 1, f"raw-sub-alone-{run}")
     cpu0 = _self_cpu()
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen([pub_exe, "-h", "127.0.0.1", "-p", str(port), "-t", f"psub/{i}", "-q", "1", "-l",
-                               "-M", "100", "-i", f"psub-pub-{i}"], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(publishers)]
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write(lines)
-        p.stdin.close()
-    done.wait(timeout=120)
-    t1 = time.perf_counter()
-    for p in procs:
-        p.wait(timeout=30)
-    sub_ms = 1000 * (_self_cpu() - cpu0) / max(received, 1)
-    sub.loop_stop()
-    sub.disconnect()
-    return received / (t1 - t0), received, f"CPU ms per message: paho subscriber {sub_ms:.3f}"
+    with tempfile.TemporaryDirectory() as d:
+        # Each publisher reads its payloads from a file of its own, as the bridge's mosquitto_pub devices do: fed
+        # through pipes written one after the other, each publisher waited for the one before it to drain its pipe.
+        # The debug lines (one per PUBACK) go to files too: pipes read in turn would stall the other publishers.
+        logs = [Path(d) / f"pub{i}.log" for i in range(publishers)]
+        inputs = [Path(d) / f"pub{i}.lines" for i in range(publishers)]
+        for i, path in enumerate(inputs):
+            path.write_bytes(payload_lines(i, per, run))
+        t0 = time.time()
+        procs = []
+        for i, (log, lines) in enumerate(zip(logs, inputs, strict=True)):
+            with open(log, "wb") as out, open(lines, "rb") as stdin:
+                procs.append(subprocess.Popen(
+                    [pub_exe, "-h", "127.0.0.1", "-p", str(port), "-t", f"psub/{i}", "-q", "1", "-l", "-M", "100",
+                     "-d", "-i", f"psub-pub-{run}-{i}"], stdin=stdin, stdout=out, stderr=subprocess.DEVNULL))
+        for p in procs:
+            p.wait(timeout=120)
+        acked = sum(puback_count(log.read_bytes()) for log in logs)
+    sub.wait(per * publishers)
+    sub.close()
+    seen, dups = count_arrivals(sub.payloads, run)
+    sent = per * publishers
+    sub_ms = 1000 * (_self_cpu() - cpu0) / max(len(seen), 1)
+    return Counted(sent, len(seen), dups, sent - len(seen), sent - acked,
+                   len(seen) / (sub.last_arrival - t0) if seen else 0.0,
+                   f"CPU ms per message: paho subscriber {sub_ms:.3f}")
 
 
 def c_client_rate(port: int, n: int = N) -> tuple[float, int]:
+    """mosquitto_pub → Mosquitto → mosquitto_sub: (msg/s from the first send to the last arrival, received).
+    mosquitto_sub prints each message's arrival time (``-F %U``), so a lost message does not stretch the time."""
     pub_exe, sub_exe = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
     if not pub_exe or not sub_exe:
         raise RuntimeError("mosquitto-clients not installed")
     base = ["-h", "127.0.0.1", "-p", str(port)]
     # A retained marker arrives as soon as the subscription is active: the first line read means "subscribed".
     subprocess.run([pub_exe, *base, "-t", "craw/ready", "-r", "-q", "1", "-m", "ready"], check=True, timeout=10)
-    sub = subprocess.Popen([sub_exe, *base, "-t", "craw/#", "-q", "1", "-C", str(n + 1), "-i", "craw-sub"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    sub = subprocess.Popen([sub_exe, *base, "-t", "craw/#", "-q", "1", "-C", str(n + 1), "-W", "120",
+                            "-F", "%U", "-i", "craw-sub"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert sub.stdout is not None
-    if sub.stdout.readline().strip() != b"ready":
+    if not sub.stdout.readline().strip():
         raise RuntimeError("mosquitto_sub did not subscribe")
     lines = b"".join(PAYLOAD + b"\n" for _ in range(n))
-    t0 = time.perf_counter()
+    t0 = time.time()
     subprocess.run([pub_exe, *base, "-t", "craw/x", "-q", "1", "-l", "-i", "craw-pub"],
                    input=lines, check=True, timeout=120)
-    out, _ = sub.communicate(timeout=120)
-    t1 = time.perf_counter()
-    return n / (t1 - t0), out.count(b"\n")
+    out, _ = sub.communicate(timeout=130)
+    arrivals = out.split()
+    return (len(arrivals) / (float(arrivals[-1]) - t0) if arrivals else 0.0), len(arrivals)
 
+
+PAYLOAD = b'{"ts": 1764252000123, "metrics": {"temperature": 21.5, "rpm": 1200}, "seq": 42}'
 
 _measured: list[Figure] | None = None
 
@@ -175,17 +285,19 @@ def plain_broker() -> Iterator[tuple[int, int]]:
 def run() -> list[Figure]:
     global _measured
     with plain_broker() as (port, pid):
-        q0, r0, cpu0 = paho_rate(port, 0, broker_pid=pid)
-        q1, r1, cpu1 = paho_rate(port, 1, broker_pid=pid)
+        q0 = paho_rate(port, 0, broker_pid=pid)
+        q1 = paho_rate(port, 1, broker_pid=pid)
         c1, rc = c_client_rate(port)
-        s1, rs, cpus = paho_subscriber_rate(port)
+        s1 = paho_subscriber_rate(port)
+    load = f"{DEVICES} paho publishers in one load process, the subscriber in another"
     _measured = [
-        Figure("broker", "raw paho→Mosquitto→paho QoS 0", round(q0), "msg/s", COMMAND,
-               f"{r0}/{N} received (QoS 0 may drop); {cpu0}"),
-        Figure("broker", "raw paho→Mosquitto→paho QoS 1", round(q1), "msg/s", COMMAND, f"{r1}/{N} received; {cpu1}"),
+        Figure("broker", "raw paho→Mosquitto→paho QoS 0", round(q0.rate), "msg/s", COMMAND,
+               f"{load}; QoS 0 may drop; {q0.note()}", {"lost": q0.lost}),
+        Figure("broker", "raw paho→Mosquitto→paho QoS 1", round(q1.rate), "msg/s", COMMAND, f"{load}; {q1.note()}",
+               {"lost": q1.lost}),
         Figure("broker", "raw mosquitto_pub→Mosquitto→mosquitto_sub QoS 1", round(c1), "msg/s", COMMAND,
                f"{rc}/{N} received"),
-        Figure("broker", "raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1", round(s1), "msg/s", COMMAND,
-               f"{rs}/{N} received; the subscriber alone in its process; {cpus}"),
+        Figure("broker", "raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1", round(s1.rate), "msg/s", COMMAND,
+               f"the subscriber alone in its process; {s1.note()}", {"lost": s1.lost}),
     ]
     return _measured

@@ -23,12 +23,31 @@ class Figure:
         return asdict(self)
 
 
+def _first(path: str, prefix: str) -> str:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages: other work on the machine while the bench ran."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def machine() -> dict[str, Any]:
+    mem_kib = _first("/proc/meminfo", "MemTotal").split()
     return {
         "cores": os.cpu_count(),
+        "cpu_model": _first("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+        "memory_gib": round(int(mem_kib[0]) / 1024 / 1024, 1) if mem_kib else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "load_at_start": load_average(),
     }
 
 

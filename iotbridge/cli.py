@@ -443,6 +443,79 @@ def simulate(
         raise typer.Exit(1)
 
 
+# ---- capacity and cost (the logic is iotbridge/planning; docs/capacity.md)
+# Numbers are taken as text and checked by the planning module, so that bad input gets one line, not a usage box.
+DevicesOpt = Annotated[str | None, typer.Option("--devices", metavar="N", help="Devices in the fleet (required).")]
+RateOpt = Annotated[str | None, typer.Option("--rate", metavar="MSG_PER_S",
+                                             help="Messages per second per device, e.g. 0.0167 for one a minute "
+                                                  "(required).")]
+PayloadOpt = Annotated[str, typer.Option("--payload-bytes", metavar="B", help="Bytes of each message's payload.")]
+MetricsOpt = Annotated[str, typer.Option("--metrics", metavar="M", help="Metrics in each message.")]
+PushesOpt = Annotated[str, typer.Option("--pushes-per-day", metavar="K",
+                                        help="Config pushes per device and day (the config-push function).")]
+StackConfigOpt = Annotated[Path, typer.Option("--stack-config", metavar="PULUMI_STACK_YAML",
+                                              help="The stack's config file: region, machine types, Bigtable "
+                                                   "shape and retention, table expiration.")]
+ReferenceOpt = Annotated[Path | None, typer.Option(
+    "--reference", metavar="RESULTS_JSON",
+    help="The bench run whose per-host figures to use; default: the committed bench/reference/results.json.")]
+
+
+def plan_or_fail(devices: str | None, rate: str | None, payload_bytes: str, metrics: str, pushes: str,
+                 stack_config: Path, reference: Path | None, as_json: bool):  # noqa: ANN201 - a Capacity
+    from iotbridge.planning import capacity
+
+    if devices is None or rate is None:
+        fail("--devices and --rate are required", as_json)
+    try:
+        fleet = capacity.Fleet.parse(devices, rate, payload_bytes, metrics, pushes)
+        return capacity.plan(fleet, capacity.read_stack(stack_config),
+                             capacity.read_reference(reference or capacity.REFERENCE))
+    except capacity.PlanningError as exc:
+        fail(str(exc), as_json)
+
+
+@app.command("capacity")
+def capacity_cmd(devices: DevicesOpt = None, rate: RateOpt = None, payload_bytes: PayloadOpt = "100",
+                 metrics: MetricsOpt = "2", pushes: PushesOpt = "0",
+                 stack_config: StackConfigOpt = Path("Pulumi.dev.yaml"), reference: ReferenceOpt = None,
+                 as_json: JsonFlag = False) -> None:
+    """Broker hosts, Dataflow workers, Bigtable nodes, BigQuery volume and registry traffic a fleet needs."""
+    from iotbridge.planning import capacity
+
+    c = plan_or_fail(devices, rate, payload_bytes, metrics, pushes, stack_config, reference, as_json)
+    emit(c.to_json(), as_json, capacity.render(c))
+
+
+@app.command("cost")
+def cost_cmd(devices: DevicesOpt = None, rate: RateOpt = None, payload_bytes: PayloadOpt = "100",
+             metrics: MetricsOpt = "2", pushes: PushesOpt = "0", stack_config: StackConfigOpt = Path("Pulumi.dev.yaml"),
+             reference: ReferenceOpt = None,
+             prices: Annotated[str, typer.Option("--prices", metavar="SOURCE",
+                                                 help="table: the dated list prices in iotbridge/planning/"
+                                                      "prices.json; live: the Cloud Billing Catalog API (needs "
+                                                      "network and Google credentials).")] = "table",
+             as_json: JsonFlag = False) -> None:
+    """Monthly list-price estimate per component for a fleet, each line with its quantity and unit price."""
+    from iotbridge.planning import capacity, cost
+
+    c = plan_or_fail(devices, rate, payload_bytes, metrics, pushes, stack_config, reference, as_json)
+    try:
+        if prices == "table":
+            book, as_of = cost.table_prices(c.stack.region)
+        elif prices == "live":
+            book, as_of = cost.live_prices(c.stack.region)
+        else:
+            raise capacity.PlanningError(f"--prices={prices}: expected table or live")
+        lines = cost.estimate(c, book)
+    except capacity.PlanningError as exc:
+        fail(str(exc), as_json)
+    total = round(sum(ln.monthly for ln in lines), 2)
+    emit({"prices": as_of, "region": c.stack.region, "lines": [ln.to_json() for ln in lines], "total": total,
+          "unchecked_prices": cost.unchecked(lines), "notes": c.notes}, as_json,
+         cost.render(lines, as_of) + "".join(f"\nnote: {n}" for n in c.notes))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -33,6 +33,7 @@ import ipaddress
 import json
 import logging
 import ssl
+import threading
 import time
 import uuid
 from asyncio import sslproto
@@ -126,6 +127,34 @@ async def _forward(writer: asyncio.StreamWriter, data: bytes) -> None:
     transport = writer.transport
     if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
         await writer.drain()
+
+
+class _SharedReadBufferSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol with one read buffer for all the connections of the event loop.
+
+    asyncio gives each TLS connection a read buffer of its own (``SSLProtocol.max_size``, 256 KiB, zero-filled and
+    so resident: 2.5 GiB of the front's 3 GiB at 10,000 idle devices; 32 KiB a connection after ``max_size`` was
+    lowered). The buffer holds nothing between two reads: the selector transport asks for it (``get_buffer``),
+    reads the socket into it and hands the bytes over (``buffer_updated``, which copies them into the
+    connection's TLS input) in one callback, so one buffer serves every connection of a thread's event loop (a
+    protocol is created and used in the thread of its loop)."""
+
+    _per_thread = threading.local()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shared = getattr(self._per_thread, "buffer", None)
+        if shared is None or len(shared) < self.max_size:
+            shared = self._per_thread.buffer = bytearray(self.max_size)
+        self._ssl_buffer = shared
+        self._ssl_buffer_view = memoryview(shared)
+
+
+def share_tls_read_buffer() -> None:
+    """TLS connections the event loop starts from now on (``start_tls``) share one read buffer. A TLS record
+    carries at most 16 KiB of plaintext, so a 32 KiB buffer costs no throughput."""
+    _SharedReadBufferSSLProtocol.max_size = TLS_READ_BUFFER
+    sslproto.SSLProtocol = _SharedReadBufferSSLProtocol
 
 
 def server_ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -316,10 +345,7 @@ class Front:
     # ---------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        # asyncio gives each TLS connection a 256 KiB read buffer (SSLProtocol.max_size), zero-filled and so
-        # resident: 2.5 GiB of the front's 3 GiB at 10,000 idle devices (bench/connections.py). A TLS
-        # record carries at most 16 KiB of plaintext, so a 32 KiB buffer costs no throughput.
-        sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+        share_tls_read_buffer()
         if self._control_password is not None:
             self._control = self._control_client(self._control_password)
         # Plain TCP first, TLS started per connection in _handle: an address that keeps failing is turned away

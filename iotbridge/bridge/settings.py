@@ -46,6 +46,8 @@ EVENTS_MAX_BYTES = 256 * 1024
 # messages it already acknowledged to the device: the bridge service reports the fill level and every drop.
 MAX_QUEUED_MESSAGES = spec.BROKER_MAX_QUEUED_MESSAGES
 MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+# Mosquitto's window of unacknowledged QoS 1 messages per client (bench/broker.py gives the raw broker the same).
+MAX_INFLIGHT_MESSAGES = 1000
 # The broker's $SYS/broker/log/N line for a client whose queue is full (Mosquitto 2.0 src/database.c).
 DROPPING_NOTICE = "Outgoing messages are being dropped for client "
 STATE_MAX_BYTES = 64 * 1024
@@ -277,7 +279,7 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
         f"max_queued_bytes {settings.max_queued_bytes}",
         "sys_interval 5",
         # The bridge acknowledges a message only after Pub/Sub accepted it; a large window keeps many in flight.
-        "max_inflight_messages 1000",
+        f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
         # Retained configs and the bridge's persistent session (queued QoS 1 messages) survive a restart.
         "persistence true",
         f"persistence_location {workdir / 'data'}/",
