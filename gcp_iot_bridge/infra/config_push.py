@@ -51,6 +51,8 @@ from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 
 FUNCTION_DIR = SOURCE_ROOT / "functions" / "config_push"
 REGISTRY_MODULE = SOURCE_ROOT / "iotbridge" / "registry.py"
+# The shared description: the config request's and the fan-out message's format (iotbridge.spec).
+SPEC_MODULE = SOURCE_ROOT / "iotbridge" / "spec.py"
 # The package marker written next to the vendored registry module. Not the project's own __init__.py: the
 # function must not depend on whatever that one may import one day.
 VENDORED_INIT = '"""gcp-iot-bridge device registry, vendored into the config-push function."""\n'
@@ -78,6 +80,7 @@ def archive_contents() -> dict[str, bytes]:
             out[path.name] = path.read_bytes()
     out["iotbridge/__init__.py"] = VENDORED_INIT.encode()
     out["iotbridge/registry.py"] = REGISTRY_MODULE.read_bytes()
+    out["iotbridge/spec.py"] = SPEC_MODULE.read_bytes()
     return out
 
 

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge.bridge import fanout, limits, mqtt
-from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
+from iotbridge.bridge.auth import AuthError, ClientIdError, parse_device_path, verify_jwt
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
 from iotbridge.registry import DeviceNotFound, Grant, Registry
@@ -65,6 +65,22 @@ MAX_CONNECT_BYTES = 16 * 1024
 MAX_DEVICE_PACKET = EVENTS_MAX_BYTES + 70 * 1024
 MAX_BROKER_PACKET = 2 * 1024 * 1024
 SYNC_TOPIC = "iotbridge/sync"
+SYNC_SUBSCRIBED = "/subscribed"  # appended to the device id: it just subscribed to its config topic
+
+
+def _per_registry(values: dict[str, T], registries: dict[str, Registry]) -> dict[Registry, dict[str, T]]:
+    """``values`` keyed by device id, split by the registry each device belongs to."""
+    out: dict[Registry, dict[str, T]] = {}
+    for device_id, value in values.items():
+        out.setdefault(registries[device_id], {})[device_id] = value
+    return out
+
+
+def sync_payload(device_id: str, subscribed: bool = False) -> bytes:
+    """A sync request: ``{device}`` at connect, ``{device}/subscribed`` after a SUBSCRIBE to its config topic,
+    which makes the bridge deliver an empty latest config (an empty retained message is not kept by the
+    broker, so it reaches only the subscribers of the moment)."""
+    return (device_id + (SYNC_SUBSCRIBED if subscribed else "")).encode()
 TLS_READ_BUFFER = 32 * 1024
 RELAY_READ = 64 * 1024
 
@@ -232,6 +248,8 @@ class Session:
     ping_recorded: datetime | None = None
     limits: dict[str, TokenBucket] = field(default_factory=dict)
     limit_reported: float = float("-inf")
+    config_subscribed: bool = False  # a SUBSCRIBE to the config topic awaits its sync (sync_payload)
+    registry: Any = None  # the Registry of the device (the one its client id names)
 
     def close(self, reason: str, drop_will: bool = False) -> None:
         if not self.done.is_set():
@@ -245,6 +263,7 @@ class Front:
                  front_password: str, control_password: str | None = None):
         self.settings = settings
         self.registry = registry
+        self._registries: dict[str, Registry] = {registry.registry_id: registry}
         self.ssl_context = ssl_context
         self._front_password = front_password.encode()
         self._control_password = control_password
@@ -268,6 +287,11 @@ class Front:
         self._violators = ExpiringSet(VIOLATION_BACKOFF_S, MAX_UNKNOWN_DEVICES)
         self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
         self._acked: dict[str, str] = {}  # device id -> sha256 of the config last acknowledged in the registry
+
+    def _new_registry(self, registry_id: str) -> Registry:
+        """One of the deployment's registries (a device's client id names it), sharing the Firestore client."""
+        return Registry(self.settings.project, registry_id, self.settings.region, client=self.registry.client,
+                        deployment=self.registry.registry_id)
 
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -385,8 +409,8 @@ class Front:
                         await asyncio.wait_for(bwriter.drain(), 2)
                 if session.presence_time is not None:
                     with contextlib.suppress(Exception):
-                        await self._on(self._registry_pool, fanout.mark_disconnected, self.registry.client,
-                                       self.registry.registry_id, session.device_id, session.presence_time)
+                        await self._on(self._registry_pool, fanout.mark_disconnected, session.registry.client,
+                                       session.registry.registry_id, session.device_id, session.presence_time)
                 # Forgotten with the session (a takeover's other session then acks its next replay once more).
                 self._acked.pop(session.device_id, None)
                 log.info("device %s disconnected: %s", session.device_id, session.reason or "closed")
@@ -432,7 +456,7 @@ class Front:
         level = c.level
         s = self.settings
         try:
-            device_id = parse_client_id(c.client_id, s.project, s.region, s.registry_id)
+            registry_id, device_id = parse_device_path(c.client_id, s.project, s.region)
         except ClientIdError as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_CLIENT_ID, peer, str(exc))
             return None
@@ -457,13 +481,16 @@ class Front:
         client_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not c.password and not client_cert:
             return await bad_credentials("no password (anonymous)")
-        if self._unknown.has(device_id, now):
+        if self._unknown.has(f"{registry_id}/{device_id}", now):
             return await bad_credentials("unknown device (remembered)")
         try:
             self.stats["registry_lookups"] += 1
-            device = await self._on(self._auth_pool, self.registry.get_device, device_id)
+            registry = self._registries.get(registry_id) or self._new_registry(registry_id)
+            device = await self._on(self._auth_pool, registry.get_device, device_id)
+            # Kept only once it served a device: client ids naming made-up registries add nothing here.
+            registry = self._registries.setdefault(registry_id, registry)
         except DeviceNotFound:
-            self._unknown.add(device_id, time.monotonic())
+            self._unknown.add(f"{registry_id}/{device_id}", time.monotonic())
             return await bad_credentials("unknown device")
         except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"registry error {type(exc).__name__}")
@@ -495,17 +522,18 @@ class Front:
         bwriter.write(mqtt.encode_connect(mqtt.rewrite_connect(c, device_id, "front", self._front_password)))
         expires_at = session_deadline(at, proof_expires, credential.expiration_time)
         session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer, num_id=device.num_id,
-                          credential_pem=credential.public_key_pem, limits=self._device_limits(device_id))
+                          credential_pem=credential.public_key_pem, limits=self._device_limits(device_id),
+                          registry=registry)
         self.sessions.add(session)
         try:
             session.presence_time = await self._on(
-                self._auth_pool, fanout.mark_connected, self.registry.client, s.registry_id, device_id, s.host_id,
+                self._auth_pool, fanout.mark_connected, registry.client, registry.registry_id, device_id, s.host_id,
                 session.id, expires_at)
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
         self.stats["accepted"] += 1
         if self._control is not None:
-            self._control.publish(SYNC_TOPIC, device_id.encode(), qos=1)
+            self._control.publish(SYNC_TOPIC, sync_payload(device_id), qos=1)
         log.info("device %s connected from %s (%s, MQTT level %d, until %s)", device_id, peer, method, level,
                  expires_at.isoformat())
         return session, breader, bwriter
@@ -563,6 +591,9 @@ class Front:
                     # read; the offending packet and everything after it are never forwarded.
                     if out:
                         await _forward(bwriter, b"".join(out))
+                    if session.config_subscribed and self._control is not None:
+                        session.config_subscribed = False
+                        self._control.publish(SYNC_TOPIC, sync_payload(session.device_id, subscribed=True), qos=1)
         except Dropped as exc:
             log.warning("device %s refused: %s", session.device_id, printable(str(exc)))
             session.close(f"refused: {printable(str(exc))}")
@@ -600,11 +631,12 @@ class Front:
         message = (f"rate limit: over {s.device_messages_per_s:g} messages/s, {s.device_bytes_per_s / 1024:g} KiB/s "
                    f"or {s.device_state_per_s:g} state updates/s; slowed by {wait:.2f}s")
         log.warning("device %s slowed: %s", session.device_id, message)
-        self._spawn(self._record_error(session.device_id, message))
+        self._spawn(self._record_error(session, message))
 
-    async def _record_error(self, device_id: str, message: str) -> None:
+    async def _record_error(self, session: Session, message: str) -> None:
+        device_id = session.device_id
         try:
-            await self._on(self._registry_pool, self.registry.record_error, device_id, message)
+            await self._on(self._registry_pool, session.registry.record_error, device_id, message)
         except Exception as exc:  # noqa: BLE001 - the limit holds either way; only the registry's note is missing
             log.warning("could not record the error of %s: %s", device_id, exc)
 
@@ -657,6 +689,8 @@ class Front:
             if len(held) > MAX_SUBSCRIPTIONS:
                 raise Dropped(f"more than {MAX_SUBSCRIPTIONS} distinct subscriptions")
             session.subscriptions = held
+            if f"/devices/{dev}/config" in names:
+                session.config_subscribed = True
             wait = max(wait, session.limits["subscribe"].take(1, now))
             raw = bytes(patched)
         elif kind == mqtt.PUBACK:
@@ -706,9 +740,9 @@ class Front:
         device_id = session.device_id
 
         def ack() -> None:
-            for cfg in self.registry.list_config_versions(device_id):
+            for cfg in session.registry.list_config_versions(device_id):
                 if hashlib.sha256(cfg.data).hexdigest() == digest:
-                    self.registry.ack_config(device_id, cfg.version, datetime.now(UTC))
+                    session.registry.ack_config(device_id, cfg.version, datetime.now(UTC))
                     log.info("device %s acknowledged config v%d", device_id, cfg.version)
                     return
             log.warning("device %s acked a config that matches no stored version", device_id)
@@ -807,15 +841,17 @@ class Front:
         """End the sessions their device no longer allows (blocked, deleted or created again, credential removed,
         rotated or expired); record heartbeats (coalesced per round)."""
         by_device: dict[str, list[Session]] = {}
+        registries: dict[str, Registry] = {}
         for s in list(self.sessions):
             by_device.setdefault(s.device_id, []).append(s)
+            registries[s.device_id] = s.registry
         pings = [(s, s.last_ping) for s in list(self.sessions) if s.last_ping is not None
                  and s.last_ping != s.ping_recorded]
         if pings:
             # Batched writes: one write per device and keep-alive was most of an idle front's CPU.
             try:
-                await self._on(self._registry_pool, self.registry.record_heartbeats,
-                               {s.device_id: ping for s, ping in pings})
+                for registry, times in _per_registry({s.device_id: ping for s, ping in pings}, registries).items():
+                    await self._on(self._registry_pool, registry.record_heartbeats, times)
                 for s, ping in pings:
                     s.ping_recorded = ping
             except Exception as exc:  # noqa: BLE001 - best effort, like IoT Core's heartbeat time
@@ -824,7 +860,9 @@ class Front:
             return
         # One batched read of what every connected device's sessions rest on, instead of a round trip per device.
         try:
-            grants = await self._on(self._registry_pool, self.registry.session_grants, list(by_device))
+            grants: dict[str, Grant] = {}
+            for registry, ids in _per_registry(dict.fromkeys(by_device, None), registries).items():
+                grants.update(await self._on(self._registry_pool, registry.session_grants, list(ids)))
         except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: keep the sessions, try next round
             log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
             return
