@@ -12,8 +12,8 @@ this function is the one writer of config versions. For each request it
    ``version_to_update`` 0 or absent means unconditional, otherwise compare-and-set);
 2. writes the new version in the device registry in one Firestore transaction (:func:`store_and_deliver`, the
    path the admin API takes too): the device exists and is not blocked, at most one update per second per
-   device, ≤ 64 KiB, server-assigned monotonic version, the last 10 kept. The Pub/Sub message id is the request id, so a redelivered message
-   returns the version it already created instead of a second one;
+   device, ≤ 64 KiB, server-assigned monotonic version, the last 10 kept. The Pub/Sub message id is the request
+   id, so a redelivered message returns the version it already created instead of a second one;
 3. publishes it with paho-mqtt, QoS 1 and retained, on ``/devices/{id}/config`` and waits for the broker's
    PUBACK (:class:`MqttPublisher`) — unless a newer version was stored meanwhile, which must not be
    overtaken by this older one. With several broker hosts, ``CONFIG_DELIVERY=fanout`` hands the version to

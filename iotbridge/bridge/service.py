@@ -643,9 +643,11 @@ class BridgeService:
     def _sync_config(self, device_id: str, mid: int, qos: int, gen: int, subscribed: bool = False) -> None:
         try:
             cfg = self.device_registry(device_id).get_config(device_id)
+            if cfg is not None and not cfg.data and not subscribed and device_id not in self._published_config:
+                return  # nothing retained here to replace; the device gets it when it subscribes (below)
             if cfg is not None:
                 # The broker keeps no empty retained message: a device that subscribes gets an empty latest config
-                # from this publish, as IoT Core sent it every subscriber.
+                # from this publish, as IoT Core sent it to every subscriber.
                 self._publish_config(device_id, cfg.version, cfg.data, again=subscribed and not cfg.data)
         except DeviceNotFound:
             pass
