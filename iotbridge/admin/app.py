@@ -164,6 +164,7 @@ def create_app(access: Access, publisher: pubsub_v1.PublisherClient, authorize: 
                     raise InvalidArgument(f"Invalid JSON payload received. {exc}") from None
                 if not isinstance(body, dict):
                     raise InvalidArgument("Invalid JSON payload received. Expected an object.")
+                body = wire.named_enums(body)
             access_check(access, match.group(1), match.group(2))
             result = getattr(api, route.handler)(*match.groups()[2:], body=body, args=request.args)
         except ApiError as exc:
@@ -223,7 +224,7 @@ def _page_after(token: str | None) -> str | None:
     if not token:
         return None
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument(f"Invalid value at 'page_token': {token!r}") from None
 
@@ -445,7 +446,7 @@ class Api:
         size, after = _page_size(args), _page_after(args.get("pageToken"))
         ids = set(args.getlist("deviceIds"))
         num_ids = set(args.getlist("deviceNumIds"))
-        gateway_type = args.get("gatewayListOptions.gatewayType")
+        gateway_type = wire.enum_name("gatewayType", args.get("gatewayListOptions.gatewayType"))
         of_gateway = args.get("gatewayListOptions.associationsGatewayId")
         of_device = args.get("gatewayListOptions.associationsDeviceId")
         if sum(x is not None for x in (gateway_type, of_gateway, of_device)) > 1:

@@ -311,3 +311,44 @@ def registry_settings(body: Mapping[str, Any], base: reg.RegistrySettings, paths
         return reg.RegistrySettings(**{**base.__dict__, **changes})
     except reg.InvalidSettings as exc:
         raise InvalidArgument(f"Invalid value at '{field}': {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------ enums
+
+# Proto numbers of the API's enums: a client may send an enum as its number (google-cloud-iot's REST transport
+# asks for ``enum-encoding=int``). Answers always name them.
+_LOG_LEVELS = {0: "LOG_LEVEL_UNSPECIFIED", 10: "NONE", 20: "ERROR", 30: "INFO", 40: "DEBUG"}
+ENUM_NUMBERS: dict[str, dict[int, str]] = {
+    "logLevel": _LOG_LEVELS,
+    "publicKey.format": {0: "UNSPECIFIED_PUBLIC_KEY_FORMAT", 3: "RSA_PEM", 1: "RSA_X509_PEM", 2: "ES256_PEM",
+                         4: "ES256_X509_PEM"},
+    "publicKeyCertificate.format": {0: "UNSPECIFIED_PUBLIC_KEY_CERTIFICATE_FORMAT", 1: "X509_CERTIFICATE_PEM"},
+    "gatewayType": {0: "GATEWAY_TYPE_UNSPECIFIED", 1: "GATEWAY", 2: "NON_GATEWAY"},
+    "gatewayAuthMethod": {0: "GATEWAY_AUTH_METHOD_UNSPECIFIED", 1: "ASSOCIATION_ONLY", 2: "DEVICE_AUTH_TOKEN_ONLY",
+                          3: "ASSOCIATION_AND_DEVICE_AUTH_TOKEN"},
+    "mqttEnabledState": {0: "MQTT_STATE_UNSPECIFIED", 1: "MQTT_ENABLED", 2: "MQTT_DISABLED"},
+    "httpEnabledState": {0: "HTTP_STATE_UNSPECIFIED", 1: "HTTP_ENABLED", 2: "HTTP_DISABLED"},
+}
+
+
+def enum_name(key: str, value: object, parent: str = "") -> object:
+    """``value`` of field ``key`` (inside ``parent``) with an enum number replaced by its name."""
+    numbers = ENUM_NUMBERS.get(f"{parent}.{key}") or ENUM_NUMBERS.get(key)
+    if numbers is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if value not in numbers:
+            raise InvalidArgument(f"Invalid value at '{snake(key)}': {value} is not a value of the enum")
+        return numbers[value]
+    return value
+
+
+def named_enums(value: object, parent: str = "") -> object:
+    """A request body with every enum given as a number named instead."""
+    if isinstance(value, dict):
+        return {k: named_enums(enum_name(k, v, parent), k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [named_enums(v, parent) for v in value]
+    return value
