@@ -170,7 +170,7 @@ def store_and_deliver(deps: Deps, request: ConfigRequest, request_id: str) -> re
 
     def deliver(device_id: str, version: int, data: bytes) -> None:
         try:
-            deps.publisher.deliver(device_id, version, data, registry.registry_id)
+            deps.publisher.deliver(device_id, version, data)
         except TransientError as exc:
             log.error("config v%d of %s stored, not delivered (will retry): %s", version, device_id, exc,
                       extra={"fields": {"messageId": request_id, "deviceId": device_id, "version": version,
@@ -236,7 +236,7 @@ def _flag(value: str) -> bool:
 class Publisher(Protocol):
     """Delivers one stored config version towards the device; raises :class:`TransientError` to be retried."""
 
-    def deliver(self, device_id: str, version: int, payload: bytes, registry_id: str = "") -> None: ...
+    def deliver(self, device_id: str, version: int, payload: bytes) -> None: ...
 
 
 class MqttPublisher:
@@ -293,7 +293,7 @@ class MqttPublisher:
             client.disconnect()
             client.loop_stop()
 
-    def deliver(self, device_id: str, version: int, payload: bytes, registry_id: str = "") -> None:
+    def deliver(self, device_id: str, version: int, payload: bytes) -> None:
         self.publish(config_topic(device_id), payload)
 
     def publish(self, topic: str, payload: bytes) -> None:
@@ -338,8 +338,9 @@ class FanoutPublisher:
         self.timeout_s = timeout_s
         self.client = pubsub_v1.PublisherClient()
 
-    def deliver(self, device_id: str, version: int, payload: bytes, registry_id: str = "") -> None:
-        attrs = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, device_id, version, registry_id=registry_id).attributes()
+    def deliver(self, device_id: str, version: int, payload: bytes) -> None:
+        # No registryId: a host finds the device's registry itself (device ids are unique across registries).
+        attrs = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, device_id, version).attributes()
         try:
             self.client.publish(self.topic, payload, **attrs).result(timeout=self.timeout_s)
         except Exception as exc:  # the Pub/Sub client's errors are all worth a retry here
