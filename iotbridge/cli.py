@@ -250,24 +250,6 @@ def read_payload(data: str | None, data_file: Path | None, as_json: bool) -> byt
     fail("give exactly one of --data or --data-file", as_json)
 
 
-def config_request(device_id: str, payload: bytes, version_to_update: int) -> bytes:
-    """The config-push function's request: a JSON object as ``config``, anything else as base64 ``binary_data``."""
-    import base64
-
-    request: dict[str, Any] = {"device_id": device_id}
-    try:
-        parsed = json.loads(payload)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        request["config"] = parsed
-    else:
-        request["binary_data"] = base64.b64encode(payload).decode()
-    if version_to_update:
-        request["version_to_update"] = version_to_update
-    return json.dumps(request).encode()
-
-
 def config_view(cfg) -> dict[str, Any]:
     try:
         data: Any = json.loads(cfg.data)
@@ -296,6 +278,8 @@ def config_push(
     import time
 
     from google.cloud import pubsub_v1
+
+    from iotbridge.spec import config_request
 
     payload = read_payload(data, data_file, as_json)
     t = target_or_fail(stack, as_json)

@@ -179,9 +179,9 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
     from google.cloud import pubsub_v1
 
     from iotbridge.bridge.fanout import send_command
-    from iotbridge.cli import config_request
     from iotbridge.registry import Registry
     from iotbridge.simulate import Fleet
+    from iotbridge.spec import config_request
 
     t_start = time.monotonic()
     state_dir = state_dir or Path(tempfile.mkdtemp(prefix="iot-demo-"))
@@ -219,7 +219,7 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
             time.sleep(duration / 3)
             events["push_time"] = datetime.now(UTC)
             mid = publisher.publish(n.topic("config-requests"),
-                                    config_request(push_target, json.dumps(pushed_config).encode(), 0)).result(30)
+                                    config_request(push_target, json.dumps(pushed_config).encode())).result(30)
             events["push_request"] = mid
             log(f"pushed a config to {push_target} (request {mid})")
             time.sleep(duration / 6)
