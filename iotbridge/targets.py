@@ -38,6 +38,7 @@ class Target:
     bigquery_dataset: str
     bigquery_endpoint: str | None = None  # None: the real BigQuery
     env: dict[str, str] = field(default_factory=dict)  # emulator hosts for client libraries
+    admin_api_url: str | None = None  # the device manager API (docs/admin-api.md)
 
     def topic(self, key: str) -> str:
         try:
@@ -97,7 +98,8 @@ def from_stack_outputs(name: str, outputs: Mapping[str, Any], cache: Path | None
     }
     return Target(kind="stack", name=name, project_id=project, region=str(outputs["region"]),
                   registry_id=str(outputs["registry_id"]), mqtt_host=host, mqtt_port=port,
-                  mqtt_ca_cert=str(ca_file), topics=topics, bigquery_dataset=str(outputs["bigquery_dataset"]))
+                  mqtt_ca_cert=str(ca_file), topics=topics, bigquery_dataset=str(outputs["bigquery_dataset"]),
+                  admin_api_url=str(outputs["admin_api_url"]) if outputs.get("admin_api_url") else None)
 
 
 Runner = Callable[[list[str]], str]
@@ -138,7 +140,8 @@ def from_local(status: Mapping[str, Any]) -> Target:
                   mqtt_port=status.get("mqtt_port"), mqtt_ca_cert=status.get("mqtt_ca_cert"),
                   topics={k: f"projects/{project}/topics/{spec.topic_name(prefix, k)}" for k in spec.TOPICS},
                   bigquery_dataset=str(status["bigquery_dataset"]),
-                  bigquery_endpoint=status.get("bigquery_endpoint"), env=env)
+                  bigquery_endpoint=status.get("bigquery_endpoint"), env=env,
+                  admin_api_url=status.get("admin_api_url"))
 
 
 def resolve(stack: str | None) -> Target:
