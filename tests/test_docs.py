@@ -441,6 +441,23 @@ def test_nothing_cites_an_outside_document_or_an_issue_number():
     assert STILL_CITING - citing == set(), "no longer cites: remove it from STILL_CITING"
 
 
+def test_the_readme_lists_every_method_of_the_device_manager_api():
+    from iotbridge.admin.app import discovery_document
+
+    readme = (ROOT / "README.md").read_text()
+    text = readme.split("## Moving from IoT Core", 1)[1].split("\n## ", 1)[0]
+    listed = first_code(table(text, "Method"))
+
+    def ids(resource: dict, prefix: str = "") -> set[str]:
+        out = {prefix + m for m in resource.get("methods", {})}
+        for name, sub in resource.get("resources", {}).items():
+            out |= ids(sub, f"{prefix}{name}.")
+        return out
+
+    registries = discovery_document()["resources"]["projects"]["resources"]["locations"]["resources"]["registries"]
+    assert sorted(listed) == sorted(ids(registries, "registries."))
+
+
 if __name__ == "__main__":
     (DOCS / "cli.md").write_text(render_cli_reference())
     print(f"wrote {DOCS / 'cli.md'}", file=sys.stderr)

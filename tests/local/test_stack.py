@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+import requests
 from typer.testing import CliRunner
 
 from iotbridge.cli import app
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.emulator
 STATUS_FIELDS = {
     "project_id", "region", "registry_id", "mqtt_host", "mqtt_port", "mqtt_ca_cert", "pubsub_emulator_host",
     "firestore_emulator_host", "bigtable_emulator_host", "bigquery_endpoint", "bigquery_dataset", "bigtable_instance",
+    "admin_api_url",
 }
 
 
@@ -41,6 +43,10 @@ def test_up_status_kill_one_down_leaves_nothing(state_dir):
     procs = info["processes"]
     ports = [p["port"] for p in procs.values() if p["port"]]
     assert all(services.port_open("127.0.0.1", port) for port in ports)
+    # The device manager API serves the stack's own registry.
+    registry_name = f"projects/{info['project_id']}/locations/{info['region']}/registries/{info['registry_id']}"
+    served = requests.get(f"{info['admin_api_url']}v1/{registry_name}", timeout=10)
+    assert served.status_code == 200 and served.json()["id"] == info["registry_id"], served.text
 
     # A component dies: status reports it and exits non-zero; down still stops everything else.
     victim = procs["bigtable"]["pid"]
