@@ -201,9 +201,12 @@ def test_source_archive_named_by_content_hash(run: harness.StackRun) -> None:
 
 def test_archive_holds_the_function_and_the_vendored_registry() -> None:
     contents = cpc.archive_contents()
-    assert set(contents) == {"main.py", "requirements.txt", "iotbridge/__init__.py", "iotbridge/registry.py"}
+    assert set(contents) == {"main.py", "requirements.txt", "iotbridge/__init__.py", "iotbridge/registry.py",
+                             "iotbridge/spec.py"}
     assert b"def handle(" in contents["main.py"]
     assert contents["iotbridge/registry.py"] == (cpc.SOURCE_ROOT / "iotbridge" / "registry.py").read_bytes()
+    # The config request's format, shared with every producer (iotbridge.spec).
+    assert contents["iotbridge/spec.py"] == (cpc.SOURCE_ROOT / "iotbridge" / "spec.py").read_bytes()
 
 
 def test_packaged_folder_imports_on_its_own(tmp_path: Path) -> None:
