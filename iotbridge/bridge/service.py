@@ -138,7 +138,7 @@ class BridgeService:
         self.dead_letter_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "dead-letter"))
         self.fanout_sub = ""  # chosen in start(): leased (cloud) or created (local)
         self._devices: dict[str, tuple[float, Who]] = {}  # device id -> (fetched at, its numeric id and registry)
-        self._registries: dict[str, Registry] = {registry.registry_id: registry}
+        self._registries: dict[str, Registry] = {settings.registry_id: registry}
         self._state_topics = {self.state_topic}  # every topic a state went to (dead letters name the MQTT topic)
         self._settings: dict[str, tuple[float, RegistrySettings | None]] = {}  # registry id -> (fetched at, settings)
         self._devices_lock = threading.Lock()
