@@ -286,7 +286,8 @@ def run(devices: int, duration: float, rate: float, out_dir: Path, drain_timeout
         while True:
             pushes, delivered = 0, 0
             for m in fleet.members:
-                versions = registry.list_config_versions(m.id)
+                # Version 1 is every device's empty first config, not a push.
+                versions = [v for v in registry.list_config_versions(m.id) if v.version > 1]
                 pushes += len(versions)
                 got = set(m.configs)
                 delivered += sum(1 for v in versions if v.data in got)
