@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,18 @@ import pulumi
 import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 
+from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.buckets import private_bucket
 from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 from iotbridge.spec import ProfileError, parse_payload_profiles
 
 JOBS_DIR = SOURCE_ROOT / "dataflow_jobs"
 DOCKERFILE = JOBS_DIR / "Dockerfile"
 METADATA_FILE = JOBS_DIR / "metadata.json"
+# Where the build context is staged: inside the source root, so its path relative to where pulumi runs is the same
+# in every checkout (.gitignore'd).
+BUILD_DIR = SOURCE_ROOT / ".build" / "pipeline-image"
+PIPELINE_DISTRIBUTION = "iot-telemetry-pipeline"
 IMAGE_NAME = "telemetry-pipeline"
 # The tables the pipeline writes (iotbridge.spec names); it reads none.
 WRITTEN_TABLES = ("telemetry_raw", "telemetry_1m", "telemetry_errors")
@@ -65,22 +72,25 @@ def metadata() -> dict:
     return json.loads(METADATA_FILE.read_text())
 
 
-def build_inputs() -> list[Path]:
-    """The files the image is built from: the Dockerfile and what its COPY lines take from the context."""
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    files = [DOCKERFILE, DOCKERFILE.with_name("Dockerfile.dockerignore")]
-    for line in text.splitlines():
-        if line.startswith("COPY ") and "--from=" not in line:
-            files += [SOURCE_ROOT / src for src in line.split()[1:-1]]
-    return files
+def build_context() -> dict[str, bytes]:
+    """Path -> bytes of the image's build context (gcp_iot_bridge/infra/packaging.py): the closure of the
+    pipeline's imports, its lock-pinned requirements.txt and constraints.txt, and the pyproject.toml that makes the
+    code the installable package ``iot-telemetry-pipeline``, which the Dockerfile installs."""
+    package = packaging.PIPELINE.package()
+    return {**package.files, "requirements.txt": package.requirements_txt.encode(),
+            "constraints.txt": package.constraints_txt.encode(),
+            "pyproject.toml": packaging.pyproject(PIPELINE_DISTRIBUTION, package).encode()}
 
 
 def source_hash() -> str:
-    """Content hash of the build inputs: the image tag, stable across previews, new on any code change."""
-    h = hashlib.sha256()
-    for path in build_inputs():
-        h.update(path.relative_to(SOURCE_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    """The image tag: of the build context and the Dockerfile, stable across previews, new on any change to either."""
+    return packaging.content_hash({**build_context(), "Dockerfile": DOCKERFILE.read_bytes()})[:16]
+
+
+def staged_context() -> Path:
+    """The build context written out afresh (``BUILD_DIR``): the folder pulumi-docker-build sends, nothing else."""
+    shutil.rmtree(BUILD_DIR, ignore_errors=True)
+    return packaging.stage(build_context(), BUILD_DIR)
 
 
 def check_parameters(params: Mapping[str, str]) -> dict[str, str]:
@@ -151,7 +161,11 @@ class PipelineArgs:
 
 
 class Pipeline(pulumi.ComponentResource):
-    """Image, template spec and the streaming Dataflow job, with the worker's data grants."""
+    """Image, template spec and the streaming Dataflow job, with the worker's data grants.
+
+    Each part of the constructor is one private method: the image, the bucket and template spec, the worker's
+    data grants, the workers' firewall, the job (which waits for the grants and the firewall).
+    """
 
     repository: gcp.artifactregistry.Repository | None
     image: docker_build.Image | None
@@ -159,6 +173,7 @@ class Pipeline(pulumi.ComponentResource):
     bucket: gcp.storage.Bucket
     template: gcp.storage.BucketObject
     template_path: pulumi.Output[str]
+    firewall: gcp.compute.Firewall
     job: gcp.dataflow.FlexTemplateJob
     grants: dict[str, pulumi.Resource]
 
@@ -167,86 +182,97 @@ class Pipeline(pulumi.ComponentResource):
         job_name = f"{args.prefix}-telemetry"
         if not _JOB_NAME_RE.match(job_name):
             raise ValueError(f"Dataflow job name {job_name!r} must match {_JOB_NAME_RE.pattern}")
-        child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
-        labels = dict(args.labels)
-        member = args.worker_service_account.member
+        self._name = name
+        self._args = args
+        self._child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
+        self._member = args.worker_service_account.member
         self.grants = {}
 
-        # ------------------------------------------------------------------------------------- image
+        self._image()
+        self._bucket_and_template()
+        self._data_grants()
+        checked_subnet = self._network()
+        self._job(job_name, checked_subnet)
+
+        self.register_outputs({
+            "dataflow_job_name": self.job.name,
+            "dataflow_job_id": self.job.job_id,
+            "template_path": self.template_path,
+            "image": self.image_ref,
+        })
+
+    def _image(self) -> None:
+        """The Flex Template image: ``prebuilt_image`` as given, or an Artifact Registry repository and the image of
+        ``dataflow_jobs/Dockerfile`` built and pushed there, with the workers' right to pull it."""
+        name, args = self._name, self._args
         if args.prebuilt_image:
             self.repository = None
             self.image = None
             self.image_ref = pulumi.Output.from_input(args.prebuilt_image)
-        else:
-            self.repository = gcp.artifactregistry.Repository(
-                f"{name}-images",
-                project=args.project,
-                location=args.region,
-                repository_id=f"{args.prefix}-dataflow",
-                format="DOCKER",
-                description="Flex Template images of the telemetry pipeline.",
-                labels=labels,
-                opts=child,
-            )
-            registry = f"{args.region}-docker.pkg.dev"
-            # The short-lived token of the identity running `pulumi up`; a secret so it never reaches the state.
-            token = pulumi.Output.secret(gcp.organizations.get_client_config_output(
-                opts=pulumi.InvokeOutputOptions(parent=self)).access_token)
-            self.image = docker_build.Image(
-                f"{name}-image",
-                # Paths relative to where `pulumi` runs: absolute ones would differ between checkouts and show
-                # a diff on every other operator's machine.
-                context=docker_build.BuildContextArgs(location=os.path.relpath(SOURCE_ROOT)),
-                dockerfile=docker_build.DockerfileArgs(location=os.path.relpath(DOCKERFILE)),
-                platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers are x86-64
-                build_args={"LAUNCHER_TAG": args.launcher_tag},
-                tags=[self.repository.repository_id.apply(
-                    lambda repo: f"{registry}/{args.project}/{repo}/{IMAGE_NAME}:{source_hash()}")],
-                push=True,
-                # Previews must not need a Docker daemon or push anything.
-                build_on_preview=False,
-                registries=[docker_build.RegistryArgs(address=registry, username="oauth2accesstoken",
-                                                      password=token)],
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.depends_on, self.repository]),
-            )
-            # tag@sha256:digest: the spec and the workers pin the exact bytes that were pushed.
-            self.image_ref = self.image.ref
-            self.grants["artifactregistry.reader"] = gcp.artifactregistry.RepositoryIamMember(
-                f"{name}-worker-images-reader",
-                project=args.project,
-                location=args.region,
-                repository=self.repository.name,
-                role="roles/artifactregistry.reader",
-                member=member,
-                opts=child,
-            )
-
-        # ------------------------------------------------------------------------------------ bucket
-        self.bucket = gcp.storage.Bucket(
-            f"{name}-bucket",
+            return
+        self.repository = gcp.artifactregistry.Repository(
+            f"{name}-images",
             project=args.project,
-            name=f"{args.project}-{args.prefix}-dataflow",
             location=args.region,
-            uniform_bucket_level_access=True,
-            public_access_prevention="enforced",
-            force_destroy=not args.deletion_protection,
+            repository_id=f"{args.prefix}-dataflow",
+            format="DOCKER",
+            description="Flex Template images of the telemetry pipeline.",
+            labels=dict(args.labels),
+            opts=self._child,
+        )
+        registry = f"{args.region}-docker.pkg.dev"
+        # The short-lived token of the identity running `pulumi up`; a secret so it never reaches the state.
+        token = pulumi.Output.secret(gcp.organizations.get_client_config_output(
+            opts=pulumi.InvokeOutputOptions(parent=self)).access_token)
+        self.image = docker_build.Image(
+            f"{name}-image",
+            # Paths relative to where `pulumi` runs: absolute ones would differ between checkouts and show
+            # a diff on every other operator's machine.
+            context=docker_build.BuildContextArgs(location=os.path.relpath(staged_context())),
+            dockerfile=docker_build.DockerfileArgs(location=os.path.relpath(DOCKERFILE)),
+            platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers are x86-64
+            build_args={"LAUNCHER_TAG": args.launcher_tag},
+            tags=[self.repository.repository_id.apply(
+                lambda repo: f"{registry}/{args.project}/{repo}/{IMAGE_NAME}:{source_hash()}")],
+            push=True,
+            # Previews must not need a Docker daemon or push anything.
+            build_on_preview=False,
+            registries=[docker_build.RegistryArgs(address=registry, username="oauth2accesstoken",
+                                                  password=token)],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.depends_on, self.repository]),
+        )
+        # tag@sha256:digest: the spec and the workers pin the exact bytes that were pushed.
+        self.image_ref = self.image.ref
+        self.grants["artifactregistry.reader"] = gcp.artifactregistry.RepositoryIamMember(
+            f"{name}-worker-images-reader",
+            project=args.project,
+            location=args.region,
+            repository=self.repository.name,
+            role="roles/artifactregistry.reader",
+            member=self._member,
+            opts=self._child,
+        )
+
+    def _bucket_and_template(self) -> None:
+        """The private bucket of the template spec and the job's temp and staging files, the workers' access to it,
+        and the spec itself, at a path named by the image it launches."""
+        name, args = self._name, self._args
+        self.bucket = private_bucket(
+            f"{name}-bucket", project=args.project, name=f"{args.project}-{args.prefix}-dataflow",
+            location=args.region, deletion_protection=args.deletion_protection, labels=args.labels,
+            kms_key_name=args.kms_key_name, opts=self._child,
             # Temp and staging files are only useful while a launch or update runs.
             lifecycle_rules=[gcp.storage.BucketLifecycleRuleArgs(
                 action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
                 condition=gcp.storage.BucketLifecycleRuleConditionArgs(
                     age=7, matches_prefixes=["tmp/", "staging/"]),
-            )],
-            encryption=gcp.storage.BucketEncryptionArgs(
-                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None,
-            labels=labels,
-            opts=child,
-        )
+            )])
         self.grants["storage.objectAdmin"] = gcp.storage.BucketIAMMember(
             f"{name}-worker-bucket",
             bucket=self.bucket.name,
             role="roles/storage.objectAdmin",  # temp/staging files; the launcher reads the spec
-            member=member,
-            opts=child,
+            member=self._member,
+            opts=self._child,
         )
 
         spec = pulumi.Output.all(self.image_ref).apply(lambda v: json.dumps(
@@ -259,11 +285,14 @@ class Pipeline(pulumi.ComponentResource):
                 lambda ref: f"templates/{IMAGE_NAME}-{hashlib.sha256(ref.encode()).hexdigest()[:16]}.json"),
             content=spec,
             content_type="application/json",
-            opts=child,
+            opts=self._child,
         )
         self.template_path = pulumi.Output.concat("gs://", self.bucket.name, "/", self.template.output_name)
 
-        # ------------------------------------------------------------------------------- data grants
+    def _data_grants(self) -> None:
+        """The worker's roles on exactly what the job touches: its subscription, the config-requests topic, the
+        tables it writes and the Bigtable table."""
+        name, args, member, child = self._name, self._args, self._member, self._child
         self.grants["pubsub.subscriber"] = gcp.pubsub.SubscriptionIAMMember(
             f"{name}-worker-subscriber",
             project=args.project,
@@ -309,12 +338,15 @@ class Pipeline(pulumi.ComponentResource):
             opts=child,
         )
 
-        # ---------------------------------------------------------------------------------- network
+    def _network(self) -> pulumi.Output[str]:
+        """The firewall rule that lets workers talk to each other. Returns the subnetwork's self link, checked to be
+        in the job's region with Private Google Access (the workers have private IPs only)."""
+        args = self._args
         subnet = args.subnetwork
         checked_subnet = pulumi.Output.all(subnet.self_link, subnet.region, subnet.private_ip_google_access).apply(
             lambda v: _check_subnet(v[0], v[1], v[2], args.region))
         self.firewall = gcp.compute.Firewall(
-            f"{name}-workers",
+            f"{self._name}-workers",
             project=args.project,
             name=f"{args.prefix}-dataflow-workers",
             network=subnet.network,
@@ -323,10 +355,13 @@ class Pipeline(pulumi.ComponentResource):
             allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[WORKER_PORTS])],
             source_tags=[WORKER_TAG],
             target_tags=[WORKER_TAG],
-            opts=child,
+            opts=self._child,
         )
+        return checked_subnet
 
-        # -------------------------------------------------------------------------------------- job
+    def _job(self, job_name: str, subnetwork: pulumi.Output[str]) -> None:
+        """The streaming Flex Template job, its parameters checked against the template's own regexes."""
+        args = self._args
         params = pulumi.Output.all(
             sub=args.input_subscription.id,
             dataset=args.dataset_id,
@@ -346,9 +381,8 @@ class Pipeline(pulumi.ComponentResource):
             # Canonical text: the same profiles give the same job parameter, whatever the config's spacing.
             "payload_profiles": parse_payload_profiles(args.payload_profiles).to_json(),
         }))
-        grants = list(self.grants.values())
         self.job = gcp.dataflow.FlexTemplateJob(
-            f"{name}-job",
+            f"{self._name}-job",
             project=args.project,
             region=args.region,
             name=job_name,
@@ -356,7 +390,7 @@ class Pipeline(pulumi.ComponentResource):
             sdk_container_image=self.image_ref,
             parameters=params,
             service_account_email=args.worker_service_account.email,
-            subnetwork=checked_subnet,
+            subnetwork=subnetwork,
             ip_configuration="WORKER_IP_PRIVATE",
             enable_streaming_engine=True,
             num_workers=args.num_workers,
@@ -367,26 +401,19 @@ class Pipeline(pulumi.ComponentResource):
             additional_experiments=["create_or_update_job"],
             kms_key_name=args.kms_key_name,
             transform_name_mapping=dict(args.transform_name_mapping) or None,
-            labels=labels,
+            labels=dict(args.labels),
             on_delete="drain" if args.deletion_protection else "cancel",
             # Wait for the job to stop: see the module docstring (teardown).
             skip_wait_on_job_termination=False,
             opts=pulumi.ResourceOptions(
                 parent=self,
                 # The workers need their grants and the firewall the moment they start.
-                depends_on=[*args.depends_on, *grants, self.firewall],
+                depends_on=[*args.depends_on, *self.grants.values(), self.firewall],
                 # Immutable fields (region, max_workers, ...) force a replacement: stop the old job first, or
                 # the new launch under the same name meets it.
                 delete_before_replace=True,
             ),
         )
-
-        self.register_outputs({
-            "dataflow_job_name": self.job.name,
-            "dataflow_job_id": self.job.job_id,
-            "template_path": self.template_path,
-            "image": self.image_ref,
-        })
 
 
 def _check_subnet(self_link: str, region: str, private_google_access: bool | None, job_region: str) -> str:

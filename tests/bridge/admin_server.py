@@ -11,8 +11,8 @@ from typing import Any
 
 import googleapiclient
 
-from iotbridge.bridge.stack import BridgeStack
 from iotbridge.local import services
+from iotbridge.local.broker_host import BridgeStack
 
 DISCOVERY = Path(googleapiclient.__file__).parent / "discovery_cache" / "documents" / "cloudiot.v1.json"
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)")

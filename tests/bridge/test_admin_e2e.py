@@ -20,9 +20,10 @@ from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from iotbridge.device import Device, DeviceIdentity, generate_key
+from tests.waiting import wait_for
 
 from .admin_server import check, start_admin
-from .conftest import PROJECT, REGION, REGISTRY, wait_until
+from .conftest import PROJECT, REGION, REGISTRY
 
 pytestmark = pytest.mark.emulator
 
@@ -102,8 +103,8 @@ def test_device_lifecycle_through_the_api(cloudiot, stack):
         assert base64.b64decode(versions["deviceConfigs"][0]["binaryData"]) == data
 
         dev.publish_state(b"\x01state \xfe").wait_for_publish(10)
-        states: Any = wait_until(lambda: devices.states().list(name=name).execute().get("deviceStates"), 20,
-                            "the state in states.list")
+        states: Any = wait_for("the state in states.list",
+                               lambda: devices.states().list(name=name).execute().get("deviceStates"), timeout=20)
         check("ListDeviceStatesResponse", {"deviceStates": states})
         assert base64.b64decode(states[0]["binaryData"]) == b"\x01state \xfe"
 
@@ -188,6 +189,6 @@ def pull_one(subscriber: pubsub_v1.SubscriberClient, subscription: str, timeout:
                 return resp.received_messages[0].message
         return None
 
-    return cast(Any, wait_until(attempt, timeout, f"a message on {subscription}"))
+    return cast(Any, wait_for(f"a message on {subscription}", attempt, timeout=timeout))
 
 

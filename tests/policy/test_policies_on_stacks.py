@@ -82,3 +82,15 @@ def test_flipping_the_teardown_switch_keeps_every_policy_green():
     # ...and the unflipped resources judged as a protected stack would fail.
     dev = harness.stack_run("dev")
     assert rules.evaluate(_resources(dev), ctx)["deletion-protection-follows-stack"]
+
+
+def test_prod_autoscales_its_broker_hosts_and_fails_without_the_autoscaler():
+    run = harness.stack_run("prod")
+    ctx = rules.StackContext.from_config(run.config, run.stack)
+    resources = _resources(run)
+    assert [r.name for r in resources if r.type in rules.AUTOSCALER_TYPES] == ["broker-autoscaler"]
+    assert rules.groups_autoscaled_in_production(resources, ctx) == []
+    without = [r for r in resources if r.type not in rules.AUTOSCALER_TYPES]
+    assert rules.groups_autoscaled_in_production(without, ctx) == [
+        "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager broker-mig: no autoscaler targets it; a "
+        "production broker tier scales with its devices (RegionAutoscaler)"]
