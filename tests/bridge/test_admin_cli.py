@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from iotbridge import cli
+from iotbridge import cli, cliutil
 from iotbridge.device import generate_key
 from iotbridge.targets import Target
 
@@ -32,7 +32,7 @@ def target(api_url, bridge_env, monkeypatch) -> Target:
     t = Target(kind="local", name="local", project_id=PROJECT, region=REGION, registry_id=REGISTRY, mqtt_host=None,
                mqtt_port=None, mqtt_ca_cert=None, topics={}, bigquery_dataset="iot", env=dict(bridge_env),
                admin_api_url=api_url)
-    monkeypatch.setattr(cli, "resolve", lambda stack: t)
+    monkeypatch.setattr(cliutil, "resolve", lambda stack: t)
     return t
 
 
