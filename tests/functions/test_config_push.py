@@ -81,10 +81,11 @@ def test_parse_accepts_objects_bytes_and_iot_core_names(cp: ModuleType) -> None:
 
 
 def test_requests_written_by_iotctl_parse_to_the_operator_bytes(cp: ModuleType) -> None:
-    from iotbridge.cli import config_request
+    from iotbridge.spec import config_request  # what iotctl config push sends
 
+    # The operator's bytes, JSON or not, reach the device as given: never re-serialized.
     assert cp.parse_request(config_request("dev-1", b'{"a": 1, "b": [true]}', 0)) == cp.ConfigRequest(
-        "dev-1", b'{"a":1,"b":[true]}', 0)
+        "dev-1", b'{"a": 1, "b": [true]}', 0)
     blob = b"\x00\xffnot json"
     assert cp.parse_request(config_request("dev-1", blob, 7)) == cp.ConfigRequest("dev-1", blob, 7)
 
