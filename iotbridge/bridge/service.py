@@ -368,8 +368,12 @@ class BridgeService:
         with self._devices_lock:
             hit = self._devices.get(device_id)
         try:
-            registry = self.device_registry(device_id)
-            who = Who(registry.get_device(device_id).num_id, registry.registry_id)
+            try:  # most devices are in the deployment's own registry: one read, as with a single registry
+                who = Who(self.registry.get_device(device_id).num_id, self.s.registry_id)
+            except DeviceNotFound:
+                registry = self.registry_for(registry_of(self.registry.client, self.s.registry_id, device_id)
+                                             or self.s.registry_id)
+                who = Who(registry.get_device(device_id).num_id, registry.registry_id)
         except DeviceNotFound:
             # Authenticated when it was published, deleted since: still forwarded, never dropped.
             who = hit[1] if hit else Who("", self.s.registry_id)
