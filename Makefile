@@ -3,16 +3,18 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BQ_VENV ?= .venv-bq
+IOT_VENV ?= .venv-iot
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BQ_STAMP := $(BQ_VENV)/.installed
+IOT_STAMP := $(IOT_VENV)/.installed
 # DuckDB looks for extensions under $HOME; the local BigQuery gets a HOME of its own.
 BQ_HOME := $(BQ_VENV)/home
 DUCKDB_VERSION := 1.5.5
 
 .PHONY: setup system test test-fast typecheck lint bench demo clean
 
-setup: system $(STAMP) $(BQ_STAMP)
+setup: system $(STAMP) $(BQ_STAMP) $(IOT_STAMP)
 
 system:
 	@bash scripts/ensure-system.sh
@@ -30,6 +32,14 @@ $(BQ_STAMP): requirements/bq-emulator.txt requirements/bq-emulator.lock.txt
 	@mkdir -p $(BQ_HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/linux_amd64
 	@cp $$($(BQ_VENV)/bin/python -c 'import duckdb_extension_spatial, pathlib; print(next(pathlib.Path(duckdb_extension_spatial.__file__).parent.glob("extensions/v*/spatial.duckdb_extension")))') \
 	    $(BQ_HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/linux_amd64/
+	@touch $@
+
+# Google's generated IoT Core client (google-cloud-iot) needs protobuf < 5, which Beam's lock cannot hold: the
+# admin API's contract test drives it from its own virtual environment (.venv-iot).
+$(IOT_STAMP): requirements/iot-client.txt requirements/iot-client.lock.txt
+	@test -x $(IOT_VENV)/bin/python || $(PYTHON) -m venv $(IOT_VENV)
+	@echo "installing Google's IoT Core client into $(IOT_VENV)"
+	@$(IOT_VENV)/bin/pip install -qq --disable-pip-version-check -c requirements/iot-client.lock.txt -r requirements/iot-client.txt
 	@touch $@
 
 typecheck: $(STAMP)
@@ -57,4 +67,4 @@ demo: setup
 	$(BIN)/python -m iotbridge.demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(BQ_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BQ_VENV) $(IOT_VENV) .pytest_cache .ruff_cache

@@ -78,11 +78,10 @@ def measure(publisher, topic: str, devices: list[Device], tag: str) -> tuple[lis
         wait = last_sent.get(device_id, 0.0) + MIN_GAP_S - time.monotonic()
         if wait > 0:
             time.sleep(wait)  # pacing for the function's per-device flood limit, not synchronisation
-        body = {"device_id": device_id, "config": {"bench": tag, "n": i}}
-        want = json.dumps(body["config"], separators=(",", ":"))
+        want = json.dumps({"bench": tag, "n": i}, separators=(",", ":"))
         t0 = time.perf_counter()
         last_sent[device_id] = time.monotonic()
-        publisher.publish(topic, json.dumps(body).encode()).result(timeout=30)
+        publisher.publish(topic, spec.config_request(device_id, want.encode())).result(timeout=30)
         deadline = t0 + 30
         got = None
         while time.perf_counter() < deadline:

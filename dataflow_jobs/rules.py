@@ -17,6 +17,7 @@ from typing import Any
 
 from dataflow_jobs.telemetry import Reading
 from iotbridge.spec import RuleError, ThresholdRule, parse_threshold_rules
+from iotbridge.spec import config_request as shared_config_request
 
 __all__ = ["RuleError", "ThresholdRule", "config_request", "evaluate", "parse_rules"]
 
@@ -46,5 +47,6 @@ def evaluate(reading: Reading, rules: tuple[ThresholdRule, ...]) -> tuple[dict[s
 
 
 def config_request(device_id: str, config: dict[str, Any]) -> bytes:
-    """The message body the config-push function takes."""
-    return json.dumps({"device_id": device_id, "config": config}, separators=(",", ":"), sort_keys=True).encode()
+    """The message body the config-push function takes (``iotbridge.spec.config_request``): the config as
+    compact JSON bytes, delivered as they are."""
+    return shared_config_request(device_id, json.dumps(config, separators=(",", ":"), sort_keys=True).encode())

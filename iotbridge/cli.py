@@ -259,24 +259,6 @@ def read_payload(data: str | None, data_file: Path | None, as_json: bool) -> byt
     fail("give exactly one of --data or --data-file", as_json)
 
 
-def config_request(device_id: str, payload: bytes, version_to_update: int) -> bytes:
-    """The config-push function's request: a JSON object as ``config``, anything else as base64 ``binary_data``."""
-    import base64
-
-    request: dict[str, Any] = {"device_id": device_id}
-    try:
-        parsed = json.loads(payload)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        request["config"] = parsed
-    else:
-        request["binary_data"] = base64.b64encode(payload).decode()
-    if version_to_update:
-        request["version_to_update"] = version_to_update
-    return json.dumps(request).encode()
-
-
 def config_view(cfg) -> dict[str, Any]:
     try:
         data: Any = json.loads(cfg.data)
@@ -305,6 +287,8 @@ def config_push(
     import time
 
     from google.cloud import pubsub_v1
+
+    from iotbridge.spec import config_request
 
     payload = read_payload(data, data_file, as_json)
     t = target_or_fail(stack, as_json)
@@ -375,6 +359,167 @@ def commands_send(
         return
     emit({"device_id": device_id, "message_id": message_id, "subfolder": subfolder}, as_json,
          f"command sent to {device_id} (message {message_id})")
+
+
+# ------------------------------------------------------------------------ through the device manager API
+# These commands go through the admin API (docs/admin-api.md), the path operator code written for IoT Core takes.
+
+registries_app = typer.Typer(help="Registries, through the device manager API: list, get, create, delete.",
+                             no_args_is_help=True)
+app.add_typer(registries_app, name="registries")
+credentials_app = typer.Typer(help="A device's credentials, through the device manager API: list, set (rotate).",
+                              no_args_is_help=True)
+devices_app.add_typer(credentials_app, name="credentials")
+metadata_app = typer.Typer(help="A device's metadata, through the device manager API: get, set.",
+                           no_args_is_help=True)
+devices_app.add_typer(metadata_app, name="metadata")
+RegistryOpt = Annotated[str | None, typer.Option("--registry", help="The registry (default: the stack's own).")]
+
+
+def admin_api(stack: str | None, as_json: bool):
+    from iotbridge.admin.client import AdminClient
+
+    t = target_or_fail(stack, as_json)
+    if not t.admin_api_url:
+        fail(f"target {t.name} has no admin_api_url (a local stack started before the API existed: restart it)",
+             as_json)
+    return AdminClient(t.admin_api_url, t.project_id, t.region, authenticated=t.kind == "stack"), t
+
+
+def api_call(as_json: bool, client, method: str, path: str, **kwargs) -> dict[str, Any]:  # noqa: ANN001
+    from iotbridge.admin.client import ApiCallError
+
+    try:
+        return client.call(method, path, **kwargs)
+    except ApiCallError as exc:
+        fail(str(exc), as_json)
+
+
+@registries_app.command("list")
+def registries_list(stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """The deployment's registries."""
+    api, _ = admin_api(stack, as_json)
+    found = api_call(as_json, api, "GET", f"{api.location}/registries").get("deviceRegistries", [])
+    emit(found, as_json, "\n".join(r["id"] for r in found) or "no registries")
+
+
+@registries_app.command("get")
+def registries_get(registry_id: Annotated[str, typer.Argument(metavar="ID")], stack: StackOpt = None,
+                   as_json: JsonFlag = False) -> None:
+    """One registry: its event and state topics, MQTT/HTTP states, log level."""
+    api, _ = admin_api(stack, as_json)
+    emit(api_call(as_json, api, "GET", api.registry(registry_id)), as_json)
+
+
+@registries_app.command("create")
+def registries_create(
+    registry_id: Annotated[str, typer.Argument(metavar="ID")],
+    event_topic: Annotated[list[str] | None, typer.Option(
+        "--event-topic", help="An event route: TOPIC (every subfolder) or SUBFOLDER=TOPIC; TOPIC is "
+                              "projects/P/topics/T. Repeatable; the route without a subfolder goes last.")] = None,
+    state_topic: Annotated[str | None, typer.Option("--state-topic", help="Where states go: projects/P/topics/T.")]
+    = None,
+    stack: StackOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a registry whose devices' events and states go to the topics it names."""
+    api, _ = admin_api(stack, as_json)
+    routes = []
+    for item in event_topic or []:
+        sub, sep, topic = item.rpartition("=")
+        routes.append({"pubsubTopicName": topic, **({"subfolderMatches": sub} if sep else {})})
+    routes.sort(key=lambda r: "subfolderMatches" not in r)
+    body: dict[str, Any] = {"id": registry_id, "eventNotificationConfigs": routes}
+    if state_topic:
+        body["stateNotificationConfig"] = {"pubsubTopicName": state_topic}
+    emit(api_call(as_json, api, "POST", f"{api.location}/registries", body=body), as_json, f"created {registry_id}")
+
+
+@registries_app.command("delete")
+def registries_delete(registry_id: Annotated[str, typer.Argument(metavar="ID")], stack: StackOpt = None,
+                      as_json: JsonFlag = False) -> None:
+    """Delete a registry that has no devices."""
+    api, _ = admin_api(stack, as_json)
+    api_call(as_json, api, "DELETE", api.registry(registry_id))
+    emit({"deleted": registry_id}, as_json, f"deleted {registry_id}")
+
+
+@credentials_app.command("list")
+def credentials_list(device_id: Annotated[str, typer.Argument(metavar="ID")], registry: RegistryOpt = None,
+                     stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """The device's credentials: format and expiration (not the key material)."""
+    api, t = admin_api(stack, as_json)
+    dev = api_call(as_json, api, "GET", api.device(registry or t.registry_id, device_id),
+                   params={"fieldMask": "credentials"})
+    shown = [{"format": c["publicKey"]["format"], "expiration_time": c.get("expirationTime")}
+             for c in dev.get("credentials", [])]
+    emit(shown, as_json, "\n".join(f"{c['format']}  expires {c['expiration_time']}" for c in shown) or "none")
+
+
+@credentials_app.command("set")
+def credentials_set(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    public_key: Annotated[list[Path], typer.Option("--public-key", exists=True, dir_okay=False, readable=True,
+                                                   help="PEM file: public key or X.509 certificate. Repeatable "
+                                                        "(at most 3).")],
+    fmt: CredentialFormatOpt = "ES256_PEM",
+    expires: Annotated[str | None, typer.Option("--expires", help="Expiration of these credentials (RFC 3339).")]
+    = None,
+    registry: RegistryOpt = None,
+    stack: StackOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Replace the device's credentials (rotation): its sessions the new set no longer allows are ended."""
+    api, t = admin_api(stack, as_json)
+    creds = [{"publicKey": {"format": fmt, "key": p.read_text()}, **({"expirationTime": expires} if expires else {})}
+             for p in public_key]
+    dev = api_call(as_json, api, "PATCH", api.device(registry or t.registry_id, device_id),
+                   body={"credentials": creds}, params={"updateMask": "credentials"})
+    emit({"id": dev["id"], "credentials": len(dev.get("credentials", []))}, as_json,
+         f"{device_id}: {len(dev.get('credentials', []))} credential(s) set")
+
+
+@metadata_app.command("get")
+def metadata_get(device_id: Annotated[str, typer.Argument(metavar="ID")], registry: RegistryOpt = None,
+                 stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """The device's metadata (key → value)."""
+    api, t = admin_api(stack, as_json)
+    dev = api_call(as_json, api, "GET", api.device(registry or t.registry_id, device_id),
+                   params={"fieldMask": "metadata"})
+    meta = dev.get("metadata", {})
+    emit(meta, as_json, "\n".join(f"{k}={v}" for k, v in meta.items()) or "no metadata")
+
+
+@metadata_app.command("set")
+def metadata_set(device_id: Annotated[str, typer.Argument(metavar="ID")],
+                 pairs: Annotated[list[str], typer.Argument(metavar="KEY=VALUE...", help="The whole new metadata.")],
+                 registry: RegistryOpt = None, stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """Replace the device's metadata."""
+    api, t = admin_api(stack, as_json)
+    meta = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            fail(f"{pair!r} is not KEY=VALUE", as_json)
+        meta[key] = value
+    dev = api_call(as_json, api, "PATCH", api.device(registry or t.registry_id, device_id),
+                   body={"metadata": meta}, params={"updateMask": "metadata"})
+    emit(dev.get("metadata", {}), as_json, f"{device_id}: metadata set")
+
+
+@devices_app.command("states")
+def devices_states(device_id: Annotated[str, typer.Argument(metavar="ID")],
+                   limit: Annotated[int, typer.Option("--limit", min=1, max=10, help="How many, newest first.")] = 10,
+                   registry: RegistryOpt = None, stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """The device's last states (at most 10), newest first."""
+    import base64
+
+    api, t = admin_api(stack, as_json)
+    states = api_call(as_json, api, "GET", api.device(registry or t.registry_id, device_id) + "/states",
+                      params={"numStates": limit}).get("deviceStates", [])
+    shown = [{"update_time": s["updateTime"], "data": base64.b64decode(s.get("binaryData", "")).decode(
+        errors="backslashreplace")} for s in states]
+    emit(shown, as_json, "\n".join(f"{s['update_time']}  {s['data']}" for s in shown) or "no states")
 
 
 def key_dir_for(t: Target) -> Path:

@@ -289,13 +289,13 @@ def start_operator(publisher: PublisherClient, registry: Registry, names: LocalN
     through the config-requests topic; a sixth later, sends ``command_target`` a command. What happened, and
     when, goes into ``events``."""
     from iotbridge.bridge.fanout import send_command
-    from iotbridge.cli import config_request
+    from iotbridge.spec import config_request
 
     def operator() -> None:
         time.sleep(duration / 3)
         events["push_time"] = datetime.now(UTC)
         mid = publisher.publish(names.topic("config-requests"),
-                                config_request(push_target, json.dumps(OPERATOR_CONFIG).encode(), 0)).result(30)
+                                config_request(push_target, json.dumps(OPERATOR_CONFIG).encode())).result(30)
         events["push_request"] = mid
         log(f"pushed a config to {push_target} (request {mid})")
         time.sleep(duration / 6)
@@ -370,7 +370,8 @@ def wait_for_configs(fleet: Fleet, registry: Registry, timeout: float = 30.0) ->
     while True:
         pushes, delivered = 0, 0
         for m in fleet.members:
-            versions = registry.list_config_versions(m.id)
+            # Version 1 is every device's empty first config, not a push.
+            versions = [v for v in registry.list_config_versions(m.id) if v.version > 1]
             pushes += len(versions)
             got = set(m.configs)
             delivered += sum(1 for v in versions if v.data in got)

@@ -3,17 +3,28 @@
 Cloud IoT Core kept this state for its devices; this module keeps it for the bridge, the config-push
 function and ``iotctl``. Locally it runs against the Firestore emulator (``FIRESTORE_EMULATOR_HOST``).
 
-Layout (one registry per deployment)::
+Layout (any number of registries per deployment, as IoT Core had)::
 
-    registries/{registry_id}                                          project, region
+    registries/{registry_id}                                          project, region, the registry's settings
     registries/{registry_id}/devices/{device_id}                      the device
     registries/{registry_id}/devices/{device_id}/configs/{v:010d}     the latest 10 config versions
+    registries/{registry_id}/devices/{device_id}/states/{t:020d}      the latest 10 states (t: ns since epoch)
     registries/{registry_id}/devices/{device_id}/requests/{msg_id}    idempotency markers (TTL field expire_at)
     registries/{registry_id}/num_ids/{num_id}                         reserves a numeric id (unique)
+    registries/{deployment}/device_index/{device_id}                  the registry of a device id
+
+A device id is unique across the deployment's registries (IoT Core's was unique per registry): devices of every
+registry share one broker, whose topics (``/devices/{device}/...``) do not name the registry. The index kept
+under the deployment's own registry (``deployment``, by default the registry itself) says which registry a
+device id belongs to (``registry_of``); a device created before the index existed has no entry and belongs to
+the deployment's own registry.
 
 Config versions are written in one transaction per update, as IoT Core versioned them: server-assigned,
 monotonic, compare-and-set on ``version_to_update``, at most one update per second per device, and a request
 id (the Pub/Sub message id) that was already applied returns the version it created instead of a new one.
+
+A new device has config version 1 with empty data, as IoT Core gave it. A gateway's bound devices carry its id
+in their ``bound_gateways`` array (listed with ``array_contains``).
 
 This module is also copied next to the config-push function's ``main.py`` when it is packaged, so it imports
 nothing from the rest of the project.
@@ -25,8 +36,8 @@ import re
 import secrets
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
@@ -57,8 +68,20 @@ REQUEST_MARKER_TTL = timedelta(days=8)
 # retries them. Five attempts (the library default) is too few under a burst.
 TRANSACTION_ATTEMPTS = 25
 
+KEEP_STATES = 10
+MAX_EVENT_NOTIFICATION_CONFIGS = 10  # IoT Core's limit on a registry's event routes
+MAX_REGISTRY_CREDENTIALS = 10  # IoT Core's limit on a registry's CA certificates
+# A Pub/Sub topic's full name, as a registry's notification configs give it.
+TOPIC_NAME_RE = re.compile(r"projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/topics/[a-zA-Z][a-zA-Z0-9._~%+-]{2,254}")
+
 CredentialFormat = Literal["RSA_PEM", "RSA_X509_PEM", "ES256_PEM", "ES256_X509_PEM"]
 CREDENTIAL_FORMATS: tuple[str, ...] = get_args(CredentialFormat)
+LogLevel = Literal["NONE", "ERROR", "INFO", "DEBUG"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+GatewayType = Literal["GATEWAY", "NON_GATEWAY"]
+GATEWAY_TYPES: tuple[str, ...] = get_args(GatewayType)
+GatewayAuthMethod = Literal["ASSOCIATION_ONLY", "DEVICE_AUTH_TOKEN_ONLY", "ASSOCIATION_AND_DEVICE_AUTH_TOKEN"]
+GATEWAY_AUTH_METHODS: tuple[str, ...] = get_args(GatewayAuthMethod)
 
 
 class RegistryError(Exception):
@@ -103,7 +126,24 @@ class InvalidMetadata(RegistryError, ValueError):
 
 
 class InvalidBinding(RegistryError, ValueError):
-    """A binding IoT Core refused: the gateway is not a GATEWAY, or the device to bind is one."""
+    """A binding whose gateway is not a gateway, or whose device is one."""
+
+
+class RegistryNotFound(RegistryError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "registry not found"
+
+
+class RegistryExists(RegistryError):
+    pass
+
+
+class RegistryNotEmpty(RegistryError):
+    """A registry that still has devices cannot be deleted (IoT Core's rule)."""
+
+
+class InvalidSettings(RegistryError, ValueError):
+    """A registry setting out of its rules (a topic name, too many routes or certificates, a log level)."""
 
 
 def validate_device_id(device_id: object) -> str:
@@ -204,6 +244,87 @@ class ConfigVersion:
 
 
 @dataclass(frozen=True)
+class DeviceState:
+    data: bytes
+    update_time: datetime
+
+
+@dataclass(frozen=True)
+class EventRoute:
+    """Events whose subfolder is ``subfolder_matches`` go to ``topic`` (a full topic name); an empty
+    ``subfolder_matches`` matches every event, and is the last route of a registry when there is one."""
+
+    topic: str
+    subfolder_matches: str = ""
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """What IoT Core kept for a registry: where its devices' events and states go, whether MQTT/HTTP are on, the
+    default log level and the CA certificates of its devices (PEM)."""
+
+    event_routes: tuple[EventRoute, ...] = ()
+    state_topic: str = ""
+    mqtt_enabled: bool = True
+    http_enabled: bool = True
+    log_level: str = ""
+    ca_certificates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.event_routes) > MAX_EVENT_NOTIFICATION_CONFIGS:
+            raise InvalidSettings(f"{len(self.event_routes)} event notification configs; "
+                                  f"at most {MAX_EVENT_NOTIFICATION_CONFIGS}")
+        for i, r in enumerate(self.event_routes):
+            if not TOPIC_NAME_RE.fullmatch(r.topic):
+                raise InvalidSettings(f"event notification config {i}: pubsubTopicName {r.topic!r} is not "
+                                      "projects/{project}/topics/{topic}")
+            if not r.subfolder_matches and i != len(self.event_routes) - 1:
+                raise InvalidSettings(f"event notification config {i}: only the last one may omit subfolderMatches")
+        seen = [r.subfolder_matches for r in self.event_routes]
+        if len(set(seen)) != len(seen):
+            raise InvalidSettings("two event notification configs have the same subfolderMatches")
+        if self.state_topic and not TOPIC_NAME_RE.fullmatch(self.state_topic):
+            raise InvalidSettings(f"stateNotificationConfig.pubsubTopicName {self.state_topic!r} is not "
+                                  "projects/{project}/topics/{topic}")
+        if self.log_level and self.log_level not in LOG_LEVELS:
+            raise InvalidSettings(f"logLevel must be one of {list(LOG_LEVELS)}, got {self.log_level!r}")
+        if len(self.ca_certificates) > MAX_REGISTRY_CREDENTIALS:
+            raise InvalidSettings(f"{len(self.ca_certificates)} registry credentials; at most "
+                                  f"{MAX_REGISTRY_CREDENTIALS}")
+        for pem in self.ca_certificates:
+            try:
+                x509.load_pem_x509_certificate(pem.encode())
+            except (ValueError, TypeError) as exc:
+                raise InvalidSettings(f"registry credential is not a PEM X.509 certificate ({exc})") from None
+
+    def event_topic(self, sub_folder: str) -> str | None:
+        """The topic of an event in ``sub_folder``, IoT Core's way: the route matching the subfolder, else the
+        route without ``subfolder_matches``; None when neither exists (the event is not published)."""
+        fallback = None
+        for r in self.event_routes:
+            if not r.subfolder_matches:
+                fallback = r.topic
+            elif sub_folder and r.subfolder_matches == sub_folder:
+                return r.topic
+        return fallback
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"event_routes": [{"topic": r.topic, "subfolder_matches": r.subfolder_matches}
+                                 for r in self.event_routes],
+                "state_topic": self.state_topic, "mqtt_enabled": self.mqtt_enabled,
+                "http_enabled": self.http_enabled, "log_level": self.log_level,
+                "ca_certificates": list(self.ca_certificates)}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> RegistrySettings:
+        return cls(event_routes=tuple(EventRoute(r["topic"], r.get("subfolder_matches") or "")
+                                      for r in doc.get("event_routes") or ()),
+                   state_topic=str(doc.get("state_topic") or ""), mqtt_enabled=bool(doc.get("mqtt_enabled", True)),
+                   http_enabled=bool(doc.get("http_enabled", True)), log_level=str(doc.get("log_level") or ""),
+                   ca_certificates=tuple(doc.get("ca_certificates") or ()))
+
+
+@dataclass(frozen=True)
 class Grant:
     """A device's blocked flag, numeric id and credentials (public key PEM -> expiration time), as read for the
     sessions already connected on its behalf."""
@@ -213,10 +334,6 @@ class Grant:
     credentials: dict[str, datetime | None]
     bound_gateways: tuple[str, ...] = ()
 
-
-GatewayType = Literal["GATEWAY", "NON_GATEWAY"]
-GatewayAuthMethod = Literal["ASSOCIATION_ONLY", "DEVICE_AUTH_TOKEN_ONLY", "ASSOCIATION_AND_DEVICE_AUTH_TOKEN"]
-GATEWAY_AUTH_METHODS: tuple[str, ...] = get_args(GatewayAuthMethod)
 
 
 @dataclass(frozen=True)
@@ -272,8 +389,10 @@ class Device:
     state: bytes | None = None
     last_error_time: datetime | None = None
     last_error_status: str = ""
+    log_level: str = ""
     gateway_config: GatewayConfig = field(default_factory=GatewayConfig)
-    bound_gateways: tuple[str, ...] = ()  # the gateways this device is bound to (IoT Core's bindings)
+    bound_gateways: tuple[str, ...] = ()
+    last_config_send_time: datetime | None = None
 
     def valid_credentials(self, now: datetime | None = None) -> tuple[Credential, ...]:
         return tuple(c for c in self.credentials if not c.expired(now))
@@ -292,8 +411,9 @@ class Device:
             last_heartbeat_time=doc.get("last_heartbeat_time"),
             state=bytes(state) if state is not None else None,
             last_error_time=doc.get("last_error_time"), last_error_status=str(doc.get("last_error_status") or ""),
-            gateway_config=GatewayConfig.from_doc(doc.get("gateway_config")),
+            log_level=str(doc.get("log_level") or ""), gateway_config=GatewayConfig.from_doc(doc.get("gateway_config")),
             bound_gateways=tuple(doc.get("bound_gateways") or ()),
+            last_config_send_time=doc.get("last_config_send_time"),
         )
 
 
@@ -324,6 +444,27 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+def _check_log_level(log_level: str) -> str:
+    if log_level and log_level not in LOG_LEVELS:
+        raise InvalidSettings(f"logLevel must be one of {list(LOG_LEVELS)}, got {log_level!r}")
+    return log_level
+
+
+def registry_of(client: firestore.Client, deployment: str, device_id: str) -> str | None:
+    """The registry a device id of the deployment (named by its own registry) belongs to; None for an unknown id
+    or one created before the index existed."""
+    snap = (client.collection("registries").document(deployment).collection("device_index")
+            .document(validate_device_id(device_id)).get())
+    return (snap.to_dict() or {}).get("registry_id") if snap.exists else None
+
+
+def list_registries(client: firestore.Client, deployment: str) -> list[str]:
+    """The ids of the deployment's registries (its own and those created for it), in order."""
+    own = client.collection("registries").document(deployment).get(field_paths=["registry_id"]).exists
+    others = client.collection("registries").where(filter=firestore.FieldFilter("deployment", "==", deployment))
+    return sorted({*([deployment] if own else []), *(snap.id for snap in others.stream())})
+
+
 # ------------------------------------------------------------------------------------------ registry
 
 
@@ -331,7 +472,7 @@ class Registry:
     """One device registry. Every method is a few Firestore reads/writes; safe to share between threads."""
 
     def __init__(self, project: str, registry_id: str, region: str, client: firestore.Client | None = None,
-                 database: str | None = None):
+                 database: str | None = None, deployment: str | None = None):
         if not isinstance(registry_id, str) or not REGISTRY_ID_RE.fullmatch(registry_id):
             raise ValueError(f"invalid registry id {registry_id!r}: must match {REGISTRY_ID_RE.pattern}")
         self.project = project
@@ -343,6 +484,9 @@ class Registry:
         self._root = self.client.collection("registries").document(registry_id)
         self._devices = self._root.collection("devices")
         self._num_ids = self._root.collection("num_ids")
+        # The deployment's own registry, which keeps the index of device ids across its registries.
+        self.deployment = deployment or registry_id
+        self._index = self.client.collection("registries").document(self.deployment).collection("device_index")
         # Two transactions on one device abort each other and retry with backoff (seconds on the emulator).
         # Within one process they are queued here instead; across processes Firestore still serialises them.
         self._device_locks = [threading.Lock() for _ in range(64)]
@@ -371,15 +515,69 @@ class Registry:
             raise DeviceNotFound(f"device {device_id!r} not found in registry {self.registry_id!r}")
         return ref, snap.to_dict() or {}
 
+    # ----------------------------------------------------------------------------- the registry itself
+
+    def create_registry(self, settings: RegistrySettings) -> RegistrySettings:
+        """RegistryExists when it was created before (explicitly, or by a device created in it)."""
+        from google.api_core.exceptions import AlreadyExists
+
+        try:
+            self._root.create({"project": self.project, "region": self.region, "registry_id": self.registry_id,
+                               "deployment": self.deployment, "settings": settings.to_doc(),
+                               "created_time": firestore.SERVER_TIMESTAMP})
+        except AlreadyExists:
+            raise RegistryExists(f"registry {self.registry_id!r} already exists") from None
+        return settings
+
+    def ensure_registry(self, settings: RegistrySettings) -> RegistrySettings:
+        """The registry's settings; created with ``settings`` when it has none yet (a deployment's own registry)."""
+        snap = self._root.get()
+        doc = (snap.to_dict() or {}) if snap.exists else {}
+        if "settings" in doc:
+            return RegistrySettings.from_doc(doc["settings"])
+        self._root.set({"project": self.project, "region": self.region, "registry_id": self.registry_id,
+                        "settings": settings.to_doc()}, merge=True)
+        return settings
+
+    def exists(self) -> bool:
+        return self._root.get(field_paths=["registry_id"]).exists
+
+    def get_settings(self) -> RegistrySettings:
+        snap = self._root.get()
+        if not snap.exists:
+            raise RegistryNotFound(f"registry {self.registry_id!r} not found")
+        return RegistrySettings.from_doc((snap.to_dict() or {}).get("settings") or {})
+
+    def update_settings(self, settings: RegistrySettings) -> RegistrySettings:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            self._root.update({"settings": settings.to_doc()})
+        except NotFound:
+            raise RegistryNotFound(f"registry {self.registry_id!r} not found") from None
+        return settings
+
+    def delete_registry(self) -> None:
+        """RegistryNotEmpty while it has devices, as IoT Core refused."""
+        if not self.exists():
+            raise RegistryNotFound(f"registry {self.registry_id!r} not found")
+        if any(True for _ in self._devices.limit(1).stream()):
+            raise RegistryNotEmpty(f"registry {self.registry_id!r} has devices; delete them first")
+        self._root.delete()
+
     # ----------------------------------------------------------------------------- devices
 
     def create_device(self, device_id: str, credentials: Sequence[Credential] = (),
                       metadata: Mapping[str, str] | None = None, blocked: bool = False,
-                      gateway_config: GatewayConfig | None = None) -> Device:
+                      gateway_config: GatewayConfig | None = None, log_level: str = "") -> Device:
         ref = self._device_ref(device_id)
         gateway = gateway_config or GatewayConfig()
         _check_credentials(credentials)
         meta = _check_metadata(metadata)
+        gateway = gateway_config or GatewayConfig()
+        _check_log_level(log_level)
+        now = datetime.now(UTC)
+        index_ref = self._index.document(device_id)
         # Random 63-bit numbers, as IoT Core's were opaque; reserving it in num_ids makes it unique without a
         # registry-wide counter document (Firestore sustains about one write per second on one document).
         for _ in range(5):
@@ -387,7 +585,7 @@ class Registry:
             doc = {
                 "id": device_id, "num_id": num_id, "registry_id": self.registry_id,
                 "credentials": [c.to_doc() for c in credentials], "blocked": bool(blocked), "metadata": meta,
-                "config_version": 0, "created_time": firestore.SERVER_TIMESTAMP,
+                "config_version": 1, "created_time": firestore.SERVER_TIMESTAMP, "log_level": log_level,
                 "gateway_config": gateway.to_doc(), "bound_gateways": [],
             }
 
@@ -398,11 +596,20 @@ class Registry:
                 num_ref = self._num_ids.document(num_id)
                 if num_ref.get(transaction=tx).exists:
                     return False
+                index = index_ref.get(transaction=tx)
+                if index.exists:
+                    other = (index.to_dict() or {}).get("registry_id")
+                    raise DeviceExists(f"device id {device_id!r} is taken by registry {other!r}: a device id is "
+                                       "unique across the deployment's registries")
                 if not self._root.get(transaction=tx).exists:
                     tx.set(self._root, {"project": self.project, "region": self.region,
                                         "registry_id": self.registry_id})
                 tx.create(num_ref, {"device_id": device_id})
                 tx.create(ref, doc)
+                tx.create(index_ref, {"registry_id": self.registry_id})
+                # IoT Core's first version: empty, so a device subscribing to its config always gets one.
+                tx.set(self._config_ref(device_id, 1),
+                       {"version": 1, "data": b"", "cloud_update_time": now, "device_ack_time": None})
                 return True
 
             if create(self.client.transaction(max_attempts=TRANSACTION_ATTEMPTS)):
@@ -441,8 +648,25 @@ class Registry:
             raise DeviceNotFound(f"no device with numeric id {num_id!r} in registry {self.registry_id!r}")
         return self.get_device((snap.to_dict() or {})["device_id"])
 
-    def list_devices(self) -> list[Device]:
-        return [Device.from_doc(s.to_dict() or {}) for s in self._devices.order_by("id").stream()]
+    def list_devices(self, limit: int | None = None, start_after: str | None = None) -> list[Device]:
+        """Devices in id order; ``limit`` of them after the id ``start_after`` (paging)."""
+        query = self._devices.order_by("id")
+        if start_after:
+            query = query.start_after({"id": start_after})
+        if limit:
+            query = query.limit(limit)
+        return [Device.from_doc(s.to_dict() or {}) for s in query.stream()]
+
+    def set_log_level(self, device_id: str, log_level: str) -> Device:
+        self._update(device_id, {"log_level": _check_log_level(log_level)})
+        return self.get_device(device_id)
+
+    def set_gateway_auth_method(self, device_id: str, method: GatewayAuthMethod | None) -> Device:
+        """The one gateway setting IoT Core let a patch change."""
+        device = self.get_device(device_id)
+        config = replace(device.gateway_config, gateway_auth_method=method)
+        self._update(device_id, {"gateway_config": config.to_doc()})
+        return self.get_device(device_id)
 
     def set_blocked(self, device_id: str, blocked: bool) -> Device:
         self._update(device_id, {"blocked": bool(blocked)})
@@ -500,7 +724,7 @@ class Registry:
         ref, doc = self._load(device_id)
         batch = self.client.batch()
         n = 0
-        for sub in ("configs", "requests"):
+        for sub in ("configs", "requests", "states"):
             for snap in ref.collection(sub).list_documents():
                 batch.delete(snap)
                 n += 1
@@ -510,6 +734,10 @@ class Registry:
         batch.delete(self._num_ids.document(doc["num_id"]))
         batch.delete(ref)
         batch.commit()
+        index_ref = self._index.document(device_id)
+        index = index_ref.get()
+        if index.exists and (index.to_dict() or {}).get("registry_id") == self.registry_id:
+            index_ref.delete()
 
     def add_credential(self, device_id: str, credential: Credential) -> Device:
         _check_credentials([credential])
@@ -598,6 +826,10 @@ class Registry:
         with self._device_lock(device_id):
             return update(self.client.transaction(max_attempts=TRANSACTION_ATTEMPTS))
 
+    def mark_config_sent(self, device_id: str, when: datetime | None = None) -> None:
+        """A config version was handed to the broker for the device (IoT Core's ``lastConfigSendTime``)."""
+        self._update(device_id, {"last_config_send_time": _utc(when)})
+
     def get_config(self, device_id: str) -> ConfigVersion | None:
         _, doc = self._load(device_id)
         version = int(doc.get("config_version", 0))
@@ -634,9 +866,24 @@ class Registry:
     # ----------------------------------------------------------------------------- device activity
 
     def record_state(self, device_id: str, data: bytes, when: datetime | None = None) -> None:
+        """The device's latest state, and one more of its last ``KEEP_STATES`` (IoT Core's ``states.list``)."""
         if len(data) > MAX_STATE_BYTES:
             raise ValueError(f"state is {len(data)} bytes; at most {MAX_STATE_BYTES}")
-        self._update(device_id, {"state": bytes(data), "last_state_time": _utc(when)})
+        when = _utc(when)
+        self._update(device_id, {"state": bytes(data), "last_state_time": when})
+        states = self._device_ref(device_id).collection("states")
+        key = int(when.timestamp() * 1_000_000) * 1000
+        states.document(f"{key:020d}").set({"data": bytes(data), "update_time": when})
+        old = states.order_by("update_time", direction=firestore.Query.DESCENDING).offset(KEEP_STATES).stream()
+        for snap in old:
+            snap.reference.delete()
+
+    def list_states(self, device_id: str, limit: int = KEEP_STATES) -> list[DeviceState]:
+        """The device's last states, newest first."""
+        ref, _ = self._load(device_id)
+        query = ref.collection("states").order_by("update_time", direction=firestore.Query.DESCENDING)
+        return [DeviceState(bytes(d["data"]), d["update_time"])
+                for d in (s.to_dict() or {} for s in query.limit(min(limit, KEEP_STATES)).stream())]
 
     def record_event(self, device_id: str, when: datetime | None = None) -> None:
         """A telemetry event arrived (``last_event_time``)."""
@@ -671,3 +918,29 @@ class Registry:
                     except DeviceNotFound:
                         pass
         return written
+
+
+# ------------------------------------------------------------------------------------------ config push
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    config: ConfigVersion
+    status: Literal["delivered", "superseded", "skipped_blocked"]
+
+
+def push_config(registry: Registry, device_id: str, data: bytes, deliver: Callable[[str, int, bytes], None],
+                version_to_update: int = 0, request_id: str | None = None,
+                min_interval_s: float = 1.0) -> PushOutcome:
+    """The one path of a new config version, for the config-push function and the admin API alike: stored in the
+    registry (its refusals raise), then handed to ``deliver(device_id, version, data)`` unless a newer version was
+    stored meanwhile (which must not be overtaken) or the device was blocked since."""
+    cfg = registry.update_config(device_id, data, version_to_update=version_to_update, request_id=request_id,
+                                 min_interval_s=min_interval_s)
+    device = registry.get_device(device_id)
+    if device.config_version > cfg.version:
+        return PushOutcome(cfg, "superseded")
+    if device.blocked:
+        return PushOutcome(cfg, "skipped_blocked")
+    deliver(device_id, cfg.version, cfg.data)
+    return PushOutcome(cfg, "delivered")

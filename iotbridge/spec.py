@@ -626,3 +626,141 @@ BROKER_DROPPED_METRIC = "custom.googleapis.com/iot/broker_dropped_messages"  # d
 # Mosquitto's per-client queue bound (max_queued_messages): the bridge's persistent session fills during a Pub/Sub
 # outage; the stack alerts at half of it.
 BROKER_MAX_QUEUED_MESSAGES = 1_000_000
+
+
+# ------------------------------------------------------------------------------- messages between the parts
+# The config request (topic config-requests) and the fan-out message (topic device-commands), defined once here:
+# every producer builds them and every consumer reads them with these functions (docs/messages.md).
+
+CONFIG_REQUEST_FIELDS = ("device_id", "registry_id", "config", "binary_data", "version_to_update")
+# IoT Core's camelCase names, accepted in a request too.
+CONFIG_REQUEST_ALIASES = {"deviceId": "device_id", "registryId": "registry_id", "binaryData": "binary_data",
+                          "versionToUpdate": "version_to_update"}
+FANOUT_KIND_CONFIG = "config"
+FANOUT_KIND_COMMAND = "command"
+
+
+class MessageError(ValueError):
+    """A config request or fan-out message that breaks its format; ``reason`` names the rule
+    (docs/messages.md, the dead-letter reasons)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ConfigRequest:
+    device_id: str
+    data: bytes
+    version_to_update: int = 0
+    registry_id: str = ""  # empty: the deployment's own registry
+
+
+def config_request(device_id: str, data: bytes, version_to_update: int = 0, registry_id: str = "") -> bytes:
+    """A config request's body: the config's bytes as base64, so they reach the device byte-identical."""
+    import base64
+
+    body: dict[str, object] = {"device_id": device_id, "binary_data": base64.b64encode(bytes(data)).decode()}
+    if registry_id:
+        body["registry_id"] = registry_id
+    if version_to_update:
+        body["version_to_update"] = int(version_to_update)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity: Python accepts them, devices' parsers do not
+
+
+def parse_config_request(raw: bytes) -> ConfigRequest:
+    """The request in a config-requests message, or :class:`MessageError`. ``config`` (a JSON object) is stored as
+    compact JSON; ``binary_data`` (base64) is stored as the bytes it encodes, untouched. The device id is not
+    checked here (the registry does)."""
+    import base64
+    import binascii
+
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MessageError("malformed_json", f"request is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MessageError("not_an_object", f"request must be a JSON object, got {type(obj).__name__}")
+    req: dict[str, object] = {}
+    for key, value in obj.items():
+        name = CONFIG_REQUEST_ALIASES.get(key, key)
+        if name not in CONFIG_REQUEST_FIELDS:
+            raise MessageError("invalid_request", f"unknown field {key!r}; allowed: {sorted(CONFIG_REQUEST_FIELDS)}")
+        if name in req:
+            raise MessageError("invalid_request", f"field {name!r} given twice")
+        req[name] = value
+    device_id = req.get("device_id")
+    if device_id is None:
+        raise MessageError("invalid_request", "device_id is required")
+    if not isinstance(device_id, str):
+        raise MessageError("invalid_device_id", f"device_id must be a string, got {type(device_id).__name__}")
+    registry_id = req.get("registry_id", "")
+    if not isinstance(registry_id, str):
+        raise MessageError("invalid_request", "registry_id must be a string")
+    if ("config" in req) == ("binary_data" in req):
+        raise MessageError("invalid_request", "give exactly one of config (a JSON object) or binary_data (base64)")
+    if "config" in req:
+        if not isinstance(req["config"], dict):
+            raise MessageError("not_an_object", f"config must be a JSON object, got {type(req['config']).__name__}")
+        data = json.dumps(req["config"], separators=(",", ":"), ensure_ascii=False).encode()
+    else:
+        if not isinstance(req["binary_data"], str):
+            raise MessageError("invalid_request", "binary_data must be a base64 string")
+        try:
+            data = base64.b64decode(req["binary_data"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MessageError("invalid_request", f"binary_data is not base64: {exc}") from None
+    version = req.get("version_to_update", 0)
+    # IoT Core's JSON carried int64 as a string; bool is an int in Python and means nothing here.
+    if isinstance(version, str) and version.isdigit():
+        version = int(version)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise MessageError("invalid_request", f"version_to_update must be a non-negative integer, got {version!r}")
+    return ConfigRequest(device_id=device_id, data=data, version_to_update=version, registry_id=registry_id)
+
+
+@dataclass(frozen=True)
+class FanoutMessage:
+    """A config version or a command on its way to whichever broker host the device is connected to: ``data`` is
+    the payload, byte for byte; the rest travels as attributes."""
+
+    kind: str  # FANOUT_KIND_CONFIG | FANOUT_KIND_COMMAND
+    device_id: str
+    version: int = 0  # configs
+    sub_folder: str = ""  # commands
+    registry_id: str = ""  # empty: the deployment's own registry
+
+    def attributes(self) -> dict[str, str]:
+        attrs = {"kind": self.kind, "deviceId": self.device_id}
+        if self.kind == FANOUT_KIND_CONFIG:
+            attrs["version"] = str(self.version)
+        elif self.sub_folder:
+            attrs["subFolder"] = self.sub_folder
+        if self.registry_id:
+            attrs["registryId"] = self.registry_id
+        return attrs
+
+    @classmethod
+    def from_attributes(cls, attrs: dict[str, str]) -> FanoutMessage:
+        """MessageError for an unknown kind, a version that is not a number, or a device id or subfolder that
+        could widen an MQTT topic (attributes become topic levels)."""
+        kind, device_id = attrs.get("kind", ""), attrs.get("deviceId", "")
+        if kind not in (FANOUT_KIND_CONFIG, FANOUT_KIND_COMMAND):
+            raise MessageError("unknown_kind", f"fan-out message of unknown kind {kind!r}")
+        sub_folder = attrs.get("subFolder", "")
+        if not FANOUT_DEVICE_ID_RE.fullmatch(device_id) or any(c in sub_folder for c in "+#\x00"):
+            raise MessageError("invalid_target", "invalid deviceId/subFolder")
+        version = attrs.get("version", "0")
+        if not version.isdigit():
+            raise MessageError("invalid_version", f"version {version!r} is not a number")
+        return cls(kind, device_id, int(version), sub_folder, attrs.get("registryId", ""))
+
+
+# The registry's device id rule (iotbridge.registry.DEVICE_ID_RE), repeated here because this module imports nothing.
+FANOUT_DEVICE_ID_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}")

@@ -39,6 +39,7 @@ class Target:
     bigquery_endpoint: str | None = None  # None: the real BigQuery
     env: dict[str, str] = field(default_factory=dict)  # emulator hosts for client libraries
     http_bridge_url: str | None = None  # the HTTP device bridge (TLS with mqtt_ca_cert)
+    admin_api_url: str | None = None  # the device manager API (docs/admin-api.md)
 
     def topic(self, key: str) -> str:
         try:
@@ -99,7 +100,8 @@ def from_stack_outputs(name: str, outputs: Mapping[str, Any], cache: Path | None
     return Target(kind="stack", name=name, project_id=project, region=str(outputs["region"]),
                   registry_id=str(outputs["registry_id"]), mqtt_host=host, mqtt_port=port,
                   mqtt_ca_cert=str(ca_file), topics=topics, bigquery_dataset=str(outputs["bigquery_dataset"]),
-                  http_bridge_url=str(outputs["http_bridge_url"]) if outputs.get("http_bridge_url") else None)
+                  http_bridge_url=str(outputs["http_bridge_url"]) if outputs.get("http_bridge_url") else None,
+                  admin_api_url=str(outputs["admin_api_url"]) if outputs.get("admin_api_url") else None)
 
 
 Runner = Callable[[list[str]], str]
@@ -141,7 +143,8 @@ def from_local(status: Mapping[str, Any]) -> Target:
                   topics={k: f"projects/{project}/topics/{spec.topic_name(prefix, k)}" for k in spec.TOPICS},
                   bigquery_dataset=str(status["bigquery_dataset"]),
                   bigquery_endpoint=status.get("bigquery_endpoint"), env=env,
-                  http_bridge_url=status.get("http_bridge_url"))
+                  http_bridge_url=status.get("http_bridge_url"),
+                  admin_api_url=status.get("admin_api_url"))
 
 
 def resolve(stack: str | None) -> Target:

@@ -83,19 +83,21 @@ def test_config_request_matches_what_the_function_parses():
     import sys
 
     from iotbridge.local.services import REPO_ROOT
+    from iotbridge.spec import config_request
 
     spec_ = importlib.util.spec_from_file_location("config_push_main", REPO_ROOT / "functions/config_push/main.py")
     assert spec_ and spec_.loader
     main = importlib.util.module_from_spec(spec_)
     sys.modules["config_push_main"] = main
     spec_.loader.exec_module(main)
-    as_object = main.parse_request(cli.config_request("pump-001", b'{"rpm_max": 1200}', 0))
-    assert (as_object.device_id, as_object.data, as_object.version_to_update) == ("pump-001", b'{"rpm_max":1200}', 0)
+    # JSON is not re-serialized: the bytes given are the bytes the device gets.
+    as_object = main.parse_request(config_request("pump-001", b'{"rpm_max": 1200}', 0))
+    assert (as_object.device_id, as_object.data, as_object.version_to_update) == ("pump-001", b'{"rpm_max": 1200}', 0)
     raw = bytes(range(256))
-    as_bytes = main.parse_request(cli.config_request("pump-001", raw, 7))
+    as_bytes = main.parse_request(config_request("pump-001", raw, 7))
     assert (as_bytes.data, as_bytes.version_to_update) == (raw, 7)
-    as_list = main.parse_request(cli.config_request("pump-001", b"[1, 2]", 0))
-    assert as_list.data == b"[1, 2]"  # not an object: sent untouched as bytes
+    as_list = main.parse_request(config_request("pump-001", b"[1, 2]", 0))
+    assert as_list.data == b"[1, 2]"
 
 
 def test_push_needs_exactly_one_payload_source(target):

@@ -217,30 +217,27 @@ def test_telemetry_example_is_accepted_and_reject_reasons_are_the_pipelines():
     assert first_code(table(text, "Profile reason")) == list(telemetry.PROFILE_REASONS)
 
 
-def test_config_request_fields_are_the_functions():
+def test_config_request_fields_are_the_shared_descriptions():
+    from iotbridge import spec
+
     text = section(page("messages.md"), "## Config request (topic `config-requests`)")
-    assert set(first_code(table(text, "Field"))) == literal(FUNCTION, "FIELDS")
+    assert set(first_code(table(text, "Field"))) == set(spec.CONFIG_REQUEST_FIELDS)
     aliases = set(re.findall(r"`(\w+)`", text.split("IoT Core's field names", 1)[1].split("are accepted", 1)[0]))
-    assert aliases == set(literal(FUNCTION, "ALIASES"))
+    assert aliases == set(spec.CONFIG_REQUEST_ALIASES)
     example = re.search(r"```json\n(.*?)\n```", text, re.S)
-    assert example and set(json.loads(example[1])) <= literal(FUNCTION, "FIELDS")
+    assert example and set(json.loads(example[1])) <= set(spec.CONFIG_REQUEST_FIELDS)
 
 
-def test_fanout_attributes_are_the_ones_fanout_publishes():
+def test_fanout_attributes_are_the_shared_descriptions():
+    from iotbridge import spec
+
     text = section(page("messages.md"), "## Fan-out message (topic `device-commands`)")
     documented = set(re.findall(r"attribute `(\w+)`", text))
-    published = set()
-    nodes = [n for fn in ("publish_config", "send_command") for n in ast.walk(function_node(FANOUT, fn))]
-    for node in nodes:
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "publish":
-            published |= {k.arg for k in node.keywords if k.arg}
-        if isinstance(node, ast.Dict):
-            published |= {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
-        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and isinstance(node.slice, ast.Constant):
-            published.add(node.slice.value)
-    assert documented == published
+    config = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, "dev-1", 3, registry_id="r").attributes()
+    command = spec.FanoutMessage(spec.FANOUT_KIND_COMMAND, "dev-1", sub_folder="ops", registry_id="r").attributes()
+    assert documented == set(config) | set(command)
     kinds = re.search(r"attribute `kind`: `(\w+)` or `(\w+)`", text)
-    assert kinds and set(kinds.groups()) == {literal(FANOUT, "KIND_CONFIG"), literal(FANOUT, "KIND_COMMAND")}
+    assert kinds and set(kinds.groups()) == {spec.FANOUT_KIND_CONFIG, spec.FANOUT_KIND_COMMAND}
 
 
 def _permanent_reasons() -> set[str]:
@@ -254,6 +251,14 @@ def _permanent_reasons() -> set[str]:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_PERMANENT" for t in node.targets):
             assert isinstance(node.value, ast.Dict)
             reasons |= {v.value for v in node.value.values if isinstance(v, ast.Constant)}
+    # The request's format is the shared description's: its parser's reasons are the function's too.
+    spec_tree = ast.parse((ROOT / "iotbridge" / "spec.py").read_text())
+    parser = next(n for n in ast.walk(spec_tree) if isinstance(n, ast.FunctionDef) and n.name == "parse_config_request")
+    for node in ast.walk(parser):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MessageError":
+            first = node.args[0]
+            if isinstance(first, ast.Constant):
+                reasons.add(first.value)
     return reasons
 
 
@@ -456,6 +461,23 @@ def test_the_citation_pattern_knows_tracker_references_and_spares_what_is_no_cit
             "row key `{device_id}#{event time ms}#{seq}`", "https://oauth2.googleapis.com/token",
             "http://127.0.0.1:9050/bigquery/v2/projects/p/datasets", "metric #3 of the dashboard"]
     assert [k for k in kept if CITATION.search(k)] == []
+
+
+def test_the_readme_lists_every_method_of_the_device_manager_api():
+    from iotbridge.admin.app import discovery_document
+
+    readme = (ROOT / "README.md").read_text()
+    text = readme.split("## Moving from IoT Core", 1)[1].split("\n## ", 1)[0]
+    listed = first_code(table(text, "Method"))
+
+    def ids(resource: dict, prefix: str = "") -> set[str]:
+        out = {prefix + m for m in resource.get("methods", {})}
+        for name, sub in resource.get("resources", {}).items():
+            out |= ids(sub, f"{prefix}{name}.")
+        return out
+
+    registries = discovery_document()["resources"]["projects"]["resources"]["locations"]["resources"]["registries"]
+    assert sorted(listed) == sorted(ids(registries, "registries."))
 
 
 if __name__ == "__main__":

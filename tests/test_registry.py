@@ -131,7 +131,9 @@ def test_create_get_list_delete(registry, creds):
     assert d.num_id.isdigit() and int(d.num_id) >= 10**15
     assert d.credentials == (es_with_expiry, creds["RSA_X509_PEM"])
     assert d.credentials[0].expiration_time == expiry
-    assert d.metadata == {"site": "lyon"} and not d.blocked and d.config_version == 0
+    # IoT Core's first config: version 1, empty.
+    assert d.metadata == {"site": "lyon"} and not d.blocked and d.config_version == 1
+    assert registry.get_config("sensor-1").version == 1 and registry.get_config("sensor-1").data == b""
     assert registry.get_device("sensor-1") == d
     assert registry.get_device_by_num_id(d.num_id).id == "sensor-1"
 
@@ -148,10 +150,10 @@ def test_create_get_list_delete(registry, creds):
         registry.get_device("sensor-1")
     with pytest.raises(reg.DeviceNotFound):
         registry.get_device_by_num_id(d.num_id)
-    # Its config versions went with it: a device re-created under the id starts again from nothing.
+    # Its config versions went with it: a device re-created under the id starts again from an empty version 1.
     again = registry.create_device("sensor-1")
-    assert again.config_version == 0 and registry.get_config("sensor-1") is None
-    assert registry.list_config_versions("sensor-1") == []
+    assert again.config_version == 1 and registry.get_config("sensor-1").data == b""
+    assert [v.version for v in registry.list_config_versions("sensor-1")] == [1]
     with pytest.raises(reg.DeviceNotFound):
         registry.delete_device("never-was")
 
@@ -197,7 +199,7 @@ def test_block_unblock(registry):
     with pytest.raises(reg.DeviceBlocked):
         registry.update_config("dev-b", b"{}")
     assert not registry.set_blocked("dev-b", False).blocked
-    assert registry.update_config("dev-b", b"{}").version == 1
+    assert registry.update_config("dev-b", b"{}").version == 2
     with pytest.raises(reg.DeviceNotFound):
         registry.set_blocked("nobody", True)
 
@@ -205,8 +207,8 @@ def test_block_unblock(registry):
 @pytest.mark.emulator
 def test_config_versions_monotonic_keep_last_ten(registry):
     registry.create_device("dev-c")
-    assert registry.get_config("dev-c") is None
-    for i in range(1, 13):
+    assert registry.get_config("dev-c").version == 1
+    for i in range(2, 13):
         cfg = registry.update_config("dev-c", f'{{"i":{i}}}'.encode(), min_interval_s=0)
         assert cfg.version == i and cfg.data == f'{{"i":{i}}}'.encode() and cfg.device_ack_time is None
     versions = registry.list_config_versions("dev-c")
@@ -222,37 +224,37 @@ def test_config_versions_monotonic_keep_last_ten(registry):
 def test_compare_and_set(registry):
     registry.create_device("dev-cas")
     with pytest.raises(reg.VersionConflict, match="stale"):
-        registry.update_config("dev-cas", b"{}", version_to_update=1, min_interval_s=0)
-    assert registry.update_config("dev-cas", b"1", version_to_update=0, min_interval_s=0).version == 1
-    assert registry.update_config("dev-cas", b"2", version_to_update=1, min_interval_s=0).version == 2
+        registry.update_config("dev-cas", b"{}", version_to_update=2, min_interval_s=0)
+    assert registry.update_config("dev-cas", b"2", version_to_update=0, min_interval_s=0).version == 2
+    assert registry.update_config("dev-cas", b"3", version_to_update=2, min_interval_s=0).version == 3
     with pytest.raises(reg.VersionConflict):
-        registry.update_config("dev-cas", b"3", version_to_update=1, min_interval_s=0)
-    assert registry.get_config("dev-cas").data == b"2"
+        registry.update_config("dev-cas", b"4", version_to_update=2, min_interval_s=0)
+    assert registry.get_config("dev-cas").data == b"3"
 
 
 @pytest.mark.emulator
 def test_size_limit(registry):
     registry.create_device("dev-size")
-    assert registry.update_config("dev-size", b"x" * reg.MAX_CONFIG_BYTES).version == 1
+    assert registry.update_config("dev-size", b"x" * reg.MAX_CONFIG_BYTES).version == 2
     with pytest.raises(reg.ConfigTooLarge):
         registry.update_config("dev-size", b"x" * (reg.MAX_CONFIG_BYTES + 1), min_interval_s=0)
-    assert registry.get_device("dev-size").config_version == 1
+    assert registry.get_device("dev-size").config_version == 2
 
 
 @pytest.mark.emulator
 def test_rate_limit_one_update_per_second(registry):
     registry.create_device("dev-rate")
-    registry.update_config("dev-rate", b"1")
+    registry.update_config("dev-rate", b"1")  # the empty first version does not count against the limit
     with pytest.raises(reg.RateLimited, match="at most one update per 1s"):
         registry.update_config("dev-rate", b"2")
-    assert registry.get_device("dev-rate").config_version == 1
+    assert registry.get_device("dev-rate").config_version == 2
     # The window is measured from the last accepted update; it reopens once it has passed.
     last = registry.get_device("dev-rate").last_config_update_time
     assert last is not None
     reopens = last + timedelta(seconds=1.05)
     wait_for("the rate-limit window to pass (the time now)", lambda: datetime.now(UTC), lambda now: now >= reopens,
              timeout=5, interval=0.05)
-    assert registry.update_config("dev-rate", b"2").version == 2
+    assert registry.update_config("dev-rate", b"2").version == 3
 
 
 @pytest.mark.emulator
@@ -261,13 +263,13 @@ def test_request_id_is_idempotent(registry):
     first = registry.update_config("dev-idem", b"A", request_id="1234567890")
     # Redelivered immediately: neither the rate limit nor a second version.
     again = registry.update_config("dev-idem", b"A", request_id="1234567890")
-    assert again.version == first.version == 1 and again.data == b"A"
-    assert registry.get_device("dev-idem").config_version == 1
+    assert again.version == first.version == 2 and again.data == b"A"
+    assert registry.get_device("dev-idem").config_version == 2
     # Redelivered after other updates, with the version_to_update it was sent with: still its own version.
     registry.update_config("dev-idem", b"B", request_id="1234567891", min_interval_s=0)
     late = registry.update_config("dev-idem", b"A", version_to_update=0, request_id="1234567890")
-    assert late.version == 1 and late.data == b"A"
-    assert [v.version for v in registry.list_config_versions("dev-idem")] == [2, 1]
+    assert late.version == 2 and late.data == b"A"
+    assert [v.version for v in registry.list_config_versions("dev-idem")] == [3, 2, 1]
 
 
 def _twin(registry: Registry) -> Registry:
@@ -301,10 +303,10 @@ def test_concurrent_updates_stay_unique_and_monotonic(registry):
         t.join(timeout=120)
     assert not errors, errors
     total = per_writer * len(writers)
-    assert sorted(results["t1"] + results["t2"]) == list(range(1, total + 1)), results  # unique, no gaps
+    assert sorted(results["t1"] + results["t2"]) == list(range(2, total + 2)), results  # unique, no gaps
     assert all(vs == sorted(vs) for vs in results.values())
-    stored = registry.list_config_versions("dev-race")
-    assert [v.version for v in stored] == list(range(total, 0, -1))
+    stored = registry.list_config_versions("dev-race")[:-1]  # the empty first version last
+    assert [v.version for v in stored] == list(range(total + 1, 1, -1))
     # Each stored version holds the data of the call that got that version number.
     by_version = {v: f"{n}-{i}".encode() for n, vs in results.items() for i, v in enumerate(vs)}
     assert all(v.data == by_version[v.version] for v in stored)
@@ -313,7 +315,7 @@ def test_concurrent_updates_stay_unique_and_monotonic(registry):
         for i, v in enumerate(vs):
             assert writers[name].update_config("dev-race", f"{name}-{i}".encode(), request_id=f"{name}{i}",
                                                min_interval_s=0).version == v
-    assert registry.get_device("dev-race").config_version == total
+    assert registry.get_device("dev-race").config_version == total + 1
 
 
 @pytest.mark.emulator
@@ -337,10 +339,10 @@ def test_concurrent_updates_respect_the_rate_limit(registry):
         t.join(timeout=120)
     assert len(outcomes) == len(writers)
     accepted = sorted(o for o in outcomes if isinstance(o, int))
-    assert accepted and accepted == list(range(1, len(accepted) + 1))
+    assert accepted and accepted == list(range(2, len(accepted) + 2))
     # Whatever the interleaving (a retried transaction may run more than a second later), accepted versions
     # are at least a second apart.
-    times = [v.cloud_update_time for v in reversed(registry.list_config_versions("dev-flood"))]
+    times = [v.cloud_update_time for v in reversed(registry.list_config_versions("dev-flood")) if v.version > 1]
     assert all((b - a).total_seconds() >= 1.0 for a, b in pairwise(times))
 
 
@@ -350,12 +352,12 @@ def test_ack_state_event_heartbeat(registry):
     registry.update_config("dev-ack", b"1", min_interval_s=0)
     registry.update_config("dev-ack", b"2", min_interval_s=0)
     t = (datetime.now(UTC) - timedelta(minutes=5)).replace(microsecond=0)
-    registry.ack_config("dev-ack", 2, when=t)
+    registry.ack_config("dev-ack", 3, when=t)
     assert registry.get_config("dev-ack").device_ack_time == t
     assert registry.list_config_versions("dev-ack")[1].device_ack_time is None
     assert registry.get_device("dev-ack").last_config_ack_time == t
     # An older, later-arriving ack does not move the device's ack time back.
-    registry.ack_config("dev-ack", 1, when=t - timedelta(hours=1))
+    registry.ack_config("dev-ack", 2, when=t - timedelta(hours=1))
     assert registry.get_device("dev-ack").last_config_ack_time == t
 
     registry.record_state("dev-ack", b"\x00\x01state", when=t)

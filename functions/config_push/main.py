@@ -10,10 +10,10 @@ this function is the one writer of config versions. For each request it
 
    (IoT Core's camelCase names ``deviceId``, ``binaryData``, ``versionToUpdate`` are accepted too;
    ``version_to_update`` 0 or absent means unconditional, otherwise compare-and-set);
-2. writes the new version in the device registry in one Firestore transaction (:func:`store_config`):
-   the device exists and is not blocked, at most one update per second per device, ≤ 64 KiB, server-assigned
-   monotonic version, the last 10 kept. The Pub/Sub message id is the request id, so a redelivered message
-   returns the version it already created instead of a second one;
+2. writes the new version in the device registry in one Firestore transaction (:func:`store_and_deliver`, the
+   path the admin API takes too): the device exists and is not blocked, at most one update per second per
+   device, ≤ 64 KiB, server-assigned monotonic version, the last 10 kept. The Pub/Sub message id is the request
+   id, so a redelivered message returns the version it already created instead of a second one;
 3. publishes it with paho-mqtt, QoS 1 and retained, on ``/devices/{id}/config`` and waits for the broker's
    PUBACK (:class:`MqttPublisher`) — unless a newer version was stored meanwhile, which must not be
    overtaken by this older one. With several broker hosts, ``CONFIG_DELIVERY=fanout`` hands the version to
@@ -42,7 +42,8 @@ Configuration (environment; in the cloud the MQTT password is a Secret Manager s
 
 Run locally: ``functions-framework --source functions/config_push/main.py --target handle
 --signature-type cloudevent`` with a Pub/Sub push subscription pointed at it. Packaged for the cloud, this
-folder is zipped together with ``iotbridge/registry.py`` (see ``gcp_iot_bridge/infra/config_push.py``).
+folder is zipped together with ``iotbridge/registry.py`` and ``iotbridge/spec.py``
+(see ``gcp_iot_bridge/infra/config_push.py``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import registry as reg
+from iotbridge import spec
 
 MAX_CONFIG_BYTES = reg.MAX_CONFIG_BYTES
 # Pub/Sub refuses attribute values over 1024 bytes.
@@ -75,8 +77,6 @@ MAX_ATTRIBUTE_CHARS = 1000
 # neither the Eventarc API nor pulumi-gcp can set: a request still
 # failing after this age is dead-lettered by the function itself instead of being dropped silently at 24 h.
 MAX_RETRY_AGE_S = 23 * 3600.0
-ALIASES = {"deviceId": "device_id", "binaryData": "binary_data", "versionToUpdate": "version_to_update"}
-FIELDS = {"device_id", "config", "binary_data", "version_to_update"}
 
 log = logging.getLogger("config_push")
 
@@ -119,66 +119,26 @@ class TransientError(Exception):
 # ------------------------------------------------------------------------------------------ parsing
 
 
-@dataclass(frozen=True)
-class ConfigRequest:
-    device_id: str
-    data: bytes
-    version_to_update: int = 0
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN/Infinity: Python accepts them, devices' parsers do not
+ConfigRequest = spec.ConfigRequest
 
 
 def parse_request(raw: bytes) -> ConfigRequest:
-    """The request carried by one Pub/Sub message, or :class:`PermanentError` saying what is wrong."""
+    """The request carried by one Pub/Sub message (its format: ``iotbridge.spec.parse_config_request``), or
+    :class:`PermanentError` saying what is wrong."""
     try:
-        obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise PermanentError("malformed_json", f"request is not valid UTF-8 JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise PermanentError("not_an_object", f"request must be a JSON object, got {type(obj).__name__}")
-    req: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = ALIASES.get(key, key)
-        if name not in FIELDS:
-            raise PermanentError("invalid_request", f"unknown field {key!r}; allowed: {sorted(FIELDS)}")
-        if name in req:
-            raise PermanentError("invalid_request", f"field {name!r} given twice")
-        req[name] = value
-
-    device_id = req.get("device_id")
-    if device_id is None:
-        raise PermanentError("invalid_request", "device_id is required")
+        request = spec.parse_config_request(raw)
+    except spec.MessageError as exc:
+        raise PermanentError(exc.reason, exc.detail) from None
     try:
-        reg.validate_device_id(device_id)
+        reg.validate_device_id(request.device_id)
+        if request.registry_id:
+            reg.validate_device_id(request.registry_id)  # the registry id rule is the device id's
     except reg.InvalidDeviceId as exc:
         raise PermanentError("invalid_device_id", str(exc)) from None
-
-    if ("config" in req) == ("binary_data" in req):
-        raise PermanentError("invalid_request", "give exactly one of config (a JSON object) or binary_data (base64)")
-    if "config" in req:
-        if not isinstance(req["config"], dict):
-            raise PermanentError("not_an_object",
-                                 f"config must be a JSON object, got {type(req['config']).__name__}")
-        data = json.dumps(req["config"], separators=(",", ":"), ensure_ascii=False).encode()
-    else:
-        if not isinstance(req["binary_data"], str):
-            raise PermanentError("invalid_request", "binary_data must be a base64 string")
-        try:
-            data = base64.b64decode(req["binary_data"], validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise PermanentError("invalid_request", f"binary_data is not base64: {exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise PermanentError("config_too_large", f"config is {len(data)} bytes; at most {MAX_CONFIG_BYTES}")
-
-    version = req.get("version_to_update", 0)
-    # IoT Core's JSON carried int64 as a string; bool is an int in Python and means nothing here.
-    if isinstance(version, str) and version.isdigit():
-        version = int(version)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise PermanentError("invalid_request", f"version_to_update must be a non-negative integer, got {version!r}")
-    return ConfigRequest(device_id=device_id, data=data, version_to_update=version)
+    if len(request.data) > MAX_CONFIG_BYTES:
+        raise PermanentError("config_too_large",
+                             f"config is {len(request.data)} bytes; at most {MAX_CONFIG_BYTES}")
+    return request
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -194,18 +154,38 @@ _PERMANENT = {
 }
 
 
-def store_config(registry: reg.Registry, request: ConfigRequest, request_id: str,
-                 min_interval_s: float = 1.0) -> reg.ConfigVersion:
-    """Write the version (or find the one this request id already wrote). Registry refusals become
-    :class:`PermanentError`; anything else (Firestore unavailable) propagates and is retried."""
+def permanent(exc: reg.RegistryError) -> PermanentError | None:
+    """The dead-letter reason of a registry refusal; None for an error worth retrying."""
+    for cls, reason in _PERMANENT.items():
+        if isinstance(exc, cls):
+            return PermanentError(reason, str(exc))
+    return None
+
+
+def store_and_deliver(deps: Deps, request: ConfigRequest, request_id: str) -> reg.PushOutcome:
+    """``iotbridge.registry.push_config``, the path the admin API takes too: the version is written (or the one
+    this request id already wrote is found), then delivered. Registry refusals become :class:`PermanentError`;
+    anything else (Firestore unavailable, :class:`TransientError` from the delivery) propagates and is retried."""
+    registry = deps.registry_for(request.registry_id)
+
+    def deliver(device_id: str, version: int, data: bytes) -> None:
+        try:
+            deps.publisher.deliver(device_id, version, data)
+        except TransientError as exc:
+            log.error("config v%d of %s stored, not delivered (will retry): %s", version, device_id, exc,
+                      extra={"fields": {"messageId": request_id, "deviceId": device_id, "version": version,
+                                        "outcome": "retry", "reason": "delivery_failed"}})
+            raise
+
     try:
-        return registry.update_config(request.device_id, request.data, version_to_update=request.version_to_update,
-                                      request_id=request_id, min_interval_s=min_interval_s)
+        return reg.push_config(registry, request.device_id, request.data, deliver,
+                               version_to_update=request.version_to_update, request_id=request_id,
+                               min_interval_s=deps.min_interval_s)
     except reg.RegistryError as exc:
-        for cls, reason in _PERMANENT.items():
-            if isinstance(exc, cls):
-                raise PermanentError(reason, str(exc)) from None
-        raise
+        err = permanent(exc)
+        if err is None:
+            raise
+        raise err from None
 
 
 # ------------------------------------------------------------------------------------------ MQTT
@@ -359,9 +339,10 @@ class FanoutPublisher:
         self.client = pubsub_v1.PublisherClient()
 
     def deliver(self, device_id: str, version: int, payload: bytes) -> None:
+        # No registryId: a host finds the device's registry itself (device ids are unique across registries).
+        attrs = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, device_id, version).attributes()
         try:
-            self.client.publish(self.topic, payload, kind="config", deviceId=device_id,
-                                version=str(version)).result(timeout=self.timeout_s)
+            self.client.publish(self.topic, payload, **attrs).result(timeout=self.timeout_s)
         except Exception as exc:  # the Pub/Sub client's errors are all worth a retry here
             raise TransientError(f"fan-out publish of v{version} for {device_id} failed: {exc}") from exc
 
@@ -423,6 +404,16 @@ class Deps:
     min_interval_s: float = 1.0
     max_retry_age_s: float = MAX_RETRY_AGE_S
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))  # a request's age is taken by it
+    _others: dict[str, reg.Registry] = field(default_factory=dict)
+
+    def registry_for(self, registry_id: str) -> reg.Registry:
+        """The request's registry (empty: the deployment's own), sharing the Firestore client."""
+        if not registry_id or registry_id == self.registry.registry_id:
+            return self.registry
+        if registry_id not in self._others:
+            self._others[registry_id] = reg.Registry(self.registry.project, registry_id, self.registry.region,
+                                                     client=self.registry.client)
+        return self._others[registry_id]
 
 
 def config_topic(device_id: str) -> str:
@@ -451,33 +442,25 @@ def _process(message: Message, deps: Deps) -> Outcome:
     try:
         request = parse_request(message.data)
         fields["deviceId"] = request.device_id
-        cfg = store_config(deps.registry, request, message.id, deps.min_interval_s)
+        pushed = store_and_deliver(deps, request, message.id)
     except PermanentError as err:
         fields.update(outcome="rejected", reason=err.reason, detail=err.detail, bytes=len(message.data))
         log.warning("config request refused (%s): %s", err.reason, err.detail, extra={"fields": fields})
         if deps.dead_letter is not None:
             deps.dead_letter.send(message, err)
         return Outcome("rejected", fields.get("deviceId", ""), reason=err.reason)
-
-    fields.update(version=cfg.version, bytes=len(cfg.data))
-    device = deps.registry.get_device(request.device_id)
-    if device.config_version > cfg.version:
-        log.info("config v%d of %s superseded by v%d; not published", cfg.version, request.device_id,
-                 device.config_version, extra={"fields": {**fields, "outcome": "superseded"}})
-        return Outcome("superseded", request.device_id, cfg.version)
-    if device.blocked:
+    cfg = pushed.config
+    fields.update(version=cfg.version, bytes=len(cfg.data), outcome=pushed.status)
+    if pushed.status == "superseded":
+        log.info("config v%d of %s superseded by a newer version; not published", cfg.version, request.device_id,
+                 extra={"fields": fields})
+    elif pushed.status == "skipped_blocked":
         log.info("device %s blocked since v%d was stored; not published", request.device_id, cfg.version,
-                 extra={"fields": {**fields, "outcome": "skipped_blocked"}})
-        return Outcome("skipped_blocked", request.device_id, cfg.version)
-    try:
-        deps.publisher.deliver(request.device_id, cfg.version, cfg.data)
-    except TransientError as exc:
-        log.error("config v%d of %s stored, not delivered (will retry): %s", cfg.version, request.device_id, exc,
-                  extra={"fields": {**fields, "outcome": "retry", "reason": "delivery_failed"}})
-        raise
-    fields.update(outcome="delivered", durationMs=round((time.monotonic() - started) * 1000, 1))
-    log.info("config v%d of %s delivered", cfg.version, request.device_id, extra={"fields": fields})
-    return Outcome("delivered", request.device_id, cfg.version)
+                 extra={"fields": fields})
+    else:
+        fields["durationMs"] = round((time.monotonic() - started) * 1000, 1)
+        log.info("config v%d of %s delivered", cfg.version, request.device_id, extra={"fields": fields})
+    return Outcome(pushed.status, request.device_id, cfg.version)
 
 
 def message_from_event(data: Mapping[str, Any], event_id: str = "") -> Message:

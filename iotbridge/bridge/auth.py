@@ -49,16 +49,33 @@ class Token:
 
 
 def parse_client_id(client_id: str, project: str, region: str, registry_id: str) -> str:
-    """The device id named by ``client_id``; ClientIdError unless it is this deployment's path."""
+    """The device id named by ``client_id``; ClientIdError unless it is the path of ``registry_id``."""
+    reg, device = _device_path(client_id, project, region)
+    if reg != registry_id:
+        raise ClientIdError(f"client id names project/region/registry {project}/{region}/{reg}, not this "
+                            "deployment's")
+    return device
+
+
+def parse_device_path(client_id: str, project: str, region: str) -> tuple[str, str]:
+    """(registry id, device id) named by ``client_id``; ClientIdError unless it names this deployment's project
+    and region (any of its registries) and a valid device id."""
+    reg, device = _device_path(client_id, project, region)
+    if not DEVICE_ID_RE.fullmatch(reg):  # the registry id rule is the device id's
+        raise ClientIdError(f"client id names registry {reg!r}, not a valid registry id")
+    return reg, device
+
+
+def _device_path(client_id: str, project: str, region: str) -> tuple[str, str]:
     m = _CLIENT_ID_RE.fullmatch(client_id)
     if not m:
         raise ClientIdError("client id is not projects/{p}/locations/{r}/registries/{reg}/devices/{d}")
     p, r, reg, device = m.groups()
-    if (p, r, reg) != (project, region, registry_id):
+    if (p, r) != (project, region):
         raise ClientIdError(f"client id names project/region/registry {p}/{r}/{reg}, not this deployment's")
     if not DEVICE_ID_RE.fullmatch(device):
         raise ClientIdError("device id in client id is not a valid device id")
-    return device
+    return reg, device
 
 
 def verify_jwt(token: bytes | str, credentials: Iterable[CredentialLike], audience: str,

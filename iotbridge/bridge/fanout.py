@@ -4,8 +4,8 @@ Every broker host's bridge service has its own subscription to ``device-commands
 here reaches whichever host the device is connected to. Message format (docs/messages.md):
 
 - data = the config or command payload, untouched;
-- attributes ``kind`` = ``config`` | ``command``, ``deviceId``, and ``version`` (config) or ``subFolder``
-  (command, optional).
+- attributes: ``iotbridge.spec.FanoutMessage`` (``kind``, ``deviceId``, ``version`` or ``subFolder``,
+  ``registryId``).
 
 Presence (``registries/{registry}/presence/{device}``: host, session, since, until) is written by the front on
 connect and removed on disconnect; ``send_command`` refuses a device that is not connected, as IoT Core's
@@ -23,9 +23,10 @@ from google.cloud import firestore, pubsub_v1
 
 from iotbridge import spec
 from iotbridge.registry import ConfigVersion, Registry, validate_device_id
+from iotbridge.registry import push_config as push_config_path
 
-KIND_CONFIG = "config"
-KIND_COMMAND = "command"
+KIND_CONFIG = spec.FANOUT_KIND_CONFIG
+KIND_COMMAND = spec.FANOUT_KIND_COMMAND
 MAX_COMMAND_BYTES = 256 * 1024
 
 
@@ -38,20 +39,24 @@ def _topic(publisher: pubsub_v1.PublisherClient, project: str, prefix: str) -> s
 
 
 def publish_config(publisher: pubsub_v1.PublisherClient, project: str, prefix: str, device_id: str,
-                   config: ConfigVersion, timeout: float = 60.0) -> str:
+                   config: ConfigVersion, timeout: float = 60.0, registry_id: str = "") -> str:
     """Fan a stored config version out to every host; returns the Pub/Sub message id."""
-    future = publisher.publish(_topic(publisher, project, prefix), config.data, kind=KIND_CONFIG,
-                               deviceId=validate_device_id(device_id), version=str(config.version))
+    message = spec.FanoutMessage(KIND_CONFIG, validate_device_id(device_id), config.version, registry_id=registry_id)
+    future = publisher.publish(_topic(publisher, project, prefix), config.data, **message.attributes())
     return future.result(timeout=timeout)
 
 
 def push_config(registry: Registry, publisher: pubsub_v1.PublisherClient, prefix: str, device_id: str,
                 data: bytes, version_to_update: int = 0, min_interval_s: float = 1.0) -> ConfigVersion:
-    """Store a new config version in the registry, then fan it out (the registry is the source of truth)."""
-    cfg = registry.update_config(device_id, data, version_to_update=version_to_update,
-                                 min_interval_s=min_interval_s)
-    publish_config(publisher, registry.project, prefix, device_id, cfg)
-    return cfg
+    """Store a new config version in the registry, then fan it out (the registry is the source of truth): the
+    config-push function's path (``iotbridge.registry.push_config``) with the fan-out as the delivery."""
+
+    def deliver(device_id: str, version: int, data: bytes) -> None:
+        publish_config(publisher, registry.project, prefix, device_id,
+                       ConfigVersion(version, data, datetime.now(UTC)), registry_id=registry.registry_id)
+
+    return push_config_path(registry, device_id, data, deliver, version_to_update=version_to_update,
+                            min_interval_s=min_interval_s).config
 
 
 def _presence(client: firestore.Client, registry_id: str, device_id: str) -> Any:
@@ -93,7 +98,6 @@ def send_command(registry: Registry, publisher: pubsub_v1.PublisherClient, prefi
     registry.get_device(device_id)  # DeviceNotFound for an unknown device
     if not is_connected(registry.client, registry.registry_id, device_id):
         raise DeviceNotConnected(f"device {device_id!r} is not connected")
-    attrs = {"kind": KIND_COMMAND, "deviceId": device_id}
-    if sub_folder:
-        attrs["subFolder"] = sub_folder
+    attrs = spec.FanoutMessage(KIND_COMMAND, device_id, sub_folder=sub_folder or "",
+                               registry_id=registry.registry_id).attributes()
     return publisher.publish(_topic(publisher, registry.project, prefix), data, **attrs).result(timeout=timeout)

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge.bridge import fanout, limits, mqtt, resends
-from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, verify_jwt
+from iotbridge.bridge.auth import AuthError, ClientIdError, parse_device_path, verify_jwt
 from iotbridge.bridge.gateway import MAX_ATTACHED, GatewayRelay, GatewaySession
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
@@ -67,6 +67,22 @@ MAX_CONNECT_BYTES = 16 * 1024
 MAX_DEVICE_PACKET = EVENTS_MAX_BYTES + 70 * 1024
 MAX_BROKER_PACKET = 2 * 1024 * 1024
 SYNC_TOPIC = "iotbridge/sync"
+SYNC_SUBSCRIBED = "/subscribed"  # appended to the device id: it just subscribed to its config topic
+
+
+def _per_registry(values: dict[str, T], registries: dict[str, Registry]) -> dict[Registry, dict[str, T]]:
+    """``values`` keyed by device id, split by the registry each device belongs to."""
+    out: dict[Registry, dict[str, T]] = {}
+    for device_id, value in values.items():
+        out.setdefault(registries[device_id], {})[device_id] = value
+    return out
+
+
+def sync_payload(device_id: str, subscribed: bool = False) -> bytes:
+    """A sync request: ``{device}`` at connect, ``{device}/subscribed`` after a SUBSCRIBE to its config topic,
+    which makes the bridge deliver an empty latest config (an empty retained message is not kept by the
+    broker, so it reaches only the subscribers of the moment)."""
+    return (device_id + (SYNC_SUBSCRIBED if subscribed else "")).encode()
 TLS_READ_BUFFER = 32 * 1024
 RELAY_READ = 64 * 1024
 
@@ -246,6 +262,7 @@ class Proof:
     expires_at: datetime
     credential: Any
     at: datetime
+    registry: Any = None  # the Registry the device was found in
 
 
 class Dropped(Exception):
@@ -291,6 +308,8 @@ class Session:
     dwriter: asyncio.StreamWriter | None = None  # the device's connection, for the PUBACKs the front answers itself
     address: str = ""  # what the per-address limits count this session's source as
     gateway: GatewaySession | None = None  # set when the device is a gateway (iotbridge/bridge/gateway.py)
+    config_subscribed: bool = False  # a SUBSCRIBE to the config topic awaits its sync (sync_payload)
+    registry: Any = None  # the Registry of the device (the one its client id names)
 
     def close(self, reason: str, drop_will: bool = False) -> None:
         if not self.done.is_set():
@@ -304,6 +323,7 @@ class Front:
                  front_password: str, control_password: str | None = None):
         self.settings = settings
         self.registry = registry
+        self._registries: dict[str, Registry] = {registry.registry_id: registry}
         self.ssl_context = ssl_context
         self._front_password = front_password.encode()
         self._control_password = control_password
@@ -337,10 +357,15 @@ class Front:
         """Run a registry call on the front's registry threads (never on the event loop)."""
         return await self._on(self._registry_pool, fn, *args)
 
+    def _new_registry(self, registry_id: str) -> Registry:
+        """One of the deployment's registries (a device's client id names it), sharing the Firestore client."""
+        return Registry(self.settings.project, registry_id, self.settings.region, client=self.registry.client,
+                        deployment=self.registry.registry_id)
+
     def request_config_sync(self, device_id: str) -> None:
         """Ask the bridge service to make sure the broker holds the device's latest config (retained)."""
         if self._control is not None:
-            self._control.publish(SYNC_TOPIC, device_id.encode(), qos=1)
+            self._control.publish(SYNC_TOPIC, sync_payload(device_id), qos=1)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -454,8 +479,9 @@ class Front:
                         await asyncio.wait_for(bwriter.drain(), 2)
                 if session.presence_time is not None:
                     with contextlib.suppress(Exception):
-                        await self._on(self._registry_pool, fanout.mark_disconnected, self.registry.client,
-                                       self.registry.registry_id, session.device_id, session.presence_time)
+                        registry = session.registry or self.registry
+                        await self._on(self._registry_pool, fanout.mark_disconnected, registry.client,
+                                       registry.registry_id, session.device_id, session.presence_time)
                 # Forgotten with the session (a takeover's other session then acks its next replay once more).
                 self._acked.pop(session.device_id, None)
                 log.info("device %s disconnected: %s", session.device_id, session.reason or "closed")
@@ -494,7 +520,7 @@ class Front:
             await asyncio.wait_for(w.drain(), 2)
 
     async def verify_device(self, device_id: str, password: bytes | None, client_cert: bytes | None,
-                            address: str) -> Proof:
+                            address: str, registry_id: str | None = None) -> Proof:
         """The checks every way in shares (MQTT CONNECT, HTTP bridge request, gateway attach): the address has
         failures to spare, the device exists, the JWT (or, without one, the client certificate) proves it, and it
         is not blocked. ``Refusal`` says why not; a failed proof costs ``address`` a token."""
@@ -509,13 +535,17 @@ class Front:
 
         if not password and not client_cert:
             raise bad_credentials("no password (anonymous)")
-        if self._unknown.has(device_id, now):
+        registry_id = registry_id or self.registry.registry_id
+        if self._unknown.has(f"{registry_id}/{device_id}", now):
             raise bad_credentials("unknown device (remembered)")
         try:
             self.stats["registry_lookups"] += 1
-            device = await self._on(self._auth_pool, self.registry.get_device, device_id)
+            registry = self._registries.get(registry_id) or self._new_registry(registry_id)
+            device = await self._on(self._auth_pool, registry.get_device, device_id)
+            # Kept only once it served a device: client ids naming made-up registries add nothing here.
+            registry = self._registries.setdefault(registry_id, registry)
         except DeviceNotFound:
-            self._unknown.add(device_id, time.monotonic())
+            self._unknown.add(f"{registry_id}/{device_id}", time.monotonic())
             raise bad_credentials("unknown device") from None
         except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
             raise Refusal(Refusal.UNAVAILABLE, f"registry error {type(exc).__name__}") from None
@@ -523,10 +553,10 @@ class Front:
         try:
             if password or client_cert is None:
                 token = verify_jwt(password or b"", device.credentials, audience=self.settings.project, now=at)
-                proof = Proof(device, token.algorithm, token.expires_at, token.credential, at)
+                proof = Proof(device, token.algorithm, token.expires_at, token.credential, at, registry)
             else:
                 expires_at, credential = verify_client_certificate(client_cert, device.credentials, now=at)
-                proof = Proof(device, "mTLS", expires_at, credential, at)
+                proof = Proof(device, "mTLS", expires_at, credential, at, registry)
         except (AuthError, ValueError) as exc:
             raise bad_credentials(str(exc)) from None
         if device.blocked:
@@ -541,7 +571,7 @@ class Front:
         level = c.level
         s = self.settings
         try:
-            device_id = parse_client_id(c.client_id, s.project, s.region, s.registry_id)
+            registry_id, device_id = parse_device_path(c.client_id, s.project, s.region)
         except ClientIdError as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_CLIENT_ID, peer, str(exc))
             return None
@@ -555,7 +585,7 @@ class Front:
         ssl_object = dwriter.get_extra_info("ssl_object")
         client_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         try:
-            proof = await self.verify_device(device_id, c.password, client_cert, address)
+            proof = await self.verify_device(device_id, c.password, client_cert, address, registry_id)
         except Refusal as exc:
             codes = {Refusal.BAD_CREDENTIALS: mqtt.REFUSE_BAD_PASSWORD, Refusal.BLOCKED: mqtt.REFUSE_NOT_AUTHORIZED,
                      Refusal.ADDRESS_LIMITED: mqtt.REFUSE_UNAVAILABLE, Refusal.UNAVAILABLE: mqtt.REFUSE_UNAVAILABLE,
@@ -584,14 +614,15 @@ class Front:
         expires_at = session_deadline(at, proof_expires, credential.expiration_time)
         session = Session(device_id=device_id, level=level, expires_at=expires_at, peer=peer, num_id=device.num_id,
                           credential_pem=credential.public_key_pem, limits=self._device_limits(device_id),
-                          address=address)
+                          address=address, registry=proof.registry)
         if gateway:
             session.gateway = GatewaySession(device_id, device.gateway_config.gateway_auth_method
                                              or "ASSOCIATION_ONLY", dwriter, bwriter)
         self.sessions.add(session)
         try:
             session.presence_time = await self._on(
-                self._auth_pool, fanout.mark_connected, self.registry.client, s.registry_id, device_id, s.host_id,
+                self._auth_pool, fanout.mark_connected, proof.registry.client, proof.registry.registry_id, device_id,
+                s.host_id,
                 session.id, expires_at)
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
@@ -658,6 +689,9 @@ class Front:
                     # read; the offending packet and everything after it are never forwarded.
                     if out:
                         await _forward(bwriter, b"".join(out))
+                    if session.config_subscribed and self._control is not None:
+                        session.config_subscribed = False
+                        self._control.publish(SYNC_TOPIC, sync_payload(session.device_id, subscribed=True), qos=1)
         except Dropped as exc:
             log.warning("device %s refused: %s", session.device_id, printable(str(exc)))
             session.close(f"refused: {printable(str(exc))}")
@@ -699,15 +733,15 @@ class Front:
         message = (f"rate limit: over {s.device_messages_per_s:g} messages/s, {s.device_bytes_per_s / 1024:g} KiB/s "
                    f"or {s.device_state_per_s:g} state updates/s; slowed by {wait:.2f}s")
         log.warning("device %s slowed: %s", session.device_id, message)
-        self._spawn(self._record_error(session.device_id, message))
+        self._spawn(self._record_error(session.device_id, message, session.registry))
 
     async def record_error(self, device_id: str, message: str) -> None:
         """Note a refusal or limit in the registry (IoT Core's ``lastErrorStatus``), best effort."""
         await self._record_error(device_id, message)
 
-    async def _record_error(self, device_id: str, message: str) -> None:
+    async def _record_error(self, device_id: str, message: str, registry: Registry | None = None) -> None:
         try:
-            await self._on(self._registry_pool, self.registry.record_error, device_id, message)
+            await self._on(self._registry_pool, (registry or self.registry).record_error, device_id, message)
         except Exception as exc:  # noqa: BLE001 - the limit holds either way; only the registry's note is missing
             log.warning("could not record the error of %s: %s", device_id, exc)
 
@@ -769,6 +803,8 @@ class Front:
             if len(held) > most:
                 raise Dropped(f"more than {most} distinct subscriptions")
             session.subscriptions = held
+            if f"/devices/{dev}/config" in names:
+                session.config_subscribed = True
             wait = max(wait, session.limits["subscribe"].take(1, now))
             raw = bytes(patched)
         elif kind == mqtt.PUBACK:
@@ -822,11 +858,12 @@ class Front:
 
     async def _ack_config(self, session: Session, digest: str) -> None:
         device_id = session.device_id
+        registry = session.registry or self.registry
 
         def ack() -> None:
-            for cfg in self.registry.list_config_versions(device_id):
+            for cfg in registry.list_config_versions(device_id):
                 if hashlib.sha256(cfg.data).hexdigest() == digest:
-                    self.registry.ack_config(device_id, cfg.version, datetime.now(UTC))
+                    registry.ack_config(device_id, cfg.version, datetime.now(UTC))
                     log.info("device %s acknowledged config v%d", device_id, cfg.version)
                     return
             log.warning("device %s acked a config that matches no stored version", device_id)
@@ -925,17 +962,20 @@ class Front:
         """End the sessions their device no longer allows (blocked, deleted or created again, credential removed,
         rotated or expired); record heartbeats (coalesced per round)."""
         by_device: dict[str, list[Session]] = {}
+        registries: dict[str, Registry] = {}
         gateways = [s for s in list(self.sessions) if s.gateway is not None]
         for s in list(self.sessions):
             by_device.setdefault(s.device_id, []).append(s)
-        attached = {d for s in gateways for d in self.gateways.attached_ids(s)}
+            registries[s.device_id] = s.registry or self.registry
+        # A gateway attaches devices of its own registry.
+        attached = {d: registries[s.device_id] for s in gateways for d in self.gateways.attached_ids(s)}
         pings = [(s, s.last_ping) for s in list(self.sessions) if s.last_ping is not None
                  and s.last_ping != s.ping_recorded]
         if pings:
             # Batched writes: one write per device and keep-alive was most of an idle front's CPU.
             try:
-                await self._on(self._registry_pool, self.registry.record_heartbeats,
-                               {s.device_id: ping for s, ping in pings})
+                for registry, times in _per_registry({s.device_id: ping for s, ping in pings}, registries).items():
+                    await self._on(self._registry_pool, registry.record_heartbeats, times)
                 for s, ping in pings:
                     s.ping_recorded = ping
             except Exception as exc:  # noqa: BLE001 - best effort, like IoT Core's heartbeat time
@@ -944,8 +984,11 @@ class Front:
             return
         # One batched read of what every connected device's sessions rest on, instead of a round trip per device.
         try:
-            grants = await self._on(self._registry_pool, self.registry.session_grants,
-                                    list(by_device) + sorted(attached - set(by_device)))
+            grants: dict[str, Grant] = {}
+            wanted = {**{d: registry for d, registry in attached.items() if d not in by_device},
+                      **{d: registries[d] for d in by_device}}
+            for registry, ids in _per_registry(dict.fromkeys(wanted, None), wanted).items():
+                grants.update(await self._on(self._registry_pool, registry.session_grants, list(ids)))
         except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: keep the sessions, try next round
             log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
             return

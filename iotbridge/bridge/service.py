@@ -59,14 +59,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from iotbridge import spec
 from iotbridge.bridge import limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
-from iotbridge.bridge.front import SYNC_TOPIC
+from iotbridge.bridge.front import SYNC_SUBSCRIBED, SYNC_TOPIC
 from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
-from iotbridge.registry import DEVICE_ID_RE, DeviceNotFound, Registry
+from iotbridge.registry import DeviceNotFound, Registry, RegistrySettings, registry_of
 
 log = logging.getLogger("iotbridge.bridge")
 
-FANOUT_KIND_CONFIG = "config"
-FANOUT_KIND_COMMAND = "command"
+FANOUT_KIND_CONFIG = spec.FANOUT_KIND_CONFIG
+FANOUT_KIND_COMMAND = spec.FANOUT_KIND_COMMAND
 DEVICE_CACHE_TTL_S = 300.0
 REGISTRY_FLUSH_S = 2.0
 RETRY_MAX_S = 30.0
@@ -82,6 +82,20 @@ SYS_GAUGES = {
 QUEUE_WARN_FRACTION = 0.5
 DEAD_LETTERED_BY = "bridge"
 PUBSUB_REFUSED = "pubsub_invalid_argument"
+
+
+SETTINGS_TTL_S = 30.0  # a registry's routes changed through the admin API apply within this
+
+
+@dataclass(frozen=True)
+class Who:
+    """The numeric id and registry of the device a message came from."""
+
+    num_id: str
+    registry_id: str
+
+
+NOBODY = Who("", "")
 
 
 def fanout_subscription(prefix: str, host_id: str) -> str:
@@ -127,7 +141,10 @@ class BridgeService:
         self.fanout_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "device-commands"))
         self.dead_letter_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "dead-letter"))
         self.fanout_sub = ""  # chosen in start(): leased (cloud) or created (local)
-        self._devices: dict[str, tuple[float, str]] = {}  # device id -> (fetched at, num id)
+        self._devices: dict[str, tuple[float, Who]] = {}  # device id -> (fetched at, its numeric id and registry)
+        self._registries: dict[str, Registry] = {settings.registry_id: registry}
+        self._state_topics = {self.state_topic}  # every topic a state went to (dead letters name the MQTT topic)
+        self._settings: dict[str, tuple[float, RegistrySettings | None]] = {}  # registry id -> (fetched at, settings)
         self._devices_lock = threading.Lock()
         self._work: queue.Queue[tuple[paho.MQTTMessage, int] | None] = queue.Queue()
         # Bumped on every broker (re)connect. An ack for a message received on an earlier connection is not
@@ -137,8 +154,8 @@ class BridgeService:
         self._config_work: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
         self._published_config: dict[str, int] = {}
         self._activity_lock = threading.Lock()
-        self._events_seen: dict[str, datetime] = {}
-        self._states_seen: dict[str, tuple[bytes, datetime]] = {}
+        self._events_seen: dict[str, tuple[str, datetime]] = {}  # device id -> (registry id, when)
+        self._states_seen: dict[str, tuple[str, bytes, datetime]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pull_future = None
@@ -281,14 +298,16 @@ class BridgeService:
             self._on_broker_report(msg.topic, msg.payload.decode(errors="replace"))
             return
         if msg.topic == SYNC_TOPIC:
-            device_id = msg.payload.decode(errors="replace")
+            text = msg.payload.decode(errors="replace")
+            device_id = text.removesuffix(SYNC_SUBSCRIBED)
+            subscribed = device_id != text
             mid, qos, gen = msg.mid, msg.qos, self._generation
-            self._config_work.put((device_id, lambda: self._sync_config(device_id, mid, qos, gen)))
+            self._config_work.put((device_id, lambda: self._sync_config(device_id, mid, qos, gen, subscribed)))
             return
         gen = self._generation
         parsed = parse_topic(msg.topic)
-        num_id = self._cached_num_id(parsed.device_id) if parsed is not None else ""
-        if num_id is None:
+        who = self._cached_who(parsed.device_id) if parsed is not None else NOBODY
+        if who is None:
             # Needs a registry read, which must not stall the MQTT network thread: a worker does it.
             self._work.put((msg, gen))
             return
@@ -297,7 +316,7 @@ class BridgeService:
         with self.stats_lock:
             self.stats["received"] += 1
         try:
-            self._forward(msg, gen, parsed, num_id)
+            self._forward(msg, gen, parsed, who)
         except Exception:  # paho would stop its loop; the message stays unacked and is redelivered
             log.exception("forwarding %s failed", msg.topic)
 
@@ -325,28 +344,74 @@ class BridgeService:
                         "session loses messages (Pub/Sub unreachable?)", messages, size, 100 * fill)
         self._queue_warned = fill >= QUEUE_WARN_FRACTION
 
-    def _cached_num_id(self, device_id: str) -> str | None:
+    def _cached_who(self, device_id: str) -> Who | None:
         with self._devices_lock:
             hit = self._devices.get(device_id)
         if hit and time.monotonic() - hit[0] < DEVICE_CACHE_TTL_S:
             return hit[1]
         return None
 
-    def _num_id(self, device_id: str) -> str:
-        cached = self._cached_num_id(device_id)
+    def registry_for(self, registry_id: str) -> Registry:
+        """One of the deployment's registries, sharing the Firestore client."""
+        if registry_id not in self._registries:
+            self._registries[registry_id] = Registry(self.s.project, registry_id, self.s.region,
+                                                     client=self.registry.client, deployment=self.s.registry_id)
+        return self._registries[registry_id]
+
+    def device_registry(self, device_id: str) -> Registry:
+        """The registry a device id belongs to (docs/admin-api.md: device ids are unique across registries)."""
+        cached = self._cached_who(device_id)
+        if cached is not None and cached.registry_id:
+            return self.registry_for(cached.registry_id)
+        return self.registry_for(registry_of(self.registry.client, self.s.registry_id, device_id)
+                                 or self.s.registry_id)
+
+    def _who(self, device_id: str) -> Who:
+        cached = self._cached_who(device_id)
         if cached is not None:
             return cached
         now = time.monotonic()
         with self._devices_lock:
             hit = self._devices.get(device_id)
         try:
-            num_id = self.registry.get_device(device_id).num_id
+            try:  # most devices are in the deployment's own registry: one read, as with a single registry
+                who = Who(self.registry.get_device(device_id).num_id, self.s.registry_id)
+            except DeviceNotFound:
+                registry = self.registry_for(registry_of(self.registry.client, self.s.registry_id, device_id)
+                                             or self.s.registry_id)
+                who = Who(registry.get_device(device_id).num_id, registry.registry_id)
         except DeviceNotFound:
             # Authenticated when it was published, deleted since: still forwarded, never dropped.
-            num_id = hit[1] if hit else ""
+            who = hit[1] if hit else Who("", self.s.registry_id)
         with self._devices_lock:
-            self._devices[device_id] = (now, num_id)
-        return num_id
+            self._devices[device_id] = (now, who)
+        return who
+
+    def _registry_settings(self, registry_id: str) -> RegistrySettings | None:
+        """A registry's routes, re-read at most every ``SETTINGS_TTL_S``; None when unreadable or absent."""
+        hit = self._settings.get(registry_id)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < SETTINGS_TTL_S:
+            return hit[1]
+        try:
+            settings: RegistrySettings | None = self.registry_for(registry_id).get_settings()
+        except Exception as exc:  # noqa: BLE001 - routes fall back to the stack's until the registry is readable
+            log.debug("settings of registry %s: %s", registry_id, exc)
+            settings = hit[1] if hit else None
+        self._settings[registry_id] = (now, settings)
+        return settings
+
+    def _topic_of(self, registry_id: str, kind: str, sub_folder: str) -> str:
+        """Where a device message goes: its registry's ``stateNotificationConfig`` / ``eventNotificationConfigs``
+        (the subfolder's route, else the one without ``subfolderMatches``); the stack's topics and routes for a
+        registry that names none."""
+        settings = self._registry_settings(registry_id)
+        if kind == "state":
+            topic = settings.state_topic if settings is not None and settings.state_topic else self.state_topic
+            self._state_topics.add(topic)
+            return topic
+        routed = settings.event_topic(sub_folder) if settings is not None and settings.event_routes else None
+        return routed or self.routes.get(sub_folder, self.telemetry_topic)
 
     def _forward_loop(self) -> None:
         while True:
@@ -363,32 +428,29 @@ class BridgeService:
             for msg, gen in work:
                 try:
                     parsed = parse_topic(msg.topic)
-                    self._forward(msg, gen, parsed, self._num_id(parsed.device_id) if parsed else "")
+                    self._forward(msg, gen, parsed, self._who(parsed.device_id) if parsed else NOBODY)
                 except Exception:  # keep the worker alive; the message stays unacked and is redelivered
                     log.exception("forwarding %s failed", msg.topic)
             if len(work) < len(items):
                 return
 
-    def _forward(self, msg: paho.MQTTMessage, gen: int, parsed: Parsed | None, num_id: str) -> None:
+    def _forward(self, msg: paho.MQTTMessage, gen: int, parsed: Parsed | None, who: Who) -> None:
         if parsed is None:
             log.warning("unexpected topic %r acknowledged without forwarding", msg.topic)
             self._ack(msg.mid, msg.qos, gen)
             return
         attrs = {
             "deviceId": parsed.device_id,
-            "deviceNumId": num_id,
-            "deviceRegistryId": self.s.registry_id,
+            "deviceNumId": who.num_id,
+            "deviceRegistryId": who.registry_id or self.s.registry_id,
             "deviceRegistryLocation": self.s.region,
             "projectId": self.s.project,
         }
         if parsed.gateway_id:
             attrs["gatewayId"] = parsed.gateway_id
-        if parsed.kind == "state":
-            topic = self.state_topic
-        else:
-            topic = self.routes.get(parsed.sub_folder, self.telemetry_topic)
-            if parsed.sub_folder:
-                attrs["subFolder"] = parsed.sub_folder
+        topic = self._topic_of(attrs["deviceRegistryId"], parsed.kind, parsed.sub_folder)
+        if parsed.kind != "state" and parsed.sub_folder:
+            attrs["subFolder"] = parsed.sub_folder
         payload = bytes(msg.payload)
         token = (msg.mid, msg.qos, gen)
         refused = limits.message_violation(payload, attrs)
@@ -398,9 +460,9 @@ class BridgeService:
         now = datetime.now(UTC)
         with self._activity_lock:
             if parsed.kind == "state":
-                self._states_seen[parsed.device_id] = (payload, now)
+                self._states_seen[parsed.device_id] = (attrs["deviceRegistryId"], payload, now)
             else:
-                self._events_seen[parsed.device_id] = now
+                self._events_seen[parsed.device_id] = (attrs["deviceRegistryId"], now)
         self.batcher.add(topic, raw_message(payload, attrs), token)
 
     def _dead_letter(self, data: bytes, attrs: dict[str, str], mqtt_topic: str, why: tuple[str, str],
@@ -442,7 +504,7 @@ class BridgeService:
             return
         attrs = dict(message.attributes)
         device = attrs.get("deviceId", "")
-        if batch.topic == self.state_topic:
+        if batch.topic in self._state_topics:
             mqtt_topic = f"/devices/{device}/state"
         else:
             mqtt_topic = f"/devices/{device}/events" + (f"/{attrs['subFolder']}" if attrs.get("subFolder") else "")
@@ -513,29 +575,28 @@ class BridgeService:
         with self._activity_lock:
             events, self._events_seen = self._events_seen, {}
             states, self._states_seen = self._states_seen, {}
-        for device_id, when in events.items():
+        for device_id, (registry_id, when) in events.items():
             try:
-                self.registry.record_event(device_id, when)
+                self.registry_for(registry_id).record_event(device_id, when)
             except Exception as exc:  # noqa: BLE001 - activity timestamps are best effort, like IoT Core's
                 log.debug("record_event %s: %s", device_id, exc)
-        for device_id, (data, when) in states.items():
+        for device_id, (registry_id, data, when) in states.items():
             try:
-                self.registry.record_state(device_id, data, when)
+                self.registry_for(registry_id).record_state(device_id, data, when)
             except Exception as exc:  # noqa: BLE001 - the same for the last state
                 log.debug("record_state %s: %s", device_id, exc)
 
     # ---------------------------------------------------------------------------------- cloud → device
 
     def _on_fanout(self, message) -> None:  # noqa: ANN001 - pubsub_v1 Message
-        attrs = dict(message.attributes)
-        kind, device_id, sub_folder = attrs.get("kind"), attrs.get("deviceId", ""), attrs.get("subFolder", "")
-        # Attributes become topic levels: nothing that could be a wildcard or another level may pass.
-        if not DEVICE_ID_RE.fullmatch(device_id) or any(c in sub_folder for c in "+#\x00"):
-            log.warning("fan-out message with invalid deviceId/subFolder dropped")
+        try:
+            fan = spec.FanoutMessage.from_attributes(dict(message.attributes))
+        except spec.MessageError as exc:
+            log.warning("fan-out message dropped: %s", exc)
             message.ack()
             return
+        kind, device_id, sub_folder, version = fan.kind, fan.device_id, fan.sub_folder, fan.version
         if kind == FANOUT_KIND_CONFIG:
-            version = int(attrs.get("version", "0"))
             data = bytes(message.data)
             self._config_work.put((device_id, lambda: self._deliver_config(device_id, version, data, message)))
         elif kind == FANOUT_KIND_COMMAND:
@@ -551,9 +612,6 @@ class BridgeService:
             with self.stats_lock:
                 self.stats["commands"] += 1
             message.ack()
-        else:
-            log.warning("fan-out message of unknown kind %r dropped", kind)
-            message.ack()
 
     def _config_loop(self) -> None:
         while True:
@@ -565,8 +623,9 @@ class BridgeService:
             except Exception:
                 log.exception("config delivery for %s failed", item[0])
 
-    def _publish_config(self, device_id: str, version: int, data: bytes) -> bool:
-        if version <= self._published_config.get(device_id, 0):
+    def _publish_config(self, device_id: str, version: int, data: bytes, again: bool = False) -> bool:
+        """Publish the version retained unless it was published before (``again``: publish it anyway)."""
+        if version <= self._published_config.get(device_id, 0) and not again:
             return False
         info = self.mqtt.publish(f"/devices/{device_id}/config", data, qos=1, retain=True)
         info.wait_for_publish(timeout=30)
@@ -581,7 +640,7 @@ class BridgeService:
         try:
             # Pub/Sub does not keep order and a slot may hold a backlog: the registry says what is latest.
             try:
-                latest = self.registry.get_config(device_id)
+                latest = self.device_registry(device_id).get_config(device_id)
             except DeviceNotFound:
                 message.ack()
                 return
@@ -593,11 +652,15 @@ class BridgeService:
             raise
         message.ack()
 
-    def _sync_config(self, device_id: str, mid: int, qos: int, gen: int) -> None:
+    def _sync_config(self, device_id: str, mid: int, qos: int, gen: int, subscribed: bool = False) -> None:
         try:
-            cfg = self.registry.get_config(device_id)
+            cfg = self.device_registry(device_id).get_config(device_id)
+            if cfg is not None and not cfg.data and not subscribed and device_id not in self._published_config:
+                return  # nothing retained here to replace; the device gets it when it subscribes (below)
             if cfg is not None:
-                self._publish_config(device_id, cfg.version, cfg.data)
+                # The broker keeps no empty retained message: a device that subscribes gets an empty latest config
+                # from this publish, as IoT Core sent it to every subscriber.
+                self._publish_config(device_id, cfg.version, cfg.data, again=subscribed and not cfg.data)
         except DeviceNotFound:
             pass
         finally:

@@ -69,6 +69,7 @@ class StackStatus(TypedDict):
     mqtt_port: int | None
     mqtt_ca_cert: str | None
     http_bridge_url: str | None  # the HTTP device bridge, TLS with mqtt_ca_cert
+    admin_api_url: str | None
     pubsub_emulator_host: str | None
     firestore_emulator_host: str | None
     bigtable_emulator_host: str | None
@@ -221,7 +222,23 @@ class LocalStack:
                                 "HTTP_BRIDGE_URL": bridge.http_bridge_url})
         self._save(state)
         self._start_function(state, logs, env, settings, progress)
+        self._start_admin_api(state, logs, env, progress)
         self._start_pipeline(state, logs, env, progress)
+
+    def _start_admin_api(self, state: StackState, logs: Path, env: dict[str, str], progress: Progress) -> None:
+        """IoT Core's device manager API (``python -m iotbridge.admin``), accepting any caller, as Google's
+        emulators do (docs/admin-api.md)."""
+        n = self.names
+        progress("starting the device manager API")
+        port = services.free_port()
+        aenv = {**env, "PROJECT_ID": n.project, "REGION": n.region, "REGISTRY_ID": n.registry_id,
+                "TOPIC_PREFIX": n.prefix, "ADMIN_AUTH": "none", "ADMIN_HOST": services.LOOPBACK, "PORT": str(port),
+                "PYTHONUNBUFFERED": "1"}
+        api = self._spawn_python("admin-api", ["-m", "iotbridge.admin"], logs / "admin-api", aenv, port=port)
+        self._record(state, api)
+        services.wait_for_port(api, 60)
+        state.endpoints["ADMIN_API_URL"] = f"http://{api.address}/"
+        self._save(state)
 
     def _start_pipeline(self, state: StackState, logs: Path, env: dict[str, str], progress: Progress) -> None:
         """The streaming pipeline on Beam's BundleBasedDirectRunner, against the emulators and the local BigQuery.
@@ -310,6 +327,7 @@ class LocalStack:
             "mqtt_port": int(e["MQTT_PORT"]) if "MQTT_PORT" in e else None,
             "mqtt_ca_cert": e.get("MQTT_CA_CERT"),
             "http_bridge_url": e.get("HTTP_BRIDGE_URL"),
+            "admin_api_url": e.get("ADMIN_API_URL"),
             "pubsub_emulator_host": e.get("PUBSUB_EMULATOR_HOST"),
             "firestore_emulator_host": e.get("FIRESTORE_EMULATOR_HOST"),
             "bigtable_emulator_host": e.get("BIGTABLE_EMULATOR_HOST"),

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import typer
 
+from iotbridge import spec
 from iotbridge.cliutil import JsonFlag, StackOpt, emit, fail, first_line, target_or_fail
 from iotbridge.edge_model import ArtifactError, EdgeModel, ModelPointer, sha256_hex
 from iotbridge.ml.runner import FetchError, fetch, redact
@@ -223,8 +224,9 @@ def deploy(uri: str, version: str, devices: Sequence[str], all_devices: bool, sh
         except (RegistryError, DeployError) as exc:
             out.append({"device_id": device_id, "error": str(exc)})
             continue
-        request = {"device_id": device_id, "config": cfg, "version_to_update": current.version if current else 0}
-        futures.append((device_id, publisher.publish(topic, json.dumps(request).encode())))
+        request = spec.config_request(device_id, json.dumps(cfg, separators=(",", ":")).encode(),
+                                      current.version if current else 0)
+        futures.append((device_id, publisher.publish(topic, request)))
     for device_id, fut in futures:
         try:
             out.append({"device_id": device_id, "message_id": fut.result(timeout=60)})

@@ -179,15 +179,25 @@ def test_second_connection_of_the_same_device_replaces_the_first(devices):
     assert second.is_connected()
 
 
-@pytest.mark.parametrize("case", ["other-project", "other-registry", "other-region"])
+@pytest.mark.parametrize("case", ["other-project", "other-region"])
 def test_client_id_of_another_deployment_is_refused(devices, stack, case):
     device_id, private = devices.register("ES256")
-    other = {"other-project": {"project": "someone-else"}, "other-registry": {"registry_id": "other-reg"},
-             "other-region": {"region": "us-central1"}}[case]
+    other = {"other-project": {"project": "someone-else"}, "other-region": {"region": "us-central1"}}[case]
     identity = dataclasses.replace(devices.device(device_id, private).identity, **other)
     d = Device(identity, stack.mqtt_host, stack.mqtt_port, str(stack.ca_cert))
     devices.created.append(d)
     expect_refused(d.connect, CLIENT_ID_REJECTED)
+
+
+def test_client_id_naming_a_registry_the_device_is_not_in_is_refused_as_an_unknown_device(devices, stack):
+    """A deployment has several registries: a client id may name any of them, and the device must be in the one it
+    names. Another registry (existing or not) answers as an unknown device does, telling nothing about which
+    registries exist."""
+    device_id, private = devices.register("ES256")
+    identity = dataclasses.replace(devices.device(device_id, private).identity, registry_id="other-reg")
+    d = Device(identity, stack.mqtt_host, stack.mqtt_port, str(stack.ca_cert))
+    devices.created.append(d)
+    expect_refused(d.connect, BAD_CREDENTIALS)
 
 
 def test_client_id_that_is_not_a_device_path_is_refused(devices, stack):

@@ -96,6 +96,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
         dev.subscribe_config()
         dev.publish_event(b"from the cloud layout", sub_folder="logs").wait_for_publish(10)
         assert [m.data for m in reader.pull("device-logs", 1)] == [b"from the cloud layout"]
+        assert dev.configs.get(timeout=20) == b""  # its first config, empty, delivered on subscribe
         fanout.push_config(registry, pubsub_v1.PublisherClient(), prefix, device_id, b"cfg")
         assert dev.configs.get(timeout=20) == b"cfg"
         wait_for("ack", lambda: registry.list_config_versions(device_id)[0].device_ack_time, timeout=15)

@@ -339,6 +339,7 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         dev.subscribe_config()
         dev.publish_event(b"booted", sub_folder=None).wait_for_publish(10)
         assert [m.data for m in reader.pull("telemetry", 1)] == [b"booted"]
+        assert dev.configs.get(timeout=20) == b""  # its first config, empty, delivered on subscribe
         fanout.push_config(registry, pubsub_v1.PublisherClient(), prefix, device_id, b"cfg-1")
         assert dev.configs.get(timeout=20) == b"cfg-1"
 

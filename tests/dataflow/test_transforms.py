@@ -261,6 +261,8 @@ def test_windows_on_time_late_and_too_late_with_duplicates_and_disorder(clock):
 
 def test_config_requests_rate_limited_per_device(clock):
     """Rule temperature > 80, interval 60 s of event time: per device one request per minute of its readings."""
+    from iotbridge.spec import parse_config_request
+
     T0 = minute_boundary_ms(clock.time())  # noqa: N806 - the event-time origin of this run
     other = {**ATTRS, "deviceId": "dev-2"}
     stream = (TestStream()
@@ -274,10 +276,12 @@ def test_config_requests_rate_limited_per_device(clock):
               .advance_watermark_to_infinity())
     with streaming_pipeline() as p:
         out = p | stream | ProcessTelemetry(settings())
-        assert_that(out["requests"] | beam.Map(lambda m: (json.loads(m.data), m.attributes["rules"])), equal_to([
-            ({"device_id": "dev-1", "config": {"fan": "max"}}, "temperature>80"),
-            ({"device_id": "dev-2", "config": {"fan": "max"}}, "temperature>80"),
-            ({"device_id": "dev-1", "config": {"fan": "max"}}, "temperature>80"),
+        requests = out["requests"] | beam.Map(lambda m: (
+            parse_config_request(m.data).device_id, parse_config_request(m.data).data, m.attributes["rules"]))
+        assert_that(requests, equal_to([
+            ("dev-1", b'{"fan":"max"}', "temperature>80"),
+            ("dev-2", b'{"fan":"max"}', "temperature>80"),
+            ("dev-1", b'{"fan":"max"}', "temperature>80"),
         ]))
 
 

@@ -81,10 +81,11 @@ def test_parse_accepts_objects_bytes_and_iot_core_names(cp: ModuleType) -> None:
 
 
 def test_requests_written_by_iotctl_parse_to_the_operator_bytes(cp: ModuleType) -> None:
-    from iotbridge.cli import config_request
+    from iotbridge.spec import config_request  # what iotctl config push sends
 
+    # The operator's bytes, JSON or not, reach the device as given: never re-serialized.
     assert cp.parse_request(config_request("dev-1", b'{"a": 1, "b": [true]}', 0)) == cp.ConfigRequest(
-        "dev-1", b'{"a":1,"b":[true]}', 0)
+        "dev-1", b'{"a": 1, "b": [true]}', 0)
     blob = b"\x00\xffnot json"
     assert cp.parse_request(config_request("dev-1", blob, 7)) == cp.ConfigRequest("dev-1", blob, 7)
 
@@ -155,13 +156,13 @@ def msg(cp: ModuleType, mid: str, **fields) -> object:
 def test_logic_stores_publishes_and_redelivery_makes_one_version(cp, deps, registry) -> None:
     registry.create_device("pump-1")
     out = cp.process(msg(cp, "100", device_id="pump-1", config={"rpm": 1}), deps)
-    assert out == cp.Outcome("delivered", "pump-1", 1)
+    assert out == cp.Outcome("delivered", "pump-1", 2)  # version 1 is the device's empty first config
     assert deps.publisher.sent == [("/devices/pump-1/config", b'{"rpm":1}')]
     # The same Pub/Sub message again (Eventarc redelivers after a lost ack): no second version, the same
     # config re-sent, and no rate-limit refusal although it comes within the second.
     again = cp.process(msg(cp, "100", device_id="pump-1", config={"rpm": 1}), deps)
-    assert again == cp.Outcome("delivered", "pump-1", 1)
-    assert [v.version for v in registry.list_config_versions("pump-1")] == [1]
+    assert again == cp.Outcome("delivered", "pump-1", 2)
+    assert [v.version for v in registry.list_config_versions("pump-1")] == [2, 1]
     assert deps.dead_letter.sent == []
 
 
@@ -172,12 +173,12 @@ def test_logic_stale_redelivery_is_not_published_over_a_newer_version(cp, deps, 
     deps.publisher.fail = cp.TransientError("broker down")
     with pytest.raises(cp.TransientError):
         cp.process(msg(cp, "200", device_id="pump-2", config={"v": 1}), deps)
-    assert registry.get_config("pump-2").version == 1  # stored before the publish failed
+    assert registry.get_config("pump-2").version == 2  # stored before the publish failed
     deps.publisher.fail = None
-    assert cp.process(msg(cp, "201", device_id="pump-2", config={"v": 2}), deps).version == 2
+    assert cp.process(msg(cp, "201", device_id="pump-2", config={"v": 2}), deps).version == 3
     # The retry of the first request arrives after v2 went out: it must not overwrite v2 on the device.
     late = cp.process(msg(cp, "200", device_id="pump-2", config={"v": 1}), deps)
-    assert late == cp.Outcome("superseded", "pump-2", 1)
+    assert late == cp.Outcome("superseded", "pump-2", 2)
     assert deps.publisher.sent == [("/devices/pump-2/config", b'{"v":2}')]
 
 
@@ -202,7 +203,7 @@ def test_logic_permanent_refusals_are_logged_dead_lettered_and_not_raised(cp, de
     assert [r.fields["reason"] for r in logged] == [reason for *_, reason in cases]
     assert all(r.fields["messageId"] == mid for r, (mid, *_) in zip(logged, cases, strict=True))
     assert deps.publisher.sent == []
-    assert registry.get_device("pump-3").config_version == 0
+    assert registry.get_device("pump-3").config_version == 1
 
 
 @pytest.mark.emulator
@@ -213,7 +214,7 @@ def test_logic_flood_for_one_device_keeps_one_update_per_second(cp, deps, regist
     outcomes = [cp.process(msg(cp, f"40{i}", device_id="pump-4", config={"i": i}), deps) for i in range(5)]
     assert outcomes[0].status == "delivered"
     assert [o.reason for o in outcomes[1:]] == ["rate_limited"] * 4
-    assert len(deps.publisher.sent) == 1 and registry.get_device("pump-4").config_version == 1
+    assert len(deps.publisher.sent) == 1 and registry.get_device("pump-4").config_version == 2
     assert sum("rate_limited" in r.getMessage() for r in caplog.records) == 4
 
 
@@ -234,7 +235,7 @@ def test_logic_gives_up_on_a_request_older_than_the_retry_window(cp, deps, regis
     old = cp.Message("500", young.data, publish_time=clock.now() - timedelta(hours=23, minutes=1))
     assert cp.process(old, deps) == cp.Outcome("rejected", reason="retries_exhausted")
     assert deps.dead_letter.sent == [("500", "retries_exhausted")]
-    assert registry.get_device("pump-5").config_version == 1
+    assert registry.get_device("pump-5").config_version == 2
 
 
 def test_event_message_fields_are_read(cp) -> None:
@@ -314,7 +315,7 @@ def test_handler_delivers_to_the_device_once_per_message_id(cp, handler_env, mos
         assert got.topic == "/devices/valve-1/config" and got.payload == b'{"open":true}' and got.qos == 1
         cp.handle(cloud_event("5001", req(device_id="valve-1", config={"open": True})))  # redelivery
         assert device.next().payload == b'{"open":true}'
-        assert [v.version for v in registry.list_config_versions("valve-1")] == [1]
+        assert [v.version for v in registry.list_config_versions("valve-1")] == [2, 1]
     finally:
         device.close()
     # Retained: a device that subscribes later (reconnect) gets the latest config from the broker.
@@ -360,7 +361,7 @@ def test_handler_refusals_land_on_the_dead_letter_topic(cp, handler_env, mosquit
                           else req(device_id="valve-2", config={"n": 2}))
     reasons = sorted(r.fields["reason"] for r in caplog.records if r.levelno == logging.WARNING)
     assert reasons == sorted(expected.values())
-    assert registry.get_device("valve-2").config_version == 1
+    assert registry.get_device("valve-2").config_version == 2
 
 
 @pytest.mark.emulator
@@ -372,10 +373,10 @@ def test_handler_raises_when_the_broker_is_unreachable(cp, handler_env, monkeypa
     cp.get_deps().clock = clock.now
     with pytest.raises(cp.TransientError, match="unreachable"):
         cp.handle(cloud_event("7001", req(device_id="valve-4", config={"a": 1}), published=clock.now()))
-    assert registry.get_config("valve-4").version == 1
+    assert registry.get_config("valve-4").version == 2
     with pytest.raises(cp.TransientError):  # the retry: still down, still the one version
         cp.handle(cloud_event("7001", req(device_id="valve-4", config={"a": 1}), published=clock.now()))
-    assert registry.get_device("valve-4").config_version == 1
+    assert registry.get_device("valve-4").config_version == 2
 
 
 @pytest.mark.emulator
@@ -402,7 +403,7 @@ def test_handler_fanout_delivery_speaks_the_bridge_format(cp, handler_env, monke
     cp.handle(cloud_event("9001", req(device_id="valve-9", config={"on": 1})))
     [ours] = pull_dead_letters(subscriber, sub, 1)
     assert ours.data == b'{"on":1}'
-    assert dict(ours.attributes) == {"kind": "config", "deviceId": "valve-9", "version": "1"}
+    assert dict(ours.attributes) == {"kind": "config", "deviceId": "valve-9", "version": "2"}
 
     # What the bridge's own publisher would send for the same version (it derives the topic from the prefix,
     # so a stand-in client captures the call): the same data and attributes.

@@ -35,10 +35,10 @@ def test_a_request_reaches_the_subscribed_device(served: Served) -> None:
     finally:
         device.close()
     cfg = served.registry.get_config("thermo-1")
-    assert cfg is not None and cfg.version == 1 and cfg.data == b'{"setpoint":21.5}'
+    assert cfg is not None and cfg.version == 2 and cfg.data == b'{"setpoint":21.5}'
     delivered = wait_for("the function's delivery log",
                          lambda: [e for e in served.log_entries(mid) if e.get("outcome") == "delivered"], timeout=10)
-    assert delivered[0]["deviceId"] == "thermo-1" and delivered[0]["version"] == 1
+    assert delivered[0]["deviceId"] == "thermo-1" and delivered[0]["version"] == 2
     assert delivered[0]["severity"] == "INFO" and delivered[0]["durationMs"] > 0
     # Configs may carry secrets of their own: sizes are logged, never the data.
     assert "setpoint" not in served.function.log_path.read_text()
@@ -76,7 +76,7 @@ def test_broker_outage_is_retried_and_yields_one_version(served: Served) -> None
              lambda: len([e for e in served.log_entries(mid) if e.get("outcome") == "retry"]),
              lambda v: v >= 2, timeout=60,
              interval=0.2)
-    assert served.registry.get_device("thermo-2").config_version == 1
+    assert served.registry.get_device("thermo-2").config_version == 2
 
     served.broker = start_broker(served.broker_port, served.workdir)
     device = DeviceClient("127.0.0.1", served.broker_port, "thermo-2")
@@ -91,5 +91,5 @@ def test_broker_outage_is_retried_and_yields_one_version(served: Served) -> None
     attempts = served.log_entries(mid)
     assert [e["outcome"] for e in attempts].count("delivered") >= 1, attempts
     assert all(e["outcome"] in {"retry", "delivered"} for e in attempts), attempts
-    assert {e["version"] for e in attempts if "version" in e} == {1}
-    assert [v.version for v in served.registry.list_config_versions("thermo-2")] == [1]
+    assert {e["version"] for e in attempts if "version" in e} == {2}
+    assert [v.version for v in served.registry.list_config_versions("thermo-2")] == [2, 1]

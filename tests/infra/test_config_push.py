@@ -204,9 +204,12 @@ def test_source_archive_named_by_content_hash(run: harness.StackRun) -> None:
 
 def test_archive_holds_the_function_and_the_registry_it_imports() -> None:
     contents = cpc.archive_contents()
-    assert set(contents) == {"main.py", "requirements.txt", "iotbridge/__init__.py", "iotbridge/registry.py"}
+    assert set(contents) == {"main.py", "requirements.txt", "iotbridge/__init__.py", "iotbridge/registry.py",
+                             "iotbridge/spec.py"}
     assert b"def handle(" in contents["main.py"]
     assert contents["iotbridge/registry.py"] == (packaging.SOURCE_ROOT / "iotbridge" / "registry.py").read_bytes()
+    # The config request's format, shared with every producer (iotbridge.spec).
+    assert contents["iotbridge/spec.py"] == (packaging.SOURCE_ROOT / "iotbridge" / "spec.py").read_bytes()
 
 
 def test_function_requirements_are_what_it_imports_at_the_locks_versions() -> None:

@@ -20,6 +20,7 @@ STATUS_FIELDS = {
     "project_id", "region", "registry_id", "mqtt_host", "mqtt_port", "mqtt_ca_cert", "http_bridge_url",
     "pubsub_emulator_host",
     "firestore_emulator_host", "bigtable_emulator_host", "bigquery_endpoint", "bigquery_dataset", "bigtable_instance",
+    "admin_api_url",
 }
 
 
@@ -48,6 +49,10 @@ def test_up_status_kill_one_down_leaves_nothing(state_dir):
     procs = info["processes"]
     ports = [p["port"] for p in procs.values() if p["port"]]
     assert all(services.port_open("127.0.0.1", port) for port in ports)
+    # The device manager API serves the stack's own registry.
+    registry_name = f"projects/{info['project_id']}/locations/{info['region']}/registries/{info['registry_id']}"
+    served = requests.get(f"{info['admin_api_url']}v1/{registry_name}", timeout=10)
+    assert served.status_code == 200 and served.json()["id"] == info["registry_id"], served.text
 
     # A component dies: status reports it and exits non-zero; down still stops everything else.
     victim = procs["bigtable"]["pid"]

@@ -16,6 +16,7 @@ from iotbridge import cliutil
 from iotbridge.edge_model import EdgeModel, Feature, sha256_hex
 from iotbridge.local.provision import LocalNames, bigquery_client, provision_bigquery
 from iotbridge.ml import cli as mcli
+from iotbridge.spec import parse_config_request
 from iotbridge.targets import Target
 from tests.waiting import TimedOut, wait_for
 
@@ -64,7 +65,7 @@ def env(pubsub_emulator, firestore_emulator, bigquery_emulator, emulator_env, mo
             resp = subscriber.pull(subscription=sub, max_messages=10, timeout=5)
             if resp.received_messages:
                 subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in resp.received_messages])
-            got.extend(json.loads(m.message.data) for m in resp.received_messages)
+            got.extend(_readable(parse_config_request(m.message.data)) for m in resp.received_messages)
             return len(got)
 
         wait_for(f"{n} config requests (the number received)", received, lambda k: k >= n, timeout=timeout,
@@ -72,6 +73,12 @@ def env(pubsub_emulator, firestore_emulator, bigquery_emulator, emulator_env, mo
         return got
 
     return t, registry, pull, bigquery_client(project, endpoint)
+
+
+def _readable(request) -> dict:  # noqa: ANN001 - iotbridge.spec.ConfigRequest
+    """A config request as the test compares it: its config's bytes read as JSON."""
+    return {"device_id": request.device_id, "config": json.loads(request.data),
+            "version_to_update": request.version_to_update}
 
 
 def invoke(*args: str):
@@ -89,8 +96,9 @@ def test_deploy_all_publishes_merged_cas_requests(env, tmp_path):
     assert set(reqs) == {"pump-1", "pump-2"}  # the blocked device is left out
     pointer = {"uri": path.as_uri(), "version": "v2", "sha256": sha}
     assert reqs["pump-1"] == {"device_id": "pump-1", "config": {"sampling_s": 5, "model": pointer},
-                              "version_to_update": 1}
-    assert reqs["pump-2"] == {"device_id": "pump-2", "config": {"model": pointer}, "version_to_update": 0}
+                              "version_to_update": 2}
+    # Its current config is the empty first version: compare-and-set against it too.
+    assert reqs["pump-2"] == {"device_id": "pump-2", "config": {"model": pointer}, "version_to_update": 1}
 
 
 def test_deploy_refuses_what_devices_would_refuse(env, tmp_path):

@@ -1,0 +1,194 @@
+"""IoT Core's semantics through its own API: a device created with ``cloudiot.v1`` (Google's discovery client,
+unmodified but for the endpoint) connects over MQTT through the front, gets its empty first config, a config of any
+bytes, reports state, gets a command, and is disconnected when its credential is rotated; registries route their
+devices' events to the topics they name. Everything real: emulators, Mosquitto, the front, the bridge, the API
+as processes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import pubsub_v1
+from googleapiclient import discovery
+from googleapiclient.errors import HttpError
+
+from iotbridge.device import Device, DeviceIdentity, generate_key
+from tests.waiting import wait_for
+
+from .admin_server import check, start_admin
+from .conftest import PROJECT, REGION, REGISTRY
+
+pytestmark = pytest.mark.emulator
+
+LOCATION = f"projects/{PROJECT}/locations/{REGION}"
+
+
+@pytest.fixture(scope="module")
+def api_url(stack, bridge_env, tmp_path_factory) -> Iterator[str]:
+    svc, url = start_admin(stack, bridge_env, tmp_path_factory.mktemp("admin"))
+    yield url
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def cloudiot(api_url):
+    return discovery.build("cloudiot", "v1", client_options={"api_endpoint": api_url},
+                           credentials=AnonymousCredentials(), static_discovery=True, cache_discovery=False)
+
+
+def error_status(exc: HttpError) -> tuple[int, str, str]:
+    import json
+
+    err = json.loads(exc.content)["error"]
+    return exc.resp.status, err["status"], err["message"]
+
+
+def new_device(cloudiot, registry_id: str = REGISTRY, device_id: str | None = None) -> tuple[str, bytes, dict]:
+    device_id = device_id or f"api-{uuid.uuid4().hex[:10]}"
+    private, public = generate_key("ES256")
+    body = {"id": device_id, "credentials": [{"publicKey": {"format": "ES256_PEM", "key": public}}],
+            "metadata": {"site": "lyon"}, "logLevel": "INFO"}
+    created = cloudiot.projects().locations().registries().devices().create(
+        parent=f"{LOCATION}/registries/{registry_id}", body=body).execute()
+    check("Device", created)
+    return device_id, private, created
+
+
+def connect(stack, registry_id: str, device_id: str, private: bytes) -> Device:
+    d = Device(DeviceIdentity(PROJECT, REGION, registry_id, device_id, private, "ES256"), stack.mqtt_host,
+               stack.mqtt_port, str(stack.ca_cert))
+    d.connect()
+    return d
+
+
+def test_device_lifecycle_through_the_api(cloudiot, stack):
+    devices = cloudiot.projects().locations().registries().devices()
+    device_id, private, created = new_device(cloudiot)
+    name = f"{LOCATION}/registries/{REGISTRY}/devices/{device_id}"
+    # IoT Core's first config: version 1, empty.
+    assert created["config"]["version"] == "1" and created["config"].get("binaryData", "") == ""
+    assert created["metadata"] == {"site": "lyon"} and created["logLevel"] == "INFO"
+
+    # Not connected: a command is refused as IoT Core refused it.
+    with pytest.raises(HttpError) as refused:
+        devices.sendCommandToDevice(name=name, body={"binaryData": base64.b64encode(b"x").decode()}).execute()
+    assert error_status(refused.value)[:2] == (400, "FAILED_PRECONDITION")
+
+    dev = connect(stack, REGISTRY, device_id, private)
+    try:
+        dev.subscribe_config()
+        assert dev.configs.get(timeout=10) == b"", "the empty first config is delivered on subscribe"
+
+        data = b"\xff\x00\xfe not JSON \x80" + bytes(range(256))
+        cfg = devices.modifyCloudToDeviceConfig(
+            name=name, body={"binaryData": base64.b64encode(data).decode(), "versionToUpdate": "1"}).execute()
+        check("DeviceConfig", cfg)
+        assert cfg["version"] == "2"
+        assert dev.configs.get(timeout=10) == data, "the config arrives byte-identical"
+        with pytest.raises(HttpError) as stale:
+            devices.modifyCloudToDeviceConfig(
+                name=name, body={"binaryData": "AA==", "versionToUpdate": "1"}).execute()
+        assert error_status(stale.value)[:2] == (400, "FAILED_PRECONDITION")
+
+        versions = devices.configVersions().list(name=name).execute()
+        check("ListDeviceConfigVersionsResponse", versions)
+        assert [v["version"] for v in versions["deviceConfigs"]] == ["2", "1"]
+        assert base64.b64decode(versions["deviceConfigs"][0]["binaryData"]) == data
+
+        dev.publish_state(b"\x01state \xfe").wait_for_publish(10)
+        states: Any = wait_for("the state in states.list",
+                               lambda: devices.states().list(name=name).execute().get("deviceStates"), timeout=20)
+        check("ListDeviceStatesResponse", {"deviceStates": states})
+        assert base64.b64decode(states[0]["binaryData"]) == b"\x01state \xfe"
+
+        dev.subscribe_commands()
+        devices.sendCommandToDevice(name=name, body={"binaryData": base64.b64encode(b"\x00reboot").decode(),
+                                                     "subfolder": "ops"}).execute()
+        assert dev.commands.get(timeout=10) == (f"/devices/{device_id}/commands/ops", b"\x00reboot")
+
+        # Rotating the credential ends the session the old key opened.
+        _, public2 = generate_key("ES256")
+        patched = devices.patch(name=name, updateMask="credentials", body={
+            "credentials": [{"publicKey": {"format": "ES256_PEM", "key": public2}}]}).execute()
+        check("Device", patched)
+        assert patched["credentials"][0]["publicKey"]["key"] == public2
+        dev.disconnects.get(timeout=10)
+        assert not dev.is_connected()
+    finally:
+        dev.disconnect()
+
+
+def test_two_registries_route_events_to_the_topics_they_name(cloudiot, stack):
+    registries = cloudiot.projects().locations().registries()
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    tag = uuid.uuid4().hex[:8]
+    subs: dict[str, str] = {}
+    for key in ("a-events", "a-alerts", "a-state", "b-events"):
+        topic = publisher.topic_path(PROJECT, f"routes-{tag}-{key}")
+        publisher.create_topic(request={"name": topic})
+        subs[key] = subscriber.subscription_path(PROJECT, f"routes-{tag}-{key}")
+        subscriber.create_subscription(request={"name": subs[key], "topic": topic})
+    topic = {k: s.replace("/subscriptions/", "/topics/") for k, s in subs.items()}
+    reg_a, reg_b = f"reg-a-{tag}", f"reg-b-{tag}"
+    created = registries.create(parent=LOCATION, body={
+        "id": reg_a, "eventNotificationConfigs": [
+            {"subfolderMatches": "alerts", "pubsubTopicName": topic["a-alerts"]},
+            {"pubsubTopicName": topic["a-events"]}],
+        "stateNotificationConfig": {"pubsubTopicName": topic["a-state"]}}).execute()
+    check("DeviceRegistry", created)
+    registries.create(parent=LOCATION, body={
+        "id": reg_b, "eventNotificationConfigs": [{"pubsubTopicName": topic["b-events"]}]}).execute()
+    listed = registries.list(parent=LOCATION).execute()
+    check("ListDeviceRegistriesResponse", listed)
+    assert {reg_a, reg_b, REGISTRY} <= {r["id"] for r in listed["deviceRegistries"]}
+
+    id_a, key_a, _ = new_device(cloudiot, reg_a)
+    id_b, key_b, _ = new_device(cloudiot, reg_b)
+    # A device id is unique across the deployment's registries (they share the broker's topics).
+    with pytest.raises(HttpError) as taken:
+        new_device(cloudiot, reg_b, id_a)
+    assert error_status(taken.value)[:2] == (409, "ALREADY_EXISTS")
+
+    dev_a, dev_b = connect(stack, reg_a, id_a, key_a), connect(stack, reg_b, id_b, key_b)
+    try:
+        dev_a.publish_event(b"a plain").wait_for_publish(10)
+        dev_a.publish_event(b"a alert", sub_folder="alerts").wait_for_publish(10)
+        dev_a.publish_state(b"a state").wait_for_publish(10)
+        dev_b.publish_event(b"b plain").wait_for_publish(10)
+        got = {k: pull_one(subscriber, s) for k, s in subs.items()}
+    finally:
+        dev_a.disconnect()
+        dev_b.disconnect()
+    assert got["a-events"].data == b"a plain" and got["a-events"].attributes["deviceRegistryId"] == reg_a
+    assert got["a-alerts"].data == b"a alert" and got["a-alerts"].attributes["subFolder"] == "alerts"
+    assert got["a-state"].data == b"a state" and got["a-state"].attributes["deviceId"] == id_a
+    assert got["b-events"].data == b"b plain" and got["b-events"].attributes["deviceRegistryId"] == reg_b
+
+    # A device of one registry cannot claim another registry in its client id.
+    wrong = Device(DeviceIdentity(PROJECT, REGION, reg_a, id_b, key_b, "ES256"), stack.mqtt_host, stack.mqtt_port,
+                   str(stack.ca_cert))
+    with pytest.raises(ConnectionError):
+        wrong.connect(timeout=10)
+    wrong.disconnect()
+
+
+def pull_one(subscriber: pubsub_v1.SubscriberClient, subscription: str, timeout: float = 30.0) -> Any:
+    def attempt():
+        with contextlib.suppress(gexc.DeadlineExceeded):
+            resp = subscriber.pull(request={"subscription": subscription, "max_messages": 10}, timeout=2)
+            if resp.received_messages:
+                subscriber.acknowledge(request={"subscription": subscription,
+                                                "ack_ids": [m.ack_id for m in resp.received_messages]})
+                return resp.received_messages[0].message
+        return None
+
+    return cast(Any, wait_for(f"a message on {subscription}", attempt, timeout=timeout))
+
+
