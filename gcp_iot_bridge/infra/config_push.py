@@ -47,6 +47,7 @@ import pulumi
 import pulumi_gcp as gcp
 import pulumiverse_time as time
 
+from gcp_iot_bridge.infra.registry_access import registry_database_user
 from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 
 FUNCTION_DIR = SOURCE_ROOT / "functions" / "config_push"
@@ -244,19 +245,8 @@ class ConfigPush(pulumi.ComponentResource):
                 member=runtime_member,
                 opts=child,
             ))
-        database = f"projects/{args.project}/databases/{args.firestore_database}"
-        firestore_user = gcp.projects.IAMMember(
-            f"{name}-firestore-user",
-            project=args.project,
-            role="roles/datastore.user",
-            member=runtime_member,
-            # The registry database only, not every database of the project.
-            condition=gcp.projects.IAMMemberConditionArgs(
-                title="registry-database-only",
-                expression=f'resource.name == "{database}" || resource.name.startsWith("{database}/")',
-            ),
-            opts=child,
-        )
+        firestore_user = registry_database_user(f"{name}-firestore-user", args.project, args.firestore_database,
+                                                runtime_member, child)
         dead_letter_publisher = gcp.pubsub.TopicIAMMember(
             f"{name}-dead-letter-publisher",
             project=args.project,

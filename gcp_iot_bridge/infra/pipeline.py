@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import pulumi
 import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 
+from gcp_iot_bridge.infra.images import ImageArgs, files_hash, prebuilt_or_pushed
 from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 from iotbridge.spec import ProfileError, parse_payload_profiles
 
@@ -77,10 +77,7 @@ def build_inputs() -> list[Path]:
 
 def source_hash() -> str:
     """Content hash of the build inputs: the image tag, stable across previews, new on any code change."""
-    h = hashlib.sha256()
-    for path in build_inputs():
-        h.update(path.relative_to(SOURCE_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return files_hash(build_inputs())
 
 
 def check_parameters(params: Mapping[str, str]) -> dict[str, str]:
@@ -173,44 +170,13 @@ class Pipeline(pulumi.ComponentResource):
         self.grants = {}
 
         # ------------------------------------------------------------------------------------- image
-        if args.prebuilt_image:
-            self.repository = None
-            self.image = None
-            self.image_ref = pulumi.Output.from_input(args.prebuilt_image)
-        else:
-            self.repository = gcp.artifactregistry.Repository(
-                f"{name}-images",
-                project=args.project,
-                location=args.region,
-                repository_id=f"{args.prefix}-dataflow",
-                format="DOCKER",
-                description="Flex Template images of the telemetry pipeline.",
-                labels=labels,
-                opts=child,
-            )
-            registry = f"{args.region}-docker.pkg.dev"
-            # The short-lived token of the identity running `pulumi up`; a secret so it never reaches the state.
-            token = pulumi.Output.secret(gcp.organizations.get_client_config_output(
-                opts=pulumi.InvokeOutputOptions(parent=self)).access_token)
-            self.image = docker_build.Image(
-                f"{name}-image",
-                # Paths relative to where `pulumi` runs: absolute ones would differ between checkouts and show
-                # a diff on every other operator's machine.
-                context=docker_build.BuildContextArgs(location=os.path.relpath(SOURCE_ROOT)),
-                dockerfile=docker_build.DockerfileArgs(location=os.path.relpath(DOCKERFILE)),
-                platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers are x86-64
-                build_args={"LAUNCHER_TAG": args.launcher_tag},
-                tags=[self.repository.repository_id.apply(
-                    lambda repo: f"{registry}/{args.project}/{repo}/{IMAGE_NAME}:{source_hash()}")],
-                push=True,
-                # Previews must not need a Docker daemon or push anything.
-                build_on_preview=False,
-                registries=[docker_build.RegistryArgs(address=registry, username="oauth2accesstoken",
-                                                      password=token)],
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.depends_on, self.repository]),
-            )
-            # tag@sha256:digest: the spec and the workers pin the exact bytes that were pushed.
-            self.image_ref = self.image.ref
+        # tag@sha256:digest: the spec and the workers pin the exact bytes that were pushed.
+        self.repository, self.image, self.image_ref = prebuilt_or_pushed(name, args.prebuilt_image, ImageArgs(
+            project=args.project, region=args.region, repository_id=f"{args.prefix}-dataflow",
+            description="Flex Template images of the telemetry pipeline.", image_name=IMAGE_NAME,
+            dockerfile=DOCKERFILE, tag=source_hash(), build_args={"LAUNCHER_TAG": args.launcher_tag},
+            labels=labels, depends_on=args.depends_on), parent=self)
+        if self.repository is not None:
             self.grants["artifactregistry.reader"] = gcp.artifactregistry.RepositoryIamMember(
                 f"{name}-worker-images-reader",
                 project=args.project,
