@@ -43,11 +43,11 @@ PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
 # The one service that may be open to all at the Cloud Run level: the admin API, which verifies every request's
 # token itself because Google's clients send access tokens that Cloud Run's invoker check refuses
 # (gcp_iot_bridge/infra/admin_api.py). It is recognized by its name ("{prefix}-admin-api") AND by its container
-# saying that it authenticates (IOTBRIDGE_ADMIN_AUTH=google): a service with that name that does not, or any other
+# saying that it authenticates (ADMIN_AUTH=google): a service with that name that does not, or any other
 # service, must stay internal and keep Cloud Run's invoker check.
 CLOUD_RUN_SERVICE = "gcp:cloudrunv2/service:Service"
 ADMIN_API_SUFFIX = "-admin-api"
-ADMIN_API_AUTH = ("IOTBRIDGE_ADMIN_AUTH", "google")
+ADMIN_API_AUTH = ("ADMIN_AUTH", "google")
 RUN_INVOKER = "roles/run.invoker"
 
 # Subscriptions that must not dead-letter: the audit subscription on the dead-letter topic itself

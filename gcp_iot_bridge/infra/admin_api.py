@@ -9,7 +9,7 @@ constraints. What it declares, and the reason behind each choice (docs/admin-api
   takes all traffic (``ingress`` ``INGRESS_TRAFFIC_ALL``) and is open at the Cloud Run level (``roles/run.invoker``
   for ``allUsers``, or, where an organization policy such as domain-restricted sharing refuses ``allUsers``, the
   service's ``invoker_iam_disabled``), while the app verifies every request's token and checks the caller against
-  the stack's ``adminApiReaders`` / ``adminApiWriters`` (``iotbridge/admin/auth.py``, ``IOTBRIDGE_ADMIN_AUTH=google``).
+  the stack's ``adminApiReaders`` / ``adminApiWriters`` (``iotbridge/admin/auth.py``, ``ADMIN_AUTH=google``).
   The policy pack allows exactly this: a Cloud Run service open to all only when it is this service and its
   container verifies tokens itself.
 - **Its identity** (Foundation's ``admin-api`` workload: log and metric writer) gets, on the resources only:
@@ -51,7 +51,7 @@ DOCKERFILE = ADMIN_DIR / "Dockerfile"
 IMAGE_NAME = "admin-api"
 SERVICE_SUFFIX = "admin-api"  # the service is "{prefix}-admin-api"; the policy pack recognizes it by this suffix
 CONTAINER_PORT = 8080
-# What the container reads (iotbridge/admin/auth.py for the IOTBRIDGE_ADMIN_* names).
+# What the container reads (python -m iotbridge.admin; iotbridge/admin/auth.py for the ADMIN_* names).
 AUTH_MODE = "google"
 IAM_PROPAGATION_WAIT = "120s"
 APIS = ("run.googleapis.com", "artifactregistry.googleapis.com", "firestore.googleapis.com", "pubsub.googleapis.com",
@@ -87,9 +87,11 @@ class AdminApiArgs:
     service_account_email: pulumi.Input[str]  # Foundation's "admin-api" workload
     project_number: pulumi.Input[str]  # for the service's deterministic URL, the audience of ID tokens
     deletion_protection: bool
-    # Topics the API publishes to, by the environment variable that names each to the container
-    # (FANOUT_TOPIC: the device-commands topic every broker host reads).
-    publish_topics: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
+    # The stack's topic prefix: the container finds its topics by name ({prefix}-device-commands, ...).
+    topic_prefix: str = ""  # default: prefix
+    # Topic ids the API publishes to, granted pubsub.publisher: the device-commands fan-out topic every broker
+    # host reads, which carries configs and commands.
+    publish_topics: Sequence[pulumi.Input[str]] = ()
     readers: Sequence[str] = ()  # IAM members: user:EMAIL, serviceAccount:EMAIL, domain:DOMAIN
     writers: Sequence[str] = ()
     public_access: PublicAccess = "allUsers"
@@ -157,9 +159,9 @@ class AdminApi(pulumi.ComponentResource):
         # ------------------------------------------------------------------------- data grants
         self.grants = {"datastore.user": registry_database_user(
             f"{name}-firestore-user", args.project, args.firestore_database, member, child)}
-        for env_name, topic in sorted(args.publish_topics.items()):
-            self.grants[f"pubsub.publisher:{env_name}"] = gcp.pubsub.TopicIAMMember(
-                f"{name}-publisher-{env_name.lower().replace('_', '-')}",
+        for i, topic in enumerate(args.publish_topics):
+            self.grants[f"pubsub.publisher:{i}"] = gcp.pubsub.TopicIAMMember(
+                f"{name}-publisher-{i}",
                 project=args.project,
                 topic=topic,
                 role="roles/pubsub.publisher",
@@ -182,11 +184,12 @@ class AdminApi(pulumi.ComponentResource):
             "REGION": args.region,
             "REGISTRY_ID": args.registry_id,
             "FIRESTORE_DATABASE": args.firestore_database,
-            **args.publish_topics,
-            "IOTBRIDGE_ADMIN_AUTH": AUTH_MODE,
-            "IOTBRIDGE_ADMIN_READERS": json.dumps(list(args.readers)),
-            "IOTBRIDGE_ADMIN_WRITERS": json.dumps(list(args.writers)),
-            "IOTBRIDGE_ADMIN_AUDIENCES": audience,
+            "TOPIC_PREFIX": args.topic_prefix or args.prefix,
+            # iotbridge/admin/auth.py: ADMIN_AUTH=google verifies every request (the policy pack looks for it).
+            "ADMIN_AUTH": AUTH_MODE,
+            "ADMIN_READERS": json.dumps(list(args.readers)),
+            "ADMIN_WRITERS": json.dumps(list(args.writers)),
+            "ADMIN_AUDIENCES": audience,
         }
         self.service = gcp.cloudrunv2.Service(
             name,

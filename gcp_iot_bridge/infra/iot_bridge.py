@@ -226,7 +226,7 @@ class IotBridge(pulumi.ComponentResource):
             service_account_email=self.foundation.service_accounts["admin-api"].email,
             project_number=self.foundation.project_number,
             deletion_protection=cfg.deletion_protection,
-            publish_topics={"FANOUT_TOPIC": self.messaging.topics["device-commands"].id},
+            publish_topics=[self.messaging.topics["device-commands"].id],
             readers=cfg.admin_api_readers,
             writers=cfg.admin_api_writers,
             public_access=cfg.admin_api_public_access,

@@ -31,8 +31,10 @@ Errors follow Google's error model: 401 ``UNAUTHENTICATED`` (no, malformed, unkn
 ``PERMISSION_DENIED`` (insufficient scope, not a member, a reader writing), 503 ``UNAVAILABLE`` (Google's token
 endpoints could not be reached: the request may be retried).
 
-Configured from the environment (``authorizer_from_env``); locally, ``IOTBRIDGE_ADMIN_AUTH=none`` accepts any
-credentials, as Google's emulators do.
+Configured from the environment (``authorizer_from_env``, which ``python -m iotbridge.admin`` calls with
+``ADMIN_AUTH=google``). The result is the app's ``authorize(request, writes)`` hook (``iotbridge.admin.app``); its
+``check(authorization, writes, audiences)`` is the same decision over plain values. Locally, ``ADMIN_AUTH=none``
+accepts any credentials, as Google's emulators do.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ import google.auth.transport.requests
 import requests
 from google.oauth2 import id_token as google_id_token
 
+from iotbridge.admin.errors import ApiError
+
 log = logging.getLogger(__name__)
 
 TOKENINFO_URL = "https://oauth2.googleapis.com/tokeninfo"
@@ -66,32 +70,26 @@ NEGATIVE_CACHE_SECONDS = 30.0
 HTTP_TIMEOUT_S = 5.0
 
 # Environment of the service (gcp_iot_bridge/infra/admin_api.py sets it).
-ENV_MODE = "IOTBRIDGE_ADMIN_AUTH"  # "google" (default: verify every request) or "none" (local: accept anything)
-ENV_READERS = "IOTBRIDGE_ADMIN_READERS"  # JSON list of members
-ENV_WRITERS = "IOTBRIDGE_ADMIN_WRITERS"
-ENV_AUDIENCES = "IOTBRIDGE_ADMIN_AUDIENCES"  # JSON list: the service URLs an ID token may be minted for
-ENV_TOKENINFO_URL = "IOTBRIDGE_ADMIN_TOKENINFO_URL"
-ENV_CERTS_URL = "IOTBRIDGE_ADMIN_CERTS_URL"
+ENV_MODE = "ADMIN_AUTH"  # "google" (verify every request; also when unset) or "none" (local: accept anything)
+ENV_READERS = "ADMIN_READERS"  # JSON list of members
+ENV_WRITERS = "ADMIN_WRITERS"
+ENV_AUDIENCES = "ADMIN_AUDIENCES"  # JSON list: the service URLs an ID token may be minted for
+ENV_TOKENINFO_URL = "ADMIN_TOKENINFO_URL"
+ENV_CERTS_URL = "ADMIN_CERTS_URL"
 
 MEMBER_RE = re.compile(r"^(user|serviceAccount|domain):[^\s:,]+$")
 MEMBER_KINDS = "user:EMAIL, serviceAccount:EMAIL or domain:DOMAIN"
 _SERVICE_ACCOUNT_DOMAIN = ".gserviceaccount.com"
 
 
-class AuthError(Exception):
-    """A refused request, in Google's error model."""
+_STATUS = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 503: "UNAVAILABLE"}
+
+
+class AuthError(ApiError):
+    """A refused request, in Google's error model (the app answers it as it answers every ``ApiError``)."""
 
     def __init__(self, code: Literal[401, 403, 503], message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @property
-    def status(self) -> str:
-        return {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 503: "UNAVAILABLE"}[self.code]
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "status": self.status}}
+        super().__init__(_STATUS[code], message)
 
     def headers(self) -> dict[str, str]:
         """What Google's APIs send with a 401 (RFC 6750)."""
@@ -282,8 +280,19 @@ def _verified_email(info: Mapping[str, Any], what: str) -> str:
     return email.lower()
 
 
-class Authorizer(Protocol):
-    def __call__(self, authorization: str | None, writes: bool, audiences: Collection[str] = ()) -> Identity: ...
+class _Request(Protocol):
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+Authorize = Callable[[Any, bool], None]  # the app's hook: (request, writes), raises ApiError to refuse
+
+
+def request_audiences(headers: Mapping[str, str]) -> set[str]:
+    """The URL the caller reached: on Cloud Run the Host header routes the request, so it names this service
+    (its run.app URL or a custom domain mapped to it), the audience an ID token for the service carries."""
+    host = headers.get("Host") or headers.get("host")
+    return {f"https://{host}"} if host else set()
 
 
 @dataclass
@@ -294,7 +303,15 @@ class GoogleAuthorizer:
     verifier: Verifier
     audiences: frozenset[str] = frozenset()  # service URLs an ID token may name, besides the request's own
 
-    def __call__(self, authorization: str | None, writes: bool, audiences: Collection[str] = ()) -> Identity:
+    def __call__(self, request: _Request, writes: bool) -> None:
+        """The app's ``authorize(request, writes)`` hook over any request object with ``headers``."""
+        headers = request.headers
+        identity = self.check(headers.get("Authorization") or headers.get("authorization"), writes,
+                              request_audiences(headers))
+        log.debug("admin api: %s allowed (writes=%s)", identity.member, writes)
+
+    def check(self, authorization: str | None, writes: bool, audiences: Collection[str] = ()) -> Identity:
+        """The caller of an ``Authorization`` header value, if it may make a call that ``writes`` (or reads)."""
         token = bearer_token(authorization)
         identity = self.verifier.identify(token, self.audiences | set(audiences))
         if not self.members.allows(identity, writes):
@@ -305,12 +322,8 @@ class GoogleAuthorizer:
         return identity
 
 
-ANONYMOUS = Identity(email="anonymous", kind="anonymous", expires_at=float("inf"), via="none")
-
-
-def allow_all(authorization: str | None, writes: bool, audiences: Collection[str] = ()) -> Identity:
+def accept_any(_request: object, _writes: bool) -> None:
     """Local mode: any credentials, or none, as Google's emulators accept."""
-    return ANONYMOUS
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -338,15 +351,15 @@ def _members_env(environ: Mapping[str, str], name: str) -> list[str]:
     return value
 
 
-def authorizer_from_env(environ: Mapping[str, str], session: requests.Session | None = None) -> Authorizer:
+def authorizer_from_env(environ: Mapping[str, str], session: requests.Session | None = None) -> Authorize:
     """The authorizer the service's environment asks for; ``ValueError`` (one line) on a bad setting.
 
-    Without ``IOTBRIDGE_ADMIN_AUTH`` every request is verified and, with no members set, refused: the service
+    Without ``ADMIN_AUTH`` every request is verified and, with no members set, refused: the service
     fails closed.
     """
     mode = environ.get(ENV_MODE, "google")
     if mode == "none":
-        return allow_all
+        return accept_any
     if mode != "google":
         raise ValueError(f"{ENV_MODE}={mode!r}: must be 'google' or 'none'")
     members = Members.parse(_members_env(environ, ENV_READERS), _members_env(environ, ENV_WRITERS))
@@ -355,21 +368,3 @@ def authorizer_from_env(environ: Mapping[str, str], session: requests.Session | 
                         certs_url=environ.get(ENV_CERTS_URL) or CERTS_URL, session=session)
     return GoogleAuthorizer(members=members, verifier=verifier, audiences=audiences)
 
-
-class _Request(Protocol):
-    @property
-    def headers(self) -> Mapping[str, str]: ...
-
-
-def request_audiences(headers: Mapping[str, str]) -> set[str]:
-    """The URL the caller reached: on Cloud Run the Host header routes the request, so it names this service
-    (its run.app URL or a custom domain mapped to it), the audience an ID token for the service carries."""
-    host = headers.get("Host") or headers.get("host")
-    return {f"https://{host}"} if host else set()
-
-
-def authorize_request(authorizer: Authorizer, request: _Request, writes: bool) -> Identity:
-    """The app's ``authorize(request, writes)`` hook over any request object with ``headers``."""
-    headers = request.headers
-    return authorizer(headers.get("Authorization") or headers.get("authorization"), writes,
-                      request_audiences(headers))

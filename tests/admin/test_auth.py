@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from iotbridge.admin import auth
+from iotbridge.admin.errors import ApiError
 
 CLOUD = "https://www.googleapis.com/auth/cloud-platform"
 CLOUDIOT = "https://www.googleapis.com/auth/cloudiot"
@@ -86,8 +87,6 @@ class _Handler(BaseHTTPRequestHandler):
     """tokeninfo takes the token as ``?access_token=``, as a form field or in the Authorization header (the way
     Google's Node.js auth library sends it); the certificate list is a GET."""
 
-    server: _Server
-
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self._answer(b"")
 
@@ -95,7 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
 
     def _answer(self, body: bytes) -> None:
-        standin: GoogleStandIn = self.server.standin
+        assert isinstance(self.server, _Server)
+        standin = self.server.standin
         url = urlparse(self.path)
         standin.requests.append(url.path)
         if standin.fail_with is not None:
@@ -184,9 +184,10 @@ def _refused(call, code: int, *words: str) -> auth.AuthError:
     with pytest.raises(auth.AuthError) as caught:
         call()
     err = caught.value
+    assert isinstance(err, ApiError)  # the app answers it as every error of Google's model, with its HTTP code
     assert err.code == code, err.message
-    assert err.body()["error"]["status"] == {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-                                             503: "UNAVAILABLE"}[code]
+    status = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 503: "UNAVAILABLE"}[code]
+    assert err.body() == {"error": {"code": code, "message": err.message, "status": status}}
     for word in words:
         assert word in err.message
     return err
@@ -198,62 +199,63 @@ def _refused(call, code: int, *words: str) -> auth.AuthError:
 def test_an_operator_with_default_credentials_may_write(google: GoogleStandIn) -> None:
     authorize = _authorizer(google)
     token = google.access_token(OPERATOR)
-    identity = authorize(f"Bearer {token}", writes=True)
+    identity = authorize.check(f"Bearer {token}", writes=True)
     assert (identity.member, identity.via) == (f"user:{OPERATOR}", "access_token")
     assert google.requests == ["/tokeninfo"]
 
 
 def test_a_service_account_token_with_the_cloudiot_scope_may_write(google: GoogleStandIn) -> None:
     authorize = _authorizer(google)
-    identity = authorize(f"Bearer {google.access_token(ROBOT, scopes=(CLOUDIOT, EMAIL_SCOPE))}", writes=True)
+    identity = authorize.check(f"Bearer {google.access_token(ROBOT, scopes=(CLOUDIOT, EMAIL_SCOPE))}", writes=True)
     assert identity.member == f"serviceAccount:{ROBOT}"
 
 
 def test_a_reader_may_read_but_not_write(google: GoogleStandIn) -> None:
     authorize = _authorizer(google)
     header = f"Bearer {google.access_token(VIEWER)}"
-    assert authorize(header, writes=False).email == VIEWER
-    err = _refused(lambda: authorize(header, writes=True), 403, f"user:{VIEWER} may read but not write")
+    assert authorize.check(header, writes=False).email == VIEWER
+    err = _refused(lambda: authorize.check(header, writes=True), 403, f"user:{VIEWER} may read but not write")
     assert err.body() == {"error": {"code": 403, "message": err.message, "status": "PERMISSION_DENIED"}}
 
 
 def test_an_unknown_member_is_refused_reading_too(google: GoogleStandIn) -> None:
     authorize = _authorizer(google)
     header = f"Bearer {google.access_token('stranger@example.org')}"
-    _refused(lambda: authorize(header, writes=False), 403, "user:stranger@example.org is not in adminApiReaders")
+    _refused(lambda: authorize.check(header, writes=False), 403, "user:stranger@example.org is not in adminApiReaders")
 
 
 def test_a_domain_member_admits_the_domains_users_but_not_its_service_accounts(google: GoogleStandIn) -> None:
     authorize = _authorizer(google, readers=(), writers=("domain:example.com",))
-    assert authorize(f"Bearer {google.access_token('anyone@example.com')}", writes=True).kind == "user"
+    assert authorize.check(f"Bearer {google.access_token('anyone@example.com')}", writes=True).kind == "user"
     robot = "bot@example.com.iam.gserviceaccount.com"
-    _refused(lambda: authorize(f"Bearer {google.access_token(robot)}", writes=False), 403, "not in adminApiReaders")
+    header = f"Bearer {google.access_token(robot)}"
+    _refused(lambda: authorize.check(header, writes=False), 403, "not in adminApiReaders")
 
 
 def test_a_token_without_a_cloud_scope_is_refused(google: GoogleStandIn) -> None:
     authorize = _authorizer(google)
     header = f"Bearer {google.access_token(OPERATOR, scopes=(EMAIL_SCOPE, 'https://www.googleapis.com/auth/drive'))}"
-    _refused(lambda: authorize(header, writes=False), 403, "insufficient authentication scopes", CLOUDIOT)
+    _refused(lambda: authorize.check(header, writes=False), 403, "insufficient authentication scopes", CLOUDIOT)
 
 
 def test_a_token_without_its_email_is_refused_with_the_scope_to_ask_for(google: GoogleStandIn) -> None:
     authorize = _authorizer(google)
-    _refused(lambda: authorize(f"Bearer {google.access_token(None)}", writes=False), 401, "userinfo.email")
+    _refused(lambda: authorize.check(f"Bearer {google.access_token(None)}", writes=False), 401, "userinfo.email")
     unverified = google.access_token(OPERATOR, verified=False)
-    _refused(lambda: authorize(f"Bearer {unverified}", writes=False), 401, "not verified")
+    _refused(lambda: authorize.check(f"Bearer {unverified}", writes=False), 401, "not verified")
 
 
 def test_an_expired_or_unknown_access_token_is_unauthenticated(google: GoogleStandIn) -> None:
     authorize = _authorizer(google)
     expired = google.access_token(OPERATOR, expires_in=0)
-    _refused(lambda: authorize(f"Bearer {expired}", writes=False), 401, "invalid or has expired")
-    _refused(lambda: authorize("Bearer ya29.not-a-token-google-issued", writes=False), 401)
+    _refused(lambda: authorize.check(f"Bearer {expired}", writes=False), 401, "invalid or has expired")
+    _refused(lambda: authorize.check("Bearer ya29.not-a-token-google-issued", writes=False), 401)
 
 
 @pytest.mark.parametrize("header", [None, "", "Basic dXNlcjpwYXNz", "Bearer", "Bearer a b"])
 def test_a_missing_or_malformed_header_is_unauthenticated(google: GoogleStandIn, header: str | None) -> None:
     authorize = _authorizer(google)
-    err = _refused(lambda: authorize(header, writes=False), 401)
+    err = _refused(lambda: authorize.check(header, writes=False), 401)
     assert err.headers()["WWW-Authenticate"].startswith("Bearer")
     assert google.requests == []  # refused before Google is asked
 
@@ -264,16 +266,16 @@ def test_verified_tokens_are_cached_until_the_cache_window_or_the_token_ends(goo
     long_lived = f"Bearer {google.access_token(OPERATOR, expires_in=3599)}"
     short_lived = f"Bearer {google.access_token(OPERATOR, expires_in=60)}"
     for _ in range(3):
-        authorize(long_lived, writes=True)
-        authorize(short_lived, writes=True)
+        authorize.check(long_lived, writes=True)
+        authorize.check(short_lived, writes=True)
     assert authorize.verifier.lookups == 2
     offset[0] = 61  # the short-lived token has expired (Google now refuses it); the other is still cached
     google.tokens[short_lived.removeprefix("Bearer ")]["expires_in"] = "0"
-    _refused(lambda: authorize(short_lived, writes=True), 401, "expired")
-    authorize(long_lived, writes=True)
+    _refused(lambda: authorize.check(short_lived, writes=True), 401, "expired")
+    authorize.check(long_lived, writes=True)
     assert authorize.verifier.lookups == 3  # the expired token was asked for again (and refused), not the other
     offset[0] = auth.CACHE_SECONDS + 1  # past the cache window: asked again, so a revoked token stops working
-    authorize(long_lived, writes=True)
+    authorize.check(long_lived, writes=True)
     assert authorize.verifier.lookups == 4
 
 
@@ -281,10 +283,10 @@ def test_a_refused_token_is_remembered_briefly(google: GoogleStandIn, clock) -> 
     offset = [0.0]
     authorize = _authorizer(google, clock=lambda: clock.time() + offset[0])
     for _ in range(5):
-        _refused(lambda: authorize("Bearer ya29.bogus", writes=False), 401)
+        _refused(lambda: authorize.check("Bearer ya29.bogus", writes=False), 401)
     assert authorize.verifier.lookups == 1
     offset[0] = auth.NEGATIVE_CACHE_SECONDS + 1
-    _refused(lambda: authorize("Bearer ya29.bogus", writes=False), 401)
+    _refused(lambda: authorize.check("Bearer ya29.bogus", writes=False), 401)
     assert authorize.verifier.lookups == 2
 
 
@@ -293,7 +295,7 @@ def test_the_cache_is_bounded(google: GoogleStandIn) -> None:
     authorize.verifier = auth.Verifier(tokeninfo_url=google.tokeninfo_url, cache_size=4)
     tokens = [google.access_token(OPERATOR) for _ in range(10)]
     for token in tokens:
-        authorize(f"Bearer {token}", writes=True)
+        authorize.check(f"Bearer {token}", writes=True)
     assert len(authorize.verifier._cache) == 4
 
 
@@ -301,11 +303,11 @@ def test_an_unreachable_token_endpoint_is_unavailable_and_not_remembered(google:
     authorize = _authorizer(google)
     token = google.access_token(OPERATOR)
     google.fail_with = 500
-    _refused(lambda: authorize(f"Bearer {token}", writes=False), 503, "HTTP 500")
+    _refused(lambda: authorize.check(f"Bearer {token}", writes=False), 503, "HTTP 500")
     google.fail_with = None
-    assert authorize(f"Bearer {token}", writes=False).email == OPERATOR
+    assert authorize.check(f"Bearer {token}", writes=False).email == OPERATOR
     authorize.verifier.tokeninfo_url = "http://127.0.0.1:9/tokeninfo"  # nothing listens on the discard port
-    _refused(lambda: authorize(f"Bearer {google.access_token(OPERATOR)}", writes=False), 503, "did not answer")
+    _refused(lambda: authorize.check(f"Bearer {google.access_token(OPERATOR)}", writes=False), 503, "did not answer")
 
 
 def test_no_token_reaches_a_log_line_or_an_error(google: GoogleStandIn, caplog: pytest.LogCaptureFixture) -> None:
@@ -316,11 +318,11 @@ def test_no_token_reaches_a_log_line_or_an_error(google: GoogleStandIn, caplog: 
     messages = []
     for token in tokens:
         with pytest.raises(auth.AuthError) as caught:
-            authorize(f"Bearer {token}", writes=True)
+            authorize.check(f"Bearer {token}", writes=True)
         messages.append(caught.value.message)
     authorize.verifier.tokeninfo_url = "http://127.0.0.1:9/tokeninfo"
     with pytest.raises(auth.AuthError) as caught:
-        authorize("Bearer ya29.another-secret-value", writes=True)
+        authorize.check("Bearer ya29.another-secret-value", writes=True)
     messages.append(caught.value.message)
     text = caplog.text + "\n".join(messages)
     assert "sha256:" in caplog.text  # refusals are logged, by the token's hash
@@ -334,7 +336,7 @@ def test_no_token_reaches_a_log_line_or_an_error(google: GoogleStandIn, caplog: 
 
 def test_an_id_token_for_the_service_url_is_verified_with_google_auth(google: GoogleStandIn, signer: Signer) -> None:
     authorize = _authorizer(google, signer)
-    identity = authorize(f"Bearer {signer.id_token(ROBOT)}", writes=True)
+    identity = authorize.check(f"Bearer {signer.id_token(ROBOT)}", writes=True)
     assert (identity.member, identity.via, identity.audience) == (f"serviceAccount:{ROBOT}", "id_token", SERVICE_URL)
     assert google.requests == ["/oauth2/v1/certs"]
 
@@ -343,10 +345,11 @@ def test_an_id_token_for_the_host_the_request_reached_is_accepted(google: Google
     authorize = _authorizer(google, signer)
     custom = "https://iot-admin.example.com"
     token = signer.id_token(OPERATOR, audience=custom)
-    request = _Request(headers={"Authorization": f"Bearer {token}", "Host": "iot-admin.example.com"})
-    assert auth.authorize_request(authorize, request, writes=True).email == OPERATOR
+    # The app's hook: the request's Authorization and Host headers; it returns to allow and raises to refuse.
+    authorize(_Request(headers={"Authorization": f"Bearer {token}", "Host": "iot-admin.example.com"}), True)
     elsewhere = _Request(headers={"Authorization": f"Bearer {token}", "Host": "other.example.com"})
-    _refused(lambda: auth.authorize_request(authorize, elsewhere, writes=True), 401, "audience")
+    _refused(lambda: authorize(elsewhere, True), 401, "audience")
+    _refused(lambda: authorize(_Request(headers={"Host": "iot-admin.example.com"}), False), 401, "missing")
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
@@ -359,18 +362,18 @@ def test_a_bad_id_token_is_unauthenticated(google: GoogleStandIn, signer: Signer
                                            words: tuple[str, ...]) -> None:
     authorize = _authorizer(google, signer)
     token = signer.id_token(OPERATOR, **kwargs)
-    _refused(lambda: authorize(f"Bearer {token}", writes=False), 401, *words)
+    _refused(lambda: authorize.check(f"Bearer {token}", writes=False), 401, *words)
 
 
 def test_an_id_token_signed_by_another_key_is_unauthenticated(google: GoogleStandIn, signer: Signer) -> None:
     authorize = _authorizer(google, signer)
     forger = _signer(signer.kid)  # same key id, a key Google never published
-    _refused(lambda: authorize(f"Bearer {forger.id_token(OPERATOR)}", writes=False), 401, "ID token was refused")
+    _refused(lambda: authorize.check(f"Bearer {forger.id_token(OPERATOR)}", writes=False), 401, "ID token was refused")
 
 
 def test_an_id_token_of_a_reader_may_not_write(google: GoogleStandIn, signer: Signer) -> None:
     authorize = _authorizer(google, signer)
-    _refused(lambda: authorize(f"Bearer {signer.id_token(VIEWER)}", writes=True), 403, "may read but not write")
+    _refused(lambda: authorize.check(f"Bearer {signer.id_token(VIEWER)}", writes=True), 403, "may read but not write")
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -389,9 +392,13 @@ def test_members_are_validated(member: str, why: str) -> None:
 
 def test_local_mode_accepts_any_credentials_and_the_default_fails_closed(google: GoogleStandIn) -> None:
     local = auth.authorizer_from_env({auth.ENV_MODE: "none"})
-    assert local(None, writes=True) is auth.ANONYMOUS
-    assert local("Bearer anything", writes=True) is auth.ANONYMOUS
+    assert local is auth.accept_any
+    local(_Request(headers={}), True)
+    local(_Request(headers={"Authorization": "Bearer anything"}), True)
+    assert google.requests == []
     closed = auth.authorizer_from_env({auth.ENV_TOKENINFO_URL: google.tokeninfo_url})
-    _refused(lambda: closed(f"Bearer {google.access_token(OPERATOR)}", writes=False), 403, "not in adminApiReaders")
+    assert isinstance(closed, auth.GoogleAuthorizer)
+    header = f"Bearer {google.access_token(OPERATOR)}"
+    _refused(lambda: closed.check(header, writes=False), 403, "not in adminApiReaders")
     with pytest.raises(ValueError, match="must be 'google' or 'none'"):
         auth.authorizer_from_env({auth.ENV_MODE: "off"})

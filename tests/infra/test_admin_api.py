@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,10 +55,10 @@ def test_every_stack_runs_the_service_as_its_own_identity_and_exports_its_url(ru
     assert service.get("ingress") == "INGRESS_TRAFFIC_ALL"
     assert run.outputs["admin_api_url"] == f"https://{prefix}-admin-api-{harness.PROJECT_NUMBER}.{region}.run.app"
     env = _env(service)
-    assert env["IOTBRIDGE_ADMIN_AUTH"] == "google"  # the app verifies every request
+    assert env["ADMIN_AUTH"] == "google"  # the app verifies every request
     assert env["REGISTRY_ID"] == run.outputs["registry_id"]
     assert env["PROJECT_ID"] == project
-    assert env["FANOUT_TOPIC"] == f"projects/{project}/topics/{prefix}-device-commands"
+    assert env["TOPIC_PREFIX"] == prefix  # its topics, {prefix}-device-commands first, are found by name
     # An ID token minted for the service's own URL is accepted (auth.ENV_AUDIENCES).
     assert json.loads(env[auth.ENV_AUDIENCES]) == [run.outputs["admin_api_url"]]
 
@@ -190,3 +195,42 @@ def test_the_config_and_the_service_agree_on_what_a_member_is() -> None:
             auth.Members.parse([], bad)
         with pytest.raises(config.ConfigError):
             config.parse(harness.stack_config("dev", {"adminApiWriters": bad}), "dev")
+
+
+def _image_files(root: Path) -> Path:
+    """The files the Dockerfile's COPY lines put under /app, laid out in ``root`` as the image has them."""
+    app = root / "app"
+    for line in admin_api.DOCKERFILE.read_text().splitlines():
+        words = line.split()
+        if not words or words[0] != "COPY" or any(w.startswith("--from=") for w in words):
+            continue
+        dest = app / words[-1].removeprefix("/app/")
+        for word in words[1:-1]:
+            source = admin_api.SOURCE_ROOT / word
+            if source.is_dir():
+                shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target = dest / source.name if words[-1].endswith("/") else dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, target)
+    return app
+
+
+def test_the_image_holds_every_module_the_api_imports(tmp_path: Path) -> None:
+    """What the image copies is enough: each module of iotbridge/admin imports, in a fresh interpreter, from the
+    image's files alone (the project's packages come from the environment, as pip installs them in the image)."""
+    app = _image_files(tmp_path)
+    modules = sorted(f"iotbridge.admin.{p.stem}" for p in (app / "iotbridge" / "admin").glob("*.py")
+                     if p.stem != "__init__")
+    assert "iotbridge.admin.auth" in modules
+    code = ("import importlib, json, sys\n"
+            f"for name in {modules!r}:\n    importlib.import_module(name)\n"
+            "print(json.dumps({n: getattr(m, '__file__', None) for n, m in sys.modules.items()"
+            " if n == 'iotbridge' or n.startswith('iotbridge.')}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=app, env={**os.environ, "PYTHONPATH": str(app)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    outside = {n: f for n, f in loaded.items() if f is not None and not Path(f).is_relative_to(app)}
+    assert outside == {}, "imported from outside the image's files"
+    assert set(modules) <= set(loaded)

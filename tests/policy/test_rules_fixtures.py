@@ -38,11 +38,11 @@ SECRET = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270"
 # The admin API as the program declares it, and the same service without its own authentication.
 RUN = "gcp:cloudrunv2/service:Service"
 RUN_INVOKER = "gcp:cloudrunv2/serviceIamMember:ServiceIamMember"
-AUTHENTICATES = {"name": "IOTBRIDGE_ADMIN_AUTH", "value": "google"}
+AUTHENTICATES = {"name": "ADMIN_AUTH", "value": "google"}
 ADMIN_API = dict(name="iot-dev-admin-api", ingress="INGRESS_TRAFFIC_ALL", labels=LABELS, deletionProtection=False,
                  template={"serviceAccount": SA, "containers": [{"image": "i", "envs": [AUTHENTICATES]}]})
 UNAUTHENTICATED = {**ADMIN_API, "template": {"serviceAccount": SA, "containers": [{"image": "i", "envs": [
-    {"name": "IOTBRIDGE_ADMIN_AUTH", "value": "none"}]}]}}
+    {"name": "ADMIN_AUTH", "value": "none"}]}]}}
 
 # policy name -> (context, resources that pass, resources that each must fail)
 FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
