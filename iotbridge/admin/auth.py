@@ -24,8 +24,9 @@ checks every request here:
 
 Verified identities are cached, keyed on the SHA-256 of the token (the token itself is never stored, logged or
 echoed), for at most ``CACHE_SECONDS`` and never past the token's expiry; the cache holds ``CACHE_SIZE`` entries.
-A token Google refused is remembered as refused for ``NEGATIVE_CACHE_SECONDS``, so a client retrying a bad token
-does not hammer tokeninfo.
+A token refused (Google does not know it, or it lacks a scope or an email) is remembered as refused for
+``NEGATIVE_CACHE_SECONDS``, so a client retrying a bad token does not hammer tokeninfo; an outage of Google's
+endpoints is not remembered.
 
 Errors follow Google's error model: 401 ``UNAUTHENTICATED`` (no, malformed, unknown or expired credentials), 403
 ``PERMISSION_DENIED`` (insufficient scope, not a member, a reader writing), 503 ``UNAVAILABLE`` (Google's token
@@ -193,7 +194,7 @@ class Verifier:
             try:
                 cached = self._verify_id_token(token) if _looks_like_jwt(token) else self._verify_access_token(token)
             except AuthError as exc:
-                if exc.code == 401:
+                if exc.code != 503:  # Google's answer about this token, not an outage: remembered briefly
                     with self._lock:
                         self._cache[digest] = exc
                 log.info("admin api: token sha256:%s refused: %s", digest[:12], exc.message)
