@@ -1,7 +1,7 @@
 """Does a hostile client slow the other devices of its host? A probe device's connect and publish times, alone and
 under two attacks at once, as ratios measured in one run.
 
-One broker host as ``iotbridge.bridge.stack`` starts it (Mosquitto, the TLS front, the bridge service) on the
+One broker host as ``iotbridge.local.broker_host`` starts it (Mosquitto, the TLS front, the bridge service) on the
 Pub/Sub and Firestore emulators, with its default limits. The probe is an IoT Core device on the device SDK: each
 round it connects (TLS, ES256 JWT), publishes ``PROBE_MESSAGES`` QoS 1 events, waits for every PUBACK and
 disconnects. ``ROUNDS`` rounds alone, then ``ROUNDS`` rounds while, in a separate process (:func:`load_main`):
@@ -39,8 +39,8 @@ from pathlib import Path
 from bench import local
 from bench.core import Figure, group_cpu_seconds
 from iotbridge.bridge import mqtt
-from iotbridge.bridge.stack import start_bridge_stack
 from iotbridge.device import ConnectError, Device, DeviceIdentity, generate_key
+from iotbridge.local.broker_host import start_bridge_stack
 from iotbridge.registry import Credential, Registry
 
 COMMAND = ".venv/bin/python -m bench attacks"

@@ -1,7 +1,7 @@
 """Bridge throughput and latency: authenticated devices → TLS front → Mosquitto → bridge service → Pub/Sub emulator.
 
 Everything is the real thing on loopback: the Pub/Sub and Firestore emulators, one broker host as
-``iotbridge.bridge.stack`` starts it (Mosquitto, the front and the bridge service as their own processes),
+``iotbridge.local.broker_host`` starts it (Mosquitto, the front and the bridge service as their own processes),
 devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate load process (:mod:`bench.loadgen`).
 
 - Maximum rate, QoS 0 and QoS 1: ``N`` messages sent as fast as the devices' clients take them; the rate is
@@ -44,8 +44,8 @@ from typing import cast
 from bench import broker, local
 from bench.core import Figure, group_cpu_seconds, summary_ms
 from bench.loadgen import payload
-from iotbridge.bridge.stack import BridgeStack, init_host, start_bridge_stack
 from iotbridge.device import create_jwt
+from iotbridge.local.broker_host import BridgeStack, init_host, start_bridge_stack
 from iotbridge.registry import Registry
 
 COMMAND = ".venv/bin/python -m bench bridge"

@@ -34,9 +34,9 @@ from bench import local
 from bench.core import Figure, summary_ms
 from iotbridge import spec
 from iotbridge.bridge.settings import backend_client_id
-from iotbridge.bridge.stack import start_bridge_stack
 from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
+from iotbridge.local.broker_host import start_bridge_stack
 from iotbridge.registry import Registry
 
 COMMAND = ".venv/bin/python -m bench config_push"

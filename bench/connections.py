@@ -1,6 +1,6 @@
 """Concurrent authenticated idle device connections one broker host holds, and what each costs in memory.
 
-One broker host as ``iotbridge.bridge.stack`` starts it (Mosquitto, TLS front, bridge service) on the Pub/Sub
+One broker host as ``iotbridge.local.broker_host`` starts it (Mosquitto, TLS front, bridge service) on the Pub/Sub
 and Firestore emulators. ``TARGET`` devices are registered, each with its own ES256 key. The devices are not
 paho clients (10,000 paho threads would measure paho): one asyncio loop in this process opens a TLS connection
 per device, sends an MQTT 3.1.1 CONNECT with the device's client id path and a fresh JWT, waits for CONNACK,
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from bench import local
 from bench.core import Figure, group_cpu_seconds
 from iotbridge.bridge import mqtt
-from iotbridge.bridge.stack import BridgeStack, start_bridge_stack
 from iotbridge.device import create_jwt
+from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from iotbridge.registry import Registry
 
 COMMAND = ".venv/bin/python -m bench connections"

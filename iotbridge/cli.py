@@ -11,14 +11,15 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from iotbridge.cliutil import JsonFlag, StackOpt, emit, fail, first_line, or_fail, target_or_fail
 from iotbridge.local.stack import LocalStack, StackError
 from iotbridge.ml.cli import models_app
-from iotbridge.targets import Target, TargetError, resolve
+from iotbridge.targets import Target, TargetError
 
 # google-cloud-bigtable warns on every client it makes against the emulator; the CLI says where it points.
 warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)
@@ -38,28 +39,6 @@ app.add_typer(commands_app, name="commands")
 app.add_typer(models_app, name="models")
 
 err = Console(stderr=True)
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-StackOpt = Annotated[
-    str | None,
-    typer.Option("--stack", help="A deployed Pulumi stack (reads `pulumi stack output --json`); "
-                                 "default: the running local stack."),
-]
-
-
-def emit(data: Any, as_json: bool, human: str | None = None) -> None:
-    if as_json:
-        typer.echo(json.dumps(data, indent=2, default=str))
-    else:
-        typer.echo(human if human is not None else json.dumps(data, indent=2, default=str))
-
-
-def fail(reason: str, as_json: bool = False, code: int = 1) -> NoReturn:
-    reason = " ".join(str(reason).split())  # one line
-    if as_json:
-        typer.echo(json.dumps({"error": reason}))
-    else:
-        typer.echo(f"error: {reason}", err=True)
-    raise typer.Exit(code)
 
 
 @local_app.command("up")
@@ -80,7 +59,7 @@ def local_up(
         with err.status("starting the local stack") as status:
             stack.up(progress=lambda m: status.update(m))
     except (StackError, OSError, RuntimeError) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, as_json)
+        fail(first_line(exc), as_json)
     info = stack.status()
     emit(info, as_json, f"local stack up: state in {stack.state_dir}; `iotctl local status` for endpoints")
     if detach:
@@ -127,16 +106,6 @@ def local_down(as_json: JsonFlag = False) -> None:
     emit({"stopped": stopped}, as_json, f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
-def target_or_fail(stack: str | None, as_json: bool) -> Target:
-    try:
-        t = resolve(stack)
-    except TargetError as exc:
-        fail(str(exc), as_json)
-        raise  # unreachable: fail() exits
-    t.apply_env()
-    return t
-
-
 def open_registry(stack: str | None, as_json: bool):
     from iotbridge.registry import Registry
 
@@ -158,10 +127,7 @@ def device_view(d) -> dict[str, Any]:
 def registry_call(as_json: bool, fn, *args, **kwargs):
     from iotbridge.registry import RegistryError
 
-    try:
-        return fn(*args, **kwargs)
-    except (RegistryError, ValueError) as exc:
-        fail(str(exc), as_json)
+    return or_fail(as_json, fn, *args, errors=(RegistryError, ValueError), **kwargs)
 
 
 CredentialFormatOpt = Annotated[

@@ -287,6 +287,32 @@ def service_accounts_not_shared(resources: Sequence[Resource], ctx: StackContext
             for email, kinds in sorted(users.items()) if len(kinds) > 1]
 
 
+AUTOSCALER_TYPES = ("gcp:compute/regionAutoscaler:RegionAutoscaler", "gcp:compute/autoscaler:Autoscaler")
+GROUP_TYPES = ("gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager",
+               "gcp:compute/instanceGroupManager:InstanceGroupManager")
+
+
+def groups_autoscaled_in_production(resources: Sequence[Resource], ctx: StackContext) -> list[str]:
+    """In a protected (production) stack every managed instance group, the broker hosts', has an autoscaler: a
+    fixed-size group holds a fixed number of devices. An autoscaler's target names its group (``.../NAME``); a
+    target unknown during preview counts for one group without a known one."""
+    if not ctx.protect:
+        return []
+    targets = [_get(a.props, "target") for a in resources if a.type in AUTOSCALER_TYPES]
+    unknown = sum(1 for t in targets if not _known(t))
+    out = []
+    for group in (r for r in resources if r.type in GROUP_TYPES):
+        name = _get(group.props, "name")
+        if any(_known(t) and str(t).rsplit("/", 1)[-1] == name for t in targets):
+            continue
+        if unknown:
+            unknown -= 1
+            continue
+        out.append(f"{group.type} {group.name}: no autoscaler targets it; a production broker tier scales with "
+                   "its devices (RegionAutoscaler)")
+    return out
+
+
 def dataflow_private_workers(r: Resource, ctx: StackContext) -> list[str]:
     if r.type not in ("gcp:dataflow/job:Job", "gcp:dataflow/flexTemplateJob:FlexTemplateJob"):
         return []
@@ -675,6 +701,9 @@ STACK_POLICIES: tuple[StackPolicy, ...] = (
     StackPolicy("public-cloud-run-authenticates",
                 "A Cloud Run service is open to allUsers only when it is this stack's admin API, which verifies every "
                 "caller's token itself.", public_cloud_run_authenticates),
+    StackPolicy("production-groups-autoscaled",
+                "In a protected (production) stack every managed instance group has an autoscaler.",
+                groups_autoscaled_in_production),
 )
 
 

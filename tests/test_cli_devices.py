@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from iotbridge import cli
+from iotbridge import cli, cliutil
 from iotbridge.targets import Target
 
 pytestmark = pytest.mark.emulator
@@ -20,7 +20,7 @@ def target(firestore_emulator, monkeypatch, request):
     t = Target(kind="local", name="local", project_id="cli-project", region="us-central1",
                registry_id=f"reg-{abs(hash(request.node.name)):x}", mqtt_host=None, mqtt_port=None,
                mqtt_ca_cert=None, topics={}, bigquery_dataset="iot", env=dict(firestore_emulator.env))
-    monkeypatch.setattr(cli, "resolve", lambda stack: t)
+    monkeypatch.setattr(cliutil, "resolve", lambda stack: t)
     for k, v in t.env.items():
         monkeypatch.setenv(k, v)
     return t

@@ -22,19 +22,6 @@ PACKAGES = ("iotbridge", "dataflow_jobs", "functions", "gcp_iot_bridge", "infra"
 # Programs that run with their own folder on sys.path and import their siblings by bare name.
 PROGRAM_DIRS = (ROOT / "infra", ROOT / "policy", *sorted(p for p in (ROOT / "functions").iterdir() if p.is_dir()))
 
-# (importer, imported): where today's code breaks the rules. Each is to be removed by moving the code, not by
-# widening the table; the test fails when one of these no longer occurs, so the list only shrinks.
-KNOWN_PART_EXCEPTIONS = {
-    # To be removed: bridge/stack.py (and tls.py) are local tooling in the broker host's package; with
-    # iotbridge.local.stack importing iotbridge.bridge.stack they form the cycle bridge -> local -> bridge.
-    ("iotbridge.bridge.stack", "iotbridge.local"),
-}
-KNOWN_ARCHIVE_EXCEPTIONS = {
-    # To be removed: `python -m iotbridge.bridge init|run` import the local tooling, which the broker archive
-    # leaves out (LOCAL_ONLY), so these two commands fail with ImportError on a host.
-    ("iotbridge.bridge.__main__", "iotbridge.bridge.stack"),
-}
-
 
 @dataclass(frozen=True)
 class Part:
@@ -176,12 +163,9 @@ def test_the_parts_form_no_cycle():
 
 
 def test_every_import_follows_the_architecture():
-    violations = part_violations(EDGES)
-    new = sorted(violations - KNOWN_PART_EXCEPTIONS)
-    assert not new, ("imports docs/architecture.md does not allow (importer -> part reached): "
-                     + "; ".join(f"{a} -> {b}" for a, b in new))
-    fixed = sorted(KNOWN_PART_EXCEPTIONS - violations)
-    assert not fixed, f"no longer happens, remove it from KNOWN_PART_EXCEPTIONS: {fixed}"
+    violations = sorted(part_violations(EDGES))
+    assert not violations, ("imports docs/architecture.md does not allow (importer -> part reached): "
+                            + "; ".join(f"{a} -> {b}" for a, b in violations))
 
 
 def test_the_data_plane_never_imports_pulumi():
@@ -192,29 +176,17 @@ def test_the_data_plane_never_imports_pulumi():
     assert not offenders, f"Pulumi imported outside the parts allowed to: {offenders}"
 
 
-def _literal(source: Path, name: str) -> tuple[str, ...]:
-    for node in ast.parse(source.read_text()).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return tuple(ast.literal_eval(node.value))
-    raise AssertionError(f"{source} defines no {name}")
-
-
 def broker_archive() -> set[str]:
-    """The modules the broker archive ships, from the two lists gcp_iot_bridge/infra/broker.py packages by."""
-    broker = ROOT / "gcp_iot_bridge" / "infra" / "broker.py"
-    local_only = set(_literal(broker, "LOCAL_ONLY"))
-    files = {*_literal(broker, "CODE_ROOT_FILES"),
-             *(str(p.relative_to(ROOT)) for p in (ROOT / "iotbridge" / "bridge").glob("*.py"))} - local_only
-    return {FILES[ROOT / f] for f in files}
+    """The modules the broker archive ships (gcp_iot_bridge/infra/packaging.py derives them from its imports)."""
+    from gcp_iot_bridge.infra import packaging
+
+    return set(packaging.BROKER.package().modules())
 
 
 def test_what_a_broker_host_runs_imports_only_what_it_ships_with():
     shipped = broker_archive()
-    outside = {(a, b) for a, b in EDGES if a in shipped and b not in shipped}
-    new = sorted(outside - KNOWN_ARCHIVE_EXCEPTIONS)
-    assert not new, f"broker-host modules importing what the broker archive leaves out: {new}"
-    fixed = sorted(KNOWN_ARCHIVE_EXCEPTIONS - outside)
-    assert not fixed, f"no longer happens, remove it from KNOWN_ARCHIVE_EXCEPTIONS: {fixed}"
+    outside = sorted((a, b) for a, b in EDGES if a in shipped and b not in shipped)
+    assert not outside, f"broker-host modules importing what the broker archive leaves out: {outside}"
 
 
 # ------------------------------------------------------------------------------------------ the checker itself
@@ -232,7 +204,8 @@ def test_what_a_broker_host_runs_imports_only_what_it_ships_with():
     ("examples.byo_network_and_dataset.__main__", "gcp_iot_bridge.infra.broker", True),
     ("examples.byo_network_and_dataset.__main__", "iotbridge.local", False),
     ("iotbridge.registry", "iotbridge.spec", False),
-    ("iotbridge.local.stack", "iotbridge.bridge.stack", True),
+    ("iotbridge.local.broker_host", "iotbridge.bridge.settings", True),
+    ("iotbridge.bridge.__main__", "iotbridge.local.broker_host", False),
     ("iotbridge.bridge.front", "iotbridge.cli", False),
     ("iotbridge.cli", "iotbridge.bridge.fanout", True),
 ])
@@ -248,7 +221,7 @@ def test_imports_are_resolved_the_way_python_does():
     assert ("rules", "policy.rules") in imports_of(ROOT / "policy" / "__main__.py")
     # `from iotbridge import registry as reg` is the module, found even inside a function body.
     assert ("iotbridge.registry", "iotbridge.registry") in imports_of(ROOT / "functions" / "config_push" / "main.py")
-    assert ("iotbridge.bridge.stack", "iotbridge.bridge.stack") in imports_of(ROOT / "iotbridge" / "bridge" /
+    assert ("iotbridge.bridge.front", "iotbridge.bridge.front") in imports_of(ROOT / "iotbridge" / "bridge" /
                                                                              "__main__.py")
     assert ("tests.bridge.conftest", "tests.bridge.conftest") in imports_of(ROOT / "tests" / "bridge" /
                                                                            "test_attacks.py")

@@ -15,6 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from iotbridge import registry as reg
 from iotbridge.registry import Credential, Registry
+from tests.waiting import wait_for
 
 PROJECT = "local-project"
 
@@ -248,9 +249,9 @@ def test_rate_limit_one_update_per_second(registry):
     # The window is measured from the last accepted update; it reopens once it has passed.
     last = registry.get_device("dev-rate").last_config_update_time
     assert last is not None
-    deadline = last + timedelta(seconds=1.05)
-    while datetime.now(UTC) < deadline:
-        threading.Event().wait(0.05)  # waiting for a clock, not for another component
+    reopens = last + timedelta(seconds=1.05)
+    wait_for("the rate-limit window to pass (the time now)", lambda: datetime.now(UTC), lambda now: now >= reopens,
+             timeout=5, interval=0.05)
     assert registry.update_config("dev-rate", b"2").version == 2
 
 

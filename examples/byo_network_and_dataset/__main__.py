@@ -3,6 +3,7 @@
 Only the installed package is used (``pip install gcp-iot-bridge``); nothing here reads the gcp-iot-bridge
 repository. The platform team owns the network and the dataset; the bridge's components are wired to them:
 
+- the device registry's Firestore database (``RegistryDatabase``), which the broker hosts read and write;
 - the broker hosts (``Broker``) run in the user's subnet, behind the load balancer on 8883;
 - the warehouse's tables and views go into the user's dataset (``WarehouseArgs(dataset=...)``);
 - the streaming pipeline (``Pipeline``) runs its workers in the user's subnet and writes those tables.
@@ -16,12 +17,15 @@ import pulumi_gcp as gcp
 from gcp_iot_bridge.infra import (
     Broker,
     BrokerArgs,
+    FormerBroker,
     Foundation,
     FoundationArgs,
     Messaging,
     MessagingArgs,
     Pipeline,
     PipelineArgs,
+    RegistryDatabase,
+    RegistryDatabaseArgs,
     TimeSeries,
     TimeSeriesArgs,
     Warehouse,
@@ -57,6 +61,12 @@ messaging = Messaging("iot-messaging", MessagingArgs(
     bigquery_dataset=dataset.dataset_id, bigquery_tables=warehouse.table_ids, labels=labels,
     depends_on=foundation.needs("pubsub.googleapis.com", "bigquery.googleapis.com"),
 ))
+# Earlier versions of this program had the Broker declare the database; FormerBroker keeps that database (and every
+# device in it) through the move instead of replacing it. A program written today leaves former_brokers out.
+registry = RegistryDatabase("iot-registry", RegistryDatabaseArgs(
+    project=project, location=region, deletion_protection=True, former_brokers=[FormerBroker("iot-broker")],
+    depends_on=foundation.needs("firestore.googleapis.com"),
+))
 broker = Broker("iot-broker", BrokerArgs(
     project=project, region=region, prefix=prefix, registry_id="acme-registry",
     service_account_email=foundation.service_accounts["bridge"].email,
@@ -66,9 +76,11 @@ broker = Broker("iot-broker", BrokerArgs(
     dead_letter_topic=messaging.topics["dead-letter"].id,
     pubsub_agent=foundation.service_agent("pubsub.googleapis.com"),
     deletion_protection=True,
+    registry=registry,
     network=vpc.id,
     subnetwork=subnet.id,
-    hosts=2,
+    min_hosts=2,
+    max_hosts=4,
     labels=labels,
     depends_on=foundation.needs("compute.googleapis.com", "firestore.googleapis.com", "secretmanager.googleapis.com",
                                 "pubsub.googleapis.com", "storage.googleapis.com",

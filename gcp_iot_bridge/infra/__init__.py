@@ -16,13 +16,14 @@ from gcp_iot_bridge.infra.messaging import Messaging, MessagingArgs
 from gcp_iot_bridge.infra.monitoring import Monitoring, MonitoringArgs
 from gcp_iot_bridge.infra.network import Network, NetworkArgs
 from gcp_iot_bridge.infra.pipeline import Pipeline, PipelineArgs
+from gcp_iot_bridge.infra.registry_database import FormerBroker, RegistryDatabase, RegistryDatabaseArgs
 from gcp_iot_bridge.infra.timeseries import TimeSeries, TimeSeriesArgs
 from gcp_iot_bridge.infra.warehouse import Warehouse, WarehouseArgs
 from gcp_iot_bridge.infra.workbench import Workbench, WorkbenchArgs
 
 __all__ = [
-    "Broker", "BrokerArgs", "ConfigPush", "ConfigPushArgs", "EdgeMl", "EdgeMlArgs", "Foundation", "FoundationArgs",
-    "IotBridge", "IotBridgeArgs", "Messaging", "MessagingArgs", "Monitoring", "MonitoringArgs", "Network",
-    "NetworkArgs", "Pipeline", "PipelineArgs", "StackConfig", "TimeSeries", "TimeSeriesArgs", "Warehouse",
-    "WarehouseArgs", "Workbench", "WorkbenchArgs",
+    "Broker", "BrokerArgs", "ConfigPush", "ConfigPushArgs", "EdgeMl", "EdgeMlArgs", "FormerBroker", "Foundation",
+    "FoundationArgs", "IotBridge", "IotBridgeArgs", "Messaging", "MessagingArgs", "Monitoring", "MonitoringArgs",
+    "Network", "NetworkArgs", "Pipeline", "PipelineArgs", "RegistryDatabase", "RegistryDatabaseArgs", "StackConfig",
+    "TimeSeries", "TimeSeriesArgs", "Warehouse", "WarehouseArgs", "Workbench", "WorkbenchArgs",
 ]

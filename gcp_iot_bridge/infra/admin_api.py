@@ -1,8 +1,9 @@
 """AdminApi: IoT Core's device manager API (``cloudiot.googleapis.com/v1``) as a Cloud Run service over the registry.
 
 The service runs ``python -m iotbridge.admin`` from an image of ``iotbridge/admin/Dockerfile``, built and pushed by
-pulumi-docker-build (or a prebuilt image named in stack config), installed with ``requirements/lock.txt`` as
-constraints. What it declares, and the reason behind each choice (docs/admin-api-auth.md has the operator's view):
+pulumi-docker-build (or a prebuilt image named in stack config) over a staged build context: the closure of the
+``iotbridge.admin`` package's imports with its requirements pinned from ``requirements/lock.txt`` (``packaging.py``).
+What it declares, and the reason behind each choice (docs/admin-api-auth.md has the operator's view):
 
 - **Who may call it.** Google's client libraries send an OAuth2 *access token*; Cloud Run's invoker check accepts
   only an ID token minted for the service's URL, so it would refuse every unmodified client. The service therefore
@@ -32,6 +33,7 @@ Outputs: ``url`` (the stack output ``admin_api_url``: the service's https URL; c
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +44,16 @@ import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 import pulumiverse_time as time
 
-from gcp_iot_bridge.infra.images import ImageArgs, files_hash, prebuilt_or_pushed
-from gcp_iot_bridge.infra.registry_access import registry_database_user
+from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.images import ImageArgs, prebuilt_or_pushed
+from gcp_iot_bridge.infra.registry_database import RegistryDatabase
 from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 
 ADMIN_DIR = SOURCE_ROOT / "iotbridge" / "admin"
 DOCKERFILE = ADMIN_DIR / "Dockerfile"
+# Where the build context is staged: inside the source root, so its path relative to where pulumi runs is the same
+# in every checkout (.gitignore'd).
+BUILD_DIR = SOURCE_ROOT / ".build" / "admin-api-image"
 IMAGE_NAME = "admin-api"
 SERVICE_SUFFIX = "admin-api"  # the service is "{prefix}-admin-api"; the policy pack recognizes it by this suffix
 CONTAINER_PORT = 8080
@@ -59,23 +65,33 @@ APIS = ("run.googleapis.com", "artifactregistry.googleapis.com", "firestore.goog
 PublicAccess = Literal["allUsers", "invokerIamDisabled"]
 
 
-def build_inputs() -> list[Path]:
-    """Every file the image is built from: the Dockerfile, its ignore file and what its COPY lines take (folders
-    expanded to their files)."""
-    files = [DOCKERFILE, DOCKERFILE.with_name("Dockerfile.dockerignore")]
-    for line in DOCKERFILE.read_text().splitlines():
-        words = line.split()
-        if not words or words[0] != "COPY" or any(w.startswith("--from=") for w in words):
-            continue
-        for source in (SOURCE_ROOT / w for w in words[1:-1]):
-            files += sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
-                if source.is_dir() else [source]
-    return list(dict.fromkeys(files))
+def deployable() -> packaging.Deployable:
+    """The image's code (gcp_iot_bridge/infra/packaging.py): every module of ``iotbridge.admin`` and the closure of
+    their imports. Every module, not only ``__main__`` (what ``python -m iotbridge.admin`` runs): the server loads
+    ``auth`` by name when the deployment authenticates callers, an import no closure can see."""
+    modules = tuple(sorted(f"iotbridge.admin.{p.stem}" for p in ADMIN_DIR.glob("*.py") if p.stem != "__init__"))
+    return packaging.Deployable("the admin API image", modules)
+
+
+def build_context() -> dict[str, bytes]:
+    """Path -> bytes of the image's build context: the code, the package's data files (IoT Core's discovery
+    document, which the API serves) and the lock-pinned requirements.txt and constraints.txt the Dockerfile
+    installs."""
+    package = deployable().package()
+    data = {p.relative_to(SOURCE_ROOT).as_posix(): p.read_bytes() for p in sorted(ADMIN_DIR.glob("*.json"))}
+    return {**package.files, **data, "requirements.txt": package.requirements_txt.encode(),
+            "constraints.txt": package.constraints_txt.encode()}
 
 
 def image_tag() -> str:
-    """Content hash of the build inputs: stable across previews, new on any change to what the image holds."""
-    return files_hash(build_inputs())
+    """Of the build context and the Dockerfile: stable across previews, new on any change to either."""
+    return packaging.content_hash({**build_context(), "Dockerfile": DOCKERFILE.read_bytes()})[:16]
+
+
+def staged_context() -> Path:
+    """The build context written out afresh (``BUILD_DIR``): the folder pulumi-docker-build sends, nothing else."""
+    shutil.rmtree(BUILD_DIR, ignore_errors=True)
+    return packaging.stage(build_context(), BUILD_DIR)
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,7 @@ class AdminApiArgs:
     prefix: str
     registry_id: str  # the stack's registry (the API serves every registry in the database; this one is the default)
     service_account_email: pulumi.Input[str]  # Foundation's "admin-api" workload
+    registry: RegistryDatabase  # the registry's Firestore database; the API reads and writes it only
     project_number: pulumi.Input[str]  # for the service's deterministic URL, the audience of ID tokens
     deletion_protection: bool
     # The stack's topic prefix: the container finds its topics by name ({prefix}-device-commands, ...).
@@ -95,7 +112,6 @@ class AdminApiArgs:
     readers: Sequence[str] = ()  # IAM members: user:EMAIL, serviceAccount:EMAIL, domain:DOMAIN
     writers: Sequence[str] = ()
     public_access: PublicAccess = "allUsers"
-    firestore_database: str = "(default)"
     min_instances: int = 0
     max_instances: int = 3
     concurrency: int = 80  # requests one instance serves at once
@@ -104,8 +120,7 @@ class AdminApiArgs:
     timeout_seconds: int = 60
     prebuilt_image: str | None = None  # an image reference to run instead of building one
     labels: Mapping[str, str] = field(default_factory=dict)
-    # foundation.needs(*APIS) and the registry's Firestore database.
-    depends_on: Sequence[pulumi.Resource] = ()
+    depends_on: Sequence[pulumi.Resource] = ()  # foundation.needs(*APIS)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_instances <= self.max_instances or self.max_instances < 1:
@@ -143,7 +158,7 @@ class AdminApi(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: AdminApiArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("gcp-iot-bridge:index:AdminApi", name, None, opts)
-        deps = list(args.depends_on)
+        deps = [*args.depends_on, args.registry]
         child = pulumi.ResourceOptions(parent=self, depends_on=deps)
         labels = dict(args.labels)
         member = pulumi.Output.from_input(args.service_account_email).apply(lambda e: f"serviceAccount:{e}")
@@ -154,11 +169,14 @@ class AdminApi(pulumi.ComponentResource):
         self.repository, self.image, self.image_ref = prebuilt_or_pushed(name, args.prebuilt_image, ImageArgs(
             project=args.project, region=args.region, repository_id=f"{args.prefix}-admin-api",
             description="Images of the admin API (IoT Core device manager).", image_name=IMAGE_NAME,
-            dockerfile=DOCKERFILE, tag=image_tag(), labels=labels, depends_on=deps), parent=self)
+            dockerfile=DOCKERFILE, context=staged_context, tag=image_tag, labels=labels, depends_on=deps),
+            parent=self)
 
         # ------------------------------------------------------------------------- data grants
-        self.grants = {"datastore.user": registry_database_user(
-            f"{name}-firestore-user", args.project, args.firestore_database, member, child)}
+        # The registry database only, not every database of the project.
+        self.grants = {"datastore.user": args.registry.user_grant(
+            f"{name}-firestore-user", member, child, title="registry-database-only",
+            condition=lambda db: f'resource.name == "{db}" || resource.name.startsWith("{db}/")')}
         for i, topic in enumerate(args.publish_topics):
             self.grants[f"pubsub.publisher:{i}"] = gcp.pubsub.TopicIAMMember(
                 f"{name}-publisher-{i}",
@@ -183,7 +201,7 @@ class AdminApi(pulumi.ComponentResource):
             "PROJECT_ID": args.project,
             "REGION": args.region,
             "REGISTRY_ID": args.registry_id,
-            "FIRESTORE_DATABASE": args.firestore_database,
+            "FIRESTORE_DATABASE": args.registry.name,
             "TOPIC_PREFIX": args.topic_prefix or args.prefix,
             # iotbridge/admin/auth.py: ADMIN_AUTH=google verifies every request (the policy pack looks for it).
             "ADMIN_AUTH": AUTH_MODE,

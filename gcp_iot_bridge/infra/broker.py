@@ -1,5 +1,5 @@
-"""Broker: the device registry's Firestore database and the MQTT broker hosts behind a network load balancer
-(docs/device-protocol.md).
+"""Broker: the MQTT broker hosts behind a network load balancer (docs/device-protocol.md), over the device
+registry's Firestore database (``RegistryDatabase``, an input).
 
 Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener, the TLS
 front on 8883 that authenticates devices the IoT Core way, and the bridge service that forwards to Pub/Sub
@@ -7,10 +7,6 @@ front on 8883 that authenticates devices the IoT Core way, and the bridge servic
 the service run as ``iotbridge`` (``startup_script``; tests/bridge/test_simulated_host.py boots a host from it).
 What it declares, and the GCP pitfall behind each choice:
 
-- Firestore database (Native mode) with ``deletion_policy`` and ``delete_protection_state`` from the one
-  ``deletion_protection`` switch: the provider's default ``ABANDON`` would leave the database behind on
-  ``pulumi destroy`` and the next ``pulumi up`` would fail with "database already exists". A TTL policy on
-  ``requests.expire_at`` removes the config-push idempotency markers.
 - TLS: a CA and a server certificate from pulumi-tls, the server certificate naming the load balancer's static
   IP (devices verify it with ``mqtt_ca_cert``). The server's private key exists only as a Pulumi secret and in
   Secret Manager; hosts read it at boot. The broker passwords (front/bridge/backend on the loopback listener)
@@ -21,6 +17,10 @@ What it declares, and the GCP pitfall behind each choice:
 - Regional MIG over the region's zones with auto-healing on an HTTP health check of the front (``/healthz`` on
   ``health_port``: healthy only while Mosquitto and the bridge service are up) and ``initial_delay_sec`` long
   enough for the startup script (apt + pip), or auto-healing recreates hosts forever.
+- Autoscaler between ``min_hosts`` and ``max_hosts`` (at most 2000, a regional group's limit) on connected devices
+  per host and CPU; the group has no target size of its own. Updates replace one host per zone at a time, never
+  below the group's size (a regional group takes a fixed surge of 0 or at least its zones). Each host's units and
+  kernel are sized for what its machine type carries (``host_sizing``; docs/broker-scaling.md).
 - External passthrough network load balancer, backend-service based: a regional static IP, a regional backend
   service (``EXTERNAL``, TCP, ``CONNECTION`` balancing) with a *regional* health check (a global one is refused
   for this load balancer type), a forwarding rule on 8883. Passthrough keeps the device's source address, so
@@ -37,9 +37,7 @@ What it declares, and the GCP pitfall behind each choice:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -48,72 +46,31 @@ import pulumi_gcp as gcp
 import pulumi_random as random
 import pulumi_tls as tls
 
-from gcp_iot_bridge.infra.sources import SOURCE_ROOT
+from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.buckets import private_bucket
+from gcp_iot_bridge.infra.host_sizing import MAX_HOSTS, HostSizing, sizing
+from gcp_iot_bridge.infra.registry_database import RegistryDatabase
+from iotbridge.spec import CONNECTED_DEVICES_METRIC
 
 MQTT_PORT = 8883
 BROKER_PORT = 1883  # loopback only
 # Google's health-check probe ranges (network load balancers and managed instance group auto-healing).
 HEALTH_CHECK_RANGES = ("35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22")
-# What the broker hosts run: the bridge package and the three modules it imports; not the local stack (which
-# starts emulators and makes a throw-away CA) nor the CLI.
-CODE_ROOT_FILES = ("iotbridge/__init__.py", "iotbridge/spec.py", "iotbridge/registry.py")
-LOCAL_ONLY = ("iotbridge/bridge/stack.py", "iotbridge/bridge/tls.py")
-HOST_REQUIREMENTS = ("paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "PyJWT",
-                     "cryptography")
-LOCK = SOURCE_ROOT / "requirements" / "lock.txt"
-# Every package the hosts install (HOST_REQUIREMENTS and all they pull in) at requirements/lock.txt's version,
-# shipped as the archive's constraints.txt: without it grpcio, protobuf and the rest would resolve anew at every
-# boot. A test keeps it equal to the closure; the lock alone would also pin the dev tools, and any change to those
-# would replace every host.
-HOST_CONSTRAINTS = SOURCE_ROOT / "requirements" / "broker-host.txt"
-
-
-def canonical_name(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def lock_pins(text: str | None = None) -> dict[str, str]:
-    """Canonical name -> ``Name==version`` line of requirements/lock.txt (or of ``text`` in its format)."""
-    pins = {}
-    for line in (LOCK.read_text() if text is None else text).splitlines():
-        name, sep, _ = line.strip().partition("==")
-        if sep and not name.startswith("#"):
-            pins[canonical_name(name)] = line.strip()
-    return pins
-
-
-def host_requirements() -> str:
-    """The hosts' pip requirements, pinned to the versions the tests ran with (requirements/lock.txt)."""
-    pins = lock_pins()
-    return "\n".join(pins.get(canonical_name(r), r) for r in HOST_REQUIREMENTS) + "\n"
-
-
-def host_constraints() -> str:
-    """requirements/broker-host.txt, refused if any line differs from the lock (a deploy never ships a stale one)."""
-    lock = lock_pins()
-    lines = list(lock_pins(HOST_CONSTRAINTS.read_text()).values())
-    stale = [line for line in lines if lock.get(canonical_name(line.partition("==")[0])) != line]
-    if stale:
-        raise ValueError(f"{HOST_CONSTRAINTS} differs from {LOCK} on {stale}: regenerate it "
-                         "(tests/infra/test_broker.py::test_hosts_install_the_locked_closure prints it)")
-    return "\n".join(lines) + "\n"
 
 
 def code_files() -> dict[str, str]:
-    """Path in the archive -> text: the bridge's code, its pinned requirements and their constraints, as deployed."""
-    bridge = sorted(str(p.relative_to(SOURCE_ROOT)) for p in (SOURCE_ROOT / "iotbridge" / "bridge").glob("*.py"))
-    rels = [*CODE_ROOT_FILES, *(r for r in bridge if r not in LOCAL_ONLY)]
-    files = {rel: (SOURCE_ROOT / rel).read_text() for rel in rels}
-    files["requirements.txt"] = host_requirements()
-    files["constraints.txt"] = host_constraints()
-    return files
+    """Path in the archive -> text, as deployed: the closure of ``python -m iotbridge.bridge``'s imports, its
+    lock-pinned requirements.txt and the constraints.txt of everything they pull in
+    (gcp_iot_bridge/infra/packaging.py). The startup script installs both (``-r requirements.txt -c constraints.txt``).
+    """
+    package = packaging.BROKER.package()
+    return {**{rel: data.decode() for rel, data in package.files.items()},
+            "requirements.txt": package.requirements_txt, "constraints.txt": package.constraints_txt}
 
 
 def content_hash(files: Mapping[str, str]) -> str:
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel].encode()).digest())
-    return h.hexdigest()[:24]
+    """Names the archive's object: new on any change to a shipped file or pin."""
+    return packaging.content_hash({rel: text.encode() for rel, text in files.items()})
 
 
 @dataclass(frozen=True)
@@ -127,16 +84,21 @@ class BrokerArgs:
     state_topic: pulumi.Input[str]
     commands_topic: pulumi.Input[str]  # the device-commands fan-out topic
     deletion_protection: bool
+    registry: RegistryDatabase  # the registry's Firestore database the hosts read and write
     # Subfolder routes (IoT Core allowed at most 10): subfolder -> topic id.
     routes: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     network: pulumi.Input[str] = "default"
     subnetwork: pulumi.Input[str] | None = None
-    firestore_location: str | None = None  # default: the region
-    firestore_database: str = "(default)"
-    machine_type: str = "e2-standard-2"
-    hosts: int = 2
-    fanout_slots: int = 4  # the most hosts the group may ever run (each claims one subscription)
-    zones: Sequence[str] = ()  # default: the region's zones chosen by GCP
+    machine_type: str = "e2-standard-2"  # a type host_sizing knows: the hosts' limits are sized from its memory
+    # Bounds of the autoscaler (up to MAX_HOSTS, a regional managed instance group's limit).
+    min_hosts: int = 2
+    max_hosts: int = 10
+    # Device-commands subscriptions the hosts claim, one each; default max_hosts, so every host has one.
+    fanout_slots: int | None = None
+    # Connected devices per host the autoscaler keeps; default: host_sizing's target for machine_type.
+    devices_per_host: int | None = None
+    cpu_target: float = 0.6  # the second signal: CPU utilisation, (0, 1]
+    zones: Sequence[str] = ()  # default: three of the region's zones, chosen by GCP
     image: str = "debian-cloud/debian-12"
     device_source_ranges: Sequence[str] = ("0.0.0.0/0",)
     tls_dns_names: Sequence[str] = ()
@@ -154,22 +116,31 @@ class BrokerArgs:
 
 
 class Broker(pulumi.ComponentResource):
-    """Firestore registry database, TLS material, broker hosts (MIG) and the network load balancer on 8883."""
+    """TLS material and secrets, the bridge's grants, broker hosts (MIG) and the network load balancer on 8883.
+
+    Each part of the constructor is one private method, in the order the resources depend on each other: the
+    address and TLS, the secrets, the bridge's grants and fan-out subscriptions, the code, egress and firewall,
+    the hosts, the load balancer. The ones before the hosts return what a host reads at boot (``boot_needs``).
+    """
 
     # What devices and the rest of the stack use.
     registry_id: pulumi.Output[str]
     mqtt_endpoint: pulumi.Output[str]  # "{load balancer address}:8883"
     mqtt_ca_cert: pulumi.Output[str]  # PEM of the CA devices verify the broker with
     address: gcp.compute.Address  # the load balancer's static IP
-    database: gcp.firestore.Database  # the registry's Firestore database (ConfigPush depends on it)
+    registry: RegistryDatabase  # the registry's database (an input: RegistryDatabase)
     fanout_subscriptions: dict[int, gcp.pubsub.Subscription]  # slot -> the device-commands subscription it claims
     # The resources themselves, for a program that adds to them.
     ca_cert: tls.SelfSignedCert
     server_cert: tls.LocallySignedCert
+    tls_key_secret: gcp.secretmanager.Secret
+    passwords_secret: gcp.secretmanager.Secret
     bucket: gcp.storage.Bucket  # the bridge's code
     code: gcp.storage.BucketObject
     template: gcp.compute.InstanceTemplate
     group: gcp.compute.RegionInstanceGroupManager
+    autoscaler: gcp.compute.RegionAutoscaler
+    sizing: HostSizing  # what one host carries, and its units' and kernel's limits
     backend: gcp.compute.RegionBackendService
     forwarding_rule: gcp.compute.ForwardingRule
     firewall_devices: gcp.compute.Firewall
@@ -180,45 +151,58 @@ class Broker(pulumi.ComponentResource):
         super().__init__("gcp-iot-bridge:index:Broker", name, None, opts)
         if len(args.routes) > 10:
             raise ValueError(f"at most 10 subfolder routes (IoT Core's limit), got {len(args.routes)}")
-        if not 1 <= args.hosts <= args.fanout_slots:
-            raise ValueError(f"hosts must be 1..fanout_slots ({args.fanout_slots}), got {args.hosts}")
-        deps = list(args.depends_on)
-        child = pulumi.ResourceOptions(parent=self, depends_on=deps)
-        labels = dict(args.labels)
-        p = args.prefix
-        sa_member = pulumi.Output.from_input(args.service_account_email).apply(lambda e: f"serviceAccount:{e}")
-        tag = f"{p}-broker"
+        if not 1 <= args.min_hosts <= args.max_hosts <= MAX_HOSTS:
+            raise ValueError(f"hosts must be 1 <= min_hosts <= max_hosts <= {MAX_HOSTS} (a regional managed instance "
+                             f"group's limit), got {args.min_hosts}..{args.max_hosts}")
+        self._slots = args.max_hosts if args.fanout_slots is None else args.fanout_slots
+        if self._slots < args.max_hosts:
+            raise ValueError(f"fanout_slots ({self._slots}) must cover max_hosts ({args.max_hosts}): a host without a "
+                             "slot would receive no config or command")
+        if not 0 < args.cpu_target <= 1:
+            raise ValueError(f"cpu_target must be in (0, 1], got {args.cpu_target}")
+        self.sizing = sizing(args.machine_type)
+        self._devices_per_host = args.devices_per_host or self.sizing.autoscale_target
+        if not 0 < self._devices_per_host <= self.sizing.devices:
+            raise ValueError(f"devices_per_host must be 1..{self.sizing.devices} (what one {args.machine_type} "
+                             f"carries), got {self._devices_per_host}")
+        if args.dead_letter_topic is not None and args.pubsub_agent is None:
+            raise ValueError("dead_letter_topic needs pubsub_agent: the agent must be able to ack the source")
+        self._name = name
+        self._args = args
+        self._child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
+        self._labels = dict(args.labels)
+        self._member = pulumi.Output.from_input(args.service_account_email).apply(lambda e: f"serviceAccount:{e}")
+        self._tag = f"{args.prefix}-broker"
+        self.registry = args.registry
 
-        # ------------------------------------------------------------------ Firestore (the registry)
-        self.database = gcp.firestore.Database(
-            f"{name}-firestore",
-            project=args.project,
-            name=args.firestore_database,
-            location_id=args.firestore_location or args.region,
-            type="FIRESTORE_NATIVE",
-            # Protection is the database's own delete protection: `pulumi destroy` then fails loudly on it.
-            # ABANDON would leave it behind silently and the next `pulumi up` would fail with "already exists".
-            deletion_policy="DELETE",
-            delete_protection_state=("DELETE_PROTECTION_ENABLED" if args.deletion_protection
-                                     else "DELETE_PROTECTION_DISABLED"),
-            opts=child,
-        )
-        gcp.firestore.Field(
-            f"{name}-requests-ttl",
-            project=args.project,
-            database=self.database.name,
-            collection="requests",
-            field="expire_at",
-            ttl_config=gcp.firestore.FieldTtlConfigArgs(),
-            # The TTL policy would otherwise also build single-field indexes nobody queries.
-            index_config=gcp.firestore.FieldIndexConfigArgs(indexes=[]),
-            opts=child,
-        )
+        server_key = self._address_and_tls()
+        # Everything a host reads at boot; the group waits for it, or the first hosts fail their startup script
+        # and auto-healing recreates them until the grants have propagated.
+        boot_needs = [*self._secrets(server_key), *self._bridge_grants(), *self._code()]
+        self._egress_and_firewall()
+        self._hosts(boot_needs)
+        self._autoscaler()
+        self._load_balancer()
 
-        # ------------------------------------------------------------------ address and TLS
+        self.mqtt_endpoint = self.address.address.apply(lambda a: f"{a}:{MQTT_PORT}")
+        self.mqtt_ca_cert = self.ca_cert.cert_pem
+        self.registry_id = pulumi.Output.from_input(args.registry_id)
+        self.register_outputs({
+            "mqtt_endpoint": self.mqtt_endpoint,
+            "mqtt_ca_cert": self.mqtt_ca_cert,
+            "registry_id": self.registry_id,
+            "firestore_database": self.registry.name,
+            "broker_passwords_secret": self.passwords_secret.secret_id,
+        })
+
+    def _address_and_tls(self) -> tls.PrivateKey:
+        """The load balancer's static IP, the CA devices verify, and the server certificate naming that IP.
+
+        Returns the server's private key, which only its Secret Manager version receives."""
+        name, args, p = self._name, self._args, self._args.prefix
         self.address = gcp.compute.Address(
             f"{name}-ip", project=args.project, region=args.region, name=f"{p}-mqtt",
-            address_type="EXTERNAL", network_tier="PREMIUM", labels=labels, opts=child)
+            address_type="EXTERNAL", network_tier="PREMIUM", labels=self._labels, opts=self._child)
 
         ca_key = tls.PrivateKey(f"{name}-ca-key", algorithm="ECDSA", ecdsa_curve="P256",
                                 opts=pulumi.ResourceOptions(parent=self))
@@ -251,8 +235,12 @@ class Broker(pulumi.ComponentResource):
             allowed_uses=["digital_signature", "key_encipherment", "server_auth"],
             opts=pulumi.ResourceOptions(parent=self),
         )
+        return server_key
 
-        # ------------------------------------------------------------------ secrets
+    def _secrets(self, server_key: tls.PrivateKey) -> list[pulumi.Resource]:
+        """The server's TLS key and the loopback listener's passwords (front, bridge, backend) in Secret Manager,
+        with the bridge's access to both. Returns the versions and grants a host needs at boot."""
+        name, p = self._name, self._args.prefix
         passwords = {
             user: random.RandomPassword(f"{name}-password-{user}", length=32, special=False,
                                         opts=pulumi.ResourceOptions(parent=self))
@@ -260,19 +248,36 @@ class Broker(pulumi.ComponentResource):
         }
         secret_json = pulumi.Output.all(*(pw.result for pw in passwords.values())).apply(
             lambda values: json.dumps(dict(zip(passwords, values, strict=True))))
-        self.tls_key_secret, tls_key_version = self._secret(name, args, "tls-key", f"{p}-broker-tls-key",
-                                                            server_key.private_key_pem, labels, child)
-        self.passwords_secret, passwords_version = self._secret(name, args, "passwords", f"{p}-broker-passwords",
-                                                                pulumi.Output.secret(secret_json), labels, child)
-        # Everything a host reads at boot; the group waits for it, or the first hosts fail their startup script
-        # and auto-healing recreates them until the grants have propagated.
-        boot_needs: list[pulumi.Resource] = [tls_key_version, passwords_version]
+        self.tls_key_secret, tls_key_version = self._secret("tls-key", f"{p}-broker-tls-key",
+                                                            server_key.private_key_pem)
+        self.passwords_secret, passwords_version = self._secret("passwords", f"{p}-broker-passwords",
+                                                                pulumi.Output.secret(secret_json))
+        needs: list[pulumi.Resource] = [tls_key_version, passwords_version]
         for key, secret in (("tls-key", self.tls_key_secret), ("passwords", self.passwords_secret)):
-            boot_needs.append(gcp.secretmanager.SecretIamMember(
-                f"{name}-{key}-accessor", project=args.project, secret_id=secret.id,
-                role="roles/secretmanager.secretAccessor", member=sa_member, opts=child))
+            needs.append(gcp.secretmanager.SecretIamMember(
+                f"{name}-{key}-accessor", project=self._args.project, secret_id=secret.id,
+                role="roles/secretmanager.secretAccessor", member=self._member, opts=self._child))
+        return needs
 
-        # ------------------------------------------------------------------ the bridge's grants
+    def _secret(self, key: str, secret_id: str, data: pulumi.Input[str],
+                ) -> tuple[gcp.secretmanager.Secret, gcp.secretmanager.SecretVersion]:
+        """One Secret Manager secret (auto replication, deletion protection from the stack) and its version."""
+        args = self._args
+        secret = gcp.secretmanager.Secret(
+            f"{self._name}-{key}", project=args.project, secret_id=secret_id,
+            replication=gcp.secretmanager.SecretReplicationArgs(auto=gcp.secretmanager.SecretReplicationAutoArgs()),
+            deletion_protection=args.deletion_protection, labels=dict(self._labels), opts=self._child)
+        version = gcp.secretmanager.SecretVersion(
+            f"{self._name}-{key}-v", secret=secret.id, secret_data=pulumi.Output.secret(data),
+            opts=pulumi.ResourceOptions(parent=secret))
+        return secret, version
+
+    def _bridge_grants(self) -> list[pulumi.Resource]:
+        """The bridge's least privilege on the resources it uses: publisher on its topics, the fan-out
+        subscriptions it reads (and the Pub/Sub agent's right to dead-letter them), datastore.user conditioned on
+        the registry's database. Returns the bridge's grants."""
+        name, args = self._name, self._args
+        needs: list[pulumi.Resource] = []
         publish_topics: dict[str, pulumi.Input[str]] = {"telemetry": args.telemetry_topic, "state": args.state_topic}
         for sub_folder, topic in sorted(args.routes.items()):
             # Two routes to one topic get one grant: two resources owning one binding would fight on destroy.
@@ -282,14 +287,28 @@ class Broker(pulumi.ComponentResource):
             # The bridge dead-letters a device's message Pub/Sub can never accept (iotbridge.bridge.service).
             publish_topics["dead-letter"] = args.dead_letter_topic
         for key, topic in publish_topics.items():
-            boot_needs.append(gcp.pubsub.TopicIAMMember(
+            needs.append(gcp.pubsub.TopicIAMMember(
                 f"{name}-publish-{key}", project=args.project, topic=topic, role="roles/pubsub.publisher",
-                member=sa_member, opts=child))
+                member=self._member, opts=self._child))
+        self._fanout_subscriptions()
+        for i, sub in self.fanout_subscriptions.items():
+            needs.append(gcp.pubsub.SubscriptionIAMMember(
+                f"{name}-fanout-{i}-subscriber", project=args.project, subscription=sub.name,
+                role="roles/pubsub.subscriber", member=self._member, opts=self._child))
+        needs.append(self.registry.user_grant(
+            f"{name}-datastore-user", self._member, self._child, title="registry database only",
+            condition=lambda db: f'resource.name.startsWith("{db}")'))
+        return needs
+
+    def _fanout_subscriptions(self) -> None:
+        """One device-commands subscription per fan-out slot (each host claims one), dead-lettered when the stack
+        has a dead-letter topic, with the Pub/Sub agent's subscriber grant that dead-lettering needs."""
+        name, args = self._name, self._args
         self.fanout_subscriptions = {
             i: gcp.pubsub.Subscription(
                 f"{name}-fanout-{i}",
                 project=args.project,
-                name=f"{p}-device-commands-host-{i}",
+                name=f"{args.prefix}-device-commands-host-{i}",
                 topic=args.commands_topic,
                 ack_deadline_seconds=60,
                 # Commands are only worth delivering live, and configs are re-read from the registry when a
@@ -300,79 +319,68 @@ class Broker(pulumi.ComponentResource):
                     dead_letter_topic=args.dead_letter_topic, max_delivery_attempts=args.max_delivery_attempts,
                 ) if args.dead_letter_topic is not None else None,
                 retry_policy=gcp.pubsub.SubscriptionRetryPolicyArgs(minimum_backoff="1s", maximum_backoff="60s"),
-                labels=labels,
-                opts=child,
+                labels=self._labels,
+                opts=self._child,
             )
-            for i in range(args.fanout_slots)
+            for i in range(self._slots)
         }
-        if args.dead_letter_topic is not None:
-            if args.pubsub_agent is None:
-                raise ValueError("dead_letter_topic needs pubsub_agent: the agent must be able to ack the source")
+        if args.pubsub_agent is not None and args.dead_letter_topic is not None:
             for i, sub in self.fanout_subscriptions.items():
                 gcp.pubsub.SubscriptionIAMMember(
                     f"{name}-fanout-{i}-agent", project=args.project, subscription=sub.name,
-                    role="roles/pubsub.subscriber", member=args.pubsub_agent, opts=child)
-        for i, sub in self.fanout_subscriptions.items():
-            boot_needs.append(gcp.pubsub.SubscriptionIAMMember(
-                f"{name}-fanout-{i}-subscriber", project=args.project, subscription=sub.name,
-                role="roles/pubsub.subscriber", member=sa_member, opts=child))
-        boot_needs.append(gcp.projects.IAMMember(
-            f"{name}-datastore-user",
-            project=args.project,
-            role="roles/datastore.user",
-            member=sa_member,
-            condition=gcp.projects.IAMMemberConditionArgs(
-                title="registry database only",
-                expression=self.database.name.apply(
-                    lambda db: f'resource.name.startsWith("projects/{args.project}/databases/{db}")'),
-            ),
-            opts=child,
-        ))
+                    role="roles/pubsub.subscriber", member=args.pubsub_agent, opts=self._child)
 
-        # ------------------------------------------------------------------ code
+    def _code(self) -> list[pulumi.Resource]:
+        """The bridge's code (``code_files()``) as a zip named by its content in a private bucket, and the bridge's
+        right to read it. Returns that grant."""
+        name, args = self._name, self._args
         files = code_files()
         digest = content_hash(files)
-        self.bucket = gcp.storage.Bucket(
-            f"{name}-code", project=args.project, name=f"{args.project}-{p}-broker-code", location=args.region,
-            uniform_bucket_level_access=True, public_access_prevention="enforced",
-            force_destroy=not args.deletion_protection, labels=labels, opts=child,
-            encryption=gcp.storage.BucketEncryptionArgs(
-                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None)
+        self.bucket = private_bucket(
+            f"{name}-code", project=args.project, name=f"{args.project}-{args.prefix}-broker-code",
+            location=args.region, deletion_protection=args.deletion_protection, labels=self._labels,
+            kms_key_name=args.kms_key_name, opts=self._child)
         # Named by content: hosts created from a new template fetch the new code, running ones keep theirs.
         self.code = gcp.storage.BucketObject(
             f"{name}-code-zip", bucket=self.bucket.name, name=f"bridge/{digest}.zip",
-            source=pulumi.AssetArchive({k: pulumi.StringAsset(v) for k, v in sorted(files.items())}), opts=child)
-        boot_needs.append(gcp.storage.BucketIAMMember(
-            f"{name}-code-reader", bucket=self.bucket.name, role="roles/storage.objectViewer", member=sa_member,
-            opts=child))
+            source=pulumi.AssetArchive({k: pulumi.StringAsset(v) for k, v in sorted(files.items())}), opts=self._child)
+        return [gcp.storage.BucketIAMMember(
+            f"{name}-code-reader", bucket=self.bucket.name, role="roles/storage.objectViewer", member=self._member,
+            opts=self._child)]
 
-        # ------------------------------------------------------------------ network egress and firewall
+    def _egress_and_firewall(self) -> None:
+        """Cloud NAT (the hosts have no external IP; apt and PyPI at boot) and the two ingress rules: 8883 from the
+        device ranges, the health port from Google's probe ranges."""
+        name, args, p = self._name, self._args, self._args.prefix
         router = gcp.compute.Router(f"{name}-router", project=args.project, region=args.region,
-                                    name=f"{p}-broker-router", network=args.network, opts=child)
+                                    name=f"{p}-broker-router", network=args.network, opts=self._child)
         self.nat = gcp.compute.RouterNat(
             f"{name}-nat", project=args.project, region=args.region, name=f"{p}-broker-nat", router=router.name,
             nat_ip_allocate_option="AUTO_ONLY", source_subnetwork_ip_ranges_to_nat="ALL_SUBNETWORKS_ALL_IP_RANGES",
-            opts=child)
+            opts=self._child)
         self.firewall_devices = gcp.compute.Firewall(
             f"{name}-fw-mqtt", project=args.project, name=f"{p}-broker-mqtt", network=args.network,
-            direction="INGRESS", source_ranges=list(args.device_source_ranges), target_tags=[tag],
-            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(MQTT_PORT)])], opts=child)
+            direction="INGRESS", source_ranges=list(args.device_source_ranges), target_tags=[self._tag],
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(MQTT_PORT)])], opts=self._child)
         self.firewall_health = gcp.compute.Firewall(
             f"{name}-fw-health", project=args.project, name=f"{p}-broker-health", network=args.network,
-            direction="INGRESS", source_ranges=list(HEALTH_CHECK_RANGES), target_tags=[tag],
-            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(args.health_port)])], opts=child)
+            direction="INGRESS", source_ranges=list(HEALTH_CHECK_RANGES), target_tags=[self._tag],
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(args.health_port)])], opts=self._child)
 
-        # ------------------------------------------------------------------ hosts
+    def _hosts(self, boot_needs: Sequence[pulumi.Resource]) -> None:
+        """The instance template (its startup script: ``startup_script``), the health checks of auto-healing and of
+        the load balancer, and the regional managed instance group, created once ``boot_needs`` exist."""
+        name, args, p = self._name, self._args, self._args.prefix
         route_names = list(args.routes)
         startup = pulumi.Output.all(
             self.bucket.name, self.code.name, self.tls_key_secret.secret_id, self.passwords_secret.secret_id,
-            self.server_cert.cert_pem, self.database.name, *(args.routes[k] for k in route_names),
+            self.server_cert.cert_pem, self.registry.name, *(args.routes[k] for k in route_names),
         ).apply(lambda v: startup_script(
             project=args.project, region=args.region, registry_id=args.registry_id, prefix=args.prefix,
             code_url=f"gs://{v[0]}/{v[1]}", tls_key_secret=v[2], passwords_secret=v[3], server_cert_pem=v[4],
             database=v[5], routes={k: _topic_id(t) for k, t in zip(route_names, v[6:], strict=True)},
-            fanout_subscriptions=[f"{p}-device-commands-host-{i}" for i in range(args.fanout_slots)],
-            health_port=args.health_port))
+            fanout_subscriptions=[f"{p}-device-commands-host-{i}" for i in range(self._slots)],
+            health_port=args.health_port, machine_type=args.machine_type))
         self.template = gcp.compute.InstanceTemplate(
             f"{name}-template",
             project=args.project,
@@ -389,21 +397,21 @@ class Broker(pulumi.ComponentResource):
                 enable_secure_boot=True, enable_vtpm=True, enable_integrity_monitoring=True),
             metadata={"enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE"},
             metadata_startup_script=startup,
-            tags=[tag],
-            labels=labels,
-            opts=child,
+            tags=[self._tag],
+            labels=self._labels,
+            opts=self._child,
         )
         autoheal_check = gcp.compute.HealthCheck(
             f"{name}-autoheal", project=args.project, name=f"{p}-broker-autoheal",
             check_interval_sec=10, timeout_sec=5, healthy_threshold=2, unhealthy_threshold=3,
             http_health_check=gcp.compute.HealthCheckHttpHealthCheckArgs(port=args.health_port,
                                                                          request_path="/healthz"),
-            opts=child)
-        lb_check = gcp.compute.RegionHealthCheck(
+            opts=self._child)
+        self._lb_check = gcp.compute.RegionHealthCheck(
             f"{name}-lb-check", project=args.project, region=args.region, name=f"{p}-broker-lb",
             check_interval_sec=5, timeout_sec=5, healthy_threshold=2, unhealthy_threshold=2,
             http_health_check=gcp.compute.RegionHealthCheckHttpHealthCheckArgs(
-                port=args.health_port, request_path="/healthz"), opts=child)
+                port=args.health_port, request_path="/healthz"), opts=self._child)
         self.group = gcp.compute.RegionInstanceGroupManager(
             f"{name}-mig",
             project=args.project,
@@ -412,57 +420,76 @@ class Broker(pulumi.ComponentResource):
             base_instance_name=f"{p}-broker",
             versions=[gcp.compute.RegionInstanceGroupManagerVersionArgs(
                 name="bridge", instance_template=self.template.self_link_unique)],
-            target_size=args.hosts,
+            # No target size: the autoscaler owns it (a size set here would fight it on every `up`).
             distribution_policy_zones=list(args.zones) or None,
             auto_healing_policies=gcp.compute.RegionInstanceGroupManagerAutoHealingPoliciesArgs(
                 health_check=autoheal_check.id, initial_delay_sec=args.autoheal_initial_delay_s),
-            update_policy=gcp.compute.RegionInstanceGroupManagerUpdatePolicyArgs(
-                type="PROACTIVE", minimal_action="REPLACE", max_surge_fixed=max(3, len(args.zones)),
-                max_unavailable_fixed=0),
+            update_policy=self._update_policy(),
             named_ports=[gcp.compute.RegionInstanceGroupManagerNamedPortArgs(name="mqtts", port=MQTT_PORT)],
             # Hosts hold device sessions: a plan that shrinks or replaces them must not wait for "stable".
             wait_for_instances=False,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[*deps, *boot_needs, self.nat]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*self._args.depends_on, *boot_needs, self.nat]),
         )
 
-        # ------------------------------------------------------------------ load balancer
+    def _update_policy(self) -> gcp.compute.RegionInstanceGroupManagerUpdatePolicyArgs:
+        """Roll new code or config out one host per zone at a time, never below the group's size.
+
+        A regional group takes a fixed ``maxUnavailable`` or ``maxSurge`` only as 0 or at least its number of zones
+        (three unless ``zones`` names others). So nothing is unavailable (0) and one new host per zone is created
+        first (surge = zones): an old host is deleted only once its substitute passes the health check, and at
+        most one host per zone drops its devices at a time; they reconnect through the load balancer."""
+        zones = len(self._args.zones) or 3
+        return gcp.compute.RegionInstanceGroupManagerUpdatePolicyArgs(
+            type="PROACTIVE", minimal_action="REPLACE", most_disruptive_allowed_action="REPLACE",
+            replacement_method="SUBSTITUTE", instance_redistribution_type="PROACTIVE",
+            max_surge_fixed=zones, max_unavailable_fixed=0)
+
+    def _autoscaler(self) -> None:
+        """The group's autoscaler between ``min_hosts`` and ``max_hosts``: connected devices per host (the gauge
+        each host's bridge reports) and CPU; GCP sizes the group for whichever signal asks for more hosts. Scale-in
+        removes at most one host per ten minutes, so its devices reconnect to the others before the next goes."""
+        name, args = self._name, self._args
+        self.autoscaler = gcp.compute.RegionAutoscaler(
+            f"{name}-autoscaler",
+            project=args.project,
+            region=args.region,
+            name=f"{args.prefix}-broker",
+            target=self.group.id,
+            autoscaling_policy=gcp.compute.RegionAutoscalerAutoscalingPolicyArgs(
+                min_replicas=args.min_hosts,
+                max_replicas=args.max_hosts,
+                mode="ON",
+                # A host's signals count once it has booted (apt and pip at boot: auto-healing's delay).
+                cooldown_period=args.autoheal_initial_delay_s,
+                metrics=[gcp.compute.RegionAutoscalerAutoscalingPolicyMetricArgs(
+                    name=CONNECTED_DEVICES_METRIC, target=self._devices_per_host, type="GAUGE")],
+                cpu_utilization=gcp.compute.RegionAutoscalerAutoscalingPolicyCpuUtilizationArgs(
+                    target=args.cpu_target),
+                scale_in_control=gcp.compute.RegionAutoscalerAutoscalingPolicyScaleInControlArgs(
+                    max_scaled_in_replicas=gcp.compute.RegionAutoscalerAutoscalingPolicyScaleInControlMaxScaledInReplicasArgs(
+                        fixed=1),
+                    time_window_sec=600),
+            ),
+            opts=self._child,
+        )
+
+    def _load_balancer(self) -> None:
+        """The external passthrough network load balancer: a regional backend service over the group (TCP,
+        CONNECTION balancing, a regional health check) and the forwarding rule on 8883 at the static IP."""
+        name, args, p = self._name, self._args, self._args.prefix
         self.backend = gcp.compute.RegionBackendService(
             f"{name}-backend", project=args.project, region=args.region, name=f"{p}-broker",
-            load_balancing_scheme="EXTERNAL", protocol="TCP", health_checks=lb_check.id,
+            load_balancing_scheme="EXTERNAL", protocol="TCP", health_checks=self._lb_check.id,
             # Long-lived MQTT sessions: let devices finish on a draining host before it goes.
             connection_draining_timeout_sec=60,
             backends=[gcp.compute.RegionBackendServiceBackendArgs(group=self.group.instance_group,
                                                                   balancing_mode="CONNECTION")],
-            opts=child)
+            opts=self._child)
         self.forwarding_rule = gcp.compute.ForwardingRule(
             f"{name}-mqtt", project=args.project, region=args.region, name=f"{p}-mqtt",
             ip_address=self.address.address, ip_protocol="TCP", port_range=str(MQTT_PORT),
             load_balancing_scheme="EXTERNAL", network_tier="PREMIUM", backend_service=self.backend.id,
-            labels=labels, opts=child)
-
-        self.mqtt_endpoint = self.address.address.apply(lambda a: f"{a}:{MQTT_PORT}")
-        self.mqtt_ca_cert = self.ca_cert.cert_pem
-        self.registry_id = pulumi.Output.from_input(args.registry_id)
-        self.register_outputs({
-            "mqtt_endpoint": self.mqtt_endpoint,
-            "mqtt_ca_cert": self.mqtt_ca_cert,
-            "registry_id": self.registry_id,
-            "firestore_database": self.database.name,
-            "broker_passwords_secret": self.passwords_secret.secret_id,
-        })
-
-    @staticmethod
-    def _secret(name: str, args: BrokerArgs, key: str, secret_id: str, data: pulumi.Input[str],
-                labels: Mapping[str, str], child: pulumi.ResourceOptions,
-                ) -> tuple[gcp.secretmanager.Secret, gcp.secretmanager.SecretVersion]:
-        secret = gcp.secretmanager.Secret(
-            f"{name}-{key}", project=args.project, secret_id=secret_id,
-            replication=gcp.secretmanager.SecretReplicationArgs(auto=gcp.secretmanager.SecretReplicationAutoArgs()),
-            deletion_protection=args.deletion_protection, labels=dict(labels), opts=child)
-        version = gcp.secretmanager.SecretVersion(
-            f"{name}-{key}-v", secret=secret.id, secret_data=pulumi.Output.secret(data),
-            opts=pulumi.ResourceOptions(parent=secret))
-        return secret, version
+            labels=self._labels, opts=self._child)
 
 
 def _topic_id(topic: str) -> str:
@@ -471,8 +498,11 @@ def _topic_id(topic: str) -> str:
 
 def startup_script(*, project: str, region: str, registry_id: str, prefix: str, code_url: str,
                    tls_key_secret: str, passwords_secret: str, server_cert_pem: str, database: str,
-                   routes: Mapping[str, str], fanout_subscriptions: Sequence[str], health_port: int) -> str:
-    """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager."""
+                   routes: Mapping[str, str], fanout_subscriptions: Sequence[str], health_port: int,
+                   machine_type: str = "e2-standard-2") -> str:
+    """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager, the
+    kernel and the units' open-files limits sized for what a ``machine_type`` host carries (host_sizing)."""
+    size = sizing(machine_type)
     settings = {
         "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
         "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT,
@@ -528,7 +558,16 @@ cd "$OPT/app"
     --out "$MQ" --user mosquitto
 chown -R mosquitto:mosquitto "$MQ"
 chown iotbridge:iotbridge "$ETC"/*
+# Kernel limits for {size.devices} device connections (gcp_iot_bridge/infra/host_sizing.py).
+install -d -m 0755 "$ROOT/etc/sysctl.d"
+cat > "$ROOT/etc/sysctl.d/60-iotbridge.conf" <<'SYSCTL'
+{size.sysctl_conf().strip()}
+SYSCTL
+systemctl restart systemd-sysctl
+# Open files: the front holds two per device, Mosquitto one, the bridge service a fixed set.
+NOFILE_front={size.front_nofile} NOFILE_service={size.service_nofile}
 for role in front service; do
+nofile=NOFILE_$role
 cat > "$UNITS/iotbridge-$role.service" <<UNIT
 [Unit]
 Description=gcp-iot-bridge $role
@@ -538,7 +577,7 @@ Wants=network-online.target
 User=iotbridge
 WorkingDirectory=$OPT/app
 ExecStart=$OPT/venv/bin/python -m iotbridge.bridge $role --settings $ETC/settings.json
-LimitNOFILE=1048576
+LimitNOFILE=${{!nofile}}
 NoNewPrivileges=true
 ProtectSystem=strict
 ReadWritePaths=$VAR
@@ -556,7 +595,7 @@ After=network-online.target
 ExecStart=/usr/sbin/mosquitto -c $MQ/mosquitto.conf
 Restart=always
 RestartSec=2
-LimitNOFILE=1048576
+LimitNOFILE={size.broker_nofile}
 [Install]
 WantedBy=multi-user.target
 UNIT

@@ -25,6 +25,7 @@ from typing import Literal
 import pulumi
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gcp_iot_bridge.infra import host_sizing
 from iotbridge import spec
 
 PROJECT = "gcp-iot-bridge"
@@ -87,6 +88,10 @@ class Key:
     kind: Kind  # the Pulumi.yaml schema type
     allowed: str  # what the one-line error tells the operator
     required: bool = False
+    deprecated: str = ""  # what to set instead; a deprecated key has no default and warns when set
+
+
+MAX_BROKER_HOSTS = host_sizing.MAX_HOSTS  # a regional managed instance group's limit
 
 
 def _p(name: str) -> str:
@@ -119,8 +124,15 @@ KEYS: tuple[Key, ...] = (
     Key(_p("bigtableGcMaxAgeDays"), "bigtable_gc_max_age_days", "integer", "an integer 1..3650 (days)"),
     Key(_p("registryId"), "registry_id", "string",
         'a device registry id ([a-zA-Z][a-zA-Z0-9_.~%-]{2,254}); empty: {prefix}-registry'),
-    Key(_p("brokerHosts"), "broker_hosts", "integer", 'an integer 1..4 (broker hosts in the managed instance group)'),
-    Key(_p("brokerMachineType"), "broker_machine_type", "string", 'a Compute Engine machine type, e.g. e2-standard-2'),
+    Key(_p("brokerMinHosts"), "broker_min_hosts", "integer",
+        f"an integer 1..{MAX_BROKER_HOSTS} (the fewest broker hosts the autoscaler keeps)"),
+    Key(_p("brokerMaxHosts"), "broker_max_hosts", "integer",
+        f"an integer 1..{MAX_BROKER_HOSTS}, >= brokerMinHosts (the most broker hosts the autoscaler starts; "
+        f"a regional managed instance group holds up to {MAX_BROKER_HOSTS})"),
+    Key(_p("brokerHosts"), "broker_hosts", "integer", f"an integer 1..{MAX_BROKER_HOSTS}",
+        deprecated="brokerMinHosts and brokerMaxHosts"),
+    Key(_p("brokerMachineType"), "broker_machine_type", "string",
+        f"a Compute Engine machine type of a known size: {host_sizing.known_machine_types()}"),
     Key(_p("brokerDeviceSourceRanges"), "broker_device_source_ranges", "array",
         'a list of CIDR ranges devices connect from'),
     Key(_p("pipelineThresholdRules"), "pipeline_threshold_rules", "string",
@@ -186,7 +198,9 @@ class StackConfig(BaseModel):
     bigtable_cpu_target: int = Field(default=60, ge=10, le=80)
     bigtable_gc_max_age_days: int = Field(default=30, ge=1, le=3650)
     registry_id: str = ""
-    broker_hosts: int = Field(default=2, ge=1, le=4)
+    broker_min_hosts: int = Field(default=2, ge=1, le=MAX_BROKER_HOSTS)
+    broker_max_hosts: int = Field(default=10, ge=1, le=MAX_BROKER_HOSTS)
+    broker_hosts: int | None = Field(default=None, ge=1, le=MAX_BROKER_HOSTS)  # deprecated: parse() maps it
     broker_machine_type: str = "e2-standard-2"
     broker_device_source_ranges: tuple[str, ...] = ("0.0.0.0/0",)
     pipeline_threshold_rules: str = "{}"
@@ -273,6 +287,12 @@ class StackConfig(BaseModel):
     def _registry_id(cls, v: str) -> str:
         if v and not _REGISTRY_RE.match(v):
             raise ValueError("not a registry id")
+        return v
+
+    @field_validator("broker_machine_type")
+    @classmethod
+    def _broker_machine_type(cls, v: str) -> str:
+        host_sizing.memory_mib(v)  # the hosts' limits are sized from its memory
         return v
 
     @field_validator("broker_device_source_ranges")
@@ -453,6 +473,7 @@ def parse(raw: Mapping[str, str | None], stack: str) -> StackConfig:
         raise _fail(key, raw.get(key.key), msg) from None
 
     # Rules that join two keys.
+    cfg = _broker_hosts(cfg, raw)
     if cfg.bigtable_max_nodes < cfg.bigtable_min_nodes:
         raise _fail(KEY_BY_FIELD["bigtable_max_nodes"], cfg.bigtable_max_nodes,
                     f"less than bigtableMinNodes={cfg.bigtable_min_nodes}")
@@ -485,6 +506,31 @@ def parse(raw: Mapping[str, str | None], stack: str) -> StackConfig:
     return cfg
 
 
+def _broker_hosts(cfg: StackConfig, raw: Mapping[str, str | None]) -> StackConfig:
+    """The deprecated fixed host count read as equal bounds; the bounds checked against each other."""
+    if cfg.broker_hosts is not None:
+        # The Pulumi CLI passes Pulumi.yaml's defaults as if the stack set them: only a value other than the
+        # default says the stack asked for bounds too.
+        fields = StackConfig.model_fields
+        given = [k.key for k in KEYS if k.field in ("broker_min_hosts", "broker_max_hosts")
+                 and getattr(cfg, k.field) != fields[k.field].default]
+        if given:
+            raise _fail(KEY_BY_FIELD["broker_hosts"], cfg.broker_hosts,
+                        f"deprecated, and {given[0]} is set too: remove brokerHosts")
+        cfg = cfg.model_copy(update={"broker_min_hosts": cfg.broker_hosts, "broker_max_hosts": cfg.broker_hosts})
+    if cfg.broker_max_hosts < cfg.broker_min_hosts:
+        raise _fail(KEY_BY_FIELD["broker_max_hosts"], cfg.broker_max_hosts,
+                    f"less than brokerMinHosts={cfg.broker_min_hosts}")
+    return cfg
+
+
+def deprecations(raw: Mapping[str, str | None]) -> list[str]:
+    """One warning per deprecated key the stack sets, saying what to set instead."""
+    return [f"config {k.key} is deprecated: set {k.deprecated} instead "
+            f"({k.key}={raw[k.key]} is read as both set to {raw[k.key]})"
+            for k in KEYS if k.deprecated and raw.get(k.key)]
+
+
 def _raw_from_pulumi() -> dict[str, str | None]:
     raw: dict[str, str | None] = {}
     gcp = pulumi.Config("gcp")
@@ -504,4 +550,7 @@ def _raw_from_pulumi() -> dict[str, str | None]:
 
 def load() -> StackConfig:
     """Read and validate this stack's config. Raises ``ConfigError`` (one line) before any resource exists."""
-    return parse(_raw_from_pulumi(), pulumi.get_stack())
+    raw = _raw_from_pulumi()
+    for warning in deprecations(raw):
+        pulumi.log.warn(warning)
+    return parse(raw, pulumi.get_stack())

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_gcp as gcp
 
+from gcp_iot_bridge.infra.buckets import private_bucket
 from iotbridge.ml import sql
 
 _MEMBER_RE = re.compile(r"^(user|group|serviceAccount|domain):\S+$")
@@ -114,25 +115,15 @@ class EdgeMl(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self, depends_on=deps)
         labels = {k: _LABEL_RE.sub("_", v.lower())[:63] for k, v in args.labels.items()}
 
-        self.bucket = gcp.storage.Bucket(
-            f"{name}-models",
-            project=args.project,
-            name=f"{args.project}-{args.prefix}-models",
-            location=args.location,
-            uniform_bucket_level_access=True,
-            public_access_prevention="enforced",
-            versioning=gcp.storage.BucketVersioningArgs(enabled=True),
+        self.bucket = private_bucket(
+            f"{name}-models", project=args.project, name=f"{args.project}-{args.prefix}-models",
+            location=args.location, deletion_protection=args.deletion_protection, labels=labels,
+            kms_key_name=args.kms_key_name, opts=child, versioned=True,
             lifecycle_rules=[gcp.storage.BucketLifecycleRuleArgs(
                 action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
                 condition=gcp.storage.BucketLifecycleRuleConditionArgs(
                     days_since_noncurrent_time=args.noncurrent_retention_days, with_state="ARCHIVED"),
-            )],
-            force_destroy=not args.deletion_protection,
-            encryption=gcp.storage.BucketEncryptionArgs(
-                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None,
-            labels=labels,
-            opts=child,
-        )
+            )])
 
         # The identity behind every signed URL: it can read models and nothing else. Operators sign as it through
         # IAM signBlob (Service Account Token Creator on this account only), so no key file exists.

@@ -1,33 +1,22 @@
 """Container images a component builds and pushes during ``pulumi up``: an Artifact Registry repository of its own
-and a pulumi-docker-build image of a Dockerfile whose build context is the source root (``sources.py``).
+and a pulumi-docker-build image of a Dockerfile over a staged build context (``packaging.stage``).
 
 The pipeline's Flex Template image and the admin API's image are built this way. The tag is the content hash of
 what the image is built from (each component computes it), so a preview sees the same tag until the code changes;
-the reference the workload runs is ``tag@sha256:digest``, the exact bytes that were pushed.
+the reference the workload runs is ``tag@sha256:digest``, the exact bytes that were pushed. Nothing is staged or
+hashed for a component that runs a prebuilt image.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pulumi
 import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
-
-from gcp_iot_bridge.infra.sources import SOURCE_ROOT
-
-
-def files_hash(paths: Sequence[Path]) -> str:
-    """Content hash of build inputs (paths under SOURCE_ROOT, in order): the image tag, stable across previews,
-    new on any change to what the image is built from."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.relative_to(SOURCE_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -37,8 +26,9 @@ class ImageArgs:
     repository_id: str  # the Artifact Registry repository, e.g. "{prefix}-dataflow"
     description: str  # of the repository
     image_name: str  # the image's name in the repository
-    dockerfile: Path  # under SOURCE_ROOT, the build context
-    tag: str  # the content hash of the build inputs
+    dockerfile: Path
+    context: Callable[[], Path]  # stages the build context and returns its folder
+    tag: Callable[[], str]  # the content hash of the build context and the Dockerfile
     build_args: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     depends_on: Sequence[pulumi.Resource] = ()  # the artifactregistry API
@@ -71,12 +61,12 @@ def push_image(name: str, args: ImageArgs, parent: pulumi.Resource) -> PushedIma
         f"{name}-image",
         # Paths relative to where `pulumi` runs: absolute ones would differ between checkouts and show a diff on
         # every other operator's machine.
-        context=docker_build.BuildContextArgs(location=os.path.relpath(SOURCE_ROOT)),
+        context=docker_build.BuildContextArgs(location=os.path.relpath(args.context())),
         dockerfile=docker_build.DockerfileArgs(location=os.path.relpath(args.dockerfile)),
         platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers and Cloud Run are x86-64
         build_args=dict(args.build_args) or None,
         tags=[repository.repository_id.apply(
-            lambda repo: f"{registry}/{args.project}/{repo}/{args.image_name}:{args.tag}")],
+            lambda repo: f"{registry}/{args.project}/{repo}/{args.image_name}:{args.tag()}")],
         push=True,
         # Previews must not need a Docker daemon or push anything.
         build_on_preview=False,

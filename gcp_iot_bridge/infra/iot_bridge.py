@@ -31,6 +31,7 @@ from gcp_iot_bridge.infra.messaging import Messaging, MessagingArgs
 from gcp_iot_bridge.infra.monitoring import Monitoring, MonitoringArgs
 from gcp_iot_bridge.infra.network import Network, NetworkArgs
 from gcp_iot_bridge.infra.pipeline import Pipeline, PipelineArgs
+from gcp_iot_bridge.infra.registry_database import FormerBroker, RegistryDatabase, RegistryDatabaseArgs
 from gcp_iot_bridge.infra.timeseries import TimeSeries, TimeSeriesArgs
 from gcp_iot_bridge.infra.warehouse import Warehouse, WarehouseArgs
 from gcp_iot_bridge.infra.workbench import Workbench, WorkbenchArgs
@@ -57,8 +58,8 @@ class IotBridge(pulumi.ComponentResource):
     - ``workbench_proxy_uri``, None unless the config enables Workbench.
 
     The pieces themselves are attributes (``foundation``, ``network``, ``warehouse``, ``timeseries``,
-    ``messaging``, ``broker``, ``pipeline``, ``config_push``, ``admin_api``, ``edge_ml``, ``monitoring``,
-    ``workbench``).
+    ``messaging``, ``registry``, ``broker``, ``pipeline``, ``config_push``, ``admin_api``, ``edge_ml``,
+    ``monitoring``, ``workbench``).
     """
 
     registry_id: pulumi.Output[str]
@@ -137,7 +138,17 @@ class IotBridge(pulumi.ComponentResource):
                         *self.foundation.key_grants("pubsub.googleapis.com")],
         ), opts=child)
 
-        # Devices → broker hosts (registry in Firestore, TLS front, Mosquitto, bridge) → telemetry and state topics.
+        # The device registry: the broker hosts and the config-push function read and write it. Broker declared it
+        # before it was a component of its own, under this component and, earlier still, under the stack.
+        self.registry = RegistryDatabase("registry", RegistryDatabaseArgs(
+            project=cfg.project,
+            location=cfg.region,
+            deletion_protection=cfg.deletion_protection,
+            former_brokers=[FormerBroker("broker", parent=self), FormerBroker("broker")],
+            depends_on=self.foundation.needs("firestore.googleapis.com"),
+        ), opts=pulumi.ResourceOptions(parent=self))
+
+        # Devices → broker hosts (TLS front, Mosquitto, bridge) → telemetry and state topics.
         self.broker = Broker("broker", BrokerArgs(
             project=cfg.project,
             region=cfg.region,
@@ -149,10 +160,12 @@ class IotBridge(pulumi.ComponentResource):
             commands_topic=self.messaging.topics["device-commands"].id,
             routes={"logs": self.messaging.topics["device-logs"].id},
             deletion_protection=cfg.deletion_protection,
+            registry=self.registry,
             network=self.network.vpc.id,
             subnetwork=self.network.subnet.id,
             machine_type=cfg.broker_machine_type,
-            hosts=cfg.broker_hosts,
+            min_hosts=cfg.broker_min_hosts,
+            max_hosts=cfg.broker_max_hosts,
             device_source_ranges=cfg.broker_device_source_ranges,
             dead_letter_topic=self.messaging.topics["dead-letter"].id,
             pubsub_agent=self.foundation.service_agent("pubsub.googleapis.com"),
@@ -210,9 +223,10 @@ class IotBridge(pulumi.ComponentResource):
             pubsub_agent=self.foundation.service_agent("pubsub.googleapis.com"),
             eventarc_agent=self.foundation.service_agent("eventarc.googleapis.com"),
             deletion_protection=cfg.deletion_protection,
+            registry=self.registry,
             labels=labels,
             kms_key_name=kms_key,
-            depends_on=[*self.foundation.needs(*CONFIG_PUSH_APIS), self.broker.database,
+            depends_on=[*self.foundation.needs(*CONFIG_PUSH_APIS),
                         *self.foundation.key_grants("storage.googleapis.com")],
         ), opts=child)
 
@@ -226,6 +240,7 @@ class IotBridge(pulumi.ComponentResource):
             service_account_email=self.foundation.service_accounts["admin-api"].email,
             project_number=self.foundation.project_number,
             deletion_protection=cfg.deletion_protection,
+            registry=self.registry,
             publish_topics=[self.messaging.topics["device-commands"].id],
             readers=cfg.admin_api_readers,
             writers=cfg.admin_api_writers,
@@ -234,8 +249,8 @@ class IotBridge(pulumi.ComponentResource):
             max_instances=cfg.admin_api_max_instances,
             prebuilt_image=cfg.admin_api_image or None,
             labels=labels,
-            depends_on=[*self.foundation.needs(*ADMIN_API_APIS), self.broker.database],
-        ), opts=child)
+            depends_on=self.foundation.needs(*ADMIN_API_APIS),
+        ), opts=pulumi.ResourceOptions(parent=self))  # newer than IotBridge: no former URN to alias
 
         # Cloud to edge: a model trained on the warehouse, exported small, rolled out through device configs.
         self.edge_ml = EdgeMl("edge-ml", EdgeMlArgs(

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +45,19 @@ import pulumi
 import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 
-from gcp_iot_bridge.infra.images import ImageArgs, files_hash, prebuilt_or_pushed
+from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.buckets import private_bucket
+from gcp_iot_bridge.infra.images import ImageArgs, prebuilt_or_pushed
 from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 from iotbridge.spec import ProfileError, parse_payload_profiles
 
 JOBS_DIR = SOURCE_ROOT / "dataflow_jobs"
 DOCKERFILE = JOBS_DIR / "Dockerfile"
 METADATA_FILE = JOBS_DIR / "metadata.json"
+# Where the build context is staged: inside the source root, so its path relative to where pulumi runs is the same
+# in every checkout (.gitignore'd).
+BUILD_DIR = SOURCE_ROOT / ".build" / "pipeline-image"
+PIPELINE_DISTRIBUTION = "iot-telemetry-pipeline"
 IMAGE_NAME = "telemetry-pipeline"
 # The tables the pipeline writes (iotbridge.spec names); it reads none.
 WRITTEN_TABLES = ("telemetry_raw", "telemetry_1m", "telemetry_errors")
@@ -65,19 +72,25 @@ def metadata() -> dict:
     return json.loads(METADATA_FILE.read_text())
 
 
-def build_inputs() -> list[Path]:
-    """The files the image is built from: the Dockerfile and what its COPY lines take from the context."""
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    files = [DOCKERFILE, DOCKERFILE.with_name("Dockerfile.dockerignore")]
-    for line in text.splitlines():
-        if line.startswith("COPY ") and "--from=" not in line:
-            files += [SOURCE_ROOT / src for src in line.split()[1:-1]]
-    return files
+def build_context() -> dict[str, bytes]:
+    """Path -> bytes of the image's build context (gcp_iot_bridge/infra/packaging.py): the closure of the
+    pipeline's imports, its lock-pinned requirements.txt and constraints.txt, and the pyproject.toml that makes the
+    code the installable package ``iot-telemetry-pipeline``, which the Dockerfile installs."""
+    package = packaging.PIPELINE.package()
+    return {**package.files, "requirements.txt": package.requirements_txt.encode(),
+            "constraints.txt": package.constraints_txt.encode(),
+            "pyproject.toml": packaging.pyproject(PIPELINE_DISTRIBUTION, package).encode()}
 
 
 def source_hash() -> str:
-    """Content hash of the build inputs: the image tag, stable across previews, new on any code change."""
-    return files_hash(build_inputs())
+    """The image tag: of the build context and the Dockerfile, stable across previews, new on any change to either."""
+    return packaging.content_hash({**build_context(), "Dockerfile": DOCKERFILE.read_bytes()})[:16]
+
+
+def staged_context() -> Path:
+    """The build context written out afresh (``BUILD_DIR``): the folder pulumi-docker-build sends, nothing else."""
+    shutil.rmtree(BUILD_DIR, ignore_errors=True)
+    return packaging.stage(build_context(), BUILD_DIR)
 
 
 def check_parameters(params: Mapping[str, str]) -> dict[str, str]:
@@ -148,7 +161,11 @@ class PipelineArgs:
 
 
 class Pipeline(pulumi.ComponentResource):
-    """Image, template spec and the streaming Dataflow job, with the worker's data grants."""
+    """Image, template spec and the streaming Dataflow job, with the worker's data grants.
+
+    Each part of the constructor is one private method: the image, the bucket and template spec, the worker's
+    data grants, the workers' firewall, the job (which waits for the grants and the firewall).
+    """
 
     repository: gcp.artifactregistry.Repository | None
     image: docker_build.Image | None
@@ -156,6 +173,7 @@ class Pipeline(pulumi.ComponentResource):
     bucket: gcp.storage.Bucket
     template: gcp.storage.BucketObject
     template_path: pulumi.Output[str]
+    firewall: gcp.compute.Firewall
     job: gcp.dataflow.FlexTemplateJob
     grants: dict[str, pulumi.Resource]
 
@@ -164,55 +182,68 @@ class Pipeline(pulumi.ComponentResource):
         job_name = f"{args.prefix}-telemetry"
         if not _JOB_NAME_RE.match(job_name):
             raise ValueError(f"Dataflow job name {job_name!r} must match {_JOB_NAME_RE.pattern}")
-        child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
-        labels = dict(args.labels)
-        member = args.worker_service_account.member
+        self._name = name
+        self._args = args
+        self._child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
+        self._member = args.worker_service_account.member
         self.grants = {}
 
-        # ------------------------------------------------------------------------------------- image
+        self._image()
+        self._bucket_and_template()
+        self._data_grants()
+        checked_subnet = self._network()
+        self._job(job_name, checked_subnet)
+
+        self.register_outputs({
+            "dataflow_job_name": self.job.name,
+            "dataflow_job_id": self.job.job_id,
+            "template_path": self.template_path,
+            "image": self.image_ref,
+        })
+
+    def _image(self) -> None:
+        """The Flex Template image: ``prebuilt_image`` as given, or an Artifact Registry repository and the image of
+        ``dataflow_jobs/Dockerfile`` built and pushed there, with the workers' right to pull it."""
+        name, args = self._name, self._args
         # tag@sha256:digest: the spec and the workers pin the exact bytes that were pushed.
         self.repository, self.image, self.image_ref = prebuilt_or_pushed(name, args.prebuilt_image, ImageArgs(
             project=args.project, region=args.region, repository_id=f"{args.prefix}-dataflow",
             description="Flex Template images of the telemetry pipeline.", image_name=IMAGE_NAME,
-            dockerfile=DOCKERFILE, tag=source_hash(), build_args={"LAUNCHER_TAG": args.launcher_tag},
-            labels=labels, depends_on=args.depends_on), parent=self)
-        if self.repository is not None:
-            self.grants["artifactregistry.reader"] = gcp.artifactregistry.RepositoryIamMember(
-                f"{name}-worker-images-reader",
-                project=args.project,
-                location=args.region,
-                repository=self.repository.name,
-                role="roles/artifactregistry.reader",
-                member=member,
-                opts=child,
-            )
-
-        # ------------------------------------------------------------------------------------ bucket
-        self.bucket = gcp.storage.Bucket(
-            f"{name}-bucket",
+            dockerfile=DOCKERFILE, context=staged_context, tag=source_hash,
+            build_args={"LAUNCHER_TAG": args.launcher_tag}, labels=args.labels, depends_on=args.depends_on),
+            parent=self)
+        if self.repository is None:
+            return
+        self.grants["artifactregistry.reader"] = gcp.artifactregistry.RepositoryIamMember(
+            f"{name}-worker-images-reader",
             project=args.project,
-            name=f"{args.project}-{args.prefix}-dataflow",
             location=args.region,
-            uniform_bucket_level_access=True,
-            public_access_prevention="enforced",
-            force_destroy=not args.deletion_protection,
+            repository=self.repository.name,
+            role="roles/artifactregistry.reader",
+            member=self._member,
+            opts=self._child,
+        )
+
+    def _bucket_and_template(self) -> None:
+        """The private bucket of the template spec and the job's temp and staging files, the workers' access to it,
+        and the spec itself, at a path named by the image it launches."""
+        name, args = self._name, self._args
+        self.bucket = private_bucket(
+            f"{name}-bucket", project=args.project, name=f"{args.project}-{args.prefix}-dataflow",
+            location=args.region, deletion_protection=args.deletion_protection, labels=args.labels,
+            kms_key_name=args.kms_key_name, opts=self._child,
             # Temp and staging files are only useful while a launch or update runs.
             lifecycle_rules=[gcp.storage.BucketLifecycleRuleArgs(
                 action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
                 condition=gcp.storage.BucketLifecycleRuleConditionArgs(
                     age=7, matches_prefixes=["tmp/", "staging/"]),
-            )],
-            encryption=gcp.storage.BucketEncryptionArgs(
-                default_kms_key_name=args.kms_key_name) if args.kms_key_name else None,
-            labels=labels,
-            opts=child,
-        )
+            )])
         self.grants["storage.objectAdmin"] = gcp.storage.BucketIAMMember(
             f"{name}-worker-bucket",
             bucket=self.bucket.name,
             role="roles/storage.objectAdmin",  # temp/staging files; the launcher reads the spec
-            member=member,
-            opts=child,
+            member=self._member,
+            opts=self._child,
         )
 
         spec = pulumi.Output.all(self.image_ref).apply(lambda v: json.dumps(
@@ -225,11 +256,14 @@ class Pipeline(pulumi.ComponentResource):
                 lambda ref: f"templates/{IMAGE_NAME}-{hashlib.sha256(ref.encode()).hexdigest()[:16]}.json"),
             content=spec,
             content_type="application/json",
-            opts=child,
+            opts=self._child,
         )
         self.template_path = pulumi.Output.concat("gs://", self.bucket.name, "/", self.template.output_name)
 
-        # ------------------------------------------------------------------------------- data grants
+    def _data_grants(self) -> None:
+        """The worker's roles on exactly what the job touches: its subscription, the config-requests topic, the
+        tables it writes and the Bigtable table."""
+        name, args, member, child = self._name, self._args, self._member, self._child
         self.grants["pubsub.subscriber"] = gcp.pubsub.SubscriptionIAMMember(
             f"{name}-worker-subscriber",
             project=args.project,
@@ -275,12 +309,15 @@ class Pipeline(pulumi.ComponentResource):
             opts=child,
         )
 
-        # ---------------------------------------------------------------------------------- network
+    def _network(self) -> pulumi.Output[str]:
+        """The firewall rule that lets workers talk to each other. Returns the subnetwork's self link, checked to be
+        in the job's region with Private Google Access (the workers have private IPs only)."""
+        args = self._args
         subnet = args.subnetwork
         checked_subnet = pulumi.Output.all(subnet.self_link, subnet.region, subnet.private_ip_google_access).apply(
             lambda v: _check_subnet(v[0], v[1], v[2], args.region))
         self.firewall = gcp.compute.Firewall(
-            f"{name}-workers",
+            f"{self._name}-workers",
             project=args.project,
             name=f"{args.prefix}-dataflow-workers",
             network=subnet.network,
@@ -289,10 +326,13 @@ class Pipeline(pulumi.ComponentResource):
             allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[WORKER_PORTS])],
             source_tags=[WORKER_TAG],
             target_tags=[WORKER_TAG],
-            opts=child,
+            opts=self._child,
         )
+        return checked_subnet
 
-        # -------------------------------------------------------------------------------------- job
+    def _job(self, job_name: str, subnetwork: pulumi.Output[str]) -> None:
+        """The streaming Flex Template job, its parameters checked against the template's own regexes."""
+        args = self._args
         params = pulumi.Output.all(
             sub=args.input_subscription.id,
             dataset=args.dataset_id,
@@ -312,9 +352,8 @@ class Pipeline(pulumi.ComponentResource):
             # Canonical text: the same profiles give the same job parameter, whatever the config's spacing.
             "payload_profiles": parse_payload_profiles(args.payload_profiles).to_json(),
         }))
-        grants = list(self.grants.values())
         self.job = gcp.dataflow.FlexTemplateJob(
-            f"{name}-job",
+            f"{self._name}-job",
             project=args.project,
             region=args.region,
             name=job_name,
@@ -322,7 +361,7 @@ class Pipeline(pulumi.ComponentResource):
             sdk_container_image=self.image_ref,
             parameters=params,
             service_account_email=args.worker_service_account.email,
-            subnetwork=checked_subnet,
+            subnetwork=subnetwork,
             ip_configuration="WORKER_IP_PRIVATE",
             enable_streaming_engine=True,
             num_workers=args.num_workers,
@@ -333,26 +372,19 @@ class Pipeline(pulumi.ComponentResource):
             additional_experiments=["create_or_update_job"],
             kms_key_name=args.kms_key_name,
             transform_name_mapping=dict(args.transform_name_mapping) or None,
-            labels=labels,
+            labels=dict(args.labels),
             on_delete="drain" if args.deletion_protection else "cancel",
             # Wait for the job to stop: see the module docstring (teardown).
             skip_wait_on_job_termination=False,
             opts=pulumi.ResourceOptions(
                 parent=self,
                 # The workers need their grants and the firewall the moment they start.
-                depends_on=[*args.depends_on, *grants, self.firewall],
+                depends_on=[*args.depends_on, *self.grants.values(), self.firewall],
                 # Immutable fields (region, max_workers, ...) force a replacement: stop the old job first, or
                 # the new launch under the same name meets it.
                 delete_before_replace=True,
             ),
         )
-
-        self.register_outputs({
-            "dataflow_job_name": self.job.name,
-            "dataflow_job_id": self.job.job_id,
-            "template_path": self.template_path,
-            "image": self.image_ref,
-        })
 
 
 def _check_subnet(self_link: str, region: str, private_google_access: bool | None, job_region: str) -> str:

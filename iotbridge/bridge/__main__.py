@@ -1,10 +1,10 @@
-"""python -m iotbridge.bridge — run the parts of one broker host.
+"""python -m iotbridge.bridge — what a broker host runs, from the settings file its startup script writes.
 
-  init     write settings.json, secrets.json (0600), a local CA + server certificate and mosquitto.conf
-  front    the TLS front devices connect to (needs FIRESTORE_EMULATOR_HOST locally, ADC in the cloud)
-  service  the bridge service Mosquitto ⇄ Pub/Sub (needs PUBSUB_EMULATOR_HOST / FIRESTORE_EMULATOR_HOST locally)
-  mosquitto-config  write mosquitto.conf, passwd and acl for an existing settings file (broker hosts)
-  run      init if needed, then Mosquitto + service + front until Ctrl-C (local use)
+  mosquitto-config  write mosquitto.conf, passwd and acl for the settings file (before Mosquitto starts)
+  front             the TLS front devices connect to (ADC in the cloud; FIRESTORE_EMULATOR_HOST locally)
+  service           the bridge service Mosquitto <-> Pub/Sub (ADC in the cloud; the emulators' hosts locally)
+
+A broker host on this machine, with a throw-away CA and free ports: python -m iotbridge.local.broker_host.
 """
 
 from __future__ import annotations
@@ -70,19 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    init = sub.add_parser("init", help="write the settings of a local broker host")
-    run = sub.add_parser("run", help="Mosquitto + service + front on this machine until Ctrl-C")
-    for p in (init, run):
-        p.add_argument("--workdir", type=Path, required=True)
-        p.add_argument("--project", required=True)
-        p.add_argument("--region", required=True)
-        p.add_argument("--registry", required=True)
-        p.add_argument("--prefix", required=True, help="topic prefix, e.g. iot-local")
-    init.add_argument("--front-port", type=int, help="TLS port for devices (default: a free port)")
-    init.add_argument("--broker-port", type=int, help="loopback Mosquitto port (default: a free port)")
     for name, text in (("front", "the TLS front"), ("service", "the bridge service")):
         p = sub.add_parser(name, help=f"run {text}")
-        p.add_argument("--settings", type=Path, required=True, help="settings.json written by `init`")
+        p.add_argument("--settings", type=Path, required=True, help="the host's settings.json")
     mconf = sub.add_parser("mosquitto-config", help="write mosquitto.conf, passwd and acl for a settings file")
     mconf.add_argument("--settings", type=Path, required=True)
     mconf.add_argument("--out", type=Path, required=True, help="folder for the files and the persistence data")
@@ -92,14 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("google").setLevel(logging.WARNING)
 
-    if args.cmd == "init":
-        from iotbridge.bridge.stack import init_host
-
-        s = init_host(args.workdir, args.project, args.region, args.registry, args.prefix,
-                      front_port=args.front_port, broker_port=args.broker_port)
-        print(f"wrote {args.workdir}/settings.json; devices: {s.front_host}:{s.front_port}, "
-              f"CA {args.workdir}/tls/ca.pem")
-    elif args.cmd == "mosquitto-config":
+    if args.cmd == "mosquitto-config":
         from iotbridge.bridge.settings import mosquitto_config
 
         text = mosquitto_config(BridgeSettings.load(args.settings), args.out, user=args.user)
@@ -107,22 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}/mosquitto.conf")
     elif args.cmd == "front":
         run_front(BridgeSettings.load(args.settings))
-    elif args.cmd == "service":
-        run_service(BridgeSettings.load(args.settings))
     else:
-        import os
-
-        from iotbridge.bridge.stack import start_bridge_stack
-
-        stack = start_bridge_stack(args.workdir, args.project, args.region, args.registry, args.prefix,
-                                   env=dict(os.environ))
-        print(f"bridge up: devices connect to {stack.mqtt_host}:{stack.mqtt_port} with CA {stack.ca_cert}",
-              flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        stack.stop()
+        run_service(BridgeSettings.load(args.settings))
     return 0
 
 

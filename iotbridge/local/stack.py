@@ -200,7 +200,7 @@ class LocalStack:
 
     def _start_bridge(self, state: StackState, logs: Path, env: dict[str, str], progress: Progress) -> None:
         """Mosquitto on loopback, the bridge service and the TLS front devices connect to (one broker host)."""
-        from iotbridge.bridge.stack import BridgeStack, init_host
+        from iotbridge.local.broker_host import BridgeStack, init_host
 
         n = self.names
         workdir = (logs / "bridge").resolve()

@@ -24,41 +24,18 @@ from urllib.parse import urlsplit
 
 import typer
 
+from iotbridge.cliutil import JsonFlag, StackOpt, emit, fail, first_line, target_or_fail
 from iotbridge.edge_model import ArtifactError, EdgeModel, ModelPointer, sha256_hex
 from iotbridge.ml.runner import FetchError, fetch, redact
 
 models_app = typer.Typer(help="Edge anomaly model: train (locally), deploy to devices through their config, "
                               "status of the fleet.", no_args_is_help=True)
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-StackOpt = Annotated[str | None, typer.Option("--stack", help="A deployed Pulumi stack (reads `pulumi stack output "
-                                                             "--json`); default: the running local stack.")]
 MAX_SIGNED_URL_TTL = timedelta(days=7)  # the V4 signing limit
 
 
 class DeployError(RuntimeError):
     """A rollout cannot proceed; the message is one line for the operator."""
-
-
-def _emit(data: Any, as_json: bool, human: str) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str) if as_json else human)
-
-
-def _fail(reason: str, as_json: bool) -> None:
-    reason = " ".join(str(reason).split())
-    if as_json:
-        typer.echo(json.dumps({"error": reason}))
-    else:
-        typer.echo(f"error: {reason}", err=True)
-    raise typer.Exit(1)
-
-
-def _target(stack: str | None):
-    from iotbridge.targets import resolve
-
-    t = resolve(stack)
-    t.apply_env()
-    return t
 
 
 def _bigquery(t):
@@ -91,19 +68,18 @@ def train_cmd(
     local engine has no BigQuery ML) and write its artifact."""
     from iotbridge.ml import sql, train_local
 
+    t = target_or_fail(None, as_json)
     try:
-        t = _target(None)
         spec = sql.ModelSpec(t.project_id, t.bigquery_dataset, tuple(m.strip() for m in metrics.split(",")),
                              num_clusters=clusters, training_days=training_days, contamination=contamination)
         model = train_local.train(_bigquery(t), spec, version)
         path, digest = train_local.write_artifact(model, out)
     except Exception as exc:  # noqa: BLE001 - one line for the operator whatever failed
-        _fail(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc).splitlines()[0], as_json)
-        return
+        fail(first_line(exc), as_json)
     info = {"uri": path.resolve().as_uri(), "version": model.version, "sha256": digest, "size": len(model.to_bytes()),
             "training_rows": model.training_rows, "threshold": model.threshold, "clusters": len(model.centroids)}
-    _emit(info, as_json, f"model {model.version}: {info['size']} bytes, {model.training_rows} training rows, "
-                         f"{len(model.centroids)} clusters\n  uri    {info['uri']}\n  sha256 {digest}")
+    emit(info, as_json, f"model {model.version}: {info['size']} bytes, {model.training_rows} training rows, "
+                        f"{len(model.centroids)} clusters\n  uri    {info['uri']}\n  sha256 {digest}")
 
 
 # -------------------------------------------------------------------------------------------------- deploy
@@ -196,17 +172,16 @@ def deploy_cmd(
 ) -> None:
     """Roll a model out: a config push to each device with the artifact's URI, version and SHA-256."""
     ttl = parse_ttl(url_ttl)
+    t = target_or_fail(stack, as_json)
     try:
-        t = _target(stack)
         result = deploy(uri, version, devices or [], all_devices, sha256, signer, ttl, replace, t)
     except Exception as exc:  # noqa: BLE001 - one line for the operator whatever failed
-        _fail(str(exc), as_json)
-        return
+        fail(str(exc), as_json)
     failed = [d for d in result["devices"] if d.get("error")]
     human = "\n".join(f"  {d['device_id']:24} {'FAILED: ' + d['error'] if d.get('error') else 'requested'}"
                       for d in result["devices"])
-    _emit(result, as_json, f"model {version} ({result['sha256'][:12]}…, {result['size']} bytes) → "
-                           f"{len(result['devices']) - len(failed)} device(s)\n{human}")
+    emit(result, as_json, f"model {version} ({result['sha256'][:12]}…, {result['size']} bytes) → "
+                          f"{len(result['devices']) - len(failed)} device(s)\n{human}")
     if failed:
         raise typer.Exit(1)
 
@@ -309,18 +284,13 @@ def status_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """Which device runs which model version (device_logs), against the version its config asks for."""
-    try:
-        t = _target(stack)
-    except Exception as exc:  # noqa: BLE001
-        _fail(str(exc), as_json)
-        return
+    t = target_or_fail(stack, as_json)
     deadline = time.monotonic() + max(0.0, wait)
     while True:
         try:
             rows = fleet_status(t)
         except Exception as exc:  # noqa: BLE001
-            _fail(f"status failed: {exc}".splitlines()[0], as_json)
-            return
+            fail(f"status failed: {exc}".splitlines()[0], as_json)
         lagging = [r["device_id"] for r in rows if r["blocked"] is False and r["running_version"] != expect]
         if expect is None or not lagging or time.monotonic() >= deadline:
             break
@@ -338,7 +308,7 @@ def status_cmd(
                    if r["last_rejected_reason"] else "")
         lines.append(f"{r['device_id']:24} {str(r['desired_version']):10} {str(r['running_version']):10} "
                      f"{r['inferences_24h']:>8} {r['anomalies_24h']:>8}  {refusal}")
-    _emit(result, as_json, "\n".join(lines))
+    emit(result, as_json, "\n".join(lines))
     if expect is not None and lagging:
         if not as_json:
             typer.echo(f"error: {len(lagging)} device(s) not running {expect}: {', '.join(lagging[:10])}", err=True)

@@ -7,7 +7,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,26 +17,17 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from iotbridge import spec
-from iotbridge.bridge.stack import BridgeStack, start_bridge_stack
 from iotbridge.device import Device, DeviceIdentity, generate_key
 from iotbridge.local import services
+from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from iotbridge.registry import Credential, Registry
+from tests.waiting import wait_for
 
 PROJECT = "local-project"
 REGION = "europe-west1"
 REGISTRY = "bridge-tests"
 PULL_TOPICS = ("telemetry", "state", "device-logs")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_until(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @dataclass
@@ -60,26 +51,30 @@ class PubSubReader:
         """At least ``n`` messages (all that arrive until ``settle`` seconds after the n-th), acked."""
         out: list[pubsub_v1.types.PubsubMessage] = []
         deadline = time.monotonic() + timeout
-        settle_until: float | None = None
-        while time.monotonic() < deadline:
-            if len(out) >= n and settle_until is None:
-                settle_until = time.monotonic() + settle
-            if settle_until is not None and time.monotonic() >= settle_until:
-                break
-            # The emulator holds an empty pull until its deadline: keep each call short.
-            until = settle_until if settle_until is not None else deadline
-            try:
-                resp = self.subscriber.pull(request={"subscription": self.paths[key], "max_messages": 1000},
-                                            timeout=max(0.3, min(2.0, until - time.monotonic())))
-            except gexc.DeadlineExceeded:
-                continue
-            if resp.received_messages:
-                self.subscriber.acknowledge(request={"subscription": self.paths[key],
-                                                     "ack_ids": [m.ack_id for m in resp.received_messages]})
-                out.extend(m.message for m in resp.received_messages)
-        if len(out) < n:
-            raise AssertionError(f"{key}: received {len(out)} of {n} messages within {timeout}s")
+
+        def received() -> int:
+            out.extend(self._pull_once(key, deadline))
+            return len(out)
+
+        if n:
+            wait_for(f"{n} messages on {key} (the number received)", received, lambda got: got >= n,
+                     timeout=timeout, interval=0)
+        settle_until = min(time.monotonic() + settle, deadline)
+        while time.monotonic() < settle_until:
+            out.extend(self._pull_once(key, settle_until))
         return out
+
+    def _pull_once(self, key: str, until: float) -> list[pubsub_v1.types.PubsubMessage]:
+        """One pull, acked. The emulator holds an empty pull until its deadline: keep each call short."""
+        try:
+            resp = self.subscriber.pull(request={"subscription": self.paths[key], "max_messages": 1000},
+                                        timeout=max(0.3, min(2.0, until - time.monotonic())))
+        except gexc.DeadlineExceeded:
+            return []
+        if resp.received_messages:
+            self.subscriber.acknowledge(request={"subscription": self.paths[key],
+                                                 "ack_ids": [m.ack_id for m in resp.received_messages]})
+        return [m.message for m in resp.received_messages]
 
     def drain(self, key: str, wait: float = 1.0) -> list[pubsub_v1.types.PubsubMessage]:
         """Everything that arrives within ``wait`` seconds (to prove nothing was forwarded)."""

@@ -22,8 +22,9 @@ import pytest
 from iotbridge.bridge import mqtt
 from iotbridge.device import ConnectError, Device, create_jwt, generate_key
 from iotbridge.registry import Credential
+from tests.waiting import wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY, wait_until
+from .conftest import PROJECT, REGION, REGISTRY
 
 pytestmark = pytest.mark.emulator
 
@@ -92,7 +93,7 @@ def marker_roundtrip(devices, spy) -> None:
     ok = devices.connected("ES256")
     marker = uuid.uuid4().bytes
     ok.publish_event(marker).wait_for_publish(10)
-    wait_until(lambda: any(p == marker for _, p in spy.seen), 10, "marker at the spy")
+    wait_for("marker at the spy", lambda: any(p == marker for _, p in spy.seen), timeout=10)
 
 
 # ------------------------------------------------------------------------------------------- topics
@@ -121,7 +122,7 @@ def test_broker_acl_alone_confines_a_session_to_its_client_id(stack, spy):
         ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(stack.settings.broker_port), "-u", "front", "-P",
          stack.settings.secrets()["front"], "-i", "dev-aaa", "-q", "1", "-t", "/devices/dev-aaa/events",
          "-m", own.decode()], check=True, timeout=10)
-    wait_until(lambda: any(p == own for _, p in spy.seen), 10, "own publish at the spy")
+    wait_for("own publish at the spy", lambda: any(p == own for _, p in spy.seen), timeout=10)
     assert not [p for _, p in spy.seen if p == payload]
 
 
@@ -502,7 +503,7 @@ def test_packets_in_one_write_and_split_across_writes_are_all_forwarded(raw_devi
     dev.sock.sendall(split[:3])  # inside the topic: the front must wait for the rest
     dev.sock.sendall(split[3:])
     assert dev.pubacks(1) == [4]
-    wait_until(lambda: all(p in [q for _, q in spy.seen] for p in payloads), 10, "all four at the spy")
+    wait_for("all four at the spy", lambda: all(p in [q for _, q in spy.seen] for p in payloads), timeout=10)
 
 
 def test_nothing_after_an_offending_packet_in_the_same_read_is_forwarded(raw_device, devices, spy):
@@ -515,6 +516,6 @@ def test_nothing_after_an_offending_packet_in_the_same_read_is_forwarded(raw_dev
         while True:
             acks += dev.pubacks(1)
     assert acks in ([], [1])  # at most the packet before the offending one
-    wait_until(lambda: any(p == before for _, p in spy.seen), 10, "the packet before the offending one")
+    wait_for("the packet before the offending one", lambda: any(p == before for _, p in spy.seen), timeout=10)
     marker_roundtrip(devices, spy)
     assert not [p for _, p in spy.seen if p in (forged, after)]

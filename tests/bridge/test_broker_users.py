@@ -11,8 +11,9 @@ import time
 import pytest
 
 from iotbridge.bridge.settings import backend_client_id
+from tests.waiting import wait_for
 
-from .conftest import broker_session, wait_until
+from .conftest import broker_session
 from .test_attacks import Spy
 
 pytestmark = pytest.mark.emulator
@@ -28,13 +29,11 @@ def backend_refused(stack, client_id: str) -> bool:  # noqa: ANN001
     return False
 
 
-def arrives(reader, data: bytes, timeout: float = 20.0) -> bool:  # noqa: ANN001
+def wait_for_telemetry(reader, data: bytes, timeout: float = 20.0) -> None:  # noqa: ANN001
     """``data`` reaches the telemetry topic (other tests' late messages may come first)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if data in [m.data for m in reader.drain("telemetry", wait=0.5)]:
-            return True
-    return False
+    wait_for(f"{data!r} on the telemetry topic (the payloads pulled last)",
+             lambda: [m.data for m in reader.drain("telemetry", wait=0.5)], lambda got: data in got,
+             timeout=timeout, interval=0)
 
 
 def test_backend_cannot_take_a_devices_client_id(stack, devices, reader):
@@ -44,14 +43,14 @@ def test_backend_cannot_take_a_devices_client_id(stack, devices, reader):
     with pytest.raises(queue.Empty):  # the device was never disconnected
         dev.disconnects.get_nowait()
     dev.publish_event(b"still here").wait_for_publish(10)
-    assert arrives(reader, b"still here")
+    wait_for_telemetry(reader, b"still here")
 
 
 def test_backend_cannot_take_the_bridges_client_id(stack, devices, reader):
     assert backend_refused(stack, f"iotbridge:bridge:{stack.settings.host_id}")
     dev = devices.connected("ES256")
     dev.publish_event(b"bridge session intact").wait_for_publish(10)
-    assert arrives(reader, b"bridge session intact")
+    wait_for_telemetry(reader, b"bridge session intact")
 
 
 def test_backend_cannot_publish_a_devices_events_but_still_writes_configs(stack, devices, reader):
@@ -68,7 +67,8 @@ def test_backend_cannot_publish_a_devices_events_but_still_writes_configs(stack,
             session.disconnect()
             session.loop_stop()
         # What backend may do still arrives (so the refusals above are about the events only)...
-        wait_until(lambda: (f"/devices/{device_id}/config", b"from backend") in spy.seen, 10, "backend's config")
+        wait_for("backend's config", lambda: (f"/devices/{device_id}/config", b"from backend") in spy.seen,
+                 timeout=10)
         # ...and nothing it published as the device did.
         assert (f"/devices/{device_id}/events", b"forged") not in spy.seen
         assert [m for m in reader.drain("telemetry", wait=1.0) if m.data == b"forged"] == []

@@ -16,8 +16,9 @@ from google.cloud import pubsub_v1
 
 from iotbridge.bridge import fanout
 from iotbridge.local import services
+from tests.waiting import wait_for
 
-from .conftest import PROJECT, DeviceFactory, PubSubReader, new_stack, wait_until
+from .conftest import PROJECT, DeviceFactory, PubSubReader, new_stack
 
 pytestmark = pytest.mark.emulator
 
@@ -51,7 +52,8 @@ def test_bridge_killed_mid_stream_loses_nothing(own_stack, registry):
                                                    "seq": seq}).encode()))
         if seq == n // 2:
             # Kill once Pub/Sub has really received part of the stream, so the kill lands mid-flight.
-            wait_until(lambda: own_stack.service_stats().get("forwarded", 0) > 1000, 60, "first forwards")
+            wait_for("first forwards", lambda: own_stack.service_stats().get("forwarded", 0),
+                     lambda v: v > 1000, timeout=60)
             own_stack.kill("service")
     for info in infos:
         info.wait_for_publish(60)  # every message acknowledged by the broker (PUBACK through the front)
@@ -79,14 +81,14 @@ def test_pubsub_outage_stops_acks_then_delivers_everything(bridge_env, tmp_path,
         reader = _reader(stack)
         dev = DeviceFactory(registry, stack).connected("ES256")
         dev.publish_event(json.dumps({"seq": -1}).encode()).wait_for_publish(10)
-        wait_until(lambda: stack.service_stats().get("acked") == 1, 20, "first ack")
+        wait_for("first ack", lambda: stack.service_stats().get("acked"), lambda v: v == 1, timeout=20)
 
         os.killpg(pubsub.proc.pid, signal.SIGSTOP)
         n = 300
         for seq in range(n):
             dev.publish_event(json.dumps({"seq": seq}).encode()).wait_for_publish(10)
         # The broker holds them (the device got every PUBACK) and handed them to the bridge ...
-        wait_until(lambda: stack.service_stats().get("received") == n + 1, 20, "bridge received all")
+        wait_for("bridge received all", lambda: stack.service_stats().get("received"), lambda v: v == n + 1, timeout=20)
         stats = stack.service_stats()
         # ... which has acknowledged none of them while Pub/Sub is away.
         assert stats["acked"] == 1 and stats["forwarded"] == 1, stats
@@ -94,7 +96,7 @@ def test_pubsub_outage_stops_acks_then_delivers_everything(bridge_env, tmp_path,
         os.killpg(pubsub.proc.pid, signal.SIGCONT)
         got = _seqs(reader.pull("telemetry", n + 1, timeout=120))
         assert set(got) == set(range(-1, n))
-        wait_until(lambda: stack.service_stats().get("acked") == n + 1, 30, "all acked")
+        wait_for("all acked", lambda: stack.service_stats().get("acked"), lambda v: v == n + 1, timeout=30)
         dev.disconnect()
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
@@ -117,9 +119,9 @@ def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack,
     factory = DeviceFactory(registry, own_stack)
     device_id, private = factory.register("ES256")
     fanout.push_config(registry, pubsub_v1.PublisherClient(), own_stack.settings.prefix, device_id, b"cfg-v1")
-    wait_until(lambda: _retained(own_stack, device_id) == b"cfg-v1", 20, "retained config")
+    wait_for("retained config", lambda: _retained(own_stack, device_id), lambda v: v == b"cfg-v1", timeout=20)
 
-    wait_until(lambda: _health(own_stack) == 200, 10, "/healthz 200")
+    wait_for("/healthz 200", lambda: _health(own_stack), lambda v: v == 200, timeout=10)
     # Messages queued for the bridge's persistent session while the bridge is away.
     reader = _reader(own_stack)
     own_stack.stop_part("service")
@@ -139,7 +141,7 @@ def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack,
     assert sorted(_seqs(reader.pull("telemetry", 50, timeout=60))) == list(range(50))
 
     again = factory.device(device_id, private)
-    wait_until(lambda: _try_connect(again), 20, "device reconnects after the broker restart")
+    wait_for("device reconnects after the broker restart", lambda: _try_connect(again), timeout=20)
     again.subscribe_config()
     assert again.configs.get(timeout=20) == b"cfg-v1"
     again.disconnect()
@@ -226,7 +228,7 @@ def test_failed_publish_is_retried_and_acked_only_after_success(tmp_path):
     svc_mod.RETRY_MAX_S = 0.01
     try:
         bridge.batcher.add("projects/p/topics/pre-telemetry", raw_message(b"x", {"deviceId": "dev-1"}), (7, 1, 0))
-        wait_until(lambda: acks, 10, "ack after retries")
+        wait_for("ack after retries", lambda: acks, timeout=10)
     finally:
         svc_mod.RETRY_MAX_S = orig
         bridge.batcher.stop()

@@ -12,8 +12,9 @@ import pytest
 from google.cloud import pubsub_v1
 
 from iotbridge.bridge import fanout
+from tests.waiting import wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY, wait_until
+from .conftest import PROJECT, REGION, REGISTRY
 
 pytestmark = pytest.mark.emulator
 
@@ -51,7 +52,8 @@ def test_device_telemetry_and_state_reach_pubsub_byte_identical(devices, reader,
     assert [m.data for m in state] == [b'{"firmware": "1.2"}'] and _attrs(state[0]) == base
 
     # Registry activity is written (coalesced) by the bridge.
-    wait_until(lambda: registry.get_device(device_id).state == b'{"firmware": "1.2"}', 15, "state in registry")
+    wait_for("state in registry", lambda: registry.get_device(device_id).state,
+             lambda v: v == b'{"firmware": "1.2"}', timeout=15)
     assert registry.get_device(device_id).last_event_time is not None
 
 
@@ -63,7 +65,8 @@ def test_config_reaches_device_also_after_reconnect_and_ack_is_recorded(devices,
     publisher = pubsub_v1.PublisherClient()
     cfg = fanout.push_config(registry, publisher, stack.settings.prefix, device_id, b'{"rate": 5}')
     assert dev.configs.get(timeout=20) == b'{"rate": 5}'
-    wait_until(lambda: registry.list_config_versions(device_id)[0].device_ack_time is not None, 15, "config ack")
+    wait_for("config ack", lambda: registry.list_config_versions(device_id)[0].device_ack_time,
+             timeout=15)
     assert registry.get_device(device_id).last_config_ack_time is not None
     assert registry.get_config(device_id).version == cfg.version
 
@@ -71,12 +74,12 @@ def test_config_reaches_device_also_after_reconnect_and_ack_is_recorded(devices,
     dev.disconnect()
     # (min_interval_s=0: the registry's 1/s rate limit is not what this test is about)
     fanout.push_config(registry, publisher, stack.settings.prefix, device_id, b'{"rate": 7}', min_interval_s=0)
-    wait_until(lambda: stack_has_retained(stack, device_id, b'{"rate": 7}'), 20, "retained config v2")
+    wait_for("retained config v2", lambda: stack_has_retained(stack, device_id, b'{"rate": 7}'), timeout=20)
     again = devices.device(device_id, private)
     again.connect()
     again.subscribe_config()
     assert again.configs.get(timeout=20) == b'{"rate": 7}'
-    wait_until(lambda: registry.list_config_versions(device_id)[0].device_ack_time is not None, 15, "ack of v2")
+    wait_for("ack of v2", lambda: registry.list_config_versions(device_id)[0].device_ack_time, timeout=15)
 
 
 def stack_has_retained(stack, device_id: str, expected: bytes) -> bool:
@@ -103,11 +106,11 @@ def test_commands_reach_connected_device_and_fail_for_disconnected(devices, regi
     dev = devices.connected("ES256")
     device_id = dev.identity.device_id
     dev.subscribe_commands()
-    wait_until(lambda: fanout.is_connected(registry.client, REGISTRY, device_id), 10, "presence")
+    wait_for("presence", lambda: fanout.is_connected(registry.client, REGISTRY, device_id), timeout=10)
     fanout.send_command(registry, publisher, stack.settings.prefix, device_id, b"reboot", sub_folder="power")
     assert dev.commands.get(timeout=20) == (f"/devices/{device_id}/commands/power", b"reboot")
     dev.disconnect()
-    wait_until(lambda: not fanout.is_connected(registry.client, REGISTRY, device_id), 10, "presence removed")
+    wait_for("presence removed", lambda: not fanout.is_connected(registry.client, REGISTRY, device_id), timeout=10)
     with pytest.raises(fanout.DeviceNotConnected):
         fanout.send_command(registry, publisher, stack.settings.prefix, device_id, b"reboot")
 
@@ -132,5 +135,5 @@ def test_mqtt5_device_and_mosquitto_pub_as_foreign_client(devices, reader, regis
 
 def test_heartbeat_is_recorded_from_pingreq(devices, registry):
     dev = devices.connected("ES256", keepalive=1)  # paho pings every second while idle
-    wait_until(lambda: registry.get_device(dev.identity.device_id).last_heartbeat_time is not None, 15,
-               "last_heartbeat_time")
+    wait_for("last_heartbeat_time",
+             lambda: registry.get_device(dev.identity.device_id).last_heartbeat_time, timeout=15)

@@ -17,11 +17,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from iotbridge.bridge.front import VIOLATION_BACKOFF_S
-from iotbridge.bridge.stack import BridgeStack
 from iotbridge.device import ConnectError, Device, generate_key
+from iotbridge.local.broker_host import BridgeStack
 from iotbridge.registry import Credential
+from tests.waiting import wait_for
 
-from .conftest import DeviceFactory, new_stack, wait_until
+from .conftest import DeviceFactory, new_stack
 from .test_attacks import BAD_CREDENTIALS, NOT_AUTHORIZED, assert_dropped, expect_refused
 
 pytestmark = pytest.mark.emulator
@@ -72,7 +73,7 @@ def test_subscribe_naming_one_filter_many_times_is_refused_before_the_broker_see
     dev.client.subscribe([(dev.config_topic, 1)] * copies)
     assert_dropped(dev)
     reason = "more than once" if copies <= 8 else f"SUBSCRIBE with {copies} filters"
-    wait_until(lambda: reason in stack.log_text("front"), 10, "the refusal in the front's log")
+    wait_for("the refusal in the front's log", lambda: reason in stack.log_text("front"), timeout=10)
     # Nothing reached Mosquitto: the retained config was never sent back, so the device acknowledged none. The
     # same device, subscribing once, does get it: the check above could have seen it. (It reconnects once its
     # backoff after the violation has passed.)
@@ -102,7 +103,7 @@ def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redel
     device_id = dev.identity.device_id
     dev.subscribe_config()
     assert dev.configs.get(timeout=10) == b'{"v":"once"}'
-    wait_until(lambda: registry.get_config(device_id).device_ack_time is not None, 10, "the first ack")
+    wait_for("the first ack", lambda: registry.get_config(device_id).device_ack_time, timeout=10)
     acks = counter(stack, "config_acks")
     for _ in range(9):  # every re-subscribe makes Mosquitto send the retained config again, and the device ack it
         dev.subscribe_config()
@@ -111,11 +112,11 @@ def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redel
     assert counter(stack, "config_acks") == acks  # nine more PUBACKs, no more registry work
     push_config(stack, registry, device_id, b'{"v":"twice"}')  # a new version is acked again
     assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
-    wait_until(lambda: counter(stack, "config_acks") == acks + 1, 10, "the new version's ack")
+    wait_for("the new version's ack", lambda: counter(stack, "config_acks"), lambda v: v == acks + 1, timeout=10)
     # A new version with the same bytes is a version of its own: acknowledged too.
     push_config(stack, registry, device_id, b'{"v":"twice"}')
     assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
-    wait_until(lambda: registry.get_config(device_id).device_ack_time is not None, 10, "the same bytes' ack")
+    wait_for("the same bytes' ack", lambda: registry.get_config(device_id).device_ack_time, timeout=10)
     assert counter(stack, "config_acks") == acks + 2
 
 
@@ -226,7 +227,7 @@ def test_control_characters_in_the_client_id_are_escaped_in_the_log(devices, sta
     devices.created.append(dev)
     with pytest.raises(Exception):  # noqa: B017 - refused before or at CONNACK: either way, not connected
         dev.connect()
-    wait_until(lambda: marker in stack.log_text("front"), 10, "the refusal in the log")
+    wait_for("the refusal in the log", lambda: marker in stack.log_text("front"), timeout=10)
     lines = stack.log_text("front").splitlines()
     assert not [line for line in lines if line.startswith(marker)]
     assert any(f"x\\n{marker}" in line for line in lines)
@@ -244,7 +245,7 @@ def test_connections_that_never_send_connect_are_capped_per_address_and_in_all(d
     idle: list[ssl.SSLSocket] = []
     try:
         idle += [_idle(stack, "127.0.0.4") for _ in range(3)]
-        wait_until(lambda: counter(stack, "pending") == 3, 10, "3 pending connections")
+        wait_for("3 pending connections", lambda: counter(stack, "pending"), lambda v: v == 3, timeout=10)
         before = counter(stack, "pending_limited")
         with pytest.raises((ssl.SSLError, OSError)):  # a 4th from the same address: closed before TLS
             idle.append(_idle(stack, "127.0.0.4"))
@@ -253,14 +254,14 @@ def test_connections_that_never_send_connect_are_capped_per_address_and_in_all(d
         devices.connected("ES256")  # another address is not affected
 
         idle += [_idle(stack, "127.0.0.5") for _ in range(2)]  # 5 in all: the host's cap
-        wait_until(lambda: counter(stack, "pending") == 5, 10, "5 pending connections")
+        wait_for("5 pending connections", lambda: counter(stack, "pending"), lambda v: v == 5, timeout=10)
         with pytest.raises(Exception):  # noqa: B017 - the front closes the socket: TLS, socket or CONNACK error
             devices.connected("ES256")
         assert counter(stack, "pending_limited") == before + 2
     finally:
         for s in idle:
             s.close()
-    wait_until(lambda: counter(stack, "pending") == 0, 15, "the idle connections gone")
+    wait_for("the idle connections gone", lambda: counter(stack, "pending"), lambda v: v == 0, timeout=15)
     devices.connected("ES256")
 
 
@@ -289,8 +290,9 @@ def test_a_device_over_its_message_rate_is_slowed_and_told_others_are_not(device
     log_text = stack.log_text("front")
     assert f"device {fast.identity.device_id} slowed: rate limit" in log_text
     assert f"device {other.identity.device_id} slowed" not in log_text
-    wait_until(lambda: registry.get_device(fast.identity.device_id).last_error_status.startswith("rate limit"),
-               10, "the limit recorded in the registry")
+    wait_for("the limit recorded in the registry",
+             lambda: registry.get_device(fast.identity.device_id).last_error_status.startswith("rate limit"),
+             timeout=10)
 
 
 def test_state_updates_are_held_to_one_a_second(devices):
@@ -312,7 +314,7 @@ def test_an_event_whose_subfolder_pubsub_would_refuse_closes_the_connection(devi
     dev.publish_event(b"fits", sub_folder="s" * 1024).wait_for_publish(10)  # exactly Pub/Sub's 1,024 bytes
     dev.publish_event(b"poison", sub_folder="s" * 1025)
     assert_dropped(dev)
-    wait_until(lambda: "attribute_value_too_long" in stack.log_text("front"), 10, "the refusal in the log")
+    wait_for("the refusal in the log", lambda: "attribute_value_too_long" in stack.log_text("front"), timeout=10)
     got = reader.pull("telemetry", 1, timeout=30, settle=2.0)
     # (Earlier tests' devices share this host: only this device's messages are judged.)
     mine = [m for m in got if m.attributes["deviceId"] == dev.identity.device_id]

@@ -19,12 +19,13 @@ from gcp_iot_bridge.infra import broker as bc
 from iotbridge import spec
 from iotbridge.bridge import fanout
 from iotbridge.bridge.settings import new_secrets, write_secrets
-from iotbridge.bridge.stack import READY_SERVICE
-from iotbridge.bridge.tls import generate_local_tls
 from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
+from iotbridge.local.broker_host import READY_SERVICE
+from iotbridge.local.tls import generate_local_tls
+from tests.waiting import wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics, wait_until
+from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics
 
 pytestmark = pytest.mark.emulator
 
@@ -83,7 +84,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
                 services.wait_for_port(svc, 30)
         assert "leased fan-out subscription " + slots[0] in (tmp_path / "service.log").read_text()
         # Healthy once the service has written its first stats (half a second after it started).
-        wait_until(lambda: _health(settings["health_port"]) == 200, 10, "/healthz 200")
+        wait_for("/healthz 200", lambda: _health(settings["health_port"]), lambda v: v == 200, timeout=10)
 
         reader = PubSubReader(PROJECT, prefix)
         reader.attach(uuid.uuid4().hex[:6])
@@ -97,7 +98,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
         assert [m.data for m in reader.pull("device-logs", 1)] == [b"from the cloud layout"]
         fanout.push_config(registry, pubsub_v1.PublisherClient(), prefix, device_id, b"cfg")
         assert dev.configs.get(timeout=20) == b"cfg"
-        wait_until(lambda: registry.list_config_versions(device_id)[0].device_ack_time is not None, 15, "ack")
+        wait_for("ack", lambda: registry.list_config_versions(device_id)[0].device_ack_time, timeout=15)
         dev.disconnect()
     finally:
         for p in reversed(procs):

@@ -14,9 +14,10 @@ from google.cloud import pubsub_v1
 
 from iotbridge.bridge import limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
-from iotbridge.bridge.stack import BridgeStack
+from iotbridge.local.broker_host import BridgeStack
+from tests.waiting import wait_for
 
-from .conftest import PROJECT, DeviceFactory, PubSubReader, broker_session, new_stack, wait_until
+from .conftest import PROJECT, DeviceFactory, PubSubReader, broker_session, new_stack
 from .pubsub_limits import REFUSED, UNFORESEEN_MARKER, EnforcingPublisher
 
 pytestmark = pytest.mark.emulator
@@ -73,7 +74,8 @@ def test_poison_subfolder_is_dead_lettered_and_other_devices_get_through(enforci
     assert sample["subFolder"] == sub_folder[:limits.MAX_ATTRIBUTE_VALUE_BYTES]
     assert sample["mqttTopic"].startswith(f"/devices/{poisoner}/events/sss")
     # Acknowledged to the broker: nothing of it is redelivered, and no invalid request ever reached Pub/Sub.
-    wait_until(lambda: stack.service_stats().get("dead_lettered", 0) >= POISON_MESSAGES, 10, "dead-letter count")
+    wait_for("dead-letter count", lambda: stack.service_stats().get("dead_lettered", 0), lambda v: v >= POISON_MESSAGES,
+             timeout=10)
     assert reader.drain("telemetry", wait=1.0) == []
     assert REFUSED not in stack.procs["service"].log_path.read_text()
 
@@ -109,7 +111,7 @@ def test_message_pubsub_refuses_unforeseen_is_isolated_dead_lettered_and_acked(b
             assert [m.data for m in dead] == [b""] and attrs["dataDroppedBytes"] == str(len(UNFORESEEN_MARKER))
         assert attrs["error"] == "pubsub_invalid_argument" and "does not check" in attrs["errorDetail"]
         assert attrs["mqttTopic"] == f"/devices/{device_id}/events" and attrs["deviceId"] == device_id
-        stats = wait_until(lambda: (s := stack.service_stats()).get("acked", 0) >= 41 and s, 10, "every PUBACK")
+        stats = wait_for("every PUBACK", lambda: (s := stack.service_stats()).get("acked", 0) >= 41 and s, timeout=10)
         assert isinstance(stats, dict) and stats["dead_lettered"] == 1
     finally:
         stack.stop()
@@ -164,7 +166,7 @@ def test_batcher_isolates_the_message_pubsub_refuses_and_sends_its_batch_mates(e
         for i in range(16):
             attrs = {"i": str(i), **({"subFolder": "x" * 1100} if i == 11 else {})}
             batcher.add(topic, raw_message(f"m{i}".encode(), attrs), i)
-        wait_until(lambda: len(out.sent) == 15 and out.rejected, 20, "batch mates sent, refused one isolated")
+        wait_for("batch mates sent, refused one isolated", lambda: len(out.sent) == 15 and out.rejected, timeout=20)
     finally:
         batcher.stop()
     assert sorted(out.sent) == [i for i in range(16) if i != 11]
@@ -187,7 +189,7 @@ def test_batcher_hands_a_passing_failure_back_whole_for_retry():
     try:
         for i in range(4):
             batcher.add("projects/p/topics/t", raw_message(b"m", {"i": str(i)}), i)
-        wait_until(lambda: out.failed, 10, "failure reported")
+        wait_for("failure reported", lambda: out.failed, timeout=10)
     finally:
         batcher.stop()
     assert [tokens for tokens, _ in out.failed] == [[0, 1, 2, 3]] and out.rejected == [] and out.sent == []

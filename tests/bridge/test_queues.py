@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from iotbridge.bridge.stack import BridgeStack
+from iotbridge.local.broker_host import BridgeStack
+from tests.waiting import wait_for
 
-from .conftest import DeviceFactory, broker_session, new_stack, wait_until
+from .conftest import DeviceFactory, broker_session, new_stack
 
 pytestmark = pytest.mark.emulator
 
@@ -40,11 +41,12 @@ def test_bridge_session_over_its_queue_bound_is_reported_by_client_and_bounded(o
 
     bridge_client = f"iotbridge:bridge:{stack.settings.host_id}"
     log_path = stack.procs["service"].log_path
-    wait_until(lambda: f"dropping queued QoS 1 messages for client {bridge_client!r}" in log_path.read_text(), 20,
-               "the service's log line naming the client")
+    wait_for("the service's log line naming the client",
+             lambda: f"dropping queued QoS 1 messages for client {bridge_client!r}" in log_path.read_text(),
+             timeout=20)
     # $SYS is refreshed every sys_interval (5 s).
-    stats = wait_until(lambda: (s := stack.service_stats()).get("broker_dropped_messages", 0) > 0 and s, 20,
-                       "the broker's drop counter in the service's stats")
+    stats = wait_for("the broker's drop counter in the service's stats",
+                     lambda: (s := stack.service_stats()).get("broker_dropped_messages", 0) > 0 and s, timeout=20)
     assert isinstance(stats, dict) and stats["broker_queue_full"] >= 1
     # Bounded: what the broker holds is the bridge's in-flight window, its queue and the $SYS tree's own retained
     # messages (a few dozen), not everything that was sent.

@@ -33,6 +33,7 @@ session; Mosquitto is restarted; the retained config and the queued event surviv
 from __future__ import annotations
 
 import configparser
+import contextlib
 import hashlib
 import io
 import json
@@ -56,14 +57,16 @@ import pytest
 from google.cloud import pubsub_v1
 
 from gcp_iot_bridge.infra import broker as bc
+from gcp_iot_bridge.infra import packaging
 from iotbridge import spec
 from iotbridge.bridge import fanout
-from iotbridge.bridge.stack import READY_SERVICE
-from iotbridge.bridge.tls import generate_local_tls
 from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
+from iotbridge.local.broker_host import READY_SERVICE
+from iotbridge.local.tls import generate_local_tls
+from tests.waiting import TimedOut, wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics, wait_until
+from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics
 from .gce_standins import GoogleStandIns
 from .test_host import _health
 
@@ -208,9 +211,8 @@ def _read_retained(port: int, password: str, topic: str, timeout: float = 10.0) 
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        deadline = time.monotonic() + timeout
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(TimedOut):  # nothing retained: None, and the caller shows Mosquitto's log
+            wait_for(f"the retained message on {topic}", lambda: got, timeout=timeout)
     finally:
         client.loop_stop()
         client.disconnect()
@@ -284,8 +286,11 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         boot_s = time.monotonic() - started
         calls = journal.read_text().splitlines()
         assert calls == ["apt-get update -q", "apt-get install -y -q mosquitto python3-venv unzip",
-                         "systemctl disable --now mosquitto", "systemctl daemon-reload",
-                         "systemctl enable --now " + " ".join(UNITS)]
+                         "systemctl disable --now mosquitto", "systemctl restart systemd-sysctl",
+                         "systemctl daemon-reload", "systemctl enable --now " + " ".join(UNITS)]
+        # The kernel's limits for the host's connections, applied by systemd-sysctl (host_sizing.py).
+        sysctl = (host_root / "etc" / "sysctl.d" / "60-iotbridge.conf").read_text()
+        assert "net.ipv4.ip_local_port_range = 10000 65535" in sysctl and "net.core.somaxconn = 65535" in sysctl
         # gcloud fetched the code and both secrets with the token the metadata stand-in issued.
         assert [r.status for r in google.seen("GET", f"/download/storage/v1/b/{BUCKET}/o/")] == [200]
         assert [r.status for r in google.seen("GET", f"/v1/projects/{PROJECT}/secrets/")] == [200, 200]
@@ -295,8 +300,8 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         venv = host_root / "opt/iotbridge/venv/bin/python"
         listed = subprocess.run([str(venv), "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
                                 env={"PATH": HOST_PATH, "PIP_CONFIG_FILE": os.devnull}, check=True, timeout=60)
-        installed = {bc.canonical_name(p["name"]): p["version"] for p in json.loads(listed.stdout)}
-        lock = {n: line.partition("==")[2] for n, line in bc.lock_pins().items()}
+        installed = {packaging.canonical_name(p["name"]): p["version"] for p in json.loads(listed.stdout)}
+        lock = {n: line.partition("==")[2] for n, line in packaging.lock_pins().items()}
         seeded = {"pip", "setuptools"}  # what `python3 -m venv` puts there before pip installs anything
         assert {n: v for n, v in installed.items() if n not in seeded and lock.get(n) != v} == {}
         assert {"grpcio", "protobuf", "google-auth"} <= set(installed)
@@ -313,10 +318,11 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
             proc = init.units[name].proc
             assert proc is not None
             assert _uid(proc.pid) == (uid, uid), f"{name} runs as {_uid(proc.pid)}, not {uid}"
-        wait_until(lambda: _health(health_port) == 200, 15, "/healthz 200")
+        wait_for("/healthz 200", lambda: _health(health_port), lambda v: v == 200, timeout=15)
         # The front labelled its gauge from the metadata server; the write itself was refused at the proxy.
-        wait_until(lambda: google.seen("GET", "/computeMetadata/v1/instance/zone"), 15, "the front's metadata read")
-        wait_until(lambda: google.seen("CONNECT", "monitoring.googleapis.com:443"), 15, "the gauge's write")
+        wait_for("the front's metadata read", lambda: google.seen("GET", "/computeMetadata/v1/instance/zone"),
+                 timeout=15)
+        wait_for("the gauge's write", lambda: google.seen("CONNECT", "monitoring.googleapis.com:443"), timeout=15)
 
         # A device: TLS with the CA that signed the host's certificate, a JWT, telemetry to Pub/Sub.
         reader = PubSubReader(PROJECT, prefix)

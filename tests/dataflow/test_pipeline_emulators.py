@@ -26,6 +26,7 @@ from google.cloud.bigtable import column_family
 
 from dataflow_jobs import schema, telemetry_pipeline
 from iotbridge.spec import BIGTABLE, TABLES
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(240)]
 
@@ -39,18 +40,6 @@ RULE_INTERVAL_S = 3600
 HOT_DEVICES = {"dev-00": 1, "dev-03": 3}  # device -> how many readings above the threshold (all within the interval)
 
 T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T], done: Callable[[T], bool], timeout: float = 90.0) -> T:
-    """Poll ``probe`` until ``done(value)``; fail naming ``what`` and the last value at the deadline."""
-    deadline = time.monotonic() + timeout
-    value = probe()
-    while not done(value):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {str(value)[:500]}")
-        time.sleep(0.5)
-        value = probe()
-    return value
 
 
 def attrs(device: str) -> dict[str, str]:
@@ -210,7 +199,7 @@ def wait_for_runner_threads_to_end(threads_before: set[threading.Thread]) -> Non
     # The DirectRunner's executor threads ("Thread: N, ...") end once their current pull (30 s at most) returns.
     wait_for("the runner's threads to end", lambda: [t.name for t in set(threading.enumerate()) - threads_before
                                                      if t.is_alive() and t.name.startswith("Thread: ")],
-             lambda v: not v, timeout=45)
+             lambda v: not v, timeout=45, interval=0.5)
 
 
 def test_pipeline_on_emulators(stack):
@@ -235,16 +224,17 @@ def test_pipeline_on_emulators(stack):
 
         # telemetry_raw: exactly N rows, one per good message.
         wait_for("N rows in telemetry_raw", lambda: query("SELECT COUNT(*) AS n FROM {t}.telemetry_raw")[0]["n"],
-                 lambda v: v >= n)
+                 lambda v: v >= n, timeout=90, interval=0.5)
         # Bigtable: N rows, each cell exactly one version.
         bt_table = stack["bt_table"]
-        rows = wait_for("N rows in Bigtable", lambda: list(bt_table.read_rows()), lambda v: len(v) >= n)
+        rows = wait_for("N rows in Bigtable", lambda: list(bt_table.read_rows()), lambda v: len(v) >= n, timeout=90,
+                        interval=0.5)
         assert len(rows) == n
         assert all(r.row_key.decode().split("#")[0] in DEVICES for r in rows)
         # telemetry_errors: every bad message with its reason and untouched payload.
         errors = wait_for("every bad message in telemetry_errors",
                           lambda: query("SELECT message_id, error, payload FROM {t}.telemetry_errors"),
-                          lambda v: len(v) >= len(bads))
+                          lambda v: len(v) >= len(bads), timeout=90, interval=0.5)
         got_errors = {e["message_id"]: (e["error"], e["payload"]) for e in errors}
         assert got_errors == want_errors
 
@@ -255,7 +245,8 @@ def test_pipeline_on_emulators(stack):
             return combined_minutes(query)
 
         got = wait_for("telemetry_1m aggregates", minutes,
-                       lambda v: {k: c[0] for k, c in v.items()} == {k: c[0] for k, c in want.items()})
+                       lambda v: {k: c[0] for k, c in v.items()} == {k: c[0] for k, c in want.items()}, timeout=90,
+                       interval=0.5)
         for k, (cnt, lo, hi, mean) in want.items():
             assert got[k][:3] == (cnt, lo, hi), k
             assert got[k][3] == pytest.approx(mean), k
@@ -271,7 +262,7 @@ def test_pipeline_on_emulators(stack):
             received.extend(json.loads(m.message.data) for m in resp.received_messages)
             return received
 
-        wait_for("config requests", pull, lambda v: len(v) >= len(HOT_DEVICES))
+        wait_for("config requests", pull, lambda v: len(v) >= len(HOT_DEVICES), timeout=90, interval=0.5)
         assert sorted(received, key=lambda r: r["device_id"]) == [
             {"device_id": d, "config": {"fan": "max"}} for d in sorted(HOT_DEVICES)]
 
@@ -287,11 +278,14 @@ def test_pipeline_on_emulators(stack):
         publish_all(stack["publisher"], stack["telemetry_topic"], sentinels)
         total = n + len(sentinels)
         wait_for("the new readings in telemetry_raw",
-                 lambda: query("SELECT COUNT(*) AS n FROM {t}.telemetry_raw")[0]["n"], lambda v: v >= total)
-        wait_for("the new readings in Bigtable", lambda: len(list(bt_table.read_rows())), lambda v: v >= total)
+                 lambda: query("SELECT COUNT(*) AS n FROM {t}.telemetry_raw")[0]["n"], lambda v: v >= total,
+                 timeout=90, interval=0.5)
+        wait_for("the new readings in Bigtable", lambda: len(list(bt_table.read_rows())), lambda v: v >= total,
+                 timeout=90, interval=0.5)
         sentinel_window = late_ms // 60_000 * 60_000
         after = wait_for("the new readings in telemetry_1m", minutes,
-                         lambda v: sum(c[0] for k, c in v.items() if k[1] == "rpm") >= total)
+                         lambda v: sum(c[0] for k, c in v.items() if k[1] == "rpm") >= total, timeout=90,
+                         interval=0.5)
         assert sum(c[0] for k, c in after.items() if k[1] == "rpm") == total
         # Nothing of the replay anywhere: exact counts, one version per Bigtable cell, same aggregates.
         assert query("SELECT COUNT(*) AS n FROM {t}.telemetry_raw")[0]["n"] == total

@@ -23,6 +23,7 @@ from iotbridge import registry as reg
 from iotbridge.local import services
 from tests.functions.conftest import load_function
 from tests.functions.served import DeviceClient
+from tests.waiting import wait_for
 
 cp_module = load_function
 
@@ -287,15 +288,17 @@ def handler_env(cp, firestore_emulator, pubsub_emulator, mosquitto, emulator_env
 
 
 def pull_dead_letters(subscriber, subscription: str, count: int, timeout: float = 20.0) -> list:
-    import time
-
     got: list = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count and time.monotonic() < deadline:
+
+    def received() -> int:
         resp = subscriber.pull(subscription=subscription, max_messages=50, timeout=5)
         if resp.received_messages:
             subscriber.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in resp.received_messages])
-            got += [m.message for m in resp.received_messages]
+            got.extend(m.message for m in resp.received_messages)
+        return len(got)
+
+    wait_for(f"{count} dead letters (the number received)", received, lambda n: n >= count, timeout=timeout,
+             interval=0)
     return got
 
 

@@ -6,9 +6,8 @@ subscription) → the bridge's broker host (TLS front with IoT Core JWT auth, lo
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from google.api_core import exceptions as gexc
@@ -16,24 +15,15 @@ from google.cloud import pubsub_v1
 
 from iotbridge import spec
 from iotbridge.bridge.settings import backend_client_id
-from iotbridge.bridge.stack import BridgeStack, start_bridge_stack
 from iotbridge.device import Device, DeviceIdentity, generate_key
 from iotbridge.local import services
+from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from iotbridge.registry import Credential
 from tests.functions.served import PROJECT, serve
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.emulator
 REGION = "europe-west1"
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +69,9 @@ def test_a_request_reaches_a_bridged_device_and_its_ack_is_recorded(system, deli
             device.subscribe_config()
             mid = served.publish({"device_id": device_id, "config": {"delivery": delivery}})
             assert device.configs.get(timeout=30) == f'{{"delivery":"{delivery}"}}'.encode()
-            cfg = wait_for(lambda: (c := served.registry.get_config(device_id)) and c.device_ack_time and c, 15,
-                           "the device's ack in the registry")
+            cfg = wait_for("the device's ack in the registry",
+                           lambda: (c := served.registry.get_config(device_id)) and c.device_ack_time and c,
+                           timeout=15)
         finally:
             device.disconnect()
         assert cfg.version == 1 and cfg.device_ack_time >= cfg.cloud_update_time

@@ -5,24 +5,14 @@ its config topic receives what an operator requested."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from tests.functions.served import DeviceClient, Served, serve, start_broker
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.emulator
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +36,8 @@ def test_a_request_reaches_the_subscribed_device(served: Served) -> None:
         device.close()
     cfg = served.registry.get_config("thermo-1")
     assert cfg is not None and cfg.version == 1 and cfg.data == b'{"setpoint":21.5}'
-    delivered = wait_for(lambda: [e for e in served.log_entries(mid) if e.get("outcome") == "delivered"], 10,
-                         "the function's delivery log")
+    delivered = wait_for("the function's delivery log",
+                         lambda: [e for e in served.log_entries(mid) if e.get("outcome") == "delivered"], timeout=10)
     assert delivered[0]["deviceId"] == "thermo-1" and delivered[0]["version"] == 1
     assert delivered[0]["severity"] == "INFO" and delivered[0]["durationMs"] > 0
     # Configs may carry secrets of their own: sizes are logged, never the data.
@@ -66,7 +56,7 @@ def test_a_bad_request_is_acknowledged_and_dead_lettered_with_its_reason(served:
             letters.extend(m.message for m in resp.received_messages)
         return any(m.attributes.get("sourceMessageId") == mid for m in letters)
 
-    wait_for(dead_lettered, 30, "the refused request on the dead-letter topic", interval=0.2)
+    wait_for("the refused request on the dead-letter topic", dead_lettered, timeout=30, interval=0.2)
     letter = next(m for m in letters if m.attributes.get("sourceMessageId") == mid)
     assert letter.attributes["error"] == "unknown_device" and letter.attributes["origin"] == "e2e"
     assert json.loads(letter.data) == {"device_id": "nobody-home", "config": {"x": 1}}
@@ -82,8 +72,10 @@ def test_broker_outage_is_retried_and_yields_one_version(served: Served) -> None
     served.broker.stop()
     mid = served.publish({"device_id": "thermo-2", "config": {"mode": "eco"}})
     # Each failed delivery answers 500; the subscription redelivers the same message id.
-    wait_for(lambda: len([e for e in served.log_entries(mid) if e.get("outcome") == "retry"]) >= 2,
-             60, "two failed deliveries while the broker is down", interval=0.2)
+    wait_for("two failed deliveries while the broker is down",
+             lambda: len([e for e in served.log_entries(mid) if e.get("outcome") == "retry"]),
+             lambda v: v >= 2, timeout=60,
+             interval=0.2)
     assert served.registry.get_device("thermo-2").config_version == 1
 
     served.broker = start_broker(served.broker_port, served.workdir)
@@ -94,7 +86,8 @@ def test_broker_outage_is_retried_and_yields_one_version(served: Served) -> None
     finally:
         device.close()
     # The device may have its copy before the function logged the broker's PUBACK.
-    wait_for(lambda: any(e["outcome"] == "delivered" for e in served.log_entries(mid)), 10, "the delivery log")
+    wait_for("the delivery log", lambda: any(e["outcome"] == "delivered" for e in served.log_entries(mid)),
+             timeout=10)
     attempts = served.log_entries(mid)
     assert [e["outcome"] for e in attempts].count("delivered") >= 1, attempts
     assert all(e["outcome"] in {"retry", "delivered"} for e in attempts), attempts

@@ -301,6 +301,30 @@ MAPPING: dict[str, dict[str, Target]] = {
         "updatePolicy.maxSurgeFixed": ("compute.v1", "InstanceGroupManager", "updatePolicy.maxSurge.fixed"),
         "updatePolicy.maxUnavailableFixed": (
             "compute.v1", "InstanceGroupManager", "updatePolicy.maxUnavailable.fixed"),
+        "updatePolicy.mostDisruptiveAllowedAction": (
+            "compute.v1", "InstanceGroupManager", "updatePolicy.mostDisruptiveAllowedAction"),
+        "updatePolicy.replacementMethod": ("compute.v1", "InstanceGroupManager", "updatePolicy.replacementMethod"),
+        "updatePolicy.instanceRedistributionType": (
+            "compute.v1", "InstanceGroupManager", "updatePolicy.instanceRedistributionType"),
+    },
+    "gcp:compute/regionAutoscaler:RegionAutoscaler": {
+        "name": ("compute.v1", "Autoscaler", "name"),
+        "autoscalingPolicy.minReplicas": ("compute.v1", "Autoscaler", "autoscalingPolicy.minNumReplicas"),
+        "autoscalingPolicy.maxReplicas": ("compute.v1", "Autoscaler", "autoscalingPolicy.maxNumReplicas"),
+        "autoscalingPolicy.mode": ("compute.v1", "Autoscaler", "autoscalingPolicy.mode"),
+        "autoscalingPolicy.cooldownPeriod": ("compute.v1", "Autoscaler", "autoscalingPolicy.coolDownPeriodSec"),
+        "autoscalingPolicy.metrics[].name": (
+            "compute.v1", "Autoscaler", "autoscalingPolicy.customMetricUtilizations[].metric"),
+        "autoscalingPolicy.metrics[].target": (
+            "compute.v1", "Autoscaler", "autoscalingPolicy.customMetricUtilizations[].utilizationTarget"),
+        "autoscalingPolicy.metrics[].type": (
+            "compute.v1", "Autoscaler", "autoscalingPolicy.customMetricUtilizations[].utilizationTargetType"),
+        "autoscalingPolicy.cpuUtilization.target": (
+            "compute.v1", "Autoscaler", "autoscalingPolicy.cpuUtilization.utilizationTarget"),
+        "autoscalingPolicy.scaleInControl.maxScaledInReplicas.fixed": (
+            "compute.v1", "Autoscaler", "autoscalingPolicy.scaleInControl.maxScaledInReplicas.fixed"),
+        "autoscalingPolicy.scaleInControl.timeWindowSec": (
+            "compute.v1", "Autoscaler", "autoscalingPolicy.scaleInControl.timeWindowSec"),
     },
     "gcp:compute/router:Router": {
         "name": ("compute.v1", "Router", "name"),
@@ -501,6 +525,7 @@ UNMAPPED_INPUTS: dict[str, dict[str, str]] = {
     },
     "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager": {
         "waitForInstances": "the provider's own wait after the request"},
+    "gcp:compute/regionAutoscaler:RegionAutoscaler": {"target": "a reference to the group, a self-link"},
     "gcp:compute/forwardingRule:ForwardingRule": {
         "backendService": "a reference the provider expands to a self-link", "ipAddress": "an address it created"},
     "gcp:compute/regionBackendService:RegionBackendService": {
@@ -667,6 +692,24 @@ LIMITS: dict[Target, Limit] = {
     ("compute.v1", "HealthCheck", "checkIntervalSec"): Limit(
         quote="How often (in seconds) to send a health check.", minimum=1, maximum=300,
         source="1-300 s (cloud.google.com/load-balancing/docs/health-check-concepts)"),
+    ("compute.v1", "Autoscaler", "autoscalingPolicy.minNumReplicas"): Limit(
+        quote="This cannot be less than 0.", minimum=0, maximum=2000,
+        source="a regional managed instance group holds up to 2000 VMs (compute.v1 "
+               "regionInstanceGroupManagers.insert: \"A regional managed instance group can contain up to 2000 "
+               "instances.\")"),
+    ("compute.v1", "Autoscaler", "autoscalingPolicy.maxNumReplicas"): Limit(
+        quote="The maximum number of replicas must not be lower than minimal number of replicas.", minimum=1,
+        maximum=2000, source="the same limit of a regional managed instance group: 2000 VMs"),
+    ("compute.v1", "Autoscaler", "autoscalingPolicy.cpuUtilization.utilizationTarget"): Limit(
+        quote="Must be a float value in the range (0, 1].", minimum=0.01, maximum=1),
+    ("compute.v1", "Autoscaler", "autoscalingPolicy.customMetricUtilizations[].utilizationTarget"): Limit(
+        quote="This must be a positive value.", minimum=1),
+    ("compute.v1", "InstanceGroupManager", "updatePolicy.maxSurge.fixed"): Limit(
+        quote="At least one of either maxSurge ormaxUnavailable must be greater than 0.", minimum=3,
+        quoted_from=("compute.v1", "InstanceGroupManager", "updatePolicy.maxSurge"),
+        source="a regional group refuses a fixed maxSurge other than 0 or at least its zones (3 by default): "
+               "\"Fixed updatePolicy.maxUnavailable for regional managed instance group has to be either 0 or at "
+               "least equal to the number of zones\", the API's own 400 for maxUnavailable, alike for maxSurge"),
     ("compute.v1", "Subnetwork", "logConfig.flowSampling"): Limit(
         quote="The value of the field must be in [0, 1].", minimum=0, maximum=1),
     ("cloudfunctions.v2", "method:projects.locations.functions.create", "functionId"): Limit(

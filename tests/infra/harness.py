@@ -17,6 +17,7 @@ values. An exception raised anywhere in the program, including inside an ``apply
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import runpy
@@ -194,6 +195,7 @@ class _Mocks(pulumi.runtime.Mocks):
             state["address"] = "203.0.113.7"
         elif t == "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager":
             state["instanceGroup"] = f"projects/{project}/regions/{state.get('region')}/instanceGroups/{state['name']}"
+            rid = f"projects/{project}/regions/{state.get('region')}/instanceGroupManagers/{state['name']}"
         elif t == "gcp:compute/instanceTemplate:InstanceTemplate":
             name = state.get("name") or f"{state.get('namePrefix', 'template-')}1"
             state["selfLinkUnique"] = f"projects/{project}/global/instanceTemplates/{name}?uniqueId=1"
@@ -300,6 +302,11 @@ def run_program(stack: str, overrides: Mapping[str, Any] | None = None,
         outputs = _sync_await(_resolve_outputs())
     except Exception as exc:
         raise ProgramFailed(f"{type(exc).__name__}: {exc}", list(monitor.registrations)) from exc
+    finally:
+        # A failed program leaves futures whose exception nobody retrieved; asyncio logs them from __del__. Left
+        # to a later garbage collection, that can run inside another test's ast.parse, which CPython 3.11 then
+        # fails with "AST constructor recursion depth mismatch". Collect them here, where they belong.
+        gc.collect()
     return StackRun(stack=stack, config=raw, resources=list(monitor.registrations), outputs=outputs)
 
 

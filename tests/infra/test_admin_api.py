@@ -7,18 +7,17 @@ resources is in tests/policy/; the API schema check of the service's inputs in t
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gcp_iot_bridge.infra import admin_api, config
+from gcp_iot_bridge.infra import admin_api, config, packaging
+from gcp_iot_bridge.infra.packaging import lock_pins
 from iotbridge.admin import auth
 from tests.infra import harness
 
@@ -99,7 +98,7 @@ def test_the_first_revision_waits_for_its_grants_to_propagate(run: harness.Stack
     assert len(grants) == 2  # the registry database and the commands topic
     for grant in grants:
         assert run.depends_on(wait, grant), grant.name
-    assert run.depends_on(service, run.one("gcp:firestore/database:Database", "broker-firestore"))
+    assert run.depends_on(service, run.one("gcp:firestore/database:Database", "registry-firestore"))
     assert run.depends_on(service, run.one("gcp:projects/service:Service", "foundation-run"))
 
 
@@ -138,8 +137,10 @@ def test_the_image_is_built_from_the_lock_and_pinned_by_digest(run: harness.Stac
     assert image.get("push") is True and image.get("buildOnPreview") is False
     (container,) = run.one(SERVICE, "admin-api").get("template")["containers"]
     assert re.fullmatch(rf"{re.escape(tag)}@sha256:[0-9a-f]{{64}}", container["image"])
+    assert image.get("context")["location"] == os.path.relpath(admin_api.BUILD_DIR)
+    assert image.get("dockerfile")["location"] == os.path.relpath(admin_api.DOCKERFILE)
     text = admin_api.DOCKERFILE.read_text()
-    assert "-c constraints.txt" in text and "COPY requirements/lock.txt /app/constraints.txt" in text
+    assert "pip install --no-cache-dir -r requirements.txt -c constraints.txt" in text
     assert 'ENTRYPOINT ["python", "-m", "iotbridge.admin"]' in text
 
 
@@ -152,24 +153,26 @@ def test_a_prebuilt_image_is_run_as_given() -> None:
     assert container["image"] == ref
 
 
-def test_every_file_the_image_copies_is_sent_to_the_builder_and_hashed_into_its_tag() -> None:
-    ignore = admin_api.DOCKERFILE.with_name("Dockerfile.dockerignore").read_text().splitlines()
-    allowed = [line[1:] for line in ignore if line.startswith("!")]
-    inputs = [p.relative_to(admin_api.SOURCE_ROOT).as_posix() for p in admin_api.build_inputs()]
-    copied = [p for p in inputs if not p.startswith("iotbridge/admin/Dockerfile")]
-    assert "iotbridge/admin/auth.py" in copied and "requirements/lock.txt" in copied
-    assert "iotbridge/registry.py" in copied
-    missing = [p for p in copied if not any(fnmatch.fnmatch(p, pattern) for pattern in allowed)]
-    assert missing == [], "COPY sources the .dockerignore keeps from the builder"
-
-
-def test_the_image_requirements_are_all_in_the_lock() -> None:
-    from gcp_iot_bridge.infra.broker import canonical_name, lock_pins
-
+def test_the_build_context_is_the_packages_import_closure_with_lock_pinned_requirements() -> None:
+    context = admin_api.build_context()
+    assert {"iotbridge/admin/auth.py", "iotbridge/admin/errors.py", "iotbridge/__init__.py"} <= set(context)
+    # Only what the API's modules import: not the CLI, the local stack or the pipeline.
+    assert not [p for p in context if p.startswith(("iotbridge/local/", "iotbridge/cli", "dataflow_jobs/"))]
     pins = lock_pins()
-    names = [line.strip() for line in (admin_api.ADMIN_DIR / "requirements.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
-    assert names and [n for n in names if canonical_name(n) not in pins] == []
+    requirements = context["requirements.txt"].decode().split()
+    assert requirements and all(line in pins.values() for line in requirements)
+    names = {line.partition("==")[0].lower() for line in requirements}
+    assert {"google-auth", "requests", "cachetools"} <= names  # what auth.py imports
+    constraints = context["constraints.txt"].decode().split()
+    assert set(requirements) <= set(constraints) and all(line in pins.values() for line in constraints)
+
+
+def test_the_image_tag_follows_what_the_image_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = admin_api.image_tag()
+    assert admin_api.image_tag() == before  # stable across previews
+    context = admin_api.build_context()
+    monkeypatch.setattr(admin_api, "build_context", lambda: {**context, "iotbridge/admin/auth.py": b"changed"})
+    assert admin_api.image_tag() != before
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -197,29 +200,11 @@ def test_the_config_and_the_service_agree_on_what_a_member_is() -> None:
             config.parse(harness.stack_config("dev", {"adminApiWriters": bad}), "dev")
 
 
-def _image_files(root: Path) -> Path:
-    """The files the Dockerfile's COPY lines put under /app, laid out in ``root`` as the image has them."""
-    app = root / "app"
-    for line in admin_api.DOCKERFILE.read_text().splitlines():
-        words = line.split()
-        if not words or words[0] != "COPY" or any(w.startswith("--from=") for w in words):
-            continue
-        dest = app / words[-1].removeprefix("/app/")
-        for word in words[1:-1]:
-            source = admin_api.SOURCE_ROOT / word
-            if source.is_dir():
-                shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                target = dest / source.name if words[-1].endswith("/") else dest
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(source, target)
-    return app
-
-
 def test_the_image_holds_every_module_the_api_imports(tmp_path: Path) -> None:
-    """What the image copies is enough: each module of iotbridge/admin imports, in a fresh interpreter, from the
-    image's files alone (the project's packages come from the environment, as pip installs them in the image)."""
-    app = _image_files(tmp_path)
+    """What the image holds is enough: each module of iotbridge/admin imports, in a fresh interpreter, from the
+    build context's files alone (third-party packages come from the environment, as pip installs them in the
+    image)."""
+    app = packaging.stage(admin_api.build_context(), tmp_path / "app")  # the image's /app
     modules = sorted(f"iotbridge.admin.{p.stem}" for p in (app / "iotbridge" / "admin").glob("*.py")
                      if p.stem != "__init__")
     assert "iotbridge.admin.auth" in modules

@@ -1,8 +1,11 @@
-"""Broker under mocks, built directly: Firestore database, TLS and secrets, MIG with auto-healing, network load
+"""Broker under mocks, built directly over a registry database: TLS and secrets, MIG with auto-healing, network load
 balancer, firewall, the bridge's least-privilege grants — and no private key or password in any output or in
 any plain input (metadata, startup script)."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import pulumi
 import pytest
@@ -10,6 +13,8 @@ from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
 from gcp_iot_bridge.infra import broker as bc
+from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.registry_database import RegistryDatabase, RegistryDatabaseArgs
 from tests.infra import harness
 
 PROJECT = "proj-test-123"
@@ -51,7 +56,7 @@ PUBSUB_AGENT = "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceac
 def test_fanout_subscriptions_dead_letter_and_the_agent_may_ack_them():
     run = build()
     subs = [s for s in run.resources if s.type == "gcp:pubsub/subscription:Subscription"]
-    assert len(subs) == 4
+    assert len(subs) == 4  # one per host the group may run (max_hosts)
     for sub in subs:
         assert sub.get("deadLetterPolicy") == {"deadLetterTopic": TOPIC + "dead-letter", "maxDeliveryAttempts": 5}
     agent_grants = {g.get("subscription") for g in run.resources
@@ -67,13 +72,15 @@ def build(**overrides) -> harness.StackRun:
         project=PROJECT, region="europe-west1", prefix=PREFIX, registry_id="fleet",
         service_account_email=BRIDGE_EMAIL, telemetry_topic=TOPIC + "telemetry", state_topic=TOPIC + "state",
         commands_topic=TOPIC + "device-commands", deletion_protection=False,
-        routes={"logs": TOPIC + "device-logs"}, hosts=2, fanout_slots=4,
+        routes={"logs": TOPIC + "device-logs"}, min_hosts=2, max_hosts=4,
         dead_letter_topic=TOPIC + "dead-letter", pubsub_agent=PUBSUB_AGENT,
     )
     fields.update(overrides)
 
     def program() -> None:
-        b = bc.Broker("broker", bc.BrokerArgs(**fields))  # type: ignore[arg-type]
+        registry = RegistryDatabase("registry", RegistryDatabaseArgs(
+            project=PROJECT, location="europe-west1", deletion_protection=bool(fields["deletion_protection"])))
+        b = bc.Broker("broker", bc.BrokerArgs(registry=registry, **fields))  # type: ignore[arg-type]
         pulumi.export("mqtt_endpoint", b.mqtt_endpoint)
         pulumi.export("mqtt_ca_cert", b.mqtt_ca_cert)
         pulumi.export("registry_id", b.registry_id)
@@ -131,22 +138,16 @@ def test_no_private_key_or_password_in_any_plain_input(run):
     assert FAKE_CERT.strip() in script  # the public certificate is fine in metadata
 
 
-def test_firestore_database_follows_the_deletion_switch(run):
-    for protected, policy, state in ((False, "DELETE", "DELETE_PROTECTION_DISABLED"),
-                                     (True, "DELETE", "DELETE_PROTECTION_ENABLED")):
-        r = build(deletion_protection=protected)
-        db = the(r, "db")
-        assert (db.get("type"), db.get("locationId"), db.get("name")) == ("FIRESTORE_NATIVE", "europe-west1",
-                                                                           "(default)")
-        assert (db.get("deletionPolicy"), db.get("deleteProtectionState")) == (policy, state)
-        assert all(s.get("deletionProtection") is protected for s in r.of_type(T["secret"]))
-    ttl = the(run, "field")
-    assert (ttl.get("collection"), ttl.get("field")) == ("requests", "expire_at")
+def test_secrets_follow_the_deletion_switch():
+    for protected in (False, True):
+        secrets = build(deletion_protection=protected).of_type(T["secret"])
+        assert len(secrets) == 2 and all(s.get("deletionProtection") is protected for s in secrets)
 
 
 def test_mig_with_autohealing_on_the_front_health_check(run):
     mig, template, hc = the(run, "mig"), the(run, "template"), the(run, "hc")
-    assert mig.get("targetSize") == 2 and mig.get("region") == "europe-west1"
+    # The autoscaler owns the size: a target size here would fight it.
+    assert mig.get("targetSize") is None and mig.get("region") == "europe-west1"
     assert mig.get("versions")[0]["instanceTemplate"].endswith("?uniqueId=1")
     policy = mig.get("autoHealingPolicies")
     assert policy["healthCheck"] == "broker-autoheal-id"  # the mocks' id of the global HTTP health check
@@ -216,65 +217,38 @@ def test_code_archive_is_named_by_content_and_pins_its_requirements():
     assert bc.content_hash(changed) != bc.content_hash(files)
 
 
-def installed_closure(roots) -> dict[str, str]:
-    """Canonical name -> version of ``roots`` and everything they require, as installed in this environment (the
-    one the tests run in, installed from requirements/lock.txt); markers evaluated here (Debian 12's Python 3.11
-    on the hosts, the same minor version the lock is made for)."""
+def test_hosts_install_the_locked_closure():
+    """Every package a host installs is pinned at the version the tests ran: the distributions the bridge imports
+    by requirements.txt, the rest (grpcio, protobuf, google-auth, ...) by the archive's constraints.txt, which the
+    script passes to pip."""
     from importlib import metadata
 
-    from packaging.requirements import Requirement
-
-    found: dict[str, str] = {}
-    done: set[tuple[str, frozenset[str]]] = set()
-    todo = [Requirement(r) for r in roots]
-    while todo:
-        req = todo.pop()
-        name, extras = bc.canonical_name(req.name), frozenset(req.extras)
-        if (name, extras) in done:
-            continue
-        done.add((name, extras))
-        dist = metadata.distribution(name)
-        found[name] = dist.version
-        for line in dist.requires or []:
-            dep = Requirement(line)
-            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in (extras or {""})):
-                todo.append(dep)
-    return found
-
-
-def test_hosts_install_the_locked_closure():
-    """Every package a host installs is pinned at the version the tests ran: the top-level ones by requirements.txt,
-    the rest (grpcio, protobuf, google-auth, ...) by the archive's constraints.txt, which the script passes to pip."""
-    lock = bc.lock_pins()
-    closure = installed_closure(bc.HOST_REQUIREMENTS)
-    assert closure == {n: lock[n].partition("==")[2] for n in closure}, "this environment is not the lock's"
+    lock = packaging.lock_pins()
     files = bc.code_files()
-    pinned = {**bc.lock_pins(files.get("constraints.txt", "")), **bc.lock_pins(files["requirements.txt"])}
-    expected = "\n".join(lock[n] for n in sorted(closure)) + "\n"
-    assert {n: pinned.get(n) for n in closure} == {n: lock[n] for n in closure}, (
-        f"the archive leaves part of the hosts' closure to resolve at boot; {bc.HOST_CONSTRAINTS} should read:\n"
-        + expected)
-    assert set(pinned) == set(closure), f"pins nothing installs: {sorted(set(pinned) - set(closure))}"
-    script = bc.startup_script(
-        project=PROJECT, region="europe-west1", registry_id="fleet", prefix=PREFIX, code_url="gs://b/o.zip",
-        tls_key_secret="k", passwords_secret="p", server_cert_pem="c", database="(default)", routes={},
-        fanout_subscriptions=[], health_port=8080)
-    assert '-r "$OPT/app/requirements.txt" -c "$OPT/app/constraints.txt"' in script
-
-
-def test_a_stale_host_constraints_file_stops_the_deploy(tmp_path, monkeypatch):
-    stale = tmp_path / "broker-host.txt"
-    stale.write_text("grpcio==0.0.1\n")
-    monkeypatch.setattr(bc, "HOST_CONSTRAINTS", stale)
-    with pytest.raises(ValueError, match="grpcio==0.0.1"):
-        bc.code_files()
+    requirements = files["requirements.txt"].splitlines()
+    assert {packaging.canonical_name(r.partition("[")[0].partition("==")[0]) for r in requirements} == {
+        "paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "google-api-core",
+        "pyjwt", "cryptography"}
+    closure = packaging.installed_closure(r.partition("==")[0] for r in requirements)
+    assert {n: metadata.version(n) for n in closure} == {n: lock[n].partition("==")[2] for n in closure}, (
+        "this environment is not the lock's")
+    assert files["constraints.txt"].splitlines() == [lock[n] for n in sorted(closure)]
+    assert {"grpcio", "protobuf", "google-auth"} <= closure
+    assert '-r "$OPT/app/requirements.txt" -c "$OPT/app/constraints.txt"' in _host_script()
 
 
 def test_invalid_arguments_fail_before_anything_is_declared():
     with pytest.raises(Exception, match="at most 10"):
         build(routes={f"r{i}": TOPIC + "telemetry" for i in range(11)})
-    with pytest.raises(Exception, match="hosts must be"):
-        build(hosts=5, fanout_slots=4)
+    for bad in ({"min_hosts": 0}, {"min_hosts": 5, "max_hosts": 4}, {"max_hosts": 2001}):
+        with pytest.raises(Exception, match="hosts must be 1 <= min_hosts <= max_hosts <= 2000"):
+            build(**bad)
+    with pytest.raises(Exception, match="must cover max_hosts"):
+        build(max_hosts=6, fanout_slots=4)
+    with pytest.raises(Exception, match="unknown machine type 'n9-mega-2'"):
+        build(machine_type="n9-mega-2")
+    with pytest.raises(Exception, match=r"devices_per_host must be 1\.\.55536"):
+        build(devices_per_host=60000)
 
 
 def test_hosts_boot_only_after_everything_they_read_exists(run):
@@ -308,19 +282,94 @@ def test_startup_script_settings_load_in_the_bridge(run, tmp_path):
     assert s.health_port == 8080 and s.host_id == "iot-dev-broker-abcd"
 
 
-def test_code_archive_imports_on_its_own(tmp_path):
-    """What a host unpacks must be complete: the front and the service import from the archive alone."""
-    import subprocess
-    import sys
+def _host_script() -> str:
+    return bc.startup_script(
+        project=PROJECT, region="europe-west1", registry_id="fleet", prefix=PREFIX, code_url="gs://b/o.zip",
+        tls_key_secret="k", passwords_secret="p", server_cert_pem="c", database="(default)", routes={},
+        fanout_subscriptions=[], health_port=8080)
 
-    for rel, text in bc.code_files().items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    modules = sorted(r[:-3].replace("/", ".") for r in bc.code_files() if r.endswith(".py"))
-    assert "iotbridge.bridge.batching" in modules and "iotbridge.bridge.stack" not in modules
-    probe = (f"import sys, importlib; sys.path.insert(0, {str(tmp_path)!r}); "
-             f"[importlib.import_module(m) for m in {modules!r}]; import iotbridge.bridge.__main__ as m; "
-             f"assert m.__file__.startswith({str(tmp_path)!r}), m.__file__; "
-             "assert not any(k.startswith('iotbridge.local') for k in sys.modules), 'local stack imported'")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert out.returncode == 0, out.stderr
+
+def test_a_host_runs_the_bridge_from_the_archive_alone(tmp_path):
+    """The archive unpacked as a host unpacks it, run by an interpreter that sees nothing else of the project:
+    every module imports and every import statement in it (those inside functions too) succeeds; ``python -m
+    iotbridge.bridge --help`` offers exactly the commands the startup script runs, and ``mosquitto-config`` writes
+    Mosquitto's files from the settings the script writes."""
+    import subprocess
+
+    from iotbridge.bridge.settings import new_secrets, write_secrets
+    from tests.infra import archives
+
+    files = bc.code_files()
+    app = archives.unpack(files, tmp_path / "app")
+    python = archives.isolated_python(tmp_path / "venv", app)
+    assert archives.probe(python, files, tmp_path) == []
+    host = [str(python), "-I", "-m", "iotbridge.bridge"]
+    usage = subprocess.run([*host, "--help"], capture_output=True, text=True, cwd=app, timeout=60, check=True).stdout
+    listed = re.search(r"\{([\w,-]+)\}", usage)
+    assert listed, usage
+    script = _host_script()
+    roles = re.search(r"for role in ([\w ]+); do", script)
+    assert roles, script
+    ran = {c for c in re.findall(r"-m iotbridge\.bridge (\S+)", script) if not c.startswith("$")}
+    ran |= set(roles.group(1).split())
+    assert sorted(listed.group(1).split(",")) == sorted(ran) == ["front", "mosquitto-config", "service"]
+
+    settings = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0])
+    settings.update(host_id="host-a", secrets_file=str(tmp_path / "secrets.json"), workdir=str(tmp_path / "var"))
+    write_secrets(tmp_path / "secrets.json", new_secrets())
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    out = tmp_path / "mosquitto"
+    subprocess.run([*host, "mosquitto-config", "--settings", str(tmp_path / "settings.json"), "--out", str(out)],
+                   cwd=app, timeout=60, check=True, capture_output=True)
+    assert {p.name for p in out.iterdir()} >= {"mosquitto.conf", "passwd", "acl"}
+    assert f"listener {bc.BROKER_PORT} 127.0.0.1" in (out / "mosquitto.conf").read_text()
+
+
+def test_autoscaler_on_connected_devices_per_host_and_cpu_within_the_bounds(run):
+    (autoscaler,) = run.of_type("gcp:compute/regionAutoscaler:RegionAutoscaler")
+    mig = the(run, "mig")
+    assert autoscaler.get("target") == f"projects/{PROJECT}/regions/europe-west1/instanceGroupManagers/{PREFIX}-broker"
+    assert run.depends_on(autoscaler, mig)
+    policy = autoscaler.get("autoscalingPolicy")
+    assert (policy["minReplicas"], policy["maxReplicas"], policy["mode"]) == (2, 4, "ON")
+    # The gauge every host's bridge reports, per instance; its target what an e2-standard-2 carries x 0.7.
+    assert policy["metrics"] == [{"name": "custom.googleapis.com/iot/connected_devices", "target": 38875,
+                                  "type": "GAUGE"}]
+    assert policy["cpuUtilization"] == {"target": 0.6}
+    assert policy["cooldownPeriod"] == 600  # hosts boot (apt, pip) before their signals count
+    assert policy["scaleInControl"] == {"maxScaledInReplicas": {"fixed": 1}, "timeWindowSec": 600}
+    bigger = build(min_hosts=3, max_hosts=2000, machine_type="e2-standard-8", devices_per_host=20000)
+    (scaled,) = bigger.of_type("gcp:compute/regionAutoscaler:RegionAutoscaler")
+    assert (scaled.get("autoscalingPolicy")["minReplicas"], scaled.get("autoscalingPolicy")["maxReplicas"]) == (3, 2000)
+    assert scaled.get("autoscalingPolicy")["metrics"][0]["target"] == 20000
+    assert len(bigger.of_type(T["sub"])) == 2000  # a fan-out slot for every host the group may run
+
+
+def test_updates_roll_one_host_per_zone_without_going_below_the_group_size(run):
+    policy = the(run, "mig").get("updatePolicy")
+    assert policy == {"type": "PROACTIVE", "minimalAction": "REPLACE", "mostDisruptiveAllowedAction": "REPLACE",
+                      "replacementMethod": "SUBSTITUTE", "instanceRedistributionType": "PROACTIVE",
+                      "maxSurgeFixed": 3, "maxUnavailableFixed": 0}
+    two_zones = build(zones=["europe-west1-b", "europe-west1-c"])
+    # A regional group takes a fixed surge of 0 or at least its zones: one new host per zone.
+    assert the(two_zones, "mig").get("updatePolicy")["maxSurgeFixed"] == 2
+
+
+def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run):
+    from gcp_iot_bridge.infra import host_sizing
+
+    script = the(run, "template").get("metadataStartupScript")
+    size = host_sizing.sizing("e2-standard-2")
+    # 8 GiB less 2 GiB kept back, at 73 KiB per device: 86,184; the ephemeral ports (10000-65535) bound it first.
+    assert (size.devices_by_memory, size.devices_by_ports, size.devices) == (86184, 55536, 55536)
+    units = script.split("<<UNIT")
+    assert "LimitNOFILE=${!nofile}" in units[1] and "NOFILE_front=115168 NOFILE_service=65536" in script
+    assert "LimitNOFILE=59632" in units[2]  # Mosquitto: one per device
+    conf = script.split("<<'SYSCTL'\n", 1)[1].split("\nSYSCTL\n", 1)[0]
+    assert conf.splitlines()[1:] == [
+        "fs.file-max = 1048576", "net.core.somaxconn = 65535", "net.ipv4.tcp_max_syn_backlog = 65535",
+        "net.ipv4.ip_local_port_range = 10000 65535", "net.ipv4.tcp_mem = 262144 393216 524288"]
+    assert "systemctl restart systemd-sysctl" in script
+    small = host_sizing.sizing("e2-micro")  # 1 GiB: memory bounds it
+    assert (small.devices, small.autoscale_target, small.front_nofile) == (7182, 5027, 18460)
+    assert host_sizing.sizing("n2-custom-4-16384").memory_mib == 16384

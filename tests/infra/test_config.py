@@ -43,8 +43,9 @@ def test_pulumi_yaml_schema_matches_config_py() -> None:
         entry = schema[name]
         assert entry["type"] == key.kind, name
         assert entry.get("description"), name
-        if key.required:
-            assert "default" not in entry, f"{name} is required; a schema default would hide a missing value"
+        if key.required or key.deprecated:
+            # A schema default would hide a missing value, or set a deprecated key in every stack.
+            assert "default" not in entry, f"{name} is required or deprecated: no schema default"
             continue
         default = fields[key.field].get_default(call_default_factory=True)
         if key.field == "labels":
@@ -134,3 +135,34 @@ def test_misspelt_key_fails_the_program_too() -> None:
     # Through pulumi.Config and the runtime's config, not only parse(): a typo must not fall back to a default.
     with pytest.raises(harness.ProgramFailed, match="unknown key .did you mean gcp-iot-bridge:bigtableMaxNodes"):
         harness.run_program("dev", {"bigtableMaxNode": 5})
+
+
+# ------------------------------------------------------------------------------------------- broker hosts
+
+
+def test_broker_hosts_are_bounded_by_the_autoscaler_and_gcps_group_limit() -> None:
+    dev = parse("dev")
+    assert (dev.broker_min_hosts, dev.broker_max_hosts) == (2, 10)
+    wide = parse("prod", {"brokerMinHosts": 3, "brokerMaxHosts": 2000})
+    assert (wide.broker_min_hosts, wide.broker_max_hosts) == (3, 2000)
+    for overrides, fragment in (({"brokerMaxHosts": 2001}, "brokerMaxHosts=2001: Input should be less than or "
+                                                            "equal to 2000"),
+                                ({"brokerMinHosts": 0}, "brokerMinHosts=0: Input should be greater than or equal to 1"),
+                                ({"brokerMinHosts": 5, "brokerMaxHosts": 4}, "less than brokerMinHosts=5"),
+                                ({"brokerMachineType": "n9-mega-2"}, "unknown machine type 'n9-mega-2'")):
+        with pytest.raises(config.ConfigError, match=fragment):
+            parse("dev", overrides)
+
+
+def test_the_deprecated_fixed_host_count_still_works_and_says_what_to_set() -> None:
+    raw = harness.stack_config("dev", {"brokerHosts": 6})
+    cfg = config.parse(raw, "dev")
+    assert (cfg.broker_min_hosts, cfg.broker_max_hosts) == (6, 6)  # more than the old cap of 4
+    assert config.deprecations(raw) == [
+        "config gcp-iot-bridge:brokerHosts is deprecated: set brokerMinHosts and brokerMaxHosts instead "
+        "(gcp-iot-bridge:brokerHosts=6 is read as both set to 6)"]
+    assert config.deprecations(harness.stack_config("dev")) == []
+    with pytest.raises(config.ConfigError, match="brokerHosts=6: deprecated, and gcp-iot-bridge:brokerMaxHosts is "
+                                                 "set too"):
+        # The schema's defaults fill brokerMinHosts and brokerMaxHosts in every stack; a value of its own counts.
+        config.parse({**raw, "gcp-iot-bridge:brokerMaxHosts": "8"}, "dev")

@@ -4,13 +4,12 @@ named by content hash, identities, grants to the service agents, the Eventarc tr
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from gcp_iot_bridge.infra import config_push as cpc
+from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.registry_database import RegistryDatabase, RegistryDatabaseArgs
 from tests.infra import harness
 
 PROJECT = "proj-test-123"
@@ -44,7 +43,9 @@ def build(**overrides) -> harness.StackRun:
     fields.update(overrides)
 
     def program() -> None:
-        cpc.ConfigPush("config-push", cpc.ConfigPushArgs(**fields))  # type: ignore[arg-type]
+        registry = RegistryDatabase("registry", RegistryDatabaseArgs(
+            project=PROJECT, location="europe-west1", deletion_protection=bool(fields["deletion_protection"])))
+        cpc.ConfigPush("config-push", cpc.ConfigPushArgs(registry=registry, **fields))  # type: ignore[arg-type]
 
     return harness.run_program("dev", program=program)
 
@@ -162,7 +163,9 @@ def test_egress_reaches_private_ranges_through_the_vpc(run: harness.StackRun) ->
 def test_invalid_args_fail_before_any_resource(bad: dict, message: str) -> None:
     with pytest.raises(harness.ProgramFailed, match=message) as err:
         build(**bad)
-    assert [r for r in err.value.resources if r.type.startswith("gcp:")] == []
+    # The registry's database is the test program's own, declared before the function.
+    assert [r.name for r in err.value.resources if r.type.startswith("gcp:")] == [
+        "registry-firestore", "registry-requests-ttl"]
 
 
 def test_fanout_delivery_publishes_to_the_bridge_topic_without_secret_or_vpc() -> None:
@@ -199,43 +202,21 @@ def test_source_archive_named_by_content_hash(run: harness.StackRun) -> None:
     assert build(sources=edited).of_type(OBJECT)[0].get("name") != obj.get("name")
 
 
-def test_archive_holds_the_function_and_the_vendored_registry() -> None:
+def test_archive_holds_the_function_and_the_registry_it_imports() -> None:
     contents = cpc.archive_contents()
     assert set(contents) == {"main.py", "requirements.txt", "iotbridge/__init__.py", "iotbridge/registry.py"}
     assert b"def handle(" in contents["main.py"]
-    assert contents["iotbridge/registry.py"] == (cpc.SOURCE_ROOT / "iotbridge" / "registry.py").read_bytes()
+    assert contents["iotbridge/registry.py"] == (packaging.SOURCE_ROOT / "iotbridge" / "registry.py").read_bytes()
 
 
-def test_packaged_folder_imports_on_its_own(tmp_path: Path) -> None:
-    """The staged archive must not reach into the repository: its ``iotbridge`` is the vendored one alone."""
-    stage = cpc.stage(cpc.archive_contents(), tmp_path / "fn")
-    probe = (
-        "import importlib.util, sys\n"
-        # The development install maps the name iotbridge to the repository; a deployed function has no such
-        # finder, so it is removed here to see what the archive alone provides.
-        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
-        "import main, iotbridge.registry as r\n"
-        f"assert r.__file__.startswith({str(stage)!r}), r.__file__\n"
-        "assert importlib.util.find_spec('iotbridge.local') is None, 'reached the repository package'\n"
-        "assert callable(main.handle)\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=stage, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-
-
-def test_function_requirements_match_the_lock() -> None:
-    lock = {}
-    for line in (cpc.SOURCE_ROOT / "requirements" / "lock.txt").read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            lock[name.strip().lower()] = version.split(";")[0].strip()
-    pins = [ln for ln in (cpc.FUNCTION_DIR / "requirements.txt").read_text().splitlines()
-            if ln and not ln.startswith("#")]
-    assert len(pins) >= 5
+def test_function_requirements_are_what_it_imports_at_the_locks_versions() -> None:
+    lock = packaging.lock_pins()
+    pins = cpc.archive_contents()["requirements.txt"].decode().splitlines()
+    assert {packaging.canonical_name(p.partition("==")[0]) for p in pins} == {
+        "functions-framework", "paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-api-core",
+        "cryptography"}
     for pin in pins:
-        name, _, version = pin.partition("==")
-        assert lock.get(name.lower()) == version, f"{pin} differs from requirements/lock.txt"
+        assert lock[packaging.canonical_name(pin.partition("==")[0])] == pin, f"{pin} differs from the lock"
 
 
 @pytest.mark.parametrize("protect", [False, True])
@@ -280,7 +261,10 @@ def test_wired_to_the_foundation_every_resource_waits_for_its_api(delivery: str)
             requests_topic=REQUESTS, dead_letter_topic=DEAD_LETTER,
             pubsub_agent=foundation.service_agent("pubsub.googleapis.com"),
             eventarc_agent=foundation.service_agent("eventarc.googleapis.com"),
-            deletion_protection=True, depends_on=foundation.needs(*cpc.APIS), **mode))
+            deletion_protection=True, depends_on=foundation.needs(*cpc.APIS), **mode,
+            registry=RegistryDatabase("registry", RegistryDatabaseArgs(
+                project=PROJECT, location="europe-west1", deletion_protection=True,
+                depends_on=foundation.needs("firestore.googleapis.com")))))
 
     run = harness.run_program("dev", program=program)
     apis = {s.get("service"): s for s in run.of_type("gcp:projects/service:Service")}

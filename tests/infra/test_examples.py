@@ -77,8 +77,9 @@ harness = sys.modules["harness"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(harness)
 run = harness.run_program("dev", program=lambda: runpy.run_path(sys.argv[2], run_name="__main__"))
 import gcp_iot_bridge, iotbridge
-from gcp_iot_bridge.infra import sources
+from gcp_iot_bridge.infra import packaging, sources
 print(json.dumps({
+    "hashes": {d.name: d.package().hash for d in (packaging.BROKER, packaging.CONFIG_PUSH, packaging.PIPELINE)},
     "gcp_iot_bridge": gcp_iot_bridge.__file__, "iotbridge": iotbridge.__file__,
     "source_root": str(sources.SOURCE_ROOT),
     "modules": sorted(str(getattr(m, "__file__", None)) for m in list(sys.modules.values())
@@ -99,8 +100,8 @@ def test_the_example_runs_on_the_installed_package_alone(tmp_path):
     # A clean copy of the project to install from: a build/ left in the checkout could carry stale files.
     src = tmp_path / "src"
     shutil.copytree(harness.ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".local-stack", "tests",
-        "notebooks", "policy"))
+        ".git", ".venv*", "build", ".build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".local-stack",
+        "tests", "notebooks", "policy"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=60)
     python = venv / "bin" / "python"
@@ -121,6 +122,11 @@ def test_the_example_runs_on_the_installed_package_alone(tmp_path):
     assert result["iotbridge"].startswith(venv_dir), result["iotbridge"]
     # The broker archive, the function's zip and the image's build inputs came from the package data.
     assert result["source_root"] == str(Path(result["gcp_iot_bridge"]).parent / "_sources")
+    # ... and are the ones this checkout makes: the package data holds every module a deployable may reach.
+    from gcp_iot_bridge.infra import packaging
+
+    assert result["hashes"] == {d.name: d.package().hash
+                                for d in (packaging.BROKER, packaging.CONFIG_PUSH, packaging.PIPELINE)}
     from_checkout = [f for f in result["modules"] if f.startswith(str(harness.ROOT) + "/")
                      and f not in (str(harness.ROOT / "tests" / "infra" / "harness.py"), str(BYO))]
     assert not from_checkout, f"imported from the checkout, not the installed package: {from_checkout[:10]}"

@@ -51,6 +51,7 @@ def test_workbench_joins_the_stack_subnet_when_enabled() -> None:
     ({"gcp-iot-bridge:pipelineThresholdRules": '{"temperature": {"above": 80}}'}, "needs above and/or below and a"),
     ({"gcp-iot-bridge:brokerDeviceSourceRanges": '["10.0.0.0/33"]'}, "not a CIDR range"),
     ({"gcp-iot-bridge:brokerHosts": "0"}, "brokerHosts=0"),
+    ({"gcp-iot-bridge:brokerMaxHosts": "1"}, "brokerMaxHosts=1: less than brokerMinHosts=2"),
 ])
 def test_bad_new_keys_fail_naming_the_key(overrides: dict[str, str], message: str) -> None:
     with pytest.raises(harness.ProgramFailed, match=message):

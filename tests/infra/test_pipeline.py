@@ -25,7 +25,16 @@ from pulumi.runtime.sync_await import _sync_await
 
 from dataflow_jobs.telemetry_pipeline import parse_args
 from gcp_iot_bridge.infra.foundation import Foundation, FoundationArgs
-from gcp_iot_bridge.infra.pipeline import SOURCE_ROOT, WRITTEN_TABLES, Pipeline, PipelineArgs, metadata, source_hash
+from gcp_iot_bridge.infra.pipeline import (
+    BUILD_DIR,
+    SOURCE_ROOT,
+    WRITTEN_TABLES,
+    Pipeline,
+    PipelineArgs,
+    build_context,
+    metadata,
+    source_hash,
+)
 from iotbridge import spec
 from tests.infra import harness
 
@@ -179,7 +188,10 @@ def test_image_built_and_pushed_to_our_repository_and_pinned_by_digest(dev: harn
         f"{REGION}-docker.pkg.dev/{PROJECT}/iot-dev-dataflow/telemetry-pipeline:{source_hash()}"]
     # Relative paths (from where pulumi runs): no diff between checkouts.
     assert image.get("dockerfile")["location"] == os.path.relpath(SOURCE_ROOT / "dataflow_jobs" / "Dockerfile")
-    assert image.get("context")["location"] == os.path.relpath(SOURCE_ROOT)
+    # The context is the staged build context, holding exactly what build_context() says.
+    assert image.get("context")["location"] == os.path.relpath(BUILD_DIR)
+    staged = {str(f.relative_to(BUILD_DIR)) for f in BUILD_DIR.rglob("*") if f.is_file()}
+    assert staged == set(build_context())
     assert not os.path.isabs(image.get("context")["location"])
     assert image.get("platforms") == ["linux/amd64"]
     # The access token makes the registry credentials a secret: encrypted in the state, masked in diffs.

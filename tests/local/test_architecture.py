@@ -19,19 +19,9 @@ from typer.testing import CliRunner
 from iotbridge.cli import app
 from iotbridge.local.provision import bigquery_client
 from iotbridge.local.stack import LocalStack
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.emulator
-
-
-def wait_for(what: str, probe, ok, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = probe()
-        if ok(value):
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {value!r}")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def test_mosquitto_pub_with_a_jwt_reaches_telemetry_raw(stack, tmp_path):
     got = wait_for("the row in telemetry_raw",
                    lambda: rows(stack, "SELECT device_id, seq, extra, registry_id FROM {t} "
                                        "WHERE device_id = 'ext-dev-1'"),
-                   lambda r: len(r) == 1)
+                   lambda r: len(r) == 1, timeout=90, interval=0.5)
     assert (got[0]["seq"], got[0]["registry_id"]) == (1, stack["registry_id"])
     assert json.loads(got[0]["extra"]) == {"fw": "1.2.3"}
 
@@ -88,9 +78,10 @@ def test_fleet_telemetry_lands_and_a_config_push_reaches_the_device(stack):
     assert sim.exit_code == 0, sim.output
     summary = json.loads(sim.stdout)
     assert summary["sent"] == summary["acknowledged"] == 60
-    count = wait_for("60 rows", lambda: rows(stack, "SELECT COUNT(DISTINCT CONCAT(device_id, '#', CAST(seq AS STRING)))"
+    count = wait_for("60 rows",
+                     lambda: rows(stack, "SELECT COUNT(DISTINCT CONCAT(device_id, '#', CAST(seq AS STRING)))"
                                                     " AS n FROM {t} WHERE STARTS_WITH(device_id, 'arch-')")[0]["n"],
-                     lambda n: n >= 60)
+                     lambda n: n >= 60, timeout=90, interval=0.5)
     assert count == 60
 
     # The device comes back online (same key as the simulator's) and waits for its config.
@@ -111,7 +102,8 @@ def test_fleet_telemetry_lands_and_a_config_push_reaches_the_device(stack):
         assert push.exit_code == 0, push.output
         version = json.loads(push.stdout)["config"]["version"]
         member = fleet.members[1]  # the fleet's config thread collects what arrives on /devices/arch-0001/config
-        received = wait_for("the config on the device", lambda: list(member.configs), lambda c: len(c) >= 1, 30)
+        received = wait_for("the config on the device", lambda: list(member.configs), lambda c: len(c) >= 1,
+                            timeout=30, interval=0.5)
         assert json.loads(received[-1]) == {"sampling_interval_s": 5}
     finally:
         fleet.close()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from iotbridge import spec
 from iotbridge.local import provision
 from iotbridge.local.forwarder import BigQueryForwarder
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.emulator
 
@@ -77,9 +77,8 @@ def test_forwarder_writes_device_logs_rows_like_a_bigquery_subscription(
             data = json.dumps({"model_version": "v1", "score": i / 10}).encode()
             mid = publisher.publish(names.topic("device-logs"), data, deviceId=f"dev-{i:03d}").result(timeout=30)
             sent[mid] = data
-        deadline = time.monotonic() + 60
-        while fwd.forwarded < len(sent) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for("the forwarder to write every message (the number written)", lambda: fwd.forwarded,
+                 lambda n: n >= len(sent), timeout=60)
     finally:
         fwd.stop()
     client = provision.bigquery_client(names.project, endpoint)

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,19 +43,10 @@ from iotbridge.local.stack import LocalStack
 from iotbridge.ml.cli import models_app
 from iotbridge.ml.runner import ModelRunner
 from iotbridge.registry import Credential, Registry
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(600)]
 DEVICES = 3
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +215,10 @@ def test_train_rollout_monitor_and_refuse_tampered_model(stack, tmp_path, monkey
         fleet_status = {r["device_id"]: r for r in json.loads(res.output)["devices"]}
         assert all(fleet_status[f"edge-{i}"]["running_version"] == "v1" for i in range(DEVICES))
         assert all(fleet_status[f"edge-{i}"]["desired_version"] == "v1" for i in range(DEVICES))
-        wait_for(lambda: sum(1 for r in device_logs(status) if r["kind"] == "inference") >= 5 * DEVICES + 1,
-                 60, "every inference in device_logs")
+        wait_for("every inference in device_logs",
+                 lambda: sum(1 for r in device_logs(status) if r["kind"] == "inference"),
+                 lambda v: v >= 5 * DEVICES + 1,
+                 timeout=60)
         logs = device_logs(status)
         # What a device says about itself matches the identity the bridge authenticated.
         assert {r["device_id"] for r in logs} == {f"edge-{i}" for i in range(DEVICES)}
@@ -265,7 +258,7 @@ def test_train_rollout_monitor_and_refuse_tampered_model(stack, tmp_path, monkey
             ok = all(rows[f"edge-{i}"]["last_rejected_version"] == "v2" for i in range(DEVICES))
             return rows if ok else None
 
-        rows = wait_for(refusals_recorded, 90, "every refusal in device_logs", interval=1.0)
+        rows = wait_for("every refusal in device_logs", refusals_recorded, timeout=90, interval=1.0)
         for i in range(DEVICES):
             r = rows[f"edge-{i}"]  # type: ignore[index]
             assert r["running_version"] == "v1" and r["desired_version"] == "v2"

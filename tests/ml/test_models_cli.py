@@ -12,10 +12,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from typer.testing import CliRunner
 
+from iotbridge import cliutil
 from iotbridge.edge_model import EdgeModel, Feature, sha256_hex
 from iotbridge.local.provision import LocalNames, bigquery_client, provision_bigquery
 from iotbridge.ml import cli as mcli
 from iotbridge.targets import Target
+from tests.waiting import TimedOut, wait_for
 
 pytestmark = pytest.mark.emulator
 
@@ -48,7 +50,7 @@ def env(pubsub_emulator, firestore_emulator, bigquery_emulator, emulator_env, mo
     t = Target(kind="local", name="local", project_id=project, region="us-central1", registry_id=f"reg-{run}",
                mqtt_host=None, mqtt_port=None, mqtt_ca_cert=None, topics={"config-requests": topic},
                bigquery_dataset=names.dataset, bigquery_endpoint=endpoint, env={})
-    monkeypatch.setattr(mcli, "_target", lambda stack: t)
+    monkeypatch.setattr(cliutil, "resolve", lambda stack: t)
     registry = Registry(project, t.registry_id, t.region)
     for d in ("pump-1", "pump-2"):
         registry.create_device(d)
@@ -57,13 +59,16 @@ def env(pubsub_emulator, firestore_emulator, bigquery_emulator, emulator_env, mo
 
     def pull(n: int, timeout: float = 30.0) -> list[dict]:
         got: list[dict] = []
-        import time
-        deadline = time.monotonic() + timeout
-        while len(got) < n and time.monotonic() < deadline:
+
+        def received() -> int:
             resp = subscriber.pull(subscription=sub, max_messages=10, timeout=5)
             if resp.received_messages:
                 subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in resp.received_messages])
-            got += [json.loads(m.message.data) for m in resp.received_messages]
+            got.extend(json.loads(m.message.data) for m in resp.received_messages)
+            return len(got)
+
+        wait_for(f"{n} config requests (the number received)", received, lambda k: k >= n, timeout=timeout,
+                 interval=0)
         return got
 
     return t, registry, pull, bigquery_client(project, endpoint)
@@ -105,7 +110,9 @@ def test_deploy_refuses_what_devices_would_refuse(env, tmp_path):
     assert res.exit_code == 1 and "--device ID" in json.loads(res.output)["error"]
     res = invoke("deploy", "--uri", "gs://b/o.json", "--model-version", "v2", "--all", "--json")
     assert res.exit_code == 1 and "--signer" in json.loads(res.output)["error"]
-    assert pull(1, timeout=6) == []  # nothing was requested
+    with pytest.raises(TimedOut) as nothing:
+        pull(1, timeout=6)
+    assert nothing.value.last == 0  # nothing was requested
 
 
 def test_deploy_unknown_device_fails_that_device_only(env, tmp_path):

@@ -111,3 +111,15 @@ def test_with_the_invoker_check_off_instead_of_allusers_every_policy_still_passe
     ctx = rules.StackContext.from_config(run.config, run.stack)
     found = rules.evaluate(_resources(run), ctx)
     assert {name: msgs for name, msgs in found.items() if msgs} == {}
+
+
+def test_prod_autoscales_its_broker_hosts_and_fails_without_the_autoscaler():
+    run = harness.stack_run("prod")
+    ctx = rules.StackContext.from_config(run.config, run.stack)
+    resources = _resources(run)
+    assert [r.name for r in resources if r.type in rules.AUTOSCALER_TYPES] == ["broker-autoscaler"]
+    assert rules.groups_autoscaled_in_production(resources, ctx) == []
+    without = [r for r in resources if r.type not in rules.AUTOSCALER_TYPES]
+    assert rules.groups_autoscaled_in_production(without, ctx) == [
+        "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager broker-mig: no autoscaler targets it; a "
+        "production broker tier scales with its devices (RegionAutoscaler)"]

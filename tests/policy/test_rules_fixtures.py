@@ -282,6 +282,24 @@ def test_shared_service_account_fails_the_stack_rule():
     assert rules.service_accounts_not_shared([job, other], DEV) == []
 
 
+def test_a_production_group_without_an_autoscaler_fails_the_stack_rule():
+    group = Resource.from_inputs("gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager", "broker-mig",
+                                 {"name": "iot-prod-broker"})
+    scaler = R("gcp:compute/regionAutoscaler:RegionAutoscaler", "broker-autoscaler",
+               target="projects/p/regions/europe-west1/instanceGroupManagers/iot-prod-broker")
+    elsewhere = R("gcp:compute/regionAutoscaler:RegionAutoscaler", "other",
+                  target="projects/p/regions/europe-west1/instanceGroupManagers/another-group")
+    assert rules.groups_autoscaled_in_production([group, scaler], PROD) == []
+    (message,) = rules.groups_autoscaled_in_production([group], PROD)
+    assert "broker-mig: no autoscaler targets it" in message
+    assert rules.groups_autoscaled_in_production([group, elsewhere], PROD)
+    # During preview the target is unknown: it counts for one group.
+    unknown = R("gcp:compute/regionAutoscaler:RegionAutoscaler", "broker-autoscaler", target=UNKNOWN)
+    assert rules.groups_autoscaled_in_production([group, unknown], PROD) == []
+    # Development stacks may run a fixed group.
+    assert rules.groups_autoscaled_in_production([group], DEV) == []
+
+
 DLQ = {"deadLetterTopic": "projects/p/topics/iot-dev-dead-letter", "maxDeliveryAttempts": 5}
 RETRY = {"minimumBackoff": "10s", "maximumBackoff": "600s"}
 

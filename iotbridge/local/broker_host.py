@@ -1,5 +1,8 @@
 """Run one broker host on this machine: Mosquitto (loopback), the TLS front and the bridge service.
 
+    python -m iotbridge.local.broker_host init ...   settings, secrets, a throw-away CA + server certificate
+    python -m iotbridge.local.broker_host run ...    init if needed, then the three processes until Ctrl-C
+
 ``start_bridge_stack(...)`` is what the local stack and the tests use. Each part is its own process (so a
 test can kill the bridge alone, and the front and the bridge do not share one GIL):
 
@@ -13,11 +16,14 @@ the topics of :mod:`iotbridge.spec` must exist.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +31,8 @@ from typing import Any
 
 from iotbridge import spec
 from iotbridge.bridge.settings import BridgeSettings, Route, mosquitto_config, new_secrets, write_secrets
-from iotbridge.bridge.tls import generate_local_tls
 from iotbridge.local import services
+from iotbridge.local.tls import generate_local_tls
 
 READY_SERVICE = "bridge connected to broker"
 
@@ -161,3 +167,40 @@ def start_bridge_stack(workdir: Path, project: str, region: str, registry_id: st
         raise
     return stack
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iotbridge.local.broker_host", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    init = sub.add_parser("init", help="write the settings of a broker host on this machine")
+    run = sub.add_parser("run", help="Mosquitto + service + front on this machine until Ctrl-C "
+                                     "(PUBSUB_EMULATOR_HOST and FIRESTORE_EMULATOR_HOST set)")
+    for p in (init, run):
+        p.add_argument("--workdir", type=Path, required=True)
+        p.add_argument("--project", required=True)
+        p.add_argument("--region", required=True)
+        p.add_argument("--registry", required=True)
+        p.add_argument("--prefix", required=True, help="topic prefix, e.g. iot-local")
+    init.add_argument("--front-port", type=int, help="TLS port for devices (default: a free port)")
+    init.add_argument("--broker-port", type=int, help="loopback Mosquitto port (default: a free port)")
+    args = parser.parse_args(argv)
+    if args.cmd == "init":
+        s = init_host(args.workdir, args.project, args.region, args.registry, args.prefix,
+                      front_port=args.front_port, broker_port=args.broker_port)
+        print(f"wrote {args.workdir}/settings.json; devices: {s.front_host}:{s.front_port}, "
+              f"CA {args.workdir}/tls/ca.pem")
+        return 0
+    stack = start_bridge_stack(args.workdir, args.project, args.region, args.registry, args.prefix,
+                               env=dict(os.environ))
+    print(f"bridge up: devices connect to {stack.mqtt_host}:{stack.mqtt_port} with CA {stack.ca_cert}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""How many device connections one broker host can carry, and the limits its units and kernel get for them.
+
+The arithmetic (docs/broker-scaling.md walks through it for the default machine type):
+
+- Memory: the TLS front and Mosquitto hold ``RSS_PER_DEVICE_KIB`` (73 KiB, measured by ``make bench``'s
+  connection run) per connected device. The host keeps ``max(512 MiB, a quarter of its memory)`` for the
+  system, the bridge service, the page cache and the kernel's socket buffers; the rest carries devices.
+- Loopback ports: the front opens one loopback connection to Mosquitto (127.0.0.1:1883) per device, each from
+  its own ephemeral port, so one host holds at most as many devices as the ephemeral range has ports:
+  ``EPHEMERAL_PORTS`` (10000-65535, above every port the host listens on: 1883, 8080, 8883).
+- The host's capacity is the smaller of the two; the autoscaler aims at ``AUTOSCALE_FRACTION`` of it, so a
+  host that dies leaves its devices room on the others while new hosts boot.
+- File descriptors: the front holds two per device (the device's socket and its loopback connection),
+  Mosquitto one; each unit's ``LimitNOFILE`` is that times the capacity plus ``FD_SLACK``, and ``fs.file-max``
+  covers all three processes (never below the kernel's usual 1,048,576).
+- Kernel: ``somaxconn`` and ``tcp_max_syn_backlog`` at 65535 for the reconnect storm after a host goes away;
+  ``tcp_mem`` lets TCP buffers use up to a quarter of memory before the kernel drops to its minimum buffers
+  (the pressure point at 3/16, the low mark at 1/8).
+
+Only predefined machine types of the families in ``MEMORY_PER_VCPU_MIB`` (and their custom types) are known:
+another type fails ``pulumi preview`` with the list, not a host that runs out of memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# A regional managed instance group holds at most this many VMs (compute.v1 regionInstanceGroupManagers.insert:
+# "A regional managed instance group can contain up to 2000 instances.").
+MAX_HOSTS = 2000
+RSS_PER_DEVICE_KIB = 73
+EPHEMERAL_PORT_RANGE = (10000, 65535)
+EPHEMERAL_PORTS = EPHEMERAL_PORT_RANGE[1] - EPHEMERAL_PORT_RANGE[0] + 1
+AUTOSCALE_FRACTION = 0.7
+FD_SLACK = 4096
+FRONT_FDS_PER_DEVICE = 2
+BROKER_FDS_PER_DEVICE = 1
+SERVICE_NOFILE = 65536  # the bridge service: its Pub/Sub and Firestore channels, not per device
+MIN_FILE_MAX = 1_048_576
+LISTEN_BACKLOG = 65535
+PAGE_KIB = 4
+
+# MiB of memory per vCPU of each predefined family's standard, highmem and highcpu types.
+MEMORY_PER_VCPU_MIB: dict[str, dict[str, int]] = {
+    "e2": {"standard": 4096, "highmem": 8192, "highcpu": 1024},
+    "n2": {"standard": 4096, "highmem": 8192, "highcpu": 1024},
+    "n2d": {"standard": 4096, "highmem": 8192, "highcpu": 1024},
+    "n1": {"standard": 3840, "highmem": 6656, "highcpu": 922},
+    "t2d": {"standard": 4096},
+}
+# The shared-core E2 types: (vCPUs, MiB).
+SHARED_CORE: dict[str, tuple[int, int]] = {"e2-micro": (2, 1024), "e2-small": (2, 2048), "e2-medium": (2, 4096)}
+_PREDEFINED = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<kind>standard|highmem|highcpu)-(?P<vcpus>\d+)$")
+_CUSTOM = re.compile(r"^(?:(?P<family>[a-z0-9]+)-)?custom-(?P<vcpus>\d+)-(?P<mib>\d+)(?:-ext)?$")
+
+
+def known_machine_types() -> str:
+    """What ``memory_mib`` accepts, for an error message."""
+    kinds = ", ".join(f"{family}-{{{'|'.join(per)}}}-N" for family, per in MEMORY_PER_VCPU_MIB.items())
+    return f"{kinds}, {', '.join(SHARED_CORE)}, [FAMILY-]custom-VCPUS-MIB"
+
+
+def memory_mib(machine_type: str) -> int:
+    """The memory of a machine type in MiB. Raises ``ValueError`` for a type this module does not know."""
+    if machine_type in SHARED_CORE:
+        return SHARED_CORE[machine_type][1]
+    custom = _CUSTOM.match(machine_type)
+    if custom:
+        return int(custom.group("mib"))
+    found = _PREDEFINED.match(machine_type)
+    per_vcpu = MEMORY_PER_VCPU_MIB.get(found.group("family"), {}).get(found.group("kind")) if found else None
+    if found is None or per_vcpu is None:
+        raise ValueError(f"unknown machine type {machine_type!r}; known: {known_machine_types()}")
+    return per_vcpu * int(found.group("vcpus"))
+
+
+@dataclass(frozen=True)
+class HostSizing:
+    machine_type: str
+    memory_mib: int
+    devices_by_memory: int
+    devices_by_ports: int
+    devices: int  # what one host carries: the smaller of the two
+    autoscale_target: int  # connected devices per host the autoscaler keeps
+    front_nofile: int
+    broker_nofile: int
+    service_nofile: int
+    file_max: int
+    tcp_mem_pages: tuple[int, int, int]  # low, pressure, high
+
+    def sysctl_conf(self) -> str:
+        """The host's /etc/sysctl.d file."""
+        low, pressure, high = self.tcp_mem_pages
+        return "\n".join([
+            f"# gcp-iot-bridge broker host ({self.machine_type}, {self.memory_mib} MiB): {self.devices} devices",
+            f"fs.file-max = {self.file_max}",
+            f"net.core.somaxconn = {LISTEN_BACKLOG}",
+            f"net.ipv4.tcp_max_syn_backlog = {LISTEN_BACKLOG}",
+            f"net.ipv4.ip_local_port_range = {EPHEMERAL_PORT_RANGE[0]} {EPHEMERAL_PORT_RANGE[1]}",
+            f"net.ipv4.tcp_mem = {low} {pressure} {high}",
+        ]) + "\n"
+
+
+def sizing(machine_type: str) -> HostSizing:
+    """The capacity and limits of one broker host of ``machine_type`` (see the module docstring)."""
+    memory = memory_mib(machine_type)
+    reserved = max(512, memory // 4)
+    by_memory = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
+    devices = min(by_memory, EPHEMERAL_PORTS)
+    pages = memory * 1024 // PAGE_KIB
+    return HostSizing(
+        machine_type=machine_type,
+        memory_mib=memory,
+        devices_by_memory=by_memory,
+        devices_by_ports=EPHEMERAL_PORTS,
+        devices=devices,
+        autoscale_target=int(devices * AUTOSCALE_FRACTION),
+        front_nofile=FRONT_FDS_PER_DEVICE * devices + FD_SLACK,
+        broker_nofile=BROKER_FDS_PER_DEVICE * devices + FD_SLACK,
+        service_nofile=SERVICE_NOFILE,
+        file_max=max(MIN_FILE_MAX, (FRONT_FDS_PER_DEVICE + BROKER_FDS_PER_DEVICE) * devices + 2 * FD_SLACK
+                     + SERVICE_NOFILE),
+        tcp_mem_pages=(pages // 8, pages * 3 // 16, pages // 4),
+    )
