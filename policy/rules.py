@@ -39,6 +39,16 @@ MQTT_TLS_PORT = "8883"
 BASIC_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
 PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
 
+# The one service that may be open to all at the Cloud Run level: the admin API, which verifies every request's
+# token itself because Google's clients send access tokens that Cloud Run's invoker check refuses
+# (gcp_iot_bridge/infra/admin_api.py). It is recognized by its name ("{prefix}-admin-api") AND by its container
+# saying that it authenticates (ADMIN_AUTH=google): a service with that name that does not, or any other
+# service, must stay internal and keep Cloud Run's invoker check.
+CLOUD_RUN_SERVICE = "gcp:cloudrunv2/service:Service"
+ADMIN_API_SUFFIX = "-admin-api"
+ADMIN_API_AUTH = ("ADMIN_AUTH", "google")
+RUN_INVOKER = "roles/run.invoker"
+
 # Subscriptions that must not dead-letter: the audit subscription on the dead-letter topic itself
 # (iotbridge.spec: dead_letter=False; a test keeps the two in step). A subscription a Dataflow job reads is exempt
 # too, found from the job's parameters rather than by name (see subscription_dead_letter).
@@ -189,9 +199,31 @@ def _iam_entries(r: Resource) -> list[tuple[str, str]]:
     return pairs
 
 
+def _is_admin_api_invoker(r: Resource) -> bool:
+    """An invoker grant on the admin API's Cloud Run service (by the service name the grant names)."""
+    name = r.props.get("name")
+    return r.type.startswith(("gcp:cloudrunv2/serviceIamMember:", "gcp:cloudrunv2/serviceIamBinding:")) \
+        and isinstance(name, str) and name.endswith(ADMIN_API_SUFFIX)
+
+
+def authenticating_admin_api(r: Resource) -> bool:
+    """The admin API's service: named ``*-admin-api`` and every container verifying tokens itself."""
+    name = r.props.get("name")
+    if r.type != CLOUD_RUN_SERVICE or not isinstance(name, str) or not name.endswith(ADMIN_API_SUFFIX):
+        return False
+    containers = _as_list(_get(r.props, "template.containers"))
+    key, want = ADMIN_API_AUTH
+    return bool(containers) and all(
+        isinstance(c, Mapping) and any(isinstance(e, Mapping) and e.get("name") == key and e.get("value") == want
+                                       for e in _as_list(c.get("envs")))
+        for c in containers)
+
+
 def no_public_access(r: Resource, ctx: StackContext) -> list[str]:
+    # The admin API's invoker is checked by public_cloud_run_authenticates, which sees the service it opens.
     return [f"{role} granted to {member}: nothing may be public"
-            for role, member in _iam_entries(r) if member in PUBLIC_MEMBERS]
+            for role, member in _iam_entries(r) if member in PUBLIC_MEMBERS
+            and not (role == RUN_INVOKER and _is_admin_api_invoker(r))]
 
 
 def no_basic_roles(r: Resource, ctx: StackContext) -> list[str]:
@@ -302,17 +334,39 @@ def function_internal_only(r: Resource, ctx: StackContext) -> list[str]:
             "serviceConfig.ingressSettings"
     elif r.type == "gcp:cloudfunctions/function:Function":
         setting, want, path = r.props.get("ingressSettings"), "ALLOW_INTERNAL_ONLY", "ingressSettings"
-    elif r.type == "gcp:cloudrunv2/service:Service":
+    elif r.type == CLOUD_RUN_SERVICE:
+        if authenticating_admin_api(r):
+            return []
         setting, want, path = r.props.get("ingress"), "INGRESS_TRAFFIC_INTERNAL_ONLY", "ingress"
+        if _truthy(r.props.get("invokerIamDisabled")):
+            return ["invokerIamDisabled=true: only the admin API, which verifies every caller, may drop Cloud Run's "
+                    "invoker check"]
     elif r.type.startswith(_INVOKER_TYPES):
         return [f"{role} granted to {member}: the function must have no public invoker"
-                for role, member in _iam_entries(r) if member in PUBLIC_MEMBERS]
+                for role, member in _iam_entries(r) if member in PUBLIC_MEMBERS
+                and not (role == RUN_INVOKER and _is_admin_api_invoker(r))]
     else:
         return []
     if setting in (UNKNOWN, want):
         return []
     # Unset means ALLOW_ALL for functions and INGRESS_TRAFFIC_ALL for Cloud Run.
     return [f"{path}={setting!r}: ingress must be {want!r}"]
+
+
+def public_cloud_run_authenticates(resources: Sequence[Resource], ctx: StackContext) -> list[str]:
+    """A public invoker on a Cloud Run service is allowed only on a service of this stack that authenticates every
+    request itself (the admin API)."""
+    authenticating = {str(r.props.get("name")) for r in resources if authenticating_admin_api(r)}
+    out = []
+    for r in resources:
+        if not r.type.startswith(_INVOKER_TYPES):
+            continue
+        name = r.props.get("name")
+        for role, member in _iam_entries(r):
+            if member in PUBLIC_MEMBERS and name != UNKNOWN and name not in authenticating:
+                out.append(f"{r.type} {r.name}: {role} granted to {member} on {name!r}, which is not a service of "
+                           f"this stack that verifies callers itself ({ADMIN_API_AUTH[0]}={ADMIN_API_AUTH[1]})")
+    return out
 
 
 def dataflow_subscriptions(resources: Sequence[Resource]) -> tuple[set[str], bool]:
@@ -394,6 +448,10 @@ def deletion_protection_follows_stack(r: Resource, ctx: StackContext) -> list[st
     elif r.type == "gcp:storage/bucket:Bucket":
         checks.append(("forceDestroy", p.get("forceDestroy", False),
                        (lambda v: not _truthy(v)) if ctx.protect else (lambda v: _truthy(v))))
+    elif r.type == CLOUD_RUN_SERVICE:
+        # The provider's default is true, and a protected service makes `pulumi destroy` fail.
+        checks.append(("deletionProtection", p.get("deletionProtection", True),
+                       (lambda v: _truthy(v)) if ctx.protect else (lambda v: not _truthy(v))))
     elif r.type == "gcp:firestore/database:Database":
         # The provider's default deletionPolicy ABANDON leaves the database behind on destroy, and the next
         # `pulumi up` fails with "already exists". DELETE always: a protected stack relies on the database's
@@ -616,10 +674,10 @@ POLICIES: tuple[Policy, ...] = (
     Policy("workload-dedicated-service-account",
            "Every workload names its own service account, never a default one.", dedicated_service_accounts),
     Policy("dataflow-private-workers", "Dataflow workers run without public IPs.", dataflow_private_workers),
-    Policy("function-internal-only", "Cloud Functions take internal traffic only and have no public invoker.",
-           function_internal_only),
+    Policy("function-internal-only", "Cloud Functions and Cloud Run services take internal traffic only and have "
+           "no public invoker, except the admin API, which verifies every caller itself.", function_internal_only),
     Policy("deletion-protection-follows-stack",
-           "BigQuery, Bigtable, buckets, Firestore and Dataflow teardown knobs follow deletionProtection.",
+           "BigQuery, Bigtable, buckets, Firestore, Cloud Run and Dataflow teardown knobs follow deletionProtection.",
            deletion_protection_follows_stack),
     Policy("cmek-when-asked", "With kmsKeyName set, topics, dataset, Bigtable, buckets and Dataflow use that key.",
            cmek_when_asked),
@@ -639,6 +697,9 @@ STACK_POLICIES: tuple[StackPolicy, ...] = (
                 "has neither a dead-letter nor a retry policy.", subscription_dead_letter),
     StackPolicy("workload-service-accounts-not-shared", "No two workload kinds share one service account.",
                 service_accounts_not_shared),
+    StackPolicy("public-cloud-run-authenticates",
+                "A Cloud Run service is open to allUsers only when it is this stack's admin API, which verifies every "
+                "caller's token itself.", public_cloud_run_authenticates),
     StackPolicy("production-groups-autoscaled",
                 "In a protected (production) stack every managed instance group has an autoscaler.",
                 groups_autoscaled_in_production),

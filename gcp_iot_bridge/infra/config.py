@@ -61,6 +61,9 @@ _LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _REGISTRY_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}$")
 _MEMBER_RE = re.compile(r"^(user|group|serviceAccount|domain):[^\s:]+$")
+# Who may call the admin API: the members iotbridge/admin/auth.py can match a verified caller against. It cannot
+# resolve a group (that needs the Cloud Identity Groups API and a Workspace role), so group: is refused here.
+_ADMIN_MEMBER_RE = re.compile(r"^(?:(user|serviceAccount):[^\s:@,]+@[^\s:@,]+|domain:[^\s:@,]+)$")
 _ZONE_RE = re.compile(r"^(?P<region>[a-z]+-[a-z]+\d+)-(?P<zone>[a-z])$")
 # A CryptoKey's full resource name, as Cloud KMS and every CMEK field take it (the project part as _PROJECT_RE).
 _KMS_KEY_RE = re.compile(r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/locations/(?P<location>[a-z0-9-]+)"
@@ -150,6 +153,20 @@ KEYS: tuple[Key, ...] = (
     Key(_p("edgeMlModelVersion"), "edge_ml_model_version", "string", "letters, digits, '.', '_', '-' (up to 63)"),
     Key(_p("edgeMlSigners"), "edge_ml_signers", "array", 'IAM members allowed to mint signed URLs for model artifacts'),
     Key(_p("alertEmail"), "alert_email", "string", 'an email address, or empty for no notification channel'),
+    Key(_p("adminApiReaders"), "admin_api_readers", "array",
+        "IAM members who may call the admin API's read methods (user:EMAIL, serviceAccount:EMAIL, domain:DOMAIN; "
+        "not group:)"),
+    Key(_p("adminApiWriters"), "admin_api_writers", "array",
+        "IAM members who may call every admin API method (user:EMAIL, serviceAccount:EMAIL, domain:DOMAIN; "
+        "not group:)"),
+    Key(_p("adminApiMinInstances"), "admin_api_min_instances", "integer", "an integer 0..100 (0: scale to zero)"),
+    Key(_p("adminApiMaxInstances"), "admin_api_max_instances", "integer",
+        "an integer 1..100, >= adminApiMinInstances"),
+    Key(_p("adminApiImage"), "admin_api_image", "string",
+        "an image reference; empty: build and push the admin API image"),
+    Key(_p("adminApiPublicAccess"), "admin_api_public_access", "string",
+        "allUsers (grant roles/run.invoker to allUsers) or invokerIamDisabled (for organizations whose policy "
+        "refuses allUsers)"),
     Key(_p("kmsKeyName"), "kms_key_name", "string",
         "empty (Google-managed keys) or projects/P/locations/L/keyRings/R/cryptoKeys/K with L = gcp:region "
         "(and bigqueryLocation = gcp:region)"),
@@ -199,6 +216,12 @@ class StackConfig(BaseModel):
     edge_ml_model_version: str = "v1"
     edge_ml_signers: tuple[str, ...] = ()
     alert_email: str = ""
+    admin_api_readers: tuple[str, ...] = ()
+    admin_api_writers: tuple[str, ...] = ()
+    admin_api_min_instances: int = Field(default=0, ge=0, le=100)
+    admin_api_max_instances: int = Field(default=3, ge=1, le=100)
+    admin_api_image: str = ""
+    admin_api_public_access: Literal["allUsers", "invokerIamDisabled"] = "allUsers"
     kms_key_name: str = ""
 
     @field_validator("project")
@@ -316,6 +339,17 @@ class StackConfig(BaseModel):
         for member in v:
             if not _MEMBER_RE.match(member):
                 raise ValueError(f"{member!r} is not an IAM member (user:, group:, serviceAccount:, domain:)")
+        return v
+
+    @field_validator("admin_api_readers", "admin_api_writers")
+    @classmethod
+    def _admin_members(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for member in v:
+            if member.startswith("group:"):
+                raise ValueError(f"{member!r}: the admin API cannot resolve group membership; list its members or "
+                                 "use domain:")
+            if not _ADMIN_MEMBER_RE.match(member):
+                raise ValueError(f"{member!r} is not user:EMAIL, serviceAccount:EMAIL or domain:DOMAIN")
         return v
 
     @field_validator("edge_ml_model_version")
@@ -442,6 +476,9 @@ def parse(raw: Mapping[str, str | None], stack: str) -> StackConfig:
     if cfg.bigtable_max_nodes > 10 * cfg.bigtable_min_nodes:
         raise _fail(KEY_BY_FIELD["bigtable_max_nodes"], cfg.bigtable_max_nodes,
                     f"more than 10 x bigtableMinNodes={cfg.bigtable_min_nodes}")
+    if cfg.admin_api_max_instances < cfg.admin_api_min_instances:
+        raise _fail(KEY_BY_FIELD["admin_api_max_instances"], cfg.admin_api_max_instances,
+                    f"less than adminApiMinInstances={cfg.admin_api_min_instances}")
     if cfg.workbench_enabled and not cfg.workbench_zone:
         raise _fail(KEY_BY_FIELD["workbench_zone"], None, "required when workbenchEnabled is true")
     if cfg.workbench_zone and not cfg.workbench_zone.startswith(f"{cfg.region}-"):

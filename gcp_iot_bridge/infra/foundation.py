@@ -67,6 +67,8 @@ WORKLOADS: dict[str, Workload] = {
                          ("roles/dataflow.worker", "roles/logging.logWriter", "roles/monitoring.metricWriter")),
     "config-push": Workload("cfgpush", "Config-push function",
                             ("roles/logging.logWriter", "roles/monitoring.metricWriter")),
+    "admin-api": Workload("adminapi", "Admin API (IoT Core device manager) on Cloud Run",
+                          ("roles/logging.logWriter", "roles/monitoring.metricWriter")),
 }
 
 # Google-managed service agents: service-{project_number}@{domain}.

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import pulumi
 
+from gcp_iot_bridge.infra.admin_api import APIS as ADMIN_API_APIS
+from gcp_iot_bridge.infra.admin_api import AdminApi, AdminApiArgs
 from gcp_iot_bridge.infra.broker import Broker, BrokerArgs
 from gcp_iot_bridge.infra.config import StackConfig
 from gcp_iot_bridge.infra.config_push import APIS as CONFIG_PUSH_APIS
@@ -52,12 +54,13 @@ class IotBridge(pulumi.ComponentResource):
     - ``topics``: spec key -> topic name (``telemetry``, ``state``, ``config-requests``, ``dead-letter``, ...);
     - ``bigquery_dataset``, ``bigtable_instance``, ``bigtable_table``;
     - ``dataflow_job_name``, ``config_push_function``, ``models_bucket``, ``models_signer``;
+    - ``admin_api_url``: the admin API (IoT Core's device manager API) operators' clients set as their endpoint;
     - ``dashboard_url`` (Looker Studio), ``monitoring_dashboard_url`` (Cloud Monitoring);
     - ``workbench_proxy_uri``, None unless the config enables Workbench.
 
     The pieces themselves are attributes (``foundation``, ``network``, ``warehouse``, ``timeseries``,
-    ``messaging``, ``registry``, ``broker``, ``pipeline``, ``config_push``, ``edge_ml``, ``monitoring``,
-    ``workbench``).
+    ``messaging``, ``registry``, ``broker``, ``pipeline``, ``config_push``, ``admin_api``, ``edge_ml``,
+    ``monitoring``, ``workbench``).
     """
 
     registry_id: pulumi.Output[str]
@@ -70,6 +73,7 @@ class IotBridge(pulumi.ComponentResource):
     bigtable_table: pulumi.Output[str]
     dataflow_job_name: pulumi.Output[str]
     config_push_function: pulumi.Output[str]
+    admin_api_url: pulumi.Output[str]
     models_bucket: pulumi.Output[str]
     models_signer: pulumi.Output[str]
     dashboard_url: pulumi.Output[str]
@@ -228,6 +232,28 @@ class IotBridge(pulumi.ComponentResource):
                         *self.foundation.key_grants("storage.googleapis.com")],
         ), opts=child)
 
+        # Operators' code written for IoT Core → the admin API → the registry, and configs and commands onto the
+        # device-commands fan-out, as the config-push function sends them.
+        self.admin_api = AdminApi("admin-api", AdminApiArgs(
+            project=cfg.project,
+            region=cfg.region,
+            prefix=cfg.prefix,
+            registry_id=cfg.registry,
+            service_account_email=self.foundation.service_accounts["admin-api"].email,
+            project_number=self.foundation.project_number,
+            deletion_protection=cfg.deletion_protection,
+            registry=self.registry,
+            publish_topics=[self.messaging.topics["device-commands"].id],
+            readers=cfg.admin_api_readers,
+            writers=cfg.admin_api_writers,
+            public_access=cfg.admin_api_public_access,
+            min_instances=cfg.admin_api_min_instances,
+            max_instances=cfg.admin_api_max_instances,
+            prebuilt_image=cfg.admin_api_image or None,
+            labels=labels,
+            depends_on=self.foundation.needs(*ADMIN_API_APIS),
+        ), opts=pulumi.ResourceOptions(parent=self))  # newer than IotBridge: no former URN to alias
+
         # Cloud to edge: a model trained on the warehouse, exported small, rolled out through device configs.
         self.edge_ml = EdgeMl("edge-ml", EdgeMlArgs(
             project=cfg.project,
@@ -286,6 +312,7 @@ class IotBridge(pulumi.ComponentResource):
         self.bigtable_table = self.timeseries.table.name
         self.dataflow_job_name = self.pipeline.job.name
         self.config_push_function = self.config_push.function.name
+        self.admin_api_url = self.admin_api.url
         self.models_bucket = self.edge_ml.bucket.name
         self.models_signer = self.edge_ml.signer.email
         self.dashboard_url = dashboard_url(cfg.project, self.warehouse.dataset.dataset_id, self.warehouse.views)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -48,6 +47,7 @@ import pulumi_gcp as gcp
 
 from gcp_iot_bridge.infra import packaging
 from gcp_iot_bridge.infra.buckets import private_bucket
+from gcp_iot_bridge.infra.images import ImageArgs, prebuilt_or_pushed
 from gcp_iot_bridge.infra.sources import SOURCE_ROOT
 from iotbridge.spec import ProfileError, RuleError, parse_payload_profiles, parse_threshold_rules
 
@@ -202,44 +202,15 @@ class Pipeline(pulumi.ComponentResource):
         """The Flex Template image: ``prebuilt_image`` as given, or an Artifact Registry repository and the image of
         ``dataflow_jobs/Dockerfile`` built and pushed there, with the workers' right to pull it."""
         name, args = self._name, self._args
-        if args.prebuilt_image:
-            self.repository = None
-            self.image = None
-            self.image_ref = pulumi.Output.from_input(args.prebuilt_image)
-            return
-        self.repository = gcp.artifactregistry.Repository(
-            f"{name}-images",
-            project=args.project,
-            location=args.region,
-            repository_id=f"{args.prefix}-dataflow",
-            format="DOCKER",
-            description="Flex Template images of the telemetry pipeline.",
-            labels=dict(args.labels),
-            opts=self._child,
-        )
-        registry = f"{args.region}-docker.pkg.dev"
-        # The short-lived token of the identity running `pulumi up`; a secret so it never reaches the state.
-        token = pulumi.Output.secret(gcp.organizations.get_client_config_output(
-            opts=pulumi.InvokeOutputOptions(parent=self)).access_token)
-        self.image = docker_build.Image(
-            f"{name}-image",
-            # Paths relative to where `pulumi` runs: absolute ones would differ between checkouts and show
-            # a diff on every other operator's machine.
-            context=docker_build.BuildContextArgs(location=os.path.relpath(staged_context())),
-            dockerfile=docker_build.DockerfileArgs(location=os.path.relpath(DOCKERFILE)),
-            platforms=[docker_build.Platform.LINUX_AMD64],  # Dataflow workers are x86-64
-            build_args={"LAUNCHER_TAG": args.launcher_tag},
-            tags=[self.repository.repository_id.apply(
-                lambda repo: f"{registry}/{args.project}/{repo}/{IMAGE_NAME}:{source_hash()}")],
-            push=True,
-            # Previews must not need a Docker daemon or push anything.
-            build_on_preview=False,
-            registries=[docker_build.RegistryArgs(address=registry, username="oauth2accesstoken",
-                                                  password=token)],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.depends_on, self.repository]),
-        )
         # tag@sha256:digest: the spec and the workers pin the exact bytes that were pushed.
-        self.image_ref = self.image.ref
+        self.repository, self.image, self.image_ref = prebuilt_or_pushed(name, args.prebuilt_image, ImageArgs(
+            project=args.project, region=args.region, repository_id=f"{args.prefix}-dataflow",
+            description="Flex Template images of the telemetry pipeline.", image_name=IMAGE_NAME,
+            dockerfile=DOCKERFILE, context=staged_context, tag=source_hash,
+            build_args={"LAUNCHER_TAG": args.launcher_tag}, labels=args.labels, depends_on=args.depends_on),
+            parent=self)
+        if self.repository is None:
+            return
         self.grants["artifactregistry.reader"] = gcp.artifactregistry.RepositoryIamMember(
             f"{name}-worker-images-reader",
             project=args.project,

@@ -51,6 +51,7 @@ def _iam(doc: str, schema: str = "Binding", prefix: str = "", **extra: Target) -
 _DF_ENV = "FlexTemplateRuntimeEnvironment"
 _DF_LAUNCH = "LaunchFlexTemplateParameter"
 _MON = "monitoring.v3"
+_RUN = "GoogleCloudRunV2Service"
 _COND = "Condition"
 
 _HEALTH_CHECK: dict[str, Target] = {path: ("compute.v1", "HealthCheck", path) for path in (
@@ -213,6 +214,20 @@ MAPPING: dict[str, dict[str, Target]] = {
         "eventTrigger.serviceAccountEmail": ("cloudfunctions.v2", "Function", "eventTrigger.serviceAccountEmail"),
     },
     "gcp:cloudrunv2/serviceIamMember:ServiceIamMember": _iam("run.v2", "GoogleIamV1Binding"),
+    "gcp:cloudrunv2/service:Service": {
+        "name": ("run.v2", "method:projects.locations.services.create", "serviceId"),
+        **{path: ("run.v2", _RUN, path) for path in (
+            "description", "labels", "ingress", "invokerIamDisabled", "template.serviceAccount", "template.labels",
+            "template.timeout", "template.maxInstanceRequestConcurrency", "template.scaling.minInstanceCount",
+            "template.scaling.maxInstanceCount", "template.containers[].image",
+            "template.containers[].resources.limits", "template.containers[].resources.cpuIdle",
+            "template.containers[].resources.startupCpuBoost")},
+        "template.containers[].ports.containerPort": ("run.v2", _RUN, "template.containers[].ports[].containerPort"),
+        "template.containers[].envs[].name": ("run.v2", _RUN, "template.containers[].env[].name"),
+        "template.containers[].envs[].value": ("run.v2", _RUN, "template.containers[].env[].value"),
+        "traffics[].type": ("run.v2", _RUN, "traffic[].type"),
+        "traffics[].percent": ("run.v2", _RUN, "traffic[].percent"),
+    },
     "gcp:compute/address:Address": {
         "name": ("compute.v1", "Address", "name"),
         "addressType": ("compute.v1", "Address", "addressType"),
@@ -662,6 +677,16 @@ LIMITS: dict[Target, Limit] = {
     ("cloudfunctions.v2", "Function", "serviceConfig.availableMemory"): Limit(
         quote="Supported units are k, M, G, Mi, Gi.", regex=r"\d+(k|M|G|Mi|Gi)?"),
     ("compute.v1", "Address", "labels"): _LABELS,
+    ("run.v2", "method:projects.locations.services.create", "serviceId"): Limit(
+        quote="It must begin with letter, and cannot end with hyphen; must contain fewer than 50 characters.",
+        regex=r"[a-z]([-a-z0-9]{0,47}[a-z0-9])?",
+        source="lowercase letters, digits and hyphens (cloud.google.com/run/docs/deploying#service)"),
+    ("run.v2", _RUN, "description"): Limit(quote="This field currently has a 512-character limit.",
+                                           regex=r"(?s).{0,512}", maximum=512),
+    ("run.v2", _RUN, "labels"): _LABELS,
+    ("run.v2", _RUN, "template.labels"): _LABELS,
+    ("run.v2", _RUN, "template.containers[].ports[].containerPort"): Limit(
+        quote="0 < container_port < 65536", minimum=1, maximum=65535),
     ("compute.v1", "ForwardingRule", "labels"): _LABELS,
     ("compute.v1", "InstanceTemplate", "properties.labels"): _LABELS,
     ("compute.v1", "HealthCheck", "checkIntervalSec"): Limit(

@@ -229,6 +229,10 @@ class _Mocks(pulumi.runtime.Mocks):
         elif t in ("gcp:monitoring/alertPolicy:AlertPolicy", "gcp:monitoring/notificationChannel:NotificationChannel"):
             kind = "alertPolicies" if t.endswith("AlertPolicy") else "notificationChannels"
             state["name"] = f"projects/{project}/{kind}/{args.name}"
+        elif t == "gcp:cloudrunv2/service:Service":
+            # Cloud Run's deterministic URL: https://{name}-{project number}.{region}.run.app
+            state["uri"] = f"https://{state['name']}-{PROJECT_NUMBER}.{state['location']}.run.app"
+            rid = f"projects/{project}/locations/{state['location']}/services/{state['name']}"
         elif t == "random:index/randomPassword:RandomPassword":
             state["result"] = MOCK_PASSWORD
         state.setdefault("project", project)

@@ -2,8 +2,9 @@
 calls with it (tests/infra/api_schema.py has the mapping, the documented limits and the types it leaves out).
 
 Stacks: dev, prod and demo as their stack files say, and ``all-features``: prod with every optional feature on
-(Workbench, edge-ML training, a customer-managed key, an alert email, threshold rules, table expiry). The number
-of inputs checked is printed at the end of the run (tests/infra/conftest.py).
+(Workbench, edge-ML training, a customer-managed key, an alert email, threshold rules, table expiry, the admin API
+with its invoker check off and warm instances). The number of inputs checked is printed at the end of the run
+(tests/infra/conftest.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ ALL_FEATURES: dict[str, Any] = {
     "edgeMlTrain": True, "edgeMlSigners": ["group:ml@example.com"], "alertEmail": "ops@example.com",
     "kmsKeyName": KEY, "bigqueryLocation": "europe-west1", "bigqueryTableExpirationDays": 30,
     "pipelineThresholdRules": json.dumps({"temperature": {"above": 80, "config": {"fan": "max"}}}),
+    "adminApiPublicAccess": "invokerIamDisabled", "adminApiWriters": ["user:ops@example.com"],
+    "adminApiMinInstances": 1,
 }
 # The agents a customer-managed key is granted to, which the provider looks up.
 _AGENT = "service-123456789012@gs-project-accounts.iam.gserviceaccount.com"

@@ -106,6 +106,7 @@ def test_one_service_account_per_workload_named_from_the_prefix(run: harness.Sta
         "foundation-sa-bridge": f"{prefix}-bridge",
         "foundation-sa-dataflow": f"{prefix}-dataflow",
         "foundation-sa-config-push": f"{prefix}-cfgpush",
+        "foundation-sa-admin-api": f"{prefix}-adminapi",
         # Identities the components own: the function's build and Eventarc trigger, the model-URL signer.
         "config-push-build-sa": f"{prefix}-cfgbuild",
         "config-push-trigger-sa": f"{prefix}-cfgtrig",
@@ -131,6 +132,7 @@ def test_workload_roles_are_narrow(run: harness.StackRun) -> None:
         account("dataflow"): observability | {"roles/dataflow.worker"},
         account("bridge"): observability | {"roles/datastore.user"},  # conditioned on the registry database
         account("cfgpush"): observability | {"roles/datastore.user"},  # conditioned on the registry database
+        account("adminapi"): observability | {"roles/datastore.user"},  # conditioned on the registry database
         account("cfgbuild"): {"roles/cloudbuild.builds.builder"},
         "serviceAccount:service-123456789012@gcp-sa-eventarc.iam.gserviceaccount.com": {"roles/eventarc.serviceAgent"},
     }

@@ -45,8 +45,8 @@ def test_outputs_are_resolved_to_plain_values() -> None:
 CONTRACT_OUTPUTS = {  # docs/outputs.md
     "project_id", "region", "registry_id", "mqtt_endpoint", "http_bridge_url", "mqtt_ca_cert", "telemetry_topic",
     "state_topic", "config_requests_topic", "dead_letter_topic", "device_logs_topic", "bigquery_dataset",
-    "bigtable_instance", "bigtable_table", "dataflow_job_name", "config_push_function", "models_bucket",
-    "dashboard_url", "monitoring_dashboard_url",
+    "bigtable_instance", "bigtable_table", "dataflow_job_name", "config_push_function", "admin_api_url",
+    "models_bucket", "dashboard_url", "monitoring_dashboard_url",
 }
 
 

@@ -59,7 +59,7 @@ def test_the_schema_takes_the_stack_config_keys_and_gives_the_bridges_outputs():
     assert sorted(resource["requiredInputs"]) == sorted(k.key.partition(":")[2] for k in config.KEYS if k.required)
     assert set(resource["properties"]) == {
         "registryId", "mqttEndpoint", "mqttCaCert", "topics", "bigqueryDataset", "bigtableInstance", "bigtableTable",
-        "dataflowJobName", "configPushFunction", "modelsBucket", "modelsSigner", "dashboardUrl",
+        "dataflowJobName", "configPushFunction", "adminApiUrl", "modelsBucket", "modelsSigner", "dashboardUrl",
         "monitoringDashboardUrl", "workbenchProxyUri"}
     assert resource["isComponent"] is True
 

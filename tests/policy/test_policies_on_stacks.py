@@ -84,6 +84,35 @@ def test_flipping_the_teardown_switch_keeps_every_policy_green():
     assert rules.evaluate(_resources(dev), ctx)["deletion-protection-follows-stack"]
 
 
+def test_the_admin_api_is_the_one_public_service_and_must_authenticate(stack):
+    """The admin API passes only as declared: open to all because its container verifies callers. The same service
+    without ADMIN_AUTH=google, or its public invoker pointed at another service, fails."""
+    run, ctx = stack
+    resources = _resources(run)
+    (service,) = [r for r in resources if r.type == "gcp:cloudrunv2/service:Service"]
+    (invoker,) = [r for r in resources if r.type == "gcp:cloudrunv2/serviceIamMember:ServiceIamMember"
+                  and r.props.get("member") == "allUsers"]
+    assert rules.authenticating_admin_api(service)
+    template = dict(service.props["template"])
+    template["containers"] = [{**c, "envs": [e for e in c["envs"] if e["name"] != "ADMIN_AUTH"]}
+                              for c in template["containers"]]
+    unauthenticated = rules.Resource(service.type, service.name, {**service.props, "template": template})
+    elsewhere = rules.Resource(invoker.type, invoker.name, {**invoker.props, "name": "iot-x-config-push"})
+    for original, changed, policy in ((service, unauthenticated, "function-internal-only"),
+                                      (service, unauthenticated, "public-cloud-run-authenticates"),
+                                      (invoker, elsewhere, "iam-nothing-public"),
+                                      (invoker, elsewhere, "public-cloud-run-authenticates")):
+        mutated = [changed if r is original else r for r in resources]
+        assert rules.evaluate(mutated, ctx)[policy], policy
+
+
+def test_with_the_invoker_check_off_instead_of_allusers_every_policy_still_passes():
+    run = harness.run_program("dev", {"adminApiPublicAccess": "invokerIamDisabled"})
+    ctx = rules.StackContext.from_config(run.config, run.stack)
+    found = rules.evaluate(_resources(run), ctx)
+    assert {name: msgs for name, msgs in found.items() if msgs} == {}
+
+
 def test_prod_autoscales_its_broker_hosts_and_fails_without_the_autoscaler():
     run = harness.stack_run("prod")
     ctx = rules.StackContext.from_config(run.config, run.stack)

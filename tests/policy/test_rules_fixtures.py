@@ -25,11 +25,24 @@ def R(type_: str, name: str = "r", **props: object) -> Resource:  # noqa: N802 -
     return Resource.from_inputs(type_, name, props)
 
 
+def P(type_: str, **props: object) -> Resource:  # noqa: N802 - as R, for resources whose inputs hold a name
+    return Resource.from_inputs(type_, "r", props)
+
+
 BUCKET_OK = dict(uniformBucketLevelAccess=True, publicAccessPrevention="enforced", labels=LABELS, forceDestroy=True)
 DATAFLOW_OK = dict(ipConfiguration="WORKER_IP_PRIVATE", serviceAccountEmail=SA, labels=LABELS, onDelete="cancel",
                    skipWaitOnJobTermination=False)
 SECRET = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",
           "value": "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n"}
+
+# The admin API as the program declares it, and the same service without its own authentication.
+RUN = "gcp:cloudrunv2/service:Service"
+RUN_INVOKER = "gcp:cloudrunv2/serviceIamMember:ServiceIamMember"
+AUTHENTICATES = {"name": "ADMIN_AUTH", "value": "google"}
+ADMIN_API = dict(name="iot-dev-admin-api", ingress="INGRESS_TRAFFIC_ALL", labels=LABELS, deletionProtection=False,
+                 template={"serviceAccount": SA, "containers": [{"image": "i", "envs": [AUTHENTICATES]}]})
+UNAUTHENTICATED = {**ADMIN_API, "template": {"serviceAccount": SA, "containers": [{"image": "i", "envs": [
+    {"name": "ADMIN_AUTH", "value": "none"}]}]}}
 
 # policy name -> (context, resources that pass, resources that each must fail)
 FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
@@ -50,6 +63,8 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
           policyData='{"bindings":[{"role":"roles/pubsub.viewer","members":["allUsers"]}]}'),
         R("gcp:bigquery/dataset:Dataset", datasetId="iot", labels=LABELS,
           accesses=[{"role": "READER", "specialGroup": "allAuthenticatedUsers"}]),
+        P(RUN_INVOKER, name="iot-dev-config-push", role="roles/run.invoker", member="allUsers"),
+        P(RUN_INVOKER, name="iot-dev-admin-api", role="roles/run.admin", member="allUsers"),
     ]),
     "iam-no-basic-roles": (DEV, [
         R("gcp:projects/iAMMember:IAMMember", project="p", role="roles/dataflow.worker", member=f"serviceAccount:{SA}"),
@@ -85,10 +100,18 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:cloudfunctionsv2/function:Function", serviceConfig={"ingressSettings": "ALLOW_INTERNAL_ONLY"}),
         R("gcp:cloudfunctionsv2/functionIamMember:FunctionIamMember", role="roles/cloudfunctions.invoker",
           member=f"serviceAccount:{SA}"),
+        P(RUN, **ADMIN_API),
+        P(RUN, **{**ADMIN_API, "invokerIamDisabled": True}),
+        P(RUN_INVOKER, name="iot-dev-admin-api", role="roles/run.invoker", member="allUsers"),
     ], [
         R("gcp:cloudfunctionsv2/function:Function", serviceConfig={"ingressSettings": "ALLOW_ALL"}),
         R("gcp:cloudfunctionsv2/function:Function", serviceConfig={}),
-        R("gcp:cloudrunv2/serviceIamMember:ServiceIamMember", role="roles/run.invoker", member="allUsers"),
+        P(RUN_INVOKER, role="roles/run.invoker", member="allUsers"),
+        P(RUN_INVOKER, name="iot-dev-config-push", role="roles/run.invoker", member="allUsers"),
+        P(RUN, **UNAUTHENTICATED),
+        P(RUN, **{**ADMIN_API, "name": "iot-dev-dashboard"}),
+        P(RUN, **{**ADMIN_API, "name": "iot-dev-dashboard", "ingress": "INGRESS_TRAFFIC_INTERNAL_ONLY",
+                  "invokerIamDisabled": True}),
     ]),
     "deletion-protection-follows-stack": (DEV, [
         R("gcp:bigquery/table:Table", deletionProtection=False),
@@ -98,6 +121,7 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:storage/bucket:Bucket", forceDestroy=True),
         R("gcp:firestore/database:Database", deletionPolicy="DELETE",
           deleteProtectionState="DELETE_PROTECTION_DISABLED"),
+        P(RUN, **ADMIN_API),
         R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel", skipWaitOnJobTermination=False),
         R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel"),  # the provider's default: wait
     ], [
@@ -108,6 +132,7 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
         R("gcp:bigtable/table:Table", deletionProtection="PROTECTED"),
         R("gcp:storage/bucket:Bucket"),
         R("gcp:firestore/database:Database"),
+        P(RUN, name="iot-dev-admin-api"),  # the provider protects a Cloud Run service unless told not to
         R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain", skipWaitOnJobTermination=False),
         # Not waiting: destroy removes the subnetwork and bucket under the cancelling job, and the next launch
         # under its name fails while it is still active.
@@ -208,6 +233,8 @@ def test_deletion_protection_in_prod_wants_the_opposite():
     assert policy(R("gcp:bigtable/instance:Instance", deletionProtection=False), PROD)
     assert policy(R("gcp:bigtable/table:Table"), PROD)
     assert policy(R("gcp:storage/bucket:Bucket", forceDestroy=True), PROD)
+    assert policy(P(RUN, name="iot-prod-admin-api"), PROD) == []
+    assert policy(P(RUN, name="iot-prod-admin-api", deletionProtection=False), PROD)
     assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="cancel",
                     skipWaitOnJobTermination=True), PROD)
     assert policy(R("gcp:dataflow/flexTemplateJob:FlexTemplateJob", onDelete="drain"), PROD) == []
@@ -233,6 +260,17 @@ def test_unknown_values_never_fail_a_preview():
         for ctx in (DEV, PROD, CMEK):
             found = {p.name: p.check(r, ctx) for p in rules.POLICIES}
             assert not any(found.values()), (type_, found)
+
+
+def test_a_public_invoker_needs_a_service_of_the_stack_that_verifies_callers():
+    invoker = P(RUN_INVOKER, name="iot-dev-admin-api", role="roles/run.invoker", member="allUsers")
+    assert rules.public_cloud_run_authenticates([P(RUN, **ADMIN_API), invoker], DEV) == []
+    assert rules.public_cloud_run_authenticates([P(RUN, **UNAUTHENTICATED), invoker], DEV)
+    assert rules.public_cloud_run_authenticates([invoker], DEV), "opens a service the stack does not declare"
+    preview = P(RUN_INVOKER, name=UNKNOWN, role="roles/run.invoker", member="allUsers")
+    assert rules.public_cloud_run_authenticates([preview], DEV) == []
+    private = P(RUN_INVOKER, name="iot-dev-config-push", role="roles/run.invoker", member=f"serviceAccount:{SA}")
+    assert rules.public_cloud_run_authenticates([private], DEV) == []
 
 
 def test_shared_service_account_fails_the_stack_rule():
