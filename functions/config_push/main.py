@@ -417,7 +417,7 @@ class Deps:
 
 
 def config_topic(device_id: str) -> str:
-    return f"/devices/{device_id}/config"
+    return spec.device_topic(device_id, spec.CONFIG)
 
 
 def process(message: Message, deps: Deps) -> Outcome:

@@ -50,6 +50,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
+from iotbridge import spec
 from iotbridge.bridge import fanout, limits, mqtt, resends
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_device_path, verify_jwt
 from iotbridge.bridge.gateway import MAX_ATTACHED, GatewayRelay, GatewaySession
@@ -213,30 +214,34 @@ def session_deadline(now: datetime, proof_expires_at: datetime, credential_expir
 
 
 def topic_kind(topic: str, device_id: str) -> str | None:
-    """'events' or 'state' when a device may publish to ``topic``; None otherwise."""
-    base = f"/devices/{device_id}/"
-    if not topic.startswith(base):
+    """'events' or 'state' when a device may publish to ``topic`` (the layout of ``spec.device_topic``); None
+    otherwise."""
+    parsed = spec.parse_device_topic(topic)
+    if parsed is None or parsed[0] != device_id:
         return None
-    rest = topic[len(base):]
-    if rest == "state":
+    _, kind, sub_folder = parsed
+    if kind == spec.STATE:
         return "state"
-    if rest == "events" or (rest.startswith("events/") and len(rest) > len("events/")):
-        return None if ("+" in rest or "#" in rest) else "events"
+    if kind == spec.EVENTS:
+        return None if ("+" in sub_folder or "#" in sub_folder) else "events"
     return None
 
 
 def subscription_allowed(topic_filter: str, device_id: str) -> bool:
-    base = f"/devices/{device_id}/"
-    if not topic_filter.startswith(base):
+    """Whether a device may subscribe to ``topic_filter``: its config, its commands, or the commands of one
+    subfolder (with or without ``/#``)."""
+    parsed = spec.parse_device_topic(topic_filter)
+    if parsed is None or parsed[0] != device_id:
         return False
-    rest = topic_filter[len(base):]
-    if rest in ("config", "commands", "commands/#"):
+    _, kind, sub_folder = parsed
+    if kind == spec.CONFIG:
         return True
-    if rest.startswith("commands/"):
-        sub = rest[len("commands/"):]
-        head = sub[:-2] if sub.endswith("/#") else sub
-        return bool(head) and "+" not in head and "#" not in head
-    return False
+    if kind != spec.COMMANDS:
+        return False
+    if sub_folder in ("", "#"):
+        return True
+    head = sub_folder[:-2] if sub_folder.endswith("/#") else sub_folder
+    return bool(head) and "+" not in head and "#" not in head
 
 
 class Refusal(Exception):
@@ -803,7 +808,7 @@ class Front:
             if len(held) > most:
                 raise Dropped(f"more than {most} distinct subscriptions")
             session.subscriptions = held
-            if f"/devices/{dev}/config" in names:
+            if spec.device_topic(dev, spec.CONFIG) in names:
                 session.config_subscribed = True
             wait = max(wait, session.limits["subscribe"].take(1, now))
             raw = bytes(patched)
@@ -829,7 +834,7 @@ class Front:
     async def _broker_to_device(self, session: Session, breader: asyncio.StreamReader,
                                 dwriter: asyncio.StreamWriter) -> None:
         # Same framing as the other direction: several packets per TLS record and send().
-        config_topic = f"/devices/{session.device_id}/config"
+        config_topic = spec.device_topic(session.device_id, spec.CONFIG)
         framer = mqtt.Framer(MAX_BROKER_PACKET)
         try:
             while True:

@@ -505,9 +505,9 @@ class BridgeService:
         attrs = dict(message.attributes)
         device = attrs.get("deviceId", "")
         if batch.topic in self._state_topics:
-            mqtt_topic = f"/devices/{device}/state"
+            mqtt_topic = spec.device_topic(device, spec.STATE)
         else:
-            mqtt_topic = f"/devices/{device}/events" + (f"/{attrs['subFolder']}" if attrs.get("subFolder") else "")
+            mqtt_topic = spec.device_topic(device, spec.EVENTS, attrs.get("subFolder", ""))
         self._dead_letter(bytes(message.data), attrs, mqtt_topic, (PUBSUB_REFUSED, str(exc)), token)
 
     def _on_batch_sent(self, batch: Batch) -> None:
@@ -606,7 +606,7 @@ class BridgeService:
                 log.warning("command for %s dropped: %.0fs old", device_id, age)
                 message.ack()
                 return
-            topic = f"/devices/{device_id}/commands" + (f"/{sub_folder}" if sub_folder else "")
+            topic = spec.device_topic(device_id, spec.COMMANDS, sub_folder)
             info = self.mqtt.publish(topic, bytes(message.data), qos=1, retain=False)
             info.wait_for_publish(timeout=30)
             with self.stats_lock:
@@ -627,7 +627,7 @@ class BridgeService:
         """Publish the version retained unless it was published before (``again``: publish it anyway)."""
         if version <= self._published_config.get(device_id, 0) and not again:
             return False
-        info = self.mqtt.publish(f"/devices/{device_id}/config", data, qos=1, retain=True)
+        info = self.mqtt.publish(spec.device_topic(device_id, spec.CONFIG), data, qos=1, retain=True)
         info.wait_for_publish(timeout=30)
         if not info.is_published():
             raise TimeoutError(f"broker did not acknowledge config v{version} of {device_id}")
