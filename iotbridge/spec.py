@@ -621,6 +621,9 @@ BIGTABLE = BigtableSpec()
 # Custom metrics a broker host writes every minute (on its gce_instance, labels registry_id and host), which the
 # stack declares, alerts on and charts.
 CONNECTED_DEVICES_METRIC = "custom.googleapis.com/iot/connected_devices"  # the front's live sessions
+# How often a deployed broker host re-reads its connected devices from the registry (blocked, deleted, credentials):
+# the time a revoked device keeps its session, and a Firestore read per connected device each time.
+CLOUD_RECHECK_INTERVAL_S = 30.0
 BROKER_STORED_METRIC = "custom.googleapis.com/iot/broker_stored_messages"  # what Mosquitto holds
 BROKER_DROPPED_METRIC = "custom.googleapis.com/iot/broker_dropped_messages"  # dropped over a queue bound, per minute
 # Mosquitto's per-client queue bound (max_queued_messages): the bridge's persistent session fills during a Pub/Sub

@@ -235,3 +235,21 @@ def test_commands_print_the_plan_and_the_estimate() -> None:
     assert est["region"] == "europe-west1"
     assert est["total"] == pytest.approx(sum(ln["monthly"] for ln in est["lines"]), abs=0.01)
     assert all(ln["quantity"] >= 0 and ln["unit_price"] > 0 for ln in est["lines"])
+
+
+def test_the_registry_reads_are_those_of_the_deployed_hosts_recheck(stack_file: Path) -> None:
+    """The estimate re-reads each device as often as a deployed broker host does (its startup settings), not at the
+    local stack's faster default."""
+    import json
+
+    from gcp_iot_bridge.infra import broker
+
+    script = broker.startup_script(
+        project="p-1", region="us-central1", registry_id="fleet", prefix="iot", code_url="gs://b/code.zip",
+        tls_key_secret="k", passwords_secret="s", server_cert_pem="PEM", database="(default)", routes={},
+        fanout_subscriptions=[], health_port=8080)
+    interval = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON", 1)[0])["recheck_interval_s"]
+    fleet = Fleet(devices=1000, rate=0.1, payload_bytes=100, metrics_per_message=2, config_pushes_per_device_day=1)
+    c = capacity.plan(fleet, capacity.read_stack(stack_file), FIGURES)
+    # 1,000 devices x 2,628,000 s a month (730 h) / the hosts' interval.
+    assert c.registry_reads_month == pytest.approx(1000 * 730 * 3600 / interval)

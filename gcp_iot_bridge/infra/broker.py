@@ -50,7 +50,7 @@ from gcp_iot_bridge.infra import packaging
 from gcp_iot_bridge.infra.buckets import private_bucket
 from gcp_iot_bridge.infra.host_sizing import MAX_HOSTS, HostSizing, sizing
 from gcp_iot_bridge.infra.registry_database import RegistryDatabase
-from iotbridge.spec import CONNECTED_DEVICES_METRIC
+from iotbridge.spec import CLOUD_RECHECK_INTERVAL_S, CONNECTED_DEVICES_METRIC
 
 MQTT_PORT = 8883
 HTTP_BRIDGE_PORT = 8443  # IoT Core's HTTP device bridge (iotbridge/bridge/http_bridge.py), TLS like MQTT
@@ -523,7 +523,8 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
         "tls_cert": "__ROOT__/etc/iotbridge/server.pem", "tls_key": "__ROOT__/etc/iotbridge/server-key.pem",
         "secrets_file": "__ROOT__/etc/iotbridge/secrets.json",
         "routes": [{"sub_folder": k, "topic": v} for k, v in sorted(routes.items())],
-        "recheck_interval_s": 30.0, "workdir": "__ROOT__/var/lib/iotbridge", "health_port": health_port,
+        "recheck_interval_s": CLOUD_RECHECK_INTERVAL_S, "workdir": "__ROOT__/var/lib/iotbridge",
+        "health_port": health_port,
         "fanout_subscriptions": list(fanout_subscriptions), "firestore_database": database,
         "connected_devices_metric": "cloud",
     }

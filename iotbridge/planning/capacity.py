@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from iotbridge import spec
-from iotbridge.bridge.settings import EVENTS_MAX_BYTES, BridgeSettings
+from iotbridge.bridge.settings import EVENTS_MAX_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "bench" / "reference" / "results.json"
@@ -319,7 +319,7 @@ class Capacity:
 
 
 def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
-         recheck_interval_s: float = BridgeSettings.recheck_interval_s) -> Capacity:
+         recheck_interval_s: float = spec.CLOUD_RECHECK_INTERVAL_S) -> Capacity:
     notes: list[str] = []
     rate = fleet.messages_per_s
     month = fleet.messages_per_month
