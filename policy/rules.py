@@ -35,6 +35,8 @@ REQUIRED_LABELS = ("app", "stack")
 HEALTH_CHECK_RANGES = tuple(ipaddress.ip_network(r) for r in (
     "35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22"))
 MQTT_TLS_PORT = "8883"
+HTTP_BRIDGE_PORT = "8443"  # the HTTP device bridge, TLS like MQTT
+DEVICE_PORTS = frozenset({MQTT_TLS_PORT, HTTP_BRIDGE_PORT})
 
 BASIC_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
 PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
@@ -578,13 +580,14 @@ def firewall_only_mqtt_and_health_checks(r: Resource, ctx: StackContext) -> list
         protocol, ports = str(allow.get("protocol")), _port_set(allow)
         if ports == UNKNOWN:
             continue
-        if protocol == "tcp" and ports == [MQTT_TLS_PORT]:
+        if protocol == "tcp" and ports and set(ports) <= DEVICE_PORTS:
             continue
         if health_check_only and protocol == "tcp":
             continue
         shown = f"{protocol}:{','.join(ports) or 'all ports'}"
         out.append(f"ingress allows {shown} from {[str(s) for s in _as_list(sources)] or 'tags/accounts'}: only "
-                   f"tcp:{MQTT_TLS_PORT} may be open, anything else only to Google's health-check ranges")
+                   f"tcp:{MQTT_TLS_PORT} (MQTT) and tcp:{HTTP_BRIDGE_PORT} (HTTP bridge) may be open, anything else "
+                   "only to Google's health-check ranges")
     return out
 
 
@@ -684,7 +687,8 @@ POLICIES: tuple[Policy, ...] = (
     Policy("labels-everywhere", "Every labelable resource carries the app and stack labels, all valid.",
            labels_everywhere),
     Policy("firewall-mqtt-and-health-checks-only",
-           "Ingress rules open only tcp:8883; anything else only to Google's health-check ranges or among a "
+           "Ingress rules open only tcp:8883 and tcp:8443 (devices); anything else only to Google's health-check "
+           "ranges or among a "
            "workload's own VMs.",
            firewall_only_mqtt_and_health_checks),
     Policy("secrets-are-pulumi-secrets", "No private key or credential in a plain (non-secret) input.",

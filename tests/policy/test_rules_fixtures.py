@@ -169,6 +169,9 @@ FIXTURES: dict[str, tuple[StackContext, list[Resource], list[Resource]]] = {
     ]),
     "firewall-mqtt-and-health-checks-only": (DEV, [
         R("gcp:compute/firewall:Firewall", sourceRanges=["0.0.0.0/0"], allows=[{"protocol": "tcp", "ports": ["8883"]}]),
+        # The device ports: MQTT and the HTTP device bridge.
+        R("gcp:compute/firewall:Firewall", sourceRanges=["0.0.0.0/0"],
+          allows=[{"protocol": "tcp", "ports": ["8883", "8443"]}]),
         R("gcp:compute/firewall:Firewall", sourceRanges=["35.191.0.0/16", "130.211.0.0/22"],
           allows=[{"protocol": "tcp", "ports": ["8080"]}]),
         R("gcp:compute/firewall:Firewall", sourceRanges=["0.0.0.0/0"], denies=[{"protocol": "all"}]),
