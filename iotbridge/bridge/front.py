@@ -69,6 +69,9 @@ MAX_DEVICE_PACKET = EVENTS_MAX_BYTES + 70 * 1024
 MAX_BROKER_PACKET = 2 * 1024 * 1024
 SYNC_TOPIC = "iotbridge/sync"
 SYNC_SUBSCRIBED = "/subscribed"  # appended to the device id: it just subscribed to its config topic
+# Appended to the device id: a gateway attached the device after subscribing to its config topic, so the retained
+# copy the broker sent at that subscribe was dropped; the latest config is published again, even if already published.
+SYNC_AGAIN = "/again"
 
 
 def _per_registry(values: dict[str, T], registries: dict[str, Registry]) -> dict[Registry, dict[str, T]]:
@@ -79,11 +82,11 @@ def _per_registry(values: dict[str, T], registries: dict[str, Registry]) -> dict
     return out
 
 
-def sync_payload(device_id: str, subscribed: bool = False) -> bytes:
+def sync_payload(device_id: str, subscribed: bool = False, again: bool = False) -> bytes:
     """A sync request: ``{device}`` at connect, ``{device}/subscribed`` after a SUBSCRIBE to its config topic,
     which makes the bridge deliver an empty latest config (an empty retained message is not kept by the
-    broker, so it reaches only the subscribers of the moment)."""
-    return (device_id + (SYNC_SUBSCRIBED if subscribed else "")).encode()
+    broker, so it reaches only the subscribers of the moment); ``{device}/again`` (see SYNC_AGAIN)."""
+    return (device_id + (SYNC_AGAIN if again else SYNC_SUBSCRIBED if subscribed else "")).encode()
 TLS_READ_BUFFER = 32 * 1024
 RELAY_READ = 64 * 1024
 
@@ -367,10 +370,11 @@ class Front:
         return Registry(self.settings.project, registry_id, self.settings.region, client=self.registry.client,
                         deployment=self.registry.registry_id)
 
-    def request_config_sync(self, device_id: str) -> None:
-        """Ask the bridge service to make sure the broker holds the device's latest config (retained)."""
+    def request_config_sync(self, device_id: str, again: bool = False) -> None:
+        """Ask the bridge service to make sure the broker holds the device's latest config (retained); ``again``
+        when a subscriber of the config topic has yet to receive it (see SYNC_AGAIN)."""
         if self._control is not None:
-            self._control.publish(SYNC_TOPIC, sync_payload(device_id), qos=1)
+            self._control.publish(SYNC_TOPIC, sync_payload(device_id, again=again), qos=1)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -676,7 +680,7 @@ class Front:
                         relayed = None
                         if session.gateway is not None and first >> 4 == mqtt.PUBLISH:
                             relayed = await self.gateways.publish(session, first, body, raw)
-                        checked, wait = relayed or self._checked(session, first, body, raw)
+                        checked, wait = relayed if relayed is not None else self._checked(session, first, body, raw)
                         if wait > 0:
                             # Over a rate limit: what passed goes now, this packet when the limit allows it, and
                             # the device's socket is not read meanwhile.

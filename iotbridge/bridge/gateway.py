@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("iotbridge.gateway")
 
 MAX_ATTACHED = 500  # devices one gateway session may have attached at once
+# What the front may hold unsent for a gateway (its PUBACKs and errors): a gateway that stops reading its socket
+# while it keeps publishing is disconnected, not buffered for until the host runs out of memory.
+MAX_UNSENT_BYTES = 1024 * 1024
 # Auth methods that ask the attach message for the device's own JWT.
 TOKEN_METHODS = frozenset({"DEVICE_AUTH_TOKEN_ONLY", "ASSOCIATION_AND_DEVICE_AUTH_TOKEN"})
 # IoT Core's error types on the errors topic.
@@ -68,6 +71,7 @@ class GatewaySession:
     device_writer: Any  # the gateway's TLS stream: PUBACKs of consumed packets and errors go here
     broker_writer: Any  # the loopback session: PUBACKs of configs/commands the filter drops go here
     attached: dict[str, Attached] = field(default_factory=dict)
+    warned: float = float("-inf")  # when an error of this gateway was last logged (at most once a LIMIT_REPORT_S)
 
 
 def encode_publish(topic: str, payload: bytes, level: int) -> bytes:
@@ -146,17 +150,23 @@ class GatewayRelay:
             return None
         from iotbridge.bridge.front import Dropped
 
+        # The gateway's own limits count every packet it sends, whichever device it names (as for a device's own).
+        now = time.monotonic()
+        own = max(session.limits["bytes"].take(len(raw), now), session.limits["messages"].take(1, now))
         if p.qos > 1:
             raise Dropped(f"QoS {p.qos} publish")
         if p.topic_alias is not None:
             raise Dropped("topic aliases are not supported")
         device_id, kind, sub_folder = parsed
-        if kind == spec.ATTACH:
+        if not DEVICE_ID_RE.fullmatch(device_id):
+            # Not echoed: the id is the gateway's text, of any length.
+            self.error(session, INVALID_MQTT_TOPIC, "", "not a valid device id", p.packet_id)
+        elif kind == spec.ATTACH:
             await self._attach(session, gw, device_id, body[p.payload_offset:], p.packet_id)
         elif kind == spec.DETACH:
             await self.detach(session, device_id, "detached by the gateway", p.packet_id, report=False)
         elif kind not in spec.DEVICE_PUBLISHES:
-            self.error(session, INVALID_MQTT_TOPIC, device_id, f"a gateway may not publish to {p.topic!r}",
+            self.error(session, INVALID_MQTT_TOPIC, device_id, f"a gateway may not publish to a device's {kind} topic",
                        p.packet_id)
         elif device_id not in gw.attached:
             self.error(session, DEVICE_NOT_ATTACHED, device_id,
@@ -171,30 +181,48 @@ class GatewayRelay:
                 self.error(session, INVALID_MQTT_TOPIC, device_id, f"{violation[0]}: {violation[1]}", p.packet_id)
             else:
                 buckets = gw.attached[device_id].limits
-                now = time.monotonic()
-                wait = max(buckets["messages"].take(1, now), buckets["bytes"].take(len(raw), now))
+                wait = max(own, buckets["messages"].take(1, now), buckets["bytes"].take(len(raw), now))
                 if kind == spec.STATE:
                     wait = max(wait, buckets["state"].take(1, now))
                 topic = spec.relayed_topic(gw.gateway_id, device_id, kind, sub_folder)
                 return retopic(first, body, topic), wait
-        return b"", 0.0
+        return b"", own
+
+    def _write(self, session: Session, data: bytes) -> None:
+        """Send the gateway a packet of the front's own; end the session instead when the gateway has left more
+        than MAX_UNSENT_BYTES unread."""
+        gw = session.gateway
+        if gw is None or session.done.is_set():
+            return
+        transport = gw.device_writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() + len(data) > MAX_UNSENT_BYTES:
+            log.warning("gateway %s disconnected: it leaves over %d bytes unread", gw.gateway_id, MAX_UNSENT_BYTES)
+            session.close(f"refused: gateway leaves over {MAX_UNSENT_BYTES} bytes unread")
+            return
+        gw.device_writer.write(data)
 
     def _ack(self, session: Session, packet_id: int | None) -> None:
-        gw = session.gateway
-        if gw is not None and packet_id is not None:
-            gw.device_writer.write(puback(packet_id))
+        if packet_id is not None:
+            self._write(session, puback(packet_id))
 
     def error(self, session: Session, error_type: str, device_id: str, description: str,
               packet_id: int | None = None) -> None:
         """Tell the gateway on its errors topic (QoS 0, when it subscribed) and acknowledge the packet."""
+        from iotbridge.bridge.front import LIMIT_REPORT_S, printable
+
         gw = session.gateway
         if gw is None:
             return
-        log.warning("gateway %s, device %s: %s", gw.gateway_id, device_id, description)
+        now = time.monotonic()
+        if now - gw.warned >= LIMIT_REPORT_S:  # a gateway repeating a mistake is logged once a minute
+            gw.warned = now
+            log.warning("gateway %s, device %s: %s", gw.gateway_id, printable(device_id), printable(description))
         errors = spec.device_topic(gw.gateway_id, spec.ERRORS)
         if errors in session.subscriptions:
-            gw.device_writer.write(encode_publish(errors, error_payload(error_type, device_id, description,
-                                                                        packet_id), session.level))
+            self._write(session, encode_publish(errors, error_payload(error_type, device_id, description,
+                                                                      packet_id), session.level))
         self._ack(session, packet_id)
 
     async def _attach(self, session: Session, gw: GatewaySession, device_id: str, payload: bytes,
@@ -223,6 +251,11 @@ class GatewayRelay:
             # The gateway's auth method, made stricter by the device's own when it names one; the device's
             # ``gateway_auth_method`` is read first, so that only a bound device's settings can ask for a token.
             device = await front.on_registry(front.registry.get_device, device_id)
+            # The gateway's method as it is now, not as it was when the gateway connected.
+            gateway = await front.on_registry(front.registry.get_device, gw.gateway_id)
+            if not gateway.gateway_config.is_gateway:
+                raise Refusal(Refusal.BLOCKED, "the gateway is no longer a gateway")
+            gw.auth_method = gateway.gateway_config.gateway_auth_method or "ASSOCIATION_ONLY"
             needs_token = bool({gw.auth_method, device.gateway_config.gateway_auth_method} & TOKEN_METHODS)
             if needs_token:
                 if not token:
@@ -264,7 +297,9 @@ class GatewayRelay:
                                     datetime.now(UTC))
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders
             log.warning("presence of %s (through %s) not recorded: %s", device_id, gw.gateway_id, exc)
-        front.request_config_sync(device_id)
+        # A config topic the gateway subscribed to before attaching got no retained copy (dropped, not attached):
+        # the bridge publishes the latest config again.
+        front.request_config_sync(device_id, again=spec.device_topic(device_id, spec.CONFIG) in session.subscriptions)
         log.info("gateway %s attached %s (%s)", gw.gateway_id, device_id, gw.auth_method)
         self._ack(session, packet_id)
 

@@ -59,7 +59,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from iotbridge import spec
 from iotbridge.bridge import limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
-from iotbridge.bridge.front import SYNC_SUBSCRIBED, SYNC_TOPIC
+from iotbridge.bridge.front import SYNC_AGAIN, SYNC_SUBSCRIBED, SYNC_TOPIC
 from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
 from iotbridge.registry import DeviceNotFound, Registry, RegistrySettings, registry_of
 
@@ -299,10 +299,10 @@ class BridgeService:
             return
         if msg.topic == SYNC_TOPIC:
             text = msg.payload.decode(errors="replace")
-            device_id = text.removesuffix(SYNC_SUBSCRIBED)
-            subscribed = device_id != text
+            device_id = text.removesuffix(SYNC_SUBSCRIBED).removesuffix(SYNC_AGAIN)
+            subscribed, again = text.endswith(SYNC_SUBSCRIBED), text.endswith(SYNC_AGAIN)
             mid, qos, gen = msg.mid, msg.qos, self._generation
-            self._config_work.put((device_id, lambda: self._sync_config(device_id, mid, qos, gen, subscribed)))
+            self._config_work.put((device_id, lambda: self._sync_config(device_id, mid, qos, gen, subscribed, again)))
             return
         gen = self._generation
         parsed = parse_topic(msg.topic)
@@ -652,7 +652,9 @@ class BridgeService:
             raise
         message.ack()
 
-    def _sync_config(self, device_id: str, mid: int, qos: int, gen: int, subscribed: bool = False) -> None:
+    def _sync_config(self, device_id: str, mid: int, qos: int, gen: int, subscribed: bool = False,
+                     again: bool = False) -> None:
+        subscribed = subscribed or again
         try:
             cfg = self.device_registry(device_id).get_config(device_id)
             if cfg is not None and not cfg.data and not subscribed and device_id not in self._published_config:
@@ -660,7 +662,7 @@ class BridgeService:
             if cfg is not None:
                 # The broker keeps no empty retained message: a device that subscribes gets an empty latest config
                 # from this publish, as IoT Core sent it to every subscriber.
-                self._publish_config(device_id, cfg.version, cfg.data, again=subscribed and not cfg.data)
+                self._publish_config(device_id, cfg.version, cfg.data, again=again or (subscribed and not cfg.data))
         except DeviceNotFound:
             pass
         finally:

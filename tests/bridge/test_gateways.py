@@ -4,17 +4,24 @@ topic, and can never act for a device that is not bound to it or not attached.""
 
 from __future__ import annotations
 
+import json
 import queue
+import socket
+import ssl
+import time
+from collections.abc import Iterator
 
 import pytest
 from google.cloud import pubsub_v1
 
-from iotbridge.bridge import fanout
-from iotbridge.device import create_jwt
+from iotbridge.bridge import fanout, mqtt
+from iotbridge.bridge.gateway import MAX_UNSENT_BYTES
+from iotbridge.device import DeviceIdentity, create_jwt
+from iotbridge.local.broker_host import BridgeStack
 from iotbridge.registry import GatewayAuthMethod, GatewayConfig
 from tests.waiting import wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY
+from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, new_stack
 
 pytestmark = pytest.mark.emulator
 
@@ -137,3 +144,90 @@ def test_blocking_a_bound_device_stops_only_that_device(gateway_setup, registry,
     assert [m.data for m in reader.pull("telemetry", 1, settle=2.0)] == [b"from the other one"]
     assert gw.is_connected()
     del token_only
+
+
+def test_a_gateway_naming_an_invalid_device_id_is_answered_briefly_and_held_to_its_own_limits(gateway_setup, stack):
+    gw, _, _ = gateway_setup
+    gw_id = gw.identity.device_id
+    long_id = "x" * 30_000  # longer than any device id: each publish costs about 30 KB of the gateway's bytes
+    slowed = stack.front_stats()["device_slowed"]
+    started = time.monotonic()
+    sent = [gw.publish_event(b"", device_id=long_id) for _ in range(40)]  # 1.2 MB, over 512 KiB/s
+    for info in sent:
+        info.wait_for_publish(30)
+    err = _error(gw, "")
+    assert err["error_type"] == "GATEWAY_INVALID_MQTT_TOPIC" and len(json.dumps(err)) < 200
+    # Every one of them was charged to the gateway's own bucket: the front slowed it (about a second's wait).
+    assert time.monotonic() - started > 0.8
+    assert stack.front_stats()["device_slowed"] > slowed
+    log_text = stack.log_text("front")
+    assert "x" * 400 not in log_text
+    assert log_text.count(f"gateway {gw_id}, device") == 1  # logged once, not per packet
+    assert gw.is_connected()
+
+
+def test_an_auth_method_changed_while_the_gateway_is_connected_holds_for_its_next_attach(gateway_setup, registry,
+                                                                                         reader):
+    gw, bound, _ = gateway_setup
+    plain = list(bound)[0]
+    registry.set_gateway_auth_method(gw.identity.device_id, "DEVICE_AUTH_TOKEN_ONLY")
+    gw.attach(plain).wait_for_publish(10)
+    assert "attach refused" in _error(gw, plain)["description"]
+    gw.attach(plain, token=_token(bound[plain])).wait_for_publish(10)
+    gw.publish_event(b"attached with its JWT", device_id=plain).wait_for_publish(10)
+    assert [m.data for m in reader.pull("telemetry", 1)] == [b"attached with its JWT"]
+
+
+def test_a_config_subscribed_to_before_the_attach_arrives_at_the_attach(gateway_setup):
+    gw, bound, _ = gateway_setup
+    plain = list(bound)[0]
+    gw.attach(plain).wait_for_publish(10)
+    gw.subscribe_config(device_id=plain)
+    assert gw.configs_of(plain).get(timeout=20) == f"config of {plain}".encode()
+    # Detached, the subscription stays; the config the broker already holds comes again at the next attach.
+    gw.detach(plain).wait_for_publish(10)
+    gw.attach(plain).wait_for_publish(10)
+    assert gw.configs_of(plain).get(timeout=20) == f"config of {plain}".encode()
+
+
+@pytest.fixture
+def unlimited_stack(bridge_env, tmp_path) -> Iterator[BridgeStack]:
+    """A host whose rate limits never slow a device, so only the front's cap on unsent bytes can stop a gateway."""
+    st = new_stack(tmp_path, bridge_env, device_messages_per_s=1e7, device_bytes_per_s=1e10)
+    yield st
+    st.stop()
+
+
+def _packet(kind: int, flags: int, body: bytes) -> bytes:
+    return bytes([kind << 4 | flags]) + mqtt.encode_varint(len(body)) + body
+
+
+def _field(text: str) -> bytes:
+    return len(text.encode()).to_bytes(2, "big") + text.encode()
+
+
+def test_a_gateway_that_stops_reading_its_socket_is_disconnected_not_buffered(unlimited_stack, registry):
+    st = unlimited_stack
+    gw_id, key = DeviceFactory(registry, st).register(gateway_config=GatewayConfig("GATEWAY", "ASSOCIATION_ONLY"))
+    identity = DeviceIdentity(PROJECT, REGION, REGISTRY, gw_id, key, "ES256")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the gateway's side holds little of what it ignores
+    raw.settimeout(10)
+    raw.connect((st.mqtt_host, st.mqtt_port))
+    conn = ssl.create_default_context(cafile=str(st.ca_cert)).wrap_socket(raw, server_hostname="localhost")
+    connect = mqtt.Connect(mqtt.MQTT_311, True, 60, identity.client_id, "unused", _token(key).encode())
+    conn.sendall(mqtt.encode_connect(connect))
+    assert conn.recv(4) == bytes([mqtt.CONNACK << 4, 2, 0, 0])
+    errors = f"/devices/{gw_id}/errors"
+    conn.sendall(_packet(mqtt.SUBSCRIBE, 2, (1).to_bytes(2, "big") + _field(errors) + b"\x00"))
+    assert conn.recv(5)[0] >> 4 == mqtt.SUBACK
+    # QoS 1 events for a device that is not attached: each earns a PUBACK and an error, which it never reads.
+    batch = b"".join(_packet(mqtt.PUBLISH, 2, _field("/devices/not-attached/events") + i.to_bytes(2, "big"))
+                     for i in range(1, 2001))
+    deadline = time.monotonic() + 60
+    with pytest.raises(OSError):
+        while time.monotonic() < deadline:
+            conn.sendall(batch)
+    wait_for("the front to end the gateway's session",
+             lambda: f"gateway {gw_id} disconnected: it leaves over {MAX_UNSENT_BYTES} bytes unread" in st.log_text(
+                 "front"), timeout=15)
