@@ -17,7 +17,9 @@ A device id is unique across the deployment's registries (IoT Core's was unique 
 registry share one broker, whose topics (``/devices/{device}/...``) do not name the registry. The index kept
 under the deployment's own registry (``deployment``, by default the registry itself) says which registry a
 device id belongs to (``registry_of``); a device created before the index existed has no entry and belongs to
-the deployment's own registry.
+the deployment's own registry. Creating a device in another registry also reads the own registry's device of
+that id, so such a device still blocks its id; ``ensure_registry`` on the own registry backfills the missing
+entries (``backfill_index``).
 
 Config versions are written in one transaction per update, as IoT Core versioned them: server-assigned,
 monotonic, compare-and-set on ``version_to_update``, at most one update per second per device, and a request
@@ -533,11 +535,28 @@ class Registry:
         """The registry's settings; created with ``settings`` when it has none yet (a deployment's own registry)."""
         snap = self._root.get()
         doc = (snap.to_dict() or {}) if snap.exists else {}
+        if self.registry_id == self.deployment:
+            self.backfill_index()
         if "settings" in doc:
             return RegistrySettings.from_doc(doc["settings"])
         self._root.set({"project": self.project, "region": self.region, "registry_id": self.registry_id,
                         "settings": settings.to_doc()}, merge=True)
         return settings
+
+    def backfill_index(self, chunk: int = 400) -> int:
+        """Give every device of this registry that has no entry in the deployment's device index (one created
+        before the index existed) its entry; returns how many were added. Idempotent: an entry is created only
+        where none exists, so one naming another registry is left as it is."""
+        from google.api_core.exceptions import AlreadyExists
+
+        added = 0
+        for ref in self._devices.list_documents(page_size=chunk):
+            try:
+                self._index.document(ref.id).create({"registry_id": self.registry_id})
+            except AlreadyExists:
+                continue
+            added += 1
+        return added
 
     def exists(self) -> bool:
         return self._root.get(field_paths=["registry_id"]).exists
@@ -578,6 +597,9 @@ class Registry:
         _check_log_level(log_level)
         now = datetime.now(UTC)
         index_ref = self._index.document(device_id)
+        own_ref = (None if self.deployment == self.registry_id else
+                   self.client.collection("registries").document(self.deployment).collection("devices")
+                   .document(device_id))
         # Random 63-bit numbers, as IoT Core's were opaque; reserving it in num_ids makes it unique without a
         # registry-wide counter document (Firestore sustains about one write per second on one document).
         for _ in range(5):
@@ -601,6 +623,10 @@ class Registry:
                     other = (index.to_dict() or {}).get("registry_id")
                     raise DeviceExists(f"device id {device_id!r} is taken by registry {other!r}: a device id is "
                                        "unique across the deployment's registries")
+                # A device of the deployment's own registry created before the index existed has no entry.
+                if own_ref is not None and own_ref.get(transaction=tx).exists:
+                    raise DeviceExists(f"device id {device_id!r} is taken by registry {self.deployment!r}: a "
+                                       "device id is unique across the deployment's registries")
                 if not self._root.get(transaction=tx).exists:
                     tx.set(self._root, {"project": self.project, "region": self.region,
                                         "registry_id": self.registry_id})
