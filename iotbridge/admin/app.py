@@ -3,7 +3,9 @@
 ``create_app(access, publisher, authorize)`` returns a Flask (WSGI) app. ``authorize(request, writes)`` is called
 before every method (``writes``: whether it changes anything) and raises :class:`iotbridge.admin.errors.ApiError`
 (``Unauthenticated``, ``PermissionDenied``) to refuse; any other exception it raises refuses with
-PERMISSION_DENIED. Locally it accepts every caller (:func:`allow_all`), as Google's emulators do.
+PERMISSION_DENIED. Allowing, it returns whether the caller may also write (``True`` only; anything else is a
+reader), which ``testIamPermissions`` answers from. Locally it accepts every caller as a writer
+(:func:`allow_all`), as Google's emulators do.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from flask import Flask, Request, Response, request
+from flask import Flask, Request, Response, g, request
 from google.cloud import firestore, pubsub_v1
 
 from iotbridge import registry as reg
@@ -31,7 +33,7 @@ from iotbridge.bridge import fanout
 
 log = logging.getLogger("iotbridge.admin")
 
-Authorize = Callable[[Request, bool], None]
+Authorize = Callable[[Request, bool], bool]  # (request, writes) -> may the caller write; raises to refuse
 MAX_PAGE_SIZE = 1000  # IoT Core's largest page of devices or registries
 DEFAULT_PAGE_SIZE = 1000
 # The permissions of IoT Core's roles that testIamPermissions can answer for.
@@ -42,10 +44,16 @@ PERMISSIONS = (
     "cloudiot.devices.update", "cloudiot.devices.updateConfig", "cloudiot.devices.sendCommand",
     "cloudiot.devices.bindGateway", "cloudiot.devices.unbindGateway",
 )
+# Those a reader holds (IoT Core's roles/cloudiot.viewer); the others need a writer.
+READ_PERMISSIONS = frozenset({
+    "cloudiot.registries.get", "cloudiot.registries.list", "cloudiot.registries.getIamPolicy",
+    "cloudiot.devices.get", "cloudiot.devices.list",
+})
 
 
-def allow_all(_request: Request, _writes: bool) -> None:
-    """The local ``authorize`` hook: any credentials, as Google's emulators accept them."""
+def allow_all(_request: Request, _writes: bool) -> bool:
+    """The local ``authorize`` hook: any credentials, as Google's emulators accept them, allowed to write."""
+    return True
 
 
 @dataclass
@@ -151,7 +159,7 @@ def create_app(access: Access, publisher: pubsub_v1.PublisherClient, authorize: 
             return _error(NotFound(f"Method not found: {request.method} /v1/{path}"))
         try:
             try:
-                authorize(request, route.writes)
+                g.may_write = authorize(request, route.writes) is True
             except ApiError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the hook refuses by raising anything
@@ -392,8 +400,9 @@ class Api:
         for p in asked:
             if "*" in p or "." not in p:
                 raise InvalidArgument(f"Invalid value at 'permissions': {p!r} is not a permission name")
-        # The caller got past authorize(): it holds what this deployment grants, every cloudiot permission.
-        return {"permissions": [p for p in asked if p in PERMISSIONS]}
+        # The caller got past authorize(): a writer holds every cloudiot permission served, a reader the read ones.
+        held = PERMISSIONS if getattr(g, "may_write", False) else READ_PERMISSIONS
+        return {"permissions": [p for p in asked if p in held]}
 
     def _group(self, registry_id: str, group: str) -> None:
         # One implicit group per registry, named like it: IoT Core never documented groups beyond this list.

@@ -334,7 +334,7 @@ class _Request(Protocol):
     def headers(self) -> Mapping[str, str]: ...
 
 
-Authorize = Callable[[Any, bool], None]  # the app's hook: (request, writes), raises ApiError to refuse
+Authorize = Callable[[Any, bool], bool]  # the app's hook: (request, writes) -> may write; raises ApiError to refuse
 
 
 def request_audiences(headers: Mapping[str, str]) -> set[str]:
@@ -352,12 +352,14 @@ class GoogleAuthorizer:
     verifier: Verifier
     audiences: frozenset[str] = frozenset()  # service URLs an ID token may name, besides the request's own
 
-    def __call__(self, request: _Request, writes: bool) -> None:
-        """The app's ``authorize(request, writes)`` hook over any request object with ``headers``."""
+    def __call__(self, request: _Request, writes: bool) -> bool:
+        """The app's ``authorize(request, writes)`` hook over any request object with ``headers``: whether the
+        allowed caller may also write (``testIamPermissions`` answers from it)."""
         headers = request.headers
         identity = self.check(headers.get("Authorization") or headers.get("authorization"), writes,
                               request_audiences(headers))
         log.debug("admin api: %s allowed (writes=%s)", identity.member, writes)
+        return self.members.allows(identity, writes=True)
 
     def check(self, authorization: str | None, writes: bool, audiences: Collection[str] = ()) -> Identity:
         """The caller of an ``Authorization`` header value, if it may make a call that ``writes`` (or reads)."""
@@ -371,8 +373,9 @@ class GoogleAuthorizer:
         return identity
 
 
-def accept_any(_request: object, _writes: bool) -> None:
-    """Local mode: any credentials, or none, as Google's emulators accept."""
+def accept_any(_request: object, _writes: bool) -> bool:
+    """Local mode: any credentials, or none, as Google's emulators accept; every caller may write."""
+    return True
 
 
 def bearer_token(authorization: str | None) -> str:

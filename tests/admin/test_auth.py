@@ -415,6 +415,15 @@ def test_refused_tokens_do_not_evict_verified_callers(google: GoogleStandIn, sig
     assert len(authorize.verifier._refused) == 4  # and they are bounded too
 
 
+def test_the_hook_says_whether_the_caller_may_write(google: GoogleStandIn) -> None:
+    authorize = _authorizer(google)
+    reader = _Request(headers={"Authorization": f"Bearer {google.access_token(VIEWER)}"})
+    writer = _Request(headers={"Authorization": f"Bearer {google.access_token(OPERATOR)}"})
+    assert authorize(reader, False) is False  # allowed to read, told it may not write (testIamPermissions)
+    assert authorize(writer, False) is True
+    assert auth.accept_any(reader, False) is True  # locally everyone may write
+
+
 def test_an_id_token_of_a_reader_may_not_write(google: GoogleStandIn, signer: Signer) -> None:
     authorize = _authorizer(google, signer)
     _refused(lambda: authorize.check(f"Bearer {signer.id_token(VIEWER)}", writes=True), 403, "may read but not write")

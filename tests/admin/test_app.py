@@ -1,0 +1,66 @@
+"""The admin API's app (iotbridge/admin/app.py) through Flask's test client, over the real Firestore emulator."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Request
+from flask.testing import FlaskClient
+from google.cloud import firestore, pubsub_v1
+
+from iotbridge.admin import app as admin_app
+
+PROJECT = "local-project"
+REGION = "europe-west1"
+
+
+def _writer_header(request: Request, writes: bool) -> bool:
+    """A stand-in for the deployed authorizer: ``X-Role: writer`` may write, anyone else only read."""
+    may_write = request.headers.get("X-Role") == "writer"
+    if writes and not may_write:
+        raise admin_app.PermissionDenied("may read but not write")
+    return may_write
+
+
+@pytest.fixture
+def api(firestore_emulator, emulator_env, monkeypatch) -> Callable[..., tuple[FlaskClient, admin_app.Access]]:
+    emulator_env(firestore_emulator)
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:9")  # never published to here; no credentials needed
+
+    def make(authorize: admin_app.Authorize = _writer_header) -> tuple[FlaskClient, admin_app.Access]:
+        access = admin_app.Access(PROJECT, REGION, f"own-{uuid.uuid4().hex[:10]}", "iot",
+                                  firestore.Client(project=PROJECT))
+        access.ensure_default()
+        return admin_app.create_app(access, pubsub_v1.PublisherClient(), authorize).test_client(), access
+
+    return make
+
+
+def _loc() -> str:
+    return f"/v1/projects/{PROJECT}/locations/{REGION}"
+
+
+def _call(client: FlaskClient, method: str, path: str, body: dict[str, Any] | None = None,
+          role: str = "writer") -> tuple[int, Any]:
+    response = client.open(f"{_loc()}/{path}", method=method, json=body, headers={"X-Role": role})
+    return response.status_code, response.get_json()
+
+
+@pytest.mark.emulator
+def test_test_iam_permissions_tells_a_reader_only_the_read_permissions(api) -> None:
+    client, access = api()
+    asked = {"permissions": list(admin_app.PERMISSIONS)}
+    path = f"registries/{access.registry_id}:testIamPermissions"
+    status, writer = _call(client, "POST", path, asked, role="writer")
+    assert status == 200 and writer["permissions"] == list(admin_app.PERMISSIONS)
+    status, reader = _call(client, "POST", path, asked, role="reader")
+    assert status == 200
+    assert set(reader["permissions"]) == admin_app.READ_PERMISSIONS
+    assert "cloudiot.devices.updateConfig" not in reader["permissions"]
+    # The local hook lets everyone write, so it answers every permission.
+    local, access = api(admin_app.allow_all)
+    status, answer = _call(local, "POST", f"registries/{access.registry_id}:testIamPermissions", asked)
+    assert status == 200 and answer["permissions"] == list(admin_app.PERMISSIONS)
