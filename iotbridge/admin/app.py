@@ -70,13 +70,22 @@ class Access:
     _registries: dict[str, reg.Registry] = field(default_factory=dict)
 
     def registry(self, registry_id: str) -> reg.Registry:
-        if registry_id not in self._registries:
-            self._registries[registry_id] = reg.Registry(self.project, registry_id, self.region, client=self.client,
-                                                         deployment=self.registry_id)
-        return self._registries[registry_id]
+        """The registry's handle; kept for later calls only once ``keep`` is told it exists, so made-up ids
+        cannot grow the process's memory."""
+        cached = self._registries.get(registry_id)
+        if cached is not None:
+            return cached
+        return reg.Registry(self.project, registry_id, self.region, client=self.client, deployment=self.registry_id)
+
+    def keep(self, registry: reg.Registry) -> reg.Registry:
+        """Remember a registry known to exist (a handle holds about 7 KB of locks and references)."""
+        return self._registries.setdefault(registry.registry_id, registry)
+
+    def forget(self, registry_id: str) -> None:
+        self._registries.pop(registry_id, None)
 
     def ensure_default(self) -> None:
-        self.registry(self.registry_id).ensure_registry(self.default_settings)
+        self.keep(self.registry(self.registry_id)).ensure_registry(self.default_settings)
 
 
 @cache
@@ -269,7 +278,7 @@ class Api:
         registry = self.a.registry(registry_id)
         if not registry.exists():
             raise NotFound(f"The registry `{registry_id}` does not exist")
-        return registry
+        return self.a.keep(registry)
 
     def _device(self, registry: reg.Registry, device: str) -> reg.Device:
         """A device named by its id or its numeric id, as IoT Core resolved either."""
@@ -291,7 +300,7 @@ class Api:
             raise InvalidArgument(f"Invalid value at 'device_registry.id': {registry_id!r} must match "
                                   f"{reg.REGISTRY_ID_RE.pattern}")
         settings = wire.registry_settings(body, reg.RegistrySettings(), None)
-        self.a.registry(registry_id).create_registry(settings)
+        self.a.keep(self.a.registry(registry_id)).create_registry(settings)
         return wire.registry_json(registry_id, self._reg_name(registry_id), settings)
 
     def list_registries(self, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
@@ -325,6 +334,7 @@ class Api:
 
     def delete_registry(self, registry_id: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
         self._registry(registry_id).delete_registry()
+        self.a.forget(registry_id)
         return {}
 
     # ------------------------------------------------------------------------------------ gateways

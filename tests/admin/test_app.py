@@ -64,3 +64,23 @@ def test_test_iam_permissions_tells_a_reader_only_the_read_permissions(api) -> N
     local, access = api(admin_app.allow_all)
     status, answer = _call(local, "POST", f"registries/{access.registry_id}:testIamPermissions", asked)
     assert status == 200 and answer["permissions"] == list(admin_app.PERMISSIONS)
+
+
+@pytest.mark.emulator
+def test_made_up_registry_ids_are_not_kept(api) -> None:
+    client, access = api()
+    lab = f"lab-{uuid.uuid4().hex[:10]}"
+    status, _ = _call(client, "POST", "registries", {"id": lab})
+    assert status == 200
+    kept = dict(access._registries)
+    assert set(kept) == {access.registry_id, lab}
+    for i in range(200):
+        status, answer = _call(client, "GET", f"registries/made-up-{i}/devices", role="reader")
+        assert status == 404, answer
+        status, _ = _call(client, "GET", f"registries/made-up-{i}", role="reader")
+        assert status == 404
+    assert access._registries == kept  # unchanged: only registries that exist are kept
+    status, _ = _call(client, "GET", f"registries/{lab}", role="reader")
+    assert status == 200 and access._registries[lab] is kept[lab]
+    status, _ = _call(client, "DELETE", f"registries/{lab}")
+    assert status == 200 and lab not in access._registries
