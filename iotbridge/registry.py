@@ -25,8 +25,8 @@ Config versions are written in one transaction per update, as IoT Core versioned
 monotonic, compare-and-set on ``version_to_update``, at most one update per second per device, and a request
 id (the Pub/Sub message id) that was already applied returns the version it created instead of a new one.
 
-A new device has config version 1 with empty data, as IoT Core gave it. A gateway's bound devices carry its id
-in their ``bound_gateways`` array (listed with ``array_contains``).
+A new device has config version 1, with empty data unless it was created with a config, as IoT Core gave it.
+A gateway's bound devices carry its id in their ``bound_gateways`` array (listed with ``array_contains``).
 
 This module is also copied next to the config-push function's ``main.py`` when it is packaged, so it imports
 nothing from the rest of the project.
@@ -588,8 +588,15 @@ class Registry:
 
     def create_device(self, device_id: str, credentials: Sequence[Credential] = (),
                       metadata: Mapping[str, str] | None = None, blocked: bool = False,
-                      gateway_config: GatewayConfig | None = None, log_level: str = "") -> Device:
+                      gateway_config: GatewayConfig | None = None, log_level: str = "",
+                      config: bytes = b"") -> Device:
+        """A new device; its config version 1 carries ``config`` (empty by default, as IoT Core's)."""
         ref = self._device_ref(device_id)
+        if not isinstance(config, (bytes, bytearray)):
+            raise TypeError("config data must be bytes")
+        config = bytes(config)
+        if len(config) > MAX_CONFIG_BYTES:
+            raise ConfigTooLarge(f"config is {len(config)} bytes; at most {MAX_CONFIG_BYTES}")
         gateway = gateway_config or GatewayConfig()
         _check_credentials(credentials)
         meta = _check_metadata(metadata)
@@ -633,9 +640,10 @@ class Registry:
                 tx.create(num_ref, {"device_id": device_id})
                 tx.create(ref, doc)
                 tx.create(index_ref, {"registry_id": self.registry_id})
-                # IoT Core's first version: empty, so a device subscribing to its config always gets one.
+                # IoT Core's first version (empty unless given), so a device subscribing to its config always
+                # gets one.
                 tx.set(self._config_ref(device_id, 1),
-                       {"version": 1, "data": b"", "cloud_update_time": now, "device_ack_time": None})
+                       {"version": 1, "data": config, "cloud_update_time": now, "device_ack_time": None})
                 return True
 
             if create(self.client.transaction(max_attempts=TRANSACTION_ATTEMPTS)):

@@ -333,7 +333,12 @@ class Api:
         return wire.registry_json(registry_id, self._reg_name(registry_id), settings)
 
     def delete_registry(self, registry_id: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
-        self._registry(registry_id).delete_registry()
+        registry = self._registry(registry_id)
+        if registry_id == self.a.registry_id:
+            raise FailedPrecondition(f"The registry `{registry_id}` is this deployment's own registry (its broker "
+                                     "hosts, bridge and device index use it): it cannot be deleted through the API; "
+                                     "remove the deployment's stack instead")
+        registry.delete_registry()
         self.a.forget(registry_id)
         return {}
 
@@ -442,7 +447,7 @@ class Api:
 
     def create_device(self, registry_id: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
         wire.check_fields(body, {"id", "name", "numId", "credentials", "blocked", "metadata", "logLevel",
-                                 "gatewayConfig"}, "device")
+                                 "gatewayConfig", "config"}, "device")
         registry = self._registry(registry_id)
         device_id = body.get("id")
         if not isinstance(device_id, str) or not reg.DEVICE_ID_RE.fullmatch(device_id):
@@ -456,7 +461,8 @@ class Api:
             device_id, wire.parse_credentials(body.get("credentials") or [], "device.credentials"),
             metadata=wire.parse_metadata(body.get("metadata") or {}, "device.metadata"), blocked=blocked,
             gateway_config=wire.parse_gateway_config(body.get("gatewayConfig") or {}, "device.gateway_config"),
-            log_level=wire.parse_log_level(body.get("logLevel"), "device.log_level"))
+            log_level=wire.parse_log_level(body.get("logLevel"), "device.log_level"),
+            config=wire.parse_create_config(body.get("config") or {}, "device.config"))
         return self._device_json(registry, d)
 
     def list_devices(self, registry_id: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
@@ -503,7 +509,7 @@ class Api:
 
     def patch_device(self, registry_id: str, device: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
         wire.check_fields(body, {"id", "name", "numId", "credentials", "blocked", "metadata", "logLevel",
-                                 "gatewayConfig"}, "device")
+                                 "gatewayConfig", "config"}, "device")
         registry = self._registry(registry_id)
         paths = wire.mask_paths(args.get("updateMask"))
         if not paths:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -84,3 +85,43 @@ def test_made_up_registry_ids_are_not_kept(api) -> None:
     assert status == 200 and access._registries[lab] is kept[lab]
     status, _ = _call(client, "DELETE", f"registries/{lab}")
     assert status == 200 and lab not in access._registries
+
+
+@pytest.mark.emulator
+def test_the_deployments_own_registry_cannot_be_deleted(api) -> None:
+    client, access = api()
+    status, answer = _call(client, "DELETE", f"registries/{access.registry_id}")  # empty, yet refused
+    assert status == 400 and answer["error"]["status"] == "FAILED_PRECONDITION"
+    assert "own registry" in answer["error"]["message"]
+    status, _ = _call(client, "GET", f"registries/{access.registry_id}", role="reader")
+    assert status == 200  # still served
+    lab = f"lab-{uuid.uuid4().hex[:10]}"
+    assert _call(client, "POST", "registries", {"id": lab})[0] == 200
+    assert _call(client, "DELETE", f"registries/{lab}")[0] == 200  # another empty registry may go
+
+
+@pytest.mark.emulator
+def test_a_device_created_with_a_config_gets_it_as_version_1(api) -> None:
+    client, access = api()
+    devices = f"registries/{access.registry_id}/devices"
+    data = b'{"rate": 5}'
+    status, device = _call(client, "POST", devices,
+                           {"id": f"dev-{uuid.uuid4().hex[:8]}", "config": {"binaryData": wire_b64(data)}})
+    assert status == 200, device
+    assert device["config"]["version"] == "1" and device["config"]["binaryData"] == wire_b64(data)
+    status, versions = _call(client, "GET", f"{devices}/{device['id']}/configVersions", role="reader")
+    assert status == 200 and [(v["version"], v["binaryData"]) for v in versions["deviceConfigs"]] == [
+        ("1", wire_b64(data))]
+    # Without one, version 1 is empty, as before; a version other than 0 on creation is refused, as IoT Core did.
+    status, plain = _call(client, "POST", devices, {"id": f"dev-{uuid.uuid4().hex[:8]}"})
+    assert status == 200 and plain["config"]["version"] == "1" and plain["config"].get("binaryData", "") == ""
+    status, answer = _call(client, "POST", devices, {"id": f"dev-{uuid.uuid4().hex[:8]}",
+                                                     "config": {"version": "3", "binaryData": wire_b64(data)}})
+    assert status == 400 and "device.config.version" in answer["error"]["message"]
+    big = {"binaryData": wire_b64(b"x" * (64 * 1024 + 1))}
+    status, answer = _call(client, "POST", devices, {"id": f"dev-{uuid.uuid4().hex[:8]}", "config": big})
+    assert status == 400 and "device.config.binary_data" in answer["error"]["message"]
+
+
+def wire_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
