@@ -19,7 +19,7 @@ under the deployment's own registry (``deployment``, by default the registry its
 device id belongs to (``registry_of``); a device created before the index existed has no entry and belongs to
 the deployment's own registry. Creating a device in another registry also reads the own registry's device of
 that id, so such a device still blocks its id; ``ensure_registry`` on the own registry backfills the missing
-entries (``backfill_index``).
+entries (``backfill_index``) once, then marks the registry ``device_index_complete``.
 
 Config versions are written in one transaction per update, as IoT Core versioned them: server-assigned,
 monotonic, compare-and-set on ``version_to_update``, at most one update per second per device, and a request
@@ -470,6 +470,10 @@ def list_registries(client: firestore.Client, deployment: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ registry
 
 
+# Set on a deployment's own registry once every device it holds has its device-index entry.
+INDEX_COMPLETE = "device_index_complete"
+
+
 class Registry:
     """One device registry. Every method is a few Firestore reads/writes; safe to share between threads."""
 
@@ -535,8 +539,10 @@ class Registry:
         """The registry's settings; created with ``settings`` when it has none yet (a deployment's own registry)."""
         snap = self._root.get()
         doc = (snap.to_dict() or {}) if snap.exists else {}
-        if self.registry_id == self.deployment:
+        if self.registry_id == self.deployment and not doc.get(INDEX_COMPLETE):
+            # Once per deployment: a cold start must not re-read every device.
             self.backfill_index()
+            self._root.set({INDEX_COMPLETE: True}, merge=True)
         if "settings" in doc:
             return RegistrySettings.from_doc(doc["settings"])
         self._root.set({"project": self.project, "region": self.region, "registry_id": self.registry_id,

@@ -394,6 +394,10 @@ def test_a_device_without_an_index_entry_still_owns_its_id(registry):
     assert reg.registry_of(registry.client, registry.registry_id, "pump-1") == registry.registry_id
     assert reg.registry_of(registry.client, registry.registry_id, "pump-2") == registry.registry_id
     assert registry.backfill_index() == 0  # idempotent: nothing left to add
+    index.document("pump-2").delete()
+    registry.ensure_registry(reg.RegistrySettings())  # done once: a restart does not re-read every device
+    assert reg.registry_of(registry.client, registry.registry_id, "pump-2") is None
+    assert registry.backfill_index() == 1
     with pytest.raises(reg.DeviceExists, match=registry.registry_id):
         lab.create_device("pump-2")
     lab.create_device("pump-3")  # a free id is still accepted
