@@ -49,6 +49,7 @@ class GoogleStandIn:
     certs: dict[str, str] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # paths asked for, query strings left out
     fail_with: int | None = None  # answer every request with this status
+    certs_cache_control: str = ""  # the Cache-Control header of the certificate list, when set
 
     @property
     def tokeninfo_url(self) -> str:
@@ -101,7 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
         if standin.fail_with is not None:
             return self._send(standin.fail_with, {"error": "backendError"})
         if url.path == "/oauth2/v1/certs":
-            return self._send(200, standin.certs)
+            extra = {"Cache-Control": standin.certs_cache_control} if standin.certs_cache_control else {}
+            return self._send(200, standin.certs, extra)
         if url.path == "/tokeninfo":
             fields = {**parse_qs(url.query), **parse_qs(body.decode())}
             header = self.headers.get("Authorization", "")
@@ -112,9 +114,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, info)
         self._send(404, {})
 
-    def _send(self, status: int, body: dict) -> None:
+    def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json; charset=UTF-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -397,6 +401,19 @@ def test_the_certificates_are_fetched_once_for_many_id_tokens(google: GoogleStan
     offset[0] += auth.CERTS_SECONDS + 1  # the list fetched last has aged out (the stand-in sends no Cache-Control)
     authorize.check(f"Bearer {signer.id_token(OPERATOR, lifetime_s=3 * 3600)}", writes=False)
     assert google.requests.count("/oauth2/v1/certs") == 4
+
+
+def test_the_certificates_are_kept_for_their_max_age(google: GoogleStandIn, signer: Signer) -> None:
+    google.certs_cache_control = "public, max-age=120, must-revalidate, no-transform"  # Google's header, shorter
+    offset = [0.0]
+    authorize = _authorizer(google, signer, clock=lambda: time.time() + offset[0])
+    authorize.check(f"Bearer {signer.id_token(OPERATOR)}", writes=False)
+    offset[0] = 100
+    authorize.check(f"Bearer {signer.id_token(OPERATOR, issued_ago_s=1)}", writes=False)
+    assert google.requests.count("/oauth2/v1/certs") == 1
+    offset[0] = 121
+    authorize.check(f"Bearer {signer.id_token(OPERATOR, issued_ago_s=2)}", writes=False)
+    assert google.requests.count("/oauth2/v1/certs") == 2
 
 
 def test_refused_tokens_do_not_evict_verified_callers(google: GoogleStandIn, signer: Signer) -> None:
