@@ -17,14 +17,16 @@ A device id is unique across the deployment's registries (IoT Core's was unique 
 registry share one broker, whose topics (``/devices/{device}/...``) do not name the registry. The index kept
 under the deployment's own registry (``deployment``, by default the registry itself) says which registry a
 device id belongs to (``registry_of``); a device created before the index existed has no entry and belongs to
-the deployment's own registry.
+the deployment's own registry. Creating a device in another registry also reads the own registry's device of
+that id, so such a device still blocks its id; ``ensure_registry`` on the own registry backfills the missing
+entries (``backfill_index``) once, then marks the registry ``device_index_complete``.
 
 Config versions are written in one transaction per update, as IoT Core versioned them: server-assigned,
 monotonic, compare-and-set on ``version_to_update``, at most one update per second per device, and a request
 id (the Pub/Sub message id) that was already applied returns the version it created instead of a new one.
 
-A new device has config version 1 with empty data, as IoT Core gave it. A gateway's bound devices carry its id
-in their ``bound_gateways`` array (listed with ``array_contains``).
+A new device has config version 1, with empty data unless it was created with a config, as IoT Core gave it.
+A gateway's bound devices carry its id in their ``bound_gateways`` array (listed with ``array_contains``).
 
 This module is also copied next to the config-push function's ``main.py`` when it is packaged, so it imports
 nothing from the rest of the project.
@@ -468,6 +470,10 @@ def list_registries(client: firestore.Client, deployment: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ registry
 
 
+# Set on a deployment's own registry once every device it holds has its device-index entry.
+INDEX_COMPLETE = "device_index_complete"
+
+
 class Registry:
     """One device registry. Every method is a few Firestore reads/writes; safe to share between threads."""
 
@@ -533,11 +539,30 @@ class Registry:
         """The registry's settings; created with ``settings`` when it has none yet (a deployment's own registry)."""
         snap = self._root.get()
         doc = (snap.to_dict() or {}) if snap.exists else {}
+        if self.registry_id == self.deployment and not doc.get(INDEX_COMPLETE):
+            # Once per deployment: a cold start must not re-read every device.
+            self.backfill_index()
+            self._root.set({INDEX_COMPLETE: True}, merge=True)
         if "settings" in doc:
             return RegistrySettings.from_doc(doc["settings"])
         self._root.set({"project": self.project, "region": self.region, "registry_id": self.registry_id,
                         "settings": settings.to_doc()}, merge=True)
         return settings
+
+    def backfill_index(self, chunk: int = 400) -> int:
+        """Give every device of this registry that has no entry in the deployment's device index (one created
+        before the index existed) its entry; returns how many were added. Idempotent: an entry is created only
+        where none exists, so one naming another registry is left as it is."""
+        from google.api_core.exceptions import AlreadyExists
+
+        added = 0
+        for ref in self._devices.list_documents(page_size=chunk):
+            try:
+                self._index.document(ref.id).create({"registry_id": self.registry_id})
+            except AlreadyExists:
+                continue
+            added += 1
+        return added
 
     def exists(self) -> bool:
         return self._root.get(field_paths=["registry_id"]).exists
@@ -569,8 +594,15 @@ class Registry:
 
     def create_device(self, device_id: str, credentials: Sequence[Credential] = (),
                       metadata: Mapping[str, str] | None = None, blocked: bool = False,
-                      gateway_config: GatewayConfig | None = None, log_level: str = "") -> Device:
+                      gateway_config: GatewayConfig | None = None, log_level: str = "",
+                      config: bytes = b"") -> Device:
+        """A new device; its config version 1 carries ``config`` (empty by default, as IoT Core's)."""
         ref = self._device_ref(device_id)
+        if not isinstance(config, (bytes, bytearray)):
+            raise TypeError("config data must be bytes")
+        config = bytes(config)
+        if len(config) > MAX_CONFIG_BYTES:
+            raise ConfigTooLarge(f"config is {len(config)} bytes; at most {MAX_CONFIG_BYTES}")
         gateway = gateway_config or GatewayConfig()
         _check_credentials(credentials)
         meta = _check_metadata(metadata)
@@ -578,6 +610,9 @@ class Registry:
         _check_log_level(log_level)
         now = datetime.now(UTC)
         index_ref = self._index.document(device_id)
+        own_ref = (None if self.deployment == self.registry_id else
+                   self.client.collection("registries").document(self.deployment).collection("devices")
+                   .document(device_id))
         # Random 63-bit numbers, as IoT Core's were opaque; reserving it in num_ids makes it unique without a
         # registry-wide counter document (Firestore sustains about one write per second on one document).
         for _ in range(5):
@@ -601,15 +636,20 @@ class Registry:
                     other = (index.to_dict() or {}).get("registry_id")
                     raise DeviceExists(f"device id {device_id!r} is taken by registry {other!r}: a device id is "
                                        "unique across the deployment's registries")
+                # A device of the deployment's own registry created before the index existed has no entry.
+                if own_ref is not None and own_ref.get(transaction=tx).exists:
+                    raise DeviceExists(f"device id {device_id!r} is taken by registry {self.deployment!r}: a "
+                                       "device id is unique across the deployment's registries")
                 if not self._root.get(transaction=tx).exists:
                     tx.set(self._root, {"project": self.project, "region": self.region,
                                         "registry_id": self.registry_id})
                 tx.create(num_ref, {"device_id": device_id})
                 tx.create(ref, doc)
                 tx.create(index_ref, {"registry_id": self.registry_id})
-                # IoT Core's first version: empty, so a device subscribing to its config always gets one.
+                # IoT Core's first version (empty unless given), so a device subscribing to its config always
+                # gets one.
                 tx.set(self._config_ref(device_id, 1),
-                       {"version": 1, "data": b"", "cloud_update_time": now, "device_ack_time": None})
+                       {"version": 1, "data": config, "cloud_update_time": now, "device_ack_time": None})
                 return True
 
             if create(self.client.transaction(max_attempts=TRANSACTION_ATTEMPTS)):

@@ -373,3 +373,32 @@ def test_ack_state_event_heartbeat(registry):
         registry.record_event("ghost-device")
     with pytest.raises(reg.DeviceNotFound):
         registry.ack_config("ghost-device", 1)
+
+
+@pytest.mark.emulator
+def test_a_device_without_an_index_entry_still_owns_its_id(registry):
+    """A device of the deployment's own registry created before the device index existed (no entry) blocks its
+    id in every other registry of the deployment; ensuring the own registry backfills the entry, idempotently."""
+    registry.create_device("pump-1")
+    registry.create_device("pump-2")
+    index = registry.client.collection("registries").document(registry.registry_id).collection("device_index")
+    index.document("pump-1").delete()  # as before the index existed
+    index.document("pump-2").delete()
+    lab = Registry(PROJECT, f"lab-{uuid.uuid4().hex[:12]}", "europe-west1", deployment=registry.registry_id)
+    with pytest.raises(reg.DeviceExists, match=registry.registry_id):
+        lab.create_device("pump-1")
+    assert not lab._device_ref("pump-1").get().exists
+    assert reg.registry_of(registry.client, registry.registry_id, "pump-1") is None
+
+    registry.ensure_registry(reg.RegistrySettings())
+    assert reg.registry_of(registry.client, registry.registry_id, "pump-1") == registry.registry_id
+    assert reg.registry_of(registry.client, registry.registry_id, "pump-2") == registry.registry_id
+    assert registry.backfill_index() == 0  # idempotent: nothing left to add
+    index.document("pump-2").delete()
+    registry.ensure_registry(reg.RegistrySettings())  # done once: a restart does not re-read every device
+    assert reg.registry_of(registry.client, registry.registry_id, "pump-2") is None
+    assert registry.backfill_index() == 1
+    with pytest.raises(reg.DeviceExists, match=registry.registry_id):
+        lab.create_device("pump-2")
+    lab.create_device("pump-3")  # a free id is still accepted
+    assert reg.registry_of(registry.client, registry.registry_id, "pump-3") == lab.registry_id

@@ -3,7 +3,9 @@
 ``create_app(access, publisher, authorize)`` returns a Flask (WSGI) app. ``authorize(request, writes)`` is called
 before every method (``writes``: whether it changes anything) and raises :class:`iotbridge.admin.errors.ApiError`
 (``Unauthenticated``, ``PermissionDenied``) to refuse; any other exception it raises refuses with
-PERMISSION_DENIED. Locally it accepts every caller (:func:`allow_all`), as Google's emulators do.
+PERMISSION_DENIED. Allowing, it returns whether the caller may also write (``True`` only; anything else is a
+reader), which ``testIamPermissions`` answers from. Locally it accepts every caller as a writer
+(:func:`allow_all`), as Google's emulators do.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from flask import Flask, Request, Response, request
+from flask import Flask, Request, Response, g, request
 from google.cloud import firestore, pubsub_v1
 
 from iotbridge import registry as reg
@@ -31,7 +33,7 @@ from iotbridge.bridge import fanout
 
 log = logging.getLogger("iotbridge.admin")
 
-Authorize = Callable[[Request, bool], None]
+Authorize = Callable[[Request, bool], bool]  # (request, writes) -> may the caller write; raises to refuse
 MAX_PAGE_SIZE = 1000  # IoT Core's largest page of devices or registries
 DEFAULT_PAGE_SIZE = 1000
 # The permissions of IoT Core's roles that testIamPermissions can answer for.
@@ -42,10 +44,16 @@ PERMISSIONS = (
     "cloudiot.devices.update", "cloudiot.devices.updateConfig", "cloudiot.devices.sendCommand",
     "cloudiot.devices.bindGateway", "cloudiot.devices.unbindGateway",
 )
+# Those a reader holds (IoT Core's roles/cloudiot.viewer); the others need a writer.
+READ_PERMISSIONS = frozenset({
+    "cloudiot.registries.get", "cloudiot.registries.list", "cloudiot.registries.getIamPolicy",
+    "cloudiot.devices.get", "cloudiot.devices.list",
+})
 
 
-def allow_all(_request: Request, _writes: bool) -> None:
-    """The local ``authorize`` hook: any credentials, as Google's emulators accept them."""
+def allow_all(_request: Request, _writes: bool) -> bool:
+    """The local ``authorize`` hook: any credentials, as Google's emulators accept them, allowed to write."""
+    return True
 
 
 @dataclass
@@ -62,13 +70,22 @@ class Access:
     _registries: dict[str, reg.Registry] = field(default_factory=dict)
 
     def registry(self, registry_id: str) -> reg.Registry:
-        if registry_id not in self._registries:
-            self._registries[registry_id] = reg.Registry(self.project, registry_id, self.region, client=self.client,
-                                                         deployment=self.registry_id)
-        return self._registries[registry_id]
+        """The registry's handle; kept for later calls only once ``keep`` is told it exists, so made-up ids
+        cannot grow the process's memory."""
+        cached = self._registries.get(registry_id)
+        if cached is not None:
+            return cached
+        return reg.Registry(self.project, registry_id, self.region, client=self.client, deployment=self.registry_id)
+
+    def keep(self, registry: reg.Registry) -> reg.Registry:
+        """Remember a registry known to exist (a handle holds about 7 KB of locks and references)."""
+        return self._registries.setdefault(registry.registry_id, registry)
+
+    def forget(self, registry_id: str) -> None:
+        self._registries.pop(registry_id, None)
 
     def ensure_default(self) -> None:
-        self.registry(self.registry_id).ensure_registry(self.default_settings)
+        self.keep(self.registry(self.registry_id)).ensure_registry(self.default_settings)
 
 
 @cache
@@ -151,7 +168,7 @@ def create_app(access: Access, publisher: pubsub_v1.PublisherClient, authorize: 
             return _error(NotFound(f"Method not found: {request.method} /v1/{path}"))
         try:
             try:
-                authorize(request, route.writes)
+                g.may_write = authorize(request, route.writes) is True
             except ApiError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the hook refuses by raising anything
@@ -261,7 +278,7 @@ class Api:
         registry = self.a.registry(registry_id)
         if not registry.exists():
             raise NotFound(f"The registry `{registry_id}` does not exist")
-        return registry
+        return self.a.keep(registry)
 
     def _device(self, registry: reg.Registry, device: str) -> reg.Device:
         """A device named by its id or its numeric id, as IoT Core resolved either."""
@@ -283,7 +300,7 @@ class Api:
             raise InvalidArgument(f"Invalid value at 'device_registry.id': {registry_id!r} must match "
                                   f"{reg.REGISTRY_ID_RE.pattern}")
         settings = wire.registry_settings(body, reg.RegistrySettings(), None)
-        self.a.registry(registry_id).create_registry(settings)
+        self.a.keep(self.a.registry(registry_id)).create_registry(settings)
         return wire.registry_json(registry_id, self._reg_name(registry_id), settings)
 
     def list_registries(self, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
@@ -316,7 +333,13 @@ class Api:
         return wire.registry_json(registry_id, self._reg_name(registry_id), settings)
 
     def delete_registry(self, registry_id: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
-        self._registry(registry_id).delete_registry()
+        registry = self._registry(registry_id)
+        if registry_id == self.a.registry_id:
+            raise FailedPrecondition(f"The registry `{registry_id}` is this deployment's own registry (its broker "
+                                     "hosts, bridge and device index use it): it cannot be deleted through the API; "
+                                     "remove the deployment's stack instead")
+        registry.delete_registry()
+        self.a.forget(registry_id)
         return {}
 
     # ------------------------------------------------------------------------------------ gateways
@@ -392,8 +415,9 @@ class Api:
         for p in asked:
             if "*" in p or "." not in p:
                 raise InvalidArgument(f"Invalid value at 'permissions': {p!r} is not a permission name")
-        # The caller got past authorize(): it holds what this deployment grants, every cloudiot permission.
-        return {"permissions": [p for p in asked if p in PERMISSIONS]}
+        # The caller got past authorize(): a writer holds every cloudiot permission served, a reader the read ones.
+        held = PERMISSIONS if getattr(g, "may_write", False) else READ_PERMISSIONS
+        return {"permissions": [p for p in asked if p in held]}
 
     def _group(self, registry_id: str, group: str) -> None:
         # One implicit group per registry, named like it: IoT Core never documented groups beyond this list.
@@ -423,7 +447,7 @@ class Api:
 
     def create_device(self, registry_id: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
         wire.check_fields(body, {"id", "name", "numId", "credentials", "blocked", "metadata", "logLevel",
-                                 "gatewayConfig"}, "device")
+                                 "gatewayConfig", "config"}, "device")
         registry = self._registry(registry_id)
         device_id = body.get("id")
         if not isinstance(device_id, str) or not reg.DEVICE_ID_RE.fullmatch(device_id):
@@ -437,7 +461,8 @@ class Api:
             device_id, wire.parse_credentials(body.get("credentials") or [], "device.credentials"),
             metadata=wire.parse_metadata(body.get("metadata") or {}, "device.metadata"), blocked=blocked,
             gateway_config=wire.parse_gateway_config(body.get("gatewayConfig") or {}, "device.gateway_config"),
-            log_level=wire.parse_log_level(body.get("logLevel"), "device.log_level"))
+            log_level=wire.parse_log_level(body.get("logLevel"), "device.log_level"),
+            config=wire.parse_create_config(body.get("config") or {}, "device.config"))
         return self._device_json(registry, d)
 
     def list_devices(self, registry_id: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
@@ -484,7 +509,7 @@ class Api:
 
     def patch_device(self, registry_id: str, device: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
         wire.check_fields(body, {"id", "name", "numId", "credentials", "blocked", "metadata", "logLevel",
-                                 "gatewayConfig"}, "device")
+                                 "gatewayConfig", "config"}, "device")
         registry = self._registry(registry_id)
         paths = wire.mask_paths(args.get("updateMask"))
         if not paths:

@@ -6,16 +6,18 @@ credentials would be turned away before our code ran. The service is therefore p
 checks every request here:
 
 1. **Authentication.** A bearer token that is a JWT is an ID token: its signature is checked against Google's
-   certificates (google-auth's verifier), its issuer must be Google, its audience one of the service's URLs, and
-   its email verified. Any other bearer token is an access token, looked up at Google's tokeninfo endpoint
-   (``https://oauth2.googleapis.com/tokeninfo``), which answers 400 for an unknown, revoked or expired token and
-   otherwise with the token's ``email``, ``email_verified``, ``expires_in`` (seconds left), ``scope``
-   (space-separated) and ``aud``/``azp`` (the OAuth client it was issued to; any client may call us). It is asked
-   the way Google's Node.js auth library asks it, a POST with the token in the ``Authorization`` header, rather than
-   ``?access_token=`` in the URL: HTTP libraries log URLs (urllib3 does at DEBUG), so the token would reach logs.
-   The token must carry a scope that lets it call IoT Core (``cloud-platform`` or ``cloudiot``, as
-   ``cloudiot.v1.json`` lists), and its email, which it carries when the ``userinfo.email`` scope was granted:
-   ``gcloud auth application-default login`` and the metadata server of Google's runtimes grant it.
+   certificates (google-auth's ``jwt.decode``; the certificate list is fetched once and kept for its Cache-Control
+   ``max-age``, and a token naming an unknown key refetches it at most once a minute), its issuer must be Google,
+   its audience one of the service's URLs, and its email verified. Any other bearer token is an access token, looked
+   up at Google's tokeninfo endpoint (``https://oauth2.googleapis.com/tokeninfo``), which answers 400 for an
+   unknown, revoked or expired token and otherwise with the token's ``email``, ``email_verified``, ``expires_in``
+   (seconds left), ``scope`` (space-separated) and ``aud``/``azp`` (the OAuth client it was issued to; any client
+   may call us). It is asked the way Google's Node.js auth library asks it, a POST with the token in the
+   ``Authorization`` header, rather than ``?access_token=`` in the URL: HTTP libraries log URLs (urllib3 does at
+   DEBUG), so the token would reach logs. The token must carry a scope that lets it call IoT Core
+   (``cloud-platform`` or ``cloudiot``, as ``cloudiot.v1.json`` lists), and its email, which it carries when the
+   ``userinfo.email`` scope was granted: ``gcloud auth application-default login`` and the metadata server of
+   Google's runtimes grant it.
 2. **Authorization.** The caller's email is matched against the members the stack declares (``adminApiReaders``,
    ``adminApiWriters``): ``user:EMAIL``, ``serviceAccount:EMAIL`` or ``domain:DOMAIN`` (every user account of that
    domain, not service accounts, as in IAM). A writer may also read. ``group:`` members are refused: deciding
@@ -25,8 +27,8 @@ checks every request here:
 Verified identities are cached, keyed on the SHA-256 of the token (the token itself is never stored, logged or
 echoed), for at most ``CACHE_SECONDS`` and never past the token's expiry; the cache holds ``CACHE_SIZE`` entries.
 A token refused (Google does not know it, or it lacks a scope or an email) is remembered as refused for
-``NEGATIVE_CACHE_SECONDS``, so a client retrying a bad token does not hammer tokeninfo; an outage of Google's
-endpoints is not remembered.
+``NEGATIVE_CACHE_SECONDS`` in a cache of its own (so a flood of refused tokens cannot evict verified callers),
+and a client retrying a bad token does not hammer tokeninfo; an outage of Google's endpoints is not remembered.
 
 Errors follow Google's error model: 401 ``UNAUTHENTICATED`` (no, malformed, unknown or expired credentials), 403
 ``PERMISSION_DENIED`` (insufficient scope, not a member, a reader writing), 503 ``UNAVAILABLE`` (Google's token
@@ -52,9 +54,8 @@ from typing import Any, Literal, Protocol
 
 import cachetools
 import google.auth.exceptions
-import google.auth.transport.requests
+import google.auth.jwt
 import requests
-from google.oauth2 import id_token as google_id_token
 
 from iotbridge.admin.errors import ApiError
 
@@ -68,6 +69,8 @@ SCOPES = frozenset({"https://www.googleapis.com/auth/cloud-platform", "https://w
 CACHE_SIZE = 1024
 CACHE_SECONDS = 300.0  # a revoked token stops working within this long
 NEGATIVE_CACHE_SECONDS = 30.0
+CERTS_SECONDS = 3600.0  # how long Google's certificates are kept when its answer names no Cache-Control max-age
+CERTS_REFETCH_SECONDS = 60.0  # a token naming a key not in the kept set refetches them at most this often
 HTTP_TIMEOUT_S = 5.0
 
 # Environment of the service (gcp_iot_bridge/infra/admin_api.py sets it).
@@ -175,35 +178,43 @@ class Verifier:
         self.cache_seconds = cache_seconds
         self.negative_cache_seconds = negative_cache_seconds
         self.timeout_s = timeout_s
-        self.lookups = 0  # calls to Google's endpoints, for tests and metrics
+        self.lookups = 0  # tokens verified (tokeninfo asked, or an ID token's signature checked), for tests
+        self.certs_fetches = 0  # times Google's certificate list was fetched
         self._lock = threading.Lock()
-        # digest -> Identity (until min(expiry, now + cache_seconds)) or AuthError (for negative_cache_seconds).
-        self._cache: cachetools.TLRUCache[str, Identity | AuthError] = cachetools.TLRUCache(
+        # digest -> Identity, until min(expiry, now + cache_seconds).
+        self._cache: cachetools.TLRUCache[str, Identity] = cachetools.TLRUCache(
             maxsize=cache_size, ttu=self._until, timer=lambda: self.clock())
+        # digest -> AuthError for negative_cache_seconds: apart, so a flood of refused tokens cannot evict a
+        # verified identity.
+        self._refused: cachetools.TTLCache[str, AuthError] = cachetools.TTLCache(
+            maxsize=cache_size, ttl=negative_cache_seconds, timer=lambda: self.clock())
+        self._certs_lock = threading.Lock()  # one fetch at a time; the others wait and use its answer
+        self._certs: dict[str, str] = {}
+        self._certs_fetched_at = float("-inf")
+        self._certs_until = float("-inf")
 
-    def _until(self, _key: str, value: Identity | AuthError, now: float) -> float:
-        if isinstance(value, AuthError):
-            return now + self.negative_cache_seconds
+    def _until(self, _key: str, value: Identity, now: float) -> float:
         return min(value.expires_at, now + self.cache_seconds)
 
     def identify(self, token: str, audiences: Collection[str] = ()) -> Identity:
         digest = token_digest(token)
         with self._lock:
+            refused = self._refused.get(digest)
             cached = self._cache.get(digest)
+        if refused is not None:
+            raise refused
         if cached is None:
             try:
                 cached = self._verify_id_token(token) if _looks_like_jwt(token) else self._verify_access_token(token)
             except AuthError as exc:
                 if exc.code != 503:  # Google's answer about this token, not an outage: remembered briefly
                     with self._lock:
-                        self._cache[digest] = exc
+                        self._refused[digest] = exc
                 log.info("admin api: token sha256:%s refused: %s", digest[:12], exc.message)
                 raise
             if cached.expires_at > self.clock():
                 with self._lock:
                     self._cache[digest] = cached
-        if isinstance(cached, AuthError):
-            raise cached
         if cached.expires_at <= self.clock():
             raise AuthError(401, "Request had invalid authentication credentials: the token has expired.")
         if cached.via == "id_token" and cached.audience not in audiences:
@@ -247,15 +258,52 @@ class Verifier:
 
     # ---------------------------------------------------------------------------------- ID tokens
 
+    def certificates(self, kid: str) -> dict[str, str]:
+        """Google's ID-token certificates (``{kid: PEM}``), fetched once and kept for the answer's Cache-Control
+        ``max-age`` (``CERTS_SECONDS`` without one); a ``kid`` not in the kept set refetches them, at most once per
+        ``CERTS_REFETCH_SECONDS`` (Google publishes a new key before it signs with it)."""
+        with self._certs_lock:
+            now = self.clock()
+            stale = now >= self._certs_until
+            unknown = kid not in self._certs and now - self._certs_fetched_at >= CERTS_REFETCH_SECONDS
+            if stale or unknown:
+                self._fetch_certificates(now)
+            return self._certs
+
+    def _fetch_certificates(self, now: float) -> None:
+        self.certs_fetches += 1
+        try:
+            response = self.session.get(self.certs_url, timeout=self.timeout_s)
+        except requests.RequestException as exc:
+            raise AuthError(503, f"Could not verify the ID token: Google's certificates could not be fetched "
+                                 f"({type(exc).__name__}).") from None
+        if response.status_code != 200:
+            raise AuthError(503, f"Could not verify the ID token: Google's certificates could not be fetched "
+                                 f"(HTTP {response.status_code}).")
+        try:
+            certs = response.json()
+        except ValueError:
+            certs = None
+        if not isinstance(certs, dict) or not all(isinstance(v, str) for v in certs.values()):
+            raise AuthError(503, "Could not verify the ID token: Google's certificate list is not {kid: PEM}.")
+        max_age = re.search(r"(?:^|[,\s])max-age=(\d+)", response.headers.get("Cache-Control", ""))
+        self._certs = {str(k): v for k, v in certs.items()}
+        self._certs_fetched_at = now
+        self._certs_until = now + (float(max_age.group(1)) if max_age else CERTS_SECONDS)
+
     def _verify_id_token(self, token: str) -> Identity:
+        try:
+            kid = google.auth.jwt.decode_header(token).get("kid")
+        except (ValueError, TypeError, AttributeError):
+            raise AuthError(401, "Request had invalid authentication credentials: the ID token is not a JWT.") \
+                from None
+        if not isinstance(kid, str):
+            raise AuthError(401, "Request had invalid authentication credentials: the ID token names no key id.")
+        certs = self.certificates(kid)  # before counting: an outage raises 503 without a verification
         self.lookups += 1
-        request = google.auth.transport.requests.Request(self.session)
         try:
             # The audience is checked per request (identify), so one cached verification serves every call.
-            claims = google_id_token.verify_token(token, request, audience=None, certs_url=self.certs_url)
-        except google.auth.exceptions.TransportError:
-            raise AuthError(503, "Could not verify the ID token: Google's certificates could not be fetched.") \
-                from None
+            claims = google.auth.jwt.decode(token, certs=certs, audience=None)
         except (ValueError, google.auth.exceptions.GoogleAuthError) as exc:
             # google-auth's messages name the failed check (expired, signature, ...) and never hold the token.
             reason = str(exc).split(",")[0][:120]
@@ -286,7 +334,7 @@ class _Request(Protocol):
     def headers(self) -> Mapping[str, str]: ...
 
 
-Authorize = Callable[[Any, bool], None]  # the app's hook: (request, writes), raises ApiError to refuse
+Authorize = Callable[[Any, bool], bool]  # the app's hook: (request, writes) -> may write; raises ApiError to refuse
 
 
 def request_audiences(headers: Mapping[str, str]) -> set[str]:
@@ -304,12 +352,14 @@ class GoogleAuthorizer:
     verifier: Verifier
     audiences: frozenset[str] = frozenset()  # service URLs an ID token may name, besides the request's own
 
-    def __call__(self, request: _Request, writes: bool) -> None:
-        """The app's ``authorize(request, writes)`` hook over any request object with ``headers``."""
+    def __call__(self, request: _Request, writes: bool) -> bool:
+        """The app's ``authorize(request, writes)`` hook over any request object with ``headers``: whether the
+        allowed caller may also write (``testIamPermissions`` answers from it)."""
         headers = request.headers
         identity = self.check(headers.get("Authorization") or headers.get("authorization"), writes,
                               request_audiences(headers))
         log.debug("admin api: %s allowed (writes=%s)", identity.member, writes)
+        return self.members.allows(identity, writes=True)
 
     def check(self, authorization: str | None, writes: bool, audiences: Collection[str] = ()) -> Identity:
         """The caller of an ``Authorization`` header value, if it may make a call that ``writes`` (or reads)."""
@@ -323,8 +373,9 @@ class GoogleAuthorizer:
         return identity
 
 
-def accept_any(_request: object, _writes: bool) -> None:
-    """Local mode: any credentials, or none, as Google's emulators accept."""
+def accept_any(_request: object, _writes: bool) -> bool:
+    """Local mode: any credentials, or none, as Google's emulators accept; every caller may write."""
+    return True
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -196,6 +196,20 @@ def parse_metadata(value: object, field: str) -> dict[str, str]:
         raise InvalidArgument(f"Invalid value at '{field}': {exc}") from None
 
 
+def parse_create_config(value: object, field: str) -> bytes:
+    """The data of a device's first config version from ``Device.config`` on creation: ``version`` must be 0 (or
+    absent) there, as IoT Core required; the output-only times are ignored."""
+    config = expect_object(value, field)
+    check_fields(config, {"binaryData", "version", "cloudUpdateTime", "deviceAckTime"}, field)
+    if parse_int64(config.get("version", 0), f"{field}.version") != 0:
+        raise InvalidArgument(f"Invalid value at '{field}.version': must be 0 on creation (the server assigns 1)")
+    data = unb64(config.get("binaryData", ""), f"{field}.binary_data")
+    if len(data) > reg.MAX_CONFIG_BYTES:
+        raise InvalidArgument(f"Invalid value at '{field}.binary_data': {len(data)} bytes; at most "
+                              f"{reg.MAX_CONFIG_BYTES}")
+    return data
+
+
 def parse_log_level(value: object, field: str) -> str:
     if value in (None, "", "LOG_LEVEL_UNSPECIFIED"):
         return ""

@@ -49,6 +49,7 @@ class GoogleStandIn:
     certs: dict[str, str] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # paths asked for, query strings left out
     fail_with: int | None = None  # answer every request with this status
+    certs_cache_control: str = ""  # the Cache-Control header of the certificate list, when set
 
     @property
     def tokeninfo_url(self) -> str:
@@ -101,7 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
         if standin.fail_with is not None:
             return self._send(standin.fail_with, {"error": "backendError"})
         if url.path == "/oauth2/v1/certs":
-            return self._send(200, standin.certs)
+            extra = {"Cache-Control": standin.certs_cache_control} if standin.certs_cache_control else {}
+            return self._send(200, standin.certs, extra)
         if url.path == "/tokeninfo":
             fields = {**parse_qs(url.query), **parse_qs(body.decode())}
             header = self.headers.get("Authorization", "")
@@ -112,9 +114,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, info)
         self._send(404, {})
 
-    def _send(self, status: int, body: dict) -> None:
+    def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json; charset=UTF-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -371,6 +375,70 @@ def test_an_id_token_signed_by_another_key_is_unauthenticated(google: GoogleStan
     authorize = _authorizer(google, signer)
     forger = _signer(signer.kid)  # same key id, a key Google never published
     _refused(lambda: authorize.check(f"Bearer {forger.id_token(OPERATOR)}", writes=False), 401, "ID token was refused")
+
+
+def test_the_certificates_are_fetched_once_for_many_id_tokens(google: GoogleStandIn, signer: Signer) -> None:
+    # The ID tokens' times are real (google-auth checks them against the real time), so is the verifier's clock.
+    offset = [0.0]
+    authorize = _authorizer(google, signer, clock=lambda: time.time() + offset[0])
+    for i, email in enumerate((OPERATOR, ROBOT, VIEWER) * 4):  # 12 different tokens, each verified by signature
+        authorize.check(f"Bearer {signer.id_token(email, issued_ago_s=i)}", writes=False)
+    assert authorize.verifier.lookups == 12
+    assert google.requests.count("/oauth2/v1/certs") == 1
+    # Tokens naming a key Google has not published refetch the list at most once a minute, whatever their number.
+    stranger = _signer("unknown-kid")
+    _refused(lambda: authorize.check(f"Bearer {stranger.id_token(OPERATOR)}", writes=False), 401, "refused")
+    assert google.requests.count("/oauth2/v1/certs") == 1  # fetched less than a minute ago: not again
+    offset[0] = auth.CERTS_REFETCH_SECONDS + 1
+    for _ in range(20):
+        _refused(lambda: authorize.check(f"Bearer {stranger.id_token(OPERATOR)}", writes=False), 401, "refused")
+    assert google.requests.count("/oauth2/v1/certs") == 2
+    offset[0] = 2 * (auth.CERTS_REFETCH_SECONDS + 1)
+    rotated = _signer("rotated-kid")  # Google published a new key: the next token naming it refetches the list
+    google.certs[rotated.kid] = rotated.cert_pem
+    authorize.check(f"Bearer {rotated.id_token(OPERATOR)}", writes=False)
+    assert google.requests.count("/oauth2/v1/certs") == 3
+    offset[0] += auth.CERTS_SECONDS + 1  # the list fetched last has aged out (the stand-in sends no Cache-Control)
+    authorize.check(f"Bearer {signer.id_token(OPERATOR, lifetime_s=3 * 3600)}", writes=False)
+    assert google.requests.count("/oauth2/v1/certs") == 4
+
+
+def test_the_certificates_are_kept_for_their_max_age(google: GoogleStandIn, signer: Signer) -> None:
+    google.certs_cache_control = "public, max-age=120, must-revalidate, no-transform"  # Google's header, shorter
+    offset = [0.0]
+    authorize = _authorizer(google, signer, clock=lambda: time.time() + offset[0])
+    authorize.check(f"Bearer {signer.id_token(OPERATOR)}", writes=False)
+    offset[0] = 100
+    authorize.check(f"Bearer {signer.id_token(OPERATOR, issued_ago_s=1)}", writes=False)
+    assert google.requests.count("/oauth2/v1/certs") == 1
+    offset[0] = 121
+    authorize.check(f"Bearer {signer.id_token(OPERATOR, issued_ago_s=2)}", writes=False)
+    assert google.requests.count("/oauth2/v1/certs") == 2
+
+
+def test_refused_tokens_do_not_evict_verified_callers(google: GoogleStandIn, signer: Signer) -> None:
+    authorize = _authorizer(google, signer)
+    authorize.verifier = auth.Verifier(tokeninfo_url=google.tokeninfo_url, certs_url=google.certs_url, cache_size=4)
+    good = f"Bearer {google.access_token(OPERATOR)}"
+    authorize.check(good, writes=True)
+    garbage = [f"Bearer eyJ{uuid.uuid4().hex}.{uuid.uuid4().hex}.{uuid.uuid4().hex}" for _ in range(50)]
+    garbage += [f"Bearer ya29.{uuid.uuid4().hex}" for _ in range(50)]
+    for header in garbage:
+        _refused(lambda header=header: authorize.check(header, writes=False), 401)
+    assert google.requests.count("/oauth2/v1/certs") == 0  # a token that is not a JWT costs no fetch
+    asked = google.requests.count("/tokeninfo")
+    authorize.check(good, writes=True)
+    assert google.requests.count("/tokeninfo") == asked  # still cached: the refusals did not push it out
+    assert len(authorize.verifier._refused) == 4  # and they are bounded too
+
+
+def test_the_hook_says_whether_the_caller_may_write(google: GoogleStandIn) -> None:
+    authorize = _authorizer(google)
+    reader = _Request(headers={"Authorization": f"Bearer {google.access_token(VIEWER)}"})
+    writer = _Request(headers={"Authorization": f"Bearer {google.access_token(OPERATOR)}"})
+    assert authorize(reader, False) is False  # allowed to read, told it may not write (testIamPermissions)
+    assert authorize(writer, False) is True
+    assert auth.accept_any(reader, False) is True  # locally everyone may write
 
 
 def test_an_id_token_of_a_reader_may_not_write(google: GoogleStandIn, signer: Signer) -> None:
