@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
+import requests
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1
 from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
-from iotbridge.device import Device, DeviceIdentity, generate_key
+from iotbridge.device import ConnectError, Device, DeviceIdentity, create_jwt, generate_key
 from tests.waiting import wait_for
 
 from .admin_server import check, start_admin
@@ -192,3 +193,92 @@ def pull_one(subscriber: pubsub_v1.SubscriberClient, subscription: str, timeout:
     return cast(Any, wait_for(f"a message on {subscription}", attempt, timeout=timeout))
 
 
+
+
+def new_registry(cloudiot, **body: Any) -> str:
+    registry_id = f"reg-{uuid.uuid4().hex[:10]}"
+    cloudiot.projects().locations().registries().create(parent=LOCATION, body={"id": registry_id, **body}).execute()
+    return registry_id
+
+
+def patch_registry(cloudiot, registry_id: str, mask: str, body: dict[str, Any]) -> dict[str, Any]:
+    return cloudiot.projects().locations().registries().patch(
+        name=f"{LOCATION}/registries/{registry_id}", updateMask=mask, body=body).execute()
+
+
+def http_post(stack, registry_id: str, device_id: str, private: bytes, verb: str, body: dict[str, Any]):
+    url = (f"{stack.http_bridge_url}/v1/{LOCATION}/registries/{registry_id}/devices/{device_id}{verb}")
+    headers = {"authorization": f"Bearer {create_jwt(PROJECT, private, 'ES256')}"}
+    return requests.post(url, json=body, headers=headers, verify=str(stack.ca_cert), timeout=30)
+
+
+def http_config(stack, registry_id: str, device_id: str, private: bytes):
+    url = f"{stack.http_bridge_url}/v1/{LOCATION}/registries/{registry_id}/devices/{device_id}/config"
+    headers = {"authorization": f"Bearer {create_jwt(PROJECT, private, 'ES256')}"}
+    return requests.get(url, params={"local_version": 0}, headers=headers, verify=str(stack.ca_cert), timeout=30)
+
+
+def test_mqtt_disabled_refuses_connects_and_ends_sessions(cloudiot, stack):
+    registry_id = new_registry(cloudiot)
+    device_id, private, _ = new_device(cloudiot, registry_id)
+    dev = connect(stack, registry_id, device_id, private)
+    try:
+        patched = patch_registry(cloudiot, registry_id, "mqtt_config",
+                                 {"mqttConfig": {"mqttEnabledState": "MQTT_DISABLED"}})
+        assert patched["mqttConfig"]["mqttEnabledState"] == "MQTT_DISABLED"
+        dev.disconnects.get(timeout=10)  # the connected session ends at the next re-check
+        assert not dev.is_connected()
+    finally:
+        dev.disconnect()
+    again = Device(DeviceIdentity(PROJECT, REGION, registry_id, device_id, private, "ES256"), stack.mqtt_host,
+                   stack.mqtt_port, str(stack.ca_cert))
+    with pytest.raises(ConnectError) as refused:
+        again.connect(timeout=10)
+    assert str(refused.value.reason) == "Not authorized", refused.value
+    # HTTP stays on: only MQTT was disabled.
+    r = http_post(stack, registry_id, device_id, private, ":publishEvent", {"binary_data": "eA=="})
+    assert r.status_code == 200, r.text
+
+    patch_registry(cloudiot, registry_id, "mqtt_config", {"mqttConfig": {"mqttEnabledState": "MQTT_ENABLED"}})
+    wait_for("MQTT enabled again", lambda: _connects(again), timeout=15)
+    again.disconnect()
+
+
+def _connects(dev: Device) -> bool:
+    try:
+        dev.connect(timeout=10)
+    except ConnectError:
+        return False
+    return True
+
+
+def test_http_disabled_refuses_http_requests(cloudiot, stack):
+    registry_id = new_registry(cloudiot, httpConfig={"httpEnabledState": "HTTP_DISABLED"})
+    device_id, private, _ = new_device(cloudiot, registry_id)
+    for r in (http_post(stack, registry_id, device_id, private, ":publishEvent", {"binary_data": "eA=="}),
+              http_config(stack, registry_id, device_id, private)):
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["status"] == "PERMISSION_DENIED"
+        assert "HTTP is disabled" in r.json()["error"]["message"]
+    # MQTT stays on.
+    connect(stack, registry_id, device_id, private).disconnect()
+    patch_registry(cloudiot, registry_id, "http_config", {"httpConfig": {"httpEnabledState": "HTTP_ENABLED"}})
+    wait_for("HTTP enabled again", lambda: http_post(stack, registry_id, device_id, private, ":publishEvent",
+                                                     {"binary_data": "eA=="}).status_code == 200, timeout=15)
+
+
+def test_http_bridge_serves_the_registry_its_path_names(cloudiot, stack):
+    registry_id = new_registry(cloudiot)
+    device_id, private, _ = new_device(cloudiot, registry_id)
+    devices = cloudiot.projects().locations().registries().devices()
+    devices.modifyCloudToDeviceConfig(name=f"{LOCATION}/registries/{registry_id}/devices/{device_id}",
+                                      body={"binaryData": base64.b64encode(b"\x00cfg\xff").decode()}).execute()
+    r = http_config(stack, registry_id, device_id, private)
+    assert r.status_code == 200, r.text
+    assert base64.b64decode(r.json()["binaryData"]) == b"\x00cfg\xff" and r.json()["version"] == "2"
+    r = http_post(stack, registry_id, device_id, private, ":setState",
+                  {"state": {"binary_data": base64.b64encode(b"st").decode()}})
+    assert r.status_code == 200, r.text
+    # The device is not in the deployment's own registry: named there, it is unknown.
+    r = http_post(stack, REGISTRY, device_id, private, ":publishEvent", {"binary_data": "eA=="})
+    assert r.status_code == 401, r.text
