@@ -282,3 +282,31 @@ def test_http_bridge_serves_the_registry_its_path_names(cloudiot, stack):
     # The device is not in the deployment's own registry: named there, it is unknown.
     r = http_post(stack, REGISTRY, device_id, private, ":publishEvent", {"binary_data": "eA=="})
     assert r.status_code == 401, r.text
+
+
+def test_gateway_attaches_the_devices_of_its_own_registry(cloudiot, stack):
+    registry_id = new_registry(cloudiot)
+    parent = f"{LOCATION}/registries/{registry_id}"
+    devices = cloudiot.projects().locations().registries().devices()
+    gw_id, gw_key = f"gw-{uuid.uuid4().hex[:10]}", generate_key("ES256")
+    devices.create(parent=parent, body={
+        "id": gw_id, "credentials": [{"publicKey": {"format": "ES256_PEM", "key": gw_key[1]}}],
+        "gatewayConfig": {"gatewayType": "GATEWAY", "gatewayAuthMethod": "ASSOCIATION_ONLY"}}).execute()
+    device_id, _, _ = new_device(cloudiot, registry_id)
+    cloudiot.projects().locations().registries().bindDeviceToGateway(
+        parent=parent, body={"gatewayId": gw_id, "deviceId": device_id}).execute()
+    devices.modifyCloudToDeviceConfig(name=f"{parent}/devices/{device_id}",
+                                      body={"binaryData": base64.b64encode(b"bound cfg").decode()}).execute()
+    gw = connect(stack, registry_id, gw_id, gw_key[0])
+    try:
+        gw.subscribe_errors()
+        gw.attach(device_id).wait_for_publish(10)
+        # Attached (recorded once the attach passed), then it speaks for the device.
+        got = wait_for("the gateway access recorded", lambda: devices.get(
+            name=f"{parent}/devices/{device_id}").execute()["gatewayConfig"].get("lastAccessedGatewayId"), timeout=15)
+        assert got == gw_id
+        gw.subscribe_config(device_id=device_id)
+        assert gw.configs_of(device_id).get(timeout=20) == b"bound cfg"
+        assert gw.errors.empty(), gw.errors.get()
+    finally:
+        gw.disconnect()
