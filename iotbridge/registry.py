@@ -721,9 +721,19 @@ class Registry:
                                  "gateway_config.last_accessed_gateway_time": _utc(when)})
 
     def delete_device(self, device_id: str) -> None:
+        """Delete the device, its configs, states and requests. A gateway's bindings go with it: the devices bound
+        to it are unbound first (so that a gateway created again under the id binds nothing), and a device's own
+        bindings are kept on the device, so they go with its document."""
         ref, doc = self._load(device_id)
         batch = self.client.batch()
         n = 0
+        bound = self._devices.where(filter=firestore.FieldFilter("bound_gateways", "array_contains", device_id))
+        for snap in bound.stream():
+            batch.update(snap.reference, {"bound_gateways": firestore.ArrayRemove([device_id])})
+            n += 1
+            if n >= 400:  # a batch holds at most 500 writes
+                batch.commit()
+                batch, n = self.client.batch(), 0
         for sub in ("configs", "requests", "states"):
             for snap in ref.collection(sub).list_documents():
                 batch.delete(snap)

@@ -310,3 +310,24 @@ def test_gateway_attaches_the_devices_of_its_own_registry(cloudiot, stack):
         assert gw.errors.empty(), gw.errors.get()
     finally:
         gw.disconnect()
+
+
+def test_deleting_a_gateway_unbinds_its_devices(cloudiot):
+    registry_id = new_registry(cloudiot)
+    parent = f"{LOCATION}/registries/{registry_id}"
+    registries = cloudiot.projects().locations().registries()
+    devices = registries.devices()
+    gw_id = f"gw-{uuid.uuid4().hex[:10]}"
+    gateway = {"id": gw_id, "gatewayConfig": {"gatewayType": "GATEWAY", "gatewayAuthMethod": "ASSOCIATION_ONLY"}}
+    devices.create(parent=parent, body=gateway).execute()
+    device_id, _, _ = new_device(cloudiot, registry_id)
+    registries.bindDeviceToGateway(parent=parent, body={"gatewayId": gw_id, "deviceId": device_id}).execute()
+    of_device = {"parent": parent, "gatewayListOptions_associationsDeviceId": device_id}
+    assert [d["id"] for d in devices.list(**of_device).execute()["devices"]] == [gw_id]
+
+    devices.delete(name=f"{parent}/devices/{gw_id}").execute()
+    assert devices.list(**of_device).execute().get("devices", []) == []
+    # A gateway created again under the id inherits no binding.
+    devices.create(parent=parent, body=gateway).execute()
+    of_gateway = {"parent": parent, "gatewayListOptions_associationsGatewayId": gw_id}
+    assert devices.list(**of_gateway).execute().get("devices", []) == []
