@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.cloud import firestore
@@ -415,6 +416,19 @@ class Device:
             bound_gateways=tuple(doc.get("bound_gateways") or ()),
             last_config_send_time=doc.get("last_config_send_time"),
         )
+
+
+def signed_by_one_of(certificate_pem: str, ca_certificates: Sequence[str]) -> bool:
+    """Whether the X.509 certificate ``certificate_pem`` was issued and signed by one of ``ca_certificates`` (a
+    registry's CA certificates, PEM), as IoT Core checked the ``*_X509_PEM`` credentials of such a registry."""
+    cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+    for pem in ca_certificates:
+        try:
+            cert.verify_directly_issued_by(x509.load_pem_x509_certificate(pem.encode()))
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def _check_credentials(credentials: Sequence[Credential]) -> None:

@@ -24,7 +24,7 @@ from iotbridge.device import ConnectError, Device, DeviceIdentity, create_jwt, g
 from tests.waiting import wait_for
 
 from .admin_server import check, start_admin
-from .conftest import PROJECT, REGION, REGISTRY
+from .conftest import PROJECT, REGION, REGISTRY, DeviceCA
 
 pytestmark = pytest.mark.emulator
 
@@ -331,3 +331,34 @@ def test_deleting_a_gateway_unbinds_its_devices(cloudiot):
     devices.create(parent=parent, body=gateway).execute()
     of_gateway = {"parent": parent, "gatewayListOptions_associationsGatewayId": gw_id}
     assert devices.list(**of_gateway).execute().get("devices", []) == []
+
+
+def test_registry_ca_certificates_sign_the_x509_credentials(cloudiot, tmp_path):
+    ca, rogue = DeviceCA(tmp_path / "ca"), DeviceCA(tmp_path / "rogue")
+    registry_id = new_registry(cloudiot, credentials=[{"publicKeyCertificate": {
+        "format": "X509_CERTIFICATE_PEM", "certificate": ca.path.read_text()}}])
+    parent = f"{LOCATION}/registries/{registry_id}"
+    devices = cloudiot.projects().locations().registries().devices()
+
+    def x509_credential(pem: str) -> dict[str, Any]:
+        return {"publicKey": {"format": "ES256_X509_PEM", "key": pem}}
+
+    signed, _, _ = ca.issue("signed")
+    devices.create(parent=parent, body={"id": f"x509-{uuid.uuid4().hex[:8]}",
+                                        "credentials": [x509_credential(signed)]}).execute()
+    with pytest.raises(HttpError) as refused:
+        devices.create(parent=parent, body={"id": f"x509-{uuid.uuid4().hex[:8]}", "credentials": [
+            x509_credential(signed), x509_credential(rogue.issue("rogue")[0])]}).execute()
+    code, status, message = error_status(refused.value)
+    assert (code, status) == (400, "INVALID_ARGUMENT")
+    assert "device.credentials[1].publicKey.key" in message
+    # A plain public key is not a certificate: no CA has to sign it; a patch to an unsigned certificate is refused.
+    device_id, _, _ = new_device(cloudiot, registry_id)
+    with pytest.raises(HttpError) as patched:
+        devices.patch(name=f"{parent}/devices/{device_id}", updateMask="credentials",
+                      body={"credentials": [x509_credential(rogue.issue("rogue-2")[0])]}).execute()
+    assert error_status(patched.value)[:2] == (400, "INVALID_ARGUMENT")
+    # Without CA certificates in the registry, any certificate is taken.
+    other = new_registry(cloudiot)
+    devices.create(parent=f"{LOCATION}/registries/{other}", body={
+        "id": f"x509-{uuid.uuid4().hex[:8]}", "credentials": [x509_credential(rogue.issue("rogue-3")[0])]}).execute()
