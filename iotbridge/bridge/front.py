@@ -55,7 +55,14 @@ from iotbridge.bridge.auth import AuthError, ClientIdError, parse_device_path, v
 from iotbridge.bridge.gateway import MAX_ATTACHED, GatewayRelay, GatewaySession
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
-from iotbridge.registry import DeviceNotFound, Grant, Registry, RegistryNotFound, RegistrySettings
+from iotbridge.registry import (
+    DeviceNotFound,
+    Grant,
+    Registry,
+    RegistryNotFound,
+    RegistrySettings,
+    signed_by_one_of,
+)
 
 T = TypeVar("T")
 
@@ -590,6 +597,11 @@ class Front:
             raise Refusal(Refusal.UNAVAILABLE, f"registry error {type(exc).__name__}") from None
         if not (settings.http_enabled if protocol == "http" else settings.mqtt_enabled):
             raise Refusal(Refusal.DISABLED, f"{protocol.upper()} is disabled for registry {registry_id}")
+        credential = proof.credential
+        if (settings.ca_certificates and credential.format.endswith("_X509_PEM")
+                and not signed_by_one_of(credential.public_key_pem, settings.ca_certificates)):
+            # The registry's CA certificates changed since the credential was added: it no longer verifies.
+            raise bad_credentials("certificate not signed by any of the registry's CA certificates")
         return proof
 
     async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str, address: str,

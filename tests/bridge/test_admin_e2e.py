@@ -362,3 +362,33 @@ def test_registry_ca_certificates_sign_the_x509_credentials(cloudiot, tmp_path):
     other = new_registry(cloudiot)
     devices.create(parent=f"{LOCATION}/registries/{other}", body={
         "id": f"x509-{uuid.uuid4().hex[:8]}", "credentials": [x509_credential(rogue.issue("rogue-3")[0])]}).execute()
+
+
+def test_a_certificate_the_registry_cas_no_longer_sign_cannot_connect(cloudiot, stack, tmp_path):
+    ca, other = DeviceCA(tmp_path / "ca"), DeviceCA(tmp_path / "other")
+
+    def ca_credentials(*cas: DeviceCA) -> list[dict[str, Any]]:
+        return [{"publicKeyCertificate": {"format": "X509_CERTIFICATE_PEM", "certificate": c.path.read_text()}}
+                for c in cas]
+
+    registry_id = new_registry(cloudiot, credentials=ca_credentials(ca))
+    device_id = f"x509-{uuid.uuid4().hex[:8]}"
+    cert, _, key_file = ca.issue(device_id)
+    cloudiot.projects().locations().registries().devices().create(
+        parent=f"{LOCATION}/registries/{registry_id}",
+        body={"id": device_id, "credentials": [{"publicKey": {"format": "ES256_X509_PEM", "key": cert}}]}).execute()
+    connect(stack, registry_id, device_id, key_file.read_bytes()).disconnect()
+
+    patch_registry(cloudiot, registry_id, "credentials", {"credentials": ca_credentials(other)})
+    dev = Device(DeviceIdentity(PROJECT, REGION, registry_id, device_id, key_file.read_bytes(), "ES256"),
+                 stack.mqtt_host, stack.mqtt_port, str(stack.ca_cert))
+
+    def refused() -> str | None:
+        try:
+            dev.connect(timeout=10)
+        except ConnectError as exc:
+            return str(exc.reason)
+        dev.disconnect()
+        return None
+
+    assert wait_for("the connect refused", refused, timeout=15) == "Bad user name or password"
