@@ -44,6 +44,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.cloud import firestore
@@ -419,6 +420,19 @@ class Device:
         )
 
 
+def signed_by_one_of(certificate_pem: str, ca_certificates: Sequence[str]) -> bool:
+    """Whether the X.509 certificate ``certificate_pem`` was issued and signed by one of ``ca_certificates`` (a
+    registry's CA certificates, PEM), as IoT Core checked the ``*_X509_PEM`` credentials of such a registry."""
+    cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+    for pem in ca_certificates:
+        try:
+            cert.verify_directly_issued_by(x509.load_pem_x509_certificate(pem.encode()))
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
 def _check_credentials(credentials: Sequence[Credential]) -> None:
     if len(credentials) > MAX_CREDENTIALS:
         raise InvalidCredential(f"{len(credentials)} credentials; a device has at most {MAX_CREDENTIALS}")
@@ -761,9 +775,19 @@ class Registry:
                                  "gateway_config.last_accessed_gateway_time": _utc(when)})
 
     def delete_device(self, device_id: str) -> None:
+        """Delete the device, its configs, states and requests. A gateway's bindings go with it: the devices bound
+        to it are unbound first (so that a gateway created again under the id binds nothing), and a device's own
+        bindings are kept on the device, so they go with its document."""
         ref, doc = self._load(device_id)
         batch = self.client.batch()
         n = 0
+        bound = self._devices.where(filter=firestore.FieldFilter("bound_gateways", "array_contains", device_id))
+        for snap in bound.stream():
+            batch.update(snap.reference, {"bound_gateways": firestore.ArrayRemove([device_id])})
+            n += 1
+            if n >= 400:  # a batch holds at most 500 writes
+                batch.commit()
+                batch, n = self.client.batch(), 0
         for sub in ("configs", "requests", "states"):
             for snap in ref.collection(sub).list_documents():
                 batch.delete(snap)

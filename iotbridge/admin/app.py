@@ -445,6 +445,18 @@ class Api:
 
     # ------------------------------------------------------------------------------------ devices
 
+    @staticmethod
+    def _signed(registry: reg.Registry, credentials: list[reg.Credential]) -> list[reg.Credential]:
+        """``credentials``, once every X.509 one is signed by one of the registry's CA certificates (when it has
+        any; IoT Core's rule); INVALID_ARGUMENT naming the credential otherwise."""
+        x509_at = [i for i, c in enumerate(credentials) if c.format.endswith("_X509_PEM")]
+        cas = registry.get_settings().ca_certificates if x509_at else ()
+        for i in x509_at:
+            if cas and not reg.signed_by_one_of(credentials[i].public_key_pem, cas):
+                raise InvalidArgument(f"Invalid value at 'device.credentials[{i}].publicKey.key': the certificate "
+                                      "is not signed by any of the registry's CA certificates")
+        return credentials
+
     def create_device(self, registry_id: str, *, body: dict[str, Any], args: Any) -> dict[str, Any]:
         wire.check_fields(body, {"id", "name", "numId", "credentials", "blocked", "metadata", "logLevel",
                                  "gatewayConfig", "config"}, "device")
@@ -458,7 +470,8 @@ class Api:
         if not isinstance(blocked, bool):
             raise InvalidArgument("Invalid value at 'device.blocked': expected a boolean")
         d = registry.create_device(
-            device_id, wire.parse_credentials(body.get("credentials") or [], "device.credentials"),
+            device_id, self._signed(registry, wire.parse_credentials(body.get("credentials") or [],
+                                                                     "device.credentials")),
             metadata=wire.parse_metadata(body.get("metadata") or {}, "device.metadata"), blocked=blocked,
             gateway_config=wire.parse_gateway_config(body.get("gatewayConfig") or {}, "device.gateway_config"),
             log_level=wire.parse_log_level(body.get("logLevel"), "device.log_level"),
@@ -521,7 +534,7 @@ class Api:
                                       f"{', '.join(allowed)}")
         d = self._device(registry, device)
         # Everything is checked before the first write.
-        creds = wire.parse_credentials(body.get("credentials") or [], "device.credentials") \
+        creds = self._signed(registry, wire.parse_credentials(body.get("credentials") or [], "device.credentials")) \
             if "credentials" in paths else None
         meta = wire.parse_metadata(body.get("metadata") or {}, "device.metadata") if "metadata" in paths else None
         level = wire.parse_log_level(body.get("logLevel"), "device.log_level") if "log_level" in paths else None

@@ -56,7 +56,14 @@ from iotbridge.bridge.auth import AuthError, ClientIdError, parse_device_path, v
 from iotbridge.bridge.gateway import MAX_ATTACHED, GatewayRelay, GatewaySession
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
-from iotbridge.registry import DeviceNotFound, Grant, Registry
+from iotbridge.registry import (
+    DeviceNotFound,
+    Grant,
+    Registry,
+    RegistryNotFound,
+    RegistrySettings,
+    signed_by_one_of,
+)
 
 T = TypeVar("T")
 
@@ -255,6 +262,7 @@ class Refusal(Exception):
     BLOCKED = "blocked"  # only a device that proved its identity learns it is blocked
     ADDRESS_LIMITED = "address_limited"  # the source address spent its failed attempts
     UNAVAILABLE = "unavailable"  # the registry is unreachable
+    DISABLED = "disabled"  # the device's registry has the protocol off (mqttConfig / httpConfig)
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
@@ -332,6 +340,9 @@ class Front:
         self.settings = settings
         self.registry = registry
         self._registries: dict[str, Registry] = {registry.registry_id: registry}
+        # registry id -> (monotonic time it was read, its settings): whether MQTT/HTTP are on, re-read at most
+        # every recheck_interval_s for connects and every round of the recheck for connected sessions.
+        self._registry_settings: dict[str, tuple[float, RegistrySettings]] = {}
         self.ssl_context = ssl_context
         self._front_password = front_password.encode()
         self._control_password = control_password
@@ -369,6 +380,24 @@ class Front:
         """One of the deployment's registries (a device's client id names it), sharing the Firestore client."""
         return Registry(self.settings.project, registry_id, self.settings.region, client=self.registry.client,
                         deployment=self.registry.registry_id)
+
+    async def registry_settings(self, registry: Registry, fresh: bool = False) -> RegistrySettings:
+        """The settings of ``registry`` (IoT Core's ``mqttConfig``/``httpConfig`` states), read at most every
+        ``recheck_interval_s`` unless ``fresh``; a registry without a settings document has both protocols on."""
+        now = time.monotonic()
+        known = self._registry_settings.get(registry.registry_id)
+        if known is not None and not fresh and now - known[0] < self.settings.recheck_interval_s:
+            return known[1]
+
+        def read() -> RegistrySettings:
+            try:
+                return registry.get_settings()
+            except RegistryNotFound:
+                return RegistrySettings()
+
+        settings = await self._on(self._registry_pool, read)
+        self._registry_settings[registry.registry_id] = (now, settings)
+        return settings
 
     def request_config_sync(self, device_id: str, again: bool = False) -> None:
         """Ask the bridge service to make sure the broker holds the device's latest config (retained); ``again``
@@ -529,10 +558,11 @@ class Front:
             await asyncio.wait_for(w.drain(), 2)
 
     async def verify_device(self, device_id: str, password: bytes | None, client_cert: bytes | None,
-                            address: str, registry_id: str | None = None) -> Proof:
+                            address: str, registry_id: str | None = None, protocol: str = "mqtt") -> Proof:
         """The checks every way in shares (MQTT CONNECT, HTTP bridge request, gateway attach): the address has
-        failures to spare, the device exists, the JWT (or, without one, the client certificate) proves it, and it
-        is not blocked. ``Refusal`` says why not; a failed proof costs ``address`` a token."""
+        failures to spare, the device exists, the JWT (or, without one, the client certificate) proves it, it
+        is not blocked, and its registry has ``protocol`` (``mqtt`` or ``http``) enabled. ``Refusal`` says why
+        not; a failed proof costs ``address`` a token."""
         now = time.monotonic()
         if self._failures.exhausted(address, now):
             self.stats["address_limited"] += 1
@@ -570,6 +600,17 @@ class Front:
             raise bad_credentials(str(exc)) from None
         if device.blocked:
             raise Refusal(Refusal.BLOCKED, "device is blocked")
+        try:
+            settings = await self.registry_settings(registry)
+        except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
+            raise Refusal(Refusal.UNAVAILABLE, f"registry error {type(exc).__name__}") from None
+        if not (settings.http_enabled if protocol == "http" else settings.mqtt_enabled):
+            raise Refusal(Refusal.DISABLED, f"{protocol.upper()} is disabled for registry {registry_id}")
+        credential = proof.credential
+        if (settings.ca_certificates and credential.format.endswith("_X509_PEM")
+                and not signed_by_one_of(credential.public_key_pem, settings.ca_certificates)):
+            # The registry's CA certificates changed since the credential was added: it no longer verifies.
+            raise bad_credentials("certificate not signed by any of the registry's CA certificates")
         return proof
 
     async def _authenticate(self, c: mqtt.Connect, dwriter: asyncio.StreamWriter, peer: str, address: str,
@@ -597,8 +638,8 @@ class Front:
             proof = await self.verify_device(device_id, c.password, client_cert, address, registry_id)
         except Refusal as exc:
             codes = {Refusal.BAD_CREDENTIALS: mqtt.REFUSE_BAD_PASSWORD, Refusal.BLOCKED: mqtt.REFUSE_NOT_AUTHORIZED,
-                     Refusal.ADDRESS_LIMITED: mqtt.REFUSE_UNAVAILABLE, Refusal.UNAVAILABLE: mqtt.REFUSE_UNAVAILABLE,
-                     }[exc.kind]
+                     Refusal.DISABLED: mqtt.REFUSE_NOT_AUTHORIZED, Refusal.ADDRESS_LIMITED: mqtt.REFUSE_UNAVAILABLE,
+                     Refusal.UNAVAILABLE: mqtt.REFUSE_UNAVAILABLE}[exc.kind]
             await self._refuse(dwriter, level, codes, who, exc.reason)
             return None
         device, method, proof_expires, credential = proof.device, proof.method, proof.expires_at, proof.credential
@@ -1001,10 +1042,20 @@ class Front:
         except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: keep the sessions, try next round
             log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
             return
+        # A registry whose MQTT was disabled since its devices connected ends their sessions.
+        disabled: set[str] = set()
+        for registry in {id(r): r for r in registries.values()}.values():
+            try:
+                if not (await self.registry_settings(registry, fresh=True)).mqtt_enabled:
+                    disabled.add(registry.registry_id)
+            except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: try next round
+                log.warning("settings of registry %s not read: %s", registry.registry_id, exc)
         now = datetime.now(UTC)
         for device_id, sessions in by_device.items():
             for s in sessions:
                 reason = revoked_reason(s.num_id, s.credential_pem, grants.get(device_id), now)
+                if not reason and registries[device_id].registry_id in disabled:
+                    reason = "MQTT disabled for the registry"
                 if reason:
                     log.warning("dropping %s: %s", device_id, reason)
                     s.close(reason, drop_will=True)

@@ -60,6 +60,7 @@ class Attached:
     credential_pem: str  # "" for ASSOCIATION_ONLY: the binding is the grant
     limits: dict[str, TokenBucket]
     presence_time: Any = None
+    registry: Any = None  # the gateway's Registry, which its bound devices belong to
 
 
 @dataclass
@@ -240,6 +241,7 @@ class GatewayRelay:
             self.error(session, ATTACHMENT_ERROR, device_id, f"at most {MAX_ATTACHED} attached devices", packet_id)
             return
         token = b""
+        registry = session.registry or front.registry  # a gateway attaches devices of its own registry
         if payload.strip():
             try:
                 doc = json.loads(payload)
@@ -250,9 +252,9 @@ class GatewayRelay:
         try:
             # The gateway's auth method, made stricter by the device's own when it names one; the device's
             # ``gateway_auth_method`` is read first, so that only a bound device's settings can ask for a token.
-            device = await front.on_registry(front.registry.get_device, device_id)
+            device = await front.on_registry(registry.get_device, device_id)
             # The gateway's method as it is now, not as it was when the gateway connected.
-            gateway = await front.on_registry(front.registry.get_device, gw.gateway_id)
+            gateway = await front.on_registry(registry.get_device, gw.gateway_id)
             if not gateway.gateway_config.is_gateway:
                 raise Refusal(Refusal.BLOCKED, "the gateway is no longer a gateway")
             gw.auth_method = gateway.gateway_config.gateway_auth_method or "ASSOCIATION_ONLY"
@@ -261,7 +263,7 @@ class GatewayRelay:
                 if not token:
                     raise Refusal(Refusal.BAD_CREDENTIALS, f"{gw.auth_method} needs the device's JWT in "
                                                            '{"authorization": ...}')
-                proof = await front.verify_device(device_id, token, None, session.address)
+                proof = await front.verify_device(device_id, token, None, session.address, registry.registry_id)
                 device = proof.device
                 credential_pem = proof.credential.public_key_pem
             else:
@@ -286,14 +288,14 @@ class GatewayRelay:
         if gw.gateway_id not in device.bound_gateways or device.gateway_config.is_gateway:
             self.error(session, ATTACHMENT_ERROR, device_id, "device is not bound to this gateway", packet_id)
             return
-        att = Attached(device_id, device.num_id, credential_pem, front.device_limits(device_id))
+        att = Attached(device_id, device.num_id, credential_pem, front.device_limits(device_id), registry=registry)
         gw.attached[device_id] = att
         s = front.settings
         try:
             att.presence_time = await front.on_registry(
-                fanout.mark_connected, front.registry.client, s.registry_id, device_id, s.host_id, session.id,
+                fanout.mark_connected, registry.client, registry.registry_id, device_id, s.host_id, session.id,
                 session.expires_at)
-            await front.on_registry(front.registry.record_gateway_access, device_id, gw.gateway_id,
+            await front.on_registry(registry.record_gateway_access, device_id, gw.gateway_id,
                                     datetime.now(UTC))
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders
             log.warning("presence of %s (through %s) not recorded: %s", device_id, gw.gateway_id, exc)
@@ -320,10 +322,10 @@ class GatewayRelay:
     async def _forget_presence(self, att: Attached) -> None:
         if att.presence_time is None:
             return
-        front = self.front
+        registry = att.registry or self.front.registry
         try:
-            await front.on_registry(fanout.mark_disconnected, front.registry.client, front.settings.registry_id,
-                                    att.device_id, att.presence_time)
+            await self.front.on_registry(fanout.mark_disconnected, registry.client, registry.registry_id,
+                                         att.device_id, att.presence_time)
         except Exception as exc:  # noqa: BLE001 - best effort, as for a direct session
             log.debug("presence of %s not removed: %s", att.device_id, exc)
 

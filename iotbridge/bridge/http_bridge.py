@@ -18,11 +18,12 @@ subfolder routes, attributes and dead-lettering. ``config`` reads the registry; 
 recorded as acknowledged by the device (``device_ack_time``), as IoT Core's HTTP bridge did.
 
 Errors carry Google's error body ``{"error": {"code", "message", "status"}}``: 401 ``UNAUTHENTICATED`` (no, bad or
-expired JWT, unknown device), 403 ``PERMISSION_DENIED`` (blocked device), 404 ``NOT_FOUND`` (another project,
-region or registry, an unknown method), 400 ``INVALID_ARGUMENT`` (bad JSON or base64, a payload over 256 KB /
-64 KB, a bad subfolder), 400 ``OUT_OF_RANGE`` (``local_version`` ahead of the server), 413 (a body over
-``MAX_BODY_BYTES``), 429 ``RESOURCE_EXHAUSTED`` (over a per-device limit, or the address spent its failed
-attempts), 503 ``UNAVAILABLE`` (registry or broker unreachable).
+expired JWT, unknown device or one not in the registry the path names), 403 ``PERMISSION_DENIED`` (blocked
+device, or its registry has HTTP disabled), 404 ``NOT_FOUND`` (another project or region, an unknown method),
+400 ``INVALID_ARGUMENT`` (bad JSON or base64, a payload over 256 KB / 64 KB, a bad subfolder), 400
+``OUT_OF_RANGE`` (``local_version`` ahead of the server), 413 (a body over ``MAX_BODY_BYTES``), 429
+``RESOURCE_EXHAUSTED`` (over a per-device limit, or the address spent its failed attempts), 503 ``UNAVAILABLE``
+(registry or broker unreachable).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from iotbridge import spec
 from iotbridge.bridge import limits
 from iotbridge.bridge.front import LIMIT_REPORT_S, Front, Refusal, address_key, printable
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES
-from iotbridge.registry import DEVICE_ID_RE
+from iotbridge.registry import DEVICE_ID_RE, REGISTRY_ID_RE, Registry
 
 log = logging.getLogger("iotbridge.http")
 
@@ -60,8 +61,8 @@ _PATH_RE = re.compile(r"/v1/projects/([^/]+)/locations/([^/]+)/registries/([^/]+
 _METHODS = {":publishEvent": "POST", ":setState": "POST", "/config": "GET"}
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
            405: "NOT_FOUND", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
-_REFUSAL_CODE = {Refusal.BAD_CREDENTIALS: 401, Refusal.BLOCKED: 403, Refusal.ADDRESS_LIMITED: 429,
-                 Refusal.UNAVAILABLE: 503}
+_REFUSAL_CODE = {Refusal.BAD_CREDENTIALS: 401, Refusal.BLOCKED: 403, Refusal.DISABLED: 403,
+                 Refusal.ADDRESS_LIMITED: 429, Refusal.UNAVAILABLE: 503}
 
 
 class HttpError(Exception):
@@ -104,10 +105,11 @@ class HttpBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._limit_reported: dict[str, float] = {}
-        # sha256 of (device id, JWT) -> (monotonic time until which it counts as verified, the JWT's exp): a device
-        # that reuses its JWT is not re-read from the registry for every request, but at most every
-        # recheck_interval_s — the window within which an MQTT session of a blocked device is dropped.
-        self._verified: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+        # sha256 of (registry id, device id, JWT) -> (monotonic time until which it counts as verified, the JWT's
+        # exp, the device's Registry): a device that reuses its JWT is not re-read from the registry for every
+        # request, but at most every recheck_interval_s — the window within which an MQTT session of a blocked
+        # device is dropped.
+        self._verified: OrderedDict[bytes, tuple[float, float, Registry]] = OrderedDict()
         self.stats = {"requests": 0, "published": 0, "refused": 0, "rate_limited": 0}
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -190,15 +192,15 @@ class HttpBridge:
                                  ":publishEvent | :setState | /config")
         project, region, registry_id, device_id, verb = m.groups()
         s = self.settings
-        if (project, region, registry_id) != (s.project, s.region, s.registry_id) or not DEVICE_ID_RE.fullmatch(
-                device_id):
-            raise HttpError(404, f"device path names {project}/{region}/{registry_id}, not this registry's")
+        if ((project, region) != (s.project, s.region) or not REGISTRY_ID_RE.fullmatch(registry_id)
+                or not DEVICE_ID_RE.fullmatch(device_id)):
+            raise HttpError(404, f"device path names {project}/{region}/{registry_id}, not this deployment's")
         if request.method != _METHODS[verb]:
             raise HttpError(405, f"{verb.lstrip(':/')} takes {_METHODS[verb]}")
-        await self._authenticate(request, device_id)
+        registry = await self._authenticate(request, registry_id, device_id)
         if verb == "/config":
             self._charge(device_id, 0, state=False)
-            return await self._config(device_id, request.query.get("local_version", "0"))
+            return await self._config(registry, device_id, request.query.get("local_version", "0"))
         raw = await request.read()
         try:
             body = json.loads(raw) if raw else {}
@@ -228,26 +230,30 @@ class HttpBridge:
         await self._publish(topic, data)
         return {}
 
-    async def _authenticate(self, request: web.Request, device_id: str) -> None:
+    async def _authenticate(self, request: web.Request, registry_id: str, device_id: str) -> Registry:
+        """The device's registry (the one its path names) once the request's JWT proved the device."""
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         address = address_key(request.remote or "")
-        key = hashlib.sha256(f"{device_id}\n{token.strip()}".encode()).digest()
+        key = hashlib.sha256(f"{registry_id}\n{device_id}\n{token.strip()}".encode()).digest()
         known = self._verified.get(key)
         if known is not None and time.monotonic() < known[0] and time.time() < known[1]:
-            return
+            return known[2]
         try:
             if scheme.lower() != "bearer" or not token.strip():
                 raise Refusal(Refusal.BAD_CREDENTIALS, "no Authorization: Bearer <JWT> header")
-            proof = await self.front.verify_device(device_id, token.strip().encode(), None, address)
+            proof = await self.front.verify_device(device_id, token.strip().encode(), None, address, registry_id,
+                                                   protocol="http")
         except Refusal as exc:
             log.warning("HTTP request of %s from %s refused: %s", device_id, address, printable(exc.reason))
             message = {Refusal.BAD_CREDENTIALS: "the JWT is missing, invalid or expired, or names no device",
                        Refusal.BLOCKED: f"the device {device_id} is blocked"}.get(exc.kind, exc.reason)
             raise HttpError(_REFUSAL_CODE[exc.kind], message) from None
-        self._verified[key] = (time.monotonic() + self.settings.recheck_interval_s, proof.expires_at.timestamp())
+        self._verified[key] = (time.monotonic() + self.settings.recheck_interval_s, proof.expires_at.timestamp(),
+                               proof.registry)
         while len(self._verified) > MAX_REMEMBERED_TOKENS:
             self._verified.popitem(last=False)
+        return proof.registry
 
     def _charge(self, device_id: str, nbytes: int, state: bool) -> None:
         """Charge one request to the device's buckets (shared with its MQTT sessions), or refuse it with 429
@@ -269,14 +275,13 @@ class HttpBridge:
         for k, c in cost.items():
             buckets[k].take(c, now)
 
-    async def _config(self, device_id: str, local_version: str) -> dict[str, Any]:
+    async def _config(self, registry: Registry, device_id: str, local_version: str) -> dict[str, Any]:
         try:
             local = int(local_version)
             if local < 0:
                 raise ValueError
         except ValueError:
             raise HttpError(400, f"local_version must be a non-negative integer, got {local_version!r}") from None
-        registry = self.front.registry
         try:
             cfg = await asyncio.to_thread(registry.get_config, device_id)
         except Exception as exc:  # noqa: BLE001 - the device retries

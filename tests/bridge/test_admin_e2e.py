@@ -13,17 +13,18 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
+import requests
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1
 from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
-from iotbridge.device import Device, DeviceIdentity, generate_key
+from iotbridge.device import ConnectError, Device, DeviceIdentity, create_jwt, generate_key
 from tests.waiting import wait_for
 
 from .admin_server import check, start_admin
-from .conftest import PROJECT, REGION, REGISTRY
+from .conftest import PROJECT, REGION, REGISTRY, DeviceCA
 
 pytestmark = pytest.mark.emulator
 
@@ -192,3 +193,200 @@ def pull_one(subscriber: pubsub_v1.SubscriberClient, subscription: str, timeout:
     return cast(Any, wait_for(f"a message on {subscription}", attempt, timeout=timeout))
 
 
+
+
+def new_registry(cloudiot, **body: Any) -> str:
+    registry_id = f"reg-{uuid.uuid4().hex[:10]}"
+    cloudiot.projects().locations().registries().create(parent=LOCATION, body={"id": registry_id, **body}).execute()
+    return registry_id
+
+
+def patch_registry(cloudiot, registry_id: str, mask: str, body: dict[str, Any]) -> dict[str, Any]:
+    return cloudiot.projects().locations().registries().patch(
+        name=f"{LOCATION}/registries/{registry_id}", updateMask=mask, body=body).execute()
+
+
+def http_post(stack, registry_id: str, device_id: str, private: bytes, verb: str, body: dict[str, Any]):
+    url = (f"{stack.http_bridge_url}/v1/{LOCATION}/registries/{registry_id}/devices/{device_id}{verb}")
+    headers = {"authorization": f"Bearer {create_jwt(PROJECT, private, 'ES256')}"}
+    return requests.post(url, json=body, headers=headers, verify=str(stack.ca_cert), timeout=30)
+
+
+def http_config(stack, registry_id: str, device_id: str, private: bytes):
+    url = f"{stack.http_bridge_url}/v1/{LOCATION}/registries/{registry_id}/devices/{device_id}/config"
+    headers = {"authorization": f"Bearer {create_jwt(PROJECT, private, 'ES256')}"}
+    return requests.get(url, params={"local_version": 0}, headers=headers, verify=str(stack.ca_cert), timeout=30)
+
+
+def test_mqtt_disabled_refuses_connects_and_ends_sessions(cloudiot, stack):
+    registry_id = new_registry(cloudiot)
+    device_id, private, _ = new_device(cloudiot, registry_id)
+    dev = connect(stack, registry_id, device_id, private)
+    try:
+        patched = patch_registry(cloudiot, registry_id, "mqtt_config",
+                                 {"mqttConfig": {"mqttEnabledState": "MQTT_DISABLED"}})
+        assert patched["mqttConfig"]["mqttEnabledState"] == "MQTT_DISABLED"
+        dev.disconnects.get(timeout=10)  # the connected session ends at the next re-check
+        assert not dev.is_connected()
+    finally:
+        dev.disconnect()
+    again = Device(DeviceIdentity(PROJECT, REGION, registry_id, device_id, private, "ES256"), stack.mqtt_host,
+                   stack.mqtt_port, str(stack.ca_cert))
+    with pytest.raises(ConnectError) as refused:
+        again.connect(timeout=10)
+    assert str(refused.value.reason) == "Not authorized", refused.value
+    # HTTP stays on: only MQTT was disabled. (Reads only: this registry names no topics, so its events would go
+    # to the deployment's telemetry topic, which other tests read.)
+    r = http_config(stack, registry_id, device_id, private)
+    assert r.status_code == 200, r.text
+
+    patch_registry(cloudiot, registry_id, "mqtt_config", {"mqttConfig": {"mqttEnabledState": "MQTT_ENABLED"}})
+    wait_for("MQTT enabled again", lambda: _connects(again), timeout=15)
+    again.disconnect()
+
+
+def _connects(dev: Device) -> bool:
+    try:
+        dev.connect(timeout=10)
+    except ConnectError:
+        return False
+    return True
+
+
+def test_http_disabled_refuses_http_requests(cloudiot, stack):
+    registry_id = new_registry(cloudiot, httpConfig={"httpEnabledState": "HTTP_DISABLED"})
+    device_id, private, _ = new_device(cloudiot, registry_id)
+    for r in (http_post(stack, registry_id, device_id, private, ":publishEvent", {"binary_data": "eA=="}),
+              http_config(stack, registry_id, device_id, private)):
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["status"] == "PERMISSION_DENIED"
+        assert "HTTP is disabled" in r.json()["error"]["message"]
+    # MQTT stays on.
+    connect(stack, registry_id, device_id, private).disconnect()
+    patch_registry(cloudiot, registry_id, "http_config", {"httpConfig": {"httpEnabledState": "HTTP_ENABLED"}})
+    wait_for("HTTP enabled again", lambda: http_config(stack, registry_id, device_id, private).status_code == 200,
+             timeout=15)
+
+
+def test_http_bridge_serves_the_registry_its_path_names(cloudiot, stack):
+    registry_id = new_registry(cloudiot)
+    device_id, private, _ = new_device(cloudiot, registry_id)
+    devices = cloudiot.projects().locations().registries().devices()
+    devices.modifyCloudToDeviceConfig(name=f"{LOCATION}/registries/{registry_id}/devices/{device_id}",
+                                      body={"binaryData": base64.b64encode(b"\x00cfg\xff").decode()}).execute()
+    r = http_config(stack, registry_id, device_id, private)
+    assert r.status_code == 200, r.text
+    assert base64.b64decode(r.json()["binaryData"]) == b"\x00cfg\xff" and r.json()["version"] == "2"
+    # The device is not in the deployment's own registry: named there, it is unknown.
+    r = http_post(stack, REGISTRY, device_id, private, ":publishEvent", {"binary_data": "eA=="})
+    assert r.status_code == 401, r.text
+
+
+def test_gateway_attaches_the_devices_of_its_own_registry(cloudiot, stack):
+    registry_id = new_registry(cloudiot)
+    parent = f"{LOCATION}/registries/{registry_id}"
+    devices = cloudiot.projects().locations().registries().devices()
+    gw_id, gw_key = f"gw-{uuid.uuid4().hex[:10]}", generate_key("ES256")
+    devices.create(parent=parent, body={
+        "id": gw_id, "credentials": [{"publicKey": {"format": "ES256_PEM", "key": gw_key[1]}}],
+        "gatewayConfig": {"gatewayType": "GATEWAY", "gatewayAuthMethod": "ASSOCIATION_ONLY"}}).execute()
+    device_id, _, _ = new_device(cloudiot, registry_id)
+    cloudiot.projects().locations().registries().bindDeviceToGateway(
+        parent=parent, body={"gatewayId": gw_id, "deviceId": device_id}).execute()
+    devices.modifyCloudToDeviceConfig(name=f"{parent}/devices/{device_id}",
+                                      body={"binaryData": base64.b64encode(b"bound cfg").decode()}).execute()
+    gw = connect(stack, registry_id, gw_id, gw_key[0])
+    try:
+        gw.subscribe_errors()
+        gw.attach(device_id).wait_for_publish(10)
+        # Attached (recorded once the attach passed), then it speaks for the device.
+        got = wait_for("the gateway access recorded", lambda: devices.get(
+            name=f"{parent}/devices/{device_id}").execute()["gatewayConfig"].get("lastAccessedGatewayId"), timeout=15)
+        assert got == gw_id
+        gw.subscribe_config(device_id=device_id)
+        assert gw.configs_of(device_id).get(timeout=20) == b"bound cfg"
+        assert gw.errors.empty(), gw.errors.get()
+    finally:
+        gw.disconnect()
+
+
+def test_deleting_a_gateway_unbinds_its_devices(cloudiot):
+    registry_id = new_registry(cloudiot)
+    parent = f"{LOCATION}/registries/{registry_id}"
+    registries = cloudiot.projects().locations().registries()
+    devices = registries.devices()
+    gw_id = f"gw-{uuid.uuid4().hex[:10]}"
+    gateway = {"id": gw_id, "gatewayConfig": {"gatewayType": "GATEWAY", "gatewayAuthMethod": "ASSOCIATION_ONLY"}}
+    devices.create(parent=parent, body=gateway).execute()
+    device_id, _, _ = new_device(cloudiot, registry_id)
+    registries.bindDeviceToGateway(parent=parent, body={"gatewayId": gw_id, "deviceId": device_id}).execute()
+    of_device = {"parent": parent, "gatewayListOptions_associationsDeviceId": device_id}
+    assert [d["id"] for d in devices.list(**of_device).execute()["devices"]] == [gw_id]
+
+    devices.delete(name=f"{parent}/devices/{gw_id}").execute()
+    assert devices.list(**of_device).execute().get("devices", []) == []
+    # A gateway created again under the id inherits no binding.
+    devices.create(parent=parent, body=gateway).execute()
+    of_gateway = {"parent": parent, "gatewayListOptions_associationsGatewayId": gw_id}
+    assert devices.list(**of_gateway).execute().get("devices", []) == []
+
+
+def test_registry_ca_certificates_sign_the_x509_credentials(cloudiot, tmp_path):
+    ca, rogue = DeviceCA(tmp_path / "ca"), DeviceCA(tmp_path / "rogue")
+    registry_id = new_registry(cloudiot, credentials=[{"publicKeyCertificate": {
+        "format": "X509_CERTIFICATE_PEM", "certificate": ca.path.read_text()}}])
+    parent = f"{LOCATION}/registries/{registry_id}"
+    devices = cloudiot.projects().locations().registries().devices()
+
+    def x509_credential(pem: str) -> dict[str, Any]:
+        return {"publicKey": {"format": "ES256_X509_PEM", "key": pem}}
+
+    signed, _, _ = ca.issue("signed")
+    devices.create(parent=parent, body={"id": f"x509-{uuid.uuid4().hex[:8]}",
+                                        "credentials": [x509_credential(signed)]}).execute()
+    with pytest.raises(HttpError) as refused:
+        devices.create(parent=parent, body={"id": f"x509-{uuid.uuid4().hex[:8]}", "credentials": [
+            x509_credential(signed), x509_credential(rogue.issue("rogue")[0])]}).execute()
+    code, status, message = error_status(refused.value)
+    assert (code, status) == (400, "INVALID_ARGUMENT")
+    assert "device.credentials[1].publicKey.key" in message
+    # A plain public key is not a certificate: no CA has to sign it; a patch to an unsigned certificate is refused.
+    device_id, _, _ = new_device(cloudiot, registry_id)
+    with pytest.raises(HttpError) as patched:
+        devices.patch(name=f"{parent}/devices/{device_id}", updateMask="credentials",
+                      body={"credentials": [x509_credential(rogue.issue("rogue-2")[0])]}).execute()
+    assert error_status(patched.value)[:2] == (400, "INVALID_ARGUMENT")
+    # Without CA certificates in the registry, any certificate is taken.
+    other = new_registry(cloudiot)
+    devices.create(parent=f"{LOCATION}/registries/{other}", body={
+        "id": f"x509-{uuid.uuid4().hex[:8]}", "credentials": [x509_credential(rogue.issue("rogue-3")[0])]}).execute()
+
+
+def test_a_certificate_the_registry_cas_no_longer_sign_cannot_connect(cloudiot, stack, tmp_path):
+    ca, other = DeviceCA(tmp_path / "ca"), DeviceCA(tmp_path / "other")
+
+    def ca_credentials(*cas: DeviceCA) -> list[dict[str, Any]]:
+        return [{"publicKeyCertificate": {"format": "X509_CERTIFICATE_PEM", "certificate": c.path.read_text()}}
+                for c in cas]
+
+    registry_id = new_registry(cloudiot, credentials=ca_credentials(ca))
+    device_id = f"x509-{uuid.uuid4().hex[:8]}"
+    cert, _, key_file = ca.issue(device_id)
+    cloudiot.projects().locations().registries().devices().create(
+        parent=f"{LOCATION}/registries/{registry_id}",
+        body={"id": device_id, "credentials": [{"publicKey": {"format": "ES256_X509_PEM", "key": cert}}]}).execute()
+    connect(stack, registry_id, device_id, key_file.read_bytes()).disconnect()
+
+    patch_registry(cloudiot, registry_id, "credentials", {"credentials": ca_credentials(other)})
+    dev = Device(DeviceIdentity(PROJECT, REGION, registry_id, device_id, key_file.read_bytes(), "ES256"),
+                 stack.mqtt_host, stack.mqtt_port, str(stack.ca_cert))
+
+    def refused() -> str | None:
+        try:
+            dev.connect(timeout=10)
+        except ConnectError as exc:
+            return str(exc.reason)
+        dev.disconnect()
+        return None
+
+    assert wait_for("the connect refused", refused, timeout=15) == "Bad user name or password"

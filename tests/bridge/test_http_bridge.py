@@ -88,18 +88,21 @@ def test_events_and_state_reach_pubsub_with_the_mqtt_attributes(stack, registry,
 
 def test_config_by_local_version(stack, registry, http_device):
     dev = http_device
-    assert dev.config(0).json() == {"version": "0"}
-    _error(dev.config(1), 400, "OUT_OF_RANGE")
-    registry.update_config(dev.id, b"cfg-1", min_interval_s=0)
+    # A new device has config version 1 with empty data, as IoT Core gave it.
+    first = dev.config(0).json()
+    assert first["version"] == "1" and base64.b64decode(first["binaryData"]) == b""
+    assert "binaryData" not in dev.config(1).json()  # up to date
+    _error(dev.config(2), 400, "OUT_OF_RANGE")
     registry.update_config(dev.id, b"cfg-2", min_interval_s=0)
+    registry.update_config(dev.id, b"cfg-3", min_interval_s=0)
     current = dev.config(0).json()
-    assert current["version"] == "2" and base64.b64decode(current["binaryData"]) == b"cfg-2"
+    assert current["version"] == "3" and base64.b64decode(current["binaryData"]) == b"cfg-3"
     assert current["cloudUpdateTime"].endswith("Z")
-    newer = dev.config(1).json()  # the device holds v1: v2 is newer
-    assert newer["version"] == "2" and base64.b64decode(newer["binaryData"]) == b"cfg-2"
-    same = dev.config(2).json()  # up to date: no data
-    assert same["version"] == "2" and "binaryData" not in same
-    assert "ahead" in _error(dev.config(3), 400, "OUT_OF_RANGE")
+    newer = dev.config(2).json()  # the device holds v2: v3 is newer
+    assert newer["version"] == "3" and base64.b64decode(newer["binaryData"]) == b"cfg-3"
+    same = dev.config(3).json()  # up to date: no data
+    assert same["version"] == "3" and "binaryData" not in same
+    assert "ahead" in _error(dev.config(4), 400, "OUT_OF_RANGE")
     _error(dev.config(-1), 400, "INVALID_ARGUMENT")
     # A config the device fetched counts as received.
     assert registry.list_config_versions(dev.id)[0].device_ack_time is not None
