@@ -14,7 +14,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1
+from googleapiclient import discovery
 
 from iotbridge import spec
 from iotbridge.device import Device, DeviceIdentity, generate_key
@@ -22,6 +24,8 @@ from iotbridge.local import services
 from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from iotbridge.registry import Credential, Registry
 from tests.waiting import wait_for
+
+from .admin_server import start_admin
 
 PROJECT = "local-project"
 REGION = "europe-west1"
@@ -245,3 +249,17 @@ def devices(registry, stack) -> Iterator[DeviceFactory]:
     for d in f.created:
         with contextlib.suppress(Exception):
             d.disconnect()
+
+
+# The admin API over a module's bridge stack, and Google's discovery client for it (static discovery).
+@pytest.fixture(scope="module")
+def api_url(stack, bridge_env, tmp_path_factory) -> Iterator[str]:
+    svc, url = start_admin(stack, bridge_env, tmp_path_factory.mktemp("admin"))
+    yield url
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def cloudiot(api_url):
+    return discovery.build("cloudiot", "v1", client_options={"api_endpoint": api_url},
+                           credentials=AnonymousCredentials(), static_discovery=True, cache_discovery=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
@@ -14,17 +13,9 @@ from iotbridge import cli, cliutil
 from iotbridge.device import generate_key
 from iotbridge.targets import Target
 
-from .admin_server import start_admin
 from .conftest import PROJECT, REGION, REGISTRY
 
 pytestmark = pytest.mark.emulator
-
-
-@pytest.fixture(scope="module")
-def api_url(stack, bridge_env, tmp_path_factory) -> Iterator[str]:
-    svc, url = start_admin(stack, bridge_env, tmp_path_factory.mktemp("admin"))
-    yield url
-    svc.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +21,13 @@ from googleapiclient.errors import HttpError
 
 from iotbridge.device import Device, DeviceIdentity, generate_key
 
-from .admin_server import all_methods, check, document, start_admin
+from .admin_server import all_methods, check, document
 from .conftest import PROJECT, REGION, REGISTRY, REPO_ROOT
 
 pytestmark = pytest.mark.emulator
 
 LOCATION = f"projects/{PROJECT}/locations/{REGION}"
 IOT_VENV = Path(os.environ.get("IOT_CLIENT_VENV", REPO_ROOT / ".venv-iot"))
-
-
-@pytest.fixture(scope="module")
-def api_url(stack, bridge_env, tmp_path_factory) -> Iterator[str]:
-    svc, url = start_admin(stack, bridge_env, tmp_path_factory.mktemp("admin"))
-    yield url
-    svc.stop()
-
-
-@pytest.fixture(scope="module")
-def cloudiot(api_url):
-    return discovery.build("cloudiot", "v1", client_options={"api_endpoint": api_url},
-                           credentials=AnonymousCredentials(), static_discovery=True, cache_discovery=False)
 
 
 class Calls:

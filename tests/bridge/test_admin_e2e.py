@@ -9,39 +9,23 @@ from __future__ import annotations
 import base64
 import contextlib
 import uuid
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
 import requests
 from google.api_core import exceptions as gexc
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1
-from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from iotbridge.device import ConnectError, Device, DeviceIdentity, create_jwt, generate_key
 from tests.waiting import wait_for
 
-from .admin_server import check, start_admin
+from .admin_server import check
 from .conftest import PROJECT, REGION, REGISTRY, DeviceCA
 
 pytestmark = pytest.mark.emulator
 
 LOCATION = f"projects/{PROJECT}/locations/{REGION}"
-
-
-@pytest.fixture(scope="module")
-def api_url(stack, bridge_env, tmp_path_factory) -> Iterator[str]:
-    svc, url = start_admin(stack, bridge_env, tmp_path_factory.mktemp("admin"))
-    yield url
-    svc.stop()
-
-
-@pytest.fixture(scope="module")
-def cloudiot(api_url):
-    return discovery.build("cloudiot", "v1", client_options={"api_endpoint": api_url},
-                           credentials=AnonymousCredentials(), static_discovery=True, cache_discovery=False)
 
 
 def error_status(exc: HttpError) -> tuple[int, str, str]:
