@@ -27,20 +27,16 @@ from google.cloud import firestore, pubsub_v1
 from werkzeug.serving import make_server
 
 from iotbridge import registry as reg
-from iotbridge import spec
 from iotbridge.admin.app import Access, Authorize, allow_all, create_app
 
 
 def default_settings(project: str, prefix: str) -> reg.RegistrySettings:
-    """The deployment's own registry: the stack's routes (``logs`` → device-logs, the rest → telemetry) and its
-    state topic, as the bridge routes them (docs/messages.md)."""
-
-    def topic(key: str) -> str:
-        return f"projects/{project}/topics/{spec.topic_name(prefix, key)}"
-
-    return reg.RegistrySettings(event_routes=(reg.EventRoute(topic("device-logs"), "logs"),
-                                              reg.EventRoute(topic("telemetry"))),
-                                state_topic=topic("state"))
+    """The deployment's own registry is created with no routes of its own: its devices' events and states go where
+    the stack's config routes them (the bridge's ``routes`` and topics, docs/messages.md). A stored copy of those
+    routes would outlive a change of the stack's config and, read by the bridge, send events to the old topics; an
+    operator who sets ``eventNotificationConfigs`` on it through the API still gets them honoured."""
+    del project, prefix
+    return reg.RegistrySettings()
 
 
 def authorizer(mode: str, env: Mapping[str, str]) -> Authorize:
