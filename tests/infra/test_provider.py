@@ -58,7 +58,8 @@ def test_the_schema_takes_the_stack_config_keys_and_gives_the_bridges_outputs():
             assert inputs[name]["items"]["type"] == "string", name
     assert sorted(resource["requiredInputs"]) == sorted(k.key.partition(":")[2] for k in config.KEYS if k.required)
     assert set(resource["properties"]) == {
-        "registryId", "mqttEndpoint", "mqttCaCert", "topics", "bigqueryDataset", "bigtableInstance", "bigtableTable",
+        "registryId", "mqttEndpoint", "httpBridgeUrl", "mqttCaCert", "topics", "bigqueryDataset", "bigtableInstance",
+        "bigtableTable",
         "dataflowJobName", "configPushFunction", "adminApiUrl", "modelsBucket", "modelsSigner", "dashboardUrl",
         "monitoringDashboardUrl", "workbenchProxyUri"}
     assert resource["isComponent"] is True

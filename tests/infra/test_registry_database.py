@@ -46,13 +46,13 @@ def test_a_ttl_policy_removes_the_idempotency_markers_without_indexes():
     assert run.outputs["resource_name"] == "projects/proj-test-123/databases/fleet"
 
 
-def test_broker_and_config_push_are_granted_on_the_registry_database_and_wait_for_it():
+def test_broker_config_push_and_admin_api_are_granted_on_the_registry_database_and_wait_for_it():
     run = harness.stack_run("prod")
     (db,) = run.of_type(DB)
     (registry,) = run.of_type("gcp-iot-bridge:index:RegistryDatabase")
     assert db.parent == registry.urn
     grants = {g.name: g for g in run.of_type(PROJECT_IAM) if g.get("role") == "roles/datastore.user"}
-    assert set(grants) == {"broker-datastore-user", "config-push-firestore-user"}
+    assert set(grants) == {"broker-datastore-user", "config-push-firestore-user", "admin-api-firestore-user"}
     for grant in grants.values():
         assert "projects/my-iot-prod-project/databases/(default)" in grant.get("condition")["expression"]
         assert run.depends_on(grant, db), grant.name
