@@ -617,7 +617,6 @@ class Registry:
         config = bytes(config)
         if len(config) > MAX_CONFIG_BYTES:
             raise ConfigTooLarge(f"config is {len(config)} bytes; at most {MAX_CONFIG_BYTES}")
-        gateway = gateway_config or GatewayConfig()
         _check_credentials(credentials)
         meta = _check_metadata(metadata)
         gateway = gateway_config or GatewayConfig()
