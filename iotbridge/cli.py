@@ -36,6 +36,8 @@ config_app = typer.Typer(help="Device configs: push a new version (through the c
 app.add_typer(config_app, name="config")
 commands_app = typer.Typer(help="Commands to connected devices (not stored).", no_args_is_help=True)
 app.add_typer(commands_app, name="commands")
+hosts_app = typer.Typer(help="Broker hosts' delivery subscriptions.", no_args_is_help=True)
+app.add_typer(hosts_app, name="hosts")
 app.add_typer(models_app, name="models")
 
 err = Console(stderr=True)
@@ -359,6 +361,22 @@ def commands_send(
         return
     emit({"device_id": device_id, "message_id": message_id, "subfolder": subfolder}, as_json,
          f"command sent to {device_id} (message {message_id})")
+
+
+@hosts_app.command("sweep")
+def hosts_sweep(stack: StackOpt = None, as_json: JsonFlag = False) -> None:
+    """Delete the delivery subscriptions of broker hosts that are gone (no liveness record renewed in the last
+    90 s); a running host's, and any subscription no host made for itself, are left alone."""
+    from google.cloud import pubsub_v1
+
+    from iotbridge.bridge.fanout import sweep
+
+    t = target_or_fail(stack, as_json)
+    reg = open_registry(stack, as_json)
+    deleted = registry_call(as_json, sweep, pubsub_v1.SubscriberClient(), pubsub_v1.PublisherClient(), reg.client,
+                            reg.project, t.prefix, reg.registry_id)
+    emit({"deleted": deleted}, as_json, f"deleted {len(deleted)} subscription(s) of gone hosts"
+         + "".join(f"\n  {d}" for d in deleted))
 
 
 # ------------------------------------------------------------------------ through the device manager API

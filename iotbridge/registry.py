@@ -893,6 +893,17 @@ class Registry:
         """A config version was handed to the broker for the device (IoT Core's ``lastConfigSendTime``)."""
         self._update(device_id, {"last_config_send_time": _utc(when)})
 
+    def connected_host(self, device_id: str, now: datetime | None = None) -> str | None:
+        """The broker host that holds the device now (its presence record, written by the front on connect and
+        removed on disconnect; one past its ``until`` counts as gone), or None."""
+        snap = (self.client.collection("registries").document(self.registry_id).collection("presence")
+                .document(device_id).get())
+        doc = snap.to_dict() or {} if snap.exists else {}
+        until = doc.get("until")
+        if until is None or until <= (now or datetime.now(UTC)) or not doc.get("host"):
+            return None
+        return str(doc["host"])
+
     def get_config(self, device_id: str) -> ConfigVersion | None:
         _, doc = self._load(device_id)
         version = int(doc.get("config_version", 0))

@@ -738,9 +738,12 @@ class FanoutMessage:
     version: int = 0  # configs
     sub_folder: str = ""  # commands
     registry_id: str = ""  # empty: the deployment's own registry
+    host_id: str = ""  # the broker host holding the device (its presence); each host's subscription filters on it
 
     def attributes(self) -> dict[str, str]:
         attrs = {"kind": self.kind, "deviceId": self.device_id}
+        if self.host_id:
+            attrs[FANOUT_HOST_ATTRIBUTE] = validate_host_id(self.host_id)
         if self.kind == FANOUT_KIND_CONFIG:
             attrs["version"] = str(self.version)
         elif self.sub_folder:
@@ -762,7 +765,34 @@ class FanoutMessage:
         version = attrs.get("version", "0")
         if not version.isdigit():
             raise MessageError("invalid_version", f"version {version!r} is not a number")
-        return cls(kind, device_id, int(version), sub_folder, attrs.get("registryId", ""))
+        return cls(kind, device_id, int(version), sub_folder, attrs.get("registryId", ""),
+                   attrs.get(FANOUT_HOST_ATTRIBUTE, ""))
+
+
+# Targeted delivery: a fan-out message names the host that holds the device in this attribute, and each host's
+# delivery subscription is created with a Pub/Sub filter on it (docs/messages.md).
+FANOUT_HOST_ATTRIBUTE = "hostId"
+# A host id becomes part of a subscription name ("{prefix}-device-commands-{host}": letters, digits and
+# "-_.~+%", at most 255 characters, starting with a letter) and a quoted string of a filter: no quote, backslash
+# or space can occur in it, so the filter needs no escaping. A Compute Engine instance name (the cloud's host id)
+# is 1-63 lowercase letters, digits and dashes, starting with a letter.
+HOST_ID_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.~+%-]{0,62}")
+# Pub/Sub's limit of a subscription filter's length, in bytes.
+MAX_FILTER_BYTES = 256
+
+
+def validate_host_id(host_id: str) -> str:
+    if not HOST_ID_RE.fullmatch(host_id):
+        raise MessageError("invalid_host", f"broker host id {host_id!r} must match {HOST_ID_RE.pattern}")
+    return host_id
+
+
+def host_filter(host_id: str) -> str:
+    """The Pub/Sub filter of a host's delivery subscription: only the messages published for that host."""
+    text = f'attributes.{FANOUT_HOST_ATTRIBUTE} = "{validate_host_id(host_id)}"'
+    if len(text.encode()) > MAX_FILTER_BYTES:  # cannot happen with HOST_ID_RE's 63 characters; kept as the rule
+        raise MessageError("invalid_host", f"filter {text!r} is longer than {MAX_FILTER_BYTES} bytes")
+    return text
 
 
 # The registry's device id rule (iotbridge.registry.DEVICE_ID_RE), repeated here because this module imports nothing.

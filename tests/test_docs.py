@@ -233,8 +233,9 @@ def test_fanout_attributes_are_the_shared_descriptions():
 
     text = section(page("messages.md"), "## Fan-out message (topic `device-commands`)")
     documented = set(re.findall(r"attribute `(\w+)`", text))
-    config = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, "dev-1", 3, registry_id="r").attributes()
-    command = spec.FanoutMessage(spec.FANOUT_KIND_COMMAND, "dev-1", sub_folder="ops", registry_id="r").attributes()
+    config = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, "dev-1", 3, registry_id="r", host_id="h").attributes()
+    command = spec.FanoutMessage(spec.FANOUT_KIND_COMMAND, "dev-1", sub_folder="ops", registry_id="r",
+                                 host_id="h").attributes()
     assert documented == set(config) | set(command)
     kinds = re.search(r"attribute `kind`: `(\w+)` or `(\w+)`", text)
     assert kinds and set(kinds.groups()) == {spec.FANOUT_KIND_CONFIG, spec.FANOUT_KIND_COMMAND}

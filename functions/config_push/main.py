@@ -16,10 +16,10 @@ this function is the one writer of config versions. For each request it
    id, so a redelivered message returns the version it already created instead of a second one;
 3. publishes it with paho-mqtt, QoS 1 and retained, on ``/devices/{id}/config`` and waits for the broker's
    PUBACK (:class:`MqttPublisher`) — unless a newer version was stored meanwhile, which must not be
-   overtaken by this older one. With several broker hosts, ``CONFIG_DELIVERY=fanout`` hands the version to
-   the bridge's fan-out topic instead, which every host's bridge publishes on its own broker
-   (:class:`FanoutPublisher`). The device's own PUBACK is recorded as its ack time by the bridge, which sees
-   it; the function only ever sees the broker's.
+   overtaken by this older one. With broker hosts, ``CONFIG_DELIVERY=fanout`` hands the version to the
+   bridge's fan-out topic instead, addressed to the host that holds the device (:class:`FanoutPublisher`; a
+   device connected nowhere gets it from the registry when it connects). The device's own PUBACK is recorded as
+   its ack time by the bridge, which sees it; the function only ever sees the broker's.
 
 Failures: a permanent one (:class:`PermanentError`: malformed, not an object, unknown or blocked device,
 too large, stale ``version_to_update``, flood) is logged with its reason, copied to the dead-letter topic with
@@ -37,7 +37,7 @@ Configuration (environment; in the cloud the MQTT password is a Secret Manager s
     MQTT_USERNAME, MQTT_PASSWORD, MQTT_TIMEOUT_S (10), MQTT_RETAIN (true),
     MQTT_CLIENT_ID (default: ``iotbridge:config-push:{random}``; a broker host's ``backend`` user takes only its own)
     CONFIG_DELIVERY: mqtt (default: the broker above) | fanout (FANOUT_TOPIC, the bridge's device-commands
-        topic, which reaches every broker host)
+        topic, with the host that holds the device as ``hostId``; the deployed and the local stacks use this)
     DEAD_LETTER_TOPIC (projects/{p}/topics/{t}), CONFIG_MIN_INTERVAL_S (1.0), MAX_RETRY_AGE_S (82800)
 
 Run locally: ``functions-framework --source functions/config_push/main.py --target handle
@@ -170,7 +170,7 @@ def store_and_deliver(deps: Deps, request: ConfigRequest, request_id: str) -> re
 
     def deliver(device_id: str, version: int, data: bytes) -> None:
         try:
-            deps.publisher.deliver(device_id, version, data)
+            deps.publisher.deliver(registry, device_id, version, data)
         except TransientError as exc:
             log.error("config v%d of %s stored, not delivered (will retry): %s", version, device_id, exc,
                       extra={"fields": {"messageId": request_id, "deviceId": device_id, "version": version,
@@ -236,7 +236,7 @@ def _flag(value: str) -> bool:
 class Publisher(Protocol):
     """Delivers one stored config version towards the device; raises :class:`TransientError` to be retried."""
 
-    def deliver(self, device_id: str, version: int, payload: bytes) -> None: ...
+    def deliver(self, registry: reg.Registry, device_id: str, version: int, payload: bytes) -> None: ...
 
 
 class MqttPublisher:
@@ -293,7 +293,7 @@ class MqttPublisher:
             client.disconnect()
             client.loop_stop()
 
-    def deliver(self, device_id: str, version: int, payload: bytes) -> None:
+    def deliver(self, registry: reg.Registry | None, device_id: str, version: int, payload: bytes) -> None:
         self.publish(config_topic(device_id), payload)
 
     def publish(self, topic: str, payload: bytes) -> None:
@@ -325,10 +325,12 @@ class MqttPublisher:
 class FanoutPublisher:
     """Delivery through the bridge's ``device-commands`` fan-out topic instead of one broker connection.
 
-    With several broker hosts a device may be connected to any of them; every host's bridge subscribes to the
-    fan-out topic and publishes the config, retained at QoS 1, on its own broker. The message format is the
-    bridge's (``iotbridge/bridge/fanout.py``): data = the config bytes; attributes ``kind=config``,
-    ``deviceId``, ``version``. Pub/Sub accepting it is the acknowledgement waited for here.
+    With several broker hosts a device may be connected to any of them: the version is published with the host
+    that holds the device (its presence in the registry) as ``hostId``, and only that host's filtered subscription
+    receives it; that bridge publishes it, retained at QoS 1, on its own broker. A device connected nowhere gets
+    nothing published: it reads the latest version when it next connects. The message format is the bridge's
+    (``iotbridge/bridge/fanout.py``): data = the config bytes; attributes ``kind=config``, ``deviceId``,
+    ``version``, ``hostId``. Pub/Sub accepting it is the acknowledgement waited for here.
     """
 
     def __init__(self, topic: str, timeout_s: float = 30.0):
@@ -338,9 +340,17 @@ class FanoutPublisher:
         self.timeout_s = timeout_s
         self.client = pubsub_v1.PublisherClient()
 
-    def deliver(self, device_id: str, version: int, payload: bytes) -> None:
+    def deliver(self, registry: reg.Registry, device_id: str, version: int, payload: bytes) -> None:
+        try:
+            host = registry.connected_host(device_id)
+        except Exception as exc:  # Firestore briefly away: worth a retry
+            raise TransientError(f"presence of {device_id} unreadable: {exc}") from exc
+        if host is None:
+            # Stored, not published: the device is connected nowhere and gets the latest version from the registry
+            # when it next connects, on whichever host.
+            return
         # No registryId: a host finds the device's registry itself (device ids are unique across registries).
-        attrs = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, device_id, version).attributes()
+        attrs = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, device_id, version, host_id=host).attributes()
         try:
             self.client.publish(self.topic, payload, **attrs).result(timeout=self.timeout_s)
         except Exception as exc:  # the Pub/Sub client's errors are all worth a retry here

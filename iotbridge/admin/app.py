@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -26,7 +27,6 @@ from flask import Flask, Request, Response, g, request
 from google.cloud import firestore, pubsub_v1
 
 from iotbridge import registry as reg
-from iotbridge import spec
 from iotbridge.admin import wire
 from iotbridge.admin.errors import ApiError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from iotbridge.bridge import fanout
@@ -577,10 +577,12 @@ class Api:
         d = self._device(registry, device)
 
         def deliver(device_id: str, version: int, data: bytes) -> None:
-            message = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, device_id, version,
-                                         registry_id=registry.registry_id)
-            topic = self.publisher.topic_path(self.a.project, spec.topic_name(self.a.prefix, "device-commands"))
-            self.publisher.publish(topic, data, **message.attributes()).result(timeout=60)
+            host = registry.connected_host(device_id)
+            if host is None:
+                return  # stored: the device gets it from the registry when it next connects
+            fanout.publish_config(self.publisher, self.a.project, self.a.prefix, device_id,
+                                  reg.ConfigVersion(version, data, datetime.now(UTC)), host,
+                                  registry_id=registry.registry_id)
             registry.mark_config_sent(device_id)
 
         pushed = reg.push_config(registry, d.id, data, deliver, version_to_update=version)

@@ -1,22 +1,26 @@
-"""Cloud → device: configs and commands through the ``device-commands`` fan-out topic, and device presence.
+"""Cloud → device: configs and commands through the ``device-commands`` topic, sent to the host that holds the device.
 
-Every broker host's bridge service has its own subscription to ``device-commands``, so a message published
-here reaches whichever host the device is connected to. Message format (docs/messages.md):
+The front writes a device's presence (``registries/{registry}/presence/{device}``: host, session, since, until) on
+connect and removes it on disconnect. A config or command is published with that host as the ``hostId`` attribute,
+and each broker host's bridge service reads the topic through a subscription of its own whose Pub/Sub filter is
+``attributes.hostId = "{host}"`` (:func:`ensure_host_subscription`): a host receives only what its devices need.
+Message format (docs/messages.md): data = the payload, untouched; attributes ``iotbridge.spec.FanoutMessage``.
 
-- data = the config or command payload, untouched;
-- attributes: ``iotbridge.spec.FanoutMessage`` (``kind``, ``deviceId``, ``version`` or ``subFolder``,
-  ``registryId``).
+- A config for a device connected nowhere is stored and not published: the device gets the latest version from
+  the registry when it next connects (the front's config sync), on whichever host.
+- A command for a device connected nowhere is refused (:class:`DeviceNotConnected`), as IoT Core's
+  ``sendCommandToDevice`` did. A host that dies leaves its presence documents behind until their ``until`` (the
+  token's ``exp``, at most 24 h): a command to such a device is accepted and then not delivered.
 
-Presence (``registries/{registry}/presence/{device}``: host, session, since, until) is written by the front on
-connect and removed on disconnect; ``send_command`` refuses a device that is not connected, as IoT Core's
-``sendCommandToDevice`` did. A host that dies leaves its presence documents behind until their ``until``
-(the token's ``exp``, at most 24 h), so a command to such a device is accepted and then not delivered.
+Each host's subscription expires after ``SUBSCRIPTION_TTL_S`` without a subscriber (the shortest expiration
+Pub/Sub allows), is deleted by the host on a clean stop, and :func:`sweep` deletes those of hosts whose liveness
+record (``registries/{deployment}/bridge_hosts/{host}``, renewed by each running host) has run out.
 """
 
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.cloud import firestore, pubsub_v1
@@ -34,14 +38,28 @@ class DeviceNotConnected(RuntimeError):
     """A command was sent to a device that is not connected to any broker host."""
 
 
+SUBSCRIPTION_TTL_S = 24 * 3600  # Pub/Sub's minimum expiration: a host gone this long loses its subscription
+HOST_ALIVE_S = 90.0  # a host's liveness record runs this far ahead; it renews it every third of it
+
+
 def _topic(publisher: pubsub_v1.PublisherClient, project: str, prefix: str) -> str:
-    return publisher.topic_path(project, spec.topic_name(prefix, "device-commands"))
+    return topic_path(project, prefix)
+
+
+def topic_path(project: str, prefix: str) -> str:
+    return f"projects/{project}/topics/{spec.topic_name(prefix, 'device-commands')}"
+
+
+def host_subscription(prefix: str, host_id: str) -> str:
+    """The name of a host's own delivery subscription."""
+    return f"{spec.topic_name(prefix, 'device-commands')}-{spec.validate_host_id(host_id)}"
 
 
 def publish_config(publisher: pubsub_v1.PublisherClient, project: str, prefix: str, device_id: str,
-                   config: ConfigVersion, timeout: float = 60.0, registry_id: str = "") -> str:
-    """Fan a stored config version out to every host; returns the Pub/Sub message id."""
-    message = spec.FanoutMessage(KIND_CONFIG, validate_device_id(device_id), config.version, registry_id=registry_id)
+                   config: ConfigVersion, host_id: str, timeout: float = 60.0, registry_id: str = "") -> str:
+    """Send a stored config version to the host that holds the device; returns the Pub/Sub message id."""
+    message = spec.FanoutMessage(KIND_CONFIG, validate_device_id(device_id), config.version, registry_id=registry_id,
+                                 host_id=host_id)
     future = publisher.publish(_topic(publisher, project, prefix), config.data, **message.attributes())
     return future.result(timeout=timeout)
 
@@ -52,8 +70,11 @@ def push_config(registry: Registry, publisher: pubsub_v1.PublisherClient, prefix
     config-push function's path (``iotbridge.registry.push_config``) with the fan-out as the delivery."""
 
     def deliver(device_id: str, version: int, data: bytes) -> None:
+        host = registry.connected_host(device_id)
+        if host is None:
+            return  # stored; delivered from the registry when the device next connects
         publish_config(publisher, registry.project, prefix, device_id,
-                       ConfigVersion(version, data, datetime.now(UTC)), registry_id=registry.registry_id)
+                       ConfigVersion(version, data, datetime.now(UTC)), host, registry_id=registry.registry_id)
 
     return push_config_path(registry, device_id, data, deliver, version_to_update=version_to_update,
                             min_interval_s=min_interval_s).config
@@ -79,6 +100,7 @@ def mark_disconnected(client: firestore.Client, registry_id: str, device_id: str
         _presence(client, registry_id, device_id).delete(option=client.write_option(last_update_time=update_time))
 
 
+
 def is_connected(client: firestore.Client, registry_id: str, device_id: str) -> bool:
     snap = _presence(client, registry_id, device_id).get()
     if not snap.exists:
@@ -96,8 +118,88 @@ def send_command(registry: Registry, publisher: pubsub_v1.PublisherClient, prefi
     if sub_folder is not None and (not sub_folder or any(c in sub_folder for c in "+#\x00")):
         raise ValueError(f"invalid command subfolder {sub_folder!r}")
     registry.get_device(device_id)  # DeviceNotFound for an unknown device
-    if not is_connected(registry.client, registry.registry_id, device_id):
+    host = registry.connected_host(device_id)
+    if host is None:
         raise DeviceNotConnected(f"device {device_id!r} is not connected")
     attrs = spec.FanoutMessage(KIND_COMMAND, device_id, sub_folder=sub_folder or "",
-                               registry_id=registry.registry_id).attributes()
+                               registry_id=registry.registry_id, host_id=host).attributes()
     return publisher.publish(_topic(publisher, registry.project, prefix), data, **attrs).result(timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------ hosts' subscriptions
+
+
+def ensure_host_subscription(subscriber: pubsub_v1.SubscriberClient, project: str, prefix: str,
+                             host_id: str) -> str:
+    """Create this host's filtered delivery subscription, or reuse it (a restart of the same host); its path.
+
+    A filter cannot be changed after creation: a subscription of this name with another filter (or none) is
+    deleted and made anew, so a host never reads another host's messages."""
+    from google.api_core import exceptions as gexc
+
+    path = subscriber.subscription_path(project, host_subscription(prefix, host_id))
+    wanted = spec.host_filter(host_id)
+    request = {"name": path, "topic": topic_path(project, prefix), "filter": wanted,
+               "ack_deadline_seconds": 60, "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_S}}}
+    try:
+        subscriber.create_subscription(request=request)
+        return path
+    except gexc.AlreadyExists:
+        pass
+    if subscriber.get_subscription(request={"subscription": path}).filter != wanted:
+        subscriber.delete_subscription(request={"subscription": path})
+        subscriber.create_subscription(request=request)
+    return path
+
+
+def delete_host_subscription(subscriber: pubsub_v1.SubscriberClient, project: str, prefix: str,
+                             host_id: str) -> None:
+    from google.api_core import exceptions as gexc
+
+    with contextlib.suppress(gexc.NotFound):
+        subscriber.delete_subscription(
+            request={"subscription": subscriber.subscription_path(project, host_subscription(prefix, host_id))})
+
+
+def _host_ref(client: firestore.Client, deployment: str, host_id: str) -> Any:
+    return client.collection("registries").document(deployment).collection("bridge_hosts").document(host_id)
+
+
+def mark_host_alive(client: firestore.Client, deployment: str, host_id: str, seconds: float = HOST_ALIVE_S) -> None:
+    _host_ref(client, deployment, host_id).set({"until": datetime.now(UTC) + timedelta(seconds=seconds)})
+
+
+def mark_host_gone(client: firestore.Client, deployment: str, host_id: str) -> None:
+    _host_ref(client, deployment, host_id).delete()
+
+
+def live_hosts(client: firestore.Client, deployment: str, now: datetime | None = None) -> set[str]:
+    now = now or datetime.now(UTC)
+    docs = client.collection("registries").document(deployment).collection("bridge_hosts").stream()
+    return {d.id for d in docs if (until := (d.to_dict() or {}).get("until")) is not None and until > now}
+
+
+def sweep(subscriber: pubsub_v1.SubscriberClient, publisher: pubsub_v1.PublisherClient, client: firestore.Client,
+          project: str, prefix: str, deployment: str) -> list[str]:
+    """Delete the delivery subscriptions of hosts with no live liveness record; the names deleted.
+
+    Only a subscription a host made for itself is touched: one named ``host_subscription(prefix, host)`` whose
+    filter is that host's. Anything else on the topic (an operator's own subscription) is left alone."""
+    from google.api_core import exceptions as gexc
+
+    alive = live_hosts(client, deployment)
+    stem = f"{spec.topic_name(prefix, 'device-commands')}-"
+    deleted = []
+    for path in publisher.list_topic_subscriptions(request={"topic": _topic(publisher, project, prefix)}):
+        name = path.rsplit("/", 1)[-1]
+        host = name.removeprefix(stem)
+        if host == name or host in alive or not spec.HOST_ID_RE.fullmatch(host):
+            continue
+        try:
+            if subscriber.get_subscription(request={"subscription": path}).filter != spec.host_filter(host):
+                continue
+            subscriber.delete_subscription(request={"subscription": path})
+        except gexc.NotFound:
+            continue
+        deleted.append(name)
+    return deleted

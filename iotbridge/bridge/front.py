@@ -79,6 +79,7 @@ SYNC_SUBSCRIBED = "/subscribed"  # appended to the device id: it just subscribed
 # Appended to the device id: a gateway attached the device after subscribing to its config topic, so the retained
 # copy the broker sent at that subscribe was dropped; the latest config is published again, even if already published.
 SYNC_AGAIN = "/again"
+SYNC_GONE = "/gone"  # appended to the device id: its last session on this host ended
 
 
 def _per_registry(values: dict[str, T], registries: dict[str, Registry]) -> dict[Registry, dict[str, T]]:
@@ -508,6 +509,10 @@ class Front:
                 self._end_pending(address)
             if session is not None:
                 self.sessions.discard(session)
+                if self._control is not None and not any(o.device_id == session.device_id for o in self.sessions):
+                    # Configs now go to the host that holds the device: the one retained here may go stale, so the
+                    # bridge service clears it (a reconnect here gets the registry's latest by the config sync).
+                    self._control.publish(SYNC_TOPIC, (session.device_id + SYNC_GONE).encode(), qos=1)
                 with contextlib.suppress(Exception):
                     await self.gateways.closed(session)
                 if session.drop_will and bwriter is not None:

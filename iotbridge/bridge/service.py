@@ -19,8 +19,11 @@ Such a message is checked before it joins any publish request, and a message Pub
 dead-letter topic has it. Should the dead-letter topic refuse that copy too, it gets the record without the data
 (``dataDroppedBytes``); only if it refuses even that is the message acknowledged with nothing but an error line.
 
-Cloud → device. Configs and commands arrive on the ``device-commands`` fan-out topic; each host's bridge has
-its own subscription (``{prefix}-device-commands-{host}``) so whichever host a device is on gets them.
+Cloud → device. Configs and commands arrive on the ``device-commands`` topic, addressed to the host that holds the
+device (``hostId``); each host's bridge reads it through a subscription of its own (``{prefix}-device-commands-{host}``)
+filtered on its host id, created at start, deleted at a clean stop, and kept alive by a liveness record
+(:mod:`iotbridge.bridge.fanout`). Pre-made slots (``fanout_subscriptions``) are leased instead when the settings
+name them (a stack deployed before hosts made their own).
 Configs are published retained at QoS 1 on ``/devices/{id}/config`` (latest version only: a version not newer
 than the one this bridge last published is skipped); commands at QoS 1, not retained, on
 ``/devices/{id}/commands[/{subfolder}]`` — Mosquitto delivers them only to a connected subscriber, and device
@@ -52,14 +55,13 @@ from pathlib import Path
 from typing import cast
 
 import paho.mqtt.client as paho
-from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import spec
-from iotbridge.bridge import limits
+from iotbridge.bridge import fanout, limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
-from iotbridge.bridge.front import SYNC_AGAIN, SYNC_SUBSCRIBED, SYNC_TOPIC
+from iotbridge.bridge.front import SYNC_AGAIN, SYNC_GONE, SYNC_SUBSCRIBED, SYNC_TOPIC
 from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
 from iotbridge.registry import DeviceNotFound, Registry, RegistrySettings, registry_of
 
@@ -96,10 +98,6 @@ class Who:
 
 
 NOBODY = Who("", "")
-
-
-def fanout_subscription(prefix: str, host_id: str) -> str:
-    return f"{spec.topic_name(prefix, 'device-commands')}-{host_id}"
 
 
 @dataclass(frozen=True)
@@ -162,6 +160,8 @@ class BridgeService:
         self._leased = ""
         self.stats_lock = threading.Lock()
         self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0,
+                      # messages this host's delivery subscription handed it, and those of them for another host
+                      "delivery_received": 0, "delivery_foreign": 0,
                       "dead_lettered": 0, "dead_letter_refused": 0, "broker_queue_full": 0,
                       "broker_stored_messages": 0, "broker_stored_bytes": 0, "broker_dropped_messages": 0}
         self._queue_warned = False
@@ -185,9 +185,11 @@ class BridgeService:
             self.fanout_sub = self._lease_fanout_subscription()
             self._thread(self._renew_lease_loop, "lease")
         else:
-            self.fanout_sub = self.subscriber.subscription_path(
-                self.s.project, fanout_subscription(self.s.prefix, self.s.host_id))
-            self._ensure_fanout_subscription()
+            fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id)
+            self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
+                                                              self.s.host_id)
+            log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
+            self._thread(self._alive_loop, "alive")
         for i in range(workers):
             self._thread(self._forward_loop, f"forward-{i}")
         self._thread(self._config_loop, "configs")
@@ -208,6 +210,14 @@ class BridgeService:
         self._stop.set()
         if self._pull_future is not None:
             self._pull_future.cancel()
+        if not self.s.fanout_subscriptions and self.fanout_sub:
+            # A clean stop leaves nothing behind: no subscription, no liveness record (the sweep's job otherwise).
+            try:
+                fanout.delete_host_subscription(self.subscriber, self.s.project, self.s.prefix, self.s.host_id)
+                fanout.mark_host_gone(self.registry.client, self.s.registry_id, self.s.host_id)
+                log.info("deleted delivery subscription %s", self.fanout_sub)
+            except Exception as exc:  # noqa: BLE001 - the expiration policy and the sweep remove it anyway
+                log.warning("delivery subscription %s not deleted: %s", self.fanout_sub, exc)
         self.mqtt.disconnect()
         self.mqtt.loop_stop()
         self.batcher.stop()
@@ -221,16 +231,12 @@ class BridgeService:
         t.start()
         self._threads.append(t)
 
-    def _ensure_fanout_subscription(self) -> None:
-        try:
-            self.subscriber.create_subscription(request={
-                "name": self.fanout_sub, "topic": self.fanout_topic, "ack_deadline_seconds": 60,
-                # A host that is gone for a day loses its subscription instead of piling up messages.
-                "expiration_policy": {"ttl": {"seconds": 24 * 3600}},
-            })
-            log.info("created fan-out subscription %s", self.fanout_sub)
-        except gexc.AlreadyExists:
-            pass
+    def _alive_loop(self) -> None:
+        while not self._stop.wait(fanout.HOST_ALIVE_S / 3):
+            try:
+                fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id)
+            except Exception as exc:  # noqa: BLE001 - Firestore briefly away: the record still has two thirds to run
+                log.warning("liveness record not renewed: %s", exc)
 
     def _lease_ref(self, subscription: str):  # noqa: ANN202
         return (self.registry.client.collection("registries").document(self.s.registry_id)
@@ -299,9 +305,13 @@ class BridgeService:
             return
         if msg.topic == SYNC_TOPIC:
             text = msg.payload.decode(errors="replace")
+            mid, qos, gen = msg.mid, msg.qos, self._generation
+            if text.endswith(SYNC_GONE):
+                gone = text.removesuffix(SYNC_GONE)
+                self._config_work.put((gone, lambda: self._forget_config(gone, mid, qos, gen)))
+                return
             device_id = text.removesuffix(SYNC_SUBSCRIBED).removesuffix(SYNC_AGAIN)
             subscribed, again = text.endswith(SYNC_SUBSCRIBED), text.endswith(SYNC_AGAIN)
-            mid, qos, gen = msg.mid, msg.qos, self._generation
             self._config_work.put((device_id, lambda: self._sync_config(device_id, mid, qos, gen, subscribed, again)))
             return
         gen = self._generation
@@ -589,10 +599,20 @@ class BridgeService:
     # ---------------------------------------------------------------------------------- cloud → device
 
     def _on_fanout(self, message) -> None:  # noqa: ANN001 - pubsub_v1 Message
+        with self.stats_lock:
+            self.stats["delivery_received"] += 1
         try:
             fan = spec.FanoutMessage.from_attributes(dict(message.attributes))
         except spec.MessageError as exc:
             log.warning("fan-out message dropped: %s", exc)
+            message.ack()
+            return
+        if fan.host_id and fan.host_id != self.s.host_id:
+            # For another host: Pub/Sub's filter keeps these out of this host's subscription; an unfiltered one (a
+            # leased slot, or the Pub/Sub emulator, which stores a filter without applying it) still hands them
+            # over, and the device is not here.
+            with self.stats_lock:
+                self.stats["delivery_foreign"] += 1
             message.ack()
             return
         kind, device_id, sub_folder, version = fan.kind, fan.device_id, fan.sub_folder, fan.version
@@ -651,6 +671,16 @@ class BridgeService:
             message.nack()  # redelivered by Pub/Sub
             raise
         message.ack()
+
+    def _forget_config(self, device_id: str, mid: int, qos: int, gen: int) -> None:
+        """The device left this host: clear its retained config here, which later versions (sent to the host that
+        holds the device) no longer update; if it comes back, the config sync publishes the registry's latest."""
+        try:
+            if self._published_config.pop(device_id, None) is not None:
+                info = self.mqtt.publish(spec.device_topic(device_id, spec.CONFIG), b"", qos=1, retain=True)
+                info.wait_for_publish(timeout=30)
+        finally:
+            self._ack(mid, qos, gen, count=False)
 
     def _sync_config(self, device_id: str, mid: int, qos: int, gen: int, subscribed: bool = False,
                      again: bool = False) -> None:

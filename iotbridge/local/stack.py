@@ -259,21 +259,18 @@ class LocalStack:
     def _start_function(self, state: StackState, logs: Path, env: dict[str, str], settings, progress: Progress) -> None:
         """The config-push function on functions-framework behind the config-requests push subscription.
 
-        As in the cloud, it stores each version in the registry and publishes it with paho-mqtt (QoS 1, retained)
-        to the broker, here on the loopback listener as the broker's ``backend`` user.
+        As in the cloud, it stores each version in the registry and publishes it on the ``device-commands`` topic
+        addressed to the broker host that holds the device (``CONFIG_DELIVERY=fanout``), which the host's bridge
+        reads through its own filtered subscription: the local stack runs the cloud's delivery path.
         """
         from google.cloud import pubsub_v1
-
-        from iotbridge.bridge.settings import backend_client_id
 
         n = self.names
         progress("starting the config-push function")
         port = services.free_port()
         fenv = {
             **env, "PROJECT_ID": n.project, "REGISTRY_ID": n.registry_id, "REGION": n.region,
-            "CONFIG_DELIVERY": "mqtt", "MQTT_HOST": settings.broker_host, "MQTT_PORT": str(settings.broker_port),
-            "MQTT_TLS": "false", "MQTT_USERNAME": "backend", "MQTT_PASSWORD": settings.secrets()["backend"],
-            "MQTT_CLIENT_ID": backend_client_id(settings),
+            "CONFIG_DELIVERY": "fanout", "FANOUT_TOPIC": n.topic("device-commands"),
             "DEAD_LETTER_TOPIC": n.topic("dead-letter"), "PYTHONUNBUFFERED": "1",
         }
         source = services.REPO_ROOT / "functions" / "config_push" / "main.py"

@@ -12,9 +12,11 @@ import base64
 import json
 import logging
 import queue
+import time
 import uuid
 from datetime import UTC, datetime
 from types import ModuleType
+from typing import Any, cast
 
 import pytest
 from cloudevents.http import CloudEvent
@@ -123,7 +125,7 @@ class RecordingPublisher:
         self.sent: list[tuple[str, bytes]] = []
         self.fail: Exception | None = None
 
-    def deliver(self, device_id: str, version: int, payload: bytes) -> None:
+    def deliver(self, registry, device_id: str, version: int, payload: bytes) -> None:  # noqa: ANN001
         if self.fail is not None:
             raise self.fail
         self.sent.append((cp_module().config_topic(device_id), payload))
@@ -400,14 +402,23 @@ def test_handler_fanout_delivery_speaks_the_bridge_format(cp, handler_env, monke
     monkeypatch.setenv("FANOUT_TOPIC", topic)
     cp.reset_deps()
     registry.create_device("valve-9")
+    # Connected nowhere: the version is stored, nothing is published (the device reads it when it connects).
+    cp.handle(cloud_event("9000", req(device_id="valve-9", config={"on": 0})))
+    assert registry.get_config("valve-9").version == 2
+    # Held by host-b: published for that host alone.
+    from datetime import UTC, datetime, timedelta
+
+    from iotbridge.bridge import fanout
+    fanout.mark_connected(registry.client, registry.registry_id, "valve-9", "host-b", "s1",
+                          datetime.now(UTC) + timedelta(hours=1))
+    time.sleep(1.1)  # one config update per second per device
     cp.handle(cloud_event("9001", req(device_id="valve-9", config={"on": 1})))
     [ours] = pull_dead_letters(subscriber, sub, 1)
     assert ours.data == b'{"on":1}'
-    assert dict(ours.attributes) == {"kind": "config", "deviceId": "valve-9", "version": "2"}
+    assert dict(ours.attributes) == {"kind": "config", "deviceId": "valve-9", "version": "3", "hostId": "host-b"}
 
     # What the bridge's own publisher would send for the same version (it derives the topic from the prefix,
     # so a stand-in client captures the call): the same data and attributes.
-    from iotbridge.bridge import fanout
     sent: dict = {}
 
     class Capture:
@@ -422,7 +433,7 @@ def test_handler_fanout_delivery_speaks_the_bridge_format(cp, handler_env, monke
                     return "1"
             return Done()
 
-    fanout.publish_config(Capture(), PROJECT, "iot", "valve-9", registry.get_config("valve-9"))
+    fanout.publish_config(cast(Any, Capture()), PROJECT, "iot", "valve-9", registry.get_config("valve-9"), "host-b")
     assert sent == {"data": ours.data, "attrs": dict(ours.attributes)}
 
 
@@ -431,15 +442,15 @@ def test_publisher_reuses_a_warm_connection_and_replaces_an_idle_one(cp, mosquit
     device = DeviceClient(mosquitto.host, mosquitto.port, "valve-idle")
     try:
         warm = cp.MqttPublisher(cp.MqttSettings(host=mosquitto.host, port=mosquitto.port, tls=False))
-        warm.deliver("valve-idle", 1, b"one")
+        warm.deliver(None, "valve-idle", 1, b"one")
         first = warm._client
-        warm.deliver("valve-idle", 2, b"two")
+        warm.deliver(None, "valve-idle", 2, b"two")
         assert warm._client is first
         idle = cp.MqttPublisher(cp.MqttSettings(host=mosquitto.host, port=mosquitto.port, tls=False,
                                                 idle_reconnect_s=0.0))
-        idle.deliver("valve-idle", 3, b"three")
+        idle.deliver(None, "valve-idle", 3, b"three")
         before = idle._client
-        idle.deliver("valve-idle", 4, b"four")
+        idle.deliver(None, "valve-idle", 4, b"four")
         assert idle._client is not before and before is not None and not before.is_connected()
         assert [device.next().payload for _ in range(4)] == [b"one", b"two", b"three", b"four"]
         warm.close()
