@@ -118,6 +118,9 @@ def _retained(stack, device_id: str) -> bytes:
 def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack, registry):
     factory = DeviceFactory(registry, own_stack)
     device_id, private = factory.register("ES256")
+    # A config is published only to the host holding the device (targeted delivery), so the device is connected.
+    dev = factory.device(device_id, private)
+    dev.connect()
     fanout.push_config(registry, pubsub_v1.PublisherClient(), own_stack.settings.prefix, device_id, b"cfg-v1")
     wait_for("retained config", lambda: _retained(own_stack, device_id), lambda v: v == b"cfg-v1", timeout=20)
 
@@ -125,13 +128,13 @@ def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack,
     # Messages queued for the bridge's persistent session while the bridge is away.
     reader = _reader(own_stack)
     own_stack.stop_part("service")
-    dev = factory.device(device_id, private)
-    dev.connect()
     for seq in range(50):
         dev.publish_event(json.dumps({"seq": seq}).encode()).wait_for_publish(10)
-    dev.disconnect()
 
-    own_stack.stop_part("mosquitto")  # SIGTERM: Mosquitto writes its persistence file
+    # SIGTERM: Mosquitto writes its persistence file. The device's session ends with the broker; the front's
+    # request to clear its retained config waits for the bridge service, which is stopped.
+    own_stack.stop_part("mosquitto")
+    dev.disconnect()
     assert _health(own_stack) == 503  # the load balancer stops sending devices here, auto-healing may act
     own_stack.start_mosquitto()
     # Nothing has re-published it: the front and the bridge have not talked to the new broker yet.
