@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from asyncio import sslproto
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -348,6 +348,9 @@ class Front:
         self._front_password = front_password.encode()
         self._control_password = control_password
         self.sessions: set[Session] = set()
+        # device id -> how many sessions on this host hold it (its own, or a gateway's attachment): when none is
+        # left, the broker's retained config of the device is cleared (see :meth:`release`).
+        self._holders: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         self._health: asyncio.Server | None = None
         self._control: paho.Client | None = None
@@ -405,6 +408,23 @@ class Front:
         when a subscriber of the config topic has yet to receive it (see SYNC_AGAIN)."""
         if self._control is not None:
             self._control.publish(SYNC_TOPIC, sync_payload(device_id, again=again), qos=1)
+
+    def hold(self, device_id: str) -> None:
+        """A session on this host now holds the device (connected itself, or attached through a gateway)."""
+        self._holders[device_id] += 1
+
+    def release(self, device_id: str) -> None:
+        """A session on this host no longer holds the device. When it was the last one, the bridge service clears
+        the device's retained config here: configs go only to the host that holds a device, so the copy retained
+        here would go stale while the device is elsewhere (a reconnect here gets the registry's latest by the
+        config sync)."""
+        left = self._holders[device_id] - 1
+        if left > 0:
+            self._holders[device_id] = left
+            return
+        self._holders.pop(device_id, None)
+        if self._control is not None:
+            self._control.publish(SYNC_TOPIC, (device_id + SYNC_GONE).encode(), qos=1)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -508,11 +528,7 @@ class Front:
             if pending:
                 self._end_pending(address)
             if session is not None:
-                self.sessions.discard(session)
-                if self._control is not None and not any(o.device_id == session.device_id for o in self.sessions):
-                    # Configs now go to the host that holds the device: the one retained here may go stale, so the
-                    # bridge service clears it (a reconnect here gets the registry's latest by the config sync).
-                    self._control.publish(SYNC_TOPIC, (session.device_id + SYNC_GONE).encode(), qos=1)
+                self._forget_session(session)
                 with contextlib.suppress(Exception):
                     await self.gateways.closed(session)
                 if session.drop_will and bwriter is not None:
@@ -674,6 +690,7 @@ class Front:
             session.gateway = GatewaySession(device_id, device.gateway_config.gateway_auth_method
                                              or "ASSOCIATION_ONLY", dwriter, bwriter)
         self.sessions.add(session)
+        self.hold(device_id)
         try:
             session.presence_time = await self._on(
                 self._auth_pool, fanout.mark_connected, proof.registry.client, proof.registry.registry_id, device_id,
@@ -681,11 +698,19 @@ class Front:
                 session.id, expires_at)
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
+        except BaseException:  # cancelled (the host stopping): the caller never gets the session to end it
+            self._forget_session(session)
+            raise
         self.stats["accepted"] += 1
         self.request_config_sync(device_id)
         log.info("device %s connected from %s (%s, MQTT level %d, until %s)", device_id, peer, method, level,
                  expires_at.isoformat())
         return session, breader, bwriter
+
+    def _forget_session(self, session: Session) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.release(session.device_id)
 
     async def _relay(self, session: Session, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter,
                      breader: asyncio.StreamReader, bwriter: asyncio.StreamWriter) -> None:
@@ -1065,4 +1090,4 @@ class Front:
                     log.warning("dropping %s: %s", device_id, reason)
                     s.close(reason, drop_will=True)
         for s in gateways:
-            await self.gateways.recheck(s, grants, now)
+            await self.gateways.recheck(s, grants, now, read=wanted.keys())

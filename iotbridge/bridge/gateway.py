@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -290,6 +291,7 @@ class GatewayRelay:
             return
         att = Attached(device_id, device.num_id, credential_pem, front.device_limits(device_id), registry=registry)
         gw.attached[device_id] = att
+        front.hold(device_id)
         s = front.settings
         try:
             att.presence_time = await front.on_registry(
@@ -317,6 +319,7 @@ class GatewayRelay:
             self._ack(session, packet_id)
         if att is not None:
             log.info("gateway %s: %s detached (%s)", gw.gateway_id, device_id, reason)
+            self.front.release(device_id)
             await self._forget_presence(att)
 
     async def _forget_presence(self, att: Attached) -> None:
@@ -336,6 +339,8 @@ class GatewayRelay:
             return
         attached, gw.attached = list(gw.attached.values()), {}
         for att in attached:
+            self.front.release(att.device_id)
+        for att in attached:
             await self._forget_presence(att)
 
     # ---------------------------------------------------------------------------------- re-check
@@ -343,15 +348,19 @@ class GatewayRelay:
     def attached_ids(self, session: Session) -> list[str]:
         return list(session.gateway.attached) if session.gateway is not None else []
 
-    async def recheck(self, session: Session, grants: dict[str, Grant], now: datetime) -> None:
+    async def recheck(self, session: Session, grants: dict[str, Grant], now: datetime,
+                      read: Collection[str]) -> None:
         """Detach every attached device the registry no longer allows: blocked, deleted, re-created, unbound, or
-        (attached with its JWT) its credential removed or expired."""
+        (attached with its JWT) its credential removed or expired. ``grants`` holds what the registry said of the
+        devices in ``read``; one missing there is gone."""
         from iotbridge.bridge.front import revoked_reason
 
         gw = session.gateway
         if gw is None:
             return
         for device_id, att in list(gw.attached.items()):
+            if device_id not in read:
+                continue  # attached while this round read the registry: the attach itself has just checked it
             grant = grants.get(device_id)
             if att.credential_pem:
                 reason = revoked_reason(att.num_id, att.credential_pem, grant, now)

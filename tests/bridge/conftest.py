@@ -4,6 +4,7 @@ bridge service as their own processes, and devices written the IoT Core way (iot
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import threading
 import time
 import uuid
@@ -263,3 +264,13 @@ def api_url(stack, bridge_env, tmp_path_factory) -> Iterator[str]:
 def cloudiot(api_url):
     return discovery.build("cloudiot", "v1", client_options={"api_endpoint": api_url},
                            credentials=AnonymousCredentials(), static_discovery=True, cache_discovery=False)
+
+
+def retained(stack: BridgeStack, topic: str, wait_s: int = 2) -> bytes:
+    """What the host's broker retains on ``topic`` (b"" for nothing), read on its loopback listener with
+    mosquitto_sub (a client nobody here wrote)."""
+    out = subprocess.run(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(stack.settings.broker_port), "-u", "bridge", "-P",
+         stack.settings.secrets()["bridge"], "-i", f"iotbridge:test-retained-{uuid.uuid4().hex[:8]}", "-t", topic,
+         "-C", "1", "-W", str(wait_s), "--retained-only"], capture_output=True, timeout=wait_s + 8)
+    return out.stdout.rstrip(b"\n")

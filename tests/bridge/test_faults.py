@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import uuid
 
 import pytest
@@ -18,7 +17,7 @@ from iotbridge.bridge import fanout
 from iotbridge.local import services
 from tests.waiting import wait_for
 
-from .conftest import PROJECT, DeviceFactory, PubSubReader, new_stack
+from .conftest import PROJECT, DeviceFactory, PubSubReader, new_stack, retained
 
 pytestmark = pytest.mark.emulator
 
@@ -108,11 +107,7 @@ def test_pubsub_outage_stops_acks_then_delivers_everything(bridge_env, tmp_path,
 
 
 def _retained(stack, device_id: str) -> bytes:
-    out = subprocess.run(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(stack.settings.broker_port), "-u", "bridge", "-P",
-         stack.settings.secrets()["bridge"], "-i", "iotbridge:test-retained", "-t", f"/devices/{device_id}/config",
-         "-C", "1", "-W", "3", "--retained-only"], capture_output=True, timeout=10)
-    return out.stdout.rstrip(b"\n")
+    return retained(stack, f"/devices/{device_id}/config", wait_s=3)
 
 
 def test_mosquitto_restart_keeps_retained_configs_and_queued_messages(own_stack, registry):

@@ -14,7 +14,7 @@ from google.cloud import pubsub_v1
 from iotbridge.bridge import fanout
 from tests.waiting import wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY
+from .conftest import PROJECT, REGION, REGISTRY, retained
 
 pytestmark = pytest.mark.emulator
 
@@ -88,12 +88,7 @@ def test_config_reaches_device_also_after_reconnect_and_ack_is_recorded(devices,
 
 
 def stack_has_retained(stack, device_id: str, expected: bytes) -> bool:
-    """Read the retained config on the loopback listener with mosquitto_sub (a client nobody here wrote)."""
-    out = subprocess.run(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(stack.settings.broker_port), "-u", "bridge", "-P",
-         stack.settings.secrets()["bridge"], "-i", "iotbridge:test-retained", "-t", f"/devices/{device_id}/config",
-         "-C", "1", "-W", "2", "--retained-only"], capture_output=True, timeout=10)
-    return out.stdout.rstrip(b"\n") == expected
+    return retained(stack, f"/devices/{device_id}/config") == expected
 
 
 def test_config_from_registry_is_synced_on_connect_without_fanout(devices, registry):

@@ -21,7 +21,7 @@ from iotbridge.local.broker_host import BridgeStack
 from iotbridge.registry import GatewayAuthMethod, GatewayConfig
 from tests.waiting import wait_for
 
-from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, new_stack
+from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, new_stack, retained
 
 pytestmark = pytest.mark.emulator
 
@@ -188,6 +188,28 @@ def test_a_config_subscribed_to_before_the_attach_arrives_at_the_attach(gateway_
     gw.detach(plain).wait_for_publish(10)
     gw.attach(plain).wait_for_publish(10)
     assert gw.configs_of(plain).get(timeout=20) == f"config of {plain}".encode()
+
+
+def test_a_device_leaving_through_its_gateway_leaves_no_retained_config_behind(gateway_setup, stack):
+    """Configs go only to the host that holds a device, so a copy the broker retains for a device no session here
+    holds would go stale; a device attached through a gateway is held here like one connected itself."""
+    gw, bound, _ = gateway_setup
+    plain, _, _ = list(bound)
+    topic = f"/devices/{plain}/config"
+    gw.attach(plain).wait_for_publish(10)
+    gw.subscribe_config(device_id=plain)
+    assert gw.configs_of(plain).get(timeout=20) == f"config of {plain}".encode()
+    assert retained(stack, topic) == f"config of {plain}".encode()
+    # Detached by the gateway: cleared.
+    gw.detach(plain).wait_for_publish(10)
+    wait_for("retained config cleared at the detach", lambda: retained(stack, topic), lambda v: v == b"", timeout=15)
+    # Attached again, then the gateway's whole session ends: cleared again.
+    gw.attach(plain).wait_for_publish(10)
+    wait_for("retained config back at the attach", lambda: retained(stack, topic),
+             lambda v: v == f"config of {plain}".encode(), timeout=15)
+    gw.disconnect()
+    wait_for("retained config cleared when the gateway left", lambda: retained(stack, topic), lambda v: v == b"",
+             timeout=15)
 
 
 @pytest.fixture
