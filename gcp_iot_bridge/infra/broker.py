@@ -52,6 +52,13 @@ from gcp_iot_bridge.infra.host_sizing import MAX_HOSTS, HostSizing, sizing
 from gcp_iot_bridge.infra.registry_database import RegistryDatabase
 from iotbridge.spec import CLOUD_RECHECK_INTERVAL_S, CONNECTED_DEVICES_METRIC
 
+# A host stopping (scale-in, a rolling replacement) ends its device sessions over this many seconds, after the load
+# balancer has stopped sending it new ones: its devices reconnect to the other hosts spread over the window.
+DRAIN_S = 30
+# The front's unit waits this long for the drain before systemd kills it; the bridge service stops after the front
+# (it forwards what the draining devices still publish), Mosquitto after both.
+FRONT_STOP_TIMEOUT_S = DRAIN_S + 30
+
 MQTT_PORT = 8883
 HTTP_BRIDGE_PORT = 8443  # IoT Core's HTTP device bridge (iotbridge/bridge/http_bridge.py), TLS like MQTT
 BROKER_PORT = 1883  # loopback only
@@ -523,7 +530,7 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
         "tls_cert": "__ROOT__/etc/iotbridge/server.pem", "tls_key": "__ROOT__/etc/iotbridge/server-key.pem",
         "secrets_file": "__ROOT__/etc/iotbridge/secrets.json",
         "routes": [{"sub_folder": k, "topic": v} for k, v in sorted(routes.items())],
-        "recheck_interval_s": CLOUD_RECHECK_INTERVAL_S, "workdir": "__ROOT__/var/lib/iotbridge",
+        "recheck_interval_s": CLOUD_RECHECK_INTERVAL_S, "drain_s": DRAIN_S, "workdir": "__ROOT__/var/lib/iotbridge",
         "health_port": health_port,
         "fanout_subscriptions": list(fanout_subscriptions), "firestore_database": database,
         "connected_devices_metric": "cloud",
@@ -580,18 +587,22 @@ SYSCTL
 systemctl restart systemd-sysctl
 # Open files: the front holds two per device, Mosquitto one, the bridge service a fixed set.
 NOFILE_front={size.front_nofile} NOFILE_service={size.service_nofile}
+# Stopped in the reverse order of After=: the front (draining its devices) first, then the bridge service.
+AFTER_front="" AFTER_service=" iotbridge-front.service"
+STOP_front={FRONT_STOP_TIMEOUT_S} STOP_service=90
 for role in front service; do
-nofile=NOFILE_$role
+nofile=NOFILE_$role after=AFTER_$role stop=STOP_$role
 cat > "$UNITS/iotbridge-$role.service" <<UNIT
 [Unit]
 Description=gcp-iot-bridge $role
-After=network-online.target iotbridge-mosquitto.service
+After=network-online.target iotbridge-mosquitto.service${{!after}}
 Wants=network-online.target
 [Service]
 User=iotbridge
 WorkingDirectory=$OPT/app
 ExecStart=$OPT/venv/bin/python -m iotbridge.bridge $role --settings $ETC/settings.json
 LimitNOFILE=${{!nofile}}
+TimeoutStopSec=${{!stop}}
 NoNewPrivileges=true
 ProtectSystem=strict
 ReadWritePaths=$VAR

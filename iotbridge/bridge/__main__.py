@@ -50,7 +50,7 @@ def run_front(settings: BridgeSettings) -> None:
         await stop.wait()
         if http is not None:
             await http.stop()
-        await front.stop()
+        await front.stop(settings.drain_s)
 
     asyncio.run(main())
 

@@ -38,7 +38,7 @@ import time
 import uuid
 from asyncio import sslproto
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -335,6 +335,21 @@ class Session:
             self.done.set()
 
 
+DRAIN_TICK_S = 0.1
+
+
+async def drain(sessions: list[Session], seconds: float,
+                sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+    """End ``sessions`` evenly over ``seconds``: every DRAIN_TICK_S as many as keep the pace, the last ones by the
+    end. A device whose session ends reconnects through the load balancer, which no longer sends it here."""
+    ticks = max(1, round(seconds / DRAIN_TICK_S))
+    for tick in range(ticks):
+        for s in sessions[len(sessions) * tick // ticks:len(sessions) * (tick + 1) // ticks]:
+            s.close("host draining")
+        if tick < ticks - 1:
+            await sleep(seconds / ticks)
+
+
 class Front:
     def __init__(self, settings: BridgeSettings, registry: Registry, ssl_context: ssl.SSLContext,
                  front_password: str, control_password: str | None = None):
@@ -443,10 +458,20 @@ class Front:
         log.info("front listening on %s:%d (TLS) -> broker %s:%d", self.settings.front_host,
                  self.settings.front_port, self.settings.broker_host, self.settings.broker_port)
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Stop accepting connections (the health check fails with them), end the device sessions — spread over
+        ``drain_s`` seconds, see :func:`drain` — and stop."""
         for server in (self._server, self._health):
             if server:
                 server.close()
+        sessions = list(self.sessions)
+        if drain_s > 0 and sessions:
+            log.info("draining %d device sessions over %.0f s", len(sessions), drain_s)
+            await drain(sessions, drain_s)
+            # The ended sessions' handlers remove their presence records while the registry threads still run.
+            deadline = time.monotonic() + 5.0
+            while self.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         for s in list(self.sessions):
             s.close("front stopping")
         for t in list(self._tasks):

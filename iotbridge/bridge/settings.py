@@ -81,6 +81,10 @@ class BridgeSettings:
     client_ca: str = ""  # PEM file of the CA(s) issuing device client certificates; empty: mTLS off
     routes: tuple[Route, ...] = ()
     recheck_interval_s: float = 5.0  # how often connected devices are re-read (blocked/deleted → dropped)
+    # On SIGTERM (a host being removed or replaced), the front stops accepting connections and ends its device
+    # sessions spread evenly over this many seconds, so its devices reconnect to the other hosts a few at a time
+    # instead of all at once; 0 ends them at once.
+    drain_s: float = 0.0
     # Refused CONNECTs one source address may make (a burst, then this many a second) before it is answered
     # "server unavailable" without a registry read. Raise both for fleets behind one NAT address.
     auth_failures_per_s: float = 2.0

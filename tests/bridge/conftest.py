@@ -3,14 +3,16 @@ bridge service as their own processes, and devices written the IoT Core way (iot
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 import pytest
@@ -27,6 +29,8 @@ from iotbridge.registry import Credential, Registry
 from tests.waiting import wait_for
 
 from .admin_server import start_admin
+
+T = TypeVar("T")
 
 PROJECT = "local-project"
 REGION = "europe-west1"
@@ -274,3 +278,14 @@ def retained(stack: BridgeStack, topic: str, wait_s: int = 2) -> bytes:
          stack.settings.secrets()["bridge"], "-i", f"iotbridge:test-retained-{uuid.uuid4().hex[:8]}", "-t", topic,
          "-C", "1", "-W", str(wait_s), "--retained-only"], capture_output=True, timeout=wait_s + 8)
     return out.stdout.rstrip(b"\n")
+
+
+def run_in_own_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on an event loop of its own. Not asyncio.run: that leaves the main thread with no current event
+    loop, and the Pulumi mock tests that run later in the session (pulumi's _sync_await) then fail with "There is
+    no current event loop"."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()

@@ -18,6 +18,8 @@ from iotbridge.bridge.front import session_deadline, subscription_allowed, topic
 from iotbridge.device import generate_key
 from iotbridge.registry import Credential
 
+from .conftest import run_in_own_loop
+
 
 def _read(raw: bytes, max_size: int = 1 << 20) -> tuple[int, bytes, bytes]:
     async def go():
@@ -26,13 +28,7 @@ def _read(raw: bytes, max_size: int = 1 << 20) -> tuple[int, bytes, bytes]:
         r.feed_eof()
         return await mqtt.read_packet(r, max_size)
 
-    # Not asyncio.run: it leaves the main thread without a current loop, which Pulumi's mocks (tests/infra,
-    # same session) then fail on.
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(go())
-    finally:
-        loop.close()
+    return run_in_own_loop(go())
 
 
 def _paho_connect(protocol: int, will: bool) -> bytes:

@@ -3,7 +3,6 @@ devices attached when it started, so a device attached while it read must not be
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import cast
@@ -11,6 +10,8 @@ from typing import cast
 from iotbridge.bridge.front import Front, Session
 from iotbridge.bridge.gateway import Attached, GatewayRelay, GatewaySession
 from iotbridge.registry import Grant
+
+from .conftest import run_in_own_loop
 
 
 def _gateway_with(*device_ids: str) -> tuple[GatewayRelay, Session, list[str]]:
@@ -24,15 +25,6 @@ def _gateway_with(*device_ids: str) -> tuple[GatewayRelay, Session, list[str]]:
     return relay, session, released
 
 
-def _run(coro) -> None:
-    # A loop of its own: asyncio.run would leave the main thread without a current event loop for later tests.
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(coro)
-    finally:
-        loop.close()
-
-
 def _grant(device_id: str, gateway: str = "gw-1", blocked: bool = False) -> Grant:
     return Grant(num_id=f"num-{device_id}", blocked=blocked, credentials={}, bound_gateways=(gateway,))
 
@@ -40,7 +32,7 @@ def _grant(device_id: str, gateway: str = "gw-1", blocked: bool = False) -> Gran
 def test_a_device_attached_while_the_round_read_the_registry_stays_attached():
     relay, session, released = _gateway_with("old", "new")
     # The round read "old" only; "new" was attached while it read (its grant is absent, not refused).
-    _run(relay.recheck(session, {"old": _grant("old")}, datetime.now(UTC), read={"old"}))
+    run_in_own_loop(relay.recheck(session, {"old": _grant("old")}, datetime.now(UTC), read={"old"}))
     assert session.gateway is not None and set(session.gateway.attached) == {"old", "new"}
     assert released == []
 
@@ -48,6 +40,6 @@ def test_a_device_attached_while_the_round_read_the_registry_stays_attached():
 def test_a_device_the_round_read_and_found_gone_or_blocked_is_detached():
     relay, session, released = _gateway_with("gone", "blocked", "fine")
     grants = {"blocked": _grant("blocked", blocked=True), "fine": _grant("fine")}
-    _run(relay.recheck(session, grants, datetime.now(UTC), read={"gone", "blocked", "fine"}))
+    run_in_own_loop(relay.recheck(session, grants, datetime.now(UTC), read={"gone", "blocked", "fine"}))
     assert session.gateway is not None and set(session.gateway.attached) == {"fine"}
     assert sorted(released) == ["blocked", "gone"]  # their retained configs are cleared on this host

@@ -14,6 +14,8 @@ import pytest
 from iotbridge.bridge import front
 from iotbridge.local.tls import generate_local_tls
 
+from .conftest import run_in_own_loop
+
 CONNECTIONS = 5
 CHUNKS = 40
 
@@ -59,13 +61,7 @@ def test_tls_connections_share_one_read_buffer_and_keep_their_data_apart(tmp_pat
             await asyncio.sleep(0.05)
         server.close()
 
-    # A loop of its own, not asyncio.run: that leaves the main thread with no current event loop, and the Pulumi
-    # mock tests that run later in the session (pulumi's _sync_await) then fail with "There is no current event loop".
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    run_in_own_loop(main())
     assert len(buffers) == CONNECTIONS and all(b is buffers[0] for b in buffers)
     for i in range(CONNECTIONS):
         assert received[i] == bytes([i]) * sum(1000 + 97 * n + i for n in range(CHUNKS))

@@ -364,6 +364,21 @@ def test_updates_roll_one_host_per_zone_without_going_below_the_group_size(run):
     assert the(two_zones, "mig").get("updatePolicy")["maxSurgeFixed"] == 2
 
 
+def test_a_stopping_host_drains_its_devices_before_the_bridge_service_and_mosquitto_stop(run):
+    from gcp_iot_bridge.infra.broker import DRAIN_S, FRONT_STOP_TIMEOUT_S
+
+    script = the(run, "template").get("metadataStartupScript")
+    settings = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0])
+    assert settings["drain_s"] == DRAIN_S == 30
+    # systemd waits for the drain, and stops units in the reverse order of After=: the front, then the service.
+    assert FRONT_STOP_TIMEOUT_S > DRAIN_S
+    assert f'STOP_front={FRONT_STOP_TIMEOUT_S} STOP_service=90' in script
+    assert 'AFTER_front="" AFTER_service=" iotbridge-front.service"' in script
+    unit = script.split("<<UNIT", 2)[1]
+    assert "After=network-online.target iotbridge-mosquitto.service${!after}" in unit
+    assert "TimeoutStopSec=${!stop}" in unit
+
+
 def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run):
     from gcp_iot_bridge.infra import host_sizing
 
