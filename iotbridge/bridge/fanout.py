@@ -26,6 +26,7 @@ from typing import Any
 from google.cloud import firestore, pubsub_v1
 
 from iotbridge import spec
+from iotbridge.bridge.settings import HOST_ALIVE_S
 from iotbridge.registry import ConfigVersion, Registry, validate_device_id
 from iotbridge.registry import push_config as push_config_path
 
@@ -39,7 +40,6 @@ class DeviceNotConnected(RuntimeError):
 
 
 SUBSCRIPTION_TTL_S = 24 * 3600  # Pub/Sub's minimum expiration: a host gone this long loses its subscription
-HOST_ALIVE_S = 90.0  # a host's liveness record runs this far ahead; it renews it every third of it
 
 
 def _topic(publisher: pubsub_v1.PublisherClient, project: str, prefix: str) -> str:
