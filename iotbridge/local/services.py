@@ -272,7 +272,8 @@ def haproxy_config(port: int, backends: list[Backend], check_interval_ms: int = 
         f"    server {b.name} {b.host}:{b.port} check port {b.health_port} inter {check_interval_ms}ms fall 2 rise 2"
         for b in backends)
     return f"""global
-    maxconn 20000
+    # two descriptors per relayed connection: this stays within an ordinary open-files limit
+    maxconn 4000
 
 defaults
     mode tcp
