@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from google.cloud import pubsub_v1
 
@@ -39,7 +40,7 @@ def _stats(stack: BridgeStack) -> dict[str, int]:
     return json.loads((Path(stack.settings.workdir) / "service-stats.json").read_text())
 
 
-def measure(hosts: int, configs: int, commands: int = 0) -> dict[str, object]:
+def measure(hosts: int, configs: int, commands: int = 0) -> dict[str, Any]:
     env = local.emulators()
     prefix = local.new_prefix("fc")
     local.create_topics(local.PROJECT, prefix)
