@@ -111,10 +111,10 @@ def is_connected(client: firestore.Client, registry_id: str, device_id: str) -> 
 
 
 def send_command(registry: Registry, publisher: pubsub_v1.PublisherClient, prefix: str, device_id: str,
-                 data: bytes, sub_folder: str | None = None, timeout: float = 60.0, deployment: str = "") -> str:
+                 data: bytes, sub_folder: str | None = None, timeout: float = 60.0) -> str:
     """Send a command to a connected device (not stored); DeviceNotConnected otherwise — also when the host its
-    presence record names has died (its liveness record, under ``deployment``, default the device's registry, ran
-    out): that host's subscription has no reader left, and the command would be lost."""
+    presence record names has died (its liveness record, under the registry's deployment, ran out): that host's
+    subscription has no reader left, and the command would be lost."""
     device_id = validate_device_id(device_id)
     if len(data) > MAX_COMMAND_BYTES:
         raise ValueError(f"command is {len(data)} bytes; at most {MAX_COMMAND_BYTES}")
@@ -124,7 +124,7 @@ def send_command(registry: Registry, publisher: pubsub_v1.PublisherClient, prefi
     host = registry.connected_host(device_id)
     if host is None:
         raise DeviceNotConnected(f"device {device_id!r} is not connected")
-    if host_gone(registry.client, deployment or registry.registry_id, host):
+    if host_gone(registry.client, registry.deployment, host):
         raise DeviceNotConnected(f"device {device_id!r} is not connected (its broker host {host} is gone)")
     attrs = spec.FanoutMessage(KIND_COMMAND, device_id, sub_folder=sub_folder or "",
                                registry_id=registry.registry_id, host_id=host).attributes()
