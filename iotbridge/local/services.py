@@ -248,8 +248,9 @@ def start_mosquitto(config: str, port: int, workdir: Path | None = None, timeout
     return svc
 
 
-def haproxy_binary() -> str:
-    exe = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+def haproxy_binary(search: str | None = None) -> str:
+    """The haproxy executable on ``search`` (default: PATH and /usr/sbin, where Debian puts it)."""
+    exe = shutil.which("haproxy", path=search if search is not None else f"{os.environ.get('PATH', '')}:/usr/sbin")
     if not exe:
         raise MissingPrerequisite("haproxy not found: apt-get install -y haproxy (make setup installs it)")
     return exe
