@@ -25,6 +25,7 @@ SECTIONS = {
     "bridge": "bench.bridge",
     "http": "bench.http_bridge",
     "config_push": "bench.config_push",
+    "fanout": "bench.fanout_cost",
     "connections": "bench.connections",
     "attacks": "bench.attacks",
 }

@@ -30,7 +30,9 @@ STACK_YAML = """config:
 """
 # Per-host figures as a reference run would give them (made-up round numbers, so the arithmetic can be followed).
 FIGURES = HostFigures(cores=2, qos1_msgs_per_s=14_000, connections_held=10_000, connections_per_s=250,
-                      memory_per_connection_kib=73, pipeline_us_per_msg=20, config_push_ms=50, source="test")
+                      memory_per_connection_kib=73, pipeline_us_per_msg=20, config_push_ms=50,
+                      fanout_kept_per_host={2: 0.5, 6: 0.25}, fanout_received_unfiltered={2: 1.0, 6: 1.0},
+                      source="test")
 
 
 @pytest.fixture
@@ -58,6 +60,12 @@ def test_known_fleet_capacity(known: capacity.Capacity) -> None:
     assert (c.hosts_for_rate, c.hosts_for_connections, c.broker_hosts) == (1, 1, 2)
     # Every device reconnecting: 10,000 / (2 hosts x 250 connections/s) = 20 s.
     assert c.reconnect_storm_s == pytest.approx(20)
+    # Config fan-out: 10,000 pushes a day = 0.11574/s. Deliveries per config over the hosts: (0.5 x 2 + 0.25 x 6)
+    # / 2 = 1.25 (made up above to be told apart from 1); over 2 hosts: 0.11574 x 1.25 / 2 = 0.072338/s each.
+    # Unfiltered, every host gets every config: 0.11574/s each.
+    assert c.fanout_messages_per_s == pytest.approx(10_000 / 86_400)
+    assert c.fanout_per_host_per_s == pytest.approx(10_000 / 86_400 * 1.25 / 2)
+    assert c.fanout_per_host_per_s_unfiltered == pytest.approx(10_000 / 86_400)
     # Keep-alives: 10,000 devices x 2,628,000 s / 60 s = 4.38e8 a month, 76 bytes each way.
     # Inbound: 2.628e9 x (100 + 111) + 4.38e8 x 76 = 5.87796e11 B = 547.43 GiB.
     assert c.lb_inbound_gib_month == pytest.approx(5.87796e11 / GIB)
@@ -253,3 +261,28 @@ def test_the_registry_reads_are_those_of_the_deployed_hosts_recheck(stack_file: 
     c = capacity.plan(fleet, capacity.read_stack(stack_file), FIGURES)
     # 1,000 devices x 2,628,000 s a month (730 h) / the hosts' interval.
     assert c.registry_reads_month == pytest.approx(1000 * 730 * 3600 / interval)
+
+
+def test_the_fan_out_figures_come_from_the_bench_reference(tmp_path: Path) -> None:
+    """The committed reference run's fanout section (bench/fanout_cost.py, 2 and 6 hosts) is what the plan reads:
+    each host keeps its devices' share, one delivery per config in all. Changed in a copy of the reference, the plan
+    changes with it; without the section, planning says what to run."""
+    figures = capacity.read_reference()
+    assert set(figures.fanout_kept_per_host) == {2, 6}
+    assert figures.fanout_kept_per_host[2] == pytest.approx(1 / 2, abs=0.01)
+    assert figures.fanout_kept_per_host[6] == pytest.approx(1 / 6, abs=0.01)
+    assert figures.fanout_received_unfiltered == {2: 1.0, 6: 1.0}  # the emulator hands every host every message
+    assert figures.fanout_deliveries_per_message == pytest.approx(1.0, abs=0.01)
+
+    data = json.loads(capacity.REFERENCE.read_text())
+    for f in data["figures"]:
+        if f["name"] == "messages kept per host per config or command, 6 hosts":
+            f["value"] = 0.5  # as if every message went to three of the six hosts
+    changed = tmp_path / "results.json"
+    changed.write_text(json.dumps(data))
+    assert capacity.read_reference(changed).fanout_deliveries_per_message == pytest.approx((1.0 + 3.0) / 2, abs=0.01)
+
+    data["figures"] = [f for f in data["figures"] if f["section"] != "fanout"]
+    changed.write_text(json.dumps(data))
+    with pytest.raises(PlanningError, match="no fan-out figures"):
+        capacity.read_reference(changed)

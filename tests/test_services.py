@@ -40,3 +40,17 @@ def test_stop_leaves_no_process_or_port(tmp_path):
     svc.stop()
     assert svc.proc.poll() is not None, f"bigtable emulator {pid} still running"
     assert not services.port_open("127.0.0.1", port)
+
+
+def test_a_missing_haproxy_fails_the_test_that_needs_it_with_its_install_command(tmp_path, monkeypatch):
+    """HAProxy (the stand-in load balancer of tests/bridge/test_scale_out.py) is found where Debian installs it; when
+    it is absent the test that needs it fails, saying how to install it, and is never skipped."""
+    from tests.conftest import require
+
+    assert services.haproxy_binary().endswith("/haproxy")
+    with pytest.raises(services.MissingPrerequisite, match=r"apt-get install -y haproxy"):
+        services.haproxy_binary(search=str(tmp_path))  # a PATH without it
+    found = services.haproxy_binary
+    monkeypatch.setattr(services, "haproxy_binary", lambda: found(search=str(tmp_path)))
+    with pytest.raises(pytest.fail.Exception, match="prerequisite missing: haproxy not found"):
+        require(services.start_haproxy, services.free_port(), [], tmp_path)

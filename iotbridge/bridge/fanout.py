@@ -10,7 +10,8 @@ Message format (docs/messages.md): data = the payload, untouched; attributes ``i
   the registry when it next connects (the front's config sync), on whichever host.
 - A command for a device connected nowhere is refused (:class:`DeviceNotConnected`), as IoT Core's
   ``sendCommandToDevice`` did. A host that dies leaves its presence documents behind until their ``until`` (the
-  token's ``exp``, at most 24 h): a command to such a device is accepted and then not delivered.
+  token's ``exp``, at most 24 h); once its liveness record has run out (``HOST_ALIVE_S`` after its death) a command
+  to such a device is refused too. Within that window it is accepted and not delivered.
 
 Each host's subscription expires after ``SUBSCRIPTION_TTL_S`` without a subscriber (the shortest expiration
 Pub/Sub allows), is deleted by the host on a clean stop, and :func:`sweep` deletes those of hosts whose liveness
@@ -26,6 +27,7 @@ from typing import Any
 from google.cloud import firestore, pubsub_v1
 
 from iotbridge import spec
+from iotbridge.bridge.settings import HOST_ALIVE_S
 from iotbridge.registry import ConfigVersion, Registry, validate_device_id
 from iotbridge.registry import push_config as push_config_path
 
@@ -39,7 +41,6 @@ class DeviceNotConnected(RuntimeError):
 
 
 SUBSCRIPTION_TTL_S = 24 * 3600  # Pub/Sub's minimum expiration: a host gone this long loses its subscription
-HOST_ALIVE_S = 90.0  # a host's liveness record runs this far ahead; it renews it every third of it
 
 
 def _topic(publisher: pubsub_v1.PublisherClient, project: str, prefix: str) -> str:
@@ -111,7 +112,9 @@ def is_connected(client: firestore.Client, registry_id: str, device_id: str) -> 
 
 def send_command(registry: Registry, publisher: pubsub_v1.PublisherClient, prefix: str, device_id: str,
                  data: bytes, sub_folder: str | None = None, timeout: float = 60.0) -> str:
-    """Send a command to a connected device (not stored); DeviceNotConnected otherwise."""
+    """Send a command to a connected device (not stored); DeviceNotConnected otherwise — also when the host its
+    presence record names has died (its liveness record, under the registry's deployment, ran out): that host's
+    subscription has no reader left, and the command would be lost."""
     device_id = validate_device_id(device_id)
     if len(data) > MAX_COMMAND_BYTES:
         raise ValueError(f"command is {len(data)} bytes; at most {MAX_COMMAND_BYTES}")
@@ -121,6 +124,8 @@ def send_command(registry: Registry, publisher: pubsub_v1.PublisherClient, prefi
     host = registry.connected_host(device_id)
     if host is None:
         raise DeviceNotConnected(f"device {device_id!r} is not connected")
+    if host_gone(registry.client, registry.deployment, host):
+        raise DeviceNotConnected(f"device {device_id!r} is not connected (its broker host {host} is gone)")
     attrs = spec.FanoutMessage(KIND_COMMAND, device_id, sub_folder=sub_folder or "",
                                registry_id=registry.registry_id, host_id=host).attributes()
     return publisher.publish(_topic(publisher, registry.project, prefix), data, **attrs).result(timeout=timeout)
@@ -171,6 +176,14 @@ def mark_host_alive(client: firestore.Client, deployment: str, host_id: str, sec
 
 def mark_host_gone(client: firestore.Client, deployment: str, host_id: str) -> None:
     _host_ref(client, deployment, host_id).delete()
+
+
+def host_gone(client: firestore.Client, deployment: str, host_id: str, now: datetime | None = None) -> bool:
+    """True when the host's liveness record has run out: it died without a clean stop (which deletes the record).
+    A host without a record (one on a leased slot, which keeps a lease instead) is not judged here."""
+    snap = _host_ref(client, deployment, host_id).get()
+    until = (snap.to_dict() or {}).get("until") if snap.exists else None
+    return until is not None and until <= (now or datetime.now(UTC))
 
 
 def live_hosts(client: firestore.Client, deployment: str, now: datetime | None = None) -> set[str]:

@@ -185,7 +185,7 @@ class BridgeService:
             self.fanout_sub = self._lease_fanout_subscription()
             self._thread(self._renew_lease_loop, "lease")
         else:
-            fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id)
+            fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
             self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
                                                               self.s.host_id)
             log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
@@ -232,9 +232,9 @@ class BridgeService:
         self._threads.append(t)
 
     def _alive_loop(self) -> None:
-        while not self._stop.wait(fanout.HOST_ALIVE_S / 3):
+        while not self._stop.wait(self.s.host_alive_s / 3):
             try:
-                fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id)
+                fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
             except Exception as exc:  # noqa: BLE001 - Firestore briefly away: the record still has two thirds to run
                 log.warning("liveness record not renewed: %s", exc)
 

@@ -52,6 +52,7 @@ MAX_INFLIGHT_MESSAGES = 1000
 DROPPING_NOTICE = "Outgoing messages are being dropped for client "
 STATE_MAX_BYTES = 64 * 1024
 MAX_ROUTES = 10
+HOST_ALIVE_S = 90.0  # a host's liveness record runs this far ahead; it renews it every third of it
 BACKEND_USERS = ("front", "bridge", "backend")
 PASSWORD_FILE_USERS = ("front", "bridge")  # backend: the dynamic security plugin, bound to one client id
 DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
@@ -105,6 +106,9 @@ class BridgeSettings:
     # Pre-created subscriptions to the device-commands topic; the service leases one (cloud). Empty: the
     # service creates "{prefix}-device-commands-{host_id}" itself (local).
     fanout_subscriptions: tuple[str, ...] = ()
+    # How far ahead this host's liveness record runs (renewed every third of it); `iotctl hosts sweep` deletes the
+    # subscription of a host whose record ran out. Tests shorten it to see a killed host swept within seconds.
+    host_alive_s: float = HOST_ALIVE_S
     firestore_database: str = "(default)"
     # "cloud": the front writes the connected-devices gauge to Cloud Monitoring (iotbridge/bridge/metrics.py);
     # "log": it only logs the count (local).
@@ -125,7 +129,7 @@ class BridgeSettings:
             raise ValueError(f"at most {MAX_ROUTES} subfolder routes, got {len(self.routes)}")
         for name in ("auth_failures_per_s", "auth_failure_burst", "max_pending_connects", "max_pending_per_address",
                      "device_messages_per_s",
-                     "device_bytes_per_s", "device_state_per_s"):
+                     "device_bytes_per_s", "device_state_per_s", "host_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 

@@ -33,19 +33,22 @@ from typing import Any
 from iotbridge import spec
 from iotbridge.bridge.settings import BridgeSettings, Route, mosquitto_config, new_secrets, write_secrets
 from iotbridge.local import services
-from iotbridge.local.tls import generate_local_tls
+from iotbridge.local.tls import TlsFiles, generate_local_tls
 
 READY_SERVICE = "bridge connected to broker"
 
 
 def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
               front_port: int | None = None, broker_port: int | None = None, host_id: str = "local",
-              recheck_interval_s: float = 5.0, client_ca: Path | None = None, **fields: Any) -> BridgeSettings:
+              recheck_interval_s: float = 5.0, client_ca: Path | None = None, tls: TlsFiles | None = None,
+              **fields: Any) -> BridgeSettings:
     """Write settings, secrets, TLS files and the Mosquitto config for one local host into ``workdir``; ``fields``
-    are further :class:`BridgeSettings` fields (tests: small queue bounds, a stand-in publisher)."""
+    are further :class:`BridgeSettings` fields (tests: small queue bounds, a stand-in publisher). ``tls``: a
+    certificate to present instead of a new one of its own — hosts behind one load balancer present the same one,
+    as the cloud's hosts do."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    tls = generate_local_tls(workdir / "tls")
+    tls = tls or generate_local_tls(workdir / "tls")
     secrets_file = workdir / "secrets.json"
     write_secrets(secrets_file, new_secrets())
     settings = BridgeSettings(
@@ -158,15 +161,18 @@ class BridgeStack:
 
 def start_bridge_stack(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
                        env: dict[str, str], recheck_interval_s: float = 5.0,
-                       client_ca: Path | None = None, **overrides: Any) -> BridgeStack:
+                       client_ca: Path | None = None, tls: TlsFiles | None = None,
+                       **overrides: Any) -> BridgeStack:
     """Init (if needed) and start Mosquitto, the bridge service and the front; stop with ``.stop()``."""
     workdir = workdir.resolve()
     if (workdir / "settings.json").exists():
         settings = BridgeSettings.load(workdir / "settings.json")
     else:
         settings = init_host(workdir, project, region, registry_id, prefix, recheck_interval_s=recheck_interval_s,
-                             client_ca=client_ca, **overrides)
-    stack = BridgeStack(settings=settings, workdir=workdir, env=dict(env), ca_cert=workdir / "tls" / "ca.pem")
+                             client_ca=client_ca, tls=tls, **overrides)
+    # The CA beside the server certificate (generate_local_tls writes both into one folder).
+    stack = BridgeStack(settings=settings, workdir=workdir, env=dict(env),
+                        ca_cert=Path(settings.tls_cert).parent / "ca.pem")
     try:
         stack.start_mosquitto()
         stack.start_service()

@@ -248,6 +248,72 @@ def start_mosquitto(config: str, port: int, workdir: Path | None = None, timeout
     return svc
 
 
+def haproxy_binary(search: str | None = None) -> str:
+    """The haproxy executable on ``search`` (default: PATH and /usr/sbin, where Debian puts it)."""
+    exe = shutil.which("haproxy", path=search if search is not None else f"{os.environ.get('PATH', '')}:/usr/sbin")
+    if not exe:
+        raise MissingPrerequisite("haproxy not found: apt-get install -y haproxy (make setup installs it)")
+    return exe
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One server behind the load balancer: its TCP port, and the port of its HTTP ``/healthz``."""
+
+    name: str
+    port: int
+    health_port: int
+    host: str = LOOPBACK
+
+
+def haproxy_config(port: int, backends: list[Backend], check_interval_ms: int = 500, host: str = LOOPBACK) -> str:
+    """A TCP load balancer (the stand-in for the cloud's TCP proxy): connections spread round-robin over the
+    backends that pass their HTTP health check; a connection a dead backend refuses is sent to another one."""
+    servers = "\n".join(
+        f"    server {b.name} {b.host}:{b.port} check port {b.health_port} inter {check_interval_ms}ms fall 2 rise 2"
+        for b in backends)
+    return f"""global
+    # two descriptors per relayed connection: this stays within an ordinary open-files limit
+    maxconn 4000
+
+defaults
+    mode tcp
+    timeout connect 2s
+    # longer than an MQTT keep-alive (60 s) plus its grace, so idle devices are not cut
+    timeout client 10m
+    timeout server 10m
+    retries 2
+    option redispatch
+
+frontend devices
+    bind {host}:{port}
+    default_backend hosts
+
+backend hosts
+    balance roundrobin
+    option httpchk
+    http-check send meth GET uri /healthz
+    http-check expect status 200
+{servers}
+"""
+
+
+def start_haproxy(port: int, backends: list[Backend], workdir: Path | None = None, check_interval_ms: int = 500,
+                  timeout: float = 15.0) -> Service:
+    """HAProxy in the foreground with :func:`haproxy_config`; health is its listening port."""
+    exe = haproxy_binary()
+    wd = _workdir(workdir, "haproxy")
+    wd.mkdir(parents=True, exist_ok=True)
+    conf = wd / "haproxy.cfg"
+    conf.write_text(haproxy_config(port, backends, check_interval_ms))
+    check = subprocess.run([exe, "-c", "-q", "-f", str(conf)], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        raise ServiceFailed(f"haproxy refused {conf}: {(check.stderr or check.stdout).strip()}")
+    svc = spawn("haproxy", [exe, "-db", "-f", str(conf)], port, wd)
+    wait_for_port(svc, timeout)
+    return svc
+
+
 def python_executable() -> str:
     return sys.executable
 

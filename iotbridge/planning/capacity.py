@@ -225,7 +225,17 @@ class HostFigures:
     memory_per_connection_kib: float
     pipeline_us_per_msg: float  # CPU of the pipeline's parse DoFn and row building per message
     config_push_ms: float  # request → device p50 of a config push (bounds the function's billed time)
+    # Fan-out (bench fanout section), hosts -> messages per host per config or command: what each host's filtered
+    # subscription kept (its devices' share), and what the emulator's unfiltered one handed it (the broadcast cost).
+    fanout_kept_per_host: dict[int, float]
+    fanout_received_unfiltered: dict[int, float]
     source: str
+
+    @property
+    def fanout_deliveries_per_message(self) -> float:
+        """Deliveries per config or command summed over the hosts (kept per host x hosts), averaged over the host
+        counts measured: 1.0 when each message reaches only the host that holds its device."""
+        return sum(kept * hosts for hosts, kept in self.fanout_kept_per_host.items()) / len(self.fanout_kept_per_host)
 
 
 _FIGURES = {
@@ -236,6 +246,20 @@ _FIGURES = {
     "pipeline_us_per_msg": ("pipeline", "ParseTelemetry DoFn + rows"),
     "config_push_ms": ("config_push", "request→device p50 (fanout)"),
 }
+
+
+_FANOUT_KEPT = re.compile(r"messages kept per host per config or command, (\d+) hosts")
+_FANOUT_RECEIVED = re.compile(r"messages received per host per config or command, (\d+) hosts, unfiltered")
+
+
+def _fanout(figures: list[dict[str, Any]], pattern: re.Pattern[str]) -> dict[int, float]:
+    out = {}
+    for f in figures:
+        m = pattern.fullmatch(str(f.get("name", "")))
+        value = f.get("value")
+        if f.get("section") == "fanout" and m and isinstance(value, int | float) and value > 0:
+            out[int(m.group(1))] = float(value)
+    return out
 
 
 def read_reference(path: Path = REFERENCE) -> HostFigures:
@@ -253,11 +277,16 @@ def read_reference(path: Path = REFERENCE) -> HostFigures:
         if not isinstance(value, int | float) or value <= 0:
             raise PlanningError(f"bench reference {path} has no figure {key[1]!r} (section {key[0]})")
         values[attr] = value
+    kept = _fanout(data.get("figures", []), _FANOUT_KEPT)
+    received = _fanout(data.get("figures", []), _FANOUT_RECEIVED)
+    if not kept or not received:
+        raise PlanningError(f"bench reference {path} has no fan-out figures (section fanout: messages kept and "
+                            "received per host per config or command); run `python -m bench fanout`")
     cores = (data.get("machine") or {}).get("cores")
     if not isinstance(cores, int) or cores < 1:
         raise PlanningError(f"bench reference {path} does not say how many cores it ran on")
     return HostFigures(cores=cores, connections_held=int(values.pop("connections_held")), source=str(path),
-                       **values)
+                       fanout_kept_per_host=kept, fanout_received_unfiltered=received, **values)
 
 
 def machine_shape(machine_type: str) -> tuple[int, float]:
@@ -284,6 +313,11 @@ class Capacity:
     hosts_for_connections: int
     broker_hosts: int  # what the fleet needs (at least the stack's brokerMinHosts)
     reconnect_storm_s: float  # every device reconnecting at once, spread over the hosts
+    # Configs (and as many commands, at the same cost each) fanned out to the hosts: in all, what each host receives
+    # through its filtered subscription, and what it would receive if every host got every message.
+    fanout_messages_per_s: float
+    fanout_per_host_per_s: float
+    fanout_per_host_per_s_unfiltered: float
     lb_inbound_gib_month: float
     egress_gib_month: float
     # Pub/Sub
@@ -336,6 +370,12 @@ def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
     notes.append(f"connections per host are the {figures.connections_held:,} one reference host held (the bench "
                  "container's open-files limit stopped it there); memory alone allows more (docs/broker-scaling.md)")
     storm_s = fleet.devices / (hosts * figures.connections_per_s)
+    # Fan-out: each config push is published once with the holding host; the bench's deliveries per message over
+    # the hosts (1.0 measured: one host gets it) spread over this plan's hosts. Unfiltered, each host would get the
+    # bench's unfiltered share (1.0: every message), the cost the per-host filter removes.
+    fanout_rate = fleet.devices * fleet.config_pushes_per_device_day / 86_400
+    fanout_per_host = fanout_rate * figures.fanout_deliveries_per_message / hosts
+    unfiltered = fanout_rate * max(figures.fanout_received_unfiltered.values())
     keepalives = fleet.devices * SECONDS_PER_MONTH / KEEPALIVE_S
     lb_in = (month * (fleet.payload_bytes + MQTT_IN_OVERHEAD) + keepalives * PING_BYTES) / GIB
     egress = (month * PUBACK_OUT + keepalives * PING_BYTES) / GIB
@@ -387,7 +427,9 @@ def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
     return Capacity(
         fleet=fleet, stack=stack, figures=figures, messages_per_s=rate,
         host_msgs_per_s=host_rate, hosts_for_rate=hosts_for_rate, hosts_for_connections=hosts_for_connections,
-        broker_hosts=hosts, reconnect_storm_s=storm_s, lb_inbound_gib_month=lb_in, egress_gib_month=egress,
+        broker_hosts=hosts, reconnect_storm_s=storm_s, fanout_messages_per_s=fanout_rate,
+        fanout_per_host_per_s=fanout_per_host, fanout_per_host_per_s_unfiltered=unfiltered,
+        lb_inbound_gib_month=lb_in, egress_gib_month=egress,
         pubsub_message_bytes=message_bytes, pubsub_deliveries=deliveries, pubsub_tib_month=pubsub_tib,
         dataflow_vcpus_needed=vcpus_needed, dataflow_workers=workers, streaming_engine_gib_month=se_gib,
         bigquery_raw_row_bytes=raw_row, bigquery_rows_month=month + agg_rows,
@@ -407,6 +449,11 @@ def render(c: Capacity) -> str:
         f"{c.host_msgs_per_s:,.0f} msg/s each, connections need {c.hosts_for_connections} at "
         f"{c.figures.connections_held:,} each, the stack keeps {c.stack.broker_min_hosts}.."
         f"{c.stack.broker_max_hosts}); every device reconnecting at once takes {c.reconnect_storm_s:,.0f} s",
+        f"config fan-out: {c.fanout_messages_per_s:,.2f} configs/s, each host receives "
+        f"{c.fanout_per_host_per_s:,.3f}/s "
+        f"through its filtered subscription ({c.figures.fanout_deliveries_per_message:.2f} deliveries per config in "
+        f"all, bench fanout) instead of {c.fanout_per_host_per_s_unfiltered:,.2f}/s if every host got every config; "
+        "a command costs the same per message",
         f"Pub/Sub: {c.pubsub_message_bytes} B per message, published once and delivered {c.pubsub_deliveries}x: "
         f"{c.pubsub_tib_month:,.3f} TiB/month",
         f"Dataflow workers ({c.stack.pipeline_machine_type}): {c.dataflow_workers} ({c.dataflow_vcpus_needed:.2f} "

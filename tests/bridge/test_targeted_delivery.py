@@ -157,6 +157,9 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
         hosts["host-a"].kill("service")
         assert _exists(sub, prefix, "host-a")
         fanout.mark_host_alive(registry.client, REGISTRY, "host-a", seconds=-1)  # as it reads 90 s after the death
+        # Its device's presence still names it, but nothing reads its subscription: a command is refused, not lost.
+        with pytest.raises(fanout.DeviceNotConnected, match="host-a is gone"):
+            fanout.send_command(registry, pub, prefix, devs["host-a"].identity.device_id, b"x")
         fanout.ensure_host_subscription(sub, PROJECT, prefix, "host-c")
         fanout.mark_host_alive(registry.client, REGISTRY, "host-c")
         deleted = fanout.sweep(sub, pub, registry.client, PROJECT, prefix, REGISTRY)
