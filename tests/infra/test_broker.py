@@ -385,3 +385,24 @@ def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run)
     small = host_sizing.sizing("e2-micro")  # 1 GiB: memory bounds it
     assert (small.devices, small.autoscale_target, small.front_nofile) == (7182, 5027, 18460)
     assert host_sizing.sizing("n2-custom-4-16384").memory_mib == 16384
+
+
+def test_every_instance_name_the_group_gives_is_a_host_id_with_a_subscription_pubsub_accepts():
+    """A host's id is its instance name (``hostname -s``): the group's base name, a hyphen and four characters.
+    Any name Compute Engine allows (its own pattern, from the API's discovery document) is a valid host id, and
+    at the longest prefix the host's subscription name and filter fit Pub/Sub's limits."""
+    from iotbridge import spec
+    from iotbridge.bridge import fanout
+    from tests.infra import api_schema
+
+    compute = json.loads((api_schema.DOCUMENTS / "compute.v1.json").read_text())["schemas"]
+    instance_name = compute["Instance"]["properties"]["name"]["pattern"]
+    longest_prefix = "p" + "x" * 14 + "1"  # config.py's longest prefix: 16 characters
+    base = the(build(prefix=longest_prefix), "mig").get("baseInstanceName")
+    assert base == f"{longest_prefix}-broker"
+    for host in (f"{base}-a1z9", "a", "z" + "-9" * 31, f"{base}-" + "0" * (62 - len(base))):
+        assert re.fullmatch(instance_name, host), host
+        assert spec.HOST_ID_RE.fullmatch(host), host
+        name = fanout.host_subscription(longest_prefix, host)
+        assert re.fullmatch(api_schema.LIMITS[("pubsub.v1", "Subscription", "name")].regex or "", name), name
+        assert len(spec.host_filter(host).encode()) <= spec.MAX_FILTER_BYTES
