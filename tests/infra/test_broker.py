@@ -207,7 +207,8 @@ def test_a_host_may_create_read_and_delete_a_subscription_and_nothing_more(run):
     assert sorted(role.get("permissions")) == [
         "pubsub.subscriptions.consume", "pubsub.subscriptions.create", "pubsub.subscriptions.delete",
         "pubsub.subscriptions.get"]
-    (grant,) = [r for r in run.of_type(T["project_iam"]) if r.get("role") == f"projects/{PROJECT}/roles/{role.get('roleId')}"]
+    role_name = f"projects/{PROJECT}/roles/{role.get('roleId')}"
+    (grant,) = [r for r in run.of_type(T["project_iam"]) if r.get("role") == role_name]
     assert grant.get("condition") is None and run.depends_on(grant, role)
     # No topic, snapshot, IAM-policy or list permission: a host cannot publish there, seek, or re-grant.
     assert not any(p.startswith(("pubsub.topics.", "pubsub.snapshots.")) or p.endswith(("IamPolicy", ".list"))
@@ -289,7 +290,7 @@ def test_startup_script_settings_load_in_the_bridge(run, tmp_path):
     assert (s.project, s.registry_id, s.prefix, s.front_port, s.broker_host) == (
         PROJECT, "fleet", PREFIX, 8883, "127.0.0.1")
     assert [(r.sub_folder, r.topic) for r in s.routes] == [("logs", f"{PREFIX}-device-logs")]
-    assert s.fanout_subscriptions == ()  # no pre-made slot: the bridge creates its own filtered subscription
+    assert "fanout_subscriptions" not in text  # no pre-made slot: the bridge creates its own filtered subscription
     assert s.health_port == 8080 and s.host_id == "iot-dev-broker-abcd"
     assert s.http_port == 8443
 
