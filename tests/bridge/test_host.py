@@ -12,6 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from datetime import timedelta
 
 import pytest
 from google.cloud import pubsub_v1
@@ -83,7 +84,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
         assert f"delivery subscription {own} (filter {spec.host_filter('host-a')})" in (
             tmp_path / "service.log").read_text()
         made = sub.get_subscription(request={"subscription": own})
-        assert (made.filter, made.expiration_policy.ttl.seconds) == (spec.host_filter("host-a"), 24 * 3600)
+        assert (made.filter, made.expiration_policy.ttl) == (spec.host_filter("host-a"), timedelta(hours=24))
         # Healthy once the service has written its first stats (half a second after it started).
         wait_for("/healthz 200", lambda: _health(settings["health_port"]), lambda v: v == 200, timeout=10)
 

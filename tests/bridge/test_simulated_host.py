@@ -50,6 +50,7 @@ import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -321,7 +322,7 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         assert host_id == google.hostname and spec.HOST_ID_RE.fullmatch(host_id)
         own = subscriber.subscription_path(PROJECT, fanout.host_subscription(prefix, host_id))
         made = subscriber.get_subscription(request={"subscription": own})
-        assert (made.filter, made.expiration_policy.ttl.seconds) == (spec.host_filter(host_id), 24 * 3600)
+        assert (made.filter, made.expiration_policy.ttl) == (spec.host_filter(host_id), timedelta(hours=24))
         # The front labelled its gauge from the metadata server; the write itself was refused at the proxy.
         wait_for("the front's metadata read", lambda: google.seen("GET", "/computeMetadata/v1/instance/zone"),
                  timeout=15)
