@@ -255,7 +255,7 @@ def test_the_registry_reads_are_those_of_the_deployed_hosts_recheck(stack_file: 
     script = broker.startup_script(
         project="p-1", region="us-central1", registry_id="fleet", prefix="iot", code_url="gs://b/code.zip",
         tls_key_secret="k", passwords_secret="s", server_cert_pem="PEM", database="(default)", routes={},
-        fanout_subscriptions=[], health_port=8080)
+        health_port=8080)
     interval = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON", 1)[0])["recheck_interval_s"]
     fleet = Fleet(devices=1000, rate=0.1, payload_bytes=100, metrics_per_message=2, config_pushes_per_device_day=1)
     c = capacity.plan(fleet, capacity.read_stack(stack_file), FIGURES)

@@ -74,7 +74,6 @@ broker = Broker("iot-broker", BrokerArgs(
     state_topic=messaging.topics["state"].id,
     commands_topic=messaging.topics["device-commands"].id,
     dead_letter_topic=messaging.topics["dead-letter"].id,
-    pubsub_agent=foundation.service_agent("pubsub.googleapis.com"),
     deletion_protection=True,
     registry=registry,
     network=vpc.id,
@@ -84,7 +83,7 @@ broker = Broker("iot-broker", BrokerArgs(
     labels=labels,
     depends_on=foundation.needs("compute.googleapis.com", "firestore.googleapis.com", "secretmanager.googleapis.com",
                                 "pubsub.googleapis.com", "storage.googleapis.com",
-                                "cloudresourcemanager.googleapis.com"),
+                                "cloudresourcemanager.googleapis.com", "iam.googleapis.com"),
 ))
 pipeline = Pipeline("iot-pipeline", PipelineArgs(
     project=project, region=region, prefix=prefix,

@@ -106,8 +106,8 @@ class AdminApiArgs:
     deletion_protection: bool
     # The stack's topic prefix: the container finds its topics by name ({prefix}-device-commands, ...).
     topic_prefix: str = ""  # default: prefix
-    # Topic ids the API publishes to, granted pubsub.publisher: the device-commands fan-out topic every broker
-    # host reads, which carries configs and commands.
+    # Topic ids the API publishes to, granted pubsub.publisher: the device-commands topic, which carries configs
+    # and commands to the broker host that holds the device (its presence record: the datastore.user grant).
     publish_topics: Sequence[pulumi.Input[str]] = ()
     readers: Sequence[str] = ()  # IAM members: user:EMAIL, serviceAccount:EMAIL, domain:DOMAIN
     writers: Sequence[str] = ()

@@ -25,14 +25,21 @@ What it declares, and the GCP pitfall behind each choice:
   service (``EXTERNAL``, TCP, ``CONNECTION`` balancing) with a *regional* health check (a global one is refused
   for this load balancer type), a forwarding rule on 8883. Passthrough keeps the device's source address, so
   the firewall allows 8883 from the device ranges, and the health-check port from Google's probe ranges only.
-- Configs and commands reach a device whichever host it is on: every host claims one of ``fanout_slots``
-  subscriptions to the ``device-commands`` topic (a lease in Firestore), declared here so that the bridge's
-  identity needs no project-wide Pub/Sub permission.
+- Configs and commands reach the host that holds the device: each host's bridge creates its own subscription to
+  the ``device-commands`` topic at start, ``{prefix}-device-commands-{instance name}``, filtered on its host id,
+  expiring 24 h after its host is gone (``iotbridge.bridge.fanout``). Nothing here declares one per host: the
+  group may run up to 2000 hosts, and a host that goes leaves nothing declared behind.
 - The bridge's service account (Foundation's ``bridge`` workload: logging.logWriter, monitoring.metricWriter)
-  gets, on the resources only: pubsub.publisher on the telemetry, state and route topics and on the
-  dead-letter topic (a device's message Pub/Sub can never accept goes there, with the reason); pubsub.subscriber
-  on its fan-out subscriptions; datastore.user conditioned on this database; secretAccessor on its two secrets;
-  objectViewer on the bucket holding the bridge's code.
+  gets, on the resources where Pub/Sub and Firestore allow it: pubsub.publisher on the telemetry, state and route
+  topics and on the dead-letter topic (a device's message Pub/Sub can never accept goes there, with the reason);
+  pubsub.subscriber on the device-commands topic (``pubsub.topics.attachSubscription``: a subscription may name
+  it); datastore.user conditioned on this database (presence and liveness records); secretAccessor on its two
+  secrets; objectViewer on the bucket holding the bridge's code. Creating, reading and deleting its own
+  subscription needs ``pubsub.subscriptions.create`` on the project and ``get``/``consume``/``delete`` on a
+  subscription that does not exist when the stack is deployed: Pub/Sub takes no IAM condition on a
+  subscription's name (it is not among the services whose resources IAM Conditions see), so these four
+  permissions are a custom role granted on the project (``HOST_SUBSCRIPTION_PERMISSIONS``;
+  docs/broker-scaling.md says what that lets a host do).
 """
 
 from __future__ import annotations
@@ -60,6 +67,11 @@ DRAIN_S = 30
 FRONT_STOP_TIMEOUT_S = DRAIN_S + 30
 
 MQTT_PORT = 8883
+# What a host's bridge does with its own delivery subscription (iotbridge/bridge/fanout.py): create it at start, get
+# it when it exists already (a restart: is its filter the host's?), pull from it, delete it at a clean stop. The
+# other half of creating it, ``pubsub.topics.attachSubscription``, is granted on the device-commands topic only.
+HOST_SUBSCRIPTION_PERMISSIONS = ("pubsub.subscriptions.consume", "pubsub.subscriptions.create",
+                                 "pubsub.subscriptions.delete", "pubsub.subscriptions.get")
 HTTP_BRIDGE_PORT = 8443  # IoT Core's HTTP device bridge (iotbridge/bridge/http_bridge.py), TLS like MQTT
 BROKER_PORT = 1883  # loopback only
 # Google's health-check probe ranges (network load balancers and managed instance group auto-healing).
@@ -90,7 +102,7 @@ class BrokerArgs:
     service_account_email: pulumi.Input[str]  # Foundation's "bridge" workload
     telemetry_topic: pulumi.Input[str]  # topic ids: projects/{p}/topics/{name}
     state_topic: pulumi.Input[str]
-    commands_topic: pulumi.Input[str]  # the device-commands fan-out topic
+    commands_topic: pulumi.Input[str]  # the device-commands topic; each host subscribes to it itself
     deletion_protection: bool
     registry: RegistryDatabase  # the registry's Firestore database the hosts read and write
     # Subfolder routes (IoT Core allowed at most 10): subfolder -> topic id.
@@ -101,8 +113,6 @@ class BrokerArgs:
     # Bounds of the autoscaler (up to MAX_HOSTS, a regional managed instance group's limit).
     min_hosts: int = 2
     max_hosts: int = 10
-    # Device-commands subscriptions the hosts claim, one each; default max_hosts, so every host has one.
-    fanout_slots: int | None = None
     # Connected devices per host the autoscaler keeps; default: host_sizing's target for machine_type.
     devices_per_host: int | None = None
     cpu_target: float = 0.6  # the second signal: CPU utilisation, (0, 1]
@@ -113,13 +123,10 @@ class BrokerArgs:
     tls_validity_hours: int = 24 * 365
     health_port: int = 8080
     autoheal_initial_delay_s: int = 600
-    # Dead-lettering of the fan-out subscriptions (a poison message must not be redelivered for an hour to
-    # every host): the stack's dead-letter topic and the Pub/Sub service agent, which must be able to ack here.
+    # The stack's dead-letter topic: a device's message Pub/Sub can never accept goes there (the bridge publishes).
     dead_letter_topic: pulumi.Input[str] | None = None
-    pubsub_agent: pulumi.Input[str] | None = None  # "serviceAccount:service-{n}@gcp-sa-pubsub..."
-    max_delivery_attempts: int = 5
     labels: Mapping[str, str] = field(default_factory=dict)
-    depends_on: Sequence[pulumi.Resource] = ()  # APIs: compute, firestore, secretmanager, pubsub, storage
+    depends_on: Sequence[pulumi.Resource] = ()  # APIs: compute, firestore, secretmanager, pubsub, storage, iam
     kms_key_name: str | None = None  # CMEK for the code bucket; depends_on must hold the Storage agent's grant
 
 
@@ -127,7 +134,7 @@ class Broker(pulumi.ComponentResource):
     """TLS material and secrets, the bridge's grants, broker hosts (MIG) and the network load balancer on 8883.
 
     Each part of the constructor is one private method, in the order the resources depend on each other: the
-    address and TLS, the secrets, the bridge's grants and fan-out subscriptions, the code, egress and firewall,
+    address and TLS, the secrets, the bridge's grants, the code, egress and firewall,
     the hosts, the load balancer. The ones before the hosts return what a host reads at boot (``boot_needs``).
     """
 
@@ -138,7 +145,8 @@ class Broker(pulumi.ComponentResource):
     mqtt_ca_cert: pulumi.Output[str]  # PEM of the CA devices verify the broker with
     address: gcp.compute.Address  # the load balancer's static IP
     registry: RegistryDatabase  # the registry's database (an input: RegistryDatabase)
-    fanout_subscriptions: dict[int, gcp.pubsub.Subscription]  # slot -> the device-commands subscription it claims
+    # The project role that lets a host create, read and delete its own delivery subscription.
+    host_subscription_role: gcp.projects.IAMCustomRole
     # The resources themselves, for a program that adds to them.
     ca_cert: tls.SelfSignedCert
     server_cert: tls.LocallySignedCert
@@ -164,10 +172,6 @@ class Broker(pulumi.ComponentResource):
         if not 1 <= args.min_hosts <= args.max_hosts <= MAX_HOSTS:
             raise ValueError(f"hosts must be 1 <= min_hosts <= max_hosts <= {MAX_HOSTS} (a regional managed instance "
                              f"group's limit), got {args.min_hosts}..{args.max_hosts}")
-        self._slots = args.max_hosts if args.fanout_slots is None else args.fanout_slots
-        if self._slots < args.max_hosts:
-            raise ValueError(f"fanout_slots ({self._slots}) must cover max_hosts ({args.max_hosts}): a host without a "
-                             "slot would receive no config or command")
         if not 0 < args.cpu_target <= 1:
             raise ValueError(f"cpu_target must be in (0, 1], got {args.cpu_target}")
         self.sizing = sizing(args.machine_type)
@@ -175,8 +179,6 @@ class Broker(pulumi.ComponentResource):
         if not 0 < self._devices_per_host <= self.sizing.devices:
             raise ValueError(f"devices_per_host must be 1..{self.sizing.devices} (what one {args.machine_type} "
                              f"carries), got {self._devices_per_host}")
-        if args.dead_letter_topic is not None and args.pubsub_agent is None:
-            raise ValueError("dead_letter_topic needs pubsub_agent: the agent must be able to ack the source")
         self._name = name
         self._args = args
         self._child = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
@@ -285,9 +287,9 @@ class Broker(pulumi.ComponentResource):
         return secret, version
 
     def _bridge_grants(self) -> list[pulumi.Resource]:
-        """The bridge's least privilege on the resources it uses: publisher on its topics, the fan-out
-        subscriptions it reads (and the Pub/Sub agent's right to dead-letter them), datastore.user conditioned on
-        the registry's database. Returns the bridge's grants."""
+        """The bridge's least privilege: publisher on its topics, the right to create, read and delete its own
+        delivery subscription (``_host_subscription_grants``), datastore.user conditioned on the registry's
+        database. Returns the bridge's grants."""
         name, args = self._name, self._args
         needs: list[pulumi.Resource] = []
         publish_topics: dict[str, pulumi.Input[str]] = {"telemetry": args.telemetry_topic, "state": args.state_topic}
@@ -302,45 +304,33 @@ class Broker(pulumi.ComponentResource):
             needs.append(gcp.pubsub.TopicIAMMember(
                 f"{name}-publish-{key}", project=args.project, topic=topic, role="roles/pubsub.publisher",
                 member=self._member, opts=self._child))
-        self._fanout_subscriptions()
-        for i, sub in self.fanout_subscriptions.items():
-            needs.append(gcp.pubsub.SubscriptionIAMMember(
-                f"{name}-fanout-{i}-subscriber", project=args.project, subscription=sub.name,
-                role="roles/pubsub.subscriber", member=self._member, opts=self._child))
+        needs.extend(self._host_subscription_grants())
+        # Devices, presence records (the front) and the hosts' liveness records (registries/{id}/bridge_hosts/...).
         needs.append(self.registry.user_grant(
             f"{name}-datastore-user", self._member, self._child, title="registry database only",
             condition=lambda db: f'resource.name.startsWith("{db}")'))
         return needs
 
-    def _fanout_subscriptions(self) -> None:
-        """One device-commands subscription per fan-out slot (each host claims one), dead-lettered when the stack
-        has a dead-letter topic, with the Pub/Sub agent's subscriber grant that dead-lettering needs."""
+    def _host_subscription_grants(self) -> list[pulumi.Resource]:
+        """What a host needs for the subscription it names at boot: ``pubsub.topics.attachSubscription`` on the
+        device-commands topic (``roles/pubsub.subscriber`` there), and ``HOST_SUBSCRIPTION_PERMISSIONS`` in a
+        custom role on the project, unconditioned: Pub/Sub takes no IAM condition on its resources, and a
+        project binding conditioned on ``resource.name`` would grant nothing for them. Returns both grants."""
         name, args = self._name, self._args
-        self.fanout_subscriptions = {
-            i: gcp.pubsub.Subscription(
-                f"{name}-fanout-{i}",
-                project=args.project,
-                name=f"{args.prefix}-device-commands-host-{i}",
-                topic=args.commands_topic,
-                ack_deadline_seconds=60,
-                # Commands are only worth delivering live, and configs are re-read from the registry when a
-                # device connects: a slot left unclaimed need not keep a week of backlog.
-                message_retention_duration="3600s",
-                expiration_policy=gcp.pubsub.SubscriptionExpirationPolicyArgs(ttl=""),
-                dead_letter_policy=gcp.pubsub.SubscriptionDeadLetterPolicyArgs(
-                    dead_letter_topic=args.dead_letter_topic, max_delivery_attempts=args.max_delivery_attempts,
-                ) if args.dead_letter_topic is not None else None,
-                retry_policy=gcp.pubsub.SubscriptionRetryPolicyArgs(minimum_backoff="1s", maximum_backoff="60s"),
-                labels=self._labels,
-                opts=self._child,
-            )
-            for i in range(self._slots)
-        }
-        if args.pubsub_agent is not None and args.dead_letter_topic is not None:
-            for i, sub in self.fanout_subscriptions.items():
-                gcp.pubsub.SubscriptionIAMMember(
-                    f"{name}-fanout-{i}-agent", project=args.project, subscription=sub.name,
-                    role="roles/pubsub.subscriber", member=args.pubsub_agent, opts=self._child)
+        attach = gcp.pubsub.TopicIAMMember(
+            f"{name}-attach-commands", project=args.project, topic=args.commands_topic,
+            role="roles/pubsub.subscriber", member=self._member, opts=self._child)
+        self.host_subscription_role = gcp.projects.IAMCustomRole(
+            f"{name}-host-subscriptions-role", project=args.project,
+            role_id=f"{args.prefix.replace('-', '_')}_broker_host_subscriptions",
+            title=f"Broker host delivery subscription ({args.prefix})",
+            description=f"A {args.prefix} broker host creates, reads and deletes its own "
+                        f"{args.prefix}-device-commands-HOST subscription",
+            permissions=list(HOST_SUBSCRIPTION_PERMISSIONS), stage="GA", opts=self._child)
+        grant = gcp.projects.IAMMember(
+            f"{name}-host-subscriptions", project=args.project, role=self.host_subscription_role.name,
+            member=self._member, opts=self._child)
+        return [attach, grant]
 
     def _code(self) -> list[pulumi.Resource]:
         """The bridge's code (``code_files()``) as a zip named by its content in a private bucket, and the bridge's
@@ -392,7 +382,6 @@ class Broker(pulumi.ComponentResource):
             project=args.project, region=args.region, registry_id=args.registry_id, prefix=args.prefix,
             code_url=f"gs://{v[0]}/{v[1]}", tls_key_secret=v[2], passwords_secret=v[3], server_cert_pem=v[4],
             database=v[5], routes={k: _topic_id(t) for k, t in zip(route_names, v[6:], strict=True)},
-            fanout_subscriptions=[f"{p}-device-commands-host-{i}" for i in range(self._slots)],
             health_port=args.health_port, machine_type=args.machine_type))
         self.template = gcp.compute.InstanceTemplate(
             f"{name}-template",
@@ -518,10 +507,13 @@ def _topic_id(topic: str) -> str:
 
 def startup_script(*, project: str, region: str, registry_id: str, prefix: str, code_url: str,
                    tls_key_secret: str, passwords_secret: str, server_cert_pem: str, database: str,
-                   routes: Mapping[str, str], fanout_subscriptions: Sequence[str], health_port: int,
-                   machine_type: str = "e2-standard-2") -> str:
+                   routes: Mapping[str, str], health_port: int, machine_type: str = "e2-standard-2") -> str:
     """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager, the
-    kernel and the units' open-files limits sized for what a ``machine_type`` host carries (host_sizing)."""
+    kernel and the units' open-files limits sized for what a ``machine_type`` host carries (host_sizing).
+
+    The host id is the instance's name (``hostname -s`` on GCE; a managed instance group names its VMs
+    ``{base_instance_name}-xxxx``, which ``iotbridge.spec.HOST_ID_RE`` accepts). The bridge names its delivery
+    subscription after it and the front writes it into each device's presence record."""
     size = sizing(machine_type)
     settings = {
         "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
@@ -532,7 +524,7 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
         "routes": [{"sub_folder": k, "topic": v} for k, v in sorted(routes.items())],
         "recheck_interval_s": CLOUD_RECHECK_INTERVAL_S, "drain_s": DRAIN_S, "workdir": "__ROOT__/var/lib/iotbridge",
         "health_port": health_port,
-        "fanout_subscriptions": list(fanout_subscriptions), "firestore_database": database,
+        "firestore_database": database,
         "connected_devices_metric": "cloud",
     }
     return f"""#!/bin/bash

@@ -14,7 +14,8 @@ What it declares, and the GCP pitfall behind each choice:
 - Delivery ``mqtt`` (paho publish to a broker): the backend MQTT password as a Secret Manager secret
   environment variable; the runtime account gets ``secretAccessor`` on that one secret before the function is
   created, or the first revision fails to start. Delivery ``fanout``: publisher on the bridge's
-  device-commands topic instead, which reaches every broker host; no secret, no VPC.
+  device-commands topic instead, each version addressed to the broker host that holds the device (its presence
+  record in the registry's database, which the function's datastore.user grant covers); no secret, no VPC.
 - Egress (``mqtt``) through the VPC (Direct VPC egress, or a Serverless VPC Access connector) for private ranges
   only, so
   the broker hosts are reached on their internal address while Google APIs keep their direct path. Ingress is
@@ -91,7 +92,7 @@ class ConfigPushArgs:
     deletion_protection: bool
     registry: RegistryDatabase  # the registry's Firestore database; the function reads and writes it only
     # "mqtt": paho publish to one broker, which needs mqtt_host, mqtt_password_secret and VPC egress.
-    # "fanout": the bridge's device-commands topic, which reaches every broker host; needs fanout_topic only.
+    # "fanout": the bridge's device-commands topic, addressed to the device's host; needs fanout_topic only.
     delivery: Literal["mqtt", "fanout"] = "mqtt"
     fanout_topic: pulumi.Input[str] | None = None  # projects/{p}/topics/{prefix}-device-commands
     mqtt_host: pulumi.Input[str] | None = None  # the broker's internal address (or DNS name in its certificate)

@@ -170,14 +170,13 @@ class IotBridge(pulumi.ComponentResource):
             max_hosts=cfg.broker_max_hosts,
             device_source_ranges=cfg.broker_device_source_ranges,
             dead_letter_topic=self.messaging.topics["dead-letter"].id,
-            pubsub_agent=self.foundation.service_agent("pubsub.googleapis.com"),
-            max_delivery_attempts=cfg.pubsub_max_delivery_attempts,
             labels=labels,
             kms_key_name=kms_key,
-            # cloudresourcemanager: its datastore.user grant is a project IAM binding.
+            # cloudresourcemanager: its datastore.user grant is a project IAM binding; iam: the hosts' custom role.
             depends_on=[*self.foundation.needs("compute.googleapis.com", "firestore.googleapis.com",
                                           "secretmanager.googleapis.com", "pubsub.googleapis.com",
-                                          "storage.googleapis.com", "cloudresourcemanager.googleapis.com"),
+                                          "storage.googleapis.com", "cloudresourcemanager.googleapis.com",
+                                          "iam.googleapis.com"),
                         *self.foundation.key_grants("storage.googleapis.com")],
         ), opts=child)
 
@@ -210,8 +209,8 @@ class IotBridge(pulumi.ComponentResource):
                                                     "compute.googleapis.com")],
         ), opts=child)
 
-        # Config requests (operators, the pipeline's rules) → the function → the registry → every broker host (fan-out),
-        # which delivers the version to the device wherever it is connected.
+        # Config requests (operators, the pipeline's rules) → the function → the registry → the broker host that holds
+        # the device (its presence record); a device connected nowhere gets the version when it next connects.
         self.config_push = ConfigPush("config-push", ConfigPushArgs(
             project=cfg.project,
             region=cfg.region,

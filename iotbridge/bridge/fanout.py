@@ -180,7 +180,8 @@ def mark_host_gone(client: firestore.Client, deployment: str, host_id: str) -> N
 
 def host_gone(client: firestore.Client, deployment: str, host_id: str, now: datetime | None = None) -> bool:
     """True when the host's liveness record has run out: it died without a clean stop (which deletes the record).
-    A host without a record (one on a leased slot, which keeps a lease instead) is not judged here."""
+    A host without a record is not judged here: one that stopped cleanly removed its devices' presence too, and
+    one whose bridge service has yet to start has not written it."""
     snap = _host_ref(client, deployment, host_id).get()
     until = (snap.to_dict() or {}).get("until") if snap.exists else None
     return until is not None and until <= (now or datetime.now(UTC))

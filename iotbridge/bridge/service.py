@@ -22,8 +22,7 @@ dead-letter topic has it. Should the dead-letter topic refuse that copy too, it 
 Cloud → device. Configs and commands arrive on the ``device-commands`` topic, addressed to the host that holds the
 device (``hostId``); each host's bridge reads it through a subscription of its own (``{prefix}-device-commands-{host}``)
 filtered on its host id, created at start, deleted at a clean stop, and kept alive by a liveness record
-(:mod:`iotbridge.bridge.fanout`). Pre-made slots (``fanout_subscriptions``) are leased instead when the settings
-name them (a stack deployed before hosts made their own).
+(:mod:`iotbridge.bridge.fanout`), locally and in the cloud alike.
 Configs are published retained at QoS 1 on ``/devices/{id}/config`` (latest version only: a version not newer
 than the one this bridge last published is skipped); commands at QoS 1, not retained, on
 ``/devices/{id}/commands[/{subfolder}]`` — Mosquitto delivers them only to a connected subscriber, and device
@@ -44,13 +43,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -73,7 +71,6 @@ DEVICE_CACHE_TTL_S = 300.0
 REGISTRY_FLUSH_S = 2.0
 RETRY_MAX_S = 30.0
 STATS_EVERY_S = 0.5
-LEASE_S = 90.0
 COMMAND_MAX_AGE_S = 60.0
 SYS_LOG_NOTICE = "$SYS/broker/log/N"
 SYS_GAUGES = {
@@ -138,7 +135,7 @@ class BridgeService:
         self.routes = {r.sub_folder: self.publisher.topic_path(project, r.topic) for r in settings.routes}
         self.fanout_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "device-commands"))
         self.dead_letter_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "dead-letter"))
-        self.fanout_sub = ""  # chosen in start(): leased (cloud) or created (local)
+        self.fanout_sub = ""  # this host's own delivery subscription, created (or reused) in start()
         self._devices: dict[str, tuple[float, Who]] = {}  # device id -> (fetched at, its numeric id and registry)
         self._registries: dict[str, Registry] = {settings.registry_id: registry}
         self._state_topics = {self.state_topic}  # every topic a state went to (dead letters name the MQTT topic)
@@ -157,7 +154,6 @@ class BridgeService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pull_future = None
-        self._leased = ""
         self.stats_lock = threading.Lock()
         self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0,
                       # messages this host's delivery subscription handed it, and those of them for another host
@@ -181,15 +177,11 @@ class BridgeService:
     # ---------------------------------------------------------------------------------- lifecycle
 
     def start(self, workers: int = 2) -> None:
-        if self.s.fanout_subscriptions:
-            self.fanout_sub = self._lease_fanout_subscription()
-            self._thread(self._renew_lease_loop, "lease")
-        else:
-            fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
-            self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
-                                                              self.s.host_id)
-            log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
-            self._thread(self._alive_loop, "alive")
+        fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
+        self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
+                                                          self.s.host_id)
+        log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
+        self._thread(self._alive_loop, "alive")
         for i in range(workers):
             self._thread(self._forward_loop, f"forward-{i}")
         self._thread(self._config_loop, "configs")
@@ -210,7 +202,7 @@ class BridgeService:
         self._stop.set()
         if self._pull_future is not None:
             self._pull_future.cancel()
-        if not self.s.fanout_subscriptions and self.fanout_sub:
+        if self.fanout_sub:
             # A clean stop leaves nothing behind: no subscription, no liveness record (the sweep's job otherwise).
             try:
                 fanout.delete_host_subscription(self.subscriber, self.s.project, self.s.prefix, self.s.host_id)
@@ -237,51 +229,6 @@ class BridgeService:
                 fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
             except Exception as exc:  # noqa: BLE001 - Firestore briefly away: the record still has two thirds to run
                 log.warning("liveness record not renewed: %s", exc)
-
-    def _lease_ref(self, subscription: str):  # noqa: ANN202
-        return (self.registry.client.collection("registries").document(self.s.registry_id)
-                .collection("bridge_hosts").document(subscription))
-
-    def _try_lease(self, subscription: str) -> bool:
-        from google.cloud import firestore
-
-        ref = self._lease_ref(subscription)
-
-        @firestore.transactional
-        def claim(tx) -> bool:  # noqa: ANN001
-            snap = ref.get(transaction=tx)
-            doc = snap.to_dict() or {}
-            now = datetime.now(UTC)
-            if snap.exists and doc.get("holder") != self.s.host_id and doc.get("until") and doc["until"] > now:
-                return False
-            tx.set(ref, {"holder": self.s.host_id, "until": now + timedelta(seconds=LEASE_S)})
-            return True
-
-        return claim(self.registry.client.transaction())
-
-    def _lease_fanout_subscription(self) -> str:
-        """Claim one of the pre-created fan-out subscriptions: one host per subscription, so every host gets
-        every config and command (a shared subscription would hand each message to one host only)."""
-        for sub in self.s.fanout_subscriptions:
-            if self._try_lease(sub):
-                self._leased = sub
-                log.info("leased fan-out subscription %s", sub)
-                return self.subscriber.subscription_path(self.s.project, sub)
-        raise RuntimeError(f"all {len(self.s.fanout_subscriptions)} fan-out subscriptions are leased by other "
-                           "hosts: raise the broker's fanout_slots")
-
-    def _renew_lease_loop(self) -> None:
-        while not self._stop.wait(LEASE_S / 3):
-            try:
-                still_mine = self._try_lease(self._leased)
-            except Exception as exc:  # noqa: BLE001 - Firestore briefly away: the lease still has two thirds to run
-                log.warning("lease renewal failed: %s", exc)
-                continue
-            if not still_mine:
-                # Another host took the slot while this one stalled: two hosts on one subscription would each
-                # miss half the messages. Exit; the supervisor restarts the service, which leases anew.
-                log.error("lost the lease on %s; exiting", self._leased)
-                os._exit(3)
 
     # ---------------------------------------------------------------------------------- device → cloud
 
@@ -608,9 +555,8 @@ class BridgeService:
             message.ack()
             return
         if fan.host_id and fan.host_id != self.s.host_id:
-            # For another host: Pub/Sub's filter keeps these out of this host's subscription; an unfiltered one (a
-            # leased slot, or the Pub/Sub emulator, which stores a filter without applying it) still hands them
-            # over, and the device is not here.
+            # For another host: Pub/Sub's filter keeps these out of this host's subscription; an unfiltered one (the
+            # Pub/Sub emulator stores a filter without applying it) still hands them over, and the device is not here.
             with self.stats_lock:
                 self.stats["delivery_foreign"] += 1
             message.ack()

@@ -103,9 +103,6 @@ class BridgeSettings:
     # 0 = off.
     http_port: int = 0
     health_port: int = 0  # HTTP /healthz on front_host for load balancer and auto-healing checks; 0 = off
-    # Pre-created subscriptions to the device-commands topic; the service leases one (cloud). Empty: the
-    # service creates "{prefix}-device-commands-{host_id}" itself (local).
-    fanout_subscriptions: tuple[str, ...] = ()
     # How far ahead this host's liveness record runs (renewed every third of it); `iotctl hosts sweep` deletes the
     # subscription of a host whose record ran out. Tests shorten it to see a killed host swept within seconds.
     host_alive_s: float = HOST_ALIVE_S
@@ -140,7 +137,9 @@ class BridgeSettings:
     def load(cls, path: Path) -> BridgeSettings:
         raw = json.loads(Path(path).read_text())
         raw["routes"] = tuple(Route(**r) for r in raw.get("routes", ()))
-        raw["fanout_subscriptions"] = tuple(raw.get("fanout_subscriptions", ()))
+        if raw.pop("fanout_subscriptions", None):
+            raise ValueError(f"{path}: fanout_subscriptions is retired: the service creates its own delivery "
+                             "subscription, {prefix}-device-commands-{host_id}; remove the key")
         return cls(**raw)
 
     def secrets(self) -> dict[str, str]:

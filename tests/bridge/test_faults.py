@@ -158,24 +158,18 @@ def _health(stack) -> int:
         return 0  # not listening (yet)
 
 
-def test_fanout_subscription_leases_give_each_host_its_own(registry):
-    """Cloud mode: hosts lease pre-created fan-out subscriptions; two hosts never share one."""
-    from iotbridge.bridge.service import BridgeService
+def test_settings_naming_pre_made_fanout_slots_are_refused(tmp_path):
+    """The slots are retired (each host makes its own filtered subscription): settings that still name them fail
+    with a one-line reason instead of the service silently reading nothing or every host's messages."""
     from iotbridge.bridge.settings import BridgeSettings
 
-    subs = (f"lease-a-{uuid.uuid4().hex[:6]}", f"lease-b-{uuid.uuid4().hex[:6]}")
-
-    def host(name: str) -> BridgeService:
-        s = BridgeSettings(project=PROJECT, region="r", registry_id=registry.registry_id, prefix="p",
-                           host_id=name, fanout_subscriptions=subs)
-        return BridgeService(s, registry, password="unused")
-
-    a, b, c = host("host-a"), host("host-b"), host("host-c")
-    got_a, got_b = a._lease_fanout_subscription(), b._lease_fanout_subscription()
-    assert {got_a.rsplit("/", 1)[-1], got_b.rsplit("/", 1)[-1]} == set(subs)
-    with pytest.raises(RuntimeError, match="fanout_slots"):
-        c._lease_fanout_subscription()
-    assert a._try_lease(a._leased)  # renewal by the holder succeeds
+    path = tmp_path / "settings.json"
+    base = {"project": PROJECT, "region": "r", "registry_id": "reg", "prefix": "p", "host_id": "host-a"}
+    path.write_text(json.dumps({**base, "fanout_subscriptions": ["p-device-commands-host-0"]}))
+    with pytest.raises(ValueError, match="fanout_subscriptions is retired"):
+        BridgeSettings.load(path)
+    path.write_text(json.dumps({**base, "fanout_subscriptions": []}))  # what the last slot-less scripts wrote
+    assert BridgeSettings.load(path).host_id == "host-a"
 
 
 def _try_connect(dev) -> bool:

@@ -1,6 +1,7 @@
 """A broker host rehearsed locally the way the cloud boots it: the code archive that Pulumi uploads, unpacked on
-its own; the settings the startup script writes (fan-out subscriptions leased, /healthz on); Mosquitto
-configured by ``python -m iotbridge.bridge mosquitto-config``; then a device end to end."""
+its own; the settings the startup script writes (no pre-made subscription: the bridge makes its own filtered one,
+and deletes it at a clean stop; /healthz on); Mosquitto configured by ``python -m iotbridge.bridge
+mosquitto-config``; then a device end to end."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from datetime import timedelta
 
 import pytest
 from google.cloud import pubsub_v1
@@ -33,12 +35,9 @@ pytestmark = pytest.mark.emulator
 def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
     prefix = f"h{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
-    # The fan-out subscriptions Pulumi declares (two slots).
-    slots = [f"{prefix}-device-commands-host-{i}" for i in range(2)]
+    # Pulumi declares no subscription for the hosts: each makes its own.
     sub = pubsub_v1.SubscriberClient()
-    for s in slots:
-        topic = f"projects/{PROJECT}/topics/{spec.topic_name(prefix, 'device-commands')}"
-        sub.create_subscription(request={"name": sub.subscription_path(PROJECT, s), "topic": topic})
+    own = sub.subscription_path(PROJECT, fanout.host_subscription(prefix, "host-a"))
 
     app = tmp_path / "app"
     for rel, text in bc.code_files().items():
@@ -47,7 +46,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
     script = bc.startup_script(
         project=PROJECT, region=REGION, registry_id=REGISTRY, prefix=prefix, code_url="gs://unused/x.zip",
         tls_key_secret="k", passwords_secret="p", server_cert_pem="unused", database="(default)",
-        routes={"logs": spec.topic_name(prefix, "device-logs")}, fanout_subscriptions=slots, health_port=8080)
+        routes={"logs": spec.topic_name(prefix, "device-logs")}, health_port=8080)
     settings = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0])
     tls = generate_local_tls(tmp_path / "tls")
     write_secrets(tmp_path / "secrets.json", new_secrets())
@@ -82,7 +81,10 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
                 services.wait_for_log(svc, READY_SERVICE, 30)
             else:
                 services.wait_for_port(svc, 30)
-        assert "leased fan-out subscription " + slots[0] in (tmp_path / "service.log").read_text()
+        assert f"delivery subscription {own} (filter {spec.host_filter('host-a')})" in (
+            tmp_path / "service.log").read_text()
+        made = sub.get_subscription(request={"subscription": own})
+        assert (made.filter, made.expiration_policy.ttl) == (spec.host_filter("host-a"), timedelta(hours=24))
         # Healthy once the service has written its first stats (half a second after it started).
         wait_for("/healthz 200", lambda: _health(settings["health_port"]), lambda v: v == 200, timeout=10)
 
@@ -101,6 +103,12 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
         assert dev.configs.get(timeout=20) == b"cfg"
         wait_for("ack", lambda: registry.list_config_versions(device_id)[0].device_ack_time, timeout=15)
         dev.disconnect()
+        # A clean stop (systemd's SIGTERM) leaves no subscription behind.
+        procs.pop(1).stop()
+        from google.api_core import exceptions as gexc
+
+        with pytest.raises(gexc.NotFound):
+            sub.get_subscription(request={"subscription": own})
     finally:
         for p in reversed(procs):
             p.stop()

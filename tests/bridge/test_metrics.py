@@ -53,7 +53,7 @@ def test_cloud_hosts_write_the_gauge():
     script = broker.startup_script(
         project="p-1", region="europe-west1", registry_id="fleet", prefix="iot", code_url="gs://b/code.zip",
         tls_key_secret="k", passwords_secret="s", server_cert_pem="PEM", database="(default)", routes={},
-        fanout_subscriptions=["iot-device-commands-host-0"], health_port=8080)
+        health_port=8080)
     settings = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON", 1)[0])
     assert settings["connected_devices_metric"] == "cloud"
     assert "google-cloud-monitoring==" in broker.code_files()["requirements.txt"]

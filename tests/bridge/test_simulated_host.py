@@ -50,10 +50,12 @@ import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from gcp_iot_bridge.infra import broker as bc
@@ -235,13 +237,8 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
     assert not busy, f"the simulated host binds a host's fixed ports and {busy} are in use on this machine"
     prefix = f"s{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
-    # What Pulumi declares beside the hosts: the fan-out subscriptions.
-    slots = [f"{prefix}-device-commands-host-{i}" for i in range(2)]
+    # Pulumi declares no subscription for the hosts: the bridge makes its own, named after the instance.
     subscriber = pubsub_v1.SubscriberClient()
-    for s in slots:
-        subscriber.create_subscription(request={
-            "name": subscriber.subscription_path(PROJECT, s),
-            "topic": f"projects/{PROJECT}/topics/{spec.topic_name(prefix, 'device-commands')}"})
 
     # The code archive, the server key and the passwords, where a host finds them.
     files = bc.code_files()
@@ -261,7 +258,7 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         project=PROJECT, region=REGION, registry_id=REGISTRY, prefix=prefix, code_url=f"gs://{BUCKET}/{object_name}",
         tls_key_secret="iot-sim-broker-tls-key", passwords_secret="iot-sim-broker-passwords",
         server_cert_pem=tls.server_cert.read_text(), database="(default)",
-        routes={"logs": spec.topic_name(prefix, "device-logs")}, fanout_subscriptions=slots, health_port=health_port)
+        routes={"logs": spec.topic_name(prefix, "device-logs")}, health_port=health_port)
     shims = tmp_path / "shims"
     shims.mkdir()
     for name, text in (("apt-get", APT_GET), ("systemctl", SYSTEMCTL)):
@@ -319,6 +316,13 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
             assert proc is not None
             assert _uid(proc.pid) == (uid, uid), f"{name} runs as {_uid(proc.pid)}, not {uid}"
         wait_for("/healthz 200", lambda: _health(health_port), lambda v: v == 200, timeout=15)
+        # The host id is the instance's name (hostname -s, as on GCE); the bridge made its own filtered
+        # subscription under it, with the expiration that removes it a day after a host dies without a stop.
+        host_id = json.loads((host_root / "etc/iotbridge/settings.json").read_text())["host_id"]
+        assert host_id == google.hostname and spec.HOST_ID_RE.fullmatch(host_id)
+        own = subscriber.subscription_path(PROJECT, fanout.host_subscription(prefix, host_id))
+        made = subscriber.get_subscription(request={"subscription": own})
+        assert (made.filter, made.expiration_policy.ttl) == (spec.host_filter(host_id), timedelta(hours=24))
         # The front labelled its gauge from the metadata server; the write itself was refused at the proxy.
         wait_for("the front's metadata read", lambda: google.seen("GET", "/computeMetadata/v1/instance/zone"),
                  timeout=15)
@@ -345,6 +349,9 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
 
         # The bridge service is down: the next event waits in its persistent session on Mosquitto.
         init.stop(UNITS[1])
+        # Its clean stop (systemd's SIGTERM) deleted its subscription; it makes it anew when it starts again.
+        with pytest.raises(gexc.NotFound):
+            subscriber.get_subscription(request={"subscription": own})
         dev.publish_event(b"while the bridge was down").wait_for_publish(10)
         dev.disconnect()
         # Mosquitto restarts (as systemd's Restart=always would after a crash, or an operator's restart).
@@ -359,6 +366,7 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         init.start(UNITS[1])
         services.wait_for_log(init.service(UNITS[1]), READY_SERVICE, 60)
         assert [m.data for m in reader.pull("telemetry", 1)] == [b"while the bridge was down"]
+        assert subscriber.get_subscription(request={"subscription": own}).filter == spec.host_filter(host_id)
         print(f"simulated host: startup script {boot_s:.1f}s, whole test {time.monotonic() - started:.1f}s")
     finally:
         init.stop_all()

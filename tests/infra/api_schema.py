@@ -421,6 +421,13 @@ MAPPING: dict[str, dict[str, Target]] = {
         **{"condition.expression": ("cloudresourcemanager.v1", "Binding", "condition.expression"),
            "condition.title": ("cloudresourcemanager.v1", "Binding", "condition.title"),
            "condition.description": ("cloudresourcemanager.v1", "Binding", "condition.description")}),
+    "gcp:projects/iAMCustomRole:IAMCustomRole": {
+        "roleId": ("iam.v1", "CreateRoleRequest", "roleId"),
+        "title": ("iam.v1", "CreateRoleRequest", "role.title"),
+        "description": ("iam.v1", "CreateRoleRequest", "role.description"),
+        "permissions": ("iam.v1", "CreateRoleRequest", "role.includedPermissions"),
+        "stage": ("iam.v1", "CreateRoleRequest", "role.stage"),
+    },
     "gcp:projects/service:Service": {
         "service": ("serviceusage.v1", "GoogleApiServiceusageV1Service", "name"),
     },
@@ -673,6 +680,12 @@ LIMITS: dict[Target, Limit] = {
         minimum=10, maximum=80),
     ("bigtableadmin.v2", "CreateTableRequest", "tableId"): Limit(quote="Maximum 50 characters.",
                                                                  regex=r"[-_.a-zA-Z0-9]{1,50}"),
+    ("iam.v1", "CreateRoleRequest", "roleId"): Limit(
+        quote="It must contain a minimum of 3 characters and a maximum of 64 characters.",
+        regex=r"[A-Za-z0-9_.]{3,64}"),
+    ("iam.v1", "CreateRoleRequest", "role.title"): Limit(
+        quote="Typically this is limited to 100 UTF-8 bytes.", quoted_from=("iam.v1", "Role", "title"),
+        regex=r"[ -~]{1,100}"),
     ("cloudfunctions.v2", "Function", "labels"): _LABELS,
     ("cloudfunctions.v2", "Function", "serviceConfig.availableMemory"): Limit(
         quote="Supported units are k, M, G, Mi, Gi.", regex=r"\d+(k|M|G|Mi|Gi)?"),

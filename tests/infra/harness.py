@@ -180,6 +180,9 @@ class _Mocks(pulumi.runtime.Mocks):
             short = str(state["service"]).split(".")[0]
             email = f"service-{PROJECT_NUMBER}@gcp-sa-{short}.iam.gserviceaccount.com"
             state.update(email=email, member=f"serviceAccount:{email}")
+        elif t == "gcp:projects/iAMCustomRole:IAMCustomRole":
+            # The provider's ``name`` (and id): what a binding names the role by.
+            rid = state["name"] = f"projects/{project}/roles/{state['roleId']}"
         elif t == "gcp:bigquery/dataset:Dataset":
             rid = f"projects/{project}/datasets/{state['datasetId']}"
         elif t == "gcp:bigquery/table:Table":

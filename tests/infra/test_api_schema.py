@@ -127,6 +127,9 @@ def test_the_flex_template_autoscaling_algorithm_is_held_to_the_launch_api_enum(
     ("gcp:monitoring/uptimeCheckConfig:UptimeCheckConfig", {"period": "120s"}, "is not one of"),
     ("gcp:storage/bucket:Bucket", {"publicAccessPrevention": "on"}, "is not one of"),
     ("gcp:serviceaccount/account:Account", {"accountId": "iot"}, "below 6"),
+    # A custom role id takes no hyphen: the prefix's hyphens become underscores.
+    ("gcp:projects/iAMCustomRole:IAMCustomRole", {"roleId": "iot-dev_broker_host_subscriptions"}, "does not match"),
+    ("gcp:projects/iAMCustomRole:IAMCustomRole", {"stage": "PREVIEW"}, "is not one of"),
     ("gcp:bigquery/table:Table", {"schema": json.dumps([{"name": "a", "type": "STRING", "mode": "REQUIRED",
                                                           "nullable": False}])}, "unknown field 'nullable'"),
     ("gcp:monitoring/dashboard:Dashboard", {"dashboardJson": json.dumps(

@@ -46,25 +46,10 @@ T = {
     "sub": "gcp:pubsub/subscription:Subscription",
     "sub_iam": "gcp:pubsub/subscriptionIAMMember:SubscriptionIAMMember",
     "project_iam": "gcp:projects/iAMMember:IAMMember",
+    "role": "gcp:projects/iAMCustomRole:IAMCustomRole",
     "bucket_iam": "gcp:storage/bucketIAMMember:BucketIAMMember",
 }
 
-
-PUBSUB_AGENT = "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com"
-
-
-def test_fanout_subscriptions_dead_letter_and_the_agent_may_ack_them():
-    run = build()
-    subs = [s for s in run.resources if s.type == "gcp:pubsub/subscription:Subscription"]
-    assert len(subs) == 4  # one per host the group may run (max_hosts)
-    for sub in subs:
-        assert sub.get("deadLetterPolicy") == {"deadLetterTopic": TOPIC + "dead-letter", "maxDeliveryAttempts": 5}
-    agent_grants = {g.get("subscription") for g in run.resources
-                    if g.type == "gcp:pubsub/subscriptionIAMMember:SubscriptionIAMMember"
-                    and g.get("member") == PUBSUB_AGENT and g.get("role") == "roles/pubsub.subscriber"}
-    assert agent_grants == {s.get("name") for s in subs}
-    with pytest.raises((ValueError, harness.ProgramFailed), match="needs pubsub_agent"):
-        build(pubsub_agent=None)
 
 
 def build(**overrides) -> harness.StackRun:
@@ -73,7 +58,7 @@ def build(**overrides) -> harness.StackRun:
         service_account_email=BRIDGE_EMAIL, telemetry_topic=TOPIC + "telemetry", state_topic=TOPIC + "state",
         commands_topic=TOPIC + "device-commands", deletion_protection=False,
         routes={"logs": TOPIC + "device-logs"}, min_hosts=2, max_hosts=4,
-        dead_letter_topic=TOPIC + "dead-letter", pubsub_agent=PUBSUB_AGENT,
+        dead_letter_topic=TOPIC + "dead-letter",
     )
     fields.update(overrides)
 
@@ -194,21 +179,40 @@ def test_firewall_opens_8883_and_the_health_port_to_probe_ranges_only(run):
 
 
 def test_bridge_identity_has_least_privilege(run):
-    published = {(r.get("topic"), r.get("role")) for r in run.of_type(T["topic_iam"]) if r.get("member") == MEMBER}
-    assert published == {(TOPIC + t, "roles/pubsub.publisher")
-                         for t in ("telemetry", "state", "device-logs", "dead-letter")}
-    subs = {r.get("name") for r in run.of_type(T["sub"])}
-    assert subs == {f"{PREFIX}-device-commands-host-{i}" for i in range(4)}
-    assert all(r.get("topic") == TOPIC + "device-commands" for r in run.of_type(T["sub"]))
-    assert {r.get("role") for r in run.of_type(T["sub_iam"])} == {"roles/pubsub.subscriber"}
-    project_roles = run.of_type(T["project_iam"])
-    assert [r.get("role") for r in project_roles] == ["roles/datastore.user"]
-    assert 'databases/(default)' in project_roles[0].get("condition")["expression"]
+    topic_grants = {(r.get("topic"), r.get("role")) for r in run.of_type(T["topic_iam"]) if r.get("member") == MEMBER}
+    assert topic_grants == {
+        *((TOPIC + t, "roles/pubsub.publisher") for t in ("telemetry", "state", "device-logs", "dead-letter")),
+        # Subscribing: attachSubscription on the device-commands topic only, for the subscription a host makes.
+        (TOPIC + "device-commands", "roles/pubsub.subscriber")}
+    assert run.of_type(T["sub"]) == [] and run.of_type(T["sub_iam"]) == []  # hosts make their own
+    project_roles = {r.get("role"): r for r in run.of_type(T["project_iam"])}
+    assert set(project_roles) == {"roles/datastore.user", f"projects/{PROJECT}/roles/iot_dev_broker_host_subscriptions"}
+    assert all(r.get("member") == MEMBER for r in project_roles.values())
+    assert project_roles["roles/datastore.user"].get("condition")["expression"] == (
+        'resource.name.startsWith("projects/proj-test-123/databases/(default)")')
     secrets = {r.get("role") for r in run.of_type(T["secret_iam"])}
     assert secrets == {"roles/secretmanager.secretAccessor"} and len(run.of_type(T["secret_iam"])) == 2
     assert {r.get("role") for r in run.of_type(T["bucket_iam"])} == {"roles/storage.objectViewer"}
     for r in run.resources:
         assert r.get("role") not in {"roles/owner", "roles/editor", "roles/viewer", "roles/pubsub.editor"}
+
+
+def test_a_host_may_create_read_and_delete_a_subscription_and_nothing_more(run):
+    """The custom role holds exactly what ``iotbridge.bridge.fanout`` calls (create, get on a restart, pull, delete
+    at a clean stop) and is granted on the project without a condition: Pub/Sub resources take none, and a
+    condition on ``resource.name`` would leave the grant empty for them."""
+    role = the(run, "role")
+    assert (role.get("roleId"), role.get("stage"), role.get("project")) == (
+        "iot_dev_broker_host_subscriptions", "GA", PROJECT)
+    assert sorted(role.get("permissions")) == [
+        "pubsub.subscriptions.consume", "pubsub.subscriptions.create", "pubsub.subscriptions.delete",
+        "pubsub.subscriptions.get"]
+    role_name = f"projects/{PROJECT}/roles/{role.get('roleId')}"
+    (grant,) = [r for r in run.of_type(T["project_iam"]) if r.get("role") == role_name]
+    assert grant.get("condition") is None and run.depends_on(grant, role)
+    # No topic, snapshot, IAM-policy or list permission: a host cannot publish there, seek, or re-grant.
+    assert not any(p.startswith(("pubsub.topics.", "pubsub.snapshots.")) or p.endswith(("IamPolicy", ".list"))
+                   for p in role.get("permissions"))
 
 
 def test_code_archive_is_named_by_content_and_pins_its_requirements():
@@ -251,7 +255,7 @@ def test_invalid_arguments_fail_before_anything_is_declared():
     for bad in ({"min_hosts": 0}, {"min_hosts": 5, "max_hosts": 4}, {"max_hosts": 2001}):
         with pytest.raises(Exception, match="hosts must be 1 <= min_hosts <= max_hosts <= 2000"):
             build(**bad)
-    with pytest.raises(Exception, match="must cover max_hosts"):
+    with pytest.raises(Exception, match="fanout_slots"):  # retired: hosts make their own subscription
         build(max_hosts=6, fanout_slots=4)
     with pytest.raises(Exception, match="unknown machine type 'n9-mega-2'"):
         build(machine_type="n9-mega-2")
@@ -263,10 +267,10 @@ def test_hosts_boot_only_after_everything_they_read_exists(run):
     """The startup script reads secrets, code and Firestore at once: grants and versions come first."""
     mig = the(run, "mig")
     needs = [*run.of_type(T["secret_iam"]), *run.of_type(T["version"]), *run.of_type(T["topic_iam"]),
-             *[g for g in run.of_type(T["sub_iam"]) if g.get("member") != PUBSUB_AGENT],  # the bridge's own
              *run.of_type(T["project_iam"]), *run.of_type(T["bucket_iam"]),
              *run.of_type("gcp:compute/routerNat:RouterNat")]
-    assert len(needs) == 2 + 2 + 4 + 4 + 1 + 1 + 1  # topic grants: telemetry, state, the route, dead-letter
+    # Topic grants: telemetry, state, the route, dead-letter, device-commands (attach); project: datastore, the role.
+    assert len(needs) == 2 + 2 + 5 + 2 + 1 + 1
     for r in needs:
         assert run.depends_on(mig, r), r.name
 
@@ -286,7 +290,7 @@ def test_startup_script_settings_load_in_the_bridge(run, tmp_path):
     assert (s.project, s.registry_id, s.prefix, s.front_port, s.broker_host) == (
         PROJECT, "fleet", PREFIX, 8883, "127.0.0.1")
     assert [(r.sub_folder, r.topic) for r in s.routes] == [("logs", f"{PREFIX}-device-logs")]
-    assert s.fanout_subscriptions == tuple(f"{PREFIX}-device-commands-host-{i}" for i in range(4))
+    assert "fanout_subscriptions" not in text  # no pre-made slot: the bridge creates its own filtered subscription
     assert s.health_port == 8080 and s.host_id == "iot-dev-broker-abcd"
     assert s.http_port == 8443
 
@@ -295,7 +299,7 @@ def _host_script() -> str:
     return bc.startup_script(
         project=PROJECT, region="europe-west1", registry_id="fleet", prefix=PREFIX, code_url="gs://b/o.zip",
         tls_key_secret="k", passwords_secret="p", server_cert_pem="c", database="(default)", routes={},
-        fanout_subscriptions=[], health_port=8080)
+        health_port=8080)
 
 
 def test_a_host_runs_the_bridge_from_the_archive_alone(tmp_path):
@@ -351,7 +355,7 @@ def test_autoscaler_on_connected_devices_per_host_and_cpu_within_the_bounds(run)
     (scaled,) = bigger.of_type("gcp:compute/regionAutoscaler:RegionAutoscaler")
     assert (scaled.get("autoscalingPolicy")["minReplicas"], scaled.get("autoscalingPolicy")["maxReplicas"]) == (3, 2000)
     assert scaled.get("autoscalingPolicy")["metrics"][0]["target"] == 20000
-    assert len(bigger.of_type(T["sub"])) == 2000  # a fan-out slot for every host the group may run
+    assert bigger.of_type(T["sub"]) == []  # no subscription per host the group may run: each host makes its own
 
 
 def test_updates_roll_one_host_per_zone_without_going_below_the_group_size(run):
@@ -397,3 +401,24 @@ def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run)
     small = host_sizing.sizing("e2-micro")  # 1 GiB: memory bounds it
     assert (small.devices, small.autoscale_target, small.front_nofile) == (7182, 5027, 18460)
     assert host_sizing.sizing("n2-custom-4-16384").memory_mib == 16384
+
+
+def test_every_instance_name_the_group_gives_is_a_host_id_with_a_subscription_pubsub_accepts():
+    """A host's id is its instance name (``hostname -s``): the group's base name, a hyphen and four characters.
+    Any name Compute Engine allows (its own pattern, from the API's discovery document) is a valid host id, and
+    at the longest prefix the host's subscription name and filter fit Pub/Sub's limits."""
+    from iotbridge import spec
+    from iotbridge.bridge import fanout
+    from tests.infra import api_schema
+
+    compute = json.loads((api_schema.DOCUMENTS / "compute.v1.json").read_text())["schemas"]
+    instance_name = compute["Instance"]["properties"]["name"]["pattern"]
+    longest_prefix = "p" + "x" * 14 + "1"  # config.py's longest prefix: 16 characters
+    base = the(build(prefix=longest_prefix), "mig").get("baseInstanceName")
+    assert base == f"{longest_prefix}-broker"
+    for host in (f"{base}-a1z9", "a", "z" + "-9" * 31, f"{base}-" + "0" * (62 - len(base))):
+        assert re.fullmatch(instance_name, host), host
+        assert spec.HOST_ID_RE.fullmatch(host), host
+        name = fanout.host_subscription(longest_prefix, host)
+        assert re.fullmatch(api_schema.LIMITS[("pubsub.v1", "Subscription", "name")].regex or "", name), name
+        assert len(spec.host_filter(host).encode()) <= spec.MAX_FILTER_BYTES

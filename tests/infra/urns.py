@@ -10,14 +10,18 @@ holds the URNs of the dev, prod and demo stacks as they were before the componen
     .venv/bin/python -m tests.infra.urns           # print today's URNs of every stack, as the fixtures hold them
     .venv/bin/python -m tests.infra.urns --write   # rewrite the fixtures (only from code whose URNs are the baseline)
 
-A change that removes a resource on purpose (a deployed stack loses it on the next ``up``) rewrites the fixtures
-and says so in its commit; a change that moves or renames one gives the new resource an alias instead.
+A change that removes a resource on purpose (a deployed stack loses it on the next ``up``) adds it to ``RETIRED``
+below, with the reason, rather than rewriting the fixtures: the baseline keeps saying what was deployed, and the
+list says what a deployed stack loses and why. A change that moves or renames one gives the new resource an alias
+instead.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,40 @@ ROOT_STACK_TYPE = "pulumi:pulumi:Stack"
 
 def fixture(stack: str) -> Path:
     return FIXTURES / f"urns-{stack}.json"
+
+
+@dataclass(frozen=True)
+class Retired:
+    """Resources of the baseline that ``pulumi up`` deletes on purpose: of ``type_``, directly under a parent of
+    ``parent_type``, named by ``name`` (a whole-name pattern), in every stack."""
+
+    type_: str
+    parent_type: str
+    name: str
+    reason: str
+
+    def covers(self, urn: str) -> bool:
+        _, _, qualified, name = _split(urn)
+        parent_types, _, own = qualified.rpartition("$")
+        return (own == self.type_ and parent_types.rpartition("$")[2] == self.parent_type
+                and re.fullmatch(self.name, name) is not None)
+
+
+_SLOTS = ("the broker's fan-out slots: one unfiltered device-commands subscription per host the group could run, "
+          "each host leasing one, so every config and command reached every host (up to 2000 subscriptions). Each "
+          "host now creates its own subscription, filtered on its host id, and deletes it at a clean stop "
+          "(docs/broker-scaling.md); the hosts that read the slots are replaced by the same update")
+RETIRED: tuple[Retired, ...] = (
+    Retired("gcp:pubsub/subscription:Subscription", "gcp-iot-bridge:index:Broker", r"broker-fanout-\d+", _SLOTS),
+    Retired("gcp:pubsub/subscriptionIAMMember:SubscriptionIAMMember", "gcp-iot-bridge:index:Broker",
+            r"broker-fanout-\d+-(subscriber|agent)",
+            "the bridge's and the Pub/Sub agent's (dead-lettering) subscriber grants on those slots: " + _SLOTS),
+)
+
+
+def retired(urn: str) -> Retired | None:
+    """The entry of ``RETIRED`` that covers ``urn``, or None."""
+    return next((r for r in RETIRED if r.covers(urn)), None)
 
 
 def _split(urn: str) -> tuple[str, str, str, str]:
