@@ -1,0 +1,102 @@
+"""What a connected device costs the front, checked by structure rather than by a memory figure (the machine's
+noise would make one flaky; ``python -m bench.profile_front mem N`` and ``bench connections`` measure it):
+its session reaches Mosquitto over the host's Unix socket (no ephemeral port, no TCP socket pair), it holds three
+asyncio tasks (the connection's, one per relay direction; the expiry is a timer, the close a future), and its
+per-session objects carry no instance dictionary."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import threading
+from asyncio import sslproto
+
+import psutil
+import pytest
+
+from iotbridge.bridge import front, mqtt
+from iotbridge.device import Device, DeviceIdentity
+from iotbridge.local import services
+from tests.waiting import wait_for
+
+from .conftest import PROJECT, REGION, REGISTRY
+
+pytestmark = pytest.mark.emulator
+
+DEVICES = 4
+TASKS_PER_SESSION = 3
+
+
+def _broker_peers(path: str) -> int:
+    """Transports of this process connected to the Unix socket at ``path``."""
+    return sum(1 for o in gc.get_objects()
+               if isinstance(o, asyncio.Transport) and o.get_extra_info("peername") == path)
+
+
+def test_a_connected_device_costs_three_tasks_and_a_unix_socket_to_mosquitto(stack, devices, monkeypatch):
+    monkeypatch.setattr(sslproto, "SSLProtocol", sslproto.SSLProtocol)  # the front replaces it; undone after
+    # A front in this process (the stack's Mosquitto, registry and secrets), so that its tasks and transports can
+    # be counted; devices connect to it from paho's threads.
+    settings = dataclasses.replace(stack.settings, front_port=services.free_port(), health_port=0, http_port=0)
+    assert settings.broker_socket, "the local host gives Mosquitto a Unix socket for the front"
+    secrets = settings.secrets()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro):  # noqa: ANN001, ANN202
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    async def tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    fr = front.Front(settings, devices.registry, front.server_ssl_context(settings.tls_cert, settings.tls_key),
+                     front_password=secrets["front"], control_password=secrets["bridge"])
+    connected: list[Device] = []
+    try:
+        run(fr.start())
+        before = run(tasks())
+        for _ in range(DEVICES):
+            device_id, key = devices.register()
+            d = Device(DeviceIdentity(PROJECT, REGION, REGISTRY, device_id, key, "ES256"), "127.0.0.1",
+                       settings.front_port, str(stack.ca_cert))
+            d.connect()
+            connected.append(d)
+        wait_for("sessions", lambda: len(fr.sessions), lambda n: n == DEVICES, timeout=20)
+        wait_for("the connects' own tasks to end", lambda: run(tasks()) - before,
+                 lambda n: n <= DEVICES * TASKS_PER_SESSION, timeout=10)
+        assert run(tasks()) - before == DEVICES * TASKS_PER_SESSION
+        # Each session's broker connection is on Mosquitto's Unix socket, and a working one: a PINGREQ goes round.
+        assert _broker_peers(settings.broker_socket) == DEVICES
+        for d in connected:
+            assert d.client.is_connected()
+        session = next(iter(fr.sessions))
+        assert not hasattr(session, "__dict__") and not hasattr(mqtt.Framer(1), "__dict__")
+    finally:
+        for d in connected:
+            d.disconnect()
+        run(fr.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_the_stacks_front_reaches_mosquitto_over_its_unix_socket(stack, devices):
+    """The front process of a local host: more devices, no more TCP connections to Mosquitto's port (only the
+    front's own control clients hold one), and Mosquitto sees the devices arrive on its Unix socket."""
+    proc = psutil.Process(stack.procs["front"].proc.pid)
+
+    def tcp_to_broker() -> int:
+        port = stack.settings.broker_port
+        return sum(1 for c in proc.net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
+
+    before = tcp_to_broker()
+    ids = []
+    for _ in range(DEVICES):
+        d = devices.connected()
+        ids.append(d.identity.device_id)
+    assert tcp_to_broker() == before
+    log = stack.log_text("mosquitto")
+    for device_id in ids:
+        assert f"New client connected from {stack.settings.broker_socket}" in log and f" as {device_id} " in log
