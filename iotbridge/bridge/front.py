@@ -33,6 +33,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -71,6 +72,7 @@ T = TypeVar("T")
 log = logging.getLogger("iotbridge.front")
 
 CONNECT_TIMEOUT_S = 10.0
+BROKER_CONNECT_TIMEOUT_S = 5.0  # a session's connect to Mosquitto's Unix socket (open_unix_stream)
 MAX_CONNECT_BYTES = 16 * 1024
 # Largest device→broker packet read at all: a 256 KB event plus its topic and MQTT 5 properties.
 MAX_DEVICE_PACKET = EVENTS_MAX_BYTES + 70 * 1024
@@ -184,6 +186,35 @@ def share_tls_read_buffer() -> None:
     carries at most 16 KiB of plaintext, so a 32 KiB buffer costs no throughput."""
     _SharedReadBufferSSLProtocol.max_size = TLS_READ_BUFFER
     sslproto.SSLProtocol = _SharedReadBufferSSLProtocol
+
+
+async def open_unix_stream(path: str, timeout: float = BROKER_CONNECT_TIMEOUT_S,
+                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream connected to the Unix socket at ``path``, also when its listener's backlog is full.
+
+    A Unix socket does not queue a connect beyond the listener's backlog (Mosquitto's is 100; a TCP connect
+    would be retried by the kernel): a non-blocking connect fails with EAGAIN, which
+    ``asyncio.open_unix_connection`` takes for "in progress" and hands back a socket that was never connected
+    (a connect storm lost about one device in ten that way). Here the connect is tried again, with a short
+    backoff, until it succeeds or ``timeout`` passes (``TimeoutError``, an ``OSError``)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    deadline, delay = loop.time() + timeout, 0.001
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:
+                if loop.time() >= deadline:
+                    raise TimeoutError(f"{path}: listener's backlog full for {timeout:g}s") from None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.05)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_unix_connection(sock=sock)
 
 
 def server_ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -953,7 +984,7 @@ class Front:
         """A device session's connection to Mosquitto: its Unix socket when the settings name one (no ephemeral
         port per device), else its loopback TCP listener."""
         if self.settings.broker_socket:
-            return await asyncio.open_unix_connection(self.settings.broker_socket)
+            return await open_unix_stream(self.settings.broker_socket)
         return await asyncio.open_connection(self.settings.broker_host, self.settings.broker_port)
 
     # ---------------------------------------------------------------------------------- health

@@ -7,8 +7,10 @@ per-session objects carry no instance dictionary."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
+import socket
 import threading
 from asyncio import sslproto
 
@@ -18,14 +20,20 @@ import pytest
 from iotbridge.bridge import front, mqtt
 from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
-from tests.waiting import wait_for
+from tests.waiting import TimedOut, wait_for
 
 from .conftest import PROJECT, REGION, REGISTRY
 
-pytestmark = pytest.mark.emulator
-
 DEVICES = 4
 TASKS_PER_SESSION = 3
+
+
+async def _finish_tasks() -> None:
+    """Cancel and await what is left of the loop's tasks (the front's loops after ``stop``)."""
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in left:
+        t.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
 
 
 def _broker_peers(path: str) -> int:
@@ -34,6 +42,7 @@ def _broker_peers(path: str) -> int:
                if isinstance(o, asyncio.Transport) and o.get_extra_info("peername") == path)
 
 
+@pytest.mark.emulator
 def test_a_connected_device_costs_three_tasks_and_a_unix_socket_to_mosquitto(stack, devices, monkeypatch):
     monkeypatch.setattr(sslproto, "SSLProtocol", sslproto.SSLProtocol)  # the front replaces it; undone after
     # A front in this process (the stack's Mosquitto, registry and secrets), so that its tasks and transports can
@@ -76,12 +85,16 @@ def test_a_connected_device_costs_three_tasks_and_a_unix_socket_to_mosquitto(sta
     finally:
         for d in connected:
             d.disconnect()
+        with contextlib.suppress(TimedOut):  # the sessions' own clean-up (presence) before the front stops
+            wait_for("the sessions to end", lambda: run(tasks()), lambda n: n <= before, timeout=10)
         run(fr.stop())
+        run(_finish_tasks())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
 
 
+@pytest.mark.emulator
 def test_the_stacks_front_reaches_mosquitto_over_its_unix_socket(stack, devices):
     """The front process of a local host: more devices, no more TCP connections to Mosquitto's port (only the
     front's own control clients hold one), and Mosquitto sees the devices arrive on its Unix socket."""
@@ -100,3 +113,63 @@ def test_the_stacks_front_reaches_mosquitto_over_its_unix_socket(stack, devices)
     log = stack.log_text("mosquitto")
     for device_id in ids:
         assert f"New client connected from {stack.settings.broker_socket}" in log and f" as {device_id} " in log
+
+
+def test_a_connect_to_a_unix_socket_with_a_full_backlog_waits_for_room_instead_of_failing_quietly(tmp_path):
+    """Beyond its listener's backlog a Unix socket refuses a non-blocking connect (EAGAIN) rather than queueing it;
+    asyncio's own open_unix_connection then returns a socket that is not connected. The front's connect waits."""
+    path = str(tmp_path / "b.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(2)  # and accepts nothing until the connects are under way
+    listener.setblocking(False)
+
+    async def main() -> list[str]:
+        attempts = [asyncio.ensure_future(front.open_unix_stream(path, timeout=10)) for _ in range(8)]
+        await asyncio.sleep(0.3)
+        early = [t for t in attempts if t.done()]
+        assert 0 < len(early) < len(attempts)  # the backlog took a few; the others wait for room
+        accepted = []
+        while not all(t.done() for t in attempts):
+            try:
+                accepted.append(listener.accept()[0])
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        peers = []
+        for t in attempts:
+            _, writer = t.result()
+            peers.append(writer.get_extra_info("socket").getpeername())  # OSError (ENOTCONN) if never connected
+            writer.close()
+        for conn in accepted:
+            conn.close()
+        return peers
+
+    loop = asyncio.new_event_loop()  # not asyncio.run: see test_tls_read_buffer.py
+    try:
+        assert loop.run_until_complete(main()) == [path] * 8
+    finally:
+        loop.close()
+        listener.close()
+
+
+def test_a_unix_socket_connect_gives_up_after_its_timeout(tmp_path):
+    path = str(tmp_path / "b.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+
+    async def main() -> None:
+        held = []
+        with pytest.raises(TimeoutError, match="backlog full"):
+            for _ in range(8):  # nothing is accepted: the backlog fills, then a connect waits and gives up
+                held.append(await front.open_unix_stream(path, timeout=0.2))
+        assert len(held) < 8
+        for _, w in held:
+            w.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+        listener.close()
