@@ -63,6 +63,7 @@ def test_a_connected_device_costs_three_tasks_and_a_unix_socket_to_mosquitto(sta
     fr = front.Front(settings, devices.registry, front.server_ssl_context(settings.tls_cert, settings.tls_key),
                      front_password=secrets["front"], control_password=secrets["bridge"])
     connected: list[Device] = []
+    before = 0
     try:
         run(fr.start())
         before = run(tasks())
