@@ -12,6 +12,11 @@ printed per connection: RSS, the Python heap (traced), tracemalloc's own overhea
 the C side of sockets, allocator slack), the heap by allocating line and by traceback, and the objects by type.
 tracemalloc inflates the RSS by its own bookkeeping; ``bench connections`` measures the RSS without it.
 
+``python -m bench.profile_front mosquitto-tls N OUT``: Mosquitto alone, N idle MQTT clients (after 200), once on a
+TLS listener (Mosquitto terminating TLS with the local server certificate, as the front does) and once on plain
+TCP: its RSS growth per connection, what a host would hold per device with Mosquitto terminating TLS and the
+front out of the data path.
+
 ``python -m bench.profile_front ops OP N``: N repetitions of one step of a device connect in this process, for
 ``valgrind --tool=callgrind``: OP ``jwt`` is the front's check of an ES256 device token, ``tls`` one TLS 1.3
 handshake (both ends, over a socketpair) with the front's server context. Instructions per operation are the
@@ -263,11 +268,55 @@ def mem(n: int, out: Path) -> None:
         local.stop_all()
 
 
+async def _mosquitto_fleet(port: int, n: int, ctx: ssl.SSLContext | None, pid: int) -> tuple[int, int, dict]:
+    """``n`` idle MQTT connections to Mosquitto on ``port`` (TLS when ``ctx``); (held, RSS growth in KiB, errors)."""
+    fleet = connections.Fleet("127.0.0.1", port, ctx)
+    sem = asyncio.Semaphore(connections.CONCURRENT_CONNECTS)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await fleet.connect(f"proto-{i:06d}", "unused")
+
+    await asyncio.gather(*(one(i) for i in range(MEM_WARMUP)))
+    await asyncio.sleep(2)
+    rss0 = connections.rss_kib(pid)
+    await asyncio.gather(*(one(i) for i in range(MEM_WARMUP, MEM_WARMUP + n)))
+    held = await fleet.ping_all()
+    await asyncio.sleep(2)
+    grown = connections.rss_kib(pid) - rss0
+    await fleet.close()
+    return held - MEM_WARMUP, grown, dict(fleet.errors)
+
+
+def mosquitto_tls(n: int, out: Path) -> None:
+    """Mosquitto's own memory per idle connection with TLS on its listener (the design where it terminates TLS
+    and the front leaves the data path), against the same without TLS."""
+    out.mkdir(parents=True, exist_ok=True)
+    connections.raise_nofile()
+    tls = generate_local_tls(out / "tls")
+    for name, ctx, extra in (
+            ("TLS", ssl.create_default_context(cafile=str(tls.ca_cert)),
+             [f"certfile {tls.server_cert}", f"keyfile {tls.server_key}"]),
+            ("plain TCP", None, [])):
+        port = services.free_port()
+        conf = "\n".join(["user root" if os.geteuid() == 0 else "", f"listener {port} 127.0.0.1", *extra,
+                          "allow_anonymous true", "max_keepalive 65535", "log_type error", ""])
+        svc = services.start_mosquitto(conf, port, out / name.replace(" ", "-"))
+        try:
+            held, grown, errors = asyncio.run(_mosquitto_fleet(port, n, ctx, svc.proc.pid))
+        finally:
+            svc.stop()
+        print(f"Mosquitto, {name}: {held} of {n} connections held; RSS +{grown} KiB = "
+              f"{grown / max(held, 1):.1f} KiB per connection; client errors {errors}", flush=True)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "pyspy":
         pyspy(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "mem":
         mem(int(argv[1]), Path(argv[2]))
+    elif len(argv) == 3 and argv[0] == "mosquitto-tls":
+        mosquitto_tls(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "traced-front":
         traced_front(argv[1], argv[2])
     elif len(argv) == 3 and argv[0] == "ops":
