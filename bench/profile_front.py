@@ -301,7 +301,9 @@ def mosquitto_tls(n: int, out: Path) -> None:
         port = services.free_port()
         conf = "\n".join(["user root" if os.geteuid() == 0 else "", f"listener {port} 127.0.0.1", *extra,
                           "allow_anonymous true", "max_keepalive 65535", "log_type error", ""])
-        svc = services.start_mosquitto(conf, port, out / name.replace(" ", "-"))
+        wd = out / name.replace(" ", "-")
+        wd.mkdir(exist_ok=True)
+        svc = services.start_mosquitto(conf, port, wd)
         try:
             held, grown, errors = asyncio.run(_mosquitto_fleet(port, n, ctx, svc.proc.pid))
         finally:
