@@ -17,6 +17,10 @@ TLS listener (Mosquitto terminating TLS with the local server certificate, as th
 TCP: its RSS growth per connection, what a host would hold per device with Mosquitto terminating TLS and the
 front out of the data path.
 
+``python -m bench.profile_front idle N RECHECK_S``: the front's CPU over 90 s while it holds N idle devices
+(keep-alive 60 s, as ``bench connections``) with the registry re-check every RECHECK_S seconds (the cloud's is
+``iotbridge.spec.CLOUD_RECHECK_INTERVAL_S``).
+
 ``python -m bench.profile_front ops OP N``: N repetitions of one step of a device connect in this process, for
 ``valgrind --tool=callgrind``: OP ``jwt`` is the front's check of an ES256 device token, ``tls`` one TLS 1.3
 handshake (both ends, over a socketpair) with the front's server context. Instructions per operation are the
@@ -312,11 +316,45 @@ def mosquitto_tls(n: int, out: Path) -> None:
               f"{grown / max(held, 1):.1f} KiB per connection; client errors {errors}", flush=True)
 
 
+IDLE_WINDOW_S = 90.0
+
+
+async def _idle(stack: BridgeStack, devices: list[tuple[str, bytes]]) -> None:
+    pid = stack.procs["front"].proc.pid
+    fleet, tokens, one = _fleet(stack, devices)
+    pinger = asyncio.ensure_future(fleet.keepalive())
+    await asyncio.gather(*(one(d, t) for d, t in tokens))
+    held = await fleet.ping_all()
+    await asyncio.sleep(5)
+    cpu0, t0 = group_cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(IDLE_WINDOW_S)
+    idle = (group_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    print(f"{held} idle connections held (errors {dict(fleet.errors)}), re-check every "
+          f"{stack.settings.recheck_interval_s:g} s: front CPU {100 * idle:.1f}% of one core over "
+          f"{IDLE_WINDOW_S:g} s; still held {await fleet.ping_all()}", flush=True)
+    pinger.cancel()
+    await fleet.close()
+
+
+def idle(n: int, recheck_s: float) -> None:
+    """The front's CPU while it holds ``n`` idle devices, with the registry re-checked every ``recheck_s``."""
+    env, prefix, devices = _prepare(n, local.workdir(), "bi")
+    stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
+                               prefix, env, recheck_interval_s=recheck_s)
+    try:
+        asyncio.run(_idle(stack, devices))
+    finally:
+        stack.stop()
+        local.stop_all()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "pyspy":
         pyspy(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "mem":
         mem(int(argv[1]), Path(argv[2]))
+    elif len(argv) == 3 and argv[0] == "idle":
+        idle(int(argv[1]), float(argv[2]))
     elif len(argv) == 3 and argv[0] == "mosquitto-tls":
         mosquitto_tls(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "traced-front":

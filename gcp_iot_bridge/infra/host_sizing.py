@@ -2,15 +2,13 @@
 
 The arithmetic (docs/broker-scaling.md walks through it for the default machine type):
 
-- Memory: the TLS front and Mosquitto hold ``RSS_PER_DEVICE_KIB`` (73 KiB, measured by ``make bench``'s
+- Memory: the TLS front and Mosquitto hold ``RSS_PER_DEVICE_KIB`` (40 KiB: 39.1 measured by ``make bench``'s
   connection run) per connected device. The host keeps ``max(512 MiB, a quarter of its memory)`` for the
-  system, the bridge service, the page cache and the kernel's socket buffers; the rest carries devices.
-- Loopback ports: the front opens one loopback connection to Mosquitto (127.0.0.1:1883) per device, each from
-  its own ephemeral port, so one host holds at most as many devices as the ephemeral range has ports:
-  ``EPHEMERAL_PORTS`` (10000-65535, above every port the host listens on: 1883, 8080, 8883).
-- The host's capacity is the smaller of the two; the autoscaler aims at ``AUTOSCALE_FRACTION`` of it, so a
+  system, the bridge service, the page cache and the kernel's socket buffers; the rest carries devices. That is
+  the host's capacity: the front reaches Mosquitto over a Unix socket, so no port range bounds it (a loopback TCP
+  connection per device did: 55,536 ephemeral ports). The autoscaler aims at ``AUTOSCALE_FRACTION`` of it, so a
   host that dies leaves its devices room on the others while new hosts boot.
-- File descriptors: the front holds two per device (the device's socket and its loopback connection),
+- File descriptors: the front holds two per device (the device's socket and its Unix socket to Mosquitto),
   Mosquitto one; each unit's ``LimitNOFILE`` is that times the capacity plus ``FD_SLACK``, and ``fs.file-max``
   covers all three processes (never below the kernel's usual 1,048,576).
 - Kernel: ``somaxconn`` and ``tcp_max_syn_backlog`` at 65535 for the reconnect storm after a host goes away;
@@ -29,9 +27,7 @@ from dataclasses import dataclass
 # A regional managed instance group holds at most this many VMs (compute.v1 regionInstanceGroupManagers.insert:
 # "A regional managed instance group can contain up to 2000 instances.").
 MAX_HOSTS = 2000
-RSS_PER_DEVICE_KIB = 73
-EPHEMERAL_PORT_RANGE = (10000, 65535)
-EPHEMERAL_PORTS = EPHEMERAL_PORT_RANGE[1] - EPHEMERAL_PORT_RANGE[0] + 1
+RSS_PER_DEVICE_KIB = 40
 AUTOSCALE_FRACTION = 0.7
 FD_SLACK = 4096
 FRONT_FDS_PER_DEVICE = 2
@@ -79,9 +75,7 @@ def memory_mib(machine_type: str) -> int:
 class HostSizing:
     machine_type: str
     memory_mib: int
-    devices_by_memory: int
-    devices_by_ports: int
-    devices: int  # what one host carries: the smaller of the two
+    devices: int  # what one host carries: what its memory holds
     autoscale_target: int  # connected devices per host the autoscaler keeps
     front_nofile: int
     broker_nofile: int
@@ -97,7 +91,6 @@ class HostSizing:
             f"fs.file-max = {self.file_max}",
             f"net.core.somaxconn = {LISTEN_BACKLOG}",
             f"net.ipv4.tcp_max_syn_backlog = {LISTEN_BACKLOG}",
-            f"net.ipv4.ip_local_port_range = {EPHEMERAL_PORT_RANGE[0]} {EPHEMERAL_PORT_RANGE[1]}",
             f"net.ipv4.tcp_mem = {low} {pressure} {high}",
         ]) + "\n"
 
@@ -106,14 +99,11 @@ def sizing(machine_type: str) -> HostSizing:
     """The capacity and limits of one broker host of ``machine_type`` (see the module docstring)."""
     memory = memory_mib(machine_type)
     reserved = max(512, memory // 4)
-    by_memory = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
-    devices = min(by_memory, EPHEMERAL_PORTS)
+    devices = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
     pages = memory * 1024 // PAGE_KIB
     return HostSizing(
         machine_type=machine_type,
         memory_mib=memory,
-        devices_by_memory=by_memory,
-        devices_by_ports=EPHEMERAL_PORTS,
         devices=devices,
         autoscale_target=int(devices * AUTOSCALE_FRACTION),
         front_nofile=FRONT_FDS_PER_DEVICE * devices + FD_SLACK,
