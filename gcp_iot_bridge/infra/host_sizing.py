@@ -4,10 +4,15 @@ The arithmetic (docs/broker-scaling.md walks through it for the default machine 
 
 - Memory: the TLS front and Mosquitto hold ``RSS_PER_DEVICE_KIB`` (40 KiB: 39.1 measured by ``make bench``'s
   connection run) per connected device. The host keeps ``max(512 MiB, a quarter of its memory)`` for the
-  system, the bridge service, the page cache and the kernel's socket buffers; the rest carries devices. That is
-  the host's capacity: the front reaches Mosquitto over a Unix socket, so no port range bounds it (a loopback TCP
-  connection per device did: 55,536 ephemeral ports). The autoscaler aims at ``AUTOSCALE_FRACTION`` of it, so a
-  host that dies leaves its devices room on the others while new hosts boot.
+  system, the bridge service, the page cache and the kernel's socket buffers; the rest carries devices.
+- The front's CPU: it is one process on one core whatever the machine type, and holding idle devices costs it
+  ``FRONT_IDLE_PERMILLE_PER_10K`` (12.2 % of a core per 10,000, measured with the cloud's 30 s registry re-check:
+  ``python -m bench.profile_front idle 10000 30``). Idle devices may take ``FRONT_IDLE_BUDGET_PERMILLE`` (half)
+  of its core; the rest is for connects, reconnect storms and traffic. (The VM's CPU signal cannot see a
+  saturated front: one busy core of two is 50 %.)
+- The host's capacity is the smaller of the two. No port range bounds it: the front reaches Mosquitto over a Unix
+  socket (a loopback TCP connection per device did: 55,536 ephemeral ports). The autoscaler aims at
+  ``AUTOSCALE_FRACTION`` of it, so a host that dies leaves its devices room on the others while new hosts boot.
 - File descriptors: the front holds two per device (the device's socket and its Unix socket to Mosquitto),
   Mosquitto one; each unit's ``LimitNOFILE`` is that times the capacity plus ``FD_SLACK``, and ``fs.file-max``
   covers all three processes (never below the kernel's usual 1,048,576).
@@ -28,6 +33,9 @@ from dataclasses import dataclass
 # "A regional managed instance group can contain up to 2000 instances.").
 MAX_HOSTS = 2000
 RSS_PER_DEVICE_KIB = 40
+FRONT_IDLE_PERMILLE_PER_10K = 122  # of one core, per 10,000 idle devices (re-check every 30 s)
+FRONT_IDLE_BUDGET_PERMILLE = 500
+DEVICES_BY_FRONT_CPU = FRONT_IDLE_BUDGET_PERMILLE * 10_000 // FRONT_IDLE_PERMILLE_PER_10K
 AUTOSCALE_FRACTION = 0.7
 FD_SLACK = 4096
 FRONT_FDS_PER_DEVICE = 2
@@ -75,7 +83,9 @@ def memory_mib(machine_type: str) -> int:
 class HostSizing:
     machine_type: str
     memory_mib: int
-    devices: int  # what one host carries: what its memory holds
+    devices_by_memory: int
+    devices_by_cpu: int
+    devices: int  # what one host carries: the smaller of the two
     autoscale_target: int  # connected devices per host the autoscaler keeps
     front_nofile: int
     broker_nofile: int
@@ -99,11 +109,14 @@ def sizing(machine_type: str) -> HostSizing:
     """The capacity and limits of one broker host of ``machine_type`` (see the module docstring)."""
     memory = memory_mib(machine_type)
     reserved = max(512, memory // 4)
-    devices = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
+    by_memory = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
+    devices = min(by_memory, DEVICES_BY_FRONT_CPU)
     pages = memory * 1024 // PAGE_KIB
     return HostSizing(
         machine_type=machine_type,
         memory_mib=memory,
+        devices_by_memory=by_memory,
+        devices_by_cpu=DEVICES_BY_FRONT_CPU,
         devices=devices,
         autoscale_target=int(devices * AUTOSCALE_FRACTION),
         front_nofile=FRONT_FDS_PER_DEVICE * devices + FD_SLACK,
