@@ -174,3 +174,30 @@ def test_a_unix_socket_connect_gives_up_after_its_timeout(tmp_path):
     finally:
         loop.close()
         listener.close()
+
+
+def test_the_unix_socket_setting_is_a_path_linux_can_bind_and_mosquitto_listens_on_it(tmp_path):
+    from iotbridge.bridge.settings import (
+        MAX_UNIX_SOCKET_PATH,
+        BridgeSettings,
+        mosquitto_config,
+        new_secrets,
+        write_secrets,
+    )
+    from iotbridge.local.broker_host import broker_socket_path
+
+    write_secrets(tmp_path / "secrets.json", new_secrets())
+    def settings(broker_socket: str = "") -> BridgeSettings:
+        return BridgeSettings(project="p", region="r", registry_id="reg", prefix="pre",
+                              secrets_file=str(tmp_path / "secrets.json"), broker_socket=broker_socket)
+
+    with pytest.raises(ValueError, match=f"broker_socket must be at most {MAX_UNIX_SOCKET_PATH} bytes"):
+        settings("/" + "x" * MAX_UNIX_SOCKET_PATH)
+    assert "listener 0 " not in mosquitto_config(settings(), tmp_path / "a")
+    both = mosquitto_config(settings(str(tmp_path / "b.sock")), tmp_path / "b")
+    assert f"listener 0 {tmp_path / 'b.sock'}\n" in both and "listener 1883 127.0.0.1\n" in both
+    # A host folder too deep for a socket address gets its socket in a short folder of its own.
+    deep = tmp_path / ("d" * 120)
+    path = broker_socket_path(deep)
+    assert len(path.encode()) <= MAX_UNIX_SOCKET_PATH and path.endswith("/broker.sock")
+    assert broker_socket_path(tmp_path) == str(tmp_path / "mosquitto" / "broker.sock")
