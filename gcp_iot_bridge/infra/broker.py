@@ -1,10 +1,11 @@
 """Broker: the MQTT broker hosts behind a network load balancer (docs/device-protocol.md), over the device
 registry's Firestore database (``RegistryDatabase``, an input).
 
-Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener, the TLS
-front on 8883 that authenticates devices the IoT Core way, and the bridge service that forwards to Pub/Sub
-(``iotbridge/bridge``). Mosquitto starts as root and drops to ``mosquitto``, which owns its files; the front and
-the service run as ``iotbridge`` (``startup_script``; tests/bridge/test_simulated_host.py boots a host from it).
+Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener and a Unix
+socket (the front's device sessions; ``BROKER_SOCKET``), the TLS front on 8883 that authenticates devices the IoT
+Core way, and the bridge service that forwards to Pub/Sub (``iotbridge/bridge``). Mosquitto starts as root and
+drops to ``mosquitto``, which owns its files; the front and the service run as ``iotbridge``, a member of
+Mosquitto's group for its socket (``startup_script``; tests/bridge/test_simulated_host.py boots a host from it).
 What it declares, and the GCP pitfall behind each choice:
 
 - TLS: a CA and a server certificate from pulumi-tls, the server certificate naming the load balancer's static

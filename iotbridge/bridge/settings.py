@@ -4,7 +4,8 @@ One JSON file describes a host (``BridgeSettings.load``); secrets live in a sepa
 (``secrets_file``) so that the settings can be logged and shown. In the cloud the startup script writes both,
 the secrets taken from Secret Manager.
 
-Identities on the loopback listener:
+Identities on Mosquitto's local listeners (loopback TCP, and the Unix socket ``broker_socket`` when set; one set
+of users and ACL for both, ``per_listener_settings false``):
 
 - ``front``   — every device session relayed by the front. Its client id is the authenticated device id, and
   the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it.
