@@ -21,6 +21,9 @@ front out of the data path.
 (keep-alive 60 s, as ``bench connections``) with the registry re-check every RECHECK_S seconds (the cloud's is
 ``iotbridge.spec.CLOUD_RECHECK_INTERVAL_S``).
 
+``python -m bench.profile_front sslobj N VARIANT``: OpenSSL's own memory per server-side TLS connection, apart from
+asyncio (VARIANT ``base``, ``norelease``: without SSL_MODE_RELEASE_BUFFERS, ``bigwrite``: after a 64 KiB reply).
+
 ``python -m bench.profile_front ops OP N``: N repetitions of one step of a device connect in this process, for
 ``valgrind --tool=callgrind``: OP ``jwt`` is the front's check of an ES256 device token, ``tls`` one TLS 1.3
 handshake (both ends, over a socketpair) with the front's server context. Instructions per operation are the
@@ -30,6 +33,7 @@ difference of two runs (N and 0) divided by N, which the shared cores do not dis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -348,11 +352,92 @@ def idle(n: int, recheck_s: float) -> None:
         local.stop_all()
 
 
+SSL_CTRL_MODE, SSL_CTRL_CLEAR_MODE, SSL_MODE_RELEASE_BUFFERS = 33, 78, 0x10
+
+
+def _malloc_in_use() -> int:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def sslobj(n: int, variant: str) -> None:
+    """OpenSSL's memory per server-side TLS connection, apart from asyncio: N pairs of ``SSLObject`` over memory BIOs
+    (as asyncio's TLS protocol holds them), each after a TLS 1.3 handshake, 100 bytes up and a reply down; malloc's
+    bytes in use (glibc ``mallinfo2``) with the server ends kept minus without. ``norelease`` clears
+    SSL_MODE_RELEASE_BUFFERS on the server context first; ``bigwrite`` replies 64 KiB instead of 4 bytes."""
+    import ctypes
+    import gc
+
+    files = generate_local_tls(Path(tempfile.mkdtemp()))
+    server_ctx = server_ssl_context(str(files.server_cert), str(files.server_key))
+    client_ctx = ssl.create_default_context(cafile=str(files.ca_cert))
+    libssl = ctypes.CDLL("libssl.so.3")
+    libssl.SSL_CTX_ctrl.restype = ctypes.c_long
+    libssl.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    # CPython's SSLContext object: the object header, then its SSL_CTX pointer.
+    ctx_ptr = ctypes.c_void_p.from_address(id(server_ctx) + object.__basicsize__).value
+    if variant == "norelease":
+        libssl.SSL_CTX_ctrl(ctx_ptr, SSL_CTRL_CLEAR_MODE, SSL_MODE_RELEASE_BUFFERS, None)
+    mode = libssl.SSL_CTX_ctrl(ctx_ptr, SSL_CTRL_MODE, 0, None)
+    reply = b"k" * 65536 if variant == "bigwrite" else b"okok"
+
+    def end(ctx: ssl.SSLContext, server: bool) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO, ssl.SSLObject]:
+        i, o = ssl.MemoryBIO(), ssl.MemoryBIO()
+        return i, o, ctx.wrap_bio(i, o, server_side=server, server_hostname=None if server else "localhost")
+
+    def drain(obj: ssl.SSLObject) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while obj.read(1 << 17):
+                pass
+
+    def pair() -> tuple[tuple, tuple]:
+        s, c = end(server_ctx, True), end(client_ctx, False)
+        for _ in range(10):
+            for obj in (c[2], s[2]):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    obj.do_handshake()
+            s[0].write(c[1].read())
+            c[0].write(s[1].read())
+        c[2].write(b"x" * 100)
+        s[0].write(c[1].read())
+        drain(s[2])
+        s[2].write(reply)
+        c[0].write(s[1].read())
+        drain(c[2])
+        return s, c
+
+    def grow(keep_server: bool) -> tuple[int, list]:
+        gc.collect()
+        before, kept = _malloc_in_use(), []
+        for _ in range(n):
+            s, c = pair()
+            kept.append((s if keep_server else None, c))
+        gc.collect()
+        return _malloc_in_use() - before, kept
+
+    grow(True)  # one-time allocations
+    clients, _a = grow(False)
+    both, _b = grow(True)
+    release = "on" if mode & SSL_MODE_RELEASE_BUFFERS else "off"
+    print(f"server context mode {mode:#x} (SSL_MODE_RELEASE_BUFFERS {release}); {variant}: OpenSSL per server-side "
+          f"connection {(both - clients) / n / 1024:.1f} KiB (malloc in use)")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "pyspy":
         pyspy(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "mem":
         mem(int(argv[1]), Path(argv[2]))
+    elif len(argv) == 3 and argv[0] == "sslobj":
+        sslobj(int(argv[1]), argv[2])
     elif len(argv) == 3 and argv[0] == "idle":
         idle(int(argv[1]), float(argv[2]))
     elif len(argv) == 3 and argv[0] == "mosquitto-tls":
