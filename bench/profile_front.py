@@ -22,7 +22,7 @@ front out of the data path.
 ``iotbridge.spec.CLOUD_RECHECK_INTERVAL_S``).
 
 ``python -m bench.profile_front sslobj N VARIANT``: OpenSSL's own memory per server-side TLS connection, apart from
-asyncio (VARIANT ``base``, ``norelease``: without SSL_MODE_RELEASE_BUFFERS, ``bigwrite``: after a 64 KiB reply).
+asyncio (VARIANT ``base``, or ``norelease``: without SSL_MODE_RELEASE_BUFFERS).
 
 ``python -m bench.profile_front ops OP N``: N repetitions of one step of a device connect in this process, for
 ``valgrind --tool=callgrind``: OP ``jwt`` is the front's check of an ES256 device token, ``tls`` one TLS 1.3
@@ -372,7 +372,7 @@ def sslobj(n: int, variant: str) -> None:
     """OpenSSL's memory per server-side TLS connection, apart from asyncio: N pairs of ``SSLObject`` over memory BIOs
     (as asyncio's TLS protocol holds them), each after a TLS 1.3 handshake, 100 bytes up and a reply down; malloc's
     bytes in use (glibc ``mallinfo2``) with the server ends kept minus without. ``norelease`` clears
-    SSL_MODE_RELEASE_BUFFERS on the server context first; ``bigwrite`` replies 64 KiB instead of 4 bytes."""
+    SSL_MODE_RELEASE_BUFFERS on the server context first."""
     import ctypes
     import gc
 
@@ -387,7 +387,6 @@ def sslobj(n: int, variant: str) -> None:
     if variant == "norelease":
         libssl.SSL_CTX_ctrl(ctx_ptr, SSL_CTRL_CLEAR_MODE, SSL_MODE_RELEASE_BUFFERS, None)
     mode = libssl.SSL_CTX_ctrl(ctx_ptr, SSL_CTRL_MODE, 0, None)
-    reply = b"k" * 65536 if variant == "bigwrite" else b"okok"
 
     def end(ctx: ssl.SSLContext, server: bool) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO, ssl.SSLObject]:
         i, o = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -409,7 +408,7 @@ def sslobj(n: int, variant: str) -> None:
         c[2].write(b"x" * 100)
         s[0].write(c[1].read())
         drain(s[2])
-        s[2].write(reply)
+        s[2].write(b"okok")
         c[0].write(s[1].read())
         drain(c[2])
         return s, c
