@@ -81,7 +81,7 @@ class Conn:
 class Fleet:
     host: str
     port: int
-    ctx: ssl.SSLContext
+    ctx: ssl.SSLContext | None  # None: plain TCP (bench.profile_front mosquitto-tls)
     conns: list[Conn] = field(default_factory=list)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     _pong: asyncio.Event = field(default_factory=asyncio.Event)

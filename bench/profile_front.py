@@ -5,6 +5,25 @@
 devices idle; prints the connection rate, the front's CPU per connection, its idle CPU and RSS, and leaves the
 raw py-spy samples in OUT/connect.txt and OUT/idle.txt.
 
+``python -m bench.profile_front mem N OUT``: where an idle connection's memory goes in the front. One broker host on
+the emulators whose front runs with tracemalloc on; 200 devices connect first (one-time allocations), then N more.
+Before and after the N, the front writes a tracemalloc snapshot, its live objects by type and its RSS (SIGUSR1);
+printed per connection: RSS, the Python heap (traced), tracemalloc's own overhead and the rest (native: OpenSSL,
+the C side of sockets, allocator slack), the heap by allocating line and by traceback, and the objects by type.
+tracemalloc inflates the RSS by its own bookkeeping; ``bench connections`` measures the RSS without it.
+
+``python -m bench.profile_front mosquitto-tls N OUT``: Mosquitto alone, N idle MQTT clients (after 200), once on a
+TLS listener (Mosquitto terminating TLS with the local server certificate, as the front does) and once on plain
+TCP: its RSS growth per connection, what a host would hold per device with Mosquitto terminating TLS and the
+front out of the data path.
+
+``python -m bench.profile_front idle N RECHECK_S``: the front's CPU over 90 s while it holds N idle devices
+(keep-alive 60 s, as ``bench connections``) with the registry re-check every RECHECK_S seconds (the cloud's is
+``iotbridge.spec.CLOUD_RECHECK_INTERVAL_S``).
+
+``python -m bench.profile_front sslobj N VARIANT``: OpenSSL's own memory per server-side TLS connection, apart from
+asyncio (VARIANT ``base``, or ``norelease``: without SSL_MODE_RELEASE_BUFFERS).
+
 ``python -m bench.profile_front ops OP N``: N repetitions of one step of a device connect in this process, for
 ``valgrind --tool=callgrind``: OP ``jwt`` is the front's check of an ES256 device token, ``tls`` one TLS 1.3
 handshake (both ends, over a socketpair) with the front's server context. Instructions per operation are the
@@ -14,6 +33,9 @@ difference of two runs (N and 0) divided by N, which the shared cores do not dis
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -28,7 +50,8 @@ from bench.core import group_cpu_seconds
 from iotbridge.bridge.auth import verify_jwt
 from iotbridge.bridge.front import server_ssl_context
 from iotbridge.device import create_jwt, generate_key
-from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
+from iotbridge.local import services
+from iotbridge.local.broker_host import BridgeStack, init_host, start_bridge_stack
 from iotbridge.local.tls import generate_local_tls
 from iotbridge.registry import Credential, Registry
 
@@ -40,8 +63,9 @@ def _record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
-async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Path) -> None:
-    front = stack.procs["front"].proc.pid
+def _fleet(stack: BridgeStack, devices: list[tuple[str, bytes]]):  # noqa: ANN202
+    """The bench's device fleet for ``stack``, a fresh token per device, and a connect of one device (64 at a
+    time, as ``bench connections``)."""
     fleet = connections.Fleet(stack.mqtt_host, stack.mqtt_port, ssl.create_default_context(cafile=str(stack.ca_cert)))
     sem = asyncio.Semaphore(connections.CONCURRENT_CONNECTS)
     tokens = [(d, create_jwt(local.PROJECT, k, "ES256", lifetime_s=3600)) for d, k in devices]
@@ -49,6 +73,13 @@ async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Pa
     async def one(device_id: str, token: str) -> None:
         async with sem:
             await fleet.connect(device_id, token)
+
+    return fleet, tokens, one
+
+
+async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Path) -> None:
+    front = stack.procs["front"].proc.pid
+    fleet, tokens, one = _fleet(stack, devices)
 
     rec = _record(front, 30, out / "connect.txt")
     cpu0, t0 = group_cpu_seconds(front), time.monotonic()
@@ -71,13 +102,19 @@ async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Pa
     await fleet.close()
 
 
-def pyspy(n: int, out: Path) -> None:
+def _prepare(n: int, out: Path, tag: str) -> tuple[dict[str, str], str, list[tuple[str, bytes]]]:
+    """The emulators' env, a fresh topic prefix and ``n`` registered devices."""
     out.mkdir(parents=True, exist_ok=True)
     connections.raise_nofile()
     env = local.emulators()
-    prefix = local.new_prefix("bp")
+    prefix = local.new_prefix(tag)
     local.create_topics(local.PROJECT, prefix)
-    devices = connections.register_many(Registry(local.PROJECT, local.REGISTRY, local.REGION), n, f"{prefix}-d")
+    return env, prefix, connections.register_many(Registry(local.PROJECT, local.REGISTRY, local.REGION), n,
+                                                  f"{prefix}-d")
+
+
+def pyspy(n: int, out: Path) -> None:
+    env, prefix, devices = _prepare(n, out, "bp")
     stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
                                prefix, env)
     try:
@@ -112,9 +149,300 @@ def ops(op: str, n: int) -> None:
         raise SystemExit(f"unknown op {op!r}: jwt or tls")
 
 
+MEM_WARMUP = 200
+REPO = Path(__file__).resolve().parents[1]
+MEM_FRAMES = 12
+
+
+def traced_front(settings_file: str, out: str) -> None:
+    """The front as ``python -m iotbridge.bridge front`` runs it, with tracemalloc on; each SIGUSR1 writes a
+    snapshot, the live objects counted by type and the RSS into ``out`` (numbered files)."""
+    import collections
+    import gc
+    import json
+    import signal
+    import tracemalloc
+
+    from iotbridge.bridge.__main__ import main as bridge_main
+
+    tracemalloc.start(MEM_FRAMES)
+    taken = [0]
+
+    def dump(_sig: int, _frame: object) -> None:
+        gc.collect()
+        n = taken[0]
+        taken[0] += 1
+        tracemalloc.take_snapshot().dump(f"{out}/snap{n}.tm")
+        types = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+        Path(f"{out}/info{n}.json").write_text(json.dumps({
+            "rss_kib": connections.rss_kib(os.getpid()), "traced": tracemalloc.get_traced_memory()[0],
+            "tracemalloc_overhead": tracemalloc.get_tracemalloc_memory(), "types": types}))
+
+    signal.signal(signal.SIGUSR1, dump)
+    bridge_main(["front", "--settings", settings_file])
+
+
+def _sockstat() -> str:
+    return " | ".join(line.strip() for line in Path("/proc/net/sockstat").read_text().splitlines()
+                      if line.startswith(("TCP:", "sockets:")))
+
+
+async def _snapshot(pid: int, out: Path, n: int) -> dict:
+    import json
+
+    os.kill(pid, signal.SIGUSR1)
+    info = out / f"info{n}.json"
+    for _ in range(600):
+        if info.exists():
+            await asyncio.sleep(0.5)
+            return json.loads(info.read_text())
+        await asyncio.sleep(0.2)
+    raise RuntimeError("the traced front wrote no snapshot")
+
+
+async def _mem(stack: BridgeStack, pid: int, devices: list[tuple[str, bytes]], out: Path) -> None:
+    fleet, tokens, one = _fleet(stack, devices)
+
+    pinger = asyncio.ensure_future(fleet.keepalive())
+    await asyncio.gather(*(one(d, t) for d, t in tokens[:MEM_WARMUP]))
+    await fleet.ping_all()
+    await asyncio.sleep(8)  # a recheck round or two
+    print("before:", _sockstat(), flush=True)
+    before = await _snapshot(pid, out, 0)
+    await asyncio.gather(*(one(d, t) for d, t in tokens[MEM_WARMUP:]))
+    held = await fleet.ping_all()
+    await asyncio.sleep(8)
+    print("after: ", _sockstat(), flush=True)
+    after = await _snapshot(pid, out, 1)
+    pinger.cancel()
+    n = held - MEM_WARMUP
+    print(f"{held} held ({n} measured), errors {dict(fleet.errors)}", flush=True)
+    _report(before, after, n, out)
+    await fleet.close()
+
+
+def _report(before: dict, after: dict, n: int, out: Path) -> None:
+    import tracemalloc
+
+    def per(key: str) -> float:
+        return (after[key] - before[key]) / n
+
+    rss = (after["rss_kib"] - before["rss_kib"]) * 1024 / n
+    traced, overhead = per("traced"), per("tracemalloc_overhead")
+    print(f"per connection: RSS {rss / 1024:.1f} KiB = Python heap (traced) {traced / 1024:.1f} KiB + tracemalloc's "
+          f"own {overhead / 1024:.1f} KiB + the rest (native: OpenSSL, sockets' asyncio-free C state, allocator "
+          f"slack) {(rss - traced - overhead) / 1024:.1f} KiB")
+    s0 = tracemalloc.Snapshot.load(str(out / "snap0.tm"))
+    s1 = tracemalloc.Snapshot.load(str(out / "snap1.tm"))
+    print("\nPython heap per connection by allocating line (top 25):")
+    for stat in s1.compare_to(s0, "lineno")[:25]:
+        print(f"  {stat.size_diff / n:8.0f} B  {stat.count_diff / n:6.2f} blocks  {stat.traceback[0]}")
+    print("\nby traceback (top 12, innermost 6 frames):")
+    for stat in s1.compare_to(s0, "traceback")[:12]:
+        print(f"  {stat.size_diff / n:8.0f} B  {stat.count_diff / n:6.2f} blocks")
+        for frame in list(stat.traceback)[-6:]:
+            print(f"        {frame}")
+    grew = {t: (after["types"].get(t, 0) - before["types"].get(t, 0)) / n for t in after["types"]}
+    print("\nlive objects (gc-tracked) per connection by type:")
+    for t, k in sorted(grew.items(), key=lambda kv: -kv[1])[:30]:
+        if k >= 0.05:
+            print(f"  {k:6.2f}  {t}")
+
+
+def mem(n: int, out: Path) -> None:
+    env, prefix, devices = _prepare(n + MEM_WARMUP, out, "bm")
+    workdir = local.workdir() / f"{prefix}-host"
+    settings = init_host(workdir, local.PROJECT, local.REGION, local.REGISTRY, prefix)
+    stack = BridgeStack(settings=settings, workdir=workdir.resolve(), env=dict(env),
+                        ca_cert=workdir.resolve() / "tls" / "ca.pem")
+    try:
+        stack.start_mosquitto()
+        stack.start_service()
+        wd = stack.workdir / "front"
+        wd.mkdir(exist_ok=True)
+        with open(wd / "front.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "bench.profile_front", "traced-front",
+                                     str(stack.settings_file()), str(out.resolve())], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=wd,
+                                    env={**os.environ, **stack.env, "PYTHONPATH": str(REPO)},
+                                    start_new_session=True)
+        svc = services.Service(name="front", proc=proc, host=settings.front_host, port=settings.front_port,
+                               log_path=wd / "front.log", workdir=wd)
+        stack.procs["front"] = svc
+        services.wait_for_port(svc, 60)
+        asyncio.run(_mem(stack, proc.pid, devices, out))
+    finally:
+        stack.stop()
+        local.stop_all()
+
+
+async def _mosquitto_fleet(port: int, n: int, ctx: ssl.SSLContext | None, pid: int) -> tuple[int, int, dict]:
+    """``n`` idle MQTT connections to Mosquitto on ``port`` (TLS when ``ctx``); (held, RSS growth in KiB, errors)."""
+    fleet = connections.Fleet("127.0.0.1", port, ctx)
+    sem = asyncio.Semaphore(connections.CONCURRENT_CONNECTS)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await fleet.connect(f"proto-{i:06d}", "unused")
+
+    await asyncio.gather(*(one(i) for i in range(MEM_WARMUP)))
+    await asyncio.sleep(2)
+    rss0 = connections.rss_kib(pid)
+    await asyncio.gather(*(one(i) for i in range(MEM_WARMUP, MEM_WARMUP + n)))
+    held = await fleet.ping_all()
+    await asyncio.sleep(2)
+    grown = connections.rss_kib(pid) - rss0
+    await fleet.close()
+    return held - MEM_WARMUP, grown, dict(fleet.errors)
+
+
+def mosquitto_tls(n: int, out: Path) -> None:
+    """Mosquitto's own memory per idle connection with TLS on its listener (the design where it terminates TLS
+    and the front leaves the data path), against the same without TLS."""
+    out.mkdir(parents=True, exist_ok=True)
+    connections.raise_nofile()
+    tls = generate_local_tls(out / "tls")
+    for name, ctx, extra in (
+            ("TLS", ssl.create_default_context(cafile=str(tls.ca_cert)),
+             [f"certfile {tls.server_cert}", f"keyfile {tls.server_key}"]),
+            ("plain TCP", None, [])):
+        port = services.free_port()
+        conf = "\n".join(["user root" if os.geteuid() == 0 else "", f"listener {port} 127.0.0.1", *extra,
+                          "allow_anonymous true", "max_keepalive 65535", "log_type error", ""])
+        wd = out / name.replace(" ", "-")
+        wd.mkdir(exist_ok=True)
+        svc = services.start_mosquitto(conf, port, wd)
+        try:
+            held, grown, errors = asyncio.run(_mosquitto_fleet(port, n, ctx, svc.proc.pid))
+        finally:
+            svc.stop()
+        print(f"Mosquitto, {name}: {held} of {n} connections held; RSS +{grown} KiB = "
+              f"{grown / max(held, 1):.1f} KiB per connection; client errors {errors}", flush=True)
+
+
+IDLE_WINDOW_S = 90.0
+
+
+async def _idle(stack: BridgeStack, devices: list[tuple[str, bytes]]) -> None:
+    pid = stack.procs["front"].proc.pid
+    fleet, tokens, one = _fleet(stack, devices)
+    pinger = asyncio.ensure_future(fleet.keepalive())
+    await asyncio.gather(*(one(d, t) for d, t in tokens))
+    held = await fleet.ping_all()
+    await asyncio.sleep(5)
+    cpu0, t0 = group_cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(IDLE_WINDOW_S)
+    idle = (group_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    print(f"{held} idle connections held (errors {dict(fleet.errors)}), re-check every "
+          f"{stack.settings.recheck_interval_s:g} s: front CPU {100 * idle:.1f}% of one core over "
+          f"{IDLE_WINDOW_S:g} s; still held {await fleet.ping_all()}", flush=True)
+    pinger.cancel()
+    await fleet.close()
+
+
+def idle(n: int, recheck_s: float) -> None:
+    """The front's CPU while it holds ``n`` idle devices, with the registry re-checked every ``recheck_s``."""
+    env, prefix, devices = _prepare(n, local.workdir(), "bi")
+    stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
+                               prefix, env, recheck_interval_s=recheck_s)
+    try:
+        asyncio.run(_idle(stack, devices))
+    finally:
+        stack.stop()
+        local.stop_all()
+
+
+SSL_CTRL_MODE, SSL_CTRL_CLEAR_MODE, SSL_MODE_RELEASE_BUFFERS = 33, 78, 0x10
+
+
+def _malloc_in_use() -> int:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def sslobj(n: int, variant: str) -> None:
+    """OpenSSL's memory per server-side TLS connection, apart from asyncio: N pairs of ``SSLObject`` over memory BIOs
+    (as asyncio's TLS protocol holds them), each after a TLS 1.3 handshake, 100 bytes up and a reply down; malloc's
+    bytes in use (glibc ``mallinfo2``) with the server ends kept minus without. ``norelease`` clears
+    SSL_MODE_RELEASE_BUFFERS on the server context first."""
+    import ctypes
+    import gc
+
+    files = generate_local_tls(Path(tempfile.mkdtemp()))
+    server_ctx = server_ssl_context(str(files.server_cert), str(files.server_key))
+    client_ctx = ssl.create_default_context(cafile=str(files.ca_cert))
+    libssl = ctypes.CDLL("libssl.so.3")
+    libssl.SSL_CTX_ctrl.restype = ctypes.c_long
+    libssl.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    # CPython's SSLContext object: the object header, then its SSL_CTX pointer.
+    ctx_ptr = ctypes.c_void_p.from_address(id(server_ctx) + object.__basicsize__).value
+    if variant == "norelease":
+        libssl.SSL_CTX_ctrl(ctx_ptr, SSL_CTRL_CLEAR_MODE, SSL_MODE_RELEASE_BUFFERS, None)
+    mode = libssl.SSL_CTX_ctrl(ctx_ptr, SSL_CTRL_MODE, 0, None)
+
+    def end(ctx: ssl.SSLContext, server: bool) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO, ssl.SSLObject]:
+        i, o = ssl.MemoryBIO(), ssl.MemoryBIO()
+        return i, o, ctx.wrap_bio(i, o, server_side=server, server_hostname=None if server else "localhost")
+
+    def drain(obj: ssl.SSLObject) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while obj.read(1 << 17):
+                pass
+
+    def pair() -> tuple[tuple, tuple]:
+        s, c = end(server_ctx, True), end(client_ctx, False)
+        for _ in range(10):
+            for obj in (c[2], s[2]):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    obj.do_handshake()
+            s[0].write(c[1].read())
+            c[0].write(s[1].read())
+        c[2].write(b"x" * 100)
+        s[0].write(c[1].read())
+        drain(s[2])
+        s[2].write(b"okok")
+        c[0].write(s[1].read())
+        drain(c[2])
+        return s, c
+
+    def grow(keep_server: bool) -> tuple[int, list]:
+        gc.collect()
+        before, kept = _malloc_in_use(), []
+        for _ in range(n):
+            s, c = pair()
+            kept.append((s if keep_server else None, c))
+        gc.collect()
+        return _malloc_in_use() - before, kept
+
+    grow(True)  # one-time allocations
+    clients, _a = grow(False)
+    both, _b = grow(True)
+    release = "on" if mode & SSL_MODE_RELEASE_BUFFERS else "off"
+    print(f"server context mode {mode:#x} (SSL_MODE_RELEASE_BUFFERS {release}); {variant}: OpenSSL per server-side "
+          f"connection {(both - clients) / n / 1024:.1f} KiB (malloc in use)")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "pyspy":
         pyspy(int(argv[1]), Path(argv[2]))
+    elif len(argv) == 3 and argv[0] == "mem":
+        mem(int(argv[1]), Path(argv[2]))
+    elif len(argv) == 3 and argv[0] == "sslobj":
+        sslobj(int(argv[1]), argv[2])
+    elif len(argv) == 3 and argv[0] == "idle":
+        idle(int(argv[1]), float(argv[2]))
+    elif len(argv) == 3 and argv[0] == "mosquitto-tls":
+        mosquitto_tls(int(argv[1]), Path(argv[2]))
+    elif len(argv) == 3 and argv[0] == "traced-front":
+        traced_front(argv[1], argv[2])
     elif len(argv) == 3 and argv[0] == "ops":
         ops(argv[1], int(argv[2]))
     else:

@@ -1,10 +1,11 @@
 """Broker: the MQTT broker hosts behind a network load balancer (docs/device-protocol.md), over the device
 registry's Firestore database (``RegistryDatabase``, an input).
 
-Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener, the TLS
-front on 8883 that authenticates devices the IoT Core way, and the bridge service that forwards to Pub/Sub
-(``iotbridge/bridge``). Mosquitto starts as root and drops to ``mosquitto``, which owns its files; the front and
-the service run as ``iotbridge`` (``startup_script``; tests/bridge/test_simulated_host.py boots a host from it).
+Each host (Debian 12 from a regional managed instance group) runs Mosquitto on a loopback-only listener and a Unix
+socket (the front's device sessions; ``BROKER_SOCKET``), the TLS front on 8883 that authenticates devices the IoT
+Core way, and the bridge service that forwards to Pub/Sub (``iotbridge/bridge``). Mosquitto starts as root and
+drops to ``mosquitto``, which owns its files; the front and the service run as ``iotbridge``, a member of
+Mosquitto's group for its socket (``startup_script``; tests/bridge/test_simulated_host.py boots a host from it).
 What it declares, and the GCP pitfall behind each choice:
 
 - TLS: a CA and a server certificate from pulumi-tls, the server certificate naming the load balancer's static
@@ -74,6 +75,9 @@ HOST_SUBSCRIPTION_PERMISSIONS = ("pubsub.subscriptions.consume", "pubsub.subscri
                                  "pubsub.subscriptions.delete", "pubsub.subscriptions.get")
 HTTP_BRIDGE_PORT = 8443  # IoT Core's HTTP device bridge (iotbridge/bridge/http_bridge.py), TLS like MQTT
 BROKER_PORT = 1883  # loopback only
+# Mosquitto's Unix socket for the front's device sessions (no ephemeral port each); Mosquitto makes it 0770,
+# owned by its user and group, and the iotbridge user is a member of that group.
+BROKER_SOCKET = "/var/lib/iotbridge-mosquitto/broker.sock"
 # Google's health-check probe ranges (network load balancers and managed instance group auto-healing).
 HEALTH_CHECK_RANGES = ("35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22")
 
@@ -518,7 +522,7 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
     settings = {
         "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
         "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT, "http_port": HTTP_BRIDGE_PORT,
-        "broker_host": "127.0.0.1", "broker_port": BROKER_PORT,
+        "broker_host": "127.0.0.1", "broker_port": BROKER_PORT, "broker_socket": f"__ROOT__{BROKER_SOCKET}",
         "tls_cert": "__ROOT__/etc/iotbridge/server.pem", "tls_key": "__ROOT__/etc/iotbridge/server-key.pem",
         "secrets_file": "__ROOT__/etc/iotbridge/secrets.json",
         "routes": [{"sub_folder": k, "topic": v} for k, v in sorted(routes.items())],
@@ -542,6 +546,8 @@ apt-get install -y -q mosquitto python3-venv unzip
 systemctl disable --now mosquitto
 # The front and the bridge service run unprivileged (8883 needs no root); Mosquitto drops to its own user.
 id iotbridge >/dev/null 2>&1 || useradd --system --home-dir /var/lib/iotbridge --shell /usr/sbin/nologin iotbridge
+# The front reaches Mosquitto's Unix socket (mode 0770, Mosquitto's group) in Mosquitto's folder (0750).
+usermod -a -G mosquitto iotbridge
 install -d -m 0755 "$OPT" "$UNITS"
 install -d -m 0750 -o iotbridge -g iotbridge "$VAR"
 install -d -m 0700 -o iotbridge -g iotbridge "$ETC"

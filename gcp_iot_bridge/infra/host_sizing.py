@@ -2,15 +2,18 @@
 
 The arithmetic (docs/broker-scaling.md walks through it for the default machine type):
 
-- Memory: the TLS front and Mosquitto hold ``RSS_PER_DEVICE_KIB`` (73 KiB, measured by ``make bench``'s
+- Memory: the TLS front and Mosquitto hold ``RSS_PER_DEVICE_KIB`` (40 KiB: 39.1 measured by ``make bench``'s
   connection run) per connected device. The host keeps ``max(512 MiB, a quarter of its memory)`` for the
   system, the bridge service, the page cache and the kernel's socket buffers; the rest carries devices.
-- Loopback ports: the front opens one loopback connection to Mosquitto (127.0.0.1:1883) per device, each from
-  its own ephemeral port, so one host holds at most as many devices as the ephemeral range has ports:
-  ``EPHEMERAL_PORTS`` (10000-65535, above every port the host listens on: 1883, 8080, 8883).
-- The host's capacity is the smaller of the two; the autoscaler aims at ``AUTOSCALE_FRACTION`` of it, so a
-  host that dies leaves its devices room on the others while new hosts boot.
-- File descriptors: the front holds two per device (the device's socket and its loopback connection),
+- The front's CPU: it is one process on one core whatever the machine type, and holding idle devices costs it
+  ``FRONT_IDLE_PERMILLE_PER_10K`` (12.2 % of a core per 10,000, measured with the cloud's 30 s registry re-check:
+  ``python -m bench.profile_front idle 10000 30``). Idle devices may take ``FRONT_IDLE_BUDGET_PERMILLE`` (half)
+  of its core; the rest is for connects, reconnect storms and traffic. (The VM's CPU signal cannot see a
+  saturated front: one busy core of two is 50 %.)
+- The host's capacity is the smaller of the two. No port range bounds it: the front reaches Mosquitto over a Unix
+  socket (a loopback TCP connection per device did: 55,536 ephemeral ports). The autoscaler aims at
+  ``AUTOSCALE_FRACTION`` of it, so a host that dies leaves its devices room on the others while new hosts boot.
+- File descriptors: the front holds two per device (the device's socket and its Unix socket to Mosquitto),
   Mosquitto one; each unit's ``LimitNOFILE`` is that times the capacity plus ``FD_SLACK``, and ``fs.file-max``
   covers all three processes (never below the kernel's usual 1,048,576).
 - Kernel: ``somaxconn`` and ``tcp_max_syn_backlog`` at 65535 for the reconnect storm after a host goes away;
@@ -29,9 +32,10 @@ from dataclasses import dataclass
 # A regional managed instance group holds at most this many VMs (compute.v1 regionInstanceGroupManagers.insert:
 # "A regional managed instance group can contain up to 2000 instances.").
 MAX_HOSTS = 2000
-RSS_PER_DEVICE_KIB = 73
-EPHEMERAL_PORT_RANGE = (10000, 65535)
-EPHEMERAL_PORTS = EPHEMERAL_PORT_RANGE[1] - EPHEMERAL_PORT_RANGE[0] + 1
+RSS_PER_DEVICE_KIB = 40
+FRONT_IDLE_PERMILLE_PER_10K = 122  # of one core, per 10,000 idle devices (re-check every 30 s)
+FRONT_IDLE_BUDGET_PERMILLE = 500
+DEVICES_BY_FRONT_CPU = FRONT_IDLE_BUDGET_PERMILLE * 10_000 // FRONT_IDLE_PERMILLE_PER_10K
 AUTOSCALE_FRACTION = 0.7
 FD_SLACK = 4096
 FRONT_FDS_PER_DEVICE = 2
@@ -80,7 +84,7 @@ class HostSizing:
     machine_type: str
     memory_mib: int
     devices_by_memory: int
-    devices_by_ports: int
+    devices_by_cpu: int
     devices: int  # what one host carries: the smaller of the two
     autoscale_target: int  # connected devices per host the autoscaler keeps
     front_nofile: int
@@ -97,7 +101,6 @@ class HostSizing:
             f"fs.file-max = {self.file_max}",
             f"net.core.somaxconn = {LISTEN_BACKLOG}",
             f"net.ipv4.tcp_max_syn_backlog = {LISTEN_BACKLOG}",
-            f"net.ipv4.ip_local_port_range = {EPHEMERAL_PORT_RANGE[0]} {EPHEMERAL_PORT_RANGE[1]}",
             f"net.ipv4.tcp_mem = {low} {pressure} {high}",
         ]) + "\n"
 
@@ -107,13 +110,13 @@ def sizing(machine_type: str) -> HostSizing:
     memory = memory_mib(machine_type)
     reserved = max(512, memory // 4)
     by_memory = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
-    devices = min(by_memory, EPHEMERAL_PORTS)
+    devices = min(by_memory, DEVICES_BY_FRONT_CPU)
     pages = memory * 1024 // PAGE_KIB
     return HostSizing(
         machine_type=machine_type,
         memory_mib=memory,
         devices_by_memory=by_memory,
-        devices_by_ports=EPHEMERAL_PORTS,
+        devices_by_cpu=DEVICES_BY_FRONT_CPU,
         devices=devices,
         autoscale_target=int(devices * AUTOSCALE_FRACTION),
         front_nofile=FRONT_FDS_PER_DEVICE * devices + FD_SLACK,

@@ -1,4 +1,4 @@
-"""The MQTT-aware TLS front: IoT Core device authentication in front of a loopback-only Mosquitto.
+"""The MQTT-aware TLS front: IoT Core device authentication in front of a host-local Mosquitto.
 
 Mosquitto cannot check IoT Core JWTs, so every device connection ends here first:
 
@@ -8,7 +8,8 @@ Mosquitto cannot check IoT Core JWTs, so every device connection ends here first
    blocked; the password is a JWT signed by one of its unexpired credentials (:mod:`iotbridge.bridge.auth`) —
    or, without a password, the TLS client certificate (issued by ``client_ca``) carries the key of one of its
    unexpired X.509 credentials; a will message may only target the device's own telemetry/state topics.
-3. The CONNECT is re-encoded for the loopback listener: client id = device id (so Mosquitto's client-id
+3. The CONNECT is re-encoded for Mosquitto's local listener (its Unix socket, ``broker_socket``; or loopback TCP)
+   and sent on a connection of the session's own: client id = device id (so Mosquitto's client-id
    takeover keeps one live connection per device, and its ACL ``pattern`` lines on ``%c`` confine the session to
    that device's topics), user ``front`` with the front's password, clean session (commands are not stored).
 4. Bytes are relayed both ways, cut into packets on whole socket reads and written once per read. Each
@@ -32,6 +33,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -70,6 +72,7 @@ T = TypeVar("T")
 log = logging.getLogger("iotbridge.front")
 
 CONNECT_TIMEOUT_S = 10.0
+BROKER_CONNECT_TIMEOUT_S = 5.0  # a session's connect to Mosquitto's Unix socket (open_unix_stream)
 MAX_CONNECT_BYTES = 16 * 1024
 # Largest device→broker packet read at all: a 256 KB event plus its topic and MQTT 5 properties.
 MAX_DEVICE_PACKET = EVENTS_MAX_BYTES + 70 * 1024
@@ -183,6 +186,35 @@ def share_tls_read_buffer() -> None:
     carries at most 16 KiB of plaintext, so a 32 KiB buffer costs no throughput."""
     _SharedReadBufferSSLProtocol.max_size = TLS_READ_BUFFER
     sslproto.SSLProtocol = _SharedReadBufferSSLProtocol
+
+
+async def open_unix_stream(path: str, timeout: float = BROKER_CONNECT_TIMEOUT_S,
+                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream connected to the Unix socket at ``path``, also when its listener's backlog is full.
+
+    A Unix socket does not queue a connect beyond the listener's backlog (Mosquitto's is 100; a TCP connect
+    would be retried by the kernel): a non-blocking connect fails with EAGAIN, which
+    ``asyncio.open_unix_connection`` takes for "in progress" and hands back a socket that was never connected
+    (a connect storm lost about one device in ten that way). Here the connect is tried again, with a short
+    backoff, until it succeeds or ``timeout`` passes (``TimeoutError``, an ``OSError``)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    deadline, delay = loop.time() + timeout, 0.001
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:
+                if loop.time() >= deadline:
+                    raise TimeoutError(f"{path}: listener's backlog full for {timeout:g}s") from None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.05)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_unix_connection(sock=sock)
 
 
 def server_ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -301,15 +333,22 @@ def revoked_reason(num_id: str, credential_pem: str, grant: Grant | None, now: d
     return ""
 
 
-@dataclass(eq=False)
+def _new_future() -> asyncio.Future[None]:
+    return asyncio.get_running_loop().create_future()
+
+
+# Slots: one of these lives per connected device (no per-instance __dict__).
+@dataclass(eq=False, slots=True)
 class Session:
+    """A connected device's session; created in the event loop's thread, used only there."""
+
     device_id: str
     level: int
     expires_at: datetime
     peer: str
     num_id: str = ""
     credential_pem: str = ""  # the registered credential this session authenticated with
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Future[None] = field(default_factory=_new_future)  # resolved by close()
     reason: str = ""
     drop_will: bool = False
     # broker packet id -> (sha256 of the config, whether the broker sent it as a retained replay on a SUBSCRIBE)
@@ -328,11 +367,15 @@ class Session:
     config_subscribed: bool = False  # a SUBSCRIBE to the config topic awaits its sync (sync_payload)
     registry: Any = None  # the Registry of the device (the one its client id names)
 
+    @property
+    def closed(self) -> bool:
+        return self.done.done()
+
     def close(self, reason: str, drop_will: bool = False) -> None:
-        if not self.done.is_set():
+        if not self.done.done():
             self.reason = reason
             self.drop_will = drop_will
-            self.done.set()
+            self.done.set_result(None)
 
 
 DRAIN_TICK_S = 0.1
@@ -455,8 +498,9 @@ class Front:
         if self.settings.health_port:
             self._health = await asyncio.start_server(self._health_check, self.settings.front_host,
                                                       self.settings.health_port)
-        log.info("front listening on %s:%d (TLS) -> broker %s:%d", self.settings.front_host,
-                 self.settings.front_port, self.settings.broker_host, self.settings.broker_port)
+        s = self.settings
+        log.info("front listening on %s:%d (TLS) -> broker %s", s.front_host, s.front_port,
+                 s.broker_socket or f"{s.broker_host}:{s.broker_port}")
 
     async def stop(self, drain_s: float = 0.0) -> None:
         """Stop accepting connections (the health check fails with them), end the device sessions — spread over
@@ -697,7 +741,7 @@ class Front:
                 await self._refuse(dwriter, level, mqtt.REFUSE_NOT_AUTHORIZED, who, "will message not allowed")
                 return None
         try:
-            breader, bwriter = await asyncio.open_connection(s.broker_host, s.broker_port)
+            breader, bwriter = await self.open_broker()
         except OSError as exc:
             await self._refuse(dwriter, level, mqtt.REFUSE_UNAVAILABLE, who, f"broker unreachable: {exc}")
             return None
@@ -740,24 +784,24 @@ class Front:
     async def _relay(self, session: Session, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter,
                      breader: asyncio.StreamReader, bwriter: asyncio.StreamWriter) -> None:
         session.dwriter = dwriter
-        tasks = [
-            asyncio.ensure_future(self._device_to_broker(session, dreader, bwriter)),
-            asyncio.ensure_future(self._broker_to_device(session, breader, dwriter)),
-            asyncio.ensure_future(self._expire(session)),
-            asyncio.ensure_future(session.done.wait()),
-        ]
+        # Two tasks a session, one a direction; each closes the session when it ends, and so do the expiry timer
+        # and the registry re-check. This task waits for the close. (A task, its coroutine and futures are most of
+        # what a Python object costs a connection: the expiry was a sleeping task and the close an Event awaited
+        # by another, 5 tasks a session in all where 3 do.)
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(max(0.0, session.expires_at.timestamp() - time.time()), session.close,
+                                 "session expired (token, certificate or credential expiry, or 24 h)", True)
+        tasks = (loop.create_task(self._device_to_broker(session, dreader, bwriter)),
+                 loop.create_task(self._broker_to_device(session, breader, dwriter)))
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await session.done
         finally:
+            expiry.cancel()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         if session.reason.startswith(("refused:", "session expired", "device ", "credential ")):
             self.stats["dropped"] += 1
-
-    async def _expire(self, session: Session) -> None:
-        await asyncio.sleep(max(0.0, session.expires_at.timestamp() - time.time()))
-        session.close("session expired (token, certificate or credential expiry, or 24 h)", drop_will=True)
 
     async def _device_to_broker(self, session: Session, dreader: asyncio.StreamReader,
                                 bwriter: asyncio.StreamWriter) -> None:
@@ -806,6 +850,8 @@ class Front:
             self._violators.add(session.device_id, time.monotonic())
         except (ConnectionError, ssl.SSLError):
             session.close("device closed the connection")
+        finally:
+            session.close("relay from the device stopped")  # whatever ended it (a no-op when closed above)
 
     def device_limits(self, device_id: str) -> dict[str, TokenBucket]:
         """The per-device buckets every protocol charges (MQTT sessions, HTTP requests)."""
@@ -959,7 +1005,8 @@ class Front:
                     await _forward(dwriter, b"".join(out))
         except (ConnectionError, mqtt.ProtocolError, ssl.SSLError):
             pass
-        session.close("broker closed the connection")
+        finally:
+            session.close("broker closed the connection")
 
     async def _ack_config(self, session: Session, digest: str) -> None:
         device_id = session.device_id
@@ -983,13 +1030,19 @@ class Front:
         finally:
             session.acks_running.discard(digest)
 
+    async def open_broker(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A device session's connection to Mosquitto: its Unix socket when the settings name one (no ephemeral
+        port per device), else its loopback TCP listener."""
+        if self.settings.broker_socket:
+            return await open_unix_stream(self.settings.broker_socket)
+        return await asyncio.open_connection(self.settings.broker_host, self.settings.broker_port)
+
     # ---------------------------------------------------------------------------------- health
 
     async def healthy(self) -> tuple[bool, str]:
         """Mosquitto accepts connections and the bridge service reported within the last 10 s."""
         try:
-            _, w = await asyncio.wait_for(
-                asyncio.open_connection(self.settings.broker_host, self.settings.broker_port), 2)
+            _, w = await asyncio.wait_for(self.open_broker(), 2)
             w.close()
         except (OSError, TimeoutError):
             return False, "broker unreachable"

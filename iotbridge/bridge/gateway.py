@@ -194,7 +194,7 @@ class GatewayRelay:
         """Send the gateway a packet of the front's own; end the session instead when the gateway has left more
         than MAX_UNSENT_BYTES unread."""
         gw = session.gateway
-        if gw is None or session.done.is_set():
+        if gw is None or session.closed:
             return
         transport = gw.device_writer.transport
         if transport.is_closing():

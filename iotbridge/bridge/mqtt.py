@@ -96,6 +96,8 @@ class Framer:
     before the body is buffered.
     """
 
+    __slots__ = ("max_size", "_tail", "_buffered", "_need")  # two per connected device
+
     def __init__(self, max_size: int):
         self.max_size = max_size
         self._tail: list[bytes] = []  # the bytes of the incomplete packet at the head of the stream

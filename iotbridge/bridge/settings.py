@@ -4,7 +4,8 @@ One JSON file describes a host (``BridgeSettings.load``); secrets live in a sepa
 (``secrets_file``) so that the settings can be logged and shown. In the cloud the startup script writes both,
 the secrets taken from Secret Manager.
 
-Identities on the loopback listener:
+Identities on Mosquitto's local listeners (loopback TCP, and the Unix socket ``broker_socket`` when set; one set
+of users and ACL for both, ``per_listener_settings false``):
 
 - ``front``   — every device session relayed by the front. Its client id is the authenticated device id, and
   the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it.
@@ -53,6 +54,7 @@ DROPPING_NOTICE = "Outgoing messages are being dropped for client "
 STATE_MAX_BYTES = 64 * 1024
 MAX_ROUTES = 10
 HOST_ALIVE_S = 90.0  # a host's liveness record runs this far ahead; it renews it every third of it
+MAX_UNIX_SOCKET_PATH = 107  # Linux's sockaddr_un.sun_path holds 108 bytes, the last a NUL
 BACKEND_USERS = ("front", "bridge", "backend")
 PASSWORD_FILE_USERS = ("front", "bridge")  # backend: the dynamic security plugin, bound to one client id
 DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
@@ -76,6 +78,10 @@ class BridgeSettings:
     front_port: int = 8883
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
+    # A Unix domain socket Mosquitto also listens on (same users, ACL and limits as the TCP listener); the front's
+    # device sessions use it when set. A loopback TCP connection per device costs an ephemeral port (55,536 at
+    # most per host) and a TCP socket pair in the kernel; a Unix socket costs neither. Empty: loopback TCP.
+    broker_socket: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     secrets_file: str = ""
@@ -122,6 +128,9 @@ class BridgeSettings:
             raise ValueError(f"connected_devices_metric must be cloud or log, got {self.connected_devices_metric!r}")
         if self.max_queued_messages < 1 or self.max_queued_bytes < 1:
             raise ValueError("max_queued_messages and max_queued_bytes must be positive: 0 means unbounded")
+        if len(os.fsencode(self.broker_socket)) > MAX_UNIX_SOCKET_PATH:
+            raise ValueError(f"broker_socket must be at most {MAX_UNIX_SOCKET_PATH} bytes (a Unix socket address), "
+                             f"got {len(os.fsencode(self.broker_socket))}: {self.broker_socket}")
         if len(self.routes) > MAX_ROUTES:
             raise ValueError(f"at most {MAX_ROUTES} subfolder routes, got {len(self.routes)}")
         for name in ("auth_failures_per_s", "auth_failure_burst", "max_pending_connects", "max_pending_per_address",
@@ -273,6 +282,8 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
         *([f"user {user}"] if user else ["user root"] if run_as_root else []),
         "per_listener_settings false",
         f"listener {settings.broker_port} {settings.broker_host}",
+        # The front's device sessions (one a device): no ephemeral port each (BridgeSettings.broker_socket).
+        *([f"listener 0 {settings.broker_socket}"] if settings.broker_socket else []),
         "allow_anonymous false",
         f"password_file {passwd}",
         f"acl_file {workdir / 'acl'}",

@@ -6,7 +6,7 @@
 ``start_bridge_stack(...)`` is what the local stack and the tests use. Each part is its own process (so a
 test can kill the bridge alone, and the front and the bridge do not share one GIL):
 
-    mosquitto -c {workdir}/mosquitto/mosquitto.conf        loopback listener, users front/bridge/backend
+    mosquitto -c {workdir}/mosquitto/mosquitto.conf        loopback TCP + Unix socket, users front/bridge/backend
     python -m iotbridge.bridge front   --settings ...      TLS on front_port, devices connect here
     python -m iotbridge.bridge service --settings ...      Mosquitto ⇄ Pub/Sub
 
@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from dataclasses import dataclass, field
@@ -31,11 +32,27 @@ from pathlib import Path
 from typing import Any
 
 from iotbridge import spec
-from iotbridge.bridge.settings import BridgeSettings, Route, mosquitto_config, new_secrets, write_secrets
+from iotbridge.bridge.settings import (
+    MAX_UNIX_SOCKET_PATH,
+    BridgeSettings,
+    Route,
+    mosquitto_config,
+    new_secrets,
+    write_secrets,
+)
 from iotbridge.local import services
 from iotbridge.local.tls import TlsFiles, generate_local_tls
 
 READY_SERVICE = "bridge connected to broker"
+
+
+def broker_socket_path(workdir: Path) -> str:
+    """Where Mosquitto's Unix socket for the front goes: in the host's folder, or, when that path is too long for a
+    Unix socket address (a deep test folder), in a short folder of its own under the system's temporary folder."""
+    path = str(workdir / "mosquitto" / "broker.sock")
+    if len(os.fsencode(path)) <= MAX_UNIX_SOCKET_PATH:
+        return path
+    return str(Path(tempfile.mkdtemp(prefix="iotb-")) / "broker.sock")
 
 
 def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix: str,
@@ -52,6 +69,7 @@ def init_host(workdir: Path, project: str, region: str, registry_id: str, prefix
     secrets_file = workdir / "secrets.json"
     write_secrets(secrets_file, new_secrets())
     settings = BridgeSettings(
+        broker_socket=broker_socket_path(workdir),
         project=project, region=region, registry_id=registry_id, prefix=prefix, host_id=host_id,
         front_port=front_port or services.free_port(), broker_port=broker_port or services.free_port(),
         tls_cert=str(tls.server_cert), tls_key=str(tls.server_key), secrets_file=str(secrets_file),

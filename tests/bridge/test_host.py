@@ -54,6 +54,7 @@ def test_cloud_host_layout_end_to_end(bridge_env, registry, tmp_path):
     # Only what cannot be the cloud's on a shared test machine: loopback addresses, free ports, temp paths.
     settings.update(host_id="host-a", front_host="127.0.0.1", front_port=services.free_port(),
                     broker_port=services.free_port(), health_port=services.free_port(),
+                    broker_socket=str(tmp_path / "var" / "mosquitto" / "broker.sock"),
                     tls_cert=str(tls.server_cert), tls_key=str(tls.server_key),
                     secrets_file=str(tmp_path / "secrets.json"),
                     workdir=str(tmp_path / "var"), recheck_interval_s=1.0)

@@ -287,7 +287,7 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
                          "systemctl daemon-reload", "systemctl enable --now " + " ".join(UNITS)]
         # The kernel's limits for the host's connections, applied by systemd-sysctl (host_sizing.py).
         sysctl = (host_root / "etc" / "sysctl.d" / "60-iotbridge.conf").read_text()
-        assert "net.ipv4.ip_local_port_range = 10000 65535" in sysctl and "net.core.somaxconn = 65535" in sysctl
+        assert "net.core.somaxconn = 65535" in sysctl
         # gcloud fetched the code and both secrets with the token the metadata stand-in issued.
         assert [r.status for r in google.seen("GET", f"/download/storage/v1/b/{BUCKET}/o/")] == [200]
         assert [r.status for r in google.seen("GET", f"/v1/projects/{PROJECT}/secrets/")] == [200, 200]

@@ -259,8 +259,8 @@ def test_invalid_arguments_fail_before_anything_is_declared():
         build(max_hosts=6, fanout_slots=4)
     with pytest.raises(Exception, match="unknown machine type 'n9-mega-2'"):
         build(machine_type="n9-mega-2")
-    with pytest.raises(Exception, match=r"devices_per_host must be 1\.\.55536"):
-        build(devices_per_host=60000)
+    with pytest.raises(Exception, match=r"devices_per_host must be 1\.\.40983"):
+        build(devices_per_host=50000)
 
 
 def test_hosts_boot_only_after_everything_they_read_exists(run):
@@ -335,7 +335,12 @@ def test_a_host_runs_the_bridge_from_the_archive_alone(tmp_path):
     subprocess.run([*host, "mosquitto-config", "--settings", str(tmp_path / "settings.json"), "--out", str(out)],
                    cwd=app, timeout=60, check=True, capture_output=True)
     assert {p.name for p in out.iterdir()} >= {"mosquitto.conf", "passwd", "acl"}
-    assert f"listener {bc.BROKER_PORT} 127.0.0.1" in (out / "mosquitto.conf").read_text()
+    conf = (out / "mosquitto.conf").read_text()
+    assert f"listener {bc.BROKER_PORT} 127.0.0.1" in conf
+    # The front's device sessions: Mosquitto's Unix socket, which the front's user reaches through Mosquitto's group.
+    assert settings["broker_socket"] == f"__ROOT__{bc.BROKER_SOCKET}"
+    assert f"listener 0 {settings['broker_socket']}\n" in conf
+    assert "usermod -a -G mosquitto iotbridge" in script
 
 
 def test_autoscaler_on_connected_devices_per_host_and_cpu_within_the_bounds(run):
@@ -346,7 +351,7 @@ def test_autoscaler_on_connected_devices_per_host_and_cpu_within_the_bounds(run)
     policy = autoscaler.get("autoscalingPolicy")
     assert (policy["minReplicas"], policy["maxReplicas"], policy["mode"]) == (2, 4, "ON")
     # The gauge every host's bridge reports, per instance; its target what an e2-standard-2 carries x 0.7.
-    assert policy["metrics"] == [{"name": "custom.googleapis.com/iot/connected_devices", "target": 38875,
+    assert policy["metrics"] == [{"name": "custom.googleapis.com/iot/connected_devices", "target": 28688,
                                   "type": "GAUGE"}]
     assert policy["cpuUtilization"] == {"target": 0.6}
     assert policy["cooldownPeriod"] == 600  # hosts boot (apt, pip) before their signals count
@@ -388,18 +393,22 @@ def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run)
 
     script = the(run, "template").get("metadataStartupScript")
     size = host_sizing.sizing("e2-standard-2")
-    # 8 GiB less 2 GiB kept back, at 73 KiB per device: 86,184; the ephemeral ports (10000-65535) bound it first.
-    assert (size.devices_by_memory, size.devices_by_ports, size.devices) == (86184, 55536, 55536)
+    # 8 GiB less 2 GiB kept back, at 40 KiB per device: 6,144 × 1,024 / 40 = 157,286. The front's one core, half of
+    # it for idle devices at 12.2 % per 10,000: 500 × 10,000 / 122 = 40,983, the smaller (no port range bounds it:
+    # the front reaches Mosquitto over a Unix socket). The autoscaler aims at 70 %: 28,688.
+    assert (size.devices_by_memory, size.devices_by_cpu, size.devices) == (157286, 40983, 40983)
+    assert size.autoscale_target == 28688
     units = script.split("<<UNIT")
-    assert "LimitNOFILE=${!nofile}" in units[1] and "NOFILE_front=115168 NOFILE_service=65536" in script
-    assert "LimitNOFILE=59632" in units[2]  # Mosquitto: one per device
+    # The front: two descriptors per device, 2 × 40,983 + 4,096.
+    assert "LimitNOFILE=${!nofile}" in units[1] and "NOFILE_front=86062 NOFILE_service=65536" in script
+    assert "LimitNOFILE=45079" in units[2]  # Mosquitto: one per device, 40,983 + 4,096
     conf = script.split("<<'SYSCTL'\n", 1)[1].split("\nSYSCTL\n", 1)[0]
     assert conf.splitlines()[1:] == [
         "fs.file-max = 1048576", "net.core.somaxconn = 65535", "net.ipv4.tcp_max_syn_backlog = 65535",
-        "net.ipv4.ip_local_port_range = 10000 65535", "net.ipv4.tcp_mem = 262144 393216 524288"]
+        "net.ipv4.tcp_mem = 262144 393216 524288"]
     assert "systemctl restart systemd-sysctl" in script
-    small = host_sizing.sizing("e2-micro")  # 1 GiB: memory bounds it
-    assert (small.devices, small.autoscale_target, small.front_nofile) == (7182, 5027, 18460)
+    small = host_sizing.sizing("e2-micro")  # 1 GiB less 512 MiB: 512 × 1,024 / 40 = 13,107; 70 %: 9,174
+    assert (small.devices, small.autoscale_target, small.front_nofile) == (13107, 9174, 30310)
     assert host_sizing.sizing("n2-custom-4-16384").memory_mib == 16384
 
 
