@@ -23,16 +23,21 @@ def _sessions(n: int) -> list[Session]:
 
 @pytest.mark.parametrize(("n", "seconds"), [(10, 1.0), (1000, 3.0), (3, 1.0), (7, 0.05)])
 def test_sessions_end_evenly_over_the_drain(n, seconds):
-    sessions = _sessions(n)
     ended_per_tick: list[int] = []
     slept: list[float] = []
 
-    async def sleep(s: float) -> None:  # the clock of the drain, without waiting for it
-        ended_per_tick.append(sum(s.done.is_set() for s in sessions))
-        slept.append(s)
+    async def go() -> list[Session]:
+        sessions = _sessions(n)  # in the loop: a session's close is a future of it
 
-    run_in_own_loop(drain(sessions, seconds, sleep=sleep))
-    assert all(s.done.is_set() and s.reason == "host draining" for s in sessions)
+        async def sleep(s: float) -> None:  # the clock of the drain, without waiting for it
+            ended_per_tick.append(sum(s.closed for s in sessions))
+            slept.append(s)
+
+        await drain(sessions, seconds, sleep=sleep)
+        return sessions
+
+    sessions = run_in_own_loop(go())
+    assert all(s.closed and s.reason == "host draining" for s in sessions)
     ticks = max(1, round(seconds / DRAIN_TICK_S))
     assert len(slept) == ticks - 1 and sum(slept) == pytest.approx(seconds * (ticks - 1) / ticks)
     # After tick k, the first (k + 1) / ticks of the sessions have ended: the pace never runs ahead or behind.

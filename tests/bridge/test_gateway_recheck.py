@@ -29,17 +29,25 @@ def _grant(device_id: str, gateway: str = "gw-1", blocked: bool = False) -> Gran
     return Grant(num_id=f"num-{device_id}", blocked=blocked, credentials={}, bound_gateways=(gateway,))
 
 
+def _recheck(device_ids: tuple[str, ...], grants: dict[str, Grant], read: set[str]) \
+        -> tuple[Session, list[str]]:
+    async def go() -> tuple[Session, list[str]]:
+        relay, session, released = _gateway_with(*device_ids)  # in the loop: a session's close is a future of it
+        await relay.recheck(session, grants, datetime.now(UTC), read=read)
+        return session, released
+
+    return run_in_own_loop(go())
+
+
 def test_a_device_attached_while_the_round_read_the_registry_stays_attached():
-    relay, session, released = _gateway_with("old", "new")
     # The round read "old" only; "new" was attached while it read (its grant is absent, not refused).
-    run_in_own_loop(relay.recheck(session, {"old": _grant("old")}, datetime.now(UTC), read={"old"}))
+    session, released = _recheck(("old", "new"), {"old": _grant("old")}, read={"old"})
     assert session.gateway is not None and set(session.gateway.attached) == {"old", "new"}
     assert released == []
 
 
 def test_a_device_the_round_read_and_found_gone_or_blocked_is_detached():
-    relay, session, released = _gateway_with("gone", "blocked", "fine")
     grants = {"blocked": _grant("blocked", blocked=True), "fine": _grant("fine")}
-    run_in_own_loop(relay.recheck(session, grants, datetime.now(UTC), read={"gone", "blocked", "fine"}))
+    session, released = _recheck(("gone", "blocked", "fine"), grants, read={"gone", "blocked", "fine"})
     assert session.gateway is not None and set(session.gateway.attached) == {"fine"}
     assert sorted(released) == ["blocked", "gone"]  # their retained configs are cleared on this host
