@@ -141,86 +141,79 @@ class RegistryCache:
         return {d: k.grant for d in needed if (k := entries.get(d)) is not None and k.grant is not None}
 
 
-class ReadBatcher:
-    """CONNECTs' device reads gathered for ``READ_BATCH_S`` and read in one ``get_all`` per registry: a reconnect
-    storm costs a registry round trip per few milliseconds instead of one per device."""
+class Batcher:
+    """Calls gathered for ``wait_s`` and made as one: ``run(owner, items)`` returns one result per item, in order
+    (at most ``MAX_BATCH`` items a call). Calls with the same ``key`` share an owner (a registry, a client)."""
 
-    def __init__(self, executor: Executor):
+    def __init__(self, executor: Executor, run: Callable[[Any, list[Any]], list[Any]], wait_s: float):
         self._executor = executor
-        self._pending: dict[str, tuple[Registry, dict[str, list[asyncio.Future[Device | None]]]]] = {}
+        self._run = run
+        self._wait_s = wait_s
+        self._pending: dict[Any, tuple[Any, list[tuple[Any, asyncio.Future[Any]]]]] = {}
         self.batches = 0
 
-    async def get(self, registry: Registry, device_id: str) -> Device | None:
-        """The device, or None when the registry has no such device."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Device | None] = loop.create_future()
-        pending = self._pending.get(registry.registry_id)
-        if pending is None:
-            pending = self._pending[registry.registry_id] = (registry, {})
-            loop.call_later(READ_BATCH_S, lambda: asyncio.ensure_future(self._flush(registry.registry_id)))
-        pending[1].setdefault(device_id, []).append(future)
-        if len(pending[1]) >= MAX_BATCH:
-            asyncio.ensure_future(self._flush(registry.registry_id))
-        return await future
-
-    async def _flush(self, registry_id: str) -> None:
-        taken = self._pending.pop(registry_id, None)
-        if taken is None:
-            return
-        registry, waiting = taken
-        self.batches += 1
-        try:
-            found = await asyncio.get_running_loop().run_in_executor(
-                self._executor, registry.get_devices, list(waiting))
-        except Exception as exc:  # noqa: BLE001 - each CONNECT of the batch gets the error
-            for futures in waiting.values():
-                for f in futures:
-                    if not f.done():
-                        f.set_exception(exc)
-            return
-        for device_id, futures in waiting.items():
-            for f in futures:
-                if not f.done():
-                    f.set_result(found.get(device_id))
-
-
-class WriteBatcher:
-    """Writes gathered for ``WRITE_BATCH_S`` and committed together (at most ``MAX_BATCH`` a commit): ``write``
-    returns its write's update time. ``commit(items)`` does one commit and returns the update times in order."""
-
-    def __init__(self, executor: Executor, commit: Callable[[Any, list[Any]], list[Any]]):
-        self._executor = executor
-        self._commit = commit
-        self._pending: dict[int, tuple[Any, list[tuple[Any, asyncio.Future[Any]]]]] = {}
-        self.commits = 0
-
-    async def write(self, client: Any, item: Any) -> Any:
+    async def submit(self, owner: Any, key: Any, item: Any) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        key = id(client)
         pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[key] = (client, [])
-            loop.call_later(WRITE_BATCH_S, lambda: asyncio.ensure_future(self._flush(key)))
+            pending = self._pending[key] = (owner, [])
+            loop.call_later(self._wait_s, lambda: asyncio.ensure_future(self._flush(key)))
         pending[1].append((item, future))
         if len(pending[1]) >= MAX_BATCH:
             asyncio.ensure_future(self._flush(key))
         return await future
 
-    async def _flush(self, key: int) -> None:
+    async def _flush(self, key: Any) -> None:
         taken = self._pending.pop(key, None)
         if taken is None:
             return
-        client, items = taken
-        self.commits += 1
+        owner, items = taken
+        self.batches += 1
         try:
-            times = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._commit, client, [item for item, _ in items])
-        except Exception as exc:  # noqa: BLE001 - each writer of the batch gets the error
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run, owner, [item for item, _ in items])
+        except Exception as exc:  # noqa: BLE001 - each caller of the batch gets the error
             for _, f in items:
                 if not f.done():
                     f.set_exception(exc)
             return
-        for (_, f), t in zip(items, times, strict=True):
+        for (_, f), result in zip(items, results, strict=True):
             if not f.done():
-                f.set_result(t)
+                f.set_result(result)
+
+
+def _read_devices(registry: Registry, device_ids: list[str]) -> list[Device | None]:
+    found = registry.get_devices(device_ids)
+    return [found.get(d) for d in device_ids]
+
+
+class ReadBatcher:
+    """CONNECTs' device reads gathered for ``READ_BATCH_S`` and read in one ``get_all`` per registry: a reconnect
+    storm costs a registry round trip per few milliseconds instead of one per device."""
+
+    def __init__(self, executor: Executor):
+        self._batcher = Batcher(executor, _read_devices, READ_BATCH_S)
+
+    @property
+    def batches(self) -> int:
+        return self._batcher.batches
+
+    async def get(self, registry: Registry, device_id: str) -> Device | None:
+        """The device, or None when the registry has no such device."""
+        return await self._batcher.submit(registry, registry.registry_id, device_id)
+
+
+class WriteBatcher:
+    """Writes gathered for ``WRITE_BATCH_S`` and committed together, one commit per client: ``write`` returns its
+    write's update time. ``commit(client, items)`` makes one commit and returns the update times in order."""
+
+    def __init__(self, executor: Executor, commit: Callable[[Any, list[Any]], list[Any]]):
+        self._batcher = Batcher(executor, commit, WRITE_BATCH_S)
+
+    @property
+    def commits(self) -> int:
+        return self._batcher.batches
+
+    async def write(self, client: Any, item: Any) -> Any:
+        return await self._batcher.submit(client, id(client), item)
