@@ -548,11 +548,11 @@ class Registry:
         and the change commit together, with the same commit time."""
         writer.set(self._changes.document(device_id), {"at": firestore.SERVER_TIMESTAMP})
 
-    def changed_since(self, since: datetime) -> set[str]:
-        """The ids of the devices whose connection rights changed (or that were deleted) at or after ``since``:
-        one query, billed one read per device returned (at least one)."""
+    def changed_since(self, since: datetime) -> dict[str, datetime]:
+        """Device id -> the commit time of its last change, for the devices whose connection rights changed (or
+        that were deleted) at or after ``since``: one query, billed one read per device returned (at least one)."""
         query = self._changes.where(filter=firestore.FieldFilter("at", ">=", _utc(since)))
-        return {snap.id for snap in query.select([]).stream()}
+        return {snap.id: (snap.to_dict() or {})["at"] for snap in query.select(["at"]).stream()}
 
     def _load(self, device_id: str, transaction: Any = None) -> tuple[firestore.DocumentReference, dict[str, Any]]:
         ref = self._device_ref(device_id)

@@ -41,7 +41,7 @@ def _changed_by(registry: Registry, write) -> set[str]:  # noqa: ANN001
     since = datetime.now(UTC)
     time.sleep(0.05)
     write()
-    return registry.changed_since(since)
+    return set(registry.changed_since(since))
 
 
 def test_every_write_a_session_rests_on_stamps_the_device_and_no_other_write_does(registry):
@@ -137,7 +137,7 @@ def test_consecutive_rounds_leave_no_gap(registry, pool, monkeypatch):
     _round(cache, registry, ["dev-gap"])
     real = registry.changed_since
 
-    def changed_then_block(since: datetime) -> set[str]:
+    def changed_then_block(since: datetime) -> dict[str, datetime]:
         out = real(since)
         registry.set_blocked("dev-gap", True)  # committed after this round's query
         return out
@@ -174,7 +174,7 @@ def test_a_failed_round_changes_nothing_and_the_next_one_asks_from_the_last_good
     registry.set_blocked("dev-f", True)
     real = registry.changed_since
 
-    def unreachable(since: datetime) -> set[str]:
+    def unreachable(since: datetime) -> dict[str, datetime]:
         raise ConnectionError("registry unreachable")
 
     monkeypatch.setattr(registry, "changed_since", unreachable)

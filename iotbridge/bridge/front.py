@@ -984,7 +984,9 @@ class Front:
         return len({s.device_id for s in self.sessions})
 
     def counters(self) -> dict[str, int]:
-        return {**self.stats, "connected": self.connected_devices(), "pending": self._pending,
+        return {**self.stats, **self.cache.stats, "read_batches": self._reads.batches,
+                "presence_commits": self._presence.commits, "connected": self.connected_devices(),
+                "pending": self._pending,
                 "unknown_remembered": len(self._unknown), "addresses_tracked": len(self._failures)}
 
     async def _metrics_loop(self) -> None:

@@ -118,8 +118,12 @@ class RegistryCache:
             since = min([last, *(k.read_at for _, k in covered if not k.settled)]) - timedelta(seconds=OVERLAP_S)
             changed = await loop.run_in_executor(self._executor, registry.changed_since, since)
             self.stats["changed"] += len(changed)
-            for device_id in changed:
-                entries.pop(device_id, None)  # not for a CONNECT until read again
+            for device_id, at in changed.items():
+                known = entries.get(device_id)
+                # A read sent at read_at (host clock) was served at a time >= read_at - CLOCK_SKEW_S: one sent
+                # later than the change's commit time plus the skew has seen it (the overlap returns it again).
+                if known is not None and at >= known.read_at - timedelta(seconds=CLOCK_SKEW_S):
+                    del entries[device_id]  # not for a CONNECT until read again
         missing = [d for d in needed if d not in entries]
         read_at = self._now()
         grants = await loop.run_in_executor(self._executor, registry.session_grants, missing) if missing else {}
