@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from iotbridge import spec
 from iotbridge.registry import Device, Grant, Registry, grant_of
 
 CLOCK_SKEW_S = 2.0  # the most a host's clock may be behind Google's (NTP on Compute Engine keeps it to milliseconds)
@@ -44,10 +45,7 @@ WRITE_BATCH_S = 0.005  # presence records written within this share one commit
 MAX_BATCH = 500  # Firestore's most writes per commit; get_all is kept to the same size
 # IoT Core collected lastHeartbeatTime "periodically; they may be stale by a few minutes": a device's PINGREQ is
 # written at most this often.
-HEARTBEAT_RECORD_S = 300.0
-# Registry reads of one re-check round per registry a host serves, whatever its number of devices: the change
-# query (billed one read even when it returns nothing) and the registry's settings (MQTT/HTTP enabled).
-READS_PER_ROUND = 2
+HEARTBEAT_RECORD_S = spec.HEARTBEAT_RECORD_S
 
 
 @dataclass
