@@ -1,9 +1,10 @@
 """Count the Firestore operations of a process, as Firestore bills them: a read per document a lookup or query
 returns (a query that returns nothing is billed one), a write per document a commit writes.
 
-``bench.profile_front`` starts the broker host with ``IOTBRIDGE_COUNT_FIRESTORE=<file>`` and this directory's
-``firestore_shim`` first on ``PYTHONPATH``: its ``sitecustomize`` calls :func:`install` in the front's process,
-which then writes its counts to the file twice a second. The counts are taken at the client library's gRPC
+``bench.profile_front`` starts the broker host with ``IOTBRIDGE_COUNT_FIRESTORE=<directory>`` and this directory's
+``firestore_shim`` first on ``PYTHONPATH``: its ``sitecustomize`` calls :func:`install` in each of the host's Python
+processes, which then writes its counts twice a second to ``<directory>/<role>-<pid>.json`` (role: the
+``python -m iotbridge.bridge`` command, ``front`` or ``service``). The counts are taken at the client library's gRPC
 layer (``FirestoreClient``), below every method of the registry, so any version of the front is counted alike.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -21,7 +23,7 @@ ENV = "IOTBRIDGE_COUNT_FIRESTORE"
 SHIM = Path(__file__).with_name("firestore_shim")
 
 
-def install(out: Path) -> Counter[str]:
+def install(directory: Path) -> Counter[str]:
     from google.cloud.firestore_v1.services.firestore.client import FirestoreClient
 
     counts: Counter[str] = Counter()
@@ -59,6 +61,9 @@ def install(out: Path) -> Counter[str]:
     FirestoreClient.commit = commit_  # type: ignore[method-assign]
 
     def dump() -> None:
+        time.sleep(0.5)  # sys.argv is set by then
+        role = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1].isidentifier() else "process"
+        out = directory / f"{role}-{os.getpid()}.json"
         while True:
             time.sleep(0.5)
             with lock:
@@ -71,11 +76,15 @@ def install(out: Path) -> Counter[str]:
     return counts
 
 
-def read(path: Path) -> Counter[str]:
-    try:
-        return Counter(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return Counter()
+def read(directory: Path, role: str = "front") -> Counter[str]:
+    """The counts of the processes of ``role`` so far."""
+    total: Counter[str] = Counter()
+    for path in directory.glob(f"{role}-*.json"):
+        try:
+            total.update(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return total
 
 
 def maybe_install() -> None:

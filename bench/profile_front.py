@@ -16,6 +16,8 @@ difference of two runs (N and 0) divided by N, which the shared cores do not dis
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import socket
 import ssl
 import subprocess
@@ -96,7 +98,10 @@ def pyspy(n: int, out: Path) -> None:
     prefix = local.new_prefix("bp")
     local.create_topics(local.PROJECT, prefix)
     devices = connections.register_many(Registry(local.PROJECT, local.REGISTRY, local.REGION), n, f"{prefix}-d")
-    counts = out / "firestore-ops.json"
+    counts = out / "firestore-ops"
+    counts.mkdir(exist_ok=True)
+    for stale in counts.glob("*.json"):
+        stale.unlink()
     root = Path(__file__).resolve().parents[1]
     env = {**env, firestore_ops.ENV: str(counts), "PYTHONPATH": f"{firestore_ops.SHIM}:{root}"}
     stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
@@ -104,6 +109,8 @@ def pyspy(n: int, out: Path) -> None:
     try:
         asyncio.run(_profile(stack, devices, out, counts))
     finally:
+        with contextlib.suppress(OSError):
+            shutil.copy(stack.workdir / "front" / "front.log", out / "front.log")
         stack.stop()
         local.stop_all()
 
