@@ -40,9 +40,15 @@ def test_a_reconnecting_device_is_authenticated_from_the_cache(devices, stack):
 
 def test_a_device_blocked_while_away_is_not_let_back_in_from_the_cache(devices, stack, registry):
     device_id, private = devices.register("ES256")
+    time.sleep(regcache.CLOCK_SKEW_S + 0.5)
     dev = devices.device(device_id, private)
     dev.connect()
     _rounds(stack, 2)
+    dev.disconnect()
+    hits = counter(stack, "cache_hits")
+    dev = devices.device(device_id, private)
+    dev.connect()  # the cache holds the device
+    assert counter(stack, "cache_hits") == hits + 1
     dev.disconnect()
     registry.set_blocked(device_id, True)
     _rounds(stack, 2)
