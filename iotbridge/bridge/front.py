@@ -589,7 +589,9 @@ class Front:
         if self._unknown.has(f"{registry_id}/{device_id}", now):
             raise bad_credentials("unknown device (remembered)")
         registry = self._registries.get(registry_id) or self._new_registry(registry_id)
-        device = self.cache.device(registry, device_id)
+        # An MQTT CONNECT may come from the cache (a change not yet applied ends the session at the next round); an
+        # HTTP request whose JWT the HTTP bridge does not remember reads the registry, which it refuses at once.
+        device = self.cache.device(registry, device_id) if protocol == "mqtt" else None
         if device is None:
             try:
                 self.stats["registry_lookups"] += 1
