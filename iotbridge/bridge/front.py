@@ -355,7 +355,7 @@ class Front:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "registry_lookups": 0, "config_acks": 0,
                       "address_limited": 0, "pending_limited": 0, "device_slowed": 0,
-                      "violation_backoff": 0, "resends_answered": 0, "resends_held": 0}
+                      "violation_backoff": 0, "resends_answered": 0, "resends_held": 0, "recheck_rounds": 0}
         # Registry reads that authenticate CONNECTs run on threads of their own, so that nothing an authenticated
         # device can trigger (config acks, presence, heartbeats) delays another device's connect.
         self._auth_pool = ThreadPoolExecutor(AUTH_WORKERS, thread_name_prefix="front-auth")
@@ -1024,6 +1024,7 @@ class Front:
                 await self.recheck()
             except Exception:  # revocation and heartbeats must go on: log and try again next round
                 log.exception("registry recheck failed")
+            self.stats["recheck_rounds"] += 1
 
     async def recheck(self) -> None:
         """End the sessions their device no longer allows (blocked, deleted or created again, credential removed,

@@ -20,8 +20,8 @@ from .test_hardening import counter
 
 def _rounds(stack, n: int) -> None:  # noqa: ANN001
     """Wait until the front has run ``n`` more re-check rounds."""
-    start = counter(stack, "rounds")
-    wait_for(f"{n} re-check rounds", lambda: counter(stack, "rounds"), lambda r: r >= start + n, timeout=30)
+    start = counter(stack, "recheck_rounds")
+    wait_for(f"{n} re-check rounds", lambda: counter(stack, "recheck_rounds"), lambda r: r >= start + n, timeout=30)
 
 
 def test_a_reconnecting_device_is_authenticated_from_the_cache(devices, stack):
