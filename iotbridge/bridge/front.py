@@ -1075,7 +1075,7 @@ class Front:
                     s.close(reason, drop_will=True)
         for s in gateways:
             if (s.registry or self.registry).registry_id not in failed:
-                await self.gateways.recheck(s, grants, now)
+                await self.gateways.recheck(s, grants, now, checked=wanted)
 
     async def _record_heartbeats(self, registries: dict[str, Registry]) -> None:
         """Each device's latest PINGREQ as ``last_heartbeat_time``, in batched writes, at most every

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -343,15 +344,19 @@ class GatewayRelay:
     def attached_ids(self, session: Session) -> list[str]:
         return list(session.gateway.attached) if session.gateway is not None else []
 
-    async def recheck(self, session: Session, grants: dict[str, Grant], now: datetime) -> None:
+    async def recheck(self, session: Session, grants: dict[str, Grant], now: datetime,
+                      checked: Collection[str] | None = None) -> None:
         """Detach every attached device the registry no longer allows: blocked, deleted, re-created, unbound, or
-        (attached with its JWT) its credential removed or expired."""
+        (attached with its JWT) its credential removed or expired. ``checked``: the devices the round read grants
+        for; one attached while the round ran is left to the next round (its attach has just read it)."""
         from iotbridge.bridge.front import revoked_reason
 
         gw = session.gateway
         if gw is None:
             return
         for device_id, att in list(gw.attached.items()):
+            if checked is not None and device_id not in checked:
+                continue
             grant = grants.get(device_id)
             if att.credential_pem:
                 reason = revoked_reason(att.num_id, att.credential_pem, grant, now)
