@@ -285,5 +285,5 @@ def run() -> list[Figure]:
         # reference's.
         Figure(SECTION, "front CPU while holding the idle connections", round(100 * idle_cpu, 1),
                "% of one core", COMMAND, f"{last.open} idle connections; keep-alive {KEEPALIVE_S} s and the registry "
-               f"re-check every {stack.settings.recheck_interval_s:.0f} s of each connected device"),
+               f"re-check every {stack.settings.recheck_interval_s:.0f} s (of the devices changed since the last)"),
     ]

@@ -3,7 +3,9 @@
 ``python -m bench.profile_front pyspy N OUT``: one broker host on the emulators, N registered devices connecting
 (64 at a time, as ``bench connections``) while py-spy records the front for 30 s, then 20 s of py-spy with the N
 devices idle; prints the connection rate, the front's CPU per connection, its idle CPU and RSS, and leaves the
-raw py-spy samples in OUT/connect.txt and OUT/idle.txt.
+raw py-spy samples in OUT/connect.txt and OUT/idle.txt. The front's Firestore operations are counted too
+(bench/firestore_ops.py): reads and writes per connection, and per idle device-hour over ``IDLE_S`` seconds that
+begin ``SETTLE_S`` after the last connect (each device has sent a PINGREQ by then).
 
 ``python -m bench.profile_front mem N OUT``: where an idle connection's memory goes in the front. One broker host on
 the emulators whose front runs with tracemalloc on; 200 devices connect first (one-time allocations), then N more.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -45,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import connections, local
+from bench import connections, firestore_ops, local
 from bench.core import group_cpu_seconds
 from iotbridge.bridge.auth import verify_jwt
 from iotbridge.bridge.front import server_ssl_context
@@ -54,6 +57,9 @@ from iotbridge.local import services
 from iotbridge.local.broker_host import BridgeStack, init_host, start_bridge_stack
 from iotbridge.local.tls import generate_local_tls
 from iotbridge.registry import Credential, Registry
+
+SETTLE_S = 60
+IDLE_S = 60
 
 
 def _record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
@@ -77,11 +83,12 @@ def _fleet(stack: BridgeStack, devices: list[tuple[str, bytes]]):  # noqa: ANN20
     return fleet, tokens, one
 
 
-async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Path) -> None:
+async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Path, counts: Path) -> None:
     front = stack.procs["front"].proc.pid
     fleet, tokens, one = _fleet(stack, devices)
 
     rec = _record(front, 30, out / "connect.txt")
+    ops0 = firestore_ops.read(counts)
     cpu0, t0 = group_cpu_seconds(front), time.monotonic()
     await asyncio.gather(*(one(d, t) for d, t in tokens))
     took = time.monotonic() - t0
@@ -89,14 +96,26 @@ async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Pa
     print(f"connected {len(fleet.conns)} in {took:.1f} s = {len(fleet.conns) / took:.0f}/s; front CPU "
           f"{1000 * (group_cpu_seconds(front) - cpu0) / n:.2f} ms per connection; errors {dict(fleet.errors)}",
           flush=True)
+    await asyncio.sleep(1)  # the counts are written twice a second
+    ops = firestore_ops.read(counts) - ops0
+    print(f"Firestore per connection: {ops['reads'] / n:.3f} reads, {ops['writes'] / n:.3f} writes, "
+          f"{(ops['lookups'] + ops['queries'] + ops['commits']) / n:.3f} RPCs ({dict(ops)})", flush=True)
     rec.wait()
     pinger = asyncio.ensure_future(fleet.keepalive())
-    await asyncio.sleep(3)
+    await asyncio.sleep(SETTLE_S)
     rec = _record(front, 20, out / "idle.txt")
+    ops0 = firestore_ops.read(counts)
     cpu0, t0 = group_cpu_seconds(front), time.monotonic()
-    await asyncio.sleep(20)
-    print(f"idle front CPU {100 * (group_cpu_seconds(front) - cpu0) / (time.monotonic() - t0):.1f}% of a core "
-          f"with {len(fleet.conns)} connections; front RSS {connections.rss_kib(front)} KiB", flush=True)
+    await asyncio.sleep(IDLE_S)
+    idle_s = time.monotonic() - t0
+    print(f"idle front CPU {100 * (group_cpu_seconds(front) - cpu0) / idle_s:.1f}% of a core "
+          f"with {len(fleet.conns)} connections over {idle_s:.0f} s; front RSS {connections.rss_kib(front)} KiB",
+          flush=True)
+    await asyncio.sleep(1)
+    ops = firestore_ops.read(counts) - ops0
+    hours = n * idle_s / 3600
+    print(f"Firestore per idle device-hour (re-check every {stack.settings.recheck_interval_s:g} s): "
+          f"{ops['reads'] / hours:.2f} reads, {ops['writes'] / hours:.2f} writes ({dict(ops)})", flush=True)
     rec.wait()
     pinger.cancel()
     await fleet.close()
@@ -115,11 +134,19 @@ def _prepare(n: int, out: Path, tag: str) -> tuple[dict[str, str], str, list[tup
 
 def pyspy(n: int, out: Path) -> None:
     env, prefix, devices = _prepare(n, out, "bp")
+    counts = out / "firestore-ops"
+    counts.mkdir(exist_ok=True)
+    for stale in counts.glob("*.json"):
+        stale.unlink()
+    root = Path(__file__).resolve().parents[1]
+    env = {**env, firestore_ops.ENV: str(counts), "PYTHONPATH": f"{firestore_ops.SHIM}:{root}"}
     stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
                                prefix, env)
     try:
-        asyncio.run(_profile(stack, devices, out))
+        asyncio.run(_profile(stack, devices, out, counts))
     finally:
+        with contextlib.suppress(OSError):
+            shutil.copy(stack.workdir / "front" / "front.log", out / "front.log")
         stack.stop()
         local.stop_all()
 

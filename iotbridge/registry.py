@@ -12,6 +12,7 @@ Layout (any number of registries per deployment, as IoT Core had)::
     registries/{registry_id}/devices/{device_id}/requests/{msg_id}    idempotency markers (TTL field expire_at)
     registries/{registry_id}/num_ids/{num_id}                         reserves a numeric id (unique)
     registries/{deployment}/device_index/{device_id}                  the registry of a device id
+    registries/{registry_id}/changes/{device_id}                      when the device's right to connect last changed
 
 A device id is unique across the deployment's registries (IoT Core's was unique per registry): devices of every
 registry share one broker, whose topics (``/devices/{device}/...``) do not name the registry. The index kept
@@ -27,6 +28,11 @@ id (the Pub/Sub message id) that was already applied returns the version it crea
 
 A new device has config version 1, with empty data unless it was created with a config, as IoT Core gave it.
 A gateway's bound devices carry its id in their ``bound_gateways`` array (listed with ``array_contains``).
+
+Every write a connected session rests on (credentials, blocked, gateway settings, bindings, creation, deletion)
+also sets the device's change stamp ``changes/{device_id}.at`` to the commit time, in the same batch or
+transaction; a deletion leaves its stamp behind as a tombstone. A broker host asks ``changed_since`` for the
+devices whose stamp moved and re-reads only those (docs/broker-scaling.md, "Registry re-check").
 
 This module is also copied next to the config-push function's ``main.py`` when it is packaged, so it imports
 nothing from the rest of the project.
@@ -338,6 +344,12 @@ class Grant:
     bound_gateways: tuple[str, ...] = ()
 
 
+def grant_of(device: Device) -> Grant:
+    """The grant of a device read whole (what ``Registry.session_grants`` reads of it)."""
+    return Grant(num_id=device.num_id, blocked=device.blocked,
+                 credentials={c.public_key_pem: c.expiration_time for c in device.credentials},
+                 bound_gateways=device.bound_gateways)
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -483,6 +495,8 @@ def list_registries(client: firestore.Client, deployment: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ registry
 
+CHANGES = "changes"  # registries/{registry}/changes/{device}: {"at": the commit time of the device's last change}
+
 
 # Set on a deployment's own registry once every device it holds has its device-index entry.
 INDEX_COMPLETE = "device_index_complete"
@@ -504,6 +518,7 @@ class Registry:
         self._root = self.client.collection("registries").document(registry_id)
         self._devices = self._root.collection("devices")
         self._num_ids = self._root.collection("num_ids")
+        self._changes = self._root.collection(CHANGES)
         # The deployment's own registry, which keeps the index of device ids across its registries.
         self.deployment = deployment or registry_id
         self._index = self.client.collection("registries").document(self.deployment).collection("device_index")
@@ -527,6 +542,17 @@ class Registry:
         if not request_id or "/" in request_id or request_id.startswith("__") or request_id in {".", ".."}:
             raise ValueError(f"invalid request id {request_id!r}")
         return self._device_ref(device_id).collection("requests").document(request_id)
+
+    def _mark_changed(self, writer: Any, device_id: str) -> None:
+        """Stamp the device as changed, in the batch or transaction ``writer`` that makes the change: the stamp
+        and the change commit together, with the same commit time."""
+        writer.set(self._changes.document(device_id), {"at": firestore.SERVER_TIMESTAMP})
+
+    def changed_since(self, since: datetime) -> dict[str, datetime]:
+        """Device id -> the commit time of its last change, for the devices whose connection rights changed (or
+        that were deleted) at or after ``since``: one query, billed one read per device returned (at least one)."""
+        query = self._changes.where(filter=firestore.FieldFilter("at", ">=", _utc(since)))
+        return {snap.id: (snap.to_dict() or {})["at"] for snap in query.select(["at"]).stream()}
 
     def _load(self, device_id: str, transaction: Any = None) -> tuple[firestore.DocumentReference, dict[str, Any]]:
         ref = self._device_ref(device_id)
@@ -659,6 +685,7 @@ class Registry:
                 tx.create(num_ref, {"device_id": device_id})
                 tx.create(ref, doc)
                 tx.create(index_ref, {"registry_id": self.registry_id})
+                self._mark_changed(tx, device_id)  # replaces the tombstone of a device deleted under this id
                 # IoT Core's first version (empty unless given), so a device subscribing to its config always
                 # gets one.
                 tx.set(self._config_ref(device_id, 1),
@@ -671,6 +698,16 @@ class Registry:
 
     def get_device(self, device_id: str) -> Device:
         return Device.from_doc(self._load(device_id)[1])
+
+    def get_devices(self, device_ids: Sequence[str]) -> dict[str, Device]:
+        """The devices of ``device_ids`` that exist, in one batched read (``get_all``) per 300."""
+        found: dict[str, Device] = {}
+        ids = list(dict.fromkeys(device_ids))
+        for i in range(0, len(ids), 300):
+            for snap in self.client.get_all([self._device_ref(d) for d in ids[i:i + 300]]):
+                if snap.exists:
+                    found[snap.id] = Device.from_doc(snap.to_dict() or {})
+        return found
 
     def session_grants(self, device_ids: Sequence[str], chunk: int = 300) -> dict[str, Grant]:
         """Device id -> what its sessions' right to stay connected rests on, for those of ``device_ids`` that
@@ -718,11 +755,11 @@ class Registry:
         """The one gateway setting IoT Core let a patch change."""
         device = self.get_device(device_id)
         config = replace(device.gateway_config, gateway_auth_method=method)
-        self._update(device_id, {"gateway_config": config.to_doc()})
+        self._update(device_id, {"gateway_config": config.to_doc()}, changed=True)
         return self.get_device(device_id)
 
     def set_blocked(self, device_id: str, blocked: bool) -> Device:
-        self._update(device_id, {"blocked": bool(blocked)})
+        self._update(device_id, {"blocked": bool(blocked)}, changed=True)
         return self.get_device(device_id)
 
     def set_metadata(self, device_id: str, metadata: Mapping[str, str]) -> Device:
@@ -747,6 +784,7 @@ class Registry:
                 raise InvalidBinding(f"device {device_id!r} is a gateway; a gateway cannot be bound to another")
             # The binding lives on the bound device's document: listed with array_contains, one write per binding.
             tx.update(device_ref, {"bound_gateways": firestore.ArrayUnion([gateway_id])})
+            self._mark_changed(tx, device_id)
 
         with self._device_lock(device_id):
             bind(self.client.transaction(max_attempts=TRANSACTION_ATTEMPTS))
@@ -755,7 +793,7 @@ class Registry:
         """Remove the binding (IoT Core's ``unbindDeviceFromGateway``); idempotent. DeviceNotFound if the device
         is missing."""
         validate_device_id(gateway_id)
-        self._update(device_id, {"bound_gateways": firestore.ArrayRemove([gateway_id])})
+        self._update(device_id, {"bound_gateways": firestore.ArrayRemove([gateway_id])}, changed=True)
 
     def devices_bound_to(self, gateway_id: str) -> list[Device]:
         """The devices bound to ``gateway_id``, by id."""
@@ -783,7 +821,8 @@ class Registry:
         bound = self._devices.where(filter=firestore.FieldFilter("bound_gateways", "array_contains", device_id))
         for snap in bound.stream():
             batch.update(snap.reference, {"bound_gateways": firestore.ArrayRemove([device_id])})
-            n += 1
+            self._mark_changed(batch, snap.id)
+            n += 2
             if n >= 400:  # a batch holds at most 500 writes
                 batch.commit()
                 batch, n = self.client.batch(), 0
@@ -796,6 +835,7 @@ class Registry:
                     batch, n = self.client.batch(), 0
         batch.delete(self._num_ids.document(doc["num_id"]))
         batch.delete(ref)
+        self._mark_changed(batch, device_id)  # the tombstone: a deleted document matches no query
         batch.commit()
         index_ref = self._index.document(device_id)
         index = index_ref.get()
@@ -813,20 +853,28 @@ class Registry:
             if len(creds) >= MAX_CREDENTIALS:
                 raise InvalidCredential(f"device {device_id!r} already has {MAX_CREDENTIALS} credentials")
             tx.update(ref, {"credentials": [*creds, credential.to_doc()]})
+            self._mark_changed(tx, device_id)
 
         add(self.client.transaction(max_attempts=TRANSACTION_ATTEMPTS))
         return self.get_device(device_id)
 
     def set_credentials(self, device_id: str, credentials: Sequence[Credential]) -> Device:
         _check_credentials(credentials)
-        self._update(device_id, {"credentials": [c.to_doc() for c in credentials]})
+        self._update(device_id, {"credentials": [c.to_doc() for c in credentials]}, changed=True)
         return self.get_device(device_id)
 
-    def _update(self, device_id: str, fields: dict[str, Any]) -> None:
+    def _update(self, device_id: str, fields: dict[str, Any], changed: bool = False) -> None:
+        """Update the device's fields; ``changed``: a change its sessions rest on, stamped in the same commit."""
         from google.api_core.exceptions import NotFound
 
         try:
-            self._device_ref(device_id).update(fields)
+            if changed:
+                batch = self.client.batch()
+                batch.update(self._device_ref(device_id), fields)
+                self._mark_changed(batch, device_id)
+                batch.commit()
+            else:
+                self._device_ref(device_id).update(fields)
         except NotFound:
             raise DeviceNotFound(f"device {device_id!r} not found in registry {self.registry_id!r}") from None
 

@@ -621,9 +621,19 @@ BIGTABLE = BigtableSpec()
 # Custom metrics a broker host writes every minute (on its gce_instance, labels registry_id and host), which the
 # stack declares, alerts on and charts.
 CONNECTED_DEVICES_METRIC = "custom.googleapis.com/iot/connected_devices"  # the front's live sessions
-# How often a deployed broker host re-reads its connected devices from the registry (blocked, deleted, credentials):
-# the time a revoked device keeps its session, and a Firestore read per connected device each time.
+# How often a deployed broker host re-checks its connected devices against the registry (blocked, deleted,
+# credentials): the longest a revoked device keeps its session.
 CLOUD_RECHECK_INTERVAL_S = 30.0
+# What the registry costs a broker host (iotbridge/bridge/regcache.py; the capacity planner counts with these):
+# each re-check round reads, per registry the host serves and whatever its number of devices, the change query
+# (billed one read even when nothing changed) and the registry's settings; a CONNECT the host's cache cannot serve
+# reads the device once; a session writes its presence record at connect and removes it at disconnect; a device's
+# PINGREQ is written as its lastHeartbeatTime at most every HEARTBEAT_RECORD_S (IoT Core's "may be stale by a few
+# minutes").
+RECHECK_READS_PER_ROUND = 2
+CONNECT_READS = 1
+PRESENCE_WRITES_PER_SESSION = 2
+HEARTBEAT_RECORD_S = 300.0
 BROKER_STORED_METRIC = "custom.googleapis.com/iot/broker_stored_messages"  # what Mosquitto holds
 BROKER_DROPPED_METRIC = "custom.googleapis.com/iot/broker_dropped_messages"  # dropped over a queue bound, per minute
 # Mosquitto's per-client queue bound (max_queued_messages): the bridge's persistent session fills during a Pub/Sub

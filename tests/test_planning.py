@@ -96,9 +96,12 @@ def test_known_fleet_capacity(known: capacity.Capacity) -> None:
     # (2 + 6) cells x 76 B = 608 B for 30 days: 1,000 x 86,400 x 30 x 608 = 1.575936e12 B = 1,467.7 GiB (< 5 TiB).
     assert c.bigtable_nodes_per_cluster == 1
     assert c.bigtable_storage_gib_per_cluster == pytest.approx(1467.7, rel=1e-4)
-    # Registry: 10,000 devices re-read every 5 s: 5.256e9 reads; a heartbeat per device per 60 s: 4.38e8 writes.
-    assert c.registry_reads_month == pytest.approx(5.256e9)
-    assert c.registry_writes_month == pytest.approx(4.38e8)
+    # Registry: 2 hosts x 2 reads a round (the change query, the registry's settings) x 2,628,000 s / 5 s = 2,102,400
+    # reads, whatever the devices; a session per device and hour (its token's lifetime): 10,000 x 730 = 7.3e6
+    # sessions, each reading the device once: 9,402,400 reads. Writes: a heartbeat per device per 300 s = 8.76e7,
+    # and each session's presence record written and removed = 1.46e7: 1.022e8.
+    assert c.registry_reads_month == pytest.approx(9_402_400)
+    assert c.registry_writes_month == pytest.approx(1.022e8)
     # Config pushes: 10,000 x 1 a day x 30.4167 days = 304,166.7 invocations.
     assert c.function_invocations_month == pytest.approx(304_166.7, rel=1e-6)
 
@@ -135,9 +138,9 @@ def test_known_fleet_cost(known: capacity.Capacity) -> None:
     # Bigtable: 1 node x 1 cluster x 730 h x $0.65 = $474.50; 1,467.7 GiB SSD x $0.17 = $249.51.
     check("Bigtable", "bigtable.node_hour", 730, 0.65, 474.50)
     check("Bigtable", "bigtable.ssd_gib_month", 1467.7, 0.17, 249.51)
-    # Firestore: 5.256e9 reads = 52,560 x 100k x $0.03 = $1,576.80; 4.38e8 writes = 4,380 x $0.09 = $394.20.
-    check("Firestore (registry)", "firestore.reads_100k", 52_560, 0.03, 1576.80)
-    check("Firestore (registry)", "firestore.writes_100k", 4380, 0.09, 394.20)
+    # Firestore: 9,402,400 reads = 94.024 x 100k x $0.03 = $2.82; 1.022e8 writes = 1,022 x $0.09 = $91.98.
+    check("Firestore (registry)", "firestore.reads_100k", 94.024, 0.03, 2.82072)
+    check("Firestore (registry)", "firestore.writes_100k", 1022, 0.09, 91.98)
     # Function: 0.30417 M invocations x $0.40 = $0.1217; 304,166.7 x 1/6 vCPU x 0.05 s = 2,534.7 vCPU-s x $0.000024
     # = $0.0608; x 0.25 GiB x 0.05 s = 3,802.1 GiB-s x $0.0000025 = $0.0095.
     check("Cloud Functions (config push)", "run.requests_million", 0.304167, 0.40, 0.12167)
@@ -147,8 +150,8 @@ def test_known_fleet_cost(known: capacity.Capacity) -> None:
     # Egress 221.91 GiB, all in the first TiB at $0.12 = $26.63.
     check("Egress", "egress.internet_gib", 221.91, 0.12, 26.63)
     assert len(lines) == 21
-    # Total: the sum of the lines above = $3,323.51.
-    assert sum(ln.monthly for ln in lines.values()) == pytest.approx(3323.51, rel=1e-3)
+    # Total: the sum of the lines above = $1,447.31.
+    assert sum(ln.monthly for ln in lines.values()) == pytest.approx(1447.31, rel=1e-3)
     assert as_of == json.loads(cost.PRICES.read_text())["as_of"]
 
 
@@ -246,7 +249,7 @@ def test_commands_print_the_plan_and_the_estimate() -> None:
 
 
 def test_the_registry_reads_are_those_of_the_deployed_hosts_recheck(stack_file: Path) -> None:
-    """The estimate re-reads each device as often as a deployed broker host does (its startup settings), not at the
+    """The estimate's re-check rounds are as frequent as a deployed broker host's (its startup settings), not the
     local stack's faster default."""
     import json
 
@@ -259,8 +262,10 @@ def test_the_registry_reads_are_those_of_the_deployed_hosts_recheck(stack_file: 
     interval = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON", 1)[0])["recheck_interval_s"]
     fleet = Fleet(devices=1000, rate=0.1, payload_bytes=100, metrics_per_message=2, config_pushes_per_device_day=1)
     c = capacity.plan(fleet, capacity.read_stack(stack_file), FIGURES)
-    # 1,000 devices x 2,628,000 s a month (730 h) / the hosts' interval.
-    assert c.registry_reads_month == pytest.approx(1000 * 730 * 3600 / interval)
+    # 2 hosts x 2 reads a round x 2,628,000 s a month (730 h) / the hosts' interval, and 1,000 devices x 730
+    # sessions (one per hour) reading the device once.
+    assert c.broker_hosts == 2
+    assert c.registry_reads_month == pytest.approx(2 * 2 * 730 * 3600 / interval + 1000 * 730)
 
 
 def test_the_fan_out_figures_come_from_the_bench_reference(tmp_path: Path) -> None:
@@ -286,3 +291,11 @@ def test_the_fan_out_figures_come_from_the_bench_reference(tmp_path: Path) -> No
     changed.write_text(json.dumps(data))
     with pytest.raises(PlanningError, match="no fan-out figures"):
         capacity.read_reference(changed)
+
+
+def test_a_session_lasts_the_device_sdks_token_lifetime() -> None:
+    import inspect
+
+    from iotbridge.device import Device
+
+    assert capacity.SESSION_S == inspect.signature(Device.__init__).parameters["token_lifetime_s"].default

@@ -93,6 +93,18 @@ def mark_connected(client: firestore.Client, registry_id: str, device_id: str, h
     return result.update_time
 
 
+def mark_connected_many(client: firestore.Client, items: list[tuple[str, str, str, str, datetime]]) -> list[Any]:
+    """``mark_connected`` for many sessions ((registry, device, host, session, until) each) in one commit (at most
+    500, Firestore's limit): a reconnect storm costs a commit per few milliseconds, not one per device. Returns the
+    update times in order."""
+    batch = client.batch()
+    since = datetime.now(UTC)
+    for registry_id, device_id, host, session, until in items:
+        batch.set(_presence(client, registry_id, device_id),
+                  {"host": host, "session": session, "since": since, "until": until})
+    return [r.update_time for r in batch.commit()]
+
+
 def mark_disconnected(client: firestore.Client, registry_id: str, device_id: str, update_time: Any) -> None:
     """Remove the presence document unless a newer session of the device has replaced it."""
     from google.api_core import exceptions as gexc

@@ -16,9 +16,11 @@ Mosquitto cannot check IoT Core JWTs, so every device connection ends here first
    device→broker PUBLISH and SUBSCRIBE packet is checked (own topics only, QoS ≤ 1, events ≤ 256 KB, state
    ≤ 64 KB); a violation closes the connection and nothing of the offending packet, nor anything after it, is
    forwarded. A SUBSCRIBE asking QoS 2 is granted QoS 1.
-5. The session is closed at the token's ``exp``; connected devices are re-read from the registry every
-   ``recheck_interval_s`` and dropped when blocked or deleted; their latest PINGREQ is written as
-   ``last_heartbeat_time`` in the same round.
+5. The session is closed at the token's ``exp``; every ``recheck_interval_s`` the devices whose registry record
+   changed since the previous round are re-read (:mod:`iotbridge.bridge.regcache`) and their sessions dropped when
+   blocked, deleted or their credential is gone; a device's latest PINGREQ is written as ``last_heartbeat_time``
+   at most every ``regcache.HEARTBEAT_RECORD_S``. A reconnecting device is authenticated from that cache while it
+   is fresh; other CONNECTs' reads, and the presence records, are batched.
 6. A config the broker delivers at QoS 1 is acknowledged in the registry when the device's PUBACK passes
    (IoT Core recorded the ack the same way; a QoS 0 config subscription gets no ack).
 7. At connect, the front asks the bridge service (``iotbridge/sync``) to make sure the broker holds the
@@ -53,13 +55,12 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import spec
-from iotbridge.bridge import fanout, limits, mqtt, resends
+from iotbridge.bridge import fanout, limits, mqtt, regcache, resends
 from iotbridge.bridge.auth import AuthError, ClientIdError, parse_device_path, verify_jwt
 from iotbridge.bridge.gateway import MAX_ATTACHED, GatewayRelay, GatewaySession
 from iotbridge.bridge.ratelimit import ExpiringSet, KeyedBuckets, TokenBucket
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES, BridgeSettings
 from iotbridge.registry import (
-    DeviceNotFound,
     Grant,
     Registry,
     RegistryNotFound,
@@ -415,7 +416,7 @@ class Front:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "registry_lookups": 0, "config_acks": 0,
                       "address_limited": 0, "pending_limited": 0, "device_slowed": 0,
-                      "violation_backoff": 0, "resends_answered": 0, "resends_held": 0}
+                      "violation_backoff": 0, "resends_answered": 0, "resends_held": 0, "recheck_rounds": 0}
         # Registry reads that authenticate CONNECTs run on threads of their own, so that nothing an authenticated
         # device can trigger (config acks, presence, heartbeats) delays another device's connect.
         self._auth_pool = ThreadPoolExecutor(AUTH_WORKERS, thread_name_prefix="front-auth")
@@ -430,6 +431,11 @@ class Front:
         self._acked: dict[str, str] = {}  # device id -> sha256 of the config last acknowledged in the registry
         self._resends = resends.Resends()  # QoS 1 publishes per device, to recognise a resend (DUP) of one
         self.gateways = GatewayRelay(self)
+        # The registry as this host knows it (kept current by the re-check's change feed), and the batched reads
+        # and presence writes of CONNECTs.
+        self.cache = regcache.RegistryCache(settings.recheck_interval_s, self._registry_pool)
+        self._reads = regcache.ReadBatcher(self._auth_pool)
+        self._presence = regcache.WriteBatcher(self._auth_pool, fanout.mark_connected_many)
 
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -667,17 +673,23 @@ class Front:
         registry_id = registry_id or self.registry.registry_id
         if self._unknown.has(f"{registry_id}/{device_id}", now):
             raise bad_credentials("unknown device (remembered)")
-        try:
-            self.stats["registry_lookups"] += 1
-            registry = self._registries.get(registry_id) or self._new_registry(registry_id)
-            device = await self._on(self._auth_pool, registry.get_device, device_id)
+        registry = self._registries.get(registry_id) or self._new_registry(registry_id)
+        # An MQTT CONNECT may come from the cache (a change not yet applied ends the session at the next round); an
+        # HTTP request whose JWT the HTTP bridge does not remember reads the registry, which it refuses at once.
+        device = self.cache.device(registry, device_id) if protocol == "mqtt" else None
+        if device is None:
+            try:
+                self.stats["registry_lookups"] += 1
+                read_at = datetime.now(UTC)
+                device = await self._reads.get(registry, device_id)
+            except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
+                raise Refusal(Refusal.UNAVAILABLE, f"registry error {type(exc).__name__}") from None
+            if device is None:
+                self._unknown.add(f"{registry_id}/{device_id}", time.monotonic())
+                raise bad_credentials("unknown device")
             # Kept only once it served a device: client ids naming made-up registries add nothing here.
             registry = self._registries.setdefault(registry_id, registry)
-        except DeviceNotFound:
-            self._unknown.add(f"{registry_id}/{device_id}", time.monotonic())
-            raise bad_credentials("unknown device") from None
-        except Exception as exc:  # noqa: BLE001 - registry unreachable: refuse, the device retries
-            raise Refusal(Refusal.UNAVAILABLE, f"registry error {type(exc).__name__}") from None
+            self.cache.learned(registry, device, read_at)
         at = datetime.now(UTC)
         try:
             if password or client_cert is None:
@@ -761,10 +773,8 @@ class Front:
         self.sessions.add(session)
         self.hold(device_id)
         try:
-            session.presence_time = await self._on(
-                self._auth_pool, fanout.mark_connected, proof.registry.client, proof.registry.registry_id, device_id,
-                s.host_id,
-                session.id, expires_at)
+            session.presence_time = await self._presence.write(
+                proof.registry.client, (proof.registry.registry_id, device_id, s.host_id, session.id, expires_at))
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device may still connect
             log.warning("presence of %s not recorded: %s", device_id, exc)
         except BaseException:  # cancelled (the host stopping): the caller never gets the session to end it
@@ -1079,7 +1089,9 @@ class Front:
         return len({s.device_id for s in self.sessions})
 
     def counters(self) -> dict[str, int]:
-        return {**self.stats, "connected": self.connected_devices(), "pending": self._pending,
+        return {**self.stats, **self.cache.stats, "read_batches": self._reads.batches,
+                "presence_commits": self._presence.commits, "connected": self.connected_devices(),
+                "pending": self._pending,
                 "unknown_remembered": len(self._unknown), "addresses_tracked": len(self._failures)}
 
     async def _metrics_loop(self) -> None:
@@ -1115,10 +1127,12 @@ class Front:
                 await self.recheck()
             except Exception:  # revocation and heartbeats must go on: log and try again next round
                 log.exception("registry recheck failed")
+            self.stats["recheck_rounds"] += 1
 
     async def recheck(self) -> None:
         """End the sessions their device no longer allows (blocked, deleted or created again, credential removed,
-        rotated or expired); record heartbeats (coalesced per round)."""
+        rotated or expired), from grants kept current by the registry's change feed (only the devices changed
+        since the previous round are read); record heartbeats (at most every ``HEARTBEAT_RECORD_S`` a device)."""
         by_device: dict[str, list[Session]] = {}
         registries: dict[str, Registry] = {}
         gateways = [s for s in list(self.sessions) if s.gateway is not None]
@@ -1127,28 +1141,21 @@ class Front:
             registries[s.device_id] = s.registry or self.registry
         # A gateway attaches devices of its own registry.
         attached = {d: registries[s.device_id] for s in gateways for d in self.gateways.attached_ids(s)}
-        pings = [(s, s.last_ping) for s in list(self.sessions) if s.last_ping is not None
-                 and s.last_ping != s.ping_recorded]
-        if pings:
-            # Batched writes: one write per device and keep-alive was most of an idle front's CPU.
+        await self._record_heartbeats(registries)
+        # Every registry this host serves gets its round, so that the cache of reconnecting devices stays fresh.
+        wanted = {**{d: registry for d, registry in attached.items() if d not in by_device},
+                  **{d: registries[d] for d in by_device}}
+        served = {r.registry_id: r for r in self._registries.values()}
+        grants: dict[str, Grant] = {}
+        failed: set[str] = set()
+        for registry_id, registry in served.items():
+            ids = [d for d, r in wanted.items() if r.registry_id == registry_id]
             try:
-                for registry, times in _per_registry({s.device_id: ping for s, ping in pings}, registries).items():
-                    await self._on(self._registry_pool, registry.record_heartbeats, times)
-                for s, ping in pings:
-                    s.ping_recorded = ping
-            except Exception as exc:  # noqa: BLE001 - best effort, like IoT Core's heartbeat time
-                log.debug("heartbeats of %d devices not recorded: %s", len(pings), exc)
+                grants.update(await self.cache.refresh(registry, ids))
+            except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: keep the sessions, try next round
+                log.warning("registry recheck of %d devices of %s failed: %s", len(ids), registry_id, exc)
+                failed.add(registry_id)
         if not by_device:
-            return
-        # One batched read of what every connected device's sessions rest on, instead of a round trip per device.
-        try:
-            grants: dict[str, Grant] = {}
-            wanted = {**{d: registry for d, registry in attached.items() if d not in by_device},
-                      **{d: registries[d] for d in by_device}}
-            for registry, ids in _per_registry(dict.fromkeys(wanted, None), wanted).items():
-                grants.update(await self._on(self._registry_pool, registry.session_grants, list(ids)))
-        except Exception as exc:  # noqa: BLE001 - registry briefly unreachable: keep the sessions, try next round
-            log.warning("registry recheck of %d devices failed: %s", len(by_device), exc)
             return
         # A registry whose MQTT was disabled since its devices connected ends their sessions.
         disabled: set[str] = set()
@@ -1160,6 +1167,8 @@ class Front:
                 log.warning("settings of registry %s not read: %s", registry.registry_id, exc)
         now = datetime.now(UTC)
         for device_id, sessions in by_device.items():
+            if registries[device_id].registry_id in failed:
+                continue
             for s in sessions:
                 reason = revoked_reason(s.num_id, s.credential_pem, grants.get(device_id), now)
                 if not reason and registries[device_id].registry_id in disabled:
@@ -1168,4 +1177,21 @@ class Front:
                     log.warning("dropping %s: %s", device_id, reason)
                     s.close(reason, drop_will=True)
         for s in gateways:
-            await self.gateways.recheck(s, grants, now, read=wanted.keys())
+            if (s.registry or self.registry).registry_id not in failed:
+                await self.gateways.recheck(s, grants, now, checked=wanted)
+
+    async def _record_heartbeats(self, registries: dict[str, Registry]) -> None:
+        """Each device's latest PINGREQ as ``last_heartbeat_time``, in batched writes, at most every
+        ``HEARTBEAT_RECORD_S`` a device (IoT Core's was "periodically collected ... stale by a few minutes")."""
+        every = timedelta(seconds=regcache.HEARTBEAT_RECORD_S)
+        pings = [(s, s.last_ping) for s in list(self.sessions) if s.last_ping is not None
+                 and (s.ping_recorded is None or s.last_ping - s.ping_recorded >= every)]
+        if not pings:
+            return
+        try:
+            for registry, times in _per_registry({s.device_id: ping for s, ping in pings}, registries).items():
+                await self._on(self._registry_pool, registry.record_heartbeats, times)
+            for s, ping in pings:
+                s.ping_recorded = ping
+        except Exception as exc:  # noqa: BLE001 - best effort, like IoT Core's heartbeat time
+            log.debug("heartbeats of %d devices not recorded: %s", len(pings), exc)

@@ -349,18 +349,18 @@ class GatewayRelay:
         return list(session.gateway.attached) if session.gateway is not None else []
 
     async def recheck(self, session: Session, grants: dict[str, Grant], now: datetime,
-                      read: Collection[str]) -> None:
+                      checked: Collection[str] | None = None) -> None:
         """Detach every attached device the registry no longer allows: blocked, deleted, re-created, unbound, or
-        (attached with its JWT) its credential removed or expired. ``grants`` holds what the registry said of the
-        devices in ``read``; one missing there is gone."""
+        (attached with its JWT) its credential removed or expired. ``checked``: the devices the round read grants
+        for; one attached while the round ran is left to the next round (its attach has just read it)."""
         from iotbridge.bridge.front import revoked_reason
 
         gw = session.gateway
         if gw is None:
             return
         for device_id, att in list(gw.attached.items()):
-            if device_id not in read:
-                continue  # attached while this round read the registry: the attach itself has just checked it
+            if checked is not None and device_id not in checked:
+                continue
             grant = grants.get(device_id)
             if att.credential_pem:
                 reason = revoked_reason(att.num_id, att.credential_pem, grant, now)

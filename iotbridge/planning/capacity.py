@@ -32,6 +32,9 @@ GIB = 2**30
 # the maximum rate, and a host must absorb a peer's devices when one restarts.
 PLANNED_UTILIZATION = 0.5
 KEEPALIVE_S = 60  # the device SDK's keep-alive; IoT Core devices commonly use 60 s too
+# A device's session lasts its token's lifetime (the front ends it at the JWT's exp), then it reconnects: the device
+# SDK's default token lifetime (iotbridge/device.py; tests/test_planning.py holds them equal).
+SESSION_S = 3600
 
 # Bytes on the wire per device message (MQTT PUBLISH QoS 1 with a /devices/{20-char id}/events topic: 2 + 2 + 31
 # + 2 bytes of MQTT, a TLS 1.3 record's 22 bytes, 52 bytes of TCP/IP headers) and per reply (PUBACK or PINGRESP:
@@ -418,10 +421,15 @@ def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
         notes.append(f"needs {nodes} Bigtable nodes per cluster; the stack's bigtableMaxNodes is "
                      f"{stack.bigtable_max_nodes}")
 
-    # The registry: each front re-reads every connected device every recheck_interval_s (blocked, deleted,
-    # credential changes) and writes a heartbeat per device per keep-alive.
-    reads = fleet.devices * SECONDS_PER_MONTH / recheck_interval_s
-    writes = fleet.devices * SECONDS_PER_MONTH / max(KEEPALIVE_S, recheck_interval_s)
+    # The registry: each host's re-check round reads what changed (a query) and the registry's settings, whatever
+    # its number of devices; each session (one per device and token lifetime) reads the device at CONNECT and
+    # writes and removes its presence record; a device's PINGREQ is written at most every HEARTBEAT_RECORD_S.
+    # Devices changed by operators are re-read on top (a read per change and host holding the device).
+    sessions = fleet.devices * SECONDS_PER_MONTH / SESSION_S
+    rounds = SECONDS_PER_MONTH / recheck_interval_s
+    reads = hosts * spec.RECHECK_READS_PER_ROUND * rounds + sessions * spec.CONNECT_READS
+    heartbeats = fleet.devices * SECONDS_PER_MONTH / max(KEEPALIVE_S, spec.HEARTBEAT_RECORD_S, recheck_interval_s)
+    writes = heartbeats + sessions * spec.PRESENCE_WRITES_PER_SESSION
     invocations = fleet.devices * fleet.config_pushes_per_device_day * DAYS_PER_MONTH
 
     return Capacity(
@@ -464,8 +472,8 @@ def render(c: Capacity) -> str:
         f"BigQuery: {c.bigquery_rows_month:,.0f} rows/month streamed ({c.bigquery_streaming_gib_month:,.1f} GiB "
         f"billed), storage grows {c.bigquery_storage_growth_gib_month:,.1f} GiB/month; month 12 holds "
         f"{c.bigquery_active_gib:,.1f} GiB active + {c.bigquery_long_term_gib:,.1f} GiB long-term",
-        f"registry (Firestore): {c.registry_reads_month:,.0f} reads/month (connected devices re-read), "
-        f"{c.registry_writes_month:,.0f} writes/month (heartbeats)",
+        f"registry (Firestore): {c.registry_reads_month:,.0f} reads/month (hosts' re-check rounds, device reads at "
+        f"connect), {c.registry_writes_month:,.0f} writes/month (presence records, heartbeats)",
         f"config pushes: {c.function_invocations_month:,.0f} function invocations/month",
         f"per-host figures: {c.figures.source} ({c.figures.cores} cores shared by the load, the emulators and the "
         "host)",

@@ -218,9 +218,10 @@ def estimate(c: Capacity, prices: PriceBook) -> list[Line]:
     add("Bigtable", f"{s.bigtable_storage_type} storage x {s.bigtable_clusters} cluster(s) (uncompressed)",
         c.bigtable_storage_gib_per_cluster * s.bigtable_clusters,
         "bigtable.ssd_gib_month" if s.bigtable_storage_type == "SSD" else "bigtable.hdd_gib_month")
-    add("Firestore (registry)", "reads: connected devices re-read by the fronts", c.registry_reads_month / 1e5,
-        "firestore.reads_100k")
-    add("Firestore (registry)", "writes: heartbeats", c.registry_writes_month / 1e5, "firestore.writes_100k")
+    add("Firestore (registry)", "reads: the hosts' re-check rounds and devices read at connect",
+        c.registry_reads_month / 1e5, "firestore.reads_100k")
+    add("Firestore (registry)", "writes: presence records and heartbeats", c.registry_writes_month / 1e5,
+        "firestore.writes_100k")
     billed_s = c.figures.config_push_ms / 1000
     add("Cloud Functions (config push)", "invocations", c.function_invocations_month / 1e6, "run.requests_million")
     add("Cloud Functions (config push)", f"CPU ({FUNCTION_VCPU:.3f} vCPU x {billed_s:.3f} s each)",

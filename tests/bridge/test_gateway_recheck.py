@@ -33,7 +33,7 @@ def _recheck(device_ids: tuple[str, ...], grants: dict[str, Grant], read: set[st
         -> tuple[Session, list[str]]:
     async def go() -> tuple[Session, list[str]]:
         relay, session, released = _gateway_with(*device_ids)  # in the loop: a session's close is a future of it
-        await relay.recheck(session, grants, datetime.now(UTC), read=read)
+        await relay.recheck(session, grants, datetime.now(UTC), checked=read)
         return session, released
 
     return run_in_own_loop(go())
