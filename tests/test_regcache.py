@@ -15,6 +15,7 @@ import pytest
 from iotbridge.bridge import fanout, regcache
 from iotbridge.device import generate_key
 from iotbridge.registry import Credential, GatewayConfig, Registry
+from tests.aio import run_in_own_loop
 
 pytestmark = pytest.mark.emulator
 
@@ -81,7 +82,7 @@ def test_a_failed_write_stamps_nothing(registry):
 
 
 def _round(cache: regcache.RegistryCache, registry: Registry, needed) -> dict:  # noqa: ANN001
-    return asyncio.run(cache.refresh(registry, needed))
+    return run_in_own_loop(cache.refresh(registry, needed))
 
 
 def test_a_round_reads_only_the_changed_devices_and_sees_blocks_credential_changes_and_deletions(registry, pool,
@@ -194,7 +195,7 @@ def test_concurrent_connect_reads_share_one_registry_read(registry, pool):
         return await asyncio.gather(*(batcher.get(registry, d) for d in ("dev-r1", "dev-r2", "dev-r3", "nobody",
                                                                          "dev-r1")))
 
-    found = asyncio.run(connects())
+    found = run_in_own_loop(connects())
     assert [d.id if d else None for d in found] == ["dev-r1", "dev-r2", "dev-r3", None, "dev-r1"]
     assert batcher.batches == 1
 
@@ -208,7 +209,7 @@ def test_presence_records_of_concurrent_connects_share_one_commit_and_stay_remov
         return await asyncio.gather(*(batcher.write(registry.client, (registry.registry_id, d, "host-a", f"s-{d}",
                                                                       until)) for d in ids))
 
-    times = asyncio.run(connects())
+    times = run_in_own_loop(connects())
     assert batcher.commits == 1
     assert [registry.connected_host(d) for d in ids] == ["host-a"] * 30
     # Each write's own update time removes its record (the disconnect's precondition), and only its own.

@@ -3,16 +3,14 @@ bridge service as their own processes, and devices written the IoT Core way (iot
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 import pytest
@@ -29,8 +27,6 @@ from iotbridge.registry import Credential, Registry
 from tests.waiting import wait_for
 
 from .admin_server import start_admin
-
-T = TypeVar("T")
 
 PROJECT = "local-project"
 REGION = "europe-west1"
@@ -279,13 +275,3 @@ def retained(stack: BridgeStack, topic: str, wait_s: int = 2) -> bytes:
          "-C", "1", "-W", str(wait_s), "--retained-only"], capture_output=True, timeout=wait_s + 8)
     return out.stdout.rstrip(b"\n")
 
-
-def run_in_own_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on an event loop of its own. Not asyncio.run: that leaves the main thread with no current event
-    loop, and the Pulumi mock tests that run later in the session (pulumi's _sync_await) then fail with "There is
-    no current event loop"."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()

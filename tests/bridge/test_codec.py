@@ -17,8 +17,7 @@ from iotbridge.bridge.auth import AuthError, ClientIdError, parse_client_id, ver
 from iotbridge.bridge.front import session_deadline, subscription_allowed, topic_kind, verify_client_certificate
 from iotbridge.device import generate_key
 from iotbridge.registry import Credential
-
-from .conftest import run_in_own_loop
+from tests.aio import run_in_own_loop
 
 
 def _read(raw: bytes, max_size: int = 1 << 20) -> tuple[int, bytes, bytes]:

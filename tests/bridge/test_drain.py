@@ -11,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from iotbridge.bridge.front import DRAIN_TICK_S, Session, drain
+from tests.aio import run_in_own_loop
 from tests.waiting import wait_for
 
-from .conftest import DeviceFactory, new_stack, run_in_own_loop
+from .conftest import DeviceFactory, new_stack
 
 
 def _sessions(n: int) -> list[Session]:

@@ -10,8 +10,7 @@ from typing import cast
 from iotbridge.bridge.front import Front, Session
 from iotbridge.bridge.gateway import Attached, GatewayRelay, GatewaySession
 from iotbridge.registry import Grant
-
-from .conftest import run_in_own_loop
+from tests.aio import run_in_own_loop
 
 
 def _gateway_with(*device_ids: str) -> tuple[GatewayRelay, Session, list[str]]:

@@ -4,7 +4,6 @@ host's re-check reads no device, and a PINGREQ is recorded at most every HEARTBE
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 import time
 from datetime import UTC, datetime, timedelta
@@ -12,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from iotbridge.bridge import regcache
 from iotbridge.bridge.front import Front, Session
 from iotbridge.bridge.settings import BridgeSettings
+from tests.aio import run_in_own_loop
 from tests.waiting import wait_for
 
 from .test_attacks import NOT_AUTHORIZED, expect_refused
@@ -72,18 +72,21 @@ def test_a_pingreq_is_recorded_at_most_every_heartbeat_record_interval(registry)
     registry.create_device("dev-ping")
     settings = BridgeSettings(project=registry.project, region=registry.region, registry_id=registry.registry_id,
                               prefix="p")
-    front = Front(settings, registry, ssl.create_default_context(), "pw")
     t0 = datetime.now(UTC).replace(microsecond=0)
-    session = Session("dev-ping", 4, t0 + timedelta(hours=1), "peer", registry=registry)
-    front.sessions.add(session)
 
-    def record(ping: datetime) -> datetime | None:
-        session.last_ping = ping
-        asyncio.run(front._record_heartbeats({"dev-ping": registry}))
-        return registry.get_device("dev-ping").last_heartbeat_time
+    async def go() -> None:  # a Front and its sessions live in an event loop
+        front = Front(settings, registry, ssl.create_default_context(), "pw")
+        session = Session("dev-ping", 4, t0 + timedelta(hours=1), "peer", registry=registry)
+        front.sessions.add(session)
 
-    assert record(t0) == t0
-    assert record(t0 + timedelta(seconds=60)) == t0  # a keep-alive later: not written
-    later = t0 + timedelta(seconds=regcache.HEARTBEAT_RECORD_S)
-    assert record(later) == later
-    time.sleep(0)  # nothing to wait for: the writes above were synchronous
+        async def record(ping: datetime) -> datetime | None:
+            session.last_ping = ping
+            await front._record_heartbeats({"dev-ping": registry})
+            return registry.get_device("dev-ping").last_heartbeat_time
+
+        assert await record(t0) == t0
+        assert await record(t0 + timedelta(seconds=60)) == t0  # a keep-alive later: not written
+        later = t0 + timedelta(seconds=regcache.HEARTBEAT_RECORD_S)
+        assert await record(later) == later
+
+    run_in_own_loop(go())

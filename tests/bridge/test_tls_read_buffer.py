@@ -13,8 +13,7 @@ import pytest
 
 from iotbridge.bridge import front
 from iotbridge.local.tls import generate_local_tls
-
-from .conftest import run_in_own_loop
+from tests.aio import run_in_own_loop
 
 CONNECTIONS = 5
 CHUNKS = 40
