@@ -12,7 +12,7 @@ Layout (any number of registries per deployment, as IoT Core had)::
     registries/{registry_id}/devices/{device_id}/requests/{msg_id}    idempotency markers (TTL field expire_at)
     registries/{registry_id}/num_ids/{num_id}                         reserves a numeric id (unique)
     registries/{deployment}/device_index/{device_id}                  the registry of a device id
-    registries/{registry_id}/changes/{device_id}                      when the device's right to connect last changed
+    registries/{registry_id}/changes/{device_id}                      when its right to connect changed (TTL expire_at)
 
 A device id is unique across the deployment's registries (IoT Core's was unique per registry): devices of every
 registry share one broker, whose topics (``/devices/{device}/...``) do not name the registry. The index kept
@@ -32,7 +32,9 @@ A gateway's bound devices carry its id in their ``bound_gateways`` array (listed
 Every write a connected session rests on (credentials, blocked, gateway settings, bindings, creation, deletion)
 also sets the device's change stamp ``changes/{device_id}.at`` to the commit time, in the same batch or
 transaction; a deletion leaves its stamp behind as a tombstone. A broker host asks ``changed_since`` for the
-devices whose stamp moved and re-reads only those (docs/broker-scaling.md, "Registry re-check").
+devices whose stamp moved and re-reads only those (docs/broker-scaling.md, "Registry re-check"). A stamp carries
+``expire_at``, ``CHANGE_STAMP_KEEP_S`` after it was written, for the database's TTL policy: tombstones of deleted
+devices do not pile up.
 
 This module is also copied next to the config-push function's ``main.py`` when it is packaged, so it imports
 nothing from the rest of the project.
@@ -496,6 +498,9 @@ def list_registries(client: firestore.Client, deployment: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ registry
 
 CHANGES = "changes"  # registries/{registry}/changes/{device}: {"at": the commit time of the device's last change}
+# How long a change stamp is kept at least (the TTL policy on ``changes.expire_at`` removes it after that). A host
+# whose change-feed rounds have failed for half of it no longer trusts the feed and reads its devices again.
+CHANGE_STAMP_KEEP_S = 7 * 86_400
 
 
 # Set on a deployment's own registry once every device it holds has its device-index entry.
@@ -546,7 +551,9 @@ class Registry:
     def _mark_changed(self, writer: Any, device_id: str) -> None:
         """Stamp the device as changed, in the batch or transaction ``writer`` that makes the change: the stamp
         and the change commit together, with the same commit time."""
-        writer.set(self._changes.document(device_id), {"at": firestore.SERVER_TIMESTAMP})
+        writer.set(self._changes.document(device_id), {
+            "at": firestore.SERVER_TIMESTAMP,
+            "expire_at": datetime.now(UTC) + timedelta(seconds=CHANGE_STAMP_KEEP_S)})
 
     def changed_since(self, since: datetime) -> dict[str, datetime]:
         """Device id -> the commit time of its last change, for the devices whose connection rights changed (or

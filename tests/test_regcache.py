@@ -217,3 +217,40 @@ def test_presence_records_of_concurrent_connects_share_one_commit_and_stay_remov
     assert registry.connected_host("dev-p0") is None
     fanout.mark_disconnected(registry.client, registry.registry_id, "dev-p1", times[0] - timedelta(seconds=1))
     assert registry.connected_host("dev-p1") == "host-a"
+
+
+def test_a_stamp_expires_a_week_after_the_change_for_the_ttl_policy(registry):
+    before = datetime.now(UTC)
+    registry.create_device("dev-ttl")
+    after = datetime.now(UTC)
+    from iotbridge.registry import CHANGE_STAMP_KEEP_S, CHANGES
+
+    stamp = (registry.client.collection("registries").document(registry.registry_id).collection(CHANGES)
+             .document("dev-ttl").get().to_dict() or {})
+    keep = timedelta(seconds=CHANGE_STAMP_KEEP_S)
+    assert keep == timedelta(days=7)
+    assert before + keep <= stamp["expire_at"] <= after + keep
+
+
+def test_after_rounds_failed_for_half_the_stamps_lifetime_a_round_reads_every_device_again(registry, pool,
+                                                                                          monkeypatch):
+    """The TTL policy removes stamps CHANGE_STAMP_KEEP_S after their change: a host whose last good round is that
+    old may ask for changes the registry no longer records, so it does not trust the feed."""
+    from iotbridge.registry import CHANGE_STAMP_KEEP_S
+
+    registry.create_device("dev-old", credentials=[_credential()])
+    offset = [timedelta(0)]
+    cache = regcache.RegistryCache(30.0, pool, now=lambda: datetime.now(UTC) + offset[0])
+    _round(cache, registry, ["dev-old"])
+    _round(cache, registry, ["dev-old"])
+    read = cache.stats["reread"]
+    # A change whose stamp the TTL policy has already removed: the feed no longer reports it.
+    registry.set_blocked("dev-old", True)
+    registry.client.collection("registries").document(registry.registry_id).collection("changes") \
+        .document("dev-old").delete()
+    offset[0] = timedelta(seconds=CHANGE_STAMP_KEEP_S / 2 - 60)
+    assert not _round(cache, registry, ["dev-old"])["dev-old"].blocked  # still trusted, nothing reported
+    assert cache.stats["reread"] == read
+    offset[0] = timedelta(seconds=CHANGE_STAMP_KEEP_S)  # no good round for half the lifetime since the last one
+    assert _round(cache, registry, ["dev-old"])["dev-old"].blocked
+    assert cache.stats["reread"] == read + 1

@@ -10,6 +10,11 @@ What it declares, and the GCP pitfall behind each choice:
   database's own delete protection, so ``pulumi destroy`` of a protected stack fails loudly on it.
 - A TTL policy on ``requests.expire_at``, which removes the config-push function's idempotency markers, with no
   single-field index (nobody queries that field).
+- A TTL policy on ``changes.expire_at``, which removes the devices' change stamps a week after their last change
+  (``iotbridge.registry.CHANGE_STAMP_KEEP_S``): a deleted device's tombstone does not stay forever. The broker hosts
+  query ``changes.at``, whose automatic single-field index stays; ``expire_at`` gets none. Created after the first
+  policy, not beside it: Firestore answers concurrent field changes of one database with 409 "underlying data
+  changed".
 
 The database is the registry: replacing it loses every device, credential and config. It was declared by
 ``Broker`` (as ``{broker}-firestore`` and ``{broker}-requests-ttl``) before this component existed; a program
@@ -54,10 +59,12 @@ class RegistryDatabaseArgs:
 
 
 class RegistryDatabase(pulumi.ComponentResource):
-    """The device registry's Firestore database and the TTL policy of the config-push idempotency markers."""
+    """The device registry's Firestore database and the TTL policies of the config-push idempotency markers and of
+    the devices' change stamps."""
 
     database: gcp.firestore.Database
     requests_ttl: gcp.firestore.Field
+    changes_ttl: gcp.firestore.Field
     name: pulumi.Output[str]  # the database id
     resource_name: pulumi.Output[str]  # projects/{project}/databases/{id}
     location: pulumi.Output[str]
@@ -78,18 +85,9 @@ class RegistryDatabase(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=deps,
                                         aliases=_former(args.former_brokers, "database")),
         )
-        self.requests_ttl = gcp.firestore.Field(
-            f"{name}-requests-ttl",
-            project=args.project,
-            database=self.database.name,
-            collection="requests",
-            field="expire_at",
-            ttl_config=gcp.firestore.FieldTtlConfigArgs(),
-            # The TTL policy would otherwise also build single-field indexes nobody queries.
-            index_config=gcp.firestore.FieldIndexConfigArgs(indexes=[]),
-            opts=pulumi.ResourceOptions(parent=self, depends_on=deps,
-                                        aliases=_former(args.former_brokers, "requests_ttl")),
-        )
+        self.requests_ttl = self._ttl_policy(f"{name}-requests-ttl", "requests", deps,
+                                             aliases=_former(args.former_brokers, "requests_ttl"))
+        self.changes_ttl = self._ttl_policy(f"{name}-changes-ttl", "changes", [*deps, self.requests_ttl])
         self.name = self.database.name
         self.resource_name = self.database.name.apply(lambda db: f"projects/{args.project}/databases/{db}")
         self.location = self.database.location_id
@@ -98,6 +96,21 @@ class RegistryDatabase(pulumi.ComponentResource):
             "resource_name": self.resource_name,
             "location": self.location,
         })
+
+    def _ttl_policy(self, resource_name: str, collection: str, depends_on: list[pulumi.Resource],
+                    aliases: list[pulumi.Input[str] | pulumi.Alias] | None = None) -> gcp.firestore.Field:
+        """A TTL policy on ``{collection}.expire_at`` (a collection group), with no single-field index: the field
+        is never queried."""
+        return gcp.firestore.Field(
+            resource_name,
+            project=self._project,
+            database=self.database.name,
+            collection=collection,
+            field="expire_at",
+            ttl_config=gcp.firestore.FieldTtlConfigArgs(),
+            index_config=gcp.firestore.FieldIndexConfigArgs(indexes=[]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=depends_on, aliases=aliases),
+        )
 
     def user_grant(self, resource_name: str, member: pulumi.Input[str], opts: pulumi.ResourceOptions, *,
                    title: str, condition: Callable[[str], str]) -> gcp.projects.IAMMember:

@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from iotbridge import spec
-from iotbridge.registry import Device, Grant, Registry, grant_of
+from iotbridge.registry import CHANGE_STAMP_KEEP_S, Device, Grant, Registry, grant_of
 
 CLOCK_SKEW_S = 2.0  # the most a host's clock may be behind Google's (NTP on Compute Engine keeps it to milliseconds)
 OVERLAP_S = 5.0  # a round asks for the changes since the previous round's start minus this; >= CLOCK_SKEW_S
@@ -108,6 +108,10 @@ class RegistryCache:
         start = self._now()
         covered = [(d, k) for d, k in entries.items()]
         last = self._round_start.get(registry.registry_id)
+        if last is not None and start - last >= timedelta(seconds=CHANGE_STAMP_KEEP_S / 2):
+            # Rounds have failed for so long that the stamps since then may be expiring: read everything again.
+            entries.clear()
+            covered, last = [], None
         if last is None:
             # No round has covered the CONNECTs' reads yet: what is needed is read now.
             for device_id in [d for d, k in covered if not k.settled]:

@@ -38,11 +38,18 @@ def test_the_database_follows_the_deletion_switch(protected: bool, state: str):
                            "location": "europe-west1"}
 
 
-def test_a_ttl_policy_removes_the_idempotency_markers_without_indexes():
+def test_ttl_policies_remove_the_idempotency_markers_and_the_change_stamps_without_indexes():
     run = build(database="fleet")
-    (ttl,) = run.of_type(FIELD)
-    assert (ttl.get("database"), ttl.get("collection"), ttl.get("field")) == ("fleet", "requests", "expire_at")
-    assert ttl.get("indexConfig") == {"indexes": []}
+    ttls = {f.get("collection"): f for f in run.of_type(FIELD)}
+    assert set(ttls) == {"requests", "changes"}
+    for collection, ttl in ttls.items():
+        assert (ttl.get("database"), ttl.get("field")) == ("fleet", "expire_at"), collection
+        # expire_at is never queried: no index. (The hosts' change query is on changes.at, whose automatic
+        # single-field index is another field's.)
+        assert ttl.get("indexConfig") == {"indexes": []}
+        assert ttl.get("ttlConfig") == {}
+    # One field operation at a time per database: Firestore answers concurrent ones with 409.
+    assert run.depends_on(ttls["changes"], ttls["requests"])
     assert run.outputs["resource_name"] == "projects/proj-test-123/databases/fleet"
 
 
