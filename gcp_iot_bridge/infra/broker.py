@@ -63,8 +63,9 @@ from iotbridge.spec import CLOUD_RECHECK_INTERVAL_S, CONNECTED_DEVICES_METRIC
 # A host stopping (scale-in, a rolling replacement) ends its device sessions over this many seconds, after the load
 # balancer has stopped sending it new ones: its devices reconnect to the other hosts spread over the window.
 DRAIN_S = 30
-# The front's unit waits this long for the drain before systemd kills it; the bridge service stops after the front
-# (it forwards what the draining devices still publish), Mosquitto after both.
+# The front's unit waits this long for the drain before systemd kills it. The bridge service stops after the front
+# (it forwards what the draining devices still publish), Mosquitto after both: systemd stops a unit that is
+# ordered After= another before that other, so the front's unit is After= the service's.
 FRONT_STOP_TIMEOUT_S = DRAIN_S + 30
 
 MQTT_PORT = 8883
@@ -585,8 +586,8 @@ SYSCTL
 systemctl restart systemd-sysctl
 # Open files: the front holds two per device, Mosquitto one, the bridge service a fixed set.
 NOFILE_front={size.front_nofile} NOFILE_service={size.service_nofile}
-# Stopped in the reverse order of After=: the front (draining its devices) first, then the bridge service.
-AFTER_front="" AFTER_service=" iotbridge-front.service"
+# systemd stops a unit with After=X before X: the front (draining its devices) first, then the bridge service.
+AFTER_front=" iotbridge-service.service" AFTER_service=""
 STOP_front={FRONT_STOP_TIMEOUT_S} STOP_service=90
 for role in front service; do
 nofile=NOFILE_$role after=AFTER_$role stop=STOP_$role

@@ -34,6 +34,9 @@ from iotbridge.registry import push_config as push_config_path
 KIND_CONFIG = spec.FANOUT_KIND_CONFIG
 KIND_COMMAND = spec.FANOUT_KIND_COMMAND
 MAX_COMMAND_BYTES = 256 * 1024
+# A presence record runs out with its session's token (IoT Core's JWTs live at most 24 h, plus its clock skew): a
+# liveness record that ran out longer ago than this is named by no presence record and can go.
+HOST_RECORD_KEEP_S = 24 * 3600 + 600
 
 
 class DeviceNotConnected(RuntimeError):
@@ -187,13 +190,16 @@ def mark_host_alive(client: firestore.Client, deployment: str, host_id: str, sec
 
 
 def mark_host_gone(client: firestore.Client, deployment: str, host_id: str) -> None:
-    _host_ref(client, deployment, host_id).delete()
+    """A clean stop: the record stays, run out now, so that a command to a device whose presence record still names
+    this host (its front could not remove every one while stopping) is refused rather than published to a
+    subscription that no longer exists. :func:`sweep` removes the record once no presence can name it any more."""
+    _host_ref(client, deployment, host_id).set({"until": datetime.now(UTC), "stopped": True})
 
 
 def host_gone(client: firestore.Client, deployment: str, host_id: str, now: datetime | None = None) -> bool:
     """True when the host's liveness record has run out: it died without a clean stop (which deletes the record).
-    A host without a record is not judged here: one that stopped cleanly removed its devices' presence too, and
-    one whose bridge service has yet to start has not written it."""
+    A host without a record is not judged here: its bridge service has yet to start (a stopped host keeps its
+    record, run out, until the sweep removes it)."""
     snap = _host_ref(client, deployment, host_id).get()
     until = (snap.to_dict() or {}).get("until") if snap.exists else None
     return until is not None and until <= (now or datetime.now(UTC))
@@ -207,13 +213,19 @@ def live_hosts(client: firestore.Client, deployment: str, now: datetime | None =
 
 def sweep(subscriber: pubsub_v1.SubscriberClient, publisher: pubsub_v1.PublisherClient, client: firestore.Client,
           project: str, prefix: str, deployment: str) -> list[str]:
-    """Delete the delivery subscriptions of hosts with no live liveness record; the names deleted.
+    """Delete the delivery subscriptions of hosts with no live liveness record; the names deleted. Liveness records
+    that ran out more than ``HOST_RECORD_KEEP_S`` ago go too: no presence record can name their host any more.
 
     Only a subscription a host made for itself is touched: one named ``host_subscription(prefix, host)`` whose
     filter is that host's. Anything else on the topic (an operator's own subscription) is left alone."""
     from google.api_core import exceptions as gexc
 
-    alive = live_hosts(client, deployment)
+    now = datetime.now(UTC)
+    hosts = client.collection("registries").document(deployment).collection("bridge_hosts")
+    for doc in hosts.where(filter=firestore.FieldFilter(
+            "until", "<", now - timedelta(seconds=HOST_RECORD_KEEP_S))).stream():
+        doc.reference.delete()
+    alive = live_hosts(client, deployment, now)
     stem = f"{spec.topic_name(prefix, 'device-commands')}-"
     deleted = []
     for path in publisher.list_topic_subscriptions(request={"topic": _topic(publisher, project, prefix)}):

@@ -380,6 +380,7 @@ class Session:
 
 
 DRAIN_TICK_S = 0.1
+STOP_WAIT_S = 20.0  # how long a stopping front waits for its ended sessions to remove their presence records
 
 
 async def drain(sessions: list[Session], seconds: float,
@@ -410,6 +411,7 @@ class Front:
         # device id -> how many sessions on this host hold it (its own, or a gateway's attachment): when none is
         # left, the broker's retained config of the device is cleared (see :meth:`release`).
         self._holders: Counter[str] = Counter()
+        self._handlers = 0  # device connections being served (until their handler has finished its clean-up)
         self._server: asyncio.Server | None = None
         self._health: asyncio.Server | None = None
         self._control: paho.Client | None = None
@@ -518,12 +520,16 @@ class Front:
         if drain_s > 0 and sessions:
             log.info("draining %d device sessions over %.0f s", len(sessions), drain_s)
             await drain(sessions, drain_s)
-            # The ended sessions' handlers remove their presence records while the registry threads still run.
-            deadline = time.monotonic() + 5.0
-            while self.sessions and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
         for s in list(self.sessions):
             s.close("front stopping")
+        # The ended sessions' handlers remove their presence records (and gateways' attachments) on the registry
+        # threads: they finish before those threads go, within a bound (what is left then, the liveness record of
+        # the stopped host answers for: fanout.host_gone).
+        deadline = time.monotonic() + STOP_WAIT_S
+        while self._handlers and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._handlers:
+            log.warning("stopping with %d connections still ending", self._handlers)
         for t in list(self._tasks):
             t.cancel()
         for pool in (self._auth_pool, self._registry_pool):
@@ -549,6 +555,13 @@ class Front:
     # ---------------------------------------------------------------------------------- one connection
 
     async def _handle(self, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter) -> None:
+        self._handlers += 1
+        try:
+            await self._serve(dreader, dwriter)
+        finally:
+            self._handlers -= 1
+
+    async def _serve(self, dreader: asyncio.StreamReader, dwriter: asyncio.StreamWriter) -> None:
         peername = dwriter.get_extra_info("peername")
         peer = str(peername)
         address = address_key(str(peername[0])) if isinstance(peername, tuple) and peername else peer

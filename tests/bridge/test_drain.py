@@ -72,6 +72,24 @@ def test_a_stopping_front_refuses_new_connections_and_ends_its_devices_over_the_
         # The drain sleeps (ticks - 1) / ticks of drain_s between its first and its last close; a slow machine only
         # widens that.
         assert spread >= drain_s * 0.8, sorted(gone.values())
+        # Each ended session removed its presence record before the front's registry threads went.
+        assert [registry.connected_host(d.identity.device_id) for d in devices] == [None] * len(devices)
+        for d in devices:
+            d.disconnect()
+    finally:
+        stack.stop()
+
+
+@pytest.mark.emulator
+def test_a_front_stopped_at_once_still_removes_every_presence_record(bridge_env, tmp_path, registry):
+    stack = new_stack(tmp_path, bridge_env)  # drain_s 0: every session ends at once
+    try:
+        factory = DeviceFactory(registry, stack)
+        devices = [factory.connected("ES256") for _ in range(24)]
+        ids = [d.identity.device_id for d in devices]
+        wait_for("presence records", lambda: [registry.connected_host(i) for i in ids], all, timeout=15)
+        stack.stop_part("front")
+        assert [i for i in ids if registry.connected_host(i) is not None] == []
         for d in devices:
             d.disconnect()
     finally:

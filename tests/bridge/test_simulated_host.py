@@ -123,6 +123,23 @@ class SimulatedInit:
         self.units[name] = unit
         return unit
 
+    def stop_order(self, names: tuple[str, ...]) -> list[str]:
+        """The order systemd stops ``names`` in, from their After= lines. systemd.unit(5): "if a unit is configured
+        with After= on another unit, the former is stopped before the latter"."""
+        after: dict[str, set[str]] = {}
+        for name in names:
+            parser = configparser.ConfigParser(interpolation=None, strict=False)
+            parser.read(self.unit_dir / f"{name}.service")
+            after[name] = {u.removesuffix(".service") for u in parser["Unit"].get("After", "").split()}
+        order: list[str] = []
+        while len(order) < len(names):
+            # Next: a unit no unit still running is ordered After= (nothing left must stop before it).
+            ready = [n for n in names if n not in order
+                     and not any(n in after[m] for m in names if m not in order and m != n)]
+            assert ready, f"the units' After= lines form a cycle: {after}"
+            order.append(sorted(ready)[0])
+        return order
+
     def start(self, name: str) -> Unit:
         unit = self.units.get(name) or self.load(name)
         account = pwd.getpwnam(unit.user or "root")
@@ -303,7 +320,10 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         assert {n: v for n, v in installed.items() if n not in seeded and lock.get(n) != v} == {}
         assert {"grpcio", "protobuf", "google-auth"} <= set(installed)
 
-        # systemd's part: the units the script enabled, in its order, each as its user.
+        # systemd's part: the units the script enabled, in its order, each as its user. At shutdown systemd stops
+        # them in the reverse order: the front (draining its devices) first, the bridge service (forwarding what
+        # they still sent) next, Mosquitto last.
+        assert init.stop_order(UNITS) == ["iotbridge-front", "iotbridge-service", "iotbridge-mosquitto"]
         init.start(UNITS[0])
         services.wait_for_port(init.service(UNITS[0], bc.BROKER_PORT), 15)
         init.start(UNITS[1])

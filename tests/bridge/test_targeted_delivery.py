@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
@@ -147,10 +147,16 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
         with pytest.raises(fanout.DeviceNotConnected):
             fanout.send_command(registry, pub, prefix, lone, b"x")
 
-        # A host that stops cleanly deletes its subscription and its liveness record.
+        # A host that stops cleanly deletes its subscription and runs its liveness record out: a presence record its
+        # front could not remove while stopping (written here as one left behind) cannot make a command be lost.
         hosts["host-b"].stop()
         wait_for("host-b's subscription deleted", lambda: _exists(sub, prefix, "host-b"), lambda v: not v, timeout=15)
         assert "host-b" not in fanout.live_hosts(registry.client, REGISTRY)
+        left_behind, _ = factory.register()
+        fanout.mark_connected(registry.client, REGISTRY, left_behind, "host-b", "s-left", datetime.now(UTC)
+                              + timedelta(hours=1))
+        with pytest.raises(fanout.DeviceNotConnected, match="host-b is gone"):
+            fanout.send_command(registry, pub, prefix, left_behind, b"x")
 
         # A host that dies (SIGKILL: nothing deleted) is swept once its liveness record has run out; a live host's
         # subscription is left alone.
@@ -162,9 +168,14 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
             fanout.send_command(registry, pub, prefix, devs["host-a"].identity.device_id, b"x")
         fanout.ensure_host_subscription(sub, PROJECT, prefix, "host-c")
         fanout.mark_host_alive(registry.client, REGISTRY, "host-c")
+        # A record that ran out longer ago than any presence record can last is removed by the sweep; newer ones stay.
+        fanout.mark_host_alive(registry.client, REGISTRY, "host-old", seconds=-fanout.HOST_RECORD_KEEP_S - 60)
         deleted = fanout.sweep(sub, pub, registry.client, PROJECT, prefix, REGISTRY)
         assert deleted == [fanout.host_subscription(prefix, "host-a")]
         assert not _exists(sub, prefix, "host-a") and _exists(sub, prefix, "host-c")
+        records = {d.id for d in registry.client.collection("registries").document(REGISTRY)
+                   .collection("bridge_hosts").stream()}
+        assert "host-old" not in records and {"host-a", "host-b", "host-c"} <= records
         fanout.delete_host_subscription(sub, PROJECT, prefix, "host-c")
         fanout.mark_host_gone(registry.client, REGISTRY, "host-c")
         for d in devs.values():

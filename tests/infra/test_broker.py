@@ -382,7 +382,9 @@ def test_a_stopping_host_drains_its_devices_before_the_bridge_service_and_mosqui
     # systemd waits for the drain, and stops units in the reverse order of After=: the front, then the service.
     assert FRONT_STOP_TIMEOUT_S > DRAIN_S
     assert f'STOP_front={FRONT_STOP_TIMEOUT_S} STOP_service=90' in script
-    assert 'AFTER_front="" AFTER_service=" iotbridge-front.service"' in script
+    # systemd.unit(5): "if a unit is configured with After= on another unit, the former is stopped before the
+    # latter" — so the front is After= the service (and Mosquitto), never the service After= the front.
+    assert 'AFTER_front=" iotbridge-service.service" AFTER_service=""' in script
     unit = script.split("<<UNIT", 2)[1]
     assert "After=network-online.target iotbridge-mosquitto.service${!after}" in unit
     assert "TimeoutStopSec=${!stop}" in unit
