@@ -254,3 +254,22 @@ def test_after_rounds_failed_for_half_the_stamps_lifetime_a_round_reads_every_de
     offset[0] = timedelta(seconds=CHANGE_STAMP_KEEP_S)  # no good round for half the lifetime since the last one
     assert _round(cache, registry, ["dev-old"])["dev-old"].blocked
     assert cache.stats["reread"] == read + 1
+
+
+def test_the_cache_keeps_neither_made_up_registries_nor_a_devices_state_and_metadata(registry, pool):
+    cache = regcache.RegistryCache(30.0, pool)
+    for i in range(50):  # CONNECTs naming registries nobody created
+        assert cache.device(Registry(registry.project, f"made-up-{i}", registry.region), "dev-x") is None
+        assert cache.grant(Registry(registry.project, f"made-up-{i}", registry.region), "dev-x") is None
+    assert cache._known == {}
+    registry.create_device("dev-big", credentials=[_credential()])
+    registry.set_metadata("dev-big", {f"k{i}": "v" * 1000 for i in range(50)})
+    registry.record_state("dev-big", b"s" * 60_000)
+    device = registry.get_device("dev-big")
+    assert device.state and device.metadata
+    _round(cache, registry, [])
+    _round(cache, registry, [])
+    cache.learned(registry, device, datetime.now(UTC))
+    kept = cache.device(registry, "dev-big")
+    assert kept is not None and kept.state is None and kept.metadata == {}
+    assert (kept.credentials, kept.num_id, kept.blocked) == (device.credentials, device.num_id, device.blocked)

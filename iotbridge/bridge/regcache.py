@@ -10,7 +10,7 @@ Why nothing is missed (the argument docs/broker-scaling.md gives in full):
 
 - A change's stamp is its commit time T. A query whose read time is R sees every commit with T <= R (Firestore
   reads are strongly consistent), and R is not earlier than the moment the query was sent by the host's clock
-  minus the skew between that clock and Google's (``CLOCK_SKEW_S``, far above what NTP on Compute Engine keeps).
+  minus how far that clock may run ahead of Google's (``CLOCK_SKEW_S``, far above what NTP on Compute Engine keeps).
 - Round i starts at p_i (host clock) and asks for stamps >= p_{i-1} - OVERLAP_S. A change round i-1 did not see
   has T > R_{i-1} >= p_{i-1} - CLOCK_SKEW_S >= p_{i-1} - OVERLAP_S, so round i sees it: consecutive rounds leave
   no gap, whatever the order in which concurrent commits get their timestamps.
@@ -27,6 +27,7 @@ commit's visibility: within one re-check interval, as when every device was read
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
@@ -37,7 +38,7 @@ from typing import Any
 from iotbridge import spec
 from iotbridge.registry import CHANGE_STAMP_KEEP_S, Device, Grant, Registry, grant_of
 
-CLOCK_SKEW_S = 2.0  # the most a host's clock may be behind Google's (NTP on Compute Engine keeps it to milliseconds)
+CLOCK_SKEW_S = 2.0  # the most a host's clock may run ahead of Google's (NTP on Compute Engine keeps it to ms)
 OVERLAP_S = 5.0  # a round asks for the changes since the previous round's start minus this; >= CLOCK_SKEW_S
 MAX_CACHED = 50_000  # devices kept for reconnects beyond those connected (least recently used forgotten first)
 READ_BATCH_S = 0.002  # CONNECTs arriving within this share one registry read (``get_all``)
@@ -81,22 +82,26 @@ class RegistryCache:
 
     def device(self, registry: Registry, device_id: str) -> Device | None:
         """The device for a CONNECT without a registry read, when the cache is fresh and holds it."""
-        known = self._of(registry).get(device_id)
-        if known is None or known.device is None or not self.fresh(registry):
+        # Not _of(): a CONNECT naming a made-up registry must leave nothing behind here.
+        entries = self._known.get(registry.registry_id)
+        known = entries.get(device_id) if entries is not None else None
+        if entries is None or known is None or known.device is None or not self.fresh(registry):
             self.stats["cache_misses"] += 1
             return None
-        self._of(registry).move_to_end(device_id)
+        entries.move_to_end(device_id)
         self.stats["cache_hits"] += 1
         return known.device
 
     def learned(self, registry: Registry, device: Device, read_at: datetime) -> None:
-        """A CONNECT read ``device`` from the registry, the read sent at ``read_at`` (host clock)."""
+        """A CONNECT read ``device`` from the registry, the read sent at ``read_at`` (host clock). Kept without its
+        state and metadata (up to 64 KB and 256 KB), which no CONNECT reads."""
         entries = self._of(registry)
+        device = dataclasses.replace(device, state=None, metadata={})
         entries[device.id] = Known(grant_of(device), device, read_at)
         entries.move_to_end(device.id)
 
     def grant(self, registry: Registry, device_id: str) -> Grant | None:
-        known = self._of(registry).get(device_id)
+        known = self._known.get(registry.registry_id, {}).get(device_id)
         return known.grant if known is not None else None
 
     async def refresh(self, registry: Registry, needed: Iterable[str]) -> dict[str, Grant]:
