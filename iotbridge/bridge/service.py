@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 from google.cloud import pubsub_v1
@@ -157,7 +157,7 @@ class BridgeService:
         self.stats_lock = threading.Lock()
         self.stats = {"received": 0, "forwarded": 0, "acked": 0, "publish_errors": 0, "configs": 0, "commands": 0,
                       # messages this host's delivery subscription handed it, and those of them for another host
-                      "delivery_received": 0, "delivery_foreign": 0,
+                      "delivery_received": 0, "delivery_foreign": 0, "delivery_resubscribed": 0,
                       "dead_lettered": 0, "dead_letter_refused": 0, "broker_queue_full": 0,
                       "broker_stored_messages": 0, "broker_stored_bytes": 0, "broker_dropped_messages": 0}
         self._queue_warned = False
@@ -192,9 +192,7 @@ class BridgeService:
             self._thread(self._metrics_loop, "metrics")
         self.mqtt.connect_async(self.s.broker_host, self.s.broker_port, keepalive=30)
         self.mqtt.loop_start()
-        self._pull_future = self.subscriber.subscribe(
-            self.fanout_sub, self._on_fanout,
-            flow_control=pubsub_v1.types.FlowControl(max_messages=100))
+        self._subscribe()
         log.info("bridge %s started: broker %s:%d, telemetry %s", self.s.host_id, self.s.broker_host,
                  self.s.broker_port, self.telemetry_topic)
 
@@ -217,6 +215,38 @@ class BridgeService:
             self._work.put(None)
             self._config_work.put(None)
         self._flush_activity()
+
+    def _subscribe(self) -> None:
+        self._pull_future = future = self.subscriber.subscribe(
+            self.fanout_sub, self._on_fanout, flow_control=pubsub_v1.types.FlowControl(max_messages=100))
+        future.add_done_callback(self._pull_ended)
+
+    def _pull_ended(self, future: Any) -> None:  # noqa: ANN401 - a StreamingPullFuture
+        """The delivery pull stopped while the service runs: its subscription was deleted (a sweep that judged this
+        host dead while Firestore was out of its reach, an operator) or Pub/Sub ended the stream for good. The host
+        makes its subscription again and reads on; configs published meanwhile are delivered by the config sync when
+        their devices next subscribe, and a command published meanwhile went to no subscriber."""
+        if self._stop.is_set() or future.cancelled():
+            return
+        log.warning("delivery subscription %s: pull ended (%s); making it again", self.fanout_sub, future.exception())
+        threading.Thread(target=self._resubscribe, name="resubscribe", daemon=True).start()
+
+    def _resubscribe(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
+                self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
+                                                                  self.s.host_id)
+                self._subscribe()
+                with self.stats_lock:
+                    self.stats["delivery_resubscribed"] += 1
+                log.info("delivery subscription %s made again", self.fanout_sub)
+                return
+            except Exception as exc:  # noqa: BLE001 - Pub/Sub or Firestore away: try again, backing off
+                log.warning("delivery subscription not made again (%s); retrying in %.0f s", exc, delay)
+                self._stop.wait(delay)
+                delay = min(2 * delay, 60.0)
 
     def _thread(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)

@@ -4,6 +4,7 @@ subscription; configs and commands reach the host that holds the device, and onl
 from __future__ import annotations
 
 import json
+import queue
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -183,3 +184,34 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
     finally:
         for st in hosts.values():
             st.stop()
+
+
+def test_a_host_whose_subscription_is_deleted_under_it_makes_it_again(bridge_env, registry, tmp_path):
+    """A sweep that judged a running host dead (its liveness record ran out while Firestore was out of its reach),
+    or an operator, deletes the subscription of a host that still runs: the host makes it again and reads on."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    create_topics(PROJECT, prefix)
+    host = _host(tmp_path, bridge_env, prefix, "host-r")
+    sub, pub = pubsub_v1.SubscriberClient(), pubsub_v1.PublisherClient()
+    try:
+        factory = DeviceFactory(registry, host)
+        device_id, key = factory.register()
+        dev = factory.device(device_id, key, stack=host)
+        dev.connect()
+        dev.subscribe_config()
+        wait_for("presence", lambda: registry.connected_host(device_id), lambda v: v == "host-r", timeout=10)
+        fanout.delete_host_subscription(sub, PROJECT, prefix, "host-r")
+        wait_for("the subscription made again", lambda: host.service_stats().get("delivery_resubscribed", 0),
+                 lambda v: v >= 1, timeout=60)
+        assert _exists(sub, prefix, "host-r")
+        fanout.push_config(registry, pub, prefix, device_id, b"after", min_interval_s=0)
+        def next_config() -> bytes | None:
+            try:
+                return dev.configs.get(timeout=1)
+            except queue.Empty:
+                return None
+
+        wait_for("the config through the new subscription", next_config, lambda v: v == b"after", timeout=30)
+        dev.disconnect()
+    finally:
+        host.stop()
