@@ -273,3 +273,19 @@ def test_the_cache_keeps_neither_made_up_registries_nor_a_devices_state_and_meta
     kept = cache.device(registry, "dev-big")
     assert kept is not None and kept.state is None and kept.metadata == {}
     assert (kept.credentials, kept.num_id, kept.blocked) == (device.credentials, device.num_id, device.blocked)
+
+
+def test_a_device_twice_in_one_presence_commit_keeps_the_later_sessions_record(registry):
+    """A session taken over within the batching window: both writes in one commit would share an update time, and
+    the earlier session's end would then remove the later one's record."""
+    until = datetime.now(UTC) + timedelta(hours=1)
+    times = fanout.mark_connected_many(registry.client, [
+        (registry.registry_id, "dev-twice", "host-a", "s-old", until),
+        (registry.registry_id, "dev-other", "host-a", "s-x", until),
+        (registry.registry_id, "dev-twice", "host-b", "s-new", until)])
+    assert times[0] is None and times[1] is not None and times[2] is not None
+    assert registry.connected_host("dev-twice") == "host-b"
+    # The old session ends: with no update time of its own it removes nothing (the front skips it); the new one's
+    # end removes its own record.
+    fanout.mark_disconnected(registry.client, registry.registry_id, "dev-twice", times[2])
+    assert registry.connected_host("dev-twice") is None and registry.connected_host("dev-other") == "host-a"

@@ -99,13 +99,19 @@ def mark_connected(client: firestore.Client, registry_id: str, device_id: str, h
 def mark_connected_many(client: firestore.Client, items: list[tuple[str, str, str, str, datetime]]) -> list[Any]:
     """``mark_connected`` for many sessions ((registry, device, host, session, until) each) in one commit (at most
     500, Firestore's limit): a reconnect storm costs a commit per few milliseconds, not one per device. Returns the
-    update times in order."""
+    update times in order. A device twice in one commit (a session taken over within milliseconds) is written once,
+    for its last session; the earlier one gets None (no record of its own to remove: the two writes would share an
+    update time, and the earlier session's end would remove the later one's record)."""
     batch = client.batch()
     since = datetime.now(UTC)
-    for registry_id, device_id, host, session, until in items:
+    last = {(registry_id, device_id): i for i, (registry_id, device_id, *_) in enumerate(items)}
+    written = sorted(last.values())
+    for i in written:
+        registry_id, device_id, host, session, until = items[i]
         batch.set(_presence(client, registry_id, device_id),
                   {"host": host, "session": session, "since": since, "until": until})
-    return [r.update_time for r in batch.commit()]
+    times = dict(zip(written, (r.update_time for r in batch.commit()), strict=True))
+    return [times.get(i) for i in range(len(items))]
 
 
 def mark_disconnected(client: firestore.Client, registry_id: str, device_id: str, update_time: Any) -> None:
