@@ -9,7 +9,8 @@ The arithmetic (docs/broker-scaling.md walks through it for the default machine 
   ``FRONT_IDLE_PERMILLE_PER_10K`` (12.2 % of a core per 10,000, measured with the cloud's 30 s registry re-check:
   ``python -m bench.profile_front idle 10000 30``). Idle devices may take ``FRONT_IDLE_BUDGET_PERMILLE`` (half)
   of its core; the rest is for connects, reconnect storms and traffic. (The VM's CPU signal cannot see a
-  saturated front: one busy core of two is 50 %.)
+  saturated front: one busy core of two is 50 %.) A shared-core E2 type sustains only part of a core (e2-micro a
+  quarter, e2-small a half): its budget is that part of half a core.
 - The host's capacity is the smaller of the two. No port range bounds it: the front reaches Mosquitto over a Unix
   socket (a loopback TCP connection per device did: 55,536 ephemeral ports). The autoscaler aims at
   ``AUTOSCALE_FRACTION`` of it, so a host that dies leaves its devices room on the others while new hosts boot.
@@ -35,7 +36,6 @@ MAX_HOSTS = 2000
 RSS_PER_DEVICE_KIB = 40
 FRONT_IDLE_PERMILLE_PER_10K = 122  # of one core, per 10,000 idle devices (re-check every 30 s)
 FRONT_IDLE_BUDGET_PERMILLE = 500
-DEVICES_BY_FRONT_CPU = FRONT_IDLE_BUDGET_PERMILLE * 10_000 // FRONT_IDLE_PERMILLE_PER_10K
 AUTOSCALE_FRACTION = 0.7
 FD_SLACK = 4096
 FRONT_FDS_PER_DEVICE = 2
@@ -53,8 +53,10 @@ MEMORY_PER_VCPU_MIB: dict[str, dict[str, int]] = {
     "n1": {"standard": 3840, "highmem": 6656, "highcpu": 922},
     "t2d": {"standard": 4096},
 }
-# The shared-core E2 types: (vCPUs, MiB).
-SHARED_CORE: dict[str, tuple[int, int]] = {"e2-micro": (2, 1024), "e2-small": (2, 2048), "e2-medium": (2, 4096)}
+# The shared-core E2 types: (vCPUs, MiB, the share of one core they sustain in permille). They show two vCPUs and
+# burst on them, but sustain a quarter, a half and one whole core: the front's idle budget shrinks with that.
+SHARED_CORE: dict[str, tuple[int, int, int]] = {"e2-micro": (2, 1024, 250), "e2-small": (2, 2048, 500),
+                                                "e2-medium": (2, 4096, 1000)}
 _PREDEFINED = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<kind>standard|highmem|highcpu)-(?P<vcpus>\d+)$")
 _CUSTOM = re.compile(r"^(?:(?P<family>[a-z0-9]+)-)?custom-(?P<vcpus>\d+)-(?P<mib>\d+)(?:-ext)?$")
 
@@ -110,13 +112,15 @@ def sizing(machine_type: str) -> HostSizing:
     memory = memory_mib(machine_type)
     reserved = max(512, memory // 4)
     by_memory = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
-    devices = min(by_memory, DEVICES_BY_FRONT_CPU)
+    sustained = SHARED_CORE[machine_type][2] if machine_type in SHARED_CORE else 1000
+    by_cpu = FRONT_IDLE_BUDGET_PERMILLE * sustained // 1000 * 10_000 // FRONT_IDLE_PERMILLE_PER_10K
+    devices = min(by_memory, by_cpu)
     pages = memory * 1024 // PAGE_KIB
     return HostSizing(
         machine_type=machine_type,
         memory_mib=memory,
         devices_by_memory=by_memory,
-        devices_by_cpu=DEVICES_BY_FRONT_CPU,
+        devices_by_cpu=by_cpu,
         devices=devices,
         autoscale_target=int(devices * AUTOSCALE_FRACTION),
         front_nofile=FRONT_FDS_PER_DEVICE * devices + FD_SLACK,

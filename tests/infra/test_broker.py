@@ -409,8 +409,14 @@ def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run)
         "fs.file-max = 1048576", "net.core.somaxconn = 65535", "net.ipv4.tcp_max_syn_backlog = 65535",
         "net.ipv4.tcp_mem = 262144 393216 524288"]
     assert "systemctl restart systemd-sysctl" in script
-    small = host_sizing.sizing("e2-micro")  # 1 GiB less 512 MiB: 512 × 1,024 / 40 = 13,107; 70 %: 9,174
-    assert (small.devices, small.autoscale_target, small.front_nofile) == (13107, 9174, 30310)
+    # e2-micro: memory allows 1 GiB less 512 MiB: 512 × 1,024 / 40 = 13,107, but it sustains a quarter of a core:
+    # half of that quarter is 125 permille, / 12.2 % per 10,000 = 10,245 devices; 70 %: 7,171; 2 × 10,245 + 4,096.
+    small = host_sizing.sizing("e2-micro")
+    assert (small.devices_by_memory, small.devices_by_cpu) == (13107, 10245)
+    assert (small.devices, small.autoscale_target, small.front_nofile) == (10245, 7171, 24586)
+    # e2-small sustains half a core: 250 permille → 20,491; e2-medium a whole one, as a standard type.
+    assert host_sizing.sizing("e2-small").devices == 20491
+    assert host_sizing.sizing("e2-medium").devices == host_sizing.sizing("e2-standard-2").devices == 40983
     assert host_sizing.sizing("n2-custom-4-16384").memory_mib == 16384
 
 
