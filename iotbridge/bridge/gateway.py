@@ -297,6 +297,11 @@ class GatewayRelay:
             att.presence_time = await front.on_registry(
                 fanout.mark_connected, registry.client, registry.registry_id, device_id, s.host_id, session.id,
                 session.expires_at)
+            if gw.attached.get(device_id) is not att:
+                # Detached (or the gateway gone) while the record was being written: nothing else will remove it.
+                await self._forget_presence(att)
+                self._ack(session, packet_id)
+                return
             await front.on_registry(registry.record_gateway_access, device_id, gw.gateway_id,
                                     datetime.now(UTC))
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders
