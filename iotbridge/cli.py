@@ -366,7 +366,8 @@ def commands_send(
 @hosts_app.command("sweep")
 def hosts_sweep(stack: StackOpt = None, as_json: JsonFlag = False) -> None:
     """Delete the delivery subscriptions of broker hosts that are gone (no liveness record renewed in the last
-    90 s); a running host's, and any subscription no host made for itself, are left alone."""
+    90 s), and the liveness records that ran out over a day ago; a running host's subscription, and any
+    subscription no host made for itself, are left alone."""
     from google.cloud import pubsub_v1
 
     from iotbridge.bridge.fanout import sweep
