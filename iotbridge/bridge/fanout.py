@@ -191,15 +191,27 @@ def _host_ref(client: firestore.Client, deployment: str, host_id: str) -> Any:
     return client.collection("registries").document(deployment).collection("bridge_hosts").document(host_id)
 
 
-def mark_host_alive(client: firestore.Client, deployment: str, host_id: str, seconds: float = HOST_ALIVE_S) -> None:
-    _host_ref(client, deployment, host_id).set({"until": datetime.now(UTC) + timedelta(seconds=seconds)})
+def mark_host_alive(client: firestore.Client, deployment: str, host_id: str, seconds: float = HOST_ALIVE_S) -> Any:
+    """Renew the host's liveness record; returns the write's update time, which :func:`mark_host_gone` needs."""
+    return _host_ref(client, deployment, host_id).set(
+        {"until": datetime.now(UTC) + timedelta(seconds=seconds)}).update_time
 
 
-def mark_host_gone(client: firestore.Client, deployment: str, host_id: str) -> None:
+def mark_host_gone(client: firestore.Client, deployment: str, host_id: str, update_time: Any) -> bool:
     """A clean stop: the record stays, run out now, so that a command to a device whose presence record still names
     this host (its front could not remove every one while stopping) is refused rather than published to a
-    subscription that no longer exists. :func:`sweep` removes the record once no presence can name it any more."""
-    _host_ref(client, deployment, host_id).set({"until": datetime.now(UTC), "stopped": True})
+    subscription that no longer exists. :func:`sweep` removes the record once no presence can name it any more.
+
+    Only when the record is still the one this host last wrote (``update_time``): another process that renewed it
+    since under the same host id (a replacement VM with the instance's name) keeps its record. True when marked."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        _host_ref(client, deployment, host_id).update(
+            {"until": datetime.now(UTC), "stopped": True}, option=client.write_option(last_update_time=update_time))
+    except (gexc.FailedPrecondition, gexc.NotFound):
+        return False
+    return True
 
 
 def host_gone(client: firestore.Client, deployment: str, host_id: str, now: datetime | None = None) -> bool:

@@ -136,6 +136,7 @@ class BridgeService:
         self.fanout_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "device-commands"))
         self.dead_letter_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "dead-letter"))
         self.fanout_sub = ""  # this host's own delivery subscription, created (or reused) in start()
+        self._alive_time: Any = None  # the update time of this host's last liveness write (mark_host_gone needs it)
         self._devices: dict[str, tuple[float, Who]] = {}  # device id -> (fetched at, its numeric id and registry)
         self._registries: dict[str, Registry] = {settings.registry_id: registry}
         self._state_topics = {self.state_topic}  # every topic a state went to (dead letters name the MQTT topic)
@@ -177,7 +178,8 @@ class BridgeService:
     # ---------------------------------------------------------------------------------- lifecycle
 
     def start(self, workers: int = 2) -> None:
-        fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
+        self._alive_time = fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id,
+                                                  self.s.host_alive_s)
         self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
                                                           self.s.host_id)
         log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
@@ -204,7 +206,7 @@ class BridgeService:
             # A clean stop leaves nothing behind: no subscription, no liveness record (the sweep's job otherwise).
             try:
                 fanout.delete_host_subscription(self.subscriber, self.s.project, self.s.prefix, self.s.host_id)
-                fanout.mark_host_gone(self.registry.client, self.s.registry_id, self.s.host_id)
+                fanout.mark_host_gone(self.registry.client, self.s.registry_id, self.s.host_id, self._alive_time)
                 log.info("deleted delivery subscription %s", self.fanout_sub)
             except Exception as exc:  # noqa: BLE001 - the expiration policy and the sweep remove it anyway
                 log.warning("delivery subscription %s not deleted: %s", self.fanout_sub, exc)
@@ -235,7 +237,8 @@ class BridgeService:
         delay = 1.0
         while not self._stop.is_set():
             try:
-                fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
+                self._alive_time = fanout.mark_host_alive(self.registry.client, self.s.registry_id,
+                                                          self.s.host_id, self.s.host_alive_s)
                 self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
                                                                   self.s.host_id)
                 self._subscribe()
@@ -256,7 +259,8 @@ class BridgeService:
     def _alive_loop(self) -> None:
         while not self._stop.wait(self.s.host_alive_s / 3):
             try:
-                fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id, self.s.host_alive_s)
+                self._alive_time = fanout.mark_host_alive(self.registry.client, self.s.registry_id,
+                                                          self.s.host_id, self.s.host_alive_s)
             except Exception as exc:  # noqa: BLE001 - Firestore briefly away: the record still has two thirds to run
                 log.warning("liveness record not renewed: %s", exc)
 

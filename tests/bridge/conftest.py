@@ -159,14 +159,17 @@ def new_stack(tmp: Path, env: dict[str, str], recheck_interval_s: float = 0.5,
               client_ca: Path | None = None, **settings: object) -> BridgeStack:
     """A fresh host; ``settings`` are further BridgeSettings fields, e.g. ``publisher_factory`` ("module:callable",
     importable from the repository root) to replace the bridge service's Pub/Sub publisher. Unless they say
-    otherwise, the loopback address gets generous per-address limits."""
+    otherwise, the loopback address gets generous per-address limits. Each host has an id of its own, as deployed
+    hosts (their instance names) do: hosts sharing an id would share one liveness record, and one stopping would run
+    out the record of the others."""
     prefix = f"b{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
     if settings:
         env = {**env, "PYTHONPATH": str(REPO_ROOT)}
     try:
         return start_bridge_stack(tmp, PROJECT, REGION, REGISTRY, prefix, env, recheck_interval_s=recheck_interval_s,
-                                  client_ca=client_ca, **{**GENEROUS_ADDRESS_LIMIT, **settings})
+                                  client_ca=client_ca, host_id=f"h-{prefix}",
+                                  **{**GENEROUS_ADDRESS_LIMIT, **settings})
     except services.MissingPrerequisite as exc:
         pytest.fail(f"prerequisite missing: {exc}", pytrace=False)
 

@@ -168,7 +168,7 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
         with pytest.raises(fanout.DeviceNotConnected, match="host-a is gone"):
             fanout.send_command(registry, pub, prefix, devs["host-a"].identity.device_id, b"x")
         fanout.ensure_host_subscription(sub, PROJECT, prefix, "host-c")
-        fanout.mark_host_alive(registry.client, REGISTRY, "host-c")
+        c_alive = fanout.mark_host_alive(registry.client, REGISTRY, "host-c")
         # A record that ran out longer ago than any presence record can last is removed by the sweep; newer ones stay.
         fanout.mark_host_alive(registry.client, REGISTRY, "host-old", seconds=-fanout.HOST_RECORD_KEEP_S - 60)
         deleted = fanout.sweep(sub, pub, registry.client, PROJECT, prefix, REGISTRY)
@@ -178,7 +178,7 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
                    .collection("bridge_hosts").stream()}
         assert "host-old" not in records and {"host-a", "host-b", "host-c"} <= records
         fanout.delete_host_subscription(sub, PROJECT, prefix, "host-c")
-        fanout.mark_host_gone(registry.client, REGISTRY, "host-c")
+        assert fanout.mark_host_gone(registry.client, REGISTRY, "host-c", c_alive)
         for d in devs.values():
             d.disconnect()
     finally:
@@ -215,3 +215,16 @@ def test_a_host_whose_subscription_is_deleted_under_it_makes_it_again(bridge_env
         dev.disconnect()
     finally:
         host.stop()
+
+
+def test_a_clean_stop_runs_out_only_the_record_the_stopping_host_last_wrote(registry):
+    """Two processes under one host id (a replacement VM that has the instance's name, or test stacks sharing the
+    default id): the one stopping must not run out the record the other has renewed since."""
+    host = f"host-{uuid.uuid4().hex[:6]}"
+    old = fanout.mark_host_alive(registry.client, REGISTRY, host)
+    new = fanout.mark_host_alive(registry.client, REGISTRY, host)  # the other process renews the record
+    assert not fanout.mark_host_gone(registry.client, REGISTRY, host, old)
+    assert host in fanout.live_hosts(registry.client, REGISTRY)
+    assert fanout.mark_host_gone(registry.client, REGISTRY, host, new)
+    assert host not in fanout.live_hosts(registry.client, REGISTRY)
+    assert fanout.host_gone(registry.client, REGISTRY, host)

@@ -165,7 +165,7 @@ def test_invalid_args_fail_before_any_resource(bad: dict, message: str) -> None:
         build(**bad)
     # The registry's database is the test program's own, declared before the function.
     assert [r.name for r in err.value.resources if r.type.startswith("gcp:")] == [
-        "registry-firestore", "registry-requests-ttl"]
+        "registry-firestore", "registry-requests-ttl", "registry-changes-ttl"]
 
 
 def test_fanout_delivery_publishes_to_the_bridge_topic_without_secret_or_vpc() -> None:
