@@ -178,11 +178,7 @@ class BridgeService:
     # ---------------------------------------------------------------------------------- lifecycle
 
     def start(self, workers: int = 2) -> None:
-        self._alive_time = fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id,
-                                                  self.s.host_alive_s)
-        self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
-                                                          self.s.host_id)
-        log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
+        self._claim_delivery()
         self._thread(self._alive_loop, "alive")
         for i in range(workers):
             self._thread(self._forward_loop, f"forward-{i}")
@@ -218,6 +214,14 @@ class BridgeService:
             self._config_work.put(None)
         self._flush_activity()
 
+    def _claim_delivery(self) -> None:
+        """This host's liveness record, and its own filtered delivery subscription (created, or reused)."""
+        self._alive_time = fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id,
+                                                  self.s.host_alive_s)
+        self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
+                                                          self.s.host_id)
+        log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
+
     def _subscribe(self) -> None:
         self._pull_future = future = self.subscriber.subscribe(
             self.fanout_sub, self._on_fanout, flow_control=pubsub_v1.types.FlowControl(max_messages=100))
@@ -237,14 +241,10 @@ class BridgeService:
         delay = 1.0
         while not self._stop.is_set():
             try:
-                self._alive_time = fanout.mark_host_alive(self.registry.client, self.s.registry_id,
-                                                          self.s.host_id, self.s.host_alive_s)
-                self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
-                                                                  self.s.host_id)
+                self._claim_delivery()
                 self._subscribe()
                 with self.stats_lock:
                     self.stats["delivery_resubscribed"] += 1
-                log.info("delivery subscription %s made again", self.fanout_sub)
                 return
             except Exception as exc:  # noqa: BLE001 - Pub/Sub or Firestore away: try again, backing off
                 log.warning("delivery subscription not made again (%s); retrying in %.0f s", exc, delay)

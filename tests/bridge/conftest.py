@@ -278,3 +278,15 @@ def retained(stack: BridgeStack, topic: str, wait_s: int = 2) -> bytes:
          "-C", "1", "-W", str(wait_s), "--retained-only"], capture_output=True, timeout=wait_s + 8)
     return out.stdout.rstrip(b"\n")
 
+
+
+def host_subscription_exists(sub: pubsub_v1.SubscriberClient, prefix: str, host: str) -> bool:
+    """Whether the broker host ``host``'s own delivery subscription exists."""
+    from iotbridge.bridge import fanout
+
+    try:
+        sub.get_subscription(request={"subscription": sub.subscription_path(
+            PROJECT, fanout.host_subscription(prefix, host))})
+        return True
+    except gexc.NotFound:
+        return False

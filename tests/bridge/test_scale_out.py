@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from iotbridge import spec
@@ -40,7 +39,16 @@ from iotbridge.registry import Registry
 from tests.conftest import require
 from tests.waiting import wait_for
 
-from .conftest import GENEROUS_ADDRESS_LIMIT, PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics
+from .conftest import (
+    GENEROUS_ADDRESS_LIMIT,
+    PROJECT,
+    REGION,
+    REGISTRY,
+    DeviceFactory,
+    PubSubReader,
+    create_topics,
+    host_subscription_exists,
+)
 from .pubsub_filter import compile_filter
 
 pytestmark = pytest.mark.emulator
@@ -123,15 +131,6 @@ def _config(d: Device, expected: bytes) -> list[bytes | None]:
     while seen[-1] != expected:
         seen.append(d.configs.get(timeout=30))
     return seen
-
-
-def _exists(sub: pubsub_v1.SubscriberClient, prefix: str, host: str) -> bool:
-    try:
-        sub.get_subscription(request={"subscription": sub.subscription_path(
-            PROJECT, fanout.host_subscription(prefix, host))})
-        return True
-    except gexc.NotFound:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +234,7 @@ def test_a_killed_hosts_devices_move_get_their_latest_config_and_its_subscriptio
     # Once the dead host's liveness record has run out, a command to its devices is refused, as one to a device
     # connected nowhere (their presence records still name the dead host: without this it would be accepted and
     # lost in a subscription nobody reads).
-    assert _exists(sub, tier.prefix, victim)
+    assert host_subscription_exists(sub, tier.prefix, victim)
     live = wait_for(f"{victim}'s liveness record to run out", lambda: fanout.live_hosts(
         tier.registry.client, REGISTRY), lambda alive: victim not in alive, timeout=ALIVE_S + 20, interval=0.5)
     assert tier.registry.connected_host(moved[0].identity.device_id) == victim
@@ -262,5 +261,5 @@ def test_a_killed_hosts_devices_move_get_their_latest_config_and_its_subscriptio
     assert set(HOSTS) - {victim} <= fanout.live_hosts(tier.registry.client, REGISTRY)
     deleted = fanout.sweep(sub, pub, tier.registry.client, PROJECT, tier.prefix, REGISTRY)
     assert deleted == [fanout.host_subscription(tier.prefix, victim)]
-    assert not _exists(sub, tier.prefix, victim)
-    assert all(_exists(sub, tier.prefix, h) for h in HOSTS if h != victim)
+    assert not host_subscription_exists(sub, tier.prefix, victim)
+    assert all(host_subscription_exists(sub, tier.prefix, h) for h in HOSTS if h != victim)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from iotbridge import spec
@@ -20,7 +19,16 @@ from iotbridge.local import services
 from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from tests.waiting import wait_for
 
-from .conftest import GENEROUS_ADDRESS_LIMIT, PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics
+from .conftest import (
+    GENEROUS_ADDRESS_LIMIT,
+    PROJECT,
+    REGION,
+    REGISTRY,
+    DeviceFactory,
+    PubSubReader,
+    create_topics,
+    host_subscription_exists,
+)
 from .pubsub_filter import FilterSyntaxError, compile_filter
 
 pytestmark = pytest.mark.emulator
@@ -85,15 +93,6 @@ def _host(tmp, env, prefix: str, host_id: str) -> BridgeStack:
         pytest.fail(f"prerequisite missing: {exc}", pytrace=False)
 
 
-def _exists(sub: pubsub_v1.SubscriberClient, prefix: str, host: str) -> bool:
-    try:
-        sub.get_subscription(request={"subscription": sub.subscription_path(
-            PROJECT, fanout.host_subscription(prefix, host))})
-        return True
-    except gexc.NotFound:
-        return False
-
-
 def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tmp_path):
     prefix = f"t{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
@@ -101,7 +100,7 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
     sub, pub = pubsub_v1.SubscriberClient(), pubsub_v1.PublisherClient()
     try:
         for h in hosts:
-            assert _exists(sub, prefix, h)
+            assert host_subscription_exists(sub, prefix, h)
         factory = DeviceFactory(registry, hosts["host-a"])
         devs = {}
         for h, st in hosts.items():
@@ -151,7 +150,8 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
         # A host that stops cleanly deletes its subscription and runs its liveness record out: a presence record its
         # front could not remove while stopping (written here as one left behind) cannot make a command be lost.
         hosts["host-b"].stop()
-        wait_for("host-b's subscription deleted", lambda: _exists(sub, prefix, "host-b"), lambda v: not v, timeout=15)
+        wait_for("host-b's subscription deleted", lambda: host_subscription_exists(sub, prefix, "host-b"),
+                 lambda v: not v, timeout=15)
         assert "host-b" not in fanout.live_hosts(registry.client, REGISTRY)
         left_behind, _ = factory.register()
         fanout.mark_connected(registry.client, REGISTRY, left_behind, "host-b", "s-left", datetime.now(UTC)
@@ -162,7 +162,7 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
         # A host that dies (SIGKILL: nothing deleted) is swept once its liveness record has run out; a live host's
         # subscription is left alone.
         hosts["host-a"].kill("service")
-        assert _exists(sub, prefix, "host-a")
+        assert host_subscription_exists(sub, prefix, "host-a")
         fanout.mark_host_alive(registry.client, REGISTRY, "host-a", seconds=-1)  # as it reads 90 s after the death
         # Its device's presence still names it, but nothing reads its subscription: a command is refused, not lost.
         with pytest.raises(fanout.DeviceNotConnected, match="host-a is gone"):
@@ -173,7 +173,7 @@ def test_two_hosts_each_get_only_their_devices_messages(bridge_env, registry, tm
         fanout.mark_host_alive(registry.client, REGISTRY, "host-old", seconds=-fanout.HOST_RECORD_KEEP_S - 60)
         deleted = fanout.sweep(sub, pub, registry.client, PROJECT, prefix, REGISTRY)
         assert deleted == [fanout.host_subscription(prefix, "host-a")]
-        assert not _exists(sub, prefix, "host-a") and _exists(sub, prefix, "host-c")
+        assert not host_subscription_exists(sub, prefix, "host-a") and host_subscription_exists(sub, prefix, "host-c")
         records = {d.id for d in registry.client.collection("registries").document(REGISTRY)
                    .collection("bridge_hosts").stream()}
         assert "host-old" not in records and {"host-a", "host-b", "host-c"} <= records
@@ -203,7 +203,7 @@ def test_a_host_whose_subscription_is_deleted_under_it_makes_it_again(bridge_env
         fanout.delete_host_subscription(sub, PROJECT, prefix, "host-r")
         wait_for("the subscription made again", lambda: host.service_stats().get("delivery_resubscribed", 0),
                  lambda v: v >= 1, timeout=60)
-        assert _exists(sub, prefix, "host-r")
+        assert host_subscription_exists(sub, prefix, "host-r")
         fanout.push_config(registry, pub, prefix, device_id, b"after", min_interval_s=0)
         def next_config() -> bytes | None:
             try:
