@@ -354,7 +354,9 @@ class Session:
     drop_will: bool = False
     # broker packet id -> (sha256 of the config, whether the broker sent it as a retained replay on a SUBSCRIBE)
     config_inflight: dict[int, tuple[str, bool]] = field(default_factory=dict)
-    acks_running: set[str] = field(default_factory=set)
+    # sha256 of a config whose registry ack is running -> whether another live delivery of those bytes (a new
+    # version) was acknowledged meanwhile, so that the running ack looks once more when it ends
+    acks_running: dict[str, bool] = field(default_factory=dict)
     subscriptions: set[str] = field(default_factory=set)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     presence_time: object = None
@@ -989,8 +991,12 @@ class Front:
             # with the same bytes, and is acknowledged.
             if inflight is not None:
                 digest, replay = inflight
-                if not (replay and self._acked.get(dev) == digest) and digest not in session.acks_running:
-                    session.acks_running.add(digest)
+                if digest in session.acks_running:
+                    # The running ack may have read the versions before this one was stored: it looks again after
+                    # (a replay is of a version already stored, so the running ack covers it).
+                    session.acks_running[digest] = session.acks_running[digest] or not replay
+                elif not (replay and self._acked.get(dev) == digest):
+                    session.acks_running[digest] = False
                     self._spawn(self._ack_config(session, digest))
         elif kind == mqtt.PINGREQ:
             session.last_ping = datetime.now(UTC)
@@ -1044,14 +1050,19 @@ class Front:
             log.warning("device %s acked a config that matches no stored version", device_id)
 
         try:
-            self.stats["config_acks"] += 1
-            await self._on(self._registry_pool, ack)
-            if session in self.sessions:  # not for a device that has gone meanwhile: nothing would remove it
-                self._acked[device_id] = digest
-        except Exception as exc:  # noqa: BLE001 - the device keeps working; only the ack time is missing
-            log.warning("could not record config ack of %s: %s", device_id, exc)
+            while True:
+                try:
+                    self.stats["config_acks"] += 1
+                    await self._on(self._registry_pool, ack)
+                    if session in self.sessions:  # not for a device that has gone meanwhile: nothing would remove it
+                        self._acked[device_id] = digest
+                except Exception as exc:  # noqa: BLE001 - the device keeps working; only the ack time is missing
+                    log.warning("could not record config ack of %s: %s", device_id, exc)
+                if not session.acks_running.get(digest):
+                    return
+                session.acks_running[digest] = False  # a new version with these bytes was acked meanwhile
         finally:
-            session.acks_running.discard(digest)
+            session.acks_running.pop(digest, None)
 
     async def open_broker(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A device session's connection to Mosquitto: its Unix socket when the settings name one (no ephemeral

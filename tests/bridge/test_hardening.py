@@ -6,9 +6,12 @@ from addresses of their own in 127.0.0.0/8, so the limits of 127.0.0.1 stay unto
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,10 +19,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from iotbridge.bridge.front import VIOLATION_BACKOFF_S
+from iotbridge.bridge.front import VIOLATION_BACKOFF_S, Front, Session
+from iotbridge.bridge.settings import BridgeSettings
 from iotbridge.device import ConnectError, Device, generate_key
 from iotbridge.local.broker_host import BridgeStack
 from iotbridge.registry import Credential
+from tests.aio import run_in_own_loop
 from tests.waiting import wait_for
 
 from .conftest import DeviceFactory, new_stack
@@ -118,6 +123,64 @@ def test_a_config_is_acknowledged_in_the_registry_once_however_often_it_is_redel
     assert dev.configs.get(timeout=10) == b'{"v":"twice"}'
     wait_for("the same bytes' ack", lambda: registry.get_config(device_id).device_ack_time, timeout=10)
     assert counter(stack, "config_acks") == acks + 2
+
+
+def test_a_new_version_with_the_same_bytes_acked_while_the_last_ack_runs_is_acknowledged_too(registry):
+    """The front's registry ack reads the device's versions, then records the one whose bytes the device acked. A
+    second version with the same bytes, stored and acked while the first ack has read but not yet recorded, must be
+    recorded by an ack of its own (or by the running one looking again), not skipped as a duplicate."""
+    device_id = f"dev-{uuid.uuid4().hex[:10]}"
+    registry.create_device(device_id)
+    data = b'{"v":"same"}'
+    registry.update_config(device_id, data, min_interval_s=0)
+    digest = hashlib.sha256(data).hexdigest()
+    listed, go_on = threading.Event(), threading.Event()
+
+    class PausedAfterFirstRead:  # the device's registry, held still between the first ack's read and its write
+        reads = 0
+
+        def list_config_versions(self, dev: str):  # noqa: ANN201
+            versions = registry.list_config_versions(dev)
+            self.reads += 1
+            if self.reads == 1:
+                listed.set()
+                assert go_on.wait(10)
+            return versions
+
+        def ack_config(self, *args) -> None:  # noqa: ANN002
+            registry.ack_config(*args)
+
+    settings = BridgeSettings(project=registry.project, region=registry.region, registry_id=registry.registry_id,
+                              prefix="p")
+
+    def puback(front: Front, session: Session, packet_id: int) -> None:
+        session.config_inflight[packet_id] = (digest, False)  # a live delivery of the config, as the broker sent it
+        body = packet_id.to_bytes(2, "big")
+        front._checked(session, 0x40, body, b"\x40\x02" + body)
+
+    async def go() -> int:
+        loop = asyncio.get_running_loop()
+        front = Front(settings, registry, ssl.create_default_context(), "pw")
+        session = Session(device_id, 4, datetime.now(UTC) + timedelta(hours=1), "peer",
+                          registry=PausedAfterFirstRead())
+        session.limits = front._device_limits(device_id)
+        front.sessions.add(session)
+        puback(front, session, 1)
+        assert await loop.run_in_executor(None, listed.wait, 10)
+        second = await loop.run_in_executor(None, lambda: registry.update_config(device_id, data, min_interval_s=0))
+        puback(front, session, 2)
+        go_on.set()
+        for _ in range(200):
+            if not session.acks_running:
+                break
+            await asyncio.sleep(0.05)
+        assert not session.acks_running
+        return second.version
+
+    version = run_in_own_loop(go())
+    latest = registry.get_config(device_id)
+    assert latest is not None and latest.version == version
+    assert latest.device_ack_time is not None, "the second version's ack was skipped"
 
 
 # ------------------------------------------------------------------------------------------- revocation
