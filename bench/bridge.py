@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from bench import broker, local
 from bench.core import Figure, group_cpu_seconds, summary_ms
@@ -79,7 +79,8 @@ class Run:
 
 
 class Bench:
-    def __init__(self, hosts: int = 1):
+    def __init__(self, hosts: int = 1, **host_fields: Any):
+        """``host_fields``: more settings for each host (``init_host``'s keyword arguments)."""
         self.env = local.emulators()
         self.prefix = local.new_prefix("bb")
         local.create_topics(local.PROJECT, self.prefix)
@@ -89,7 +90,8 @@ class Bench:
             for i in range(hosts):
                 wd = local.workdir() / f"{self.prefix}-host{i}"
                 init_host(wd, local.PROJECT, local.REGION, local.REGISTRY, self.prefix, host_id=f"h{i}",
-                          device_messages_per_s=UNLIMITED_MESSAGES_PER_S, device_bytes_per_s=UNLIMITED_BYTES_PER_S)
+                          device_messages_per_s=UNLIMITED_MESSAGES_PER_S, device_bytes_per_s=UNLIMITED_BYTES_PER_S,
+                          **host_fields)
                 self.stacks.append(start_bridge_stack(wd, local.PROJECT, local.REGION, local.REGISTRY, self.prefix,
                                                       self.env))
             self.devices = local.register_devices(self.registry, DEVICES, f"{self.prefix}-d")
