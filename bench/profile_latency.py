@@ -24,11 +24,9 @@ right after the default host's, so a before/after comparison is interleaved in o
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,17 +46,60 @@ TRACE_ENV = "IOTBRIDGE_LATENCY_TRACE"
 # The service writes its trace here (a folder) on SIGUSR1, and clears it.
 _PAYLOAD = re.compile(rb'"seq": (\d+), "dev": (\d+), "run": "([^"]+)", "sent": ([0-9.]+)')
 
+NO_FREEZE_ENV = "IOTBRIDGE_PROFILE_NO_GC_FREEZE"
+# On the PYTHONPATH of the hosts' processes: each records its GC pauses (start, wall s, CPU s, generation) and,
+# when the file dump-PID appears in the trace folder, writes them to gc-PID.json there (and runs ``hooks``: the
+# service's message times), then removes dump-PID. A signal would not do: the kernel hands a process's signal to
+# any of its threads, and the service's main thread sleeps in a wait that only its own signals interrupt. With
+# NO_FREEZE_ENV set, gc.freeze does nothing (the configuration before the bridge froze its startup objects, for an
+# interleaved before/after comparison).
+SITECUSTOMIZE = f'''"""Written by bench.profile_latency for its broker hosts' processes."""
+import gc, json, os, threading, time
+hooks = []
+if os.environ.get("{NO_FREEZE_ENV}"):
+    gc.freeze = lambda: None
+_folder = os.environ.get("{TRACE_ENV}")
+if _folder:
+    _pauses, _started = [], {{}}
+
+    def _on_gc(phase, info):
+        g = info["generation"]
+        if phase == "start":
+            _started[g] = (time.perf_counter(), time.thread_time())
+        elif g in _started:
+            t0, c0 = _started.pop(g)
+            wall = time.perf_counter() - t0
+            _pauses.append((time.time() - wall, wall, time.thread_time() - c0, g))
+
+    def _poll():
+        request = os.path.join(_folder, "dump-%d" % os.getpid())
+        while True:
+            time.sleep(0.1)
+            if not os.path.exists(request):
+                continue
+            for hook in hooks:
+                hook()
+            out, _pauses[:] = list(_pauses), []
+            path = os.path.join(_folder, "gc-%d.json" % os.getpid())
+            with open(path + ".tmp", "w") as f:
+                json.dump(out, f)
+            os.rename(path + ".tmp", path)
+            os.remove(request)
+
+    gc.callbacks.append(_on_gc)
+    threading.Thread(target=_poll, name="profile-dump", daemon=True).start()
+'''
+
 # --------------------------------------------------------------------------------- inside the service process
 
 _recv: list[tuple[float, bytes]] = []
 _batches: list[tuple[float, float, float, float, list[bytes]]] = []
-_gc: list[tuple[float, float, float, int]] = []  # start, wall s, CPU s, generation
 _local = threading.local()
 
 
 def instrumented_publisher() -> Any:  # noqa: ANN401 - a PublisherClient
     """``publisher_factory`` for the bridge service: the service's own publisher, with timing wrapped around the
-    MQTT callback, the batcher's hand-over to its RPC pool and the Publish RPC; SIGUSR1 writes the times."""
+    MQTT callback, the batcher's hand-over to its RPC pool and the Publish RPC; written with the GC pauses."""
     from google.cloud import pubsub_v1
 
     from iotbridge.bridge import batching, service
@@ -93,33 +134,23 @@ def instrumented_publisher() -> Any:  # noqa: ANN401 - a PublisherClient
 
         init(self, timed_publish, *args, **kwargs)
 
-    service.BridgeService._on_message = timed_on_message  # type: ignore[method-assign]
-    batching.Batcher.send = timed_send  # type: ignore[method-assign]
-    batching.Batcher._send = timed_send_now  # type: ignore[method-assign]
-    batching.Batcher.__init__ = timed_init  # type: ignore[method-assign]
+    service.BridgeService._on_message = timed_on_message
+    batching.Batcher.send = timed_send
+    batching.Batcher._send = timed_send_now
+    batching.Batcher.__init__ = timed_init
 
-    started: dict[int, tuple[float, float]] = {}
+    import sitecustomize  # the one SITECUSTOMIZE wrote  # pyright: ignore[reportMissingImports]
 
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[info["generation"]] = (time.perf_counter(), time.thread_time())
-        elif info["generation"] in started:
-            t0, c0 = started.pop(info["generation"])
-            wall = time.perf_counter() - t0
-            _gc.append((time.time() - wall, wall, time.thread_time() - c0, info["generation"]))
-
-    gc.callbacks.append(on_gc)
-    signal.signal(signal.SIGUSR1, lambda *_: _dump(Path(os.environ[TRACE_ENV])))
+    sitecustomize.hooks.append(lambda: _dump(Path(os.environ[TRACE_ENV])))
     return pubsub_v1.PublisherClient(
         batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005))
 
 
 def _dump(folder: Path) -> None:
-    recv, batches, pauses = list(_recv), list(_batches), list(_gc)
+    recv, batches = list(_recv), list(_batches)
     _recv.clear()
     _batches.clear()
-    _gc.clear()
-    out: dict[str, Any] = {"recv": {}, "batch": {}, "gc": pauses}
+    out: dict[str, Any] = {"recv": {}, "batch": {}}
     for t, data in recv:
         m = _PAYLOAD.search(data)
         if m:
@@ -138,15 +169,29 @@ def _dump(folder: Path) -> None:
 # --------------------------------------------------------------------------------- the profiling process
 
 def _trace(bench: Bench, folder: Path) -> dict[str, Any]:
-    result = folder / "trace.json"
-    result.unlink(missing_ok=True)
-    os.kill(bench.stacks[0].procs["service"].proc.pid, signal.SIGUSR1)
+    """The service's message times since the last call, and the GC pauses of the service and the front."""
+    pids = {role: bench.stacks[0].procs[role].proc.pid for role in ("service", "front")}
+    files = {"trace": folder / "trace.json", **{role: folder / f"gc-{pid}.json" for role, pid in pids.items()}}
+    for f in files.values():
+        f.unlink(missing_ok=True)
+    for pid in pids.values():
+        (folder / f"dump-{pid}").touch()
     deadline = time.monotonic() + 60
-    while not result.exists():
+    while not all(f.exists() for f in files.values()):
         if time.monotonic() > deadline:
-            raise RuntimeError("the service wrote no latency trace within 60 s")
+            raise RuntimeError(f"no trace within 60 s: {[str(f) for f in files.values() if not f.exists()]}")
         time.sleep(0.1)
-    return json.loads(result.read_text())
+    out = json.loads(files["trace"].read_text())
+    out["gc"] = json.loads(files["service"].read_text())
+    out["front_gc"] = json.loads(files["front"].read_text())
+    return out
+
+
+def _gc_summary(pauses: list[list[float]]) -> dict[str, dict[str, float]]:
+    return {f"gen{g}": {"count": len(ps), "max_wall_ms": round(max(p[1] for p in ps) * 1000, 2),
+                        "max_cpu_ms": round(max(p[2] for p in ps) * 1000, 2),
+                        "total_cpu_ms": round(sum(p[2] for p in ps) * 1000, 2)}
+            for g in range(3) if (ps := [p for p in pauses if p[3] == g])}
 
 
 def _ms(values: list[float]) -> dict[str, float]:
@@ -178,7 +223,8 @@ def bridge_round(bench: Bench, folder: Path, rate: float, seconds: float) -> dic
     tail = e2e[int(len(e2e) * 0.99):]
     pauses = trace["gc"]
     # The slowest messages that were in the service (received, not yet sent) while a collection ran.
-    in_gc = sum(1 for _, p in tail if any(start < p[4] and start + wall > p[5] for start, wall, _, _ in pauses))
+    in_gc = sum(1 for _, p in tail if any(start < p[5] and start + wall > p[4] for start, wall, _, _ in pauses
+                                          if wall > 0.005))
     return {
         "round": "bridge", "rate": round(rate), "sent": r.sent, "lost": r.lost, "duplicates": r.duplicates,
         "traced": len(e2e), "load_before": load0, "load_after": load_average(),
@@ -188,11 +234,8 @@ def bridge_round(bench: Bench, folder: Path, rate: float, seconds: float) -> dic
         "slowest_1pct_mean_hop_ms": {h: round(statistics.fmean(p[i] for _, p in tail) * 1000, 2)
                                      for i, h in enumerate(HOPS[:4])} if tail else {},
         "batch_size_median": statistics.median(sizes) if sizes else 0,
-        "service_gc": {f"gen{g}": {"count": len(ps), "max_wall_ms": round(max(p[1] for p in ps) * 1000, 2),
-                                   "max_cpu_ms": round(max(p[2] for p in ps) * 1000, 2),
-                                   "total_wall_ms": round(sum(p[1] for p in ps) * 1000, 2)}
-                       for g in range(3) if (ps := [p for p in pauses if p[3] == g])},
-        "slowest_1pct_during_gc": f"{in_gc}/{len(tail)}",
+        "service_gc": _gc_summary(pauses), "front_gc": _gc_summary(trace["front_gc"]),
+        "slowest_1pct_during_gc_over_5ms": f"{in_gc}/{len(tail)}",
         "cpu_s": {k: round(v, 2) for k, v in r.cpu.items()},
     }
 
@@ -241,14 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--share", type=float, default=0.5, help="of the measured QoS 1 maximum")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=0.0, help="msg/s instead of measuring the maximum")
-    parser.add_argument("--variant", action="append", default=[], help="NAME=K=V[,K=V]: another host's env")
+    parser.add_argument("--variant", action="append", default=[],
+                        help=f"NAME=K=V[,K=V]: another host whose processes get this environment; "
+                             f"{NO_FREEZE_ENV}=1: without gc.freeze")
+    parser.add_argument("--throughput", action="store_true",
+                        help="each bridge round also measures the host's QoS 1 and QoS 0 maximum")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, traces)")
     parser.add_argument("--publish", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.publish:
         return publish_paced(args.publish)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    hosts: dict[str, tuple[Bench, Path]] = {}
     local.emulators()
+    site = local.workdir() / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
+    hosts: dict[str, tuple[Bench, Path]] = {}
     try:
         for name, env in [("default", "")] + [tuple(v.split("=", 1)) for v in args.variant]:
             folder = local.workdir() / f"trace-{name}"
@@ -272,9 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             rate = statistics.median(maxima) * args.share
             print(json.dumps({"qos1_max_msg_s": [round(x) for x in maxima], "paced_msg_s": round(rate)}), flush=True)
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in [*hosts, "floor"]}
-        for _ in range(args.rounds):
-            for name, (bench, folder) in hosts.items():
+        names = list(hosts)
+        for i in range(args.rounds):
+            # The hosts take turns going first: the machine's load drifts within a round too.
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                bench, folder = hosts[name]
                 out = {"host": name, **bridge_round(bench, folder, rate, args.seconds)}
+                if args.throughput:
+                    out["max_msg_s"] = {f"qos{q}": round(bench.run(q, N).rate) for q in (1, 0)}
+                    _trace(bench, folder)
                 results[name].append(out)
                 print(json.dumps(out), flush=True)
             out = floor_round(first, rate, args.seconds)
@@ -282,12 +339,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(out), flush=True)
         summary = {name: {"p50_ms": statistics.median(r["e2e_publish_time_ms"]["p50"] for r in rs),
                           "p99_ms": statistics.median(r["e2e_publish_time_ms"]["p99"] for r in rs),
-                          "lost": sum(r["lost"] for r in rs)} for name, rs in results.items()}
+                          "lost": sum(r["lost"] for r in rs),
+                          **({f"max_{q}_msg_s": statistics.median(r["max_msg_s"][q] for r in rs)
+                              for q in ("qos1", "qos0")} if args.throughput and name != "floor" else {})}
+                   for name, rs in results.items()}
         print(json.dumps({"medians_over_rounds": summary, "rate": round(rate)}), flush=True)
     finally:
         for bench, _ in hosts.values():
             bench.stop()
-        local.stop_all()
+        local.stop_all(keep_workdir=args.keep)
     return 0
 
 
