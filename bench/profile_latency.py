@@ -1,16 +1,19 @@
 """Where the device→Pub/Sub latency goes (not a ``make bench`` section; the docs quote it).
 
-``python -m bench.profile_latency [--rounds K] [--share S] [--seconds T]``: one broker host on the emulators, as
-``bench bridge`` starts it, whose bridge service runs with :func:`instrumented_publisher` as its publisher factory:
-a plain ``PublisherClient``, and on the way in it wraps the service's MQTT message callback and the batcher to
-time every message's hops inside the service. The QoS 1 maximum is measured (as ``bench bridge``), then K rounds
-of, alternately:
+``python -m bench.profile_latency [--rounds K] [--share S] [--seconds T] [--throughput] [--variant ...]``: one
+broker host on the emulators, as ``bench bridge`` starts it, whose bridge service runs with
+:func:`instrumented_publisher` as its publisher factory: a plain ``PublisherClient``, and on the way in it wraps the
+service's MQTT message callback and the batcher to time every message's hops inside the service; a
+``sitecustomize`` on the host processes' path times the front's writes to Mosquitto and every process's GC pauses
+(:data:`SITECUSTOMIZE`). The QoS 1 maximum is measured (as ``bench bridge``), then K rounds of, alternately:
 
 - ``bridge``: devices on the device SDK paced at S × the maximum for T seconds (``bench bridge``'s latency run);
-  per message: device send → the service's MQTT callback (device SDK, TLS front, Mosquitto, paho) → the batch
-  handed to the RPC pool (the service's batching) → an RPC thread picks it up → the Publish RPC returns (the
-  emulator) → and end to end, the message's Pub/Sub ``publish_time`` − its send time. For the slowest 1 % of
-  messages the mean of each hop says where the tail comes from. The service's GC pauses are counted too.
+  per message: device send → the front writes it on to Mosquitto (device SDK in the load process, TLS, the
+  front) → the service's MQTT callback (Mosquitto, paho) → the batch handed to the RPC pool (the service's
+  batching) → an RPC thread picks it up → the Publish RPC returns (the emulator), and end to end, the message's
+  Pub/Sub ``publish_time`` − its send time. For the slowest 1 % of messages the mean of each hop says where the
+  tail comes from. The service's and the front's GC pauses are counted (wall and CPU time, per generation).
+  With ``--throughput`` the host's QoS 1 and QoS 0 maxima follow each latency round.
 - ``floor``: the emulator alone, at the same rate: a plain ``google-cloud-pubsub`` publisher (batch latency 5 ms,
   as the bridge's batcher) in a process of its own publishing the same payloads; latency = ``publish_time`` −
   send time. Whatever the bridge adds sits on top of this.
@@ -42,25 +45,25 @@ from bench.loadgen import payload
 from iotbridge import spec as spec_module
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACE_ENV = "IOTBRIDGE_LATENCY_TRACE"
-# The service writes its trace here (a folder) on SIGUSR1, and clears it.
+TRACE_ENV = "IOTBRIDGE_LATENCY_TRACE"  # the folder the hosts' processes write their times to
 _PAYLOAD = re.compile(rb'"seq": (\d+), "dev": (\d+), "run": "([^"]+)", "sent": ([0-9.]+)')
 
 NO_FREEZE_ENV = "IOTBRIDGE_PROFILE_NO_GC_FREEZE"
-# On the PYTHONPATH of the hosts' processes: each records its GC pauses (start, wall s, CPU s, generation) and,
-# when the file dump-PID appears in the trace folder, writes them to gc-PID.json there (and runs ``hooks``: the
-# service's message times), then removes dump-PID. A signal would not do: the kernel hands a process's signal to
+# On the PYTHONPATH of the hosts' processes: each records its GC pauses (start, wall s, CPU s, generation), the
+# front the time it writes each device message on to Mosquitto, and when the file dump-PID appears in the trace
+# folder, each writes them to gc-PID.json and forwarded-PID.json there (and runs ``hooks``: the service's message
+# times), then removes dump-PID. A signal would not do: the kernel hands a process's signal to
 # any of its threads, and the service's main thread sleeps in a wait that only its own signals interrupt. With
 # NO_FREEZE_ENV set, gc.freeze does nothing (the configuration before the bridge froze its startup objects, for an
 # interleaved before/after comparison).
-SITECUSTOMIZE = f'''"""Written by bench.profile_latency for its broker hosts' processes."""
-import gc, json, os, threading, time
+SITECUSTOMIZE = '''"""Written by bench.profile_latency for its broker hosts' processes."""
+import gc, json, os, re, sys, threading, time
 hooks = []
-if os.environ.get("{NO_FREEZE_ENV}"):
+if os.environ.get("NO_FREEZE_ENV"):
     gc.freeze = lambda: None
-_folder = os.environ.get("{TRACE_ENV}")
+_folder = os.environ.get("TRACE_ENV")
 if _folder:
-    _pauses, _started = [], {{}}
+    _pauses, _started, _forwarded = [], {}, []
 
     def _on_gc(phase, info):
         g = info["generation"]
@@ -71,24 +74,48 @@ if _folder:
             wall = time.perf_counter() - t0
             _pauses.append((time.time() - wall, wall, time.thread_time() - c0, g))
 
+    def _time_front():
+        # The front's one write towards Mosquitto per socket read (a module function its relay looks up per call).
+        front = sys.modules.get("iotbridge.bridge.front")
+        if front is None or hasattr(front, "profiled_forward"):
+            return
+        forward = front.profiled_forward = front._forward
+
+        async def timed_forward(writer, data):
+            _forwarded.append((time.time(), data))
+            await forward(writer, data)
+
+        front._forward = timed_forward
+
+    def _write(name, value):
+        path = os.path.join(_folder, "%s-%d.json" % (name, os.getpid()))
+        with open(path + ".tmp", "w") as f:
+            json.dump(value, f)
+        os.rename(path + ".tmp", path)
+
     def _poll():
         request = os.path.join(_folder, "dump-%d" % os.getpid())
         while True:
             time.sleep(0.1)
+            _time_front()
             if not os.path.exists(request):
                 continue
             for hook in hooks:
                 hook()
             out, _pauses[:] = list(_pauses), []
-            path = os.path.join(_folder, "gc-%d.json" % os.getpid())
-            with open(path + ".tmp", "w") as f:
-                json.dump(out, f)
-            os.rename(path + ".tmp", path)
+            forwarded, _forwarded[:] = list(_forwarded), []
+            keys = {}
+            for t, data in forwarded:
+                for m in re.finditer(rb'PAYLOAD_RE', data):
+                    keys["%s/%s/%s" % (m[3].decode(), m[2].decode(), m[1].decode())] = t
+            _write("forwarded", keys)
+            _write("gc", out)
             os.remove(request)
 
     gc.callbacks.append(_on_gc)
     threading.Thread(target=_poll, name="profile-dump", daemon=True).start()
-'''
+'''.replace("NO_FREEZE_ENV", NO_FREEZE_ENV).replace("TRACE_ENV", TRACE_ENV)
+SITECUSTOMIZE = SITECUSTOMIZE.replace("PAYLOAD_RE", _PAYLOAD.pattern.decode())
 
 # --------------------------------------------------------------------------------- inside the service process
 
@@ -171,7 +198,8 @@ def _dump(folder: Path) -> None:
 def _trace(bench: Bench, folder: Path) -> dict[str, Any]:
     """The service's message times since the last call, and the GC pauses of the service and the front."""
     pids = {role: bench.stacks[0].procs[role].proc.pid for role in ("service", "front")}
-    files = {"trace": folder / "trace.json", **{role: folder / f"gc-{pid}.json" for role, pid in pids.items()}}
+    files = {"trace": folder / "trace.json", "forwarded": folder / f"forwarded-{pids['front']}.json",
+             **{role: folder / f"gc-{pid}.json" for role, pid in pids.items()}}
     for f in files.values():
         f.unlink(missing_ok=True)
     for pid in pids.values():
@@ -184,6 +212,7 @@ def _trace(bench: Bench, folder: Path) -> dict[str, Any]:
     out = json.loads(files["trace"].read_text())
     out["gc"] = json.loads(files["service"].read_text())
     out["front_gc"] = json.loads(files["front"].read_text())
+    out["forwarded"] = json.loads(files["forwarded"].read_text())
     return out
 
 
@@ -199,7 +228,7 @@ def _ms(values: list[float]) -> dict[str, float]:
             "max": round(max(values) * 1000, 2) if values else float("nan")}
 
 
-HOPS = ("device→service", "batching", "pool pickup", "publish RPC", "ack→publish_time")
+HOPS = ("device→front forward", "front→service", "batching", "pool pickup", "publish RPC")
 
 
 def bridge_round(bench: Bench, folder: Path, rate: float, seconds: float) -> dict[str, Any]:
@@ -211,10 +240,11 @@ def bridge_round(bench: Bench, folder: Path, rate: float, seconds: float) -> dic
     e2e: list[tuple[float, list[float]]] = []
     sizes = []
     for key, (sent, recv) in trace["recv"].items():
-        if not key.startswith(tag + "/") or key not in trace["batch"]:
+        if not key.startswith(tag + "/") or key not in trace["batch"] or key not in trace["forwarded"]:
             continue
         t_submit, t_pick, t0, t1, size = trace["batch"][key]
-        parts = [recv - sent, t_submit - recv, t_pick - t_submit, t1 - t_pick]
+        forwarded = trace["forwarded"][key]
+        parts = [forwarded - sent, recv - forwarded, t_submit - recv, t_pick - t_submit, t1 - t_pick]
         for h, v in zip(HOPS, parts, strict=False):
             hops[h].append(v)
         e2e.append((t1 - sent, [*parts, recv, t1]))
@@ -223,7 +253,7 @@ def bridge_round(bench: Bench, folder: Path, rate: float, seconds: float) -> dic
     tail = e2e[int(len(e2e) * 0.99):]
     pauses = trace["gc"]
     # The slowest messages that were in the service (received, not yet sent) while a collection ran.
-    in_gc = sum(1 for _, p in tail if any(start < p[5] and start + wall > p[4] for start, wall, _, _ in pauses
+    in_gc = sum(1 for _, p in tail if any(start < p[6] and start + wall > p[5] for start, wall, _, _ in pauses
                                           if wall > 0.005))
     return {
         "round": "bridge", "rate": round(rate), "sent": r.sent, "lost": r.lost, "duplicates": r.duplicates,
@@ -232,7 +262,7 @@ def bridge_round(bench: Bench, folder: Path, rate: float, seconds: float) -> dic
         "send_to_rpc_return_ms": _ms([x for x, _ in e2e]),
         "hops_ms": {h: _ms(v) for h, v in hops.items() if v},
         "slowest_1pct_mean_hop_ms": {h: round(statistics.fmean(p[i] for _, p in tail) * 1000, 2)
-                                     for i, h in enumerate(HOPS[:4])} if tail else {},
+                                     for i, h in enumerate(HOPS)} if tail else {},
         "batch_size_median": statistics.median(sizes) if sizes else 0,
         "service_gc": _gc_summary(pauses), "front_gc": _gc_summary(trace["front_gc"]),
         "slowest_1pct_during_gc_over_5ms": f"{in_gc}/{len(tail)}",
