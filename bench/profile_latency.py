@@ -77,7 +77,8 @@ if _folder:
     def _time_front():
         # The front's one write towards Mosquitto per socket read (a module function its relay looks up per call).
         front = sys.modules.get("iotbridge.bridge.front")
-        if front is None or hasattr(front, "profiled_forward"):
+        if (front is None or hasattr(front, "profiled_forward")
+                or getattr(front.__spec__, "_initializing", True)):  # not (fully) imported yet
             return
         forward = front.profiled_forward = front._forward
 
