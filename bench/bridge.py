@@ -16,7 +16,8 @@ devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate loa
   scale-out is the host (Mosquitto + front + service behind the load balancer). N hosts here share the 2 cores.
 - Latency at 50% and 90% of the measured QoS 1 maximum (device SDK): paced open-loop publishers; latency = the
   message's Pub/Sub ``publish_time`` (set by the emulator when it accepted the bridge's publish) − the device's
-  send time embedded in the payload. Same machine, same clock.
+  send time embedded in the payload. Same machine, same clock. Where the time goes, hop by hop, and the emulator's
+  own latency at the same rate: ``python -m bench.profile_latency`` (docs/broker-scaling.md, "Latency").
 - Ratios bridge / raw against :mod:`bench.broker`'s raw limits, measured in the same run: at QoS 1 each bridge
   run is paired with its raw counterpart measured just before it, ``ROUNDS`` times, and the ratio is of the
   medians (the 2 cores are shared, so the machine's load drifts between minutes). Each figure also gives the CPU
