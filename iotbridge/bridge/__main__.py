@@ -30,11 +30,11 @@ def _registry(settings: BridgeSettings):  # noqa: ANN202
 
 def freeze_startup_objects() -> None:
     """Take every object alive once a part has started (the Google client libraries' modules, classes and
-    descriptors: some 70,000) out of the garbage collector's reach. Each full collection walks every tracked object
-    and stops every thread of the process while it does: 30-40 ms of CPU in the bridge service, 15-20 ms in the
-    front, about once every few seconds at half the maximum rate — the largest single stall inside the service in
-    ``bench/profile_latency.py``'s profile. Frozen, they are never scanned again (and never freed: they live as long
-    as the process anyway); a full collection then costs well under a millisecond."""
+    descriptors: some 70,000) out of the garbage collector's reach. Each full collection walked every one of them
+    and stopped every thread of the process while it did: 48-70 ms of CPU in the bridge service, 27-36 ms in the
+    front, once or twice every 8 s at half the maximum rate (``bench/profile_latency.py``). Frozen, they are never
+    scanned again (nor freed: they live as long as the process anyway); a full collection then takes 1-11 ms
+    (docs/broker-scaling.md, "Latency, device to Pub/Sub")."""
     gc.freeze()
 
 
