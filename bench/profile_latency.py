@@ -49,6 +49,7 @@ TRACE_ENV = "IOTBRIDGE_LATENCY_TRACE"  # the folder the hosts' processes write t
 _PAYLOAD = re.compile(rb'"seq": (\d+), "dev": (\d+), "run": "([^"]+)", "sent": ([0-9.]+)')
 
 NO_FREEZE_ENV = "IOTBRIDGE_PROFILE_NO_GC_FREEZE"
+SWITCH_ENV = "IOTBRIDGE_PROFILE_SWITCH_INTERVAL"  # seconds: sys.setswitchinterval in the host's processes
 # On the PYTHONPATH of the hosts' processes: each records its GC pauses (start, wall s, CPU s, generation), the
 # front the time it writes each device message on to Mosquitto, and when the file dump-PID appears in the trace
 # folder, each writes them to gc-PID.json and forwarded-PID.json there (and runs ``hooks``: the service's message
@@ -61,6 +62,8 @@ import gc, json, os, re, sys, threading, time
 hooks = []
 if os.environ.get("NO_FREEZE_ENV"):
     gc.freeze = lambda: None
+if os.environ.get("SWITCH_ENV"):
+    sys.setswitchinterval(float(os.environ["SWITCH_ENV"]))
 _folder = os.environ.get("TRACE_ENV")
 if _folder:
     _pauses, _started, _forwarded = [], {}, []
@@ -116,6 +119,7 @@ if _folder:
     gc.callbacks.append(_on_gc)
     threading.Thread(target=_poll, name="profile-dump", daemon=True).start()
 '''.replace("NO_FREEZE_ENV", NO_FREEZE_ENV).replace("TRACE_ENV", TRACE_ENV)
+SITECUSTOMIZE = SITECUSTOMIZE.replace("SWITCH_ENV", SWITCH_ENV)
 SITECUSTOMIZE = SITECUSTOMIZE.replace("PAYLOAD_RE", _PAYLOAD.pattern.decode())
 
 # --------------------------------------------------------------------------------- inside the service process
