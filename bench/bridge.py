@@ -16,7 +16,8 @@ devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate loa
   scale-out is the host (Mosquitto + front + service behind the load balancer). N hosts here share the 2 cores.
 - Latency at 50% and 90% of the measured QoS 1 maximum (device SDK): paced open-loop publishers; latency = the
   message's Pub/Sub ``publish_time`` (set by the emulator when it accepted the bridge's publish) − the device's
-  send time embedded in the payload. Same machine, same clock.
+  send time embedded in the payload. Same machine, same clock. Where the time goes, hop by hop, and the emulator's
+  own latency at the same rate: ``python -m bench.profile_latency`` (docs/broker-scaling.md, "Latency").
 - Ratios bridge / raw against :mod:`bench.broker`'s raw limits, measured in the same run: at QoS 1 each bridge
   run is paired with its raw counterpart measured just before it, ``ROUNDS`` times, and the ratio is of the
   medians (the 2 cores are shared, so the machine's load drifts between minutes). Each figure also gives the CPU
@@ -37,7 +38,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from bench import broker, local
 from bench.core import Figure, group_cpu_seconds, summary_ms
@@ -79,7 +80,8 @@ class Run:
 
 
 class Bench:
-    def __init__(self, hosts: int = 1):
+    def __init__(self, hosts: int = 1, **host_fields: Any):
+        """``host_fields``: more settings for each host (``init_host``'s keyword arguments)."""
         self.env = local.emulators()
         self.prefix = local.new_prefix("bb")
         local.create_topics(local.PROJECT, self.prefix)
@@ -89,7 +91,8 @@ class Bench:
             for i in range(hosts):
                 wd = local.workdir() / f"{self.prefix}-host{i}"
                 init_host(wd, local.PROJECT, local.REGION, local.REGISTRY, self.prefix, host_id=f"h{i}",
-                          device_messages_per_s=UNLIMITED_MESSAGES_PER_S, device_bytes_per_s=UNLIMITED_BYTES_PER_S)
+                          device_messages_per_s=UNLIMITED_MESSAGES_PER_S, device_bytes_per_s=UNLIMITED_BYTES_PER_S,
+                          **host_fields)
                 self.stacks.append(start_bridge_stack(wd, local.PROJECT, local.REGION, local.REGISTRY, self.prefix,
                                                       self.env))
             self.devices = local.register_devices(self.registry, DEVICES, f"{self.prefix}-d")

@@ -1,0 +1,390 @@
+"""Where the device→Pub/Sub latency goes (not a ``make bench`` section; the docs quote it).
+
+``python -m bench.profile_latency [--rounds K] [--share S] [--seconds T] [--throughput] [--variant ...]``: one
+broker host on the emulators, as ``bench bridge`` starts it, whose bridge service runs with
+:func:`instrumented_publisher` as its publisher factory: a plain ``PublisherClient``, and on the way in it wraps the
+service's MQTT message callback and the batcher to time every message's hops inside the service; a
+``sitecustomize`` on the host processes' path times the front's writes to Mosquitto and every process's GC pauses
+(:data:`SITECUSTOMIZE`). The QoS 1 maximum is measured (as ``bench bridge``), then K rounds of, alternately:
+
+- ``bridge``: devices on the device SDK paced at S × the maximum for T seconds (``bench bridge``'s latency run);
+  per message: device send → the front writes it on to Mosquitto (device SDK in the load process, TLS, the
+  front) → the service's MQTT callback (Mosquitto, paho) → the batch handed to the RPC pool (the service's
+  batching) → an RPC thread picks it up → the Publish RPC returns (the emulator), and end to end, the message's
+  Pub/Sub ``publish_time`` − its send time. For the slowest 1 % of messages the mean of each hop says where the
+  tail comes from. The service's and the front's GC pauses are counted (wall and CPU time, per generation).
+  With ``--throughput`` the host's QoS 1 and QoS 0 maxima follow each latency round.
+- ``floor``: the emulator alone, at the same rate: a plain ``google-cloud-pubsub`` publisher (batch latency 5 ms,
+  as the bridge's batcher) in a process of its own publishing the same payloads; latency = ``publish_time`` −
+  send time. Whatever the bridge adds sits on top of this.
+
+Each round's figures are printed as one JSON line, with the load average before and after it; at the end the
+medians over the rounds. ``--variant NAME=ENV`` (repeatable) starts one more host per variant whose service gets
+the environment variable(s) ``ENV`` (``K=V,K=V``) — e.g. the old value of a setting — and runs its bridge round
+right after the default host's, so a before/after comparison is interleaved in one run on the shared cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import local
+from bench.bridge import DEVICES, Bench, N
+from bench.core import load_average, percentile
+from bench.loadgen import payload
+from iotbridge import spec as spec_module
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE_ENV = "IOTBRIDGE_LATENCY_TRACE"  # the folder the hosts' processes write their times to
+_PAYLOAD = re.compile(rb'"seq": (\d+), "dev": (\d+), "run": "([^"]+)", "sent": ([0-9.]+)')
+
+NO_FREEZE_ENV = "IOTBRIDGE_PROFILE_NO_GC_FREEZE"
+SWITCH_ENV = "IOTBRIDGE_PROFILE_SWITCH_INTERVAL"  # seconds: sys.setswitchinterval in the host's processes
+# On the PYTHONPATH of the hosts' processes: each records its GC pauses (start, wall s, CPU s, generation), the
+# front the time it writes each device message on to Mosquitto, and when the file dump-PID appears in the trace
+# folder, each writes them to gc-PID.json and forwarded-PID.json there (and runs ``hooks``: the service's message
+# times), then removes dump-PID. A signal would not do: the kernel hands a process's signal to
+# any of its threads, and the service's main thread sleeps in a wait that only its own signals interrupt. With
+# NO_FREEZE_ENV set, gc.freeze does nothing (the configuration before the bridge froze its startup objects, for an
+# interleaved before/after comparison).
+SITECUSTOMIZE = '''"""Written by bench.profile_latency for its broker hosts' processes."""
+import gc, json, os, re, sys, threading, time
+hooks = []
+if os.environ.get("NO_FREEZE_ENV"):
+    gc.freeze = lambda: None
+if os.environ.get("SWITCH_ENV"):
+    sys.setswitchinterval(float(os.environ["SWITCH_ENV"]))
+_folder = os.environ.get("TRACE_ENV")
+if _folder:
+    _pauses, _started, _forwarded = [], {}, []
+
+    def _on_gc(phase, info):
+        g = info["generation"]
+        if phase == "start":
+            _started[g] = (time.perf_counter(), time.thread_time())
+        elif g in _started:
+            t0, c0 = _started.pop(g)
+            wall = time.perf_counter() - t0
+            _pauses.append((time.time() - wall, wall, time.thread_time() - c0, g))
+
+    def _time_front():
+        # The front's one write towards Mosquitto per socket read (a module function its relay looks up per call).
+        front = sys.modules.get("iotbridge.bridge.front")
+        if (front is None or hasattr(front, "profiled_forward")
+                or getattr(front.__spec__, "_initializing", True)):  # not (fully) imported yet
+            return
+        forward = front.profiled_forward = front._forward
+
+        async def timed_forward(writer, data):
+            _forwarded.append((time.time(), data))
+            await forward(writer, data)
+
+        front._forward = timed_forward
+
+    def _write(name, value):
+        path = os.path.join(_folder, "%s-%d.json" % (name, os.getpid()))
+        with open(path + ".tmp", "w") as f:
+            json.dump(value, f)
+        os.rename(path + ".tmp", path)
+
+    def _poll():
+        request = os.path.join(_folder, "dump-%d" % os.getpid())
+        while True:
+            time.sleep(0.1)
+            _time_front()
+            if not os.path.exists(request):
+                continue
+            for hook in hooks:
+                hook()
+            out, _pauses[:] = list(_pauses), []
+            forwarded, _forwarded[:] = list(_forwarded), []
+            keys = {}
+            for t, data in forwarded:
+                for m in re.finditer(rb'PAYLOAD_RE', data):
+                    keys["%s/%s/%s" % (m[3].decode(), m[2].decode(), m[1].decode())] = t
+            _write("forwarded", keys)
+            _write("gc", out)
+            os.remove(request)
+
+    gc.callbacks.append(_on_gc)
+    threading.Thread(target=_poll, name="profile-dump", daemon=True).start()
+'''.replace("NO_FREEZE_ENV", NO_FREEZE_ENV).replace("TRACE_ENV", TRACE_ENV)
+SITECUSTOMIZE = SITECUSTOMIZE.replace("SWITCH_ENV", SWITCH_ENV)
+SITECUSTOMIZE = SITECUSTOMIZE.replace("PAYLOAD_RE", _PAYLOAD.pattern.decode())
+
+# --------------------------------------------------------------------------------- inside the service process
+
+_recv: list[tuple[float, bytes]] = []
+_batches: list[tuple[float, float, float, float, list[bytes]]] = []
+_local = threading.local()
+
+
+def instrumented_publisher() -> Any:  # noqa: ANN401 - a PublisherClient
+    """``publisher_factory`` for the bridge service: the service's own publisher, with timing wrapped around the
+    MQTT callback, the batcher's hand-over to its RPC pool and the Publish RPC; written with the GC pauses."""
+    from google.cloud import pubsub_v1
+
+    from iotbridge.bridge import batching, service
+
+    on_message = service.BridgeService._on_message
+
+    def timed_on_message(self: Any, client: Any, userdata: Any, msg: Any) -> None:  # noqa: ANN401
+        _recv.append((time.time(), msg.payload))
+        on_message(self, client, userdata, msg)
+
+    send, send_now = batching.Batcher.send, batching.Batcher._send
+
+    def timed_send(self: batching.Batcher, batch: batching.Batch) -> None:
+        setattr(batch, "t_submit", time.time())  # noqa: B010 - a field the class does not have
+        send(self, batch)
+
+    def timed_send_now(self: batching.Batcher, batch: batching.Batch) -> None:
+        _local.batch, _local.t_pick = batch, time.time()
+        send_now(self, batch)
+
+    init = batching.Batcher.__init__
+
+    def timed_init(self: batching.Batcher, publish: Any, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        def timed_publish(request: Any, timeout: float) -> Any:  # noqa: ANN401
+            t0 = time.time()
+            out = publish(request=request, timeout=timeout)
+            t1 = time.time()
+            batch = _local.batch
+            _batches.append((getattr(batch, "t_submit", 0.0), _local.t_pick, t0, t1,
+                             [m.data for m in batch.messages]))
+            return out
+
+        init(self, timed_publish, *args, **kwargs)
+
+    service.BridgeService._on_message = timed_on_message
+    batching.Batcher.send = timed_send
+    batching.Batcher._send = timed_send_now
+    batching.Batcher.__init__ = timed_init
+
+    import sitecustomize  # the one SITECUSTOMIZE wrote  # pyright: ignore[reportMissingImports]
+
+    sitecustomize.hooks.append(lambda: _dump(Path(os.environ[TRACE_ENV])))
+    return pubsub_v1.PublisherClient(
+        batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005))
+
+
+def _dump(folder: Path) -> None:
+    recv, batches = list(_recv), list(_batches)
+    _recv.clear()
+    _batches.clear()
+    out: dict[str, Any] = {"recv": {}, "batch": {}}
+    for t, data in recv:
+        m = _PAYLOAD.search(data)
+        if m:
+            out["recv"][f"{m[3].decode()}/{m[2].decode()}/{m[1].decode()}"] = [float(m[4]), t]
+    for t_submit, t_pick, t0, t1, messages in batches:
+        for data in messages:
+            m = _PAYLOAD.search(data)
+            if m:
+                out["batch"][f"{m[3].decode()}/{m[2].decode()}/{m[1].decode()}"] = [t_submit, t_pick, t0, t1,
+                                                                                    len(messages)]
+    tmp = folder / "trace.tmp"
+    tmp.write_text(json.dumps(out))
+    tmp.rename(folder / "trace.json")
+
+
+# --------------------------------------------------------------------------------- the profiling process
+
+def _trace(bench: Bench, folder: Path) -> dict[str, Any]:
+    """The service's message times since the last call, and the GC pauses of the service and the front."""
+    pids = {role: bench.stacks[0].procs[role].proc.pid for role in ("service", "front")}
+    files = {"trace": folder / "trace.json", "forwarded": folder / f"forwarded-{pids['front']}.json",
+             **{role: folder / f"gc-{pid}.json" for role, pid in pids.items()}}
+    for f in files.values():
+        f.unlink(missing_ok=True)
+    for pid in pids.values():
+        (folder / f"dump-{pid}").touch()
+    deadline = time.monotonic() + 60
+    while not all(f.exists() for f in files.values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no trace within 60 s: {[str(f) for f in files.values() if not f.exists()]}")
+        time.sleep(0.1)
+    out = json.loads(files["trace"].read_text())
+    out["gc"] = json.loads(files["service"].read_text())
+    out["front_gc"] = json.loads(files["front"].read_text())
+    out["forwarded"] = json.loads(files["forwarded"].read_text())
+    return out
+
+
+def _gc_summary(pauses: list[list[float]]) -> dict[str, dict[str, float]]:
+    return {f"gen{g}": {"count": len(ps), "max_wall_ms": round(max(p[1] for p in ps) * 1000, 2),
+                        "max_cpu_ms": round(max(p[2] for p in ps) * 1000, 2),
+                        "total_cpu_ms": round(sum(p[2] for p in ps) * 1000, 2)}
+            for g in range(3) if (ps := [p for p in pauses if p[3] == g])}
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    return {"p50": round(percentile(values, 0.5) * 1000, 2), "p99": round(percentile(values, 0.99) * 1000, 2),
+            "max": round(max(values) * 1000, 2) if values else float("nan")}
+
+
+HOPS = ("device→front forward", "front→service", "batching", "pool pickup", "publish RPC")
+
+
+def bridge_round(bench: Bench, folder: Path, rate: float, seconds: float) -> dict[str, Any]:
+    load0 = load_average()
+    r = bench.run(1, int(rate * seconds), rate=rate)
+    trace = _trace(bench, folder)
+    tag = f"r{bench.runs}"
+    hops: dict[str, list[float]] = {h: [] for h in HOPS}
+    e2e: list[tuple[float, list[float]]] = []
+    sizes = []
+    for key, (sent, recv) in trace["recv"].items():
+        if not key.startswith(tag + "/") or key not in trace["batch"] or key not in trace["forwarded"]:
+            continue
+        t_submit, t_pick, t0, t1, size = trace["batch"][key]
+        forwarded = trace["forwarded"][key]
+        parts = [forwarded - sent, recv - forwarded, t_submit - recv, t_pick - t_submit, t1 - t_pick]
+        for h, v in zip(HOPS, parts, strict=False):
+            hops[h].append(v)
+        e2e.append((t1 - sent, [*parts, recv, t1]))
+        sizes.append(size)
+    e2e.sort(key=lambda x: x[0])
+    tail = e2e[int(len(e2e) * 0.99):]
+    pauses = trace["gc"]
+    # The slowest messages that were in the service (received, not yet sent) while a collection ran.
+    in_gc = sum(1 for _, p in tail if any(start < p[6] and start + wall > p[5] for start, wall, _, _ in pauses
+                                          if wall > 0.005))
+    return {
+        "round": "bridge", "rate": round(rate), "sent": r.sent, "lost": r.lost, "duplicates": r.duplicates,
+        "traced": len(e2e), "load_before": load0, "load_after": load_average(),
+        "e2e_publish_time_ms": _ms(r.latencies),
+        "send_to_rpc_return_ms": _ms([x for x, _ in e2e]),
+        "hops_ms": {h: _ms(v) for h, v in hops.items() if v},
+        "slowest_1pct_mean_hop_ms": {h: round(statistics.fmean(p[i] for _, p in tail) * 1000, 2)
+                                     for i, h in enumerate(HOPS)} if tail else {},
+        "batch_size_median": statistics.median(sizes) if sizes else 0,
+        "service_gc": _gc_summary(pauses), "front_gc": _gc_summary(trace["front_gc"]),
+        "slowest_1pct_during_gc_over_5ms": f"{in_gc}/{len(tail)}",
+        "cpu_s": {k: round(v, 2) for k, v in r.cpu.items()},
+    }
+
+
+def floor_round(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
+    bench.runs += 1
+    tag = f"r{bench.runs}"
+    load0 = load_average()
+    spec = local.workdir() / f"{tag}-floor.json"
+    total = int(rate * seconds)
+    topic = spec_module.topic_name(bench.prefix, "telemetry")
+    spec.write_text(json.dumps({"topic": f"projects/{local.PROJECT}/topics/{topic}",
+                                "rate": rate, "total": total, "run": tag}))
+    proc = subprocess.run([sys.executable, "-m", "bench.profile_latency", "--publish", str(spec)], cwd=ROOT,
+                          env={**os.environ, **bench.env}, capture_output=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"floor publisher failed: {proc.stderr.decode(errors='replace')[-500:]}")
+    seen, dups, latencies, _ = bench._drain(tag)
+    return {"round": "floor", "rate": round(rate), "sent": total, "lost": total - len(seen), "duplicates": dups,
+            "load_before": load0, "load_after": load_average(), "e2e_publish_time_ms": _ms(latencies)}
+
+
+def publish_paced(spec_path: str) -> int:
+    """The floor's load: a plain PublisherClient paced like the devices (open loop), same payloads."""
+    from google.cloud import pubsub_v1
+
+    spec = json.loads(Path(spec_path).read_text())
+    pub = pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.005))
+    interval = 1.0 / spec["rate"]
+    p0 = time.perf_counter()
+    futures = []
+    for i in range(spec["total"]):
+        delay = p0 + i * interval - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append(pub.publish(spec["topic"], payload(i % DEVICES, i // DEVICES, spec["run"])))
+    for f in futures:
+        f.result(timeout=120)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_latency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--share", type=float, default=0.5, help="of the measured QoS 1 maximum")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rate", type=float, default=0.0, help="msg/s instead of measuring the maximum")
+    parser.add_argument("--variant", action="append", default=[],
+                        help=f"NAME=K=V[,K=V]: another host whose processes get this environment; "
+                             f"{NO_FREEZE_ENV}=1: without gc.freeze")
+    parser.add_argument("--throughput", action="store_true",
+                        help="each bridge round also measures the host's QoS 1 and QoS 0 maximum")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, traces)")
+    parser.add_argument("--publish", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.publish:
+        return publish_paced(args.publish)
+    local.emulators()
+    site = local.workdir() / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
+    hosts: dict[str, tuple[Bench, Path]] = {}
+    try:
+        for name, env in [("default", "")] + [tuple(v.split("=", 1)) for v in args.variant]:
+            folder = local.workdir() / f"trace-{name}"
+            folder.mkdir()
+            saved = dict(os.environ)
+            os.environ[TRACE_ENV] = str(folder)
+            os.environ.update(dict(kv.split("=", 1) for kv in env.split(",") if kv))
+            try:
+                bench = Bench(publisher_factory="bench.profile_latency:instrumented_publisher")
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            hosts[name] = (bench, folder)
+            bench.run(1, 1000)  # warm-up
+            _trace(bench, folder)
+        first = hosts["default"][0]
+        rate = args.rate
+        if not rate:
+            maxima = [first.run(1, N).rate for _ in range(3)]
+            _trace(first, hosts["default"][1])
+            rate = statistics.median(maxima) * args.share
+            print(json.dumps({"qos1_max_msg_s": [round(x) for x in maxima], "paced_msg_s": round(rate)}), flush=True)
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in [*hosts, "floor"]}
+        names = list(hosts)
+        for i in range(args.rounds):
+            # The hosts take turns going first: the machine's load drifts within a round too.
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                bench, folder = hosts[name]
+                out = {"host": name, **bridge_round(bench, folder, rate, args.seconds)}
+                if args.throughput:
+                    out["max_msg_s"] = {f"qos{q}": round(bench.run(q, N).rate) for q in (1, 0)}
+                    _trace(bench, folder)
+                results[name].append(out)
+                print(json.dumps(out), flush=True)
+            out = floor_round(first, rate, args.seconds)
+            results["floor"].append(out)
+            print(json.dumps(out), flush=True)
+        summary = {name: {"p50_ms": statistics.median(r["e2e_publish_time_ms"]["p50"] for r in rs),
+                          "p99_ms": statistics.median(r["e2e_publish_time_ms"]["p99"] for r in rs),
+                          "lost": sum(r["lost"] for r in rs),
+                          **({f"max_{q}_msg_s": statistics.median(r["max_msg_s"][q] for r in rs)
+                              for q in ("qos1", "qos0")} if args.throughput and name != "floor" else {})}
+                   for name, rs in results.items()}
+        print(json.dumps({"medians_over_rounds": summary, "rate": round(rate)}), flush=True)
+    finally:
+        for bench, _ in hosts.values():
+            bench.stop()
+        local.stop_all(keep_workdir=args.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
