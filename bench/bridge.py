@@ -74,6 +74,10 @@ class Run:
     latencies: list[float]
     cpu: dict[str, float]  # CPU seconds per role during the run (summed over hosts)
 
+    def cpu_ms(self) -> float:
+        """CPU ms per message arrived, every process of the run together."""
+        return 1000 * sum(self.cpu.values()) / max(self.received, 1)
+
     def cpu_note(self) -> str:
         per_k = {role: 1000 * sec / max(self.received, 1) for role, sec in self.cpu.items()}
         return "CPU ms per message: " + ", ".join(f"{role} {ms:.3f}" for role, ms in per_k.items())
@@ -299,7 +303,7 @@ class Comparison:
     sink: list[Run] = field(default_factory=list)
 
 
-def _throughput_rounds(one: Bench, sink: Bench, port: int, rounds: int,
+def _throughput_rounds(one: Bench, sink: Bench, port: int, pid: int, rounds: int,
                        loads: list[tuple[float, float, float]]) -> list[Comparison]:
     """``rounds`` rounds; each runs, per load, the raw limit, the bridge and the sink next to each other (see
     :mod:`bench.throughput`); ``loads`` gets the load average at each round's start."""
@@ -308,7 +312,7 @@ def _throughput_rounds(one: Bench, sink: Bench, port: int, rounds: int,
     for i in range(rounds):
         loads.append(throughput.current_load())
         for c in comparisons:
-            throughput.in_turn(i, [lambda c=c: c.raw.append(throughput.raw_limit(port, c.qos, c.c_devices)),
+            throughput.in_turn(i, [lambda c=c: c.raw.append(throughput.raw_limit(port, pid, c.qos, c.c_devices)),
                                    lambda c=c: c.bridge.append(one.run(c.qos, N, c_devices=c.c_devices)),
                                    lambda c=c: c.sink.append(sink.run(c.qos, N, c_devices=c.c_devices))])
             for r in (c.bridge[-1], c.sink[-1]):
@@ -358,6 +362,16 @@ def _throughput_figures(comparisons: list[Comparison], loads: str) -> list[Figur
             throughput.ratio_figure(SECTION, COMMAND, f"ratio bridge/sink {short[key]}",
                                     throughput.Pair(sink_rates, bridge_rates),
                                     "what the Pub/Sub client and the emulator leave of the sink's rate"),
+            # CPU per message moves far less with the machine's load than a rate: on 2 shared cores it is what a
+            # rate ratio tends to once every process waits for a core.
+            throughput.ratio_figure(SECTION, COMMAND, f"CPU per message bridge/raw limit {short[key]}",
+                                    throughput.Pair([r.cpu_ms for r in c.raw], [r.cpu_ms() for r in c.bridge]),
+                                    "CPU ms per message of every process of the run (devices, front, Mosquitto, "
+                                    "service, Pub/Sub emulator) / of the raw run (publishers, Mosquitto, "
+                                    "mosquitto_sub)", digits=3),
+            throughput.ratio_figure(SECTION, COMMAND, f"CPU per message sink/raw limit {short[key]}",
+                                    throughput.Pair([r.cpu_ms for r in c.raw], [r.cpu_ms() for r in c.sink]),
+                                    "the same with the do-nothing sink in place of Pub/Sub", digits=3),
         ]
     return figures
 
@@ -376,8 +390,8 @@ def run() -> list[Figure]:
         one.run(1, 1000)
         sink.run(1, 1000)
         loads: list[tuple[float, float, float]] = []
-        with broker.plain_broker() as (port, _pid):
-            comparisons = _throughput_rounds(one, sink, port, ROUNDS, loads)
+        with broker.plain_broker() as (port, pid):
+            comparisons = _throughput_rounds(one, sink, port, pid, ROUNDS, loads)
         figures += _throughput_figures(comparisons, throughput.load_text(loads))
         q1 = _median_run(comparisons[1].bridge)
         c1 = _median_run(comparisons[2].bridge)

@@ -82,6 +82,7 @@ class Counted:
     unacked: int  # QoS 1 publishes the publishers never got a PUBACK for (measured by them)
     rate: float  # unique received / (last arrival − first send)
     cpu_note: str
+    cpu_ms: float = 0.0  # CPU ms per message of every process of the run, where measured
 
     def note(self) -> str:
         return (f"{self.received}/{self.sent} arrived, {self.lost} lost, {self.duplicates} duplicates, "
@@ -317,11 +318,13 @@ def c_arrivals(out: bytes, run: str) -> tuple[set[tuple[int, int]], int, float]:
     return seen, dups, last
 
 
-def c_sub_rate(port: int, qos: int, c_pubs: int = 0, n: int = N) -> Counted:
+def c_sub_rate(port: int, qos: int, c_pubs: int = 0, n: int = N, broker_pid: int = 0) -> Counted:
     """The raw limit for the bridge's loads, with a C subscriber: the publishers of a bridge run (``c_pubs`` = 0:
     the paho devices' load process, ``DEVICES`` clients; else that many mosquitto_pub processes), the same payloads
-    and in-flight windows, and mosquitto_sub at ``qos``. Timed as the bridge runs: first send → last arrival."""
+    and in-flight windows, and mosquitto_sub at ``qos``. Timed as the bridge runs: first send → last arrival.
+    ``cpu_ms`` is the CPU all its processes (publishers, Mosquitto, subscriber) spent per message."""
     run = _tag()
+    children0, broker0 = _children_cpu(), group_cpu_seconds(broker_pid) if broker_pid else 0.0
     with tempfile.TemporaryDirectory() as d:
         topic = "cpub" if c_pubs else "raw"
         sub = CSubscriber(port, topic, qos, run, Path(d))
@@ -347,8 +350,11 @@ def c_sub_rate(port: int, qos: int, c_pubs: int = 0, n: int = N) -> Counted:
         finally:
             sub.close()
         seen, dups, last = sub.counted(run)
+    # The publishers and mosquitto_sub are reaped children by now; Mosquitto is measured from /proc.
+    cpu_s = _children_cpu() - children0 + ((group_cpu_seconds(broker_pid) - broker0) if broker_pid else 0.0)
+    cpu_ms = 1000 * cpu_s / max(len(seen), 1)
     return Counted(sent, len(seen), dups, sent - len(seen), unacked, len(seen) / (last - t0) if seen else 0.0,
-                   "subscriber: mosquitto_sub")
+                   f"subscriber: mosquitto_sub; CPU ms per message, all its processes: {cpu_ms:.3f}", cpu_ms)
 
 
 def c_client_rate(port: int, n: int = N) -> tuple[float, int]:
@@ -405,7 +411,8 @@ def run() -> list[Figure]:
         q1 = paho_rate(port, 1, broker_pid=pid)
         c1, rc = c_client_rate(port)
         s1 = paho_subscriber_rate(port)
-        limits = {(qos, pubs): c_sub_rate(port, qos, pubs) for qos, pubs in ((0, 0), (1, 0), (1, C_PUBLISHERS))}
+        limits = {(qos, pubs): c_sub_rate(port, qos, pubs, broker_pid=pid)
+                  for qos, pubs in ((0, 0), (1, 0), (1, C_PUBLISHERS))}
     load = f"{DEVICES} paho publishers in one load process, the subscriber in another"
     _measured = [
         Figure("broker", "raw paho→Mosquitto→paho QoS 0", round(q0.rate), "msg/s", COMMAND,

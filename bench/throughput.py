@@ -62,14 +62,15 @@ def in_turn(round_index: int, steps: Sequence[Callable[[], object]]) -> None:
         step()
 
 
-def ratio_figure(section: str, command: str, name: str, pair: Pair, what: str) -> Figure:
+def ratio_figure(section: str, command: str, name: str, pair: Pair, what: str, digits: int = 0) -> Figure:
+    """The median of the per-round ratios bridge / raw; ``digits``: of the rounds' values in the note."""
     ratios = pair.ratios()
     med = median_spread(ratios)[0] if ratios else None
-    rounds = ", ".join(f"{round(b)}/{round(r)}" for b, r in zip(pair.bridge, pair.raw, strict=True))
+    rounds = ", ".join(f"{b:.{digits}f}/{r:.{digits}f}" for b, r in zip(pair.bridge, pair.raw, strict=True))
     return Figure(section, name, round(med, 3) if med is not None else None, "ratio", command,
                   f"{what}; median of the per-round ratios ({spread_text(ratios, 3)}); rounds {rounds}",
-                  {"ratios": [round(x, 3) for x in ratios], "raw": [round(x) for x in pair.raw],
-                   "bridge": [round(x) for x in pair.bridge]})
+                  {"ratios": [round(x, 3) for x in ratios], "raw": [round(x, digits) for x in pair.raw],
+                   "bridge": [round(x, digits) for x in pair.bridge]})
 
 
 def rate_figure(section: str, command: str, name: str, rates: list[float], what: str,
@@ -88,9 +89,9 @@ def current_load() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
-def raw_limit(port: int, qos: int, c_pubs: int = 0) -> broker.Counted:
+def raw_limit(port: int, pid: int, qos: int, c_pubs: int = 0) -> broker.Counted:
     """A raw limit (:func:`bench.broker.c_sub_rate`); a QoS 1 loss fails the section (the limit would be wrong)."""
-    got = broker.c_sub_rate(port, qos, c_pubs)
+    got = broker.c_sub_rate(port, qos, c_pubs, broker_pid=pid)
     if qos and got.lost:
         raise AssertionError(f"raw QoS 1 run lost {got.lost} messages: {got.note()}")
     return got
