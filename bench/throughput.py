@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from bench import broker
 from bench.core import Figure
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 @dataclass
