@@ -7,9 +7,12 @@ devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate loa
 - Maximum rate, QoS 0 and QoS 1: ``N`` messages sent as fast as the devices' clients take them; the rate is
   ``N / (last Pub/Sub publish_time − first send)``. Afterwards every message is pulled from a subscription on the
   telemetry topic and checked: lost (a (device, seq) never seen) and duplicates are reported, and a QoS 1 loss
-  fails the section. Two loads: the device SDK (paho in one Python process, as the raw paho→paho figure), and
-  ``mosquitto_pub`` processes acting as IoT Core devices (TLS, client id path, JWT password), as the raw
-  "mosquitto_pub → paho subscriber" figure — the like-for-like comparison with one Python subscriber's limit.
+  fails the section. Three loads: the device SDK (paho in one Python process) at QoS 0 and 1, and
+  ``mosquitto_pub`` processes acting as IoT Core devices (TLS, client id path, JWT password) at QoS 1. Each is
+  measured in ``ROUNDS`` interleaved rounds next to its raw limit (the same publishers on a bare Mosquitto, one
+  ``mosquitto_sub`` subscriber) and next to the same bridge with a do-nothing sink in place of Pub/Sub
+  (:mod:`bench.sink`); the figures are medians, the ratios the medians of the per-round ratios
+  (:mod:`bench.throughput` says why).
 - The same with N broker hosts. The bridge service of a host holds one persistent MQTT session
   (``iotbridge:bridge:{host}``) subscribed to every device's topics, so a second service process on the same
   Mosquitto would take over that session or, with another client id, forward every message twice: the unit of
@@ -17,10 +20,7 @@ devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate loa
 - Latency at 50% and 90% of the measured QoS 1 maximum (device SDK): paced open-loop publishers; latency = the
   message's Pub/Sub ``publish_time`` (set by the emulator when it accepted the bridge's publish) − the device's
   send time embedded in the payload. Same machine, same clock.
-- Ratios bridge / raw against :mod:`bench.broker`'s raw limits, measured in the same run: at QoS 1 each bridge
-  run is paired with its raw counterpart measured just before it, ``ROUNDS`` times, and the ratio is of the
-  medians (the 2 cores are shared, so the machine's load drifts between minutes). Each figure also gives the CPU
-  each process spent per message (from /proc), which says where the 2 cores go.
+- Each figure also gives the CPU each process spent per message (from /proc), which says where the 2 cores go.
 
 Reproduce: ``.venv/bin/python -m bench bridge`` (runs the broker section first for the ratios).
 """
