@@ -129,3 +129,15 @@ def test_a_ratio_is_the_median_of_the_per_round_ratios() -> None:
     assert throughput.median_spread([3.0, 1.0, 2.0, 10.0]) == (2.5, 1.0, 10.0)
     r = throughput.rate_figure("bridge", "c", "rate", [5000.0, 7000.0, 6000.0], "what")
     assert r.value == 6000 and "spread 5000–7000 over 3 rounds" in r.note
+
+
+def test_the_profile_summary_counts_the_function_on_top_of_each_stack(tmp_path: Path) -> None:
+    from bench.profile_throughput import top_functions
+
+    raw = tmp_path / "service.txt"
+    raw.write_text("Thread.run (threading.py:982);loop (paho.py:10);decode (paho.py:20) 6\n"
+                   "Thread.run (threading.py:982);loop (paho.py:10);decode (paho.py:21) 2\n"
+                   "Thread.run (threading.py:982);loop (paho.py:12) 2\n")
+    assert top_functions(raw) == [(0.8, "decode (paho.py)"), (0.2, "loop (paho.py)")]
+    raw.write_text("")
+    assert top_functions(raw) == []
