@@ -362,8 +362,8 @@ def _throughput_figures(comparisons: list[Comparison], loads: str) -> list[Figur
             throughput.ratio_figure(SECTION, COMMAND, f"ratio bridge/sink {short[key]}",
                                     throughput.Pair(sink_rates, bridge_rates),
                                     "what the Pub/Sub client and the emulator leave of the sink's rate"),
-            # CPU per message moves far less with the machine's load than a rate: on 2 shared cores it is what a
-            # rate ratio tends to once every process waits for a core.
+            # On 2 shared cores a rate ratio tends to the inverse of this once every process waits for a core; it
+            # does not depend on how the cores were shared out during each run.
             throughput.ratio_figure(SECTION, COMMAND, f"CPU per message bridge/raw limit {short[key]}",
                                     throughput.Pair([r.cpu_ms for r in c.raw], [r.cpu_ms() for r in c.bridge]),
                                     "CPU ms per message of every process of the run (devices, front, Mosquitto, "
