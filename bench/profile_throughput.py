@@ -10,7 +10,7 @@ per message per process and each profile's top functions (self), and leaves the 
 messages per load (C devices, SDK devices), once with the do-nothing sink (:mod:`bench.sink`) and once with the
 Pub/Sub emulator, printed one line per load as ``LABEL sink|pubsub C|SDK ms ms ms``. An A/B of a change to the
 service is this command run on each version in turn (twice each, interleaved): one process's CPU per message
-(spread about ±10% here) resolves a change that a whole run's rates (spread ±40%) cannot.
+(spread about ±15% here) resolves a change that a whole run's rates (spread ±40%) cannot.
 """
 
 from __future__ import annotations
