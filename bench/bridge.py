@@ -7,9 +7,12 @@ devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate loa
 - Maximum rate, QoS 0 and QoS 1: ``N`` messages sent as fast as the devices' clients take them; the rate is
   ``N / (last Pub/Sub publish_time − first send)``. Afterwards every message is pulled from a subscription on the
   telemetry topic and checked: lost (a (device, seq) never seen) and duplicates are reported, and a QoS 1 loss
-  fails the section. Two loads: the device SDK (paho in one Python process, as the raw paho→paho figure), and
-  ``mosquitto_pub`` processes acting as IoT Core devices (TLS, client id path, JWT password), as the raw
-  "mosquitto_pub → paho subscriber" figure — the like-for-like comparison with one Python subscriber's limit.
+  fails the section. Three loads: the device SDK (paho in one Python process) at QoS 0 and 1, and
+  ``mosquitto_pub`` processes acting as IoT Core devices (TLS, client id path, JWT password) at QoS 1. Each is
+  measured in ``ROUNDS`` interleaved rounds next to its raw limit (the same publishers on a bare Mosquitto, one
+  ``mosquitto_sub`` subscriber) and next to the same bridge with a do-nothing sink in place of Pub/Sub
+  (:mod:`bench.sink`); the figures are medians, the ratios the medians of the per-round ratios
+  (:mod:`bench.throughput` says why).
 - The same with N broker hosts. The bridge service of a host holds one persistent MQTT session
   (``iotbridge:bridge:{host}``) subscribed to every device's topics, so a second service process on the same
   Mosquitto would take over that session or, with another client id, forward every message twice: the unit of
@@ -18,10 +21,7 @@ devices on the device SDK (paho-mqtt over TLS with ES256 JWTs) in a separate loa
   message's Pub/Sub ``publish_time`` (set by the emulator when it accepted the bridge's publish) − the device's
   send time embedded in the payload. Same machine, same clock. Where the time goes, hop by hop, and the emulator's
   own latency at the same rate: ``python -m bench.profile_latency`` (docs/broker-scaling.md, "Latency").
-- Ratios bridge / raw against :mod:`bench.broker`'s raw limits, measured in the same run: at QoS 1 each bridge
-  run is paired with its raw counterpart measured just before it, ``ROUNDS`` times, and the ratio is of the
-  medians (the 2 cores are shared, so the machine's load drifts between minutes). Each figure also gives the CPU
-  each process spent per message (from /proc), which says where the 2 cores go.
+- Each figure also gives the CPU each process spent per message (from /proc), which says where the 2 cores go.
 
 Reproduce: ``.venv/bin/python -m bench bridge`` (runs the broker section first for the ratios).
 """
@@ -35,12 +35,13 @@ import shutil
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from bench import broker, local
+from bench import broker, local, throughput
+from bench import sink as bench_sink
 from bench.core import Figure, group_cpu_seconds, summary_ms
 from iotbridge.device import create_jwt
 from iotbridge.local.broker_host import BridgeStack, init_host, start_bridge_stack
@@ -58,7 +59,7 @@ C_DEVICES = 4
 PACED_S = 8.0
 STALL_S = 20.0
 HOSTS = 2
-ROUNDS = 3
+ROUNDS = throughput.ROUNDS
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,16 +75,27 @@ class Run:
     latencies: list[float]
     cpu: dict[str, float]  # CPU seconds per role during the run (summed over hosts)
 
+    def cpu_ms(self) -> float:
+        """CPU ms per message arrived, every process of the run together."""
+        return 1000 * sum(self.cpu.values()) / max(self.received, 1)
+
     def cpu_note(self) -> str:
         per_k = {role: 1000 * sec / max(self.received, 1) for role, sec in self.cpu.items()}
         return "CPU ms per message: " + ", ".join(f"{role} {ms:.3f}" for role, ms in per_k.items())
 
 
 class Bench:
-    def __init__(self, hosts: int = 1, **host_fields: Any):
-        """``host_fields``: more settings for each host (``init_host``'s keyword arguments)."""
+    """``hosts`` broker hosts with their devices; ``sink``: each service publishes to :mod:`bench.sink` (a counting
+    no-op) instead of Pub/Sub, and what arrived is read from the sink's file instead of a subscription;
+    ``host_fields``: more settings for each host (``init_host``'s keyword arguments)."""
+
+    def __init__(self, hosts: int = 1, sink: bool = False, **host_fields: Any):
         self.env = local.emulators()
-        self.prefix = local.new_prefix("bb")
+        self.prefix = local.new_prefix("bs" if sink else "bb")
+        self.sink_file = local.workdir() / f"{self.prefix}.sink" if sink else None
+        factory = bench_sink.FACTORY if sink else ""
+        stack_env = ({**self.env, bench_sink.SINK_ENV: str(self.sink_file), "PYTHONPATH": str(ROOT)} if sink
+                     else self.env)
         local.create_topics(local.PROJECT, self.prefix)
         self.registry = Registry(local.PROJECT, local.REGISTRY, local.REGION)
         self.stacks: list[BridgeStack] = []
@@ -92,9 +104,9 @@ class Bench:
                 wd = local.workdir() / f"{self.prefix}-host{i}"
                 init_host(wd, local.PROJECT, local.REGION, local.REGISTRY, self.prefix, host_id=f"h{i}",
                           device_messages_per_s=UNLIMITED_MESSAGES_PER_S, device_bytes_per_s=UNLIMITED_BYTES_PER_S,
-                          **host_fields)
+                          **{"publisher_factory": factory, **host_fields})
                 self.stacks.append(start_bridge_stack(wd, local.PROJECT, local.REGION, local.REGISTRY, self.prefix,
-                                                      self.env))
+                                                      stack_env))
             self.devices = local.register_devices(self.registry, DEVICES, f"{self.prefix}-d")
             self.subscription = local.create_pull_subscription(local.PROJECT, self.prefix, "telemetry", "count")
         except BaseException:
@@ -203,7 +215,8 @@ class Bench:
             if now != last:
                 last, last_change = now, time.monotonic()
         cpu1 = self._cpu()
-        seen, dups, latencies, last_publish = self._drain(tag)
+        seen, dups, latencies, last_publish = (bench_sink.read_sink(self.sink_file, tag) if self.sink_file
+                                               else self._drain(tag))
         t0 = min(r["t0"] for r in results)
         lost = total - len(seen)
         return Run(qos=qos, sent=total, received=len(seen), duplicates=dups, lost=lost,
@@ -280,34 +293,110 @@ def _ratio(name: str, num: float, den: float, extra: str = "") -> Figure:
                   f"{round(num)} / {round(den)} msg/s{extra}")
 
 
+@dataclass
+class Comparison:
+    """One load over the rounds: its raw limit, bridge and sink runs."""
+
+    name: str  # the bridge figure's name
+    qos: int
+    c_devices: int
+    raw: list[broker.Counted] = field(default_factory=list)
+    bridge: list[Run] = field(default_factory=list)
+    sink: list[Run] = field(default_factory=list)
+
+
+def _throughput_rounds(one: Bench, sink: Bench, port: int, pid: int, rounds: int,
+                       loads: list[tuple[float, float, float]]) -> list[Comparison]:
+    """``rounds`` rounds; each runs, per load, the raw limit, the bridge and the sink next to each other (see
+    :mod:`bench.throughput`); ``loads`` gets the load average at each round's start."""
+    comparisons = [Comparison("bridge QoS 0, 1 host", 0, 0), Comparison("bridge QoS 1, 1 host", 1, 0),
+                   Comparison("bridge QoS 1, 1 host, C devices", 1, C_DEVICES)]
+    for i in range(rounds):
+        loads.append(throughput.current_load())
+        for c in comparisons:
+            throughput.in_turn(i, [lambda c=c: c.raw.append(throughput.raw_limit(port, pid, c.qos, c.c_devices)),
+                                   lambda c=c: c.bridge.append(one.run(c.qos, N, c_devices=c.c_devices)),
+                                   lambda c=c: c.sink.append(sink.run(c.qos, N, c_devices=c.c_devices))])
+            for r in (c.bridge[-1], c.sink[-1]):
+                if r.qos and r.lost:
+                    raise AssertionError(f"bridge lost {r.lost} QoS 1 messages: {_loss_note(r)}")
+    return comparisons
+
+
+def _throughput_figures(comparisons: list[Comparison], loads: str) -> list[Figure]:
+    sdk = f"{DEVICES} devices on the device SDK (paho, TLS, one load process)"
+    cload = f"{C_DEVICES} mosquitto_pub devices (TLS, JWT)"
+    raw_names = {(0, 0): "raw paho→Mosquitto→mosquitto_sub QoS 0, interleaved",
+                 (1, 0): "raw paho→Mosquitto→mosquitto_sub QoS 1, interleaved",
+                 (1, C_DEVICES): f"raw mosquitto_pub×{C_DEVICES}→Mosquitto→mosquitto_sub QoS 1, interleaved"}
+    short = {(0, 0): "QoS 0, SDK devices", (1, 0): "QoS 1, SDK devices", (1, C_DEVICES): "QoS 1, C devices"}
+    figures: list[Figure] = []
+    for c in comparisons:
+        key = (c.qos, c.c_devices)
+        load = cload if c.c_devices else sdk
+        bridge_rates = [r.rate for r in c.bridge]
+        raw_rates = [r.rate for r in c.raw]
+        sink_rates = [r.rate for r in c.sink]
+        med = _median_run(c.bridge)
+        figures.append(Figure(SECTION, c.name, round(statistics.median(bridge_rates)), "msg/s", COMMAND,
+                              f"device→Pub/Sub, {load}; {throughput.spread_text(bridge_rates)}: "
+                              f"{', '.join(str(round(x)) for x in bridge_rates)}; the median round: "
+                              f"{_loss_note(med)}; {med.cpu_note()}; {loads}",
+                              {"received": med.received, "lost": med.lost, "duplicates": med.duplicates,
+                               "cpu_s": med.cpu, "rates": [round(x) for x in bridge_rates]}))
+        raw_lost = ", ".join(f"{r.lost}/{r.unacked}" for r in c.raw)
+        figures.append(throughput.rate_figure(
+            SECTION, COMMAND, raw_names[key], raw_rates,
+            f"the same publishers, payloads and QoS as the bridge run, one mosquitto_sub subscriber on a bare "
+            f"Mosquitto; lost/unacked per round: {raw_lost}"))
+        smed = _median_run(c.sink)
+        figures.append(throughput.rate_figure(
+            SECTION, COMMAND, f"{c.name}, do-nothing sink", sink_rates,
+            f"the bridge run with the service's Pub/Sub publish replaced by a counting no-op (bench/sink.py); the "
+            f"median round: {_loss_note(smed)}; {smed.cpu_note()}"))
+        pair = throughput.Pair(raw_rates, bridge_rates)
+        figures += [
+            throughput.ratio_figure(SECTION, COMMAND, f"ratio bridge/raw limit {short[key]}", pair,
+                                    f"bridge / {raw_names[key]}"),
+            throughput.ratio_figure(SECTION, COMMAND, f"ratio sink/raw limit {short[key]}",
+                                    throughput.Pair(raw_rates, sink_rates),
+                                    "devices + front + Mosquitto + service without Pub/Sub / the raw limit"),
+            throughput.ratio_figure(SECTION, COMMAND, f"ratio bridge/sink {short[key]}",
+                                    throughput.Pair(sink_rates, bridge_rates),
+                                    "what the Pub/Sub client and the emulator leave of the sink's rate"),
+            # On 2 shared cores a rate ratio tends to the inverse of this once every process waits for a core; it
+            # does not depend on how the cores were shared out during each run.
+            throughput.ratio_figure(SECTION, COMMAND, f"CPU per message bridge/raw limit {short[key]}",
+                                    throughput.Pair([r.cpu_ms for r in c.raw], [r.cpu_ms() for r in c.bridge]),
+                                    "CPU ms per message of every process of the run (devices, front, Mosquitto, "
+                                    "service, Pub/Sub emulator) / of the raw run (publishers, Mosquitto, "
+                                    "mosquitto_sub)", digits=3),
+            throughput.ratio_figure(SECTION, COMMAND, f"CPU per message sink/raw limit {short[key]}",
+                                    throughput.Pair([r.cpu_ms for r in c.raw], [r.cpu_ms() for r in c.sink]),
+                                    "the same with the do-nothing sink in place of Pub/Sub", digits=3),
+        ]
+    return figures
+
+
 def run() -> list[Figure]:
     raw_figures, fresh = broker.measured()
     # Run alone, the section reports the raw limits of the broker section too.
     figures: list[Figure] = list(raw_figures) if fresh else []
     sdk = f"{DEVICES} devices on the device SDK (paho, TLS, one load process)"
     cload = f"{C_DEVICES} mosquitto_pub devices (TLS, JWT)"
-    raw_pp: list[broker.Counted] = []
-    raw_sub: list[broker.Counted] = []
-    sdk_runs: list[Run] = []
-    c_runs: list[Run] = []
     one = Bench(hosts=1)
+    sink = None
     try:
+        sink = Bench(hosts=1, sink=True)
         # Warm-up: TLS sessions, JWT checks, Pub/Sub channels and the device cache are not the subject.
         one.run(1, 1000)
-        # The machine is shared: each bridge run is paired with its raw counterpart measured right before it,
-        # ROUNDS times at QoS 1, and the ratios are of the medians.
+        sink.run(1, 1000)
+        loads: list[tuple[float, float, float]] = []
         with broker.plain_broker() as (port, pid):
-            raw_q0 = broker.paho_rate(port, 0, broker_pid=pid)
-            q0 = one.run(0, N)
-            for _ in range(ROUNDS):
-                raw_pp.append(broker.paho_rate(port, 1, broker_pid=pid))
-                sdk_runs.append(one.run(1, N))
-                raw_sub.append(broker.paho_subscriber_rate(port))
-                c_runs.append(one.run(1, N, c_devices=C_DEVICES))
-        for r in sdk_runs + c_runs:
-            if r.lost:
-                raise AssertionError(f"bridge lost {r.lost} QoS 1 messages: {_loss_note(r)}")
-        q1, c1 = _median_run(sdk_runs), _median_run(c_runs)
+            comparisons = _throughput_rounds(one, sink, port, pid, ROUNDS, loads)
+        figures += _throughput_figures(comparisons, throughput.load_text(loads))
+        q1 = _median_run(comparisons[1].bridge)
+        c1 = _median_run(comparisons[2].bridge)
         paced = {share: one.run(1, int(q1.rate * share * PACED_S), rate=q1.rate * share) for share in (0.5, 0.9)}
         # A message that never arrives has no latency: it would drop out of p99 unseen. A loss fails the section.
         for share, r in paced.items():
@@ -316,28 +405,8 @@ def run() -> list[Figure]:
                                      f"{_loss_note(r)}")
     finally:
         one.stop()
-    pairs_pp = ", ".join(f"{round(b.rate)}/{round(r.rate)}" for b, r in zip(sdk_runs, raw_pp, strict=True))
-    pairs_sub = ", ".join(f"{round(b.rate)}/{round(r.rate)}" for b, r in zip(c_runs, raw_sub, strict=True))
-    raw_lost = ", ".join(f"{r.lost}/{r.unacked}" for r in raw_pp + raw_sub)
-    figures += [
-        _figure("bridge QoS 0, 1 host", q0, sdk),
-        _figure("bridge QoS 1, 1 host", q1, f"{sdk}, median of {ROUNDS}"),
-        _figure("bridge QoS 1, 1 host, C devices", c1, f"{cload}, median of {ROUNDS}"),
-        Figure(SECTION, "raw paho→Mosquitto→paho QoS 1, interleaved", round(statistics.median(r.rate for r in raw_pp)),
-               "msg/s", COMMAND, f"median of {ROUNDS}, each right before a bridge run; the publisher in a process "
-               f"of its own; lost/unacked of each raw run (both pairs): {raw_lost}"),
-        Figure(SECTION, "raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1, interleaved",
-               round(statistics.median(r.rate for r in raw_sub)), "msg/s", COMMAND,
-               f"median of {ROUNDS}, each right before a bridge run; lost/unacked of each raw run: {raw_lost}"),
-        Figure(SECTION, "raw paho→Mosquitto→paho QoS 0, interleaved", round(raw_q0.rate), "msg/s", COMMAND,
-               f"right before the bridge's QoS 0 run; {raw_q0.note()}"),
-        _ratio("ratio bridge/raw paho→paho QoS 0, 1 host", q0.rate, raw_q0.rate,
-               f"; the raw run right before the bridge's; lost: bridge {q0.lost}, raw {raw_q0.lost}"),
-        _ratio("ratio bridge/raw paho→paho QoS 1, 1 host", q1.rate, statistics.median(r.rate for r in raw_pp),
-               f"; Python publisher on both sides; rounds bridge/raw: {pairs_pp}"),
-        _ratio("ratio bridge/raw paho subscriber QoS 1, 1 host", c1.rate, statistics.median(r.rate for r in raw_sub),
-               f"; C publishers on both sides (target ≥ 0.8); rounds bridge/raw: {pairs_sub}"),
-    ]
+        if sink is not None:
+            sink.stop()
     for share, r in paced.items():
         s = summary_ms(r.latencies)
         pct = int(share * 100)

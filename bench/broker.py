@@ -2,7 +2,11 @@
 
 - paho publisher → Mosquitto → paho subscriber, QoS 0 and QoS 1;
 - mosquitto_pub → Mosquitto → mosquitto_sub at QoS 1 (the C clients);
-- mosquitto_pub ×4 → Mosquitto → one paho subscriber alone at QoS 1.
+- mosquitto_pub ×4 → Mosquitto → one paho subscriber alone at QoS 1;
+- the raw limits for the bridge's loads (:func:`c_sub_rate`): the bridge's publishers (the paho load process, or
+  mosquitto_pub ×4) → Mosquitto → mosquitto_sub (C, faster than any Python subscriber) at QoS 0 and 1. A paho
+  subscriber acknowledging each message as it comes is slower than the bridge service, so the figures above are
+  not a limit of the broker; these are.
 
 Same layout and timing as the bridge runs (:mod:`bench.bridge`), so a ratio compares like with like: the
 publishers run in processes of their own (the paho publisher is :mod:`bench.loadgen` with ``"raw": true``, the
@@ -78,6 +82,7 @@ class Counted:
     unacked: int  # QoS 1 publishes the publishers never got a PUBACK for (measured by them)
     rate: float  # unique received / (last arrival − first send)
     cpu_note: str
+    cpu_ms: float = 0.0  # CPU ms per message of every process of the run, where measured
 
     def note(self) -> str:
         return (f"{self.received}/{self.sent} arrived, {self.lost} lost, {self.duplicates} duplicates, "
@@ -197,34 +202,42 @@ def paho_rate(port: int, qos: int, n: int = N, broker_pid: int = 0) -> Counted:
                    f"mosquitto {broker_ms / got:.3f}")
 
 
-def paho_subscriber_rate(port: int, n: int = N, publishers: int = C_PUBLISHERS) -> Counted:
-    """The paho subscriber alone (QoS 1, auto-ack), fed by ``publishers`` mosquitto_pub processes: the limit of
-    one Python MQTT subscriber, which is what the bridge service is, without a Python publisher sharing its GIL."""
+def c_publishers(port: int, topic: str, publishers: int, per: int, run: str, workdir: Path,
+                 qos: int = 1) -> tuple[float, int]:
+    """``publishers`` mosquitto_pub processes (in-flight window 100, as the bridge's C devices), each sending ``per``
+    payloads of its own device index to ``{topic}/{i}``; waits for them: (time before the first started, PUBACKs
+    they got)."""
     pub_exe = shutil.which("mosquitto_pub")
     if not pub_exe:
         raise RuntimeError("mosquitto-clients not installed")
+    # Each publisher reads its payloads from a file of its own, as the bridge's mosquitto_pub devices do: fed
+    # through pipes written one after the other, each publisher waited for the one before it to drain its pipe.
+    # The debug lines (one per PUBACK) go to files too: pipes read in turn would stall the other publishers.
+    logs = [workdir / f"{run}-pub{i}.log" for i in range(publishers)]
+    inputs = [workdir / f"{run}-pub{i}.lines" for i in range(publishers)]
+    for i, path in enumerate(inputs):
+        path.write_bytes(payload_lines(i, per, run))
+    t0 = time.time()
+    procs = []
+    for i, (log, lines) in enumerate(zip(logs, inputs, strict=True)):
+        with open(log, "wb") as out, open(lines, "rb") as stdin:
+            procs.append(subprocess.Popen(
+                [pub_exe, "-h", "127.0.0.1", "-p", str(port), "-t", f"{topic}/{i}", "-q", str(qos), "-l", "-M", "100",
+                 "-d", "-i", f"{topic}-pub-{run}-{i}"], stdin=stdin, stdout=out, stderr=subprocess.DEVNULL))
+    for p in procs:
+        p.wait(timeout=120)
+    return t0, sum(puback_count(log.read_bytes()) for log in logs)
+
+
+def paho_subscriber_rate(port: int, n: int = N, publishers: int = C_PUBLISHERS) -> Counted:
+    """The paho subscriber alone (QoS 1, auto-ack), fed by ``publishers`` mosquitto_pub processes: the limit of
+    one Python MQTT subscriber, which is what the bridge service is, without a Python publisher sharing its GIL."""
     run = _tag()
     per = n // publishers
     sub = RawSubscriber(port, "psub/#", 1, f"raw-sub-alone-{run}")
     cpu0 = _self_cpu()
     with tempfile.TemporaryDirectory() as d:
-        # Each publisher reads its payloads from a file of its own, as the bridge's mosquitto_pub devices do: fed
-        # through pipes written one after the other, each publisher waited for the one before it to drain its pipe.
-        # The debug lines (one per PUBACK) go to files too: pipes read in turn would stall the other publishers.
-        logs = [Path(d) / f"pub{i}.log" for i in range(publishers)]
-        inputs = [Path(d) / f"pub{i}.lines" for i in range(publishers)]
-        for i, path in enumerate(inputs):
-            path.write_bytes(payload_lines(i, per, run))
-        t0 = time.time()
-        procs = []
-        for i, (log, lines) in enumerate(zip(logs, inputs, strict=True)):
-            with open(log, "wb") as out, open(lines, "rb") as stdin:
-                procs.append(subprocess.Popen(
-                    [pub_exe, "-h", "127.0.0.1", "-p", str(port), "-t", f"psub/{i}", "-q", "1", "-l", "-M", "100",
-                     "-d", "-i", f"psub-pub-{run}-{i}"], stdin=stdin, stdout=out, stderr=subprocess.DEVNULL))
-        for p in procs:
-            p.wait(timeout=120)
-        acked = sum(puback_count(log.read_bytes()) for log in logs)
+        t0, acked = c_publishers(port, "psub", publishers, per, run, Path(d))
     sub.wait(per * publishers)
     sub.close()
     seen, dups = count_arrivals(sub.payloads, run)
@@ -233,6 +246,115 @@ def paho_subscriber_rate(port: int, n: int = N, publishers: int = C_PUBLISHERS) 
     return Counted(sent, len(seen), dups, sent - len(seen), sent - acked,
                    len(seen) / (sub.last_arrival - t0) if seen else 0.0,
                    f"CPU ms per message: paho subscriber {sub_ms:.3f}")
+
+
+class CSubscriber:
+    """mosquitto_sub (the C client: libmosquitto acknowledges in C, faster than any Python subscriber, so the raw
+    figure is a limit of the broker, not of its subscriber), one process, one subscription, as the bridge service
+    has. Each arrival is written to a file as ``{unix time} {payload}`` (``-F "%U %p"``); the payloads are counted
+    per (device, seq) afterwards."""
+
+    def __init__(self, port: int, topic: str, qos: int, run: str, workdir: Path):
+        exe, pub_exe = shutil.which("mosquitto_sub"), shutil.which("mosquitto_pub")
+        if not exe or not pub_exe:
+            raise RuntimeError("mosquitto-clients not installed")
+        self.path = workdir / f"{run}-sub.out"
+        base = ["-h", "127.0.0.1", "-p", str(port)]
+        ready = f"{topic}/ready-{run}"
+        # A retained marker arrives as soon as the subscription is active: the first line means "subscribed".
+        subprocess.run([pub_exe, *base, "-t", ready, "-r", "-q", "1", "-m", "ready"], check=True, timeout=10)
+        with open(self.path, "wb") as out:
+            self.proc = subprocess.Popen([exe, *base, "-t", f"{topic}/#", "-q", str(qos), "-F", "%U %p",
+                                          "-i", f"csub-{run}"], stdout=out, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.path.read_bytes().endswith(b"ready\n"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.close()
+                raise RuntimeError("mosquitto_sub did not subscribe")
+            time.sleep(0.02)
+        subprocess.run([pub_exe, *base, "-t", ready, "-r", "-q", "1", "-n"], check=True, timeout=10)
+        self._lines, self._offset = 0, 0
+
+    def arrived(self) -> int:
+        """Lines written so far (the marker included), read on from where the last call stopped."""
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        self._offset += len(chunk)
+        self._lines += chunk.count(b"\n")
+        return self._lines
+
+    def wait(self, n: int, stall_s: float = STALL_S) -> None:
+        """Until ``n`` messages arrived (besides the marker) or none arrived for ``stall_s``."""
+        last, last_change = self.arrived(), time.monotonic()
+        while last < n + 1 and time.monotonic() - last_change < stall_s:
+            time.sleep(0.05)
+            now = self.arrived()
+            if now != last:
+                last, last_change = now, time.monotonic()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def counted(self, run: str) -> tuple[set[tuple[int, int]], int, float]:
+        """(unique (dev, seq) of run ``run``, duplicates, the last arrival's time)."""
+        return c_arrivals(self.path.read_bytes(), run)
+
+
+def c_arrivals(out: bytes, run: str) -> tuple[set[tuple[int, int]], int, float]:
+    """What a ``mosquitto_sub -F "%U %p"`` wrote: (unique (dev, seq) of run ``run``, duplicates, the time of the
+    last arrival of the run)."""
+    times: dict[bytes, float] = {}
+    payloads = []
+    for line in out.splitlines():
+        stamp, _, data = line.partition(b" ")
+        if data.startswith(b"{"):
+            payloads.append(data)
+            times[data] = float(stamp)
+    seen, dups = count_arrivals(payloads, run)
+    last = max((t for d, t in times.items() if b'"run": "%s"' % run.encode() in d), default=0.0)
+    return seen, dups, last
+
+
+def c_sub_rate(port: int, qos: int, c_pubs: int = 0, n: int = N, broker_pid: int = 0) -> Counted:
+    """The raw limit for the bridge's loads, with a C subscriber: the publishers of a bridge run (``c_pubs`` = 0:
+    the paho devices' load process, ``DEVICES`` clients; else that many mosquitto_pub processes), the same payloads
+    and in-flight windows, and mosquitto_sub at ``qos``. Timed as the bridge runs: first send → last arrival.
+    ``cpu_ms`` is the CPU all its processes (publishers, Mosquitto, subscriber) spent per message."""
+    run = _tag()
+    children0, broker0 = _children_cpu(), group_cpu_seconds(broker_pid) if broker_pid else 0.0
+    with tempfile.TemporaryDirectory() as d:
+        topic = "cpub" if c_pubs else "raw"
+        sub = CSubscriber(port, topic, qos, run, Path(d))
+        try:
+            if c_pubs:
+                per = n // c_pubs
+                sent = per * c_pubs
+                t0, acked = c_publishers(port, topic, c_pubs, per, run, Path(d), qos)
+                unacked = sent - acked if qos else 0
+            else:
+                per = n // DEVICES
+                sent = per * DEVICES
+                proc = spawn_loadgen({"host": "127.0.0.1", "port": port, "raw": True, "per_device": per, "qos": qos,
+                                      "rate": 0, "run": run, "devices": [[f"raw{i}", ""] for i in range(DEVICES)]},
+                                     Path(d))
+                try:
+                    result = loadgen_result(proc)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                t0, unacked = result["t0"], result["unacked"]
+            sub.wait(sent)
+        finally:
+            sub.close()
+        seen, dups, last = sub.counted(run)
+    # The publishers and mosquitto_sub are reaped children by now; Mosquitto is measured from /proc.
+    cpu_s = _children_cpu() - children0 + ((group_cpu_seconds(broker_pid) - broker0) if broker_pid else 0.0)
+    cpu_ms = 1000 * cpu_s / max(len(seen), 1)
+    return Counted(sent, len(seen), dups, sent - len(seen), unacked, len(seen) / (last - t0) if seen else 0.0,
+                   f"subscriber: mosquitto_sub; CPU ms per message, all its processes: {cpu_ms:.3f}", cpu_ms)
 
 
 def c_client_rate(port: int, n: int = N) -> tuple[float, int]:
@@ -289,6 +411,8 @@ def run() -> list[Figure]:
         q1 = paho_rate(port, 1, broker_pid=pid)
         c1, rc = c_client_rate(port)
         s1 = paho_subscriber_rate(port)
+        limits = {(qos, pubs): c_sub_rate(port, qos, pubs, broker_pid=pid)
+                  for qos, pubs in ((0, 0), (1, 0), (1, C_PUBLISHERS))}
     load = f"{DEVICES} paho publishers in one load process, the subscriber in another"
     _measured = [
         Figure("broker", "raw paho→Mosquitto→paho QoS 0", round(q0.rate), "msg/s", COMMAND,
@@ -299,5 +423,8 @@ def run() -> list[Figure]:
                f"{rc}/{N} received"),
         Figure("broker", "raw mosquitto_pub×4→Mosquitto→paho subscriber QoS 1", round(s1.rate), "msg/s", COMMAND,
                f"the subscriber alone in its process; {s1.note()}", {"lost": s1.lost}),
+        *(Figure("broker", f"raw {f'mosquitto_pub×{pubs}' if pubs else 'paho'}→Mosquitto→mosquitto_sub QoS {qos}",
+                 round(c.rate), "msg/s", COMMAND, f"the raw limit for the bridge's load of the same publishers; "
+                 f"{c.note()}", {"lost": c.lost}) for (qos, pubs), c in limits.items()),
     ]
     return _measured

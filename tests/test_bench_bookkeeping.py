@@ -66,3 +66,78 @@ def test_the_raw_broker_gives_its_subscriber_the_window_the_bridge_service_gets(
     raw = broker.broker_config(1883, tmp_path)
     # A smaller window on the raw side lowers the raw limit, and the bridge/raw ratio with it.
     assert _setting(raw, "max_inflight_messages") == _setting(bridge, "max_inflight_messages")
+
+
+def test_mosquitto_sub_output_is_counted_per_device_and_sequence() -> None:
+    lines = [b"100.000001 ready"]  # the subscription's retained marker is not a message
+    lines += [b"%.6f %s" % (101 + i, payload(0, i, "r2")) for i in range(3)]
+    lines += [b"105.5 " + payload(0, 1, "r2"),  # a duplicate
+              b"109.0 " + payload(1, 0, "r1")]  # another run's message, later: not this run's last arrival
+    seen, dups, last = broker.c_arrivals(b"\n".join(lines) + b"\n", "r2")
+    assert seen == {(0, 0), (0, 1), (0, 2)} and dups == 1
+    assert last == 105.5
+
+
+def test_the_sink_writes_what_the_service_publishes_and_the_bench_counts_it(tmp_path: Path) -> None:
+    from google.pubsub_v1.types import PublishRequest
+
+    from bench import sink
+    from iotbridge.bridge.batching import raw_message
+
+    path = tmp_path / "sink"
+    api = sink.SinkApi(str(path))
+
+    def request(*pairs: tuple[int, int]) -> PublishRequest:
+        return PublishRequest.wrap(PublishRequest.pb()(
+            topic="t", messages=[raw_message(payload(d, s, "r1"), {"deviceId": "x"}) for d, s in pairs]))
+
+    api.publish(request=request((0, 0), (0, 1)))
+    api.publish(request=request((0, 1), (1, 0)), timeout=60)  # (0, 1) again: a duplicate
+    api._file.close()
+    seen, dups, latencies, last = sink.read_sink(path, "r1")
+    assert seen == {(0, 0), (0, 1), (1, 0)} and dups == 1 and len(latencies) == 3
+    assert all(0 <= x < 60 for x in latencies)
+    stamps = [float(line.split()[0]) for line in path.read_bytes().splitlines() if not line.startswith(b"{")]
+    assert len(stamps) == 2 and last == stamps[1]
+    # A batch cut short (read while the service still writes it) is not counted; nothing of another run is.
+    with open(path, "ab") as f:
+        f.write(b"%.6f 2\n" % (last + 1) + payload(2, 0, "r1") + b"\n")
+    assert sink.read_sink(path, "r1")[0] == seen
+    assert sink.read_sink(path, "r9")[0] == set()
+
+
+def test_the_rounds_alternate_which_side_runs_first() -> None:
+    from bench import throughput
+
+    calls: list[str] = []
+    steps = [lambda: calls.append("raw"), lambda: calls.append("bridge"), lambda: calls.append("sink")]
+    throughput.in_turn(0, steps)
+    throughput.in_turn(1, steps)
+    throughput.in_turn(2, steps)
+    assert calls == ["raw", "bridge", "sink", "sink", "bridge", "raw", "raw", "bridge", "sink"]
+
+
+def test_a_ratio_is_the_median_of_the_per_round_ratios() -> None:
+    from bench import throughput
+
+    # The ratio of the medians would be 100 / 200 = 0.5: the rounds' load, not the bridge.
+    pair = throughput.Pair(raw=[100.0, 200.0, 400.0], bridge=[90.0, 100.0, 400.0])
+    f = throughput.ratio_figure("bridge", "c", "ratio x", pair, "what")
+    assert f.value == 0.9 and f.unit == "ratio"
+    assert "median 0.900, spread 0.500–1.000 over 3 rounds" in f.note and "90/100, 100/200, 400/400" in f.note
+    assert f.extra["ratios"] == [0.9, 0.5, 1.0]
+    assert throughput.median_spread([3.0, 1.0, 2.0, 10.0]) == (2.5, 1.0, 10.0)
+    r = throughput.rate_figure("bridge", "c", "rate", [5000.0, 7000.0, 6000.0], "what")
+    assert r.value == 6000 and "spread 5000–7000 over 3 rounds" in r.note
+
+
+def test_the_profile_summary_counts_the_function_on_top_of_each_stack(tmp_path: Path) -> None:
+    from bench.profile_throughput import top_functions
+
+    raw = tmp_path / "service.txt"
+    raw.write_text("Thread.run (threading.py:982);loop (paho.py:10);decode (paho.py:20) 6\n"
+                   "Thread.run (threading.py:982);loop (paho.py:10);decode (paho.py:21) 2\n"
+                   "Thread.run (threading.py:982);loop (paho.py:12) 2\n")
+    assert top_functions(raw) == [(0.8, "decode (paho.py)"), (0.2, "loop (paho.py)")]
+    raw.write_text("")
+    assert top_functions(raw) == []

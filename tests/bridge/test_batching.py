@@ -1,0 +1,42 @@
+"""The raw Pub/Sub messages the bridge service batches: the same message as the protobuf built directly, with a
+device's attribute map built once and copied into each of its messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from iotbridge.bridge import batching
+
+
+def test_a_message_is_the_one_built_directly_and_copies_its_attributes_once_per_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "_templates", {})
+    maps_built = []
+    real = batching.RawMessage
+
+    def counting(**kwargs: Any) -> Any:  # noqa: ANN401 - a protobuf message
+        if "attributes" in kwargs:
+            maps_built.append(dict(kwargs["attributes"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(batching, "RawMessage", counting)
+    a = {"deviceId": "d1", "deviceNumId": "1", "projectId": "p"}
+    b = {**a, "subFolder": "x"}
+    made = [batching.raw_message(f"m{i}".encode(), a if i % 3 else b) for i in range(30)]
+    for i, m in enumerate(made):
+        assert m == real(data=f"m{i}".encode(), attributes=a if i % 3 else b)
+    # One map per distinct attribute set, not one per message.
+    assert maps_built == [b, a]
+    # A message changed later (the batcher never does; a caller could) leaves the device's next messages alone.
+    made[1].attributes["deviceId"] = "other"
+    assert batching.raw_message(b"n", a).attributes["deviceId"] == "d1"
+
+
+def test_the_attribute_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "_templates", {})
+    monkeypatch.setattr(batching, "MAX_TEMPLATES", 3)
+    for i in range(10):
+        assert batching.raw_message(b"x", {"deviceId": f"d{i}"}).attributes["deviceId"] == f"d{i}"
+        assert len(batching._templates) <= 3
