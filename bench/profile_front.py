@@ -1,9 +1,10 @@
 """Profiles of the TLS front (not a ``make bench`` section; the README's performance notes quote them).
 
 ``python -m bench.profile_front pyspy N OUT``: one broker host on the emulators, N registered devices connecting
-(64 at a time, as ``bench connections``) while py-spy records the front for 30 s, then 20 s of py-spy with the N
-devices idle; prints the connection rate, the front's CPU per connection, its idle CPU and RSS, and leaves the
-raw py-spy samples in OUT/connect.txt and OUT/idle.txt. The front's Firestore operations are counted too
+(64 at a time, as ``bench connections``) while py-spy records the front (and the bridge service, which serves the
+config sync each connect asks for) for 30 s, then 20 s of py-spy with the N devices idle; prints the connection
+rate, the front's and the service's CPU per connection, the front's idle CPU and RSS, and leaves the raw py-spy
+samples in OUT/connect.txt, OUT/connect-service.txt and OUT/idle.txt. The front's Firestore operations are counted too
 (bench/firestore_ops.py): reads and writes per connection, and per idle device-hour over ``IDLE_S`` seconds that
 begin ``SETTLE_S`` after the last connect (each device has sent a PINGREQ by then).
 
@@ -99,22 +100,26 @@ def _fleet(stack: BridgeStack, devices: list[tuple[str, bytes]]):  # noqa: ANN20
 
 async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Path, counts: Path) -> None:
     front = stack.procs["front"].proc.pid
+    service = stack.procs["service"].proc.pid
     fleet, tokens, one = _fleet(stack, devices)
 
     rec = _record(front, 30, out / "connect.txt")
+    rec_service = _record(service, 30, out / "connect-service.txt")
     ops0 = firestore_ops.read(counts)
-    cpu0, t0 = group_cpu_seconds(front), time.monotonic()
+    cpu0, service0, t0 = group_cpu_seconds(front), group_cpu_seconds(service), time.monotonic()
     await asyncio.gather(*(one(d, t) for d, t in tokens))
     took = time.monotonic() - t0
     n = max(1, len(fleet.conns))
     print(f"connected {len(fleet.conns)} in {took:.1f} s = {len(fleet.conns) / took:.0f}/s; front CPU "
-          f"{1000 * (group_cpu_seconds(front) - cpu0) / n:.2f} ms per connection; errors {dict(fleet.errors)}",
-          flush=True)
+          f"{1000 * (group_cpu_seconds(front) - cpu0) / n:.2f} ms per connection, bridge service (the config sync "
+          f"each connect asks for) {1000 * (group_cpu_seconds(service) - service0) / n:.2f} ms; "
+          f"errors {dict(fleet.errors)}", flush=True)
     await asyncio.sleep(1)  # the counts are written twice a second
     ops = firestore_ops.read(counts) - ops0
     print(f"Firestore per connection: {ops['reads'] / n:.3f} reads, {ops['writes'] / n:.3f} writes, "
           f"{(ops['lookups'] + ops['queries'] + ops['commits']) / n:.3f} RPCs ({dict(ops)})", flush=True)
     rec.wait()
+    rec_service.wait()
     pinger = asyncio.ensure_future(fleet.keepalive())
     await asyncio.sleep(SETTLE_S)
     rec = _record(front, 20, out / "idle.txt")
