@@ -66,3 +66,47 @@ def test_the_raw_broker_gives_its_subscriber_the_window_the_bridge_service_gets(
     raw = broker.broker_config(1883, tmp_path)
     # A smaller window on the raw side lowers the raw limit, and the bridge/raw ratio with it.
     assert _setting(raw, "max_inflight_messages") == _setting(bridge, "max_inflight_messages")
+
+
+def test_keepalives_keep_their_pace_on_a_loop_that_oversleeps(monkeypatch) -> None:  # noqa: ANN001
+    """The load generator's keep-alive pass stays within its period when every sleep overshoots (loaded cores):
+    a pass of a sleep per connection took 1.5 keep-alives at 10,000 idle devices, and the broker's keep-alive
+    timeout closed the connections at the end of the pass."""
+    import asyncio
+    import time
+    from typing import Any, cast
+
+    from bench import connections
+
+    monkeypatch.setattr(connections, "KEEPALIVE_S", 1.0)  # a pass every 0.8 s; the broker closes after 1.5 s
+    real_sleep = asyncio.sleep
+
+    async def oversleep(delay: float) -> None:
+        await real_sleep(delay + 0.002)
+
+    monkeypatch.setattr(connections.asyncio, "sleep", oversleep)
+    pinged: dict[int, float] = {}
+
+    class Writer:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def write(self, _data: bytes) -> None:
+            pinged.setdefault(self.n, time.monotonic())
+
+    n = 2000
+    fleet = connections.Fleet("127.0.0.1", 0, None)
+    fleet.conns = [connections.Conn(f"d{i}", cast(Any, None), cast(Any, Writer(i))) for i in range(n)]
+
+    async def one_pass() -> float:
+        t0 = time.monotonic()
+        task = asyncio.ensure_future(fleet.keepalive())
+        while len(pinged) < n and time.monotonic() - t0 < 10:
+            await real_sleep(0.05)
+        task.cancel()
+        return max(pinged.values()) - t0
+
+    took = asyncio.run(one_pass())
+    assert len(pinged) == n
+    # A sleep per connection would take 2,000 × (0.4 + 2) ms = 4.8 s.
+    assert took < 1.2, f"a keep-alive pass over {n} connections took {took:.2f} s, past the 0.8 s period"
