@@ -40,6 +40,12 @@ itself with no authentication (the ceiling of the design where a plugin would ch
 connections/s, and CPU ms per connection of the front process(es), of Mosquitto, of the bridge service and of the
 load generator itself; the machine's load average. Then the cost of what a plugin would add in design (3): one
 ES256 JWT verification, timed in this process with the front's own ``verify_jwt`` (``cryptography``).
+
+``python -m bench.profile_front syncread N``: what the bridge service's config sync costs per connect in its
+Firestore read, and what batching would save: N registered devices (no config, as the bench's), read in this
+process one ``Registry.get_config`` per device (what the service does per sync request today) and in batched
+reads of their device documents (``Registry.get_devices``, ``get_all``) of 8 and of 64; CPU ms per device
+(this process, its gRPC threads included) and wall time.
 """
 
 from __future__ import annotations
@@ -660,6 +666,31 @@ def connrate(n: int, rounds: int) -> None:
     print(json.dumps({"summary": summary, "jwt_verify_ms": jwt_ms, "runs": {d.name: d.runs for d in designs}}))
 
 
+def syncread(n: int) -> None:
+    """See the module docstring: the config sync's registry read per device, one by one and batched."""
+    _env, _prefix, devices = _prepare(n, local.workdir(), "bs")
+    registry = Registry(local.PROJECT, local.REGISTRY, local.REGION)
+    ids = [d for d, _ in devices]
+    registry.get_config(ids[0])  # the channel is up before anything is timed
+    print(f"load at start {os.getloadavg()}", flush=True)
+    try:
+        for rnd in range(2):
+            for batch in (1, 8, 64):
+                cpu0, t0 = time.process_time(), time.monotonic()
+                for i in range(0, n, batch):
+                    if batch == 1:
+                        registry.get_config(ids[i])
+                    else:
+                        registry.get_devices(ids[i:i + batch])
+                cpu, took = time.process_time() - cpu0, time.monotonic() - t0
+                how = "one get_config per device" if batch == 1 else f"get_devices of {batch}"
+                print(f"  round {rnd}, {how}: {1000 * cpu / n:.3f} ms CPU and {1000 * took / n:.3f} ms wall per device",
+                      flush=True)
+    finally:
+        local.stop_all()
+    print(f"load at end {os.getloadavg()}")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "pyspy":
         pyspy(int(argv[1]), Path(argv[2]))
@@ -673,6 +704,8 @@ def main(argv: list[str]) -> int:
         mosquitto_tls(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "connrate":
         connrate(int(argv[1]), int(argv[2]))
+    elif len(argv) == 2 and argv[0] == "syncread":
+        syncread(int(argv[1]))
     elif len(argv) == 2 and argv[0] == "reuse-front":
         reuse_front(argv[1])
     elif len(argv) == 3 and argv[0] == "traced-front":
