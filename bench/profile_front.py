@@ -1,9 +1,10 @@
 """Profiles of the TLS front (not a ``make bench`` section; the README's performance notes quote them).
 
 ``python -m bench.profile_front pyspy N OUT``: one broker host on the emulators, N registered devices connecting
-(64 at a time, as ``bench connections``) while py-spy records the front for 30 s, then 20 s of py-spy with the N
-devices idle; prints the connection rate, the front's CPU per connection, its idle CPU and RSS, and leaves the
-raw py-spy samples in OUT/connect.txt and OUT/idle.txt. The front's Firestore operations are counted too
+(64 at a time, as ``bench connections``) while py-spy records the front (and the bridge service, which serves the
+config sync each connect asks for) for 30 s, then 20 s of py-spy with the N devices idle; prints the connection
+rate, the front's and the service's CPU per connection, the front's idle CPU and RSS, and leaves the raw py-spy
+samples in OUT/connect.txt, OUT/connect-service.txt and OUT/idle.txt. The front's Firestore operations are counted too
 (bench/firestore_ops.py): reads and writes per connection, and per idle device-hour over ``IDLE_S`` seconds that
 begin ``SETTLE_S`` after the last connect (each device has sent a PINGREQ by then).
 
@@ -30,6 +31,21 @@ asyncio (VARIANT ``base``, or ``norelease``: without SSL_MODE_RELEASE_BUFFERS).
 ``valgrind --tool=callgrind``: OP ``jwt`` is the front's check of an ES256 device token, ``tls`` one TLS 1.3
 handshake (both ends, over a socketpair) with the front's server context. Instructions per operation are the
 difference of two runs (N and 0) divided by N, which the shared cores do not disturb.
+
+``python -m bench.profile_front connrate N ROUNDS``: the connection-rate decision, three designs on the same load
+generator in one run, interleaved round by round (each round: N fresh registered devices per front design, N
+clients for Mosquitto): (1) the front as deployed, one process; (2) two front processes sharing the port with
+SO_REUSEPORT (a prototype: the front as it is, started twice with ``reuse_port``); (3) Mosquitto terminating TLS
+itself with no authentication (the ceiling of the design where a plugin would check the JWT). Per design:
+connections/s, and CPU ms per connection of the front process(es), of Mosquitto, of the bridge service and of the
+load generator itself; the machine's load average. Then the cost of what a plugin would add in design (3): one
+ES256 JWT verification, timed in this process with the front's own ``verify_jwt`` (``cryptography``).
+
+``python -m bench.profile_front syncread N``: what the bridge service's config sync costs per connect in its
+Firestore read, and what batching would save: N registered devices (no config, as the bench's), read in this
+process one ``Registry.get_config`` per device (what the service does per sync request today) and in batched
+reads of their device documents (``Registry.get_devices``, ``get_all``) of 8 and of 64; CPU ms per device
+(this process, its gRPC threads included) and wall time.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -46,10 +63,14 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import paho.mqtt.client as paho
 
 from bench import connections, firestore_ops, local
 from bench.core import group_cpu_seconds
+from iotbridge import spec
 from iotbridge.bridge.auth import verify_jwt
 from iotbridge.bridge.front import server_ssl_context
 from iotbridge.device import create_jwt, generate_key
@@ -85,22 +106,26 @@ def _fleet(stack: BridgeStack, devices: list[tuple[str, bytes]]):  # noqa: ANN20
 
 async def _profile(stack: BridgeStack, devices: list[tuple[str, bytes]], out: Path, counts: Path) -> None:
     front = stack.procs["front"].proc.pid
+    service = stack.procs["service"].proc.pid
     fleet, tokens, one = _fleet(stack, devices)
 
     rec = _record(front, 30, out / "connect.txt")
+    rec_service = _record(service, 30, out / "connect-service.txt")
     ops0 = firestore_ops.read(counts)
-    cpu0, t0 = group_cpu_seconds(front), time.monotonic()
+    cpu0, service0, t0 = group_cpu_seconds(front), group_cpu_seconds(service), time.monotonic()
     await asyncio.gather(*(one(d, t) for d, t in tokens))
     took = time.monotonic() - t0
     n = max(1, len(fleet.conns))
     print(f"connected {len(fleet.conns)} in {took:.1f} s = {len(fleet.conns) / took:.0f}/s; front CPU "
-          f"{1000 * (group_cpu_seconds(front) - cpu0) / n:.2f} ms per connection; errors {dict(fleet.errors)}",
-          flush=True)
+          f"{1000 * (group_cpu_seconds(front) - cpu0) / n:.2f} ms per connection, bridge service (the config sync "
+          f"each connect asks for) {1000 * (group_cpu_seconds(service) - service0) / n:.2f} ms; "
+          f"errors {dict(fleet.errors)}", flush=True)
     await asyncio.sleep(1)  # the counts are written twice a second
     ops = firestore_ops.read(counts) - ops0
     print(f"Firestore per connection: {ops['reads'] / n:.3f} reads, {ops['writes'] / n:.3f} writes, "
           f"{(ops['lookups'] + ops['queries'] + ops['commits']) / n:.3f} RPCs ({dict(ops)})", flush=True)
     rec.wait()
+    rec_service.wait()
     pinger = asyncio.ensure_future(fleet.keepalive())
     await asyncio.sleep(SETTLE_S)
     rec = _record(front, 20, out / "idle.txt")
@@ -159,11 +184,15 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> None:
     client.join()
 
 
+def _jwt_case() -> tuple[str, list[Credential]]:
+    """A device's ES256 token and its registered credential, as the front checks them."""
+    private, public = generate_key("ES256")
+    return create_jwt("bench-project", private, "ES256"), [Credential("ES256_PEM", public)]
+
+
 def ops(op: str, n: int) -> None:
     if op == "jwt":
-        private, public = generate_key("ES256")
-        creds = [Credential("ES256_PEM", public)]
-        token = create_jwt("bench-project", private, "ES256")
+        token, creds = _jwt_case()
         for _ in range(n + 1):  # the first parses the key, which the credential keeps
             verify_jwt(token, creds, audience="bench-project")
     elif op == "tls":
@@ -276,6 +305,21 @@ def _report(before: dict, after: dict, n: int, out: Path) -> None:
             print(f"  {k:6.2f}  {t}")
 
 
+def _spawn_front(stack: BridgeStack, name: str, args: list[str], port: int) -> services.Service:
+    """A front run through this module (``python -m bench.profile_front ARGS``) for ``stack``, in a folder of its
+    own named ``name``; returns once it logs that it listens."""
+    wd = stack.workdir / name
+    wd.mkdir(exist_ok=True)
+    with open(wd / "front.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.profile_front", *args], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=wd,
+                                env={**os.environ, **stack.env, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    svc = services.Service(name=name, proc=proc, host=stack.settings.front_host, port=port,
+                           log_path=wd / "front.log", workdir=wd)
+    services.wait_for_log(svc, "front listening", 60)
+    return svc
+
+
 def mem(n: int, out: Path) -> None:
     env, prefix, devices = _prepare(n + MEM_WARMUP, out, "bm")
     workdir = local.workdir() / f"{prefix}-host"
@@ -285,19 +329,10 @@ def mem(n: int, out: Path) -> None:
     try:
         stack.start_mosquitto()
         stack.start_service()
-        wd = stack.workdir / "front"
-        wd.mkdir(exist_ok=True)
-        with open(wd / "front.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "bench.profile_front", "traced-front",
-                                     str(stack.settings_file()), str(out.resolve())], stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=wd,
-                                    env={**os.environ, **stack.env, "PYTHONPATH": str(REPO)},
-                                    start_new_session=True)
-        svc = services.Service(name="front", proc=proc, host=settings.front_host, port=settings.front_port,
-                               log_path=wd / "front.log", workdir=wd)
+        svc = _spawn_front(stack, "front", ["traced-front", str(stack.settings_file()), str(out.resolve())],
+                           settings.front_port)
         stack.procs["front"] = svc
-        services.wait_for_port(svc, 60)
-        asyncio.run(_mem(stack, proc.pid, devices, out))
+        asyncio.run(_mem(stack, svc.proc.pid, devices, out))
     finally:
         stack.stop()
         local.stop_all()
@@ -323,6 +358,14 @@ async def _mosquitto_fleet(port: int, n: int, ctx: ssl.SSLContext | None, pid: i
     return held - MEM_WARMUP, grown, dict(fleet.errors)
 
 
+def _anonymous_mosquitto(port: int, extra: list[str], wd: Path) -> services.Service:
+    """Mosquitto alone on ``port`` (``extra``: its listener's TLS lines), every client admitted."""
+    conf = "\n".join(["user root" if os.geteuid() == 0 else "", f"listener {port} 127.0.0.1", *extra,
+                      "allow_anonymous true", "max_keepalive 65535", "log_type error", ""])
+    wd.mkdir(parents=True, exist_ok=True)
+    return services.start_mosquitto(conf, port, wd)
+
+
 def mosquitto_tls(n: int, out: Path) -> None:
     """Mosquitto's own memory per idle connection with TLS on its listener (the design where it terminates TLS
     and the front leaves the data path), against the same without TLS."""
@@ -334,11 +377,7 @@ def mosquitto_tls(n: int, out: Path) -> None:
              [f"certfile {tls.server_cert}", f"keyfile {tls.server_key}"]),
             ("plain TCP", None, [])):
         port = services.free_port()
-        conf = "\n".join(["user root" if os.geteuid() == 0 else "", f"listener {port} 127.0.0.1", *extra,
-                          "allow_anonymous true", "max_keepalive 65535", "log_type error", ""])
-        wd = out / name.replace(" ", "-")
-        wd.mkdir(exist_ok=True)
-        svc = services.start_mosquitto(conf, port, wd)
+        svc = _anonymous_mosquitto(port, extra, out / name.replace(" ", "-"))
         try:
             held, grown, errors = asyncio.run(_mosquitto_fleet(port, n, ctx, svc.proc.pid))
         finally:
@@ -457,6 +496,201 @@ def sslobj(n: int, variant: str) -> None:
           f"connection {(both - clients) / n / 1024:.1f} KiB (malloc in use)")
 
 
+def reuse_front(settings_file: str) -> None:
+    """The front as ``python -m iotbridge.bridge front`` runs it, its listeners bound with SO_REUSEPORT, so that
+    several such processes share one port and the kernel spreads new connections over them. Each process's
+    control client gets an id of its own (with one id per host, Mosquitto's client-id takeover would cut the
+    other processes' control connections in turn)."""
+    import dataclasses
+    import functools
+
+    from iotbridge.bridge import front
+    from iotbridge.bridge.__main__ import main as bridge_main
+
+    setattr(asyncio, "start_server", functools.partial(asyncio.start_server, reuse_port=True))  # noqa: B010
+    control = front.Front._control_client
+
+    def own_control(self: front.Front, password: str) -> paho.Client:
+        shared = self.settings
+        self.settings = dataclasses.replace(shared, host_id=f"{shared.host_id}-{os.getpid()}")
+        try:
+            return control(self, password)
+        finally:
+            self.settings = shared
+
+    setattr(front.Front, "_control_client", own_control)  # noqa: B010
+    bridge_main(["front", "--settings", settings_file])
+
+
+CONNRATE_SETTLE_S = 8.0  # after a design's devices disconnect, before the next design's phase starts
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Design:
+    name: str
+    port: int
+    ctx: ssl.SSLContext
+    pids: list[int]  # the processes that serve its connections (their process groups)
+    devices: list[list[tuple[str, bytes]]]  # per round: the registered devices it connects ([] for Mosquitto)
+    runs: list[dict] = field(default_factory=list)
+
+
+async def _connrate_phase(design: Design, n: int, rnd: int, groups: dict[str, list[int]]) -> dict:
+    """One design's connect burst: ``n`` devices, 64 at a time; the CPU of every part of the host over it."""
+    fleet = connections.Fleet("127.0.0.1", design.port, design.ctx)
+    sem = asyncio.Semaphore(connections.CONCURRENT_CONNECTS)
+    if design.devices:
+        tokens = [(d, create_jwt(local.PROJECT, k, "ES256", lifetime_s=3600)) for d, k in design.devices[rnd]]
+    else:
+        tokens = [(f"proto-{rnd}-{i:06d}", "unused") for i in range(n)]
+
+    async def one(device_id: str, token: str) -> None:
+        async with sem:
+            await fleet.connect(device_id, token)
+
+    def cpu() -> dict[str, float]:
+        return {**{k: sum(group_cpu_seconds(p) for p in pids) for k, pids in groups.items()},
+                "load generator": _self_cpu()}
+
+    cpu0, t0 = cpu(), time.monotonic()
+    await asyncio.gather(*(one(d, t) for d, t in tokens))
+    took = time.monotonic() - t0
+    cpu1 = cpu()
+    held = await fleet.ping_all()
+    await fleet.close()
+    served = max(1, len(fleet.conns))
+    run = {"round": rnd, "connected": len(fleet.conns), "held": held, "errors": dict(fleet.errors),
+           "seconds": round(took, 2), "per_s": round(len(fleet.conns) / took, 1),
+           "cpu_ms_per_connection": {k: round(1000 * (cpu1[k] - cpu0[k]) / served, 3) for k in cpu0},
+           "load": os.getloadavg()}
+    design.runs.append(run)
+    print(f"  round {rnd} {design.name}: {run['connected']} connected ({held} answered PINGREQ) in {took:.1f} s = "
+          f"{run['per_s']}/s; CPU ms per connection {run['cpu_ms_per_connection']}; errors {run['errors']}; "
+          f"load {run['load']}", flush=True)
+    await asyncio.sleep(CONNRATE_SETTLE_S)
+    return run
+
+
+def _jwt_verify_ms(n: int = 1000) -> float:
+    """CPU ms of one ES256 JWT verification by the front's own ``verify_jwt`` (the key parsed once, as the
+    credential keeps it)."""
+    token, creds = _jwt_case()
+    verify_jwt(token, creds, audience="bench-project")
+    t0 = time.process_time()
+    for _ in range(n):
+        verify_jwt(token, creds, audience="bench-project")
+    return 1000 * (time.process_time() - t0) / n
+
+
+def connrate(n: int, rounds: int) -> None:
+    """See the module docstring: the front alone, two fronts with SO_REUSEPORT, Mosquitto terminating TLS."""
+    import dataclasses
+    import json
+    import statistics
+
+    env, prefix, devices = _prepare(2 * n * rounds, local.workdir(), "br")
+    workdir = local.workdir() / f"{prefix}-host"
+    # The cloud's re-check interval; no HTTP bridge (its port is not shared by the prototype).
+    settings = init_host(workdir, local.PROJECT, local.REGION, local.REGISTRY, prefix,
+                         recheck_interval_s=spec.CLOUD_RECHECK_INTERVAL_S, http_port=0)
+    stack = BridgeStack(settings=settings, workdir=workdir.resolve(), env=dict(env),
+                        ca_cert=workdir.resolve() / "tls" / "ca.pem")
+    ctx = ssl.create_default_context(cafile=str(stack.ca_cert))
+    parts: list[services.Service] = []
+    try:
+        stack.start_mosquitto()
+        stack.start_service()
+        fronts: list[list[services.Service]] = []
+        for name, count in (("front-x1", 1), ("front-x2", 2)):
+            own = dataclasses.replace(settings, front_port=services.free_port(), health_port=services.free_port())
+            own.dump(stack.workdir / f"{name}.json")
+            fronts.append([_spawn_front(stack, f"{name}-{i}", ["reuse-front", str(stack.workdir / f"{name}.json")],
+                                        own.front_port) for i in range(count)])
+            parts += fronts[-1]
+        tls_port = services.free_port()
+        mosq_tls = _anonymous_mosquitto(tls_port, [f"certfile {settings.tls_cert}", f"keyfile {settings.tls_key}"],
+                                        stack.workdir / "mosquitto-tls")
+        parts.append(mosq_tls)
+        by_round = [devices[i * n:(i + 1) * n] for i in range(2 * rounds)]
+        designs = [
+            Design("(1) front, 1 process", fronts[0][0].port, ctx, [f.proc.pid for f in fronts[0]], by_round[0::2]),
+            Design("(2) front, 2 processes, SO_REUSEPORT", fronts[1][0].port, ctx, [f.proc.pid for f in fronts[1]],
+                   by_round[1::2]),
+            Design("(3) Mosquitto terminating TLS, no authentication", tls_port, ctx, [mosq_tls.proc.pid], []),
+        ]
+        groups = {"front x1": designs[0].pids, "front x2": designs[1].pids,
+                  "Mosquitto (behind the fronts)": [stack.procs["mosquitto"].proc.pid],
+                  "bridge service": [stack.procs["service"].proc.pid], "Mosquitto TLS": designs[2].pids}
+        print(f"load at start {os.getloadavg()}; {n} connections per design and round, {rounds} rounds", flush=True)
+
+        async def run_all() -> None:
+            for rnd in range(rounds):
+                for design in designs:
+                    await _connrate_phase(design, n, rnd, groups)
+
+        asyncio.run(run_all())
+    finally:
+        for part in parts:
+            part.stop()
+        stack.stop()
+        local.stop_all()
+    jwt_ms = _jwt_verify_ms()
+    serving_group = {designs[0].name: "front x1", designs[1].name: "front x2", designs[2].name: "Mosquitto TLS"}
+    summary = {}
+    print("\nmedian over the rounds:")
+    for design in designs:
+        per_s = statistics.median(r["per_s"] for r in design.runs)
+        keys = design.runs[0]["cpu_ms_per_connection"]
+        ms = {k: statistics.median(r["cpu_ms_per_connection"][k] for r in design.runs) for k in keys}
+        serving = ms[serving_group[design.name]]
+        host = serving + (ms["Mosquitto (behind the fronts)"] + ms["bridge service"] if design.devices else 0.0)
+        summary[design.name] = {"per_s": per_s, "cpu_ms": ms, "serving_ms": serving, "host_ms": host}
+        print(f"  {design.name}: {per_s:.0f} connections/s; CPU per connection: serving processes {serving:.2f} ms, "
+              f"whole host {host:.2f} ms (ceiling {1000 / host if host else float('nan'):.0f}/s per core); "
+              f"load generator {ms['load generator']:.2f} ms (its own ceiling "
+              f"{1000 / ms['load generator'] if ms['load generator'] else float('nan'):.0f}/s on its one core)",
+              flush=True)
+    sync_ms = summary[designs[0].name]["cpu_ms"]["bridge service"]
+    estimate = summary[designs[2].name]["host_ms"] + jwt_ms + sync_ms
+    print(f"  ES256 JWT verification (the front's verify_jwt, cryptography/OpenSSL, this process): {jwt_ms:.3f} ms "
+          f"CPU. Design (3) with a plugin doing what a connect needs (an ESTIMATE, not measured as a whole): "
+          f"Mosquitto's TLS {summary[designs[2].name]['host_ms']:.2f} + the JWT {jwt_ms:.2f} + the bridge service's "
+          f"config sync as measured in (1) {sync_ms:.2f} = {estimate:.2f} ms per connection (ceiling "
+          f"{1000 / estimate:.0f}/s per core), registry reads and presence writes not counted", flush=True)
+    print(f"load at end {os.getloadavg()}")
+    print(json.dumps({"summary": summary, "jwt_verify_ms": jwt_ms, "runs": {d.name: d.runs for d in designs}}))
+
+
+def syncread(n: int) -> None:
+    """See the module docstring: the config sync's registry read per device, one by one and batched."""
+    _env, _prefix, devices = _prepare(n, local.workdir(), "bs")
+    registry = Registry(local.PROJECT, local.REGISTRY, local.REGION)
+    ids = [d for d, _ in devices]
+    registry.get_config(ids[0])  # the channel is up before anything is timed
+    print(f"load at start {os.getloadavg()}", flush=True)
+    try:
+        for rnd in range(2):
+            for batch in (1, 8, 64):
+                cpu0, t0 = time.process_time(), time.monotonic()
+                for i in range(0, n, batch):
+                    if batch == 1:
+                        registry.get_config(ids[i])
+                    else:
+                        registry.get_devices(ids[i:i + batch])
+                cpu, took = time.process_time() - cpu0, time.monotonic() - t0
+                how = "one get_config per device" if batch == 1 else f"get_devices of {batch}"
+                print(f"  round {rnd}, {how}: {1000 * cpu / n:.3f} ms CPU and {1000 * took / n:.3f} ms wall per device",
+                      flush=True)
+    finally:
+        local.stop_all()
+    print(f"load at end {os.getloadavg()}")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "pyspy":
         pyspy(int(argv[1]), Path(argv[2]))
@@ -468,6 +702,12 @@ def main(argv: list[str]) -> int:
         idle(int(argv[1]), float(argv[2]))
     elif len(argv) == 3 and argv[0] == "mosquitto-tls":
         mosquitto_tls(int(argv[1]), Path(argv[2]))
+    elif len(argv) == 3 and argv[0] == "connrate":
+        connrate(int(argv[1]), int(argv[2]))
+    elif len(argv) == 2 and argv[0] == "syncread":
+        syncread(int(argv[1]))
+    elif len(argv) == 2 and argv[0] == "reuse-front":
+        reuse_front(argv[1])
     elif len(argv) == 3 and argv[0] == "traced-front":
         traced_front(argv[1], argv[2])
     elif len(argv) == 3 and argv[0] == "ops":

@@ -10,6 +10,7 @@ from bench import broker
 from bench.__main__ import reference_values, render_markdown, vs_reference
 from bench.core import Figure, machine
 from bench.loadgen import payload
+from tests.aio import run_in_own_loop
 
 
 def test_arrivals_are_counted_per_device_and_sequence() -> None:
@@ -141,3 +142,48 @@ def test_the_profile_summary_counts_the_function_on_top_of_each_stack(tmp_path: 
     assert top_functions(raw) == [(0.8, "decode (paho.py)"), (0.2, "loop (paho.py)")]
     raw.write_text("")
     assert top_functions(raw) == []
+
+
+def test_keepalives_keep_their_pace_on_a_loop_that_oversleeps(monkeypatch) -> None:  # noqa: ANN001
+    """The load generator's keep-alive pass stays within its period when every sleep overshoots (loaded cores):
+    a pass of a sleep per connection took 1.5 keep-alives at 10,000 idle devices, and the broker's keep-alive
+    timeout closed the connections at the end of the pass."""
+    import asyncio
+    import time
+    from typing import Any, cast
+
+    from bench import connections
+
+    monkeypatch.setattr(connections, "KEEPALIVE_S", 1.0)  # a pass every 0.8 s; the broker closes after 1.5 s
+    real_sleep = asyncio.sleep
+
+    async def oversleep(delay: float) -> None:
+        await real_sleep(delay + 0.002)
+
+    monkeypatch.setattr(connections.asyncio, "sleep", oversleep)
+    pinged: dict[int, float] = {}
+
+    class Writer:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def write(self, _data: bytes) -> None:
+            pinged.setdefault(self.n, time.monotonic())
+
+    n = 2000
+    fleet = connections.Fleet("127.0.0.1", 0, None)
+    fleet.conns = [connections.Conn(f"d{i}", cast(Any, None), cast(Any, Writer(i))) for i in range(n)]
+
+    async def one_pass() -> float:
+        t0 = time.monotonic()
+        task = asyncio.ensure_future(fleet.keepalive())
+        while len(pinged) < n and time.monotonic() - t0 < 10:
+            await real_sleep(0.05)
+        task.cancel()
+        return max(pinged.values()) - t0
+
+    took = run_in_own_loop(one_pass())
+    assert len(pinged) == n
+    # A sleep per connection would take 2,000 × (0.4 + 2) ms = 4.8 s; the schedule spreads them over the 0.8 s
+    # period. Half the failing figure as the bound leaves a loaded machine room without letting the old pacing pass.
+    assert took < 2.4, f"a keep-alive pass over {n} connections took {took:.2f} s, past the 0.8 s period"

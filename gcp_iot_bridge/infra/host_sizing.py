@@ -2,15 +2,17 @@
 
 The arithmetic (docs/broker-scaling.md walks through it for the default machine type):
 
-- Memory: the TLS front and Mosquitto hold ``RSS_PER_DEVICE_KIB`` (40 KiB: 39.1 measured by ``make bench``'s
-  connection run) per connected device. The host keeps ``max(512 MiB, a quarter of its memory)`` for the
+- Memory: the TLS front and Mosquitto hold ``RSS_PER_DEVICE_KIB`` (42 KiB: 41.7 measured, front 40.8 and
+  Mosquitto 0.8, by ``.venv/bin/python -m bench connections`` on 2026-11-30 with 9,980 idle devices) per connected
+  device. The host keeps ``max(512 MiB, a quarter of its memory)`` for the
   system, the bridge service, the page cache and the kernel's socket buffers; the rest carries devices.
 - The front's CPU: it is one process on one core whatever the machine type, and holding idle devices costs it
-  ``FRONT_IDLE_PERMILLE_PER_10K`` (12.2 % of a core per 10,000, measured with the cloud's 30 s registry re-check:
+  ``FRONT_IDLE_PERMILLE_PER_10K`` of a core per 10,000 (measured with the cloud's 30 s registry re-check:
   ``python -m bench.profile_front idle 10000 30``). Idle devices may take ``FRONT_IDLE_BUDGET_PERMILLE`` (half)
   of its core; the rest is for connects, reconnect storms and traffic. (The VM's CPU signal cannot see a
-  saturated front: one busy core of two is 50 %.) A shared-core E2 type sustains only part of a core (e2-micro a
-  quarter, e2-small a half): its budget is that part of half a core.
+  saturated front: one busy core of two is 50 %.) The figure is 6.2 % (9,980 idle devices, 2026-11-30; 12.2 %
+  before the re-check read only the devices changed since its previous round). A shared-core E2 type sustains
+  only part of a core (e2-micro a quarter, e2-small a half): its budget is that part of half a core.
 - The host's capacity is the smaller of the two. No port range bounds it: the front reaches Mosquitto over a Unix
   socket (a loopback TCP connection per device did: 55,536 ephemeral ports). The autoscaler aims at
   ``AUTOSCALE_FRACTION`` of it, so a host that dies leaves its devices room on the others while new hosts boot.
@@ -33,8 +35,11 @@ from dataclasses import dataclass
 # A regional managed instance group holds at most this many VMs (compute.v1 regionInstanceGroupManagers.insert:
 # "A regional managed instance group can contain up to 2000 instances.").
 MAX_HOSTS = 2000
-RSS_PER_DEVICE_KIB = 40
-FRONT_IDLE_PERMILLE_PER_10K = 122  # of one core, per 10,000 idle devices (re-check every 30 s)
+# 41.7 KiB measured: .venv/bin/python -m bench connections, 2026-11-30 (front 40.8, Mosquitto 0.8).
+RSS_PER_DEVICE_KIB = 42
+# Of one core, per 10,000 idle devices, re-check every 30 s: 6.2 % with 9,980 held,
+# .venv/bin/python -m bench.profile_front idle 10000 30, 2026-11-30.
+FRONT_IDLE_PERMILLE_PER_10K = 62
 FRONT_IDLE_BUDGET_PERMILLE = 500
 AUTOSCALE_FRACTION = 0.7
 FD_SLACK = 4096

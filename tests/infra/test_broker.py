@@ -259,8 +259,8 @@ def test_invalid_arguments_fail_before_anything_is_declared():
         build(max_hosts=6, fanout_slots=4)
     with pytest.raises(Exception, match="unknown machine type 'n9-mega-2'"):
         build(machine_type="n9-mega-2")
-    with pytest.raises(Exception, match=r"devices_per_host must be 1\.\.40983"):
-        build(devices_per_host=50000)
+    with pytest.raises(Exception, match=r"devices_per_host must be 1\.\.80645"):
+        build(devices_per_host=90000)
 
 
 def test_hosts_boot_only_after_everything_they_read_exists(run):
@@ -351,7 +351,7 @@ def test_autoscaler_on_connected_devices_per_host_and_cpu_within_the_bounds(run)
     policy = autoscaler.get("autoscalingPolicy")
     assert (policy["minReplicas"], policy["maxReplicas"], policy["mode"]) == (2, 4, "ON")
     # The gauge every host's bridge reports, per instance; its target what an e2-standard-2 carries x 0.7.
-    assert policy["metrics"] == [{"name": "custom.googleapis.com/iot/connected_devices", "target": 28688,
+    assert policy["metrics"] == [{"name": "custom.googleapis.com/iot/connected_devices", "target": 56451,
                                   "type": "GAUGE"}]
     assert policy["cpuUtilization"] == {"target": 0.6}
     assert policy["cooldownPeriod"] == 600  # hosts boot (apt, pip) before their signals count
@@ -395,28 +395,32 @@ def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run)
 
     script = the(run, "template").get("metadataStartupScript")
     size = host_sizing.sizing("e2-standard-2")
-    # 8 GiB less 2 GiB kept back, at 40 KiB per device: 6,144 × 1,024 / 40 = 157,286. The front's one core, half of
-    # it for idle devices at 12.2 % per 10,000: 500 × 10,000 / 122 = 40,983, the smaller (no port range bounds it:
-    # the front reaches Mosquitto over a Unix socket). The autoscaler aims at 70 %: 28,688.
-    assert (size.devices_by_memory, size.devices_by_cpu, size.devices) == (157286, 40983, 40983)
-    assert size.autoscale_target == 28688
+    # 8 GiB less 2 GiB kept back, at 42 KiB per device: 6,144 × 1,024 / 42 = 149,796. The front's one core, half of
+    # it for idle devices at 6.2 % per 10,000: 500 × 10,000 / 62 = 80,645, the smaller (no port range bounds it:
+    # the front reaches Mosquitto over a Unix socket). The autoscaler aims at 70 %: 56,451.
+    assert (size.devices_by_memory, size.devices_by_cpu, size.devices) == (149796, 80645, 80645)
+    assert size.autoscale_target == 56451
     units = script.split("<<UNIT")
-    # The front: two descriptors per device, 2 × 40,983 + 4,096.
-    assert "LimitNOFILE=${!nofile}" in units[1] and "NOFILE_front=86062 NOFILE_service=65536" in script
-    assert "LimitNOFILE=45079" in units[2]  # Mosquitto: one per device, 40,983 + 4,096
+    # The front: two descriptors per device, 2 × 80,645 + 4,096.
+    assert "LimitNOFILE=${!nofile}" in units[1] and "NOFILE_front=165386 NOFILE_service=65536" in script
+    assert "LimitNOFILE=84741" in units[2]  # Mosquitto: one per device, 80,645 + 4,096
     conf = script.split("<<'SYSCTL'\n", 1)[1].split("\nSYSCTL\n", 1)[0]
     assert conf.splitlines()[1:] == [
         "fs.file-max = 1048576", "net.core.somaxconn = 65535", "net.ipv4.tcp_max_syn_backlog = 65535",
         "net.ipv4.tcp_mem = 262144 393216 524288"]
     assert "systemctl restart systemd-sysctl" in script
-    # e2-micro: memory allows 1 GiB less 512 MiB: 512 × 1,024 / 40 = 13,107, but it sustains a quarter of a core:
-    # half of that quarter is 125 permille, / 12.2 % per 10,000 = 10,245 devices; 70 %: 7,171; 2 × 10,245 + 4,096.
+    # e2-micro: it sustains a quarter of a core: half of that quarter is 125 permille, / 6.2 % per 10,000 = 20,161
+    # devices; memory allows 1 GiB less 512 MiB: 512 × 1,024 / 42 = 12,483, the smaller; 70 %: 8,738;
+    # 2 × 12,483 + 4,096.
     small = host_sizing.sizing("e2-micro")
-    assert (small.devices_by_memory, small.devices_by_cpu) == (13107, 10245)
-    assert (small.devices, small.autoscale_target, small.front_nofile) == (10245, 7171, 24586)
-    # e2-small sustains half a core: 250 permille → 20,491; e2-medium a whole one, as a standard type.
-    assert host_sizing.sizing("e2-small").devices == 20491
-    assert host_sizing.sizing("e2-medium").devices == host_sizing.sizing("e2-standard-2").devices == 40983
+    assert (small.devices_by_memory, small.devices_by_cpu) == (12483, 20161)
+    assert (small.devices, small.autoscale_target, small.front_nofile) == (12483, 8738, 29062)
+    # e2-small sustains half a core: 250 permille → 40,322, but its 2 GiB less 512 MiB hold 1,536 × 1,024 / 42 =
+    # 37,449; e2-medium a whole core (80,645, as a standard type), but 4 GiB less 1 GiB hold 74,898.
+    assert (host_sizing.sizing("e2-small").devices_by_cpu, host_sizing.sizing("e2-small").devices) == (40322, 37449)
+    medium = host_sizing.sizing("e2-medium")
+    assert medium.devices_by_cpu == host_sizing.sizing("e2-standard-2").devices_by_cpu == 80645
+    assert medium.devices == 74898
     assert host_sizing.sizing("n2-custom-4-16384").memory_mib == 16384
 
 
