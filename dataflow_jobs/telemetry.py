@@ -28,8 +28,9 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from iotbridge.spec import DEFAULT_PROFILES, Profile
@@ -111,7 +112,8 @@ class Reading:
         """Device id + event time + seq; the payload digest when there is no seq, the message id when the event
         time is the publish time."""
         if not self._key:
-            self._key = f"{self.device_id}#{self.event_time_us // 1000:013d}#{self._discriminator}"
+            # %-formatting: an f-string's format spec (``:013d``) costs twice as much (bench/pipeline_cost.py).
+            self._key = "%s#%013d#%s" % (self.device_id, self.event_time_us // 1000, self._discriminator)
         return self._key
 
     @property
@@ -122,7 +124,7 @@ class Reading:
     @property
     def _discriminator(self) -> str:
         if self.seq is not None:
-            return f"{self.seq:010d}"
+            return "%010d" % self.seq
         if self.event_time_source == "publish_time":
             # Without a device time every resend has a new publish time; what identifies a Pub/Sub redelivery is its
             # message id. A device resending the same bytes is, without time or seq, a new reading.
@@ -222,7 +224,8 @@ def decode_json(data: bytes) -> Any:
 def parse(data: bytes, attributes: Mapping[str, str], message_id: str, publish_time_us: int) -> Reading:
     """Read one message as ``telemetry-v1``; raise :class:`Rejected` with the reason class when it is not."""
     device_id = device_identity(attributes)
-    return _read_v1(decode_json(data), data, device_id, attributes, message_id, publish_time_us)
+    return _read_v1_common(data, device_id, attributes, message_id, publish_time_us) \
+        or _read_v1(decode_json(data), data, device_id, attributes, message_id, publish_time_us)
 
 
 _V1_KEYS = frozenset(("ts", "metrics", "seq"))
@@ -251,6 +254,58 @@ def _read_v1(doc: Any, data: bytes, device_id: str, attributes: Mapping[str, str
     return Reading(device_id, event_time_us, publish_time_us, message_id, metrics, seq,
                    attributes.get("deviceNumId"), attributes.get("deviceRegistryId"), attributes.get("subFolder"),
                    extra, "" if seq is not None else _digest(data), "telemetry-v1", "payload", {}, data)
+
+
+# ------------------------------------------------------------------ telemetry-v1's common shape, read in one go
+
+_MetricName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METRIC_NAME)]
+
+
+class _CommonV1(msgspec.Struct, forbid_unknown_fields=True):
+    """The shape nearly every telemetry-v1 message has: ts, metrics and maybe seq, nothing else.
+
+    msgspec decodes and checks it in one pass in C (ints read as floats for metrics, bool and NaN refused, numbers
+    beyond a double refused); what it refuses :func:`_read_v1` reads as before, so a rejection's reason and detail
+    never come from here.
+    """
+
+    ts: int | str
+    metrics: Annotated[dict[_MetricName, float], msgspec.Meta(min_length=1)]
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=10**10)] | None = None
+
+
+_COMMON_V1 = msgspec.json.Decoder(_CommonV1)
+
+
+def _read_v1_common(data: bytes, device_id: str, attributes: Mapping[str, str], message_id: str,
+                    publish_time_us: int) -> Reading | None:
+    """The reading :func:`_read_v1` makes of a payload of the common shape, for about half its CPU; None for any
+    other payload (extra keys, a bad value, not JSON), which :func:`_read_v1` then reads or rejects."""
+    try:
+        doc = _COMMON_V1.decode(data)
+    except msgspec.MsgspecError:
+        return None
+    ts = doc.ts
+    if type(ts) is int:
+        if not 0 <= ts <= MAX_EVENT_MS:
+            return None
+        event_time_us = ts * 1000
+    else:
+        try:
+            event_time_us = parse_ts(ts)
+        except Rejected:
+            return None
+    # The dedupe key as Reading.dedupe_key writes it, while seq and the time are at hand.
+    seq = doc.seq
+    if seq is None:
+        digest = _digest(data)
+        key = "%s#%013d#h%s" % (device_id, event_time_us // 1000, digest)
+    else:
+        digest = ""
+        key = "%s#%013d#%010d" % (device_id, event_time_us // 1000, seq)
+    return Reading(device_id, event_time_us, publish_time_us, message_id, doc.metrics, seq,
+                   attributes.get("deviceNumId"), attributes.get("deviceRegistryId"), attributes.get("subFolder"),
+                   {}, digest, "telemetry-v1", "payload", {}, data, key)
 
 
 def _digest(data: bytes) -> str:
@@ -424,6 +479,11 @@ def read(data: bytes, attributes: Mapping[str, str], message_id: str, publish_ti
     is broken (it has ``ts`` or ``metrics``) is rejected at once rather than read by a later profile.
     """
     device_id = device_identity(attributes)
+    # The common telemetry-v1 shape first; b'"metrics"' spares the try to payloads of other shapes.
+    if profiles and profiles[0].name == "telemetry-v1" and b'"metrics"' in data:
+        reading = _read_v1_common(data, device_id, attributes, message_id, publish_time_us)
+        if reading is not None:
+            return reading
     doc: Any = _UNDECODED
     failures: list[tuple[str, str, str]] = []  # profile, reason, detail
     for profile in profiles:
@@ -464,10 +524,20 @@ def _utc_second(secs: int) -> str:
     return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+# The fraction's six digits as two table lookups: an f-string's ``:06d`` costs three times as much.
+_THREE_DIGITS = tuple("%03d" % i for i in range(1000))
+
+
 def rfc3339(us: int) -> str:
     """Epoch microseconds as the RFC 3339 text BigQuery's JSON API takes for TIMESTAMP."""
     secs, frac = divmod(us, 1_000_000)
-    return f"{_utc_second(secs)}.{frac:06d}Z"
+    ms, micros = divmod(frac, 1000)
+    digits = _THREE_DIGITS
+    return f"{_utc_second(secs)}.{digits[ms]}{digits[micros]}Z"
+
+
+# json.dumps(extra, separators=(",", ":"), sort_keys=True) without building an encoder per call.
+_EXTRA_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 def raw_row(r: Reading) -> dict[str, Any]:
@@ -482,7 +552,7 @@ def raw_row(r: Reading) -> dict[str, Any]:
         "message_id": r.message_id,
         "seq": r.seq,
         "metrics": [{"name": k, "value": v} for k, v in r.metrics.items()],
-        "extra": json.dumps(r.extra, separators=(",", ":"), sort_keys=True) if r.extra else None,
+        "extra": _EXTRA_JSON(r.extra) if r.extra else None,
         "labels": [{"name": k, "value": v} for k, v in r.labels.items()] if r.labels else [],
         "profile": r.profile,
         "event_time_source": r.event_time_source,
