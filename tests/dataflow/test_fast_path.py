@@ -181,3 +181,16 @@ def test_dedupe_key_is_zero_padded_as_documented(ms, seq, source):
                           event_time_source=source)
     tail = f"{seq:010d}" if seq is not None else "mm7" if source == "publish_time" else "habc"
     assert r.dedupe_key == f"dev-1#{ms:013d}#{tail}"
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.floats(), st.integers(-(2**80), 2**80), st.text(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=12)
+
+
+@settings(database=None)
+@given(st.dictionaries(st.text(max_size=6), JSON_VALUES, min_size=1, max_size=4))
+def test_the_extra_column_is_json_dumps(extra):
+    assert telemetry.raw_row(telemetry.Reading("dev-1", 0, 0, "1", {"t": 1.0}, extra=extra))["extra"] \
+        == json.dumps(extra, separators=(",", ":"), sort_keys=True)
