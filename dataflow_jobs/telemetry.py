@@ -28,8 +28,9 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from iotbridge.spec import DEFAULT_PROFILES, Profile
@@ -111,7 +112,8 @@ class Reading:
         """Device id + event time + seq; the payload digest when there is no seq, the message id when the event
         time is the publish time."""
         if not self._key:
-            self._key = f"{self.device_id}#{self.event_time_us // 1000:013d}#{self._discriminator}"
+            # zfill: an f-string's format spec (``:013d``) costs twice as much (bench/pipeline_cost.py).
+            self._key = f"{self.device_id}#{str(self.event_time_us // 1000).zfill(13)}#{self._discriminator}"
         return self._key
 
     @property
@@ -122,7 +124,7 @@ class Reading:
     @property
     def _discriminator(self) -> str:
         if self.seq is not None:
-            return f"{self.seq:010d}"
+            return str(self.seq).zfill(10)
         if self.event_time_source == "publish_time":
             # Without a device time every resend has a new publish time; what identifies a Pub/Sub redelivery is its
             # message id. A device resending the same bytes is, without time or seq, a new reading.
@@ -222,7 +224,8 @@ def decode_json(data: bytes) -> Any:
 def parse(data: bytes, attributes: Mapping[str, str], message_id: str, publish_time_us: int) -> Reading:
     """Read one message as ``telemetry-v1``; raise :class:`Rejected` with the reason class when it is not."""
     device_id = device_identity(attributes)
-    return _read_v1(decode_json(data), data, device_id, attributes, message_id, publish_time_us)
+    return _read_v1_common(data, device_id, attributes, message_id, publish_time_us) \
+        or _read_v1(decode_json(data), data, device_id, attributes, message_id, publish_time_us)
 
 
 _V1_KEYS = frozenset(("ts", "metrics", "seq"))
@@ -251,6 +254,74 @@ def _read_v1(doc: Any, data: bytes, device_id: str, attributes: Mapping[str, str
     return Reading(device_id, event_time_us, publish_time_us, message_id, metrics, seq,
                    attributes.get("deviceNumId"), attributes.get("deviceRegistryId"), attributes.get("subFolder"),
                    extra, "" if seq is not None else _digest(data), "telemetry-v1", "payload", {}, data)
+
+
+# ------------------------------------------------------------------ telemetry-v1's common shape, read in one go
+
+_MetricName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METRIC_NAME)]
+
+
+class _CommonV1(msgspec.Struct, gc=False):
+    """The shape nearly every telemetry-v1 message has: ts, metrics and maybe seq.
+
+    msgspec decodes and checks it in one pass in C (ints read as floats for metrics, bool and NaN refused, numbers
+    beyond a double refused); what it refuses :func:`_read_v1` reads as before, so a rejection's reason and detail
+    never come from here. This type skips other keys; :class:`_OnlyCommonV1` refuses them.
+    """
+
+    ts: int | str
+    metrics: Annotated[dict[_MetricName, float], msgspec.Meta(min_length=1)]
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=10**10)] | None = None
+
+
+class _OnlyCommonV1(_CommonV1, forbid_unknown_fields=True):
+    """The common shape with no other key: no ``extra`` to read."""
+
+
+_ONLY_COMMON_V1 = msgspec.json.Decoder(_OnlyCommonV1)
+_COMMON_V1 = msgspec.json.Decoder(_CommonV1)
+
+
+def _read_v1_common(data: bytes, device_id: str, attributes: Mapping[str, str], message_id: str,
+                    publish_time_us: int) -> Reading | None:
+    """The reading :func:`_read_v1` makes of a payload of the common shape, for about half its CPU; None for any
+    other payload (extra keys, a bad value, not JSON), which :func:`_read_v1` then reads or rejects."""
+    extra: dict[str, Any] = {}
+    try:
+        doc: _CommonV1 = _ONLY_COMMON_V1.decode(data)
+    except msgspec.ValidationError:
+        # Other keys too (a firmware version, say), or a bad value: the extras are what the full path's decoder
+        # reads, if the shape without them holds.
+        try:
+            doc = _COMMON_V1.decode(data)
+            extra = {k: v for k, v in decode_json(data).items() if k not in _V1_KEYS}
+        except (msgspec.MsgspecError, ValueError):  # Rejected is a ValueError
+            return None
+    except (msgspec.MsgspecError, ValueError):  # a key that is not UTF-8 raises UnicodeDecodeError
+        return None
+    ts = doc.ts
+    if isinstance(ts, int):  # msgspec's int: never a bool
+        if not 0 <= ts <= MAX_EVENT_MS:
+            return None
+        event_time_us = ts * 1000
+    else:
+        try:
+            event_time_us = _ts_from_rfc3339(ts)
+        except Rejected:
+            return None
+        if not 0 <= event_time_us // 1000 <= MAX_EVENT_MS:
+            return None
+    # The dedupe key as Reading.dedupe_key writes it, while seq and the time are at hand.
+    seq = doc.seq
+    if seq is None:
+        digest = _digest(data)
+        key = f"{device_id}#{str(event_time_us // 1000).zfill(13)}#h{digest}"
+    else:
+        digest = ""
+        key = f"{device_id}#{str(event_time_us // 1000).zfill(13)}#{str(seq).zfill(10)}"
+    return Reading(device_id, event_time_us, publish_time_us, message_id, doc.metrics, seq,
+                   attributes.get("deviceNumId"), attributes.get("deviceRegistryId"), attributes.get("subFolder"),
+                   extra, digest, "telemetry-v1", "payload", {}, data, key)
 
 
 def _digest(data: bytes) -> str:
@@ -424,6 +495,11 @@ def read(data: bytes, attributes: Mapping[str, str], message_id: str, publish_ti
     is broken (it has ``ts`` or ``metrics``) is rejected at once rather than read by a later profile.
     """
     device_id = device_identity(attributes)
+    # The common telemetry-v1 shape first; b'"metrics"' spares the try to payloads of other shapes.
+    if profiles and profiles[0].name == "telemetry-v1" and b'"metrics"' in data:
+        reading = _read_v1_common(data, device_id, attributes, message_id, publish_time_us)
+        if reading is not None:
+            return reading
     doc: Any = _UNDECODED
     failures: list[tuple[str, str, str]] = []  # profile, reason, detail
     for profile in profiles:
@@ -458,35 +534,63 @@ def read(data: bytes, attributes: Mapping[str, str], message_id: str, publish_ti
 # ------------------------------------------------------------------------------------------------ rows
 
 
-@functools.lru_cache(maxsize=8192)
+# Epoch second -> its text. Readings of a bundle share their seconds: formatting each second once saves most of the
+# cost, and a dict's get is cheaper than an lru_cache's call.
+_SECONDS: dict[int, str] = {}
+
+
 def _utc_second(secs: int) -> str:
-    # Readings of a bundle share their seconds: formatting each second once saves most of the cost.
-    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    if len(_SECONDS) >= 8192:
+        _SECONDS.clear()
+    text = _SECONDS[secs] = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return text
 
 
 def rfc3339(us: int) -> str:
     """Epoch microseconds as the RFC 3339 text BigQuery's JSON API takes for TIMESTAMP."""
     secs, frac = divmod(us, 1_000_000)
-    return f"{_utc_second(secs)}.{frac:06d}Z"
+    # zfill: a third of the cost of the format spec :06d
+    return f"{_SECONDS.get(secs) or _utc_second(secs)}.{str(frac).zfill(6)}Z"
+
+
+def _extra_json() -> Callable[[dict[str, Any]], str]:
+    """json.dumps(extra, separators=(",", ":"), sort_keys=True), for a third of its cost: the standard library's C
+    encoder, made once (json.dumps makes an encoder per call, and JSONEncoder.encode sets the C one up per call).
+    Without circular-reference markers: decoded JSON has no cycles."""
+    encoder = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the C accelerator
+        return encoder.encode
+    chunks = make(None, encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True)
+    return lambda extra: "".join(chunks(extra, 0))
+
+
+_EXTRA_JSON = _extra_json()
+
+
+_BASE64 = binascii.b2a_base64
 
 
 def raw_row(r: Reading) -> dict[str, Any]:
     """The ``telemetry_raw`` row (spec.TABLES)."""
+    # rfc3339() written out twice: this runs for every message (bench/pipeline_cost.py).
+    event_s, event_frac = divmod(r.event_time_us, 1_000_000)
+    publish_s, publish_frac = divmod(r.publish_time_us, 1_000_000)
     return {
         "device_id": r.device_id,
         "device_num_id": r.device_num_id,
         "registry_id": r.registry_id,
         "sub_folder": r.sub_folder,
-        "event_time": rfc3339(r.event_time_us),
-        "publish_time": rfc3339(r.publish_time_us),
+        "event_time": f"{_SECONDS.get(event_s) or _utc_second(event_s)}.{str(event_frac).zfill(6)}Z",
+        "publish_time": f"{_SECONDS.get(publish_s) or _utc_second(publish_s)}.{str(publish_frac).zfill(6)}Z",
         "message_id": r.message_id,
         "seq": r.seq,
         "metrics": [{"name": k, "value": v} for k, v in r.metrics.items()],
-        "extra": json.dumps(r.extra, separators=(",", ":"), sort_keys=True) if r.extra else None,
+        "extra": _EXTRA_JSON(r.extra) if r.extra else None,
         "labels": [{"name": k, "value": v} for k, v in r.labels.items()] if r.labels else [],
         "profile": r.profile,
         "event_time_source": r.event_time_source,
-        "payload": binascii.b2a_base64(r.payload, newline=False).decode("ascii"),
+        "payload": _BASE64(r.payload, newline=False).decode("ascii"),
     }
 
 
@@ -504,21 +608,22 @@ def bigtable_cells(r: Reading) -> tuple[bytes, list[Cell]]:
     pack = _DOUBLE.pack
     cells: list[Cell] = [("m", name.encode(), pack(v), ts) for name, v in r.metrics.items()]
     # Written out rather than looped over: this runs for every message (bench/pipeline_cost.py).
+    append = cells.append
     if r.device_num_id is not None:
-        cells.append(("a", b"device_num_id", r.device_num_id.encode(), ts))
+        append(("a", b"device_num_id", r.device_num_id.encode(), ts))
     if r.registry_id is not None:
-        cells.append(("a", b"registry_id", r.registry_id.encode(), ts))
+        append(("a", b"registry_id", r.registry_id.encode(), ts))
     if r.sub_folder is not None:
-        cells.append(("a", b"sub_folder", r.sub_folder.encode(), ts))
+        append(("a", b"sub_folder", r.sub_folder.encode(), ts))
     if r.seq is not None:
-        cells.append(("a", b"seq", b"%d" % r.seq, ts))
-    cells.append(("a", b"profile", r.profile.encode(), ts))
-    cells.append(("a", b"event_time_source", r.event_time_source.encode(), ts))
+        append(("a", b"seq", b"%d" % r.seq, ts))
+    cells += (("a", b"profile", r.profile.encode(), ts),
+              ("a", b"event_time_source", r.event_time_source.encode(), ts))
     if r.labels:
         cells += [("l", k.encode(), v.encode(), ts) for k, v in r.labels.items()]
     if r.profile == "raw":
         cells.append(("p", b"raw", r.payload, ts))
-    return r.dedupe_key.encode(), cells
+    return (r._key or r.dedupe_key).encode(), cells
 
 
 def error_row(reason: str, detail: str, data: bytes | None, attributes: Mapping[str, str] | None,
