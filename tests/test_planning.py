@@ -54,9 +54,13 @@ def test_known_fleet_capacity(known: capacity.Capacity) -> None:
     assert c.messages_per_s == pytest.approx(1000)
     month = 2.628e9
     # One host: 14,000 msg/s on the reference's 2 cores = 7,000 per vCPU; e2-standard-2 has 2 vCPUs; planned at
-    # half: 7,000 msg/s. 1,000 msg/s needs 1 host; 10,000 devices at 10,000 held per host need 1; the stack's
-    # default brokerMinHosts is 2, so 2 hosts.
+    # half: 7,000 msg/s. 1,000 msg/s needs 1 host. Connections: what the autoscaler keeps on an e2-standard-2
+    # (host_sizing): memory 2 x 4,096 = 8,192 MiB less max(512, 8,192 / 4) = 2,048 reserved = 6,144 MiB x 1,024 /
+    # 42 KiB = 149,796 devices; the front's idle CPU: half a core = 500 permille x 10,000 / 62 permille = 80,645;
+    # the smaller, 80,645, x 0.7 = 56,451 kept. 10,000 devices need 1; the stack's default brokerMinHosts is 2,
+    # so 2 hosts.
     assert c.host_msgs_per_s == pytest.approx(7000)
+    assert c.devices_per_host == 56_451
     assert (c.hosts_for_rate, c.hosts_for_connections, c.broker_hosts) == (1, 1, 2)
     # Every device reconnecting: 10,000 / (2 hosts x 250 connections/s) = 20 s.
     assert c.reconnect_storm_s == pytest.approx(20)
@@ -163,10 +167,20 @@ def test_egress_tiers_are_applied_in_order() -> None:
 
 
 def test_a_fleet_over_the_stack_limits_says_so(stack_file: Path) -> None:
-    # 1,000,000 devices need 100 hosts for their connections (10,000 held each); brokerMaxHosts is 10.
+    # 1,000,000 devices need 1,000,000 / 56,451 = 17.7 -> 18 hosts for their connections (56,451 kept on each
+    # e2-standard-2, worked out in test_known_fleet_capacity), not the 100 that the reference's 10,000 held
+    # connections would give; brokerMaxHosts is 10.
     c = capacity.plan(Fleet(1_000_000, 1 / 60), capacity.read_stack(stack_file), FIGURES)
-    assert c.hosts_for_connections == 100
-    assert any("needs 100 broker hosts; the stack's brokerMaxHosts is 10" in n for n in c.notes)
+    assert c.hosts_for_connections == 18
+    assert any("needs 18 broker hosts; the stack's brokerMaxHosts is 10" in n for n in c.notes)
+
+
+def test_a_broker_machine_type_the_host_sizing_does_not_know_is_a_one_line_error(tmp_path: Path) -> None:
+    # c3 is a family the price table and machine_shape know, but no broker host of it has been sized.
+    p = tmp_path / "Pulumi.c3.yaml"
+    p.write_text(STACK_YAML + "  gcp-iot-bridge:brokerMachineType: c3-standard-4\n")
+    with pytest.raises(capacity.PlanningError, match=r"broker machine type: unknown machine type 'c3-standard-4'"):
+        capacity.plan(Fleet(1_000, 1.0), capacity.read_stack(p), FIGURES)
 
 
 def test_the_deprecated_fixed_host_count_is_read_as_equal_bounds(tmp_path: Path) -> None:

@@ -56,8 +56,8 @@ import pulumi_tls as tls
 
 from gcp_iot_bridge.infra import packaging
 from gcp_iot_bridge.infra.buckets import private_bucket
-from gcp_iot_bridge.infra.host_sizing import MAX_HOSTS, HostSizing, sizing
 from gcp_iot_bridge.infra.registry_database import RegistryDatabase
+from iotbridge.planning.host_sizing import MAX_HOSTS, HostSizing, sizing
 from iotbridge.spec import CLOUD_RECHECK_INTERVAL_S, CONNECTED_DEVICES_METRIC
 
 # A host stopping (scale-in, a rolling replacement) ends its device sessions over this many seconds, after the load
@@ -578,7 +578,7 @@ cd "$OPT/app"
     --out "$MQ" --user mosquitto
 chown -R mosquitto:mosquitto "$MQ"
 chown iotbridge:iotbridge "$ETC"/*
-# Kernel limits for {size.devices} device connections (gcp_iot_bridge/infra/host_sizing.py).
+# Kernel limits for {size.devices} device connections (iotbridge/planning/host_sizing.py).
 install -d -m 0755 "$ROOT/etc/sysctl.d"
 cat > "$ROOT/etc/sysctl.d/60-iotbridge.conf" <<'SYSCTL'
 {size.sysctl_conf().strip()}

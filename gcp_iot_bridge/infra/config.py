@@ -25,8 +25,8 @@ from typing import Literal
 import pulumi
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gcp_iot_bridge.infra import host_sizing
 from iotbridge import spec
+from iotbridge.planning import host_sizing
 
 PROJECT = "gcp-iot-bridge"
 

@@ -19,6 +19,7 @@ import yaml
 
 from iotbridge import spec
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES
+from iotbridge.planning import host_sizing
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "bench" / "reference" / "results.json"
@@ -313,6 +314,7 @@ class Capacity:
     # Broker hosts
     host_msgs_per_s: float  # planned capacity of one host (measured max x vCPU share x utilization)
     hosts_for_rate: int
+    devices_per_host: int  # connected devices one host of the stack's machine type is kept at (host_sizing)
     hosts_for_connections: int
     broker_hosts: int  # what the fleet needs (at least the stack's brokerMinHosts)
     reconnect_storm_s: float  # every device reconnecting at once, spread over the hosts
@@ -362,16 +364,24 @@ def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
     month = fleet.messages_per_month
 
     # Broker hosts: throughput (the reference host's maximum, per core, scaled to this machine type's vCPUs and
-    # planned at half) and connections (the idle connections one reference host held).
+    # planned at half) and connections: what the deployed autoscaler keeps on one host of the stack's machine type,
+    # from the same arithmetic the stack sizes its hosts with (host_sizing: measured memory per device and the
+    # front's measured idle CPU).
     vcpus, _ = machine_shape(stack.broker_machine_type)
     host_rate = figures.qos1_msgs_per_s / figures.cores * vcpus * PLANNED_UTILIZATION
     hosts_for_rate = math.ceil(rate / host_rate)
-    hosts_for_connections = math.ceil(fleet.devices / figures.connections_held)
+    try:
+        size = host_sizing.sizing(stack.broker_machine_type)
+    except ValueError as exc:
+        raise PlanningError(f"broker machine type: {exc}") from None
+    hosts_for_connections = math.ceil(fleet.devices / size.autoscale_target)
     hosts = max(1, hosts_for_rate, hosts_for_connections, stack.broker_min_hosts)
     if hosts > stack.broker_max_hosts:
         notes.append(f"needs {hosts} broker hosts; the stack's brokerMaxHosts is {stack.broker_max_hosts}")
-    notes.append(f"connections per host are the {figures.connections_held:,} one reference host held (the bench "
-                 "container's open-files limit stopped it there); memory alone allows more (docs/broker-scaling.md)")
+    notes.append(f"connections per host: {size.autoscale_target:,}, what the autoscaler keeps on a "
+                 f"{stack.broker_machine_type} ({size.devices:,} it carries by memory and the front's idle CPU, "
+                 f"docs/broker-scaling.md); the reference host held {figures.connections_held:,} idle connections "
+                 "in the bench, where that machine's open-files limit stopped it")
     storm_s = fleet.devices / (hosts * figures.connections_per_s)
     # Fan-out: each config push is published once with the holding host; the bench's deliveries per message over
     # the hosts (1.0 measured: one host gets it) spread over this plan's hosts. Unfiltered, each host would get the
@@ -434,7 +444,8 @@ def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
 
     return Capacity(
         fleet=fleet, stack=stack, figures=figures, messages_per_s=rate,
-        host_msgs_per_s=host_rate, hosts_for_rate=hosts_for_rate, hosts_for_connections=hosts_for_connections,
+        host_msgs_per_s=host_rate, hosts_for_rate=hosts_for_rate, devices_per_host=size.autoscale_target,
+        hosts_for_connections=hosts_for_connections,
         broker_hosts=hosts, reconnect_storm_s=storm_s, fanout_messages_per_s=fanout_rate,
         fanout_per_host_per_s=fanout_per_host, fanout_per_host_per_s_unfiltered=unfiltered,
         lb_inbound_gib_month=lb_in, egress_gib_month=egress,
@@ -455,7 +466,7 @@ def render(c: Capacity) -> str:
         f"payloads, {f.metrics_per_message} metrics each; stack {c.stack.name} ({c.stack.region})",
         f"broker hosts ({c.stack.broker_machine_type}): {c.broker_hosts} (rate needs {c.hosts_for_rate} at "
         f"{c.host_msgs_per_s:,.0f} msg/s each, connections need {c.hosts_for_connections} at "
-        f"{c.figures.connections_held:,} each, the stack keeps {c.stack.broker_min_hosts}.."
+        f"{c.devices_per_host:,} each, the stack keeps {c.stack.broker_min_hosts}.."
         f"{c.stack.broker_max_hosts}); every device reconnecting at once takes {c.reconnect_storm_s:,.0f} s",
         f"config fan-out: {c.fanout_messages_per_s:,.2f} configs/s, each host receives "
         f"{c.fanout_per_host_per_s:,.3f}/s "

@@ -391,7 +391,7 @@ def test_a_stopping_host_drains_its_devices_before_the_bridge_service_and_mosqui
 
 
 def test_units_and_kernel_are_sized_for_the_connections_of_the_machine_type(run):
-    from gcp_iot_bridge.infra import host_sizing
+    from iotbridge.planning import host_sizing
 
     script = the(run, "template").get("metadataStartupScript")
     size = host_sizing.sizing("e2-standard-2")
