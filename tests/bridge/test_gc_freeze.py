@@ -20,6 +20,7 @@ import pytest
 from iotbridge.bridge import __main__ as bridge_main
 from iotbridge.bridge import front, service
 from iotbridge.bridge.settings import BridgeSettings, new_secrets, write_secrets
+from tests.aio import run_in_own_loop
 
 
 def _tracked(obj: object) -> bool:
@@ -82,6 +83,9 @@ def test_front_freezes_what_it_holds_once_started(part: BridgeSettings, monkeypa
 
     monkeypatch.setattr(front, "Front", StandIn)
     monkeypatch.setattr(front, "server_ssl_context", lambda *args: None)
+    # run_front's asyncio.run would leave the main thread with no current event loop for the Pulumi mock tests
+    # that run later in the session (tests/aio.py): its coroutine runs on a loop of its own instead.
+    monkeypatch.setattr(asyncio, "run", run_in_own_loop)
     bridge_main.run_front(part)
     assert seen["tracked_at_start"], "nothing frozen before the front started"
     assert seen["frozen"] == [True, True, True], "the front, what it made and what start() made are frozen"
