@@ -9,6 +9,8 @@ No test may skip: a skipped test fails the session (``pytest_sessionfinish`` bel
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -136,3 +138,22 @@ def emulator_env(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return services.REPO_ROOT
+
+
+def _main_thread_loop_was_taken() -> bool:
+    """True when the main thread's current event loop was set to none (what ``asyncio.run`` leaves behind), after
+    which ``asyncio.get_event_loop()`` raises instead of making one."""
+    local = getattr(asyncio.get_event_loop_policy(), "_local", None)
+    return local is not None and getattr(local, "_set_called", False) and getattr(local, "_loop", 1) is None
+
+
+@pytest.fixture(autouse=True)
+def _main_thread_keeps_its_event_loop() -> Iterator[None]:
+    """A test that leaves the main thread without a current event loop fails here, by name, instead of every Pulumi
+    mock test after it failing with "There is no current event loop" (use tests.aio.run_in_own_loop)."""
+    yield
+    if threading.current_thread() is threading.main_thread() and _main_thread_loop_was_taken():
+        asyncio.set_event_loop(asyncio.new_event_loop())  # for the tests after this one
+        pytest.fail("this test left the main thread with no current event loop (asyncio.run?): run coroutines with "
+                    "tests.aio.run_in_own_loop")
+
