@@ -6,6 +6,7 @@ what it acked), and Pub/Sub is not involved in the sync path."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -214,3 +215,21 @@ def test_a_failed_read_fails_each_sync_of_its_batch_and_acks_each(deployment, mo
     assert config_topic("pump") not in broker.retained
     assert sorted(logged) == sorted(f"config sync for {d} failed: registry unavailable"
                                     for d in ("pump", "pump", "valve"))
+
+
+def test_the_service_broker_connection_does_not_hold_small_writes(stack):
+    """TCP_NODELAY on the service's loopback connection: with Nagle, each config it publishes after acking a sync
+    request waited for the broker's delayed ACK (about 40 ms), which held a storm's config sync to ~22/s."""
+    settings = BridgeSettings(project=PROJECT, region=REGION, registry_id="nodelay", prefix="sync",
+                              broker_host=stack.settings.broker_host, broker_port=stack.settings.broker_port,
+                              host_id=f"nodelay-{uuid.uuid4().hex[:8]}")
+    bridge = svc.BridgeService(settings, registry=cast(Any, None), password=stack.settings.secrets()["bridge"],
+                               publisher=cast(Any, NoPubSub()), subscriber=cast(Any, NoPubSub()))
+    bridge.mqtt.on_connect = None  # connected only to look at its socket: no subscriptions, nothing to ack
+    bridge.mqtt.connect(settings.broker_host, settings.broker_port)
+    try:
+        sock = bridge.mqtt.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        bridge.mqtt.disconnect()
