@@ -488,6 +488,19 @@ def registry_of(client: firestore.Client, deployment: str, device_id: str) -> st
     return (snap.to_dict() or {}).get("registry_id") if snap.exists else None
 
 
+def registries_of(client: firestore.Client, deployment: str, device_ids: Sequence[str],
+                  chunk: int = 300) -> dict[str, str | None]:
+    """:func:`registry_of` for many device ids, in one batched read (``get_all``) per ``chunk``."""
+    index = client.collection("registries").document(deployment).collection("device_index")
+    ids = [validate_device_id(d) for d in dict.fromkeys(device_ids)]
+    found: dict[str, str | None] = dict.fromkeys(ids)
+    for i in range(0, len(ids), chunk):
+        for snap in client.get_all([index.document(d) for d in ids[i:i + chunk]], field_paths=["registry_id"]):
+            if snap.exists:
+                found[snap.id] = (snap.to_dict() or {}).get("registry_id")
+    return found
+
+
 def list_registries(client: firestore.Client, deployment: str) -> list[str]:
     """The ids of the deployment's registries (its own and those created for it), in order."""
     own = client.collection("registries").document(deployment).get(field_paths=["registry_id"]).exists
@@ -966,6 +979,29 @@ class Registry:
             return None
         snap = self._config_ref(device_id, version).get()
         return ConfigVersion.from_doc(snap.to_dict() or {}) if snap.exists else None
+
+    def get_configs(self, device_ids: Sequence[str], chunk: int = 300) -> dict[str, ConfigVersion | None]:
+        """:meth:`get_config` for many devices: device id -> its latest config (None: it has none), for those of
+        ``device_ids`` that exist (a missing id is a device not found). Two batched reads (``get_all``) per
+        ``chunk``: the devices' config versions, then those configs."""
+        found: dict[str, ConfigVersion | None] = {}
+        ids = list(dict.fromkeys(device_ids))
+        for i in range(0, len(ids), chunk):
+            refs = [self._device_ref(d) for d in ids[i:i + chunk]]
+            wanted: dict[str, str] = {}  # config document path -> device id
+            for snap in self.client.get_all(refs, field_paths=["config_version"]):
+                if not snap.exists:
+                    continue
+                found[snap.id] = None
+                version = int((snap.to_dict() or {}).get("config_version", 0))
+                if version:
+                    wanted[self._config_ref(snap.id, version).path] = snap.id
+            if wanted:
+                configs = [self.client.document(path) for path in wanted]
+                for snap in self.client.get_all(configs):
+                    if snap.exists:
+                        found[wanted[snap.reference.path]] = ConfigVersion.from_doc(snap.to_dict() or {})
+        return found
 
     def list_config_versions(self, device_id: str, limit: int = KEEP_CONFIG_VERSIONS) -> list[ConfigVersion]:
         ref, _ = self._load(device_id)

@@ -28,6 +28,10 @@ than the one this bridge last published is skipped); commands at QoS 1, not reta
 ``/devices/{id}/commands[/{subfolder}]`` — Mosquitto delivers them only to a connected subscriber, and device
 sessions are clean, so nothing is stored. The front asks for a config sync (``iotbridge/sync``) whenever a
 device connects, which covers hosts that joined after the config was fanned out and a broker that lost state.
+Sync requests waiting next to each other in the config queue (a reconnect storm) are read together, up to
+``SYNC_BATCH`` at a time: one batched read of the device index and two per registry (devices, then their configs)
+instead of three reads each; they are still applied one by one in queue order, and a config delivery or a
+forgotten device queued between two of them splits the batch, so each device sees its work in the order it came.
 
 Registry activity (last event / state) is coalesced and written every few seconds, not per message.
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -61,7 +66,15 @@ from iotbridge.bridge import fanout, limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.front import SYNC_AGAIN, SYNC_GONE, SYNC_SUBSCRIBED, SYNC_TOPIC
 from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
-from iotbridge.registry import DeviceNotFound, Registry, RegistrySettings, registry_of
+from iotbridge.registry import (
+    ConfigVersion,
+    DeviceNotFound,
+    Registry,
+    RegistrySettings,
+    registries_of,
+    registry_of,
+    validate_device_id,
+)
 
 log = logging.getLogger("iotbridge.bridge")
 
@@ -72,6 +85,9 @@ REGISTRY_FLUSH_S = 2.0
 RETRY_MAX_S = 30.0
 STATS_EVERY_S = 0.5
 COMMAND_MAX_AGE_S = 60.0
+# Config sync requests read together at most (the reads of a batch cost 0.28-0.33 ms CPU per device at 64, against
+# 1.6-1.7 ms one at a time); a batch waits for nothing: it is what already sits in the queue.
+SYNC_BATCH = 64
 SYS_LOG_NOTICE = "$SYS/broker/log/N"
 SYS_GAUGES = {
     "$SYS/broker/store/messages/count": "broker_stored_messages",
@@ -98,6 +114,24 @@ NOBODY = Who("", "")
 
 
 @dataclass(frozen=True)
+class SyncRequest:
+    """A device's config sync request (``iotbridge/sync``), as queued for the config worker."""
+
+    device_id: str
+    mid: int
+    qos: int
+    gen: int
+    subscribed: bool = False
+    again: bool = False
+
+
+# What a sync read found for a device: its latest config, None (no config), or why there is no answer
+# (DeviceNotFound, or the read's failure).
+SyncRead = ConfigVersion | None | Exception
+ConfigWork = tuple[str, Callable[[], None] | SyncRequest]
+
+
+@dataclass(frozen=True)
 class Parsed:
     device_id: str
     kind: str  # "events" | "state"
@@ -118,6 +152,14 @@ def parse_topic(topic: str) -> Parsed | None:
     if kind not in spec.DEVICE_PUBLISHES:
         return None
     return Parsed(device_id, kind, sub_folder, gateway_id)
+
+
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:  # noqa: ANN401 - paho's socket-like
+    """No Nagle on the broker connection: the service writes a PUBACK and then a PUBLISH, small segments that Nagle
+    would hold until the broker's delayed ACK of the first (about 40 ms on Linux loopback), per config it
+    publishes. The Unix socket has no such option."""
+    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class BridgeService:
@@ -147,7 +189,7 @@ class BridgeService:
         # sent: the broker redelivers that message with the same packet id, which could by then name another
         # message — acking it before Pub/Sub accepted it would break at-least-once.
         self._generation = 0
-        self._config_work: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
+        self._config_work: queue.Queue[ConfigWork | None] = queue.Queue()
         self._published_config: dict[str, int] = {}
         self._activity_lock = threading.Lock()
         self._events_seen: dict[str, tuple[str, datetime]] = {}  # device id -> (registry id, when)
@@ -171,6 +213,7 @@ class BridgeService:
         self.mqtt.reconnect_delay_set(cast(int, 0.2), 5)
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_message = self._on_message
+        self.mqtt.on_socket_open = _no_delay
         # Device → cloud publishing: raw protobuf batches, the broker acked per batch (see batching.py).
         self.batcher = Batcher(self.publisher.api.publish, self._on_batch_sent, self._on_batch_failed,
                                self._on_batch_rejected)
@@ -293,7 +336,7 @@ class BridgeService:
                 return
             device_id = text.removesuffix(SYNC_SUBSCRIBED).removesuffix(SYNC_AGAIN)
             subscribed, again = text.endswith(SYNC_SUBSCRIBED), text.endswith(SYNC_AGAIN)
-            self._config_work.put((device_id, lambda: self._sync_config(device_id, mid, qos, gen, subscribed, again)))
+            self._config_work.put((device_id, SyncRequest(device_id, mid, qos, gen, subscribed, again)))
             return
         gen = self._generation
         parsed = parse_topic(msg.topic)
@@ -614,14 +657,31 @@ class BridgeService:
             message.ack()
 
     def _config_loop(self) -> None:
-        while True:
-            item = self._config_work.get()
-            if item is None:
-                return
+        item: ConfigWork | None = self._config_work.get()
+        while item is not None:
+            work = item[1]
+            if isinstance(work, SyncRequest):
+                # The sync requests queued right behind this one join its read; the first other item (or the stop
+                # mark) ends the batch and runs next, so nothing overtakes anything in the queue.
+                syncs, after, ended = [work], None, False
+                while len(syncs) < SYNC_BATCH:
+                    try:
+                        after = self._config_work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if after is not None and isinstance(after[1], SyncRequest):
+                        syncs.append(after[1])
+                        continue
+                    ended = True
+                    break
+                self._sync_configs(syncs)
+                item = after if ended else self._config_work.get()
+                continue
             try:
-                item[1]()
+                work()
             except Exception:
                 log.exception("config delivery for %s failed", item[0])
+            item = self._config_work.get()
 
     def _publish_config(self, device_id: str, version: int, data: bytes, again: bool = False) -> bool:
         """Publish the version retained unless it was published before (``again``: publish it anyway)."""
@@ -662,18 +722,71 @@ class BridgeService:
         finally:
             self._ack(mid, qos, gen, count=False)
 
-    def _sync_config(self, device_id: str, mid: int, qos: int, gen: int, subscribed: bool = False,
-                     again: bool = False) -> None:
-        subscribed = subscribed or again
+    def _read_configs(self, device_ids: list[str]) -> dict[str, SyncRead]:
+        """Each device's latest config, read in batches: the registry of each device not cached, from one read of
+        the device index; then each registry's devices together (:meth:`Registry.get_configs`). A failed read
+        is the answer of each device it was for."""
+        reads: dict[str, SyncRead] = {}
+        registry_ids: dict[str, str] = {}
+        unknown: list[str] = []
+        for device_id in dict.fromkeys(device_ids):
+            try:
+                validate_device_id(device_id)
+            except ValueError as exc:
+                reads[device_id] = exc
+                continue
+            cached = self._cached_who(device_id)
+            if cached is not None and cached.registry_id:
+                registry_ids[device_id] = cached.registry_id
+            else:
+                unknown.append(device_id)
+        if unknown:
+            try:
+                indexed = registries_of(self.registry.client, self.s.registry_id, unknown)
+                registry_ids.update({d: indexed.get(d) or self.s.registry_id for d in unknown})
+            except Exception as exc:  # noqa: BLE001 - each of these syncs fails with it, as its own read would
+                reads.update(dict.fromkeys(unknown, exc))
+        groups: dict[str, list[str]] = {}
+        for device_id, registry_id in registry_ids.items():
+            groups.setdefault(registry_id, []).append(device_id)
+        for registry_id, ids in groups.items():
+            registry = self.registry_for(registry_id)
+            try:
+                found = registry.get_configs(ids)
+            except Exception as exc:  # noqa: BLE001 - the same, for this registry's devices
+                reads.update(dict.fromkeys(ids, exc))
+                continue
+            for device_id in ids:
+                reads[device_id] = found[device_id] if device_id in found else DeviceNotFound(
+                    f"device {device_id!r} not found in registry {registry_id!r}")
+        return reads
+
+    def _sync_configs(self, requests: list[SyncRequest]) -> None:
+        """Sync requests read together, then applied one by one in queue order (each acked exactly once)."""
         try:
-            cfg = self.device_registry(device_id).get_config(device_id)
+            reads = self._read_configs([r.device_id for r in requests])
+        except Exception as exc:  # noqa: BLE001 - an unforeseen failure: every request gets it as its answer
+            reads = {r.device_id: exc for r in requests}
+        for request in requests:
+            try:
+                self._sync_config(request, reads[request.device_id])
+            except Exception:
+                log.exception("config sync for %s failed", request.device_id)
+
+    def _sync_config(self, request: SyncRequest, read: SyncRead) -> None:
+        device_id, subscribed, again = request.device_id, request.subscribed or request.again, request.again
+        try:
+            if isinstance(read, DeviceNotFound):
+                return
+            if isinstance(read, Exception):
+                log.error("config sync for %s failed: %s", device_id, read, exc_info=read)
+                return
+            cfg = read
             if cfg is not None and not cfg.data and not subscribed and device_id not in self._published_config:
                 return  # nothing retained here to replace; the device gets it when it subscribes (below)
             if cfg is not None:
                 # The broker keeps no empty retained message: a device that subscribes gets an empty latest config
                 # from this publish, as IoT Core sent it to every subscriber.
                 self._publish_config(device_id, cfg.version, cfg.data, again=again or (subscribed and not cfg.data))
-        except DeviceNotFound:
-            pass
         finally:
-            self._ack(mid, qos, gen, count=False)
+            self._ack(request.mid, request.qos, request.gen, count=False)
