@@ -17,8 +17,10 @@ runs each, interleaved), then K rounds of these configurations, taking turns goi
   ``send_to_call_return_ms``: to the call's return. For the slowest 1 % of messages the mean of each hop says
   where the tail comes from. The service's and the front's GC pauses are counted (wall and CPU time, per
   generation).
-- ``mqtt floor``: the machine's MQTT at the sink's rate: the devices' paho load process with plain clients (no TLS,
-  no JWT) → a bare Mosquitto → ``mosquitto_sub`` (C), which stamps each arrival; what MQTT alone costs here.
+- ``mqtt floor, paho publishers``: the machine's MQTT at the sink's rate: the devices' paho load process with plain
+  clients (no TLS, no JWT) → a bare Mosquitto → ``mosquitto_sub`` (C), which stamps each arrival; what MQTT alone
+  costs here with the devices' publishers. ``mqtt floor, C publishers``: the same with paced ``mosquitto_pub``
+  processes as publishers: no Python on the path.
 - ``bridge``: the same at S × the Pub/Sub host's maximum (``bench bridge``'s latency run); ``e2e_ms`` is the
   message's Pub/Sub ``publish_time`` − its send time.
 - ``emulator floor``: the emulator alone at the bridge's rate: a plain ``google-cloud-pubsub`` publisher (batch
@@ -40,6 +42,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -330,31 +333,72 @@ def mqtt_latencies(out: bytes, run: str) -> tuple[set[tuple[int, int]], int, lis
     return seen, dups, latencies
 
 
-def mqtt_round(port: int, run: str, rate: float, seconds: float) -> dict[str, Any]:
-    """The machine's MQTT floor at the same rate: the devices' paho load process (``DEVICES`` plain clients, no TLS,
-    no JWT, the same payloads and pacing) → a bare Mosquitto → ``mosquitto_sub`` (C) at QoS 1, which writes each
-    arrival's time (``-F "%U %p"``); latency = arrival − send."""
+def _paced_c_publishers(port: int, run: str, rate: float, total: int) -> int:
+    """``C_PUBLISHERS`` mosquitto_pub processes (QoS 1, in-flight window 100) fed through pipes by this process on an
+    open-loop schedule of ``rate`` msg/s, each payload stamped as it is written: the messages they never got a
+    PUBACK for."""
+    exe = shutil.which("mosquitto_pub")
+    if not exe:
+        raise RuntimeError("mosquitto_pub not installed (mosquitto-clients)")
+    logs = [local.workdir() / f"{run}-pub{i}.log" for i in range(broker.C_PUBLISHERS)]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, log in enumerate(logs):
+            with open(log, "wb") as out:
+                procs.append(subprocess.Popen(
+                    [exe, "-h", "127.0.0.1", "-p", str(port), "-t", f"raw/c{i}", "-q", "1", "-l", "-M", "100", "-d",
+                     "-i", f"raw-cpub-{run}-{i}"], stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL))
+        interval = 1.0 / rate
+        p0 = time.perf_counter()
+        for i in range(total):
+            delay = p0 + i * interval - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pipe = procs[i % len(procs)].stdin
+            assert pipe is not None
+            pipe.write(payload(i % len(procs), i // len(procs), run) + b"\n")
+            pipe.flush()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.close()
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    return total - sum(broker.puback_count(log.read_bytes()) for log in logs)
+
+
+def mqtt_round(port: int, run: str, rate: float, seconds: float, c_pubs: bool = False) -> dict[str, Any]:
+    """The machine's MQTT floor at the same rate, at QoS 1 → a bare Mosquitto → ``mosquitto_sub`` (C), which writes
+    each arrival's time (``-F "%U %p"``); latency = arrival − send. The publishers: the devices' paho load process
+    (``DEVICES`` plain clients, no TLS, no JWT, the same payloads and pacing), or with ``c_pubs`` mosquitto_pub
+    processes fed by this process (:func:`_paced_c_publishers`): MQTT with no Python on its path."""
     load0 = load_average()
     folder = local.workdir()
-    per = int(rate * seconds) // DEVICES
-    sent = per * DEVICES
+    clients = broker.C_PUBLISHERS if c_pubs else DEVICES
+    sent = int(rate * seconds) // clients * clients
     sub = broker.CSubscriber(port, "raw", 1, run, folder)
     try:
-        proc = broker.spawn_loadgen({"host": "127.0.0.1", "port": port, "raw": True, "per_device": per, "qos": 1,
-                                     "rate": rate, "run": run,
-                                     "devices": [[f"raw{i}", ""] for i in range(DEVICES)]}, folder)
-        try:
-            result = broker.loadgen_result(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        if c_pubs:
+            unacked = _paced_c_publishers(port, run, rate, sent)
+        else:
+            proc = broker.spawn_loadgen({"host": "127.0.0.1", "port": port, "raw": True, "per_device": sent // clients,
+                                         "qos": 1, "rate": rate, "run": run,
+                                         "devices": [[f"raw{i}", ""] for i in range(clients)]}, folder)
+            try:
+                unacked = broker.loadgen_result(proc)["unacked"]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
         sub.wait(sent)
     finally:
         sub.close()
     seen, dups, latencies = mqtt_latencies(sub.path.read_bytes(), run)
     return {"rate": round(rate), "sent": sent, "lost": sent - len(seen), "duplicates": dups,
-            "unacked": result["unacked"], "load_before": load0, "load_after": load_average(),
-            "e2e_ms": _ms(latencies)}
+            "unacked": unacked, "load_before": load0, "load_after": load_average(), "e2e_ms": _ms(latencies)}
 
 
 def floor_round(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
@@ -506,12 +550,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 step(config, measure)
 
-            def mqtt_step() -> None:
+            def mqtt_step(c_pubs: bool) -> None:
                 nonlocal mqtt_runs
                 mqtt_runs += 1
-                step("mqtt floor", lambda: mqtt_round(port, f"mq{mqtt_runs}", sink_rate, args.seconds))
+                step("mqtt floor, C publishers" if c_pubs else "mqtt floor, paho publishers",
+                     lambda: mqtt_round(port, f"mq{mqtt_runs}", sink_rate, args.seconds, c_pubs))
 
-            steps = [lambda: bridge_step("sink", sink_rate, "sink"), mqtt_step,
+            steps = [lambda: bridge_step("sink", sink_rate, "sink"), lambda: mqtt_step(False),
+                     lambda: mqtt_step(True),
                      lambda: bridge_step("bridge", bridge_rate, "bridge"),
                      *(lambda n=n: bridge_step(n, bridge_rate, n) for n in hosts if n not in ("sink", "bridge")),
                      lambda: step("emulator floor", lambda: floor_round(hosts["bridge"][0], bridge_rate,
