@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--share", type=float, default=0.5, help="of the measured QoS 1 maximum")
+    parser.add_argument("--share", type=float, default=0.5,
+                        help="of each host's measured QoS 1 maximum (the sink's for the sink and the MQTT floors)")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=0.0,
                         help="msg/s for every configuration instead of measuring the maxima")
