@@ -94,7 +94,9 @@ class Bench:
         self.prefix = local.new_prefix("bs" if sink else "bb")
         self.sink_file = local.workdir() / f"{self.prefix}.sink" if sink else None
         factory = bench_sink.FACTORY if sink else ""
-        stack_env = ({**self.env, bench_sink.SINK_ENV: str(self.sink_file), "PYTHONPATH": str(ROOT)} if sink
+        # The sink's module is the bench's: the repository goes on the path, before whatever the caller put there.
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        stack_env = ({**self.env, bench_sink.SINK_ENV: str(self.sink_file), "PYTHONPATH": path} if sink
                      else self.env)
         local.create_topics(local.PROJECT, self.prefix)
         self.registry = Registry(local.PROJECT, local.REGISTRY, local.REGION)

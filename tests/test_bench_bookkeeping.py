@@ -79,6 +79,37 @@ def test_mosquitto_sub_output_is_counted_per_device_and_sequence() -> None:
     assert last == 105.5
 
 
+def test_the_mqtt_floor_latency_is_each_unique_arrival_minus_its_send_time() -> None:
+    from bench.profile_latency import mqtt_latencies
+
+    sent = [payload(0, i, "mq1") for i in range(3)]
+    sent_at = [json.loads(p)["sent"] for p in sent]
+    lines = [b"%.6f ready" % sent_at[0]]  # the subscription's marker
+    lines += [b"%.6f %s" % (t + 0.01 * (i + 1), p) for i, (t, p) in enumerate(zip(sent_at, sent, strict=True))]
+    lines += [b"%.6f %s" % (sent_at[1] + 5, sent[1]),  # a duplicate, late: not a latency
+              b"%.6f %s" % (sent_at[0] + 9, payload(1, 0, "mq0"))]  # another run's message
+    seen, dups, latencies = mqtt_latencies(b"\n".join(lines) + b"\n", "mq1")
+    assert seen == {(0, 0), (0, 1), (0, 2)} and dups == 1
+    assert [round(x, 3) for x in latencies] == [0.01, 0.02, 0.03]
+
+
+def test_the_latency_profile_reports_medians_and_spread_of_each_percentile_over_the_rounds() -> None:
+    from bench.profile_latency import HOPS, summarize
+
+    def round_(p99: float, lost: int, load: float) -> dict:
+        return {"rate": 3000, "lost": lost, "load_before": [load, 1.0, 1.0],
+                "e2e_ms": {"p50": 5.0, "p99": p99, "p99.9": p99 * 2},
+                "slowest_1pct_mean_hop_ms": {h: p99 / 10 for h in HOPS},
+                "hops_ms": {h: {"p50": 1.0} for h in HOPS}}
+
+    out = summarize([round_(40.0, 0, 3.0), round_(120.0, 2, 9.0), round_(60.0, 0, 5.0)])
+    assert out["e2e_ms"]["p99"] == {"median": 60.0, "min": 40.0, "max": 120.0}
+    assert out["e2e_ms"]["p99.9"] == {"median": 120.0, "min": 80.0, "max": 240.0}
+    assert out["slowest_1pct_mean_hop_ms"]["batching"] == {"median": 6.0, "min": 4.0, "max": 12.0}
+    assert out["lost"] == 2 and out["load_before"] == [3.0, 9.0, 5.0] and out["rounds"] == 3
+    assert "send_to_call_return_ms" not in out  # the floors have no publish call
+
+
 def test_the_sink_writes_what_the_service_publishes_and_the_bench_counts_it(tmp_path: Path) -> None:
     from google.pubsub_v1.types import PublishRequest
 
