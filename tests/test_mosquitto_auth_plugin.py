@@ -97,15 +97,25 @@ def fleet(firestore_emulator: services.Service) -> tuple[Registry, dict[str, tup
     return registry, keys
 
 
+@pytest.fixture(scope="module")
+def daemon(fleet, firestore_emulator: services.Service,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """The auth daemon on the fleet's registry, which also wrote the keys for the OpenSSL variant: (socket, keys)."""
+    registry, _keys = fleet
+    wd = tmp_path_factory.mktemp("daemon")
+    svc, sock = mosquitto_auth.start_daemon(wd, firestore_emulator.env, PROJECT, REGION, registry.registry_id, "map",
+                                            wd / "keys")
+    yield sock, wd / "keys"
+    svc.stop()
+
+
 @pytest.fixture(scope="module", params=["daemon", "openssl"])
-def broker(request: pytest.FixtureRequest, plugin: Path, fleet, firestore_emulator: services.Service,
+def broker(request: pytest.FixtureRequest, plugin: Path, fleet, daemon: tuple[Path, Path],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     registry, _keys = fleet
+    sock, keydir = daemon
     wd = tmp_path_factory.mktemp(f"broker-{request.param}")
     tls = generate_local_tls(wd / "tls")
-    keydir = wd / "keys" if request.param == "openssl" else None
-    daemon, sock = mosquitto_auth.start_daemon(wd / "daemon", firestore_emulator.env, PROJECT, REGION,
-                                               registry.registry_id, "map", keydir)
     port = services.free_port()
     prefix = mosquitto_auth.client_id_prefix(PROJECT, REGION, registry.registry_id)
     conf = mosquitto_auth.listener_conf(port, tls.server_cert, tls.server_key, plugin, prefix, request.param,
@@ -113,7 +123,6 @@ def broker(request: pytest.FixtureRequest, plugin: Path, fleet, firestore_emulat
     mosq = require(mosquitto_auth.start_broker, conf, port, wd / "mosquitto")
     yield port, tls.ca_cert
     mosq.stop()
-    daemon.stop()
 
 
 def test_plugin_authenticates_and_confines(broker, fleet) -> None:
