@@ -41,6 +41,17 @@ connections/s, and CPU ms per connection of the front process(es), of Mosquitto,
 load generator itself; the machine's load average. Then the cost of what a plugin would add in design (3): one
 ES256 JWT verification, timed in this process with the front's own ``verify_jwt`` (``cryptography``).
 
+``python -m bench.profile_front connrate-plugin N ROUNDS HOLD``: the design where Mosquitto terminates TLS and
+authenticates devices itself, with the plugin prototype of ``bench/mosquitto_auth`` (compiled first; it needs gcc
+and ``mosquitto-dev``), against the front, on the same load generator as ``connrate``, interleaved round by round:
+(1) the front as deployed (N fresh registered devices per round); (3) Mosquitto terminating TLS with no
+authentication; (4a) Mosquitto with the plugin asking the auth daemon, which checks the JWT with the front's
+``verify_jwt`` against the device's credentials read from the registry once at its start; (4b) the same with one
+registry read per CONNECT (``Registry.get_device``); (4c) the plugin checking the JWT itself with OpenSSL against
+the keys the daemon wrote. The plugin designs connect the same N registered devices each round. Per design:
+connections/s and CPU ms per connection of every process. Then, for (4a) and (4c), memory per idle authenticated
+connection: the RSS growth of Mosquitto (and the daemon) over HOLD connections held after 200.
+
 ``python -m bench.profile_front syncread N``: what the bridge service's config sync costs per connect in its
 Firestore read, and what batching would save: N registered devices (no config, as the bench's), read in this
 process one ``Registry.get_config`` per device (what the service does per sync request today) and in batched
@@ -338,22 +349,28 @@ def mem(n: int, out: Path) -> None:
         local.stop_all()
 
 
-async def _mosquitto_fleet(port: int, n: int, ctx: ssl.SSLContext | None, pid: int) -> tuple[int, int, dict]:
-    """``n`` idle MQTT connections to Mosquitto on ``port`` (TLS when ``ctx``); (held, RSS growth in KiB, errors)."""
+async def _mosquitto_fleet(port: int, n: int, ctx: ssl.SSLContext | None, pids: list[int],
+                           tokens: list[tuple[str, str]] | None = None) -> tuple[int, int, dict]:
+    """``n`` idle MQTT connections to Mosquitto on ``port`` (TLS when ``ctx``) after ``MEM_WARMUP`` (``tokens``:
+    each one's device id and password, else made-up ids); (held, RSS growth of ``pids`` in KiB, errors)."""
     fleet = connections.Fleet("127.0.0.1", port, ctx)
     sem = asyncio.Semaphore(connections.CONCURRENT_CONNECTS)
+    tokens = tokens or [(f"proto-{i:06d}", "unused") for i in range(MEM_WARMUP + n)]
 
-    async def one(i: int) -> None:
+    async def one(device_id: str, token: str) -> None:
         async with sem:
-            await fleet.connect(f"proto-{i:06d}", "unused")
+            await fleet.connect(device_id, token)
 
-    await asyncio.gather(*(one(i) for i in range(MEM_WARMUP)))
+    def rss() -> int:
+        return sum(connections.rss_kib(p) for p in pids)
+
+    await asyncio.gather(*(one(d, t) for d, t in tokens[:MEM_WARMUP]))
     await asyncio.sleep(2)
-    rss0 = connections.rss_kib(pid)
-    await asyncio.gather(*(one(i) for i in range(MEM_WARMUP, MEM_WARMUP + n)))
+    rss0 = rss()
+    await asyncio.gather(*(one(d, t) for d, t in tokens[MEM_WARMUP:MEM_WARMUP + n]))
     held = await fleet.ping_all()
     await asyncio.sleep(2)
-    grown = connections.rss_kib(pid) - rss0
+    grown = rss() - rss0
     await fleet.close()
     return held - MEM_WARMUP, grown, dict(fleet.errors)
 
@@ -379,7 +396,7 @@ def mosquitto_tls(n: int, out: Path) -> None:
         port = services.free_port()
         svc = _anonymous_mosquitto(port, extra, out / name.replace(" ", "-"))
         try:
-            held, grown, errors = asyncio.run(_mosquitto_fleet(port, n, ctx, svc.proc.pid))
+            held, grown, errors = asyncio.run(_mosquitto_fleet(port, n, ctx, [svc.proc.pid]))
         finally:
             svc.stop()
         print(f"Mosquitto, {name}: {held} of {n} connections held; RSS +{grown} KiB = "
@@ -535,7 +552,7 @@ class Design:
     name: str
     port: int
     ctx: ssl.SSLContext
-    pids: list[int]  # the processes that serve its connections (their process groups)
+    parts: list[str]  # the process groups serving its connections: the first serves them, all make the host
     devices: list[list[tuple[str, bytes]]]  # per round: the registered devices it connects ([] for Mosquitto)
     runs: list[dict] = field(default_factory=list)
 
@@ -587,74 +604,112 @@ def _jwt_verify_ms(n: int = 1000) -> float:
     return 1000 * (time.process_time() - t0) / n
 
 
-def connrate(n: int, rounds: int) -> None:
-    """See the module docstring: the front alone, two fronts with SO_REUSEPORT, Mosquitto terminating TLS."""
-    import dataclasses
-    import json
+def _summarize(designs: list[Design]) -> dict:
+    """The medians over the rounds per design, printed; the summary."""
     import statistics
 
-    env, prefix, devices = _prepare(2 * n * rounds, local.workdir(), "br")
-    workdir = local.workdir() / f"{prefix}-host"
-    # The cloud's re-check interval; no HTTP bridge (its port is not shared by the prototype).
-    settings = init_host(workdir, local.PROJECT, local.REGION, local.REGISTRY, prefix,
-                         recheck_interval_s=spec.CLOUD_RECHECK_INTERVAL_S, http_port=0)
-    stack = BridgeStack(settings=settings, workdir=workdir.resolve(), env=dict(env),
-                        ca_cert=workdir.resolve() / "tls" / "ca.pem")
-    ctx = ssl.create_default_context(cafile=str(stack.ca_cert))
-    parts: list[services.Service] = []
-    try:
-        stack.start_mosquitto()
-        stack.start_service()
-        fronts: list[list[services.Service]] = []
-        for name, count in (("front-x1", 1), ("front-x2", 2)):
-            own = dataclasses.replace(settings, front_port=services.free_port(), health_port=services.free_port())
-            own.dump(stack.workdir / f"{name}.json")
-            fronts.append([_spawn_front(stack, f"{name}-{i}", ["reuse-front", str(stack.workdir / f"{name}.json")],
-                                        own.front_port) for i in range(count)])
-            parts += fronts[-1]
-        tls_port = services.free_port()
-        mosq_tls = _anonymous_mosquitto(tls_port, [f"certfile {settings.tls_cert}", f"keyfile {settings.tls_key}"],
-                                        stack.workdir / "mosquitto-tls")
-        parts.append(mosq_tls)
-        by_round = [devices[i * n:(i + 1) * n] for i in range(2 * rounds)]
-        designs = [
-            Design("(1) front, 1 process", fronts[0][0].port, ctx, [f.proc.pid for f in fronts[0]], by_round[0::2]),
-            Design("(2) front, 2 processes, SO_REUSEPORT", fronts[1][0].port, ctx, [f.proc.pid for f in fronts[1]],
-                   by_round[1::2]),
-            Design("(3) Mosquitto terminating TLS, no authentication", tls_port, ctx, [mosq_tls.proc.pid], []),
-        ]
-        groups = {"front x1": designs[0].pids, "front x2": designs[1].pids,
-                  "Mosquitto (behind the fronts)": [stack.procs["mosquitto"].proc.pid],
-                  "bridge service": [stack.procs["service"].proc.pid], "Mosquitto TLS": designs[2].pids}
-        print(f"load at start {os.getloadavg()}; {n} connections per design and round, {rounds} rounds", flush=True)
-
-        async def run_all() -> None:
-            for rnd in range(rounds):
-                for design in designs:
-                    await _connrate_phase(design, n, rnd, groups)
-
-        asyncio.run(run_all())
-    finally:
-        for part in parts:
-            part.stop()
-        stack.stop()
-        local.stop_all()
-    jwt_ms = _jwt_verify_ms()
-    serving_group = {designs[0].name: "front x1", designs[1].name: "front x2", designs[2].name: "Mosquitto TLS"}
     summary = {}
     print("\nmedian over the rounds:")
     for design in designs:
         per_s = statistics.median(r["per_s"] for r in design.runs)
         keys = design.runs[0]["cpu_ms_per_connection"]
         ms = {k: statistics.median(r["cpu_ms_per_connection"][k] for r in design.runs) for k in keys}
-        serving = ms[serving_group[design.name]]
-        host = serving + (ms["Mosquitto (behind the fronts)"] + ms["bridge service"] if design.devices else 0.0)
-        summary[design.name] = {"per_s": per_s, "cpu_ms": ms, "serving_ms": serving, "host_ms": host}
-        print(f"  {design.name}: {per_s:.0f} connections/s; CPU per connection: serving processes {serving:.2f} ms, "
-              f"whole host {host:.2f} ms (ceiling {1000 / host if host else float('nan'):.0f}/s per core); "
-              f"load generator {ms['load generator']:.2f} ms (its own ceiling "
+        serving = ms[design.parts[0]]
+        host = sum(ms[p] for p in design.parts)
+        summary[design.name] = {"per_s": per_s, "cpu_ms": ms, "serving_ms": serving, "host_ms": host,
+                                "errors": [r["errors"] for r in design.runs]}
+        parts = " + ".join(f"{p} {ms[p]:.2f}" for p in design.parts)
+        print(f"  {design.name}: {per_s:.0f} connections/s; CPU per connection: {parts} = whole host {host:.2f} ms "
+              f"(ceiling {1000 / host if host else float('nan'):.0f}/s per core); load generator "
+              f"{ms['load generator']:.2f} ms (its own ceiling "
               f"{1000 / ms['load generator'] if ms['load generator'] else float('nan'):.0f}/s on its one core)",
               flush=True)
+    return summary
+
+
+@dataclass
+class _Host:
+    """The designs' processes on the emulators: the front's stack, and what the prototypes started."""
+
+    stack: BridgeStack
+    ctx: ssl.SSLContext
+    parts: list[services.Service] = field(default_factory=list)
+
+    def front(self, name: str, count: int) -> list[services.Service]:
+        import dataclasses
+
+        settings = self.stack.settings
+        own = dataclasses.replace(settings, front_port=services.free_port(), health_port=services.free_port())
+        own.dump(self.stack.workdir / f"{name}.json")
+        fronts = [_spawn_front(self.stack, f"{name}-{i}", ["reuse-front", str(self.stack.workdir / f"{name}.json")],
+                               own.front_port) for i in range(count)]
+        self.parts += fronts
+        return fronts
+
+    def anonymous_tls(self) -> services.Service:
+        settings = self.stack.settings
+        svc = _anonymous_mosquitto(services.free_port(), [f"certfile {settings.tls_cert}",
+                                                          f"keyfile {settings.tls_key}"],
+                                   self.stack.workdir / "mosquitto-tls")
+        self.parts.append(svc)
+        return svc
+
+    def stop(self) -> None:
+        for part in self.parts:
+            part.stop()
+        self.stack.stop()
+        local.stop_all()
+
+
+def _connrate_host(n_devices: int) -> tuple[_Host, list[tuple[str, bytes]]]:
+    env, prefix, devices = _prepare(n_devices, local.workdir(), "br")
+    workdir = local.workdir() / f"{prefix}-host"
+    # The cloud's re-check interval; no HTTP bridge (its port is not shared by the prototype).
+    settings = init_host(workdir, local.PROJECT, local.REGION, local.REGISTRY, prefix,
+                         recheck_interval_s=spec.CLOUD_RECHECK_INTERVAL_S, http_port=0)
+    stack = BridgeStack(settings=settings, workdir=workdir.resolve(), env=dict(env),
+                        ca_cert=workdir.resolve() / "tls" / "ca.pem")
+    return _Host(stack, ssl.create_default_context(cafile=str(stack.ca_cert))), devices
+
+
+def _run_rounds(designs: list[Design], groups: dict[str, list[int]], n: int, rounds: int) -> None:
+    print(f"load at start {os.getloadavg()}; {n} connections per design and round, {rounds} rounds", flush=True)
+
+    async def run_all() -> None:
+        for rnd in range(rounds):
+            for design in designs:
+                await _connrate_phase(design, n, rnd, groups)
+
+    asyncio.run(run_all())
+
+
+def connrate(n: int, rounds: int) -> None:
+    """See the module docstring: the front alone, two fronts with SO_REUSEPORT, Mosquitto terminating TLS."""
+    import json
+
+    host, devices = _connrate_host(2 * n * rounds)
+    stack, ctx = host.stack, host.ctx
+    try:
+        stack.start_mosquitto()
+        stack.start_service()
+        fronts = [host.front("front-x1", 1), host.front("front-x2", 2)]
+        mosq_tls = host.anonymous_tls()
+        by_round = [devices[i * n:(i + 1) * n] for i in range(2 * rounds)]
+        behind = ["Mosquitto (behind the fronts)", "bridge service"]
+        designs = [
+            Design("(1) front, 1 process", fronts[0][0].port, ctx, ["front x1", *behind], by_round[0::2]),
+            Design("(2) front, 2 processes, SO_REUSEPORT", fronts[1][0].port, ctx, ["front x2", *behind],
+                   by_round[1::2]),
+            Design("(3) Mosquitto terminating TLS, no authentication", mosq_tls.port, ctx, ["Mosquitto TLS"], []),
+        ]
+        groups = {"front x1": [f.proc.pid for f in fronts[0]], "front x2": [f.proc.pid for f in fronts[1]],
+                  "Mosquitto (behind the fronts)": [stack.procs["mosquitto"].proc.pid],
+                  "bridge service": [stack.procs["service"].proc.pid], "Mosquitto TLS": [mosq_tls.proc.pid]}
+        _run_rounds(designs, groups, n, rounds)
+    finally:
+        host.stop()
+    jwt_ms = _jwt_verify_ms()
+    summary = _summarize(designs)
     sync_ms = summary[designs[0].name]["cpu_ms"]["bridge service"]
     estimate = summary[designs[2].name]["host_ms"] + jwt_ms + sync_ms
     print(f"  ES256 JWT verification (the front's verify_jwt, cryptography/OpenSSL, this process): {jwt_ms:.3f} ms "
@@ -664,6 +719,87 @@ def connrate(n: int, rounds: int) -> None:
           f"{1000 / estimate:.0f}/s per core), registry reads and presence writes not counted", flush=True)
     print(f"load at end {os.getloadavg()}")
     print(json.dumps({"summary": summary, "jwt_verify_ms": jwt_ms, "runs": {d.name: d.runs for d in designs}}))
+
+
+def connrate_plugin(n: int, rounds: int, hold: int) -> None:
+    """See the module docstring: the front against Mosquitto terminating TLS with the auth plugin prototype."""
+    import json
+
+    from bench import mosquitto_auth
+
+    lib = mosquitto_auth.build(local.workdir() / "mosquitto-auth-plugin")
+    shared = max(n, hold + MEM_WARMUP)  # the plugin designs' devices, the same in every round
+    host, devices = _connrate_host(n * rounds + shared)
+    stack, ctx, settings = host.stack, host.ctx, host.stack.settings
+    front_devices, plugin_devices = devices[:n * rounds], devices[n * rounds:]
+    prefix = mosquitto_auth.client_id_prefix(local.PROJECT, local.REGION, local.REGISTRY)
+    wd = stack.workdir / "plugin"
+    try:
+        stack.start_mosquitto()
+        stack.start_service()
+        front = host.front("front-x1", 1)[0]
+        mosq_tls = host.anonymous_tls()
+        daemons: dict[str, tuple[services.Service, Path]] = {}
+        for keys in ("map", "read"):
+            daemons[keys] = mosquitto_auth.start_daemon(wd / f"daemon-{keys}", stack.env, local.PROJECT,
+                                                        local.REGION, local.REGISTRY, keys,
+                                                        wd / "keys" if keys == "map" else None)
+            host.parts.append(daemons[keys][0])
+
+        def plugin_broker(variant: str, name: str) -> services.Service:
+            """A Mosquitto of its own with the plugin: ``variant`` a daemon's key mode, or ``openssl``."""
+            port = services.free_port()
+            tls = (port, settings.tls_cert, settings.tls_key, lib, prefix)
+            conf = (mosquitto_auth.listener_conf(*tls, "openssl", keydir=wd / "keys", audience=local.PROJECT)
+                    if variant == "openssl" else
+                    mosquitto_auth.listener_conf(*tls, "daemon", socket_path=daemons[variant][1]))
+            svc = mosquitto_auth.start_broker(conf, port, wd / name)
+            host.parts.append(svc)
+            return svc
+
+        plugins = {variant: plugin_broker(variant, f"mosquitto-{variant}") for variant in ("map", "read", "openssl")}
+        same = [plugin_devices[:n]] * rounds
+        behind = ["Mosquitto (behind the front)", "bridge service"]
+        designs = [
+            Design("(1) front, 1 process", front.port, ctx, ["front", *behind],
+                   [front_devices[i * n:(i + 1) * n] for i in range(rounds)]),
+            Design("(3) Mosquitto terminating TLS, no authentication", mosq_tls.port, ctx, ["Mosquitto TLS"], []),
+            Design("(4a) Mosquitto + plugin asking the auth daemon (key map read at start)", plugins["map"].port,
+                   ctx, ["Mosquitto plugin (4a)", "auth daemon (4a)"], same),
+            Design("(4b) Mosquitto + plugin asking the auth daemon (a registry read per CONNECT)",
+                   plugins["read"].port, ctx, ["Mosquitto plugin (4b)", "auth daemon (4b)"], same),
+            Design("(4c) Mosquitto + plugin checking the JWT with OpenSSL", plugins["openssl"].port, ctx,
+                   ["Mosquitto plugin (4c)"], same),
+        ]
+        groups = {"front": [front.proc.pid], "Mosquitto (behind the front)": [stack.procs["mosquitto"].proc.pid],
+                  "bridge service": [stack.procs["service"].proc.pid], "Mosquitto TLS": [mosq_tls.proc.pid],
+                  **{f"Mosquitto plugin ({k})": [plugins[v].proc.pid] for k, v in
+                     (("4a", "map"), ("4b", "read"), ("4c", "openssl"))},
+                  "auth daemon (4a)": [daemons["map"][0].proc.pid], "auth daemon (4b)": [daemons["read"][0].proc.pid]}
+        _run_rounds(designs, groups, n, rounds)
+        summary = _summarize(designs)
+        # Memory on fresh Mosquitto processes (one that held the rounds' connections reuses their freed memory),
+        # as mosquitto-tls: HOLD connections after 200.
+        tokens = [(d, create_jwt(local.PROJECT, k, "ES256", lifetime_s=3600))
+                  for d, k in plugin_devices[:hold + MEM_WARMUP]]
+        daemon = daemons["map"][0]
+        memory = {}
+        for name, variant in (("(3) no authentication", None), ("(4a) daemon", "map"), ("(4c) OpenSSL", "openssl")):
+            mosq = plugin_broker(variant, f"mem-{variant}") if variant else host.anonymous_tls()
+            pids = [mosq.proc.pid, *([daemon.proc.pid] if variant == "map" else [])]
+            held, grown, errors = asyncio.run(_mosquitto_fleet(mosq.port, hold, ctx, pids, tokens if variant else None))
+            mosq.stop()
+            memory[name] = {"held": held, "rss_growth_kib": grown, "kib_per_connection": round(grown / max(held, 1), 1),
+                            "errors": errors}
+            print(f"idle connections, fresh Mosquitto, {name}: {held} of {hold} held; Mosquitto"
+                  f"{' + daemon' if variant == 'map' else ''} RSS +{grown} KiB = {grown / max(held, 1):.1f} KiB per "
+                  f"connection; client errors {errors}", flush=True)
+        print(f"auth daemon (4a) RSS {connections.rss_kib(daemon.proc.pid)} KiB, with "
+              f"{len(devices)} devices' records read at start", flush=True)
+    finally:
+        host.stop()
+    print(f"load at end {os.getloadavg()}")
+    print(json.dumps({"summary": summary, "memory": memory, "runs": {d.name: d.runs for d in designs}}))
 
 
 def syncread(n: int) -> None:
@@ -704,6 +840,8 @@ def main(argv: list[str]) -> int:
         mosquitto_tls(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "connrate":
         connrate(int(argv[1]), int(argv[2]))
+    elif len(argv) == 4 and argv[0] == "connrate-plugin":
+        connrate_plugin(int(argv[1]), int(argv[2]), int(argv[3]))
     elif len(argv) == 2 and argv[0] == "syncread":
         syncread(int(argv[1]))
     elif len(argv) == 2 and argv[0] == "reuse-front":

@@ -8,6 +8,11 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 # The stand-in TCP load balancer in front of several local broker hosts (tests/bridge/test_scale_out.py).
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+# The Mosquitto auth plugin prototype, compiled by its test (tests/test_mosquitto_auth_plugin.py) and the bench.
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+[ -f /usr/include/mosquitto_broker.h ] || need+=(mosquitto-dev)
+[ -f /usr/include/mosquitto.h ] || need+=(libmosquitto-dev)
+[ -f /usr/include/openssl/evp.h ] || need+=(libssl-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
