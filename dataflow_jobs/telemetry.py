@@ -295,9 +295,9 @@ def _read_v1_common(data: bytes, device_id: str, attributes: Mapping[str, str], 
         try:
             doc = _COMMON_V1.decode(data)
             extra = {k: v for k, v in decode_json(data).items() if k not in _V1_KEYS}
-        except (msgspec.MsgspecError, ValueError):  # Rejected is a ValueError
-            return None
-    except (msgspec.MsgspecError, ValueError):  # a key that is not UTF-8 raises UnicodeDecodeError
+        except (msgspec.MsgspecError, ValueError, RecursionError):  # Rejected is a ValueError; msgspec raises
+            return None  # RecursionError skipping an extra nested deeper than it recurses: the full path decides
+    except (msgspec.MsgspecError, ValueError, RecursionError):  # a key that is not UTF-8: UnicodeDecodeError
         return None
     ts = doc.ts
     if isinstance(ts, int):  # msgspec's int: never a bool

@@ -517,7 +517,7 @@ class BridgeService:
             self.stats["dead_lettered"] += 1
         log.warning("message of device %s on %.120r dead-lettered: %s (%s)", attrs.get("deviceId", "?"),
                     mqtt_topic, reason, detail)
-        self.batcher.add(self.dead_letter_topic, raw_message(data, out), token)
+        self.batcher.add(self.dead_letter_topic, raw_message(data, out, cache=False), token)
 
     def _on_batch_rejected(self, batch: Batch, exc: BaseException) -> None:
         """Pub/Sub refused this one message for good (its batch mates went on without it)."""
@@ -527,7 +527,7 @@ class BridgeService:
                 # Refused for what it carries: keep the record of it (who, where, why, how much) without the data.
                 attrs = {**message.attributes, "dataDroppedBytes": str(len(message.data)),
                          "dataDroppedBecause": limits.clip_utf8(str(exc), limits.MAX_ATTRIBUTE_VALUE_BYTES)}
-                self.batcher.add(self.dead_letter_topic, raw_message(b"", attrs), token)
+                self.batcher.add(self.dead_letter_topic, raw_message(b"", attrs, cache=False), token)
                 return
             # Even the bare record was refused: nothing left to retry; say so loudly and release the broker.
             log.error("dead-letter topic refused the record of a message of device %s (%s); acknowledged without "

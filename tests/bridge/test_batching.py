@@ -40,3 +40,24 @@ def test_the_attribute_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     for i in range(10):
         assert batching.raw_message(b"x", {"deviceId": f"d{i}"}).attributes["deviceId"] == f"d{i}"
         assert len(batching._templates) <= 3
+
+
+def test_the_attribute_cache_holds_every_device_a_host_carries() -> None:
+    """A cache smaller than a host's devices, cleared when full, rebuilds most maps (and copies them too): slower
+    than no cache. One host carries at most what the front's idle CPU allows, for every machine type."""
+    from iotbridge.planning import host_sizing
+
+    types = ["e2-micro", "e2-medium", "e2-standard-2", "e2-highmem-16", "n2-standard-32", "n2-highmem-128",
+             "n2-custom-8-65536"]
+    assert max(host_sizing.sizing(t).devices for t in types) <= batching.MAX_TEMPLATES
+
+
+def test_per_message_attributes_are_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead letter's attributes (its reason, its dropped size) differ per message: cached, they would push the
+    devices' attribute sets out."""
+    monkeypatch.setattr(batching, "_templates", {})
+    batching.raw_message(b"x", {"deviceId": "d1"})
+    for i in range(5):
+        m = batching.raw_message(b"", {"deviceId": "d1", "dataDroppedBytes": str(i)}, cache=False)
+        assert m == batching.RawMessage(data=b"", attributes={"deviceId": "d1", "dataDroppedBytes": str(i)})
+    assert list(batching._templates) == [(("deviceId", "d1"),)]

@@ -14,6 +14,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from unittest import mock
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -155,6 +156,22 @@ def test_read_with_the_shortcut_is_read_without_it(data):
 def test_parse_with_the_shortcut_is_parse_without_it(data):
     fast, full = _both(_parse, data)
     assert fast == full
+
+
+@pytest.mark.parametrize("depth", [10, 1100, 3000])
+@pytest.mark.parametrize("where", ["extra", "inside an extra object", "metrics"])
+def test_deep_nesting_is_read_or_rejected_as_without_the_shortcut(depth: int, where: str) -> None:
+    """msgspec raises RecursionError (neither of its own errors nor a ValueError) skipping a value nested deeper than
+    it recurses: out of the pipeline's DoFn, which catches Rejected only, that would fail the bundle, and streaming
+    Dataflow retries a failed bundle without end. A 3 KB payload must be read or rejected as the full path does."""
+    nested = "[" * depth + "]" * depth
+    body = {"extra": f'"x": {nested}', "inside an extra object": f'"x": {{"y": {{"z": {nested}}}}}',
+            "metrics": f'"m2": {nested}'}[where]
+    data = ('{"ts": 1, "metrics": {"a": 1}, ' + body + "}").encode()
+    if where == "metrics":
+        data = ('{"ts": 1, "metrics": {"a": 1, ' + body + "}}").encode()
+    for read in (_read, _parse):
+        assert _outcome(read, data) == _without_shortcut(read, data)
 
 
 def test_the_shortcut_reads_the_fleets_usual_messages():
