@@ -28,7 +28,6 @@ Reproduce: ``.venv/bin/python -m bench bridge`` (runs the broker section first f
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -42,7 +41,7 @@ from typing import Any, cast
 
 from bench import broker, local, throughput
 from bench import sink as bench_sink
-from bench.core import Figure, group_cpu_seconds, summary_ms
+from bench.core import Arrivals, Figure, group_cpu_seconds, summary_ms
 from iotbridge.device import create_jwt
 from iotbridge.local.broker_host import BridgeStack, init_host, start_bridge_stack
 from iotbridge.registry import Registry
@@ -231,8 +230,8 @@ class Bench:
         publish_time)."""
         from google.api_core import exceptions as gexc
 
-        seen: set[tuple[int, int]] = set()
-        dups, latencies, last_publish = 0, [], 0.0
+        arrivals = Arrivals(tag)
+        latencies, last_publish = [], 0.0
         empty = 0
         while empty < 3:
             try:
@@ -249,19 +248,13 @@ class Bench:
             self.subscriber.acknowledge(request={"subscription": self.subscription,
                                                  "ack_ids": [m.ack_id for m in msgs]})
             for m in msgs:
-                body = json.loads(m.message.data)
-                if body.get("run") != tag:
+                if (body := arrivals.first(m.message.data)) is None:
                     continue
-                key = (body["dev"], body["seq"])
-                if key in seen:
-                    dups += 1
-                    continue
-                seen.add(key)
                 # The pubsub_v1 types annotate publish_time as a protobuf Timestamp; proto-plus returns a datetime.
                 published = cast(datetime, m.message.publish_time).timestamp()
                 latencies.append(published - body["sent"])
                 last_publish = max(last_publish, published)
-        return seen, dups, latencies, last_publish
+        return arrivals.seen, arrivals.dups, latencies, last_publish
 
 
 def _debug_log(run: str, device_id: str) -> Path:

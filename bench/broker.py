@@ -38,7 +38,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.core import Figure, group_cpu_seconds
+from bench.core import Arrivals, Figure, group_cpu_seconds
 from bench.loadgen import payload
 from iotbridge.bridge.settings import MAX_INFLIGHT_MESSAGES
 from iotbridge.local import services
@@ -91,17 +91,10 @@ class Counted:
 
 def count_arrivals(payloads: list[bytes], run: str) -> tuple[set[tuple[int, int]], int]:
     """(unique (dev, seq) of run ``run``, duplicates) among ``payloads``."""
-    seen: set[tuple[int, int]] = set()
-    dups = 0
+    arrivals = Arrivals(run)
     for data in payloads:
-        body = json.loads(data)
-        if body.get("run") != run:
-            continue
-        key = (body["dev"], body["seq"])
-        if key in seen:
-            dups += 1
-        seen.add(key)
-    return seen, dups
+        arrivals.first(data)
+    return arrivals.seen, arrivals.dups
 
 
 def puback_count(debug_output: bytes) -> int:

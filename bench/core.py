@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -84,3 +85,27 @@ def group_cpu_seconds(pgid: int) -> float:
         if int(fields[2]) == pgid:
             total += int(fields[11]) + int(fields[12])
     return total / tick
+
+
+class Arrivals:
+    """The load generator's messages of one run (``bench.loadgen.payload``) counted once per (device, sequence
+    number), wherever they were read: Pub/Sub, the sink's file, ``mosquitto_sub``'s output."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.seen: set[tuple[int, int]] = set()
+        self.dups = 0
+
+    def first(self, data: bytes) -> dict[str, Any] | None:
+        """The payload's body the first time its (device, sequence number) of this run arrives; None for another
+        run's message or a duplicate (counted in ``dups``)."""
+        body = json.loads(data)
+        if body.get("run") != self.run:
+            return None
+        key = (body["dev"], body["seq"])
+        if key in self.seen:
+            self.dups += 1
+            return None
+        self.seen.add(key)
+        return body
+

@@ -53,7 +53,7 @@ from typing import Any
 
 from bench import broker, local, throughput
 from bench.bridge import DEVICES, Bench, N
-from bench.core import load_average, percentile
+from bench.core import Arrivals, load_average, percentile
 from bench.loadgen import payload
 from iotbridge import spec as spec_module
 
@@ -345,22 +345,12 @@ def bridge_round(bench: Bench, folder: Path, rate: float, seconds: float) -> dic
 def mqtt_latencies(out: bytes, run: str) -> tuple[set[tuple[int, int]], int, list[float]]:
     """From what ``mosquitto_sub -F "%U %p"`` wrote: (unique (dev, seq) of run ``run``, duplicates, latency of each
     unique message: its arrival − its send time)."""
-    seen: set[tuple[int, int]] = set()
-    dups, latencies = 0, []
+    arrivals, latencies = Arrivals(run), []
     for line in out.splitlines():
         stamp, _, data = line.partition(b" ")
-        if not data.startswith(b"{"):
-            continue
-        body = json.loads(data)
-        if body.get("run") != run:
-            continue
-        key = (body["dev"], body["seq"])
-        if key in seen:
-            dups += 1
-            continue
-        seen.add(key)
-        latencies.append(float(stamp) - body["sent"])
-    return seen, dups, latencies
+        if data.startswith(b"{") and (body := arrivals.first(data)) is not None:
+            latencies.append(float(stamp) - body["sent"])
+    return arrivals.seen, arrivals.dups, latencies
 
 
 def _paced_c_publishers(port: int, run: str, rate: float, total: int) -> int:

@@ -12,7 +12,6 @@ that separates "devices + front + Mosquitto + service" from "Pub/Sub client + em
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -21,6 +20,8 @@ from typing import Any
 
 from google.cloud import pubsub_v1
 from google.pubsub_v1.types import PublishRequest
+
+from bench.core import Arrivals
 
 SINK_ENV = "BENCH_SINK_FILE"
 FACTORY = "bench.sink:make_publisher"
@@ -63,8 +64,8 @@ def make_publisher() -> SinkPublisher:
 def read_sink(path: Path, run: str) -> tuple[set[tuple[int, int]], int, list[float], float]:
     """(unique (dev, seq) of run ``run``, duplicates, latencies (batch time − the device's send time), time of the
     last batch holding a message of the run) from a sink file."""
-    seen: set[tuple[int, int]] = set()
-    dups, latencies, last = 0, [], 0.0
+    arrivals = Arrivals(run)
+    latencies, last = [], 0.0
     lines = path.read_bytes().split(b"\n") if path.exists() else []
     i = 0
     while i < len(lines) and lines[i]:
@@ -74,15 +75,8 @@ def read_sink(path: Path, run: str) -> tuple[set[tuple[int, int]], int, list[flo
         if len(batch) < n or not all(batch) or i + 1 + n >= len(lines):
             break  # a batch still being written when the file was read (each line ends with a newline)
         for data in batch:
-            body = json.loads(data)
-            if body.get("run") != run:
-                continue
-            key = (body["dev"], body["seq"])
-            if key in seen:
-                dups += 1
-                continue
-            seen.add(key)
-            latencies.append(at - body["sent"])
-            last = max(last, at)
+            if (body := arrivals.first(data)) is not None:
+                latencies.append(at - body["sent"])
+                last = max(last, at)
         i += 1 + n
-    return seen, dups, latencies, last
+    return arrivals.seen, arrivals.dups, latencies, last
