@@ -54,7 +54,15 @@ PROFILE_REASONS: dict[str, str] = {
     "bad_event_time": "the time_field is neither RFC 3339 with an offset nor epoch s/ms/us in range",
     "decoder_failed": "the raw profile's decoder raised or returned no JSON object",
 }
-ALL_REASONS: dict[str, str] = {**REASONS, **PROFILE_REASONS}
+# The pipeline's own: a message that made a transform raise something other than Rejected (a bug, or input no check
+# foresaw). It goes to telemetry_errors like a rejected one instead of failing its bundle, which streaming Dataflow
+# retries for ever. Its detail names the exception's type and where it was raised, never its message (which may
+# quote the payload).
+PIPELINE_REASONS: dict[str, str] = {
+    "internal_error": "a pipeline step raised an unexpected exception on the message (its type in detail)",
+}
+INTERNAL_ERROR = "internal_error"
+ALL_REASONS: dict[str, str] = {**REASONS, **PROFILE_REASONS, **PIPELINE_REASONS}
 
 # The device id rule (docs/device-protocol.md), the registry's: the pipeline's image does not carry the registry.
 DEVICE_ID_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.~%-]{2,254}")
@@ -624,6 +632,19 @@ def bigtable_cells(r: Reading) -> tuple[bytes, list[Cell]]:
     if r.profile == "raw":
         cells.append(("p", b"raw", r.payload, ts))
     return (r._key or r.dedupe_key).encode(), cells
+
+
+def internal_error_detail(step: str, exc: BaseException) -> str:
+    """``telemetry_errors.detail`` of an ``internal_error``: the step, the exception's type and the function, file and
+    line that raised it. Not the exception's text: a parser's message may quote the payload, and the payload is in
+    the row's own column already."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        where = f" in {code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return f"{step}: {type(exc).__name__}{where}"
 
 
 def error_row(reason: str, detail: str, data: bytes | None, attributes: Mapping[str, str] | None,

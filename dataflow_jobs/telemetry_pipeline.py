@@ -10,7 +10,8 @@ The story, in the order the transforms run:
    ``telemetry-v1``, ``json``, ``raw``, tried in order) and stamps each accepted reading with its event time
    (the payload's own, or the publish time for a payload that has none). Anything else goes to the ``errors``
    output with a reason class and the raw payload, is counted (Beam counter ``telemetry/rejected_<reason>``) and
-   lands in ``telemetry_errors``: the pipeline never dies on input.
+   lands in ``telemetry_errors``: the pipeline never dies on input. A message that makes the reading raise
+   anything else (a bug) is written there too, reason ``internal_error``, rather than failing its bundle.
 3. **DropDuplicates** keeps the first reading per device id + event time + seq (a payload hash without seq; the
    Pub/Sub message id for a payload without a time) seen within ``--dedupe_seconds`` of processing time.
    Pub/Sub delivers at least once and devices resend after a lost PUBACK; ``id_label`` is not used because the
@@ -285,7 +286,14 @@ class ParseTelemetry(beam.DoFn):
     """PubsubMessage → Reading stamped with its event time, or an error row on the ``errors`` output.
 
     Each message is read by the profiles of its registry / subfolder (``deviceRegistryId`` / ``subFolder``
-    attributes, set by the bridge); ``accepted_<profile>`` counts what each profile read.
+    attributes, set by the bridge); ``accepted_<profile>`` counts what each profile read. A message that makes the
+    reading raise anything but :class:`telemetry.Rejected` (a bug, or input no check foresaw) is an error row too,
+    reason ``internal_error``: an exception escaping ``process`` would fail the bundle, and streaming Dataflow
+    retries a failed bundle for ever, so one device's message would stall the pipeline.
+
+    The counters are added up per bundle and incremented once each in ``finish_bundle`` (a counter's ``inc`` costs
+    about as much as a fifth of the accepted path; bench/pipeline_cost.py); a failed bundle's counts are not
+    committed either way.
     """
 
     def __init__(self, profiles: spec.PayloadProfiles | None = None) -> None:
@@ -295,15 +303,38 @@ class ParseTelemetry(beam.DoFn):
         self.accepted = Metrics.counter("telemetry", "accepted")
         self.by_profile = {p: Metrics.counter("telemetry", f"accepted_{p}") for p in spec.PROFILE_NAMES}
         self.rejected = {r: Metrics.counter("telemetry", f"rejected_{r}") for r in telemetry.ALL_REASONS}
+        self.start_bundle()
+
+    def start_bundle(self) -> None:
+        # This bundle's counts: profile -> accepted, reason -> rejected; the internal errors already logged.
+        self._accepted: dict[str, int] = dict.fromkeys(spec.PROFILE_NAMES, 0)
+        self._rejected: dict[str, int] = {}
+        self._logged: set[str] = set()
+
+    def finish_bundle(self) -> None:
+        accepted, rejected = self._accepted, self._rejected
+        self.start_bundle()
+        total = 0
+        for profile, n in accepted.items():
+            if n:
+                self.by_profile[profile].inc(n)
+                total += n
+        if total:
+            self.accepted.inc(total)
+        for reason, n in rejected.items():
+            self.rejected[reason].inc(n)
 
     def process(self, msg: PubsubMessage, element_ts: Timestamp = TIMESTAMP) -> Iterable[Any]:
-        attributes = dict(msg.attributes or {})
-        publish_us = _epoch_us(msg.publish_time)
-        if publish_us is None:
-            # Without a timestamp attribute the element timestamp is the publish time.
-            publish_us = element_ts.micros
-        data = msg.data or b""
+        attributes: dict[str, str] = {}
+        publish_us: int | None = None
+        data = b""
         try:
+            attributes = dict(msg.attributes or {})
+            publish_us = _epoch_us(msg.publish_time)
+            if publish_us is None:
+                # Without a timestamp attribute the element timestamp is the publish time.
+                publish_us = element_ts.micros
+            data = msg.data or b""
             where = (attributes.get("deviceRegistryId"), attributes.get("subFolder"))
             profiles = self._lists.get(where)
             if profiles is None:
@@ -312,13 +343,25 @@ class ParseTelemetry(beam.DoFn):
                 profiles = self._lists[where] = self.profiles.for_message(*where)
             reading = telemetry.read(data, attributes, msg.message_id or "", publish_us, profiles)
         except telemetry.Rejected as exc:
-            self.rejected[exc.reason].inc()
-            yield TaggedOutput(ERRORS_TAG, telemetry.error_row(
-                exc.reason, exc.detail, data, attributes, msg.message_id, publish_us))
+            reason, detail = exc.reason, exc.detail
+        except Exception as exc:  # noqa: BLE001 - any other exception is this message's, not the bundle's
+            reason, detail = telemetry.INTERNAL_ERROR, telemetry.internal_error_detail("Parse", exc)
+            self._log_internal_error(detail, msg.message_id, attributes.get("deviceId"))
+        else:
+            self._accepted[reading.profile] += 1
+            yield window.TimestampedValue(reading, Timestamp(micros=reading.event_time_us))
             return
-        self.accepted.inc()
-        self.by_profile[reading.profile].inc()
-        yield window.TimestampedValue(reading, Timestamp(micros=reading.event_time_us))
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        yield TaggedOutput(ERRORS_TAG, telemetry.error_row(
+            reason, detail, data, attributes, msg.message_id, publish_us))
+
+    def _log_internal_error(self, detail: str, message_id: str | None, device_id: str | None) -> None:
+        """One line per distinct detail per bundle: a bug that every message hits does not flood the log (the
+        counter ``rejected_internal_error`` and ``telemetry_errors`` have every message)."""
+        if detail not in self._logged:
+            self._logged.add(detail)
+            _LOG.error("telemetry message %s of device %s written to telemetry_errors as %s: %s",
+                       message_id, device_id, telemetry.INTERNAL_ERROR, detail)
 
 
 class FirstPerKey(beam.DoFn):

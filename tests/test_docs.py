@@ -215,6 +215,7 @@ def test_telemetry_example_is_accepted_and_reject_reasons_are_the_pipelines():
     assert reading.seq == 42 and set(reading.metrics) == {"temperature", "rpm"}
     assert first_code(table(text, "Reason")) == list(telemetry.REASONS)
     assert first_code(table(text, "Profile reason")) == list(telemetry.PROFILE_REASONS)
+    assert first_code(table(text, "Pipeline reason")) == list(telemetry.PIPELINE_REASONS)
 
 
 def test_config_request_fields_are_the_shared_descriptions():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 import sys
 import time
@@ -211,6 +212,45 @@ def test_errors_and_counters_on_create():
     want = {f"rejected_{r}": sum(1 for *_, reason in BAD if reason == r) for r in telemetry.REASONS}
     assert {k: v for k, v in counters.items() if k.startswith("rejected_")} == want
     assert counters["accepted"] == 5
+
+
+def test_an_unexpected_exception_dead_letters_its_message_and_the_bundle_goes_on(monkeypatch, caplog):
+    """A bug the parser did not foresee, hit by one message: that message is an ``internal_error`` row (the
+    exception's type, not its text) and counted; the other messages of the same bundle are read and written."""
+    real_read = telemetry.read
+
+    def read(data, *args, **kwargs):
+        if b'"poison"' in data:
+            raise KeyError("s3cret-text")  # what a bug's exception could quote: the payload's own bytes
+        return real_read(data, *args, **kwargs)
+
+    monkeypatch.setattr(telemetry, "read", read)
+    messages = [msg(reading(T0 + i * 1000, i, t=20.0 + i), f"g{i}") for i in range(4)]
+    messages.insert(2, msg({**reading(T0, 9, t=1.0), "poison": 1}, "p0"))
+    messages.append(msg(b"not json", "b0"))
+    p = beam.Pipeline(runner=FnApiRunner())
+    out = p | beam.Create(messages, reshuffle=False) | ProcessTelemetry(settings())
+
+    def reason(kv):
+        row = kv[1]
+        detail = re.sub(r":\d+\)$", ":N)", row["detail"]) if row["error"] == "internal_error" else ""
+        return kv[0], row["error"], detail, row["device_id"], base64.b64decode(row["payload"]) == by_id[kv[0]]
+
+    by_id = {m.message_id: m.data for m in messages}
+    assert_that(out["errors"] | "Reasons" >> beam.Map(reason),
+                equal_to([("p0", "internal_error", "Parse: KeyError in read (test_transforms.py:N)", "dev-1", True),
+                          ("b0", "invalid_json", "", "dev-1", True)]), label="errors")
+    assert_that(out["raw"] | "Ids" >> beam.Map(lambda kv: kv[1]["message_id"]),
+                equal_to([f"g{i}" for i in range(4)]), label="raw")
+    with caplog.at_level("ERROR", logger="dataflow_jobs.telemetry_pipeline"):
+        result = p.run()
+        result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed
+                for c in result.metrics().query(MetricsFilter().with_namespace("telemetry"))["counters"]}
+    assert counters["rejected_internal_error"] == 1 and counters["rejected_invalid_json"] == 1
+    assert counters["accepted"] == counters["accepted_telemetry-v1"] == 4
+    lines = [r.getMessage() for r in caplog.records if "internal_error" in r.getMessage()]
+    assert len(lines) == 1 and "p0" in lines[0] and "KeyError" in lines[0] and "s3cret" not in lines[0]
 
 
 # ------------------------------------------------------------------------------ streaming (TestStream)
