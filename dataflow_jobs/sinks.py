@@ -11,7 +11,8 @@ Each row carries an ``insertId`` derived from its content key, so BigQuery's bes
 absorbs a bundle that is retried after a partial write.
 
 Bigtable is written by Beam's own ``WriteToBigTable`` (the Python client path, which honours
-``BIGTABLE_EMULATOR_HOST``); :class:`ToDirectRow` turns the cells of :func:`telemetry.bigtable_cells` into a
+``BIGTABLE_EMULATOR_HOST``); :class:`ToDirectRow` turns the row key and cells of :func:`telemetry.bigtable_cells`
+(made by the pipeline's ``BigtableCells`` step, where a reading that makes them raise is dead-lettered) into a
 ``DirectRow``.
 """
 
@@ -104,12 +105,12 @@ class InsertRows(beam.DoFn):
 
 
 class ToDirectRow(beam.DoFn):
-    """A Reading as a Bigtable ``DirectRow`` (row key and cells per spec.BIGTABLE)."""
+    """A reading's row key and cells (:func:`telemetry.bigtable_cells`, spec.BIGTABLE) as a Bigtable ``DirectRow``."""
 
-    def process(self, reading: telemetry.Reading) -> Iterable[Any]:
+    def process(self, element: tuple[bytes, list[telemetry.Cell]]) -> Iterable[Any]:
         from google.cloud.bigtable.row import DirectRow
 
-        key, cells = telemetry.bigtable_cells(reading)
+        key, cells = element
         row = DirectRow(row_key=key)
         for family, qualifier, value, ts_us in cells:
             row.set_cell(family, qualifier, value, timestamp=_micros_to_datetime(ts_us))

@@ -345,8 +345,8 @@ class ParseTelemetry(beam.DoFn):
         except telemetry.Rejected as exc:
             reason, detail = exc.reason, exc.detail
         except Exception as exc:  # noqa: BLE001 - any other exception is this message's, not the bundle's
-            reason, detail = telemetry.INTERNAL_ERROR, telemetry.internal_error_detail("Parse", exc)
-            self._log_internal_error(detail, msg.message_id, attributes.get("deviceId"))
+            reason = telemetry.INTERNAL_ERROR
+            detail = _internal_error("Parse", exc, self._logged, msg.message_id, attributes.get("deviceId"))
         else:
             self._accepted[reading.profile] += 1
             yield window.TimestampedValue(reading, Timestamp(micros=reading.event_time_us))
@@ -355,13 +355,62 @@ class ParseTelemetry(beam.DoFn):
         yield TaggedOutput(ERRORS_TAG, telemetry.error_row(
             reason, detail, data, attributes, msg.message_id, publish_us))
 
-    def _log_internal_error(self, detail: str, message_id: str | None, device_id: str | None) -> None:
-        """One line per distinct detail per bundle: a bug that every message hits does not flood the log (the
-        counter ``rejected_internal_error`` and ``telemetry_errors`` have every message)."""
-        if detail not in self._logged:
-            self._logged.add(detail)
-            _LOG.error("telemetry message %s of device %s written to telemetry_errors as %s: %s",
-                       message_id, device_id, telemetry.INTERNAL_ERROR, detail)
+
+def _internal_error(step: str, exc: Exception, logged: set[str], message_id: str | None,
+                    device_id: str | None) -> str:
+    """The ``internal_error`` detail of ``exc``, logged once per distinct detail in ``logged`` (the DoFn's, reset
+    each bundle): a bug every message hits does not flood the log; the counter and ``telemetry_errors`` have every
+    message."""
+    detail = telemetry.internal_error_detail(step, exc)
+    if detail not in logged:
+        logged.add(detail)
+        _LOG.error("telemetry message %s of device %s written to telemetry_errors as %s: %s",
+                   message_id, device_id, telemetry.INTERNAL_ERROR, detail)
+    return detail
+
+
+def _reading_attributes(r: telemetry.Reading) -> dict[str, str]:
+    """The bridge's attributes a Reading keeps, for its error row."""
+    pairs = (("deviceId", r.device_id), ("deviceNumId", r.device_num_id), ("deviceRegistryId", r.registry_id),
+             ("subFolder", r.sub_folder))
+    return {k: v for k, v in pairs if v is not None}
+
+
+class PerReading(beam.DoFn):
+    """``fn(reading)``'s outputs, for a step after the parse that runs code over a reading's device-given content
+    (its BigQuery row, its Bigtable cells). A reading that makes ``fn`` raise is an ``internal_error`` row on the
+    ``errors`` output, as in :class:`ParseTelemetry`, instead of a bundle that fails for ever. The reading's other
+    steps (aggregates, rules) are not held back. ``fn`` returns its outputs made (a tuple), not a generator that
+    would raise later."""
+
+    def __init__(self, step: str, fn: Callable[[telemetry.Reading], Iterable[Any]]) -> None:
+        self.step = step
+        self.fn = fn
+        self.internal_errors = Metrics.counter("telemetry", f"rejected_{telemetry.INTERNAL_ERROR}")
+        self._logged: set[str] = set()
+
+    def start_bundle(self) -> None:
+        self._logged = set()
+
+    def process(self, reading: telemetry.Reading) -> Iterable[Any]:
+        try:
+            out = self.fn(reading)
+        except Exception as exc:  # noqa: BLE001 - any other exception is this reading's, not the bundle's
+            detail = _internal_error(self.step, exc, self._logged, reading.message_id, reading.device_id)
+            self.internal_errors.inc()  # rare: counted as it happens
+            yield TaggedOutput(ERRORS_TAG, telemetry.error_row(
+                telemetry.INTERNAL_ERROR, detail, reading.payload, _reading_attributes(reading), reading.message_id,
+                reading.publish_time_us))
+            return
+        yield from out
+
+
+def _raw_rows(r: telemetry.Reading) -> tuple[tuple[str, dict[str, Any]]]:
+    return ((r.dedupe_key, telemetry.raw_row(r)),)
+
+
+def _bigtable_rows(r: telemetry.Reading) -> tuple[tuple[bytes, list[telemetry.Cell]]]:
+    return (telemetry.bigtable_cells(r),)
 
 
 class FirstPerKey(beam.DoFn):
@@ -514,8 +563,8 @@ def _error_id(row: dict[str, Any]) -> tuple[str, tuple[str, dict[str, Any]]]:
 class ProcessTelemetry(beam.PTransform):
     """Everything between the Pub/Sub read and the sinks; returns a dict of the outputs.
 
-    ``raw`` (insert id, telemetry_raw row), ``bigtable`` Readings, ``minute`` (insert id, telemetry_1m row),
-    ``errors`` (insert id, telemetry_errors row), ``requests`` PubsubMessages. Tests drive it from
+    ``raw`` (insert id, telemetry_raw row), ``bigtable`` (row key, cells), ``minute`` (insert id, telemetry_1m
+    row), ``errors`` (insert id, telemetry_errors row), ``requests`` PubsubMessages. Tests drive it from
     ``beam.Create`` / ``TestStream``; :func:`build` connects it to the real sources and sinks.
     """
 
@@ -527,12 +576,17 @@ class ProcessTelemetry(beam.PTransform):
         parsed = input_or_inputs | "Parse" >> beam.ParDo(ParseTelemetry(self.s.profiles)).with_outputs(
             ERRORS_TAG, main="readings")
         readings = parsed.readings | "DropDuplicates" >> DropDuplicates(self.s.dedupe_seconds)
+        raw = readings | "RawRows" >> beam.ParDo(PerReading("RawRows", _raw_rows)).with_outputs(
+            ERRORS_TAG, main="rows")
+        bigtable = readings | "BigtableCells" >> beam.ParDo(PerReading("BigtableCells", _bigtable_rows)).with_outputs(
+            ERRORS_TAG, main="rows")
         return {
-            "raw": readings | "RawRows" >> beam.Map(lambda r: (r.dedupe_key, telemetry.raw_row(r))),
-            "bigtable": readings,
+            "raw": raw.rows,
+            "bigtable": bigtable.rows,
             "minute": readings | "AggregatePerMinute" >> AggregatePerMinute(self.s.allowed_lateness_seconds),
             # A Pub/Sub redelivery or replay (seek) of an unreadable message has its message id: one error row.
-            "errors": (parsed[ERRORS_TAG]
+            "errors": ((parsed[ERRORS_TAG], raw[ERRORS_TAG], bigtable[ERRORS_TAG])
+                       | "AllErrors" >> beam.Flatten()
                        | "ErrorIds" >> beam.Map(_error_id).with_output_types(typehints.Tuple[str, typehints.Any])
                        | "FirstErrorPerId" >> beam.ParDo(
                            FirstPerKey(self.s.dedupe_seconds, "error_duplicates_dropped"))),

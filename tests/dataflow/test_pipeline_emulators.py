@@ -322,10 +322,11 @@ def test_bigtable_replay_after_dedupe_horizon_writes_no_new_version(bigtable_emu
                             "metrics": {"t": float(i)}}).encode() for i in range(20)]
 
         def write(attempt: int) -> None:
-            readings = [telemetry.parse(d, attrs("dev-01"), f"{attempt}-{i}", (base_ms + attempt * 3_600_000) * 1000)
-                        for i, d in enumerate(docs)]
+            rows = [telemetry.bigtable_cells(telemetry.parse(
+                d, attrs("dev-01"), f"{attempt}-{i}", (base_ms + attempt * 3_600_000) * 1000))
+                for i, d in enumerate(docs)]
             with beam.Pipeline(runner=FnApiRunner()) as p:
-                _ = (p | beam.Create(readings) | beam.ParDo(ToDirectRow())
+                _ = (p | beam.Create(rows) | beam.ParDo(ToDirectRow())
                      | WriteToBigTable(project_id=PROJECT, instance_id=INSTANCE, table_id=table.table_id))
 
         write(1)

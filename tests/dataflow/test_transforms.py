@@ -253,6 +253,45 @@ def test_an_unexpected_exception_dead_letters_its_message_and_the_bundle_goes_on
     assert len(lines) == 1 and "p0" in lines[0] and "KeyError" in lines[0] and "s3cret" not in lines[0]
 
 
+def test_a_reading_that_makes_a_row_step_raise_is_dead_lettered_and_the_others_written(monkeypatch):
+    """After the parse, the steps that make a reading's BigQuery row and Bigtable cells guard each reading the same
+    way: the one that makes them raise is an ``internal_error`` row naming the step; the bundle's others are written."""
+    real_raw_row, real_cells = telemetry.raw_row, telemetry.bigtable_cells
+
+    def raw_row(r):
+        if "raw_bug" in r.metrics:
+            raise IndexError("s3cret")
+        return real_raw_row(r)
+
+    def bigtable_cells(r):
+        if "cells_bug" in r.metrics:
+            raise TypeError("s3cret")
+        return real_cells(r)
+
+    monkeypatch.setattr(telemetry, "raw_row", raw_row)
+    monkeypatch.setattr(telemetry, "bigtable_cells", bigtable_cells)
+    messages = [msg(reading(T0 + i * 1000, i, t=20.0 + i), f"g{i}") for i in range(3)]
+    messages += [msg(reading(T0, 7, raw_bug=1.0), "r0"), msg(reading(T0, 8, cells_bug=1.0), "c0")]
+    p = beam.Pipeline(runner=FnApiRunner())
+    out = p | beam.Create(messages, reshuffle=False) | ProcessTelemetry(settings())
+    assert_that(out["errors"] | "Reasons" >> beam.Map(
+        lambda kv: (kv[0], kv[1]["error"], re.sub(r":\d+\)$", ":N)", kv[1]["detail"]), kv[1]["device_id"],
+                    kv[1]["payload"] is not None)),
+        equal_to([("r0", "internal_error", "RawRows: IndexError in raw_row (test_transforms.py:N)", "dev-1", True),
+                  ("c0", "internal_error", "BigtableCells: TypeError in bigtable_cells (test_transforms.py:N)",
+                   "dev-1", True)]), label="errors")
+    assert_that(out["raw"] | "Ids" >> beam.Map(lambda kv: kv[1]["message_id"]),
+                equal_to(["g0", "g1", "g2", "c0"]), label="raw")
+    assert_that(out["bigtable"] | "Keys" >> beam.Map(lambda kc: kc[0].decode().rsplit("#", 1)[1]),
+                equal_to(["0000000000", "0000000001", "0000000002", "0000000007"]), label="bigtable")
+    result = p.run()
+    result.wait_until_finish()
+    counters: dict[str, int] = {}
+    for c in result.metrics().query(MetricsFilter().with_namespace("telemetry"))["counters"]:
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + c.committed  # summed over the steps
+    assert counters["rejected_internal_error"] == 2 and counters["accepted"] == 5
+
+
 # ------------------------------------------------------------------------------ streaming (TestStream)
 
 
