@@ -224,9 +224,28 @@ def decode_json(data: bytes) -> Any:
     except orjson.JSONDecodeError:
         pass
     try:
-        return _DECODER.decode(data.decode("utf-8"))
+        doc = _DECODER.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise Rejected("invalid_json", str(exc)[:200]) from None
+    if _SURROGATE_ESCAPE.search(data) and not _unicode_text(doc):
+        # orjson and msgspec refuse "\ud800" unpaired; the standard library makes a str of it that is not Unicode
+        # text: UTF-8 cannot encode it (a Bigtable qualifier), BigQuery refuses it, and the message would fail its
+        # bundle for ever downstream.
+        raise Rejected("invalid_json", "a string escapes an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)")
+    return doc
+
+
+# A \u escape of a UTF-16 surrogate, paired or not; the decoded document then says whether any is unpaired.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unicode_text(doc: Any) -> bool:
+    """Whether every string of ``doc`` (keys too) is Unicode text: no unpaired surrogate, so UTF-8 can encode it."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 def parse(data: bytes, attributes: Mapping[str, str], message_id: str, publish_time_us: int) -> Reading:

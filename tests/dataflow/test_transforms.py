@@ -82,6 +82,9 @@ BAD = [
     (b"", ATTRS, "invalid_json"),
     (b'{"ts": 1,', ATTRS, "invalid_json"),
     (b'{"ts": 1, "metrics": {"t": Infinity}}', ATTRS, "invalid_json"),
+    # Unpaired UTF-16 surrogates: not Unicode text (a metric name of one made the Bigtable cells raise).
+    (b'{"ts": 1, "metrics": {"\\ud800": 1}}', ATTRS, "invalid_json"),
+    (b'{"ts": 1, "metrics": {"t": 1}, "note": "x\\udc00"}', ATTRS, "invalid_json"),
     (b"[]", ATTRS, "not_an_object"),
     (b"42", ATTRS, "not_an_object"),
     (b"null", ATTRS, "not_an_object"),
@@ -115,6 +118,15 @@ def test_parse_rejects_with_reason(data, attrs, reason):
     with pytest.raises(telemetry.Rejected) as exc:
         telemetry.parse(data, attrs, "m1", 0)
     assert exc.value.reason == reason
+
+
+def test_surrogate_escapes_that_pair_are_read_as_text():
+    r = telemetry.parse(b'{"ts": 1, "metrics": {"\\ud83d\\ude00": 1}, "x": "\\\\ud800"}', ATTRS, "m1", 0)
+    assert list(r.metrics) == ["\U0001f600"] and r.extra == {"x": "\\ud800"}  # an escaped backslash, then "ud800"
+    assert telemetry.bigtable_cells(r)[1][0][1] == "\U0001f600".encode()
+    # The same through the standard library's decoder (orjson refuses the number beyond a double, and sends it there).
+    doc = telemetry.decode_json(b'{"a": "\\ud83d\\ude00", "b": "\\\\ud800", "c": 1e400}')
+    assert doc["a"] == "\U0001f600" and doc["b"] == "\\ud800"
 
 
 def test_parse_takes_identity_from_attributes_and_keeps_extras():
