@@ -52,7 +52,7 @@ REASONS: dict[str, str] = {
 PROFILE_REASONS: dict[str, str] = {
     "missing_event_time": "the payload lacks the profile's time_field",
     "bad_event_time": "the time_field is neither RFC 3339 with an offset nor epoch s/ms/us in range",
-    "decoder_failed": "the raw profile's decoder raised or returned no JSON object",
+    "decoder_failed": "the raw profile's decoder raised, returned no JSON object or a string that is not Unicode text",
 }
 # The pipeline's own: a message that made a transform raise something other than Rejected (a bug, or input no check
 # foresaw). It goes to telemetry_errors like a rejected one instead of failing its bundle, which streaming Dataflow
@@ -508,7 +508,17 @@ def _read_raw(data: bytes, profile: Profile, device_id: str, attributes: Mapping
         raise Rejected("decoder_failed", f"{profile.decoder}: {type(exc).__name__}: {str(exc)[:160]}") from None
     if not isinstance(doc, dict):
         raise Rejected("decoder_failed", f"{profile.decoder} returned {type(doc).__name__}, not a dict")
-    return _read_object(doc, data, profile, device_id, attributes, message_id, publish_time_us)
+    reading = _read_object(doc, data, profile, device_id, attributes, message_id, publish_time_us)
+    # A decoder's str need not be Unicode text (bytes.decode(..., "surrogateescape") leaves unpaired surrogates):
+    # UTF-8 cannot encode it, for BigQuery or a Bigtable qualifier. JSON decoding never makes one (decode_json).
+    for text in (*reading.metrics, *reading.labels, *reading.labels.values()):
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise Rejected("decoder_failed", f"{profile.decoder} returned a string that is not Unicode text "
+                                                 "(an unpaired UTF-16 surrogate)") from None
+    return reading
 
 
 _UNDECODED = object()

@@ -23,6 +23,13 @@ def decode(data: bytes) -> dict[str, Any]:
     return json_format.MessageToDict(msg)
 
 
+def text_fields(data: bytes) -> dict[str, Any]:
+    """``name=value`` lines, values read with "surrogateescape" as a careless decoder might: bytes that are not UTF-8
+    become unpaired surrogates. Referenced as ``tests.dataflow.proto_decoder:text_fields``."""
+    pairs = (line.split("=", 1) for line in data.decode("utf-8", "surrogateescape").splitlines())
+    return {k: float(v) if v.replace(".", "", 1).isdigit() else v for k, v in pairs}
+
+
 def not_callable_attribute() -> None:  # pragma: no cover - only its name is used
     return None
 

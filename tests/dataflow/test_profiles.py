@@ -149,6 +149,17 @@ def test_a_failing_decoder_hands_the_message_to_the_next_profile():
     assert exc.reason == "invalid_json" and "raw: decoder_failed" in exc.detail
 
 
+def test_a_decoder_string_that_is_not_unicode_text_is_refused():
+    """A decoder can return what JSON never does: a str with an unpaired surrogate. UTF-8 cannot encode it, so the
+    reading could be written neither to BigQuery nor as a Bigtable qualifier; refused as the decoder's failure."""
+    listed = json.dumps([{"profile": "raw", "decoder": "tests.dataflow.proto_decoder:text_fields"}])
+    r = read(b"temperature=21.5\nsite=h\xc3\xa4lle", listed)
+    assert r.metrics == {"temperature": 21.5} and r.labels == {"site": "h\u00e4lle"}
+    for data in (b"temperature=21.5\nsite=h\xe4lle", b"t\xff=1"):  # latin-1, not UTF-8: in a label, in a name
+        exc = rejected(data, listed)
+        assert exc.reason == "decoder_failed" and "not Unicode text" in exc.detail
+
+
 # ---------------------------------------------------------------------------------- lists and dedupe
 
 
