@@ -678,10 +678,12 @@ def internal_error_detail(step: str, exc: BaseException) -> str:
 
 def error_row(reason: str, detail: str, data: bytes | None, attributes: Mapping[str, str] | None,
               message_id: str | None, publish_time_us: int | None) -> dict[str, Any]:
-    """The ``telemetry_errors`` row: the reason and the raw payload, untouched (BYTES travel as base64)."""
+    """The ``telemetry_errors`` row: the reason and the raw payload, untouched (BYTES travel as base64). ``detail``
+    can quote a decoder's exception, whose text need not be Unicode text: an unpaired surrogate is written as its
+    escape, or BigQuery would refuse the row and the dead letters would fail their bundle for ever."""
     return {
         "error": reason,
-        "detail": detail,
+        "detail": detail if detail.isascii() else detail.encode("utf-8", "backslashreplace").decode("utf-8"),
         "payload": base64.b64encode(data).decode("ascii") if data is not None else None,
         "attributes": json.dumps(dict(attributes or {}), sort_keys=True),
         "publish_time": rfc3339(publish_time_us) if publish_time_us is not None else None,

@@ -30,6 +30,11 @@ def text_fields(data: bytes) -> dict[str, Any]:
     return {k: float(v) if v.replace(".", "", 1).isdigit() else v for k, v in pairs}
 
 
+def quoting(data: bytes) -> dict[str, Any]:
+    """Refuses every payload, quoting it in its error as a careless decoder might (``surrogateescape``)."""
+    raise ValueError(f"not a reading: {data.decode('utf-8', 'surrogateescape')}")
+
+
 def not_callable_attribute() -> None:  # pragma: no cover - only its name is used
     return None
 

@@ -160,6 +160,16 @@ def test_a_decoder_string_that_is_not_unicode_text_is_refused():
         assert exc.reason == "decoder_failed" and "not Unicode text" in exc.detail
 
 
+def test_an_error_detail_quoting_text_that_is_not_unicode_is_written_escaped():
+    """A decoder's exception can quote bytes as unpaired surrogates; the error row's detail must still be UTF-8 (a
+    BigQuery STRING), or the dead letters themselves would fail their bundle."""
+    exc = rejected(b"t=\xff", json.dumps([{"profile": "raw", "decoder": "tests.dataflow.proto_decoder:quoting"}]))
+    assert exc.reason == "decoder_failed" and "\udcff" in exc.detail
+    row = telemetry.error_row(exc.reason, exc.detail, b"t=\xff", ATTRS, "m1", PUBLISH_US)
+    assert row["detail"].endswith("ValueError: not a reading: t=\\udcff")
+    row["detail"].encode("utf-8")  # raises on an unpaired surrogate
+
+
 # ---------------------------------------------------------------------------------- lists and dedupe
 
 
