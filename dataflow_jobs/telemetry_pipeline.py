@@ -291,8 +291,9 @@ class ParseTelemetry(beam.DoFn):
     reason ``internal_error``: an exception escaping ``process`` would fail the bundle, and streaming Dataflow
     retries a failed bundle for ever, so one device's message would stall the pipeline.
 
-    The counters are added up per bundle and incremented once each in ``finish_bundle`` (a counter's ``inc`` costs
-    about as much as a fifth of the accepted path; bench/pipeline_cost.py); a failed bundle's counts are not
+    The counters are added up per bundle and incremented once each in ``finish_bundle``, which Beam runs in the
+    step's metrics scope as it does ``process``: with a worker's metrics container current, the two ``inc`` calls of
+    an accepted message cost about 0.3 µs, its tally in a dict about 0.09 µs. A failed bundle's counts are not
     committed either way.
     """
 
