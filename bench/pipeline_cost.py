@@ -8,8 +8,9 @@ accepting a JSON message in plain Python. The path is what the pipeline does per
 payload, identity from the attributes), then the ``telemetry_raw`` row and the Bigtable cells. A third figure adds
 the DoFn wrapper: ``ParseTelemetry`` over bundles of :data:`BUNDLE` ``PubsubMessage``s (``start_bundle``, ``process``
 per message, ``finish_bundle``) with a state sampler and a metrics container current, as the SDK harness runs a step,
-so that its Beam counters cost what they cost on a worker (with no container current, ``inc`` returns at once);
-no runner otherwise.
+so that its Beam counters cost what they cost on a worker. With no state sampler current, as when ``process`` is
+called bare, ``inc`` costs five times as much (Beam looks the sampler up through a thread-local whose absence raises
+AttributeError: about 0.7 µs per call against 0.15 µs with a sampler). No runner otherwise.
 
 CPU time (``time.process_time_ns``) over whole batches, rounds interleaved so that both sides see the same
 machine state; the median round is reported. Payloads mimic the simulated fleet: 2 to 8 metrics, epoch-ms and
