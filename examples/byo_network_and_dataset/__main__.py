@@ -74,6 +74,7 @@ broker = Broker("iot-broker", BrokerArgs(
     state_topic=messaging.topics["state"].id,
     commands_topic=messaging.topics["device-commands"].id,
     dead_letter_topic=messaging.topics["dead-letter"].id,
+    pubsub_agent=foundation.service_agent("pubsub.googleapis.com"),
     deletion_protection=True,
     registry=registry,
     network=vpc.id,
@@ -83,7 +84,8 @@ broker = Broker("iot-broker", BrokerArgs(
     labels=labels,
     depends_on=foundation.needs("compute.googleapis.com", "firestore.googleapis.com", "secretmanager.googleapis.com",
                                 "pubsub.googleapis.com", "storage.googleapis.com",
-                                "cloudresourcemanager.googleapis.com", "iam.googleapis.com"),
+                                "cloudresourcemanager.googleapis.com", "iam.googleapis.com")
+    + [messaging.dead_letter_publisher],
 ))
 pipeline = Pipeline("iot-pipeline", PipelineArgs(
     project=project, region=region, prefix=prefix,

@@ -28,8 +28,9 @@ What it declares, and the GCP pitfall behind each choice:
   the firewall allows 8883 from the device ranges, and the health-check port from Google's probe ranges only.
 - Configs and commands reach the host that holds the device: each host's bridge creates its own subscription to
   the ``device-commands`` topic at start, ``{prefix}-device-commands-{instance name}``, filtered on its host id,
-  expiring 24 h after its host is gone (``iotbridge.bridge.fanout``). Nothing here declares one per host: the
-  group may run up to 2000 hosts, and a host that goes leaves nothing declared behind.
+  expiring 24 h after its host is gone, dead-lettering what it cannot deliver after ten attempts
+  (``iotbridge.bridge.fanout``; Pub/Sub's agent acknowledges there as subscriber on the project). Nothing here
+  declares one per host: the group may run up to 2000 hosts, and a host that goes leaves nothing declared behind.
 - The bridge's service account (Foundation's ``bridge`` workload: logging.logWriter, monitoring.metricWriter)
   gets, on the resources where Pub/Sub and Firestore allow it: pubsub.publisher on the telemetry, state and route
   topics and on the dead-letter topic (a device's message Pub/Sub can never accept goes there, with the reason);
@@ -110,6 +111,10 @@ class BrokerArgs:
     commands_topic: pulumi.Input[str]  # the device-commands topic; each host subscribes to it itself
     deletion_protection: bool
     registry: RegistryDatabase  # the registry's Firestore database the hosts read and write
+    # "serviceAccount:service-{number}@gcp-sa-pubsub.iam.gserviceaccount.com": forwards what a host's subscription
+    # could not deliver to the dead-letter topic. Its publisher grant on that topic is Messaging's
+    # (``dead_letter_publisher``): put it in depends_on.
+    pubsub_agent: pulumi.Input[str]
     # Subfolder routes (IoT Core allowed at most 10): subfolder -> topic id.
     routes: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     network: pulumi.Input[str] = "default"
@@ -310,6 +315,7 @@ class Broker(pulumi.ComponentResource):
                 f"{name}-publish-{key}", project=args.project, topic=topic, role="roles/pubsub.publisher",
                 member=self._member, opts=self._child))
         needs.extend(self._host_subscription_grants())
+        needs.append(self._dead_letter_forwarding())
         # Devices, presence records (the front) and the hosts' liveness records (registries/{id}/bridge_hosts/...).
         needs.append(self.registry.user_grant(
             f"{name}-datastore-user", self._member, self._child, title="registry database only",
@@ -336,6 +342,16 @@ class Broker(pulumi.ComponentResource):
             f"{name}-host-subscriptions", project=args.project, role=self.host_subscription_role.name,
             member=self._member, opts=self._child)
         return [attach, grant]
+
+    def _dead_letter_forwarding(self) -> gcp.projects.IAMMember:
+        """Each host's subscription dead-letters (``iotbridge.bridge.fanout.host_subscription_request``): Pub/Sub's
+        service agent acknowledges a forwarded message on the subscription it came from, so it needs subscriber
+        there. The subscriptions are made at run time, named after VMs that do not exist yet, and the hosts may not
+        set IAM policies: the grant is on the project. Without it dead-lettering silently never happens."""
+        name, args = self._name, self._args
+        return gcp.projects.IAMMember(
+            f"{name}-pubsub-agent-subscriber", project=args.project, role="roles/pubsub.subscriber",
+            member=args.pubsub_agent, opts=self._child)
 
     def _code(self) -> list[pulumi.Resource]:
         """The bridge's code (``code_files()``) as a zip named by its content in a private bucket, and the bridge's

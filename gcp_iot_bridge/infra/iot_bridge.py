@@ -170,6 +170,7 @@ class IotBridge(pulumi.ComponentResource):
             max_hosts=cfg.broker_max_hosts,
             device_source_ranges=cfg.broker_device_source_ranges,
             dead_letter_topic=self.messaging.topics["dead-letter"].id,
+            pubsub_agent=self.foundation.service_agent("pubsub.googleapis.com"),
             labels=labels,
             kms_key_name=kms_key,
             # cloudresourcemanager: its datastore.user grant is a project IAM binding; iam: the hosts' custom role.
@@ -177,7 +178,9 @@ class IotBridge(pulumi.ComponentResource):
                                           "secretmanager.googleapis.com", "pubsub.googleapis.com",
                                           "storage.googleapis.com", "cloudresourcemanager.googleapis.com",
                                           "iam.googleapis.com"),
-                        *self.foundation.key_grants("storage.googleapis.com")],
+                        *self.foundation.key_grants("storage.googleapis.com"),
+                        # Pub/Sub's agent publishes what the hosts' subscriptions dead-letter.
+                        self.messaging.dead_letter_publisher],
         ), opts=child)
 
         # Telemetry → the streaming pipeline → BigQuery, Bigtable, and config requests when a rule fires.

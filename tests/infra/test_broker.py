@@ -21,6 +21,7 @@ PROJECT = "proj-test-123"
 PREFIX = "iot-dev"
 BRIDGE_EMAIL = f"{PREFIX}-bridge@{PROJECT}.iam.gserviceaccount.com"
 MEMBER = f"serviceAccount:{BRIDGE_EMAIL}"
+PUBSUB_AGENT = "serviceAccount:service-123456789@gcp-sa-pubsub.iam.gserviceaccount.com"
 TOPIC = f"projects/{PROJECT}/topics/{PREFIX}-"
 # The recognisable stand-ins the harness's mocked pulumi-tls and pulumi-random return, so that a leak of key
 # material into an output or a plain input is visible to the assertions below.
@@ -58,7 +59,7 @@ def build(**overrides) -> harness.StackRun:
         service_account_email=BRIDGE_EMAIL, telemetry_topic=TOPIC + "telemetry", state_topic=TOPIC + "state",
         commands_topic=TOPIC + "device-commands", deletion_protection=False,
         routes={"logs": TOPIC + "device-logs"}, min_hosts=2, max_hosts=4,
-        dead_letter_topic=TOPIC + "dead-letter",
+        dead_letter_topic=TOPIC + "dead-letter", pubsub_agent=PUBSUB_AGENT,
     )
     fields.update(overrides)
 
@@ -185,7 +186,7 @@ def test_bridge_identity_has_least_privilege(run):
         # Subscribing: attachSubscription on the device-commands topic only, for the subscription a host makes.
         (TOPIC + "device-commands", "roles/pubsub.subscriber")}
     assert run.of_type(T["sub"]) == [] and run.of_type(T["sub_iam"]) == []  # hosts make their own
-    project_roles = {r.get("role"): r for r in run.of_type(T["project_iam"])}
+    project_roles = {r.get("role"): r for r in run.of_type(T["project_iam"]) if r.get("member") == MEMBER}
     assert set(project_roles) == {"roles/datastore.user", f"projects/{PROJECT}/roles/iot_dev_broker_host_subscriptions"}
     assert all(r.get("member") == MEMBER for r in project_roles.values())
     assert project_roles["roles/datastore.user"].get("condition")["expression"] == (
@@ -213,6 +214,26 @@ def test_a_host_may_create_read_and_delete_a_subscription_and_nothing_more(run):
     # No topic, snapshot, IAM-policy or list permission: a host cannot publish there, seek, or re-grant.
     assert not any(p.startswith(("pubsub.topics.", "pubsub.snapshots.")) or p.endswith(("IamPolicy", ".list"))
                    for p in role.get("permissions"))
+
+
+def test_pubsub_agent_may_acknowledge_what_it_dead_letters_from_the_hosts_subscriptions(run):
+    """The hosts' subscriptions dead-letter (iotbridge.bridge.fanout.host_subscription_request); Pub/Sub forwards
+    only when its agent may acknowledge on the source subscription. Those are made at run time, so the grant is
+    the project's, to the agent alone; its publisher grant on the dead-letter topic is Messaging's, not here."""
+    agent = [r for r in run.resources if r.get("member") == PUBSUB_AGENT]
+    assert [(r.type, r.get("role"), r.get("project"), r.get("condition")) for r in agent] == [
+        (T["project_iam"], "roles/pubsub.subscriber", PROJECT, None)]
+
+
+def test_the_stack_gives_the_broker_pubsubs_agent_and_boots_hosts_after_both_its_grants():
+    """In the whole stack: the agent's subscriber grant names the agent whose publisher grant on the dead-letter
+    topic Messaging holds, and the hosts boot only once both exist (a host's first subscription dead-letters)."""
+    stack = harness.stack_run("dev")
+    publisher = stack.one(T["topic_iam"], "messaging-dead-letter-agent-publisher")
+    subscriber = stack.one(T["project_iam"], "broker-pubsub-agent-subscriber")
+    assert subscriber.get("member") == publisher.get("member") and "@gcp-sa-pubsub." in subscriber.get("member")
+    (mig,) = stack.of_type(T["mig"])
+    assert stack.depends_on(mig, publisher) and stack.depends_on(mig, subscriber)
 
 
 def test_code_archive_is_named_by_content_and_pins_its_requirements():
@@ -269,8 +290,9 @@ def test_hosts_boot_only_after_everything_they_read_exists(run):
     needs = [*run.of_type(T["secret_iam"]), *run.of_type(T["version"]), *run.of_type(T["topic_iam"]),
              *run.of_type(T["project_iam"]), *run.of_type(T["bucket_iam"]),
              *run.of_type("gcp:compute/routerNat:RouterNat")]
-    # Topic grants: telemetry, state, the route, dead-letter, device-commands (attach); project: datastore, the role.
-    assert len(needs) == 2 + 2 + 5 + 2 + 1 + 1
+    # Topic grants: telemetry, state, the route, dead-letter, device-commands (attach); project: datastore, the role,
+    # Pub/Sub's agent as subscriber (dead-letter forwarding).
+    assert len(needs) == 2 + 2 + 5 + 3 + 1 + 1
     for r in needs:
         assert run.depends_on(mig, r), r.name
 
