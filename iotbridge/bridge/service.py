@@ -62,7 +62,7 @@ from google.cloud import pubsub_v1
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import spec
-from iotbridge.bridge import fanout, limits
+from iotbridge.bridge import fanout, limits, registrar
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.front import SYNC_AGAIN, SYNC_GONE, SYNC_SUBSCRIBED, SYNC_TOPIC
 from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
@@ -244,7 +244,10 @@ class BridgeService:
         if self.fanout_sub:
             # A clean stop leaves nothing behind: no subscription, no liveness record (the sweep's job otherwise).
             try:
-                fanout.delete_host_subscription(self.subscriber, self.s.project, self.s.prefix, self.s.host_id)
+                if self.s.registrar_url:
+                    registrar.RegistrarClient(self.s.registrar_url).release()
+                else:
+                    fanout.delete_host_subscription(self.subscriber, self.s.project, self.s.prefix, self.s.host_id)
                 fanout.mark_host_gone(self.registry.client, self.s.registry_id, self.s.host_id, self._alive_time)
                 log.info("deleted delivery subscription %s", self.fanout_sub)
             except Exception as exc:  # noqa: BLE001 - the expiration policy and the sweep remove it anyway
@@ -261,8 +264,11 @@ class BridgeService:
         """This host's liveness record, and its own filtered delivery subscription (created, or reused)."""
         self._alive_time = fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id,
                                                   self.s.host_alive_s)
-        self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
-                                                          self.s.host_id)
+        if self.s.registrar_url:
+            self.fanout_sub = registrar.RegistrarClient(self.s.registrar_url).claim()
+        else:
+            self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
+                                                              self.s.host_id)
         log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
 
     def _subscribe(self) -> None:
