@@ -26,22 +26,22 @@ What it declares, and the GCP pitfall behind each choice:
   service (``EXTERNAL``, TCP, ``CONNECTION`` balancing) with a *regional* health check (a global one is refused
   for this load balancer type), a forwarding rule on 8883. Passthrough keeps the device's source address, so
   the firewall allows 8883 from the device ranges, and the health-check port from Google's probe ranges only.
-- Configs and commands reach the host that holds the device: each host's bridge creates its own subscription to
-  the ``device-commands`` topic at start, ``{prefix}-device-commands-{instance name}``, filtered on its host id,
-  expiring 24 h after its host is gone, dead-lettering what it cannot deliver after ten attempts
-  (``iotbridge.bridge.fanout``; Pub/Sub's agent acknowledges there as subscriber on the project). Nothing here
-  declares one per host: the group may run up to 2000 hosts, and a host that goes leaves nothing declared behind.
+- Configs and commands reach the host that holds the device: each host has its own subscription to the
+  ``device-commands`` topic, ``{prefix}-device-commands-{instance name}``, filtered on its host id, expiring 24 h
+  after its host is gone, dead-lettering what it cannot deliver after ten attempts (``iotbridge.bridge.fanout``).
+  Nothing here declares one per host: the group may run up to 2000 hosts, and a host that goes leaves nothing
+  declared behind. The host registrar makes and deletes it at the host's start and clean stop (``_registrar``).
+- The host registrar (``functions/host_registrar``): a gen2 function with internal ingress, callable by the hosts'
+  account only, that makes a host's subscription for the VM its instance identity token names and sets that
+  subscription's IAM policy (the hosts' account and Pub/Sub's agent as subscribers). Pub/Sub takes no IAM
+  condition on a subscription's name, and a host's subscription does not exist when the stack is deployed: the
+  project permissions this needs (``REGISTRAR_PERMISSIONS``) are the registrar's account's, not the hosts'.
 - The bridge's service account (Foundation's ``bridge`` workload: logging.logWriter, monitoring.metricWriter)
   gets, on the resources where Pub/Sub and Firestore allow it: pubsub.publisher on the telemetry, state and route
   topics and on the dead-letter topic (a device's message Pub/Sub can never accept goes there, with the reason);
-  pubsub.subscriber on the device-commands topic (``pubsub.topics.attachSubscription``: a subscription may name
-  it); datastore.user conditioned on this database (presence and liveness records); secretAccessor on its two
-  secrets; objectViewer on the bucket holding the bridge's code. Creating, reading and deleting its own
-  subscription needs ``pubsub.subscriptions.create`` on the project and ``get``/``consume``/``delete`` on a
-  subscription that does not exist when the stack is deployed: Pub/Sub takes no IAM condition on a
-  subscription's name (it is not among the services whose resources IAM Conditions see), so these four
-  permissions are a custom role granted on the project (``HOST_SUBSCRIPTION_PERMISSIONS``;
-  docs/broker-scaling.md says what that lets a host do).
+  run.invoker on the registrar; datastore.user conditioned on this database (presence and liveness records);
+  secretAccessor on its two secrets; objectViewer on the bucket holding the bridge's code. No Pub/Sub role on the
+  project (docs/broker-scaling.md, "What a host may do").
 """
 
 from __future__ import annotations
