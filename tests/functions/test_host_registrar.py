@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlparse
 
 import jwt
@@ -241,3 +241,53 @@ def test_a_broker_host_with_a_registrar_url_has_its_subscription_made_and_delete
             iam.client.get_subscription(request={"subscription": path})
     finally:
         server.close()
+
+
+def test_a_pull_refused_again_and_again_is_retried_backing_off_to_a_minute():
+    """A subscriber grant the registrar just set may not apply yet: each pull is refused (PermissionDenied ends the
+    stream) and the host makes its subscription again. It waits longer each time, up to RESUBSCRIBE_MAX_S, instead
+    of calling the registrar every second; a message arriving resets the wait. (The bridge service in-process, its
+    Pub/Sub and registrar calls stood in for: what is measured is the waits it chooses.)"""
+    from iotbridge.bridge import service as svc_mod
+    from iotbridge.bridge.settings import BridgeSettings
+
+    class Ended:
+        def cancelled(self) -> bool:
+            return False
+
+        def exception(self) -> BaseException:
+            return gexc.PermissionDenied("User not authorized to perform this action.")
+
+    waits: list[float] = []
+    made_again = threading.Semaphore(0)
+
+    class Stop:
+        def is_set(self) -> bool:
+            return False
+
+        def wait(self, seconds: float) -> bool:
+            waits.append(seconds)
+            return False
+
+    class NoPubSub:
+        api = type("Api", (), {"publish": None})()  # the publisher's raw API: nothing is published here
+
+        def topic_path(self, project: str, topic: str) -> str:
+            return f"projects/{project}/topics/{topic}"
+
+    bridge = svc_mod.BridgeService(BridgeSettings(project="p", region="r", registry_id="reg", prefix="pre"),
+                                   registry=None, password="x", publisher=cast(Any, NoPubSub()),
+                                   subscriber=cast(Any, NoPubSub()))
+    try:
+        bridge._stop = Stop()  # type: ignore[assignment]
+        bridge._claim_delivery = made_again.release  # type: ignore[method-assign]
+        bridge._subscribe = lambda: None  # type: ignore[method-assign]
+        for _ in range(9):
+            bridge._pull_ended(Ended())
+            assert made_again.acquire(timeout=10)
+        assert waits == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+        bridge._on_fanout(type("Message", (), {"attributes": {}, "ack": lambda self: None})())
+        bridge._pull_ended(Ended())
+        assert made_again.acquire(timeout=10) and waits[-1] == 0.0
+    finally:
+        bridge.batcher.stop()
