@@ -31,6 +31,7 @@ from gcp_iot_bridge.infra import (
     Warehouse,
     WarehouseArgs,
 )
+from gcp_iot_bridge.infra.broker import REGISTRAR_APIS as BROKER_REGISTRAR_APIS
 
 gcp_config = pulumi.Config("gcp")
 project = gcp_config.require("project")
@@ -74,6 +75,8 @@ broker = Broker("iot-broker", BrokerArgs(
     state_topic=messaging.topics["state"].id,
     commands_topic=messaging.topics["device-commands"].id,
     dead_letter_topic=messaging.topics["dead-letter"].id,
+    pubsub_agent=foundation.service_agent("pubsub.googleapis.com"),
+    project_number=foundation.project_number,
     deletion_protection=True,
     registry=registry,
     network=vpc.id,
@@ -83,7 +86,8 @@ broker = Broker("iot-broker", BrokerArgs(
     labels=labels,
     depends_on=foundation.needs("compute.googleapis.com", "firestore.googleapis.com", "secretmanager.googleapis.com",
                                 "pubsub.googleapis.com", "storage.googleapis.com",
-                                "cloudresourcemanager.googleapis.com", "iam.googleapis.com"),
+                                "cloudresourcemanager.googleapis.com", "iam.googleapis.com", *BROKER_REGISTRAR_APIS)
+    + [messaging.dead_letter_publisher],
 ))
 pipeline = Pipeline("iot-pipeline", PipelineArgs(
     project=project, region=region, prefix=prefix,

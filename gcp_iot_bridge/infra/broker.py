@@ -26,21 +26,22 @@ What it declares, and the GCP pitfall behind each choice:
   service (``EXTERNAL``, TCP, ``CONNECTION`` balancing) with a *regional* health check (a global one is refused
   for this load balancer type), a forwarding rule on 8883. Passthrough keeps the device's source address, so
   the firewall allows 8883 from the device ranges, and the health-check port from Google's probe ranges only.
-- Configs and commands reach the host that holds the device: each host's bridge creates its own subscription to
-  the ``device-commands`` topic at start, ``{prefix}-device-commands-{instance name}``, filtered on its host id,
-  expiring 24 h after its host is gone (``iotbridge.bridge.fanout``). Nothing here declares one per host: the
-  group may run up to 2000 hosts, and a host that goes leaves nothing declared behind.
+- Configs and commands reach the host that holds the device: each host has its own subscription to the
+  ``device-commands`` topic, ``{prefix}-device-commands-{instance name}``, filtered on its host id, expiring 24 h
+  after its host is gone, dead-lettering what it cannot deliver after ten attempts (``iotbridge.bridge.fanout``).
+  Nothing here declares one per host: the group may run up to 2000 hosts, and a host that goes leaves nothing
+  declared behind. The host registrar makes and deletes it at the host's start and clean stop (``_registrar``).
+- The host registrar (``functions/host_registrar``): a gen2 function with internal ingress, callable by the hosts'
+  account only, that makes a host's subscription for the VM its instance identity token names and sets that
+  subscription's IAM policy (the hosts' account and Pub/Sub's agent as subscribers). Pub/Sub takes no IAM
+  condition on a subscription's name, and a host's subscription does not exist when the stack is deployed: the
+  project permissions this needs (``REGISTRAR_PERMISSIONS``) are the registrar's account's, not the hosts'.
 - The bridge's service account (Foundation's ``bridge`` workload: logging.logWriter, monitoring.metricWriter)
   gets, on the resources where Pub/Sub and Firestore allow it: pubsub.publisher on the telemetry, state and route
   topics and on the dead-letter topic (a device's message Pub/Sub can never accept goes there, with the reason);
-  pubsub.subscriber on the device-commands topic (``pubsub.topics.attachSubscription``: a subscription may name
-  it); datastore.user conditioned on this database (presence and liveness records); secretAccessor on its two
-  secrets; objectViewer on the bucket holding the bridge's code. Creating, reading and deleting its own
-  subscription needs ``pubsub.subscriptions.create`` on the project and ``get``/``consume``/``delete`` on a
-  subscription that does not exist when the stack is deployed: Pub/Sub takes no IAM condition on a
-  subscription's name (it is not among the services whose resources IAM Conditions see), so these four
-  permissions are a custom role granted on the project (``HOST_SUBSCRIPTION_PERMISSIONS``;
-  docs/broker-scaling.md says what that lets a host do).
+  run.invoker on the registrar; datastore.user conditioned on this database (presence and liveness records);
+  secretAccessor on its two secrets; objectViewer on the bucket holding the bridge's code. No Pub/Sub role on the
+  project (docs/broker-scaling.md, "What a host may do").
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ import pulumi
 import pulumi_gcp as gcp
 import pulumi_random as random
 import pulumi_tls as tls
+import pulumiverse_time as time
 
 from gcp_iot_bridge.infra import packaging
+from gcp_iot_bridge.infra.admin_api import service_url
 from gcp_iot_bridge.infra.buckets import private_bucket
+from gcp_iot_bridge.infra.config_push import IAM_PROPAGATION_WAIT, RUNTIME
 from gcp_iot_bridge.infra.registry_database import RegistryDatabase
 from iotbridge.planning.host_sizing import MAX_HOSTS, HostSizing, sizing
 from iotbridge.spec import CLOUD_RECHECK_INTERVAL_S, CONNECTED_DEVICES_METRIC
@@ -69,11 +73,16 @@ DRAIN_S = 30
 FRONT_STOP_TIMEOUT_S = DRAIN_S + 30
 
 MQTT_PORT = 8883
-# What a host's bridge does with its own delivery subscription (iotbridge/bridge/fanout.py): create it at start, get
-# it when it exists already (a restart: is its filter the host's?), pull from it, delete it at a clean stop. The
-# other half of creating it, ``pubsub.topics.attachSubscription``, is granted on the device-commands topic only.
-HOST_SUBSCRIPTION_PERMISSIONS = ("pubsub.subscriptions.consume", "pubsub.subscriptions.create",
-                                 "pubsub.subscriptions.delete", "pubsub.subscriptions.get")
+# What the host registrar (iotbridge/bridge/registrar.py) does with a host's delivery subscription: create it, get
+# it when it exists already (a host's restart: is its filter the host's?), set its IAM policy (the hosts' account and
+# Pub/Sub's agent as subscribers), delete it at the host's clean stop. The other half of creating it,
+# ``pubsub.topics.attachSubscription``, is granted on the device-commands topic only. The hosts pull with
+# ``roles/pubsub.subscriber`` on their own subscriptions, which the registrar grants, and hold no Pub/Sub project role.
+REGISTRAR_PERMISSIONS = ("pubsub.subscriptions.create", "pubsub.subscriptions.delete", "pubsub.subscriptions.get",
+                         "pubsub.subscriptions.setIamPolicy")
+# The APIs the registrar's deployment calls besides the broker's own (a gen2 function: its build and its service).
+REGISTRAR_APIS = ("cloudfunctions.googleapis.com", "run.googleapis.com", "cloudbuild.googleapis.com",
+                  "artifactregistry.googleapis.com")
 HTTP_BRIDGE_PORT = 8443  # IoT Core's HTTP device bridge (iotbridge/bridge/http_bridge.py), TLS like MQTT
 BROKER_PORT = 1883  # loopback only
 # Mosquitto's Unix socket for the front's device sessions (no ephemeral port each); Mosquitto makes it 0770,
@@ -110,6 +119,11 @@ class BrokerArgs:
     commands_topic: pulumi.Input[str]  # the device-commands topic; each host subscribes to it itself
     deletion_protection: bool
     registry: RegistryDatabase  # the registry's Firestore database the hosts read and write
+    # "serviceAccount:service-{number}@gcp-sa-pubsub.iam.gserviceaccount.com": forwards what a host's subscription
+    # could not deliver to the dead-letter topic. Its publisher grant on that topic is Messaging's
+    # (``dead_letter_publisher``): put it in depends_on.
+    pubsub_agent: pulumi.Input[str]
+    project_number: pulumi.Input[str]  # the host registrar's deterministic URL, the audience of the hosts' tokens
     # Subfolder routes (IoT Core allowed at most 10): subfolder -> topic id.
     routes: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     network: pulumi.Input[str] = "default"
@@ -150,8 +164,12 @@ class Broker(pulumi.ComponentResource):
     mqtt_ca_cert: pulumi.Output[str]  # PEM of the CA devices verify the broker with
     address: gcp.compute.Address  # the load balancer's static IP
     registry: RegistryDatabase  # the registry's database (an input: RegistryDatabase)
-    # The project role that lets a host create, read and delete its own delivery subscription.
-    host_subscription_role: gcp.projects.IAMCustomRole
+    # The host registrar: the function that makes a host's delivery subscription on its behalf, its URL (the hosts'
+    # token audience), its service account and the project role that account holds.
+    registrar: gcp.cloudfunctionsv2.Function
+    registrar_url: pulumi.Output[str]
+    registrar_account: gcp.serviceaccount.Account
+    registrar_role: gcp.projects.IAMCustomRole
     # The resources themselves, for a program that adds to them.
     ca_cert: tls.SelfSignedCert
     server_cert: tls.LocallySignedCert
@@ -195,7 +213,8 @@ class Broker(pulumi.ComponentResource):
         server_key = self._address_and_tls()
         # Everything a host reads at boot; the group waits for it, or the first hosts fail their startup script
         # and auto-healing recreates them until the grants have propagated.
-        boot_needs = [*self._secrets(server_key), *self._bridge_grants(), *self._code()]
+        secrets, code = self._secrets(server_key), self._code()  # the registrar's code goes in the code's bucket
+        boot_needs = [*secrets, *self._bridge_grants(), *code]
         self._egress_and_firewall()
         self._hosts(boot_needs)
         self._autoscaler()
@@ -292,9 +311,9 @@ class Broker(pulumi.ComponentResource):
         return secret, version
 
     def _bridge_grants(self) -> list[pulumi.Resource]:
-        """The bridge's least privilege: publisher on its topics, the right to create, read and delete its own
-        delivery subscription (``_host_subscription_grants``), datastore.user conditioned on the registry's
-        database. Returns the bridge's grants."""
+        """The bridge's least privilege: publisher on its topics, the host registrar that makes its delivery
+        subscription and grants it subscriber there (``_registrar``), datastore.user conditioned on the registry's
+        database. Returns the bridge's grants and the registrar."""
         name, args = self._name, self._args
         needs: list[pulumi.Resource] = []
         publish_topics: dict[str, pulumi.Input[str]] = {"telemetry": args.telemetry_topic, "state": args.state_topic}
@@ -309,33 +328,75 @@ class Broker(pulumi.ComponentResource):
             needs.append(gcp.pubsub.TopicIAMMember(
                 f"{name}-publish-{key}", project=args.project, topic=topic, role="roles/pubsub.publisher",
                 member=self._member, opts=self._child))
-        needs.extend(self._host_subscription_grants())
+        needs.extend(self._registrar())
         # Devices, presence records (the front) and the hosts' liveness records (registries/{id}/bridge_hosts/...).
         needs.append(self.registry.user_grant(
             f"{name}-datastore-user", self._member, self._child, title="registry database only",
             condition=lambda db: f'resource.name.startsWith("{db}")'))
         return needs
 
-    def _host_subscription_grants(self) -> list[pulumi.Resource]:
-        """What a host needs for the subscription it names at boot: ``pubsub.topics.attachSubscription`` on the
-        device-commands topic (``roles/pubsub.subscriber`` there), and ``HOST_SUBSCRIPTION_PERMISSIONS`` in a
-        custom role on the project, unconditioned: Pub/Sub takes no IAM condition on its resources, and a
-        project binding conditioned on ``resource.name`` would grant nothing for them. Returns both grants."""
-        name, args = self._name, self._args
-        attach = gcp.pubsub.TopicIAMMember(
-            f"{name}-attach-commands", project=args.project, topic=args.commands_topic,
-            role="roles/pubsub.subscriber", member=self._member, opts=self._child)
-        self.host_subscription_role = gcp.projects.IAMCustomRole(
-            f"{name}-host-subscriptions-role", project=args.project,
-            role_id=f"{args.prefix.replace('-', '_')}_broker_host_subscriptions",
-            title=f"Broker host delivery subscription ({args.prefix})",
-            description=f"A {args.prefix} broker host creates, reads and deletes its own "
-                        f"{args.prefix}-device-commands-HOST subscription",
-            permissions=list(HOST_SUBSCRIPTION_PERMISSIONS), stage="GA", opts=self._child)
-        grant = gcp.projects.IAMMember(
-            f"{name}-host-subscriptions", project=args.project, role=self.host_subscription_role.name,
-            member=self._member, opts=self._child)
-        return [attach, grant]
+    def _registrar(self) -> list[pulumi.Resource]:
+        """The host registrar (``functions/host_registrar``), a gen2 function with internal ingress that makes and
+        deletes a host's subscription for the VM the host's instance identity token names: its own runtime and
+        build accounts, ``REGISTRAR_PERMISSIONS`` in a project role, attachSubscription on device-commands only,
+        and ``run.invoker`` for the hosts' account. Returns the function and that invoker grant."""
+        name, args, p = self._name, self._args, self._args.prefix
+        package = packaging.HOST_REGISTRAR.package()
+        files = {**package.files, "requirements.txt": package.requirements_txt.encode()}
+        self.registrar_account = gcp.serviceaccount.Account(
+            f"{name}-registrar-sa", project=args.project, account_id=f"{p}-hostreg",
+            display_name=f"Broker host registrar ({p})", opts=self._child)
+        build_account = gcp.serviceaccount.Account(
+            f"{name}-registrar-build-sa", project=args.project, account_id=f"{p}-regbuild",
+            display_name=f"Broker host registrar builds ({p})", opts=self._child)
+        self.registrar_role = gcp.projects.IAMCustomRole(
+            f"{name}-registrar-role", project=args.project, role_id=f"{p.replace('-', '_')}_host_registrar",
+            title=f"Broker host registrar ({p})", stage="GA", permissions=list(REGISTRAR_PERMISSIONS),
+            description=f"Makes, grants and deletes the {p}-device-commands-HOST subscriptions", opts=self._child)
+        runtime = self.registrar_account.member
+        grants = [
+            gcp.projects.IAMMember(f"{name}-registrar-build", project=args.project,
+                                   role="roles/cloudbuild.builds.builder", member=build_account.member,
+                                   opts=self._child),
+            gcp.projects.IAMMember(f"{name}-registrar-subscriptions", project=args.project,
+                                   role=self.registrar_role.name, member=runtime, opts=self._child),
+            gcp.pubsub.TopicIAMMember(f"{name}-registrar-attach", project=args.project, topic=args.commands_topic,
+                                      role="roles/pubsub.subscriber", member=runtime, opts=self._child)]
+        source = gcp.storage.BucketObject(
+            f"{name}-registrar-code", bucket=self.bucket.name,
+            name=f"registrar/{packaging.content_hash(files)}.zip",
+            source=pulumi.AssetArchive({k: pulumi.StringAsset(v.decode()) for k, v in sorted(files.items())}),
+            opts=self._child)
+        # A new build account's role and the runtime account's grants apply only once IAM has propagated them
+        # (typically 2 minutes): before that Cloud Build refuses the build.
+        wait = time.Sleep(f"{name}-registrar-grants-wait", create_duration=IAM_PROPAGATION_WAIT,
+                          triggers={f"grant{i}": g.id for i, g in enumerate(grants)},
+                          opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.depends_on, *grants]))
+        function_name = f"{p}-host-registrar"
+        self.registrar_url = pulumi.Output.from_input(args.project_number).apply(
+            lambda number: service_url(function_name, number, args.region))
+        self.registrar = gcp.cloudfunctionsv2.Function(
+            f"{name}-registrar", project=args.project, location=args.region, name=function_name,
+            description="Makes and deletes each broker host's own delivery subscription on its behalf.",
+            labels=dict(self._labels),
+            build_config=gcp.cloudfunctionsv2.FunctionBuildConfigArgs(
+                runtime=RUNTIME, entry_point="handle", service_account=build_account.name,
+                source=gcp.cloudfunctionsv2.FunctionBuildConfigSourceArgs(
+                    storage_source=gcp.cloudfunctionsv2.FunctionBuildConfigSourceStorageSourceArgs(
+                        bucket=self.bucket.name, object=source.name))),
+            service_config=gcp.cloudfunctionsv2.FunctionServiceConfigArgs(
+                service_account_email=self.registrar_account.email, available_memory="256M", timeout_seconds=60,
+                min_instance_count=0, max_instance_count=3, ingress_settings="ALLOW_INTERNAL_ONLY",
+                all_traffic_on_latest_revision=True,
+                environment_variables={
+                    "PROJECT_ID": args.project, "PREFIX": p, "REGISTRAR_URL": self.registrar_url,
+                    "HOSTS_ACCOUNT": args.service_account_email, "PUBSUB_AGENT": args.pubsub_agent}),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.depends_on, wait, source]))
+        # A gen2 function runs as the Cloud Run service of the same name: the hosts' account may call it, no other.
+        invoker = gcp.cloudrunv2.ServiceIamMember(
+            f"{name}-registrar-invoker", project=args.project, location=args.region, name=self.registrar.name,
+            role="roles/run.invoker", member=self._member, opts=self._child)
+        return [self.registrar, invoker]
 
     def _code(self) -> list[pulumi.Resource]:
         """The bridge's code (``code_files()``) as a zip named by its content in a private bucket, and the bridge's
@@ -383,11 +444,12 @@ class Broker(pulumi.ComponentResource):
         startup = pulumi.Output.all(
             self.bucket.name, self.code.name, self.tls_key_secret.secret_id, self.passwords_secret.secret_id,
             self.server_cert.cert_pem, self.registry.name, *(args.routes[k] for k in route_names),
+            self.registrar_url,
         ).apply(lambda v: startup_script(
             project=args.project, region=args.region, registry_id=args.registry_id, prefix=args.prefix,
             code_url=f"gs://{v[0]}/{v[1]}", tls_key_secret=v[2], passwords_secret=v[3], server_cert_pem=v[4],
-            database=v[5], routes={k: _topic_id(t) for k, t in zip(route_names, v[6:], strict=True)},
-            health_port=args.health_port, machine_type=args.machine_type))
+            database=v[5], routes={k: _topic_id(t) for k, t in zip(route_names, v[6:-1], strict=True)},
+            health_port=args.health_port, machine_type=args.machine_type, registrar_url=v[-1]))
         self.template = gcp.compute.InstanceTemplate(
             f"{name}-template",
             project=args.project,
@@ -512,7 +574,8 @@ def _topic_id(topic: str) -> str:
 
 def startup_script(*, project: str, region: str, registry_id: str, prefix: str, code_url: str,
                    tls_key_secret: str, passwords_secret: str, server_cert_pem: str, database: str,
-                   routes: Mapping[str, str], health_port: int, machine_type: str = "e2-standard-2") -> str:
+                   routes: Mapping[str, str], health_port: int, machine_type: str = "e2-standard-2",
+                   registrar_url: str = "") -> str:
     """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager, the
     kernel and the units' open-files limits sized for what a ``machine_type`` host carries (host_sizing).
 
@@ -523,6 +586,7 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
     settings = {
         "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
         "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT, "http_port": HTTP_BRIDGE_PORT,
+        "registrar_url": registrar_url,
         "broker_host": "127.0.0.1", "broker_port": BROKER_PORT, "broker_socket": f"__ROOT__{BROKER_SOCKET}",
         "tls_cert": "__ROOT__/etc/iotbridge/server.pem", "tls_key": "__ROOT__/etc/iotbridge/server-key.pem",
         "secrets_file": "__ROOT__/etc/iotbridge/secrets.json",

@@ -20,6 +20,7 @@ import pulumi
 
 from gcp_iot_bridge.infra.admin_api import APIS as ADMIN_API_APIS
 from gcp_iot_bridge.infra.admin_api import AdminApi, AdminApiArgs
+from gcp_iot_bridge.infra.broker import REGISTRAR_APIS as BROKER_REGISTRAR_APIS
 from gcp_iot_bridge.infra.broker import Broker, BrokerArgs
 from gcp_iot_bridge.infra.config import StackConfig
 from gcp_iot_bridge.infra.config_push import APIS as CONFIG_PUSH_APIS
@@ -170,14 +171,18 @@ class IotBridge(pulumi.ComponentResource):
             max_hosts=cfg.broker_max_hosts,
             device_source_ranges=cfg.broker_device_source_ranges,
             dead_letter_topic=self.messaging.topics["dead-letter"].id,
+            pubsub_agent=self.foundation.service_agent("pubsub.googleapis.com"),
+            project_number=self.foundation.project_number,
             labels=labels,
             kms_key_name=kms_key,
-            # cloudresourcemanager: its datastore.user grant is a project IAM binding; iam: the hosts' custom role.
+            # cloudresourcemanager: its project IAM bindings; iam: the registrar's accounts and custom role.
             depends_on=[*self.foundation.needs("compute.googleapis.com", "firestore.googleapis.com",
                                           "secretmanager.googleapis.com", "pubsub.googleapis.com",
                                           "storage.googleapis.com", "cloudresourcemanager.googleapis.com",
-                                          "iam.googleapis.com"),
-                        *self.foundation.key_grants("storage.googleapis.com")],
+                                          "iam.googleapis.com", *BROKER_REGISTRAR_APIS),
+                        *self.foundation.key_grants("storage.googleapis.com"),
+                        # Pub/Sub's agent publishes what the hosts' subscriptions dead-letter.
+                        self.messaging.dead_letter_publisher],
         ), opts=child)
 
         # Telemetry → the streaming pipeline → BigQuery, Bigtable, and config requests when a rule fires.

@@ -324,4 +324,6 @@ def stage(files: Mapping[str, bytes | str], dest: Path) -> Path:
 # The stack's deployables, by the modules their targets start.
 BROKER = Deployable("the broker archive", ("iotbridge.bridge.__main__",))
 CONFIG_PUSH = Deployable("the config-push function", ("main",), sources=(Source("functions/config_push"), Source()))
+HOST_REGISTRAR = Deployable("the host registrar function", ("main",),
+                            sources=(Source("functions/host_registrar"), Source()))
 PIPELINE = Deployable("the pipeline image", ("dataflow_jobs.telemetry_pipeline",), whole_packages=("dataflow_jobs",))

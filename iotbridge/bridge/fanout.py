@@ -13,9 +13,11 @@ Message format (docs/messages.md): data = the payload, untouched; attributes ``i
   token's ``exp``, at most 24 h); once its liveness record has run out (``HOST_ALIVE_S`` after its death) a command
   to such a device is refused too. Within that window it is accepted and not delivered.
 
-Each host's subscription expires after ``SUBSCRIPTION_TTL_S`` without a subscriber (the shortest expiration
-Pub/Sub allows), is deleted by the host on a clean stop, and :func:`sweep` deletes those of hosts whose liveness
-record (``registries/{deployment}/bridge_hosts/{host}``, renewed by each running host) has run out.
+Each host's subscription dead-letters what its host could not deliver after ``DELIVERY_ATTEMPTS``
+(docs/broker-scaling.md, "What a host cannot deliver"), expires after ``SUBSCRIPTION_TTL_S`` without a subscriber
+(the shortest expiration Pub/Sub allows), is deleted by the host on a clean stop, and :func:`sweep` deletes those
+of hosts whose liveness record (``registries/{deployment}/bridge_hosts/{host}``, renewed by each running host) has
+run out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ class DeviceNotConnected(RuntimeError):
 
 
 SUBSCRIPTION_TTL_S = 24 * 3600  # Pub/Sub's minimum expiration: a host gone this long loses its subscription
+# A config or command its host cannot hand to Mosquitto is nacked (or its lease runs out) and redelivered, backing off
+# from RETRY_BACKOFF_S[0] to RETRY_BACKOFF_S[1] seconds (Pub/Sub allows 0..600 each); after DELIVERY_ATTEMPTS
+# (Pub/Sub allows 5..100) Pub/Sub forwards it to the stack's dead-letter topic instead of redelivering it for the
+# message retention's 7 days. Ten attempts span about 40 minutes: longer than a Mosquitto restart, shorter than a
+# week of one poison message holding its place. Nothing is lost that the registry holds: a config is its latest
+# version there, sent again when the device next connects; a command was live-only and goes stale in minutes.
+DELIVERY_ATTEMPTS = 10
+RETRY_BACKOFF_S = (10, 600)
 
 
 def _topic(publisher: pubsub_v1.PublisherClient, project: str, prefix: str) -> str:
@@ -57,6 +67,31 @@ def topic_path(project: str, prefix: str) -> str:
 def host_subscription(prefix: str, host_id: str) -> str:
     """The name of a host's own delivery subscription."""
     return f"{spec.topic_name(prefix, 'device-commands')}-{spec.validate_host_id(host_id)}"
+
+
+def dead_letter_topic_path(project: str, prefix: str) -> str:
+    """Where Pub/Sub forwards what a host's subscription could not deliver: the stack's dead-letter topic."""
+    return f"projects/{project}/topics/{spec.topic_name(prefix, 'dead-letter')}"
+
+
+def host_subscription_request(project: str, prefix: str, host_id: str) -> dict[str, Any]:
+    """A host's delivery subscription as created: its filter, its expiration, its retries and dead-letter policy."""
+    return {"name": f"projects/{project}/subscriptions/{host_subscription(prefix, host_id)}",
+            "topic": topic_path(project, prefix), "filter": spec.host_filter(host_id), "ack_deadline_seconds": 60,
+            "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_S}},
+            "retry_policy": {"minimum_backoff": {"seconds": RETRY_BACKOFF_S[0]},
+                             "maximum_backoff": {"seconds": RETRY_BACKOFF_S[1]}},
+            "dead_letter_policy": {"dead_letter_topic": dead_letter_topic_path(project, prefix),
+                                   "max_delivery_attempts": DELIVERY_ATTEMPTS}}
+
+
+def _made_as_requested(subscription: Any, request: dict[str, Any]) -> bool:  # noqa: ANN401 - a pubsub_v1 Subscription
+    """Whether an existing subscription has what cannot be changed in place (its filter) and what the host may not
+    change (its dead-letter policy: ``subscriptions.update`` is not the host's)."""
+    dead_letter = request["dead_letter_policy"]
+    return (subscription.filter == request["filter"]
+            and subscription.dead_letter_policy.dead_letter_topic == dead_letter["dead_letter_topic"]
+            and subscription.dead_letter_policy.max_delivery_attempts == dead_letter["max_delivery_attempts"])
 
 
 def publish_config(publisher: pubsub_v1.PublisherClient, project: str, prefix: str, device_id: str,
@@ -157,22 +192,22 @@ def send_command(registry: Registry, publisher: pubsub_v1.PublisherClient, prefi
 
 def ensure_host_subscription(subscriber: pubsub_v1.SubscriberClient, project: str, prefix: str,
                              host_id: str) -> str:
-    """Create this host's filtered delivery subscription, or reuse it (a restart of the same host); its path.
+    """Create this host's filtered delivery subscription (``host_subscription_request``), or reuse it (a restart of
+    the same host); its path.
 
-    A filter cannot be changed after creation: a subscription of this name with another filter (or none) is
-    deleted and made anew, so a host never reads another host's messages."""
+    A filter cannot be changed after creation: a subscription of this name with another filter (or none), or
+    without this dead-letter policy (one made by an earlier version), is deleted and made anew, so a host never
+    reads another host's messages and never redelivers a poison message for a week."""
     from google.api_core import exceptions as gexc
 
-    path = subscriber.subscription_path(project, host_subscription(prefix, host_id))
-    wanted = spec.host_filter(host_id)
-    request = {"name": path, "topic": topic_path(project, prefix), "filter": wanted,
-               "ack_deadline_seconds": 60, "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_S}}}
+    request = host_subscription_request(project, prefix, host_id)
+    path = request["name"]
     try:
         subscriber.create_subscription(request=request)
         return path
     except gexc.AlreadyExists:
         pass
-    if subscriber.get_subscription(request={"subscription": path}).filter != wanted:
+    if not _made_as_requested(subscriber.get_subscription(request={"subscription": path}), request):
         subscriber.delete_subscription(request={"subscription": path})
         subscriber.create_subscription(request=request)
     return path

@@ -62,7 +62,7 @@ from google.cloud import pubsub_v1
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import spec
-from iotbridge.bridge import fanout, limits
+from iotbridge.bridge import fanout, limits, registrar
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
 from iotbridge.bridge.front import SYNC_AGAIN, SYNC_GONE, SYNC_SUBSCRIBED, SYNC_TOPIC
 from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
@@ -83,6 +83,8 @@ FANOUT_KIND_COMMAND = spec.FANOUT_KIND_COMMAND
 DEVICE_CACHE_TTL_S = 300.0
 REGISTRY_FLUSH_S = 2.0
 RETRY_MAX_S = 30.0
+# The longest wait between two attempts at making this host's delivery subscription again (and pulling from it).
+RESUBSCRIBE_MAX_S = 60.0
 STATS_EVERY_S = 0.5
 COMMAND_MAX_AGE_S = 60.0
 # Config sync requests read together at most (the reads of a batch cost 0.28-0.33 ms CPU per device at 64, against
@@ -178,6 +180,10 @@ class BridgeService:
         self.fanout_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "device-commands"))
         self.dead_letter_topic = self.publisher.topic_path(project, spec.topic_name(settings.prefix, "dead-letter"))
         self.fanout_sub = ""  # this host's own delivery subscription, created (or reused) in start()
+        # How long the next making-again waits: doubled (to RESUBSCRIBE_MAX_S) each time a pull ends again before a
+        # message came, so a pull refused until a new subscriber grant applies does not call the registrar every
+        # second; back to 0 once a message arrives.
+        self._resubscribe_delay = 0.0
         self._alive_time: Any = None  # the update time of this host's last liveness write (mark_host_gone needs it)
         self._devices: dict[str, tuple[float, Who]] = {}  # device id -> (fetched at, its numeric id and registry)
         self._registries: dict[str, Registry] = {settings.registry_id: registry}
@@ -244,7 +250,10 @@ class BridgeService:
         if self.fanout_sub:
             # A clean stop leaves nothing behind: no subscription, no liveness record (the sweep's job otherwise).
             try:
-                fanout.delete_host_subscription(self.subscriber, self.s.project, self.s.prefix, self.s.host_id)
+                if self.s.registrar_url:
+                    registrar.RegistrarClient(self.s.registrar_url).release()
+                else:
+                    fanout.delete_host_subscription(self.subscriber, self.s.project, self.s.prefix, self.s.host_id)
                 fanout.mark_host_gone(self.registry.client, self.s.registry_id, self.s.host_id, self._alive_time)
                 log.info("deleted delivery subscription %s", self.fanout_sub)
             except Exception as exc:  # noqa: BLE001 - the expiration policy and the sweep remove it anyway
@@ -261,8 +270,11 @@ class BridgeService:
         """This host's liveness record, and its own filtered delivery subscription (created, or reused)."""
         self._alive_time = fanout.mark_host_alive(self.registry.client, self.s.registry_id, self.s.host_id,
                                                   self.s.host_alive_s)
-        self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
-                                                          self.s.host_id)
+        if self.s.registrar_url:
+            self.fanout_sub = registrar.RegistrarClient(self.s.registrar_url).claim()
+        else:
+            self.fanout_sub = fanout.ensure_host_subscription(self.subscriber, self.s.project, self.s.prefix,
+                                                              self.s.host_id)
         log.info("delivery subscription %s (filter %s)", self.fanout_sub, spec.host_filter(self.s.host_id))
 
     def _subscribe(self) -> None:
@@ -277,10 +289,14 @@ class BridgeService:
         their devices next subscribe, and a command published meanwhile went to no subscriber."""
         if self._stop.is_set() or future.cancelled():
             return
-        log.warning("delivery subscription %s: pull ended (%s); making it again", self.fanout_sub, future.exception())
-        threading.Thread(target=self._resubscribe, name="resubscribe", daemon=True).start()
+        delay, self._resubscribe_delay = self._resubscribe_delay, min(max(2 * self._resubscribe_delay, 1.0),
+                                                                      RESUBSCRIBE_MAX_S)
+        log.warning("delivery subscription %s: pull ended (%s); making it again in %.0f s", self.fanout_sub,
+                    future.exception(), delay)
+        threading.Thread(target=self._resubscribe, args=(delay,), name="resubscribe", daemon=True).start()
 
-    def _resubscribe(self) -> None:
+    def _resubscribe(self, after_s: float = 0.0) -> None:
+        self._stop.wait(after_s)
         delay = 1.0
         while not self._stop.is_set():
             try:
@@ -292,7 +308,7 @@ class BridgeService:
             except Exception as exc:  # noqa: BLE001 - Pub/Sub or Firestore away: try again, backing off
                 log.warning("delivery subscription not made again (%s); retrying in %.0f s", exc, delay)
                 self._stop.wait(delay)
-                delay = min(2 * delay, 60.0)
+                delay = min(2 * delay, RESUBSCRIBE_MAX_S)
 
     def _thread(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -623,6 +639,7 @@ class BridgeService:
     # ---------------------------------------------------------------------------------- cloud → device
 
     def _on_fanout(self, message) -> None:  # noqa: ANN001 - pubsub_v1 Message
+        self._resubscribe_delay = 0.0  # the pull works
         with self.stats_lock:
             self.stats["delivery_received"] += 1
         try:

@@ -74,6 +74,10 @@ class BridgeSettings:
     registry_id: str
     prefix: str  # topic names: iotbridge.spec.topic_name(prefix, key)
     host_id: str = "local"  # names this host's subscription to the device-commands fan-out
+    # The host registrar's URL (iotbridge.bridge.registrar): set, the host has its subscription made and deleted
+    # there, proving which VM it is with its instance identity token; empty, it makes and deletes it itself (the
+    # local stack, and hosts whose account holds the project role for it).
+    registrar_url: str = ""
     front_host: str = "127.0.0.1"
     front_port: int = 8883
     broker_host: str = "127.0.0.1"

@@ -21,6 +21,7 @@ PROJECT = "proj-test-123"
 PREFIX = "iot-dev"
 BRIDGE_EMAIL = f"{PREFIX}-bridge@{PROJECT}.iam.gserviceaccount.com"
 MEMBER = f"serviceAccount:{BRIDGE_EMAIL}"
+PUBSUB_AGENT = "serviceAccount:service-123456789@gcp-sa-pubsub.iam.gserviceaccount.com"
 TOPIC = f"projects/{PROJECT}/topics/{PREFIX}-"
 # The recognisable stand-ins the harness's mocked pulumi-tls and pulumi-random return, so that a leak of key
 # material into an output or a plain input is visible to the assertions below.
@@ -58,7 +59,7 @@ def build(**overrides) -> harness.StackRun:
         service_account_email=BRIDGE_EMAIL, telemetry_topic=TOPIC + "telemetry", state_topic=TOPIC + "state",
         commands_topic=TOPIC + "device-commands", deletion_protection=False,
         routes={"logs": TOPIC + "device-logs"}, min_hosts=2, max_hosts=4,
-        dead_letter_topic=TOPIC + "dead-letter",
+        dead_letter_topic=TOPIC + "dead-letter", pubsub_agent=PUBSUB_AGENT, project_number="123456789",
     )
     fields.update(overrides)
 
@@ -179,17 +180,20 @@ def test_firewall_opens_8883_and_the_health_port_to_probe_ranges_only(run):
 
 
 def test_bridge_identity_has_least_privilege(run):
+    """The hosts' account publishes to its topics, uses the registry's database, reads its secrets and code, and
+    may call the host registrar: no Pub/Sub project role, no attachSubscription. It pulls from its own subscription
+    with the subscriber grant the registrar puts on that subscription alone (tests/functions/test_host_registrar.py)."""
     topic_grants = {(r.get("topic"), r.get("role")) for r in run.of_type(T["topic_iam"]) if r.get("member") == MEMBER}
     assert topic_grants == {
-        *((TOPIC + t, "roles/pubsub.publisher") for t in ("telemetry", "state", "device-logs", "dead-letter")),
-        # Subscribing: attachSubscription on the device-commands topic only, for the subscription a host makes.
-        (TOPIC + "device-commands", "roles/pubsub.subscriber")}
-    assert run.of_type(T["sub"]) == [] and run.of_type(T["sub_iam"]) == []  # hosts make their own
-    project_roles = {r.get("role"): r for r in run.of_type(T["project_iam"])}
-    assert set(project_roles) == {"roles/datastore.user", f"projects/{PROJECT}/roles/iot_dev_broker_host_subscriptions"}
-    assert all(r.get("member") == MEMBER for r in project_roles.values())
+        *((TOPIC + t, "roles/pubsub.publisher") for t in ("telemetry", "state", "device-logs", "dead-letter"))}
+    assert run.of_type(T["sub"]) == [] and run.of_type(T["sub_iam"]) == []  # made at run time, by the registrar
+    project_roles = {r.get("role"): r for r in run.of_type(T["project_iam"]) if r.get("member") == MEMBER}
+    assert set(project_roles) == {"roles/datastore.user"}
     assert project_roles["roles/datastore.user"].get("condition")["expression"] == (
         'resource.name.startsWith("projects/proj-test-123/databases/(default)")')
+    (invoker,) = [r for r in run.resources if r.get("member") == MEMBER and r.get("role") == "roles/run.invoker"]
+    assert (invoker.type, invoker.get("name")) == ("gcp:cloudrunv2/serviceIamMember:ServiceIamMember",
+                                                   "iot-dev-host-registrar")
     secrets = {r.get("role") for r in run.of_type(T["secret_iam"])}
     assert secrets == {"roles/secretmanager.secretAccessor"} and len(run.of_type(T["secret_iam"])) == 2
     assert {r.get("role") for r in run.of_type(T["bucket_iam"])} == {"roles/storage.objectViewer"}
@@ -197,22 +201,74 @@ def test_bridge_identity_has_least_privilege(run):
         assert r.get("role") not in {"roles/owner", "roles/editor", "roles/viewer", "roles/pubsub.editor"}
 
 
-def test_a_host_may_create_read_and_delete_a_subscription_and_nothing_more(run):
-    """The custom role holds exactly what ``iotbridge.bridge.fanout`` calls (create, get on a restart, pull, delete
-    at a clean stop) and is granted on the project without a condition: Pub/Sub resources take none, and a
-    condition on ``resource.name`` would leave the grant empty for them."""
+REGISTRAR_EMAIL = f"{PREFIX}-hostreg@{PROJECT}.iam.gserviceaccount.com"
+REGISTRAR_URL = "https://iot-dev-host-registrar-123456789.europe-west1.run.app"
+
+
+def test_the_registrar_may_make_grant_and_delete_subscriptions_and_nothing_more(run):
+    """The registrar's own account holds exactly what iotbridge.bridge.registrar calls (create, get on a host's
+    restart, setIamPolicy, delete at its clean stop) on the project, unconditioned (Pub/Sub resources take no
+    condition), and attachSubscription on device-commands only. It cannot pull: no consume."""
     role = the(run, "role")
-    assert (role.get("roleId"), role.get("stage"), role.get("project")) == (
-        "iot_dev_broker_host_subscriptions", "GA", PROJECT)
+    assert (role.get("roleId"), role.get("stage"), role.get("project")) == ("iot_dev_host_registrar", "GA", PROJECT)
     assert sorted(role.get("permissions")) == [
-        "pubsub.subscriptions.consume", "pubsub.subscriptions.create", "pubsub.subscriptions.delete",
-        "pubsub.subscriptions.get"]
-    role_name = f"projects/{PROJECT}/roles/{role.get('roleId')}"
-    (grant,) = [r for r in run.of_type(T["project_iam"]) if r.get("role") == role_name]
-    assert grant.get("condition") is None and run.depends_on(grant, role)
-    # No topic, snapshot, IAM-policy or list permission: a host cannot publish there, seek, or re-grant.
-    assert not any(p.startswith(("pubsub.topics.", "pubsub.snapshots.")) or p.endswith(("IamPolicy", ".list"))
-                   for p in role.get("permissions"))
+        "pubsub.subscriptions.create", "pubsub.subscriptions.delete", "pubsub.subscriptions.get",
+        "pubsub.subscriptions.setIamPolicy"]
+    granted = [(r.type, r.get("role"), r.get("topic"), r.get("condition")) for r in run.resources
+               if r.get("member") == f"serviceAccount:{REGISTRAR_EMAIL}"]
+    assert sorted(granted, key=repr) == sorted([
+        (T["project_iam"], f"projects/{PROJECT}/roles/iot_dev_host_registrar", None, None),
+        (T["topic_iam"], "roles/pubsub.subscriber", TOPIC + "device-commands", None)], key=repr)
+
+
+def test_the_registrar_is_an_internal_function_whose_url_the_hosts_are_given(run):
+    """Its own runtime and build accounts, internal ingress (the hosts reach it through Private Google Access), the
+    settings iotbridge.bridge.registrar reads, its code in the broker's bucket, built only after its grants have
+    had time to propagate; the hosts' startup script names the same URL the function checks tokens against."""
+    fn = run.one("gcp:cloudfunctionsv2/function:Function", "broker-registrar")
+    service = fn.get("serviceConfig")
+    assert service["ingressSettings"] == "ALLOW_INTERNAL_ONLY" and service["serviceAccountEmail"] == REGISTRAR_EMAIL
+    assert service["environmentVariables"] == {
+        "PROJECT_ID": PROJECT, "PREFIX": PREFIX, "REGISTRAR_URL": REGISTRAR_URL, "HOSTS_ACCOUNT": BRIDGE_EMAIL,
+        "PUBSUB_AGENT": PUBSUB_AGENT}
+    build = fn.get("buildConfig")
+    assert build["entryPoint"] == "handle" and build["serviceAccount"].endswith(f"{PREFIX}-regbuild@{PROJECT}"
+                                                                                ".iam.gserviceaccount.com")
+    source = run.one("gcp:storage/bucketObject:BucketObject", "broker-registrar-code")
+    assert source.get("name").startswith("registrar/") and source.get("bucket") == the(run, "bucket_iam").get(
+        "bucket")
+    wait = run.one("time:index/sleep:Sleep", "broker-registrar-grants-wait")
+    assert run.depends_on(fn, wait) and run.depends_on(fn, source)
+    for grant in [r for r in run.of_type(T["project_iam"]) if "registrar" in r.name]:
+        assert run.depends_on(wait, grant), grant.name
+    settings = json.loads(re.search(r"<<'JSON'\n(.*?)\nJSON", the(run, "template").get("metadataStartupScript"),
+                                    re.S).group(1))
+    assert settings["registrar_url"] == REGISTRAR_URL
+    invoker = run.one("gcp:cloudrunv2/serviceIamMember:ServiceIamMember", "broker-registrar-invoker")
+    assert run.depends_on(the(run, "mig"), fn) and run.depends_on(the(run, "mig"), invoker)
+
+
+def test_the_registrar_function_ships_what_it_imports():
+    from gcp_iot_bridge.infra.packaging import HOST_REGISTRAR
+
+    package = HOST_REGISTRAR.package()
+    assert {"main.py", "iotbridge/bridge/registrar.py", "iotbridge/bridge/fanout.py"} <= set(package.files)
+    assert any(r.startswith("functions-framework==") for r in package.requirements)
+
+
+def test_the_stack_gives_the_registrar_pubsubs_agent_and_boots_hosts_after_its_dead_letter_grant():
+    """In the whole stack: the agent the registrar grants subscriber on each host's subscription (for what it
+    dead-letters) is the one whose publisher grant on the dead-letter topic Messaging holds, and the hosts boot only
+    once that grant exists (a host's first subscription dead-letters). The agent holds no project role for it."""
+    stack = harness.stack_run("dev")
+    publisher = stack.one(T["topic_iam"], "messaging-dead-letter-agent-publisher")
+    fn = stack.one("gcp:cloudfunctionsv2/function:Function", "broker-registrar")
+    agent = fn.get("serviceConfig")["environmentVariables"]["PUBSUB_AGENT"]
+    assert agent == publisher.get("member") and "@gcp-sa-pubsub." in agent
+    assert not [r for r in stack.of_type(T["project_iam"]) if r.get("member") == agent
+                and r.get("role") == "roles/pubsub.subscriber"]
+    (mig,) = stack.of_type(T["mig"])
+    assert stack.depends_on(mig, publisher) and stack.depends_on(mig, fn)
 
 
 def test_code_archive_is_named_by_content_and_pins_its_requirements():
@@ -240,7 +296,7 @@ def test_hosts_install_the_locked_closure():
     requirements = files["requirements.txt"].splitlines()
     assert {packaging.canonical_name(r.partition("[")[0].partition("==")[0]) for r in requirements} == {
         "paho-mqtt", "google-cloud-pubsub", "google-cloud-firestore", "google-cloud-monitoring", "google-api-core",
-        "pyjwt", "cryptography", "aiohttp"}
+        "pyjwt", "cryptography", "aiohttp", "requests", "google-auth"}  # the last two: the host registrar's client
     closure = packaging.installed_closure(r.partition("==")[0] for r in requirements)
     assert {n: metadata.version(n) for n in closure} == {n: lock[n].partition("==")[2] for n in closure}, (
         "this environment is not the lock's")
@@ -269,8 +325,9 @@ def test_hosts_boot_only_after_everything_they_read_exists(run):
     needs = [*run.of_type(T["secret_iam"]), *run.of_type(T["version"]), *run.of_type(T["topic_iam"]),
              *run.of_type(T["project_iam"]), *run.of_type(T["bucket_iam"]),
              *run.of_type("gcp:compute/routerNat:RouterNat")]
-    # Topic grants: telemetry, state, the route, dead-letter, device-commands (attach); project: datastore, the role.
-    assert len(needs) == 2 + 2 + 5 + 2 + 1 + 1
+    # Topic grants: telemetry, state, the route, dead-letter, the registrar's attach on device-commands; project:
+    # datastore, the registrar's role and its build account's.
+    assert len(needs) == 2 + 2 + 5 + 3 + 1 + 1
     for r in needs:
         assert run.depends_on(mig, r), r.name
 

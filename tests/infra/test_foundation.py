@@ -108,9 +108,12 @@ def test_one_service_account_per_workload_named_from_the_prefix(run: harness.Sta
         "foundation-sa-dataflow": f"{prefix}-dataflow",
         "foundation-sa-config-push": f"{prefix}-cfgpush",
         "foundation-sa-admin-api": f"{prefix}-adminapi",
-        # Identities the components own: the function's build and Eventarc trigger, the model-URL signer.
+        # Identities the components own: the function's build and Eventarc trigger, the host registrar's runtime and
+        # build, the model-URL signer.
         "config-push-build-sa": f"{prefix}-cfgbuild",
         "config-push-trigger-sa": f"{prefix}-cfgtrig",
+        "broker-registrar-sa": f"{prefix}-hostreg",
+        "broker-registrar-build-sa": f"{prefix}-regbuild",
         "edge-ml-signer": f"{prefix}-models-signer",
     }
     for account_id in accounts.values():
@@ -131,12 +134,13 @@ def test_workload_roles_are_narrow(run: harness.StackRun) -> None:
     # Every project-level role, by who holds it. Data roles are granted on single resources, not here.
     allowed = {
         account("dataflow"): observability | {"roles/dataflow.worker"},
-        # datastore.user conditioned on the registry database; the hosts' custom role: create, get, consume and
-        # delete a subscription, the four permissions of a subscription named after a VM not yet made (Pub/Sub
-        # takes no IAM condition; test_broker.py holds the role to exactly these).
-        account("bridge"): observability | {"roles/datastore.user",
-                                             f"projects/{project}/roles/{prefix.replace('-', '_')}"
-                                             "_broker_host_subscriptions"},
+        # datastore.user conditioned on the registry database; no Pub/Sub role: the host registrar makes each host's
+        # subscription and grants the hosts subscriber on it alone.
+        account("bridge"): observability | {"roles/datastore.user"},
+        # The host registrar: create, get, setIamPolicy and delete a subscription named after a VM not yet made
+        # (Pub/Sub takes no IAM condition; test_broker.py holds the role to exactly these), and its build account.
+        account("hostreg"): {f"projects/{project}/roles/{prefix.replace('-', '_')}_host_registrar"},
+        account("regbuild"): {"roles/cloudbuild.builds.builder"},
         account("cfgpush"): observability | {"roles/datastore.user"},  # conditioned on the registry database
         account("adminapi"): observability | {"roles/datastore.user"},  # conditioned on the registry database
         account("cfgbuild"): {"roles/cloudbuild.builds.builder"},

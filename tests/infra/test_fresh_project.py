@@ -41,6 +41,21 @@ def bigquery_subscription(r: harness.Resource) -> bool:
 FUNCTION = of_type("gcp:cloudfunctionsv2/function:Function")
 
 
+def triggered_function(r: harness.Resource) -> bool:
+    """A gen2 function with an Eventarc trigger (the config-push function; the host registrar is called over HTTP)."""
+    return FUNCTION(r) and bool(r.get("eventTrigger"))
+
+
+def built_by(account: str) -> Match:
+    """The gen2 function whose build runs as the account whose email has ``account`` (``-cfgbuild@``)."""
+    return lambda r: FUNCTION(r) and account in str((r.get("buildConfig") or {}).get("serviceAccount"))
+
+
+def builder_grant(account: str) -> Match:
+    grant = of_type("gcp:projects/iAMMember:IAMMember", role="roles/cloudbuild.builds.builder")
+    return lambda r: grant(r) and account in str(r.get("member"))
+
+
 @dataclass(frozen=True)
 class Propagation:
     refused: str  # what GCP refuses until ...
@@ -53,23 +68,23 @@ class Propagation:
 
 FRESH_PROJECT: tuple[Propagation, ...] = (
     Propagation(
-        "the gen2 function's Eventarc trigger", FUNCTION,
+        "the gen2 function's Eventarc trigger", triggered_function,
         "the Eventarc service agent, created on first use",
         of_type("gcp:projects/serviceIdentity:ServiceIdentity", service="eventarc.googleapis.com"), 120,
         "the agent takes time to be created and the trigger's precondition check fails meanwhile; waiting 1 min "
         "after creating the agents and 1 min after granting them gets through"),
     Propagation(
-        "the gen2 function's Eventarc trigger", FUNCTION,
+        "the gen2 function's Eventarc trigger", triggered_function,
         "the Eventarc agent's roles/eventarc.serviceAgent",
         of_type("gcp:projects/iAMMember:IAMMember", role="roles/eventarc.serviceAgent"), 120,
         "the trigger is refused: 'Permission denied while using the Eventarc Service Agent. If you "
         "recently started to use Eventarc, it may take a few minutes before all necessary permissions are "
         "propagated'"),
-    Propagation(
-        "the function's build in Cloud Build", FUNCTION,
-        "the new build account's roles/cloudbuild.builds.builder",
-        of_type("gcp:projects/iAMMember:IAMMember", role="roles/cloudbuild.builds.builder"), 120,
-        "IAM: a policy change typically propagates in 2 minutes"),
+    *(Propagation(
+        f"the {what}'s build in Cloud Build", built_by(account),
+        "its new build account's roles/cloudbuild.builds.builder", builder_grant(account), 120,
+        "IAM: a policy change typically propagates in 2 minutes")
+      for what, account in (("config-push function", "-cfgbuild@"), ("host registrar", "-regbuild@"))),
     Propagation(
         "an alert policy on the bridge's custom metric", alert_on_metric(CONNECTED_DEVICES_METRIC),
         "the metric descriptor, created asynchronously",

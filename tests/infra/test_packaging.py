@@ -40,8 +40,8 @@ def test_the_closures_are_what_each_target_runs():
     assert set(BROKER.package().modules()) == {
         "iotbridge", "iotbridge.spec", "iotbridge.registry", "iotbridge.bridge", "iotbridge.bridge.__main__",
         *(f"iotbridge.bridge.{m}" for m in ("auth", "batching", "fanout", "front", "gateway", "http_bridge", "limits",
-                                             "metrics", "mqtt", "ratelimit", "regcache", "resends", "service",
-                                             "settings"))}
+                                             "metrics", "mqtt", "ratelimit", "regcache", "registrar", "resends",
+                                             "service", "settings"))}
     assert set(CONFIG_PUSH.package().files) == {"main.py", "iotbridge/__init__.py", "iotbridge/registry.py",
                                                 "iotbridge/spec.py"}
     assert set(PIPELINE.package().modules()) == {
