@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -64,7 +63,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from iotbridge import spec
 from iotbridge.bridge import fanout, limits
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
-from iotbridge.bridge.front import SYNC_AGAIN, SYNC_GONE, SYNC_SUBSCRIBED, SYNC_TOPIC
+from iotbridge.bridge.front import SYNC_AGAIN, SYNC_GONE, SYNC_SUBSCRIBED, SYNC_TOPIC, no_delay
 from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
 from iotbridge.registry import (
     ConfigVersion,
@@ -154,14 +153,6 @@ def parse_topic(topic: str) -> Parsed | None:
     return Parsed(device_id, kind, sub_folder, gateway_id)
 
 
-def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:  # noqa: ANN401 - paho's socket-like
-    """No Nagle on the broker connection: the service writes a PUBACK and then a PUBLISH, small segments that Nagle
-    would hold until the broker's delayed ACK of the first (about 40 ms on Linux loopback), per config it
-    publishes. The Unix socket has no such option."""
-    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class BridgeService:
     def __init__(self, settings: BridgeSettings, registry: Registry, password: str,
                  publisher: pubsub_v1.PublisherClient | None = None,
@@ -213,7 +204,7 @@ class BridgeService:
         self.mqtt.reconnect_delay_set(cast(int, 0.2), 5)
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_message = self._on_message
-        self.mqtt.on_socket_open = _no_delay
+        self.mqtt.on_socket_open = no_delay
         # Device → cloud publishing: raw protobuf batches, the broker acked per batch (see batching.py).
         self.batcher = Batcher(self.publisher.api.publish, self._on_batch_sent, self._on_batch_failed,
                                self._on_batch_rejected)
