@@ -10,12 +10,19 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from iotbridge.bridge.front import Front
+from iotbridge.bridge.settings import BridgeSettings
 from iotbridge.local.broker_host import BridgeStack
+from iotbridge.registry import Registry
+from tests.aio import run_in_own_loop
+
+from .conftest import PROJECT, REGION
 
 SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (new system calls share one table)
 
@@ -80,3 +87,21 @@ def test_the_front_connections_to_the_broker_do_not_hold_small_writes(stack):
 def test_the_service_broker_connection_has_no_delay_on_the_running_host(stack):
     service = broker_connections(stack, "service")
     assert service and set(service.values()) == {1}, service
+
+
+def test_a_device_session_over_loopback_tcp_has_no_delay(stack):
+    """Without a Unix socket (``broker_socket`` empty) a device session reaches Mosquitto over loopback TCP; its
+    relay is an asyncio stream, which sets TCP_NODELAY itself (a guard: nothing in the front sets it)."""
+    settings = BridgeSettings(project=PROJECT, region=REGION, registry_id="nodelay", prefix="nodelay",
+                              broker_host=stack.settings.broker_host, broker_port=stack.settings.broker_port)
+    assert not settings.broker_socket
+    front = Front(settings, Registry(PROJECT, "nodelay", REGION), ssl.create_default_context(), "unused")
+
+    async def session_option() -> int:
+        _, writer = await front.open_broker()
+        try:
+            return writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            writer.close()
+
+    assert run_in_own_loop(session_option()) == 1
