@@ -1,0 +1,118 @@
+"""Nagle on a loopback paho client of the broker host (not a ``make bench`` section).
+
+``python -m bench.control_latency [--rate R] [--seconds T] [--rounds K] [--burst B]``: a broker host's Mosquitto
+(the generated mosquitto.conf, so with or without its ``set_tcp_nodelay``) and two paho clients on its loopback
+listener as the front's control connection is (user ``bridge``, QoS 1): one with ``TCP_NODELAY``
+(``iotbridge.bridge.front.no_delay``), one without. Each in turn, K rounds, alternating which goes first, publishes
+sync-request-sized messages for T seconds at R a second in bursts of B (B connects at once), on a topic nobody
+subscribes to; printed per round and client: the time from the publish call to the broker's PUBACK (p50, p99,
+max), and the load average. ``--mosquitto-nodelay`` adds ``set_tcp_nodelay true`` to the broker's configuration
+(the broker's end of the connections, its PUBACKs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.core import summary_ms
+from iotbridge.bridge.front import no_delay
+from iotbridge.bridge.settings import BridgeSettings
+from iotbridge.local import services
+from iotbridge.local.broker_host import init_host
+
+TOPIC = "/devices/bench-nobody/config"  # writable by the bridge user; not retained, no subscriber
+
+
+Client = tuple[paho.Client, dict[int, float], list[float]]  # the client, mid -> publish time, latencies (s)
+
+
+def _client(settings: BridgeSettings, password: str, nodelay: bool) -> Client:
+    sent: dict[int, float] = {}
+    latencies: list[float] = []
+    lock = threading.Lock()
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bench:nagle-{int(nodelay)}", clean_session=True)
+    c.username_pw_set("bridge", password)
+    c.max_inflight_messages_set(1000)
+    if nodelay:
+        c.on_socket_open = no_delay
+
+    def on_publish(client: paho.Client, userdata: object, mid: int, reason_code: object, properties: object) -> None:
+        done = time.perf_counter()
+        with lock:
+            start = sent.pop(mid, None)
+        if start is not None:
+            latencies.append(done - start)
+
+    c.on_publish = on_publish
+    c.connect(settings.broker_host, settings.broker_port)
+    c.loop_start()
+    c.user_data_set(lock)
+    return c, sent, latencies
+
+
+def _round(c: paho.Client, sent: dict[int, float], latencies: list[float], rate: float, seconds: float,
+           burst: int) -> dict[str, float]:
+    latencies.clear()
+    lock = c.user_data_get()
+    period = burst / rate
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(burst):
+            with lock:
+                info = c.publish(TOPIC, b"dev-0123456789", qos=1)
+                sent[info.mid] = time.perf_counter()
+            n += 1
+        time.sleep(max(0.0, t0 + (n / burst) * period - time.perf_counter()))
+    deadline = time.monotonic() + 10
+    while len(latencies) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if len(latencies) < n:
+        raise RuntimeError(f"{n - len(latencies)} of {n} publishes not acknowledged")
+    return {"published": n, **summary_ms(latencies), "max_ms": round(max(latencies) * 1000, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.control_latency",
+                                 description="Nagle on a loopback paho client of the broker host.")
+    ap.add_argument("--rate", type=float, default=500.0, help="publishes a second (default 500)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="per client and round (default 4)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--burst", type=int, default=1, help="publishes at once (default 1)")
+    ap.add_argument("--mosquitto-nodelay", action="store_true",
+                    help="add set_tcp_nodelay true to the generated mosquitto.conf")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nagle-") as tmp:
+        settings = init_host(Path(tmp), "bench", "us-central1", "bench", "bench")
+        conf = (Path(tmp) / "mosquitto" / "mosquitto.conf").read_text()
+        if args.mosquitto_nodelay and "set_tcp_nodelay true" not in conf:
+            conf += "set_tcp_nodelay true\n"
+        broker = services.start_mosquitto(conf, settings.broker_port, Path(tmp) / "mosquitto")
+        try:
+            password = settings.secrets()["bridge"]
+            clients = {name: _client(settings, password, name == "nodelay") for name in ("nodelay", "nagle")}
+            time.sleep(1)
+            print(json.dumps({"mosquitto set_tcp_nodelay": "set_tcp_nodelay true" in conf, **vars(args)}))
+            for r in range(args.rounds):
+                order = ["nodelay", "nagle"] if r % 2 == 0 else ["nagle", "nodelay"]
+                for name in order:
+                    figures = _round(*clients[name], args.rate, args.seconds, args.burst)
+                    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+                    print(json.dumps({"round": r + 1, "client": name, **figures, "load": load}), flush=True)
+            for c, _, _ in clients.values():
+                c.loop_stop()
+                c.disconnect()
+        finally:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()
