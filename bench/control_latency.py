@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,13 +30,12 @@ from iotbridge.local.broker_host import init_host
 TOPIC = "/devices/bench-nobody/config"  # writable by the bridge user; not retained, no subscriber
 
 
-Client = tuple[paho.Client, dict[int, float], list[float]]  # the client, mid -> publish time, latencies (s)
+Client = tuple[paho.Client, dict[int, float], dict[int, float]]  # the client, mid -> publish time, mid -> PUBACK time
 
 
 def _client(settings: BridgeSettings, password: str, nodelay: bool) -> Client:
     sent: dict[int, float] = {}
-    latencies: list[float] = []
-    lock = threading.Lock()
+    acked: dict[int, float] = {}
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bench:nagle-{int(nodelay)}", clean_session=True)
     c.username_pw_set("bridge", password)
     c.max_inflight_messages_set(1000)
@@ -45,38 +43,33 @@ def _client(settings: BridgeSettings, password: str, nodelay: bool) -> Client:
         c.on_socket_open = no_delay
 
     def on_publish(client: paho.Client, userdata: object, mid: int, reason_code: object, properties: object) -> None:
-        done = time.perf_counter()
-        with lock:
-            start = sent.pop(mid, None)
-        if start is not None:
-            latencies.append(done - start)
+        # Only a timestamp: paho calls this holding its own lock, which a publish in the main thread also takes.
+        acked[mid] = time.perf_counter()
 
     c.on_publish = on_publish
     c.connect(settings.broker_host, settings.broker_port)
     c.loop_start()
-    c.user_data_set(lock)
-    return c, sent, latencies
+    return c, sent, acked
 
 
-def _round(c: paho.Client, sent: dict[int, float], latencies: list[float], rate: float, seconds: float,
+def _round(c: paho.Client, sent: dict[int, float], acked: dict[int, float], rate: float, seconds: float,
            burst: int) -> dict[str, float]:
-    latencies.clear()
-    lock = c.user_data_get()
-    period = burst / rate
+    sent.clear()
+    acked.clear()
     t0 = time.perf_counter()
     n = 0
     while time.perf_counter() - t0 < seconds:
         for _ in range(burst):
-            with lock:
-                info = c.publish(TOPIC, b"dev-0123456789", qos=1)
-                sent[info.mid] = time.perf_counter()
+            start = time.perf_counter()
+            sent[c.publish(TOPIC, b"dev-0123456789", qos=1).mid] = start
             n += 1
-        time.sleep(max(0.0, t0 + (n / burst) * period - time.perf_counter()))
+        time.sleep(max(0.0, t0 + n / rate - time.perf_counter()))
     deadline = time.monotonic() + 10
-    while len(latencies) < n and time.monotonic() < deadline:
+    while len(acked) < n and time.monotonic() < deadline:
         time.sleep(0.01)
-    if len(latencies) < n:
-        raise RuntimeError(f"{n - len(latencies)} of {n} publishes not acknowledged")
+    if set(acked) != set(sent) or len(sent) != n:
+        raise RuntimeError(f"{n - len(acked)} of {n} publishes not acknowledged")
+    latencies = [acked[mid] - sent[mid] for mid in sent]
     return {"published": n, **summary_ms(latencies), "max_ms": round(max(latencies) * 1000, 2)}
 
 

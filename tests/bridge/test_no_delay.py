@@ -3,7 +3,7 @@ running host's own sockets (the processes of the ``stack`` fixture, not a client
 
 With Nagle, a small write that follows another unacknowledged one waits for the peer's delayed ACK (about 40 ms on
 Linux loopback): the bridge service acking a sync request and then publishing its config, the front publishing one
-sync request after another."""
+sync request after another, Mosquitto sending a PUBACK or a device's message right after another."""
 
 from __future__ import annotations
 
@@ -87,6 +87,18 @@ def test_the_front_connections_to_the_broker_do_not_hold_small_writes(stack):
 def test_the_service_broker_connection_has_no_delay_on_the_running_host(stack):
     service = broker_connections(stack, "service")
     assert service and set(service.values()) == {1}, service
+
+
+def test_mosquitto_does_not_hold_small_writes_to_its_loopback_clients(stack):
+    """``set_tcp_nodelay true`` in the generated mosquitto.conf: the broker's end of the service's and the front's
+    connections (its PUBACKs, the sync requests and device messages it hands the service) has TCP_NODELAY."""
+    clients = {**broker_connections(stack, "front"), **broker_connections(stack, "service")}
+    broker = (stack.settings.broker_host, stack.settings.broker_port)
+    with tcp_sockets(stack.procs["mosquitto"].proc.pid) as socks:
+        ends = {s.getpeername()[:2]: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for s in socks if _connected(s) and s.getsockname()[:2] == broker}
+    assert set(clients) <= set(ends), (clients, ends)
+    assert {peer: ends[peer] for peer in clients} == dict.fromkeys(clients, 1)
 
 
 def test_a_device_session_over_loopback_tcp_has_no_delay(stack):
