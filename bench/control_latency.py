@@ -7,14 +7,22 @@ listener as the front's control connection is (user ``bridge``, QoS 1): one with
 sync-request-sized messages for T seconds at R a second in bursts of B (B connects at once), on a topic nobody
 subscribes to; printed per round and client: the time from the publish call to the broker's PUBACK (p50, p99,
 max), and the load average. ``--mosquitto-nodelay`` adds ``set_tcp_nodelay true`` to the broker's configuration
-(the broker's end of the connections, its PUBACKs).
+(the broker's end of the connections, its PUBACKs) if it lacks it.
+
+``--forward``: the device → bridge service hop instead, with and without Mosquitto's own ``set_tcp_nodelay`` (two
+brokers, the generated configuration without and with the line, taking turns): a publisher as a device session
+(user ``front``, QoS 1) at R a second, a subscriber as the bridge service (user ``bridge``, QoS 1, both clients with
+``TCP_NODELAY``) that acknowledges what it received every 5 ms, as the service does after a Pub/Sub batch; printed:
+the time from the publish call to the subscriber's callback (p50, p99, max).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,6 +81,82 @@ def _round(c: paho.Client, sent: dict[int, float], acked: dict[int, float], rate
     return {"published": n, **summary_ms(latencies), "max_ms": round(max(latencies) * 1000, 2)}
 
 
+def _forward_round(settings: BridgeSettings, rate: float, seconds: float) -> dict[str, float]:
+    pw = settings.secrets()
+    arrivals: list[float] = []
+    unacked: list[int] = []
+    stop = threading.Event()
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="iotbridge:bench:service", clean_session=True,
+                      manual_ack=True)
+    sub.username_pw_set("bridge", pw["bridge"])
+    sub.on_socket_open = no_delay
+
+    def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        arrivals.append(time.perf_counter() - struct.unpack("d", msg.payload[:8])[0])
+        unacked.append(msg.mid)
+
+    def acker() -> None:
+        while not stop.wait(0.005):
+            while unacked:
+                sub.ack(unacked.pop(0), 1)
+
+    sub.on_message = on_message
+    sub.connect(settings.broker_host, settings.broker_port)
+    sub.subscribe("/devices/+/events", 1)
+    sub.loop_start()
+    threading.Thread(target=acker, daemon=True).start()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-device", clean_session=True)
+    pub.username_pw_set("front", pw["front"])
+    pub.on_socket_open = no_delay
+    pub.max_inflight_messages_set(1000)
+    pub.connect(settings.broker_host, settings.broker_port)
+    pub.loop_start()
+    try:
+        time.sleep(1)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            pub.publish("/devices/bench-device/events", struct.pack("d", time.perf_counter()) + bytes(100), qos=1)
+            n += 1
+            time.sleep(max(0.0, t0 + n / rate - time.perf_counter()))
+        deadline = time.monotonic() + 10
+        while len(arrivals) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if len(arrivals) != n:
+            raise RuntimeError(f"{len(arrivals)} of {n} messages arrived")
+        return {"published": n, **summary_ms(arrivals), "max_ms": round(max(arrivals) * 1000, 2)}
+    finally:
+        stop.set()
+        for c in (pub, sub):
+            c.loop_stop()
+            c.disconnect()
+
+
+def _forward(rate: float, seconds: float, rounds: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="nagle-") as tmp:
+        brokers: dict[bool, tuple[BridgeSettings, services.Service]] = {}
+        try:
+            for nodelay in (False, True):
+                where = Path(tmp) / f"nodelay-{nodelay}"
+                settings = init_host(where, "bench", "us-central1", "bench", "bench")
+                lines = (where / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+                conf = "\n".join([line for line in lines if line != "set_tcp_nodelay true"]
+                                  + (["set_tcp_nodelay true"] if nodelay else [])) + "\n"
+                brokers[nodelay] = settings, services.start_mosquitto(conf, settings.broker_port,
+                                                                      where / "mosquitto")
+            for r in range(rounds):
+                for nodelay in ((False, True) if r % 2 == 0 else (True, False)):
+                    figures = _forward_round(brokers[nodelay][0], rate, seconds)
+                    print(json.dumps({"round": r + 1, "mosquitto set_tcp_nodelay": nodelay, **figures,
+                                      "load": _load()}), flush=True)
+        finally:
+            for _, broker in brokers.values():
+                broker.stop()
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.control_latency",
                                  description="Nagle on a loopback paho client of the broker host.")
@@ -82,7 +166,12 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=1, help="publishes at once (default 1)")
     ap.add_argument("--mosquitto-nodelay", action="store_true",
                     help="add set_tcp_nodelay true to the generated mosquitto.conf")
+    ap.add_argument("--forward", action="store_true",
+                    help="the device -> bridge service hop, with and without Mosquitto's set_tcp_nodelay")
     args = ap.parse_args()
+    if args.forward:
+        _forward(args.rate, args.seconds, args.rounds)
+        return
     with tempfile.TemporaryDirectory(prefix="nagle-") as tmp:
         settings = init_host(Path(tmp), "bench", "us-central1", "bench", "bench")
         conf = (Path(tmp) / "mosquitto" / "mosquitto.conf").read_text()
@@ -98,8 +187,7 @@ def main() -> None:
                 order = ["nodelay", "nagle"] if r % 2 == 0 else ["nagle", "nodelay"]
                 for name in order:
                     figures = _round(*clients[name], args.rate, args.seconds, args.burst)
-                    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-                    print(json.dumps({"round": r + 1, "client": name, **figures, "load": load}), flush=True)
+                    print(json.dumps({"round": r + 1, "client": name, **figures, "load": _load()}), flush=True)
             for c, _, _ in clients.values():
                 c.loop_stop()
                 c.disconnect()
