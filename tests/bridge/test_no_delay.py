@@ -101,6 +101,16 @@ def test_mosquitto_does_not_hold_small_writes_to_its_loopback_clients(stack):
     assert {peer: ends[peer] for peer in clients} == dict.fromkeys(clients, 1)
 
 
+def test_device_sessions_on_the_unix_socket_connect_with_the_option_on(stack, devices):
+    """The option is global; on the Unix socket (the front's device sessions) Mosquitto 2.0's setsockopt fails: the
+    session still connects, and the broker logs a warning for it (the cost docs/broker-scaling.md states; if a newer
+    Mosquitto stops logging it, say so there)."""
+    device_id = devices.connected().identity.device_id
+    log = stack.log_text("mosquitto")
+    assert f"New client connected from {stack.settings.broker_socket}" in log and f" as {device_id} " in log
+    assert "Unable to set TCP_NODELAY" in log
+
+
 def test_a_device_session_over_loopback_tcp_has_no_delay(stack):
     """Without a Unix socket (``broker_socket`` empty) a device session reaches Mosquitto over loopback TCP; its
     relay is an asyncio stream, which sets TCP_NODELAY itself (a guard: nothing in the front sets it)."""
