@@ -6,8 +6,8 @@ listener as the front's control connection is (user ``bridge``, QoS 1): one with
 (``iotbridge.bridge.front.no_delay``), one without. Each in turn, K rounds, alternating which goes first, publishes
 sync-request-sized messages for T seconds at R a second in bursts of B (B connects at once), on a topic nobody
 subscribes to; printed per round and client: the time from the publish call to the broker's PUBACK (p50, p99,
-max), and the load average. ``--mosquitto-nodelay`` adds ``set_tcp_nodelay true`` to the broker's configuration
-(the broker's end of the connections, its PUBACKs) if it lacks it.
+max), and the load average. ``--mosquitto-nagle`` drops ``set_tcp_nodelay true`` from the broker's configuration
+(Nagle on the broker's end of the connections: its PUBACKs).
 
 ``--forward``: the device → bridge service hop instead, with and without Mosquitto's own ``set_tcp_nodelay`` (two
 brokers, the generated configuration without and with the line, taking turns): a publisher as a device session
@@ -138,9 +138,8 @@ def _forward(rate: float, seconds: float, rounds: int) -> None:
             for nodelay in (False, True):
                 where = Path(tmp) / f"nodelay-{nodelay}"
                 settings = init_host(where, "bench", "us-central1", "bench", "bench")
-                lines = (where / "mosquitto" / "mosquitto.conf").read_text().splitlines()
-                conf = "\n".join([line for line in lines if line != "set_tcp_nodelay true"]
-                                  + (["set_tcp_nodelay true"] if nodelay else [])) + "\n"
+                conf = (where / "mosquitto" / "mosquitto.conf").read_text()
+                conf = _without_nodelay(conf) + ("set_tcp_nodelay true\n" if nodelay else "")
                 brokers[nodelay] = settings, services.start_mosquitto(conf, settings.broker_port,
                                                                       where / "mosquitto")
             for r in range(rounds):
@@ -151,6 +150,10 @@ def _forward(rate: float, seconds: float, rounds: int) -> None:
         finally:
             for _, broker in brokers.values():
                 broker.stop()
+
+
+def _without_nodelay(conf: str) -> str:
+    return "".join(line for line in conf.splitlines(keepends=True) if not line.startswith("set_tcp_nodelay "))
 
 
 def _load() -> str:
@@ -164,8 +167,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="per client and round (default 4)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--burst", type=int, default=1, help="publishes at once (default 1)")
-    ap.add_argument("--mosquitto-nodelay", action="store_true",
-                    help="add set_tcp_nodelay true to the generated mosquitto.conf")
+    ap.add_argument("--mosquitto-nagle", action="store_true",
+                    help="drop set_tcp_nodelay true from the generated mosquitto.conf")
     ap.add_argument("--forward", action="store_true",
                     help="the device -> bridge service hop, with and without Mosquitto's set_tcp_nodelay")
     args = ap.parse_args()
@@ -175,8 +178,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nagle-") as tmp:
         settings = init_host(Path(tmp), "bench", "us-central1", "bench", "bench")
         conf = (Path(tmp) / "mosquitto" / "mosquitto.conf").read_text()
-        if args.mosquitto_nodelay and "set_tcp_nodelay true" not in conf:
-            conf += "set_tcp_nodelay true\n"
+        if args.mosquitto_nagle:
+            conf = _without_nodelay(conf)
         broker = services.start_mosquitto(conf, settings.broker_port, Path(tmp) / "mosquitto")
         try:
             password = settings.secrets()["bridge"]
