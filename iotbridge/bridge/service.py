@@ -796,7 +796,7 @@ class BridgeService:
                 self.stats["configs"] += 1
             return True
         if self._published_config.get(sent.device_id) == sent.version:
-            del self._published_config[sent.device_id]
+            self._published_config.pop(sent.device_id, None)  # a reconnect (_on_connect) may have cleared it meanwhile
         return False
 
     def _forget_config(self, device_id: str, mid: int, qos: int, gen: int) -> None:
