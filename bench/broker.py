@@ -52,12 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def broker_config(port: int, data_dir: Path) -> str:
-    # The bridge's Mosquitto window of unacknowledged messages per client: the raw subscriber gets the same as the
-    # bridge service does (a smaller one would lower the raw limit and flatter the ratios).
+    # The bridge's Mosquitto window of unacknowledged messages per client, and its TCP_NODELAY: the raw subscriber
+    # gets the same as the bridge service does (a smaller window, or Nagle holding the broker's writes to it, would
+    # lower the raw limit and flatter the ratios).
     return (
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         f"max_queued_messages 1000000\nmax_inflight_messages {MAX_INFLIGHT_MESSAGES}\nlog_dest stderr\n"
-        "log_type error\n"
+        "log_type error\nset_tcp_nodelay true\n"
     )
 
 

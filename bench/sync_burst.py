@@ -1,10 +1,14 @@
-"""The bridge service's CPU per config sync in a reconnect storm (not a ``make bench`` section).
+"""The bridge service's CPU per config sync in a reconnect storm, or per config delivery in a fleet-wide config
+push (not a ``make bench`` section).
 
-``python -m bench.sync_burst N ROUNDS [OTHER_ROOT]``: N devices registered with a config on the emulators; then,
-ROUNDS times, a fresh broker host whose service gets the N config sync requests a reconnect storm of N devices
-makes (published on ``iotbridge/sync`` as the front publishes them, all at once); printed per run: the service
-process's CPU per sync (user + system, /proc) from the first request to the N-th retained config it published,
-also less what it spends idle in as long (measured for ``IDLE_S`` just before), and the wall time. With
+``python -m bench.sync_burst N ROUNDS [OTHER_ROOT] [--push]``: N devices registered with a config on the emulators;
+then, ROUNDS times, a fresh broker host whose service gets the N config sync requests a reconnect storm of N devices
+makes (published on ``iotbridge/sync`` as the front publishes them, all at once) or, with ``--push``, the N config
+deliveries a push of a new config to every device makes (each device's latest version published on the
+device-commands topic for this host, as ``fanout.publish_config`` does, all at once); printed per run: the service
+process's CPU per sync or delivery (user + system, /proc) from the first request to the N-th retained config it
+published, also less what it spends idle in as long (measured for ``IDLE_S`` just before), and the wall time (with
+``--push`` that includes the Pub/Sub emulator's delivery to the service's subscription). With
 OTHER_ROOT (a directory holding another version of the ``iotbridge`` package, e.g. one extracted with
 ``git archive``), each round runs the host once with that version and once with this checkout's, in alternating
 order, so both see the same machine load. The host's processes import ``iotbridge`` from PYTHONPATH (their working
@@ -22,22 +26,39 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paho.mqtt.client as paho
+from google.cloud import pubsub_v1
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import connections, local
 from bench.core import group_cpu_seconds
+from iotbridge import spec
 from iotbridge.bridge.front import SYNC_TOPIC
 from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
-from iotbridge.registry import Registry
+from iotbridge.registry import ConfigVersion, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 IDLE_S = 5
-USAGE = "usage: python -m bench.sync_burst N ROUNDS [OTHER_ROOT]"
+USAGE = "usage: python -m bench.sync_burst N ROUNDS [OTHER_ROOT] [--push]"
 
 
-def _storm(stack: BridgeStack, device_ids: list[str], timeout_s: float = 300) -> tuple[float, float, float]:
-    """The service's CPU seconds and the wall seconds from the first sync request to the last config published, and
-    the CPU seconds the service spends idle (its timers, its Pub/Sub stream) in as long, measured just before."""
+def _push(stack: BridgeStack, configs: dict[str, ConfigVersion]) -> None:
+    """Each device's config delivered to ``stack``'s host through the delivery topic, all publishes at once."""
+    publisher = pubsub_v1.PublisherClient()
+    s = stack.settings
+    topic = publisher.topic_path(s.project, spec.topic_name(s.prefix, "device-commands"))
+    futures = [publisher.publish(topic, config.data, **spec.FanoutMessage(
+        spec.FANOUT_KIND_CONFIG, device_id, config.version, host_id=s.host_id).attributes())
+        for device_id, config in configs.items()]
+    for future in futures:
+        future.result(timeout=60)
+
+
+def _storm(stack: BridgeStack, configs: dict[str, ConfigVersion], push: bool = False,
+           timeout_s: float = 300) -> tuple[float, float, float]:
+    """The service's CPU seconds and the wall seconds from the first sync request (or delivery) to the last config
+    published, and the CPU seconds the service spends idle (its timers, its Pub/Sub stream) in as long, measured
+    just before."""
+    device_ids = list(configs)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="iotbridge:bench:sync", clean_session=True)
     client.username_pw_set("bridge", stack.settings.secrets()["bridge"])  # as the front's control connection
     client.max_inflight_messages_set(1000)
@@ -51,18 +72,26 @@ def _storm(stack: BridgeStack, device_ids: list[str], timeout_s: float = 300) ->
         idle_rate = (group_cpu_seconds(service) - idle0) / (time.monotonic() - t0)
         before = stack.service_stats().get("configs", 0)
         cpu0, t0 = group_cpu_seconds(service), time.monotonic()
-        infos = [client.publish(SYNC_TOPIC, device_id, qos=1) for device_id in device_ids]
-        for info in infos:
-            info.wait_for_publish(timeout=60)
+        if push:
+            _push(stack, configs)
+        else:
+            infos = [client.publish(SYNC_TOPIC, device_id, qos=1) for device_id in device_ids]
+            for info in infos:
+                info.wait_for_publish(timeout=60)
         while stack.service_stats().get("configs", 0) - before < len(device_ids):
             if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"{stack.service_stats().get('configs', 0) - before} of {len(device_ids)} synced")
+                raise TimeoutError(f"{stack.service_stats().get('configs', 0) - before} of {len(device_ids)} "
+                                   "configs published")
             time.sleep(0.02)
         wall = time.monotonic() - t0
         return group_cpu_seconds(service) - cpu0, wall, idle_rate * wall
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _version(env: dict[str, str]) -> str:
@@ -72,6 +101,8 @@ def _version(env: dict[str, str]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    push = "--push" in argv
+    argv = [a for a in argv if a != "--push"]
     if len(argv) not in (2, 3) or not all(a.isdigit() for a in argv[:2]):
         print(USAGE, file=sys.stderr)
         return 2
@@ -83,7 +114,8 @@ def main(argv: list[str]) -> int:
     registry = Registry(local.PROJECT, local.REGISTRY, local.REGION)
     device_ids = [d for d, _ in connections.register_many(registry, n, f"{tag}-d")]
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda d: registry.update_config(d, f"config of {d}".encode()), device_ids))
+        configs = dict(zip(device_ids, pool.map(
+            lambda d: registry.update_config(d, f"config of {d}".encode()), device_ids), strict=True))
     try:
         for r in range(rounds):
             order = list(roots.items()) if r % 2 == 0 else list(reversed(roots.items()))
@@ -94,12 +126,13 @@ def main(argv: list[str]) -> int:
                 stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION,
                                            local.REGISTRY, prefix, run_env)
                 try:
-                    cpu, wall, idle = _storm(stack, device_ids)
+                    cpu, wall, idle = _storm(stack, configs, push)
                 finally:
                     stack.stop()
-                print(f"round {r + 1} {name} ({_version(run_env)}): {n} syncs in {wall:.2f} s = {n / wall:.0f}/s; "
-                      f"service CPU {1000 * cpu / n:.2f} ms per sync, {1000 * (cpu - idle) / n:.2f} ms above its idle "
-                      f"CPU", flush=True)
+                one, many = ("delivery", "deliveries") if push else ("sync", "syncs")
+                print(f"round {r + 1} {name} ({_version(run_env)}): {n} {many} in {wall:.2f} s = {n / wall:.0f}/s; "
+                      f"service CPU {1000 * cpu / n:.2f} ms per {one}, "
+                      f"{1000 * (cpu - idle) / n:.2f} ms above its idle CPU; load average {_load()}", flush=True)
     finally:
         local.stop_all()
     return 0

@@ -65,8 +65,9 @@ def test_the_raw_broker_gives_its_subscriber_the_window_the_bridge_service_gets(
                               secrets_file=str(tmp_path / "secrets.json"))
     bridge = mosquitto_config(settings, tmp_path / "broker")
     raw = broker.broker_config(1883, tmp_path)
-    # A smaller window on the raw side lowers the raw limit, and the bridge/raw ratio with it.
+    # A smaller window on the raw side lowers the raw limit, and the bridge/raw ratio with it; so would Nagle.
     assert _setting(raw, "max_inflight_messages") == _setting(bridge, "max_inflight_messages")
+    assert _setting(raw, "set_tcp_nodelay") == _setting(bridge, "set_tcp_nodelay") == "true"
 
 
 def test_mosquitto_sub_output_is_counted_per_device_and_sequence() -> None:

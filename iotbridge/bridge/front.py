@@ -99,6 +99,16 @@ def sync_payload(device_id: str, subscribed: bool = False, again: bool = False) 
     which makes the bridge deliver an empty latest config (an empty retained message is not kept by the
     broker, so it reaches only the subscribers of the moment); ``{device}/again`` (see SYNC_AGAIN)."""
     return (device_id + (SYNC_AGAIN if again else SYNC_SUBSCRIBED if subscribed else "")).encode()
+
+
+def no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:  # noqa: ANN401 - paho's socket-like
+    """A paho client's ``on_socket_open``: no Nagle on a loopback TCP connection to Mosquitto. The bridge service
+    acks a sync request and then publishes its config, the front publishes one sync request after another: small
+    segments, each of which Nagle would hold until the broker's delayed ACK of the one before (about 40 ms on Linux
+    loopback). A Unix socket has no such option. (The front's device sessions, asyncio streams, have it already:
+    asyncio sets ``TCP_NODELAY`` on every TCP connection it makes or accepts.)"""
+    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 TLS_READ_BUFFER = 32 * 1024
 RELAY_READ = 64 * 1024
 
@@ -550,6 +560,7 @@ class Front:
                         clean_session=True)
         c.username_pw_set("bridge", password)
         c.max_queued_messages_set(0)
+        c.on_socket_open = no_delay
         c.connect_async(self.settings.broker_host, self.settings.broker_port, keepalive=30)
         c.loop_start()
         return c

@@ -46,7 +46,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbridge import spec
 from iotbridge.bridge import limits
-from iotbridge.bridge.front import LIMIT_REPORT_S, Front, Refusal, address_key, printable
+from iotbridge.bridge.front import LIMIT_REPORT_S, Front, Refusal, address_key, no_delay, printable
 from iotbridge.bridge.settings import EVENTS_MAX_BYTES, STATE_MAX_BYTES
 from iotbridge.registry import DEVICE_ID_RE, REGISTRY_ID_RE, Registry
 
@@ -121,6 +121,7 @@ class HttpBridge:
         c.username_pw_set("bridge", self._password)
         c.max_inflight_messages_set(1000)
         c.on_publish = self._on_publish
+        c.on_socket_open = no_delay  # one device request's publish is not held for the ack of the one before
         c.connect_async(self.settings.broker_host, self.settings.broker_port, keepalive=30)
         c.loop_start()
         self._mqtt = c

@@ -45,10 +45,10 @@ and, for each "Outgoing messages are being dropped for client X" notice, an erro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -64,7 +64,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from iotbridge import spec
 from iotbridge.bridge import fanout, limits, registrar
 from iotbridge.bridge.batching import Batch, Batcher, raw_message
-from iotbridge.bridge.front import SYNC_AGAIN, SYNC_GONE, SYNC_SUBSCRIBED, SYNC_TOPIC
+from iotbridge.bridge.front import SYNC_AGAIN, SYNC_GONE, SYNC_SUBSCRIBED, SYNC_TOPIC, no_delay
 from iotbridge.bridge.settings import DROPPING_NOTICE, BridgeSettings
 from iotbridge.registry import (
     ConfigVersion,
@@ -87,9 +87,10 @@ RETRY_MAX_S = 30.0
 RESUBSCRIBE_MAX_S = 60.0
 STATS_EVERY_S = 0.5
 COMMAND_MAX_AGE_S = 60.0
-# Config sync requests read together at most (the reads of a batch cost 0.28-0.33 ms CPU per device at 64, against
-# 1.6-1.7 ms one at a time); a batch waits for nothing: it is what already sits in the queue.
+# Config sync requests and deliveries read together at most (the reads of a batch cost 0.28-0.33 ms CPU per device at
+# 64, against 1.6-1.7 ms one at a time); a batch waits for nothing: it is what already sits in the queue.
 SYNC_BATCH = 64
+PUBLISH_TIMEOUT_S = 30.0  # a batch's retained configs acknowledged by the broker within this, or failed
 SYS_LOG_NOTICE = "$SYS/broker/log/N"
 SYS_GAUGES = {
     "$SYS/broker/store/messages/count": "broker_stored_messages",
@@ -127,10 +128,32 @@ class SyncRequest:
     again: bool = False
 
 
+@dataclass(frozen=True)
+class ConfigDelivery:
+    """A config version this host's delivery subscription handed it for a device, as queued for the config worker;
+    ``message`` (the Pub/Sub message) is acked once the broker has the config (or the device is unknown), nacked
+    (redelivered) when the read or the publish failed."""
+
+    device_id: str
+    version: int
+    data: bytes
+    message: Any  # noqa: ANN401 - a pubsub_v1 Message
+
+
+@dataclass(frozen=True)
+class ConfigPublish:
+    """A retained config publish of a batch, sent and not yet known to be acknowledged by the broker."""
+
+    device_id: str
+    version: int
+    info: paho.MQTTMessageInfo
+
+
 # What a sync read found for a device: its latest config, None (no config), or why there is no answer
 # (DeviceNotFound, or the read's failure).
 SyncRead = ConfigVersion | None | Exception
-ConfigWork = tuple[str, Callable[[], None] | SyncRequest]
+ConfigRead = SyncRequest | ConfigDelivery  # work that reads a device's latest config: batched (_apply_configs)
+ConfigWork = tuple[str, Callable[[], None] | ConfigRead]
 
 
 @dataclass(frozen=True)
@@ -154,14 +177,6 @@ def parse_topic(topic: str) -> Parsed | None:
     if kind not in spec.DEVICE_PUBLISHES:
         return None
     return Parsed(device_id, kind, sub_folder, gateway_id)
-
-
-def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:  # noqa: ANN401 - paho's socket-like
-    """No Nagle on the broker connection: the service writes a PUBACK and then a PUBLISH, small segments that Nagle
-    would hold until the broker's delayed ACK of the first (about 40 ms on Linux loopback), per config it
-    publishes. The Unix socket has no such option."""
-    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class BridgeService:
@@ -219,7 +234,7 @@ class BridgeService:
         self.mqtt.reconnect_delay_set(cast(int, 0.2), 5)
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_message = self._on_message
-        self.mqtt.on_socket_open = _no_delay
+        self.mqtt.on_socket_open = no_delay
         # Device → cloud publishing: raw protobuf batches, the broker acked per batch (see batching.py).
         self.batcher = Batcher(self.publisher.api.publish, self._on_batch_sent, self._on_batch_failed,
                                self._on_batch_rejected)
@@ -657,8 +672,7 @@ class BridgeService:
             return
         kind, device_id, sub_folder, version = fan.kind, fan.device_id, fan.sub_folder, fan.version
         if kind == FANOUT_KIND_CONFIG:
-            data = bytes(message.data)
-            self._config_work.put((device_id, lambda: self._deliver_config(device_id, version, data, message)))
+            self._config_work.put((device_id, ConfigDelivery(device_id, version, bytes(message.data), message)))
         elif kind == FANOUT_KIND_COMMAND:
             age = (datetime.now(UTC) - message.publish_time).total_seconds()
             if age > COMMAND_MAX_AGE_S:
@@ -677,21 +691,21 @@ class BridgeService:
         item: ConfigWork | None = self._config_work.get()
         while item is not None:
             work = item[1]
-            if isinstance(work, SyncRequest):
-                # The sync requests queued right behind this one join its read; the first other item (or the stop
-                # mark) ends the batch and runs next, so nothing overtakes anything in the queue.
-                syncs, after, ended = [work], None, False
-                while len(syncs) < SYNC_BATCH:
+            if isinstance(work, SyncRequest | ConfigDelivery):
+                # The sync requests and deliveries queued right behind this one join its read; the first other item
+                # (or the stop mark) ends the batch and runs next, so nothing overtakes anything in the queue.
+                batch, after, ended = [work], None, False
+                while len(batch) < SYNC_BATCH:
                     try:
                         after = self._config_work.get_nowait()
                     except queue.Empty:
                         break
-                    if after is not None and isinstance(after[1], SyncRequest):
-                        syncs.append(after[1])
+                    if after is not None and isinstance(after[1], SyncRequest | ConfigDelivery):
+                        batch.append(after[1])
                         continue
                     ended = True
                     break
-                self._sync_configs(syncs)
+                self._apply_configs(batch)
                 item = after if ended else self._config_work.get()
                 continue
             try:
@@ -700,34 +714,107 @@ class BridgeService:
                 log.exception("config delivery for %s failed", item[0])
             item = self._config_work.get()
 
-    def _publish_config(self, device_id: str, version: int, data: bytes, again: bool = False) -> bool:
-        """Publish the version retained unless it was published before (``again``: publish it anyway)."""
-        if version <= self._published_config.get(device_id, 0) and not again:
-            return False
-        info = self.mqtt.publish(spec.device_topic(device_id, spec.CONFIG), data, qos=1, retain=True)
-        info.wait_for_publish(timeout=30)
-        if not info.is_published():
-            raise TimeoutError(f"broker did not acknowledge config v{version} of {device_id}")
-        self._published_config[device_id] = version
-        with self.stats_lock:
-            self.stats["configs"] += 1
-        return True
-
     def _deliver_config(self, device_id: str, version: int, data: bytes, message) -> None:  # noqa: ANN001
+        """One delivery on its own, as a batch of one (the config worker batches those it finds queued together)."""
+        self._apply_configs([ConfigDelivery(device_id, version, data, message)])
+
+    def _apply_configs(self, batch: list[ConfigRead]) -> None:
+        """Sync requests and deliveries read together, their configs published in queue order without waiting for
+        each acknowledgement, then each request acked (and each delivery acked or nacked) in queue order, once.
+
+        Publishing the batch before waiting keeps each device's configs in order:
+
+        - every publish of a batch for a device carries the one version the batch's read found (a delivery its own
+          version if that is newer, which cannot be: the read was made after the delivery's registry write);
+          different versions of a device go out in different batches, and a batch starts after the broker
+          acknowledged every publish of the one before;
+        - even so, one connection's QoS 1 publishes reach the retained store in the order they were sent: paho
+          sends (and after a reconnect resends) them in that order, Mosquitto handles a connection's packets in
+          order;
+        - whether a publish is needed is decided on what this batch has already sent (``_published_config`` is set
+          when a publish is sent and undone if the broker does not acknowledge it), as one at a time did;
+        - a request or delivery is acked only after its publish was acknowledged (or failed), as one at a time:
+          a sync request the broker lost with a failed publish is not redelivered, a failed delivery is.
+        """
         try:
-            # Pub/Sub does not keep order and a slot may hold a backlog: the registry says what is latest.
+            reads = self._read_configs([w.device_id for w in batch])
+        except Exception as exc:  # noqa: BLE001 - an unforeseen failure: every request gets it as its answer
+            reads = {w.device_id: exc for w in batch}
+        sent: list[tuple[ConfigRead, ConfigPublish | None | Exception]] = []
+        inflight: dict[str, ConfigPublish] = {}  # device id -> this batch's last publish for it
+        for work in batch:
             try:
-                latest = self.device_registry(device_id).get_config(device_id)
-            except DeviceNotFound:
-                message.ack()
-                return
-            if latest is not None and latest.version > version:
-                version, data = latest.version, latest.data
-            self._publish_config(device_id, version, data)
-        except Exception:
-            message.nack()  # redelivered by Pub/Sub
-            raise
-        message.ack()
+                sent.append((work, self._start_config(work, reads[work.device_id], inflight)))
+            except Exception as exc:  # noqa: BLE001 - this request or delivery fails alone (logged below)
+                sent.append((work, exc))
+        deadline = time.monotonic() + PUBLISH_TIMEOUT_S
+        confirmed: dict[int, bool] = {}  # id of a publish -> acknowledged (two requests may rely on one publish)
+        for work, outcome in sent:
+            if isinstance(outcome, ConfigPublish):
+                if id(outcome) not in confirmed:
+                    confirmed[id(outcome)] = self._confirmed(outcome, deadline)
+                if not confirmed[id(outcome)]:
+                    outcome = TimeoutError(f"broker did not acknowledge config v{outcome.version} of {work.device_id}")
+            if isinstance(work, SyncRequest):
+                if isinstance(outcome, Exception):
+                    log.error("config sync for %s failed: %s", work.device_id, outcome, exc_info=outcome)
+                self._ack(work.mid, work.qos, work.gen, count=False)
+            elif isinstance(outcome, Exception):
+                log.error("config delivery for %s failed: %s", work.device_id, outcome, exc_info=outcome)
+                work.message.nack()  # redelivered by Pub/Sub
+            else:
+                work.message.ack()
+
+    def _start_config(self, work: ConfigRead, read: SyncRead,
+                      inflight: dict[str, ConfigPublish]) -> ConfigPublish | None:
+        """Send what ``work`` needs published, given its device's read: the publish in flight it depends on (its
+        own, or the batch's earlier one of the same version), None when nothing is to be published; raises why it
+        failed."""
+        device_id = work.device_id
+        if isinstance(read, DeviceNotFound):
+            return None  # a delivery's message is acked: the device is gone
+        if isinstance(read, Exception):
+            raise read
+        if isinstance(work, ConfigDelivery):
+            # Pub/Sub does not keep order and a slot may hold a backlog: the registry says what is latest.
+            version, data = work.version, work.data
+            if read is not None and read.version > version:
+                version, data = read.version, read.data
+            return self._send_config(device_id, version, data, inflight)
+        subscribed, again = work.subscribed or work.again, work.again
+        if read is None:
+            return None
+        if not read.data and not subscribed and device_id not in self._published_config:
+            return None  # nothing retained here to replace; the device gets it when it subscribes (below)
+        # The broker keeps no empty retained message: a device that subscribes gets an empty latest config from this
+        # publish, as IoT Core sent it to every subscriber.
+        return self._send_config(device_id, read.version, read.data, inflight,
+                                 again=again or (subscribed and not read.data))
+
+    def _send_config(self, device_id: str, version: int, data: bytes, inflight: dict[str, ConfigPublish],
+                     again: bool = False) -> ConfigPublish | None:
+        """Publish the version retained unless it was published before (``again``: publish it anyway); not waiting
+        for the broker's acknowledgement (:meth:`_confirmed`). Published before in this batch: that publish, whose
+        acknowledgement decides this request's outcome too."""
+        if version <= self._published_config.get(device_id, 0) and not again:
+            return inflight.get(device_id)
+        info = self.mqtt.publish(spec.device_topic(device_id, spec.CONFIG), data, qos=1, retain=True)
+        self._published_config[device_id] = version  # what the batch's next request for the device must see
+        inflight[device_id] = ConfigPublish(device_id, version, info)
+        return inflight[device_id]
+
+    def _confirmed(self, sent: ConfigPublish, deadline: float) -> bool:
+        """Whether the broker acknowledged ``sent`` by ``deadline``; if not, the device counts as not published
+        here (its next sync publishes again)."""
+        with contextlib.suppress(RuntimeError, ValueError):  # not sent at all (no connection): not published
+            sent.info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+        if sent.info.is_published():
+            with self.stats_lock:
+                self.stats["configs"] += 1
+            return True
+        if self._published_config.get(sent.device_id) == sent.version:
+            self._published_config.pop(sent.device_id, None)  # a reconnect (_on_connect) may have cleared it meanwhile
+        return False
 
     def _forget_config(self, device_id: str, mid: int, qos: int, gen: int) -> None:
         """The device left this host: clear its retained config here, which later versions (sent to the host that
@@ -777,33 +864,3 @@ class BridgeService:
                 reads[device_id] = found[device_id] if device_id in found else DeviceNotFound(
                     f"device {device_id!r} not found in registry {registry_id!r}")
         return reads
-
-    def _sync_configs(self, requests: list[SyncRequest]) -> None:
-        """Sync requests read together, then applied one by one in queue order (each acked exactly once)."""
-        try:
-            reads = self._read_configs([r.device_id for r in requests])
-        except Exception as exc:  # noqa: BLE001 - an unforeseen failure: every request gets it as its answer
-            reads = {r.device_id: exc for r in requests}
-        for request in requests:
-            try:
-                self._sync_config(request, reads[request.device_id])
-            except Exception:
-                log.exception("config sync for %s failed", request.device_id)
-
-    def _sync_config(self, request: SyncRequest, read: SyncRead) -> None:
-        device_id, subscribed, again = request.device_id, request.subscribed or request.again, request.again
-        try:
-            if isinstance(read, DeviceNotFound):
-                return
-            if isinstance(read, Exception):
-                log.error("config sync for %s failed: %s", device_id, read, exc_info=read)
-                return
-            cfg = read
-            if cfg is not None and not cfg.data and not subscribed and device_id not in self._published_config:
-                return  # nothing retained here to replace; the device gets it when it subscribes (below)
-            if cfg is not None:
-                # The broker keeps no empty retained message: a device that subscribes gets an empty latest config
-                # from this publish, as IoT Core sent it to every subscriber.
-                self._publish_config(device_id, cfg.version, cfg.data, again=again or (subscribed and not cfg.data))
-        finally:
-            self._ack(request.mid, request.qos, request.gen, count=False)

@@ -312,6 +312,7 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
         # Device payload limits are enforced by the front (256 KB events); this bounds anything else.
         "max_packet_size 1048576",
         "allow_duplicate_messages false",
+        "set_tcp_nodelay true",  # docs/broker-scaling.md "Nagle on the host's loopback connections"
         "log_type error",
         "log_type warning",
         "log_type notice",

@@ -233,3 +233,135 @@ def test_the_service_broker_connection_does_not_hold_small_writes(stack):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         bridge.mqtt.disconnect()
+
+
+class Delivered(FanoutMessage):
+    """A config version as this host's delivery subscription hands it over (attributes as fanout.publish_config
+    sets them)."""
+
+    def __init__(self, device_id: str, version: int, data: bytes, registry_id: str = "") -> None:
+        super().__init__()
+        self.attributes = spec.FanoutMessage(spec.FANOUT_KIND_CONFIG, device_id, version,
+                                             registry_id=registry_id).attributes()
+        self.data = data
+
+
+def test_a_burst_of_config_deliveries_is_read_in_batches_and_applied_in_queue_order(deployment, lookups):
+    """A fleet-wide config push: the deliveries waiting in the config queue (with a sync between them) are read
+    together, one device index read and per registry one of the devices and one of their configs, instead of a
+    registry read per delivery; each device still gets its latest config once, in queue order."""
+    lab = Registry(PROJECT, f"lab-{uuid.uuid4().hex[:10]}", REGION, deployment=deployment.registry_id)
+    lab.ensure_registry(RegistrySettings())
+    own_ids, lab_ids = [f"own-{i}" for i in range(10)], [f"lab-{i}" for i in range(4)]
+    pushed: dict[str, Any] = {}
+    for registry, ids in ((deployment, own_ids), (lab, lab_ids)):
+        for device_id in ids:
+            registry.create_device(device_id)
+            registry.update_config(device_id, b"v1")
+            pushed[device_id] = registry.update_config(device_id, f"v2 {device_id}".encode(), min_interval_s=0)
+    bridge, broker = service(deployment)
+    messages = [Delivered(d, pushed[d].version, pushed[d].data, "" if d in own_ids else lab.registry_id)
+                for d in own_ids + lab_ids]
+    backlog = Delivered("own-0", pushed["own-0"].version - 1, b"v1")  # an older version, redelivered late
+    unknown = Delivered("never-created", 1, b"x")
+    lookups.clear()
+
+    for message in messages[:5]:
+        bridge._on_fanout(message)
+    bridge._config_work.put(sync("own-1", 1))
+    for message in [*messages[5:], backlog, unknown]:
+        bridge._on_fanout(message)
+    bridge._config_work.put(sync("own-2", 2, again=True))
+    run_queue(bridge, [])
+
+    # One read of the device index, then per registry one of the devices and one of their configs: 5 lookups for
+    # the 18 deliveries and syncs (one at a time, each delivery of a device not yet cached was 3).
+    assert len(lookups) == 5, lookups
+    for device_id in own_ids + lab_ids:
+        again = [pushed[device_id].data] if device_id == "own-2" else []
+        assert broker.retained[config_topic(device_id)] == [pushed[device_id].data, *again], device_id
+    assert set(broker.retained) == {config_topic(d) for d in own_ids + lab_ids}
+    assert [m.outcome for m in [*messages, backlog, unknown]] == ["ack"] * (len(messages) + 2)
+    assert broker.acks == [1, 2]
+
+
+class Pending:
+    """A publish the broker acknowledges only when the config worker waits for it, recording when."""
+
+    def __init__(self, events: list[str], name: str, acknowledged: bool) -> None:
+        self.events, self.name, self.acknowledged = events, name, acknowledged
+
+    def wait_for_publish(self, timeout: float) -> None:
+        self.events.append(f"wait {self.name}")
+
+    def is_published(self) -> bool:
+        return self.acknowledged
+
+
+class SlowBroker(BrokerRecorder):
+    """Records the order of publishes, waits for their acknowledgements and acks; ``lost`` devices' publishes are
+    never acknowledged."""
+
+    def __init__(self, lost: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.lost = lost
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:  # noqa: ANN401
+        super().publish(topic, payload, qos, retain)
+        name = f"{topic.split('/')[2]}={payload.decode()}"
+        self.events.append(f"publish {name}")
+        return Pending(self.events, name, topic.split("/")[2] not in self.lost)
+
+    def ack(self, mid: int, qos: int) -> None:
+        super().ack(mid, qos)
+        self.events.append(f"ack {mid}")
+
+
+def test_a_batch_sends_its_configs_before_waiting_for_their_acknowledgements(deployment):
+    """The broker gets a batch's configs back to back; the worker then waits for them in queue order and acks each
+    request after its own config was acknowledged. A device in the batch twice (a sync, a delivery of the version
+    the read found, a forced sync) gets its publishes in queue order: the same version, once plus the forced one."""
+    for device_id in ("pump", "valve", "fan"):
+        deployment.create_device(device_id)
+        deployment.update_config(device_id, f"{device_id} v1".encode())
+    bridge, _ = service(deployment)
+    slow = SlowBroker()
+    bridge.mqtt = cast(Any, slow)
+    pushed = deployment.update_config("pump", b"pump v2", min_interval_s=0)
+    delivery = Delivered("pump", pushed.version, pushed.data)
+    bridge._config_work.put(sync("pump", 1))
+    bridge._config_work.put(sync("valve", 2))
+    bridge._on_fanout(delivery)
+    run_queue(bridge, [sync("fan", 3), sync("pump", 4, again=True)])
+
+    assert slow.events == ["publish pump=pump v2", "publish valve=valve v1", "publish fan=fan v1",
+                           "publish pump=pump v2",
+                           "wait pump=pump v2", "ack 1", "wait valve=valve v1", "ack 2", "wait fan=fan v1", "ack 3",
+                           "wait pump=pump v2", "ack 4"]
+    assert delivery.outcome == "ack"
+
+
+def test_a_config_the_broker_does_not_acknowledge_fails_only_its_own_work(deployment, monkeypatch):
+    """Its sync is still acked once and its delivery nacked (Pub/Sub redelivers it); the device no longer counts as
+    published here, so its next sync publishes again; the other devices of the batch are done."""
+    monkeypatch.setattr(svc, "PUBLISH_TIMEOUT_S", 0.1)
+    for device_id in ("pump", "valve"):
+        deployment.create_device(device_id)
+        deployment.update_config(device_id, f"{device_id} v1".encode())
+    bridge, _ = service(deployment)
+    lost = SlowBroker(lost=frozenset({"pump"}))
+    bridge.mqtt = cast(Any, lost)
+    delivery = Delivered("pump", 1, b"pump v1")
+    bridge._config_work.put(sync("pump", 1))
+    bridge._on_fanout(delivery)
+    run_queue(bridge, [sync("valve", 2)])
+
+    assert lost.acks == [1, 2] and delivery.outcome == "nack"
+    assert list(bridge._published_config) == ["valve"]
+    assert bridge.stats["configs"] == 1
+
+    bridge.mqtt = cast(Any, ok := SlowBroker())
+    run_queue(bridge, [sync("pump", 3), sync("valve", 4)])
+    assert ok.retained == {config_topic("pump"): [b"pump v1"]}  # valve's is there already
+    assert ok.acks == [3, 4]
