@@ -122,8 +122,11 @@ class BridgeSettings:
     # Mosquitto's max_queued_messages / max_queued_bytes (see MAX_QUEUED_MESSAGES); tests make them small.
     max_queued_messages: int = MAX_QUEUED_MESSAGES
     max_queued_bytes: int = MAX_QUEUED_BYTES
+    device_auth: str = "front"
+    auth_socket: str = ""
 
     def __post_init__(self) -> None:
+        _check_device_auth(self)
         if self.connected_devices_metric not in ("cloud", "log"):
             raise ValueError(f"connected_devices_metric must be cloud or log, got {self.connected_devices_metric!r}")
         if self.max_queued_messages < 1 or self.max_queued_bytes < 1:
@@ -153,6 +156,39 @@ class BridgeSettings:
 
     def secrets(self) -> dict[str, str]:
         return load_secrets(Path(self.secrets_file))
+
+
+# Who authenticates devices (``BridgeSettings.device_auth``):
+# - "front": the TLS front (iotbridge/bridge/front.py) terminates TLS on front_port, authenticates each device and
+#   relays its session to the loopback Mosquitto as user ``front``. Every feature (gateways, the HTTP bridge,
+#   client certificates, heartbeat records, config acks, per-device rate slowing).
+# - "mosquitto": Mosquitto itself terminates TLS on front_port, and the plugin ``iotbridge_auth.so`` admits a device
+#   on the answer of the auth daemon (``python -m iotbridge.bridge authd``) over the Unix socket ``auth_socket``.
+#   No front process; a fraction of the front's CPU and memory per connection (docs/broker-scaling.md, "Devices
+#   authenticated by Mosquitto"), without the features the front alone has.
+DEVICE_AUTH_MODES = ("front", "mosquitto")
+# Settings of features only the front has: refused (one line naming the setting) in "mosquitto" mode.
+FRONT_ONLY_SETTINGS = {
+    "http_port": "the HTTP bridge runs in the front",
+    "client_ca": "device client certificates are checked by the front",
+}
+
+
+def _check_device_auth(settings: BridgeSettings) -> None:
+    if settings.device_auth not in DEVICE_AUTH_MODES:
+        raise ValueError(f"device_auth must be one of {', '.join(DEVICE_AUTH_MODES)}, got {settings.device_auth!r}")
+    if settings.device_auth == "front":
+        return
+    for name, why in FRONT_ONLY_SETTINGS.items():
+        if getattr(settings, name):
+            raise ValueError(f"{name} must be unset with device_auth mosquitto ({why}, which this mode does not "
+                             f"run), got {getattr(settings, name)!r}")
+    if not settings.auth_socket:
+        raise ValueError("auth_socket is required with device_auth mosquitto: the Unix socket where the auth daemon "
+                         "answers Mosquitto's plugin")
+    if len(os.fsencode(settings.auth_socket)) > MAX_UNIX_SOCKET_PATH:
+        raise ValueError(f"auth_socket must be at most {MAX_UNIX_SOCKET_PATH} bytes (a Unix socket address), "
+                         f"got {len(os.fsencode(settings.auth_socket))}: {settings.auth_socket}")
 
 
 def new_secrets() -> dict[str, str]:
