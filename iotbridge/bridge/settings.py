@@ -122,6 +122,8 @@ class BridgeSettings:
     # Mosquitto's max_queued_messages / max_queued_bytes (see MAX_QUEUED_MESSAGES); tests make them small.
     max_queued_messages: int = MAX_QUEUED_MESSAGES
     max_queued_bytes: int = MAX_QUEUED_BYTES
+    device_auth: str = "front"
+    auth_socket: str = ""
 
     def __post_init__(self) -> None:
         if self.connected_devices_metric not in ("cloud", "log"):
