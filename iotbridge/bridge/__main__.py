@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     mconf.add_argument("--settings", type=Path, required=True)
     mconf.add_argument("--out", type=Path, required=True, help="folder for the files and the persistence data")
     mconf.add_argument("--user", help="the user Mosquitto drops privileges to (default: root)")
+    mconf.add_argument("--plugin", type=Path,
+                       help="the device plugin iotbridge_auth.so (required with device_auth mosquitto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "mosquitto-config":
         from iotbridge.bridge.settings import mosquitto_config
 
-        text = mosquitto_config(BridgeSettings.load(args.settings), args.out, user=args.user)
+        text = mosquitto_config(BridgeSettings.load(args.settings), args.out, user=args.user, plugin_path=args.plugin)
         (args.out / "mosquitto.conf").write_text(text)
         print(f"wrote {args.out}/mosquitto.conf")
     elif args.cmd == "authd":
