@@ -166,7 +166,7 @@ class BridgeSettings:
 #   on the answer of the auth daemon (``python -m iotbridge.bridge authd``) over the Unix socket ``auth_socket``.
 #   No front process; a fraction of the front's CPU and memory per connection (docs/broker-scaling.md, "Devices
 #   authenticated by Mosquitto"), without the features the front alone has.
-DEVICE_AUTH_MODES = ("front", "mosquitto")
+DEVICE_AUTH_MODES = spec.DEVICE_AUTH_MODES
 # Settings of features only the front has: refused (one line naming the setting) in "mosquitto" mode.
 FRONT_ONLY_SETTINGS = {
     "http_port": "the HTTP bridge runs in the front",
