@@ -88,7 +88,12 @@ class Host:
         codes: list[int] = []
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:test:{uuid.uuid4().hex[:6]}")
         c.username_pw_set("bridge", self.secrets["bridge"])
-        c.on_connect = lambda _c, _u, _f, rc, _p: (codes.append(rc.value), done.set())
+
+        def on_connect(_c, _u, _f, rc, _p) -> None:  # noqa: ANN001
+            codes.append(rc.value)
+            done.set()
+
+        c.on_connect = on_connect
         if on_message is not None:
             c.on_message = on_message
         c.connect(self.settings.broker_host, self.settings.broker_port)
