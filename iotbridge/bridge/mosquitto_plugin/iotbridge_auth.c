@@ -20,6 +20,7 @@
  *   session and "SYNCED\n" (the daemon reconciles its sessions with these); "KICK <client id>\n" lines from the
  *   daemon end a session without its will; a session whose deadline passed is ended the same way.
  */
+#define _GNU_SOURCE /* memrchr */
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -200,11 +201,13 @@ static bool daemon_ask(const char *client_id, const char *address, const char *p
     return ok;
 }
 
-/* The events connection's output, written without blocking Mosquitto (what the socket does not take waits here). */
+/* The events connection, used only on the tick (never inside another event: a kick there runs the DISCONNECT event
+ * at once). Its output is written without blocking Mosquitto (what the socket does not take waits here). */
 static char *out_buf;
 static size_t out_len, out_cap;
 static char in_buf[IN_MAX];
 static size_t in_len;
+static bool events_reset; /* the output outgrew OUT_MAX: the next tick starts a fresh connection */
 
 static void events_close(void)
 {
@@ -233,9 +236,10 @@ static void events_line(const char *verb, const char *id)
 {
     if (events_fd < 0) return;
     size_t n = strlen(verb) + (id ? 1 + strlen(id) : 0) + 1;
+    if (events_reset) return;
     if (out_len + n > OUT_MAX) { /* the daemon stopped reading: start over with a fresh connection and LIVE list */
         mosquitto_log_printf(MOSQ_LOG_WARNING, "iotbridge_auth: the auth daemon does not read its events");
-        events_close();
+        events_reset = true;
         return;
     }
     if (out_len + n + 1 > out_cap) { /* + its NUL (snprintf) */
@@ -278,15 +282,24 @@ static void events_read(void)
             return;
         }
         in_len += (size_t)r;
-        char *start = in_buf, *nl;
-        while ((nl = memchr(start, '\n', in_len - (size_t)(start - in_buf))) != NULL) {
-            *nl = '\0';
-            if (strncmp(start, "KICK ", 5) == 0) kick(start + 5, "revoked (registry change)");
-            start = nl + 1;
+        /* The complete lines are taken out of the buffer first: a kick runs the DISCONNECT event at once. */
+        char *last = memrchr(in_buf, '\n', in_len);
+        if (!last) {
+            if (in_len == sizeof in_buf) in_len = 0; /* a line longer than any client id: dropped */
+            continue;
         }
-        in_len -= (size_t)(start - in_buf);
-        memmove(in_buf, start, in_len);
-        if (in_len == sizeof in_buf) in_len = 0; /* a line longer than any client id: dropped */
+        size_t n = (size_t)(last - in_buf) + 1;
+        char *lines = mosquitto_malloc(n + 1);
+        if (!lines) return;
+        memcpy(lines, in_buf, n);
+        lines[n] = '\0';
+        in_len -= n;
+        memmove(in_buf, in_buf + n, in_len);
+        for (char *line = lines, *nl; (nl = strchr(line, '\n')) != NULL; line = nl + 1) {
+            *nl = '\0';
+            if (strncmp(line, "KICK ", 5) == 0) kick(line + 5, "revoked (registry change)");
+        }
+        mosquitto_free(lines);
     }
 }
 
@@ -387,8 +400,7 @@ static int on_disconnect(int event, void *event_data, void *userdata)
     struct mosquitto_evt_disconnect *ed = event_data;
     struct session *s = session_take(ed->client);
     if (!s) return MOSQ_ERR_SUCCESS;
-    events_line("GONE", s->id);
-    events_flush();
+    events_line("GONE", s->id); /* sent on the next tick */
     mosquitto_free(s->id);
     mosquitto_free(s);
     return MOSQ_ERR_SUCCESS;
@@ -400,6 +412,10 @@ static int on_tick(int event, void *event_data, void *userdata)
     (void)userdata;
     struct mosquitto_evt_tick *ed = event_data;
     time_t now = ed->now_s ? ed->now_s : time(NULL);
+    if (events_reset) {
+        events_close();
+        events_reset = false;
+    }
     if (events_fd < 0 && now != last_connect_try) {
         last_connect_try = now;
         events_connect();
@@ -408,12 +424,26 @@ static int on_tick(int event, void *event_data, void *userdata)
     events_flush();
     if (now == last_scan || session_count == 0) return MOSQ_ERR_SUCCESS;
     last_scan = now; /* deadlines are whole seconds: one scan a second */
+    /* The ids to kick are gathered first: a kick runs the DISCONNECT event at once, which frees its session. */
+    char **due = NULL;
+    size_t n = 0, cap = 0;
     for (unsigned b = 0; b < BUCKETS; b++)
         for (struct session *s = sessions[b]; s; s = s->next)
             if (!s->kicked && s->deadline <= now) {
                 s->kicked = true;
-                if (!superseded(s)) kick(s->id, "session deadline (token, credential or 24 h)");
+                if (superseded(s)) continue;
+                if (n == cap) {
+                    char **grown = mosquitto_realloc(due, (cap = cap ? 2 * cap : 16) * sizeof *due);
+                    if (!grown) break;
+                    due = grown;
+                }
+                if ((due[n] = mosquitto_strdup(s->id)) != NULL) n++;
             }
+    for (size_t i = 0; i < n; i++) {
+        kick(due[i], "session deadline (token, credential or 24 h)");
+        mosquitto_free(due[i]);
+    }
+    mosquitto_free(due);
     return MOSQ_ERR_SUCCESS;
 }
 
