@@ -145,8 +145,8 @@ def host(firestore_emulator: services.Service, tmp_path_factory: pytest.TempPath
     daemon = services.Service(name="authd", proc=proc, host="", port=0, log_path=daemon_log, workdir=wd)
     try:
         services.wait_for_log(daemon, "auth daemon listening", 60)
-        conf = mosquitto_config(settings, wd / "broker", run_as_root=os.geteuid() == 0)
-        conf += "\n".join(plugin.mosquitto_lines(settings, lib)) + "\nlog_type notice\n"
+        # The host's configuration with the plugin's lines in it (mosquitto_config includes them in this mode).
+        conf = mosquitto_config(settings, wd / "broker", run_as_root=os.geteuid() == 0, plugin_path=lib)
         mosq = require(services.start_mosquitto, conf, settings.front_port, wd / "broker")
         try:
             yield Host(settings, registry, keys, tls.ca_cert, daemon_log, secrets)
