@@ -135,6 +135,7 @@ class AuthDaemon:
         self._holders: Counter[str] = Counter()  # device id -> sessions on this host
         self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
         self._events: set[asyncio.StreamWriter] = set()
+        self._connections: set[asyncio.StreamWriter] = set()
         self._pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="authd-registry")
         self._presence = regcache.WriteBatcher(self._pool, fanout.mark_connected_many)
         self._control_password = control_password
@@ -323,6 +324,7 @@ class AuthDaemon:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         live: Counter[str] | None = None
         since: set[Session] = set()
+        self._connections.add(writer)
         try:
             while True:
                 line = await reader.readline()
@@ -351,6 +353,7 @@ class AuthDaemon:
             pass
         finally:
             self._events.discard(writer)
+            self._connections.discard(writer)
             writer.close()
 
     def _send_events(self, line: str) -> None:
@@ -445,8 +448,12 @@ class AuthDaemon:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
-        for w in list(self._events):
-            w.close()
+        for w in list(self._connections):
+            w.close()  # their handlers see the end and return
+        for _ in range(10):
+            if not self._connections:
+                break
+            await asyncio.sleep(0.01)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -47,12 +47,16 @@ pytestmark = pytest.mark.emulator
 
 
 class Watched(Device):
-    """A device client that records when the broker ends its connection."""
+    """A device client that records when the broker ends its connection, and does not reconnect."""
 
     def __init__(self, port: int, ca: Path, client_id: str, password: str):
         self.gone = threading.Event()
         super().__init__(port, ca, client_id, password)
-        self.client.on_disconnect = lambda *_: self.gone.set()
+        self.client.on_disconnect = self._on_disconnect
+
+    def _on_disconnect(self, *_: object) -> None:
+        self.gone.set()
+        self.client.loop_stop()  # from the network thread: ends it after this callback, without reconnecting
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Host:
     ca: Path
     daemon_log: Path
     secrets: dict[str, str]
+    daemon: services.Service
+    env: dict[str, str]
 
     @property
     def prefix(self) -> str:
@@ -81,6 +87,13 @@ class Host:
             return d.connack if d.connack is not None else -1
         finally:
             d.close()
+
+    def stats(self) -> dict[str, int]:
+        return json.loads(_http(self.settings.health_port, "/stats")[1])
+
+    def restart_daemon(self) -> None:
+        self.daemon.stop()
+        self.daemon = _start_daemon(self.daemon_log.parent, self.env)
 
     def internal(self, on_message=None) -> paho.Client:  # noqa: ANN001
         """The bridge service's user on the loopback listener (the password file's user)."""
@@ -136,24 +149,36 @@ def host(firestore_emulator: services.Service, tmp_path_factory: pytest.TempPath
                               health_port=services.free_port(), device_auth="mosquitto",
                               auth_socket=str(wd / "auth.sock"), auth_failure_burst=1000)
     settings.dump(wd / "settings.json")
-    daemon_log = wd / "authd.log"
-    with open(daemon_log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "iotbridge.bridge", "authd", "--settings",
-                                 str(wd / "settings.json")], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, **firestore_emulator.env},
-                                cwd=services.REPO_ROOT, start_new_session=True)
-    daemon = services.Service(name="authd", proc=proc, host="", port=0, log_path=daemon_log, workdir=wd)
+    daemon = _start_daemon(wd, firestore_emulator.env)
     try:
-        services.wait_for_log(daemon, "auth daemon listening", 60)
         # The host's configuration with the plugin's lines in it (mosquitto_config includes them in this mode).
         conf = mosquitto_config(settings, wd / "broker", run_as_root=os.geteuid() == 0, plugin_path=lib)
         mosq = require(services.start_mosquitto, conf, settings.front_port, wd / "broker")
         try:
-            yield Host(settings, registry, keys, tls.ca_cert, daemon_log, secrets)
+            h = Host(settings, registry, keys, tls.ca_cert, wd / "authd.log", secrets, daemon, firestore_emulator.env)
+            yield h
+            daemon = h.daemon
         finally:
             mosq.stop()
     finally:
         daemon.stop()
+
+
+def _start_daemon(wd: Path, env: dict[str, str]) -> services.Service:
+    """The auth daemon as a host starts it, on ``wd/settings.json``, once it listens."""
+    log = wd / "authd.log"
+    before = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "iotbridge.bridge", "authd", "--settings",
+                                 str(wd / "settings.json")], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, **env}, cwd=services.REPO_ROOT,
+                                start_new_session=True)
+    daemon = services.Service(name="authd", proc=proc, host="", port=0, log_path=log, workdir=wd)
+    if not _wait(lambda: not daemon.alive() or b"auth daemon listening" in log.read_bytes()[before:], 60) \
+            or not daemon.alive():
+        daemon.stop()
+        pytest.fail(f"the auth daemon did not start:\n{daemon.log_tail()}")
+    return daemon
 
 
 def _wait(predicate, timeout: float) -> bool:  # noqa: ANN001
@@ -258,6 +283,34 @@ def test_presence_gauge_and_health(host: Host) -> None:
     d.close()  # the plugin's GONE: the daemon removes the record
     assert _wait(lambda: not fanout.is_connected(client, reg, "dev-pres"), 10), "presence record left behind"
     assert json.loads(_http(port, "/stats")[1])["connected"] == 0
+
+
+def test_takeover_counts_each_connect_once(host: Host) -> None:
+    first = host.connect("dev-b")
+    second = host.connect("dev-b")  # the same client id: Mosquitto ends the first session
+    try:
+        assert first.gone.wait(5) and second.connack == 0
+        assert _wait(lambda: host.stats()["connected"] == 1, 5), host.stats()
+        assert not second.gone.is_set()
+    finally:
+        second.close()
+        first.close()
+    assert _wait(lambda: host.stats()["connected"] == 0, 5), host.stats()
+
+
+def test_restarted_daemon_learns_the_live_sessions(host: Host) -> None:
+    d = host.connect("dev-b")
+    try:
+        assert d.connack == 0
+        host.restart_daemon()
+        # the plugin reconnects on its tick and sends its LIVE list
+        assert _wait(lambda: host.stats()["connected"] == 1, 5), host.stats()
+        host.registry.set_blocked("dev-b", True)  # a session the new daemon did not admit is still revocable
+        assert d.gone.wait(2 + 4 * RECHECK_S), "a blocked device stayed connected after the daemon restarted"
+    finally:
+        d.close()
+        host.registry.set_blocked("dev-b", False)
+    assert _wait(lambda: host.stats()["connected"] == 0, 5), host.stats()
 
 
 def test_revocation_kicks_within_a_round(host: Host) -> None:
