@@ -184,6 +184,17 @@ def _uid(pid: int) -> tuple[int, int]:
     raise AssertionError(f"no Uid line for {pid}")
 
 
+def _unix_connect_as(user: str, path: Path) -> str:
+    """What connecting to the Unix socket ``path`` gives a process of ``user`` (Debian's python3, its groups)."""
+    account = pwd.getpwnam(user)
+    probe = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(sys.argv[1])\n"
+             "    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)")
+    out = subprocess.run(["/usr/bin/python3", "-c", probe, str(path)], capture_output=True, text=True, timeout=30,
+                         user=account.pw_uid, group=account.pw_gid,
+                         extra_groups=os.getgrouplist(account.pw_name, account.pw_gid), env={"PATH": HOST_PATH})
+    return out.stdout.strip() or out.stderr.strip()
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -470,6 +481,9 @@ def test_a_mosquitto_authenticated_host_boots_compiles_its_plugin_and_admits_a_d
         assert (folder.st_uid, folder.st_gid, folder.st_mode & 0o777) == (
             pwd.getpwnam("iotbridge").pw_uid, mosquitto.pw_gid, 0o750)
         assert (sock.stat().st_gid, sock.stat().st_mode & 0o777) == (mosquitto.pw_gid, 0o660)
+        # Reached by Mosquitto's user, and by no other unprivileged user.
+        assert _unix_connect_as("mosquitto", sock) == "connected"
+        assert _unix_connect_as("nobody", sock) == "PermissionError"
         init.start(units[1])
         services.wait_for_port(init.service(units[1], bc.MQTT_PORT), 15)
         services.wait_for_port(init.service(units[1], bc.BROKER_PORT), 15)
