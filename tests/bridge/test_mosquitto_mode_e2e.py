@@ -2,9 +2,9 @@
 daemon, Mosquitto terminating TLS on the devices' port, the bridge service; no front. Devices are the project's device
 SDK (``iotbridge.device``, paho), registered in the Firestore emulator; Pub/Sub is its emulator.
 
-A device connects to Mosquitto itself with its JWT, gets the config the registry holds for it at connect, and its
-telemetry and state reach Pub/Sub; a blocked device is refused, and a connected device blocked in the registry is
-disconnected."""
+A device connects to Mosquitto itself with its JWT, gets the config the registry holds for it at connect, its
+telemetry and state reach Pub/Sub, and a config pushed while it is connected reaches it; a connected device blocked in
+the registry is disconnected, and a blocked device is refused."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from google.cloud import pubsub_v1
 
-from iotbridge.bridge import plugin
+from iotbridge.bridge import fanout, plugin
 from iotbridge.local.broker_host import BridgeStack
 from tests.waiting import wait_for
 
@@ -60,6 +61,11 @@ def test_a_device_connects_to_mosquitto_gets_its_config_and_reaches_pubsub(regis
     dev.subscribe_config()
     # The config the registry holds, delivered at connect (the daemon's sync request, the service's retained config).
     assert dev.configs.get(timeout=20) == b"config-before-connect"
+    # A config pushed while it is connected: routed to this host by the presence record the daemon wrote, delivered by
+    # the bridge service through Mosquitto.
+    fanout.push_config(registry, pubsub_v1.PublisherClient(), mq_stack.settings.prefix, device_id, b"config-pushed",
+                       min_interval_s=0)
+    assert dev.configs.get(timeout=20) == b"config-pushed"
     dev.publish_event(b"telemetry via mosquitto").wait_for_publish(10)
     dev.publish_state(b"state via mosquitto").wait_for_publish(10)
     (event,) = reader.pull("telemetry", 1)
