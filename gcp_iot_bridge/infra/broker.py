@@ -30,11 +30,6 @@ What it declares, and the GCP pitfall behind each choice:
   the ``device-commands`` topic at start, ``{prefix}-device-commands-{instance name}``, filtered on its host id,
   expiring 24 h after its host is gone (``iotbridge.bridge.fanout``). Nothing here declares one per host: the
   group may run up to 2000 hosts, and a host that goes leaves nothing declared behind.
-- ``device_auth`` "mosquitto" (the stack's ``brokerDeviceAuth``): no front on the hosts. Mosquitto terminates the
-  devices' TLS on 8883 with the device plugin, compiled at boot from the archive's source, and the auth daemon
-  answers it and the health checks (``/healthz`` on ``health_port``, as the front did); no HTTP bridge, so neither
-  its port in the firewall nor its forwarding rule (``http_bridge_url`` is empty). docs/broker-scaling.md,
-  "Devices authenticated by Mosquitto".
 - The bridge's service account (Foundation's ``bridge`` workload: logging.logWriter, monitoring.metricWriter)
   gets, on the resources where Pub/Sub and Firestore allow it: pubsub.publisher on the telemetry, state and route
   topics and on the dead-letter topic (a device's message Pub/Sub can never accept goes there, with the reason);
@@ -46,6 +41,11 @@ What it declares, and the GCP pitfall behind each choice:
   subscription's name (it is not among the services whose resources IAM Conditions see), so these four
   permissions are a custom role granted on the project (``HOST_SUBSCRIPTION_PERMISSIONS``;
   docs/broker-scaling.md says what that lets a host do).
+- ``device_auth`` "mosquitto" (the stack's ``brokerDeviceAuth``): no front on the hosts. Mosquitto terminates the
+  devices' TLS on 8883 with the device plugin, compiled at boot from the archive's source, and the auth daemon
+  answers it and the health checks (``/healthz`` on ``health_port``, as the front did); no HTTP bridge, so neither
+  its port in the firewall nor its forwarding rule (``http_bridge_url`` is empty). docs/broker-scaling.md,
+  "Devices authenticated by Mosquitto".
 """
 
 from __future__ import annotations
