@@ -138,6 +138,7 @@ class AuthDaemon:
         self._connections: set[asyncio.StreamWriter] = set()
         self._pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="authd-registry")
         self._presence = regcache.WriteBatcher(self._pool, fanout.mark_connected_many)
+        self._absence = regcache.WriteBatcher(self._pool, fanout.mark_disconnected_many)
         self._control_password = control_password
         self._control: paho.Client | None = None
         self._servers: list[asyncio.Server] = []
@@ -299,8 +300,9 @@ class AuthDaemon:
         assert session.presence is not None
         try:
             update_time = await session.presence
-            await self._registry(fanout.mark_disconnected, self.registry.client, self.registry.registry_id,
-                                 session.device_id, update_time)
+            if update_time is not None:  # None: a later session of the same commit holds the record
+                await self._absence.write(self.registry.client,
+                                          (self.registry.registry_id, session.device_id, update_time))
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the host record answers
             log.warning("presence of %s not removed: %s", session.device_id, exc)
 
@@ -415,7 +417,8 @@ class AuthDaemon:
 
     def counters(self) -> dict[str, int]:
         return {**self.stats, "connected": self.connected_devices(), "devices": len(self.devices),
-                "fresh": int(self.fresh()), "presence_commits": self._presence.commits}
+                "fresh": int(self.fresh()), "presence_commits": self._presence.commits,
+                "absence_commits": self._absence.commits}
 
     # ---------------------------------------------------------------------------------- lifecycle
 
