@@ -274,8 +274,21 @@ class AuthDaemon:
         if session.known and session.expires_at is not None:
             item = (self.registry.registry_id, session.device_id, self.settings.host_id, session.id,
                     session.expires_at)
-            session.presence = self._spawn(self._presence.write(self.registry.client, item))
-        self._publish_sync(sync_payload(session.device_id))
+            session.presence = self._spawn(self._present(session, item))
+
+    async def _present(self, session: Session, item: tuple[str, str, str, str, datetime]) -> Any:
+        """The session's presence record (its update time), then its config sync request, as the front orders them:
+        the requests of a reconnect storm reach the bridge service in bursts (one a presence commit), which it
+        reads together (``service.SYNC_BATCH``), instead of one by one at Mosquitto's pace. A session that ended
+        meanwhile asks nothing (its "gone" went first)."""
+        try:
+            return await self._presence.write(self.registry.client, item)
+        except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device stays
+            log.warning("presence of %s not recorded: %s", session.device_id, exc)
+            return None
+        finally:
+            if any(s is session for s in self.sessions.get(session.client_id, ())):
+                self._publish_sync(sync_payload(session.device_id))
 
     def gone(self, client_id: str) -> None:
         """The plugin's GONE: the oldest session of the client id ended (a takeover ends the older one)."""
