@@ -138,6 +138,7 @@ class AuthDaemon:
         self._connections: set[asyncio.StreamWriter] = set()
         self._pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="authd-registry")
         self._presence = regcache.WriteBatcher(self._pool, fanout.mark_connected_many)
+        self._absence = regcache.WriteBatcher(self._pool, fanout.mark_disconnected_many)
         self._control_password = control_password
         self._control: paho.Client | None = None
         self._servers: list[asyncio.Server] = []
@@ -273,8 +274,21 @@ class AuthDaemon:
         if session.known and session.expires_at is not None:
             item = (self.registry.registry_id, session.device_id, self.settings.host_id, session.id,
                     session.expires_at)
-            session.presence = self._spawn(self._presence.write(self.registry.client, item))
-        self._publish_sync(sync_payload(session.device_id))
+            session.presence = self._spawn(self._present(session, item))
+
+    async def _present(self, session: Session, item: tuple[str, str, str, str, datetime]) -> Any:
+        """The session's presence record (its update time), then its config sync request, as the front orders them:
+        the requests of a reconnect storm reach the bridge service in bursts (one a presence commit), which it
+        reads together (``service.SYNC_BATCH``), instead of one by one at Mosquitto's pace. A session that ended
+        meanwhile asks nothing (its "gone" went first)."""
+        try:
+            return await self._presence.write(self.registry.client, item)
+        except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device stays
+            log.warning("presence of %s not recorded: %s", session.device_id, exc)
+            return None
+        finally:
+            if any(s is session for s in self.sessions.get(session.client_id, ())):
+                self._publish_sync(sync_payload(session.device_id))
 
     def gone(self, client_id: str) -> None:
         """The plugin's GONE: the oldest session of the client id ended (a takeover ends the older one)."""
@@ -299,8 +313,9 @@ class AuthDaemon:
         assert session.presence is not None
         try:
             update_time = await session.presence
-            await self._registry(fanout.mark_disconnected, self.registry.client, self.registry.registry_id,
-                                 session.device_id, update_time)
+            if update_time is not None:  # None: a later session of the same commit holds the record
+                await self._absence.write(self.registry.client,
+                                          (self.registry.registry_id, session.device_id, update_time))
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the host record answers
             log.warning("presence of %s not removed: %s", session.device_id, exc)
 
@@ -415,7 +430,8 @@ class AuthDaemon:
 
     def counters(self) -> dict[str, int]:
         return {**self.stats, "connected": self.connected_devices(), "devices": len(self.devices),
-                "fresh": int(self.fresh()), "presence_commits": self._presence.commits}
+                "fresh": int(self.fresh()), "presence_commits": self._presence.commits,
+                "absence_commits": self._absence.commits}
 
     # ---------------------------------------------------------------------------------- lifecycle
 

@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -373,3 +374,20 @@ def test_stale_map_and_failing_address_refused(firestore_emulator: services.Serv
     with pytest.raises(Refused, match="too many failed connects"):
         daemon.check(client_id, "203.0.113.8", host.token("dev-b"))
     daemon.check(client_id, "203.0.113.9", host.token("dev-b"))  # another address is not held back
+
+
+def test_presence_removed_in_batches_but_never_a_newer_sessions(host: Host) -> None:
+    """The daemon removes ended sessions' records in one commit; a record a newer session replaced meanwhile fails
+    that commit's precondition, and each is then removed on its own: the newer session's record stays."""
+    client, reg = host.registry.client, host.registry.registry_id
+    until = datetime.now(UTC) + timedelta(hours=1)
+    old_x, old_y = fanout.mark_connected_many(client, [(reg, "dev-x", "h", "s1", until),
+                                                       (reg, "dev-y", "h", "s1", until)])
+    fanout.mark_disconnected_many(client, [(reg, "dev-x", old_x), (reg, "dev-y", old_y)])
+    assert not fanout.is_connected(client, reg, "dev-x") and not fanout.is_connected(client, reg, "dev-y")
+    old_x, old_y = fanout.mark_connected_many(client, [(reg, "dev-x", "h", "s2", until),
+                                                       (reg, "dev-y", "h", "s2", until)])
+    fanout.mark_connected(client, reg, "dev-y", "h", "s3", until)  # a newer session of dev-y
+    fanout.mark_disconnected_many(client, [(reg, "dev-x", old_x), (reg, "dev-y", old_y)])
+    assert not fanout.is_connected(client, reg, "dev-x")
+    assert fanout.is_connected(client, reg, "dev-y")
