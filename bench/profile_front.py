@@ -42,15 +42,16 @@ load generator itself; the machine's load average. Then the cost of what a plugi
 ES256 JWT verification, timed in this process with the front's own ``verify_jwt`` (``cryptography``).
 
 ``python -m bench.profile_front connrate-plugin N ROUNDS HOLD``: the design where Mosquitto terminates TLS and
-authenticates devices itself, with the plugin prototype of ``bench/mosquitto_auth`` (compiled first; it needs gcc
-and ``mosquitto-dev``), against the front, on the same load generator as ``connrate``, interleaved round by round:
+authenticates devices itself (``device_auth: mosquitto``; the plugins are compiled first, which needs gcc and
+``mosquitto-dev``), against the front, on the same load generator as ``connrate``, interleaved round by round:
 (1) the front as deployed (N fresh registered devices per round); (3) Mosquitto terminating TLS with no
-authentication; (4a) Mosquitto with the plugin asking the auth daemon, which checks the JWT with the front's
-``verify_jwt`` against the device's credentials read from the registry once at its start; (4b) the same with one
-registry read per CONNECT (``Registry.get_device``); (4c) the plugin checking the JWT itself with OpenSSL against
-the keys the daemon wrote. The plugin designs connect the same N registered devices each round. Per design:
-connections/s and CPU ms per connection of every process. Then, for (4a) and (4c), memory per idle authenticated
-connection: the RSS growth of Mosquitto (and the daemon) over HOLD connections held after 200.
+authentication; (4a) the product: Mosquitto with ``iotbridge/bridge/mosquitto_plugin`` asking the auth daemon
+(``iotbridge/bridge/authd.py``, its device map read at start and kept by the change feed, presence records and the
+config sync request per CONNECT, which the bridge service serves: its CPU is counted); (4c) the bench's OpenSSL
+prototype checking the JWT in the plugin against key files written at start (``bench/mosquitto_auth``). The
+plugin designs connect the same N registered devices each round. Per design: connections/s and CPU ms per
+connection of every process. Then, for (4a) and (4c), memory per idle authenticated connection: the RSS growth of
+Mosquitto (and the daemon) over HOLD connections held after 200.
 
 ``python -m bench.profile_front syncread N``: what the bridge service's config sync costs per connect in its
 Firestore read, and what batching would save: N registered devices (no config, as the bench's), read in this
@@ -722,12 +723,14 @@ def connrate(n: int, rounds: int) -> None:
 
 
 def connrate_plugin(n: int, rounds: int, hold: int) -> None:
-    """See the module docstring: the front against Mosquitto terminating TLS with the auth plugin prototype."""
+    """See the module docstring: the front against Mosquitto terminating TLS with the auth plugin."""
     import json
 
     from bench import mosquitto_auth
+    from iotbridge.bridge.authd import load_devices
 
-    lib = mosquitto_auth.build(local.workdir() / "mosquitto-auth-plugin")
+    out = local.workdir() / "mosquitto-auth-plugin"
+    product, openssl = mosquitto_auth.build_product(out), mosquitto_auth.build(out)
     shared = max(n, hold + MEM_WARMUP)  # the plugin designs' devices, the same in every round
     host, devices = _connrate_host(n * rounds + shared)
     stack, ctx, settings = host.stack, host.ctx, host.stack.settings
@@ -739,62 +742,61 @@ def connrate_plugin(n: int, rounds: int, hold: int) -> None:
         stack.start_service()
         front = host.front("front-x1", 1)[0]
         mosq_tls = host.anonymous_tls()
-        daemons: dict[str, tuple[services.Service, Path]] = {}
-        for keys in ("map", "read"):
-            daemons[keys] = mosquitto_auth.start_daemon(wd / f"daemon-{keys}", stack.env, local.PROJECT,
-                                                        local.REGION, local.REGISTRY, keys,
-                                                        wd / "keys" if keys == "map" else None)
-            host.parts.append(daemons[keys][0])
+        mosquitto_auth.write_keys(load_devices(Registry(local.PROJECT, local.REGISTRY, local.REGION)), wd / "keys")
 
-        def plugin_broker(variant: str, name: str) -> services.Service:
-            """A Mosquitto of its own with the plugin: ``variant`` a daemon's key mode, or ``openssl``."""
+        def plugin_broker(variant: str, name: str) -> tuple[services.Service, services.Service | None]:
+            """A Mosquitto of its own with a plugin: ``variant`` product (with its auth daemon) or ``openssl``."""
             port = services.free_port()
-            tls = (port, settings.tls_cert, settings.tls_key, lib, prefix)
-            conf = (mosquitto_auth.listener_conf(*tls, "openssl", keydir=wd / "keys", audience=local.PROJECT)
-                    if variant == "openssl" else
-                    mosquitto_auth.listener_conf(*tls, "daemon", socket_path=daemons[variant][1]))
+            if variant == "product":
+                daemon, svc = mosquitto_auth.start_product(settings, product, port, wd / name, stack.env)
+                host.parts += [svc, daemon]
+                return svc, daemon
+            conf = mosquitto_auth.listener_conf(port, settings.tls_cert, settings.tls_key, openssl, prefix,
+                                                keydir=wd / "keys", audience=local.PROJECT)
             svc = mosquitto_auth.start_broker(conf, port, wd / name)
             host.parts.append(svc)
-            return svc
+            return svc, None
 
-        plugins = {variant: plugin_broker(variant, f"mosquitto-{variant}") for variant in ("map", "read", "openssl")}
+        plugins = {variant: plugin_broker(variant, f"mosquitto-{variant}") for variant in ("product", "openssl")}
         same = [plugin_devices[:n]] * rounds
         behind = ["Mosquitto (behind the front)", "bridge service"]
         designs = [
             Design("(1) front, 1 process", front.port, ctx, ["front", *behind],
                    [front_devices[i * n:(i + 1) * n] for i in range(rounds)]),
             Design("(3) Mosquitto terminating TLS, no authentication", mosq_tls.port, ctx, ["Mosquitto TLS"], []),
-            Design("(4a) Mosquitto + plugin asking the auth daemon (key map read at start)", plugins["map"].port,
-                   ctx, ["Mosquitto plugin (4a)", "auth daemon (4a)"], same),
-            Design("(4b) Mosquitto + plugin asking the auth daemon (a registry read per CONNECT)",
-                   plugins["read"].port, ctx, ["Mosquitto plugin (4b)", "auth daemon (4b)"], same),
-            Design("(4c) Mosquitto + plugin checking the JWT with OpenSSL", plugins["openssl"].port, ctx,
-                   ["Mosquitto plugin (4c)"], same),
+            Design("(4a) device_auth mosquitto: the plugin + the auth daemon (the product)", plugins["product"][0].port,
+                   ctx, ["Mosquitto plugin (4a)", "auth daemon (4a)", "bridge service"], same),
+            Design("(4c) Mosquitto + plugin checking the JWT with OpenSSL (bench prototype)",
+                   plugins["openssl"][0].port, ctx, ["Mosquitto plugin (4c)"], same),
         ]
+        product_daemon = plugins["product"][1]
+        assert product_daemon is not None
         groups = {"front": [front.proc.pid], "Mosquitto (behind the front)": [stack.procs["mosquitto"].proc.pid],
                   "bridge service": [stack.procs["service"].proc.pid], "Mosquitto TLS": [mosq_tls.proc.pid],
-                  **{f"Mosquitto plugin ({k})": [plugins[v].proc.pid] for k, v in
-                     (("4a", "map"), ("4b", "read"), ("4c", "openssl"))},
-                  "auth daemon (4a)": [daemons["map"][0].proc.pid], "auth daemon (4b)": [daemons["read"][0].proc.pid]}
+                  "Mosquitto plugin (4a)": [plugins["product"][0].proc.pid],
+                  "Mosquitto plugin (4c)": [plugins["openssl"][0].proc.pid],
+                  "auth daemon (4a)": [product_daemon.proc.pid]}
         _run_rounds(designs, groups, n, rounds)
         summary = _summarize(designs)
         # Memory on fresh Mosquitto processes (one that held the rounds' connections reuses their freed memory),
         # as mosquitto-tls: HOLD connections after 200.
         tokens = [(d, create_jwt(local.PROJECT, k, "ES256", lifetime_s=3600))
                   for d, k in plugin_devices[:hold + MEM_WARMUP]]
-        daemon = daemons["map"][0]
         memory = {}
-        for name, variant in (("(3) no authentication", None), ("(4a) daemon", "map"), ("(4c) OpenSSL", "openssl")):
-            mosq = plugin_broker(variant, f"mem-{variant}") if variant else host.anonymous_tls()
-            pids = [mosq.proc.pid, *([daemon.proc.pid] if variant == "map" else [])]
+        for name, variant in (("(3) no authentication", None), ("(4a) product", "product"),
+                              ("(4c) OpenSSL", "openssl")):
+            mosq, daemon = plugin_broker(variant, f"mem-{variant}") if variant else (host.anonymous_tls(), None)
+            pids = [mosq.proc.pid, *([daemon.proc.pid] if daemon is not None else [])]
             held, grown, errors = asyncio.run(_mosquitto_fleet(mosq.port, hold, ctx, pids, tokens if variant else None))
             mosq.stop()
+            if daemon is not None:
+                daemon.stop()
             memory[name] = {"held": held, "rss_growth_kib": grown, "kib_per_connection": round(grown / max(held, 1), 1),
                             "errors": errors}
             print(f"idle connections, fresh Mosquitto, {name}: {held} of {hold} held; Mosquitto"
-                  f"{' + daemon' if variant == 'map' else ''} RSS +{grown} KiB = {grown / max(held, 1):.1f} KiB per "
+                  f"{' + daemon' if daemon is not None else ''} RSS +{grown} KiB = {grown / max(held, 1):.1f} KiB per "
                   f"connection; client errors {errors}", flush=True)
-        print(f"auth daemon (4a) RSS {connections.rss_kib(daemon.proc.pid)} KiB, with "
+        print(f"auth daemon (4a) RSS {connections.rss_kib(product_daemon.proc.pid)} KiB, with "
               f"{len(devices)} devices' records read at start", flush=True)
     finally:
         host.stop()

@@ -639,6 +639,10 @@ BROKER_DROPPED_METRIC = "custom.googleapis.com/iot/broker_dropped_messages"  # d
 # Mosquitto's per-client queue bound (max_queued_messages): the bridge's persistent session fills during a Pub/Sub
 # outage; the stack alerts at half of it.
 BROKER_MAX_QUEUED_MESSAGES = 1_000_000
+# Who authenticates devices on a broker host (the stack's brokerDeviceAuth, BridgeSettings.device_auth): "front",
+# the TLS front (every feature), or "mosquitto", Mosquitto itself with the device plugin and the auth daemon
+# (docs/broker-scaling.md, "Devices authenticated by Mosquitto").
+DEVICE_AUTH_MODES = ("front", "mosquitto")
 
 
 # ------------------------------------------------------------------------------- messages between the parts

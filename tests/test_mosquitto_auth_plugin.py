@@ -1,8 +1,9 @@
-"""The Mosquitto authentication plugin prototype (bench/mosquitto_auth) authenticates for real: compiled here,
-Mosquitto started with it on a TLS listener, devices registered on the Firestore emulator. A valid device
-connects; an expired JWT, a JWT signed with another key, an unknown device and client ids of the wrong form or of
-another registry are refused; a device publishes and subscribes only on its own topics. Both ways the plugin checks
-a JWT: asking the auth daemon (the project's ``verify_jwt``), and OpenSSL in the plugin."""
+"""The bench's OpenSSL plugin prototype (bench/mosquitto_auth) authenticates for real: compiled here, Mosquitto
+started with it on a TLS listener, devices registered on the Firestore emulator, their keys written as the bench
+writes them. A valid device connects; an expired JWT, a JWT signed with another key, an unknown device and client
+ids of the wrong form or of another registry are refused; a device publishes and subscribes only on its own topics.
+(The product's plugin with its auth daemon: tests/bridge/test_mosquitto_device_auth.py; its ``Device`` client is
+this module's.)"""
 
 from __future__ import annotations
 
@@ -98,28 +99,16 @@ def fleet(firestore_emulator: services.Service) -> tuple[Registry, dict[str, tup
 
 
 @pytest.fixture(scope="module")
-def daemon(fleet, firestore_emulator: services.Service,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    """The auth daemon on the fleet's registry, which also wrote the keys for the OpenSSL variant: (socket, keys)."""
+def broker(plugin: Path, fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     registry, _keys = fleet
-    wd = tmp_path_factory.mktemp("daemon")
-    svc, sock = mosquitto_auth.start_daemon(wd, firestore_emulator.env, PROJECT, REGION, registry.registry_id, "map",
-                                            wd / "keys")
-    yield sock, wd / "keys"
-    svc.stop()
-
-
-@pytest.fixture(scope="module", params=["daemon", "openssl"])
-def broker(request: pytest.FixtureRequest, plugin: Path, fleet, daemon: tuple[Path, Path],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    registry, _keys = fleet
-    sock, keydir = daemon
-    wd = tmp_path_factory.mktemp(f"broker-{request.param}")
+    wd = tmp_path_factory.mktemp("broker-openssl")
+    keydir = wd / "keys"
+    mosquitto_auth.write_keys({d.id: d for d in registry.list_devices()}, keydir)
     tls = generate_local_tls(wd / "tls")
     port = services.free_port()
     prefix = mosquitto_auth.client_id_prefix(PROJECT, REGION, registry.registry_id)
-    conf = mosquitto_auth.listener_conf(port, tls.server_cert, tls.server_key, plugin, prefix, request.param,
-                                        socket_path=sock, keydir=keydir, audience=PROJECT)
+    conf = mosquitto_auth.listener_conf(port, tls.server_cert, tls.server_key, plugin, prefix, keydir=keydir,
+                                        audience=PROJECT)
     mosq = require(mosquitto_auth.start_broker, conf, port, wd / "mosquitto")
     yield port, tls.ca_cert
     mosq.stop()

@@ -1,31 +1,24 @@
-/* A bench prototype, not deployed: Mosquitto 2.0 (plugin interface 5) authenticating IoT Core devices itself,
- * the design where Mosquitto terminates TLS and the front leaves the data path (docs/broker-scaling.md,
- * "Connection rate: the designs measured"). Built at bench time by bench/mosquitto_auth/__init__.py.
+/* A bench prototype, not deployed: Mosquitto 2.0 (plugin interface 5) authenticating IoT Core devices itself with
+ * OpenSSL, the C-only ceiling of the design where Mosquitto terminates TLS (docs/broker-scaling.md, "Connection
+ * rate: the designs measured"). The design built, with an auth daemon, is the product's plugin
+ * (iotbridge/bridge/mosquitto_plugin). Built at bench time by bench/mosquitto_auth/__init__.py.
  *
  * MOSQ_EVT_BASIC_AUTH: the client id must be PREFIX + a device id (PREFIX is
- * projects/P/locations/L/registries/R/devices/); the username is ignored; the password is the device's JWT.
- *   plugin_opt_mode daemon: one request per CONNECT to a local auth daemon over a Unix socket
- *     (plugin_opt_socket): "client id\npassword\n", answered "OK\n" or "NO reason\n". Mosquitto waits for the
- *     answer (its one thread: the prototype's cost, see the doc).
- *   plugin_opt_mode openssl: the JWT checked here with OpenSSL (ES256 or RS256) against the device's public keys,
- *     the PEM file plugin_opt_keydir/DEVICE.pem (every key registered for it, written by the daemon), parsed on
+ * projects/P/locations/L/registries/R/devices/); the username is ignored; the password is the device's JWT,
+ *   checked here with OpenSSL (ES256 or RS256) against the device's public keys,
+ *     the PEM file plugin_opt_keydir/DEVICE.pem (every key registered for it, written by write_keys), parsed on
  *     the device's first CONNECT and kept; plugin_opt_audience is the project. The claims checked: aud, iat,
  *     exp (ahead of now), exp - iat <= 24 h, iat no more than 10 min ahead.
  * MOSQ_EVT_ACL_CHECK: a device publishes only /devices/ID/events[/...] and /devices/ID/state (QoS <= 1), subscribes
  * only /devices/ID/config and /devices/ID/commands/# (or a sub-folder of commands), receives only those.
  */
 #include <ctype.h>
-#include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <sys/un.h>
 #include <time.h>
-#include <unistd.h>
 
 #include <openssl/bn.h>
 #include <openssl/ecdsa.h>
@@ -44,11 +37,8 @@
 static mosquitto_plugin_id_t *plugin_id;
 static char prefix[512];
 static size_t prefix_len;
-static char sock_path[108];
 static char keydir[400];
 static char audience[256];
-static bool use_openssl;
-static int daemon_fd = -1;
 
 /* ----------------------------------------------------------------------------------------- the client id */
 
@@ -65,72 +55,6 @@ static const char *device_of(const char *client_id)
         if (!isalnum(c) && !strchr("_.~%-", c)) return NULL;
     }
     return id;
-}
-
-/* ------------------------------------------------------------------------------------ the daemon variant */
-
-static int daemon_connect(void)
-{
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    memcpy(addr.sun_path, sock_path, sizeof sock_path); /* both 108 bytes, sock_path NUL-terminated */
-    struct timeval tv = {.tv_sec = 5};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static bool write_all(int fd, const char *p, size_t n)
-{
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return false;
-        p += w;
-        n -= (size_t)w;
-    }
-    return true;
-}
-
-/* One request and its one-line answer; false when the daemon cannot be reached (the CONNECT is refused then). */
-static bool daemon_ask(const char *client_id, const char *password, char *answer, size_t cap)
-{
-    size_t a = strlen(client_id), b = strlen(password);
-    char *req = malloc(a + b + 2);
-    if (!req) return false;
-    memcpy(req, client_id, a);
-    req[a] = '\n';
-    memcpy(req + a + 1, password, b);
-    req[a + b + 1] = '\n';
-    bool ok = false;
-    for (int attempt = 0; attempt < 2 && !ok; attempt++) {
-        if (daemon_fd < 0 && (daemon_fd = daemon_connect()) < 0) break;
-        size_t got = 0;
-        if (write_all(daemon_fd, req, a + b + 2)) {
-            while (got < cap - 1) {
-                ssize_t r = read(daemon_fd, answer + got, cap - 1 - got);
-                if (r < 0 && errno == EINTR) continue;
-                if (r <= 0) break;
-                got += (size_t)r;
-                if (answer[got - 1] == '\n') {
-                    ok = true;
-                    break;
-                }
-            }
-        }
-        answer[got] = '\0';
-        if (!ok) {
-            close(daemon_fd);
-            daemon_fd = -1;
-        }
-    }
-    free(req);
-    return ok;
 }
 
 /* ----------------------------------------------------------------------------------- the OpenSSL variant */
@@ -295,18 +219,10 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     struct mosquitto_evt_basic_auth *ed = event_data;
     const char *client_id = mosquitto_client_id(ed->client);
     const char *device = device_of(client_id);
-    if (!device || !ed->password || !ed->password[0] || strchr(ed->password, '\n')) return MOSQ_ERR_AUTH;
-    if (use_openssl) {
-        const char *why = openssl_check(device, ed->password);
-        if (why) mosquitto_log_printf(MOSQ_LOG_INFO, "iotbridge_auth: %s refused: %s", device, why);
-        return why ? MOSQ_ERR_AUTH : MOSQ_ERR_SUCCESS;
-    }
-    char answer[256];
-    if (!daemon_ask(client_id, ed->password, answer, sizeof answer)) {
-        mosquitto_log_printf(MOSQ_LOG_WARNING, "iotbridge_auth: the auth daemon did not answer");
-        return MOSQ_ERR_AUTH;
-    }
-    return strcmp(answer, "OK\n") == 0 ? MOSQ_ERR_SUCCESS : MOSQ_ERR_AUTH;
+    if (!device || !ed->password || !ed->password[0]) return MOSQ_ERR_AUTH;
+    const char *why = openssl_check(device, ed->password);
+    if (why) mosquitto_log_printf(MOSQ_LOG_INFO, "iotbridge_auth: %s refused: %s", device, why);
+    return why ? MOSQ_ERR_AUTH : MOSQ_ERR_SUCCESS;
 }
 
 /* Whether topic is /devices/DEVICE/WHAT, or (sub) /devices/DEVICE/WHAT/... */
@@ -360,21 +276,15 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 {
     (void)userdata;
     plugin_id = identifier;
-    const char *mode = "daemon";
     for (int i = 0; i < opt_count; i++) {
         const char *k = opts[i].key, *v = opts[i].value;
         if (strcmp(k, "client_id_prefix") == 0) snprintf(prefix, sizeof prefix, "%s", v);
-        else if (strcmp(k, "socket") == 0) snprintf(sock_path, sizeof sock_path, "%s", v);
         else if (strcmp(k, "keydir") == 0) snprintf(keydir, sizeof keydir, "%s", v);
         else if (strcmp(k, "audience") == 0) snprintf(audience, sizeof audience, "%s", v);
-        else if (strcmp(k, "mode") == 0) mode = v;
     }
     prefix_len = strlen(prefix);
-    use_openssl = strcmp(mode, "openssl") == 0;
-    if (!prefix_len || (use_openssl ? (!keydir[0] || !audience[0]) : !sock_path[0]) ||
-        (!use_openssl && strcmp(mode, "daemon") != 0)) {
-        mosquitto_log_printf(MOSQ_LOG_ERR, "iotbridge_auth: needs client_id_prefix, and mode daemon with socket "
-                                           "or mode openssl with keydir and audience");
+    if (!prefix_len || !keydir[0] || !audience[0]) {
+        mosquitto_log_printf(MOSQ_LOG_ERR, "iotbridge_auth (bench): needs client_id_prefix, keydir and audience");
         return MOSQ_ERR_INVAL;
     }
     if (mosquitto_callback_register(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, NULL) ||
@@ -390,6 +300,5 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *opts, int opt
     (void)opt_count;
     mosquitto_callback_unregister(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
     mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
-    if (daemon_fd >= 0) close(daemon_fd);
     return MOSQ_ERR_SUCCESS;
 }

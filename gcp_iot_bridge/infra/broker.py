@@ -42,6 +42,11 @@ What it declares, and the GCP pitfall behind each choice:
   run.invoker on the registrar; datastore.user conditioned on this database (presence and liveness records);
   secretAccessor on its two secrets; objectViewer on the bucket holding the bridge's code. No Pub/Sub role on the
   project (docs/broker-scaling.md, "What a host may do").
+- ``device_auth`` "mosquitto" (the stack's ``brokerDeviceAuth``): no front on the hosts. Mosquitto terminates the
+  devices' TLS on 8883 with the device plugin, compiled at boot from the archive's source, and the auth daemon
+  answers it and the health checks (``/healthz`` on ``health_port``, as the front did); no HTTP bridge, so neither
+  its port in the firewall nor its forwarding rule (``http_bridge_url`` is empty). docs/broker-scaling.md,
+  "Devices authenticated by Mosquitto".
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from gcp_iot_bridge.infra.buckets import private_bucket
 from gcp_iot_bridge.infra.config_push import IAM_PROPAGATION_WAIT, RUNTIME
 from gcp_iot_bridge.infra.registry_database import RegistryDatabase
 from iotbridge.planning.host_sizing import MAX_HOSTS, HostSizing, sizing
-from iotbridge.spec import CLOUD_RECHECK_INTERVAL_S, CONNECTED_DEVICES_METRIC
+from iotbridge.spec import CLOUD_RECHECK_INTERVAL_S, CONNECTED_DEVICES_METRIC, DEVICE_AUTH_MODES
 
 # A host stopping (scale-in, a rolling replacement) ends its device sessions over this many seconds, after the load
 # balancer has stopped sending it new ones: its devices reconnect to the other hosts spread over the window.
@@ -84,6 +89,15 @@ REGISTRAR_PERMISSIONS = ("pubsub.subscriptions.create", "pubsub.subscriptions.de
 REGISTRAR_APIS = ("cloudfunctions.googleapis.com", "run.googleapis.com", "cloudbuild.googleapis.com",
                   "artifactregistry.googleapis.com")
 HTTP_BRIDGE_PORT = 8443  # IoT Core's HTTP device bridge (iotbridge/bridge/http_bridge.py), TLS like MQTT
+# device_auth mosquitto: the auth daemon's Unix socket, in a folder of the daemon's user and Mosquitto's group (0750):
+# the daemon makes the socket 0660 with Mosquitto's group, so only the two of them reach it.
+AUTH_SOCKET = "/var/lib/iotbridge-authd/auth.sock"
+# Where the device plugin is compiled at boot (root's, read by Mosquitto), and the folder of Mosquitto's copy of the
+# server's certificate and key (Mosquitto terminates devices' TLS in that mode).
+PLUGIN_DIR = "/opt/iotbridge/plugin"
+MOSQUITTO_TLS_DIR = "/etc/iotbridge-mosquitto"
+# What a host compiles the plugin with (the plugin's source includes Mosquitto's plugin headers and nothing of OpenSSL).
+PLUGIN_BUILD_PACKAGES = ("gcc", "libc6-dev", "mosquitto-dev", "libmosquitto-dev")
 BROKER_PORT = 1883  # loopback only
 # Mosquitto's Unix socket for the front's device sessions (no ephemeral port each); Mosquitto makes it 0770,
 # owned by its user and group, and the iotbridge user is a member of that group.
@@ -142,6 +156,9 @@ class BrokerArgs:
     tls_validity_hours: int = 24 * 365
     health_port: int = 8080
     autoheal_initial_delay_s: int = 600
+    # "front": the TLS front authenticates devices; "mosquitto": Mosquitto terminates TLS and its plugin asks the
+    # auth daemon (docs/broker-scaling.md, "Devices authenticated by Mosquitto"): no HTTP bridge (8443 not opened).
+    device_auth: str = "front"
     # The stack's dead-letter topic: a device's message Pub/Sub can never accept goes there (the bridge publishes).
     dead_letter_topic: pulumi.Input[str] | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -160,7 +177,7 @@ class Broker(pulumi.ComponentResource):
     # What devices and the rest of the stack use.
     registry_id: pulumi.Output[str]
     mqtt_endpoint: pulumi.Output[str]  # "{load balancer address}:8883"
-    http_bridge_url: pulumi.Output[str]  # "https://{load balancer address}:8443"
+    http_bridge_url: pulumi.Output[str]  # "https://{load balancer address}:8443"; "" with device_auth mosquitto
     mqtt_ca_cert: pulumi.Output[str]  # PEM of the CA devices verify the broker with
     address: gcp.compute.Address  # the load balancer's static IP
     registry: RegistryDatabase  # the registry's database (an input: RegistryDatabase)
@@ -183,7 +200,8 @@ class Broker(pulumi.ComponentResource):
     sizing: HostSizing  # what one host carries, and its units' and kernel's limits
     backend: gcp.compute.RegionBackendService
     forwarding_rule: gcp.compute.ForwardingRule
-    http_forwarding_rule: gcp.compute.ForwardingRule  # the HTTP bridge's port on the same address and hosts
+    # The HTTP bridge's port on the same address and hosts; None with device_auth mosquitto (no HTTP bridge).
+    http_forwarding_rule: gcp.compute.ForwardingRule | None = None
     firewall_devices: gcp.compute.Firewall
     firewall_health: gcp.compute.Firewall
     nat: gcp.compute.RouterNat
@@ -197,6 +215,8 @@ class Broker(pulumi.ComponentResource):
                              f"group's limit), got {args.min_hosts}..{args.max_hosts}")
         if not 0 < args.cpu_target <= 1:
             raise ValueError(f"cpu_target must be in (0, 1], got {args.cpu_target}")
+        if args.device_auth not in DEVICE_AUTH_MODES:
+            raise ValueError(f"device_auth must be one of {', '.join(DEVICE_AUTH_MODES)}, got {args.device_auth!r}")
         self.sizing = sizing(args.machine_type)
         self._devices_per_host = args.devices_per_host or self.sizing.autoscale_target
         if not 0 < self._devices_per_host <= self.sizing.devices:
@@ -221,7 +241,9 @@ class Broker(pulumi.ComponentResource):
         self._load_balancer()
 
         self.mqtt_endpoint = self.address.address.apply(lambda a: f"{a}:{MQTT_PORT}")
-        self.http_bridge_url = self.address.address.apply(lambda a: f"https://{a}:{HTTP_BRIDGE_PORT}")
+        # Empty when no host runs the HTTP bridge (device_auth mosquitto).
+        self.http_bridge_url = self.address.address.apply(
+            lambda a: f"https://{a}:{HTTP_BRIDGE_PORT}" if HTTP_BRIDGE_PORT in self._device_ports() else "")
         self.mqtt_ca_cert = self.ca_cert.cert_pem
         self.registry_id = pulumi.Output.from_input(args.registry_id)
         self.register_outputs({
@@ -429,12 +451,16 @@ class Broker(pulumi.ComponentResource):
         self.firewall_devices = gcp.compute.Firewall(
             f"{name}-fw-mqtt", project=args.project, name=f"{p}-broker-mqtt", network=args.network,
             direction="INGRESS", source_ranges=list(args.device_source_ranges), target_tags=[self._tag],
-            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(MQTT_PORT), str(HTTP_BRIDGE_PORT)])],
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(port) for port in self._device_ports()])],
             opts=self._child)
         self.firewall_health = gcp.compute.Firewall(
             f"{name}-fw-health", project=args.project, name=f"{p}-broker-health", network=args.network,
             direction="INGRESS", source_ranges=list(HEALTH_CHECK_RANGES), target_tags=[self._tag],
             allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(args.health_port)])], opts=self._child)
+
+    def _device_ports(self) -> list[int]:
+        """The ports devices reach: MQTT, and the HTTP bridge's unless Mosquitto authenticates devices (no front)."""
+        return [MQTT_PORT] if self._args.device_auth == "mosquitto" else [MQTT_PORT, HTTP_BRIDGE_PORT]
 
     def _hosts(self, boot_needs: Sequence[pulumi.Resource]) -> None:
         """The instance template (its startup script: ``startup_script``), the health checks of auto-healing and of
@@ -449,7 +475,8 @@ class Broker(pulumi.ComponentResource):
             project=args.project, region=args.region, registry_id=args.registry_id, prefix=args.prefix,
             code_url=f"gs://{v[0]}/{v[1]}", tls_key_secret=v[2], passwords_secret=v[3], server_cert_pem=v[4],
             database=v[5], routes={k: _topic_id(t) for k, t in zip(route_names, v[6:-1], strict=True)},
-            health_port=args.health_port, machine_type=args.machine_type, registrar_url=v[-1]))
+            health_port=args.health_port, machine_type=args.machine_type, registrar_url=v[-1],
+            device_auth=args.device_auth))
         self.template = gcp.compute.InstanceTemplate(
             f"{name}-template",
             project=args.project,
@@ -559,6 +586,8 @@ class Broker(pulumi.ComponentResource):
             ip_address=self.address.address, ip_protocol="TCP", port_range=str(MQTT_PORT),
             load_balancing_scheme="EXTERNAL", network_tier="PREMIUM", backend_service=self.backend.id,
             labels=self._labels, opts=self._child)
+        if HTTP_BRIDGE_PORT not in self._device_ports():
+            return
         # A second rule on the same address and hosts rather than a port list on the first: the MQTT rule, which
         # devices already use, is not replaced.
         self.http_forwarding_rule = gcp.compute.ForwardingRule(
@@ -575,27 +604,64 @@ def _topic_id(topic: str) -> str:
 def startup_script(*, project: str, region: str, registry_id: str, prefix: str, code_url: str,
                    tls_key_secret: str, passwords_secret: str, server_cert_pem: str, database: str,
                    routes: Mapping[str, str], health_port: int, machine_type: str = "e2-standard-2",
-                   registrar_url: str = "") -> str:
+                   registrar_url: str = "", device_auth: str = "front") -> str:
     """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager, the
     kernel and the units' open-files limits sized for what a ``machine_type`` host carries (host_sizing).
 
     The host id is the instance's name (``hostname -s`` on GCE; a managed instance group names its VMs
     ``{base_instance_name}-xxxx``, which ``iotbridge.spec.HOST_ID_RE`` accepts). The bridge names its delivery
-    subscription after it and the front writes it into each device's presence record."""
+    subscription after it and the front writes it into each device's presence record.
+
+    ``device_auth`` "mosquitto": no front; the compiler and Mosquitto's plugin headers are installed and the device
+    plugin compiled from the archive's source (``build-plugin``); the server's certificate and key go to Mosquitto's
+    own folder (it terminates the devices' TLS on 8883); the auth daemon's unit (``authd``, its socket reached by
+    its user and Mosquitto's group only) starts before Mosquitto's, the bridge service after it. The daemon serves
+    ``/healthz`` on ``health_port`` in the front's place."""
+    if device_auth not in DEVICE_AUTH_MODES:
+        raise ValueError(f"device_auth must be one of {', '.join(DEVICE_AUTH_MODES)}, got {device_auth!r}")
     size = sizing(machine_type)
+    by_mosquitto = device_auth == "mosquitto"
+    tls_dir = f"__ROOT__{MOSQUITTO_TLS_DIR}" if by_mosquitto else "__ROOT__/etc/iotbridge"
     settings = {
         "project": project, "region": region, "registry_id": registry_id, "prefix": prefix,
-        "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT, "http_port": HTTP_BRIDGE_PORT,
-        "registrar_url": registrar_url,
+        "host_id": "__HOSTNAME__", "front_host": "0.0.0.0", "front_port": MQTT_PORT,
+        "http_port": 0 if by_mosquitto else HTTP_BRIDGE_PORT, "registrar_url": registrar_url,
         "broker_host": "127.0.0.1", "broker_port": BROKER_PORT, "broker_socket": f"__ROOT__{BROKER_SOCKET}",
-        "tls_cert": "__ROOT__/etc/iotbridge/server.pem", "tls_key": "__ROOT__/etc/iotbridge/server-key.pem",
+        "tls_cert": f"{tls_dir}/server.pem", "tls_key": f"{tls_dir}/server-key.pem",
         "secrets_file": "__ROOT__/etc/iotbridge/secrets.json",
         "routes": [{"sub_folder": k, "topic": v} for k, v in sorted(routes.items())],
         "recheck_interval_s": CLOUD_RECHECK_INTERVAL_S, "drain_s": DRAIN_S, "workdir": "__ROOT__/var/lib/iotbridge",
         "health_port": health_port,
         "firestore_database": database,
         "connected_devices_metric": "cloud",
+        **({"device_auth": "mosquitto", "auth_socket": f"__ROOT__{AUTH_SOCKET}"} if by_mosquitto else {}),
     }
+    packages = " ".join(("mosquitto", "python3-venv", "unzip", *(PLUGIN_BUILD_PACKAGES if by_mosquitto else ())))
+    # The units this host runs, besides Mosquitto's: the device-facing one (the front, or the auth daemon that
+    # answers Mosquitto's plugin) and the bridge service.
+    roles = "authd service" if by_mosquitto else "front service"
+    if by_mosquitto:
+        tls_setup = f"""\
+# device_auth mosquitto: Mosquitto terminates the devices' TLS; its copy of the certificate and key is its own.
+MQTLS=$ROOT{MOSQUITTO_TLS_DIR} AUTHD=$ROOT{AUTH_SOCKET.rsplit("/", 1)[0]} PLUGIN=$ROOT{PLUGIN_DIR}
+install -d -m 0700 -o mosquitto -g mosquitto "$MQTLS"
+# The auth daemon's socket folder: the daemon's user writes it, Mosquitto's group enters it (nobody else).
+install -d -m 0750 -o iotbridge -g mosquitto "$AUTHD"
+"""
+        key_file, cert_file = '"$MQTLS/server-key.pem"', '"$MQTLS/server.pem"'
+        build_plugin = """\
+# The device plugin, compiled from the archive's source against this host's Mosquitto headers (root's, 0755).
+"$OPT/venv/bin/python" -m iotbridge.bridge build-plugin --out "$PLUGIN"
+"""
+        plugin_arg = ' --plugin "$PLUGIN/iotbridge_auth.so"'
+        tls_owner = 'chown mosquitto:mosquitto "$MQTLS"/*\n'
+        mosquitto_faces = "devices on TLS with the device plugin, the host's own on loopback"
+        mosquitto_after = " iotbridge-authd.service"
+        mosquitto_wants = "Wants=iotbridge-authd.service\n"
+    else:
+        tls_setup, key_file, cert_file, build_plugin, plugin_arg, tls_owner = (
+            "", '"$ETC/server-key.pem"', '"$ETC/server.pem"', "", "", "")
+        mosquitto_after, mosquitto_wants, mosquitto_faces = "", "", "the loopback listener"
     return f"""#!/bin/bash
 # Broker host boot (generated by infra/components/broker.py). Secrets come from Secret Manager at boot,
 # never from metadata. Re-running is safe: every step overwrites its own files.
@@ -607,7 +673,7 @@ ROOT=${{IOTBRIDGE_ROOT:-}}
 OPT=$ROOT/opt/iotbridge VAR=$ROOT/var/lib/iotbridge ETC=$ROOT/etc/iotbridge UNITS=$ROOT/etc/systemd/system
 MQ=$ROOT/var/lib/iotbridge-mosquitto
 apt-get update -q
-apt-get install -y -q mosquitto python3-venv unzip
+apt-get install -y -q {packages}
 systemctl disable --now mosquitto
 # The front and the bridge service run unprivileged (8883 needs no root); Mosquitto drops to its own user.
 id iotbridge >/dev/null 2>&1 || useradd --system --home-dir /var/lib/iotbridge --shell /usr/sbin/nologin iotbridge
@@ -619,7 +685,7 @@ install -d -m 0700 -o iotbridge -g iotbridge "$ETC"
 # Mosquitto (Debian 12's 2.0) drops to its user before it opens its log, password and ACL files, and autosaves
 # its retained messages and the bridge's queued QoS 1 session as that user: its folder is its own, not the bridge's.
 install -d -m 0750 -o mosquitto -g mosquitto "$MQ"
-gcloud storage cp {code_url} "$OPT/bridge.zip"
+{tls_setup}gcloud storage cp {code_url} "$OPT/bridge.zip"
 rm -rf "$OPT/app" && unzip -q -o "$OPT/bridge.zip" -d "$OPT/app"
 # Pulumi zips an archive with no Unix modes, which unzip turns into 0600: the services' user must read the code.
 chmod -R u=rwX,go=rX "$OPT/app"
@@ -627,10 +693,10 @@ python3 -m venv "$OPT/venv"
 # The versions the tests ran: the top-level pins, every other package of their closure held by the constraints.
 "$OPT/venv/bin/pip" install -q -r "$OPT/app/requirements.txt" -c "$OPT/app/constraints.txt"
 umask 077
-gcloud secrets versions access latest --secret={tls_key_secret} --project={project} > "$ETC/server-key.pem"
+gcloud secrets versions access latest --secret={tls_key_secret} --project={project} > {key_file}
 gcloud secrets versions access latest --secret={passwords_secret} --project={project} > "$ETC/secrets.json"
 umask 022
-cat > "$ETC/server.pem" <<'PEM'
+cat > {cert_file} <<'PEM'
 {server_cert_pem.strip()}
 PEM
 cat > "$ETC/settings.json.in" <<'JSON'
@@ -638,37 +704,42 @@ cat > "$ETC/settings.json.in" <<'JSON'
 JSON
 sed -e "s/__HOSTNAME__/$(hostname -s)/" -e "s|__ROOT__|$ROOT|g" "$ETC/settings.json.in" > "$ETC/settings.json"
 cd "$OPT/app"
-"$OPT/venv/bin/python" -m iotbridge.bridge mosquitto-config --settings "$ETC/settings.json" \\
-    --out "$MQ" --user mosquitto
+{build_plugin}"$OPT/venv/bin/python" -m iotbridge.bridge mosquitto-config --settings "$ETC/settings.json" \\
+    --out "$MQ" --user mosquitto{plugin_arg}
 chown -R mosquitto:mosquitto "$MQ"
 chown iotbridge:iotbridge "$ETC"/*
-# Kernel limits for {size.devices} device connections (iotbridge/planning/host_sizing.py).
+{tls_owner}# Kernel limits for {size.devices} device connections (iotbridge/planning/host_sizing.py).
 install -d -m 0755 "$ROOT/etc/sysctl.d"
 cat > "$ROOT/etc/sysctl.d/60-iotbridge.conf" <<'SYSCTL'
 {size.sysctl_conf().strip()}
 SYSCTL
 systemctl restart systemd-sysctl
-# Open files: the front holds two per device, Mosquitto one, the bridge service a fixed set.
-NOFILE_front={size.front_nofile} NOFILE_service={size.service_nofile}
-# systemd stops a unit with After=X before X: the front (draining its devices) first, then the bridge service.
-AFTER_front=" iotbridge-service.service" AFTER_service=""
-STOP_front={FRONT_STOP_TIMEOUT_S} STOP_service=90
-for role in front service; do
-nofile=NOFILE_$role after=AFTER_$role stop=STOP_$role
+# Open files: the front holds two per device, Mosquitto one, the bridge service and the auth daemon a fixed set.
+NOFILE_front={size.front_nofile} NOFILE_service={size.service_nofile} NOFILE_authd={size.service_nofile}
+# systemd stops a unit with After=X before X: the front (draining its devices) first, then the bridge service, then
+# Mosquitto; the auth daemon (which Mosquitto's plugin asks) starts before Mosquitto and stops after it.
+AFTER_front=" iotbridge-mosquitto.service iotbridge-service.service" AFTER_service=" iotbridge-mosquitto.service"
+AFTER_authd=""
+STOP_front={FRONT_STOP_TIMEOUT_S} STOP_service=90 STOP_authd=30
+# The auth daemon gives its socket to Mosquitto's group and writes it in its own folder.
+ARGS_front="" ARGS_service="" ARGS_authd=" --group mosquitto"
+RW_front="$VAR" RW_service="$VAR" RW_authd="$VAR ${{AUTHD:-}}"
+for role in {roles}; do
+nofile=NOFILE_$role after=AFTER_$role stop=STOP_$role args=ARGS_$role rw=RW_$role
 cat > "$UNITS/iotbridge-$role.service" <<UNIT
 [Unit]
 Description=gcp-iot-bridge $role
-After=network-online.target iotbridge-mosquitto.service${{!after}}
+After=network-online.target${{!after}}
 Wants=network-online.target
 [Service]
 User=iotbridge
 WorkingDirectory=$OPT/app
-ExecStart=$OPT/venv/bin/python -m iotbridge.bridge $role --settings $ETC/settings.json
+ExecStart=$OPT/venv/bin/python -m iotbridge.bridge $role --settings $ETC/settings.json${{!args}}
 LimitNOFILE=${{!nofile}}
 TimeoutStopSec=${{!stop}}
 NoNewPrivileges=true
 ProtectSystem=strict
-ReadWritePaths=$VAR
+ReadWritePaths=${{!rw}}
 Restart=always
 RestartSec=2
 [Install]
@@ -677,9 +748,9 @@ UNIT
 done
 cat > "$UNITS/iotbridge-mosquitto.service" <<UNIT
 [Unit]
-Description=Mosquitto on the loopback listener of gcp-iot-bridge
-After=network-online.target
-[Service]
+Description=Mosquitto of gcp-iot-bridge ({mosquitto_faces})
+After=network-online.target{mosquitto_after}
+{mosquitto_wants}[Service]
 ExecStart=/usr/sbin/mosquitto -c $MQ/mosquitto.conf
 Restart=always
 RestartSec=2
@@ -688,5 +759,12 @@ LimitNOFILE={size.broker_nofile}
 WantedBy=multi-user.target
 UNIT
 systemctl daemon-reload
-systemctl enable --now iotbridge-mosquitto iotbridge-service iotbridge-front
+systemctl enable --now {" ".join(host_units(device_auth))}
 """
+
+
+def host_units(device_auth: str = "front") -> tuple[str, ...]:
+    """The systemd units a host runs, in the order its startup script enables (and starts) them."""
+    if device_auth == "mosquitto":
+        return ("iotbridge-authd", "iotbridge-mosquitto", "iotbridge-service")
+    return ("iotbridge-mosquitto", "iotbridge-service", "iotbridge-front")

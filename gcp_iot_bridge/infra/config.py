@@ -135,6 +135,9 @@ KEYS: tuple[Key, ...] = (
         f"a Compute Engine machine type of a known size: {host_sizing.known_machine_types()}"),
     Key(_p("brokerDeviceSourceRanges"), "broker_device_source_ranges", "array",
         'a list of CIDR ranges devices connect from'),
+    Key(_p("brokerDeviceAuth"), "broker_device_auth", "string",
+        "front (the TLS front authenticates devices: every feature) or mosquitto (Mosquitto with the device plugin "
+        "and the auth daemon: less CPU and memory per connection; no gateways, HTTP bridge or client certificates)"),
     Key(_p("pipelineThresholdRules"), "pipeline_threshold_rules", "string",
         'a JSON object: metric -> {"above"/"below": N, "config": {...}}'),
     Key(_p("pipelinePayloadProfiles"), "pipeline_payload_profiles", "string",
@@ -203,6 +206,7 @@ class StackConfig(BaseModel):
     broker_hosts: int | None = Field(default=None, ge=1, le=MAX_BROKER_HOSTS)  # deprecated: parse() maps it
     broker_machine_type: str = "e2-standard-2"
     broker_device_source_ranges: tuple[str, ...] = ("0.0.0.0/0",)
+    broker_device_auth: Literal["front", "mosquitto"] = "front"  # spec.DEVICE_AUTH_MODES
     pipeline_threshold_rules: str = "{}"
     pipeline_payload_profiles: str = DEFAULT_PAYLOAD_PROFILES
     pipeline_max_workers: int = Field(default=3, ge=1, le=1000)

@@ -170,6 +170,7 @@ class IotBridge(pulumi.ComponentResource):
             min_hosts=cfg.broker_min_hosts,
             max_hosts=cfg.broker_max_hosts,
             device_source_ranges=cfg.broker_device_source_ranges,
+            device_auth=cfg.broker_device_auth,
             dead_letter_topic=self.messaging.topics["dead-letter"].id,
             pubsub_agent=self.foundation.service_agent("pubsub.googleapis.com"),
             project_number=self.foundation.project_number,

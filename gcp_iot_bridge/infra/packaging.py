@@ -130,12 +130,14 @@ def imported_names(module: str, is_package: bool, tree: ast.Module) -> list[str]
 @dataclass(frozen=True)
 class Deployable:
     """A deployable by its entry modules and the folders its modules come from, first match wins. Every module of
-    the ``whole_packages`` is an entry point too (the pipeline's package: decoders named only in configuration)."""
+    the ``whole_packages`` is an entry point too (the pipeline's package: decoders named only in configuration).
+    ``data``: files other than modules it ships as they are (paths from the source root, the same in the archive)."""
     name: str
     entry_points: tuple[str, ...]
     sources: tuple[Source, ...] = (Source(),)
     whole_packages: tuple[str, ...] = ()
     root: Path = SOURCE_ROOT
+    data: tuple[str, ...] = ()
 
     def entries(self) -> list[str]:
         out = list(self.entry_points)
@@ -189,6 +191,7 @@ class Deployable:
 
     def package(self) -> Package:
         files, external = self.closure()
+        files.update({rel: self.root / rel for rel in self.data})
         third_party = sorted(m for m in external if m.split(".")[0] not in sys.stdlib_module_names)
         needed = sorted({d for d in (distribution_of(m) for m in third_party) if d is not None})
         requirements = pinned(needed, f"{self.name} imports")
@@ -322,7 +325,9 @@ def stage(files: Mapping[str, bytes | str], dest: Path) -> Path:
 
 
 # The stack's deployables, by the modules their targets start.
-BROKER = Deployable("the broker archive", ("iotbridge.bridge.__main__",))
+# The broker archive ships the device plugin's C source too: a host in device_auth mosquitto compiles it at boot.
+BROKER = Deployable("the broker archive", ("iotbridge.bridge.__main__",),
+                    data=("iotbridge/bridge/mosquitto_plugin/iotbridge_auth.c",))
 CONFIG_PUSH = Deployable("the config-push function", ("main",), sources=(Source("functions/config_push"), Source()))
 HOST_REGISTRAR = Deployable("the host registrar function", ("main",),
                             sources=(Source("functions/host_registrar"), Source()))

@@ -3,6 +3,8 @@
   mosquitto-config  write mosquitto.conf, passwd and acl for the settings file (before Mosquitto starts)
   front             the TLS front devices connect to (ADC in the cloud; FIRESTORE_EMULATOR_HOST locally)
   service           the bridge service Mosquitto <-> Pub/Sub (ADC in the cloud; the emulators' hosts locally)
+  authd             the auth daemon of device_auth mosquitto (beside Mosquitto, started before it)
+  build-plugin      compile the Mosquitto auth plugin of device_auth mosquitto (gcc, Mosquitto's headers)
 
 A broker host on this machine, with a throw-away CA and free ports: python -m iotbridge.local.broker_host.
 """
@@ -67,6 +69,26 @@ def run_front(settings: BridgeSettings) -> None:
     asyncio.run(main())
 
 
+def run_authd(settings: BridgeSettings, group: str | None) -> None:
+    from iotbridge.bridge.authd import AuthDaemon
+
+    async def main() -> None:
+        password = settings.secrets()["bridge"] if settings.secrets_file else None
+        daemon = AuthDaemon(settings, _registry(settings), control_password=password)
+        await daemon.start(group)
+        freeze_startup_objects()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await daemon.stop()
+
+    if not settings.auth_socket:
+        raise SystemExit("error: auth_socket is not set in the settings: the auth daemon's Unix socket")
+    asyncio.run(main())
+
+
 def run_service(settings: BridgeSettings) -> None:
     from iotbridge.bridge.service import BridgeService
 
@@ -94,10 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("front", "the TLS front"), ("service", "the bridge service")):
         p = sub.add_parser(name, help=f"run {text}")
         p.add_argument("--settings", type=Path, required=True, help="the host's settings.json")
+    authd = sub.add_parser("authd", help="run the auth daemon of device_auth mosquitto (before Mosquitto starts)")
+    authd.add_argument("--settings", type=Path, required=True, help="the host's settings.json")
+    authd.add_argument("--group", help="the group the auth socket is given to (Mosquitto's; default: the daemon's)")
+    build = sub.add_parser("build-plugin", help="compile the Mosquitto auth plugin (iotbridge_auth.so)")
+    build.add_argument("--out", type=Path, required=True, help="folder for iotbridge_auth.so")
     mconf = sub.add_parser("mosquitto-config", help="write mosquitto.conf, passwd and acl for a settings file")
     mconf.add_argument("--settings", type=Path, required=True)
     mconf.add_argument("--out", type=Path, required=True, help="folder for the files and the persistence data")
     mconf.add_argument("--user", help="the user Mosquitto drops privileges to (default: root)")
+    mconf.add_argument("--plugin", type=Path,
+                       help="the device plugin iotbridge_auth.so (required with device_auth mosquitto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -106,9 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "mosquitto-config":
         from iotbridge.bridge.settings import mosquitto_config
 
-        text = mosquitto_config(BridgeSettings.load(args.settings), args.out, user=args.user)
+        text = mosquitto_config(BridgeSettings.load(args.settings), args.out, user=args.user, plugin_path=args.plugin)
         (args.out / "mosquitto.conf").write_text(text)
         print(f"wrote {args.out}/mosquitto.conf")
+    elif args.cmd == "authd":
+        run_authd(BridgeSettings.load(args.settings), args.group)
+    elif args.cmd == "build-plugin":
+        from iotbridge.bridge.plugin import BuildError, build
+
+        try:
+            print(f"wrote {build(args.out)}")
+        except BuildError as exc:
+            raise SystemExit(f"error: {exc}") from None
     elif args.cmd == "front":
         run_front(BridgeSettings.load(args.settings))
     else:

@@ -157,6 +157,28 @@ def mark_disconnected(client: firestore.Client, registry_id: str, device_id: str
         _presence(client, registry_id, device_id).delete(option=client.write_option(last_update_time=update_time))
 
 
+def mark_disconnected_many(client: firestore.Client, items: list[tuple[str, str, Any]]) -> list[None]:
+    """``mark_disconnected`` for many sessions ((registry, device, update time) each) in one commit (at most 500):
+    a commit fails whole when one record was replaced by a newer session meanwhile, and then each is removed on its
+    own, as ``mark_disconnected`` does."""
+    from google.api_core import exceptions as gexc
+
+    keys = {(registry_id, device_id) for registry_id, device_id, _ in items}
+    if len(keys) == len(items):  # one write per document and commit
+        batch = client.batch()
+        for registry_id, device_id, update_time in items:
+            batch.delete(_presence(client, registry_id, device_id),
+                         option=client.write_option(last_update_time=update_time))
+        try:
+            batch.commit()
+            return [None] * len(items)
+        except (gexc.FailedPrecondition, gexc.NotFound):
+            pass
+    for registry_id, device_id, update_time in items:
+        mark_disconnected(client, registry_id, device_id, update_time)
+    return [None] * len(items)
+
+
 
 def is_connected(client: firestore.Client, registry_id: str, device_id: str) -> bool:
     snap = _presence(client, registry_id, device_id).get()

@@ -1133,25 +1133,9 @@ class Front:
         """The connected-devices gauge, once a minute (Cloud Monitoring in the cloud, the log locally)."""
         from iotbridge.bridge import metrics
 
-        loop = asyncio.get_running_loop()
-        reporter = None
-        if self.settings.connected_devices_metric == "cloud":
-            try:
-                resource = await loop.run_in_executor(None, metrics.gce_instance_labels)
-                reporter = metrics.ConnectedDevicesReporter(self.settings.project, self.settings.registry_id,
-                                                            self.settings.host_id, resource)
-            except Exception as exc:  # noqa: BLE001 - not on Compute Engine, or no credentials
-                log.warning("connected-devices gauge goes to the log only: %s", exc)
-        while True:
-            count = self.connected_devices()
-            if reporter is None:
-                log.info("connected devices: %d", count)
-            else:
-                try:
-                    await loop.run_in_executor(None, reporter.report, count)
-                except Exception as exc:  # noqa: BLE001 - a lost point must not stop the front
-                    log.warning("connected-devices metric not written: %s", exc)
-            await asyncio.sleep(metrics.INTERVAL_S)
+        s = self.settings
+        await metrics.connected_devices_loop(s.project, s.registry_id, s.host_id, s.connected_devices_metric,
+                                             self.connected_devices, log)
 
     # ---------------------------------------------------------------------------------- registry watch
 

@@ -105,3 +105,30 @@ class BrokerQueueReporter:
         self.reporter.report_many({BROKER_STORED_METRIC: int(stats.get("broker_stored_messages", 0)),
                                    BROKER_DROPPED_METRIC: fresh}, now)
         self._dropped_before = dropped
+
+
+async def connected_devices_loop(project: str, registry_id: str, host: str, destination: str,
+                                 count: Callable[[], int], logger: logging.Logger) -> None:
+    """The connected-devices gauge every ``INTERVAL_S`` until cancelled: ``destination`` "cloud" writes it to
+    Cloud Monitoring (on this VM's ``gce_instance``), "log" (or no metadata server, no credentials) logs it. The
+    front and the auth daemon of ``device_auth: mosquitto`` run it, whichever holds the host's device sessions."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    reporter = None
+    if destination == "cloud":
+        try:
+            resource = await loop.run_in_executor(None, gce_instance_labels)
+            reporter = ConnectedDevicesReporter(project, registry_id, host, resource)
+        except Exception as exc:  # noqa: BLE001 - not on Compute Engine, or no credentials
+            logger.warning("connected-devices gauge goes to the log only: %s", exc)
+    while True:
+        n = count()
+        if reporter is None:
+            logger.info("connected devices: %d", n)
+        else:
+            try:
+                await loop.run_in_executor(None, reporter.report, n)
+            except Exception as exc:  # noqa: BLE001 - a lost point must not stop the caller
+                logger.warning("connected-devices metric not written: %s", exc)
+        await asyncio.sleep(INTERVAL_S)

@@ -208,8 +208,7 @@ class LocalStack:
         workdir = (logs / "bridge").resolve()
         settings = init_host(workdir, n.project, n.region, n.registry_id, n.prefix)
         bridge = BridgeStack(settings=settings, workdir=workdir, env=dict(env), ca_cert=workdir / "tls" / "ca.pem")
-        for label, start in (("mosquitto", bridge.start_mosquitto), ("bridge service", bridge.start_service),
-                             ("TLS front", bridge.start_front)):
+        for label, start in bridge.parts():
             progress(f"starting {label}")
             try:
                 start()

@@ -20,7 +20,7 @@ from google.cloud import pubsub_v1
 from googleapiclient import discovery
 
 from iotbridge import spec
-from iotbridge.device import Device, DeviceIdentity, generate_key
+from iotbridge.device import ConnectError, Device, DeviceIdentity, generate_key
 from iotbridge.local import services
 from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from iotbridge.registry import Credential, Registry
@@ -244,6 +244,15 @@ class DeviceFactory:
         d = self.device(device_id, private, algorithm, **kw)
         d.connect()
         return d
+
+
+def connects(dev: Device, timeout: float = 10.0) -> bool:
+    """Connect; False when refused (for waiting until a change reaches the host that judges the CONNECT)."""
+    try:
+        dev.connect(timeout=timeout)
+    except ConnectError:
+        return False
+    return True
 
 
 @pytest.fixture

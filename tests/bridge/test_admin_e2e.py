@@ -21,7 +21,7 @@ from iotbridge.device import ConnectError, Device, DeviceIdentity, create_jwt, g
 from tests.waiting import wait_for
 
 from .admin_server import check
-from .conftest import PROJECT, REGION, REGISTRY, DeviceCA
+from .conftest import PROJECT, REGION, REGISTRY, DeviceCA, connects
 
 pytestmark = pytest.mark.emulator
 
@@ -225,16 +225,8 @@ def test_mqtt_disabled_refuses_connects_and_ends_sessions(cloudiot, stack):
     assert r.status_code == 200, r.text
 
     patch_registry(cloudiot, registry_id, "mqtt_config", {"mqttConfig": {"mqttEnabledState": "MQTT_ENABLED"}})
-    wait_for("MQTT enabled again", lambda: _connects(again), timeout=15)
+    wait_for("MQTT enabled again", lambda: connects(again), timeout=15)
     again.disconnect()
-
-
-def _connects(dev: Device) -> bool:
-    try:
-        dev.connect(timeout=10)
-    except ConnectError:
-        return False
-    return True
 
 
 def test_http_disabled_refuses_http_requests(cloudiot, stack):

@@ -28,6 +28,10 @@ The fixed ports of a host (8883 for devices, 1883 for Mosquitto on loopback) mus
 Then a device connects over TLS with a JWT and its telemetry reaches the Pub/Sub emulator; a config pushed through
 the fan-out reaches it; with the bridge service stopped, a device's event waits in the bridge's persistent
 session; Mosquitto is restarted; the retained config and the queued event survive it.
+
+A host in ``device_auth: mosquitto`` boots from its own script the same way: the plugin compiled from the archive
+with this machine's gcc and Mosquitto headers, the auth daemon, Mosquitto (TLS on 8883 with the plugin) and the
+service started as systemd would; a device connects to Mosquitto itself, gets its config and reaches Pub/Sub.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -64,8 +68,8 @@ from iotbridge import spec
 from iotbridge.bridge import fanout
 from iotbridge.device import Device, DeviceIdentity
 from iotbridge.local import services
-from iotbridge.local.broker_host import READY_SERVICE
-from iotbridge.local.tls import generate_local_tls
+from iotbridge.local.broker_host import READY_AUTHD, READY_SERVICE
+from iotbridge.local.tls import TlsFiles, generate_local_tls
 from tests.waiting import TimedOut, wait_for
 
 from .conftest import PROJECT, REGION, REGISTRY, DeviceFactory, PubSubReader, create_topics
@@ -180,6 +184,17 @@ def _uid(pid: int) -> tuple[int, int]:
     raise AssertionError(f"no Uid line for {pid}")
 
 
+def _unix_connect_as(user: str, path: Path) -> str:
+    """What connecting to the Unix socket ``path`` gives a process of ``user`` (Debian's python3, its groups)."""
+    account = pwd.getpwnam(user)
+    probe = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(sys.argv[1])\n"
+             "    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)")
+    out = subprocess.run(["/usr/bin/python3", "-c", probe, str(path)], capture_output=True, text=True, timeout=30,
+                         user=account.pw_uid, group=account.pw_gid,
+                         extra_groups=os.getgrouplist(account.pw_name, account.pw_gid), env={"PATH": HOST_PATH})
+    return out.stdout.strip() or out.stderr.strip()
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -248,14 +263,30 @@ def host_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
-        bridge_env, registry, host_root, tmp_path):
+@dataclass
+class BootedHost:
+    """A host the startup script booted: what it was given, what it called, and the init that plays systemd."""
+
+    prefix: str
+    google: GoogleStandIns
+    tls: TlsFiles
+    passwords: dict[str, str]
+    health_port: int
+    init: SimulatedInit
+    calls: list[str]
+    boot_s: float
+    started: float
+
+
+@contextlib.contextmanager
+def booted_host(host_root: Path, tmp_path: Path, bridge_env: dict[str, str], device_auth: str = "front",
+                ) -> Iterator[BootedHost]:
+    """Run the startup script of a ``device_auth`` host as root on this machine (the stand-ins above); stop the units
+    the test started and the stand-ins at the end."""
     busy = [p for p in (bc.MQTT_PORT, bc.BROKER_PORT) if not _port_free(p)]
     assert not busy, f"the simulated host binds a host's fixed ports and {busy} are in use on this machine"
     prefix = f"s{uuid.uuid4().hex[:8]}"
     create_topics(PROJECT, prefix)
-    # Pulumi declares no subscription for the hosts: the bridge makes its own, named after the instance.
-    subscriber = pubsub_v1.SubscriberClient()
 
     # The code archive, the server key and the passwords, where a host finds them.
     files = bc.code_files()
@@ -275,7 +306,7 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         project=PROJECT, region=REGION, registry_id=REGISTRY, prefix=prefix, code_url=f"gs://{BUCKET}/{object_name}",
         tls_key_secret="iot-sim-broker-tls-key", passwords_secret="iot-sim-broker-passwords",
         server_cert_pem=tls.server_cert.read_text(), database="(default)",
-        routes={"logs": spec.topic_name(prefix, "device-logs")}, health_port=health_port)
+        routes={"logs": spec.topic_name(prefix, "device-logs")}, health_port=health_port, device_auth=device_auth)
     shims = tmp_path / "shims"
     shims.mkdir()
     for name, text in (("apt-get", APT_GET), ("systemctl", SYSTEMCTL)):
@@ -297,8 +328,35 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         boot = subprocess.run(["bash", str(tmp_path / "script.sh")], env=boot_env, capture_output=True, text=True,
                               timeout=300, umask=0o022)
         assert boot.returncode == 0, f"startup script failed:\n{boot.stdout[-3000:]}\n{boot.stderr[-5000:]}"
-        boot_s = time.monotonic() - started
-        calls = journal.read_text().splitlines()
+        yield BootedHost(prefix, google, tls, passwords, health_port, init, journal.read_text().splitlines(),
+                         time.monotonic() - started, started)
+    finally:
+        init.stop_all()
+        google.stop()
+
+
+def _device(registry) -> tuple[str, Callable[[TlsFiles], Device]]:  # noqa: ANN001
+    """A device registered now, and a way to connect it to the host's 8883 over TLS (trusting the CA of the host's
+    certificate) with a JWT."""
+    device_id, private = DeviceFactory(registry, None).register("ES256")  # type: ignore[arg-type]
+
+    def connected(tls: TlsFiles) -> Device:
+        d = Device(DeviceIdentity(PROJECT, REGION, REGISTRY, device_id, private, "ES256"), "127.0.0.1",
+                   bc.MQTT_PORT, str(tls.ca_cert))
+        d.connect()
+        return d
+
+    return device_id, connected
+
+
+def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
+        bridge_env, registry, host_root, tmp_path):
+    # Pulumi declares no subscription for the hosts: the bridge makes its own, named after the instance.
+    subscriber = pubsub_v1.SubscriberClient()
+    with booted_host(host_root, tmp_path, bridge_env) as host:
+        prefix, google, tls, passwords, health_port, init = (
+            host.prefix, host.google, host.tls, host.passwords, host.health_port, host.init)
+        calls, boot_s, started = host.calls, host.boot_s, host.started
         assert calls == ["apt-get update -q", "apt-get install -y -q mosquitto python3-venv unzip",
                          "systemctl disable --now mosquitto", "systemctl restart systemd-sysctl",
                          "systemctl daemon-reload", "systemctl enable --now " + " ".join(UNITS)]
@@ -351,13 +409,10 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         # A device: TLS with the CA that signed the host's certificate, a JWT, telemetry to Pub/Sub.
         reader = PubSubReader(PROJECT, prefix)
         reader.attach(uuid.uuid4().hex[:6])
-        device_id, private = DeviceFactory(registry, None).register("ES256")  # type: ignore[arg-type]
+        device_id, connect = _device(registry)
 
         def device() -> Device:
-            d = Device(DeviceIdentity(PROJECT, REGION, REGISTRY, device_id, private, "ES256"), "127.0.0.1",
-                       bc.MQTT_PORT, str(tls.ca_cert))
-            d.connect()
-            return d
+            return connect(tls)
 
         dev = device()
         dev.subscribe_config()
@@ -388,7 +443,67 @@ def test_a_broker_host_boots_from_its_startup_script_and_keeps_mosquittos_state(
         assert [m.data for m in reader.pull("telemetry", 1)] == [b"while the bridge was down"]
         assert subscriber.get_subscription(request={"subscription": own}).filter == spec.host_filter(host_id)
         print(f"simulated host: startup script {boot_s:.1f}s, whole test {time.monotonic() - started:.1f}s")
-    finally:
-        init.stop_all()
-        google.stop()
 
+
+
+def test_a_mosquitto_authenticated_host_boots_compiles_its_plugin_and_admits_a_device(
+        bridge_env, registry, host_root, tmp_path):
+    """``device_auth: mosquitto``: the script installs the compiler and Mosquitto's plugin headers, compiles the
+    plugin from the archive, and enables the auth daemon, Mosquitto and the service (no front). Played as systemd
+    would: the daemon (its socket Mosquitto's group's only), Mosquitto (TLS on 8883 with the plugin), the service;
+    the daemon answers /healthz; a device connects to Mosquitto with its JWT, gets its config, reaches Pub/Sub."""
+    units = bc.host_units("mosquitto")
+    # Registered before the host boots: the daemon reads every device at start (later ones at its next change-feed
+    # round, every 30 s on a deployed host).
+    device_id, connect = _device(registry)
+    registry.update_config(device_id, b"cfg-0")
+    with booted_host(host_root, tmp_path, bridge_env, device_auth="mosquitto") as host:
+        init = host.init
+        assert host.calls == [
+            "apt-get update -q",
+            "apt-get install -y -q mosquitto python3-venv unzip " + " ".join(bc.PLUGIN_BUILD_PACKAGES),
+            "systemctl disable --now mosquitto", "systemctl restart systemd-sysctl",
+            "systemctl daemon-reload", "systemctl enable --now " + " ".join(units)]
+        assert (host_root / bc.PLUGIN_DIR.lstrip("/") / "iotbridge_auth.so").is_file()
+        assert not (host_root / "etc/systemd/system/iotbridge-front.service").exists()
+        # Stopping: the service, then Mosquitto, then the daemon its plugin asks.
+        assert init.stop_order(units) == ["iotbridge-service", "iotbridge-mosquitto", "iotbridge-authd"]
+        mosquitto = pwd.getpwnam("mosquitto")
+        # Mosquitto's copy of the server key, its own; the iotbridge user has none.
+        key = host_root / bc.MOSQUITTO_TLS_DIR.lstrip("/") / "server-key.pem"
+        assert (key.stat().st_uid, key.stat().st_mode & 0o777) == (mosquitto.pw_uid, 0o600)
+        assert not (host_root / "etc/iotbridge/server-key.pem").exists()
+
+        init.start(units[0])
+        services.wait_for_log(init.service(units[0]), READY_AUTHD, 60)
+        sock = host_root / bc.AUTH_SOCKET.lstrip("/")
+        folder = sock.parent.stat()
+        assert (folder.st_uid, folder.st_gid, folder.st_mode & 0o777) == (
+            pwd.getpwnam("iotbridge").pw_uid, mosquitto.pw_gid, 0o750)
+        assert (sock.stat().st_gid, sock.stat().st_mode & 0o777) == (mosquitto.pw_gid, 0o660)
+        # Reached by Mosquitto's user, and by no other unprivileged user.
+        assert _unix_connect_as("mosquitto", sock) == "connected"
+        assert _unix_connect_as("nobody", sock) == "PermissionError"
+        init.start(units[1])
+        services.wait_for_port(init.service(units[1], bc.MQTT_PORT), 15)
+        services.wait_for_port(init.service(units[1], bc.BROKER_PORT), 15)
+        init.start(units[2])
+        services.wait_for_log(init.service(units[2]), READY_SERVICE, 60)
+        iotbridge_uid = pwd.getpwnam("iotbridge").pw_uid
+        for name, uid in zip(units, (iotbridge_uid, mosquitto.pw_uid, iotbridge_uid), strict=True):
+            proc = init.units[name].proc
+            assert proc is not None
+            assert _uid(proc.pid) == (uid, uid), f"{name} runs as {_uid(proc.pid)}, not {uid}"
+        # The load balancer's and auto-healing's check: the daemon's /healthz, on the same port as the front's.
+        wait_for("/healthz 200", lambda: _health(host.health_port), lambda v: v == 200, timeout=30)
+
+        reader = PubSubReader(PROJECT, host.prefix)
+        reader.attach(uuid.uuid4().hex[:6])
+        dev = connect(host.tls)
+        dev.subscribe_config()
+        assert dev.configs.get(timeout=20) == b"cfg-0"
+        dev.publish_event(b"booted by mosquitto").wait_for_publish(10)
+        assert [m.data for m in reader.pull("telemetry", 1)] == [b"booted by mosquitto"]
+        dev.disconnect()
+        print(f"simulated mosquitto host: startup script {host.boot_s:.1f}s, "
+              f"whole test {time.monotonic() - host.started:.1f}s")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pulumi
 import pytest
@@ -15,6 +16,7 @@ from pulumi.runtime.sync_await import _sync_await
 from gcp_iot_bridge.infra import broker as bc
 from gcp_iot_bridge.infra import packaging
 from gcp_iot_bridge.infra.registry_database import RegistryDatabase, RegistryDatabaseArgs
+from iotbridge.bridge.settings import BridgeSettings
 from tests.infra import harness
 
 PROJECT = "proj-test-123"
@@ -352,11 +354,11 @@ def test_startup_script_settings_load_in_the_bridge(run, tmp_path):
     assert s.http_port == 8443
 
 
-def _host_script() -> str:
+def _host_script(device_auth: str = "front") -> str:
     return bc.startup_script(
         project=PROJECT, region="europe-west1", registry_id="fleet", prefix=PREFIX, code_url="gs://b/o.zip",
         tls_key_secret="k", passwords_secret="p", server_cert_pem="c", database="(default)", routes={},
-        health_port=8080)
+        health_port=8080, device_auth=device_auth)
 
 
 def test_a_host_runs_the_bridge_from_the_archive_alone(tmp_path):
@@ -377,12 +379,16 @@ def test_a_host_runs_the_bridge_from_the_archive_alone(tmp_path):
     usage = subprocess.run([*host, "--help"], capture_output=True, text=True, cwd=app, timeout=60, check=True).stdout
     listed = re.search(r"\{([\w,-]+)\}", usage)
     assert listed, usage
+    ran: set[str] = set()
+    for mode in ("front", "mosquitto"):  # what the scripts of both modes run
+        script = _host_script(mode)
+        roles = re.search(r"for role in ([\w ]+); do", script)
+        assert roles, script
+        ran |= {c for c in re.findall(r"-m iotbridge\.bridge (\S+)", script) if not c.startswith("$")}
+        ran |= set(roles.group(1).split())
+    assert sorted(listed.group(1).split(",")) == sorted(ran) == [
+        "authd", "build-plugin", "front", "mosquitto-config", "service"]
     script = _host_script()
-    roles = re.search(r"for role in ([\w ]+); do", script)
-    assert roles, script
-    ran = {c for c in re.findall(r"-m iotbridge\.bridge (\S+)", script) if not c.startswith("$")}
-    ran |= set(roles.group(1).split())
-    assert sorted(listed.group(1).split(",")) == sorted(ran) == ["front", "mosquitto-config", "service"]
 
     settings = json.loads(script.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0])
     settings.update(host_id="host-a", secrets_file=str(tmp_path / "secrets.json"), workdir=str(tmp_path / "var"))
@@ -441,9 +447,10 @@ def test_a_stopping_host_drains_its_devices_before_the_bridge_service_and_mosqui
     assert f'STOP_front={FRONT_STOP_TIMEOUT_S} STOP_service=90' in script
     # systemd.unit(5): "if a unit is configured with After= on another unit, the former is stopped before the
     # latter" — so the front is After= the service (and Mosquitto), never the service After= the front.
-    assert 'AFTER_front=" iotbridge-service.service" AFTER_service=""' in script
+    assert ('AFTER_front=" iotbridge-mosquitto.service iotbridge-service.service" '
+            'AFTER_service=" iotbridge-mosquitto.service"') in script
     unit = script.split("<<UNIT", 2)[1]
-    assert "After=network-online.target iotbridge-mosquitto.service${!after}" in unit
+    assert "After=network-online.target${!after}" in unit
     assert "TimeoutStopSec=${!stop}" in unit
 
 
@@ -500,3 +507,83 @@ def test_every_instance_name_the_group_gives_is_a_host_id_with_a_subscription_pu
         name = fanout.host_subscription(longest_prefix, host)
         assert re.fullmatch(api_schema.LIMITS[("pubsub.v1", "Subscription", "name")].regex or "", name), name
         assert len(spec.host_filter(host).encode()) <= spec.MAX_FILTER_BYTES
+
+
+# ------------------------------------------------------------------------ device_auth mosquitto (no front)
+
+
+@pytest.fixture(scope="module")
+def mq_run() -> harness.StackRun:
+    return build(device_auth="mosquitto")
+
+
+def _script_settings(script: str, tmp_path: Path) -> BridgeSettings:
+    text = script.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0]
+    path = tmp_path / "settings.json"
+    path.write_text(text.replace("__HOSTNAME__", "iot-dev-broker-abcd").replace("__ROOT__", ""))
+    return BridgeSettings.load(path)
+
+
+def test_mosquitto_mode_opens_8883_only_and_declares_no_http_bridge(mq_run):
+    rules = {r.get("name"): r for r in mq_run.of_type(T["firewall"])}
+    assert rules[f"{PREFIX}-broker-mqtt"].get("allows") == [{"protocol": "tcp", "ports": ["8883"]}]
+    assert rules[f"{PREFIX}-broker-health"].get("allows") == [{"protocol": "tcp", "ports": ["8080"]}]
+    assert [r.get("name") for r in mq_run.of_type(T["rule"])] == [f"{PREFIX}-mqtt"]
+    assert mq_run.outputs["http_bridge_url"] == "" and mq_run.outputs["mqtt_endpoint"] == "203.0.113.7:8883"
+    # Auto-healing and the load balancer probe /healthz on the health port, which the auth daemon serves there.
+    assert the(mq_run, "hc").get("httpHealthCheck") == {"port": 8080, "requestPath": "/healthz"}
+    assert the(mq_run, "rhc").get("httpHealthCheck") == {"port": 8080, "requestPath": "/healthz"}
+
+
+def test_mosquitto_mode_hosts_compile_the_plugin_and_run_the_auth_daemon_before_mosquitto(mq_run, tmp_path):
+    from iotbridge.bridge import plugin
+
+    script = the(mq_run, "template").get("metadataStartupScript")
+    # The compiler and Mosquitto's plugin headers (what plugin.build asks for), nothing of OpenSSL.
+    assert plugin.INSTALL == "apt-get install -y " + " ".join(bc.PLUGIN_BUILD_PACKAGES)
+    assert "apt-get install -y -q mosquitto python3-venv unzip gcc libc6-dev mosquitto-dev libmosquitto-dev\n" in script
+    assert "libssl-dev" not in script
+    # Compiled (as root, into root's folder) before Mosquitto's config names it.
+    build = script.index('-m iotbridge.bridge build-plugin --out "$PLUGIN"')
+    mconf = script.index("-m iotbridge.bridge mosquitto-config")
+    assert build < mconf and '--user mosquitto --plugin "$PLUGIN/iotbridge_auth.so"' in script[mconf:]
+    assert f"PLUGIN=$ROOT{bc.PLUGIN_DIR}" in script
+    # The auth daemon and the bridge service; no front. Mosquitto starts after the daemon and wants it.
+    assert "for role in authd service; do" in script
+    assert "systemctl enable --now iotbridge-authd iotbridge-mosquitto iotbridge-service\n" in script
+    assert bc.host_units("mosquitto") == ("iotbridge-authd", "iotbridge-mosquitto", "iotbridge-service")
+    mosquitto_unit = script.split('"$UNITS/iotbridge-mosquitto.service" <<UNIT\n', 1)[1].split("\nUNIT\n", 1)[0]
+    assert "After=network-online.target iotbridge-authd.service\nWants=iotbridge-authd.service\n" in mosquitto_unit
+    # The daemon's socket: its folder is the daemon's user's and Mosquitto's group's only; the daemon gives the socket
+    # to that group; its unit may write there.
+    assert 'install -d -m 0750 -o iotbridge -g mosquitto "$AUTHD"' in script
+    assert 'ARGS_authd=" --group mosquitto"' in script and 'RW_authd="$VAR ${AUTHD:-}"' in script
+    # Mosquitto terminates the devices' TLS: the key is in its own folder, not the iotbridge user's.
+    assert 'install -d -m 0700 -o mosquitto -g mosquitto "$MQTLS"' in script
+    assert '--project=proj-test-123 > "$MQTLS/server-key.pem"' in script
+    assert 'chown mosquitto:mosquitto "$MQTLS"/*' in script
+    s = _script_settings(script, tmp_path)
+    assert (s.device_auth, s.auth_socket, s.http_port, s.client_ca) == ("mosquitto", bc.AUTH_SOCKET, 0, "")
+    assert (s.tls_cert, s.tls_key) == (f"{bc.MOSQUITTO_TLS_DIR}/server.pem", f"{bc.MOSQUITTO_TLS_DIR}/server-key.pem")
+    assert (s.front_host, s.front_port, s.health_port) == ("0.0.0.0", 8883, 8080)
+
+
+def test_front_mode_script_installs_and_runs_what_it_did(run):
+    script = the(run, "template").get("metadataStartupScript")
+    assert "apt-get install -y -q mosquitto python3-venv unzip\n" in script
+    assert "build-plugin" not in script and "--plugin" not in script and "gcc" not in script
+    assert "for role in front service; do" in script
+    assert "systemctl enable --now iotbridge-mosquitto iotbridge-service iotbridge-front\n" in script
+    assert '--project=proj-test-123 > "$ETC/server-key.pem"' in script
+
+
+def test_an_unknown_device_auth_fails_before_anything_is_declared():
+    with pytest.raises(Exception, match="device_auth must be one of front, mosquitto, got 'plugin'"):
+        build(device_auth="plugin")
+
+
+def test_the_archive_ships_the_plugin_source_a_host_compiles():
+    from iotbridge.bridge import plugin
+
+    files = bc.code_files()
+    assert files["iotbridge/bridge/mosquitto_plugin/iotbridge_auth.c"] == plugin.SOURCE.read_text()

@@ -154,6 +154,20 @@ def test_broker_hosts_are_bounded_by_the_autoscaler_and_gcps_group_limit() -> No
             parse("dev", overrides)
 
 
+def test_who_authenticates_devices_is_front_unless_the_stack_picks_mosquitto() -> None:
+    assert parse("dev").broker_device_auth == "front"
+    assert parse("dev", {"brokerDeviceAuth": "mosquitto"}).broker_device_auth == "mosquitto"
+    with pytest.raises(config.ConfigError, match=r"brokerDeviceAuth=plugin: Input should be 'front' or 'mosquitto'; "
+                                                 r"allowed: front \(the TLS front"):
+        parse("dev", {"brokerDeviceAuth": "plugin"})
+    # The stack's choices are the broker host's (BridgeSettings.device_auth checks against the same list).
+    from typing import get_args
+
+    from iotbridge import spec
+
+    assert get_args(config.StackConfig.model_fields["broker_device_auth"].annotation) == spec.DEVICE_AUTH_MODES
+
+
 def test_the_deprecated_fixed_host_count_still_works_and_says_what_to_set() -> None:
     raw = harness.stack_config("dev", {"brokerHosts": 6})
     cfg = config.parse(raw, "dev")

@@ -32,3 +32,12 @@ def test_the_program_exports_what_the_bridge_outputs():
     assert run.outputs["telemetry_topic"] == run.one("gcp:pubsub/topic:Topic", "messaging-telemetry").get("name")
     assert run.outputs["bigquery_dataset"] == run.one("gcp:bigquery/dataset:Dataset", "warehouse-dataset").get(
         "datasetId")
+
+
+def test_the_stacks_broker_device_auth_reaches_the_hosts():
+    """``brokerDeviceAuth`` is what the hosts' startup script and the broker's ports follow."""
+    run = harness.run_program("dev", {"brokerDeviceAuth": "mosquitto"})
+    script = run.one("gcp:compute/instanceTemplate:InstanceTemplate", "broker-template").get("metadataStartupScript")
+    assert '"device_auth": "mosquitto"' in script and "systemctl enable --now iotbridge-authd " in script
+    rules = [r.get("portRange") for r in run.of_type("gcp:compute/forwardingRule:ForwardingRule")]
+    assert rules == ["8883"] and run.outputs["http_bridge_url"] == ""

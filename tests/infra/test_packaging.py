@@ -39,9 +39,12 @@ def test_each_deployable_holds_exactly_the_closure_of_its_imports(name: str):
 def test_the_closures_are_what_each_target_runs():
     assert set(BROKER.package().modules()) == {
         "iotbridge", "iotbridge.spec", "iotbridge.registry", "iotbridge.bridge", "iotbridge.bridge.__main__",
-        *(f"iotbridge.bridge.{m}" for m in ("auth", "batching", "fanout", "front", "gateway", "http_bridge", "limits",
-                                             "metrics", "mqtt", "ratelimit", "regcache", "registrar", "resends",
-                                             "service", "settings"))}
+        *(f"iotbridge.bridge.{m}" for m in ("auth", "authd", "batching", "fanout", "front", "gateway", "http_bridge",
+                                             "limits", "metrics", "mqtt", "plugin", "ratelimit", "regcache",
+                                             "registrar", "resends", "service", "settings"))}
+    # Besides the modules, the device plugin's C source, which a device_auth mosquitto host compiles at boot.
+    assert {rel for rel in BROKER.package().files if not rel.endswith(".py")} == {
+        "iotbridge/bridge/mosquitto_plugin/iotbridge_auth.c"}
     assert set(CONFIG_PUSH.package().files) == {"main.py", "iotbridge/__init__.py", "iotbridge/registry.py",
                                                 "iotbridge/spec.py"}
     assert set(PIPELINE.package().modules()) == {

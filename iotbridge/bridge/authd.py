@@ -1,0 +1,481 @@
+"""The auth daemon of ``device_auth: mosquitto``: what the TLS front decides about a device, decided for Mosquitto's
+plugin (``mosquitto_plugin/iotbridge_auth.c``), beside it on the broker host.
+
+The plugin asks on a Unix socket (``BridgeSettings.auth_socket``, mode 0660, group = Mosquitto's), in lines:
+
+- ``AUTH <client id>\\n<peer address>\\n<password>\\n`` -> ``OK <deadline unix seconds>\\n`` or ``NO <reason>\\n`` (the
+  reason names no secret; the plugin logs it). One connection of the plugin, one request at a time: Mosquitto
+  waits for the answer, so nothing here reads the registry for a CONNECT.
+- On its other connection: ``EVENTS\\n``, ``LIVE <client id>\\n`` per session it admitted, ``SYNCED\\n`` (the daemon
+  takes that list for the truth about the sessions it did not see start, e.g. after a restart of either), then
+  ``GONE <client id>\\n`` once per admitted CONNECT that ended. The daemon writes ``KICK <client id>\\n`` there.
+
+What a CONNECT is judged on, in this order: the device map is fresh (a change-feed round succeeded within
+``2 * recheck_interval_s``; admitting on stale credentials would admit a revoked device), the source address has
+failed attempts to spare (``auth_failures_per_s``, ``auth_failure_burst``), the client id names this registry and a
+device the map holds, the JWT is signed by one of its unexpired credentials (``auth.verify_jwt``), the device is not
+blocked, is not a gateway (gateways keep ``device_auth: front``), and its registry has MQTT on. A failed proof costs
+the address a token, as at the front.
+
+The map holds every device of the registry, read at start (paged) and kept current by the registry's change feed
+(``Registry.changed_since``, with the overlap of ``regcache``, whose docstring says why no change is missed): each
+round re-reads the devices changed since the previous round's start. A session whose device a round finds blocked,
+deleted (or created again), without the credential it authenticated with, or whose registry turned MQTT off, is
+kicked (``KICK``; the plugin ends it without its will). The plugin itself ends a session at its deadline.
+
+Around the sessions, what the front does: the presence record of each session (batched writes, removed when it
+ends), the config sync request at connect and the "gone" when the host's last session of a device ends
+(``iotbridge/sync``, read by the bridge service), the connected-devices gauge and ``/healthz`` on ``health_port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import grp
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from iotbridge.bridge import fanout, metrics, regcache
+from iotbridge.bridge.auth import AuthError, parse_client_id, verify_jwt
+from iotbridge.bridge.front import (
+    MAX_TRACKED_ADDRESSES,
+    SYNC_GONE,
+    SYNC_TOPIC,
+    address_key,
+    printable,
+    revoked_reason,
+    session_deadline,
+    sync_payload,
+)
+from iotbridge.bridge.plugin import client_id_prefix
+from iotbridge.bridge.ratelimit import KeyedBuckets
+from iotbridge.bridge.settings import BridgeSettings
+from iotbridge.registry import (
+    CHANGE_STAMP_KEEP_S,
+    Device,
+    Registry,
+    RegistryNotFound,
+    RegistrySettings,
+    grant_of,
+    signed_by_one_of,
+)
+
+log = logging.getLogger("iotbridge.authd")
+
+PAGE = 1000  # devices a page when the map is read whole
+MAX_LINE = 128 * 1024  # longest request line (a password is at most 65,535 bytes in MQTT)
+REGISTRY_WORKERS = 4
+SERVICE_SILENT_S = 10.0  # the bridge service's stats older than this: the host is not healthy
+
+
+def load_devices(registry: Registry, page: int = PAGE) -> dict[str, Device]:
+    """Every device of the registry, in pages of ``page``, kept without state and metadata (no CONNECT reads them)."""
+    devices: dict[str, Device] = {}
+    last = None
+    while True:
+        batch = registry.list_devices(limit=page, start_after=last)
+        devices |= {d.id: _slim(d) for d in batch}
+        if len(batch) < page:
+            return devices
+        last = batch[-1].id
+
+
+def _slim(device: Device) -> Device:
+    return dataclasses.replace(device, state=None, metadata={})
+
+
+@dataclass(eq=False)
+class Session:
+    """One CONNECT the daemon admitted (or, ``known`` False, one the plugin reported that the daemon had not seen)."""
+
+    client_id: str
+    device_id: str
+    num_id: str = ""
+    credential_pem: str = ""
+    expires_at: datetime | None = None
+    known: bool = True
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    presence: asyncio.Task[Any] | None = None
+
+
+class Refused(Exception):
+    """A CONNECT refused; the message is the reason sent to the plugin (no secret in it)."""
+
+
+class AuthDaemon:
+    def __init__(self, settings: BridgeSettings, registry: Registry, control_password: str | None = None,
+                 monotonic: Callable[[], float] = time.monotonic):
+        if settings.registry_id != registry.registry_id:
+            raise ValueError("the registry must be the settings' registry_id")
+        self.settings = settings
+        self.registry = registry
+        self.prefix = client_id_prefix(settings)
+        self._monotonic = monotonic
+        self.devices: dict[str, Device] = {}
+        self.registry_settings = RegistrySettings()
+        self._round_start: datetime | None = None  # host clock at the start of the last successful round
+        self._fresh_since: float | None = None  # monotonic clock at that start
+        self.sessions: dict[str, deque[Session]] = {}  # client id -> its sessions, oldest first
+        self._holders: Counter[str] = Counter()  # device id -> sessions on this host
+        self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
+        self._events: set[asyncio.StreamWriter] = set()
+        self._connections: set[asyncio.StreamWriter] = set()
+        self._pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="authd-registry")
+        self._presence = regcache.WriteBatcher(self._pool, fanout.mark_connected_many)
+        self._absence = regcache.WriteBatcher(self._pool, fanout.mark_disconnected_many)
+        self._control_password = control_password
+        self._control: paho.Client | None = None
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stats: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------------------------------ the map
+
+    def fresh(self) -> bool:
+        return self._fresh_since is not None and \
+            self._monotonic() - self._fresh_since < 2 * self.settings.recheck_interval_s
+
+    async def _registry(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _read_settings(self) -> RegistrySettings:
+        try:
+            return self.registry.get_settings()
+        except RegistryNotFound:
+            return RegistrySettings()
+
+    async def refresh(self) -> None:
+        """One round: the whole registry at the first round (or after rounds failed for half the change stamps'
+        lifetime), else the devices changed since the previous round's start; then the registry's settings; then
+        the sessions the changes revoke are kicked. Raises when the registry cannot be read (nothing changes)."""
+        start, fresh_since = datetime.now(UTC), self._monotonic()
+        whole = self._round_start is None or start - self._round_start >= timedelta(seconds=CHANGE_STAMP_KEEP_S / 2)
+        if whole:
+            devices = await self._registry(load_devices, self.registry)
+            changed = set(devices) | set(self.devices)
+        else:
+            assert self._round_start is not None
+            since = self._round_start - timedelta(seconds=regcache.OVERLAP_S)
+            changed = set(await self._registry(self.registry.changed_since, since))
+            read = await self._registry(self.registry.get_devices, sorted(changed)) if changed else {}
+            devices = dict(self.devices)
+            for device_id in changed:
+                if device_id in read:
+                    devices[device_id] = _slim(read[device_id])
+                else:
+                    devices.pop(device_id, None)
+        registry_settings = await self._registry(self._read_settings)
+        mqtt_turned_off = self.registry_settings.mqtt_enabled and not registry_settings.mqtt_enabled
+        self.devices, self.registry_settings = devices, registry_settings
+        self._round_start, self._fresh_since = start, fresh_since
+        self.stats["rounds"] += 1
+        self.stats["changed"] += len(changed) if not whole else 0
+        self._revoke(set(self.sessions) if mqtt_turned_off or not registry_settings.mqtt_enabled else
+                     {cid for cid, q in self.sessions.items() if q and q[-1].device_id in changed})
+
+    def _revoke(self, client_ids: set[str]) -> None:
+        now = datetime.now(UTC)
+        for client_id in client_ids:
+            queue = self.sessions.get(client_id)
+            if not queue:
+                continue
+            s = queue[-1]  # the session Mosquitto holds for this client id
+            device = self.devices.get(s.device_id)
+            reason = revoked_reason(s.num_id, s.credential_pem, grant_of(device) if device else None, now)
+            if not reason and not self.registry_settings.mqtt_enabled:
+                reason = "MQTT disabled for the registry"
+            if reason:
+                log.warning("kicking %s: %s", s.device_id, reason)
+                self.stats["kicked"] += 1
+                self._send_events(f"KICK {client_id}\n")
+
+    async def _rounds(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.recheck_interval_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the registry briefly unreachable: the next round asks again
+                self.stats["rounds_failed"] += 1
+                log.warning("registry round failed: %s", exc)
+
+    # ------------------------------------------------------------------------------------ one CONNECT
+
+    def check(self, client_id: str, address: str, password: str) -> tuple[Device, datetime, str]:
+        """(the device, its session's deadline, the credential it proved) or ``Refused``."""
+        if not self.fresh():
+            raise Refused("registry not fresh (no change-feed round succeeded lately)")
+        key = address_key(address) if address else "unknown"
+        if self._failures.exhausted(key, self._monotonic()):
+            self.stats["address_limited"] += 1
+            raise Refused(f"too many failed connects from {key}; retry later")
+
+        def bad(reason: str) -> Refused:
+            self._failures.charge(key, self._monotonic())
+            return Refused(reason)
+
+        s = self.settings
+        try:
+            device_id = parse_client_id(client_id, s.project, s.region, s.registry_id)
+        except AuthError as exc:
+            raise bad(str(exc)) from None
+        device = self.devices.get(device_id)
+        if device is None:
+            raise bad("unknown device")
+        now = datetime.now(UTC)
+        try:
+            token = verify_jwt(password, device.credentials, audience=s.project, now=now)
+        except AuthError as exc:
+            raise bad(str(exc)) from None
+        credential = token.credential
+        if (self.registry_settings.ca_certificates and credential.format.endswith("_X509_PEM")
+                and not signed_by_one_of(credential.public_key_pem, self.registry_settings.ca_certificates)):
+            raise bad("certificate not signed by any of the registry's CA certificates")
+        if device.blocked:
+            raise Refused("device is blocked")
+        if device.gateway_config.is_gateway:
+            raise Refused("device is a gateway: gateways connect through the TLS front (device_auth front)")
+        if not self.registry_settings.mqtt_enabled:
+            raise Refused(f"MQTT is disabled for registry {s.registry_id}")
+        return device, session_deadline(now, token.expires_at, credential.expiration_time), credential.public_key_pem
+
+    def authenticate(self, client_id: str, address: str, password: str) -> str:
+        """The answer line to an AUTH request; an admitted session is recorded, its presence written."""
+        try:
+            device, deadline, credential_pem = self.check(client_id, address, password)
+        except Refused as exc:
+            self.stats["refused"] += 1
+            log.info("refused %s from %s: %s", printable(client_id), printable(address), exc)
+            return f"NO {exc}\n"
+        session = Session(client_id, device.id, device.num_id, credential_pem, deadline)
+        self._admit(session)
+        self.stats["accepted"] += 1
+        log.info("device %s connected from %s (until %s)", device.id, printable(address), deadline.isoformat())
+        return f"OK {math.floor(deadline.timestamp())}\n"
+
+    def _admit(self, session: Session) -> None:
+        self.sessions.setdefault(session.client_id, deque()).append(session)
+        self._holders[session.device_id] += 1
+        if session.known and session.expires_at is not None:
+            item = (self.registry.registry_id, session.device_id, self.settings.host_id, session.id,
+                    session.expires_at)
+            session.presence = self._spawn(self._present(session, item))
+
+    async def _present(self, session: Session, item: tuple[str, str, str, str, datetime]) -> Any:
+        """The session's presence record (its update time), then its config sync request, as the front orders them:
+        the requests of a reconnect storm reach the bridge service in bursts (one a presence commit), which it
+        reads together (``service.SYNC_BATCH``), instead of one by one at Mosquitto's pace. A session that ended
+        meanwhile asks nothing (its "gone" went first)."""
+        try:
+            return await self._presence.write(self.registry.client, item)
+        except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the device stays
+            log.warning("presence of %s not recorded: %s", session.device_id, exc)
+            return None
+        finally:
+            if any(s is session for s in self.sessions.get(session.client_id, ())):
+                self._publish_sync(sync_payload(session.device_id))
+
+    def gone(self, client_id: str) -> None:
+        """The plugin's GONE: the oldest session of the client id ended (a takeover ends the older one)."""
+        queue = self.sessions.get(client_id)
+        if not queue:
+            return
+        session = queue.popleft()
+        if not queue:
+            del self.sessions[client_id]
+        self.stats["gone"] += 1
+        left = self._holders[session.device_id] - 1
+        if left > 0:
+            self._holders[session.device_id] = left
+        else:
+            del self._holders[session.device_id]
+            self._publish_sync((session.device_id + SYNC_GONE).encode())
+        if session.presence is not None:
+            self._spawn(self._remove_presence(session))
+        log.info("device %s disconnected", session.device_id)
+
+    async def _remove_presence(self, session: Session) -> None:
+        assert session.presence is not None
+        try:
+            update_time = await session.presence
+            if update_time is not None:  # None: a later session of the same commit holds the record
+                await self._absence.write(self.registry.client,
+                                          (self.registry.registry_id, session.device_id, update_time))
+        except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the host record answers
+            log.warning("presence of %s not removed: %s", session.device_id, exc)
+
+    def reconcile(self, live: Counter[str], since: set[Session]) -> None:
+        """The plugin's LIVE list: its admitted sessions per client id. Sessions the daemon admitted before the list
+        began (not ``since``) and the plugin does not hold have ended; sessions it holds that the daemon never saw
+        (the daemon restarted) are recorded without a credential (a change of their device kicks them)."""
+        for client_id in set(self.sessions) | set(live):
+            older = [s for s in self.sessions.get(client_id, ()) if s not in since]
+            for _ in range(len(older) - live[client_id]):
+                self.gone(client_id)
+            for _ in range(live[client_id] - len(older)):
+                device_id = client_id[len(self.prefix):] if client_id.startswith(self.prefix) else client_id
+                device = self.devices.get(device_id)
+                unknown = Session(client_id, device_id, device.num_id if device else "", known=False)
+                self.sessions.setdefault(client_id, deque()).appendleft(unknown)
+                self._holders[device_id] += 1
+
+    # ------------------------------------------------------------------------------------ the socket
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        live: Counter[str] | None = None
+        since: set[Session] = set()
+        self._connections.add(writer)
+        try:
+            while True:
+                line = await reader.readline()
+                if not line.endswith(b"\n"):
+                    return
+                verb, _, arg = line[:-1].decode("utf-8", "replace").partition(" ")
+                if verb == "AUTH":
+                    address, password = await reader.readline(), await reader.readline()
+                    if not password.endswith(b"\n"):
+                        return
+                    writer.write(self.authenticate(arg, address[:-1].decode("utf-8", "replace"),
+                                                   password[:-1].decode("utf-8", "replace")).encode())
+                elif verb == "GONE":
+                    self.gone(arg)
+                elif verb == "EVENTS":
+                    self._events.add(writer)
+                    live = Counter()
+                    since = {s for q in self.sessions.values() for s in q}
+                elif verb == "LIVE" and live is not None:
+                    live[arg] += 1
+                elif verb == "SYNCED" and live is not None:
+                    admitted_meanwhile = {s for q in self.sessions.values() for s in q} - since
+                    self.reconcile(live, admitted_meanwhile)
+                    live = None
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):  # ValueError: a line over MAX_LINE
+            pass
+        finally:
+            self._events.discard(writer)
+            self._connections.discard(writer)
+            writer.close()
+
+    def _send_events(self, line: str) -> None:
+        for w in list(self._events):
+            w.write(line.encode())
+
+    # ------------------------------------------------------------------------------ config sync, health
+
+    def _publish_sync(self, payload: bytes) -> None:
+        if self._control is not None:
+            self._control.publish(SYNC_TOPIC, payload, qos=1)
+
+    def _connect_control(self, password: str) -> paho.Client:
+        s = self.settings
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:authd:{s.host_id}",
+                             clean_session=True)
+        client.username_pw_set("bridge", password)
+        client.max_queued_messages_set(0)
+        client.connect_async(s.broker_host, s.broker_port, keepalive=30)
+        client.loop_start()
+        return client
+
+    async def healthy(self) -> tuple[bool, str]:
+        """Mosquitto accepts connections, the map is fresh, and the bridge service reported lately."""
+        s = self.settings
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(s.broker_host, s.broker_port), 2)
+            w.close()
+        except (OSError, TimeoutError):
+            return False, "broker unreachable"
+        if not self.fresh():
+            return False, "device map not fresh"
+        if s.workdir:
+            try:
+                age = time.time() - (Path(s.workdir) / "service-stats.json").stat().st_mtime
+            except OSError:
+                return False, "bridge service has not reported"
+            if age > SERVICE_SILENT_S:
+                return False, f"bridge service silent for {age:.0f}s"
+        return True, "ok"
+
+    async def _health(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if request.startswith(b"GET /stats "):
+                ok, body = True, json.dumps(self.counters())
+            else:
+                ok, body = await self.healthy()
+            writer.write((f"HTTP/1.1 {'200 OK' if ok else '503 Service Unavailable'}\r\nContent-Type: text/plain\r\n"
+                          f"Content-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}").encode())
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def connected_devices(self) -> int:
+        return len(self._holders)
+
+    def counters(self) -> dict[str, int]:
+        return {**self.stats, "connected": self.connected_devices(), "devices": len(self.devices),
+                "fresh": int(self.fresh()), "presence_commits": self._presence.commits,
+                "absence_commits": self._absence.commits}
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self, group: str | None = None) -> None:
+        """Read the registry, listen on ``auth_socket`` (mode 0660, ``group``'s), start the rounds, the gauge and
+        the health port. Raises when the registry cannot be read at start."""
+        s = self.settings
+        await self.refresh()
+        if self._control_password is not None:
+            self._control = self._connect_control(self._control_password)
+        path = Path(s.auth_socket)
+        path.unlink(missing_ok=True)
+        self._servers.append(await asyncio.start_unix_server(self._serve, str(path), limit=MAX_LINE))
+        if group:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        path.chmod(0o660)
+        if s.health_port:
+            self._servers.append(await asyncio.start_server(self._health, s.front_host, s.health_port))
+        self._spawn(self._rounds())
+        self._spawn(metrics.connected_devices_loop(s.project, s.registry_id, s.host_id, s.connected_devices_metric,
+                                                   self.connected_devices, log))
+        log.info("auth daemon listening on %s: %d devices of registry %s", path, len(self.devices), s.registry_id)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for w in list(self._connections):
+            w.close()  # their handlers see the end and return
+        for _ in range(10):
+            if not self._connections:
+                break
+            await asyncio.sleep(0.01)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._control is not None:
+            self._control.loop_stop()
+            self._control.disconnect()
+        with contextlib.suppress(OSError):
+            Path(self.settings.auth_socket).unlink()

@@ -1,0 +1,393 @@
+"""``device_auth: mosquitto`` for real: the product plugin compiled here, Mosquitto 2.0 from Debian with the host's
+own configuration (password file, ACL file, dynamic security plugin, loopback listener) plus the plugin's lines
+(``plugin.mosquitto_lines``), and the auth daemon started as a host starts it (``python -m iotbridge.bridge authd``)
+on a registry on the Firestore emulator. One host for the module; the re-check interval is short so that a
+revocation is seen within a second or two (time is controlled through the settings, never by a fake clock)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from iotbridge.bridge import fanout, plugin
+from iotbridge.bridge.authd import AuthDaemon, Refused
+from iotbridge.bridge.settings import (
+    EVENTS_MAX_BYTES,
+    STATE_MAX_BYTES,
+    BridgeSettings,
+    mosquitto_config,
+    new_secrets,
+    write_secrets,
+)
+from iotbridge.device import create_jwt, generate_key
+from iotbridge.local import services
+from iotbridge.local.tls import generate_local_tls
+from iotbridge.registry import Credential, GatewayConfig, Registry, RegistrySettings
+from tests.aio import run_in_own_loop
+from tests.conftest import require
+from tests.test_mosquitto_auth_plugin import Device
+
+PROJECT, REGION = "mqauth-project", "europe-west1"
+RECHECK_S = 0.5
+pytestmark = pytest.mark.emulator
+
+
+class Watched(Device):
+    """A device client that records when the broker ends its connection, and does not reconnect."""
+
+    def __init__(self, port: int, ca: Path, client_id: str, password: str):
+        self.gone = threading.Event()
+        super().__init__(port, ca, client_id, password)
+        self.client.on_disconnect = self._on_disconnect
+
+    def _on_disconnect(self, *_: object) -> None:
+        self.gone.set()
+        self.client.loop_stop()  # from the network thread: ends it after this callback, without reconnecting
+
+
+@dataclass
+class Host:
+    settings: BridgeSettings
+    registry: Registry
+    keys: dict[str, bytes]
+    ca: Path
+    daemon_log: Path
+    secrets: dict[str, str]
+    daemon: services.Service
+    env: dict[str, str]
+
+    @property
+    def prefix(self) -> str:
+        return plugin.client_id_prefix(self.settings)
+
+    def token(self, device: str, **kw) -> str:  # noqa: ANN003
+        return create_jwt(PROJECT, self.keys[device], "ES256", **kw)
+
+    def connect(self, device: str, token: str | None = None, client_id: str | None = None) -> Watched:
+        return Watched(self.settings.front_port, self.ca, client_id or self.prefix + device,
+                       token if token is not None else self.token(device))
+
+    def connack(self, device: str, token: str | None = None, client_id: str | None = None) -> int:
+        d = self.connect(device, token, client_id)
+        try:
+            return d.connack if d.connack is not None else -1
+        finally:
+            d.close()
+
+    def stats(self) -> dict[str, int]:
+        return json.loads(_http(self.settings.health_port, "/stats")[1])
+
+    def restart_daemon(self) -> None:
+        self.daemon.stop()
+        self.daemon = _start_daemon(self.daemon_log.parent, self.env)
+
+    def internal(self, on_message=None) -> paho.Client:  # noqa: ANN001
+        """The bridge service's user on the loopback listener (the password file's user)."""
+        done = threading.Event()
+        codes: list[int] = []
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:test:{uuid.uuid4().hex[:6]}")
+        c.username_pw_set("bridge", self.secrets["bridge"])
+
+        def on_connect(_c, _u, _f, rc, _p) -> None:  # noqa: ANN001
+            codes.append(rc.value)
+            done.set()
+
+        c.on_connect = on_connect
+        if on_message is not None:
+            c.on_message = on_message
+        c.connect(self.settings.broker_host, self.settings.broker_port)
+        c.loop_start()
+        assert done.wait(10) and codes == [0], f"internal user refused: {codes}"
+        return c
+
+
+def _devices(registry: Registry) -> dict[str, bytes]:
+    keys: dict[str, bytes] = {}
+    for device in ("dev-a", "dev-b", "dev-blocked", "dev-gateway", "dev-revoked", "dev-expiring", "dev-pres"):
+        private, public = generate_key("ES256")
+        registry.create_device(device, [Credential("ES256_PEM", public)], blocked=device == "dev-blocked",
+                               gateway_config=GatewayConfig("GATEWAY", "ASSOCIATION_ONLY")
+                               if device == "dev-gateway" else None)
+        keys[device] = private
+    return keys
+
+
+@pytest.fixture(scope="module")
+def host(firestore_emulator: services.Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    wd = tmp_path_factory.mktemp("mqauth")
+    try:
+        lib = plugin.build(wd / "plugin")
+    except plugin.BuildError as exc:  # as conftest's require(): fail with the install command
+        pytest.fail(f"prerequisite missing: {exc}", pytrace=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in firestore_emulator.env.items():
+            mp.setenv(k, v)
+        registry = Registry(PROJECT, f"reg-{uuid.uuid4().hex[:10]}", REGION)
+        registry.create_registry(RegistrySettings())
+        keys = _devices(registry)
+    tls = generate_local_tls(wd / "tls")
+    secrets = new_secrets()
+    write_secrets(wd / "secrets.json", secrets)
+    settings = BridgeSettings(PROJECT, REGION, registry.registry_id, "t", front_host="127.0.0.1",
+                              front_port=services.free_port(), broker_port=services.free_port(),
+                              tls_cert=str(tls.server_cert), tls_key=str(tls.server_key),
+                              secrets_file=str(wd / "secrets.json"), recheck_interval_s=RECHECK_S,
+                              health_port=services.free_port(), device_auth="mosquitto",
+                              auth_socket=str(wd / "auth.sock"), auth_failure_burst=1000)
+    settings.dump(wd / "settings.json")
+    daemon = _start_daemon(wd, firestore_emulator.env)
+    try:
+        # The host's configuration with the plugin's lines in it (mosquitto_config includes them in this mode).
+        conf = mosquitto_config(settings, wd / "broker", run_as_root=os.geteuid() == 0, plugin_path=lib)
+        mosq = require(services.start_mosquitto, conf, settings.front_port, wd / "broker")
+        try:
+            h = Host(settings, registry, keys, tls.ca_cert, wd / "authd.log", secrets, daemon, firestore_emulator.env)
+            yield h
+            daemon = h.daemon
+        finally:
+            mosq.stop()
+    finally:
+        daemon.stop()
+
+
+def _start_daemon(wd: Path, env: dict[str, str]) -> services.Service:
+    """The auth daemon as a host starts it, on ``wd/settings.json``, once it listens."""
+    log = wd / "authd.log"
+    before = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "iotbridge.bridge", "authd", "--settings",
+                                 str(wd / "settings.json")], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, **env}, cwd=services.REPO_ROOT,
+                                start_new_session=True)
+    daemon = services.Service(name="authd", proc=proc, host="", port=0, log_path=log, workdir=wd)
+    if not _wait(lambda: not daemon.alive() or b"auth daemon listening" in log.read_bytes()[before:], 60) \
+            or not daemon.alive():
+        daemon.stop()
+        pytest.fail(f"the auth daemon did not start:\n{daemon.log_tail()}")
+    return daemon
+
+
+def _wait(predicate, timeout: float) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_devices_admitted_and_refused_for_the_right_reason(host: Host) -> None:
+    assert host.connack("dev-a") == 0
+    refused = {
+        "JWT expired": host.connack("dev-a", host.token("dev-a", now=time.time() - 7200)),
+        "JWT signature does not match any registered credential": host.connack("dev-a", host.token("dev-b")),
+        "unknown device": host.connack("dev-zz", host.token("dev-a")),
+        "device is blocked": host.connack("dev-blocked"),
+        "device is a gateway": host.connack("dev-gateway"),
+        # An internal user's password is no JWT: a device client id is judged by the plugin alone.
+        "password is not a JWT": host.connack("dev-a", host.secrets["front"]),
+    }
+    assert all(code >= 0x80 for code in refused.values()), refused
+    log = host.daemon_log.read_text()
+    missing = [reason for reason in refused if f": {reason}" not in log]
+    assert not missing, f"refusal reasons not in the daemon's log: {missing}"
+    # A client id outside the device prefix is not the plugin's: the password file refuses a JWT for it.
+    assert host.connack("dev-a", client_id="dev-a") >= 0x80
+    assert host.connack("dev-a", client_id=host.prefix.replace(host.settings.registry_id, "elsewhere") + "dev-a") \
+        >= 0x80
+
+
+def test_internal_user_connects_and_receives_device_traffic(host: Host) -> None:
+    got: list[tuple[str, bytes]] = []
+    arrived = threading.Condition()
+
+    def on_message(_c, _u, msg) -> None:  # noqa: ANN001
+        with arrived:
+            got.append((msg.topic, msg.payload))
+            arrived.notify_all()
+
+    bridge = host.internal(on_message)
+    try:
+        bridge.subscribe([("/devices/+/events/#", 1), ("/devices/+/events", 1), ("iotbridge/sync", 1)])
+        time.sleep(0.3)
+        d = host.connect("dev-b")
+        assert d.connack == 0
+        assert d.publish("/devices/dev-b/events") in (0, 0x10)
+        d.close()
+        with arrived:  # the event, the config sync at connect, the "gone" when the host's last session ended
+            assert arrived.wait_for(lambda: {("/devices/dev-b/events", b"x"), ("iotbridge/sync", b"dev-b"),
+                                             ("iotbridge/sync", b"dev-b/gone")} <= set(got), 10), got
+    finally:
+        bridge.loop_stop()
+        bridge.disconnect()
+
+
+def test_device_confined_to_its_topics_and_limits(host: Host) -> None:
+    a = host.connect("dev-a")
+    try:
+        assert a.connack == 0
+        assert a.publish("/devices/dev-a/events") in (0, 0x10)
+        assert a.publish("/devices/dev-a/events/sub") in (0, 0x10)
+        assert a.publish("/devices/dev-a/state") in (0, 0x10)
+        assert a.publish("/devices/dev-b/events") == 0x87  # not authorized
+        assert a.publish("/devices/dev-b/state") == 0x87
+        assert a.publish("/devices/dev-a/config") == 0x87
+
+        def publish(topic: str, size: int, qos: int = 1, retain: bool = False) -> int:
+            return a.wait_ack(a.client.publish(topic, b"x" * size, qos=qos, retain=retain).mid)
+
+        assert publish("/devices/dev-a/events", EVENTS_MAX_BYTES) in (0, 0x10)
+        assert publish("/devices/dev-a/events", EVENTS_MAX_BYTES + 1) == 0x87
+        assert publish("/devices/dev-a/state", STATE_MAX_BYTES) in (0, 0x10)
+        assert publish("/devices/dev-a/state", STATE_MAX_BYTES + 1) == 0x87
+        assert publish("/devices/dev-a/events", 1, retain=True) == 0x87
+        assert a.subscribe("/devices/dev-a/config") == 1
+        assert a.subscribe("/devices/dev-a/commands/#") == 1
+        assert a.subscribe("/devices/dev-a/commands/fw") == 1
+        assert a.subscribe("/devices/dev-b/config") == 0x87
+        assert a.subscribe("/devices/+/config") == 0x87
+        assert a.subscribe("#") == 0x87
+    finally:
+        a.close()
+
+
+def _http(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:  # noqa: S310 - local
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_presence_gauge_and_health(host: Host) -> None:
+    client, reg, port = host.registry.client, host.registry.registry_id, host.settings.health_port
+    assert _http(port, "/healthz") == (200, "ok")
+    d = host.connect("dev-pres")
+    assert d.connack == 0
+    assert _wait(lambda: fanout.is_connected(client, reg, "dev-pres"), 10), "no presence record after connect"
+    assert json.loads(_http(port, "/stats")[1])["connected"] == 1
+    d.close()  # the plugin's GONE: the daemon removes the record
+    assert _wait(lambda: not fanout.is_connected(client, reg, "dev-pres"), 10), "presence record left behind"
+    assert json.loads(_http(port, "/stats")[1])["connected"] == 0
+
+
+def test_takeover_counts_each_connect_once(host: Host) -> None:
+    first = host.connect("dev-b")
+    second = host.connect("dev-b")  # the same client id: Mosquitto ends the first session
+    try:
+        assert first.gone.wait(5) and second.connack == 0
+        assert _wait(lambda: host.stats()["connected"] == 1, 5), host.stats()
+        assert not second.gone.is_set()
+    finally:
+        second.close()
+        first.close()
+    assert _wait(lambda: host.stats()["connected"] == 0, 5), host.stats()
+
+
+def test_restarted_daemon_learns_the_live_sessions(host: Host) -> None:
+    d = host.connect("dev-b")
+    try:
+        assert d.connack == 0
+        host.restart_daemon()
+        # the plugin reconnects on its tick and sends its LIVE list
+        assert _wait(lambda: host.stats()["connected"] == 1, 5), host.stats()
+        host.registry.set_blocked("dev-b", True)  # a session the new daemon did not admit is still revocable
+        assert d.gone.wait(2 + 4 * RECHECK_S), "a blocked device stayed connected after the daemon restarted"
+    finally:
+        d.close()
+        host.registry.set_blocked("dev-b", False)
+    assert _wait(lambda: host.stats()["connected"] == 0, 5), host.stats()
+
+
+def test_revocation_kicks_within_a_round(host: Host) -> None:
+    d = host.connect("dev-revoked")
+    try:
+        assert d.connack == 0
+        time.sleep(RECHECK_S)
+        assert not d.gone.is_set()
+        host.registry.set_blocked("dev-revoked", True)
+        # the change is committed: the next round (every RECHECK_S) reads it and the daemon sends KICK
+        assert d.gone.wait(2 + 4 * RECHECK_S), "a blocked device stayed connected"
+    finally:
+        d.close()
+    assert host.connack("dev-revoked") >= 0x80
+
+
+def test_session_ends_at_its_deadline(host: Host) -> None:
+    d = host.connect("dev-expiring", host.token("dev-expiring", lifetime_s=3))
+    try:
+        assert d.connack == 0
+        assert not d.gone.wait(1.5), "ended before the token's exp"
+        assert d.gone.wait(4), "still connected after the token's exp"
+    finally:
+        d.close()
+
+
+def test_mqtt_switched_off_refuses_and_kicks(host: Host) -> None:
+    d = host.connect("dev-a")
+    try:
+        assert d.connack == 0
+        host.registry.update_settings(RegistrySettings(mqtt_enabled=False))
+        assert d.gone.wait(2 + 4 * RECHECK_S), "a device stayed connected after MQTT was switched off"
+        assert host.connack("dev-b") >= 0x80
+        assert "MQTT is disabled for registry" in host.daemon_log.read_text()
+    finally:
+        d.close()
+        host.registry.update_settings(RegistrySettings())
+
+
+def test_stale_map_and_failing_address_refused(firestore_emulator: services.Service, host: Host,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon in this process on the same registry, its monotonic clock moved by hand: a map whose last round
+    is older than two re-check intervals refuses; an address that spent its failures is refused before its JWT."""
+    for k, v in firestore_emulator.env.items():
+        monkeypatch.setenv(k, v)
+    clock = [1000.0]
+    settings = BridgeSettings(PROJECT, REGION, host.settings.registry_id, "t", recheck_interval_s=5.0,
+                              auth_failures_per_s=0.1, auth_failure_burst=2)
+    daemon = AuthDaemon(settings, Registry(PROJECT, settings.registry_id, REGION), monotonic=lambda: clock[0])
+    run_in_own_loop(daemon.refresh())
+    client_id = host.prefix + "dev-b"
+    daemon.check(client_id, "203.0.113.7", host.token("dev-b"))
+    clock[0] += 2 * settings.recheck_interval_s
+    with pytest.raises(Refused, match="registry not fresh"):
+        daemon.check(client_id, "203.0.113.7", host.token("dev-b"))
+    run_in_own_loop(daemon.refresh())
+    for _ in range(settings.auth_failure_burst):
+        with pytest.raises(Refused, match="JWT signature"):
+            daemon.check(client_id, "203.0.113.8", host.token("dev-a"))
+    with pytest.raises(Refused, match="too many failed connects"):
+        daemon.check(client_id, "203.0.113.8", host.token("dev-b"))
+    daemon.check(client_id, "203.0.113.9", host.token("dev-b"))  # another address is not held back
+
+
+def test_presence_removed_in_batches_but_never_a_newer_sessions(host: Host) -> None:
+    """The daemon removes ended sessions' records in one commit; a record a newer session replaced meanwhile fails
+    that commit's precondition, and each is then removed on its own: the newer session's record stays."""
+    client, reg = host.registry.client, host.registry.registry_id
+    until = datetime.now(UTC) + timedelta(hours=1)
+    old_x, old_y = fanout.mark_connected_many(client, [(reg, "dev-x", "h", "s1", until),
+                                                       (reg, "dev-y", "h", "s1", until)])
+    fanout.mark_disconnected_many(client, [(reg, "dev-x", old_x), (reg, "dev-y", old_y)])
+    assert not fanout.is_connected(client, reg, "dev-x") and not fanout.is_connected(client, reg, "dev-y")
+    old_x, old_y = fanout.mark_connected_many(client, [(reg, "dev-x", "h", "s2", until),
+                                                       (reg, "dev-y", "h", "s2", until)])
+    fanout.mark_connected(client, reg, "dev-y", "h", "s3", until)  # a newer session of dev-y
+    fanout.mark_disconnected_many(client, [(reg, "dev-x", old_x), (reg, "dev-y", old_y)])
+    assert not fanout.is_connected(client, reg, "dev-x")
+    assert fanout.is_connected(client, reg, "dev-y")
