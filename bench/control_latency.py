@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -172,6 +174,7 @@ def main() -> None:
     ap.add_argument("--forward", action="store_true",
                     help="the device -> bridge service hop, with and without Mosquitto's set_tcp_nodelay")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the brokers are stopped too (finally)
     if args.forward:
         _forward(args.rate, args.seconds, args.rounds)
         return
