@@ -544,7 +544,9 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
                    routes: Mapping[str, str], health_port: int, machine_type: str = "e2-standard-2",
                    device_auth: str = "front", max_hosts: int = 10, devices_per_host: int | None = None) -> str:
     """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager, the
-    kernel and the units' open-files limits sized for what a ``machine_type`` host carries (host_sizing).
+    kernel and the units' open-files limits sized for what a ``machine_type`` host carries
+    (``host_sizing.group_sizing``: with ``device_auth`` "mosquitto", beside its auth daemon's map of ``max_hosts`` x
+    ``devices_per_host`` devices).
 
     The host id is the instance's name (``hostname -s`` on GCE; a managed instance group names its VMs
     ``{base_instance_name}-xxxx``, which ``iotbridge.spec.HOST_ID_RE`` accepts). The bridge names its delivery
