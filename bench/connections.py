@@ -40,6 +40,7 @@ from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from iotbridge.registry import Registry
 
 COMMAND = ".venv/bin/python -m bench connections"
+COMMAND_ALONE = ".venv/bin/python -m bench.connections"
 # The processes whose memory and CPU a connection costs, by the host's device_auth: the one that faces the devices
 # first.
 COUNTED = {"front": ("front", "mosquitto"), "mosquitto": ("mosquitto", "authd")}
@@ -309,6 +310,7 @@ def run(device_auth: str = "front") -> list[Figure]:
         why = (f"stopped at the {last.target} step: {last.open} open, {last.held} answered PINGREQ, "
                f"client errors {last.errors}; {LABEL[roles[0] if device_auth == 'front' else 'authd']} says: "
                f"{front_refusals(stack)}")
+    command = COMMAND if device_auth == "front" else f"{COMMAND_ALONE} --device-auth {device_auth}"
     names = " + ".join(LABEL[r] for r in roles)
     busy = "front" if device_auth == "front" else names
     extra = {"steps": [s.__dict__ for s in steps], "open_files_limit": nofile, "register_s": round(register_s, 1),
@@ -318,20 +320,20 @@ def run(device_auth: str = "front") -> list[Figure]:
         extra["authd_rss_at_start_kib"] = base.rss_kib["authd"]
     fds = "two per device" if device_auth == "front" else "one per device"
     return [
-        Figure(SECTION, "idle authenticated connections held, 1 host", reached, "connections", COMMAND,
+        Figure(SECTION, "idle authenticated connections held, 1 host", reached, "connections", command,
                f"target {TARGET}; {why}; after 10 s idle {final_held} still answered PINGREQ; open-files limit "
                f"{nofile} ({LABEL[first].lower()}: {first_nofile}; it needs {fds}); registering {TARGET} devices "
                f"took {register_s:.0f} s", extra),
-        Figure(SECTION, f"memory per connection ({names} RSS)", round(per_conn_kib, 1), "KiB", COMMAND,
+        Figure(SECTION, f"memory per connection ({names} RSS)", round(per_conn_kib, 1), "KiB", command,
                " + ".join(f"{LABEL[r]} {per_role[r]:.1f} KiB" for r in roles) + f" per connection; {trail}"),
         Figure(SECTION, "connection rate (TLS + JWT + registry)", round(accepted / connect_s, 1) if connect_s else None,
-               "connections/s", COMMAND,
+               "connections/s", command,
                f"{CONCURRENT_CONNECTS} concurrent handshakes from one asyncio client in the same 2 cores; {busy} CPU "
                f"{1000 * busy_cpu / max(accepted, 1):.2f} ms per connection"),
         # The name stays the same from run to run (the count is in the note), so make bench can compare it with the
         # reference's.
         Figure(SECTION, f"{busy} CPU while holding the idle connections", round(100 * idle_cpu, 1),
-               "% of one core", COMMAND, f"{last.open} idle connections; keep-alive {KEEPALIVE_S} s and the registry "
+               "% of one core", command, f"{last.open} idle connections; keep-alive {KEEPALIVE_S} s and the registry "
                f"re-check every {stack.settings.recheck_interval_s:.0f} s (of the devices changed since the last)"),
     ]
 
