@@ -13,6 +13,10 @@ and Mosquitto. Stops early at the first step where connections are refused or no
 processes started here get a raised open-files limit (each device costs the front two descriptors).
 
 Reproduce: ``.venv/bin/python -m bench connections``.
+
+``python -m bench.connections --device-auth mosquitto``: the same on a host of ``device_auth: mosquitto`` (no front:
+Mosquitto terminates TLS and its plugin asks the auth daemon); the RSS and CPU counted are Mosquitto's and the auth
+daemon's. Its figures are printed, not written to bench/results.json.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import resource
 import ssl
 import time
@@ -28,12 +33,18 @@ from dataclasses import dataclass, field
 
 from bench import local
 from bench.core import Figure, group_cpu_seconds
+from iotbridge import spec
 from iotbridge.bridge import mqtt
 from iotbridge.device import create_jwt
 from iotbridge.local.broker_host import BridgeStack, start_bridge_stack
 from iotbridge.registry import Registry
 
 COMMAND = ".venv/bin/python -m bench connections"
+COMMAND_ALONE = ".venv/bin/python -m bench.connections"
+# The processes whose memory and CPU a connection costs, by the host's device_auth: the one that faces the devices
+# first.
+COUNTED = {"front": ("front", "mosquitto"), "mosquitto": ("mosquitto", "authd")}
+LABEL = {"front": "front", "mosquitto": "Mosquitto", "authd": "auth daemon"}
 SECTION = "connections"
 STEPS = (1000, 2500, 5000, 7500, 10_000)
 TARGET = STEPS[-1]
@@ -41,6 +52,7 @@ KEEPALIVE_S = 60
 CONCURRENT_CONNECTS = 64
 KEEPALIVE_YIELD_EVERY = 64
 NOFILE = 65_536
+LOCAL_RECHECK_S = 5.0  # the front's re-check in this bench (the local stack's default)
 
 
 def raise_nofile(limit: int = NOFILE) -> int:
@@ -177,17 +189,34 @@ class Step:
     held: int
     errors: dict[str, int]
     connect_s: float
-    rss_front_kib: int
-    rss_mosquitto_kib: int
-    front_cpu_s: float
+    rss_kib: dict[str, int]  # per counted process (COUNTED)
+    cpu_s: float  # of the front, or of Mosquitto and the auth daemon (cpu_pids)
+
+
+def counted_pids(stack: BridgeStack) -> dict[str, int]:
+    """The pids of the processes a connection costs on ``stack`` (COUNTED), the device-facing one first."""
+    return {role: stack.procs[role].proc.pid for role in COUNTED[stack.settings.device_auth]}
+
+
+def cpu_pids(stack: BridgeStack) -> list[int]:
+    """Whose CPU the bench counts: the front's (Mosquitto behind it is not), or Mosquitto's and the daemon's."""
+    pids = counted_pids(stack)
+    return [pids["front"]] if "front" in pids else list(pids.values())
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(group_cpu_seconds(pid) for pid in pids)
 
 
 async def _run(stack: BridgeStack, devices: list[tuple[str, bytes]]) -> tuple[list[Step], float, int]:
     ctx = ssl.create_default_context(cafile=str(stack.ca_cert))
     fleet = Fleet(stack.mqtt_host, stack.mqtt_port, ctx)
-    front_pid = stack.procs["front"].proc.pid
-    mosq_pid = stack.procs["mosquitto"].proc.pid
-    steps = [Step(0, 0, 0, {}, 0.0, rss_kib(front_pid), rss_kib(mosq_pid), 0.0)]
+    pids, busy = counted_pids(stack), cpu_pids(stack)
+
+    def rss() -> dict[str, int]:
+        return {role: rss_kib(pid) for role, pid in pids.items()}
+
+    steps = [Step(0, 0, 0, {}, 0.0, rss(), 0.0)]
     sem = asyncio.Semaphore(CONCURRENT_CONNECTS)
     pinger = asyncio.ensure_future(fleet.keepalive())
 
@@ -200,22 +229,21 @@ async def _run(stack: BridgeStack, devices: list[tuple[str, bytes]]) -> tuple[li
     try:
         done = 0
         for target in STEPS:
-            cpu0, t0 = group_cpu_seconds(front_pid), time.monotonic()
+            cpu0, t0 = cpu_seconds(busy), time.monotonic()
             errors_before = sum(fleet.errors.values())
             await asyncio.gather(*(one(d, k) for d, k in devices[done:target]))
             connect_s = time.monotonic() - t0
-            front_cpu = group_cpu_seconds(front_pid) - cpu0
+            front_cpu = cpu_seconds(busy) - cpu0
             done = target
             held = await fleet.ping_all()
-            steps.append(Step(target, len(fleet.conns), held, dict(fleet.errors), connect_s, rss_kib(front_pid),
-                              rss_kib(mosq_pid), front_cpu))
+            steps.append(Step(target, len(fleet.conns), held, dict(fleet.errors), connect_s, rss(), front_cpu))
             if sum(fleet.errors.values()) > errors_before or held < len(fleet.conns):
                 break
-        # The idle cost of what is held: the front's CPU over 10 s with nothing but keep-alives and its
-        # registry re-check of connected devices.
-        cpu0, t0 = group_cpu_seconds(front_pid), time.monotonic()
+        # The idle cost of what is held: the front's CPU (or Mosquitto's and the auth daemon's) over 10 s with
+        # nothing but keep-alives and the registry re-check (of connected devices; the daemon's change feed).
+        cpu0, t0 = cpu_seconds(busy), time.monotonic()
         await asyncio.sleep(10)
-        idle_cpu_per_s = (group_cpu_seconds(front_pid) - cpu0) / (time.monotonic() - t0)
+        idle_cpu_per_s = (cpu_seconds(busy) - cpu0) / (time.monotonic() - t0)
         final_held = await fleet.ping_all()
     finally:
         pinger.cancel()
@@ -224,10 +252,11 @@ async def _run(stack: BridgeStack, devices: list[tuple[str, bytes]]) -> tuple[li
 
 
 def front_refusals(stack: BridgeStack) -> str:
-    """The front's most frequent refusal reasons (its log), e.g. the open-files limit."""
+    """The front's (or the auth daemon's) most frequent refusal reasons (its log), e.g. the open-files limit."""
+    role = "front" if stack.settings.device_auth == "front" else "authd"
     reasons: collections.Counter[str] = collections.Counter()
     try:
-        for line in (stack.workdir / "front" / "front.log").read_text(errors="replace").splitlines():
+        for line in (stack.workdir / role / f"{role}.log").read_text(errors="replace").splitlines():
             if " refused " in line and ": " in line:
                 reasons[line.rsplit(": ", 1)[-1][:120]] += 1
     except OSError:
@@ -245,7 +274,7 @@ def register_many(registry: Registry, n: int, tag: str, workers: int = 16) -> li
         return [d for part in pool.map(batch, chunks) for d in part]
 
 
-def run() -> list[Figure]:
+def run(device_auth: str = "front") -> list[Figure]:
     nofile = raise_nofile()
     env = local.emulators()
     prefix = local.new_prefix("bc")
@@ -254,45 +283,77 @@ def run() -> list[Figure]:
     t0 = time.monotonic()
     devices = register_many(registry, TARGET, f"{prefix}-d")
     register_s = time.monotonic() - t0
+    # The auth daemon runs at the cloud's 30 s re-check: at the local 5 s it refused all of the first 1,000 CONNECTs
+    # on this shared machine (2 cores, load 11), its first rounds re-reading the 10,000 devices just registered.
+    recheck = spec.CLOUD_RECHECK_INTERVAL_S if device_auth == "mosquitto" else LOCAL_RECHECK_S
     stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
-                               prefix, env)
-    front_nofile = _nofile_of(stack.procs["front"].proc.pid)
+                               prefix, env, recheck_interval_s=recheck, device_auth=device_auth)
+    roles = COUNTED[device_auth]
+    first = roles[0]  # the process that holds the devices' sockets: the front, or Mosquitto
+    first_nofile = _nofile_of(stack.procs[first].proc.pid)
     try:
         steps, idle_cpu, final_held = asyncio.run(_run(stack, devices))
     finally:
         stack.stop()
     base, last = steps[0], steps[-1]
     reached = max(s.held for s in steps)
-    per_conn_kib = ((last.rss_front_kib + last.rss_mosquitto_kib) - (base.rss_front_kib + base.rss_mosquitto_kib)) \
-        / max(last.open, 1)
-    front_kib = (last.rss_front_kib - base.rss_front_kib) / max(last.open, 1)
-    mosq_kib = (last.rss_mosquitto_kib - base.rss_mosquitto_kib) / max(last.open, 1)
+    per_role = {r: (last.rss_kib[r] - base.rss_kib[r]) / max(last.open, 1) for r in roles}
+    per_conn_kib = sum(per_role.values())
     accepted = sum(s.open - prev.open for prev, s in zip(steps, steps[1:], strict=False))
     connect_s = sum(s.connect_s for s in steps[1:])
-    front_cpu = sum(s.front_cpu_s for s in steps[1:])
-    trail = "; ".join(f"{s.target}: {s.held} held, {s.connect_s:.1f} s, front {s.rss_front_kib // 1024} MiB, "
-                      f"mosquitto {s.rss_mosquitto_kib // 1024} MiB" for s in steps[1:])
+    busy_cpu = sum(s.cpu_s for s in steps[1:])
+    trail = "; ".join(f"{s.target}: {s.held} held, {s.connect_s:.1f} s, "
+                      + ", ".join(f"{LABEL[r].lower()} {s.rss_kib[r] // 1024} MiB" for r in roles) for s in steps[1:])
     if reached >= TARGET:
         why = "all held"
     else:
         why = (f"stopped at the {last.target} step: {last.open} open, {last.held} answered PINGREQ, "
-               f"client errors {last.errors}; front says: {front_refusals(stack)}")
+               f"client errors {last.errors}; {LABEL[roles[0] if device_auth == 'front' else 'authd']} says: "
+               f"{front_refusals(stack)}")
+    command = COMMAND if device_auth == "front" else f"{COMMAND_ALONE} --device-auth {device_auth}"
+    names = " + ".join(LABEL[r] for r in roles)
+    busy = "front" if device_auth == "front" else names
     extra = {"steps": [s.__dict__ for s in steps], "open_files_limit": nofile, "register_s": round(register_s, 1),
-             "front_open_files_limit": front_nofile}
+             f"{first}_open_files_limit": first_nofile, "device_auth": device_auth,
+             "load_average": os.getloadavg()}
+    if device_auth == "mosquitto":
+        extra["authd_rss_at_start_kib"] = base.rss_kib["authd"]
+    fds = "two per device" if device_auth == "front" else "one per device"
     return [
-        Figure(SECTION, "idle authenticated connections held, 1 host", reached, "connections", COMMAND,
+        Figure(SECTION, "idle authenticated connections held, 1 host", reached, "connections", command,
                f"target {TARGET}; {why}; after 10 s idle {final_held} still answered PINGREQ; open-files limit "
-               f"{nofile} (front: {front_nofile}; it needs two per device); registering {TARGET} devices took "
-               f"{register_s:.0f} s", extra),
-        Figure(SECTION, "memory per connection (front + Mosquitto RSS)", round(per_conn_kib, 1), "KiB", COMMAND,
-               f"front {front_kib:.1f} KiB + Mosquitto {mosq_kib:.1f} KiB per connection; {trail}"),
+               f"{nofile} ({LABEL[first].lower()}: {first_nofile}; it needs {fds}); registering {TARGET} devices "
+               f"took {register_s:.0f} s", extra),
+        Figure(SECTION, f"memory per connection ({names} RSS)", round(per_conn_kib, 1), "KiB", command,
+               " + ".join(f"{LABEL[r]} {per_role[r]:.1f} KiB" for r in roles) + f" per connection; {trail}"),
         Figure(SECTION, "connection rate (TLS + JWT + registry)", round(accepted / connect_s, 1) if connect_s else None,
-               "connections/s", COMMAND,
-               f"{CONCURRENT_CONNECTS} concurrent handshakes from one asyncio client in the same 2 cores; front CPU "
-               f"{1000 * front_cpu / max(accepted, 1):.2f} ms per connection"),
+               "connections/s", command,
+               f"{CONCURRENT_CONNECTS} concurrent handshakes from one asyncio client in the same 2 cores; {busy} CPU "
+               f"{1000 * busy_cpu / max(accepted, 1):.2f} ms per connection"),
         # The name stays the same from run to run (the count is in the note), so make bench can compare it with the
         # reference's.
-        Figure(SECTION, "front CPU while holding the idle connections", round(100 * idle_cpu, 1),
-               "% of one core", COMMAND, f"{last.open} idle connections; keep-alive {KEEPALIVE_S} s and the registry "
+        Figure(SECTION, f"{busy} CPU while holding the idle connections", round(100 * idle_cpu, 1),
+               "% of one core", command, f"{last.open} idle connections; keep-alive {KEEPALIVE_S} s and the registry "
                f"re-check every {stack.settings.recheck_interval_s:.0f} s (of the devices changed since the last)"),
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.connections", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--device-auth", choices=sorted(COUNTED), default="front",
+                   help="the host's device_auth (default: front, as python -m bench connections)")
+    args = p.parse_args(argv)
+    try:
+        for f in run(args.device_auth):
+            print(json.dumps(f.to_json()), flush=True)
+    finally:
+        local.stop_all()
+    print(f"load at end {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

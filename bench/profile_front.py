@@ -20,9 +20,15 @@ TLS listener (Mosquitto terminating TLS with the local server certificate, as th
 TCP: its RSS growth per connection, what a host would hold per device with Mosquitto terminating TLS and the
 front out of the data path.
 
-``python -m bench.profile_front idle N RECHECK_S``: the front's CPU over 90 s while it holds N idle devices
-(keep-alive 60 s, as ``bench connections``) with the registry re-check every RECHECK_S seconds (the cloud's is
-``iotbridge.spec.CLOUD_RECHECK_INTERVAL_S``).
+``python -m bench.profile_front idle N RECHECK_S [DEVICE_AUTH]``: the front's CPU over 90 s while it holds N idle
+devices (keep-alive 60 s, as ``bench connections``) with the registry re-check every RECHECK_S seconds (the cloud's
+is ``iotbridge.spec.CLOUD_RECHECK_INTERVAL_S``). DEVICE_AUTH ``mosquitto``: a host of ``device_auth: mosquitto``,
+and the CPU of Mosquitto (its keep-alive handling) and of the auth daemon (its change-feed rounds), each and summed.
+
+``python -m bench.profile_front authd-map N``: the auth daemon's memory per device of the registry (its map holds
+every device, connected or not): the RSS of a daemon started on a registry of ``MEM_WARMUP`` devices, then of one
+started after N more were registered (the map read whole at start, as on a host), and of the first one after its
+change feed took the N in.
 
 ``python -m bench.profile_front sslobj N VARIANT``: OpenSSL's own memory per server-side TLS connection, apart from
 asyncio (VARIANT ``base``, or ``norelease``: without SSL_MODE_RELEASE_BUFFERS).
@@ -415,32 +421,77 @@ IDLE_WINDOW_S = 90.0
 
 
 async def _idle(stack: BridgeStack, devices: list[tuple[str, bytes]]) -> None:
-    pid = stack.procs["front"].proc.pid
+    pids = {connections.LABEL[r]: pid for r, pid in connections.counted_pids(stack).items()
+            if pid in connections.cpu_pids(stack)}
     fleet, tokens, one = _fleet(stack, devices)
     pinger = asyncio.ensure_future(fleet.keepalive())
     await asyncio.gather(*(one(d, t) for d, t in tokens))
     held = await fleet.ping_all()
     await asyncio.sleep(5)
-    cpu0, t0 = group_cpu_seconds(pid), time.monotonic()
+    cpu0, t0 = {n: group_cpu_seconds(pid) for n, pid in pids.items()}, time.monotonic()
     await asyncio.sleep(IDLE_WINDOW_S)
-    idle = (group_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    idle = {n: (group_cpu_seconds(pid) - cpu0[n]) / (time.monotonic() - t0) for n, pid in pids.items()}
+    each = ", ".join(f"{n} {100 * v:.1f}%" for n, v in idle.items())
     print(f"{held} idle connections held (errors {dict(fleet.errors)}), re-check every "
-          f"{stack.settings.recheck_interval_s:g} s: front CPU {100 * idle:.1f}% of one core over "
-          f"{IDLE_WINDOW_S:g} s; still held {await fleet.ping_all()}", flush=True)
+          f"{stack.settings.recheck_interval_s:g} s: {' + '.join(pids)} CPU {100 * sum(idle.values()):.1f}% of one "
+          f"core over {IDLE_WINDOW_S:g} s ({each}); still held {await fleet.ping_all()}; load {os.getloadavg()}",
+          flush=True)
     pinger.cancel()
     await fleet.close()
 
 
-def idle(n: int, recheck_s: float) -> None:
-    """The front's CPU while it holds ``n`` idle devices, with the registry re-checked every ``recheck_s``."""
+def idle(n: int, recheck_s: float, device_auth: str = "front") -> None:
+    """The front's CPU (or Mosquitto's and the auth daemon's) while it holds ``n`` idle devices, with the registry
+    re-checked every ``recheck_s``."""
     env, prefix, devices = _prepare(n, local.workdir(), "bi")
     stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
-                               prefix, env, recheck_interval_s=recheck_s)
+                               prefix, env, recheck_interval_s=recheck_s, device_auth=device_auth)
     try:
         asyncio.run(_idle(stack, devices))
     finally:
         stack.stop()
         local.stop_all()
+
+
+def _authd_devices(stack: BridgeStack, want: int, timeout: float = 600.0) -> None:
+    """Wait until the auth daemon's map holds ``want`` devices (its health port opens a moment after it is ready)."""
+    deadline = time.monotonic() + timeout
+    held = 0
+    while held < want:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the auth daemon holds {held} devices, not {want}")
+        with contextlib.suppress(OSError):
+            held = stack.front_stats().get("devices", 0)
+        time.sleep(1)
+
+
+def authd_map(n: int) -> None:
+    """See the module docstring: the auth daemon's RSS per device of the registry."""
+    env, prefix, _ = _prepare(MEM_WARMUP, local.workdir(), "ba")
+    registry = Registry(local.PROJECT, local.REGISTRY, local.REGION)
+    stack = start_bridge_stack(local.workdir() / f"{prefix}-host", local.PROJECT, local.REGION, local.REGISTRY,
+                               prefix, env, device_auth="mosquitto")
+    print(f"load at start {os.getloadavg()}", flush=True)
+    try:
+        _authd_devices(stack, MEM_WARMUP)
+        time.sleep(2 * stack.settings.recheck_interval_s)  # a few change-feed rounds: the map's steady state
+        base = connections.rss_kib(stack.procs["authd"].proc.pid)
+        connections.register_many(registry, n, f"{prefix}-m")
+        _authd_devices(stack, MEM_WARMUP + n)
+        time.sleep(2 * stack.settings.recheck_interval_s)
+        fed = connections.rss_kib(stack.procs["authd"].proc.pid)
+        stack.stop_part("authd")
+        stack.start_authd()  # ready once its map is read whole
+        _authd_devices(stack, MEM_WARMUP + n)
+        time.sleep(2 * stack.settings.recheck_interval_s)
+        fresh = connections.rss_kib(stack.procs["authd"].proc.pid)
+    finally:
+        stack.stop()
+        local.stop_all()
+    print(f"auth daemon RSS with {MEM_WARMUP} registry devices {base} KiB; with {MEM_WARMUP + n}: started after "
+          f"them {fresh} KiB ({(fresh - base) / n:.2f} KiB per registry device), taken in by the change feed {fed} "
+          f"KiB ({(fed - base) / n:.2f} KiB per registry device)", flush=True)
+    print(f"load at end {os.getloadavg()}")
 
 
 SSL_CTRL_MODE, SSL_CTRL_CLEAR_MODE, SSL_MODE_RELEASE_BUFFERS = 33, 78, 0x10
@@ -883,8 +934,10 @@ def main(argv: list[str]) -> int:
         mem(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "sslobj":
         sslobj(int(argv[1]), argv[2])
-    elif len(argv) == 3 and argv[0] == "idle":
-        idle(int(argv[1]), float(argv[2]))
+    elif len(argv) in (3, 4) and argv[0] == "idle":
+        idle(int(argv[1]), float(argv[2]), *argv[3:])
+    elif len(argv) == 2 and argv[0] == "authd-map":
+        authd_map(int(argv[1]))
     elif len(argv) == 3 and argv[0] == "mosquitto-tls":
         mosquitto_tls(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "connrate":

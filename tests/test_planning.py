@@ -313,3 +313,65 @@ def test_a_session_lasts_the_device_sdks_token_lifetime() -> None:
     from iotbridge.device import Device
 
     assert capacity.SESSION_S == inspect.signature(Device.__init__).parameters["token_lifetime_s"].default
+
+
+def test_a_stack_of_devices_authenticated_by_mosquitto_sizes_hosts_by_mosquittos_cpu_and_the_daemons_map(
+        tmp_path: Path, stack_file: Path) -> None:
+    """brokerDeviceAuth mosquitto: no front. Mosquitto holds 18 KiB per connected device and binds by its one core;
+    the auth daemon holds 4 KiB per device of the registry (the fleet's) on every host."""
+    p = tmp_path / "Pulumi.mq.yaml"
+    p.write_text(STACK_YAML + "  gcp-iot-bridge:brokerDeviceAuth: mosquitto\n")
+    stack = capacity.read_stack(p)
+    assert stack.broker_device_auth == "mosquitto"
+    # 10,000 devices: the map 10,000 x 4 = 40,000 KiB; memory 6,144 MiB x 1,024 = 6,291,456 KiB less it =
+    # 6,251,456 / 18 = 347,303 devices; Mosquitto's CPU: half its core, 500 x 10,000 / 22 permille = 227,272, the
+    # smaller; x 0.7 = 159,090 kept (the front's 56,451). 10,000 devices need 1 host; brokerMinHosts makes 2.
+    small = capacity.plan(Fleet(10_000, 0.1), stack, FIGURES)
+    assert small.devices_per_host == 159_090
+    assert (small.hosts_for_connections, small.broker_hosts) == (1, 2)
+    assert any("registry reads and writes are counted as the front's" in n for n in small.notes)
+    # 1,000,000 devices: the map 4,000,000 KiB leaves 2,291,456 / 18 = 127,303 devices by memory, under the CPU's
+    # 227,272; x 0.7 = 89,112 kept; 1,000,000 / 89,112 = 11.2 -> 12 hosts (the front: 18).
+    big = capacity.plan(Fleet(1_000_000, 1 / 60), stack, FIGURES)
+    assert big.devices_per_host == 89_112
+    assert big.hosts_for_connections == 12
+    # 1,600,000 devices: their map, 6,400,000 KiB, is more than the 6,291,456 KiB a host has for devices.
+    with pytest.raises(PlanningError, match="cannot hold the auth daemon's map of 1,600,000 registry devices"):
+        capacity.plan(Fleet(1_600_000, 1 / 60), stack, FIGURES)
+    # The same stack in the front mode keeps 56,451 (test_known_fleet_capacity), the map ignored.
+    front = capacity.plan(Fleet(1_000_000, 1 / 60), capacity.read_stack(stack_file), FIGURES)
+    assert front.devices_per_host == 56_451
+
+
+def test_an_unknown_broker_device_auth_is_a_one_line_error(tmp_path: Path) -> None:
+    p = tmp_path / "Pulumi.bad.yaml"
+    p.write_text(STACK_YAML + "  gcp-iot-bridge:brokerDeviceAuth: plugin\n")
+    with pytest.raises(PlanningError, match=r"^gcp-iot-bridge:brokerDeviceAuth=plugin: expected front or mosquitto$"):
+        capacity.read_stack(p)
+
+
+def test_host_sizing_of_the_mosquitto_mode_known_numbers() -> None:
+    from iotbridge.planning import host_sizing
+
+    # e2-standard-2, no registry: 6,291,456 KiB / 18 = 349,525 by memory; 227,272 by Mosquitto's CPU (the daemon's
+    # 1 permille per 10,000 on its own core would allow 5,000,000). Mosquitto: one descriptor per device,
+    # 227,272 + 4,096; no front; fs.file-max: 227,272 + 2 x 4,096 + 65,536 + 65,536 = 366,536 < 1,048,576.
+    bare = host_sizing.sizing("e2-standard-2", "mosquitto")
+    assert (bare.devices_by_memory, bare.devices_by_cpu, bare.devices) == (349_525, 227_272, 227_272)
+    assert (bare.broker_nofile, bare.front_nofile, bare.file_max) == (231_368, 4_096, 1_048_576)
+    # e2-micro sustains a quarter of a core, which both processes share: 125 x 10,000 / (22 + 1) = 54,347; its
+    # 512 MiB for devices: 524,288 / 18 = 29,127, the smaller; x 0.7 = 20,388.
+    micro = host_sizing.sizing("e2-micro", "mosquitto")
+    assert (micro.devices_by_memory, micro.devices_by_cpu, micro.autoscale_target) == (29_127, 54_347, 20_388)
+    # The stack's group of at most 10 hosts: d = 6,291,456 / (18 + 0.7 x 10 x 4 = 46) = 136,770; the registry
+    # taken as 10 x 0.7 x 136,770 = 957,390 devices: its map 3,829,560 KiB leaves 2,461,896 / 18 = 136,772, the
+    # capacity (under 227,272); x 0.7 = 95,740 kept.
+    group = host_sizing.group_sizing("e2-standard-2", "mosquitto", max_hosts=10)
+    assert (group.devices, group.autoscale_target) == (136_772, 95_740)
+    # A devices_per_host given: the registry is 10 x 50,000 = 500,000 (2,000,000 KiB): 4,291,456 / 18 = 238,414 by
+    # memory, so Mosquitto's CPU binds again: 227,272.
+    assert host_sizing.group_sizing("e2-standard-2", "mosquitto", 10, 50_000).devices == 227_272
+    # The front's sizing takes no map.
+    assert host_sizing.group_sizing("e2-standard-2", "front", 10).devices == host_sizing.sizing("e2-standard-2").devices
+    with pytest.raises(ValueError, match="device_auth must be one of front, mosquitto, got 'plugin'"):
+        host_sizing.sizing("e2-standard-2", "plugin")

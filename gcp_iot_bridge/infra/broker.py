@@ -66,7 +66,7 @@ from gcp_iot_bridge.infra.admin_api import service_url
 from gcp_iot_bridge.infra.buckets import private_bucket
 from gcp_iot_bridge.infra.config_push import IAM_PROPAGATION_WAIT, RUNTIME
 from gcp_iot_bridge.infra.registry_database import RegistryDatabase
-from iotbridge.planning.host_sizing import MAX_HOSTS, HostSizing, sizing
+from iotbridge.planning.host_sizing import MAX_HOSTS, HostSizing, group_sizing
 from iotbridge.spec import CLOUD_RECHECK_INTERVAL_S, CONNECTED_DEVICES_METRIC, DEVICE_AUTH_MODES
 
 # A host stopping (scale-in, a rolling replacement) ends its device sessions over this many seconds, after the load
@@ -217,7 +217,7 @@ class Broker(pulumi.ComponentResource):
             raise ValueError(f"cpu_target must be in (0, 1], got {args.cpu_target}")
         if args.device_auth not in DEVICE_AUTH_MODES:
             raise ValueError(f"device_auth must be one of {', '.join(DEVICE_AUTH_MODES)}, got {args.device_auth!r}")
-        self.sizing = sizing(args.machine_type)
+        self.sizing = group_sizing(args.machine_type, args.device_auth, args.max_hosts, args.devices_per_host)
         self._devices_per_host = args.devices_per_host or self.sizing.autoscale_target
         if not 0 < self._devices_per_host <= self.sizing.devices:
             raise ValueError(f"devices_per_host must be 1..{self.sizing.devices} (what one {args.machine_type} "
@@ -476,7 +476,7 @@ class Broker(pulumi.ComponentResource):
             code_url=f"gs://{v[0]}/{v[1]}", tls_key_secret=v[2], passwords_secret=v[3], server_cert_pem=v[4],
             database=v[5], routes={k: _topic_id(t) for k, t in zip(route_names, v[6:-1], strict=True)},
             health_port=args.health_port, machine_type=args.machine_type, registrar_url=v[-1],
-            device_auth=args.device_auth))
+            device_auth=args.device_auth, max_hosts=args.max_hosts, devices_per_host=args.devices_per_host))
         self.template = gcp.compute.InstanceTemplate(
             f"{name}-template",
             project=args.project,
@@ -604,9 +604,12 @@ def _topic_id(topic: str) -> str:
 def startup_script(*, project: str, region: str, registry_id: str, prefix: str, code_url: str,
                    tls_key_secret: str, passwords_secret: str, server_cert_pem: str, database: str,
                    routes: Mapping[str, str], health_port: int, machine_type: str = "e2-standard-2",
-                   registrar_url: str = "", device_auth: str = "front") -> str:
+                   registrar_url: str = "", device_auth: str = "front", max_hosts: int = 10,
+                   devices_per_host: int | None = None) -> str:
     """The host's boot script: Mosquitto from Debian, the bridge in a venv, secrets from Secret Manager, the
-    kernel and the units' open-files limits sized for what a ``machine_type`` host carries (host_sizing).
+    kernel and the units' open-files limits sized for what a ``machine_type`` host carries
+    (``host_sizing.group_sizing``: with ``device_auth`` "mosquitto", beside its auth daemon's map of ``max_hosts`` x
+    ``devices_per_host`` devices).
 
     The host id is the instance's name (``hostname -s`` on GCE; a managed instance group names its VMs
     ``{base_instance_name}-xxxx``, which ``iotbridge.spec.HOST_ID_RE`` accepts). The bridge names its delivery
@@ -619,7 +622,7 @@ def startup_script(*, project: str, region: str, registry_id: str, prefix: str, 
     ``/healthz`` on ``health_port`` in the front's place."""
     if device_auth not in DEVICE_AUTH_MODES:
         raise ValueError(f"device_auth must be one of {', '.join(DEVICE_AUTH_MODES)}, got {device_auth!r}")
-    size = sizing(machine_type)
+    size = group_sizing(machine_type, device_auth, max_hosts, devices_per_host)
     by_mosquitto = device_auth == "mosquitto"
     tls_dir = f"__ROOT__{MOSQUITTO_TLS_DIR}" if by_mosquitto else "__ROOT__/etc/iotbridge"
     settings = {

@@ -59,10 +59,11 @@ class Batch:
 # attributes each time, so the map is built once per distinct set and copied in C (``CopyFrom``) into each message.
 _templates: dict[tuple[tuple[str, str], ...], Any] = {}
 # Distinct attribute sets kept, about one per device: above what one host carries (the front's idle CPU bounds every
-# machine type at 80,645 devices, iotbridge/planning/host_sizing.py), so a full host's devices all stay cached (a
-# cache smaller than its devices, cleared when full, would rebuild most maps and copy them too); about 2 KiB each.
-# The cache starts over when full (devices that left).
-MAX_TEMPLATES = 100_000
+# machine type at 80,645 devices, Mosquitto's with device_auth mosquitto at 227,272: iotbridge/planning/
+# host_sizing.py), so a full host's devices all stay cached (a cache smaller than its devices, cleared when full,
+# would rebuild most maps and copy them too); about 2 KiB each (450 MiB at 227,272, in the memory host_sizing keeps
+# for the bridge service). The cache starts over when full (devices that left).
+MAX_TEMPLATES = 250_000
 
 
 def raw_message(data: bytes, attributes: dict[str, str], cache: bool = True) -> Any:

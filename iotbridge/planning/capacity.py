@@ -81,6 +81,7 @@ STACK_DEFAULTS: dict[str, Any] = {
     "broker_min_hosts": 2,
     "broker_max_hosts": 10,
     "broker_machine_type": "e2-standard-2",
+    "broker_device_auth": "front",
     "pipeline_max_workers": 3,
     "pipeline_machine_type": "n2-standard-2",
     "bigtable_storage_type": "SSD",
@@ -169,6 +170,7 @@ class StackShape:
     broker_min_hosts: int
     broker_max_hosts: int
     broker_machine_type: str
+    broker_device_auth: str  # who authenticates devices on the hosts: "front" or "mosquitto" (host_sizing)
     pipeline_max_workers: int
     pipeline_machine_type: str
     bigtable_storage_type: str
@@ -211,6 +213,9 @@ def read_stack(path: Path) -> StackShape:
     if fixed is not None:
         values["broker_min_hosts"] = values["broker_max_hosts"] = _int("gcp-iot-bridge:brokerHosts", fixed, 1,
                                                                        1_000_000)
+    if values["broker_device_auth"] not in spec.DEVICE_AUTH_MODES:
+        raise PlanningError(f"gcp-iot-bridge:brokerDeviceAuth={values['broker_device_auth']}: expected "
+                            f"{' or '.join(spec.DEVICE_AUTH_MODES)}")
     if values["bigtable_storage_type"] not in BIGTABLE_WRITES_PER_NODE:
         raise PlanningError(f"gcp-iot-bridge:bigtableStorageType={values['bigtable_storage_type']}: expected SSD "
                             "or HDD")
@@ -366,20 +371,27 @@ def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
     # Broker hosts: throughput (the reference host's maximum, per core, scaled to this machine type's vCPUs and
     # planned at half) and connections: what the deployed autoscaler keeps on one host of the stack's machine type,
     # from the same arithmetic the stack sizes its hosts with (host_sizing: measured memory per device and the
-    # front's measured idle CPU).
+    # measured idle CPU of the process that binds, for the stack's brokerDeviceAuth). With "mosquitto" each host's
+    # auth daemon holds the whole registry in memory: the fleet's devices.
     vcpus, _ = machine_shape(stack.broker_machine_type)
     host_rate = figures.qos1_msgs_per_s / figures.cores * vcpus * PLANNED_UTILIZATION
     hosts_for_rate = math.ceil(rate / host_rate)
     try:
-        size = host_sizing.sizing(stack.broker_machine_type)
+        size = host_sizing.sizing(stack.broker_machine_type, stack.broker_device_auth,
+                                  registry_devices=fleet.devices if stack.broker_device_auth == "mosquitto" else 0)
     except ValueError as exc:
         raise PlanningError(f"broker machine type: {exc}") from None
+    if size.autoscale_target < 1:
+        raise PlanningError(f"a {stack.broker_machine_type} broker host with brokerDeviceAuth mosquitto cannot hold "
+                            f"the auth daemon's map of {fleet.devices:,} registry devices (docs/capacity.md)")
     hosts_for_connections = math.ceil(fleet.devices / size.autoscale_target)
     hosts = max(1, hosts_for_rate, hosts_for_connections, stack.broker_min_hosts)
     if hosts > stack.broker_max_hosts:
         notes.append(f"needs {hosts} broker hosts; the stack's brokerMaxHosts is {stack.broker_max_hosts}")
+    binds = ("the front's idle CPU" if stack.broker_device_auth == "front" else
+             "Mosquitto's and the auth daemon's idle CPU, the daemon holding the fleet's registry")
     notes.append(f"connections per host: {size.autoscale_target:,}, what the autoscaler keeps on a "
-                 f"{stack.broker_machine_type} ({size.devices:,} it carries by memory and the front's idle CPU, "
+                 f"{stack.broker_machine_type} ({size.devices:,} it carries by memory and {binds}, "
                  f"docs/broker-scaling.md); the reference host held {figures.connections_held:,} idle connections "
                  "in the bench, where that machine's open-files limit stopped it")
     storm_s = fleet.devices / (hosts * figures.connections_per_s)
@@ -440,6 +452,10 @@ def plan(fleet: Fleet, stack: StackShape, figures: HostFigures,
     reads = hosts * spec.RECHECK_READS_PER_ROUND * rounds + sessions * spec.CONNECT_READS
     heartbeats = fleet.devices * SECONDS_PER_MONTH / max(KEEPALIVE_S, spec.HEARTBEAT_RECORD_S, recheck_interval_s)
     writes = heartbeats + sessions * spec.PRESENCE_WRITES_PER_SESSION
+    if stack.broker_device_auth == "mosquitto":
+        notes.append("registry reads and writes are counted as the front's: with brokerDeviceAuth mosquitto the "
+                     "auth daemon reads no device at CONNECT (its map) and writes no heartbeat records, so they are "
+                     "an upper bound")
     invocations = fleet.devices * fleet.config_pushes_per_device_day * DAYS_PER_MONTH
 
     return Capacity(
@@ -464,7 +480,9 @@ def render(c: Capacity) -> str:
     lines = [
         f"fleet: {f.devices:,} devices x {f.rate:g} msg/s = {c.messages_per_s:,.1f} msg/s, {f.payload_bytes} B "
         f"payloads, {f.metrics_per_message} metrics each; stack {c.stack.name} ({c.stack.region})",
-        f"broker hosts ({c.stack.broker_machine_type}): {c.broker_hosts} (rate needs {c.hosts_for_rate} at "
+        f"broker hosts ({c.stack.broker_machine_type}, devices authenticated by the "
+        f"{'front' if c.stack.broker_device_auth == 'front' else 'Mosquitto plugin'}): {c.broker_hosts} "
+        f"(rate needs {c.hosts_for_rate} at "
         f"{c.host_msgs_per_s:,.0f} msg/s each, connections need {c.hosts_for_connections} at "
         f"{c.devices_per_host:,} each, the stack keeps {c.stack.broker_min_hosts}.."
         f"{c.stack.broker_max_hosts}); every device reconnecting at once takes {c.reconnect_storm_s:,.0f} s",

@@ -23,6 +23,23 @@ The arithmetic (docs/broker-scaling.md walks through it for the default machine 
   ``tcp_mem`` lets TCP buffers use up to a quarter of memory before the kernel drops to its minimum buffers
   (the pressure point at 3/16, the low mark at 1/8).
 
+``device_auth`` "mosquitto" (no front: Mosquitto terminates the devices' TLS, its plugin asks the auth daemon):
+
+- Memory: Mosquitto and the auth daemon hold ``MQ_RSS_PER_DEVICE_KIB`` (18 KiB) per connected device: 17.5 in each
+  of two runs (Mosquitto 15.2, the daemon's session record 2.2), with 10,000 idle devices, 2026-11-30:
+  ``.venv/bin/python -m bench.connections --device-auth mosquitto``. The daemon also holds every device of the
+  registry, connected or not: ``AUTHD_RSS_PER_REGISTRY_DEVICE_KIB`` (4 KiB) per registry device (3.16 and 3.18 in
+  two runs with the map read at start, 3.52 and 3.40 with the devices taken in by the change feed:
+  ``.venv/bin/python -m bench.profile_front authd-map 10000``). That map is kept back first; ``registry_devices`` is
+  the registry's size (``group_sizing`` says what the stack takes it to be).
+- CPU: Mosquitto is one thread (one core) and the daemon another process: holding 10,000 idle devices costs
+  Mosquitto ``MQ_IDLE_PERMILLE_PER_10K`` (2.2 %: 2.2 and 1.7 measured) and the daemon
+  ``AUTHD_IDLE_PERMILLE_PER_10K`` (0.1 %: 0.1 and 0.1) of a core, re-check every 30 s, over 90 s with 10,000 held,
+  ``.venv/bin/python -m bench.profile_front idle 10000 30 mosquitto`` (2026-11-30, 2 shared cores at load 5 to 12).
+  Each may spend half of its own core on idle devices, so the busier one (Mosquitto) binds; on a shared-core type
+  both share the part of a core it sustains.
+- File descriptors: Mosquitto one per device (``broker_nofile``), no front; ``file_max`` adds the daemon's fixed set.
+
 Only predefined machine types of the families in ``MEMORY_PER_VCPU_MIB`` (and their custom types) are known:
 another type fails ``pulumi preview`` with the list, not a host that runs out of memory.
 """
@@ -31,6 +48,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from iotbridge.spec import DEVICE_AUTH_MODES
 
 # A regional managed instance group holds at most this many VMs (compute.v1 regionInstanceGroupManagers.insert:
 # "A regional managed instance group can contain up to 2000 instances.").
@@ -46,6 +65,19 @@ FD_SLACK = 4096
 FRONT_FDS_PER_DEVICE = 2
 BROKER_FDS_PER_DEVICE = 1
 SERVICE_NOFILE = 65536  # the bridge service: its Pub/Sub and Firestore channels, not per device
+AUTHD_NOFILE = SERVICE_NOFILE  # the auth daemon: its two plugin connections and Firestore channels, not per device
+
+# device_auth "mosquitto" (no front): Mosquitto holds the device's TLS connection, the auth daemon a session record.
+# 17.5 KiB measured in each of two runs: .venv/bin/python -m bench.connections --device-auth mosquitto, 2026-11-30.
+MQ_RSS_PER_DEVICE_KIB = 18
+# The auth daemon's map holds every device of the registry, connected or not (credentials, flags): KiB per registry
+# device: 3.16 and 3.18 measured read at start, 3.52 and 3.40 taken in by the change feed,
+# .venv/bin/python -m bench.profile_front authd-map 10000, 2026-11-30.
+AUTHD_RSS_PER_REGISTRY_DEVICE_KIB = 4
+# Of one core, per 10,000 idle devices, re-check every 30 s: Mosquitto 2.2 and 1.7 %, the daemon 0.1 and 0.1 %,
+# .venv/bin/python -m bench.profile_front idle 10000 30 mosquitto, 2026-11-30.
+MQ_IDLE_PERMILLE_PER_10K = 22  # Mosquitto: one thread, its keep-alive handling
+AUTHD_IDLE_PERMILLE_PER_10K = 1  # the auth daemon: its change-feed rounds and session records
 MIN_FILE_MAX = 1_048_576
 LISTEN_BACKLOG = 65535
 PAGE_KIB = 4
@@ -86,9 +118,15 @@ def memory_mib(machine_type: str) -> int:
     return per_vcpu * int(found.group("vcpus"))
 
 
+def kept_mib(memory: int) -> int:
+    """What a host of ``memory`` MiB keeps for the system, the bridge service, the page cache and the kernel."""
+    return max(512, memory // 4)
+
+
 @dataclass(frozen=True)
 class HostSizing:
     machine_type: str
+    device_auth: str  # "front" or "mosquitto" (spec.DEVICE_AUTH_MODES)
     memory_mib: int
     devices_by_memory: int
     devices_by_cpu: int
@@ -112,26 +150,64 @@ class HostSizing:
         ]) + "\n"
 
 
-def sizing(machine_type: str) -> HostSizing:
-    """The capacity and limits of one broker host of ``machine_type`` (see the module docstring)."""
+def sizing(machine_type: str, device_auth: str = "front", registry_devices: int = 0) -> HostSizing:
+    """The capacity and limits of one broker host of ``machine_type`` whose devices ``device_auth`` authenticates
+    (see the module docstring). ``registry_devices``: the devices of the registry, which the auth daemon of
+    ``device_auth`` "mosquitto" holds in memory whether they connect or not (the front's figures ignore it)."""
+    if device_auth not in DEVICE_AUTH_MODES:
+        raise ValueError(f"device_auth must be one of {', '.join(DEVICE_AUTH_MODES)}, got {device_auth!r}")
+    if registry_devices < 0:
+        raise ValueError(f"registry_devices must be >= 0, got {registry_devices}")
     memory = memory_mib(machine_type)
-    reserved = max(512, memory // 4)
-    by_memory = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
+    reserved = kept_mib(memory)
     sustained = SHARED_CORE[machine_type][2] if machine_type in SHARED_CORE else 1000
-    by_cpu = FRONT_IDLE_BUDGET_PERMILLE * sustained // 1000 * 10_000 // FRONT_IDLE_PERMILLE_PER_10K
+    if device_auth == "front":
+        by_memory = (memory - reserved) * 1024 // RSS_PER_DEVICE_KIB
+        by_cpu = FRONT_IDLE_BUDGET_PERMILLE * sustained // 1000 * 10_000 // FRONT_IDLE_PERMILLE_PER_10K
+    else:
+        # The daemon's map first (it is there before any device connects), then each connection.
+        free_kib = (memory - reserved) * 1024 - registry_devices * AUTHD_RSS_PER_REGISTRY_DEVICE_KIB
+        by_memory = max(0, free_kib // MQ_RSS_PER_DEVICE_KIB)
+        budget = FRONT_IDLE_BUDGET_PERMILLE * sustained // 1000
+        if machine_type in SHARED_CORE:  # both processes share the part of a core the type sustains
+            by_cpu = budget * 10_000 // (MQ_IDLE_PERMILLE_PER_10K + AUTHD_IDLE_PERMILLE_PER_10K)
+        else:  # each on a core of its own: the busier one binds
+            by_cpu = budget * 10_000 // max(MQ_IDLE_PERMILLE_PER_10K, AUTHD_IDLE_PERMILLE_PER_10K)
     devices = min(by_memory, by_cpu)
     pages = memory * 1024 // PAGE_KIB
+    front_fds = FRONT_FDS_PER_DEVICE if device_auth == "front" else 0
     return HostSizing(
         machine_type=machine_type,
+        device_auth=device_auth,
         memory_mib=memory,
         devices_by_memory=by_memory,
         devices_by_cpu=by_cpu,
         devices=devices,
         autoscale_target=int(devices * AUTOSCALE_FRACTION),
-        front_nofile=FRONT_FDS_PER_DEVICE * devices + FD_SLACK,
+        front_nofile=front_fds * devices + FD_SLACK,
         broker_nofile=BROKER_FDS_PER_DEVICE * devices + FD_SLACK,
         service_nofile=SERVICE_NOFILE,
-        file_max=max(MIN_FILE_MAX, (FRONT_FDS_PER_DEVICE + BROKER_FDS_PER_DEVICE) * devices + 2 * FD_SLACK
-                     + SERVICE_NOFILE),
+        file_max=max(MIN_FILE_MAX, (front_fds + BROKER_FDS_PER_DEVICE) * devices + 2 * FD_SLACK + SERVICE_NOFILE
+                     + (AUTHD_NOFILE if device_auth == "mosquitto" else 0)),
         tcp_mem_pages=(pages // 8, pages * 3 // 16, pages // 4),
     )
+
+
+def group_sizing(machine_type: str, device_auth: str = "front", max_hosts: int = 10,
+                 devices_per_host: int | None = None) -> HostSizing:
+    """What one host of a stack's group carries (the stack sizes its hosts and autoscaler with it).
+
+    With ``device_auth`` "mosquitto" every host's auth daemon holds the whole registry, taken to be what the group
+    keeps connected at its largest: ``max_hosts`` x ``devices_per_host``, or without ``devices_per_host``, the
+    largest ``d`` that a host carries with the map of ``max_hosts`` x ``AUTOSCALE_FRACTION`` x ``d`` devices beside
+    its ``d`` connections: ``d`` = (memory for devices) / (``MQ_RSS_PER_DEVICE_KIB`` + ``AUTOSCALE_FRACTION`` x
+    ``max_hosts`` x ``AUTHD_RSS_PER_REGISTRY_DEVICE_KIB``), at most what the CPU allows."""
+    if device_auth != "mosquitto":
+        return sizing(machine_type, device_auth)
+    if devices_per_host:
+        return sizing(machine_type, device_auth, registry_devices=max_hosts * devices_per_host)
+    bare = sizing(machine_type, device_auth)  # no map
+    free_kib = (bare.memory_mib - kept_mib(bare.memory_mib)) * 1024
+    per_device = MQ_RSS_PER_DEVICE_KIB + AUTOSCALE_FRACTION * max_hosts * AUTHD_RSS_PER_REGISTRY_DEVICE_KIB
+    d = min(bare.devices_by_cpu, int(free_kib / per_device))
+    return sizing(machine_type, device_auth, registry_devices=max_hosts * int(d * AUTOSCALE_FRACTION))

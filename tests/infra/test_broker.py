@@ -587,3 +587,21 @@ def test_the_archive_ships_the_plugin_source_a_host_compiles():
 
     files = bc.code_files()
     assert files["iotbridge/bridge/mosquitto_plugin/iotbridge_auth.c"] == plugin.SOURCE.read_text()
+
+
+def test_mosquitto_mode_hosts_and_autoscaler_are_sized_for_mosquitto_and_the_daemons_map(mq_run):
+    # No front: Mosquitto holds 18 KiB per connection, the auth daemon 4 KiB per registry device, taken as what the
+    # group of at most 4 hosts keeps: d = 6,291,456 KiB / (18 + 0.7 x 4 x 4 = 29.2) = 215,460; the registry
+    # 4 x 0.7 x 215,460 = 603,288 devices, their map 2,413,152 KiB; (6,291,456 - 2,413,152) / 18 = 215,461 by memory,
+    # under Mosquitto's CPU (500 x 10,000 / 22 = 227,272). The autoscaler keeps 0.7 x 215,461 = 150,822.
+    (autoscaler,) = mq_run.of_type("gcp:compute/regionAutoscaler:RegionAutoscaler")
+    policy = autoscaler.get("autoscalingPolicy")
+    assert policy["metrics"][0]["target"] == 150_822
+    script = the(mq_run, "template").get("metadataStartupScript")
+    mosquitto_unit = script.split('"$UNITS/iotbridge-mosquitto.service" <<UNIT\n', 1)[1].split("\nUNIT\n", 1)[0]
+    assert "LimitNOFILE=219557" in mosquitto_unit  # one per device: 215,461 + 4,096
+    assert "# Kernel limits for 215461 device connections" in script
+    # A devices_per_host over what a host carries with the map of 4 x it: 4 x 220,000 = 880,000 registry devices
+    # (3,520,000 KiB) leave 2,771,456 / 18 = 153,969.
+    with pytest.raises(ValueError, match=r"devices_per_host must be 1\.\.153969"):
+        build(device_auth="mosquitto", devices_per_host=220_000)

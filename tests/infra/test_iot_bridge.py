@@ -41,3 +41,7 @@ def test_the_stacks_broker_device_auth_reaches_the_hosts():
     assert '"device_auth": "mosquitto"' in script and "systemctl enable --now iotbridge-authd " in script
     rules = [r.get("portRange") for r in run.of_type("gcp:compute/forwardingRule:ForwardingRule")]
     assert rules == ["8883"] and run.outputs["http_bridge_url"] == ""
+    # The autoscaler keeps what one e2-standard-2 carries in this mode beside its daemon's map of what the group of
+    # at most 10 hosts (Pulumi.yaml's brokerMaxHosts) keeps: 95,740 (worked out in tests/test_planning.py).
+    (autoscaler,) = run.of_type("gcp:compute/regionAutoscaler:RegionAutoscaler")
+    assert autoscaler.get("autoscalingPolicy")["metrics"][0]["target"] == 95_740
