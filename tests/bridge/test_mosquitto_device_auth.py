@@ -6,8 +6,10 @@ revocation is seen within a second or two (time is controlled through the settin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +43,8 @@ from iotbridge.registry import Credential, GatewayConfig, Registry, RegistrySett
 from tests.aio import run_in_own_loop
 from tests.conftest import require
 from tests.test_mosquitto_auth_plugin import Device
+
+from .test_no_delay import tcp_sockets
 
 PROJECT, REGION = "mqauth-project", "europe-west1"
 RECHECK_S = 0.5
@@ -394,3 +398,21 @@ def test_presence_removed_in_batches_but_never_a_newer_sessions(host: Host) -> N
     fanout.mark_disconnected_many(client, [(reg, "dev-x", old_x), (reg, "dev-y", old_y)])
     assert not fanout.is_connected(client, reg, "dev-x")
     assert fanout.is_connected(client, reg, "dev-y")
+
+
+def test_daemon_control_connection_does_not_hold_small_writes(host: Host) -> None:
+    """The daemon's sync requests are small writes one after another on its paho connection to the broker's loopback
+    listener: with Nagle, each would wait for the broker's delayed ACK of the one before (see test_no_delay)."""
+    broker = (host.settings.broker_host, host.settings.broker_port)
+    found: dict[tuple[str, int], int] = {}
+
+    def connected() -> bool:
+        with tcp_sockets(host.daemon.proc.pid) as socks:
+            for s in socks:
+                with contextlib.suppress(OSError):  # a listening socket has no peer
+                    if s.getpeername()[:2] == broker:
+                        found[s.getsockname()[:2]] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        return bool(found)
+
+    assert _wait(connected, 10), "the daemon has no connection to the broker's loopback listener"
+    assert set(found.values()) == {1}, found
