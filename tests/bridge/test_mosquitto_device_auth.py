@@ -6,6 +6,7 @@ revocation is seen within a second or two (time is controlled through the settin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -416,3 +417,42 @@ def test_daemon_control_connection_does_not_hold_small_writes(host: Host) -> Non
 
     assert _wait(connected, 10), "the daemon has no connection to the broker's loopback listener"
     assert set(found.values()) == {1}, found
+
+
+def test_presence_commits_gather_connects_that_arrive_one_at_a_time(firestore_emulator: services.Service,
+                                                                   host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mosquitto asks one CONNECT at a time: CONNECTs 8 ms apart (longer than the front's 5 ms window) share presence
+    commits, whose sync requests then reach the bridge service together. The bound: the commits a window of
+    ``window_s`` (below the daemon's) makes of the gaps actually seen (a loaded machine stretches them); a longer
+    window never makes more."""
+    window_s = 0.02
+    for k, v in firestore_emulator.env.items():
+        monkeypatch.setenv(k, v)
+    settings = BridgeSettings(PROJECT, REGION, host.settings.registry_id, "t", auth_failure_burst=1000)
+    registry = Registry(PROJECT, settings.registry_id, REGION)
+    keys = {}
+    for i in range(12):
+        private, public = generate_key("ES256")
+        registry.create_device(f"dev-burst-{i}", [Credential("ES256_PEM", public)])
+        keys[f"dev-burst-{i}"] = private
+    daemon = AuthDaemon(settings, registry)
+
+    async def burst() -> list[float]:
+        await daemon.refresh()
+        loop, times = asyncio.get_running_loop(), []
+        for device, key in keys.items():
+            times.append(loop.time())
+            assert daemon.authenticate(host.prefix + device, "127.0.0.1",
+                                       create_jwt(PROJECT, key, "ES256")).startswith("OK")
+            await asyncio.sleep(0.008)
+        while daemon._tasks:  # noqa: SLF001 - the presence writes end
+            await asyncio.sleep(0.01)
+        return times
+
+    times = run_in_own_loop(burst())
+    windows, opened = 0, -1.0
+    for t in times:  # a commit gathers the CONNECTs within the window of the first it took
+        if t >= opened + window_s:
+            windows, opened = windows + 1, t
+    assert windows < len(times), f"the machine stretched every gap beyond {window_s} s: {times}"
+    assert daemon.counters()["presence_commits"] <= windows, (daemon.counters(), times)
