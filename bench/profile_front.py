@@ -8,6 +8,15 @@ samples in OUT/connect.txt, OUT/connect-service.txt and OUT/idle.txt. The front'
 (bench/firestore_ops.py): reads and writes per connection, and per idle device-hour over ``IDLE_S`` seconds that
 begin ``SETTLE_S`` after the last connect (each device has sent a PINGREQ by then).
 
+``python -m bench.profile_front pyspy-plugin N ROUNDS OUT``: where a connect's CPU goes in ``device_auth: mosquitto``
+against the front: one broker host on the emulators with its front, and beside it Mosquitto with the plugin and its
+auth daemon (``bench/mosquitto_auth.start_product``); per round, N fresh registered devices connect to the front and
+N (the same each round) to the plugin's Mosquitto, 64 at a time, as ``connrate``, while py-spy (``--threads``, raw
+samples in OUT) records the front or the daemon and the bridge service. Per burst: connections/s, CPU ms per
+connection of each process, the bridge service's config sync batches (requests per batched read, from its
+``sync_reads`` and ``sync_batch_items`` counters) and, per recorded process, its samples by thread and its
+frames by inclusive share.
+
 ``python -m bench.profile_front mem N OUT``: where an idle connection's memory goes in the front. One broker host on
 the emulators whose front runs with tracemalloc on; 200 devices connect first (one-time allocations), then N more.
 Before and after the N, the front writes a tracemalloc snapshot, its live objects by type and its RSS (SIGUSR1);
@@ -108,10 +117,10 @@ SETTLE_S = 60
 IDLE_S = 60
 
 
-def _record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+def _record(pid: int, seconds: int, out: Path, extra: tuple[str, ...] | list[str] = ()) -> subprocess.Popen[bytes]:
     pyspy = Path(sys.executable).with_name("py-spy")
     return subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw",
-                             "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
+                             "--output", str(out), "--nonblocking", *extra], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
@@ -199,6 +208,87 @@ def pyspy(n: int, out: Path) -> None:
             shutil.copy(stack.workdir / "front" / "front.log", out / "front.log")
         stack.stop()
         local.stop_all()
+
+
+def _pyspy_top(raw: Path, top: int = 12) -> str:
+    """py-spy's raw samples (one stack a line, ``frame;frame;... count``, thread first with ``--threads``) as the
+    share of samples per thread and the ``top`` frames by inclusive share (each frame once per stack)."""
+    threads: dict[str, int] = {}
+    frames: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n, parts = int(count), stack.split(";")
+        total += n
+        threads[parts[0]] = threads.get(parts[0], 0) + n
+        for frame in set(parts[1:]):
+            frames[frame] = frames.get(frame, 0) + n
+    total = max(total, 1)
+
+    def share(counts: dict[str, int], k: int) -> str:
+        ranked = sorted(counts.items(), key=lambda x: -x[1])[:k]
+        return "\n".join(f"      {100 * c / total:5.1f}%  {f}" for f, c in ranked)
+
+    return f"    {total} samples; by thread:\n{share(threads, 6)}\n    by frame (inclusive):\n{share(frames, top)}"
+
+
+def _service_sync_counts(stack: BridgeStack) -> tuple[int, int]:
+    """The bridge service's (sync_reads, sync_batch_items) so far (service-stats.json, rewritten every second)."""
+    import json
+
+    stats = json.loads((stack.workdir / "service-stats.json").read_text())
+    return stats.get("sync_reads", 0), stats.get("sync_batch_items", 0)
+
+
+def pyspy_plugin(n: int, rounds: int, out: Path) -> None:
+    """See the module docstring: py-spy on the front and on the auth daemon, the bridge service beside each."""
+    from bench import mosquitto_auth
+
+    out.mkdir(parents=True, exist_ok=True)
+    product = mosquitto_auth.build_product(out)
+    host, devices = _connrate_host(n * (rounds + 1))
+    stack, ctx = host.stack, host.ctx
+    try:
+        stack.start_mosquitto()
+        stack.start_service()
+        front = host.front("front-x1", 1)[0]
+        daemon, broker = mosquitto_auth.start_product(stack.settings, product, services.free_port(),
+                                                      stack.workdir / "plugin", stack.env)
+        host.parts += [broker, daemon]
+        service = stack.procs["service"].proc.pid
+        designs = [Design("front", front.port, ctx, ["front", "bridge service"],
+                          [devices[(i + 1) * n:(i + 2) * n] for i in range(rounds)]),
+                   Design("mosquitto", broker.port, ctx, ["auth daemon", "Mosquitto plugin", "bridge service"],
+                          [devices[:n]] * rounds)]
+        groups = {"front": [front.proc.pid], "auth daemon": [daemon.proc.pid], "Mosquitto plugin": [broker.proc.pid],
+                  "Mosquitto (behind the front)": [stack.procs["mosquitto"].proc.pid], "bridge service": [service]}
+        print(f"load at start {os.getloadavg()}; {n} connections per design and round, {rounds} rounds", flush=True)
+
+        async def run_all() -> None:
+            for rnd in range(rounds):
+                for design in designs:
+                    name = f"{design.name}-{rnd}"
+                    recs = [(part, out / f"{name}-{part.replace(' ', '-')}.txt") for part in design.parts
+                            if part != "Mosquitto plugin"]
+                    procs = [_record(groups[part][0], 600, raw, ["--threads"]) for part, raw in recs]
+                    await asyncio.sleep(1)  # py-spy attached
+                    reads0, items0 = _service_sync_counts(stack)
+                    await _connrate_phase(design, n, rnd, groups)  # its settle lets the last syncs be served
+                    reads, items = (b - a for a, b in zip((reads0, items0), _service_sync_counts(stack), strict=True))
+                    print(f"    bridge service: {items} sync requests and deliveries in {reads} batched reads = "
+                          f"{items / max(reads, 1):.1f} a read", flush=True)
+                    for proc in procs:
+                        proc.send_signal(signal.SIGINT)
+                        proc.wait()
+                    for part, raw in recs:
+                        print(f"    py-spy {part} ({raw}):\n{_pyspy_top(raw)}", flush=True)
+
+        asyncio.run(run_all())
+    finally:
+        host.stop()
+    print(f"load at end {os.getloadavg()}")
 
 
 def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> None:
@@ -930,6 +1020,8 @@ def syncread(n: int) -> None:
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "pyspy":
         pyspy(int(argv[1]), Path(argv[2]))
+    elif len(argv) == 4 and argv[0] == "pyspy-plugin":
+        pyspy_plugin(int(argv[1]), int(argv[2]), Path(argv[3]))
     elif len(argv) == 3 and argv[0] == "mem":
         mem(int(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "sslobj":

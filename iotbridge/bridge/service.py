@@ -223,7 +223,9 @@ class BridgeService:
                       # messages this host's delivery subscription handed it, and those of them for another host
                       "delivery_received": 0, "delivery_foreign": 0, "delivery_resubscribed": 0,
                       "dead_lettered": 0, "dead_letter_refused": 0, "broker_queue_full": 0,
-                      "broker_stored_messages": 0, "broker_stored_bytes": 0, "broker_dropped_messages": 0}
+                      "broker_stored_messages": 0, "broker_stored_bytes": 0, "broker_dropped_messages": 0,
+                      # batched config reads, and the sync requests and deliveries they served
+                      "sync_reads": 0, "sync_batch_items": 0}
         self._queue_warned = False
         self.mqtt = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"iotbridge:bridge:{settings.host_id}",
                                 clean_session=False, manual_ack=True)
@@ -736,6 +738,9 @@ class BridgeService:
         - a request or delivery is acked only after its publish was acknowledged (or failed), as one at a time:
           a sync request the broker lost with a failed publish is not redelivered, a failed delivery is.
         """
+        with self.stats_lock:
+            self.stats["sync_reads"] += 1
+            self.stats["sync_batch_items"] += len(batch)
         try:
             reads = self._read_configs([w.device_id for w in batch])
         except Exception as exc:  # noqa: BLE001 - an unforeseen failure: every request gets it as its answer

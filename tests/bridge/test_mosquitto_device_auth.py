@@ -6,8 +6,11 @@ revocation is seen within a second or two (time is controlled through the settin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +44,8 @@ from iotbridge.registry import Credential, GatewayConfig, Registry, RegistrySett
 from tests.aio import run_in_own_loop
 from tests.conftest import require
 from tests.test_mosquitto_auth_plugin import Device
+
+from .test_no_delay import tcp_sockets
 
 PROJECT, REGION = "mqauth-project", "europe-west1"
 RECHECK_S = 0.5
@@ -230,10 +235,13 @@ def test_internal_user_connects_and_receives_device_traffic(host: Host) -> None:
         d = host.connect("dev-b")
         assert d.connack == 0
         assert d.publish("/devices/dev-b/events") in (0, 0x10)
+        with arrived:  # the event, the config sync at connect (after the presence commit: a session that ended
+            # before it asks none), then the "gone" when the host's last session ended
+            assert arrived.wait_for(lambda: {("/devices/dev-b/events", b"x"), ("iotbridge/sync", b"dev-b")}
+                                    <= set(got), 10), got
         d.close()
-        with arrived:  # the event, the config sync at connect, the "gone" when the host's last session ended
-            assert arrived.wait_for(lambda: {("/devices/dev-b/events", b"x"), ("iotbridge/sync", b"dev-b"),
-                                             ("iotbridge/sync", b"dev-b/gone")} <= set(got), 10), got
+        with arrived:
+            assert arrived.wait_for(lambda: ("iotbridge/sync", b"dev-b/gone") in got, 10), got
     finally:
         bridge.loop_stop()
         bridge.disconnect()
@@ -394,3 +402,60 @@ def test_presence_removed_in_batches_but_never_a_newer_sessions(host: Host) -> N
     fanout.mark_disconnected_many(client, [(reg, "dev-x", old_x), (reg, "dev-y", old_y)])
     assert not fanout.is_connected(client, reg, "dev-x")
     assert fanout.is_connected(client, reg, "dev-y")
+
+
+def test_daemon_control_connection_does_not_hold_small_writes(host: Host) -> None:
+    """The daemon's sync requests are small writes one after another on its paho connection to the broker's loopback
+    listener: with Nagle, each would wait for the broker's delayed ACK of the one before (see test_no_delay)."""
+    broker = (host.settings.broker_host, host.settings.broker_port)
+    found: dict[tuple[str, int], int] = {}
+
+    def connected() -> bool:
+        with tcp_sockets(host.daemon.proc.pid) as socks:
+            for s in socks:
+                with contextlib.suppress(OSError):  # a listening socket has no peer
+                    if s.getpeername()[:2] == broker:
+                        found[s.getsockname()[:2]] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        return bool(found)
+
+    assert _wait(connected, 10), "the daemon has no connection to the broker's loopback listener"
+    assert set(found.values()) == {1}, found
+
+
+def test_presence_commits_gather_connects_that_arrive_one_at_a_time(firestore_emulator: services.Service,
+                                                                   host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mosquitto asks one CONNECT at a time: CONNECTs 8 ms apart (longer than the front's 5 ms window) share presence
+    commits, whose sync requests then reach the bridge service together. The bound: the commits a window of
+    ``window_s`` (below the daemon's) makes of the gaps actually seen (a loaded machine stretches them); a longer
+    window never makes more."""
+    window_s = 0.02
+    for k, v in firestore_emulator.env.items():
+        monkeypatch.setenv(k, v)
+    settings = BridgeSettings(PROJECT, REGION, host.settings.registry_id, "t", auth_failure_burst=1000)
+    registry = Registry(PROJECT, settings.registry_id, REGION)
+    keys = {}
+    for i in range(12):
+        private, public = generate_key("ES256")
+        registry.create_device(f"dev-burst-{i}", [Credential("ES256_PEM", public)])
+        keys[f"dev-burst-{i}"] = private
+    daemon = AuthDaemon(settings, registry)
+
+    async def burst() -> list[float]:
+        await daemon.refresh()
+        loop, times = asyncio.get_running_loop(), []
+        for device, key in keys.items():
+            times.append(loop.time())
+            assert daemon.authenticate(host.prefix + device, "127.0.0.1",
+                                       create_jwt(PROJECT, key, "ES256")).startswith("OK")
+            await asyncio.sleep(0.008)
+        while daemon._tasks:  # noqa: SLF001 - the presence writes end
+            await asyncio.sleep(0.01)
+        return times
+
+    times = run_in_own_loop(burst())
+    windows, opened = 0, -1.0
+    for t in times:  # a commit gathers the CONNECTs within the window of the first it took
+        if t >= opened + window_s:
+            windows, opened = windows + 1, t
+    assert windows < len(times), f"the machine stretched every gap beyond {window_s} s: {times}"
+    assert daemon.counters()["presence_commits"] <= windows, (daemon.counters(), times)
