@@ -40,6 +40,16 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+async def until_stopped() -> None:
+    """Once an asyncio part has started: its startup objects frozen, then wait for SIGTERM or SIGINT."""
+    freeze_startup_objects()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 def run_front(settings: BridgeSettings) -> None:
     from iotbridge.bridge.front import Front, server_ssl_context
 
@@ -56,12 +66,7 @@ def run_front(settings: BridgeSettings) -> None:
 
             http = HttpBridge(front, secrets["bridge"])
             await http.start()
-        freeze_startup_objects()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
         if http is not None:
             await http.stop()
         await front.stop(settings.drain_s)
@@ -76,12 +81,7 @@ def run_authd(settings: BridgeSettings, group: str | None) -> None:
         password = settings.secrets()["bridge"] if settings.secrets_file else None
         daemon = AuthDaemon(settings, _registry(settings), control_password=password)
         await daemon.start(group)
-        freeze_startup_objects()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
         await daemon.stop()
 
     if not settings.auth_socket:
