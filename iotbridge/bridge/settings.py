@@ -320,7 +320,9 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
     workdir.mkdir(parents=True, exist_ok=True)
     pw = settings.secrets()
     passwd = workdir / "passwd"
-    _write_private(passwd, "\n".join(mosquitto_password_line(u, pw[u]) for u in PASSWORD_FILE_USERS) + "\n")
+    # device_auth mosquitto runs no front: its user would only be a password that works with any client id.
+    users = [u for u in PASSWORD_FILE_USERS if u != "front" or settings.device_auth == "front"]
+    _write_private(passwd, "\n".join(mosquitto_password_line(u, pw[u]) for u in users) + "\n")
     dynsec = workdir / "dynamic-security.json"
     _write_private(dynsec, json.dumps(dynamic_security_config(settings, pw["backend"]), indent=2))
     (workdir / "acl").write_text(ACL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -210,6 +211,42 @@ def test_devices_admitted_and_refused_for_the_right_reason(host: Host) -> None:
     assert host.connack("dev-a", client_id="dev-a") >= 0x80
     assert host.connack("dev-a", client_id=host.prefix.replace(host.settings.registry_id, "elsewhere") + "dev-a") \
         >= 0x80
+
+
+def _tls_connack(h: Host, client_id: str, username: str, password: str, source: str) -> int:
+    """The CONNACK code of a client on the device listener whose connection leaves from ``source``."""
+    codes: list[int] = []
+    done = threading.Event()
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.tls_set_context(ssl.create_default_context(cafile=str(h.ca)))
+    c.username_pw_set(username, password)
+
+    def on_connect(_c, _u, _f, rc, _p) -> None:  # noqa: ANN001
+        codes.append(rc.value)
+        done.set()
+
+    c.on_connect = on_connect
+    c.connect("localhost", h.settings.front_port, keepalive=30, clean_start=True, bind_address=source)
+    c.loop_start()
+    try:
+        assert done.wait(10), "no CONNACK"
+        return codes[0]
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_internal_users_refused_on_the_device_listener(host: Host) -> None:
+    """The device listener faces the network: the host's own users (password file) cannot log in there from any
+    address but the loopback listener's, while a device can; and the password file holds no front user."""
+    outside = "127.0.0.2"  # another source address than broker_host's, as a client from the network has
+    assert _tls_connack(host, host.prefix + "dev-a", "unused", host.token("dev-a"), outside) == 0
+    for user in ("bridge", "front"):
+        assert _tls_connack(host, f"evil-{user}", user, host.secrets[user], outside) >= 0x80, user
+    assert "refused a client that is no device from 127.0.0.2" in \
+        (host.daemon_log.parent / "broker" / "mosquitto.log").read_text()
+    assert not any(line.startswith("front:") for line in (host.daemon_log.parent / "broker" / "passwd").read_text()
+                   .splitlines())
 
 
 def test_internal_user_connects_and_receives_device_traffic(host: Host) -> None:

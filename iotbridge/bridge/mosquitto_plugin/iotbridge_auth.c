@@ -3,11 +3,17 @@
  * Built by iotbridge/bridge/plugin.py (never committed compiled).
  *
  * Options: plugin_opt_client_id_prefix (projects/P/locations/L/registries/R/devices/), plugin_opt_socket (the
- * daemon's Unix socket), plugin_opt_events_max_bytes, plugin_opt_state_max_bytes (the front's payload limits).
+ * daemon's Unix socket), plugin_opt_events_max_bytes, plugin_opt_state_max_bytes (the front's payload limits),
+ * plugin_opt_internal_address (the address the host's own clients come from: the loopback listener's).
  *
  * Device clients (client id PREFIX + a device id) are judged here and only here: every answer for them is final
  * (never DEFER), so neither the password file, the ACL file nor the dynamic security plugin ever judges one. Every
- * other client is DEFERred, so the host's internal users keep their own mechanisms and are never judged here.
+ * other client is refused unless it comes from the internal address, and DEFERred then, so the host's internal
+ * users keep their own mechanisms, are never judged here, and cannot log in from elsewhere: Mosquitto 2.0.11 tells
+ * a plugin neither a client's listener nor runs MOSQ_EVT_TICK with per_listener_settings true (src/plugin.c), so
+ * the device listener cannot have security settings of its own; a client on it from the network never has the
+ * loopback address (the kernel drops such packets from outside), and one from the host itself could as well use
+ * the loopback listener.
  *
  * MOSQ_EVT_BASIC_AUTH: one request on the auth connection (blocking, 5 s timeout, reconnected on failure; a failure
  *   refuses the CONNECT): "AUTH <client id>\n<peer address>\n<password>\n", answered "OK <deadline>\n" (unix
@@ -47,6 +53,7 @@ static mosquitto_plugin_id_t *plugin_id;
 static char prefix[512];
 static size_t prefix_len;
 static char sock_path[108];
+static char internal_address[64] = "127.0.0.1";
 static uint32_t events_max = 256 * 1024;
 static uint32_t state_max = 64 * 1024;
 static int auth_fd = -1;
@@ -312,7 +319,13 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     struct mosquitto_evt_basic_auth *ed = event_data;
     const char *client_id = mosquitto_client_id(ed->client);
     const char *device = device_of(client_id);
-    if (!device) return MOSQ_ERR_PLUGIN_DEFER; /* not a device: the host's own users and mechanisms */
+    if (!device) { /* not a device: the host's own users and mechanisms, from the host's own address only */
+        const char *address = mosquitto_client_address(ed->client);
+        if (address && strcmp(address, internal_address) == 0) return MOSQ_ERR_PLUGIN_DEFER;
+        mosquitto_log_printf(MOSQ_LOG_NOTICE, "iotbridge_auth: refused a client that is no device from %s",
+                             address ? address : "an unknown address");
+        return MOSQ_ERR_AUTH;
+    }
     if (!valid_device_id(device) || !ed->password || !ed->password[0] || strchr(ed->password, '\n')) {
         mosquitto_log_printf(MOSQ_LOG_NOTICE, "iotbridge_auth: refused a device client: bad client id or password");
         return MOSQ_ERR_AUTH;
@@ -467,6 +480,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
         else if (strcmp(k, "socket") == 0) snprintf(sock_path, sizeof sock_path, "%s", v);
         else if (strcmp(k, "events_max_bytes") == 0) events_max = (uint32_t)strtoul(v, NULL, 10);
         else if (strcmp(k, "state_max_bytes") == 0) state_max = (uint32_t)strtoul(v, NULL, 10);
+        else if (strcmp(k, "internal_address") == 0) snprintf(internal_address, sizeof internal_address, "%s", v);
     }
     prefix_len = strlen(prefix);
     if (prefix_len < 20 || strncmp(prefix, "projects/", 9) != 0 || prefix[prefix_len - 1] != '/' || !sock_path[0]) {
