@@ -23,7 +23,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from iotbridge.bridge import fanout, plugin
 from iotbridge.bridge.authd import AuthDaemon, Refused
@@ -213,11 +213,14 @@ def test_devices_admitted_and_refused_for_the_right_reason(host: Host) -> None:
         >= 0x80
 
 
-def _tls_connack(h: Host, client_id: str, username: str, password: str, source: str) -> int:
-    """The CONNACK code of a client on the device listener whose connection leaves from ``source``."""
+def _tls_connack(h: Host, client_id: str, username: str, password: str, source: str = "",
+                 protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5, persistent: bool = False) -> int:
+    """The CONNACK code of a client on the device listener whose connection leaves from ``source`` (any when "")."""
     codes: list[int] = []
     done = threading.Event()
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    v5 = protocol == MQTTProtocolVersion.MQTTv5
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                    clean_session=None if v5 else not persistent)
     c.tls_set_context(ssl.create_default_context(cafile=str(h.ca)))
     c.username_pw_set(username, password)
 
@@ -226,7 +229,8 @@ def _tls_connack(h: Host, client_id: str, username: str, password: str, source: 
         done.set()
 
     c.on_connect = on_connect
-    c.connect("localhost", h.settings.front_port, keepalive=30, clean_start=True, bind_address=source)
+    c.connect("localhost", h.settings.front_port, keepalive=30, bind_address=source,
+              clean_start=not persistent if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY)
     c.loop_start()
     try:
         assert done.wait(10), "no CONNACK"
@@ -247,6 +251,16 @@ def test_internal_users_refused_on_the_device_listener(host: Host) -> None:
         (host.daemon_log.parent / "broker" / "mosquitto.log").read_text()
     assert not any(line.startswith("front:") for line in (host.daemon_log.parent / "broker" / "passwd").read_text()
                    .splitlines())
+
+
+def test_persistent_sessions_refused(host: Host) -> None:
+    """As at the front and IoT Core, no device session outlives its connection: Mosquitto would otherwise keep an
+    offline device's session and queue its commands (up to max_queued_messages) for ever."""
+    for protocol in (MQTTProtocolVersion.MQTTv311, MQTTProtocolVersion.MQTTv5):
+        assert _tls_connack(host, host.prefix + "dev-a", "unused", host.token("dev-a"), protocol=protocol,
+                            persistent=True) >= 0x80, protocol
+    assert "a persistent session (clean session or clean start false) is not supported" in \
+        (host.daemon_log.parent / "broker" / "mosquitto.log").read_text()
 
 
 def test_internal_user_connects_and_receives_device_traffic(host: Host) -> None:

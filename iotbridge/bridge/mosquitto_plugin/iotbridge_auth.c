@@ -330,6 +330,11 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
         mosquitto_log_printf(MOSQ_LOG_NOTICE, "iotbridge_auth: refused a device client: bad client id or password");
         return MOSQ_ERR_AUTH;
     }
+    if (!mosquitto_client_clean_session(ed->client)) { /* as IoT Core: no session outlives its connection */
+        mosquitto_log_printf(MOSQ_LOG_NOTICE, "iotbridge_auth: %s refused: a persistent session (clean session "
+                                              "or clean start false) is not supported", device);
+        return MOSQ_ERR_AUTH;
+    }
     const char *address = mosquitto_client_address(ed->client);
     char answer[512];
     if (!daemon_ask(client_id, address && !strchr(address, '\n') ? address : "", ed->password, answer,
