@@ -53,6 +53,12 @@ plugin designs connect the same N registered devices each round. Per design: con
 connection of every process. Then, for (4a) and (4c), memory per idle authenticated connection: the RSS growth of
 Mosquitto (and the daemon) over HOLD connections held after 200.
 
+``python -m bench.profile_front authd N``: the auth daemon of ``device_auth: mosquitto`` in this process, without
+Mosquitto: N registered devices' CONNECTs (a fresh token each) judged by its checks alone, then N CONNECTs
+admitted and ended as the plugin reports them (AUTH answered, presence record written in its batches, GONE, record
+removed in its batches); CPU ms per connection of this process (its registry threads included). No MQTT client:
+the config sync requests are not published.
+
 ``python -m bench.profile_front syncread N``: what the bridge service's config sync costs per connect in its
 Firestore read, and what batching would save: N registered devices (no config, as the bench's), read in this
 process one ``Registry.get_config`` per device (what the service does per sync request today) and in batched
@@ -85,6 +91,7 @@ from bench.core import group_cpu_seconds
 from iotbridge import spec
 from iotbridge.bridge.auth import verify_jwt
 from iotbridge.bridge.front import server_ssl_context
+from iotbridge.bridge.settings import BridgeSettings
 from iotbridge.device import create_jwt, generate_key
 from iotbridge.local import services
 from iotbridge.local.broker_host import BridgeStack, init_host, start_bridge_stack
@@ -804,6 +811,46 @@ def connrate_plugin(n: int, rounds: int, hold: int) -> None:
     print(json.dumps({"summary": summary, "memory": memory, "runs": {d.name: d.runs for d in designs}}))
 
 
+def authd(n: int) -> None:
+    """See the module docstring: the auth daemon's own cost per connection, its checks alone and with presence."""
+    from iotbridge.bridge.authd import AuthDaemon
+    from iotbridge.bridge.plugin import client_id_prefix
+
+    _env, _prefix, devices = _prepare(n, local.workdir(), "ba")
+    settings = BridgeSettings(local.PROJECT, local.REGION, local.REGISTRY, "ba", auth_failure_burst=n + 1)
+    daemon = AuthDaemon(settings, Registry(local.PROJECT, local.REGISTRY, local.REGION))
+    prefix = client_id_prefix(settings)
+    tokens = [(prefix + d, create_jwt(local.PROJECT, k, "ES256")) for d, k in devices]
+    print(f"load at start {os.getloadavg()}", flush=True)
+
+    async def run(admit: bool) -> None:
+        await daemon.refresh()
+        cpu0 = time.process_time()
+        for i, (client_id, token) in enumerate(tokens):
+            if admit:
+                daemon.authenticate(client_id, "127.0.0.1", token)
+            else:
+                daemon.check(client_id, "127.0.0.1", token)
+            if i % 64 == 63:  # the presence batches' timers get their turn, as between a daemon's requests
+                await asyncio.sleep(0.001)
+        for i, (client_id, _) in enumerate(tokens if admit else []):
+            daemon.gone(client_id)
+            if i % 64 == 63:
+                await asyncio.sleep(0.001)
+        while daemon._tasks:  # noqa: SLF001 - the bench waits for the presence writes to end
+            await asyncio.sleep(0.05)
+        what = "admitted and ended (presence written and removed)" if admit else "checks alone"
+        print(f"  {n} CONNECTs, {what}: {1000 * (time.process_time() - cpu0) / n:.3f} ms CPU per connection",
+              flush=True)
+
+    try:
+        for admit in (False, True, False, True):
+            asyncio.run(run(admit))
+    finally:
+        local.stop_all()
+    print(f"load at end {os.getloadavg()}")
+
+
 def syncread(n: int) -> None:
     """See the module docstring: the config sync's registry read per device, one by one and batched."""
     _env, _prefix, devices = _prepare(n, local.workdir(), "bs")
@@ -844,6 +891,8 @@ def main(argv: list[str]) -> int:
         connrate(int(argv[1]), int(argv[2]))
     elif len(argv) == 4 and argv[0] == "connrate-plugin":
         connrate_plugin(int(argv[1]), int(argv[2]), int(argv[3]))
+    elif len(argv) == 2 and argv[0] == "authd":
+        authd(int(argv[1]))
     elif len(argv) == 2 and argv[0] == "syncread":
         syncread(int(argv[1]))
     elif len(argv) == 2 and argv[0] == "reuse-front":
