@@ -6,6 +6,8 @@ revocation is seen within a second or two (time is controlled through the settin
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import ssl
@@ -442,3 +444,73 @@ def test_presence_removed_in_batches_but_never_a_newer_sessions(host: Host) -> N
     fanout.mark_disconnected_many(client, [(reg, "dev-x", old_x), (reg, "dev-y", old_y)])
     assert not fanout.is_connected(client, reg, "dev-x")
     assert fanout.is_connected(client, reg, "dev-y")
+
+
+class _Plugin:
+    """The plugin's side of the auth daemon's protocol, spoken by hand to a daemon of this process."""
+
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter):
+        self.r, self.w = r, w
+
+    async def line(self, timeout: float = 5) -> str:
+        return (await asyncio.wait_for(self.r.readline(), timeout)).decode().rstrip("\n")
+
+    async def quiet(self, timeout: float) -> bool:
+        """Whether the daemon writes nothing for ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.r.readline(), timeout)
+        except TimeoutError:
+            return True
+        return False
+
+
+def _own_daemon(h: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                **fields: object) -> AuthDaemon:
+    """An auth daemon in this process on the host's registry and Mosquitto, its own socket; no round runs during a
+    test (an hour between them): what it does at SYNCED is its own doing."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = dataclasses.replace(h.settings, auth_socket=str(tmp_path / "own.sock"), recheck_interval_s=3600.0,
+                                   host_id="own", **fields)
+    return AuthDaemon(settings, Registry(PROJECT, h.settings.registry_id, REGION))
+
+
+async def _connect(daemon: AuthDaemon) -> _Plugin:
+    return _Plugin(*await asyncio.open_unix_connection(daemon.settings.auth_socket))
+
+
+def test_list_race_and_revocation_at_synced(host: Host, firestore_emulator: services.Service, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session admitted after the plugin began its LIVE list (the daemon reads the AUTH first) is kept; a listed
+    session the daemon did not admit whose device is blocked is kicked at SYNCED, not at its device's next change
+    (which may never come: the block happened while no daemon ran); /healthz is unhealthy until the plugin's events
+    connection is synced (kicks would go nowhere)."""
+    daemon = _own_daemon(host, tmp_path, monkeypatch, firestore_emulator.env, health_port=services.free_port(),
+                         workdir="")
+
+    async def main() -> None:
+        await daemon.start()
+        try:
+            assert (await daemon.healthy())[1] == "no events connection from Mosquitto's plugin"
+            auth = await _connect(daemon)
+            auth.w.write(f"AUTH 7 {host.prefix}dev-b\n203.0.113.1\n{host.token('dev-b')}\n".encode())
+            rid, ok, deadline, sid = (await auth.line()).split()
+            assert (rid, ok) == ("7", "OK") and int(deadline) > time.time()
+            events = await _connect(daemon)
+            blocked = int(sid) + 1000  # a session of a daemon before this one, listed by the plugin
+            events.w.write(f"EVENTS {int(sid) - 1}\nLIVE {blocked} {deadline} {host.prefix}dev-blocked\n"
+                           "SYNCED\n".encode())
+            assert await events.line() == f"KICK {blocked}"
+            assert await events.quiet(0.3), "a KICK for the session admitted after the list began"
+            assert int(sid) in daemon.sessions and blocked in daemon.sessions
+            assert await daemon.healthy() == (True, "ok")
+            events.w.write(f"GONE {blocked}\n".encode())
+            # The next list (a reconnect) lacks the session: it has ended, its GONE lost with the connection.
+            again = await _connect(daemon)
+            again.w.write(f"EVENTS {sid}\nSYNCED\n".encode())
+            await asyncio.sleep(0.3)
+            assert daemon.sessions == {}
+        finally:
+            await daemon.stop()
+
+    run_in_own_loop(main())
