@@ -58,6 +58,7 @@
 #define IN_MAX 4096
 #define ANSWER_MAX 512
 #define AUTH_TIMEOUT_MS 1000
+#define AUTH_REFUSE_MS 1000 /* after a timeout */
 
 static mosquitto_plugin_id_t *plugin_id;
 static char prefix[512];
@@ -228,7 +229,7 @@ static char auth_in[ANSWER_MAX];
 static size_t auth_len;
 static bool auth_skipping;
 static unsigned long long next_rid;
-static time_t auth_refuse_until; /* after a timeout, CONNECTs are refused at once until then */
+static long long auth_refuse_until; /* after a timeout, CONNECTs are refused at once until then (monotonic ms) */
 
 static void auth_close(void)
 {
@@ -280,11 +281,11 @@ static void auth_pop(void)
     memmove(auth_in, auth_in + auth_line_len, auth_len);
 }
 
-static long long ms_since(const struct timespec *t0)
+static long long now_ms(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
-    return (long long)(t.tv_sec - t0->tv_sec) * 1000 + (t.tv_nsec - t0->tv_nsec) / 1000000;
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
 enum ask { ASK_ANSWERED, ASK_TIMEOUT, ASK_FAILED };
@@ -301,8 +302,7 @@ static enum ask daemon_ask(const char *client_id, const char *address, const cha
     if (!req) return ASK_FAILED;
     n = (size_t)snprintf(req, n + 1, "AUTH %llu %s\n%s\n%s\n", rid, client_id, address, password);
     enum ask result = ASK_FAILED;
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    long long t0 = now_ms();
     for (int attempt = 0; attempt < 2 && result == ASK_FAILED; attempt++) {
         if (auth_fd < 0 && (auth_fd = daemon_connect(true)) < 0) break;
         if (!write_all(auth_fd, req, n)) {
@@ -324,7 +324,7 @@ static enum ask daemon_ask(const char *client_id, const char *address, const cha
                 auth_pop();
             }
             if (result == ASK_ANSWERED) break;
-            long long left = AUTH_TIMEOUT_MS - ms_since(&t0);
+            long long left = AUTH_TIMEOUT_MS - (now_ms() - t0);
             struct pollfd p = {.fd = auth_fd, .events = POLLIN};
             int ready = left > 0 ? poll(&p, 1, (int)left) : 0;
             if (ready < 0 && errno == EINTR) continue;
@@ -525,8 +525,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
                                               "or clean start false) is not supported", device);
         return MOSQ_ERR_AUTH;
     }
-    time_t now = time(NULL);
-    if (now < auth_refuse_until) {
+    if (now_ms() < auth_refuse_until) {
         mosquitto_log_printf(MOSQ_LOG_WARNING, "iotbridge_auth: the auth daemon is slow to answer; %s refused",
                              device);
         return MOSQ_ERR_AUTH;
@@ -536,7 +535,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     enum ask asked = daemon_ask(client_id, address && !strchr(address, '\n') ? address : "", ed->password, answer,
                                 sizeof answer);
     if (asked != ASK_ANSWERED) {
-        if (asked == ASK_TIMEOUT) auth_refuse_until = now + 1;
+        if (asked == ASK_TIMEOUT) auth_refuse_until = now_ms() + AUTH_REFUSE_MS;
         mosquitto_log_printf(MOSQ_LOG_WARNING, "iotbridge_auth: the auth daemon %s; %s refused",
                              asked == ASK_TIMEOUT ? "did not answer in time" : "cannot be reached", device);
         return MOSQ_ERR_AUTH;
