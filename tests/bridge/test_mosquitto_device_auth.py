@@ -47,6 +47,8 @@ from tests.test_mosquitto_auth_plugin import Device
 
 PROJECT, REGION = "mqauth-project", "europe-west1"
 RECHECK_S = 0.5
+# A kick's bound: the round after the commit (every RECHECK_S) and its registry reads, on a loaded machine.
+KICK_WITHIN_S = 10.0
 pytestmark = pytest.mark.emulator
 
 
@@ -352,12 +354,12 @@ def test_takeover_counts_each_connect_once(host: Host) -> None:
     second = host.connect("dev-b")  # the same client id: Mosquitto ends the first session
     try:
         assert first.gone.wait(5) and second.connack == 0
-        assert _wait(lambda: host.stats()["connected"] == 1, 5), host.stats()
+        assert _wait(lambda: host.stats()["connected"] == 1, 10), host.stats()
         assert not second.gone.is_set()
     finally:
         second.close()
         first.close()
-    assert _wait(lambda: host.stats()["connected"] == 0, 5), host.stats()
+    assert _wait(lambda: host.stats()["connected"] == 0, 10), host.stats()
 
 
 def test_restarted_daemon_learns_the_live_sessions(host: Host) -> None:
@@ -366,13 +368,13 @@ def test_restarted_daemon_learns_the_live_sessions(host: Host) -> None:
         assert d.connack == 0
         host.restart_daemon()
         # the plugin reconnects on its tick and sends its LIVE list
-        assert _wait(lambda: host.stats()["connected"] == 1, 5), host.stats()
+        assert _wait(lambda: host.stats()["connected"] == 1, 10), host.stats()
         host.registry.set_blocked("dev-b", True)  # a session the new daemon did not admit is still revocable
-        assert d.gone.wait(2 + 4 * RECHECK_S), "a blocked device stayed connected after the daemon restarted"
+        assert d.gone.wait(KICK_WITHIN_S), "a blocked device stayed connected after the daemon restarted"
     finally:
         d.close()
         host.registry.set_blocked("dev-b", False)
-    assert _wait(lambda: host.stats()["connected"] == 0, 5), host.stats()
+    assert _wait(lambda: host.stats()["connected"] == 0, 10), host.stats()
 
 
 def test_revocation_kicks_within_a_round(host: Host) -> None:
@@ -383,18 +385,19 @@ def test_revocation_kicks_within_a_round(host: Host) -> None:
         assert not d.gone.is_set()
         host.registry.set_blocked("dev-revoked", True)
         # the change is committed: the next round (every RECHECK_S) reads it and the daemon sends KICK
-        assert d.gone.wait(2 + 4 * RECHECK_S), "a blocked device stayed connected"
+        assert d.gone.wait(KICK_WITHIN_S), "a blocked device stayed connected"
     finally:
         d.close()
     assert host.connack("dev-revoked") >= 0x80
 
 
 def test_session_ends_at_its_deadline(host: Host) -> None:
-    d = host.connect("dev-expiring", host.token("dev-expiring", lifetime_s=3))
+    token = host.token("dev-expiring", lifetime_s=5)
+    d = host.connect("dev-expiring", token)
     try:
         assert d.connack == 0
         assert not d.gone.wait(1.5), "ended before the token's exp"
-        assert d.gone.wait(4), "still connected after the token's exp"
+        assert d.gone.wait(8), "still connected after the token's exp"
     finally:
         d.close()
 
@@ -404,7 +407,7 @@ def test_mqtt_switched_off_refuses_and_kicks(host: Host) -> None:
     try:
         assert d.connack == 0
         host.registry.update_settings(RegistrySettings(mqtt_enabled=False))
-        assert d.gone.wait(2 + 4 * RECHECK_S), "a device stayed connected after MQTT was switched off"
+        assert d.gone.wait(KICK_WITHIN_S), "a device stayed connected after MQTT was switched off"
         assert host.connack("dev-b") >= 0x80
         assert "MQTT is disabled for registry" in host.daemon_log.read_text()
     finally:
