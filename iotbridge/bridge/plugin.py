@@ -20,6 +20,7 @@ device client id for the one user it holds, which is bound to another client id)
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,6 +65,11 @@ def mosquitto_lines(settings: BridgeSettings, plugin_path: Path) -> list[str]:
     ``tls_key``) and of the plugin, which asks the auth daemon on ``auth_socket``."""
     if not settings.auth_socket:
         raise ValueError("auth_socket is needed with device_auth mosquitto: the auth daemon's Unix socket")
+    try:
+        ipaddress.ip_address(settings.broker_host)
+    except ValueError:
+        raise ValueError(f"broker_host must be an IP address with device_auth mosquitto (the plugin admits the host's "
+                         f"own users from that address only), got {settings.broker_host!r}") from None
     if not (settings.tls_cert and settings.tls_key):
         raise ValueError("tls_cert and tls_key are needed with device_auth mosquitto: devices connect with TLS")
     return [
