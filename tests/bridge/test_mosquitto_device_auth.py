@@ -7,6 +7,7 @@ revocation is seen within a second or two (time is controlled through the settin
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import os
@@ -507,6 +508,12 @@ def test_list_race_and_revocation_at_synced(host: Host, firestore_emulator: serv
             auth.w.write(f"AUTH 7 {host.prefix}dev-b\n203.0.113.1\n{host.token('dev-b')}\n".encode())
             rid, ok, deadline, sid = (await auth.line()).split()
             assert (rid, ok) == ("7", "OK") and int(deadline) > time.time()
+            # A refusal's reason is capped: an attacker-sized JWT header (echoed in it) never outgrows the plugin's
+            # 512-byte answer buffer.
+            header = base64.urlsafe_b64encode(json.dumps({"alg": "x" * 3000}).encode()).decode().rstrip("=")
+            auth.w.write(f"AUTH 8 {host.prefix}dev-b\n203.0.113.1\n{header}.e30.c2ln\n".encode())
+            refusal = await auth.line()
+            assert refusal.startswith("8 NO JWT alg 'xxx") and len(refusal) < 256, refusal
             events = await _connect(daemon)
             blocked = int(sid) + 1000  # a session of a daemon before this one, listed by the plugin
             events.w.write(f"EVENTS {int(sid) - 1}\nLIVE {blocked} {deadline} {host.prefix}dev-blocked\n"
