@@ -306,7 +306,12 @@ static enum ask daemon_ask(const char *client_id, const char *address, const cha
     for (int attempt = 0; attempt < 2 && result == ASK_FAILED; attempt++) {
         if (auth_fd < 0 && (auth_fd = daemon_connect(true)) < 0) break;
         if (!write_all(auth_fd, req, n)) {
+            bool stalled = errno == EAGAIN || errno == EWOULDBLOCK; /* SO_SNDTIMEO: the daemon reads nothing */
             auth_close();
+            if (stalled) {
+                result = ASK_TIMEOUT;
+                break;
+            }
             continue;
         }
         for (;;) {
@@ -541,7 +546,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
         return MOSQ_ERR_AUTH;
     }
     if (strncmp(answer, "OK ", 3) == 0) {
-        char *end, *end2;
+        char *end, *end2 = answer;
         long long deadline = strtoll(answer + 3, &end, 10);
         unsigned long long sid = *end == ' ' ? strtoull(end + 1, &end2, 10) : 0;
         if (end != answer + 3 && deadline > 0 && sid > 0 && *end2 == '\0') {
