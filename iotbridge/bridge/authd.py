@@ -13,9 +13,10 @@ The plugin asks on a Unix socket (``BridgeSettings.auth_socket``, mode 0660, gro
   <client id>\\n`` per session it holds (streamed; other lines may come between), ``SYNCED\\n``; ``GONE <session
   id>\\n`` once per admitted CONNECT that ended; ``SUBSCRIBED <session id>\\n`` when the device subscribed to its
   config. At ``SYNCED`` the daemon ends its sessions up to the EVENTS line's id that the list lacks (a later one was
-  admitted after the list began), adopts the listed ones it does not hold (after a restart of either), and checks
-  every session against the map (a revocation while no events connection existed is not lost). The daemon writes
-  ``KICK <session id>\\n`` there: the plugin ends that session if Mosquitto still holds it.
+  admitted after the list began, unless the auth connection it came on has closed: a restarted Mosquitto), adopts
+  the listed ones it does not hold (after a restart of either), and checks every session against the map (a
+  revocation while no events connection existed is not lost). The daemon writes ``KICK <session id>\\n`` there:
+  the plugin ends that session if Mosquitto still holds it.
 
 What a CONNECT is judged on, in this order: the device map is fresh (a change-feed round succeeded within
 ``2 * recheck_interval_s``; admitting on stale credentials would admit a revoked device), the source address has
@@ -120,6 +121,7 @@ class Session:
     credential_pem: str = ""
     expires_at: datetime | None = None
     adopted: bool = False
+    via: object = None  # the plugin's auth connection it was admitted on
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     presence: asyncio.Task[Any] | None = None
 
@@ -270,9 +272,9 @@ class AuthDaemon:
             raise Refused(f"MQTT is disabled for registry {s.registry_id}")
         return device, session_deadline(now, token.expires_at, credential.expiration_time), credential.public_key_pem
 
-    def authenticate(self, client_id: str, address: str, password: str) -> str:
+    def authenticate(self, client_id: str, address: str, password: str, via: object = None) -> str:
         """The answer to an AUTH request (``OK <deadline> <session id>`` or ``NO <reason>``, without the request id
-        and newline); an admitted session is recorded, its presence written."""
+        and newline) that came on connection ``via``; an admitted session is recorded, its presence written."""
         try:
             device, deadline, credential_pem = self.check(client_id, address, password)
         except Refused as exc:
@@ -280,7 +282,7 @@ class AuthDaemon:
             log.info("refused %s from %s: %s", printable(client_id), printable(address), exc)
             return f"NO {printable(str(exc), REASON_MAX)}"
         self._next_sid += 1
-        session = Session(self._next_sid, client_id, device.id, device.num_id, credential_pem, deadline)
+        session = Session(self._next_sid, client_id, device.id, device.num_id, credential_pem, deadline, via=via)
         self._admit(session)
         self.stats["accepted"] += 1
         log.info("device %s connected from %s (until %s)", device.id, printable(address), deadline.isoformat())
@@ -344,10 +346,12 @@ class AuthDaemon:
     def reconcile(self, live: dict[int, tuple[int, str]], listed_up_to: int) -> None:
         """The plugin's LIVE list (session id -> its deadline and client id), begun when the highest session id it
         had been given was ``listed_up_to``. The daemon's sessions up to that id that the list lacks have ended
-        (their GONE was lost with an earlier connection); later ones were admitted after the list began. Listed
+        (their GONE was lost with an earlier connection); later ones were admitted after the list began, unless the
+        auth connection they came on has closed (a Mosquitto that restarted: its plugin was given no id yet). Listed
         sessions the daemon does not hold (it restarted) are adopted: recorded without a credential, their presence
         written. Then every session is checked against the map."""
-        for sid in [sid for sid in self.sessions if sid <= listed_up_to and sid not in live]:
+        for sid in [sid for sid, s in self.sessions.items()
+                    if sid not in live and (sid <= listed_up_to or s.via not in self._connections)]:
             self.gone(sid)
         for sid, (deadline, client_id) in live.items():
             if sid in self.sessions:
@@ -377,7 +381,7 @@ class AuthDaemon:
                     if not password.endswith(b"\n") or not rid.isdigit():
                         return
                     answer = self.authenticate(client_id, address[:-1].decode("utf-8", "replace"),
-                                               password[:-1].decode("utf-8", "replace"))
+                                               password[:-1].decode("utf-8", "replace"), writer)
                     writer.write(f"{rid} {answer}\n".encode())
                 elif verb == "GONE":
                     self.gone(int(arg))

@@ -526,8 +526,15 @@ def test_list_race_and_revocation_at_synced(host: Host, firestore_emulator: serv
             # The next list (a reconnect) lacks the session: it has ended, its GONE lost with the connection.
             again = await _connect(daemon)
             again.w.write(f"EVENTS {sid}\nSYNCED\n".encode())
-            await asyncio.sleep(0.3)
-            assert daemon.sessions == {}
+            assert await again.quiet(0.3) and daemon.sessions == {}
+            # A Mosquitto that restarted: its plugin was given no session id yet, and the auth connection of the old
+            # one has closed: the sessions admitted on it have ended.
+            auth.w.write(f"AUTH 9 {host.prefix}dev-b\n203.0.113.1\n{host.token('dev-b')}\n".encode())
+            assert (await auth.line()).startswith("9 OK ") and len(daemon.sessions) == 1
+            auth.w.close()
+            restarted = await _connect(daemon)
+            restarted.w.write(b"EVENTS 0\nSYNCED\n")
+            assert await restarted.quiet(0.3) and daemon.sessions == {}
         finally:
             await daemon.stop()
 
