@@ -15,7 +15,8 @@ The plugin asks on a Unix socket (``BridgeSettings.auth_socket``, mode 0660, gro
   config. At ``SYNCED`` the daemon ends its sessions up to the EVENTS line's id that the list lacks (a later one was
   admitted after the list began, unless the auth connection it came on has closed: a restarted Mosquitto), adopts
   the listed ones it does not hold (after a restart of either), and checks every session against the map (a
-  revocation while no events connection existed is not lost). The daemon writes ``KICK <session id>\\n`` there:
+  revocation while no events connection existed is not lost); after the first, this host's presence records of
+  devices without a session here are removed. The daemon writes ``KICK <session id>\\n`` there:
   the plugin ends that session if Mosquitto still holds it.
 
 What a CONNECT is judged on, in this order: the device map is fresh (a change-feed round succeeded within
@@ -149,6 +150,7 @@ class AuthDaemon:
         self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
         self._events: set[asyncio.StreamWriter] = set()
         self._synced: set[asyncio.StreamWriter] = set()  # events connections whose LIVE list was reconciled
+        self._swept = False  # this host's presence records checked against the first LIVE list
         self._connections: set[asyncio.StreamWriter] = set()
         self._pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="authd-registry")
         self._presence = regcache.WriteBatcher(self._pool, fanout.mark_connected_many)
@@ -363,6 +365,22 @@ class AuthDaemon:
                                 expires_at=datetime.fromtimestamp(deadline, UTC), adopted=True))
         self._revoke(list(self.sessions.values()))
 
+    async def _sweep_presence(self) -> None:
+        """Once, after the first LIVE list: this host's presence records of devices without a session here (their
+        sessions ended while no daemon of this host ran) are removed and their "gone" published, as their GONE
+        would have. A record a newer session replaced meanwhile stays (the removal's precondition)."""
+        reg = self.registry.registry_id
+        try:
+            records = await self._registry(fanout.presence_of_host, self.registry.client, reg, self.settings.host_id)
+            stale = [(device_id, t) for device_id, t in records if device_id not in self._holders]
+            await asyncio.gather(*(self._absence.write(self.registry.client, (reg, device_id, update_time))
+                                   for device_id, update_time in stale))
+            for device_id, _ in stale:
+                self._publish_sync((device_id + SYNC_GONE).encode())
+            self.stats["presence_swept"] += len(stale)
+        except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the records expire
+            log.warning("this host's stale presence records not removed: %s", exc)
+
     # ------------------------------------------------------------------------------------ the socket
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -400,6 +418,9 @@ class AuthDaemon:
                     self.reconcile(live, listed_up_to)
                     self._synced.add(writer)
                     live = None
+                    if not self._swept:
+                        self._swept = True
+                        self._spawn(self._sweep_presence())
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):  # ValueError: a line over MAX_LINE or bad
             pass
         finally:

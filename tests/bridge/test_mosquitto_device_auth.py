@@ -500,6 +500,10 @@ def test_list_race_and_revocation_at_synced(host: Host, firestore_emulator: serv
     daemon = _own_daemon(host, tmp_path, monkeypatch, firestore_emulator.env, health_port=services.free_port(),
                          workdir="")
 
+    # A session of this host that ended while no daemon ran: its presence record goes after the first LIVE list.
+    fanout.mark_connected(host.registry.client, host.registry.registry_id, "dev-stale", "own", "s0",
+                          datetime.now(UTC) + timedelta(hours=1))
+
     async def main() -> None:
         await daemon.start()
         try:
@@ -521,6 +525,12 @@ def test_list_race_and_revocation_at_synced(host: Host, firestore_emulator: serv
             assert await events.line() == f"KICK {blocked}"
             assert await events.quiet(0.3), "a KICK for the session admitted after the list began"
             assert int(sid) in daemon.sessions and blocked in daemon.sessions
+            for _ in range(100):
+                if not fanout.is_connected(host.registry.client, host.registry.registry_id, "dev-stale"):
+                    break
+                await asyncio.sleep(0.1)
+            assert daemon.stats["presence_swept"] == 1, daemon.stats
+            assert not fanout.is_connected(host.registry.client, host.registry.registry_id, "dev-stale")
             assert await daemon.healthy() == (True, "ok")
             events.w.write(f"GONE {blocked}\n".encode())
             # The next list (a reconnect) lacks the session: it has ended, its GONE lost with the connection.
