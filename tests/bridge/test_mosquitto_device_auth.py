@@ -301,6 +301,38 @@ def test_internal_user_connects_and_receives_device_traffic(host: Host) -> None:
         bridge.disconnect()
 
 
+def test_will_outside_the_devices_topics_never_sent(host: Host) -> None:
+    """Mosquitto 2.0.11 checks a will when it sends it, not at CONNECT: a will to another device's topic or a retained
+    one is admitted with the session and dropped when due; a will on the device's own events topic is sent."""
+    got: list[bytes] = []
+    bridge = host.internal(lambda _c, _u, m: got.append(m.payload))
+    bridge.subscribe([("/devices/+/events", 1)])
+    time.sleep(0.3)
+    try:
+        for topic, payload, retain in (("/devices/dev-b/events", b"will-other", False),
+                                       ("/devices/dev-a/events", b"will-retained", True),
+                                       ("/devices/dev-a/events", b"will-own", False)):
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=host.prefix + "dev-a",
+                            protocol=MQTTProtocolVersion.MQTTv5)
+            c.tls_set_context(ssl.create_default_context(cafile=str(host.ca)))
+            c.username_pw_set("unused", host.token("dev-a"))
+            c.will_set(topic, payload, qos=1, retain=retain)
+            c.connect("localhost", host.settings.front_port, keepalive=30, clean_start=True)
+            for _ in range(100):  # the CONNACK, read on this thread
+                c.loop(timeout=0.1)
+                if c.is_connected():
+                    break
+            assert c.is_connected()
+            sock = c.socket()
+            assert sock is not None
+            sock.close()  # abruptly: the will is due
+        assert _wait(lambda: b"will-own" in got, 10), got
+        assert b"will-other" not in got and b"will-retained" not in got, got
+    finally:
+        bridge.loop_stop()
+        bridge.disconnect()
+
+
 def test_device_confined_to_its_topics_and_limits(host: Host) -> None:
     a = host.connect("dev-a")
     try:
