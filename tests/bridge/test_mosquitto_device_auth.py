@@ -358,6 +358,9 @@ def test_device_confined_to_its_topics_and_limits(host: Host) -> None:
         assert a.subscribe("/devices/dev-b/config") == 0x87
         assert a.subscribe("/devices/+/config") == 0x87
         assert a.subscribe("#") == 0x87
+        assert a.subscribe("$SYS/#") == 0x87
+        assert a.subscribe("$share/g//devices/dev-b/config") == 0x87
+        assert a.subscribe("/devices/dev-a/#") == 0x87
     finally:
         a.close()
 
