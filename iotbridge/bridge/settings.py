@@ -8,7 +8,8 @@ Identities on Mosquitto's local listeners (loopback TCP, and the Unix socket ``b
 of users and ACL for both, ``per_listener_settings false``):
 
 - ``front``   — every device session relayed by the front. Its client id is the authenticated device id, and
-  the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it.
+  the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it. Not in
+  the password file with ``device_auth`` "mosquitto" (no front runs).
 - ``bridge``  — the bridge service and the front's control connection: reads device traffic, writes configs
   and commands. Also the HTTP bridge (publishes an authenticated HTTP device's events and state) and a
   gateway's session (client id = the gateway's id; reads the config and commands of the devices it attaches,
