@@ -39,9 +39,10 @@ def test_late_answer_costs_one_timeout_and_is_dropped(harness: Path, tmp_path: P
     second request and no second wait), the next CONNECT refused at once; the late answer, which admitted, is
     reported GONE and never taken for the answer to a later request."""
     got = _run(harness, "ask", str(tmp_path / "a.sock"))
-    assert got["first_rc"] == "11" and 0.9 <= float(got["first_s"]) < 1.4, got  # MOSQ_ERR_AUTH
+    # MOSQ_ERR_AUTH after the 1 s timeout (loose for a loaded machine; a retry would wait a second more)
+    assert got["first_rc"] == "11" and 0.9 <= float(got["first_s"]) < 1.8, got
     assert got["requests_after_first"] == "1", got
-    assert got["second_rc"] == "11" and float(got["second_s"]) < 0.1 and got["requests_after_second"] == "1", got
+    assert got["second_rc"] == "11" and float(got["second_s"]) < 0.5 and got["requests_after_second"] == "1", got
     assert got["third_rc"] == "0" and got["third_sid"] == "101" and got["requests"] == "2", got
     assert got["events_gone"] == "100", got
 
