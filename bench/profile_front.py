@@ -967,15 +967,16 @@ def authd(n: int) -> None:
     async def run(admit: bool) -> None:
         await daemon.refresh()
         cpu0 = time.process_time()
+        sids: list[int] = []
         for i, (client_id, token) in enumerate(tokens):
             if admit:
-                daemon.authenticate(client_id, "127.0.0.1", token)
+                sids.append(int(daemon.authenticate(client_id, "127.0.0.1", token).split()[-1]))
             else:
                 daemon.check(client_id, "127.0.0.1", token)
             if i % 64 == 63:  # the presence batches' timers get their turn, as between a daemon's requests
                 await asyncio.sleep(0.001)
-        for i, (client_id, _) in enumerate(tokens if admit else []):
-            daemon.gone(client_id)
+        for i, sid in enumerate(sids):
+            daemon.gone(sid)
             if i % 64 == 63:
                 await asyncio.sleep(0.001)
         while daemon._tasks:  # noqa: SLF001 - the bench waits for the presence writes to end

@@ -3,12 +3,21 @@ plugin (``mosquitto_plugin/iotbridge_auth.c``), beside it on the broker host.
 
 The plugin asks on a Unix socket (``BridgeSettings.auth_socket``, mode 0660, group = Mosquitto's), in lines:
 
-- ``AUTH <client id>\\n<peer address>\\n<password>\\n`` -> ``OK <deadline unix seconds>\\n`` or ``NO <reason>\\n`` (the
-  reason names no secret; the plugin logs it). One connection of the plugin, one request at a time: Mosquitto
-  waits for the answer, so nothing here reads the registry for a CONNECT.
-- On its other connection: ``EVENTS\\n``, ``LIVE <client id>\\n`` per session it admitted, ``SYNCED\\n`` (the daemon
-  takes that list for the truth about the sessions it did not see start, e.g. after a restart of either), then
-  ``GONE <client id>\\n`` once per admitted CONNECT that ended. The daemon writes ``KICK <client id>\\n`` there.
+- ``AUTH <request id> <client id>\\n<peer address>\\n<password>\\n`` -> ``<request id> OK <deadline unix seconds>
+  <session id>\\n`` or ``<request id> NO <reason>\\n`` (the reason names no secret and is at most ``REASON_MAX``
+  characters; the plugin logs it). One connection of the plugin, one request at a time: Mosquitto waits for the
+  answer (at most a second: a later answer is discarded by its request id, and one that admitted is reported gone),
+  so nothing here reads the registry for a CONNECT. Session ids grow with every admission and across restarts
+  (they start at the daemon's start time in microseconds).
+- On its other connection: ``EVENTS <highest session id the plugin was given>\\n``, ``LIVE <session id> <deadline>
+  <client id>\\n`` per session it holds (streamed; other lines may come between), ``SYNCED\\n``; ``GONE <session
+  id>\\n`` once per admitted CONNECT that ended; ``SUBSCRIBED <session id>\\n`` when the device subscribed to its
+  config. At ``SYNCED`` the daemon ends its sessions up to the EVENTS line's id that the list lacks (a later one was
+  admitted after the list began, unless the auth connection it came on has closed: a restarted Mosquitto), adopts
+  the listed ones it does not hold (after a restart of either), and checks every session against the map (a
+  revocation while no events connection existed is not lost); after the first, this host's presence records of
+  devices without a session here are removed. The daemon writes ``KICK <session id>\\n`` there:
+  the plugin ends that session if Mosquitto still holds it.
 
 What a CONNECT is judged on, in this order: the device map is fresh (a change-feed round succeeded within
 ``2 * recheck_interval_s``; admitting on stale credentials would admit a revoked device), the source address has
@@ -40,7 +49,7 @@ import math
 import os
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,6 +91,7 @@ log = logging.getLogger("iotbridge.authd")
 PAGE = 1000  # devices a page when the map is read whole
 MAX_LINE = 128 * 1024  # longest request line (a password is at most 65,535 bytes in MQTT)
 REGISTRY_WORKERS = 4
+REASON_MAX = 200  # the refusal reasons' length on the wire (an attacker-sized JWT header is echoed in some)
 SERVICE_SILENT_S = 10.0  # the bridge service's stats older than this: the host is not healthy
 # Presence records written within this share one commit, and their sync requests reach the bridge service together
 # (see _present). Mosquitto asks one CONNECT at a time, so they arrive spread out: with the front's 5 ms
@@ -108,14 +118,17 @@ def _slim(device: Device) -> Device:
 
 @dataclass(eq=False)
 class Session:
-    """One CONNECT the daemon admitted (or, ``known`` False, one the plugin reported that the daemon had not seen)."""
+    """One CONNECT the daemon admitted (or, ``adopted``, one the plugin listed that the daemon had not seen: its
+    credential is unknown, so only its device's deletion or blocking and the registry's MQTT switch revoke it)."""
 
+    sid: int
     client_id: str
     device_id: str
     num_id: str = ""
     credential_pem: str = ""
     expires_at: datetime | None = None
-    known: bool = True
+    adopted: bool = False
+    via: object = None  # the plugin's auth connection it was admitted on
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     presence: asyncio.Task[Any] | None = None
 
@@ -137,10 +150,13 @@ class AuthDaemon:
         self.registry_settings = RegistrySettings()
         self._round_start: datetime | None = None  # host clock at the start of the last successful round
         self._fresh_since: float | None = None  # monotonic clock at that start
-        self.sessions: dict[str, deque[Session]] = {}  # client id -> its sessions, oldest first
+        self.sessions: dict[int, Session] = {}  # session id -> the session
+        self._next_sid = time.time_ns() // 1000  # above every id an earlier daemon of this host gave
         self._holders: Counter[str] = Counter()  # device id -> sessions on this host
         self._failures = KeyedBuckets(settings.auth_failures_per_s, settings.auth_failure_burst, MAX_TRACKED_ADDRESSES)
         self._events: set[asyncio.StreamWriter] = set()
+        self._synced: set[asyncio.StreamWriter] = set()  # events connections whose LIVE list was reconciled
+        self._swept = False  # this host's presence records checked against the first LIVE list
         self._connections: set[asyncio.StreamWriter] = set()
         self._pool = ThreadPoolExecutor(REGISTRY_WORKERS, thread_name_prefix="authd-registry")
         self._presence = regcache.Batcher(self._pool, fanout.mark_connected_many, PRESENCE_BATCH_S)
@@ -192,24 +208,28 @@ class AuthDaemon:
         self._round_start, self._fresh_since = start, fresh_since
         self.stats["rounds"] += 1
         self.stats["changed"] += len(changed) if not whole else 0
-        self._revoke(set(self.sessions) if mqtt_turned_off or not registry_settings.mqtt_enabled else
-                     {cid for cid, q in self.sessions.items() if q and q[-1].device_id in changed})
+        everything = mqtt_turned_off or not registry_settings.mqtt_enabled
+        self._revoke([s for s in self.sessions.values() if everything or s.device_id in changed])
 
-    def _revoke(self, client_ids: set[str]) -> None:
+    def _revoked(self, s: Session, now: datetime) -> str:
+        """Why session ``s`` may no longer stay; "" when it may."""
+        device = self.devices.get(s.device_id)
+        if not self.registry_settings.mqtt_enabled:
+            return "MQTT disabled for the registry"
+        if not s.adopted:
+            return revoked_reason(s.num_id, s.credential_pem, grant_of(device) if device else None, now)
+        if device is None or device.num_id != s.num_id:
+            return "device deleted"
+        return "device blocked" if device.blocked else ""
+
+    def _revoke(self, sessions: list[Session]) -> None:
         now = datetime.now(UTC)
-        for client_id in client_ids:
-            queue = self.sessions.get(client_id)
-            if not queue:
-                continue
-            s = queue[-1]  # the session Mosquitto holds for this client id
-            device = self.devices.get(s.device_id)
-            reason = revoked_reason(s.num_id, s.credential_pem, grant_of(device) if device else None, now)
-            if not reason and not self.registry_settings.mqtt_enabled:
-                reason = "MQTT disabled for the registry"
+        for s in sessions:
+            reason = self._revoked(s, now)
             if reason:
                 log.warning("kicking %s: %s", s.device_id, reason)
                 self.stats["kicked"] += 1
-                self._send_events(f"KICK {client_id}\n")
+                self._send_events(f"KICK {s.sid}\n")
 
     async def _rounds(self) -> None:
         while True:
@@ -260,24 +280,26 @@ class AuthDaemon:
             raise Refused(f"MQTT is disabled for registry {s.registry_id}")
         return device, session_deadline(now, token.expires_at, credential.expiration_time), credential.public_key_pem
 
-    def authenticate(self, client_id: str, address: str, password: str) -> str:
-        """The answer line to an AUTH request; an admitted session is recorded, its presence written."""
+    def authenticate(self, client_id: str, address: str, password: str, via: object = None) -> str:
+        """The answer to an AUTH request (``OK <deadline> <session id>`` or ``NO <reason>``, without the request id
+        and newline) that came on connection ``via``; an admitted session is recorded, its presence written."""
         try:
             device, deadline, credential_pem = self.check(client_id, address, password)
         except Refused as exc:
             self.stats["refused"] += 1
             log.info("refused %s from %s: %s", printable(client_id), printable(address), exc)
-            return f"NO {exc}\n"
-        session = Session(client_id, device.id, device.num_id, credential_pem, deadline)
+            return f"NO {printable(str(exc), REASON_MAX)}"
+        self._next_sid += 1
+        session = Session(self._next_sid, client_id, device.id, device.num_id, credential_pem, deadline, via=via)
         self._admit(session)
         self.stats["accepted"] += 1
         log.info("device %s connected from %s (until %s)", device.id, printable(address), deadline.isoformat())
-        return f"OK {math.floor(deadline.timestamp())}\n"
+        return f"OK {math.floor(deadline.timestamp())} {session.sid}"
 
     def _admit(self, session: Session) -> None:
-        self.sessions.setdefault(session.client_id, deque()).append(session)
+        self.sessions[session.sid] = session
         self._holders[session.device_id] += 1
-        if session.known and session.expires_at is not None:
+        if session.expires_at is not None:
             item = (self.registry.registry_id, session.device_id, self.settings.host_id, session.id,
                     session.expires_at)
             session.presence = self._spawn(self._present(session, item))
@@ -293,17 +315,21 @@ class AuthDaemon:
             log.warning("presence of %s not recorded: %s", session.device_id, exc)
             return None
         finally:
-            if any(s is session for s in self.sessions.get(session.client_id, ())):
+            if not session.adopted and self.sessions.get(session.sid) is session:
                 self._publish_sync(sync_payload(session.device_id))
 
-    def gone(self, client_id: str) -> None:
-        """The plugin's GONE: the oldest session of the client id ended (a takeover ends the older one)."""
-        queue = self.sessions.get(client_id)
-        if not queue:
+    def subscribed(self, sid: int) -> None:
+        """The plugin's SUBSCRIBED: the device subscribed to its config; as the front, the bridge service is asked
+        for it (an empty latest config reaches only the subscribers of the moment)."""
+        session = self.sessions.get(sid)
+        if session is not None:
+            self._publish_sync(sync_payload(session.device_id, subscribed=True))
+
+    def gone(self, sid: int) -> None:
+        """The plugin's GONE: that session ended."""
+        session = self.sessions.pop(sid, None)
+        if session is None:
             return
-        session = queue.popleft()
-        if not queue:
-            del self.sessions[client_id]
         self.stats["gone"] += 1
         left = self._holders[session.device_id] - 1
         if left > 0:
@@ -325,26 +351,47 @@ class AuthDaemon:
         except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the host record answers
             log.warning("presence of %s not removed: %s", session.device_id, exc)
 
-    def reconcile(self, live: Counter[str], since: set[Session]) -> None:
-        """The plugin's LIVE list: its admitted sessions per client id. Sessions the daemon admitted before the list
-        began (not ``since``) and the plugin does not hold have ended; sessions it holds that the daemon never saw
-        (the daemon restarted) are recorded without a credential (a change of their device kicks them)."""
-        for client_id in set(self.sessions) | set(live):
-            older = [s for s in self.sessions.get(client_id, ()) if s not in since]
-            for _ in range(len(older) - live[client_id]):
-                self.gone(client_id)
-            for _ in range(live[client_id] - len(older)):
-                device_id = client_id[len(self.prefix):] if client_id.startswith(self.prefix) else client_id
-                device = self.devices.get(device_id)
-                unknown = Session(client_id, device_id, device.num_id if device else "", known=False)
-                self.sessions.setdefault(client_id, deque()).appendleft(unknown)
-                self._holders[device_id] += 1
+    def reconcile(self, live: dict[int, tuple[int, str]], listed_up_to: int) -> None:
+        """The plugin's LIVE list (session id -> its deadline and client id), begun when the highest session id it
+        had been given was ``listed_up_to``. The daemon's sessions up to that id that the list lacks have ended
+        (their GONE was lost with an earlier connection); later ones were admitted after the list began, unless the
+        auth connection they came on has closed (a Mosquitto that restarted: its plugin was given no id yet). Listed
+        sessions the daemon does not hold (it restarted) are adopted: recorded without a credential, their presence
+        written. Then every session is checked against the map."""
+        for sid in [sid for sid, s in self.sessions.items()
+                    if sid not in live and (sid <= listed_up_to or s.via not in self._connections)]:
+            self.gone(sid)
+        for sid, (deadline, client_id) in live.items():
+            if sid in self.sessions:
+                continue
+            device_id = client_id.removeprefix(self.prefix)
+            device = self.devices.get(device_id)
+            self.stats["adopted"] += 1
+            self._admit(Session(sid, client_id, device_id, device.num_id if device else "",
+                                expires_at=datetime.fromtimestamp(deadline, UTC), adopted=True))
+        self._revoke(list(self.sessions.values()))
+
+    async def _sweep_presence(self) -> None:
+        """Once, after the first LIVE list: this host's presence records of devices without a session here (their
+        sessions ended while no daemon of this host ran) are removed and their "gone" published, as their GONE
+        would have. A record a newer session replaced meanwhile stays (the removal's precondition)."""
+        reg = self.registry.registry_id
+        try:
+            records = await self._registry(fanout.presence_of_host, self.registry.client, reg, self.settings.host_id)
+            stale = [(device_id, t) for device_id, t in records if device_id not in self._holders]
+            await asyncio.gather(*(self._absence.write(self.registry.client, (reg, device_id, update_time))
+                                   for device_id, update_time in stale))
+            for device_id, _ in stale:
+                self._publish_sync((device_id + SYNC_GONE).encode())
+            self.stats["presence_swept"] += len(stale)
+        except Exception as exc:  # noqa: BLE001 - presence only serves command senders; the records expire
+            log.warning("this host's stale presence records not removed: %s", exc)
 
     # ------------------------------------------------------------------------------------ the socket
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        live: Counter[str] | None = None
-        since: set[Session] = set()
+        live: dict[int, tuple[int, str]] | None = None
+        listed_up_to = 0
         self._connections.add(writer)
         try:
             while True:
@@ -353,27 +400,38 @@ class AuthDaemon:
                     return
                 verb, _, arg = line[:-1].decode("utf-8", "replace").partition(" ")
                 if verb == "AUTH":
+                    rid, _, client_id = arg.partition(" ")
                     address, password = await reader.readline(), await reader.readline()
-                    if not password.endswith(b"\n"):
+                    if not password.endswith(b"\n") or not rid.isdigit():
                         return
-                    writer.write(self.authenticate(arg, address[:-1].decode("utf-8", "replace"),
-                                                   password[:-1].decode("utf-8", "replace")).encode())
+                    answer = self.authenticate(client_id, address[:-1].decode("utf-8", "replace"),
+                                               password[:-1].decode("utf-8", "replace"), writer)
+                    writer.write(f"{rid} {answer}\n".encode())
                 elif verb == "GONE":
-                    self.gone(arg)
+                    self.gone(int(arg))
+                    if live is not None:
+                        live.pop(int(arg), None)
+                elif verb == "SUBSCRIBED":
+                    self.subscribed(int(arg))
                 elif verb == "EVENTS":
                     self._events.add(writer)
-                    live = Counter()
-                    since = {s for q in self.sessions.values() for s in q}
+                    self._synced.discard(writer)
+                    live, listed_up_to = {}, int(arg)
                 elif verb == "LIVE" and live is not None:
-                    live[arg] += 1
+                    sid, deadline, client_id = arg.split(" ", 2)
+                    live[int(sid)] = (int(deadline), client_id)
                 elif verb == "SYNCED" and live is not None:
-                    admitted_meanwhile = {s for q in self.sessions.values() for s in q} - since
-                    self.reconcile(live, admitted_meanwhile)
+                    self.reconcile(live, listed_up_to)
+                    self._synced.add(writer)
                     live = None
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):  # ValueError: a line over MAX_LINE
+                    if not self._swept:
+                        self._swept = True
+                        self._spawn(self._sweep_presence())
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):  # ValueError: a line over MAX_LINE or bad
             pass
         finally:
             self._events.discard(writer)
+            self._synced.discard(writer)
             self._connections.discard(writer)
             writer.close()
 
@@ -408,6 +466,8 @@ class AuthDaemon:
             return False, "broker unreachable"
         if not self.fresh():
             return False, "device map not fresh"
+        if not self._synced:  # kicks would go nowhere, CONNECTs are not Mosquitto's with this daemon
+            return False, "no events connection from Mosquitto's plugin"
         if s.workdir:
             try:
                 age = time.time() - (Path(s.workdir) / "service-stats.json").stat().st_mtime

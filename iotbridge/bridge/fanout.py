@@ -149,6 +149,13 @@ def mark_connected_many(client: firestore.Client, items: list[tuple[str, str, st
     return [times.get(i) for i in range(len(items))]
 
 
+def presence_of_host(client: firestore.Client, registry_id: str, host: str) -> list[tuple[str, Any]]:
+    """The presence records a host holds: (device id, update time) each, for ``mark_disconnected``."""
+    query = client.collection("registries").document(registry_id).collection("presence").where(
+        filter=firestore.FieldFilter("host", "==", host))
+    return [(snap.id, snap.update_time) for snap in query.stream()]
+
+
 def mark_disconnected(client: firestore.Client, registry_id: str, device_id: str, update_time: Any) -> None:
     """Remove the presence document unless a newer session of the device has replaced it."""
     from google.api_core import exceptions as gexc

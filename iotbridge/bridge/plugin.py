@@ -8,13 +8,19 @@ Mosquitto 2.0 asks its security mechanisms in a fixed order (src/security.c, src
 first callback whose answer is not "defer" decides. The plugin answers every device client (client id = this
 deployment's ``projects/P/locations/L/registries/R/devices/`` prefix + a device id) itself and never defers one,
 so no device is judged by the password file, the ACL file's ``pattern`` lines or the dynamic security plugin; it
-defers every other client, so the host's internal users are never judged by it. Its lines belong before the
+defers every other client that comes from ``broker_host`` (the loopback listener's address, which the host's own
+processes connect from), so the host's internal users are never judged by it, and refuses every other client from
+elsewhere: the internal users cannot log in on the device listener from the network. (``per_listener_settings
+true`` would give the device listener security settings of its own, but Mosquitto 2.0.11 then never runs a plugin's
+MOSQ_EVT_TICK, src/plugin.c ``plugin__handle_tick``, on which the plugin's kicks and daemon link depend.) In this
+mode the password file holds no ``front`` user (there is no front). Its lines belong before the
 dynamic security plugin's (either order is safe: that plugin defers for users it does not hold and refuses a
 device client id for the one user it holds, which is bound to another client id).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import subprocess
 from pathlib import Path
@@ -59,6 +65,11 @@ def mosquitto_lines(settings: BridgeSettings, plugin_path: Path) -> list[str]:
     ``tls_key``) and of the plugin, which asks the auth daemon on ``auth_socket``."""
     if not settings.auth_socket:
         raise ValueError("auth_socket is needed with device_auth mosquitto: the auth daemon's Unix socket")
+    try:
+        ipaddress.ip_address(settings.broker_host)
+    except ValueError:
+        raise ValueError(f"broker_host must be an IP address with device_auth mosquitto (the plugin admits the host's "
+                         f"own users from that address only), got {settings.broker_host!r}") from None
     if not (settings.tls_cert and settings.tls_key):
         raise ValueError("tls_cert and tls_key are needed with device_auth mosquitto: devices connect with TLS")
     return [
@@ -72,4 +83,6 @@ def mosquitto_lines(settings: BridgeSettings, plugin_path: Path) -> list[str]:
         f"plugin_opt_socket {settings.auth_socket}",
         f"plugin_opt_events_max_bytes {EVENTS_MAX_BYTES}",
         f"plugin_opt_state_max_bytes {STATE_MAX_BYTES}",
+        # Any other client is refused unless it comes from the loopback listener's address (the host's own users).
+        f"plugin_opt_internal_address {settings.broker_host}",
     ]

@@ -8,7 +8,8 @@ Identities on Mosquitto's local listeners (loopback TCP, and the Unix socket ``b
 of users and ACL for both, ``per_listener_settings false``):
 
 - ``front``   — every device session relayed by the front. Its client id is the authenticated device id, and
-  the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it.
+  the ACL's ``pattern`` lines on ``%c`` confine it to that device's topics. Nothing else is granted to it. Not in
+  the password file with ``device_auth`` "mosquitto" (no front runs).
 - ``bridge``  — the bridge service and the front's control connection: reads device traffic, writes configs
   and commands. Also the HTTP bridge (publishes an authenticated HTTP device's events and state) and a
   gateway's session (client id = the gateway's id; reads the config and commands of the devices it attaches,
@@ -324,7 +325,9 @@ def mosquitto_config(settings: BridgeSettings, workdir: Path, run_as_root: bool 
     workdir.mkdir(parents=True, exist_ok=True)
     pw = settings.secrets()
     passwd = workdir / "passwd"
-    _write_private(passwd, "\n".join(mosquitto_password_line(u, pw[u]) for u in PASSWORD_FILE_USERS) + "\n")
+    # device_auth mosquitto runs no front: its user would only be a password that works with any client id.
+    users = [u for u in PASSWORD_FILE_USERS if u != "front" or settings.device_auth == "front"]
+    _write_private(passwd, "\n".join(mosquitto_password_line(u, pw[u]) for u in users) + "\n")
     dynsec = workdir / "dynamic-security.json"
     _write_private(dynsec, json.dumps(dynamic_security_config(settings, pw["backend"]), indent=2))
     (workdir / "acl").write_text(ACL)

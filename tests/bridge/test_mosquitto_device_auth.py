@@ -7,10 +7,13 @@ revocation is seen within a second or two (time is controlled through the settin
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from iotbridge.bridge import fanout, plugin
 from iotbridge.bridge.authd import AuthDaemon, Refused
@@ -219,6 +222,56 @@ def test_devices_admitted_and_refused_for_the_right_reason(host: Host) -> None:
         >= 0x80
 
 
+def _tls_connack(h: Host, client_id: str, username: str, password: str, source: str = "",
+                 protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5, persistent: bool = False) -> int:
+    """The CONNACK code of a client on the device listener whose connection leaves from ``source`` (any when "")."""
+    codes: list[int] = []
+    done = threading.Event()
+    v5 = protocol == MQTTProtocolVersion.MQTTv5
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                    clean_session=None if v5 else not persistent)
+    c.tls_set_context(ssl.create_default_context(cafile=str(h.ca)))
+    c.username_pw_set(username, password)
+
+    def on_connect(_c, _u, _f, rc, _p) -> None:  # noqa: ANN001
+        codes.append(rc.value)
+        done.set()
+
+    c.on_connect = on_connect
+    c.connect("localhost", h.settings.front_port, keepalive=30, bind_address=source,
+              clean_start=not persistent if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY)
+    c.loop_start()
+    try:
+        assert done.wait(10), "no CONNACK"
+        return codes[0]
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_internal_users_refused_on_the_device_listener(host: Host) -> None:
+    """The device listener faces the network: the host's own users (password file) cannot log in there from any
+    address but the loopback listener's, while a device can; and the password file holds no front user."""
+    outside = "127.0.0.2"  # another source address than broker_host's, as a client from the network has
+    assert _tls_connack(host, host.prefix + "dev-a", "unused", host.token("dev-a"), outside) == 0
+    for user in ("bridge", "front"):
+        assert _tls_connack(host, f"evil-{user}", user, host.secrets[user], outside) >= 0x80, user
+    assert "refused a client that is no device from 127.0.0.2" in \
+        (host.daemon_log.parent / "broker" / "mosquitto.log").read_text()
+    assert not any(line.startswith("front:") for line in (host.daemon_log.parent / "broker" / "passwd").read_text()
+                   .splitlines())
+
+
+def test_persistent_sessions_refused(host: Host) -> None:
+    """As at the front and IoT Core, no device session outlives its connection: Mosquitto would otherwise keep an
+    offline device's session and queue its commands (up to max_queued_messages) for ever."""
+    for protocol in (MQTTProtocolVersion.MQTTv311, MQTTProtocolVersion.MQTTv5):
+        assert _tls_connack(host, host.prefix + "dev-a", "unused", host.token("dev-a"), protocol=protocol,
+                            persistent=True) >= 0x80, protocol
+    assert "a persistent session (clean session or clean start false) is not supported" in \
+        (host.daemon_log.parent / "broker" / "mosquitto.log").read_text()
+
+
 def test_internal_user_connects_and_receives_device_traffic(host: Host) -> None:
     got: list[tuple[str, bytes]] = []
     arrived = threading.Condition()
@@ -242,6 +295,46 @@ def test_internal_user_connects_and_receives_device_traffic(host: Host) -> None:
         d.close()
         with arrived:
             assert arrived.wait_for(lambda: ("iotbridge/sync", b"dev-b/gone") in got, 10), got
+        # As at the front: a SUBSCRIBE to its config asks for it again (an empty latest config, a new device's
+        # version 1, is not retained by the broker and reaches only the subscribers of the moment).
+        assert ("iotbridge/sync", b"dev-b/subscribed") not in got
+        d = host.connect("dev-b")
+        assert d.subscribe("/devices/dev-b/config") == 1
+        with arrived:
+            assert arrived.wait_for(lambda: ("iotbridge/sync", b"dev-b/subscribed") in got, 10), got
+        d.close()
+    finally:
+        bridge.loop_stop()
+        bridge.disconnect()
+
+
+def test_will_outside_the_devices_topics_never_sent(host: Host) -> None:
+    """Mosquitto 2.0.11 checks a will when it sends it, not at CONNECT: a will to another device's topic or a retained
+    one is admitted with the session and dropped when due; a will on the device's own events topic is sent."""
+    got: list[bytes] = []
+    bridge = host.internal(lambda _c, _u, m: got.append(m.payload))
+    bridge.subscribe([("/devices/+/events", 1)])
+    time.sleep(0.3)
+    try:
+        for topic, payload, retain in (("/devices/dev-b/events", b"will-other", False),
+                                       ("/devices/dev-a/events", b"will-retained", True),
+                                       ("/devices/dev-a/events", b"will-own", False)):
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=host.prefix + "dev-a",
+                            protocol=MQTTProtocolVersion.MQTTv5)
+            c.tls_set_context(ssl.create_default_context(cafile=str(host.ca)))
+            c.username_pw_set("unused", host.token("dev-a"))
+            c.will_set(topic, payload, qos=1, retain=retain)
+            c.connect("localhost", host.settings.front_port, keepalive=30, clean_start=True)
+            for _ in range(100):  # the CONNACK, read on this thread
+                c.loop(timeout=0.1)
+                if c.is_connected():
+                    break
+            assert c.is_connected()
+            sock = c.socket()
+            assert sock is not None
+            sock.close()  # abruptly: the will is due
+        assert _wait(lambda: b"will-own" in got, 10), got
+        assert b"will-other" not in got and b"will-retained" not in got, got
     finally:
         bridge.loop_stop()
         bridge.disconnect()
@@ -272,6 +365,9 @@ def test_device_confined_to_its_topics_and_limits(host: Host) -> None:
         assert a.subscribe("/devices/dev-b/config") == 0x87
         assert a.subscribe("/devices/+/config") == 0x87
         assert a.subscribe("#") == 0x87
+        assert a.subscribe("$SYS/#") == 0x87
+        assert a.subscribe("$share/g//devices/dev-b/config") == 0x87
+        assert a.subscribe("/devices/dev-a/#") == 0x87
     finally:
         a.close()
 
@@ -459,3 +555,96 @@ def test_presence_commits_gather_connects_that_arrive_one_at_a_time(firestore_em
             windows, opened = windows + 1, t
     assert windows < len(times), f"the machine stretched every gap beyond {window_s} s: {times}"
     assert daemon.counters()["presence_commits"] <= windows, (daemon.counters(), times)
+
+
+class _Plugin:
+    """The plugin's side of the auth daemon's protocol, spoken by hand to a daemon of this process."""
+
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter):
+        self.r, self.w = r, w
+
+    async def line(self, timeout: float = 5) -> str:
+        return (await asyncio.wait_for(self.r.readline(), timeout)).decode().rstrip("\n")
+
+    async def quiet(self, timeout: float) -> bool:
+        """Whether the daemon writes nothing for ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.r.readline(), timeout)
+        except TimeoutError:
+            return True
+        return False
+
+
+def _own_daemon(h: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                **fields: object) -> AuthDaemon:
+    """An auth daemon in this process on the host's registry and Mosquitto, its own socket; no round runs during a
+    test (an hour between them): what it does at SYNCED is its own doing."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = dataclasses.replace(h.settings, auth_socket=str(tmp_path / "own.sock"), recheck_interval_s=3600.0,
+                                   host_id="own", **fields)
+    return AuthDaemon(settings, Registry(PROJECT, h.settings.registry_id, REGION))
+
+
+async def _connect(daemon: AuthDaemon) -> _Plugin:
+    return _Plugin(*await asyncio.open_unix_connection(daemon.settings.auth_socket))
+
+
+def test_list_race_and_revocation_at_synced(host: Host, firestore_emulator: services.Service, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session admitted after the plugin began its LIVE list (the daemon reads the AUTH first) is kept; a listed
+    session the daemon did not admit whose device is blocked is kicked at SYNCED, not at its device's next change
+    (which may never come: the block happened while no daemon ran); /healthz is unhealthy until the plugin's events
+    connection is synced (kicks would go nowhere)."""
+    daemon = _own_daemon(host, tmp_path, monkeypatch, firestore_emulator.env, health_port=services.free_port(),
+                         workdir="")
+
+    # A session of this host that ended while no daemon ran: its presence record goes after the first LIVE list.
+    fanout.mark_connected(host.registry.client, host.registry.registry_id, "dev-stale", "own", "s0",
+                          datetime.now(UTC) + timedelta(hours=1))
+
+    async def main() -> None:
+        await daemon.start()
+        try:
+            assert (await daemon.healthy())[1] == "no events connection from Mosquitto's plugin"
+            auth = await _connect(daemon)
+            auth.w.write(f"AUTH 7 {host.prefix}dev-b\n203.0.113.1\n{host.token('dev-b')}\n".encode())
+            rid, ok, deadline, sid = (await auth.line()).split()
+            assert (rid, ok) == ("7", "OK") and int(deadline) > time.time()
+            # A refusal's reason is capped: an attacker-sized JWT header (echoed in it) never outgrows the plugin's
+            # 512-byte answer buffer.
+            header = base64.urlsafe_b64encode(json.dumps({"alg": "x" * 3000}).encode()).decode().rstrip("=")
+            auth.w.write(f"AUTH 8 {host.prefix}dev-b\n203.0.113.1\n{header}.e30.c2ln\n".encode())
+            refusal = await auth.line()
+            assert refusal.startswith("8 NO JWT alg 'xxx") and len(refusal) < 256, refusal
+            events = await _connect(daemon)
+            blocked = int(sid) + 1000  # a session of a daemon before this one, listed by the plugin
+            events.w.write(f"EVENTS {int(sid) - 1}\nLIVE {blocked} {deadline} {host.prefix}dev-blocked\n"
+                           "SYNCED\n".encode())
+            assert await events.line() == f"KICK {blocked}"
+            assert await events.quiet(0.3), "a KICK for the session admitted after the list began"
+            assert int(sid) in daemon.sessions and blocked in daemon.sessions
+            for _ in range(100):
+                if not fanout.is_connected(host.registry.client, host.registry.registry_id, "dev-stale"):
+                    break
+                await asyncio.sleep(0.1)
+            assert daemon.stats["presence_swept"] == 1, daemon.stats
+            assert not fanout.is_connected(host.registry.client, host.registry.registry_id, "dev-stale")
+            assert await daemon.healthy() == (True, "ok")
+            events.w.write(f"GONE {blocked}\n".encode())
+            # The next list (a reconnect) lacks the session: it has ended, its GONE lost with the connection.
+            again = await _connect(daemon)
+            again.w.write(f"EVENTS {sid}\nSYNCED\n".encode())
+            assert await again.quiet(0.3) and daemon.sessions == {}
+            # A Mosquitto that restarted: its plugin was given no session id yet, and the auth connection of the old
+            # one has closed: the sessions admitted on it have ended.
+            auth.w.write(f"AUTH 9 {host.prefix}dev-b\n203.0.113.1\n{host.token('dev-b')}\n".encode())
+            assert (await auth.line()).startswith("9 OK ") and len(daemon.sessions) == 1
+            auth.w.close()
+            restarted = await _connect(daemon)
+            restarted.w.write(b"EVENTS 0\nSYNCED\n")
+            assert await restarted.quiet(0.3) and daemon.sessions == {}
+        finally:
+            await daemon.stop()
+
+    run_in_own_loop(main())

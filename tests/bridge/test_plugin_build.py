@@ -3,6 +3,7 @@ the mosquitto.conf lines refuse settings the mode cannot run with."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,6 @@ def test_mosquitto_lines() -> None:
         plugin.mosquitto_lines(BridgeSettings("p", "r", "reg", "t", tls_cert="/c", tls_key="/k"), Path("/x.so"))
     with pytest.raises(ValueError, match="tls_cert and tls_key"):
         plugin.mosquitto_lines(BridgeSettings("p", "r", "reg", "t", auth_socket="/s"), Path("/x.so"))
+    assert "plugin_opt_internal_address 127.0.0.1" in lines
+    with pytest.raises(ValueError, match="broker_host must be an IP address"):
+        plugin.mosquitto_lines(dataclasses.replace(s, broker_host="localhost"), Path("/x.so"))
