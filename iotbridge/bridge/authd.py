@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import dataclasses
 import grp
-import json
 import logging
 import math
 import os
@@ -478,19 +477,7 @@ class AuthDaemon:
         return True, "ok"
 
     async def _health(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            if request.startswith(b"GET /stats "):
-                ok, body = True, json.dumps(self.counters())
-            else:
-                ok, body = await self.healthy()
-            writer.write((f"HTTP/1.1 {'200 OK' if ok else '503 Service Unavailable'}\r\nContent-Type: text/plain\r\n"
-                          f"Content-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}").encode())
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        await metrics.answer_health(reader, writer, self.healthy, self.counters)
 
     def connected_devices(self) -> int:
         return len(self._holders)

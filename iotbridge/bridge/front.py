@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
-import json
 import logging
 import socket
 import ssl
@@ -1102,21 +1101,9 @@ class Front:
         return True, "ok"
 
     async def _health_check(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            if request.startswith(b"GET /stats "):  # counters for operators, tests and bench/
-                ok, body = True, json.dumps(self.counters()).encode()
-            else:
-                ok, detail = await self.healthy()
-                body = detail.encode()
-            status = "200 OK" if ok else "503 Service Unavailable"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        from iotbridge.bridge import metrics
+
+        await metrics.answer_health(reader, writer, self.healthy, self.counters)
 
     # ---------------------------------------------------------------------------------- metrics
 

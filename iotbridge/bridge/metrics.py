@@ -13,11 +13,13 @@ over its queue bound since the previous point): the monitoring component alerts 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from iotbridge import spec
@@ -132,3 +134,26 @@ async def connected_devices_loop(project: str, registry_id: str, host: str, dest
             except Exception as exc:  # noqa: BLE001 - a lost point must not stop the caller
                 logger.warning("connected-devices metric not written: %s", exc)
         await asyncio.sleep(INTERVAL_S)
+
+
+async def answer_health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        healthy: Callable[[], Awaitable[tuple[bool, str]]], counters: Callable[[], Mapping[str, int]]
+                        ) -> None:
+    """One HTTP request on a part's health port: ``GET /stats`` answers the part's counters (for operators, tests and
+    bench/), anything else ``healthy()``: 200 with "ok", or 503 with why not (the load balancer's and auto-healing's
+    check)."""
+    try:
+        request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if request.startswith(b"GET /stats "):
+            ok, body = True, json.dumps(counters()).encode()
+        else:
+            ok, detail = await healthy()
+            body = detail.encode()
+        status = "200 OK" if ok else "503 Service Unavailable"
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
