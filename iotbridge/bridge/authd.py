@@ -406,27 +406,33 @@ class AuthDaemon:
                     answer = self.authenticate(client_id, address[:-1].decode("utf-8", "replace"),
                                                password[:-1].decode("utf-8", "replace"), writer)
                     writer.write(f"{rid} {answer}\n".encode())
-                elif verb == "GONE":
-                    self.gone(int(arg))
-                    if live is not None:
-                        live.pop(int(arg), None)
-                elif verb == "SUBSCRIBED":
-                    self.subscribed(int(arg))
-                elif verb == "EVENTS":
-                    self._events.add(writer)
-                    self._synced.discard(writer)
-                    live, listed_up_to = {}, int(arg)
-                elif verb == "LIVE" and live is not None:
-                    sid, deadline, client_id = arg.split(" ", 2)
-                    live[int(sid)] = (int(deadline), client_id)
-                elif verb == "SYNCED" and live is not None:
-                    self.reconcile(live, listed_up_to)
-                    self._synced.add(writer)
-                    live = None
-                    if not self._swept:
-                        self._swept = True
-                        self._spawn(self._sweep_presence())
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):  # ValueError: a line over MAX_LINE or bad
+                    continue
+                try:  # a line of the events connection the daemon cannot read is skipped, not the connection: ending
+                    # it would leave kicks going nowhere until the plugin connects again
+                    if verb == "GONE":
+                        self.gone(int(arg))
+                        if live is not None:
+                            live.pop(int(arg), None)
+                    elif verb == "SUBSCRIBED":
+                        self.subscribed(int(arg))
+                    elif verb == "EVENTS":
+                        self._events.add(writer)
+                        self._synced.discard(writer)
+                        live, listed_up_to = {}, int(arg)
+                    elif verb == "LIVE" and live is not None:
+                        sid, deadline, client_id = arg.split(" ", 2)
+                        live[int(sid)] = (int(deadline), client_id)
+                    elif verb == "SYNCED" and live is not None:
+                        self.reconcile(live, listed_up_to)
+                        self._synced.add(writer)
+                        live = None
+                        if not self._swept:
+                            self._swept = True
+                            self._spawn(self._sweep_presence())
+                except ValueError:
+                    self.stats["bad_lines"] += 1
+                    log.warning("an events line not understood, skipped: %s", printable(verb))
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):  # ValueError: a line over MAX_LINE
             pass
         finally:
             self._events.discard(writer)

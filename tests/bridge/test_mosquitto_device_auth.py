@@ -648,3 +648,26 @@ def test_list_race_and_revocation_at_synced(host: Host, firestore_emulator: serv
             await daemon.stop()
 
     run_in_own_loop(main())
+
+
+def test_an_events_line_not_understood_is_skipped_not_the_connection(host: Host, firestore_emulator: services.Service,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GONE, SUBSCRIBED, LIVE or EVENTS line the daemon cannot read is counted and skipped: ending the plugin's
+    events connection for it would leave revocations going nowhere until the plugin connects again."""
+    daemon = _own_daemon(host, tmp_path, monkeypatch, firestore_emulator.env, health_port=services.free_port(),
+                         workdir="")
+
+    async def main() -> None:
+        await daemon.start()
+        try:
+            events = await _connect(daemon)
+            events.w.write(b"EVENTS 0\nSYNCED\nGONE 'RS256']\nSUBSCRIBED x\nEVENTS y\nLIVE 1\n")
+            # the same connection still works: a listed session of a blocked device is kicked at SYNCED
+            events.w.write(f"EVENTS 0\nLIVE 77 {int(time.time()) + 3600} {host.prefix}dev-blocked\nSYNCED\n".encode())
+            assert await events.line() == "KICK 77"
+            assert daemon.stats["bad_lines"] == 3, daemon.stats
+        finally:
+            await daemon.stop()
+
+    run_in_own_loop(main())

@@ -62,3 +62,11 @@ def test_deadline_scan_of_many_sessions_is_linear(harness: Path) -> None:
 def test_kick_of_a_replaced_session_kicks_nothing(harness: Path) -> None:
     got = _run(harness, "kick")
     assert got == {"kicks_for_replaced": "0", "kicks_for_current": "1"}, got
+
+
+def test_only_an_admitting_late_answer_reports_a_session_gone(harness: Path) -> None:
+    """A late answer is read strictly as "<rid> OK <deadline> <sid>": a late refusal whose reason quotes the device's
+    own text (a JWT header's alg with " OK " in it) reports nothing (it once sent "GONE 'RS256']", which the daemon
+    could not read)."""
+    got = _run(harness, "late")
+    assert got == {"events": "GONE:123;GONE:456;"}, got

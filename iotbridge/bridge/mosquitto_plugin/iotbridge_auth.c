@@ -241,12 +241,21 @@ static void auth_close(void)
 
 /* A late answer (to a request already refused for its timeout) is dropped; if it admitted, the daemon is told the
  * session is gone, so that it holds no session Mosquitto never had. */
+static const char *digits_then(const char *p, char after)
+{
+    if (!isdigit((unsigned char)*p)) return NULL;
+    while (isdigit((unsigned char)*p)) p++;
+    return *p == after ? p : NULL;
+}
+
 static void late_answer(const char *line)
 {
-    const char *ok = strstr(line, " OK ");
-    if (!ok) return;
-    const char *sid = strrchr(line, ' ');
-    if (sid && sid > ok + 3) events_line("GONE", sid + 1);
+    /* exactly "<rid> OK <deadline> <sid>": a refusal's reason may quote the device's own text, " OK " included */
+    const char *p = digits_then(line, ' ');
+    if (!p || strncmp(p, " OK ", 4) != 0) return;
+    const char *sid = digits_then(p + 4, ' ');
+    if (!sid || !digits_then(sid + 1, '\0')) return;
+    events_line("GONE", sid + 1);
 }
 
 /* The next complete answer line in auth_in (NUL-terminated, newline removed), or NULL; consumed by auth_pop. */

@@ -4,6 +4,7 @@
  *   harness live SOCKET N  N sessions listed on a new events connection: every LIVE line and SYNCED arrive
  *   harness scan N       N sessions past their deadline: one tick kicks them all (and its time)
  *   harness kick         KICK <sid> of a session a newer CONNECT of its client id replaced kicks nothing
+ *   harness late         late answers read strictly: only "<rid> OK <deadline> <sid>" makes a GONE
  * Prints key=value lines. */
 #define _GNU_SOURCE /* memrchr, in the plugin */
 #include <mosquitto.h>
@@ -186,6 +187,20 @@ static int kick_replaced(void)
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------------- late */
+static int late(void)
+{
+    events_fd = 1000; /* a connection as far as events_append is concerned: nothing is written to it */
+    const char *lines[] = {"7 OK 1900000000 123", "8 NO JWT alg 'x OK y' refused; allowed: ['ES256', 'RS256']",
+                           "9 NO device 'a OK 1 2'", "10 OK 1900000000", "11 OK 1900000000 12x", "x OK 1 2",
+                           "12 OK 1900000000 456"};
+    for (size_t i = 0; i < sizeof lines / sizeof *lines; i++) late_answer(lines[i]);
+    printf("events=");
+    for (size_t i = 0; i < out_len; i++) putchar(out_buf[i] == '\n' ? ';' : out_buf[i] == ' ' ? ':' : out_buf[i]);
+    putchar('\n');
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setup();
@@ -193,6 +208,7 @@ int main(int argc, char **argv)
     if (argc == 4 && strcmp(argv[1], "live") == 0) return live(argv[2], atoi(argv[3]));
     if (argc == 3 && strcmp(argv[1], "scan") == 0) return scan(atoi(argv[2]));
     if (argc == 2 && strcmp(argv[1], "kick") == 0) return kick_replaced();
-    fprintf(stderr, "usage: harness ask SOCKET | live SOCKET N | scan N | kick\n");
+    if (argc == 2 && strcmp(argv[1], "late") == 0) return late();
+    fprintf(stderr, "usage: harness ask SOCKET | live SOCKET N | scan N | kick | late\n");
     return 2;
 }
