@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -455,37 +456,55 @@ class DropDuplicates(beam.PTransform):
                 | "FirstPerKey" >> beam.ParDo(FirstPerKey(self.seconds)))
 
 
+def _stats(acc: tuple) -> tuple[int, float, float, float, float]:
+    """(count, sum, min, max, running mean) of a ``MinMaxMean`` accumulator. A job updated in place may still hold the
+    previous version's (count, sum, min, max) for the windows open during the update: its running mean is the sum
+    over the count (clamped to [min, max] when that sum had already overflowed)."""
+    if len(acc) == 5:
+        return acc
+    n, s, lo, hi = acc
+    return n, s, lo, hi, (min(max(s / n, lo), hi) if n else 0.0)
+
+
 class MinMaxMean(beam.CombineFn):
-    """(count, sum, min, max) of the values of one key and window."""
+    """(count, mean, min, max) of the values of one key and window. The mean is the sum over the count while that sum
+    is finite. Values near the ends of the float range (each finite, their sum not: 1.5e308 twice) take the running
+    mean instead, a count-weighted average that stays within [min, max]: an infinite mean would make a row BigQuery
+    refuses (JSON has no Infinity), and its batch would be retried for ever."""
 
     def create_accumulator(self):
-        return 0, 0.0, float("inf"), float("-inf")
+        return 0, 0.0, float("inf"), float("-inf"), 0.0
 
     def add_input(self, acc, value):
-        n, s, lo, hi = acc
-        return n + 1, s + value, min(lo, value), max(hi, value)
+        n, s, lo, hi, mean = _stats(acc)
+        n += 1
+        return n, s + value, min(lo, value), max(hi, value), mean * ((n - 1) / n) + value / n
 
     def merge_accumulators(self, accumulators):
-        n, s, lo, hi = self.create_accumulator()
-        for an, as_, alo, ahi in accumulators:
-            n, s, lo, hi = n + an, s + as_, min(lo, alo), max(hi, ahi)
-        return n, s, lo, hi
+        stats = [_stats(a) for a in accumulators]
+        n = sum(a[0] for a in stats)
+        if not n:
+            return self.create_accumulator()
+        return (n, sum(a[1] for a in stats), min(a[2] for a in stats), max(a[3] for a in stats),
+                sum(a[4] * (a[0] / n) for a in stats))
 
     def extract_output(self, acc):
-        return acc
+        n, s, lo, hi, mean = _stats(acc)
+        exact = s / n if n else 0.0
+        return n, (exact if math.isfinite(exact) else min(max(mean, lo), hi)), lo, hi
 
 
 class FormatMinuteRow(beam.DoFn):
     """((device, metric), stats) in a window → (insert id, ``telemetry_1m`` row)."""
 
     def process(self, element, win: window.IntervalWindow = WINDOW, pane: PaneInfo = PANE):
-        (device_id, metric), (n, total, lo, hi) = element
+        (device_id, metric), (n, mean, lo, hi) = element
         start, end = win.start.micros, win.end.micros
         timing = {0: "EARLY", 1: "ON_TIME", 2: "LATE", 3: "UNKNOWN"}.get(int(pane.timing), "UNKNOWN")
         row = {
             "device_id": device_id, "metric": metric,
             "window_start": telemetry.rfc3339(start), "window_end": telemetry.rfc3339(end),
-            "count": n, "min": lo, "max": hi, "mean": total / n, "pane_timing": timing,
+            "count": n, "min": lo, "max": hi, "mean": mean, "pane_timing": timing,
         }
         yield f"{device_id}|{metric}|{start}|{pane.index}", row
 

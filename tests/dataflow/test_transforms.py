@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import struct
 import sys
@@ -407,7 +408,30 @@ def test_rows_have_exactly_the_columns_of_the_shared_spec():
     err = telemetry.error_row("bad_ts", "x", b"{}", ATTRS, "m", 0)
     assert list(err) == TABLES["telemetry_errors"].column_names()
     pane = PaneInfo(True, True, PaneInfoTiming.ON_TIME, 0, 0)
-    ((_, row),) = FormatMinuteRow().process((("dev-1", "t"), (2, 3.0, 1.0, 2.0)),
+    ((_, row),) = FormatMinuteRow().process((("dev-1", "t"), (2, 1.5, 1.0, 2.0)),
                                             win=IntervalWindow(T0 / 1000, T0 / 1000 + 60), pane=pane)
     assert list(row) == TABLES["telemetry_1m"].column_names()
     assert (row["count"], row["mean"], row["pane_timing"]) == (2, 1.5, "ON_TIME")
+
+
+def test_minute_stats_stay_finite_when_a_sum_overflows():
+    """Two finite readings whose sum is not (1.5e308 twice) made an infinite mean: a telemetry_1m row BigQuery refuses
+    (JSON has no Infinity), its batch retried for ever. The mean is the running mean then, within [min, max]."""
+    from dataflow_jobs.telemetry_pipeline import MinMaxMean
+
+    fn = MinMaxMean()
+
+    def of(values, acc=None):
+        for v in values:
+            acc = fn.add_input(fn.create_accumulator() if acc is None else acc, v)
+        return acc
+
+    big = 1.5e308
+    assert fn.extract_output(of([big, big])) == (2, big, big, big)
+    n, mean, lo, hi = fn.extract_output(fn.merge_accumulators([of([big]), of([big, -big, big])]))
+    assert (n, lo, hi) == (4, -big, big) and math.isfinite(mean) and lo <= mean <= hi, mean
+    json.dumps({"mean": mean}, allow_nan=False)  # what BigQuery is sent
+    # ordinary values keep the exact sum over the count
+    assert fn.extract_output(fn.merge_accumulators([of([1.0, 2.0]), of([0.1, 0.2])])) == (4, (3.0 + 0.3) / 4, 0.1, 2.0)
+    # a job updated in place: the previous version's (count, sum, min, max) accumulator is read on
+    assert fn.extract_output(fn.add_input((2, 3.0, 1.0, 2.0), 4.0)) == (3, 7.0 / 3, 1.0, 4.0)
