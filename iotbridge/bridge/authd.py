@@ -97,6 +97,8 @@ SERVICE_SILENT_S = 10.0  # the bridge service's stats older than this: the host 
 # (regcache.WRITE_BATCH_S) a burst of 300 connects/s made commits of about 5 and the service one batched config read
 # per 5 sync requests, against 12 behind the front (bench.profile_front pyspy-plugin).
 PRESENCE_BATCH_S = 0.025
+# A session's /subscribed sync requests: at most one this often (the rest are counted, not sent).
+SUBSCRIBED_MIN_INTERVAL_S = 1.0
 
 
 def load_devices(registry: Registry, page: int = PAGE) -> dict[str, Device]:
@@ -130,6 +132,7 @@ class Session:
     via: object = None  # the plugin's auth connection it was admitted on
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     presence: asyncio.Task[Any] | None = None
+    subscribed_at: float = -math.inf  # time.monotonic() of its last /subscribed request
 
 
 class Refused(Exception):
@@ -321,8 +324,16 @@ class AuthDaemon:
         """The plugin's SUBSCRIBED: the device subscribed to its config; as the front, the bridge service is asked
         for it (an empty latest config reaches only the subscribers of the moment)."""
         session = self.sessions.get(sid)
-        if session is not None:
-            self._publish_sync(sync_payload(session.device_id, subscribed=True))
+        if session is None:
+            return
+        now = time.monotonic()
+        # At most one a second per session: each is a registry read and maybe a republish in the bridge service, and
+        # one SUBSCRIBE packet may name the config N times (the front's subscribe limit has no plugin counterpart).
+        if now - session.subscribed_at < SUBSCRIBED_MIN_INTERVAL_S:
+            self.stats["subscribed_coalesced"] += 1
+            return
+        session.subscribed_at = now
+        self._publish_sync(sync_payload(session.device_id, subscribed=True))
 
     def gone(self, sid: int) -> None:
         """The plugin's GONE: that session ended."""

@@ -654,7 +654,8 @@ def test_an_events_line_not_understood_is_skipped_not_the_connection(host: Host,
                                                                       tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A GONE, SUBSCRIBED, LIVE or EVENTS line the daemon cannot read is counted and skipped: ending the plugin's
-    events connection for it would leave revocations going nowhere until the plugin connects again."""
+    events connection for it would leave revocations going nowhere until the plugin connects again. A session's
+    /subscribed requests are one a second at most."""
     daemon = _own_daemon(host, tmp_path, monkeypatch, firestore_emulator.env, health_port=services.free_port(),
                          workdir="")
 
@@ -667,6 +668,17 @@ def test_an_events_line_not_understood_is_skipped_not_the_connection(host: Host,
             events.w.write(f"EVENTS 0\nLIVE 77 {int(time.time()) + 3600} {host.prefix}dev-blocked\nSYNCED\n".encode())
             assert await events.line() == "KICK 77"
             assert daemon.stats["bad_lines"] == 3, daemon.stats
+            # A device naming its config again and again (one SUBSCRIBE may hold it N times): one /subscribed request
+            # a second per session, each a registry read in the bridge service.
+            auth = await _connect(daemon)
+            auth.w.write(f"AUTH 1 {host.prefix}dev-b\n203.0.113.1\n{host.token('dev-b')}\n".encode())
+            sid = (await auth.line()).split()[3]
+            events.w.write(f"SUBSCRIBED {sid}\n".encode() * 5)
+            for _ in range(100):
+                if daemon.stats["subscribed_coalesced"] == 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert daemon.stats["subscribed_coalesced"] == 4, daemon.stats
         finally:
             await daemon.stop()
 
