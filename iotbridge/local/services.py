@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -80,8 +81,27 @@ def stop_process_group(pid: int, timeout: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+# Ports handed out below the kernel's ephemeral range (Linux's default starts at 32768): a port the kernel picks for
+# ``bind(0)`` lies in that range, where it may be given to a client's outgoing connection (an emulator's, a gRPC
+# channel's) between the pick and the service's own bind, and the service then fails "address already in use".
+FREE_PORTS = range(20000, 32768)
+_given: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port nothing listens on, outside the ephemeral range, not handed out before by this process."""
+    for _ in range(200):
+        port = random.choice(FREE_PORTS)
+        if port in _given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the range is crowded: the kernel's pick
         s.bind((host, 0))
         return s.getsockname()[1]
 
